@@ -1,0 +1,21 @@
+"""The DICOM node: DIMSE services (C-ECHO, C-STORE) in front of a durable spool."""
+
+from dicom_node.handlers import AssociationBatches, handle_echo, handle_store
+from dicom_node.policy import LOOPBACK_NETWORKS, CallerPolicy
+from dicom_node.server import DicomNode, NodeConfig
+from dicom_node.spool import Spool, SpoolError, SpoolWriteError
+from dicom_node.status import Status
+
+__all__ = [
+    "LOOPBACK_NETWORKS",
+    "AssociationBatches",
+    "CallerPolicy",
+    "DicomNode",
+    "NodeConfig",
+    "Spool",
+    "SpoolError",
+    "SpoolWriteError",
+    "Status",
+    "handle_echo",
+    "handle_store",
+]

@@ -1,0 +1,119 @@
+"""DIMSE event handlers: plain functions, dependencies bound as data by server.py."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.spool import Spool, SpoolWriteError, new_association_tag
+from dicom_node.status import Status
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str, str], None]
+
+
+@dataclass
+class _AssociationState:
+    tag: str = field(default_factory=new_association_tag)
+    batches: set[str] = field(default_factory=set)
+    stored: int = 0
+    failed: int = 0
+
+
+class AssociationBatches:
+    """The spool batches each open association has written to (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, _AssociationState] = {}
+        self._lock = threading.Lock()
+
+    def state(self, association: Any) -> _AssociationState:
+        with self._lock:
+            return self._states.setdefault(id(association), _AssociationState())
+
+    def pop(self, association: Any) -> _AssociationState | None:
+        with self._lock:
+            return self._states.pop(id(association), None)
+
+
+def handle_echo(event: Any) -> int:
+    """C-ECHO: the node is alive."""
+    return Status.SUCCESS
+
+
+def _text(dataset: pydicom.Dataset, keyword: str) -> str:
+    return str(dataset.get(keyword, "") or "").strip()
+
+
+def handle_store(event: Any, spool: Spool, batches: AssociationBatches) -> int:
+    """C-STORE: check the data set parses and matches the request, spool it, then answer.
+
+    Success only after the bytes are durable on disk; a spool failure answers 0xA700.
+    """
+    state = batches.state(event.assoc)
+    encoded = event.encoded_dataset(include_meta=True)
+    try:
+        dataset = pydicom.dcmread(BytesIO(encoded))
+        # Touch every top-level element so truncated or garbled values fail here, not later.
+        for element in dataset:
+            _ = element.value
+        sop_class = _text(dataset, "SOPClassUID")
+        sop_instance = _text(dataset, "SOPInstanceUID")
+        study = _text(dataset, "StudyInstanceUID")
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError,
+            AttributeError, NotImplementedError, IndexError) as exc:
+        state.failed += 1
+        log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)
+        return Status.CANNOT_UNDERSTAND
+    request = event.request
+    if (
+        not sop_instance
+        or not study
+        or not _text(dataset, "SeriesInstanceUID")
+        or sop_class != str(request.AffectedSOPClassUID)
+        or sop_instance != str(request.AffectedSOPInstanceUID)
+    ):
+        state.failed += 1
+        log.warning("C-STORE refused: data set does not match the request or lacks UIDs")
+        return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    batch_id = spool.batch_id(state.tag, study)
+    try:
+        spool.write(batch_id, sop_instance, encoded)
+    except ValueError:
+        state.failed += 1
+        return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    except SpoolWriteError as exc:
+        state.failed += 1
+        log.error("C-STORE refused: spool write failed (%s)", exc)
+        return Status.OUT_OF_RESOURCES
+    state.batches.add(batch_id)
+    state.stored += 1
+    return Status.SUCCESS
+
+
+def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatches,
+                             enqueue: Enqueue) -> None:
+    """After release, abort or a dropped connection: enqueue one task per written batch.
+
+    A failed enqueue is logged and left to the sweeper: the instances are on disk.
+    """
+    state = batches.pop(event.assoc)
+    if state is None:
+        return
+    for batch_id in sorted(state.batches):
+        try:
+            enqueue(site_id, batch_id)
+        except Exception as exc:  # noqa: BLE001 - broker down: the sweeper re-enqueues
+            log.error("enqueue of batch %s failed (%s); the sweeper will retry",
+                      batch_id, type(exc).__name__)
+    if state.stored or state.failed:
+        log.info("association from %s closed: %d stored, %d refused, %d batches",
+                 event.assoc.requestor.ae_title, state.stored, state.failed, len(state.batches))

@@ -1,0 +1,59 @@
+"""Storage: the object store (S3 or filesystem, the source of truth) and the metadata index.
+
+Object layout (de-identified data only):
+    studies/<StudyUID>/series/<SeriesUID>/instances/<SOPInstanceUID>.dcm
+"""
+
+from storage.filesystem import FilesystemObjectStore
+from storage.index import (
+    DateRange,
+    IndexRepository,
+    InstanceRecord,
+    StudyQuery,
+    StudySummary,
+    create_index_engine,
+    migrate,
+)
+from storage.objects import (
+    IntegrityError,
+    InvalidKey,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    TransientStorageError,
+    join_key,
+    validate_key,
+)
+from storage.s3 import S3ObjectStore
+
+
+def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:
+    """The object key of one de-identified instance."""
+    return join_key(
+        "studies", study_instance_uid, "series", series_instance_uid,
+        "instances", f"{sop_instance_uid}.dcm",
+    )
+
+
+__all__ = [
+    "DateRange",
+    "FilesystemObjectStore",
+    "IndexRepository",
+    "InstanceRecord",
+    "IntegrityError",
+    "InvalidKey",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ObjectStore",
+    "S3ObjectStore",
+    "StorageError",
+    "StudyQuery",
+    "StudySummary",
+    "TransientStorageError",
+    "create_index_engine",
+    "instance_key",
+    "join_key",
+    "migrate",
+    "validate_key",
+]

@@ -1,0 +1,87 @@
+"""Filesystem object store: one file per key under a root directory, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.objects import InvalidKey, ObjectInfo, ObjectNotFound, StorageError, validate_key
+
+
+class FilesystemObjectStore:
+    """Objects as files; a put is temp file + fsync + rename, so readers never see a torn object."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        if self.root not in path.parents:
+            raise InvalidKey(f"key escapes the store root: {key!r}")
+        return path
+
+    def put(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(body)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp_name, path)
+            except BaseException:
+                Path(temp_name).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StorageError(f"cannot write object {key!r}: {exc.strerror}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise ObjectNotFound(key) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return ObjectInfo(key, path.stat().st_size)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete object {key!r}: {exc.strerror}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.exists():
+            return
+        found: list[ObjectInfo] = []
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(directory) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(ObjectInfo(key, full.stat().st_size))
+        yield from sorted(found, key=lambda info: info.key)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"object root unusable: {exc.strerror}") from exc
+        if not os.access(self.root, os.W_OK):
+            raise StorageError("object root is not writable")

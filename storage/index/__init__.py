@@ -1,0 +1,21 @@
+"""The metadata index: SQLAlchemy models, Alembic migrations, and the repository."""
+
+from storage.index.engine import create_index_engine, downgrade, migrate
+from storage.index.repository import (
+    DateRange,
+    IndexRepository,
+    InstanceRecord,
+    StudyQuery,
+    StudySummary,
+)
+
+__all__ = [
+    "DateRange",
+    "IndexRepository",
+    "InstanceRecord",
+    "StudyQuery",
+    "StudySummary",
+    "create_index_engine",
+    "downgrade",
+    "migrate",
+]

@@ -1,0 +1,314 @@
+"""The index repository: upsert what the worker stored, answer study-level queries."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import Engine, Select, and_, exists, func, or_, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from storage.index.models import Instance, Series, Study
+
+
+def _text(dataset: Dataset, keyword: str, limit: int) -> str:
+    value = dataset.get(keyword, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str | bytes) and hasattr(value, "__iter__"):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:limit]
+
+
+def _int(dataset: Dataset, keyword: str) -> int | None:
+    value = dataset.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """Everything the index keeps of one stored (de-identified) instance."""
+
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Dataset,
+        *,
+        object_key: str,
+        size_bytes: int,
+        sha256: str,
+        transfer_syntax_uid: str,
+        site_id: str,
+    ) -> InstanceRecord:
+        """Extract the indexed attributes of a de-identified dataset."""
+        study_uid = _text(dataset, "StudyInstanceUID", 64)
+        series_uid = _text(dataset, "SeriesInstanceUID", 64)
+        return cls(
+            study={
+                "study_instance_uid": study_uid,
+                "patient_id": _text(dataset, "PatientID", 64),
+                "patient_name": _text(dataset, "PatientName", 324),
+                "patient_birth_date": _text(dataset, "PatientBirthDate", 8),
+                "patient_sex": _text(dataset, "PatientSex", 16),
+                "study_date": _text(dataset, "StudyDate", 8),
+                "study_time": _text(dataset, "StudyTime", 16),
+                "accession_number": _text(dataset, "AccessionNumber", 16),
+                "study_id": _text(dataset, "StudyID", 16),
+                "study_description": _text(dataset, "StudyDescription", 64),
+                "referring_physician_name": _text(dataset, "ReferringPhysicianName", 324),
+                "specific_character_set": _text(dataset, "SpecificCharacterSet", 128),
+                "site_id": site_id[:64],
+            },
+            series={
+                "series_instance_uid": series_uid,
+                "study_instance_uid": study_uid,
+                "modality": _text(dataset, "Modality", 16),
+                "series_number": _int(dataset, "SeriesNumber"),
+                "series_description": _text(dataset, "SeriesDescription", 64),
+                "body_part_examined": _text(dataset, "BodyPartExamined", 16),
+            },
+            instance={
+                "sop_instance_uid": _text(dataset, "SOPInstanceUID", 64),
+                "series_instance_uid": series_uid,
+                "study_instance_uid": study_uid,
+                "sop_class_uid": _text(dataset, "SOPClassUID", 64),
+                "instance_number": _int(dataset, "InstanceNumber"),
+                "transfer_syntax_uid": transfer_syntax_uid,
+                "rows": _int(dataset, "Rows"),
+                "columns": _int(dataset, "Columns"),
+                "number_of_frames": _int(dataset, "NumberOfFrames"),
+                "object_key": object_key,
+                "size_bytes": size_bytes,
+                "sha256": sha256,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class DateRange:
+    """An inclusive DICOM date range; an open end is None."""
+
+    start: str | None
+    end: str | None
+
+    @classmethod
+    def parse(cls, value: str) -> DateRange:
+        """Parse 'YYYYMMDD', 'YYYYMMDD-', '-YYYYMMDD' or 'YYYYMMDD-YYYYMMDD' (ValueError if not)."""
+        value = value.strip()
+        if "-" in value:
+            start, _, end = value.partition("-")
+        else:
+            start = end = value
+        for part in (start, end):
+            if part:
+                dt.datetime.strptime(part, "%Y%m%d")  # raises ValueError on a bad date
+        if not start and not end:
+            raise ValueError("empty date range")
+        return cls(start or None, end or None)
+
+
+@dataclass(frozen=True)
+class StudyQuery:
+    """Study-level matching keys (PS3.4 C.2.2.2): single value, wildcard, list, range."""
+
+    patient_id: str | None = None
+    patient_name: str | None = None
+    accession_number: str | None = None
+    study_date: DateRange | None = None
+    study_instance_uids: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """A study row with its aggregates, as QIDO-RS returns it."""
+
+    study_instance_uid: str
+    patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician_name: str
+    specific_character_set: str
+    modalities_in_study: tuple[str, ...] = field(default_factory=tuple)
+    number_of_series: int = 0
+    number_of_instances: int = 0
+
+
+def _wildcard(column: Any, pattern: str, *, case_insensitive: bool = False) -> Any:
+    """PS3.4 wildcard matching: '*' any run, '?' one character; SQL specials escaped."""
+    if "*" not in pattern and "?" not in pattern:
+        return func.upper(column) == pattern.upper() if case_insensitive else column == pattern
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    like = escaped.replace("*", "%").replace("?", "_")
+    if case_insensitive:
+        return func.upper(column).like(like.upper(), escape="\\")
+    return column.like(like, escape="\\")
+
+
+class IndexRepository:
+    """Index reads and writes; one short transaction per call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _insert(self, model: Any) -> Any:
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            return postgresql.insert(model)
+        if dialect == "sqlite":
+            return sqlite.insert(model)
+        raise NotImplementedError(f"index dialect {dialect!r} is not supported")
+
+    def _upsert(self, session: Session, model: Any, values: dict[str, Any], key: str) -> None:
+        statement = self._insert(model).values(**values)
+        updates = {name: statement.excluded[name] for name in values if name != key}
+        updates["updated_at"] = func.now()
+        session.execute(statement.on_conflict_do_update(index_elements=[key], set_=updates))
+
+    def upsert_instance(self, record: InstanceRecord) -> None:
+        """Insert or update the study, series and instance rows (idempotent)."""
+        with Session(self.engine) as session, session.begin():
+            self._upsert(session, Study, record.study, "study_instance_uid")
+            self._upsert(session, Series, record.series, "series_instance_uid")
+            self._upsert(session, Instance, record.instance, "sop_instance_uid")
+
+    def upsert_instances(self, records: Sequence[InstanceRecord]) -> None:
+        """Upsert several instances in one transaction."""
+        with Session(self.engine) as session, session.begin():
+            for record in records:
+                self._upsert(session, Study, record.study, "study_instance_uid")
+                self._upsert(session, Series, record.series, "series_instance_uid")
+                self._upsert(session, Instance, record.instance, "sop_instance_uid")
+
+    def _filtered(self, query: StudyQuery) -> Select[Any]:
+        statement = select(Study)
+        conditions: list[Any] = []
+        if query.patient_id:
+            conditions.append(_wildcard(Study.patient_id, query.patient_id))
+        if query.patient_name:
+            conditions.append(_wildcard(Study.patient_name, query.patient_name, case_insensitive=True))
+        if query.accession_number:
+            conditions.append(_wildcard(Study.accession_number, query.accession_number))
+        if query.study_date is not None:
+            if query.study_date.start:
+                conditions.append(Study.study_date >= query.study_date.start)
+            if query.study_date.end:
+                conditions.append(Study.study_date <= query.study_date.end)
+            conditions.append(Study.study_date != "")
+        if query.study_instance_uids:
+            conditions.append(Study.study_instance_uid.in_(query.study_instance_uids))
+        if query.modalities:
+            conditions.append(
+                exists().where(
+                    and_(
+                        Series.study_instance_uid == Study.study_instance_uid,
+                        or_(*[Series.modality == m for m in query.modalities]),
+                    )
+                )
+            )
+        return statement.where(*conditions)
+
+    def search_studies(self, query: StudyQuery) -> list[StudySummary]:
+        """Matching studies, newest first, with their series/instance counts and modalities."""
+        statement = (
+            self._filtered(query)
+            .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.study_instance_uid)
+            .limit(query.limit)
+            .offset(query.offset)
+        )
+        with Session(self.engine) as session:
+            studies = list(session.scalars(statement))
+            uids = [s.study_instance_uid for s in studies]
+            aggregates = self._aggregates(session, uids)
+        return [
+            StudySummary(
+                study_instance_uid=s.study_instance_uid,
+                patient_id=s.patient_id,
+                patient_name=s.patient_name,
+                patient_birth_date=s.patient_birth_date,
+                patient_sex=s.patient_sex,
+                study_date=s.study_date,
+                study_time=s.study_time,
+                accession_number=s.accession_number,
+                study_id=s.study_id,
+                study_description=s.study_description,
+                referring_physician_name=s.referring_physician_name,
+                specific_character_set=s.specific_character_set,
+                **aggregates.get(s.study_instance_uid, {}),
+            )
+            for s in studies
+        ]
+
+    def count_studies(self, query: StudyQuery) -> int:
+        """How many studies match, ignoring limit and offset."""
+        statement = select(func.count()).select_from(self._filtered(query).subquery())
+        with Session(self.engine) as session:
+            return int(session.scalar(statement) or 0)
+
+    @staticmethod
+    def _aggregates(session: Session, uids: list[str]) -> dict[str, dict[str, Any]]:
+        if not uids:
+            return {}
+        result: dict[str, dict[str, Any]] = {u: {"modalities_in_study": ()} for u in uids}
+        modalities: dict[str, set[str]] = {u: set() for u in uids}
+        series_rows = session.execute(
+            select(Series.study_instance_uid, Series.modality, func.count())
+            .where(Series.study_instance_uid.in_(uids))
+            .group_by(Series.study_instance_uid, Series.modality)
+        )
+        for study_uid, modality, count in series_rows:
+            result[study_uid]["number_of_series"] = result[study_uid].get("number_of_series", 0) + count
+            if modality:
+                modalities[study_uid].add(modality)
+        instance_rows = session.execute(
+            select(Instance.study_instance_uid, func.count())
+            .where(Instance.study_instance_uid.in_(uids))
+            .group_by(Instance.study_instance_uid)
+        )
+        for study_uid, count in instance_rows:
+            result[study_uid]["number_of_instances"] = int(count)
+        for study_uid, values in modalities.items():
+            result[study_uid]["modalities_in_study"] = tuple(sorted(values))
+        return result
+
+    def instance_keys(self, study_instance_uid: str) -> list[str]:
+        """The object keys of a study's instances, in series/instance order."""
+        with Session(self.engine) as session:
+            return list(
+                session.scalars(
+                    select(Instance.object_key)
+                    .where(Instance.study_instance_uid == study_instance_uid)
+                    .order_by(Instance.series_instance_uid, Instance.instance_number)
+                )
+            )
+
+    def iter_instance_rows(self) -> Iterator[tuple[str, str, int]]:
+        """(sop_instance_uid, object_key, size_bytes) of every indexed instance."""
+        with Session(self.engine) as session:
+            yield from session.execute(
+                select(Instance.sop_instance_uid, Instance.object_key, Instance.size_bytes)
+            ).tuples()
+
+    def check(self) -> None:
+        """Raise when the index database cannot answer (health check)."""
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))

@@ -1,0 +1,77 @@
+"""The object store protocol, its typed errors, and safe key handling."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._\-]+$")
+
+
+class StorageError(Exception):
+    """Base of every storage failure."""
+
+
+class TransientStorageError(StorageError):
+    """The store could not be reached or answered a server error: retrying may succeed."""
+
+
+class ObjectNotFound(StorageError):
+    """No object under that key."""
+
+
+class InvalidKey(StorageError, ValueError):
+    """A key that could escape its prefix or is not made of safe segments."""
+
+
+class IntegrityError(StorageError):
+    """The stored bytes do not match the checksum sent with them."""
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if every '/'-separated segment is safe, else raise InvalidKey."""
+    segments = key.split("/")
+    if not key or any(s in ("", ".", "..") or not _KEY_SEGMENT.match(s) for s in segments):
+        raise InvalidKey(f"unsafe object key: {key!r}")
+    return key
+
+
+def join_key(*segments: str) -> str:
+    """Join key segments, refusing any that would add a separator or climb."""
+    for segment in segments:
+        if "/" in segment:
+            raise InvalidKey(f"key segment contains '/': {segment!r}")
+    return validate_key("/".join(segments))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows of an object without reading it."""
+
+    key: str
+    size: int
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Write-many, read-many blob storage under validated keys."""
+
+    def put(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        """Store `body` under `key`, replacing any object there; verified by checksum."""
+
+    def get(self, key: str) -> bytes:
+        """The bytes under `key`; ObjectNotFound when absent."""
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size of the object under `key`; ObjectNotFound when absent."""
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; absent keys are not an error."""
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, in key order."""
+
+    def check(self) -> None:
+        """Raise StorageError when the store is not usable (health check)."""

@@ -1,0 +1,136 @@
+"""S3 object store (AWS, MinIO, Ceph RGW, SeaweedFS) through boto3."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+
+from storage.objects import (
+    IntegrityError,
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    TransientStorageError,
+    join_key,
+    validate_key,
+)
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_BAD_DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
+
+
+def _translate(exc: Exception, key: str) -> StorageError:
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _NOT_FOUND:
+            return ObjectNotFound(key)
+        if code in _BAD_DIGEST:
+            return IntegrityError(f"checksum mismatch storing {key!r}")
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
+            return TransientStorageError(f"S3 error {code} on {key!r}")
+        return StorageError(f"S3 error {code} on {key!r}")
+    if isinstance(exc, BotoConnectionError | BotoCoreError):
+        return TransientStorageError(f"S3 unreachable on {key!r}: {type(exc).__name__}")
+    return StorageError(f"S3 failure on {key!r}: {type(exc).__name__}")
+
+
+class S3ObjectStore:
+    """Objects in one bucket under an optional key prefix. Puts carry Content-MD5."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        client: Any = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = validate_key(prefix.strip("/")) + "/" if prefix.strip("/") else ""
+        self.client = client or boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                s3={"addressing_style": "path"},
+                connect_timeout=5,
+                read_timeout=60,
+                # Seaweed/MinIO/Ceph differ on the newer flexible checksums; Content-MD5 is universal.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    def _full(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def put(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._full(key), Body=body,
+                ContentType=content_type, ContentMD5=md5,
+            )
+        except Exception as exc:  # noqa: BLE001 - translated once, here
+            raise _translate(exc, key) from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+            return bytes(response["Body"].read())
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, key) from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, key) from exc
+        return ObjectInfo(key, int(response["ContentLength"]))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, key) from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]))
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, prefix) from exc
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, self.bucket) from exc
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when missing (deployments that own their bucket)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except Exception as exc:  # noqa: BLE001
+                raise _translate(exc, self.bucket) from exc
+
+
+__all__ = ["S3ObjectStore", "join_key"]

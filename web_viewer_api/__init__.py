@@ -1,0 +1,6 @@
+"""The HTTP face of the gateway: DICOMweb, health, metrics (shares and viewer to come)."""
+
+from web_viewer_api.app import ApiConfig, create_app
+from web_viewer_api.errors import ApiError
+
+__all__ = ["ApiConfig", "ApiError", "create_app"]

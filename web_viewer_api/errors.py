@@ -1,0 +1,88 @@
+"""Exceptions that carry their HTTP status, mapped to the JSON error body in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 410: "gone", 413: "too_large",
+    415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error the client should see: HTTP status, a stable code, a human message."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status_code, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status_code, code = 401, "unauthorized"
+
+    def __init__(self, message: str = "missing or invalid bearer token") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="dicom-gateway"'})
+
+
+class Forbidden(ApiError):
+    status_code, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status_code, code = 404, "not_found"
+
+
+class NotAcceptable(ApiError):
+    status_code, code = 406, "not_acceptable"
+
+
+class Unavailable(ApiError):
+    status_code, code = 503, "unavailable"
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as `{"error": {"code", "message"}}` with its status."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return JSONResponse(error_body(code, message), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}"
+            for err in exc.errors()
+        )
+        return JSONResponse(error_body("bad_request", problems or "invalid request"), 400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled %s in request", type(exc).__name__)
+        return JSONResponse(error_body("internal_error", "internal server error"), 500)

@@ -1,0 +1,174 @@
+"""The ingest pipeline: spool batch -> de-identify -> object store -> index -> delete spool.
+
+Plain functions and one class; the Celery task only calls `IngestPipeline.ingest_batch`.
+Output keys and UIDs are deterministic, so running a batch twice overwrites, never duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
+
+from anonymize import DeidentificationError, DeidentificationPolicy, deidentify
+from storage import IndexRepository, InstanceRecord, ObjectStore, StorageError, instance_key
+
+log = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._\-]+$")
+SPOOL_SUFFIX = ".dcm"
+
+
+class PipelineError(Exception):
+    """Base of the worker's own errors."""
+
+
+class TransientPipelineError(PipelineError):
+    """A dependency (object store, index) failed; the whole batch is retried later."""
+
+
+class InvalidBatchName(PipelineError, ValueError):
+    """A site or batch identifier that is not a plain directory name."""
+
+
+@dataclass
+class IngestReport:
+    """What one batch run did (counts only: no identifier leaves the site in a log)."""
+
+    site_id: str
+    batch_id: str
+    stored: int = 0
+    quarantined: int = 0
+    missing: bool = False
+    stored_study_uids: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+def _checked_name(value: str, what: str) -> str:
+    if not _SAFE_NAME.match(value) or value in (".", ".."):
+        raise InvalidBatchName(f"invalid {what} name")
+    return value
+
+
+def encode_dataset(dataset: Dataset) -> bytes:
+    """Serialise a dataset as a DICOM Part 10 file."""
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@dataclass
+class IngestPipeline:
+    """Dependencies of the ingest path, passed in by the composition root."""
+
+    store: ObjectStore
+    index: IndexRepository
+    policy: DeidentificationPolicy
+    spool_root: Path
+    quarantine_root: Path
+
+    def batch_dir(self, site_id: str, batch_id: str) -> Path:
+        return self.spool_root / _checked_name(site_id, "site") / _checked_name(batch_id, "batch")
+
+    def ingest_batch(self, site_id: str, batch_id: str) -> IngestReport:
+        """Process every spooled instance of a batch; raise TransientPipelineError to retry."""
+        started = time.perf_counter()
+        report = IngestReport(site_id, batch_id)
+        directory = self.batch_dir(site_id, batch_id)
+        if not directory.is_dir():
+            report.missing = True  # already processed by an earlier delivery of this task
+            return report
+        records: list[InstanceRecord] = []
+        done: list[Path] = []
+        for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
+            try:
+                record = self._process_file(path, site_id)
+            except FileNotFoundError:
+                continue  # a concurrent delivery of the same batch finished this file
+            except (StorageError, SQLAlchemyError) as exc:
+                raise TransientPipelineError(f"{type(exc).__name__}: {exc}") from exc
+            except (InvalidDicomError, DeidentificationError, ValueError, TypeError,
+                    AttributeError, KeyError, OverflowError, NotImplementedError) as exc:
+                self._quarantine(path, site_id, batch_id, exc)
+                report.quarantined += 1
+                continue
+            records.append(record)
+            done.append(path)
+        try:
+            self.index.upsert_instances(records)
+        except SQLAlchemyError as exc:
+            raise TransientPipelineError(f"index unavailable: {type(exc).__name__}") from exc
+        for path in done:  # the spool is deleted last: a crash before here only repeats work
+            path.unlink(missing_ok=True)
+        self._remove_if_empty(directory)
+        report.stored = len(records)
+        report.stored_study_uids = {str(r.study["study_instance_uid"]) for r in records}
+        report.seconds = time.perf_counter() - started
+        log.info(
+            "batch %s/%s: %d stored, %d quarantined in %.3fs",
+            site_id, batch_id, report.stored, report.quarantined, report.seconds,
+        )
+        return report
+
+    def _process_file(self, path: Path, site_id: str) -> InstanceRecord:
+        dataset = pydicom.dcmread(path)
+        transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
+        deidentify(dataset, self.policy)
+        body = encode_dataset(dataset)
+        key = instance_key(
+            str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
+            str(dataset.SOPInstanceUID),
+        )
+        self.store.put(key, body)
+        return InstanceRecord.from_dataset(
+            dataset,
+            object_key=key,
+            size_bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            transfer_syntax_uid=transfer_syntax,
+            site_id=site_id,
+        )
+
+    def _quarantine(self, path: Path, site_id: str, batch_id: str, exc: Exception) -> None:
+        target_dir = self.quarantine_root / site_id / batch_id
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / path.name
+        reason = {
+            "reason": type(exc).__name__,
+            "detail": str(exc)[:2000],
+            "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "site_id": site_id,
+            "batch_id": batch_id,
+        }
+        reason_path = target.with_name(target.name + ".reason.json")
+        reason_path.write_text(json.dumps(reason, indent=2))
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            return
+        except OSError:
+            shutil.move(str(path), str(target))
+        log.warning("batch %s/%s: one instance quarantined (%s)", site_id, batch_id, type(exc).__name__)
+
+    @staticmethod
+    def _remove_if_empty(directory: Path) -> None:
+        try:
+            for leftover in directory.iterdir():
+                if leftover.name.startswith("."):  # node's temp or marker files
+                    if not leftover.name.endswith(".part"):
+                        leftover.unlink(missing_ok=True)
+            directory.rmdir()
+        except OSError:
+            pass  # not empty: new instances arrived or quarantine failed; the sweeper retries
