@@ -78,32 +78,36 @@ class S3ObjectStore:
         return self.prefix + validate_key(key)
 
     def put(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        full_key = self._full(key)
         md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
         try:
             self.client.put_object(
-                Bucket=self.bucket, Key=self._full(key), Body=body,
+                Bucket=self.bucket, Key=full_key, Body=body,
                 ContentType=content_type, ContentMD5=md5,
             )
         except Exception as exc:  # noqa: BLE001 - translated once, here
             raise _translate(exc, key) from exc
 
     def get(self, key: str) -> bytes:
+        full_key = self._full(key)
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+            response = self.client.get_object(Bucket=self.bucket, Key=full_key)
             return bytes(response["Body"].read())
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc, key) from exc
 
     def head(self, key: str) -> ObjectInfo:
+        full_key = self._full(key)
         try:
-            response = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            response = self.client.head_object(Bucket=self.bucket, Key=full_key)
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc, key) from exc
         return ObjectInfo(key, int(response["ContentLength"]))
 
     def delete(self, key: str) -> None:
+        full_key = self._full(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+            self.client.delete_object(Bucket=self.bucket, Key=full_key)
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc, key) from exc
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 
 
 def create_index_engine(database_url: str, *, echo: bool = False) -> Engine:
@@ -42,6 +42,9 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision` with the packaged Alembic migrations."""
     config = _alembic_config()
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several components may start at once: one migrates, the others wait.
+            connection.execute(text("SELECT pg_advisory_xact_lock(7202611230001)"))
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from sqlalchemy import Engine, Select, and_, exists, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -19,7 +20,7 @@ def _text(dataset: Dataset, keyword: str, limit: int) -> str:
     value = dataset.get(keyword, "")
     if value is None:
         return ""
-    if not isinstance(value, str | bytes) and hasattr(value, "__iter__"):
+    if isinstance(value, MultiValue | list | tuple):
         value = "\\".join(str(v) for v in value)
     return str(value).strip()[:limit]
 

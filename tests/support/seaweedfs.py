@@ -22,10 +22,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 # Every port flag of `weed mini` (webdav, debug, iceberg, lance, metrics stay disabled).
 _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -58,26 +59,26 @@ class SeaweedFS:
 
     region = "us-east-1"
 
-    def __init__(self, data_dir: Path, weed_binary: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, data_dir: Path, weed_binary: str | None = None, timeout: float = 60.0):
         self.data_dir, self.timeout = Path(data_dir), timeout
         beside = Path(sys.executable).with_name("weed")
         found = weed_binary or (str(beside) if beside.is_file() else shutil.which("weed"))
         if not found:
             raise FileNotFoundError("weed binary not found next to sys.executable or on PATH")
-        self.weed_binary = found
+        self.weed_binary: str = found
         self.access_key, self.secret_key = "test" + uuid.uuid4().hex[:16], uuid.uuid4().hex
         self.log_path = self.data_dir / "weed.log"
-        self.endpoint_url, self.command, self.ready_seconds = "", [""], 0.0
+        self.endpoint_url, self.ready_seconds, self.command = "", 0.0, list[str]()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._ports: dict[str, int] = {}
 
     def client(self, **overrides: Any) -> Any:
         """A path-style boto3 S3 client; keyword overrides go to ``boto3.client``."""
-        kwargs: dict[str, Any] = dict(
-            endpoint_url=self.endpoint_url, region_name=self.region,
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+        kwargs: dict[str, Any] = {
+            "endpoint_url": self.endpoint_url, "region_name": self.region,
+            "aws_access_key_id": self.access_key, "aws_secret_access_key": self.secret_key,
+            "config": Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1})}
         return boto3.client("s3", **{**kwargs, **overrides})
 
     def create_bucket(self, name: str) -> None:
@@ -88,7 +89,7 @@ class SeaweedFS:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return "<no log>"
 
-    def __enter__(self) -> SeaweedFS:
+    def __enter__(self) -> Self:
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
         config.write_text(json.dumps({"identities": [{
@@ -128,8 +129,8 @@ class SeaweedFS:
             if self._proc.poll() is not None:
                 if "Port allocation failed" in self.log_tail(5):
                     return False
-                raise RuntimeError(f"weed exited with code {self._proc.returncode}; "
-                                   f"command: {' '.join(self.command)}\nlog tail:\n{self.log_tail()}")
+                raise RuntimeError(f"weed exited with code {self._proc.returncode}; command: "
+                                   f"{' '.join(self.command)}\nlog tail:\n{self.log_tail()}")
             try:
                 if probe not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
                     client.create_bucket(Bucket=probe)
@@ -139,7 +140,7 @@ class SeaweedFS:
                     client.delete_bucket(Bucket=probe)
                     return True
                 last = "probe round trip returned wrong content"
-            except Exception as exc:  # connection refused, 503 while starting, ...
+            except (BotoCoreError, ClientError) as exc:  # refused, timeout, 503 while starting
                 last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.1)
         raise TimeoutError(f"SeaweedFS not ready after {self.timeout:g}s (last error: {last}); "

@@ -1,0 +1,146 @@
+"""Build each component from the settings: the only place that knows both sides."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from celery import Celery
+
+from anonymize import DeidentificationPolicy, PseudonymKeys
+from dicom_node import CallerPolicy, DicomNode, NodeConfig
+from storage import (
+    FilesystemObjectStore,
+    IndexRepository,
+    ObjectStore,
+    S3ObjectStore,
+    create_index_engine,
+    migrate,
+)
+from web_viewer_api import ApiConfig, create_app
+from worker import IngestPipeline, create_celery_app, enqueue_ingest, filesystem_broker_options
+
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging(settings: Settings, component: str) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def build_object_store(settings: Settings) -> ObjectStore:
+    config = settings.object_store
+    if config.backend == "s3":
+        s3 = config.s3
+        store = S3ObjectStore(
+            s3.bucket,
+            prefix=s3.prefix,
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            access_key=s3.access_key_id.get_secret_value() if s3.access_key_id else None,
+            secret_key=s3.secret_access_key.get_secret_value() if s3.secret_access_key else None,
+        )
+        if s3.create_bucket:
+            store.ensure_bucket()
+        return store
+    return FilesystemObjectStore(settings.objects_dir)
+
+
+def build_index(settings: Settings, *, run_migrations: bool = True) -> IndexRepository:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_index_engine(settings.effective_database_url)
+    if run_migrations:
+        migrate(engine)
+    return IndexRepository(engine)
+
+
+def build_celery(settings: Settings, *, with_pipeline: bool) -> Celery:
+    transport_options: dict[str, object] = {}
+    if settings.effective_broker_url.startswith("filesystem"):
+        transport_options = filesystem_broker_options(
+            settings.broker_dir, settings.broker_polling_interval
+        )
+    transport_options.update(settings.broker_transport_options)
+
+    def pipeline_factory() -> IngestPipeline:
+        return build_pipeline(settings)
+
+    return create_celery_app(
+        settings.effective_broker_url,
+        transport_options=transport_options,
+        pipeline_factory=pipeline_factory if with_pipeline else None,
+    )
+
+
+def build_pipeline(settings: Settings) -> IngestPipeline:
+    keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
+    policy = DeidentificationPolicy(
+        keys=keys,
+        site_id=settings.site_id,
+        ins_issuer_oids=frozenset(settings.ins_issuer_oids),
+        retain_modified_dates=settings.retain_modified_dates,
+    )
+    return IngestPipeline(
+        store=build_object_store(settings),
+        index=build_index(settings, run_migrations=False),
+        policy=policy,
+        spool_root=settings.spool_dir,
+        quarantine_root=settings.quarantine_dir,
+    )
+
+
+def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
+    config = NodeConfig(
+        ae_title=settings.dicom.ae_title,
+        host=settings.host,
+        port=settings.dicom.port,
+        site_id=settings.site_id,
+        spool_root=settings.spool_dir,
+        policy=CallerPolicy.build(settings.dicom.allowed_networks, settings.dicom.allowed_calling_ae_titles),
+        max_pdu_size=settings.dicom.max_pdu_size,
+        maximum_associations=settings.dicom.max_associations,
+        network_timeout=settings.dicom.network_timeout_seconds,
+        sweep_interval_seconds=settings.dicom.sweep_interval_seconds,
+        sweep_after_seconds=settings.dicom.sweep_after_seconds,
+    )
+
+    def enqueue(site_id: str, batch_id: str) -> None:
+        enqueue_ingest(celery_app, site_id, batch_id)
+
+    return DicomNode(config, enqueue)
+
+
+def ready_file(settings: Settings, component: str) -> Path:
+    return settings.run_dir / f"{component}.ready"
+
+
+def mark_ready(settings: Settings, component: str) -> None:
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    ready_file(settings, component).write_text(str(os.getpid()))
+
+
+def clear_ready(settings: Settings, component: str) -> None:
+    ready_file(settings, component).unlink(missing_ok=True)
+
+
+def _component_probe(settings: Settings, component: str):  # type: ignore[no-untyped-def]
+    def probe() -> None:
+        path = ready_file(settings, component)
+        pid = int(path.read_text())  # FileNotFoundError while starting
+        os.kill(pid, 0)  # ProcessLookupError when it died
+
+    return probe
+
+
+def build_api(settings: Settings):  # type: ignore[no-untyped-def]
+    probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
+    return create_app(
+        ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes),
+        build_index(settings),
+        build_object_store(settings),
+    )

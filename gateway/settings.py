@@ -1,0 +1,198 @@
+"""All configuration, in one pydantic-settings class.
+
+Every setting is an environment variable `DICOM_GATEWAY_<NAME>`, nested with `__`
+(e.g. `DICOM_GATEWAY_DICOM__PORT=104`, `DICOM_GATEWAY_OBJECT_STORE__S3__BUCKET=images`).
+Secrets are never defaulted in code: `serve` generates them into the data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRETS_FILE = "secrets.json"
+_WEAK_SECRETS = {"changeme", "change-me", "secret", "password", "admin", "test", "default"}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+class SettingsError(ValueError):
+    """The configuration cannot run (missing or weak secret, bad value)."""
+
+
+class DicomSettings(BaseModel):
+    port: int = Field(11112, ge=0, le=65535)
+    ae_title: str = "DICOMGATEWAY"
+    allowed_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    max_pdu_size: int = Field(262_144, ge=0)
+    max_associations: int = Field(32, ge=1)
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    sweep_interval_seconds: float = Field(30.0, gt=0)
+    sweep_after_seconds: float = Field(300.0, ge=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 16 or "\\" in value or not value.isascii():
+            raise ValueError("AE title: 1 to 16 ASCII characters, no backslash")
+        return value
+
+
+class HttpSettings(BaseModel):
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = None
+    bucket: str = "dicom-gateway"
+    prefix: str = ""
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    create_bucket: bool = False
+
+
+class ObjectStoreSettings(BaseModel):
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    path: Path | None = None
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+
+class WorkerSettings(BaseModel):
+    concurrency: int | None = Field(None, ge=1)
+    pool: Literal["prefork", "threads", "solo"] = "prefork"
+
+
+class Settings(BaseSettings):
+    """The effective configuration of a gateway process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOM_GATEWAY_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    site_id: str = "site1"
+    log_level: str = "INFO"
+    broker_url: str | None = None
+    broker_polling_interval: float = Field(0.05, gt=0)
+    broker_transport_options: dict[str, Any] = Field(default_factory=dict)
+    database_url: str | None = None
+    pseudonym_secret: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    ins_issuer_oids: list[str] = Field(
+        default_factory=lambda: [
+            "1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9",
+            "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11",
+        ]
+    )
+    retain_modified_dates: bool = True
+    supervised_components: list[str] = Field(default_factory=list)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_id(cls, value: str) -> str:
+        if not _SAFE_NAME.match(value):
+            raise ValueError("site_id: letters, digits, '-' and '_' only (1-64)")
+        return value
+
+    # Derived locations -------------------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.object_store.path or self.data_dir / "objects"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+    # Secrets -----------------------------------------------------------------------
+    def _stored_secrets(self) -> dict[str, str]:
+        path = self.data_dir / SECRETS_FILE
+        if not path.is_file():
+            return {}
+        loaded: dict[str, str] = json.loads(path.read_text())
+        return loaded
+
+    def ensure_generated_secrets(self) -> None:
+        """For `serve`: create the data dir's secrets file if absent (mode 0600)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        stored = self._stored_secrets()
+        changed = False
+        for name in ("pseudonym_secret", "admin_token"):
+            if name not in stored:
+                stored[name] = secrets.token_urlsafe(32)
+                changed = True
+        if changed:
+            path = self.data_dir / SECRETS_FILE
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(stored, handle)
+
+    def _secret(self, name: str, env_name: str) -> str:
+        configured: SecretStr | None = getattr(self, name)
+        value = configured.get_secret_value() if configured else self._stored_secrets().get(name)
+        if not value:
+            raise SettingsError(
+                f"{env_name} is not set (and {self.data_dir / SECRETS_FILE} has none): "
+                "set it, or run `dicom-gateway serve` once to generate one"
+            )
+        if value.lower() in _WEAK_SECRETS or len(value) < 16:
+            raise SettingsError(f"{env_name} is too weak: use at least 16 random characters")
+        return value
+
+    def pseudonym_secret_value(self) -> str:
+        return self._secret("pseudonym_secret", "DICOM_GATEWAY_PSEUDONYM_SECRET")
+
+    def admin_token_value(self) -> str:
+        return self._secret("admin_token", "DICOM_GATEWAY_ADMIN_TOKEN")
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as JSON-able data, every secret masked."""
+        data = json.loads(self.model_dump_json())
+        data["effective"] = {
+            "broker_url": _mask_url(self.effective_broker_url),
+            "database_url": _mask_url(self.effective_database_url),
+            "objects_dir": str(self.objects_dir),
+            "spool_dir": str(self.spool_dir),
+        }
+        for key in ("broker_url", "database_url"):
+            if data.get(key):
+                data[key] = _mask_url(data[key])
+        return data
+
+
+def _mask_url(url: str) -> str:
+    """Hide the password of a URL like scheme://user:password@host/db."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1**********@", url)

@@ -1,0 +1,85 @@
+"""Fixtures that start or reach real services: PostgreSQL, Redis, SeaweedFS, dcmtk.
+
+A missing service fails the test run (it is never skipped): `make test` installs and
+starts what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+
+from gateway.sample_study import SampleStudySpec, write_sample_study
+from tests.support.seaweedfs import SeaweedFS
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "DGW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("DGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TEST_SECRET = "test-pseudonym-secret-0123456789abcdef"
+TEST_TOKEN = "test-admin-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database for this test session, dropped at the end."""
+    name = f"dgw_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(POSTGRES_ADMIN_URL)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"postgresql+psycopg2://{base.split('://', 1)[1]}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedFS) -> str:
+    name = f"dgw-{uuid.uuid4().hex[:12]}"
+    seaweedfs.create_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> dict[str, str]:
+    tools = {}
+    for tool in ("storescu", "echoscu"):
+        path = shutil.which(tool)
+        if path is None:
+            pytest.fail(f"dcmtk's {tool} is not installed: run `make test` (it installs dcmtk)")
+        tools[tool] = path
+    return tools
+
+
+@pytest.fixture(scope="session")
+def sample_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SampleStudySpec]:
+    """A small real-size study: 8 CT (512x512, 16-bit) + 4 MR (256x256)."""
+    spec = SampleStudySpec(ct_slices=8, mr_slices=4)
+    out = tmp_path_factory.mktemp("sample-study")
+    write_sample_study(out, spec)
+    return out, spec

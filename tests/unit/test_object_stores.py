@@ -1,0 +1,96 @@
+"""One conformance module run against every object-store backend (filesystem, real S3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage import (
+    FilesystemObjectStore,
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStore,
+    S3ObjectStore,
+    TransientStorageError,
+    instance_key,
+)
+from tests.support.seaweedfs import SeaweedFS
+from tests.support.services import free_port
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    if request.param == "filesystem":
+        yield FilesystemObjectStore(tmp_path / "objects")
+        return
+    seaweedfs: SeaweedFS = request.getfixturevalue("seaweedfs")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    yield S3ObjectStore(
+        bucket, prefix="gateway", endpoint_url=seaweedfs.endpoint_url, region=seaweedfs.region,
+        access_key=seaweedfs.access_key, secret_key=seaweedfs.secret_key,
+    )
+
+
+def test_put_then_get_returns_the_same_bytes(store: ObjectStore) -> None:
+    key = instance_key("2.25.1", "2.25.2", "2.25.3")
+    body = bytes(range(256)) * 1000
+    store.put(key, body)
+    assert store.get(key) == body
+    assert store.head(key).size == len(body)
+
+
+def test_put_overwrites(store: ObjectStore) -> None:
+    store.put("studies/a/x.dcm", b"one")
+    store.put("studies/a/x.dcm", b"two")
+    assert store.get("studies/a/x.dcm") == b"two"
+
+
+def test_missing_object_raises_not_found(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound):
+        store.get("studies/none.dcm")
+    with pytest.raises(ObjectNotFound):
+        store.head("studies/none.dcm")
+
+
+def test_list_is_prefix_scoped_and_sorted(store: ObjectStore) -> None:
+    for key in ("studies/b/2.dcm", "studies/a/1.dcm", "studies/b/1.dcm", "other/z.dcm"):
+        store.put(key, key.encode())
+    listed = [info.key for info in store.list("studies/b/")]
+    assert listed == ["studies/b/1.dcm", "studies/b/2.dcm"]
+    assert [i.key for i in store.list("studies/")] == [
+        "studies/a/1.dcm", "studies/b/1.dcm", "studies/b/2.dcm"]
+
+
+def test_delete_is_idempotent(store: ObjectStore) -> None:
+    store.put("studies/d.dcm", b"x")
+    store.delete("studies/d.dcm")
+    store.delete("studies/d.dcm")
+    with pytest.raises(ObjectNotFound):
+        store.get("studies/d.dcm")
+
+
+@pytest.mark.parametrize("key", ["../escape.dcm", "studies/../../x", "/abs", "a//b", "a/b/", "sp ace"])
+def test_unsafe_keys_are_refused(store: ObjectStore, key: str) -> None:
+    with pytest.raises(InvalidKey):
+        store.put(key, b"x")
+
+
+def test_check_passes_on_a_usable_store(store: ObjectStore) -> None:
+    store.check()
+
+
+def test_unreachable_s3_is_a_transient_error() -> None:
+    store = S3ObjectStore("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                          region="us-east-1", access_key="a", secret_key="b")
+    with pytest.raises(TransientStorageError):
+        store.put("studies/x.dcm", b"x")
+
+
+def test_wrong_credentials_are_refused_by_the_real_server(seaweedfs: SeaweedFS, s3_bucket: str) -> None:
+    store = S3ObjectStore(s3_bucket, endpoint_url=seaweedfs.endpoint_url, region=seaweedfs.region,
+                          access_key=seaweedfs.access_key, secret_key="wrong-secret")
+    with pytest.raises(Exception) as info:
+        store.put("studies/x.dcm", b"x")
+    assert not isinstance(info.value, ObjectNotFound)
