@@ -10,12 +10,15 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.spool import Spool, SpoolWriteError, new_association_tag
 from dicom_node.status import Status
 
 log = logging.getLogger(__name__)
+
+UNDEFINED = 0xFFFFFFFF
 
 Enqueue = Callable[[str, str], None]
 
@@ -53,6 +56,21 @@ def _text(dataset: pydicom.Dataset, keyword: str) -> str:
     return str(dataset.get(keyword, "") or "").strip()
 
 
+class TruncatedDataSet(ValueError):
+    """An element declares more bytes than the data set holds."""
+
+
+def _refuse_truncated(dataset: pydicom.Dataset) -> None:
+    """pydicom silently shortens a truncated value; a modality must hear about it instead."""
+    for tag in list(dataset.keys()):
+        raw = dataset.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != UNDEFINED:
+            if len(raw.value) != raw.length:
+                raise TruncatedDataSet(f"element {tag} is truncated")
+        else:
+            _ = dataset[tag].value  # decoded elements: make sure their values convert
+
+
 def handle_store(event: Any, spool: Spool, batches: AssociationBatches) -> int:
     """C-STORE: check the data set parses and matches the request, spool it, then answer.
 
@@ -62,9 +80,7 @@ def handle_store(event: Any, spool: Spool, batches: AssociationBatches) -> int:
     encoded = event.encoded_dataset(include_meta=True)
     try:
         dataset = pydicom.dcmread(BytesIO(encoded))
-        # Touch every top-level element so truncated or garbled values fail here, not later.
-        for element in dataset:
-            _ = element.value
+        _refuse_truncated(dataset)
         sop_class = _text(dataset, "SOPClassUID")
         sop_instance = _text(dataset, "SOPInstanceUID")
         study = _text(dataset, "StudyInstanceUID")

@@ -110,6 +110,7 @@ class DicomNode:
             server_class=_GatewayAssociationServer,
         )
         server.policy = self.config.policy
+        ae._servers.append(server)  # pynetdicom's shutdown() expects to find it there
         self._server = server
         serve = threading.Thread(target=server.serve_forever, name="dicom-node", daemon=True)
         serve.start()
@@ -140,6 +141,5 @@ class DicomNode:
         self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
-            self._server.server_close()
         for thread in self._threads:
             thread.join(timeout=10)

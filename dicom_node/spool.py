@@ -74,7 +74,10 @@ class Spool:
             os.replace(temp, target)
             _fsync_directory(directory)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            try:
+                temp.unlink(missing_ok=True)
+            except OSError:
+                pass  # the directory itself is unusable; nothing was written
             raise SpoolWriteError(exc.strerror or type(exc).__name__) from exc
         return target
 

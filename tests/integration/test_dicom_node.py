@@ -1,0 +1,168 @@
+"""The DICOM node against real peers: dcmtk's echoscu/storescu and a pynetdicom SCU."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+import pynetdicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from dicom_node import CallerPolicy, DicomNode, NodeConfig, Status
+from gateway.sample_study import SampleStudySpec
+from tests.support.services import free_port
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, str]] = []
+        self.event = threading.Event()
+
+    def __call__(self, site_id: str, batch_id: str) -> None:
+        self.batches.append((site_id, batch_id))
+        self.event.set()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[DicomNode, _Recorder]]:
+    recorder = _Recorder()
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site1", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["127.0.0.0/8"]))
+    dicom_node = DicomNode(config, recorder)
+    dicom_node.start()
+    yield dicom_node, recorder
+    dicom_node.stop()
+
+
+def _spooled(dicom_node: DicomNode) -> list[Path]:
+    return sorted(dicom_node.spool.site_dir.glob("*/*.dcm"))
+
+
+def test_echoscu_succeeds(node: tuple[DicomNode, _Recorder], dcmtk: dict[str, str]) -> None:
+    dicom_node, _ = node
+    result = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
+                             str(dicom_node.port)], capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_storescu_study_is_spooled_then_enqueued_once_per_study(
+    node: tuple[DicomNode, _Recorder], dcmtk: dict[str, str],
+    sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    dicom_node, recorder = node
+    folder, spec = sample_study
+    result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
+                             "127.0.0.1", str(dicom_node.port), str(folder)],
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert recorder.event.wait(10)
+    spooled = _spooled(dicom_node)
+    assert len(spooled) == spec.ct_slices + spec.mr_slices
+    assert len(recorder.batches) == 1 and recorder.batches[0][0] == "site1"
+    assert {p.parent.name for p in spooled} == {recorder.batches[0][1]}
+    original = pydicom.dcmread(next(folder.glob("CT0001.dcm")))
+    copy = dicom_node.spool.site_dir / recorder.batches[0][1] / f"{original.SOPInstanceUID}.dcm"
+    assert pydicom.dcmread(copy).PixelData == original.PixelData
+
+
+def _garbled_file(tmp_path: Path) -> Path:
+    """Valid file meta and UIDs, then an element that claims more bytes than exist."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6"
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta)
+    def element(group: int, elem: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+        return struct.pack("<HH2sH", group, elem, vr, len(value) if length is None else length) + value
+
+    body = (element(0x0008, 0x0016, b"UI", str(CTImageStorage).encode() + b"\x00")
+            + element(0x0008, 0x0018, b"UI", b"1.2.3.4.5.6\x00")
+            + element(0x0010, 0x0010, b"PN", b"TRUNC", length=0x7FF0))
+    path = tmp_path / "garbled.dcm"
+    path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
+    return path
+
+
+def _send(port: int, payload: object) -> int:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [pydicom.uid.ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGATEWAY")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(payload)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_unparseable_dataset_gets_a_failure_status_and_the_node_keeps_serving(
+    node: tuple[DicomNode, _Recorder], tmp_path: Path, dcmtk: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dicom_node, _ = node
+    # pynetdicom's own option to send a file's bytes as they are, without re-encoding them.
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    assert _send(dicom_node.port, _garbled_file(tmp_path)) == Status.CANNOT_UNDERSTAND
+    assert _spooled(dicom_node) == []
+    echo = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
+                           str(dicom_node.port)], capture_output=True, timeout=30)
+    assert echo.returncode == 0
+
+
+def test_instance_uid_mismatch_is_refused(node: tuple[DicomNode, _Recorder],
+                                          sample_study: tuple[Path, SampleStudySpec]) -> None:
+    dicom_node, _ = node
+    folder, _ = sample_study
+    dataset = pydicom.dcmread(folder / "CT0001.dcm")
+    del dataset.StudyInstanceUID
+    assert _send(dicom_node.port, dataset) == Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert _spooled(dicom_node) == []
+
+
+def test_disk_failure_answers_out_of_resources(node: tuple[DicomNode, _Recorder],
+                                                sample_study: tuple[Path, SampleStudySpec]) -> None:
+    dicom_node, _ = node
+    dicom_node.spool.site_dir.parent.mkdir(parents=True, exist_ok=True)
+    dicom_node.spool.site_dir.write_text("not a directory")  # the spool cannot be written
+    folder, _ = sample_study
+    assert _send(dicom_node.port, pydicom.dcmread(folder / "CT0001.dcm")) == Status.OUT_OF_RESOURCES
+
+
+def test_host_outside_the_allowed_networks_is_refused(tmp_path: Path) -> None:
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site1", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["10.99.0.0/16"]))
+    dicom_node = DicomNode(config, _Recorder())
+    dicom_node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", dicom_node.port, ae_title="DICOMGATEWAY")
+        assert not assoc.is_established
+    finally:
+        dicom_node.stop()
+
+
+def test_stale_spool_batches_are_swept_back_into_the_queue(tmp_path: Path) -> None:
+    leftover = tmp_path / "spool" / "site1" / "20260101T000000-crashed"
+    leftover.mkdir(parents=True)
+    (leftover / "1.2.3.dcm").write_bytes(b"x")
+    recorder = _Recorder()
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site1", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["127.0.0.0/8"]))
+    dicom_node = DicomNode(config, recorder)
+    dicom_node.start()  # a restart after a crash: everything on disk is enqueued
+    dicom_node.stop()
+    assert recorder.batches == [("site1", "20260101T000000-crashed")]

@@ -1,0 +1,104 @@
+"""The ingest pipeline on real stores: spool batch -> objects + index, spool deleted last."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from anonymize import DeidentificationPolicy, PseudonymKeys
+from gateway.sample_study import SampleStudySpec, write_sample_study
+from storage import (
+    FilesystemObjectStore,
+    IndexRepository,
+    S3ObjectStore,
+    StudyQuery,
+    create_index_engine,
+    migrate,
+)
+from tests.support.services import free_port
+from worker import IngestPipeline, TransientPipelineError
+
+SECRET = b"pipeline-test-secret-0123456789abcdef"
+
+
+def _pipeline(tmp_path: Path, store: object | None = None) -> IngestPipeline:
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    return IngestPipeline(
+        store=store or FilesystemObjectStore(tmp_path / "objects"),  # type: ignore[arg-type]
+        index=IndexRepository(engine),
+        policy=DeidentificationPolicy(PseudonymKeys(SECRET), "site1"),
+        spool_root=tmp_path / "spool",
+        quarantine_root=tmp_path / "quarantine",
+    )
+
+
+def _spool_batch(tmp_path: Path, batch: str = "b1", ct: int = 3, mr: int = 2) -> Path:
+    directory = tmp_path / "spool" / "site1" / batch
+    written = write_sample_study(tmp_path / "src", SampleStudySpec(ct_slices=ct, mr_slices=mr,
+                                                                   ct_size=64, mr_size=32))
+    directory.mkdir(parents=True)
+    for path in written:
+        shutil.copy(path, directory / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
+    return directory
+
+
+def test_batch_is_stored_indexed_and_removed_from_the_spool(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path)
+    batch = _spool_batch(tmp_path)
+    report = pipeline.ingest_batch("site1", "b1")
+    assert (report.stored, report.quarantined) == (5, 0)
+    assert not batch.exists()
+    keys = [info.key for info in pipeline.store.list("studies/")]
+    assert len(keys) == 5
+    [study] = pipeline.index.search_studies(StudyQuery())
+    assert study.number_of_instances == 5 and study.modalities_in_study == ("CT", "MR")
+    stored = pydicom.dcmread(tmp_path / "objects" / keys[0])
+    assert stored.PatientIdentityRemoved == "YES"
+    assert str(stored.StudyInstanceUID) == study.study_instance_uid
+
+
+def test_running_a_batch_twice_does_not_duplicate(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path)
+    _spool_batch(tmp_path, "b1")
+    pipeline.ingest_batch("site1", "b1")
+    _spool_batch(tmp_path / "again", "b1")  # same study re-sent: deterministic UIDs
+    shutil.copytree(tmp_path / "again" / "spool" / "site1" / "b1", tmp_path / "spool" / "site1" / "b1")
+    pipeline.ingest_batch("site1", "b1")
+    assert len(list(pipeline.store.list("studies/"))) == 5
+    assert pipeline.index.search_studies(StudyQuery())[0].number_of_instances == 5
+    assert pipeline.ingest_batch("site1", "b1").missing  # a redelivered task is a no-op
+
+
+def test_unparseable_instance_is_quarantined_with_a_reason(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path)
+    batch = _spool_batch(tmp_path, ct=2, mr=0)
+    (batch / "1.2.3.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 64)
+    report = pipeline.ingest_batch("site1", "b1")
+    assert (report.stored, report.quarantined) == (2, 1)
+    quarantined = tmp_path / "quarantine" / "site1" / "b1"
+    assert (quarantined / "1.2.3.dcm").exists()
+    reason = json.loads((quarantined / "1.2.3.dcm.reason.json").read_text())
+    assert reason["reason"] and reason["batch_id"] == "b1"
+    assert not batch.exists()
+
+
+def test_store_outage_keeps_the_spool_and_asks_for_a_retry(tmp_path: Path) -> None:
+    unreachable = S3ObjectStore("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                                region="us-east-1", access_key="a", secret_key="b")
+    pipeline = _pipeline(tmp_path, unreachable)
+    batch = _spool_batch(tmp_path, ct=2, mr=0)
+    with pytest.raises(TransientPipelineError):
+        pipeline.ingest_batch("site1", "b1")
+    assert len(list(batch.glob("*.dcm"))) == 2
+    assert pipeline.index.search_studies(StudyQuery()) == []
+
+
+def test_batch_names_cannot_escape_the_spool(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path)
+    with pytest.raises(ValueError):
+        pipeline.ingest_batch("site1", "../../etc")
