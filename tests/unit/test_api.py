@@ -1,0 +1,128 @@
+"""The HTTP API on a real index: auth, QIDO-RS matching, JSON errors, health, metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.sample_study import SampleStudySpec, build_sample_study
+from storage import FilesystemObjectStore, IndexRepository, InstanceRecord, create_index_engine, migrate
+from web_viewer_api import ApiConfig, create_app
+
+TOKEN = "api-test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    index = IndexRepository(engine)
+    for study, date, patient in (("2.25.1", "20250105", "PONE"), ("2.25.2", "20250601", "PTWO")):
+        for dataset in build_sample_study(SampleStudySpec(ct_slices=2, mr_slices=1, ct_size=8, mr_size=8)):
+            dataset.StudyInstanceUID = study
+            series_number = 1 if dataset.Modality == "CT" else 2
+            dataset.SeriesInstanceUID = f"{study}.{series_number}"
+            dataset.SOPInstanceUID = f"{study}.{series_number}.{dataset.InstanceNumber}"
+            dataset.StudyDate, dataset.PatientID = date, patient
+            index.upsert_instance(InstanceRecord.from_dataset(
+                dataset, object_key="studies/x.dcm", size_bytes=1, sha256="0" * 64,
+                transfer_syntax_uid="1.2.840.10008.1.2.1", site_id="site1"))
+    app = create_app(ApiConfig(admin_token=TOKEN), index, FilesystemObjectStore(tmp_path / "objects"))
+    return TestClient(app)
+
+
+def _uids(body: list[dict[str, dict[str, list[str]]]]) -> list[str]:
+    return [item["0020000D"]["Value"][0] for item in body]
+
+
+def test_missing_or_wrong_token_is_401_with_a_json_body(client: TestClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        response = client.get("/dicom-web/studies", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_search_for_studies_returns_dicom_json(client: TestClient) -> None:
+    response = client.get("/dicom-web/studies", headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/dicom+json")
+    body = response.json()
+    assert _uids(body) == ["2.25.2", "2.25.1"]
+    first = body[0]
+    assert first["00201208"] == {"vr": "IS", "Value": [3]}
+    assert first["00201206"] == {"vr": "IS", "Value": [2]}
+    assert first["00080061"] == {"vr": "CS", "Value": ["CT", "MR"]}
+    assert first["00081190"]["Value"][0].endswith("/dicom-web/studies/2.25.2")
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("PatientID=PONE", ["2.25.1"]),
+    ("00100020=PTWO", ["2.25.2"]),
+    ("StudyDate=20250101-20250131", ["2.25.1"]),
+    ("StudyDate=20250201-", ["2.25.2"]),
+    ("ModalitiesInStudy=MR", ["2.25.2", "2.25.1"]),
+    ("ModalitiesInStudy=US", []),
+    ("StudyInstanceUID=2.25.1,2.25.2", ["2.25.2", "2.25.1"]),
+    ("StudyInstanceUID=2.25.1", ["2.25.1"]),
+    ("limit=1", ["2.25.2"]),
+    ("limit=1&offset=1", ["2.25.1"]),
+])
+def test_study_matching(client: TestClient, query: str, expected: list[str]) -> None:
+    response = client.get(f"/dicom-web/studies?{query}", headers=AUTH)
+    assert response.status_code == 200
+    assert _uids(response.json()) == expected
+
+
+@pytest.mark.parametrize("query", ["StudyDate=2025-01-01", "limit=0", "limit=100000", "offset=-1",
+                                   "NotAnAttribute=1", "limit=abc"])
+def test_bad_query_is_400_with_a_json_error(client: TestClient, query: str) -> None:
+    response = client.get(f"/dicom-web/studies?{query}", headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "bad_request"
+
+
+def test_unsupported_matching_key_is_ignored_with_a_warning(client: TestClient) -> None:
+    response = client.get("/dicom-web/studies?Manufacturer=X", headers=AUTH)
+    assert response.status_code == 200 and len(response.json()) == 2
+    assert "Manufacturer" in response.headers["warning"]
+
+
+def test_unacceptable_media_type_is_406(client: TestClient) -> None:
+    response = client.get("/dicom-web/studies", headers={**AUTH, "Accept": "application/dicom+xml"})
+    assert response.status_code == 406
+    assert response.json()["error"]["code"] == "not_acceptable"
+
+
+def test_unknown_path_is_a_json_404(client: TestClient) -> None:
+    response = client.get("/nothing-here", headers=AUTH)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_healthz_reports_components(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "components": {"index": "ok", "object_store": "ok"}}
+
+
+def test_healthz_is_503_when_a_component_is_down(tmp_path: Path) -> None:
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+
+    def worker_down() -> None:
+        raise FileNotFoundError("worker.ready")
+
+    app = create_app(ApiConfig(TOKEN, {"worker": worker_down}), IndexRepository(engine),
+                     FilesystemObjectStore(tmp_path / "objects"))
+    response = TestClient(app).get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["components"]["worker"].startswith("unavailable")
+
+
+def test_metrics_count_requests(client: TestClient) -> None:
+    client.get("/dicom-web/studies", headers=AUTH)
+    text = client.get("/metrics/").text
+    assert 'dicom_gateway_http_requests_total{method="GET",route="/dicom-web/studies",status="200"}' in text
