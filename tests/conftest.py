@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -28,20 +28,33 @@ TEST_TOKEN = "test-admin-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL database for this test session, dropped at the end."""
-    name = f"dgw_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+def create_postgres_database() -> Iterator[Callable[[], str]]:
+    """Create throwaway PostgreSQL databases; all are dropped at the end of the session."""
     admin = psycopg2.connect(POSTGRES_ADMIN_URL)
     admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    created: list[str] = []
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].split("://", 1)[1]
+
+    def create() -> str:
+        name = f"dgw_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"postgresql+psycopg2://{base}/{name}"
+
     try:
-        yield f"postgresql+psycopg2://{base.split('://', 1)[1]}/{name}"
+        yield create
     finally:
         with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            for name in created:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(create_postgres_database: Callable[[], str]) -> str:
+    """One throwaway PostgreSQL database shared by this session's index tests."""
+    return create_postgres_database()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,38 @@
+# dicom-gateway — `make run` to try it, `make test` to prove it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= ./data
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-test services lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+run: install
+	$(BIN)/dicom-gateway serve --data-dir $(DATA)
+
+services:
+	bash scripts/test-services.sh
+
+test: install-test services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/python -m pip install --quiet ruff mypy import-linter
+	$(BIN)/ruff check anonymize storage worker dicom_node web_viewer_api gateway
+	$(BIN)/lint-imports
+
+bench: install-test
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install (as root, via apt-get, only when missing) and start what the tests need:
+# dcmtk, PostgreSQL, Redis. Reuses services already running; never uses systemd.
+set -euo pipefail
+
+need_apt=()
+command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing: ${need_apt[*]} — install them (apt-get install ${need_apt[*]}) or run as root" >&2
+    exit 1
+  fi
+  echo "installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done
+  echo "service on port $1 did not come up" >&2; return 1
+}
+
+if ! port_open 5432; then
+  echo "starting PostgreSQL"
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  if [[ -z "$version" ]]; then echo "no PostgreSQL cluster configured" >&2; exit 1; fi
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  wait_port 5432
+fi
+# Trust auth for the postgres role on loopback is what the test fixtures expect.
+psql -h 127.0.0.1 -U postgres -d postgres -c "select 1" >/dev/null 2>&1 || {
+  echo "PostgreSQL on 127.0.0.1:5432 does not accept user postgres without a password;" >&2
+  echo "set DGW_TEST_POSTGRES_URL to an admin URL that can CREATE DATABASE" >&2
+  [[ -n "${DGW_TEST_POSTGRES_URL:-}" ]] || exit 1
+}
+
+if ! port_open 6379; then
+  echo "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /tmp --logfile /tmp/dgw-redis.log
+  wait_port 6379
+fi
+echo "services ready: dcmtk, PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379"

@@ -1,0 +1,207 @@
+"""One study from dcmtk's storescu to a QIDO-RS answer, through real processes.
+
+Embedded column: `dicom-gateway serve` (SQLite, filesystem objects, filesystem broker).
+Production column: separate `node`, `worker` and `api` processes on Redis, PostgreSQL and
+a real S3 server (SeaweedFS).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+import pydicom
+import pytest
+from botocore.config import Config
+
+from gateway.sample_study import SampleStudySpec
+from tests.support.seaweedfs import SeaweedFS
+from tests.support.services import (
+    GatewayProcess,
+    free_port,
+    gateway_command,
+    gateway_env,
+    http_json,
+    wait_for,
+)
+
+SECRET = "e2e-pseudonym-secret-0123456789abcdef"
+TOKEN = "e2e-admin-token-0123456789abcdef"
+
+
+def _original_identifiers(folder: Path) -> list[str]:
+    values: set[str] = set()
+    for path in folder.glob("*.dcm"):
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        values |= {str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
+                   str(dataset.SOPInstanceUID)}
+    return sorted(values)
+
+
+def _assert_no_phi(blobs: list[bytes], folder: Path, spec: SampleStudySpec) -> None:
+    forbidden = [*spec.identity.strings(), *_original_identifiers(folder)]
+    assert blobs
+    for blob in blobs:
+        for value in forbidden:
+            assert value.encode() not in blob, f"identifying value {value!r} reached storage"
+
+
+def _storescu(dcmtk: dict[str, str], port: int, folder: Path) -> None:
+    result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
+                             "127.0.0.1", str(port), str(folder)], capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+
+
+def _echo(dcmtk: dict[str, str], port: int) -> bool:
+    result = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1", str(port)],
+                            capture_output=True, timeout=30)
+    return result.returncode == 0
+
+
+def _wait_for_study(http_port: int, token: str, expected_instances: int) -> dict[str, object]:
+    url = f"http://127.0.0.1:{http_port}/dicom-web/studies"
+
+    def indexed() -> dict[str, object] | None:
+        status, body, _ = http_json(url, token)
+        assert status == 200, body
+        if body and body[0]["00201208"]["Value"][0] == expected_instances:
+            return dict(body[0])
+        return None
+
+    return wait_for(indexed, timeout=120, interval=0.1, what="the study to be indexed")
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_ingests_a_study_sent_by_storescu(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    folder, spec = sample_study
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    command = gateway_command("serve", "--data-dir", str(data_dir), "--dicom-port", str(dicom_port),
+                              "--http-port", str(http_port))
+    with GatewayProcess(command, gateway_env(data_dir), tmp_path / "serve.log") as serve:
+        wait_for(lambda: "dicom-gateway is ready" in serve.log_text() or not serve.alive(),
+                 timeout=120, what="serve to be ready")
+        assert serve.alive(), serve.log_text()
+        banner = serve.log_text()
+        token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
+        assert f"Admin token   : {token}" in banner
+        assert f"DICOMGATEWAY@127.0.0.1:{dicom_port}" in banner
+
+        assert _echo(dcmtk, dicom_port)
+        _storescu(dcmtk, dicom_port, folder)
+        study = _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
+        assert study["00080061"]["Value"] == ["CT", "MR"]  # type: ignore[index]
+        assert study["00201206"]["Value"] == [2]  # type: ignore[index]
+
+        objects = sorted((data_dir / "objects").rglob("*.dcm"))
+        assert len(objects) == spec.ct_slices + spec.mr_slices
+        _assert_no_phi([p.read_bytes() for p in objects], folder, spec)
+        assert not list((data_dir / "spool").rglob("*.dcm"))  # spool deleted after storing
+
+        status, body, _ = http_json(f"http://127.0.0.1:{http_port}/dicom-web/studies")
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+        status, body, _ = http_json(f"http://127.0.0.1:{http_port}/healthz")
+        assert status == 200 and body["components"] == {
+            "index": "ok", "object_store": "ok", "node": "ok", "worker": "ok"}
+
+        assert serve.stop(signal.SIGINT, timeout=60) == 0  # one Ctrl-C stops everything
+        assert _port_closed(dicom_port) and _port_closed(http_port)
+        assert not list((data_dir / "run").glob("*.ready"))
+
+
+def test_production_column_redis_postgresql_seaweedfs(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+    seaweedfs: SeaweedFS, s3_bucket: str, redis_url: str,
+    create_postgres_database: Callable[[], str],
+) -> None:
+    folder, spec = sample_study
+    data_dir = tmp_path / "site-data"
+    dicom_port, http_port = free_port(), free_port()
+    env = gateway_env(
+        data_dir,
+        site_id="hopital-a",
+        pseudonym_secret=SECRET,
+        admin_token=TOKEN,
+        broker_url=redis_url,
+        broker_transport_options=json.dumps({"global_keyprefix": f"dgw-{uuid.uuid4().hex}:"}),
+        database_url=create_postgres_database(),
+        object_store__backend="s3",
+        object_store__s3__endpoint_url=seaweedfs.endpoint_url,
+        object_store__s3__bucket=s3_bucket,
+        object_store__s3__region=seaweedfs.region,
+        object_store__s3__access_key_id=seaweedfs.access_key,
+        object_store__s3__secret_access_key=seaweedfs.secret_key,
+        dicom__port=str(dicom_port),
+        http__port=str(http_port),
+    )
+    with (
+        GatewayProcess(gateway_command("api"), env, tmp_path / "api.log") as api,
+        GatewayProcess(gateway_command("worker", "--concurrency", "2"), env,
+                       tmp_path / "worker.log") as worker,
+        GatewayProcess(gateway_command("node"), env, tmp_path / "node.log") as node,
+    ):
+        wait_for(lambda: http_json(f"http://127.0.0.1:{http_port}/healthz")[0] == 200,
+                 timeout=90, what=f"the API to be healthy\n{api.log_text()}")
+        wait_for(lambda: (data_dir / "run" / "worker.ready").exists(), timeout=90,
+                 what="the Celery worker to be ready")
+        wait_for(lambda: _echo(dcmtk, dicom_port), timeout=60, what="the node to answer C-ECHO")
+
+        _storescu(dcmtk, dicom_port, folder)
+        study = _wait_for_study(http_port, TOKEN, spec.ct_slices + spec.mr_slices)
+        study_uid = study["0020000D"]["Value"][0]  # type: ignore[index]
+        assert str(study_uid).startswith("2.25.")
+
+        client = boto3.client(
+            "s3", endpoint_url=seaweedfs.endpoint_url, region_name=seaweedfs.region,
+            aws_access_key_id=seaweedfs.access_key, aws_secret_access_key=seaweedfs.secret_key,
+            config=Config(s3={"addressing_style": "path"}))
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+        assert len(keys) == spec.ct_slices + spec.mr_slices
+        assert all(k.startswith(f"studies/{study_uid}/series/") for k in keys)
+        blobs = [client.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys]
+        _assert_no_phi(blobs, folder, spec)
+        for process in (node, worker, api):
+            assert process.alive(), process.log_text()
+        for log in (node.log_text(), worker.log_text()):
+            for value in spec.identity.strings():
+                assert value not in log, f"PHI {value!r} in a log"
+
+
+def test_instances_acknowledged_while_the_broker_is_down_are_not_lost(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    """Broker unreachable at enqueue time, node then killed: the sweeper recovers the batch."""
+    folder, spec = sample_study
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    dead_broker = f"redis://127.0.0.1:{free_port()}/0"
+    env = gateway_env(data_dir, broker_url=dead_broker, dicom__port=str(dicom_port))
+    with GatewayProcess(gateway_command("node"), env, tmp_path / "node.log") as node:
+        wait_for(lambda: _echo(dcmtk, dicom_port), timeout=60, what="the node to answer C-ECHO")
+        _storescu(dcmtk, dicom_port, folder)  # every instance acknowledged
+        wait_for(lambda: "the sweeper will retry" in node.log_text(), timeout=60,
+                 what="the failed enqueue to be reported")
+        node.stop(signal.SIGKILL)
+    assert len(list((data_dir / "spool").rglob("*.dcm"))) == spec.ct_slices + spec.mr_slices
+
+    command = gateway_command("serve", "--data-dir", str(data_dir), "--dicom-port",
+                              str(dicom_port), "--http-port", str(http_port))
+    with GatewayProcess(command, gateway_env(data_dir), tmp_path / "serve.log") as serve:
+        wait_for(lambda: "dicom-gateway is ready" in serve.log_text() or not serve.alive(),
+                 timeout=120, what="serve to be ready")
+        token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
+        _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
+        wait_for(lambda: not list((data_dir / "spool").rglob("*.dcm")), timeout=30,
+                 what="the spool to be emptied")
