@@ -1,0 +1,96 @@
+"""Ingest throughput: N generated CT instances (512x512, 16-bit) sent by dcmtk's storescu
+over one association to `dicom-gateway serve` (embedded defaults) on loopback.
+
+Prints instances/s and MB/s for C-STORE acceptance (storescu wall time) and end to end
+(until QIDO-RS reports every instance indexed). Run: python benchmarks/ingest.py [-n 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.sample_study import SampleStudySpec, write_sample_study  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _indexed(http_port: int, token: str) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/dicom-web/studies",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = json.loads(response.read() or b"[]")
+    return sum(int(study["00201208"]["Value"][0]) for study in body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--instances", type=int, default=200)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    storescu = shutil.which("storescu")
+    if storescu is None:
+        sys.exit("storescu (dcmtk) is required: apt-get install dcmtk")
+
+    work = Path(tempfile.mkdtemp(prefix="dgw-bench-"))
+    source = work / "study"
+    paths = write_sample_study(source, SampleStudySpec(ct_slices=args.instances, mr_slices=0))
+    megabytes = sum(p.stat().st_size for p in paths) / 1e6
+    dicom_port, http_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_GATEWAY_")}
+    env["DICOM_GATEWAY_LOG_LEVEL"] = "WARNING"
+    log = open(work / "serve.log", "wb")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--data-dir", str(work / "data"),
+         "--dicom-port", str(dicom_port), "--http-port", str(http_port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while b"dicom-gateway is ready" not in (work / "serve.log").read_bytes():
+            if serve.poll() is not None or time.monotonic() > deadline:
+                sys.exit("serve did not start:\n" + (work / "serve.log").read_text())
+            time.sleep(0.05)
+        token = json.loads((work / "data" / "secrets.json").read_text())["admin_token"]
+
+        started = time.perf_counter()
+        subprocess.run([storescu, "-aec", "DICOMGATEWAY", "+sd", "127.0.0.1", str(dicom_port),
+                        str(source)], check=True, capture_output=True)
+        accepted = time.perf_counter() - started
+        while _indexed(http_port, token) < len(paths):
+            if time.perf_counter() - started > 600:
+                sys.exit("not indexed within 600 s")
+            time.sleep(0.02)
+        end_to_end = time.perf_counter() - started
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=60)
+        log.close()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"instances: {len(paths)}  size: {megabytes:.1f} MB  cpus: {os.cpu_count()}")
+    print(f"C-STORE acceptance: {len(paths) / accepted:8.1f} instances/s  "
+          f"{megabytes / accepted:7.1f} MB/s  ({accepted:.2f} s)")
+    print(f"end to end (indexed): {len(paths) / end_to_end:6.1f} instances/s  "
+          f"{megabytes / end_to_end:7.1f} MB/s  ({end_to_end:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
