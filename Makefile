@@ -27,8 +27,9 @@ test: install-test services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-test
-	$(BIN)/python -m pip install --quiet ruff mypy import-linter
+	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	$(BIN)/ruff check anonymize storage worker dicom_node web_viewer_api gateway
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 bench: install-test

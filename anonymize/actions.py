@@ -14,8 +14,8 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset
 from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from anonymize.keys import PseudonymKeys
@@ -247,7 +247,7 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy) -> Deidentifica
     file_meta = getattr(dataset, "file_meta", None)
     if file_meta is not None:
         file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        for tag in [t for t in file_meta.keys() if t.is_private or int(t) == 0x00020100]:
+        for tag in [t for t in file_meta.keys() if t.is_private or int(t) == 0x00020100]:  # noqa: SIM118
             del file_meta[tag]
     return DeidentificationResult(
         patient_id=str(dataset.PatientID),

@@ -7,7 +7,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -85,7 +85,8 @@ class DicomNode:
             ae.require_calling_aet = sorted(self.config.policy.calling_ae_titles)
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes))
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes))
         return ae
 
     @property
@@ -98,17 +99,17 @@ class DicomNode:
         # Every batch on disk now predates this process: none is still being received.
         self.sweep_once(older_than_seconds=0)
         ae = self._build_ae()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.spool, self.batches]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue]),
         ]
-        server = ae.make_server(
+        server = cast(_GatewayAssociationServer, ae.make_server(
             (self.config.host, self.config.port),
             evt_handlers=handlers,
             server_class=_GatewayAssociationServer,
-        )
+        ))
         server.policy = self.config.policy
         ae._servers.append(server)  # pynetdicom's shutdown() expects to find it there
         self._server = server

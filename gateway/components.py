@@ -10,6 +10,7 @@ from celery import Celery
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
 from dicom_node import CallerPolicy, DicomNode, NodeConfig
+from gateway.settings import Settings
 from storage import (
     FilesystemObjectStore,
     IndexRepository,
@@ -20,8 +21,6 @@ from storage import (
 )
 from web_viewer_api import ApiConfig, create_app
 from worker import IngestPipeline, create_celery_app, enqueue_ingest, filesystem_broker_options
-
-from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -180,7 +180,7 @@ class Settings(BaseSettings):
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as JSON-able data, every secret masked."""
-        data = json.loads(self.model_dump_json())
+        data: dict[str, Any] = json.loads(self.model_dump_json())
         data["effective"] = {
             "broker_url": _mask_url(self.effective_broker_url),
             "database_url": _mask_url(self.effective_database_url),

@@ -9,7 +9,8 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from storage.objects import (
     IntegrityError,
@@ -85,7 +86,7 @@ class S3ObjectStore:
                 Bucket=self.bucket, Key=full_key, Body=body,
                 ContentType=content_type, ContentMD5=md5,
             )
-        except Exception as exc:  # noqa: BLE001 - translated once, here
+        except Exception as exc:
             raise _translate(exc, key) from exc
 
     def get(self, key: str) -> bytes:
@@ -93,14 +94,14 @@ class S3ObjectStore:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=full_key)
             return bytes(response["Body"].read())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, key) from exc
 
     def head(self, key: str) -> ObjectInfo:
         full_key = self._full(key)
         try:
             response = self.client.head_object(Bucket=self.bucket, Key=full_key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, key) from exc
         return ObjectInfo(key, int(response["ContentLength"]))
 
@@ -108,7 +109,7 @@ class S3ObjectStore:
         full_key = self._full(key)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=full_key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, key) from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -117,13 +118,13 @@ class S3ObjectStore:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", []):
                     yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, prefix) from exc
 
     def check(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, self.bucket) from exc
 
     def ensure_bucket(self) -> None:
@@ -133,7 +134,7 @@ class S3ObjectStore:
         except ClientError:
             try:
                 self.client.create_bucket(Bucket=self.bucket)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise _translate(exc, self.bucket) from exc
 
 

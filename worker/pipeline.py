@@ -166,9 +166,9 @@ class IngestPipeline:
     def _remove_if_empty(directory: Path) -> None:
         try:
             for leftover in directory.iterdir():
-                if leftover.name.startswith("."):  # node's temp or marker files
-                    if not leftover.name.endswith(".part"):
-                        leftover.unlink(missing_ok=True)
+                # node marker files go; a ".part" is a write in progress: keep the batch
+                if leftover.name.startswith(".") and not leftover.name.endswith(".part"):
+                    leftover.unlink(missing_ok=True)
             directory.rmdir()
         except OSError:
             pass  # not empty: new instances arrived or quarantine failed; the sweeper retries

@@ -40,7 +40,7 @@ def register_tasks(app: Celery, pipeline_factory: Callable[[], IngestPipeline] |
     holder = _PipelineHolder(pipeline_factory)
     worker_process_init.connect(holder.reset, weak=False)
 
-    @app.task(  # type: ignore[misc]
+    @app.task(  # type: ignore[untyped-decorator]
         name=INGEST_TASK,
         bind=True,
         acks_late=True,

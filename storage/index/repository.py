@@ -187,13 +187,10 @@ class IndexRepository:
 
     def upsert_instance(self, record: InstanceRecord) -> None:
         """Insert or update the study, series and instance rows (idempotent)."""
-        with Session(self.engine) as session, session.begin():
-            self._upsert(session, Study, record.study, "study_instance_uid")
-            self._upsert(session, Series, record.series, "series_instance_uid")
-            self._upsert(session, Instance, record.instance, "sop_instance_uid")
+        self.upsert_instances([record])
 
     def upsert_instances(self, records: Sequence[InstanceRecord]) -> None:
-        """Upsert several instances in one transaction."""
+        """Upsert several instances in one transaction (idempotent)."""
         with Session(self.engine) as session, session.begin():
             for record in records:
                 self._upsert(session, Study, record.study, "study_instance_uid")

@@ -12,7 +12,8 @@ import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -82,18 +83,25 @@ def _port_closed(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+@contextmanager
+def _serve(tmp_path: Path, data_dir: Path, dicom_port: int, http_port: int) -> Iterator[GatewayProcess]:
+    """`dicom-gateway serve` on the given ports, yielded once it printed its banner."""
+    command = gateway_command("serve", "--data-dir", str(data_dir), "--dicom-port",
+                              str(dicom_port), "--http-port", str(http_port))
+    with GatewayProcess(command, gateway_env(data_dir), tmp_path / "serve.log") as serve:
+        wait_for(lambda: "dicom-gateway is ready" in serve.log_text() or not serve.alive(),
+                 timeout=120, what="serve to be ready")
+        assert serve.alive(), serve.log_text()
+        yield serve
+
+
 def test_serve_ingests_a_study_sent_by_storescu(
     tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
 ) -> None:
     folder, spec = sample_study
     data_dir = tmp_path / "data"
     dicom_port, http_port = free_port(), free_port()
-    command = gateway_command("serve", "--data-dir", str(data_dir), "--dicom-port", str(dicom_port),
-                              "--http-port", str(http_port))
-    with GatewayProcess(command, gateway_env(data_dir), tmp_path / "serve.log") as serve:
-        wait_for(lambda: "dicom-gateway is ready" in serve.log_text() or not serve.alive(),
-                 timeout=120, what="serve to be ready")
-        assert serve.alive(), serve.log_text()
+    with _serve(tmp_path, data_dir, dicom_port, http_port) as serve:
         banner = serve.log_text()
         token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
         assert f"Admin token   : {token}" in banner
@@ -196,11 +204,7 @@ def test_instances_acknowledged_while_the_broker_is_down_are_not_lost(
         node.stop(signal.SIGKILL)
     assert len(list((data_dir / "spool").rglob("*.dcm"))) == spec.ct_slices + spec.mr_slices
 
-    command = gateway_command("serve", "--data-dir", str(data_dir), "--dicom-port",
-                              str(dicom_port), "--http-port", str(http_port))
-    with GatewayProcess(command, gateway_env(data_dir), tmp_path / "serve.log") as serve:
-        wait_for(lambda: "dicom-gateway is ready" in serve.log_text() or not serve.alive(),
-                 timeout=120, what="serve to be ready")
+    with _serve(tmp_path, data_dir, dicom_port, http_port):
         token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
         _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
         wait_for(lambda: not list((data_dir / "spool").rglob("*.dcm")), timeout=30,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-import json
 
 from web_viewer_api.deps import IndexDep, ReadPrincipal
 from web_viewer_api.dicomweb.qido import QueryParameterError, parse_study_query, study_to_dicom_json
