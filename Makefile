@@ -7,8 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: run test install install-test services lint bench clean
 
+# Debian ships venv separately: install python3-venv when it is missing and we are root.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+	  $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python

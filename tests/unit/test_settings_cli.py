@@ -1,0 +1,84 @@
+"""Settings from the environment, the secrets rules, and `dicom-gateway config`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings, SettingsError
+
+
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("DICOM_GATEWAY_"):
+            monkeypatch.delenv(name)
+
+
+def test_nested_settings_come_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__PORT", "104")
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__ALLOWED_NETWORKS", '["10.0.0.0/8"]')
+    monkeypatch.setenv("DICOM_GATEWAY_OBJECT_STORE__S3__BUCKET", "imaging")
+    settings = Settings()
+    assert settings.dicom.port == 104
+    assert settings.dicom.allowed_networks == ["10.0.0.0/8"]
+    assert settings.object_store.s3.bucket == "imaging"
+    assert settings.dicom.ae_title == "DICOMGATEWAY" and settings.http.port == 8000
+
+
+def test_missing_or_weak_secrets_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DICOM_GATEWAY_DATA_DIR", str(tmp_path))
+    with pytest.raises(SettingsError):
+        Settings().pseudonym_secret_value()
+    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "changeme")
+    with pytest.raises(SettingsError):
+        Settings().admin_token_value()
+
+
+def test_serve_generates_secrets_once_with_private_permissions(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    _clean_env(monkeypatch)
+    settings = Settings(data_dir=tmp_path)
+    settings.ensure_generated_secrets()
+    first = settings.admin_token_value()
+    settings.ensure_generated_secrets()
+    assert Settings(data_dir=tmp_path).admin_token_value() == first
+    assert len(settings.pseudonym_secret_value()) >= 32
+    assert (tmp_path / "secrets.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_invalid_ae_title_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__AE_TITLE", "A" * 17)
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_config_command_masks_secrets(tmp_path: Path) -> None:
+    token = "very-secret-admin-token-0123456789"
+    env = {"DICOM_GATEWAY_ADMIN_TOKEN": token, "DICOM_GATEWAY_DATA_DIR": str(tmp_path),
+           "DICOM_GATEWAY_DATABASE_URL": "postgresql://gw:db-password-42@db/gw",
+           "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "config"], env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert token not in result.stdout and "db-password-42" not in result.stdout
+    shown = json.loads(result.stdout)
+    assert shown["admin_token"] == "**********"
+    assert shown["database_url"] == "postgresql://gw:**********@db/gw"
+    assert shown["dicom"]["port"] == 11112
+
+
+def test_cli_reports_a_missing_secret_without_a_traceback(tmp_path: Path) -> None:
+    env = {"DICOM_GATEWAY_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "api"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "DICOM_GATEWAY_ADMIN_TOKEN" in result.stderr and "Traceback" not in result.stderr
