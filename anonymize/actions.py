@@ -1,30 +1,57 @@
-"""Apply the confidentiality profile to a dataset: pure functions, no I/O.
+"""Apply the PS3.15 Basic Application Level Confidentiality Profile, with its options.
 
-This is the first cut of the PS3.15 Basic Profile with the Retain Longitudinal Temporal
-Information with Modified Dates option: every tag of Table E.1-1 gets its action, the
-compound actions are resolved conservatively (keep a dummy or an empty value rather than
-remove, so Type 1/2 attributes stay present), private and repeating-group (curve,
-overlay) attributes are removed, UIDs are remapped with keyed HMAC, and the identifying
-values that make a study findable again (patient, accession) become keyed pseudonyms.
+Every attribute of Table E.1-1 gets its action, at any nesting depth:
+
+- D (dummy), Z (zero length), X (remove), K (keep), U (keyed UID), C (clean) as the
+  standard defines them; the compound actions X/Z, X/D, Z/D, X/Z/D are resolved by the
+  attribute's type in the instance's IOD (1 → dummy, 2 → empty, 3 → remove; an unknown
+  IOD keeps a dummy or empty value rather than risk a non-conformant object);
+- X/Z/U* reference sequences are kept with every UID inside remapped, so references
+  between de-identified instances stay valid (never emptied);
+- a sequence replaced by a dummy (D) keeps its structure, but every text value inside is
+  replaced too; a sequence that is cleaned (C) keeps its text with identity redacted;
+- private attributes are removed, except those on the safe-private list under the Retain
+  Safe Private option; curves (50xx) and overlays (60xx) follow their rows;
+- PatientID, PatientName and AccessionNumber become keyed pseudonyms (findable again from
+  the original by recomputing the HMAC), UIDs become `2.25.` UIDs from the same key, and
+  dates move by a per-patient keyed offset under the Modified Dates option.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
+from cryptography import x509
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
+from anonymize.clean import TextCleaner
+from anonymize.iod import AttributeType, iod_types
 from anonymize.keys import PseudonymKeys
-from anonymize.profile import Action, ConfidentialityProfile, ProfileRow, load_profile
+from anonymize.options import (
+    BASIC_PROFILE_CODE,
+    CLEAN_PIXEL_DATA_CODE,
+    OPTION_CODES,
+    ProfileOption,
+)
+from anonymize.pixels import BurnedInAnnotationRisk, PixelPolicy, apply_mask
+from anonymize.private import SafePrivateAttributes, load_safe_private
+from anonymize.profile import ConfidentialityProfile, ProfileRow, load_profile
+from anonymize.reversible import encrypted_attributes_item
 
 # ANS (Agence du Numérique en Santé) OIDs of the INS: NIR, NIA, and their test twins.
 DEFAULT_INS_ISSUER_OIDS = frozenset(
     {"1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9", "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11"}
 )
+DEFAULT_OPTIONS = frozenset({ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES})
 
 _TAG_PATIENT_NAME = 0x00100010
 _TAG_PATIENT_ID = 0x00100020
@@ -33,29 +60,69 @@ _DATE_FORMAT = "%Y%m%d"
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR: dict[str, object] = {
     "PN": "ANONYMOUS", "LO": _DUMMY_TEXT, "SH": _DUMMY_TEXT, "LT": _DUMMY_TEXT,
-    "ST": _DUMMY_TEXT, "UT": _DUMMY_TEXT, "UC": _DUMMY_TEXT, "CS": "ANONYMIZED",
+    "ST": _DUMMY_TEXT, "UT": _DUMMY_TEXT, "UC": _DUMMY_TEXT, "CS": _DUMMY_TEXT,
     "AE": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000",
     "AS": "000D", "IS": "0", "DS": "0", "US": 0, "SS": 0, "UL": 0, "SL": 0,
     "FL": 0.0, "FD": 0.0, "UV": 0, "SV": 0,
 }
-
-BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
-MODIFIED_DATES_CODE = ("113107", "DCM", "Retain Longitudinal Temporal Information Modified Dates Option")
+_FREE_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
+_TEXT_VRS = _FREE_TEXT_VRS | {"PN", "CS", "AE", "DA", "DT", "TM", "AS", "UR"}
+#: File meta attributes that name the sending/receiving systems.
+_META_TAGS_TO_REMOVE = frozenset({0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027,
+                                  0x00020028, 0x00020100, 0x00020102})
 
 
 class DeidentificationError(ValueError):
     """The dataset cannot be de-identified (e.g. it lacks the UIDs that identify it)."""
 
 
+class _Mode(Enum):
+    """How attributes the table does not list are treated inside a sequence."""
+
+    NORMAL = "normal"  # kept (the table lists everything identifying)
+    DUMMY = "dummy"  # inside a sequence replaced by a dummy: every text value replaced
+    CLEAN = "clean"  # inside a cleaned sequence: free text redacted, names replaced
+
+
 @dataclass(frozen=True)
 class DeidentificationPolicy:
-    """What a pseudonymization domain decides: its keys, the site, the options in force."""
+    """What a site decides: its pseudonymization keys, options, private and pixel policies.
+
+    `recipient_certificate` turns on reversible de-identification: the original values are
+    stored encrypted for that certificate in the Encrypted Attributes Sequence.
+    """
 
     keys: PseudonymKeys
     site_id: str
     ins_issuer_oids: frozenset[str] = DEFAULT_INS_ISSUER_OIDS
-    retain_modified_dates: bool = True
+    options: frozenset[ProfileOption] = DEFAULT_OPTIONS
+    safe_private: SafePrivateAttributes = field(default_factory=load_safe_private)
+    pixel_policy: PixelPolicy = field(default_factory=PixelPolicy)
+    recipient_certificate: x509.Certificate | None = None
     profile: ConfidentialityProfile = field(default_factory=load_profile)
+
+    def __post_init__(self) -> None:
+        both = {ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES,
+                ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
+        if both <= self.options:
+            raise ValueError("the Full Dates and Modified Dates options exclude each other")
+
+    def action_for(self, row: ProfileRow) -> tuple[str, ProfileOption | None]:
+        """The action this policy applies to `row`, and the option that chose it (if any).
+
+        An enabled option that retains (K) wins over one that cleans (C), which wins over
+        the Basic Profile action.
+        """
+        clean: ProfileOption | None = None
+        for option in self.options:
+            code = row.options.get(option.value)
+            if code == "K":
+                return "K", option
+            if code == "C" and clean is None:
+                clean = option
+        if clean is not None:
+            return "C", clean
+        return row.basic.value, None
 
 
 @dataclass(frozen=True)
@@ -66,6 +133,7 @@ class DeidentificationResult:
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
+    masked: bool = False
 
 
 def _issuer_of(item: Dataset) -> str:
@@ -93,7 +161,12 @@ def patient_key(dataset: Dataset, site_id: str, ins_issuer_oids: frozenset[str])
         other_id = str(item.get("PatientID", "") or "").strip()
         if other_id and _issuer_of(item) in ins_issuer_oids:
             return f"ins:{other_id}"
-    return f"local:{issuer or 'site:' + site_id}:{local_id}"
+    return local_patient_key(local_id, issuer, site_id)
+
+
+def local_patient_key(patient_id: str, issuer: str, site_id: str) -> str:
+    """The key of a patient known only by a local ID: qualified by its issuer, or the site."""
+    return f"local:{issuer or 'site:' + site_id}:{patient_id.strip()}"
 
 
 def accession_qualifier(dataset: Dataset, site_id: str) -> str:
@@ -106,6 +179,19 @@ def accession_qualifier(dataset: Dataset, site_id: str) -> str:
     return f"site:{site_id}"
 
 
+def pseudonymize_patient_id(keys: PseudonymKeys, patient_id: str, *, site_id: str,
+                            issuer: str = "", is_ins: bool = False) -> str:
+    """The pseudonym an original patient ID (or INS) becomes; for lookups from the API."""
+    key = f"ins:{patient_id.strip()}" if is_ins else local_patient_key(patient_id, issuer, site_id)
+    return keys.patient_id(key)
+
+
+def pseudonymize_accession_number(keys: PseudonymKeys, accession_number: str, *,
+                                  site_id: str, issuer: str = "") -> str:
+    """The pseudonym an original accession number becomes; for lookups from the API."""
+    return keys.accession_number(accession_number, issuer or f"site:{site_id}")
+
+
 def _shift_date(value: str, days: int) -> str | None:
     try:
         shifted = dt.datetime.strptime(value[:8], _DATE_FORMAT) - dt.timedelta(days=days)
@@ -114,18 +200,47 @@ def _shift_date(value: str, days: int) -> str | None:
     return shifted.strftime(_DATE_FORMAT) + value[8:]
 
 
+def _values(element: DataElement) -> list[Any]:
+    value = element.value
+    if isinstance(value, MultiValue | list):
+        return list(value)
+    return [value]
+
+
 class _Deidentifier:
+    """One pass over one dataset; holds what the pass derives from the original identity."""
+
     def __init__(self, policy: DeidentificationPolicy, dataset: Dataset) -> None:
         self.policy = policy
         self.keys = policy.keys
+        self.options = policy.options
         self.patient_key = patient_key(dataset, policy.site_id, policy.ins_issuer_oids)
         self.shift_days = self.keys.date_shift_days(self.patient_key)
         self.accession_qualifier = accession_qualifier(dataset, policy.site_id)
+        self.sop_class = str(dataset.get("SOPClassUID", "") or "")
+        self._types: Any = None
+        self._cleaner: TextCleaner | None = None
+        self._original = dataset
         self.overrides: dict[int, Callable[[DataElement], None]] = {
             _TAG_PATIENT_NAME: self._set(self.keys.patient_name(self.patient_key)),
             _TAG_PATIENT_ID: self._set(self.keys.patient_id(self.patient_key)),
             _TAG_ACCESSION_NUMBER: self._accession,
         }
+
+    # Lazily built helpers ----------------------------------------------------------
+    @property
+    def cleaner(self) -> TextCleaner:
+        if self._cleaner is None:
+            self._cleaner = TextCleaner(self._original)
+        return self._cleaner
+
+    def attribute_type(self, path: tuple[str, ...], keyword: str) -> AttributeType | None:
+        if self._types is None:
+            self._types = iod_types(self.sop_class, self.policy.profile.compound_keywords) or False
+        if self._types is False:
+            return None
+        result: AttributeType = self._types.type_of(path, keyword)
+        return result
 
     @staticmethod
     def _set(value: str) -> Callable[[DataElement], None]:
@@ -139,119 +254,268 @@ class _Deidentifier:
             self.keys.accession_number(original, self.accession_qualifier) if original else ""
         )
 
-    def walk(self, dataset: Dataset, top_level: bool) -> None:
+    # The walk ----------------------------------------------------------------------
+    def walk(self, dataset: Dataset, path: tuple[str, ...], mode: _Mode) -> None:
+        private_kept = False
         for tag in list(dataset.keys()):
             element = dataset[tag]
             if tag.is_private:
-                del dataset[tag]
+                private_kept |= self._private(dataset, tag, element, path, mode)
                 continue
-            override = self.overrides.get(int(tag)) if top_level else None
-            if override is not None:
-                override(element)
+            if not path and int(tag) in self.overrides:
+                self.overrides[int(tag)](element)
                 continue
             row = self.policy.profile.row_for(int(tag))
             if row is None:
-                if element.VR == "SQ":
-                    self._recurse(element)
+                self._unlisted(element, path, mode)
                 continue
-            self._apply(dataset, element, row)
+            self._apply(dataset, element, row, path, mode)
+        if private_kept:
+            self._drop_orphan_creators(dataset)
 
-    def _recurse(self, element: DataElement) -> None:
+    def _unlisted(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
+        vr = element.VR
+        if vr == "SQ":
+            self._recurse(element, path, mode)
+        elif mode is _Mode.DUMMY and vr in _TEXT_VRS:
+            self._dummy(element, path, mode)
+        elif mode is _Mode.CLEAN:
+            if vr == "PN":
+                self._dummy(element, path, mode)
+            elif vr in _FREE_TEXT_VRS:
+                self._clean_text(element)
+
+    def _recurse(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
+        inner = (*path, element.keyword or f"{int(element.tag):08X}")
         for item in element.value or []:
-            self.walk(item, top_level=False)
+            self.walk(item, inner, mode)
 
-    def _apply(self, dataset: Dataset, element: DataElement, row: ProfileRow) -> None:
-        if (
-            self.policy.retain_modified_dates
-            and row.options.get("rtnLongModifDatesOpt") == "C"
-            and element.VR in ("DA", "DT", "TM")
-        ):
-            self._shift(element)
+    def _private(self, dataset: Dataset, tag: BaseTag, element: DataElement,
+                 path: tuple[str, ...], mode: _Mode) -> bool:
+        """Remove a private attribute unless Retain Safe Private keeps it; True if kept.
+
+        A kept text value is still cleaned; bulk (OB/OW/UN without a listed scalar VR) is
+        kept only when the safe-private list allows bulk.
+        """
+        if ProfileOption.RETAIN_SAFE_PRIVATE not in self.options:
+            del dataset[tag]
+            return False
+        if 0x0010 <= tag.element <= 0x00FF:
+            return False  # creators stay for now, dropped afterwards if orphaned
+        creator = dataset.get((tag.group, tag.element >> 8)) if tag.element >= 0x1000 else None
+        listed = self.policy.safe_private.vr_of(
+            tag.group, str(creator.value) if creator is not None else "", tag.element & 0xFF)
+        if listed is None:
+            del dataset[tag]
+            return False
+        vr = element.VR
+        if vr == "UN" and listed and listed not in ("OB", "OW", "UN", "SQ"):
+            vr = listed  # implicit VR: interpret by the table's VR
+            if vr in _FREE_TEXT_VRS | {"PN"} and isinstance(element.value, bytes):
+                text = element.value.decode("latin-1").rstrip("\x00 ")
+                dataset[tag] = element = DataElement(tag, vr, text)
+        if vr in ("OB", "OW", "UN") and not self.policy.safe_private.retain_bulk:
+            del dataset[tag]
+            return False
+        if vr == "SQ":
+            self._recurse(element, path, _Mode.CLEAN)
+        elif vr == "PN":
+            self._dummy(element, path, mode)
+        elif vr in _FREE_TEXT_VRS:
+            self._clean_text(element)
+        return True
+
+    @staticmethod
+    def _drop_orphan_creators(dataset: Dataset) -> None:
+        used = {(t.group, t.element >> 8) for t in dataset.keys() if t.is_private and t.element >= 0x1000}
+        for tag in [t for t in dataset.keys() if t.is_private and 0x0010 <= t.element <= 0x00FF]:
+            if (tag.group, tag.element) not in used:
+                del dataset[tag]
+
+    def _apply(self, dataset: Dataset, element: DataElement, row: ProfileRow,
+               path: tuple[str, ...], mode: _Mode) -> None:
+        action, option = self.policy.action_for(row)
+        if action == "C":
+            self._clean(dataset, element, row, path, mode, option)
             return
-        action = row.basic
-        if action is Action.REMOVE:
+        if "/" in action and action != "X/Z/U*":
+            action = self._resolve(action, path, element)
+        self._basic(dataset, element, action, path, mode)
+
+    def _resolve(self, action: str, path: tuple[str, ...], element: DataElement) -> str:
+        """A compound action decided by the attribute's type in this IOD (PS3.15 E.1-1)."""
+        kind = self.attribute_type(path, element.keyword or "")
+        if kind is None:  # unknown IOD: stay present, with nothing identifying
+            return "Z" if action == "X/Z" else "D"
+        if kind is AttributeType.REQUIRED:
+            return "D"
+        if kind is AttributeType.REQUIRED_EMPTY_ALLOWED:
+            return "Z" if "Z" in action or action == "X/D" else "D"
+        return "X" if action.startswith("X") else "Z"
+
+    def _basic(self, dataset: Dataset, element: DataElement, action: str,
+               path: tuple[str, ...], mode: _Mode) -> None:
+        if action == "X":
             del dataset[element.tag]
-        elif action is Action.KEEP:
+        elif action == "K":
             if element.VR == "SQ":
-                self._recurse(element)
-        elif action is Action.UID:
-            self._remap_uid(element)
-        elif action is Action.REMOVE_ZERO_OR_UID:
+                self._recurse(element, path, mode)
+        elif action in ("U", "X/Z/U*"):
             if element.VR == "SQ":
-                self._recurse(element)
+                self._recurse(element, path, mode)
+            elif action == "U":
+                self._remap_uid(element)
             else:
                 self._zero(element)
-        elif action in (Action.ZERO, Action.REMOVE_OR_ZERO):
+        elif action == "Z":
             self._zero(element)
-        else:  # D, C, X/D, Z/D, X/Z/D: keep the attribute present with a dummy value
-            self._dummy(element)
+        else:  # D
+            self._dummy(element, path, mode)
 
-    def _shift(self, element: DataElement) -> None:
-        if element.VR == "TM" or element.value in (None, ""):
+    def _clean(self, dataset: Dataset, element: DataElement, row: ProfileRow,
+               path: tuple[str, ...], mode: _Mode, option: ProfileOption | None) -> None:
+        vr = element.VR
+        if option is ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES:
+            if vr in ("DA", "DT"):
+                self._shift(element, path, mode)
+                return
+            if vr == "TM":
+                return  # whole-day shifts keep times of day as they are
+            self._basic(dataset, element, self._resolve_basic(row, path, element), path, mode)
             return
-        values = list(element.value) if element.VM > 1 else [element.value]
-        shifted = [_shift_date(str(v), self.shift_days) for v in values]
+        if vr == "SQ":
+            self._recurse(element, path, _Mode.CLEAN)
+        elif vr == "PN":
+            self._dummy(element, path, mode)
+        elif vr in _FREE_TEXT_VRS:
+            self._clean_text(element)
+        elif vr in ("DA", "DT") and ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
+            self._shift(element, path, mode)
+        # other VRs (overlay bits, numbers, codes) carry no text to clean: kept
+
+    def _resolve_basic(self, row: ProfileRow, path: tuple[str, ...], element: DataElement) -> str:
+        action = row.basic.value
+        return self._resolve(action, path, element) if "/" in action and action != "X/Z/U*" else action
+
+    def _clean_text(self, element: DataElement) -> None:
+        if element.value in (None, ""):
+            return
+        if isinstance(element.value, bytes):
+            element.value = None  # undecoded bytes cannot be inspected: drop them
+            return
+        cleaned = [self.cleaner.clean(str(v)) for v in _values(element)]
+        element.value = cleaned if len(cleaned) > 1 else cleaned[0]
+
+    def _shift(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
+        if element.value in (None, ""):
+            return
+        shifted = [_shift_date(str(v), self.shift_days) for v in _values(element)]
         if any(v is None for v in shifted):
-            self._dummy(element)  # an unparseable date cannot be shifted safely
+            self._dummy(element, path, mode)  # an unparseable date cannot be shifted safely
             return
         element.value = shifted if len(shifted) > 1 else shifted[0]
 
     def _remap_uid(self, element: DataElement) -> None:
-        if element.VR != "UI" or element.value in (None, ""):
-            if element.VR == "SQ":
-                self._recurse(element)
+        if element.value in (None, "", b""):
             return
-        values = list(element.value) if element.VM > 1 else [element.value]
-        mapped = [self.keys.uid(str(v)) for v in values if str(v)]
+        if isinstance(element.value, bytes):  # a UID attribute pydicom did not know (UN)
+            text = element.value.decode("ascii", "replace").strip("\x00 ")
+            mapped = "\\".join(self.keys.uid(v) for v in text.split("\\") if v)
+            encoded = mapped.encode("ascii")
+            element.value = encoded + (b"\x00" if len(encoded) % 2 else b"")
+            return
+        mapped = [self.keys.uid(str(v)) for v in _values(element) if str(v)]
         element.value = mapped if len(mapped) > 1 else (mapped[0] if mapped else "")
 
     @staticmethod
     def _zero(element: DataElement) -> None:
         element.value = Sequence() if element.VR == "SQ" else None
 
-    def _dummy(self, element: DataElement) -> None:
-        if element.VR == "SQ":
-            element.value = Sequence()
-        elif element.VR == "UI":
+    def _dummy(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
+        vr = element.VR
+        if vr == "SQ":
+            # Keep the structure (Type 1 sequences stay valid); replace every value inside.
+            inner_mode = _Mode.CLEAN if mode is _Mode.CLEAN else _Mode.DUMMY
+            self._recurse(element, path, inner_mode)
+        elif vr == "UI":
             self._remap_uid(element)
-        elif element.VR in _DUMMY_BY_VR:
-            element.value = _DUMMY_BY_VR[element.VR]
+        elif vr in _DUMMY_BY_VR:
+            element.value = _DUMMY_BY_VR[vr]
         else:  # OB, OW, UN, AT, UR...: no meaningful dummy, empty it
             element.value = None
 
 
-def _code_item(code: tuple[str, str, str]) -> Dataset:
+def _code_item(code: tuple[str, str]) -> Dataset:
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code[0], "DCM", code[1]
     return item
+
+
+def _check_identifiers(dataset: Dataset) -> None:
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not str(dataset.get(keyword, "") or "").strip():
+            raise DeidentificationError(f"dataset lacks {keyword}")
+
+
+def _record_method(dataset: Dataset, policy: DeidentificationPolicy, masked: bool) -> None:
+    codes = [BASIC_PROFILE_CODE]
+    if masked:
+        codes.append(CLEAN_PIXEL_DATA_CODE)
+    codes += [OPTION_CODES[o] for o in sorted(policy.options, key=lambda o: OPTION_CODES[o][0])]
+    dataset.PatientIdentityRemoved = "YES"
+    # LO, VM 1-n: one value per profile/option meaning (each fits in 64 characters).
+    dataset.DeidentificationMethod = ["dicom-gateway PS3.15 E.1-1", *(c[1] for c in codes)]
+    dataset.DeidentificationMethodCodeSequence = Sequence([_code_item(c) for c in codes])
+    if ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in policy.options:
+        dataset.LongitudinalTemporalInformationModified = "MODIFIED"
+    elif ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES in policy.options:
+        dataset.LongitudinalTemporalInformationModified = "UNMODIFIED"
+    else:
+        dataset.LongitudinalTemporalInformationModified = "REMOVED"
+
+
+def _originals(before: dict[BaseTag, DataElement], after: Dataset) -> Dataset:
+    originals = Dataset()
+    for tag, element in before.items():
+        if tag not in after or after[tag] != element:
+            originals.add(element)
+    return originals
 
 
 def deidentify(dataset: Dataset, policy: DeidentificationPolicy) -> DeidentificationResult:
     """De-identify `dataset` in place and return its new identifiers.
 
-    Raises DeidentificationError when the dataset lacks Study/Series/SOP Instance UIDs.
+    Raises DeidentificationError when the dataset lacks Study/Series/SOP Instance UIDs,
+    and BurnedInAnnotationRisk when its pixels may show identity and no mask applies.
     """
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        if not str(dataset.get(keyword, "") or "").strip():
-            raise DeidentificationError(f"dataset lacks {keyword}")
+    _check_identifiers(dataset)
+    masked = False
+    risk = policy.pixel_policy.risk(dataset)
+    if risk is not None:
+        mask = policy.pixel_policy.mask_for(dataset)
+        if mask is None:
+            raise BurnedInAnnotationRisk(f"{risk}, and no pixel mask is configured for it")
+    snapshot: dict[BaseTag, DataElement] | None = None
+    if policy.recipient_certificate is not None:
+        snapshot = {t: copy.deepcopy(dataset[t]) for t in dataset.keys() if int(t) != 0x7FE00010}
+    if risk is not None and mask is not None:
+        apply_mask(dataset, mask)
+        masked = True
     worker = _Deidentifier(policy, dataset)
-    worker.walk(dataset, top_level=True)
-    dataset.PatientIdentityRemoved = "YES"
-    codes = [BASIC_PROFILE_CODE]
-    if policy.retain_modified_dates:
-        codes.append(MODIFIED_DATES_CODE)
-        dataset.LongitudinalTemporalInformationModified = "MODIFIED"
-    method = "PS3.15 Basic Profile" + (" + Modified Dates" if policy.retain_modified_dates else "")
-    dataset.DeidentificationMethod = f"dicom-gateway {method}"
-    dataset.DeidentificationMethodCodeSequence = Sequence([_code_item(c) for c in codes])
+    worker.walk(dataset, (), _Mode.NORMAL)
+    _record_method(dataset, policy, masked)
+    if snapshot is not None and policy.recipient_certificate is not None:
+        item = encrypted_attributes_item(_originals(snapshot, dataset), policy.recipient_certificate)
+        dataset.EncryptedAttributesSequence = Sequence([item])
     file_meta = getattr(dataset, "file_meta", None)
     if file_meta is not None:
         file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        for tag in [t for t in file_meta.keys() if t.is_private or int(t) == 0x00020100]:  # noqa: SIM118
+        for tag in [t for t in file_meta.keys() if t.is_private or int(t) in _META_TAGS_TO_REMOVE]:  # noqa: SIM118
             del file_meta[tag]
     return DeidentificationResult(
         patient_id=str(dataset.PatientID),
         study_instance_uid=str(dataset.StudyInstanceUID),
         series_instance_uid=str(dataset.SeriesInstanceUID),
         sop_instance_uid=str(dataset.SOPInstanceUID),
+        masked=masked,
     )

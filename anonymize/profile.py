@@ -13,6 +13,8 @@ from enum import StrEnum
 from functools import lru_cache
 from importlib import resources
 
+from pydicom.datadict import keyword_for_tag
+
 
 class Action(StrEnum):
     """The action codes of PS3.15 Table E.1-1."""
@@ -40,7 +42,7 @@ class ProfileRow:
     options: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConfidentialityProfile:
     """The table, indexed for lookup by tag number."""
 
@@ -48,6 +50,11 @@ class ConfidentialityProfile:
     masked_rows: tuple[tuple[int, int, ProfileRow], ...]
     private_row: ProfileRow
     attribution: str
+
+    @property
+    def compound_keywords(self) -> frozenset[str]:
+        """Keywords of the rows whose action depends on the IOD's attribute type."""
+        return _compound_keywords(self)
 
     def row_for(self, tag: int) -> ProfileRow | None:
         """The row for a public tag, or None when the profile does not list it (keep)."""
@@ -58,6 +65,16 @@ class ConfidentialityProfile:
             if tag & mask == value:
                 return masked
         return None
+
+
+@lru_cache(maxsize=4)
+def _compound_keywords(profile: ConfidentialityProfile) -> frozenset[str]:
+    compound = {Action.REMOVE_OR_ZERO, Action.REMOVE_OR_DUMMY, Action.ZERO_OR_DUMMY,
+                Action.REMOVE_ZERO_OR_DUMMY}
+    return frozenset(
+        keyword_for_tag(tag) for tag, row in profile.rows.items()
+        if row.basic in compound and keyword_for_tag(tag)
+    )
 
 
 def _parse_pattern(pattern: str) -> tuple[int, int]:

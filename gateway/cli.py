@@ -111,7 +111,7 @@ def worker(data_dir: DataDir = None,
     settings = _settings(data_dir=data_dir, worker__concurrency=concurrency)
     components.configure_logging(settings, "worker")
     try:
-        settings.pseudonym_secret_value()
+        components.build_policy(settings)  # refuse a bad profile before starting
         components.build_index(settings)  # migrate before forking
     except SettingsError as exc:
         raise _fail(exc) from exc
@@ -165,6 +165,28 @@ def sample_data(
     paths = write_sample_study(out, SampleStudySpec(ct_slices=ct_slices, mr_slices=mr_slices,
                                                      ct_size=size, seed=seed))
     console.print(f"wrote {len(paths)} instances to {out}")
+
+
+@app.command()
+def reidentify(
+    file: Annotated[Path, typer.Argument(help="a de-identified instance carrying encrypted attributes")],
+    key: Annotated[Path, typer.Option(help="recipient private key (PEM)")],
+    cert: Annotated[Path, typer.Option(help="recipient certificate (PEM or DER)")],
+    out: Annotated[Path | None, typer.Option(help="output file (default: FILE.reidentified.dcm)")] = None,
+) -> None:
+    """Restore the original attributes of an instance de-identified reversibly."""
+    import pydicom
+
+    from anonymize import ReidentificationError, restore_identity
+
+    try:
+        dataset = pydicom.dcmread(file)
+        restore_identity(dataset, cert.read_bytes(), key.read_bytes())
+    except (OSError, ValueError, ReidentificationError) as exc:
+        raise _fail(exc) from exc
+    target = out or file.with_name(file.stem + ".reidentified.dcm")
+    dataset.save_as(target, enforce_file_format=True)
+    console.print(f"restored original attributes into {target}")
 
 
 def main() -> None:

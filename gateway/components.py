@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
 
 from celery import Celery
 
-from anonymize import DeidentificationPolicy, PseudonymKeys
+from anonymize import (
+    DeidentificationPolicy,
+    PixelMask,
+    PixelPolicy,
+    ProfileOption,
+    PseudonymKeys,
+    load_certificate,
+    load_safe_private,
+)
 from dicom_node import CallerPolicy, DicomNode, NodeConfig
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from storage import (
     FilesystemObjectStore,
     IndexRepository,
@@ -76,14 +85,39 @@ def build_celery(settings: Settings, *, with_pipeline: bool) -> Celery:
     )
 
 
-def build_pipeline(settings: Settings) -> IngestPipeline:
-    keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
-    policy = DeidentificationPolicy(
-        keys=keys,
-        site_id=settings.site_id,
-        ins_issuer_oids=frozenset(settings.ins_issuer_oids),
-        retain_modified_dates=settings.retain_modified_dates,
+def build_policy(settings: Settings) -> DeidentificationPolicy:
+    """The site's de-identification policy from its settings."""
+    deid = settings.deid
+    certificate = None
+    if deid.recipient_certificate is not None:
+        try:
+            certificate = load_certificate(deid.recipient_certificate.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"recipient certificate unusable: {exc}") from exc
+    masks = tuple(
+        PixelMask(modality=m.modality, rows=m.rows, columns=m.columns,
+                  rectangles=tuple(m.rectangles), manufacturer=m.manufacturer)
+        for m in deid.pixel_masks
     )
+    safe_private = load_safe_private()
+    if deid.retain_private_bulk:
+        safe_private = dataclasses.replace(safe_private, retain_bulk=True)
+    try:
+        return DeidentificationPolicy(
+            keys=PseudonymKeys(settings.pseudonym_secret_value().encode()),
+            site_id=settings.site_id,
+            ins_issuer_oids=frozenset(settings.ins_issuer_oids),
+            options=frozenset(ProfileOption.from_name(n) for n in deid.options),
+            safe_private=safe_private,
+            pixel_policy=PixelPolicy(masks=masks),
+            recipient_certificate=certificate,
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+
+
+def build_pipeline(settings: Settings) -> IngestPipeline:
+    policy = build_policy(settings)
     return IngestPipeline(
         store=build_object_store(settings),
         index=build_index(settings, run_migrations=False),

@@ -71,6 +71,34 @@ class WorkerSettings(BaseModel):
     pool: Literal["prefork", "threads", "solo"] = "prefork"
 
 
+class PixelMaskSettings(BaseModel):
+    """Rectangles (x, y, width, height) blacked out on instances of one device and size."""
+
+    modality: str
+    rows: int = Field(gt=0)
+    columns: int = Field(gt=0)
+    rectangles: list[tuple[int, int, int, int]] = Field(min_length=1)
+    manufacturer: str | None = None
+
+
+class DeidSettings(BaseModel):
+    """The site's de-identification profile (PS3.15 options, pixel masks, reversibility)."""
+
+    options: list[str] = Field(default_factory=lambda: ["retain_longitudinal_modified_dates"])
+    pixel_masks: list[PixelMaskSettings] = Field(default_factory=list)
+    retain_private_bulk: bool = False
+    recipient_certificate: Path | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: list[str]) -> list[str]:
+        from anonymize import ProfileOption
+
+        for name in value:
+            ProfileOption.from_name(name)  # raises ValueError listing the known names
+        return value
+
+
 class Settings(BaseSettings):
     """The effective configuration of a gateway process."""
 
@@ -94,12 +122,12 @@ class Settings(BaseSettings):
             "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11",
         ]
     )
-    retain_modified_dates: bool = True
     supervised_components: list[str] = Field(default_factory=list)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    deid: DeidSettings = Field(default_factory=DeidSettings)
 
     @field_validator("site_id")
     @classmethod

@@ -79,7 +79,7 @@ class Supervisor:
 
     def run(self) -> int:
         components.configure_logging(self.settings, "serve")
-        self.settings.pseudonym_secret_value()
+        components.build_policy(self.settings)  # a bad de-identification profile stops us here
         admin_token = self.settings.admin_token_value()
         components.build_index(self.settings)  # migrate once, before any child starts
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
