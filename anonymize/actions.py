@@ -27,7 +27,7 @@ from enum import Enum
 from typing import Any
 
 from cryptography import x509
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -57,6 +57,7 @@ _TAG_PATIENT_NAME = 0x00100010
 _TAG_PATIENT_ID = 0x00100020
 _TAG_ACCESSION_NUMBER = 0x00080050
 _DATE_FORMAT = "%Y%m%d"
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR: dict[str, object] = {
     "PN": "ANONYMOUS", "LO": _DUMMY_TEXT, "SH": _DUMMY_TEXT, "LT": _DUMMY_TEXT,
@@ -219,7 +220,9 @@ class _Deidentifier:
         self.accession_qualifier = accession_qualifier(dataset, policy.site_id)
         self.sop_class = str(dataset.get("SOPClassUID", "") or "")
         self._types: Any = None
-        self._cleaner: TextCleaner | None = None
+        # Built now, from the original values: the walk replaces them as it goes. Any option
+        # may clean (C), the Basic Profile alone never does.
+        self._cleaner = TextCleaner(dataset) if self.options else None
         self._original = dataset
         self.overrides: dict[int, Callable[[DataElement], None]] = {
             _TAG_PATIENT_NAME: self._set(self.keys.patient_name(self.patient_key)),
@@ -230,8 +233,8 @@ class _Deidentifier:
     # Lazily built helpers ----------------------------------------------------------
     @property
     def cleaner(self) -> TextCleaner:
-        if self._cleaner is None:
-            self._cleaner = TextCleaner(self._original)
+        if self._cleaner is None:  # only options clean; this is a programming error
+            raise RuntimeError("text cleaning requested without any option")
         return self._cleaner
 
     def attribute_type(self, path: tuple[str, ...], keyword: str) -> AttributeType | None:
@@ -257,7 +260,7 @@ class _Deidentifier:
     # The walk ----------------------------------------------------------------------
     def walk(self, dataset: Dataset, path: tuple[str, ...], mode: _Mode) -> None:
         private_kept = False
-        for tag in list(dataset.keys()):
+        for tag in sorted(dataset.keys()):
             element = dataset[tag]
             if tag.is_private:
                 private_kept |= self._private(dataset, tag, element, path, mode)
@@ -379,8 +382,9 @@ class _Deidentifier:
             if vr in ("DA", "DT"):
                 self._shift(element, path, mode)
                 return
-            if vr == "TM":
-                return  # whole-day shifts keep times of day as they are
+            if vr in ("TM", "SH"):
+                return  # whole-day shifts keep times of day and timezone offsets as they are
+            # a binary timestamp cannot be shifted: the Basic Profile action stands
             self._basic(dataset, element, self._resolve_basic(row, path, element), path, mode)
             return
         if vr == "SQ":
@@ -420,8 +424,8 @@ class _Deidentifier:
             return
         if isinstance(element.value, bytes):  # a UID attribute pydicom did not know (UN)
             text = element.value.decode("ascii", "replace").strip("\x00 ")
-            mapped = "\\".join(self.keys.uid(v) for v in text.split("\\") if v)
-            encoded = mapped.encode("ascii")
+            joined = "\\".join(self.keys.uid(v) for v in text.split("\\") if v)
+            encoded = joined.encode("ascii")
             element.value = encoded + (b"\x00" if len(encoded) % 2 else b"")
             return
         mapped = [self.keys.uid(str(v)) for v in _values(element) if str(v)]
@@ -441,7 +445,11 @@ class _Deidentifier:
             self._remap_uid(element)
         elif vr in _DUMMY_BY_VR:
             element.value = _DUMMY_BY_VR[vr]
-        else:  # OB, OW, UN, AT, UR...: no meaningful dummy, empty it
+        elif vr in ("OB", "OW", "UN", "OF", "OD", "OL", "OV"):
+            element.value = b"\x00" * 8  # a non-empty value that says nothing
+        elif vr == "UR":
+            element.value = "urn:anonymized"
+        else:  # AT and other VRs without a meaningful dummy: empty
             element.value = None
 
 
@@ -451,7 +459,17 @@ def _code_item(code: tuple[str, str]) -> Dataset:
     return item
 
 
+def _check_complete(dataset: Dataset) -> None:
+    """Refuse a truncated data set: pydicom silently shortens a value cut by end of file."""
+    for tag in list(dataset.keys()):
+        raw = dataset.get_item(tag)
+        if (isinstance(raw, RawDataElement) and raw.value is not None
+                and raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length):
+            raise DeidentificationError(f"data set is truncated at element {tag}")
+
+
 def _check_identifiers(dataset: Dataset) -> None:
+    _check_complete(dataset)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not str(dataset.get(keyword, "") or "").strip():
             raise DeidentificationError(f"dataset lacks {keyword}")
@@ -464,7 +482,7 @@ def _record_method(dataset: Dataset, policy: DeidentificationPolicy, masked: boo
     codes += [OPTION_CODES[o] for o in sorted(policy.options, key=lambda o: OPTION_CODES[o][0])]
     dataset.PatientIdentityRemoved = "YES"
     # LO, VM 1-n: one value per profile/option meaning (each fits in 64 characters).
-    dataset.DeidentificationMethod = ["dicom-gateway PS3.15 E.1-1", *(c[1] for c in codes)]
+    dataset.DeidentificationMethod = MultiValue(str, ["dicom-gateway PS3.15 E.1-1", *(c[1] for c in codes)])
     dataset.DeidentificationMethodCodeSequence = Sequence([_code_item(c) for c in codes])
     if ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in policy.options:
         dataset.LongitudinalTemporalInformationModified = "MODIFIED"
@@ -510,7 +528,7 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy) -> Deidentifica
     file_meta = getattr(dataset, "file_meta", None)
     if file_meta is not None:
         file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        for tag in [t for t in file_meta.keys() if t.is_private or int(t) in _META_TAGS_TO_REMOVE]:  # noqa: SIM118
+        for tag in [t for t in file_meta.keys() if t.is_private or int(t) in _META_TAGS_TO_REMOVE]:
             del file_meta[tag]
     return DeidentificationResult(
         patient_id=str(dataset.PatientID),

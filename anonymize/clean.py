@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 REDACTED = "*"
 
@@ -36,8 +37,8 @@ _MIN_TOKEN = 2
 def _values(value: object) -> Iterable[str]:
     if value is None:
         return []
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return [str(v) for v in value]  # type: ignore[union-attr]
+    if isinstance(value, list | tuple | MultiValue):
+        return [str(v) for v in value]
     return [str(value)]
 
 
@@ -70,16 +71,15 @@ class TextCleaner:
                     tokens.add(value.strip())
         for value in _values(dataset.get("PatientBirthDate")):
             tokens.update(_date_spellings(value.strip()))
-        ordered = sorted((t for t in tokens if t), key=len, reverse=True)
-        self._pattern = (
-            # Whole words only: a surname "LE" must not eat the "LE" of "LEFT".
-            re.compile(r"(?<![^\W_])(?:" + "|".join(re.escape(t) for t in ordered) + r")(?![^\W_])",
-                       re.IGNORECASE)
-            if ordered else None
-        )
+        self._tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+        self._pattern: re.Pattern[str] | None = None  # compiled on first use
 
     def clean(self, text: str) -> str:
         """`text` with every identifying value replaced by '*' runs of the same length."""
+        if self._pattern is None and self._tokens:
+            # Whole words only: a surname "LE" must not eat the "LE" of "LEFT".
+            alternatives = "|".join(re.escape(t) for t in self._tokens)
+            self._pattern = re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])", re.IGNORECASE)
         if self._pattern is not None:
             text = self._pattern.sub(lambda m: REDACTED * len(m.group(0)), text)
         for pattern in _GENERIC_PATTERNS:

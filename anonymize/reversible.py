@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -48,12 +48,23 @@ def encrypted_attributes_item(originals: Dataset, certificate: x509.Certificate)
         pkcs7.PKCS7EnvelopeBuilder()
         .set_data(_encode(modified))
         .add_recipient(certificate)
-        .encrypt(serialization.Encoding.DER, [])
+        .encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])  # no MIME line-ending rewrite
     )
     item = Dataset()
     item.EncryptedContentTransferSyntaxUID = ExplicitVRLittleEndian
     item.EncryptedContent = envelope
     return item
+
+
+def _der_exact(blob: bytes) -> bytes:
+    """The DER object at the start of `blob`, without the even-length padding DICOM adds."""
+    if len(blob) < 2 or blob[0] != 0x30:
+        raise ReidentificationError("encrypted content is not a DER-encoded CMS object")
+    if blob[1] < 0x80:
+        return blob[: 2 + blob[1]]
+    size_bytes = blob[1] & 0x7F
+    length = int.from_bytes(blob[2 : 2 + size_bytes], "big")
+    return blob[: 2 + size_bytes + length]
 
 
 def decrypt_original_attributes(dataset: Dataset, certificate_pem: bytes,
@@ -67,7 +78,8 @@ def decrypt_original_attributes(dataset: Dataset, certificate_pem: bytes,
     last_error: Exception | None = None
     for item in items:
         try:
-            plain = pkcs7.pkcs7_decrypt_der(bytes(item.EncryptedContent), certificate, key, [])  # type: ignore[arg-type]
+            envelope = _der_exact(bytes(item.EncryptedContent))
+            plain = pkcs7.pkcs7_decrypt_der(envelope, certificate, key, [])  # type: ignore[arg-type]
         except ValueError as exc:
             last_error = exc
             continue

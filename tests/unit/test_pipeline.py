@@ -23,6 +23,7 @@ from tests.support.services import free_port
 from worker import IngestPipeline, TransientPipelineError
 
 SECRET = b"pipeline-test-secret-0123456789abcdef"
+US_WITH_TEXT = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds" / "GREYSCALE_IMAGE.dcm"
 
 
 def _pipeline(tmp_path: Path, store: object | None = None) -> IngestPipeline:
@@ -85,6 +86,28 @@ def test_unparseable_instance_is_quarantined_with_a_reason(tmp_path: Path) -> No
     reason = json.loads((quarantined / "1.2.3.dcm.reason.json").read_text())
     assert reason["reason"] and reason["batch_id"] == "b1"
     assert not batch.exists()
+
+
+def test_bad_inputs_are_quarantined_and_nothing_partial_is_stored(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path)
+    batch = _spool_batch(tmp_path, ct=1, mr=0)
+    good = next(batch.glob("*.dcm"))
+    no_uids = pydicom.dcmread(good)
+    del no_uids.SeriesInstanceUID
+    no_uids.SOPInstanceUID = "1.2.3.1"
+    no_uids.save_as(batch / "1.2.3.1.dcm", enforce_file_format=True)
+    (batch / "1.2.3.2.dcm").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (batch / "1.2.3.3.dcm").write_bytes(b"%PDF-1.4 not a DICOM file at all")
+    ultrasound = pydicom.dcmread(US_WITH_TEXT)
+    ultrasound.save_as(batch / "1.2.3.4.dcm", enforce_file_format=True)
+    report = pipeline.ingest_batch("site1", "b1")
+    assert (report.stored, report.quarantined) == (1, 4)
+    reasons = {p.name.split(".reason")[0]: json.loads(p.read_text())["reason"]
+               for p in (tmp_path / "quarantine" / "site1" / "b1").glob("*.reason.json")}
+    assert reasons["1.2.3.1.dcm"] == "DeidentificationError"
+    assert reasons["1.2.3.4.dcm"] == "BurnedInAnnotationRisk"
+    assert set(reasons) == {"1.2.3.1.dcm", "1.2.3.2.dcm", "1.2.3.3.dcm", "1.2.3.4.dcm"}
+    assert len(list(pipeline.store.list("studies/"))) == 1  # only the good instance
 
 
 def test_store_outage_keeps_the_spool_and_asks_for_a_retry(tmp_path: Path) -> None:
