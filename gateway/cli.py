@@ -107,6 +107,7 @@ def worker(data_dir: DataDir = None,
     from celery.signals import worker_ready, worker_shutdown
 
     from gateway import components
+    from worker import enqueue_completion, ingest_queue
 
     settings = _settings(data_dir=data_dir, worker__concurrency=concurrency)
     components.configure_logging(settings, "worker")
@@ -116,9 +117,14 @@ def worker(data_dir: DataDir = None,
     except SettingsError as exc:
         raise _fail(exc) from exc
     celery_app = components.build_celery(settings, with_pipeline=True)
-    worker_ready.connect(lambda **_: components.mark_ready(settings, "worker"), weak=False)
+    def ready(**_: object) -> None:
+        components.mark_ready(settings, "worker")
+        enqueue_completion(celery_app, settings.site_id)  # studies left due by a restart
+
+    worker_ready.connect(ready, weak=False)
     worker_shutdown.connect(lambda **_: components.clear_ready(settings, "worker"), weak=False)
     argv = ["worker", f"--loglevel={settings.log_level}", f"--pool={settings.worker.pool}",
+            f"--queues={ingest_queue(settings.site_id)}",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             f"--hostname=ingest-{settings.site_id}-{os.getpid()}@%h"]
     if settings.worker.concurrency:
@@ -165,6 +171,61 @@ def sample_data(
     paths = write_sample_study(out, SampleStudySpec(ct_slices=ct_slices, mr_slices=mr_slices,
                                                      ct_size=size, seed=seed))
     console.print(f"wrote {len(paths)} instances to {out}")
+
+
+@app.command()
+def reindex(data_dir: DataDir = None) -> None:
+    """Rebuild the whole index from the object store alone."""
+    from rich.progress import Progress
+
+    from gateway import components
+    from worker.reindex import reindex as rebuild
+
+    settings = _settings(data_dir=data_dir)
+    components.configure_logging(settings, "reindex")
+    store = components.build_object_store(settings)
+    index = components.build_index(settings)
+    with Progress(console=console) as progress:
+        task = progress.add_task("reindexing objects", total=None)
+        report = rebuild(store, index, lambda n: progress.advance(task, n))
+    console.print(f"indexed {report.indexed} instances; {len(report.unreadable)} unreadable objects")
+    if report.unreadable:
+        raise typer.Exit(1)
+
+
+@app.command("import")
+def import_files(
+    paths: Annotated[list[Path], typer.Argument(help="files, folders or zip archives")],
+    data_dir: DataDir = None,
+) -> None:
+    """Send every DICOM file under PATHS through the ingest pipeline, with progress."""
+    from dicom_node import Spool
+    from gateway import components
+    from gateway.importer import run_import
+
+    settings = _settings(data_dir=data_dir)
+    components.configure_logging(settings, "import")
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise _fail(FileNotFoundError(f"no such path: {', '.join(map(str, missing))}"))
+    try:
+        components.build_index(settings)
+        pipeline = components.build_pipeline(settings)
+    except SettingsError as exc:
+        raise _fail(exc) from exc
+    summary = run_import(paths, pipeline, Spool(settings.spool_dir, settings.site_id), console)
+    console.print(
+        f"[bold]{summary.files}[/bold] files ({summary.bytes / 1e6:.1f} MB): "
+        f"[green]{summary.stored} stored[/green], {summary.duplicates} duplicates, "
+        f"{summary.not_dicom} not DICOM, "
+        f"[red]{sum(summary.quarantined.values())} quarantined[/red]"
+    )
+    for reason, count in summary.quarantined.most_common():
+        console.print(f"  quarantined: {count} x {reason}")
+    sys.stdout.write(json.dumps({"files": summary.files, "stored": summary.stored,
+                                 "duplicates": summary.duplicates,
+                                 "not_dicom": summary.not_dicom,
+                                 "quarantined": dict(summary.quarantined)}) + "\n")
 
 
 @app.command()

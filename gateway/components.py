@@ -29,7 +29,16 @@ from storage import (
     migrate,
 )
 from web_viewer_api import ApiConfig, create_app
-from worker import IngestPipeline, create_celery_app, enqueue_ingest, filesystem_broker_options
+from worker import (
+    Codec,
+    IngestPipeline,
+    StudyCompletion,
+    Webhook,
+    WorkerContext,
+    create_celery_app,
+    enqueue_ingest,
+    filesystem_broker_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,9 @@ def build_object_store(settings: Settings) -> ObjectStore:
             region=s3.region,
             access_key=s3.access_key_id.get_secret_value() if s3.access_key_id else None,
             secret_key=s3.secret_access_key.get_secret_value() if s3.secret_access_key else None,
+            server_side_encryption=s3.server_side_encryption,
+            kms_key_id=s3.kms_key_id,
+            multipart_threshold=s3.multipart_threshold_mb * 1024 * 1024,
         )
         if s3.create_bucket:
             store.ensure_bucket()
@@ -75,14 +87,26 @@ def build_celery(settings: Settings, *, with_pipeline: bool) -> Celery:
         )
     transport_options.update(settings.broker_transport_options)
 
-    def pipeline_factory() -> IngestPipeline:
-        return build_pipeline(settings)
+    def context_factory() -> WorkerContext:
+        return build_worker_context(settings)
 
     return create_celery_app(
         settings.effective_broker_url,
+        site_id=settings.site_id,
         transport_options=transport_options,
-        pipeline_factory=pipeline_factory if with_pipeline else None,
+        context_factory=context_factory if with_pipeline else None,
     )
+
+
+def build_worker_context(settings: Settings) -> WorkerContext:
+    pipeline = build_pipeline(settings)
+    webhooks = tuple(Webhook(w.url, w.secret.get_secret_value()) for w in settings.worker.webhooks)
+    completion = StudyCompletion(
+        store=pipeline.store, index=pipeline.index, site_id=settings.site_id,
+        webhooks=webhooks, retrieve_url_base=settings.effective_public_url + "/dicom-web",
+    )
+    return WorkerContext(pipeline=pipeline, completion=completion, site_id=settings.site_id,
+                         quiet_seconds=settings.worker.study_quiet_seconds, webhooks=webhooks)
 
 
 def build_policy(settings: Settings) -> DeidentificationPolicy:
@@ -124,6 +148,7 @@ def build_pipeline(settings: Settings) -> IngestPipeline:
         policy=policy,
         spool_root=settings.spool_dir,
         quarantine_root=settings.quarantine_dir,
+        codec=None if settings.worker.compression == "none" else Codec(settings.worker.compression),
     )
 
 

@@ -48,6 +48,8 @@ class DicomSettings(BaseModel):
 
 class HttpSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
+    #: The address users reach the API at (in KOS manifests and links); default from host/port.
+    public_url: str | None = None
 
 
 class S3Settings(BaseModel):
@@ -58,6 +60,9 @@ class S3Settings(BaseModel):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     create_bucket: bool = False
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    multipart_threshold_mb: int = Field(64, ge=5)
 
 
 class ObjectStoreSettings(BaseModel):
@@ -66,9 +71,19 @@ class ObjectStoreSettings(BaseModel):
     s3: S3Settings = Field(default_factory=S3Settings)
 
 
+class WebhookSettings(BaseModel):
+    url: str
+    secret: SecretStr
+
+
 class WorkerSettings(BaseModel):
     concurrency: int | None = Field(None, ge=1)
     pool: Literal["prefork", "threads", "solo"] = "prefork"
+    #: Lossless syntax stored: JPEG-LS by default; never lossy.
+    compression: Literal["jpeg-ls", "jpeg-2000", "htj2k", "none"] = "jpeg-ls"
+    #: A study unchanged this long is complete: metadata, thumbnails, KOS, webhook.
+    study_quiet_seconds: float = Field(60.0, ge=0)
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
 
 
 class PixelMaskSettings(BaseModel):
@@ -156,6 +171,13 @@ class Settings(BaseSettings):
     @property
     def objects_dir(self) -> Path:
         return self.object_store.path or self.data_dir / "objects"
+
+    @property
+    def effective_public_url(self) -> str:
+        if self.http.public_url:
+            return self.http.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.http.port}"
 
     @property
     def effective_broker_url(self) -> str:

@@ -9,11 +9,41 @@ from worker.pipeline import (
     PipelineError,
     TransientPipelineError,
     encode_dataset,
+    instance_json,
+    read_provenance,
+    record_for,
 )
-from worker.tasks import INGEST_QUEUE, INGEST_TASK, enqueue_ingest
+from worker.completion import StudyCompletion, derived_uid, instance_metadata_key, manifest_key
+from worker.events import Webhook, sign, verify
+from worker.tasks import (
+    COMPLETE_STUDY_TASK,
+    INGEST_TASK,
+    WEBHOOK_TASK,
+    WorkerContext,
+    enqueue_completion,
+    enqueue_ingest,
+    ingest_queue,
+)
+from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
 __all__ = [
-    "INGEST_QUEUE",
+    "WEBHOOK_TASK",
+    "Codec",
+    "StudyCompletion",
+    "TranscodeStatus",
+    "Webhook",
+    "WorkerContext",
+    "derived_uid",
+    "enqueue_completion",
+    "instance_json",
+    "instance_metadata_key",
+    "manifest_key",
+    "read_provenance",
+    "record_for",
+    "sign",
+    "transcode_lossless",
+    "verify",
+    "COMPLETE_STUDY_TASK",
     "INGEST_TASK",
     "SPOOL_SUFFIX",
     "IngestPipeline",
@@ -25,4 +55,5 @@ __all__ = [
     "encode_dataset",
     "enqueue_ingest",
     "filesystem_broker_options",
+    "ingest_queue",
 ]

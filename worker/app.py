@@ -8,8 +8,14 @@ from typing import Any
 
 from celery import Celery
 
-from worker.pipeline import IngestPipeline
-from worker.tasks import INGEST_QUEUE, INGEST_TASK, register_tasks
+from worker.tasks import (
+    COMPLETE_STUDY_TASK,
+    INGEST_TASK,
+    WEBHOOK_TASK,
+    WorkerContext,
+    ingest_queue,
+    register_tasks,
+)
 
 
 def filesystem_broker_options(folder: Path, polling_interval: float = 0.05) -> dict[str, Any]:
@@ -34,17 +40,23 @@ def filesystem_broker_options(folder: Path, polling_interval: float = 0.05) -> d
 def create_celery_app(
     broker_url: str,
     *,
+    site_id: str,
     transport_options: dict[str, Any] | None = None,
-    pipeline_factory: Callable[[], IngestPipeline] | None = None,
+    context_factory: Callable[[], WorkerContext] | None = None,
 ) -> Celery:
-    """A Celery app with the gateway's tasks; `pipeline_factory` is needed only by workers."""
+    """A Celery app with the gateway's tasks; `context_factory` is needed only by workers.
+
+    Each site has its own queue (`ingest.<site>`): a site's worker reads that site's spool.
+    """
+    queue = ingest_queue(site_id)
     app = Celery("dicom_gateway", broker=broker_url, set_as_current=False)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
-        task_default_queue=INGEST_QUEUE,
-        task_routes={INGEST_TASK: {"queue": INGEST_QUEUE}},
+        task_default_queue=queue,
+        task_routes={name: {"queue": queue}
+                     for name in (INGEST_TASK, COMPLETE_STUDY_TASK, WEBHOOK_TASK)},
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
@@ -53,5 +65,5 @@ def create_celery_app(
         accept_content=["json"],
         enable_utc=True,
     )
-    register_tasks(app, pipeline_factory)
+    register_tasks(app, context_factory)
     return app

@@ -24,11 +24,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from anonymize import DeidentificationError, DeidentificationPolicy, deidentify
 from storage import IndexRepository, InstanceRecord, ObjectStore, StorageError, instance_key
+from worker.completion import instance_metadata_key
+from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
 log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._\-]+$")
 SPOOL_SUFFIX = ".dcm"
+#: Our own private block in stored objects: what reindex needs and the object cannot say.
+PRIVATE_GROUP = 0x0077
+PRIVATE_CREATOR = "DICOM-GATEWAY 1"
+_SITE_ELEMENT, _SOURCE_SYNTAX_ELEMENT, _COMPRESSION_ELEMENT = 0x10, 0x11, 0x12
+_BULK_THRESHOLD = 1024
 
 
 class PipelineError(Exception):
@@ -62,11 +69,58 @@ def _checked_name(value: str, what: str) -> str:
     return value
 
 
+def stamp_provenance(dataset: Dataset, site_id: str, source_syntax: str, compression: str) -> None:
+    """Record the producing site, the received transfer syntax and the compression outcome."""
+    block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(_SITE_ELEMENT, "LO", site_id)
+    block.add_new(_SOURCE_SYNTAX_ELEMENT, "UI", source_syntax)
+    block.add_new(_COMPRESSION_ELEMENT, "LO", compression)
+
+
+def read_provenance(dataset: Dataset) -> tuple[str, str, str]:
+    """(site, source transfer syntax, compression) stamped by `stamp_provenance`."""
+    try:
+        block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    except KeyError:
+        return "", "", ""
+    values = []
+    for element in (_SITE_ELEMENT, _SOURCE_SYNTAX_ELEMENT, _COMPRESSION_ELEMENT):
+        values.append(str(block[element].value) if element in block else "")
+    return values[0], values[1], values[2]
+
+
+def instance_json(dataset: Dataset, study: str, series: str, sop: str) -> bytes:
+    """DICOM JSON of an instance; bulk data replaced by BulkDataURIs relative to the root."""
+    base = f"studies/{study}/series/{series}/instances/{sop}/bulkdata"
+
+    def bulk_uri(element: object) -> str:
+        return f"{base}/{int(getattr(element, 'tag')):08X}"
+
+    document = dataset.to_json_dict(bulk_data_threshold=_BULK_THRESHOLD,
+                                    bulk_data_element_handler=bulk_uri)
+    return json.dumps(document).encode()
+
+
 def encode_dataset(dataset: Dataset) -> bytes:
     """Serialise a dataset as a DICOM Part 10 file."""
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def record_for(dataset: Dataset, key: str, body: bytes) -> InstanceRecord:
+    """The index record of a stored object (used at ingest and by reindex)."""
+    site_id, source_syntax, compression = read_provenance(dataset)
+    return InstanceRecord.from_dataset(
+        dataset,
+        object_key=key,
+        size_bytes=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        site_id=site_id,
+        source_transfer_syntax_uid=source_syntax,
+        compression=compression,
+    )
 
 
 @dataclass
@@ -78,6 +132,7 @@ class IngestPipeline:
     policy: DeidentificationPolicy
     spool_root: Path
     quarantine_root: Path
+    codec: Codec | None = Codec.JPEG_LS
 
     def batch_dir(self, site_id: str, batch_id: str) -> Path:
         return self.spool_root / _checked_name(site_id, "site") / _checked_name(batch_id, "batch")
@@ -124,22 +179,26 @@ class IngestPipeline:
 
     def _process_file(self, path: Path, site_id: str) -> InstanceRecord:
         dataset = pydicom.dcmread(path)
-        transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
+        source_syntax = str(dataset.file_meta.TransferSyntaxUID)
         deidentify(dataset, self.policy)
+        compression = "none"
+        if self.codec is not None:
+            outcome = transcode_lossless(dataset, self.codec)
+            compression = (self.codec.value if outcome.status is TranscodeStatus.COMPRESSED
+                           else outcome.status.value)
+            if outcome.status is TranscodeStatus.VERIFICATION_FAILED:
+                log.error("lossless verification failed; original syntax stored (%s)",
+                          outcome.reason)
+        stamp_provenance(dataset, site_id, source_syntax, compression)
         body = encode_dataset(dataset)
-        key = instance_key(
-            str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
-            str(dataset.SOPInstanceUID),
-        )
+        study, series, sop = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
+                              str(dataset.SOPInstanceUID))
+        key = instance_key(study, series, sop)
         self.store.put(key, body)
-        return InstanceRecord.from_dataset(
-            dataset,
-            object_key=key,
-            size_bytes=len(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-            transfer_syntax_uid=transfer_syntax,
-            site_id=site_id,
-        )
+        self.store.put(instance_metadata_key(study, series, sop),
+                       instance_json(dataset, study, series, sop),
+                       content_type="application/dicom+json")
+        return record_for(dataset, key, body)
 
     def _quarantine(self, path: Path, site_id: str, batch_id: str, exc: Exception) -> None:
         target_dir = self.quarantine_root / site_id / batch_id

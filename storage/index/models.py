@@ -28,11 +28,24 @@ class _Timestamps:
     )
 
 
+class Patient(_Timestamps, Base):
+    """A pseudonymous patient: the same pseudonym at every site when the INS is known."""
+
+    __tablename__ = "patients"
+
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+
+
 class Study(_Timestamps, Base):
     __tablename__ = "studies"
 
     study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), index=True, default="")
+    patient_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("patients.patient_id"), index=True, default=""
+    )
     patient_name: Mapped[str] = mapped_column(String(324), default="")
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
@@ -44,6 +57,10 @@ class Study(_Timestamps, Base):
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     specific_character_set: Mapped[str] = mapped_column(String(128), default="")
     site_id: Mapped[str] = mapped_column(String(64), default="")
+    #: When the completion step (thumbnails, KOS manifest, webhook) last ran, and for how
+    #: many instances: a later arrival makes the study due again.
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_instance_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Series(_Timestamps, Base):
@@ -70,6 +87,8 @@ class Instance(_Timestamps, Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    source_transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    compression: Mapped[str] = mapped_column(String(32), default="")
     rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)

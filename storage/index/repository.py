@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Select, and_, exists, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from storage.index.models import Instance, Series, Study
+from storage.index.models import Instance, Patient, Series, Study
 
 
 def _text(dataset: Dataset, keyword: str, limit: int) -> str:
@@ -37,6 +37,7 @@ def _int(dataset: Dataset, keyword: str) -> int | None:
 class InstanceRecord:
     """Everything the index keeps of one stored (de-identified) instance."""
 
+    patient: dict[str, Any]
     study: dict[str, Any]
     series: dict[str, Any]
     instance: dict[str, Any]
@@ -51,11 +52,19 @@ class InstanceRecord:
         sha256: str,
         transfer_syntax_uid: str,
         site_id: str,
+        source_transfer_syntax_uid: str = "",
+        compression: str = "",
     ) -> InstanceRecord:
         """Extract the indexed attributes of a de-identified dataset."""
         study_uid = _text(dataset, "StudyInstanceUID", 64)
         series_uid = _text(dataset, "SeriesInstanceUID", 64)
         return cls(
+            patient={
+                "patient_id": _text(dataset, "PatientID", 64),
+                "patient_name": _text(dataset, "PatientName", 324),
+                "patient_birth_date": _text(dataset, "PatientBirthDate", 8),
+                "patient_sex": _text(dataset, "PatientSex", 16),
+            },
             study={
                 "study_instance_uid": study_uid,
                 "patient_id": _text(dataset, "PatientID", 64),
@@ -92,6 +101,8 @@ class InstanceRecord:
                 "object_key": object_key,
                 "size_bytes": size_bytes,
                 "sha256": sha256,
+                "source_transfer_syntax_uid": source_transfer_syntax_uid or transfer_syntax_uid,
+                "compression": compression,
             },
         )
 
@@ -193,6 +204,7 @@ class IndexRepository:
         """Upsert several instances in one transaction (idempotent)."""
         with Session(self.engine) as session, session.begin():
             for record in records:
+                self._upsert(session, Patient, record.patient, "patient_id")
                 self._upsert(session, Study, record.study, "study_instance_uid")
                 self._upsert(session, Series, record.series, "series_instance_uid")
                 self._upsert(session, Instance, record.instance, "sop_instance_uid")
@@ -305,6 +317,78 @@ class IndexRepository:
             yield from session.execute(
                 select(Instance.sop_instance_uid, Instance.object_key, Instance.size_bytes)
             ).tuples()
+
+    def studies_due_for_completion(self, quiet_seconds: float) -> list[tuple[str, int]]:
+        """(study UID, instance count) of studies unchanged for `quiet_seconds` whose
+        completion step has not run for their current content."""
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=quiet_seconds)
+        counts = (
+            select(Instance.study_instance_uid.label("uid"), func.count().label("n"),
+                   func.max(Instance.updated_at).label("last"))
+            .group_by(Instance.study_instance_uid)
+            .subquery()
+        )
+        statement = (
+            select(Study.study_instance_uid, counts.c.n, counts.c.last)
+            .join(counts, counts.c.uid == Study.study_instance_uid)
+            .where(or_(Study.completed_instance_count.is_(None),
+                       Study.completed_instance_count != counts.c.n))
+        )
+        due = []
+        with Session(self.engine) as session:
+            for uid, count, last in session.execute(statement):
+                if last is not None and last.tzinfo is None:
+                    last = last.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC
+                if last is None or last <= cutoff:
+                    due.append((str(uid), int(count)))
+        return due
+
+    def mark_completed(self, study_instance_uid: str, instance_count: int) -> None:
+        """Record that the completion step ran for `instance_count` instances."""
+        with Session(self.engine) as session, session.begin():
+            study = session.get(Study, study_instance_uid)
+            if study is not None:
+                study.completed_at = dt.datetime.now(dt.UTC)
+                study.completed_instance_count = instance_count
+
+    def study_instances(self, study_instance_uid: str) -> list[tuple[str, str, str, str]]:
+        """(series UID, SOP instance UID, SOP class UID, object key) of a study's instances."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Instance.series_instance_uid, Instance.sop_instance_uid,
+                       Instance.sop_class_uid, Instance.object_key)
+                .where(Instance.study_instance_uid == study_instance_uid)
+                .order_by(Instance.series_instance_uid, Instance.instance_number,
+                          Instance.sop_instance_uid)
+            )
+            return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+
+    def find_instance(self, sop_instance_uid: str) -> tuple[str, str] | None:
+        """(object key, sha256) of an indexed instance, or None."""
+        with Session(self.engine) as session:
+            row = session.execute(
+                select(Instance.object_key, Instance.sha256)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+            return (str(row[0]), str(row[1])) if row else None
+
+    def clear(self) -> None:
+        """Delete every row (reindex rebuilds from the object store)."""
+        with Session(self.engine) as session, session.begin():
+            for model in (Instance, Series, Study, Patient):
+                session.execute(model.__table__.delete())
+
+    def dump(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row of every table without timestamps (to compare two indexes)."""
+        skip = {"created_at", "updated_at", "completed_at", "completed_instance_count"}
+        result: dict[str, list[dict[str, Any]]] = {}
+        with Session(self.engine) as session:
+            for model in (Patient, Study, Series, Instance):
+                table = model.__table__
+                key = list(table.primary_key.columns)[0]
+                rows = session.execute(select(table).order_by(key)).mappings()
+                result[table.name] = [{k: v for k, v in r.items() if k not in skip} for r in rows]
+        return result
 
     def check(self) -> None:
         """Raise when the index database cannot answer (health check)."""

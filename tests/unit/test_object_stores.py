@@ -94,3 +94,44 @@ def test_wrong_credentials_are_refused_by_the_real_server(seaweedfs: SeaweedFS, 
     with pytest.raises(Exception) as info:
         store.put("studies/x.dcm", b"x")
     assert not isinstance(info.value, ObjectNotFound)
+
+
+def test_large_objects_go_multipart_with_checksums(seaweedfs: SeaweedFS, s3_bucket: str) -> None:
+    store = S3ObjectStore(s3_bucket, endpoint_url=seaweedfs.endpoint_url, region=seaweedfs.region,
+                          access_key=seaweedfs.access_key, secret_key=seaweedfs.secret_key,
+                          multipart_threshold=5 * 1024 * 1024)
+    calls: list[str] = []
+    part_headers: list[dict[str, str]] = []
+
+    def record_call(model: object, **_: object) -> None:
+        calls.append(str(getattr(model, "name", "")))
+
+    def record_part(request: object, **_: object) -> None:
+        headers = getattr(request, "headers", {})
+        part_headers.append({k.lower(): (v.decode() if isinstance(v, bytes) else str(v))
+                             for k, v in headers.items()})
+
+    store.client.meta.events.register("before-call.s3", record_call)
+    store.client.meta.events.register("before-send.s3.UploadPart", record_part)
+    body = bytes(range(256)) * (12 * 4096)  # 12 MiB: three parts of 5 MiB at most
+    store.put("studies/big/multiframe.dcm", body)
+    assert store.get("studies/big/multiframe.dcm") == body
+    assert calls[0] == "CreateMultipartUpload" and calls.count("UploadPart") >= 3
+    for headers in part_headers:  # every part carries its SHA-256, as a header or a trailer
+        assert "x-amz-checksum-sha256" in headers or "sha256" in headers.get("x-amz-trailer", "")
+    assert "CompleteMultipartUpload" in calls
+
+
+def test_server_side_encryption_is_requested(seaweedfs: SeaweedFS, s3_bucket: str) -> None:
+    store = S3ObjectStore(s3_bucket, endpoint_url=seaweedfs.endpoint_url, region=seaweedfs.region,
+                          access_key=seaweedfs.access_key, secret_key=seaweedfs.secret_key,
+                          server_side_encryption="AES256")
+    sent: list[dict[str, str]] = []
+    store.client.meta.events.register(
+        "before-send.s3.PutObject",
+        lambda request, **_: sent.append({k: v.decode() if isinstance(v, bytes) else v
+                                          for k, v in request.headers.items()}))
+    store.put("studies/enc.dcm", b"secret pixels")
+    assert sent[0]["x-amz-server-side-encryption"] == "AES256"
+    assert "x-amz-checksum-sha256" in sent[0] and "Content-MD5" in sent[0]
+    assert store.get("studies/enc.dcm") == b"secret pixels"

@@ -20,7 +20,7 @@ from storage import (
     migrate,
 )
 from tests.support.services import free_port
-from worker import IngestPipeline, TransientPipelineError
+from worker import IngestPipeline, TransientPipelineError, read_provenance
 
 SECRET = b"pipeline-test-secret-0123456789abcdef"
 US_WITH_TEXT = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds" / "GREYSCALE_IMAGE.dcm"
@@ -36,6 +36,10 @@ def _pipeline(tmp_path: Path, store: object | None = None) -> IngestPipeline:
         spool_root=tmp_path / "spool",
         quarantine_root=tmp_path / "quarantine",
     )
+
+
+def _instance_keys(pipeline: IngestPipeline) -> list[str]:
+    return [i.key for i in pipeline.store.list("studies/") if i.key.endswith(".dcm")]
 
 
 def _spool_batch(tmp_path: Path, batch: str = "b1", ct: int = 3, mr: int = 2) -> Path:
@@ -54,13 +58,17 @@ def test_batch_is_stored_indexed_and_removed_from_the_spool(tmp_path: Path) -> N
     report = pipeline.ingest_batch("site1", "b1")
     assert (report.stored, report.quarantined) == (5, 0)
     assert not batch.exists()
-    keys = [info.key for info in pipeline.store.list("studies/")]
+    keys = _instance_keys(pipeline)
     assert len(keys) == 5
+    assert len([i for i in pipeline.store.list("studies/") if i.key.endswith(".json")]) == 5
     [study] = pipeline.index.search_studies(StudyQuery())
     assert study.number_of_instances == 5 and study.modalities_in_study == ("CT", "MR")
     stored = pydicom.dcmread(tmp_path / "objects" / keys[0])
     assert stored.PatientIdentityRemoved == "YES"
     assert str(stored.StudyInstanceUID) == study.study_instance_uid
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+    assert read_provenance(stored) == ("site1", "1.2.840.10008.1.2.1", "jpeg-ls")
+    assert stored.pixel_array.shape in ((64, 64), (32, 32))
 
 
 def test_running_a_batch_twice_does_not_duplicate(tmp_path: Path) -> None:
@@ -70,7 +78,7 @@ def test_running_a_batch_twice_does_not_duplicate(tmp_path: Path) -> None:
     _spool_batch(tmp_path / "again", "b1")  # same study re-sent: deterministic UIDs
     shutil.copytree(tmp_path / "again" / "spool" / "site1" / "b1", tmp_path / "spool" / "site1" / "b1")
     pipeline.ingest_batch("site1", "b1")
-    assert len(list(pipeline.store.list("studies/"))) == 5
+    assert len(_instance_keys(pipeline)) == 5
     assert pipeline.index.search_studies(StudyQuery())[0].number_of_instances == 5
     assert pipeline.ingest_batch("site1", "b1").missing  # a redelivered task is a no-op
 
@@ -107,7 +115,7 @@ def test_bad_inputs_are_quarantined_and_nothing_partial_is_stored(tmp_path: Path
     assert reasons["1.2.3.1.dcm"] == "DeidentificationError"
     assert reasons["1.2.3.4.dcm"] == "BurnedInAnnotationRisk"
     assert set(reasons) == {"1.2.3.1.dcm", "1.2.3.2.dcm", "1.2.3.3.dcm", "1.2.3.4.dcm"}
-    assert len(list(pipeline.store.list("studies/"))) == 1  # only the good instance
+    assert len(_instance_keys(pipeline)) == 1  # only the good instance
 
 
 def test_store_outage_keeps_the_spool_and_asks_for_a_retry(tmp_path: Path) -> None:

@@ -1,0 +1,55 @@
+"""Rebuild the index from the object store alone (the store is the source of truth)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from storage import IndexRepository, InstanceRecord, ObjectStore
+from worker.pipeline import record_for
+
+log = logging.getLogger(__name__)
+
+_INSTANCE_KEY = re.compile(r"^studies/[^/]+/series/[^/]+/instances/[^/]+\.dcm$")
+_BATCH = 200
+
+
+@dataclass
+class ReindexReport:
+    indexed: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
+def reindex(store: ObjectStore, index: IndexRepository,
+            progress: Callable[[int], None] | None = None) -> ReindexReport:
+    """Empty the index, then upsert one row set per stored instance object."""
+    report = ReindexReport()
+    index.clear()
+    pending: list[InstanceRecord] = []
+    for info in store.list("studies/"):
+        if not _INSTANCE_KEY.match(info.key):
+            continue  # metadata, thumbnails, manifests
+        body = store.get(info.key)
+        try:
+            dataset = pydicom.dcmread(BytesIO(body), stop_before_pixels=True)
+            pending.append(record_for(dataset, info.key, body))
+        except (InvalidDicomError, ValueError, KeyError, AttributeError) as exc:
+            log.warning("unreadable object %s (%s)", info.key, type(exc).__name__)
+            report.unreadable.append(info.key)
+            continue
+        if len(pending) >= _BATCH:
+            index.upsert_instances(pending)
+            report.indexed += len(pending)
+            pending = []
+        if progress is not None:
+            progress(1)
+    if pending:
+        index.upsert_instances(pending)
+        report.indexed += len(pending)
+    return report
