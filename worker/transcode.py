@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended
-from pydicom.pixels import iter_pixels, pixel_array
+from pydicom.pixels.utils import iter_pixels, pixel_array
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
@@ -235,7 +235,7 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
             return outcome(TranscodeStatus.NOT_APPLICABLE, "float or double float pixel data")
         return outcome(TranscodeStatus.NOT_APPLICABLE, "no pixel data")
     if source_ts not in UNCOMPRESSED_TRANSFER_SYNTAXES:
-        if _is_encapsulated_syntax(source_ts) or dataset.get_item(_PIXEL_DATA).is_undefined_length:
+        if _is_encapsulated_syntax(source_ts) or _pixel_data_undefined_length(dataset):
             return outcome(TranscodeStatus.ALREADY_COMPRESSED)
         return outcome(
             TranscodeStatus.NOT_APPLICABLE, f"unsupported transfer syntax {source_ts}"
@@ -265,6 +265,8 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
         return outcome(
             TranscodeStatus.VERIFICATION_FAILED, f"cannot read the original pixel data: {exc}"
         )
+    if not original.dtype.isnative:  # big endian source: pydicom returns a '>' dtype
+        original = original.astype(original.dtype.newbyteorder("="))
     frames = original.reshape((module.number_of_frames, *module.frame_shape))
     try:
         encoded = [_ENCODERS[codec](frame, module) for frame in frames]
@@ -278,7 +280,7 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
     saved = _Saved.capture(dataset)
     started = time.perf_counter()
     try:
-        _apply(dataset, target, elements, module, swaps, saved)
+        _apply(dataset, target, elements, module, big_endian, swaps, saved)
         _verify(dataset, frames)
     except Exception as exc:  # noqa: BLE001 - restore on anything, report the reason
         saved.restore(dataset)
@@ -308,6 +310,13 @@ def _pixel_data_length(dataset: Dataset) -> int:
     return len(value) if isinstance(value, bytes | bytearray) else 0
 
 
+def _pixel_data_undefined_length(dataset: Dataset) -> bool:
+    elem: DataElement | RawDataElement = dataset.get_item(_PIXEL_DATA)
+    if isinstance(elem, RawDataElement):  # not converted yet: a (named) tuple
+        return elem.length == 0xFFFFFFFF
+    return bool(elem.is_undefined_length)
+
+
 def _is_encapsulated_syntax(uid: str) -> bool:
     try:
         return bool(UID(uid).is_encapsulated)
@@ -328,8 +337,7 @@ def _int_value(dataset: Dataset, keyword: str, default: int | None = None) -> in
 
 
 def _check_pixel_module(dataset: Dataset) -> _PixelModule:
-    pixel_elem = dataset.get_item(_PIXEL_DATA)
-    if pixel_elem.is_undefined_length:
+    if _pixel_data_undefined_length(dataset):
         raise _NotApplicable("encapsulated Pixel Data under an uncompressed transfer syntax")
     rows = _int_value(dataset, "Rows")
     columns = _int_value(dataset, "Columns")
@@ -541,7 +549,7 @@ def _iter_elements(dataset: Dataset, *, nested: bool) -> Iterator[tuple[DataElem
 
 @dataclass
 class _Saved:
-    elements: dict[BaseTag, DataElement | RawDataElement | None]
+    elements: dict[BaseTag, DataElement | None]
     transfer_syntax: Any
     had_file_meta: bool
     encoding: tuple[bool, bool] | tuple[None, None]
@@ -579,6 +587,7 @@ def _apply(
     target: UID,
     elements: dict[BaseTag, DataElement],
     module: _PixelModule,
+    big_endian: bool,
     swaps: list[tuple[DataElement, bytes]],
     saved: _Saved,
 ) -> None:
@@ -590,12 +599,12 @@ def _apply(
     if module.samples_per_pixel > 1:
         dataset.PlanarConfiguration = 0
     dataset.file_meta.TransferSyntaxUID = target
-    if swaps:
+    if big_endian:
         for elem, swapped in swaps:
             saved.values.append((elem, elem.value))
             elem.value = swapped
-        implicit = dataset.original_encoding[0]
-        dataset.set_original_encoding(False if implicit is None else implicit, True)
+        # Every element is now decoded (see _plan_byte_swaps): written as little endian.
+        dataset.set_original_encoding(False, True)
 
 
 def _verify(dataset: Dataset, frames: NDArray[Any]) -> None:

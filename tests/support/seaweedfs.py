@@ -96,6 +96,7 @@ class SeaweedFS:
             "name": "test", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}]}))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        self._env = env
         self._log = open(self.log_path, "ab")
         started = time.monotonic()
         try:
@@ -118,6 +119,23 @@ class SeaweedFS:
         except BaseException:
             self.__exit__()
             raise
+
+    def stop(self) -> None:
+        """Stop the server (an outage); `restart()` brings it back on the same ports and data."""
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+
+    def restart(self) -> None:
+        """Start again with the same command line (ports, data, credentials)."""
+        assert self._log is not None
+        started = time.monotonic()
+        self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, env=self._env,
+                                      stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        if not self._wait_ready(started):
+            raise RuntimeError(f"weed could not take its ports back\n{self.log_tail()}")
 
     def _wait_ready(self, started: float) -> bool:
         """True once an S3 round trip works; False if weed exited as a port was taken."""

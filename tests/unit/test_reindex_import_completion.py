@@ -1,0 +1,148 @@
+"""Reindex from the store alone, bulk import, and study completion, on real stores."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from anonymize import DeidentificationPolicy, PseudonymKeys
+from dicom_node import Spool
+from gateway.importer import run_import
+from gateway.sample_study import SampleStudySpec, write_sample_study
+from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
+from worker import IngestPipeline, StudyCompletion, Webhook, manifest_key, verify
+from worker.events import SIGNATURE_HEADER, deliver
+from worker.reindex import reindex
+
+SECRET = b"reindex-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    return str(request.getfixturevalue("create_postgres_database")())
+
+
+def _pipeline(tmp_path: Path, database_url: str) -> IngestPipeline:
+    engine = create_index_engine(database_url)
+    migrate(engine)
+    return IngestPipeline(
+        store=FilesystemObjectStore(tmp_path / "objects"), index=IndexRepository(engine),
+        policy=DeidentificationPolicy(PseudonymKeys(SECRET), "site1"),
+        spool_root=tmp_path / "spool", quarantine_root=tmp_path / "quarantine")
+
+
+def _study(tmp_path: Path, ct: int = 4, mr: int = 2, seed: int = 1) -> Path:
+    return Path(write_sample_study(tmp_path / f"study-{seed}",
+                                   SampleStudySpec(ct_slices=ct, mr_slices=mr, ct_size=64,
+                                                   mr_size=32, seed=seed))[0]).parent
+
+
+def test_reindex_rebuilds_exactly_the_same_index(tmp_path: Path, database_url: str) -> None:
+    pipeline = _pipeline(tmp_path, database_url)
+    run_import([_study(tmp_path), _study(tmp_path, 3, 1, seed=2)], pipeline,
+               Spool(tmp_path / "spool", "site1"))
+    before = pipeline.index.dump()
+    assert len(before["instances"]) == 10 and len(before["studies"]) == 2
+    report = reindex(pipeline.store, pipeline.index)
+    assert report.indexed == 10 and report.unreadable == []
+    assert pipeline.index.dump() == before
+
+
+def test_import_walks_folders_and_zips_and_reports(tmp_path: Path) -> None:
+    pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    folder = _study(tmp_path, ct=3, mr=1)
+    archive = tmp_path / "second.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(_study(tmp_path, ct=2, mr=0, seed=3).glob("*.dcm")):
+            handle.write(path, f"nested/{path.name}")
+        handle.writestr("README.txt", "not an image")
+    (folder / "notes.txt").write_text("not DICOM either")
+    ultrasound = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds" / "GREYSCALE_IMAGE.dcm"
+    shutil.copy(ultrasound, folder / "us.dcm")
+    spool = Spool(tmp_path / "spool", "site1")
+    summary = run_import([folder, archive], pipeline, spool)
+    assert (summary.stored, summary.not_dicom, summary.duplicates) == (6, 2, 0)
+    assert dict(summary.quarantined) == {"BurnedInAnnotationRisk": 1}
+    again = run_import([folder, archive], pipeline, spool)
+    assert (again.stored, again.duplicates) == (0, 6)
+    assert len(pipeline.index.search_studies(StudyQuery())) == 2
+
+
+def test_import_command_prints_a_summary(tmp_path: Path) -> None:
+    folder = _study(tmp_path, ct=2, mr=1)
+    env = {"DICOM_GATEWAY_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin",
+           "DICOM_GATEWAY_PSEUDONYM_SECRET": SECRET.decode()}
+    result = subprocess.run([sys.executable, "-m", "gateway", "import", str(folder)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {"files": 3, "stored": 3, "duplicates": 0, "not_dicom": 0, "quarantined": {}}
+    assert "3 stored" in result.stderr
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    received: list[tuple[dict[str, str], bytes]] = []  # header names lower-cased
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    _Receiver.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def test_completion_writes_metadata_thumbnails_manifest_and_signed_event(
+    tmp_path: Path, receiver: str,
+) -> None:
+    pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    run_import([_study(tmp_path, ct=5, mr=3)], pipeline, Spool(tmp_path / "spool", "site1"))
+    webhook = Webhook(receiver, "hook-secret-0123456789")
+    completion = StudyCompletion(pipeline.store, pipeline.index, "site1", webhooks=(webhook,),
+                                 deliver=lambda n, t, d, b: deliver(webhook, t, d, b),
+                                 retrieve_url_base="https://gateway.example/dicom-web")
+    [study_uid] = completion.run(quiet_seconds=0)
+    assert completion.run(quiet_seconds=0) == []  # nothing new: not due again
+    series = {i.key.split("/")[3] for i in pipeline.store.list(f"studies/{study_uid}/series/")}
+    assert len(series) == 2
+    for series_uid in series:
+        documents = json.loads(pipeline.store.get(f"studies/{study_uid}/series/{series_uid}/metadata.json"))
+        assert len(documents) in (5, 3)
+        assert all("BulkDataURI" in d["7FE00010"] for d in documents)
+        png = pipeline.store.get(f"studies/{study_uid}/series/{series_uid}/thumbnail.png")
+        assert png.startswith(b"\x89PNG")
+    manifest = pydicom.dcmread(BytesIO(pipeline.store.get(manifest_key(study_uid))))
+    assert manifest.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    referenced = [i.ReferencedSOPInstanceUID
+                  for study in manifest.CurrentRequestedProcedureEvidenceSequence
+                  for s in study.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
+    assert len(referenced) == 8
+    [(headers, body)] = _Receiver.received
+    assert verify(webhook.secret, body, headers[SIGNATURE_HEADER.lower()])
+    assert not verify("another-secret", body, headers[SIGNATURE_HEADER.lower()])
+    event = json.loads(body)
+    assert event["event"] == "study.stored" and event["number_of_instances"] == 8
+    assert event["study_instance_uid"] == study_uid and event["modalities"] == ["CT", "MR"]
