@@ -65,6 +65,9 @@ _EVIDENCE_KEYWORDS = (
     "SeriesInstanceUID",
     "Rows",
     "Columns",
+)
+# Type 2 in the KOS IOD; highdicom reads them as attributes (AttributeError when absent).
+_PATIENT_STUDY_KEYWORDS = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -91,7 +94,15 @@ class DerivedObjectError(ValueError):
 
 
 def _has_pixel_data(dataset: Dataset) -> bool:
+    """Whether a pixel data element is present, even without a value (a BulkDataURI)."""
     return any(keyword in dataset for keyword in _PIXEL_DATA_KEYWORDS)
+
+
+def _has_pixel_values(dataset: Dataset) -> bool:
+    return any(
+        keyword in dataset and dataset[keyword].value is not None and len(dataset[keyword].value)
+        for keyword in _PIXEL_DATA_KEYWORDS
+    )
 
 
 def _number_of_frames(dataset: Dataset) -> int:
@@ -145,7 +156,7 @@ def _min_max_uint8(values: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
         return np.zeros(values.shape, dtype=np.uint8)
     low, high = float(finite.min()), float(finite.max())
     if high <= low:  # uniform frame: mid grey rather than an arbitrary extreme
-        return np.full(values.shape, 128 if finite.size else 0, dtype=np.uint8)
+        return np.full(values.shape, 128, dtype=np.uint8)
     return _to_uint8(np.nan_to_num(values, nan=low, posinf=high, neginf=low), low, high)
 
 
@@ -207,11 +218,12 @@ def render_thumbnail(dataset: Dataset, size: int = 128) -> bytes:
     far as pydicom's installed decoding plugins go.
 
     Raises `DerivedObjectError` for a dataset without pixel data (e.g. read with
-    `stop_before_pixels=True`, or an SR) and for pixel data that cannot be decoded.
+    `stop_before_pixels=True`, made from DICOM JSON with a BulkDataURI, or an SR) and for
+    pixel data that cannot be decoded.
     """
     if size < 1:
         raise ValueError(f"thumbnail size must be at least 1, not {size}")
-    if not _has_pixel_data(dataset):
+    if not _has_pixel_values(dataset):
         raise DerivedObjectError(
             "cannot render a thumbnail: the dataset has no pixel data "
             f"(SOP Class {dataset.get('SOPClassUID', 'unknown')})"
@@ -266,7 +278,10 @@ def _instance_key(dataset: Dataset) -> tuple[int, int, tuple[tuple[int, ...], st
 def choose_series_thumbnail_instance(datasets: Sequence[Dataset]) -> Dataset:
     """The instance of a series whose thumbnail represents the series.
 
-    Instances without pixel data are ignored; the others are ordered by Instance Number
+    Headers are enough: an instance counts as an image when it has a Pixel Data (or Float /
+    Double Float Pixel Data) element, even an empty one (DICOM JSON metadata with a
+    BulkDataURI); instances without one (SR, KOS, headers read with
+    `stop_before_pixels=True`) are ignored. The images are ordered by Instance Number
     (ties, and instances without one, which come last, by SOP Instance UID compared
     component by component) and the middle one (index ``n // 2``) is returned.
 
@@ -321,15 +336,18 @@ def _format_time(moment: dt.datetime) -> str:
 def _evidence_item(dataset: Dataset) -> Dataset:
     """The attributes highdicom reads from one piece of evidence, without the pixel data."""
     item = Dataset()
-    for keyword in _EVIDENCE_KEYWORDS:
+    for keyword in (*_EVIDENCE_KEYWORDS, *_PATIENT_STUDY_KEYWORDS):
         if keyword in dataset:
             item.add(copy.deepcopy(dataset[keyword]))
+        elif keyword in _PATIENT_STUDY_KEYWORDS:
+            setattr(item, keyword, None)  # present and empty, as Type 2 allows
     return item
 
 
-def _collect_evidence(
+def _select_instances(
     datasets: Sequence[Dataset], manifest_series_instance_uid: str, manifest_sop_instance_uid: str
 ) -> list[Dataset]:
+    """The instances to reference, checked, without duplicates, in series/instance order."""
     if not datasets:
         raise DerivedObjectError("cannot build a manifest for an empty list of instances")
     by_uid: dict[str, Dataset] = {}
@@ -373,7 +391,7 @@ def _collect_evidence(
         series_uid = str(ds.SeriesInstanceUID)
         return (series_numbers[series_uid], _uid_key(series_uid), _instance_key(ds))
 
-    return [_evidence_item(ds) for ds in sorted(by_uid.values(), key=order)]
+    return sorted(by_uid.values(), key=order)
 
 
 def build_kos_manifest(
@@ -423,17 +441,20 @@ def build_kos_manifest(
     Raises `DerivedObjectError` for an empty list, instances of more than one study,
     instances lacking the UIDs above, or a UID conflict.
     """
-    evidence = _collect_evidence(datasets, manifest_series_instance_uid, manifest_sop_instance_uid)
+    instances = _select_instances(
+        datasets, manifest_series_instance_uid, manifest_sop_instance_uid
+    )
     if retrieve_ae_title is not None and not 0 < len(retrieve_ae_title.strip()) <= 16:
         raise DerivedObjectError(f"invalid Retrieve AE Title {retrieve_ae_title!r}")
-    moment = _latest_evidence_datetime(datasets)
+    evidence = [_evidence_item(ds) for ds in instances]
+    moment = _latest_evidence_datetime(instances)
     content_date, content_time = moment.strftime("%Y%m%d"), _format_time(moment)
 
-    content = highdicom.ko.KeyObjectSelection(
-        document_title=MANIFEST_DOCUMENT_TITLE,
-        referenced_objects=evidence,
-    )
     try:
+        content = highdicom.ko.KeyObjectSelection(
+            document_title=MANIFEST_DOCUMENT_TITLE,
+            referenced_objects=evidence,
+        )
         document = highdicom.ko.KeyObjectSelectionDocument(
             evidence=evidence,
             content=content,

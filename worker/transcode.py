@@ -149,6 +149,7 @@ _PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _FLOAT_PIXEL_DATA = Tag(0x7FE0, 0x0008)
 _DOUBLE_FLOAT_PIXEL_DATA = Tag(0x7FE0, 0x0009)
 _PLANAR_CONFIGURATION = Tag(0x0028, 0x0006)
+_TRANSFER_SYNTAX_UID = Tag(0x0002, 0x0010)
 _EXTENDED_OFFSET_TABLE = Tag(0x7FE0, 0x0001)
 _EXTENDED_OFFSET_TABLE_LENGTHS = Tag(0x7FE0, 0x0002)
 _RESTORED_TAGS = (
@@ -277,16 +278,13 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
         return outcome(TranscodeStatus.VERIFICATION_FAILED, f"{codec} encoding failed: {exc}")
     encode_seconds = time.perf_counter() - started
 
-    saved = _Saved.capture(dataset)
     started = time.perf_counter()
-    try:
-        _apply(dataset, target, elements, module, big_endian, swaps, saved)
-        _verify(dataset, frames)
-    except Exception as exc:  # noqa: BLE001 - restore on anything, report the reason
-        saved.restore(dataset)
-        reason = str(exc) if isinstance(exc, _VerificationError) else f"verification error: {exc}"
-        LOGGER.warning("lossless %s transcode rejected: %s", codec, reason)
-        return outcome(TranscodeStatus.VERIFICATION_FAILED, reason)
+    failure = _commit_if_verified(
+        dataset, target, elements, module, swaps if big_endian else None, frames
+    )
+    if failure is not None:
+        LOGGER.warning("lossless %s transcode rejected: %s", codec, failure)
+        return outcome(TranscodeStatus.VERIFICATION_FAILED, failure)
     verify_seconds = time.perf_counter() - started
 
     stored_bytes = len(elements[_PIXEL_DATA].value)
@@ -549,9 +547,10 @@ def _iter_elements(dataset: Dataset, *, nested: bool) -> Iterator[tuple[DataElem
 
 @dataclass
 class _Saved:
+    """What `_apply` replaces: the original element objects, encoding and byte-string values."""
+
     elements: dict[BaseTag, DataElement | None]
-    transfer_syntax: Any
-    had_file_meta: bool
+    transfer_syntax: DataElement
     encoding: tuple[bool, bool] | tuple[None, None]
     values: list[tuple[DataElement, Any]] = field(default_factory=list)
 
@@ -560,9 +559,8 @@ class _Saved:
         elements = {
             tag: (dataset.get_item(tag) if tag in dataset else None) for tag in _RESTORED_TAGS
         }
-        file_meta = getattr(dataset, "file_meta", None)
-        transfer_syntax = file_meta.get_item(0x00020010) if file_meta is not None else None
-        return cls(elements, transfer_syntax, file_meta is not None, dataset.original_encoding)
+        transfer_syntax = dataset.file_meta.get_item(_TRANSFER_SYNTAX_UID)
+        return cls(elements, transfer_syntax, dataset.original_encoding)
 
     def restore(self, dataset: Dataset) -> None:
         for elem, value in reversed(self.values):
@@ -573,13 +571,33 @@ class _Saved:
                     del dataset[tag]
             else:
                 dataset[tag] = saved
-        if self.had_file_meta:
-            if self.transfer_syntax is None:
-                if 0x00020010 in dataset.file_meta:
-                    del dataset.file_meta[0x00020010]
-            else:
-                dataset.file_meta[0x00020010] = self.transfer_syntax
+        dataset.file_meta[_TRANSFER_SYNTAX_UID] = self.transfer_syntax
         dataset.set_original_encoding(*self.encoding)
+
+
+def _commit_if_verified(
+    dataset: Dataset,
+    target: UID,
+    elements: dict[BaseTag, DataElement],
+    module: _PixelModule,
+    swaps: list[tuple[DataElement, bytes]] | None,
+    frames: NDArray[Any],
+) -> str | None:
+    """Put the encapsulated pixel data in `dataset` and keep it only if it decodes to `frames`.
+
+    `swaps` is None for a little endian source, else the byte swaps of a big endian one.
+    Returns None when kept, else the reason, with `dataset` restored exactly.
+    """
+    saved = _Saved.capture(dataset)
+    try:
+        _apply(dataset, target, elements, module, swaps, saved)
+        _verify(dataset, frames)
+    except Exception as exc:  # noqa: BLE001 - restore on anything, report the reason
+        saved.restore(dataset)
+        if isinstance(exc, _VerificationError):
+            return str(exc)
+        return f"verification error: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _apply(
@@ -587,8 +605,7 @@ def _apply(
     target: UID,
     elements: dict[BaseTag, DataElement],
     module: _PixelModule,
-    big_endian: bool,
-    swaps: list[tuple[DataElement, bytes]],
+    swaps: list[tuple[DataElement, bytes]] | None,
     saved: _Saved,
 ) -> None:
     for tag in (_EXTENDED_OFFSET_TABLE, _EXTENDED_OFFSET_TABLE_LENGTHS):
@@ -596,10 +613,11 @@ def _apply(
             del dataset[tag]  # stale offset tables would index the new fragments wrongly
     for tag, elem in elements.items():
         dataset[tag] = elem
+    # New element objects (assigning through the keyword would change the saved ones in place).
     if module.samples_per_pixel > 1:
-        dataset.PlanarConfiguration = 0
-    dataset.file_meta.TransferSyntaxUID = target
-    if big_endian:
+        dataset[_PLANAR_CONFIGURATION] = DataElement(_PLANAR_CONFIGURATION, VR.US, 0)
+    dataset.file_meta[_TRANSFER_SYNTAX_UID] = DataElement(_TRANSFER_SYNTAX_UID, VR.UI, target)
+    if swaps is not None:
         for elem, swapped in swaps:
             saved.values.append((elem, elem.value))
             elem.value = swapped
@@ -614,7 +632,9 @@ def _verify(dataset: Dataset, frames: NDArray[Any]) -> None:
         if index >= len(frames):
             raise _VerificationError(f"decoder returned more than {len(frames)} frames")
         expected = frames[index]
-        if decoded.dtype != expected.dtype or decoded.shape != expected.shape:
+        # pydicom decodes encapsulated data of precision <= 8 into an 8-bit array even when
+        # Bits Allocated is 16: the values must be identical, the signedness the same.
+        if decoded.shape != expected.shape or decoded.dtype.kind != expected.dtype.kind:
             raise _VerificationError(
                 f"frame {index}: decoded {decoded.dtype}{decoded.shape}, "
                 f"expected {expected.dtype}{expected.shape}"

@@ -37,6 +37,9 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return  # listener closed by cut()
+            if listener is not self._listener:  # accepted while being cut
+                client.close()
+                return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -63,6 +66,8 @@ class TcpProxy:
     def cut(self) -> None:
         """Refuse new connections and reset the open ones."""
         if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
             self._listener.close()
             self._listener = None
         with self._lock:

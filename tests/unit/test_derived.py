@@ -8,7 +8,7 @@ import io
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,7 @@ def study() -> list[Dataset]:
     return build_sample_study(SPEC)
 
 
-def _manifest(datasets: list[Dataset], **kwargs: str) -> Dataset:
+def _manifest(datasets: Sequence[Dataset], **kwargs: str) -> Dataset:
     return build_kos_manifest(
         datasets,
         manifest_series_instance_uid=MANIFEST_SERIES_UID,
@@ -183,8 +183,29 @@ def test_multiframe_uses_the_middle_frame() -> None:
     assert middle != first
     assert render_thumbnail(_read("OBXXXX1A_rle_2frame.dcm")) == middle
     one = _read("OBXXXX1A_2frame.dcm")
-    one.NumberOfFrames = 1  # only the first frame is decoded
-    assert render_thumbnail(one) == first
+    one.NumberOfFrames = 1  # now the middle (only) frame is the first one
+    with pytest.warns(UserWarning, match="Number of Frames"):
+        assert render_thumbnail(one) == first
+
+
+def test_enhanced_ct_uses_the_functional_group_window_and_rescale() -> None:
+    ds = _read("eCT_Supplemental.dcm")
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert "WindowCenter" not in ds and "RescaleSlope" not in ds
+    enhanced = render_thumbnail(ds)
+    image = _image(enhanced)
+    assert image.mode == "L" and image.size == (128, 128)
+    # The same pixels with the macros' values as top-level attributes render identically...
+    classic = copy.deepcopy(ds)
+    for macro in ("FrameVOILUTSequence", "PixelValueTransformationSequence"):
+        for element in shared[macro][0]:
+            classic.add(copy.deepcopy(element))
+    del classic.SharedFunctionalGroupsSequence
+    assert render_thumbnail(classic) == enhanced
+    # ... and differently from the same image without its window (min-max).
+    del classic.WindowCenter, classic.WindowWidth
+    unwindowed = np.asarray(_image(render_thumbnail(classic)), dtype=float)
+    assert np.abs(unwindowed - np.asarray(image, dtype=float)).mean() > 20
 
 
 def test_size_argument() -> None:
@@ -221,6 +242,22 @@ def test_choose_series_thumbnail_instance(study: list[Dataset], tmp_path: Path) 
         choose_series_thumbnail_instance([header_only])
     with pytest.raises(DerivedObjectError):
         choose_series_thumbnail_instance([])
+
+
+def test_choose_from_dicom_json_headers(study: list[Dataset]) -> None:
+    """The stored per-instance DICOM JSON (pixel data as a BulkDataURI) is enough to choose."""
+    ct = [ds for ds in study if ds.Modality == "CT"]
+    headers = [
+        Dataset.from_json(
+            ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda _: "bulk"),
+            bulk_data_uri_handler=lambda _tag, _vr, _uri: None,
+        )
+        for ds in reversed(ct)
+    ]
+    chosen = choose_series_thumbnail_instance(headers)
+    assert chosen.SOPInstanceUID == ct[2].SOPInstanceUID
+    with pytest.raises(DerivedObjectError, match="no pixel data"):
+        render_thumbnail(chosen)
 
 
 # --------------------------------------------------------------------------- manifest
