@@ -198,7 +198,8 @@ def _component_probe(settings: Settings, component: str):  # type: ignore[no-unt
 def build_api(settings: Settings):  # type: ignore[no-untyped-def]
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
     return create_app(
-        ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes),
+        ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
+                  quarantine_dir=settings.quarantine_dir),
         build_index(settings),
         build_object_store(settings),
     )

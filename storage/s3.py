@@ -5,9 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterator
-from typing import Any
-
 from io import BytesIO
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
+from prometheus_client import CollectorRegistry, Histogram, make_asgi_app
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from storage import IndexRepository, ObjectStore
 from web_viewer_api.errors import install_error_handlers
@@ -22,6 +28,28 @@ class ApiConfig:
 
     admin_token: str
     readiness_probes: Mapping[str, Probe] = field(default_factory=dict)
+    #: The site's quarantine folder, when this API runs beside the worker (serve).
+    quarantine_dir: Path | None = None
+
+
+class _QuarantineCollector(Collector):
+    """Instances in quarantine, by reason, read from the reason files at scrape time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("dicom_gateway_quarantined_instances",
+                                  "Instances the worker refused, by reason", labels=["reason"])
+        counts: Counter[str] = Counter()
+        for path in self.folder.glob("*/*/*.reason.json"):
+            try:
+                counts[str(json.loads(path.read_text()).get("reason", "unknown"))] += 1
+            except (OSError, ValueError):
+                counts["unreadable"] += 1
+        for reason, count in sorted(counts.items()):
+            gauge.add_metric([reason], count)
+        yield gauge
 
 
 def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) -> FastAPI:
@@ -34,7 +62,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         description="DICOMweb, share links and audit for de-identified studies.",
     )
     probes = {"index": index.check, "object_store": store.check, **config.readiness_probes}
-    app.state.config = ApiConfig(config.admin_token, probes)
+    app.state.config = ApiConfig(config.admin_token, probes, config.quarantine_dir)
     app.state.index = index
     app.state.store = store
     install_error_handlers(app)
@@ -42,7 +70,9 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.include_router(dicomweb.router)
 
     registry = CollectorRegistry()
-    requests = Counter(
+    if config.quarantine_dir is not None:
+        registry.register(_QuarantineCollector(config.quarantine_dir))
+    requests = PromCounter(
         "dicom_gateway_http_requests_total", "HTTP requests", ["method", "route", "status"],
         registry=registry,
     )

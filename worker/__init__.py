@@ -1,6 +1,8 @@
 """The worker: Celery app and tasks running the ingest pipeline (de-identify, store, index)."""
 
 from worker.app import create_celery_app, filesystem_broker_options
+from worker.completion import StudyCompletion, derived_uid, instance_metadata_key, manifest_key
+from worker.events import Webhook, sign, verify
 from worker.pipeline import (
     SPOOL_SUFFIX,
     IngestPipeline,
@@ -13,8 +15,6 @@ from worker.pipeline import (
     read_provenance,
     record_for,
 )
-from worker.completion import StudyCompletion, derived_uid, instance_metadata_key, manifest_key
-from worker.events import Webhook, sign, verify
 from worker.tasks import (
     COMPLETE_STUDY_TASK,
     INGEST_TASK,
@@ -27,14 +27,27 @@ from worker.tasks import (
 from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
 __all__ = [
+    "COMPLETE_STUDY_TASK",
+    "INGEST_TASK",
+    "SPOOL_SUFFIX",
     "WEBHOOK_TASK",
     "Codec",
+    "IngestPipeline",
+    "IngestReport",
+    "InvalidBatchName",
+    "PipelineError",
     "StudyCompletion",
     "TranscodeStatus",
+    "TransientPipelineError",
     "Webhook",
     "WorkerContext",
+    "create_celery_app",
     "derived_uid",
+    "encode_dataset",
     "enqueue_completion",
+    "enqueue_ingest",
+    "filesystem_broker_options",
+    "ingest_queue",
     "instance_json",
     "instance_metadata_key",
     "manifest_key",
@@ -43,17 +56,4 @@ __all__ = [
     "sign",
     "transcode_lossless",
     "verify",
-    "COMPLETE_STUDY_TASK",
-    "INGEST_TASK",
-    "SPOOL_SUFFIX",
-    "IngestPipeline",
-    "IngestReport",
-    "InvalidBatchName",
-    "PipelineError",
-    "TransientPipelineError",
-    "create_celery_app",
-    "encode_dataset",
-    "enqueue_ingest",
-    "filesystem_broker_options",
-    "ingest_queue",
 ]

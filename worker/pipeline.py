@@ -18,6 +18,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
@@ -93,8 +94,8 @@ def instance_json(dataset: Dataset, study: str, series: str, sop: str) -> bytes:
     """DICOM JSON of an instance; bulk data replaced by BulkDataURIs relative to the root."""
     base = f"studies/{study}/series/{series}/instances/{sop}/bulkdata"
 
-    def bulk_uri(element: object) -> str:
-        return f"{base}/{int(getattr(element, 'tag')):08X}"
+    def bulk_uri(element: DataElement) -> str:
+        return f"{base}/{int(element.tag):08X}"
 
     document = dataset.to_json_dict(bulk_data_threshold=_BULK_THRESHOLD,
                                     bulk_data_element_handler=bulk_uri)

@@ -218,7 +218,8 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
     Returns COMPRESSED on success; ALREADY_COMPRESSED for an encapsulated transfer syntax;
     NOT_APPLICABLE (with a reason) for data this module does not handle; VERIFICATION_FAILED
     (with a reason) when the original cannot be read, encoding fails or the decoded pixels differ.
-    In every case but COMPRESSED the dataset is left exactly as it was.
+    In every case but COMPRESSED the dataset is left exactly as it was (its elements may have
+    been parsed from pydicom's raw form on access, which does not change what is written).
     """
     file_meta: FileMetaDataset | None = getattr(dataset, "file_meta", None)
     source_ts = str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else "")
@@ -241,7 +242,9 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
         return outcome(
             TranscodeStatus.NOT_APPLICABLE, f"unsupported transfer syntax {source_ts}"
         )
-    if codec not in TARGET_TRANSFER_SYNTAXES:
+    try:
+        codec = Codec(codec)  # also accepts the plain string values
+    except ValueError:
         return outcome(TranscodeStatus.NOT_APPLICABLE, f"unknown codec {codec!r}")
 
     try:

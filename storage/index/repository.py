@@ -9,11 +9,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Engine, Select, and_, exists, func, or_, select, text
+from sqlalchemy import Engine, Select, and_, delete, exists, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from storage.index.models import Instance, Patient, Series, Study
+from storage.index.models import Base, Instance, Patient, Series, Study
 
 
 def _text(dataset: Dataset, keyword: str, limit: int) -> str:
@@ -376,7 +376,7 @@ class IndexRepository:
         """Delete every row (reindex rebuilds from the object store)."""
         with Session(self.engine) as session, session.begin():
             for model in (Instance, Series, Study, Patient):
-                session.execute(model.__table__.delete())
+                session.execute(delete(model))
 
     def dump(self) -> dict[str, list[dict[str, Any]]]:
         """Every row of every table without timestamps (to compare two indexes)."""
@@ -384,8 +384,8 @@ class IndexRepository:
         result: dict[str, list[dict[str, Any]]] = {}
         with Session(self.engine) as session:
             for model in (Patient, Study, Series, Instance):
-                table = model.__table__
-                key = list(table.primary_key.columns)[0]
+                table = Base.metadata.tables[str(model.__tablename__)]
+                key = next(iter(table.primary_key.columns))
                 rows = session.execute(select(table).order_by(key)).mappings()
                 result[table.name] = [{k: v for k, v in r.items() if k not in skip} for r in rows]
         return result

@@ -65,6 +65,11 @@ def _reference(tmp_path: Path, site: str, source: Path) -> tuple[dict[str, str],
     return _objects(root / "objects"), index.dump()
 
 
+def _ingest_retried(worker: GatewayProcess) -> bool:
+    return any("ingest_spool_batch" in line and "retry: Retry in" in line
+               for line in worker.log_text().splitlines())
+
+
 def _sender(broker_url: str, site: str, options: dict[str, object]) -> Callable[[str], None]:
     app = create_celery_app(broker_url, site_id=site, transport_options=options)
     return lambda batch: enqueue_ingest(app, site, batch)
@@ -151,8 +156,8 @@ def test_s3_outage_delays_but_loses_nothing(tmp_path: Path, small_batch: Path, r
             _wait_ready(data_dir, worker)
             s3.stop()
             _sender(redis_url, site, options)("batch")
-            wait_for(lambda: "retry" in worker.log_text().lower(), timeout=60,
-                     what="the worker to schedule a retry")
+            wait_for(lambda: _ingest_retried(worker), timeout=60,
+                     what="the ingest task to be retried")
             s3.restart()
             wait_for(lambda: _count(f"sqlite:///{data_dir / 'index.sqlite3'}") == 8, timeout=120,
                      what="every instance to be stored after the outage")
@@ -177,8 +182,8 @@ def test_database_outage_delays_but_loses_nothing(
             _wait_ready(data_dir, worker)
             proxy.cut()
             _sender(redis_url, site, options)("batch")
-            wait_for(lambda: "retry" in worker.log_text().lower(), timeout=60,
-                     what="the worker to schedule a retry")
+            wait_for(lambda: _ingest_retried(worker), timeout=60,
+                     what="the ingest task to be retried")
             proxy.restore()
             wait_for(lambda: _count(direct_url) == 8, timeout=120,
                      what="every instance to be indexed after the outage")

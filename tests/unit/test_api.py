@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,17 @@ def test_metrics_count_requests(client: TestClient) -> None:
     client.get("/dicom-web/studies", headers=AUTH)
     text = client.get("/metrics/").text
     assert 'dicom_gateway_http_requests_total{method="GET",route="/dicom-web/studies",status="200"}' in text
+
+
+def test_metrics_count_quarantined_instances_by_reason(tmp_path: Path) -> None:
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    folder = tmp_path / "quarantine" / "site1" / "batch"
+    folder.mkdir(parents=True)
+    for number, reason in enumerate(["BurnedInAnnotationRisk", "BurnedInAnnotationRisk", "InvalidDicomError"]):
+        (folder / f"{number}.dcm.reason.json").write_text(json.dumps({"reason": reason}))
+    app = create_app(ApiConfig(TOKEN, quarantine_dir=tmp_path / "quarantine"), IndexRepository(engine),
+                     FilesystemObjectStore(tmp_path / "objects"))
+    text = TestClient(app).get("/metrics/").text
+    assert 'dicom_gateway_quarantined_instances{reason="BurnedInAnnotationRisk"} 2.0' in text
+    assert 'dicom_gateway_quarantined_instances{reason="InvalidDicomError"} 1.0' in text
