@@ -202,11 +202,18 @@ class IndexRepository:
 
     def upsert_instances(self, records: Sequence[InstanceRecord]) -> None:
         """Upsert several instances in one transaction (idempotent)."""
+        # One statement per distinct parent row (a batch is mostly one study and series).
+        patients = {r.patient["patient_id"]: r.patient for r in records}
+        studies = {r.study["study_instance_uid"]: r.study for r in records}
+        series = {r.series["series_instance_uid"]: r.series for r in records}
         with Session(self.engine) as session, session.begin():
+            for values in patients.values():
+                self._upsert(session, Patient, values, "patient_id")
+            for values in studies.values():
+                self._upsert(session, Study, values, "study_instance_uid")
+            for values in series.values():
+                self._upsert(session, Series, values, "series_instance_uid")
             for record in records:
-                self._upsert(session, Patient, record.patient, "patient_id")
-                self._upsert(session, Study, record.study, "study_instance_uid")
-                self._upsert(session, Series, record.series, "series_instance_uid")
                 self._upsert(session, Instance, record.instance, "sop_instance_uid")
 
     def _filtered(self, query: StudyQuery) -> Select[Any]:
