@@ -27,6 +27,7 @@ from enum import Enum
 from typing import Any
 
 from cryptography import x509
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -44,7 +45,7 @@ from anonymize.options import (
 )
 from anonymize.pixels import BurnedInAnnotationRisk, PixelPolicy, apply_mask
 from anonymize.private import SafePrivateAttributes, load_safe_private
-from anonymize.profile import ConfidentialityProfile, ProfileRow, load_profile
+from anonymize.profile import Action, ConfidentialityProfile, ProfileRow, load_profile
 from anonymize.reversible import encrypted_attributes_item
 
 # ANS (Agence du Numérique en Santé) OIDs of the INS: NIR, NIA, and their test twins.
@@ -67,10 +68,39 @@ _DUMMY_BY_VR: dict[str, object] = {
     "FL": 0.0, "FD": 0.0, "UV": 0, "SV": 0,
 }
 _FREE_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
-_TEXT_VRS = _FREE_TEXT_VRS | {"PN", "CS", "AE", "DA", "DT", "TM", "AS", "UR"}
+#: Replaced inside a dummied sequence; CS, AE and code items keep the structure meaningful.
+_DUMMY_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "UR"})
+_BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
+_WELL_KNOWN_UID_ROOT = "1.2.840.10008."
+#: UI attributes that name a class, syntax or scheme, never an instance: never remapped.
+_CLASS_UID_KEYWORDS = frozenset({
+    "SOPClassesInStudy", "CodingSchemeUID", "ContextUID", "MappingResourceUID",
+    "ContextGroupExtensionCreatorUID", "PrivateInformationCreatorUID",
+    "ImplementationClassUID", "TransferSyntaxUID", "SOPClassUID",
+})
+
+
+def _is_class_uid_attribute(keyword: str) -> bool:
+    return keyword in _CLASS_UID_KEYWORDS or keyword.endswith(("ClassUID", "TransferSyntaxUID"))
+
+
+#: Identifying attributes Table E.1-1 does not list (yet): removed.
+_SUPPLEMENTARY_ROWS: dict[int, ProfileRow] = {
+    tag: ProfileRow(f"{tag:08x}", name, Action.REMOVE)
+    for tag, name in (
+        (0x00100033, "Patient's Birth Date in Alternative Calendar"),
+        (0x00100034, "Patient's Death Date in Alternative Calendar"),
+        (0x00100024, "Issuer of Patient ID Qualifiers Sequence"),
+        (0x00080051, "Issuer of Accession Number Sequence"),
+        (0x00081190, "Retrieve URL"),
+        (0x0040E010, "Retrieve URI"),
+        (0x00400513, "Issuer of the Container Identifier Sequence"),
+        (0x04000500, "Encrypted Attributes Sequence (from an earlier de-identifier)"),
+    )
+}
 #: File meta attributes that name the sending/receiving systems.
-_META_TAGS_TO_REMOVE = frozenset({0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027,
-                                  0x00020028, 0x00020100, 0x00020102})
+_META_TAGS_TO_REMOVE = frozenset({0x00020012, 0x00020013, 0x00020016, 0x00020017, 0x00020018,
+                                  0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102})
 
 
 class DeidentificationError(ValueError):
@@ -162,6 +192,8 @@ def patient_key(dataset: Dataset, site_id: str, ins_issuer_oids: frozenset[str])
         other_id = str(item.get("PatientID", "") or "").strip()
         if other_id and _issuer_of(item) in ins_issuer_oids:
             return f"ins:{other_id}"
+    if not local_id:  # no identity at all: one pseudonym per study, never shared by strangers
+        return f"unidentified:{site_id}:{str(dataset.get('StudyInstanceUID', '')).strip()}"
     return local_patient_key(local_id, issuer, site_id)
 
 
@@ -220,6 +252,9 @@ class _Deidentifier:
         self.accession_qualifier = accession_qualifier(dataset, policy.site_id)
         self.sop_class = str(dataset.get("SOPClassUID", "") or "")
         self._types: Any = None
+        self._drop_overlay_group = ProfileOption.CLEAN_GRAPHICS not in self.options
+        charset = dataset.get("SpecificCharacterSet") or "ISO_IR 6"
+        self.encodings = convert_encodings(charset)
         # Built now, from the original values: the walk replaces them as it goes. Any option
         # may clean (C), the Basic Profile alone never does.
         self._cleaner = TextCleaner(dataset) if self.options else None
@@ -259,34 +294,47 @@ class _Deidentifier:
 
     # The walk ----------------------------------------------------------------------
     def walk(self, dataset: Dataset, path: tuple[str, ...], mode: _Mode) -> None:
-        private_kept = False
+        in_code_item = "CodeValue" in dataset or "CodingSchemeDesignator" in dataset
         for tag in sorted(dataset.keys()):
             element = dataset[tag]
             if tag.is_private:
-                private_kept |= self._private(dataset, tag, element, path, mode)
+                self._private(dataset, tag, element, path, mode)
+                continue
+            if self._drop_overlay_group and 0x6000 <= tag.group <= 0x601E and tag.group % 2 == 0:
+                del dataset[tag]  # the whole overlay plane goes with its data (PS3.3 C.9.2)
                 continue
             if not path and int(tag) in self.overrides:
                 self.overrides[int(tag)](element)
                 continue
-            row = self.policy.profile.row_for(int(tag))
+            row = self.policy.profile.row_for(int(tag)) or _SUPPLEMENTARY_ROWS.get(int(tag))
             if row is None:
-                self._unlisted(element, path, mode)
+                self._unlisted(dataset, element, path, mode, in_code_item)
                 continue
             self._apply(dataset, element, row, path, mode)
-        if private_kept:
-            self._drop_orphan_creators(dataset)
+        self._drop_orphan_creators(dataset)
 
-    def _unlisted(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
+    def _unlisted(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
+                  mode: _Mode, in_code_item: bool) -> None:
+        """Attributes the table does not list: kept, except what can still identify."""
         vr = element.VR
         if vr == "SQ":
             self._recurse(element, path, mode)
-        elif mode is _Mode.DUMMY and vr in _TEXT_VRS:
+        elif vr == "UN":
+            del dataset[element.tag]  # undecodable bytes (an unknown tag) cannot be inspected
+        elif vr == "UI":
+            if not _is_class_uid_attribute(element.keyword):
+                self._remap_uid(element)  # instance-like UIDs the table does not list yet
+        elif vr == "PN":
+            self._dummy(element, path, mode) if mode is not _Mode.NORMAL else self._zero(element)
+        elif mode is _Mode.DUMMY and not in_code_item and vr in _DUMMY_TEXT_VRS:
             self._dummy(element, path, mode)
-        elif mode is _Mode.CLEAN:
-            if vr == "PN":
+        elif mode is _Mode.DUMMY and vr in ("DA", "DT"):
+            if ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
+                self._shift(element, path, mode)
+            else:
                 self._dummy(element, path, mode)
-            elif vr in _FREE_TEXT_VRS:
-                self._clean_text(element)
+        elif mode is _Mode.CLEAN and vr in _FREE_TEXT_VRS:
+            self._clean_text(element)
 
     def _recurse(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
         inner = (*path, element.keyword or f"{int(element.tag):08X}")
@@ -294,43 +342,58 @@ class _Deidentifier:
             self.walk(item, inner, mode)
 
     def _private(self, dataset: Dataset, tag: BaseTag, element: DataElement,
-                 path: tuple[str, ...], mode: _Mode) -> bool:
-        """Remove a private attribute unless Retain Safe Private keeps it; True if kept.
+                 path: tuple[str, ...], mode: _Mode) -> None:
+        """Remove a private attribute unless Retain Safe Private keeps it.
 
-        A kept text value is still cleaned; bulk (OB/OW/UN without a listed scalar VR) is
-        kept only when the safe-private list allows bulk.
+        Kept only when its creator and element are on the safe-private list with the VR the
+        list gives; text is still cleaned, UIDs remapped, bulk (O* VRs) kept only when the
+        list allows bulk. Creators are dropped afterwards unless something they own stays.
         """
-        if ProfileOption.RETAIN_SAFE_PRIVATE not in self.options:
+        if ProfileOption.RETAIN_SAFE_PRIVATE not in self.options or tag.element < 0x0010:
             del dataset[tag]
-            return False
-        if 0x0010 <= tag.element <= 0x00FF:
-            return False  # creators stay for now, dropped afterwards if orphaned
+            return
+        if tag.element <= 0x00FF:
+            if element.VR not in ("LO", "UN"):
+                del dataset[tag]  # not a private creator at all
+            return  # judged by _drop_orphan_creators
         creator = dataset.get((tag.group, tag.element >> 8)) if tag.element >= 0x1000 else None
-        listed = self.policy.safe_private.vr_of(
-            tag.group, str(creator.value) if creator is not None else "", tag.element & 0xFF)
-        if listed is None:
-            del dataset[tag]
-            return False
+        creator_name = ""
+        if creator is not None and isinstance(creator.value, str | bytes):
+            value = creator.value
+            creator_name = value.decode("latin-1") if isinstance(value, bytes) else value
+        listed = self.policy.safe_private.vr_of(tag.group, creator_name.strip("\x00 "),
+                                                tag.element & 0xFF)
         vr = element.VR
-        if vr == "UN" and listed and listed not in ("OB", "OW", "UN", "SQ"):
-            vr = listed  # implicit VR: interpret by the table's VR
-            if vr in _FREE_TEXT_VRS | {"PN"} and isinstance(element.value, bytes):
-                text = element.value.decode("latin-1").rstrip("\x00 ")
-                dataset[tag] = element = DataElement(tag, vr, text)
-        if vr in ("OB", "OW", "UN") and not self.policy.safe_private.retain_bulk:
+        if listed is None or (vr not in ("UN", listed) and listed):
             del dataset[tag]
-            return False
-        if vr == "SQ":
+            return
+        if vr == "UN" and listed and listed not in _BULK_VRS | {"SQ"}:
+            vr = listed  # implicit VR: interpret by the table's VR
+            if vr in _FREE_TEXT_VRS | {"PN", "UI"} and isinstance(element.value, bytes):
+                text = decode_bytes(element.value, self.encodings, set()).rstrip("\x00 ")
+                dataset[tag] = element = DataElement(tag, vr, text)
+        if vr == "SQ" or (vr == "UN" and listed == "SQ"):
+            if element.VR != "SQ":
+                del dataset[tag]  # a sequence we cannot walk (implicit VR) cannot stay
+                return
             self._recurse(element, path, _Mode.CLEAN)
+        elif vr in _BULK_VRS or vr == "UN":
+            if not self.policy.safe_private.retain_bulk:
+                del dataset[tag]
         elif vr == "PN":
             self._dummy(element, path, mode)
+        elif vr == "UI":
+            if ProfileOption.RETAIN_UIDS not in self.options:
+                self._remap_uid(element)
         elif vr in _FREE_TEXT_VRS:
             self._clean_text(element)
-        return True
+        elif vr in ("DA", "DT"):
+            self._shift(element, path, mode)
 
     @staticmethod
     def _drop_orphan_creators(dataset: Dataset) -> None:
-        used = {(t.group, t.element >> 8) for t in dataset.keys() if t.is_private and t.element >= 0x1000}
+        used = {(t.group, t.element >> 8) for t in dataset.keys()
+                if t.is_private and t.element >= 0x1000}
         for tag in [t for t in dataset.keys() if t.is_private and 0x0010 <= t.element <= 0x00FF]:
             if (tag.group, tag.element) not in used:
                 del dataset[tag]
@@ -395,7 +458,12 @@ class _Deidentifier:
             self._clean_text(element)
         elif vr in ("DA", "DT") and ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
             self._shift(element, path, mode)
-        # other VRs (overlay bits, numbers, codes) carry no text to clean: kept
+        elif option is ProfileOption.CLEAN_GRAPHICS and int(element.tag) >> 24 == 0x60:
+            return  # overlay bitmaps under Clean Graphics: kept as they are (documented)
+        elif vr in ("US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "CS", "UV", "SV"):
+            return  # numbers and codes carry no text
+        else:  # binary or other values that cannot be cleaned: the Basic Profile action
+            self._basic(dataset, element, self._resolve_basic(row, path, element), path, mode)
 
     def _resolve_basic(self, row: ProfileRow, path: tuple[str, ...], element: DataElement) -> str:
         action = row.basic.value
@@ -428,7 +496,8 @@ class _Deidentifier:
             encoded = joined.encode("ascii")
             element.value = encoded + (b"\x00" if len(encoded) % 2 else b"")
             return
-        mapped = [self.keys.uid(str(v)) for v in _values(element) if str(v)]
+        mapped = [str(v) if str(v).startswith(_WELL_KNOWN_UID_ROOT) else self.keys.uid(str(v))
+                  for v in _values(element) if str(v)]
         element.value = mapped if len(mapped) > 1 else (mapped[0] if mapped else "")
 
     @staticmethod
@@ -521,10 +590,15 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy) -> Deidentifica
         masked = True
     worker = _Deidentifier(policy, dataset)
     worker.walk(dataset, (), _Mode.NORMAL)
+    if "PatientID" not in dataset:  # Type 2: present, and a pseudonym like any other
+        dataset.PatientID = policy.keys.patient_id(worker.patient_key)
+    if "PatientName" not in dataset:
+        dataset.PatientName = policy.keys.patient_name(worker.patient_key)
     _record_method(dataset, policy, masked)
     if snapshot is not None and policy.recipient_certificate is not None:
         item = encrypted_attributes_item(_originals(snapshot, dataset), policy.recipient_certificate)
         dataset.EncryptedAttributesSequence = Sequence([item])
+    dataset.preamble = b"\x00" * 128  # a vendor or TIFF preamble can carry anything
     file_meta = getattr(dataset, "file_meta", None)
     if file_meta is not None:
         file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 REDACTED = "*"
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 #: Attributes whose values are identifying wherever they reappear in free text.
 _IDENTIFYING_KEYWORDS = (
@@ -25,13 +26,24 @@ _IDENTIFYING_KEYWORDS = (
     "PhysiciansOfRecord", "OperatorsName", "RequestingPhysician", "StationName",
     "DeviceSerialNumber", "MedicalRecordLocator", "IssuerOfPatientID", "StudyID",
 )
+_MONTHS = (
+    "january|february|march|april|may|june|july|august|september|october|november|december|"
+    "jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec|"
+    "janvier|février|fevrier|mars|avril|mai|juin|juillet|août|aout|septembre|octobre|"
+    "novembre|décembre|decembre|janv|févr|fevr|avr|juil|déc"
+)
 _GENERIC_PATTERNS = (
+    re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th|er)?\.?\s+(?:{_MONTHS})\.?,?\s+\d{{2,4}}\b", re.IGNORECASE),
+    re.compile(rf"\b(?:{_MONTHS})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{2,4}}\b", re.IGNORECASE),
     re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"),  # e-mail
     re.compile(r"\b\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}\b"),  # 12/03/1984
     re.compile(r"\b(?:19|20)\d{2}[-/.]?\d{2}[-/.]?\d{2}\b"),  # 19840312, 1984-03-12
     re.compile(r"(?:\+?\d[\s.-]?){8,}\d"),  # phone numbers, INS/NIR, long IDs
 )
 _MIN_TOKEN = 2
+_ID_SUFFIXES = ("ID", "IDs", "Number", "Numbers")
+#: Values that are not identity (dummies and generic words an identifier field may hold).
+_NOT_IDENTIFYING = frozenset({"ANONYMOUS", "ANONYMIZED", "UNKNOWN", "NONE", "NA", "N/A"})
 
 
 def _values(value: object) -> Iterable[str]:
@@ -65,10 +77,15 @@ class TextCleaner:
                 if len(value) >= _MIN_TOKEN:
                     tokens.add(value)
                     tokens.update(_name_parts(value))
-        for item in dataset.get("OtherPatientIDsSequence", []) or []:
-            for value in _values(item.get("PatientID")):
-                if len(value.strip()) >= _MIN_TOKEN:
-                    tokens.add(value.strip())
+        for element in dataset.iterall():  # names and identifiers at any depth
+            keyword = element.keyword or ""
+            if element.VR == "PN" or (element.VR in ("LO", "SH") and keyword.endswith(_ID_SUFFIXES)):
+                for value in _values(element.value):
+                    value = value.strip()
+                    if len(value) >= _MIN_TOKEN and value.upper() not in _NOT_IDENTIFYING:
+                        tokens.add(value)
+                        if element.VR == "PN":
+                            tokens.update(_name_parts(value))
         for value in _values(dataset.get("PatientBirthDate")):
             tokens.update(_date_spellings(value.strip()))
         self._tokens = sorted((t for t in tokens if t), key=len, reverse=True)
@@ -77,9 +94,16 @@ class TextCleaner:
     def clean(self, text: str) -> str:
         """`text` with every identifying value replaced by '*' runs of the same length."""
         if self._pattern is None and self._tokens:
-            # Whole words only: a surname "LE" must not eat the "LE" of "LEFT".
-            alternatives = "|".join(re.escape(t) for t in self._tokens)
-            self._pattern = re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])", re.IGNORECASE)
+            # Whole words only: a surname "LE" must not eat the "LE" of "LEFT". Scripts
+            # written without spaces (CJK) have no word boundaries: matched anywhere.
+            spaced = [re.escape(t) for t in self._tokens if not _UNSPACED.search(t)]
+            unspaced = [re.escape(t) for t in self._tokens if _UNSPACED.search(t)]
+            parts = []
+            if spaced:
+                parts.append(rf"(?<![^\W_])(?:{'|'.join(spaced)})(?![^\W_])")
+            if unspaced:
+                parts.append(f"(?:{'|'.join(unspaced)})")
+            self._pattern = re.compile("|".join(parts), re.IGNORECASE)
         if self._pattern is not None:
             text = self._pattern.sub(lambda m: REDACTED * len(m.group(0)), text)
         for pattern in _GENERIC_PATTERNS:

@@ -25,6 +25,8 @@ DEFAULT_RISKY_SOP_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound (single and multi-frame)
     "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
 )
+#: Whole-slide imaging: its LABEL and OVERVIEW images show the slide label (name, barcode).
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
 class BurnedInAnnotationRisk(ValueError):
@@ -67,6 +69,11 @@ class PixelPolicy:
         """Why the pixels of `dataset` may show identity, or None."""
         if str(dataset.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
             return "BurnedInAnnotation is YES"
+        if str(dataset.get("RecognizableVisualFeatures", "") or "").strip().upper() == "YES":
+            return "RecognizableVisualFeatures is YES"
+        image_type = {str(v).upper() for v in (dataset.get("ImageType") or [])}
+        if str(dataset.get("SOPClassUID", "")) == WSI_SOP_CLASS and image_type & {"LABEL", "OVERVIEW"}:
+            return "whole-slide LABEL/OVERVIEW image shows the slide label"
         modality = str(dataset.get("Modality", "") or "").strip().upper()
         if modality in self.risky_modalities:
             return f"modality {modality} routinely carries burned-in text"
