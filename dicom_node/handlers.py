@@ -27,6 +27,8 @@ Enqueue = Callable[[str, str], None]
 class _AssociationState:
     tag: str = field(default_factory=new_association_tag)
     batches: set[str] = field(default_factory=set)
+    #: study -> (chunk number, instances in the open chunk)
+    chunks: dict[str, tuple[int, int]] = field(default_factory=dict)
     stored: int = 0
     failed: int = 0
 
@@ -71,10 +73,21 @@ def _refuse_truncated(dataset: pydicom.Dataset) -> None:
             _ = dataset[tag].value  # decoded elements: make sure their values convert
 
 
-def handle_store(event: Any, spool: Spool, batches: AssociationBatches) -> int:
+def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
+    try:
+        enqueue(site_id, batch_id)
+    except Exception as exc:  # broker down: the sweeper re-enqueues the batch
+        log.error("enqueue of batch %s failed (%s); the sweeper will retry",
+                  batch_id, type(exc).__name__)
+
+
+def handle_store(event: Any, spool: Spool, batches: AssociationBatches,
+                 enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
     """C-STORE: check the data set parses and matches the request, spool it, then answer.
 
     Success only after the bytes are durable on disk; a spool failure answers 0xA700.
+    With `chunk_size`, a study's batch is handed to the worker as soon as it holds that
+    many instances, so processing overlaps with a long association.
     """
     state = batches.state(event.assoc)
     encoded = event.encoded_dataset(include_meta=True)
@@ -100,7 +113,8 @@ def handle_store(event: Any, spool: Spool, batches: AssociationBatches) -> int:
         state.failed += 1
         log.warning("C-STORE refused: data set does not match the request or lacks UIDs")
         return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-    batch_id = spool.batch_id(state.tag, study)
+    chunk, count = state.chunks.get(study, (0, 0))
+    batch_id = spool.batch_id(state.tag, study) + (f"-{chunk:04d}" if chunk_size else "")
     try:
         spool.write(batch_id, sop_instance, encoded)
     except ValueError:
@@ -112,6 +126,12 @@ def handle_store(event: Any, spool: Spool, batches: AssociationBatches) -> int:
         return Status.OUT_OF_RESOURCES
     state.batches.add(batch_id)
     state.stored += 1
+    count += 1
+    if chunk_size and enqueue is not None and count >= chunk_size:
+        state.batches.discard(batch_id)  # complete: handed over now, not at release
+        _enqueue(enqueue, spool.site_id, batch_id)
+        chunk, count = chunk + 1, 0
+    state.chunks[study] = (chunk, count)
     return Status.SUCCESS
 
 
@@ -125,11 +145,7 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
     if state is None:
         return
     for batch_id in sorted(state.batches):
-        try:
-            enqueue(site_id, batch_id)
-        except Exception as exc:  # noqa: BLE001 - broker down: the sweeper re-enqueues
-            log.error("enqueue of batch %s failed (%s); the sweeper will retry",
-                      batch_id, type(exc).__name__)
+        _enqueue(enqueue, site_id, batch_id)
     if state.stored or state.failed:
         log.info("association from %s closed: %d stored, %d refused, %d batches",
                  event.assoc.requestor.ae_title, state.stored, state.failed, len(state.batches))

@@ -44,6 +44,8 @@ class NodeConfig:
     network_timeout: float = 60.0
     sweep_interval_seconds: float = 30.0
     sweep_after_seconds: float = 300.0
+    #: Hand a study's instances to the worker every this many (0: once, at release).
+    batch_size: int = 50
 
 
 class _ContextList(list[PresentationContext]):
@@ -121,7 +123,8 @@ class DicomNode:
         ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.batches]),
+            (evt.EVT_C_STORE, handle_store,
+             [self.spool, self.batches, self.enqueue, self.config.batch_size]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue]),
         ]

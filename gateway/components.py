@@ -165,6 +165,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         network_timeout=settings.dicom.network_timeout_seconds,
         sweep_interval_seconds=settings.dicom.sweep_interval_seconds,
         sweep_after_seconds=settings.dicom.sweep_after_seconds,
+        batch_size=settings.dicom.batch_size,
     )
 
     def enqueue(site_id: str, batch_id: str) -> None:

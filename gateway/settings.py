@@ -36,6 +36,7 @@ class DicomSettings(BaseModel):
     network_timeout_seconds: float = Field(60.0, gt=0)
     sweep_interval_seconds: float = Field(30.0, gt=0)
     sweep_after_seconds: float = Field(300.0, ge=0)
+    batch_size: int = Field(50, ge=0)
 
     @field_validator("ae_title")
     @classmethod

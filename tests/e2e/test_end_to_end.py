@@ -23,6 +23,8 @@ from botocore.config import Config
 
 from gateway.sample_study import SampleStudySpec
 from tests.support.seaweedfs import SeaweedFS
+from tests.support.webhook import webhook_receiver
+from worker import verify
 from tests.support.services import (
     GatewayProcess,
     free_port,
@@ -84,11 +86,12 @@ def _port_closed(port: int) -> bool:
 
 
 @contextmanager
-def _serve(tmp_path: Path, data_dir: Path, dicom_port: int, http_port: int) -> Iterator[GatewayProcess]:
+def _serve(tmp_path: Path, data_dir: Path, dicom_port: int, http_port: int,
+           **settings: str) -> Iterator[GatewayProcess]:
     """`dicom-gateway serve` on the given ports, yielded once it printed its banner."""
     command = gateway_command("serve", "--data-dir", str(data_dir), "--dicom-port",
                               str(dicom_port), "--http-port", str(http_port))
-    with GatewayProcess(command, gateway_env(data_dir), tmp_path / "serve.log") as serve:
+    with GatewayProcess(command, gateway_env(data_dir, **settings), tmp_path / "serve.log") as serve:
         wait_for(lambda: "dicom-gateway is ready" in serve.log_text() or not serve.alive(),
                  timeout=120, what="serve to be ready")
         assert serve.alive(), serve.log_text()
@@ -101,7 +104,10 @@ def test_serve_ingests_a_study_sent_by_storescu(
     folder, spec = sample_study
     data_dir = tmp_path / "data"
     dicom_port, http_port = free_port(), free_port()
-    with _serve(tmp_path, data_dir, dicom_port, http_port) as serve:
+    with webhook_receiver() as receiver, _serve(
+        tmp_path, data_dir, dicom_port, http_port, worker__study_quiet_seconds="1",
+        worker__webhooks=json.dumps([{"url": receiver.url, "secret": "e2e-hook-secret-0123"}]),
+    ) as serve:
         banner = serve.log_text()
         token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
         assert f"Admin token   : {token}" in banner
@@ -113,7 +119,19 @@ def test_serve_ingests_a_study_sent_by_storescu(
         assert study["00080061"]["Value"] == ["CT", "MR"]  # type: ignore[index]
         assert study["00201206"]["Value"] == [2]  # type: ignore[index]
 
+        # The completion step, once the study is quiet: manifest, thumbnails, signed event.
+        wait_for(lambda: receiver.events, timeout=60, what="the study.stored webhook")
+        headers, body = receiver.events[0]
+        assert verify("e2e-hook-secret-0123", body, headers["x-dicomgateway-signature"])
+        study_uid = study["0020000D"]["Value"][0]  # type: ignore[index]
+        assert json.loads(body)["study_instance_uid"] == study_uid
+        study_dir = data_dir / "objects" / "studies" / str(study_uid)
+        assert (study_dir / "manifest-kos.dcm").is_file()
+        assert len(list(study_dir.glob("series/*/thumbnail.png"))) == 2
+        assert len(list(study_dir.glob("series/*/metadata.json"))) == 2
+
         objects = sorted((data_dir / "objects").rglob("*.dcm"))
+        objects = [p for p in objects if p.name != "manifest-kos.dcm"]
         assert len(objects) == spec.ct_slices + spec.mr_slices
         _assert_no_phi([p.read_bytes() for p in objects], folder, spec)
         assert not list((data_dir / "spool").rglob("*.dcm"))  # spool deleted after storing

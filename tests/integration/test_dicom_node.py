@@ -166,3 +166,32 @@ def test_stale_spool_batches_are_swept_back_into_the_queue(tmp_path: Path) -> No
     dicom_node.start()  # a restart after a crash: everything on disk is enqueued
     dicom_node.stop()
     assert recorder.batches == [("site1", "20260101T000000-crashed")]
+
+
+def test_a_long_study_is_handed_over_in_chunks_during_the_association(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    folder, spec = sample_study
+    recorder = _Recorder()
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site1", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["127.0.0.0/8"]), batch_size=5)
+    dicom_node = DicomNode(config, recorder)
+    dicom_node.start()
+    try:
+        result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
+                                 "127.0.0.1", str(dicom_node.port), str(folder)],
+                                capture_output=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        total = spec.ct_slices + spec.mr_slices
+        expected_batches = -(-total // 5)
+        from tests.support.services import wait_for
+
+        wait_for(lambda: len(recorder.batches) == expected_batches, timeout=10,
+                 what="every chunk to be enqueued")
+    finally:
+        dicom_node.stop()
+    batches = [batch for _, batch in recorder.batches]
+    assert len(set(batches)) == expected_batches
+    sizes = sorted(len(list((dicom_node.spool.site_dir / b).glob("*.dcm"))) for b in batches)
+    assert sizes == sorted([5] * (total // 5) + ([total % 5] if total % 5 else []))

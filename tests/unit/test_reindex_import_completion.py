@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import shutil
 import subprocess
 import sys
-import threading
 import zipfile
 from collections.abc import Iterator
 from io import BytesIO
@@ -23,6 +21,7 @@ from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
 from worker import IngestPipeline, StudyCompletion, Webhook, manifest_key, verify
 from worker.events import SIGNATURE_HEADER, deliver
+from tests.support.webhook import Received, webhook_receiver
 from worker.reindex import reindex
 
 SECRET = b"reindex-test-secret-0123456789abcdef"
@@ -93,34 +92,18 @@ def test_import_command_prints_a_summary(tmp_path: Path) -> None:
     assert "3 stored" in result.stderr
 
 
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    received: list[tuple[dict[str, str], bytes]] = []  # header names lower-cased
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[str]:
-    _Receiver.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
+def receiver() -> Iterator[Received]:
+    with webhook_receiver() as received:
+        yield received
 
 
 def test_completion_writes_metadata_thumbnails_manifest_and_signed_event(
-    tmp_path: Path, receiver: str,
+    tmp_path: Path, receiver: Received,
 ) -> None:
     pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
     run_import([_study(tmp_path, ct=5, mr=3)], pipeline, Spool(tmp_path / "spool", "site1"))
-    webhook = Webhook(receiver, "hook-secret-0123456789")
+    webhook = Webhook(receiver.url, "hook-secret-0123456789")
     completion = StudyCompletion(pipeline.store, pipeline.index, "site1", webhooks=(webhook,),
                                  deliver=lambda n, t, d, b: deliver(webhook, t, d, b),
                                  retrieve_url_base="https://gateway.example/dicom-web")
@@ -140,7 +123,7 @@ def test_completion_writes_metadata_thumbnails_manifest_and_signed_event(
                   for study in manifest.CurrentRequestedProcedureEvidenceSequence
                   for s in study.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
     assert len(referenced) == 8
-    [(headers, body)] = _Receiver.received
+    [(headers, body)] = receiver.events
     assert verify(webhook.secret, body, headers[SIGNATURE_HEADER.lower()])
     assert not verify("another-secret", body, headers[SIGNATURE_HEADER.lower()])
     event = json.loads(body)
