@@ -76,7 +76,7 @@ def _refuse_truncated(dataset: pydicom.Dataset) -> None:
 def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
     try:
         enqueue(site_id, batch_id)
-    except Exception as exc:  # broker down: the sweeper re-enqueues the batch
+    except Exception as exc:  # noqa: BLE001 - broker down: the sweeper re-enqueues the batch
         log.error("enqueue of batch %s failed (%s); the sweeper will retry",
                   batch_id, type(exc).__name__)
 
