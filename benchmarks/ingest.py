@@ -44,6 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--instances", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--codec", default=os.environ.get("DICOM_GATEWAY_WORKER__COMPRESSION", "jpeg-ls"),
+                        help="jpeg-ls (default), htj2k, jpeg-2000 or none")
     args = parser.parse_args()
     storescu = shutil.which("storescu")
     if storescu is None:
@@ -56,6 +58,7 @@ def main() -> None:
     dicom_port, http_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_GATEWAY_")}
     env["DICOM_GATEWAY_LOG_LEVEL"] = "WARNING"
+    env["DICOM_GATEWAY_WORKER__COMPRESSION"] = args.codec
     log = open(work / "serve.log", "wb")
     serve = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--data-dir", str(work / "data"),
@@ -85,7 +88,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"instances: {len(paths)}  size: {megabytes:.1f} MB  cpus: {os.cpu_count()}")
+    print(f"instances: {len(paths)}  size: {megabytes:.1f} MB  cpus: {os.cpu_count()}  "
+          f"codec: {args.codec}")
     print(f"C-STORE acceptance: {len(paths) / accepted:8.1f} instances/s  "
           f"{megabytes / accepted:7.1f} MB/s  ({accepted:.2f} s)")
     print(f"end to end (indexed): {len(paths) / end_to_end:6.1f} instances/s  "
