@@ -200,7 +200,8 @@ def build_api(settings: Settings):  # type: ignore[no-untyped-def]
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
     return create_app(
         ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
-                  quarantine_dir=settings.quarantine_dir),
+                  quarantine_dir=settings.quarantine_dir,
+                  public_url=settings.effective_public_url),
         build_index(settings),
         build_object_store(settings),
     )

@@ -30,6 +30,8 @@ class ApiConfig:
     readiness_probes: Mapping[str, Probe] = field(default_factory=dict)
     #: The site's quarantine folder, when this API runs beside the worker (serve).
     quarantine_dir: Path | None = None
+    #: The address clients reach us at (RetrieveURL, BulkDataURI); else the request's Host.
+    public_url: str | None = None
 
 
 class _QuarantineCollector(Collector):
@@ -62,7 +64,8 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         description="DICOMweb, share links and audit for de-identified studies.",
     )
     probes = {"index": index.check, "object_store": store.check, **config.readiness_probes}
-    app.state.config = ApiConfig(config.admin_token, probes, config.quarantine_dir)
+    app.state.config = ApiConfig(config.admin_token, probes, config.quarantine_dir,
+                                 config.public_url)
     app.state.index = index
     app.state.store = store
     install_error_handlers(app)

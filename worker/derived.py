@@ -205,7 +205,7 @@ def _colour(frame: npt.NDArray[np.generic], view: Dataset) -> npt.NDArray[np.uin
     return _to_uint8(np.asarray(rgb, np.float64), 0.0, float(2**depth - 1))
 
 
-def render_thumbnail(dataset: Dataset, size: int = 128) -> bytes:
+def render_thumbnail(dataset: Dataset, size: int = 128, frame_index: int | None = None) -> bytes:
     """Render a representative frame of `dataset` as a PNG fitted into `size` x `size`.
 
     The middle frame of a multi-frame image is used. Greyscale images get the Modality LUT
@@ -228,7 +228,10 @@ def render_thumbnail(dataset: Dataset, size: int = 128) -> bytes:
             "cannot render a thumbnail: the dataset has no pixel data "
             f"(SOP Class {dataset.get('SOPClassUID', 'unknown')})"
         )
-    index = _number_of_frames(dataset) // 2
+    frames = _number_of_frames(dataset)
+    index = frames // 2 if frame_index is None else frame_index
+    if not 0 <= index < frames:
+        raise DerivedObjectError(f"frame {index + 1} does not exist ({frames} frames)")
     try:
         frame = pixel_array(dataset, index=index)
         view = _frame_view(dataset, index)

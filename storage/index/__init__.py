@@ -4,7 +4,11 @@ from storage.index.engine import create_index_engine, downgrade, migrate
 from storage.index.repository import (
     DateRange,
     IndexRepository,
+    InstanceQuery,
     InstanceRecord,
+    InstanceSummary,
+    SeriesQuery,
+    SeriesSummary,
     StudyQuery,
     StudySummary,
 )
@@ -12,7 +16,11 @@ from storage.index.repository import (
 __all__ = [
     "DateRange",
     "IndexRepository",
+    "InstanceQuery",
     "InstanceRecord",
+    "InstanceSummary",
+    "SeriesQuery",
+    "SeriesSummary",
     "StudyQuery",
     "StudySummary",
     "create_index_engine",

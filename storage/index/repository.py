@@ -165,6 +165,60 @@ class StudySummary:
     number_of_instances: int = 0
 
 
+@dataclass(frozen=True)
+class SeriesQuery:
+    """Series-level matching keys."""
+
+    study_instance_uid: str | None = None
+    series_instance_uids: tuple[str, ...] = ()
+    modality: str | None = None
+    series_number: int | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    number_of_instances: int
+
+
+@dataclass(frozen=True)
+class InstanceQuery:
+    """Instance-level matching keys."""
+
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uids: tuple[str, ...] = ()
+    sop_class_uid: str | None = None
+    instance_number: int | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceSummary:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    transfer_syntax_uid: str
+    object_key: str
+    size_bytes: int
+    sha256: str
+    modality: str
+    updated_at: dt.datetime | None
+
+
 def _wildcard(column: Any, pattern: str, *, case_insensitive: bool = False) -> Any:
     """PS3.4 wildcard matching: '*' any run, '?' one character; SQL specials escaped."""
     if "*" not in pattern and "?" not in pattern:
@@ -306,6 +360,64 @@ class IndexRepository:
         for study_uid, values in modalities.items():
             result[study_uid]["modalities_in_study"] = tuple(sorted(values))
         return result
+
+    def search_series(self, query: SeriesQuery) -> list[SeriesSummary]:
+        """Matching series with their instance counts, by study then series number."""
+        conditions: list[Any] = []
+        if query.study_instance_uid:
+            conditions.append(Series.study_instance_uid == query.study_instance_uid)
+        if query.series_instance_uids:
+            conditions.append(Series.series_instance_uid.in_(query.series_instance_uids))
+        if query.modality:
+            conditions.append(_wildcard(Series.modality, query.modality))
+        if query.series_number is not None:
+            conditions.append(Series.series_number == query.series_number)
+        counts = (select(Instance.series_instance_uid.label("uid"), func.count().label("n"))
+                  .group_by(Instance.series_instance_uid).subquery())
+        statement = (
+            select(Series, func.coalesce(counts.c.n, 0))
+            .outerjoin(counts, counts.c.uid == Series.series_instance_uid)
+            .where(*conditions)
+            .order_by(Series.study_instance_uid, Series.series_number, Series.series_instance_uid)
+            .limit(query.limit).offset(query.offset)
+        )
+        with Session(self.engine) as session:
+            return [
+                SeriesSummary(s.study_instance_uid, s.series_instance_uid, s.modality,
+                              s.series_number, s.series_description, s.body_part_examined, int(n))
+                for s, n in session.execute(statement)
+            ]
+
+    def search_instances(self, query: InstanceQuery) -> list[InstanceSummary]:
+        """Matching instances, in series then instance-number order."""
+        conditions: list[Any] = []
+        if query.study_instance_uid:
+            conditions.append(Instance.study_instance_uid == query.study_instance_uid)
+        if query.series_instance_uid:
+            conditions.append(Instance.series_instance_uid == query.series_instance_uid)
+        if query.sop_instance_uids:
+            conditions.append(Instance.sop_instance_uid.in_(query.sop_instance_uids))
+        if query.sop_class_uid:
+            conditions.append(Instance.sop_class_uid == query.sop_class_uid)
+        if query.instance_number is not None:
+            conditions.append(Instance.instance_number == query.instance_number)
+        statement = (
+            select(Instance, Series.modality)
+            .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+            .where(*conditions)
+            .order_by(Instance.series_instance_uid, Instance.instance_number,
+                      Instance.sop_instance_uid)
+            .limit(query.limit).offset(query.offset)
+        )
+        with Session(self.engine) as session:
+            return [
+                InstanceSummary(
+                    i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid,
+                    i.sop_class_uid, i.instance_number, i.rows, i.columns, i.number_of_frames,
+                    i.transfer_syntax_uid, i.object_key, i.size_bytes, i.sha256, modality or "",
+                    i.updated_at)
+                for i, modality in session.execute(statement)
+            ]
 
     def instance_keys(self, study_instance_uid: str) -> list[str]:
         """The object keys of a study's instances, in series/instance order."""

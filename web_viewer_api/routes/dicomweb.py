@@ -1,20 +1,51 @@
-"""DICOMweb Studies Service routes (PS3.18): QIDO-RS for now."""
+"""DICOMweb Studies Service routes (PS3.18): QIDO-RS at every level and WADO-RS."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
+from storage import InstanceQuery, SeriesQuery
 from web_viewer_api.deps import IndexDep, ReadPrincipal
-from web_viewer_api.dicomweb.qido import QueryParameterError, parse_study_query, study_to_dicom_json
-from web_viewer_api.errors import BadRequest, NotAcceptable
+from web_viewer_api.dicomweb.multipart import (
+    multipart_content_type,
+    multipart_stream,
+    new_boundary,
+)
+from web_viewer_api.dicomweb.qido import (
+    INSTANCE_MATCHING_KEYS,
+    SERIES_MATCHING_KEYS,
+    ParsedQuery,
+    QueryParameterError,
+    instance_to_dicom_json,
+    parse_query,
+    parse_study_query,
+    series_to_dicom_json,
+    study_to_dicom_json,
+)
+from web_viewer_api.dicomweb.wado import (
+    BadRequestError,
+    NotAcceptableError,
+    NotFoundError,
+    Wado,
+    WadoError,
+    check_uid,
+    frame_parts,
+    negotiate_instance_syntax,
+    parse_frame_list,
+    rendered,
+)
+from web_viewer_api.errors import ApiError, BadRequest, NotAcceptable, NotFound
 
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 
 DICOM_JSON = "application/dicom+json"
 _ACCEPTABLE_JSON = {DICOM_JSON, "application/json", "*/*", "application/*"}
+_IMMUTABLE = "private, max-age=3600"
 
 
 def _require_json(request: Request) -> None:
@@ -25,32 +56,284 @@ def _require_json(request: Request) -> None:
         media_type = part.split(";")[0].strip().lower()
         if media_type in _ACCEPTABLE_JSON:
             return
-    raise NotAcceptable("QIDO-RS answers application/dicom+json only")
+    raise NotAcceptable("this resource is application/dicom+json")
 
 
-@router.get(
-    "/studies",
-    summary="QIDO-RS: search for studies",
-    responses={200: {"content": {DICOM_JSON: {}}}, 400: {}, 401: {}, 406: {}},
-)
-def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    """Match studies on PatientID, PatientName, AccessionNumber, StudyDate (range),
-    StudyInstanceUID (list), ModalitiesInStudy; `limit`/`offset` page the results."""
-    _require_json(request)
-    try:
-        parsed = parse_study_query(request.query_params.multi_items())
-    except QueryParameterError as exc:
-        raise BadRequest(str(exc)) from exc
-    studies = index.search_studies(parsed.query)
-    base = str(request.base_url).rstrip("/") + "/dicom-web"
-    body = [study_to_dicom_json(s, base) for s in studies]
-    headers: dict[str, str] = {}
+def _api_error(exc: WadoError) -> ApiError:
+    if isinstance(exc, NotFoundError):
+        return NotFound("not found")
+    if isinstance(exc, NotAcceptableError):
+        return NotAcceptable(str(exc))
+    return BadRequest(str(exc))
+
+
+def _wado(request: Request, index: IndexDep) -> Wado:
+    scope = getattr(request.state, "allowed_studies", None)
+    return Wado(index, request.app.state.store, scope)
+
+
+def _base(request: Request) -> str:
+    public = request.app.state.config.public_url
+    root = public.rstrip("/") if public else str(request.base_url).rstrip("/")
+    return root + "/dicom-web"
+
+
+def _json(body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), media_type=DICOM_JSON, headers=headers or {})
+
+
+def _warnings(parsed: Any, returned: int) -> dict[str, str]:
+    """Warning header values (PS3.18 §8.6): ignored keys, no fuzzy matching, truncation."""
     warnings = []
     if parsed.ignored:
         warnings.append(f'299 dicom-gateway "unsupported matching keys ignored: {", ".join(parsed.ignored)}"')
     if parsed.fuzzy_requested:
         warnings.append('299 dicom-gateway "fuzzymatching is not supported"')
-    if warnings:
-        headers["Warning"] = ", ".join(warnings)
-    # CP-2473: no match is 200 with an empty array, not 204.
-    return Response(json.dumps(body), media_type=DICOM_JSON, headers=headers)
+    limit = int(parsed.limit if isinstance(parsed, ParsedQuery) else parsed.query.limit)
+    if returned >= limit:
+        warnings.append('299 dicom-gateway "There are additional results that can be requested"')
+    return {"Warning": ", ".join(warnings)} if warnings else {}
+
+
+def _guard(call: Callable[[], Response]) -> Response:
+    try:
+        return call()
+    except WadoError as exc:
+        raise _api_error(exc) from exc
+    except QueryParameterError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+# QIDO-RS ---------------------------------------------------------------------------------
+@router.get("/studies", summary="QIDO-RS: search for studies")
+def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+    """Match studies on PatientID, PatientName, AccessionNumber, StudyDate (range),
+    StudyInstanceUID (list), ModalitiesInStudy; `limit`/`offset` page the results.
+    No match is `200 []` (CP-2473)."""
+    _require_json(request)
+    try:
+        parsed = parse_study_query(request.query_params.multi_items())
+    except QueryParameterError as exc:
+        raise BadRequest(str(exc)) from exc
+    scope = getattr(request.state, "allowed_studies", None)
+    query = parsed.query
+    if scope is not None:
+        wanted = set(query.study_instance_uids or scope) & scope
+        query = type(query)(**{**query.__dict__, "study_instance_uids": tuple(sorted(wanted)) or ("-",)})
+    studies = index.search_studies(query)
+    body = [study_to_dicom_json(s, _base(request)) for s in studies]
+    return _json(body, _warnings(parsed, len(body)) if parsed.ignored or parsed.fuzzy_requested
+                 or len(body) >= query.limit else {})
+
+
+def _series(request: Request, index: IndexDep, study: str | None) -> Response:
+    _require_json(request)
+    parsed = parse_query(request.query_params.multi_items(), SERIES_MATCHING_KEYS)
+    study = study or parsed.values.get("StudyInstanceUID")
+    if study:
+        check_uid(study, "StudyInstanceUID")
+    scope = getattr(request.state, "allowed_studies", None)
+    if scope is not None and study is not None and study not in scope:
+        return _json([])
+    number = parsed.values.get("SeriesNumber")
+    series = index.search_series(SeriesQuery(
+        study_instance_uid=study,
+        series_instance_uids=tuple(parsed.values.get("SeriesInstanceUID", "").replace("\\", ",").split(","))
+        if parsed.values.get("SeriesInstanceUID") else (),
+        modality=parsed.values.get("Modality"),
+        series_number=int(number) if number else None,
+        limit=parsed.limit, offset=parsed.offset))
+    if scope is not None:
+        series = [s for s in series if s.study_instance_uid in scope]
+    body = [series_to_dicom_json(s, _base(request)) for s in series]
+    return _json(body, _warnings(parsed, len(body)))
+
+
+@router.get("/series", summary="QIDO-RS: search for series")
+def search_for_all_series(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _series(request, index, None))
+
+
+@router.get("/studies/{study}/series", summary="QIDO-RS: search for a study's series")
+def search_for_series(study: str, request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _series(request, index, study))
+
+
+def _instances(request: Request, index: IndexDep, study: str | None, series: str | None) -> Response:
+    _require_json(request)
+    parsed = parse_query(request.query_params.multi_items(), INSTANCE_MATCHING_KEYS)
+    study = study or parsed.values.get("StudyInstanceUID")
+    series = series or parsed.values.get("SeriesInstanceUID")
+    for value, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID")):
+        if value:
+            check_uid(value, what)
+    scope = getattr(request.state, "allowed_studies", None)
+    if scope is not None and study is not None and study not in scope:
+        return _json([])
+    number = parsed.values.get("InstanceNumber")
+    sops = parsed.values.get("SOPInstanceUID")
+    found = index.search_instances(InstanceQuery(
+        study_instance_uid=study, series_instance_uid=series,
+        sop_instance_uids=tuple(sops.replace("\\", ",").split(",")) if sops else (),
+        sop_class_uid=parsed.values.get("SOPClassUID"),
+        instance_number=int(number) if number else None,
+        limit=parsed.limit, offset=parsed.offset))
+    if scope is not None:
+        found = [i for i in found if i.study_instance_uid in scope]
+    body = [instance_to_dicom_json(i, _base(request)) for i in found]
+    return _json(body, _warnings(parsed, len(body)))
+
+
+@router.get("/instances", summary="QIDO-RS: search for instances")
+def search_for_all_instances(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _instances(request, index, None, None))
+
+
+@router.get("/studies/{study}/instances", summary="QIDO-RS: search for a study's instances")
+def search_for_study_instances(study: str, request: Request, _principal: ReadPrincipal,
+                               index: IndexDep) -> Response:
+    return _guard(lambda: _instances(request, index, study, None))
+
+
+@router.get("/studies/{study}/series/{series}/instances", summary="QIDO-RS: search for a series' instances")
+def search_for_instances(study: str, series: str, request: Request, _principal: ReadPrincipal,
+                         index: IndexDep) -> Response:
+    return _guard(lambda: _instances(request, index, study, series))
+
+
+# WADO-RS ---------------------------------------------------------------------------------
+def _retrieve(request: Request, index: IndexDep, study: str, series: str | None = None,
+              sop: str | None = None) -> Response:
+    wado = _wado(request, index)
+    syntax = negotiate_instance_syntax(request.headers.get("accept"))
+    instances = wado.instances(study, series, sop)
+    boundary = new_boundary()
+    body = multipart_stream(wado.instance_parts(instances, syntax), boundary)
+    return StreamingResponse(body, media_type=multipart_content_type("application/dicom", boundary),
+                             headers={"Cache-Control": _IMMUTABLE})
+
+
+@router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
+def retrieve_study(study: str, request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _retrieve(request, index, study))
+
+
+@router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+def retrieve_series(study: str, series: str, request: Request, _principal: ReadPrincipal,
+                    index: IndexDep) -> Response:
+    return _guard(lambda: _retrieve(request, index, study, series))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}", summary="WADO-RS: retrieve an instance")
+def retrieve_instance(study: str, series: str, sop: str, request: Request,
+                      _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _retrieve(request, index, study, series, sop))
+
+
+def _metadata(request: Request, index: IndexDep, study: str, series: str | None = None,
+              sop: str | None = None) -> Response:
+    _require_json(request)
+    wado = _wado(request, index)
+    return _json(wado.metadata(wado.instances(study, series, sop), _base(request)),
+                 {"Cache-Control": _IMMUTABLE})
+
+
+@router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
+def retrieve_study_metadata(study: str, request: Request, _principal: ReadPrincipal,
+                            index: IndexDep) -> Response:
+    return _guard(lambda: _metadata(request, index, study))
+
+
+@router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
+def retrieve_series_metadata(study: str, series: str, request: Request, _principal: ReadPrincipal,
+                             index: IndexDep) -> Response:
+    return _guard(lambda: _metadata(request, index, study, series))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/metadata",
+            summary="WADO-RS: instance metadata")
+def retrieve_instance_metadata(study: str, series: str, sop: str, request: Request,
+                               _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _metadata(request, index, study, series, sop))
+
+
+def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str,
+            frames: str) -> Response:
+    numbers = parse_frame_list(frames)
+    wado = _wado(request, index)
+    [instance] = wado.instances(study, series, sop)
+    dataset = wado.dataset(instance)
+    if "PixelData" not in dataset:
+        raise NotFoundError("no pixel data")
+    part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
+    boundary = new_boundary()
+    return StreamingResponse(multipart_stream(parts, boundary),
+                             media_type=multipart_content_type(part_type, boundary),
+                             headers={"Cache-Control": _IMMUTABLE})
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+            summary="WADO-RS: retrieve frames")
+def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request,
+                    _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _frames(request, index, study, series, sop, frames))
+
+
+def _rendered(request: Request, index: IndexDep, study: str, series: str, sop: str,
+              frame: int | None, thumbnail: bool = False) -> Response:
+    wado = _wado(request, index)
+    [instance] = wado.instances(study, series, sop)
+    params = request.query_params
+    image, media_type = rendered(
+        wado.dataset(instance), request.headers.get("accept"),
+        viewport=params.get("viewport") or ("128,128" if thumbnail else None),
+        window=params.get("window"), quality=params.get("quality"), frame=frame)
+    return Response(image, media_type=media_type, headers={"Cache-Control": _IMMUTABLE})
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/rendered",
+            summary="WADO-RS: rendered instance")
+def retrieve_rendered_instance(study: str, series: str, sop: str, request: Request,
+                               _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _rendered(request, index, study, series, sop, None))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered",
+            summary="WADO-RS: rendered frame")
+def retrieve_rendered_frame(study: str, series: str, sop: str, frame: str, request: Request,
+                            _principal: ReadPrincipal, index: IndexDep) -> Response:
+    def call() -> Response:
+        numbers = parse_frame_list(frame)
+        if len(numbers) != 1:
+            raise BadRequestError("one frame per rendered request")
+        return _rendered(request, index, study, series, sop, numbers[0])
+    return _guard(call)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail",
+            summary="WADO-RS: instance thumbnail")
+def retrieve_instance_thumbnail(study: str, series: str, sop: str, request: Request,
+                                _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _rendered(request, index, study, series, sop, None, thumbnail=True))
+
+
+def _series_thumbnail(request: Request, index: IndexDep, study: str, series: str | None) -> Response:
+    wado = _wado(request, index)
+    instances = [i for i in wado.instances(study, series) if i.rows]
+    if not instances:
+        raise NotFoundError("no image in this scope")
+    middle = instances[len(instances) // 2]
+    return _rendered(request, index, study, middle.series_instance_uid, middle.sop_instance_uid,
+                     None, thumbnail=True)
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail")
+def retrieve_series_thumbnail(study: str, series: str, request: Request,
+                              _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _series_thumbnail(request, index, study, series))
+
+
+@router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail")
+def retrieve_study_thumbnail(study: str, request: Request, _principal: ReadPrincipal,
+                             index: IndexDep) -> Response:
+    return _guard(lambda: _series_thumbnail(request, index, study, None))

@@ -1,0 +1,160 @@
+"""DICOMweb against a real HTTP server on loopback, driven by the independent
+`dicomweb-client` package (QIDO-RS at every level, WADO-RS instances, metadata, frames,
+rendered) plus raw requests for the error cases."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+import uvicorn
+from dicomweb_client.api import DICOMwebClient
+
+from anonymize import DeidentificationPolicy, PseudonymKeys
+from dicom_node import Spool
+from gateway.importer import run_import
+from gateway.sample_study import SampleStudySpec, write_sample_study
+from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
+from tests.support.services import free_port, wait_for
+from web_viewer_api import ApiConfig, create_app
+from worker import IngestPipeline
+
+TOKEN = "dicomweb-test-token-0123456789abcdef"
+
+
+class _Server:
+    def __init__(self, root: Path) -> None:
+        engine = create_index_engine(f"sqlite:///{root / 'index.sqlite3'}")
+        migrate(engine)
+        self.index = IndexRepository(engine)
+        self.store = FilesystemObjectStore(root / "objects")
+        pipeline = IngestPipeline(self.store, self.index,
+                                  DeidentificationPolicy(PseudonymKeys(b"w" * 32), "site1"),
+                                  root / "spool", root / "quarantine")
+        source = root / "source"
+        write_sample_study(source, SampleStudySpec(ct_slices=4, mr_slices=2, ct_size=128, mr_size=64))
+        run_import([source], pipeline, Spool(root / "spool", "site1"))
+        self.port = free_port()
+        # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
+        app = create_app(ApiConfig(TOKEN, public_url=f"http://127.0.0.1:{self.port}"),
+                         self.index, self.store)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
+    running = _Server(tmp_path_factory.mktemp("dicomweb"))
+    running.thread.start()
+    wait_for(lambda: running.server.started, timeout=30, what="uvicorn to start")
+    yield running
+    running.server.should_exit = True
+    running.thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server: _Server) -> DICOMwebClient:
+    return DICOMwebClient(url=server.url, headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def _uids(server: _Server) -> tuple[str, str, str]:
+    [study] = server.index.search_studies(StudyQuery())
+    instances = server.index.study_instances(study.study_instance_uid)
+    ct = next(i for i in instances if i[2] == "1.2.840.10008.5.1.4.1.1.2")
+    return study.study_instance_uid, ct[0], ct[1]
+
+
+def test_search_at_every_level(client: DICOMwebClient, server: _Server) -> None:
+    study, series, sop = _uids(server)
+    assert [s["0020000D"]["Value"][0] for s in client.search_for_studies()] == [study]
+    found_series = client.search_for_series(study_instance_uid=study)
+    assert sorted(s["00080060"]["Value"][0] for s in found_series) == ["CT", "MR"]
+    assert len(client.search_for_series(search_filters={"Modality": "MR"})) == 1
+    instances = client.search_for_instances(study_instance_uid=study, series_instance_uid=series)
+    assert len(instances) == 4
+    assert len(client.search_for_instances(study_instance_uid=study)) == 6
+    assert [i["00080018"]["Value"][0] for i in
+            client.search_for_instances(search_filters={"SOPInstanceUID": sop})] == [sop]
+
+
+def test_retrieve_study_series_and_instance(client: DICOMwebClient, server: _Server) -> None:
+    study, series, sop = _uids(server)
+    assert len(client.retrieve_study(study)) == 6
+    assert len(client.retrieve_series(study, series)) == 4
+    stored = pydicom.dcmread(server.store.root / server.index.find_instance(sop)[0])  # type: ignore[index]
+    as_stored = client.retrieve_instance(study, series, sop,
+                                         media_types=(("application/dicom", "*"),))
+    assert as_stored.file_meta.TransferSyntaxUID == stored.file_meta.TransferSyntaxUID
+    explicit = client.retrieve_instance(study, series, sop,
+                                        media_types=(("application/dicom", "1.2.840.10008.1.2.1"),))
+    assert explicit.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(explicit.pixel_array, stored.pixel_array)
+
+
+def test_series_metadata_has_absolute_bulk_data_uris(client: DICOMwebClient, server: _Server) -> None:
+    study, series, _ = _uids(server)
+    metadata = client.retrieve_series_metadata(study, series)
+    assert len(metadata) == 4
+    uri = metadata[0]["7FE00010"]["BulkDataURI"]
+    assert uri.startswith(server.url + "/studies/" + study)
+
+
+def test_frames_uncompressed_and_as_stored(client: DICOMwebClient, server: _Server) -> None:
+    study, series, sop = _uids(server)
+    [raw] = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1],
+                                            media_types=("application/octet-stream",))
+    assert len(raw) == 128 * 128 * 2
+    [jls] = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1],
+                                            media_types=(("image/jls", "1.2.840.10008.1.2.4.80"),))
+    assert jls[:2] == b"\xff\xd8" and len(jls) < len(raw)
+
+
+def test_rendered_and_thumbnail(client: DICOMwebClient, server: _Server) -> None:
+    study, series, sop = _uids(server)
+    png = client.retrieve_instance_rendered(study, series, sop, media_types=("image/png",))
+    assert png.startswith(b"\x89PNG")
+    jpeg = client.retrieve_instance_rendered(study, series, sop, media_types=("image/jpeg",),
+                                             params={"window": "40,400", "viewport": "64,64"})
+    assert jpeg[:2] == b"\xff\xd8"
+    response = httpx.get(f"{server.url}/studies/{study}/thumbnail",
+                         headers={"Authorization": f"Bearer {TOKEN}", "Accept": "image/png"})
+    assert response.status_code == 200 and response.content.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("path", "accept", "status"), [
+    ("/studies/2.25.1", 'multipart/related; type="application/dicom"', 404),
+    ("/studies/not-a-uid/series", "application/dicom+json", 400),
+    ("/studies/{study}", 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50', 406),
+    ("/studies/{study}/series/{series}/instances/{sop}/frames/0", "application/octet-stream", 400),
+    ("/studies/{study}/series/{series}/instances/{sop}/frames/99", "application/octet-stream", 404),
+    ("/series?NotAKeyword=1", "application/dicom+json", 400),
+])
+def test_errors_are_json_4xx(server: _Server, path: str, accept: str, status: int) -> None:
+    study, series, sop = _uids(server)
+    url = server.url + path.format(study=study, series=series, sop=sop)
+    response = httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}", "Accept": accept})
+    assert response.status_code == status
+    assert response.json()["error"]["code"]
+
+
+def test_streamed_retrieve_is_chunked(server: _Server) -> None:
+    study, _, _ = _uids(server)
+    started = time.perf_counter()
+    with httpx.stream("GET", f"{server.url}/studies/{study}",
+                      headers={"Authorization": f"Bearer {TOKEN}",
+                               "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}) as response:
+        assert response.headers.get("transfer-encoding") == "chunked"
+        assert "boundary=" in response.headers["content-type"]
+        total = sum(len(chunk) for chunk in response.iter_bytes())
+    assert total > 0 and time.perf_counter() - started < 60

@@ -1,0 +1,285 @@
+"""WADO-RS (PS3.18 §10.4): instances, metadata, frames and rendered images from the store.
+
+Instances stream one object at a time (memory bounded by the largest instance, never by
+the study). Transfer syntaxes are negotiated from the Accept header: `*` returns what is
+stored; Explicit VR Little Endian (the standard's default) decompresses; a lossless
+syntax transcodes with the worker's verified encoder; anything else is 406.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID
+
+from storage import (
+    IndexRepository,
+    InstanceQuery,
+    InstanceSummary,
+    ObjectNotFound,
+    ObjectStore,
+)
+from web_viewer_api.dicomweb.multipart import (
+    ANY_TRANSFER_SYNTAX,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    parse_accept,
+)
+from worker import Codec, TranscodeStatus, encode_dataset, instance_metadata_key, transcode_lossless
+from worker.derived import DerivedObjectError, render_thumbnail
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_LOSSLESS_TARGETS = {
+    "1.2.840.10008.1.2.4.80": Codec.JPEG_LS,
+    "1.2.840.10008.1.2.4.90": Codec.JPEG_2000,
+    "1.2.840.10008.1.2.4.201": Codec.HTJ2K,
+}
+#: PS3.18 Table 8.7.3-5: media types of compressed frames.
+FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_LIMIT = 100_000
+
+
+class WadoError(Exception):
+    """Base of retrieval errors."""
+
+
+class NotFoundError(WadoError):
+    """No such study, series, instance or frame (in this scope)."""
+
+
+class NotAcceptableError(WadoError):
+    """The Accept header asks for a representation this server cannot produce."""
+
+
+class BadRequestError(WadoError):
+    """A malformed UID, frame list or query parameter."""
+
+
+def check_uid(value: str, what: str) -> str:
+    if not _UID.match(value) or len(value) > 64:
+        raise BadRequestError(f"{what} is not a valid UID")
+    return value
+
+
+# Negotiation ----------------------------------------------------------------------------
+def negotiate_instance_syntax(accept: str | None) -> str:
+    """The transfer syntax to send instances in, or NotAcceptableError."""
+    for media in parse_accept(accept):
+        if media.media_type in ("*/*", "multipart/*"):
+            return media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+        if media.media_type in ("multipart/related", "application/dicom"):
+            part = media.params.get("type", "application/dicom")
+            if part not in ("application/dicom", "application/*", "*/*"):
+                continue
+            syntax = media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+            if syntax == ANY_TRANSFER_SYNTAX or syntax in (
+                EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, *_LOSSLESS_TARGETS):
+                return syntax
+    raise NotAcceptableError("no acceptable instance representation: use multipart/related; "
+                             'type="application/dicom" with transfer-syntax=* or a lossless one')
+
+
+def convert_instance(body: bytes, target: str) -> tuple[bytes, str]:
+    """The stored instance in the target syntax (stored bytes when they already are)."""
+    if target == ANY_TRANSFER_SYNTAX:
+        return body, _stored_syntax(body)
+    dataset = pydicom.dcmread(BytesIO(body))
+    current = str(dataset.file_meta.TransferSyntaxUID)
+    if current == target:
+        return body, current
+    if UID(current).is_compressed:
+        if "PixelData" not in dataset:
+            raise NotAcceptableError("cannot change the transfer syntax of this instance")
+        try:
+            dataset.decompress(decoding_plugin="pylibjpeg")
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            raise NotAcceptableError(f"cannot decode the stored pixel data: {exc}") from exc
+    if target in _LOSSLESS_TARGETS:
+        outcome = transcode_lossless(dataset, _LOSSLESS_TARGETS[target])
+        if outcome.status is not TranscodeStatus.COMPRESSED:
+            raise NotAcceptableError(f"cannot encode this instance in {target}")
+        return encode_dataset(dataset), target
+    if target == IMPLICIT_VR_LITTLE_ENDIAN:
+        dataset.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True, implicit_vr=True, little_endian=True)
+        return buffer.getvalue(), target
+    return encode_dataset(dataset), str(dataset.file_meta.TransferSyntaxUID)
+
+
+def _stored_syntax(body: bytes) -> str:
+    header = pydicom.dcmread(BytesIO(body), stop_before_pixels=True, specific_tags=[0x00080018])
+    return str(header.file_meta.TransferSyntaxUID)
+
+
+# Lookup ---------------------------------------------------------------------------------
+@dataclass
+class Wado:
+    """Retrieval over one index and store; `allowed_studies` limits a share's scope."""
+
+    index: IndexRepository
+    store: ObjectStore
+    allowed_studies: frozenset[str] | None = None
+
+    def instances(self, study: str, series: str | None = None,
+                  sop: str | None = None) -> list[InstanceSummary]:
+        check_uid(study, "StudyInstanceUID")
+        if series:
+            check_uid(series, "SeriesInstanceUID")
+        if sop:
+            check_uid(sop, "SOPInstanceUID")
+        if self.allowed_studies is not None and study not in self.allowed_studies:
+            raise NotFoundError("not found")
+        found = self.index.search_instances(InstanceQuery(
+            study_instance_uid=study, series_instance_uid=series,
+            sop_instance_uids=(sop,) if sop else (), limit=MAX_LIMIT))
+        if not found:
+            raise NotFoundError("not found")
+        return found
+
+    def instance_parts(self, instances: list[InstanceSummary], target: str) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+        for instance in instances:
+            try:
+                body = self.store.get(instance.object_key)
+            except ObjectNotFound:
+                continue  # indexed but gone: reindex will tell; never a broken part
+            converted, syntax = convert_instance(body, target)
+            yield (f"application/dicom; transfer-syntax={syntax}", converted, {})
+
+    def metadata(self, instances: list[InstanceSummary], base_url: str) -> list[dict[str, Any]]:
+        documents = []
+        for instance in instances:
+            key = instance_metadata_key(instance.study_instance_uid,
+                                        instance.series_instance_uid, instance.sop_instance_uid)
+            try:
+                document = json.loads(self.store.get(key))
+            except ObjectNotFound:
+                header = pydicom.dcmread(BytesIO(self.store.get(instance.object_key)),
+                                         stop_before_pixels=True)
+                document = header.to_json_dict()
+            documents.append(_absolute_bulk_uris(document, base_url))
+        return documents
+
+    def dataset(self, instance: InstanceSummary) -> Dataset:
+        return pydicom.dcmread(BytesIO(self.store.get(instance.object_key)))
+
+
+def _absolute_bulk_uris(document: Any, base_url: str) -> Any:
+    if isinstance(document, dict):
+        result = {}
+        for key, value in document.items():
+            if key == "BulkDataURI" and isinstance(value, str) and not value.startswith("http"):
+                result[key] = f"{base_url}/{value}"
+            else:
+                result[key] = _absolute_bulk_uris(value, base_url)
+        return result
+    if isinstance(document, list):
+        return [_absolute_bulk_uris(v, base_url) for v in document]
+    return document
+
+
+# Frames -------------------------------------------------------------------------------
+def parse_frame_list(text: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise BadRequestError("frame list must be comma-separated frame numbers") from exc
+    if not numbers or any(n < 1 for n in numbers):
+        raise BadRequestError("frame numbers start at 1")
+    return numbers
+
+
+def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None) -> tuple[str, list[tuple[str, bytes, dict[str, str]]]]:
+    """(part media type, parts) for the requested frames: uncompressed octet-stream by
+    default, the stored compressed bitstream when the Accept header allows it."""
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    if any(n > count for n in numbers):
+        raise NotFoundError(f"the instance has {count} frames")
+    stored = str(dataset.file_meta.TransferSyntaxUID)
+    compressed_type = FRAME_MEDIA_TYPES.get(stored)
+    for media in parse_accept(accept):
+        part = media.params.get("type", media.media_type if media.media_type != "multipart/related" else "application/octet-stream")
+        syntax = media.params.get("transfer-syntax")
+        if compressed_type and (part == compressed_type or (part in ("*/*", "*") and syntax == "*")
+                                or syntax == stored):
+            frames = list(generate_frames(dataset.PixelData, number_of_frames=count))
+            return compressed_type, [(f"{compressed_type}; transfer-syntax={stored}", frames[n - 1], {})
+                                     for n in numbers]
+        if part in ("application/octet-stream", "*/*", "*") and syntax in (None, EXPLICIT_VR_LITTLE_ENDIAN, "*"):
+            return "application/octet-stream", [("application/octet-stream", f, {})
+                                                for f in _native_frames(dataset, numbers)]
+    raise NotAcceptableError("frames are available as application/octet-stream"
+                             + (f" or {compressed_type}" if compressed_type else ""))
+
+
+def _native_frames(dataset: Dataset, numbers: list[int]) -> list[bytes]:
+    if UID(str(dataset.file_meta.TransferSyntaxUID)).is_compressed:
+        dataset.decompress(decoding_plugin="pylibjpeg")
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
+    length = rows * columns * samples * bits // 8
+    data = bytes(dataset.PixelData)
+    return [data[(n - 1) * length : n * length] for n in numbers]
+
+
+# Rendered -------------------------------------------------------------------------------
+def rendered(dataset: Dataset, accept: str | None, *, viewport: str | None, window: str | None,
+             quality: str | None, frame: int | None = None, default_size: int = 1024) -> tuple[bytes, str]:
+    """An image of one frame: JPEG (default) or PNG, windowed and fitted to the viewport."""
+    media_type = "image/jpeg"
+    for media in parse_accept(accept):
+        if media.media_type in ("image/png", "image/jpeg"):
+            media_type = media.media_type
+            break
+        if media.media_type in ("*/*", "image/*"):
+            break
+    else:
+        if accept:
+            raise NotAcceptableError("rendered resources are image/jpeg or image/png")
+    size = default_size
+    if viewport:
+        try:
+            width, height = (int(v) for v in viewport.split(",")[:2])
+        except ValueError as exc:
+            raise BadRequestError("viewport is vw,vh") from exc
+        size = max(1, min(max(width, height), 4096))
+    if window:
+        try:
+            center, width_value = (float(v) for v in window.split(",")[:2])
+        except ValueError as exc:
+            raise BadRequestError("window is center,width[,function]") from exc
+        dataset.WindowCenter, dataset.WindowWidth = center, width_value
+        if "VOILUTSequence" in dataset:
+            del dataset.VOILUTSequence
+    try:
+        png = render_thumbnail(dataset, size=size, frame_index=None if frame is None else frame - 1)
+    except DerivedObjectError as exc:
+        raise NotFoundError(str(exc)) from exc
+    if media_type == "image/png":
+        return png, media_type
+    level = 90
+    if quality:
+        try:
+            level = max(1, min(100, int(quality)))
+        except ValueError as exc:
+            raise BadRequestError("quality is 1-100") from exc
+    image = Image.open(BytesIO(png))
+    out = BytesIO()
+    image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(out, "JPEG", quality=level)
+    return out.getvalue(), media_type
