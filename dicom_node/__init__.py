@@ -3,8 +3,8 @@
 from dicom_node.handlers import AssociationBatches, handle_echo, handle_store
 from dicom_node.policy import LOOPBACK_NETWORKS, CallerPolicy
 from dicom_node.server import DicomNode, NodeConfig
-from dicom_node.spool import Spool, SpoolError, SpoolWriteError
 from dicom_node.status import Status
+from worker import Spool, SpoolError, SpoolWriteError
 
 __all__ = [
     "LOOPBACK_NETWORKS",

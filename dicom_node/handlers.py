@@ -13,8 +13,8 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.spool import Spool, SpoolWriteError, new_association_tag
 from dicom_node.status import Status
+from worker import Spool, SpoolWriteError, new_association_tag
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dicom_node.handlers import (
     handle_store,
 )
 from dicom_node.policy import CallerPolicy
-from dicom_node.spool import Spool
+from worker import Spool
 
 log = logging.getLogger(__name__)
 

@@ -199,9 +199,9 @@ def import_files(
     data_dir: DataDir = None,
 ) -> None:
     """Send every DICOM file under PATHS through the ingest pipeline, with progress."""
-    from dicom_node import Spool
     from gateway import components
     from gateway.importer import run_import
+    from worker import Spool
 
     settings = _settings(data_dir=data_dir)
     components.configure_logging(settings, "import")

@@ -28,10 +28,11 @@ from storage import (
     create_index_engine,
     migrate,
 )
-from web_viewer_api import ApiConfig, create_app
+from web_viewer_api import ApiConfig, StowTarget, create_app
 from worker import (
     Codec,
     IngestPipeline,
+    Spool,
     StudyCompletion,
     Webhook,
     WorkerContext,
@@ -198,10 +199,17 @@ def _component_probe(settings: Settings, component: str):  # type: ignore[no-unt
 
 def build_api(settings: Settings):  # type: ignore[no-untyped-def]
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
+    sender = build_celery(settings, with_pipeline=False)
+
+    def enqueue(site_id: str, batch_id: str) -> None:
+        enqueue_ingest(sender, site_id, batch_id)
+
+    stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
+                      settings.http.max_stow_mb * 1024 * 1024)
     return create_app(
         ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
-                  public_url=settings.effective_public_url),
+                  public_url=settings.effective_public_url, stow=stow),
         build_index(settings),
         build_object_store(settings),
     )

@@ -25,8 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from dicom_node import Spool
-from worker import IngestPipeline
+from worker import IngestPipeline, Spool
 
 
 @dataclass

@@ -51,6 +51,8 @@ class HttpSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     #: The address users reach the API at (in KOS manifests and links); default from host/port.
     public_url: str | None = None
+    #: Largest STOW-RS request body accepted (413 above).
+    max_stow_mb: int = Field(2048, ge=1)
 
 
 class S3Settings(BaseModel):

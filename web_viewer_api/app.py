@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from storage import IndexRepository, ObjectStore
+from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import install_error_handlers
 from web_viewer_api.routes import dicomweb, health
 
@@ -32,6 +33,8 @@ class ApiConfig:
     quarantine_dir: Path | None = None
     #: The address clients reach us at (RetrieveURL, BulkDataURI); else the request's Host.
     public_url: str | None = None
+    #: Where STOW-RS puts instances (the site's spool); None: STOW-RS answers 503.
+    stow: StowTarget | None = None
 
 
 class _QuarantineCollector(Collector):
@@ -65,7 +68,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     )
     probes = {"index": index.check, "object_store": store.check, **config.readiness_probes}
     app.state.config = ApiConfig(config.admin_token, probes, config.quarantine_dir,
-                                 config.public_url)
+                                 config.public_url, config.stow)
     app.state.index = index
     app.state.store = store
     install_error_handlers(app)

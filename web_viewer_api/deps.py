@@ -61,3 +61,4 @@ def index_repository(request: Request) -> IndexRepository:
 
 IndexDep = Annotated[IndexRepository, Depends(index_repository)]
 ReadPrincipal = Annotated[Principal, Depends(require_scope("read"))]
+WritePrincipal = Annotated[Principal, Depends(require_scope("write"))]

@@ -15,6 +15,7 @@ from worker.pipeline import (
     read_provenance,
     record_for,
 )
+from worker.spool import Spool, SpoolError, SpoolWriteError, new_association_tag
 from worker.tasks import (
     COMPLETE_STUDY_TASK,
     INGEST_TASK,
@@ -36,6 +37,9 @@ __all__ = [
     "IngestReport",
     "InvalidBatchName",
     "PipelineError",
+    "Spool",
+    "SpoolError",
+    "SpoolWriteError",
     "StudyCompletion",
     "TranscodeStatus",
     "TransientPipelineError",
@@ -51,6 +55,7 @@ __all__ = [
     "instance_json",
     "instance_metadata_key",
     "manifest_key",
+    "new_association_tag",
     "read_provenance",
     "record_for",
     "sign",

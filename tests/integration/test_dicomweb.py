@@ -17,12 +17,12 @@ import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
-from dicom_node import Spool
+from worker import Spool
 from gateway.importer import run_import
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
 from tests.support.services import free_port, wait_for
-from web_viewer_api import ApiConfig, create_app
+from web_viewer_api import ApiConfig, StowTarget, create_app
 from worker import IngestPipeline
 
 TOKEN = "dicomweb-test-token-0123456789abcdef"
@@ -41,8 +41,13 @@ class _Server:
         write_sample_study(source, SampleStudySpec(ct_slices=4, mr_slices=2, ct_size=128, mr_size=64))
         run_import([source], pipeline, Spool(root / "spool", "site1"))
         self.port = free_port()
+        self.pipeline = pipeline
+        self.enqueued: list[tuple[str, str]] = []
+        stow = StowTarget(Spool(root / "spool", "site1"),
+                          lambda site, batch: self.enqueued.append((site, batch)),
+                          max_bytes=4 * 1024 * 1024)
         # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
-        app = create_app(ApiConfig(TOKEN, public_url=f"http://127.0.0.1:{self.port}"),
+        app = create_app(ApiConfig(TOKEN, public_url=f"http://127.0.0.1:{self.port}", stow=stow),
                          self.index, self.store)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
@@ -158,3 +163,79 @@ def test_streamed_retrieve_is_chunked(server: _Server) -> None:
         assert "boundary=" in response.headers["content-type"]
         total = sum(len(chunk) for chunk in response.iter_bytes())
     assert total > 0 and time.perf_counter() - started < 60
+
+
+def _multipart(parts: list[tuple[str, bytes]], boundary: str = "stow-test-boundary") -> bytes:
+    chunks = []
+    for content_type, body in parts:
+        chunks.append(f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + body + b"\r\n")
+    return b"".join(chunks) + f"--{boundary}--\r\n".encode()
+
+
+def _stow_headers(boundary: str = "stow-test-boundary") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json",
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+
+
+def _new_study(tmp_path: Path, seed: int, count: int = 2) -> list[Path]:
+    return write_sample_study(tmp_path / f"stow-{seed}", SampleStudySpec(
+        ct_slices=count, mr_slices=0, ct_size=64, seed=seed))
+
+
+def test_stow_with_dicomweb_client_goes_through_the_pipeline(
+    client: DICOMwebClient, server: _Server, tmp_path: Path,
+) -> None:
+    paths = _new_study(tmp_path, seed=21)
+    before = len(server.index.search_studies(StudyQuery()))
+    response = client.store_instances([pydicom.dcmread(p) for p in paths])
+    assert len(response.ReferencedSOPSequence) == 2 and "FailedSOPSequence" not in response
+    site, batch = server.enqueued[-1]
+    assert server.pipeline.ingest_batch(site, batch).stored == 2
+    assert len(server.index.search_studies(StudyQuery())) == before + 1
+
+
+def test_stow_reports_non_dicom_parts_as_failed(server: _Server, tmp_path: Path) -> None:
+    [good] = _new_study(tmp_path, seed=22, count=1)
+    body = _multipart([("application/dicom", good.read_bytes()),
+                       ("application/dicom", b"not a dicom file at all"),
+                       ("text/plain", b"hello")])
+    response = httpx.post(f"{server.url}/studies", content=body, headers=_stow_headers())
+    assert response.status_code == 202
+    document = response.json()
+    assert len(document["00081199"]["Value"]) == 1
+    reasons = [item["00081197"]["Value"][0] for item in document["00081198"]["Value"]]
+    assert reasons == [0xC000, 0xC000]
+
+
+def test_stow_into_another_study_is_refused(server: _Server, tmp_path: Path) -> None:
+    [instance] = _new_study(tmp_path, seed=23, count=1)
+    response = httpx.post(f"{server.url}/studies/1.2.3.4", content=_multipart(
+        [("application/dicom", instance.read_bytes())]), headers=_stow_headers())
+    assert response.status_code == 409
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA900]
+
+
+@pytest.mark.parametrize(("headers", "body", "status"), [
+    ({"Content-Type": "application/json"}, b"{}", 415),
+    ({"Content-Type": 'multipart/related; type="application/dicom"; boundary=other'}, None, 400),
+    ({"Content-Type": 'multipart/related; type="application/dicom"'}, None, 400),
+    (None, b"x" * (5 * 1024 * 1024), 413),
+])
+def test_malformed_stow_requests_are_json_4xx(server: _Server, tmp_path: Path,
+                                             headers: dict[str, str] | None, body: bytes | None,
+                                             status: int) -> None:
+    [instance] = _new_study(tmp_path, seed=24, count=1)
+    payload = body if body is not None else _multipart([("application/dicom", instance.read_bytes())])
+    if status == 413:
+        payload = _multipart([("application/dicom", payload)])
+    merged = {**_stow_headers(), **(headers or {})}
+    response = httpx.post(f"{server.url}/studies", content=payload, headers=merged)
+    assert response.status_code == status
+    assert response.json()["error"]["code"]
+    assert not list((server.pipeline.spool_root / ".incoming").glob("*.part"))  # nothing left
+
+
+def test_stow_needs_a_token(server: _Server) -> None:
+    response = httpx.post(f"{server.url}/studies", content=b"", headers={"Content-Type": "x/y"})
+    assert response.status_code == 401

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
-from dicom_node import Spool
+from worker import Spool
 from gateway.importer import run_import
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from storage import InstanceQuery, SeriesQuery
-from web_viewer_api.deps import IndexDep, ReadPrincipal
+from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
 from web_viewer_api.dicomweb.multipart import (
     multipart_content_type,
     multipart_stream,
@@ -27,6 +27,13 @@ from web_viewer_api.dicomweb.qido import (
     series_to_dicom_json,
     study_to_dicom_json,
 )
+from web_viewer_api.dicomweb.stow import (
+    StowRequestError,
+    boundary_of,
+    receive_parts,
+    response_dataset,
+    spool_parts,
+)
 from web_viewer_api.dicomweb.wado import (
     BadRequestError,
     NotAcceptableError,
@@ -39,7 +46,14 @@ from web_viewer_api.dicomweb.wado import (
     parse_frame_list,
     rendered,
 )
-from web_viewer_api.errors import ApiError, BadRequest, NotAcceptable, NotFound
+from web_viewer_api.errors import (
+    ApiError,
+    BadRequest,
+    NotAcceptable,
+    NotFound,
+    Unavailable,
+    error_body,
+)
 
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 
@@ -337,3 +351,44 @@ def retrieve_series_thumbnail(study: str, series: str, request: Request,
 def retrieve_study_thumbnail(study: str, request: Request, _principal: ReadPrincipal,
                              index: IndexDep) -> Response:
     return _guard(lambda: _series_thumbnail(request, index, study, None))
+
+
+# STOW-RS ---------------------------------------------------------------------------------
+async def _store(request: Request, study: str | None) -> Response:
+    target = request.app.state.config.stow
+    if target is None:
+        raise Unavailable("STOW-RS is not configured on this API (no site spool)")
+    if study is not None:
+        check_uid(study, "StudyInstanceUID")
+    declared = request.headers.get("content-length")
+    try:
+        boundary = boundary_of(request.headers.get("content-type"))
+        if declared and declared.isdigit() and int(declared) > target.max_bytes:
+            raise StowRequestError(413, f"request body larger than {target.max_bytes} bytes")
+        parts = await receive_parts(request.stream(), boundary,
+                                    target.spool.root / ".incoming", target.max_bytes)
+    except StowRequestError as exc:
+        codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
+        return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
+                        status_code=exc.status, media_type="application/json")
+    outcome = spool_parts(parts, target, study)
+    return Response(json.dumps(response_dataset(outcome)), status_code=outcome.status_code,
+                    media_type=DICOM_JSON)
+
+
+@router.post("/studies", summary="STOW-RS: store instances")
+async def store_instances(request: Request, _principal: WritePrincipal) -> Response:
+    """Instances go through the site's spool and pipeline, like C-STORE; the response lists
+    referenced and failed instances (200 all stored, 202 some failed, 409 none stored)."""
+    try:
+        return await _store(request, None)
+    except WadoError as exc:
+        raise _api_error(exc) from exc
+
+
+@router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
+async def store_study_instances(study: str, request: Request, _principal: WritePrincipal) -> Response:
+    try:
+        return await _store(request, study)
+    except WadoError as exc:
+        raise _api_error(exc) from exc

@@ -1,5 +1,7 @@
 """The spool: acknowledged instances on local disk until the worker has stored them.
 
+Written by the DICOM node (C-STORE), STOW-RS and `import`; read by the ingest pipeline.
+
 Layout: <root>/<site>/<batch>/<SOPInstanceUID>.dcm, one batch per (association, study).
 Each file is written to a temp name, fsynced, renamed and its directory fsynced before the
 SCP answers Success, so an acknowledged instance survives any crash after the answer.

@@ -1,0 +1,217 @@
+"""STOW-RS (PS3.18 §10.5): multipart/related instances into the site's spool.
+
+The body is parsed as it arrives and each part is written to a temporary file in the spool
+(never the whole body in memory); each DICOM part is then spooled like a C-STORE, the
+batches are handed to the worker, and the response lists referenced and failed instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+from python_multipart.multipart import MultipartParser
+
+from web_viewer_api.dicomweb.multipart import parse_accept
+from worker import Spool, SpoolWriteError, new_association_tag
+
+log = logging.getLogger(__name__)
+
+#: PS3.18 Table 10.5.3-2 / PS3.4 failure reasons.
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+class StowRequestError(Exception):
+    """The request as a whole is refused; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class StowTarget:
+    """Where STOW-RS puts instances: the site's spool, and how batches reach the worker."""
+
+    spool: Spool
+    enqueue: Callable[[str, str], None]
+    max_bytes: int = 2 * 1024**3
+
+
+@dataclass
+class _Part:
+    path: Path
+    headers: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+
+
+@dataclass
+class StowOutcome:
+    referenced: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def status_code(self) -> int:
+        if not self.failed:
+            return 200
+        return 202 if self.referenced else 409
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    """The boundary of a `multipart/related; type="application/dicom"` body (415 if not)."""
+    ranges = parse_accept(content_type or "")
+    if not ranges or ranges[0].media_type != "multipart/related":
+        raise StowRequestError(415, 'STOW-RS takes multipart/related; type="application/dicom"')
+    media = ranges[0]
+    if media.params.get("type", "application/dicom").lower() != "application/dicom":
+        raise StowRequestError(415, "only application/dicom parts are supported")
+    boundary = media.params.get("boundary")
+    if not boundary:
+        raise StowRequestError(400, "multipart body without a boundary")
+    return boundary.encode()
+
+
+async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
+                        max_bytes: int) -> list[_Part]:
+    """Stream the body into one temporary file per part."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: list[_Part] = []
+    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None}
+
+    def on_part_begin() -> None:
+        part = _Part(folder / f".stow-{uuid.uuid4().hex}.part")
+        parts.append(part)
+        current["handle"] = open(part.path, "wb")  # noqa: SIM115 - closed in on_part_end/_discard
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        current["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        current["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        name = current["field"].decode("latin-1").strip().lower()
+        parts[-1].headers[name] = current["value"].decode("latin-1").strip()
+        current["field"], current["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        current["handle"].write(data[start:end])
+        parts[-1].size += end - start
+
+    def on_part_end() -> None:
+        current["handle"].close()
+        current["handle"] = None
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_part_data": on_part_data, "on_part_end": on_part_end,
+    })
+    received = 0
+    try:
+        async for chunk in body:
+            received += len(chunk)
+            if received > max_bytes:
+                raise StowRequestError(413, f"request body larger than {max_bytes} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except StowRequestError:
+        _discard(parts, current)
+        raise
+    except Exception as exc:  # the parser's own errors: a malformed body
+        _discard(parts, current)
+        raise StowRequestError(400, f"malformed multipart body: {type(exc).__name__}") from exc
+    if current["handle"] is not None or not parts:
+        _discard(parts, current)
+        raise StowRequestError(400, "malformed multipart body: no complete part "
+                                    "(wrong boundary or truncated body)")
+    return parts
+
+
+def _discard(parts: list[_Part], current: dict[str, Any]) -> None:
+    if current.get("handle") is not None:
+        current["handle"].close()
+    for part in parts:
+        part.path.unlink(missing_ok=True)
+
+
+def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | None) -> StowOutcome:
+    """Check each part, spool the good ones per study, enqueue the batches."""
+    outcome = StowOutcome()
+    tag = new_association_tag()
+    batches: set[str] = set()
+    try:
+        for part in parts:
+            content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
+            if content_type.strip().lower() != "application/dicom":
+                outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+                continue
+            try:
+                header = pydicom.dcmread(part.path, stop_before_pixels=True)
+                sop_class = str(header.SOPClassUID)
+                sop = str(header.SOPInstanceUID)
+                study = str(header.StudyInstanceUID)
+            except (InvalidDicomError, AttributeError, ValueError, KeyError, EOFError, OSError):
+                outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+                continue
+            if study_in_path is not None and study != study_in_path:
+                outcome.failed.append((sop_class, sop, DOES_NOT_MATCH))
+                continue
+            batch = target.spool.batch_id(tag, study)
+            try:
+                target.spool.write(batch, sop, part.path.read_bytes())
+            except ValueError:
+                outcome.failed.append((sop_class, sop, CANNOT_UNDERSTAND))
+                continue
+            except SpoolWriteError:
+                outcome.failed.append((sop_class, sop, OUT_OF_RESOURCES))
+                continue
+            batches.add(batch)
+            outcome.referenced.append((sop_class, sop))
+    finally:
+        for part in parts:
+            part.path.unlink(missing_ok=True)
+    for batch in sorted(batches):
+        try:
+            target.enqueue(target.spool.site_id, batch)
+        except Exception as exc:  # noqa: BLE001 - broker down: the node's sweeper re-enqueues it
+            log.error("STOW batch %s not enqueued (%s); the sweeper will", batch, type(exc).__name__)
+    return outcome
+
+
+def response_dataset(outcome: StowOutcome) -> dict[str, Any]:
+    """The STOW-RS response body (PS3.18 Table 10.5.3-3) as DICOM JSON."""
+    dataset = Dataset()
+    referenced = []
+    for sop_class, sop in outcome.referenced:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
+        referenced.append(item)
+    failed = []
+    for sop_class, sop, reason in outcome.failed:
+        item = Dataset()
+        if sop:
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
+        item.FailureReason = reason
+        failed.append(item)
+    if referenced:
+        dataset.ReferencedSOPSequence = Sequence(referenced)
+    if failed:
+        dataset.FailedSOPSequence = Sequence(failed)
+    result: dict[str, Any] = dataset.to_json_dict()
+    return result
+
+
+__all__ = ["StowOutcome", "StowRequestError", "StowTarget", "boundary_of",
+           "receive_parts", "response_dataset", "spool_parts"]
