@@ -209,7 +209,8 @@ def build_api(settings: Settings):  # type: ignore[no-untyped-def]
     return create_app(
         ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
-                  public_url=settings.effective_public_url, stow=stow),
+                  public_url=settings.effective_public_url, stow=stow,
+                  cors_origins=tuple(settings.http.cors_origins)),
         build_index(settings),
         build_object_store(settings),
     )

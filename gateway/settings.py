@@ -53,6 +53,8 @@ class HttpSettings(BaseModel):
     public_url: str | None = None
     #: Largest STOW-RS request body accepted (413 above).
     max_stow_mb: int = Field(2048, ge=1)
+    #: Browser origins allowed to call the API (CORS), e.g. a viewer on another host.
+    cors_origins: list[str] = Field(default_factory=list)
 
 
 class S3Settings(BaseModel):

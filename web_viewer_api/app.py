@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Histogram, make_asgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
@@ -35,6 +36,8 @@ class ApiConfig:
     public_url: str | None = None
     #: Where STOW-RS puts instances (the site's spool); None: STOW-RS answers 503.
     stow: StowTarget | None = None
+    #: Origins allowed to call the API from a browser (viewers hosted elsewhere).
+    cors_origins: tuple[str, ...] = ()
 
 
 class _QuarantineCollector(Collector):
@@ -68,7 +71,13 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     )
     probes = {"index": index.check, "object_store": store.check, **config.readiness_probes}
     app.state.config = ApiConfig(config.admin_token, probes, config.quarantine_dir,
-                                 config.public_url, config.stow)
+                                 config.public_url, config.stow, config.cors_origins)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
+            expose_headers=["Warning", "ETag", "Content-Type", "Content-Encoding"], max_age=600)
     app.state.index = index
     app.state.store = store
     install_error_handlers(app)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
+import gzip
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -9,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from storage import InstanceQuery, SeriesQuery
+from storage import InstanceQuery, InstanceSummary, SeriesQuery
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
 from web_viewer_api.dicomweb.multipart import (
     multipart_content_type,
@@ -92,8 +96,42 @@ def _base(request: Request) -> str:
     return root + "/dicom-web"
 
 
-def _json(body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body), media_type=DICOM_JSON, headers=headers or {})
+def _json(body: Any, headers: dict[str, str] | None = None,
+          request: Request | None = None) -> Response:
+    """DICOM JSON; gzip-compressed when the client accepts it and it is worth it."""
+    payload = json.dumps(body).encode()
+    extra = dict(headers or {})
+    if (request is not None and len(payload) > 1024
+            and "gzip" in request.headers.get("accept-encoding", "").lower()):
+        payload = gzip.compress(payload, compresslevel=5)
+        extra["Content-Encoding"] = "gzip"
+        extra["Vary"] = "Accept-Encoding"
+    return Response(payload, media_type=DICOM_JSON, headers=extra)
+
+
+def _etag(instances: list[InstanceSummary], variant: str) -> str:
+    """A strong validator of immutable content: the stored objects' SHA-256 and the variant."""
+    digest = hashlib.sha256(variant.encode())
+    for instance in instances:
+        digest.update(instance.sha256.encode())
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def _not_modified(request: Request, etag: str, last_modified: str | None) -> Response | None:
+    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+        headers = {"ETag": etag, "Cache-Control": _IMMUTABLE}
+        if last_modified:
+            headers["Last-Modified"] = last_modified
+        return Response(status_code=304, headers=headers)
+    return None
+
+
+def _last_modified(instances: list[InstanceSummary]) -> str | None:
+    moments = [i.updated_at for i in instances if i.updated_at is not None]
+    if not moments:
+        return None
+    latest = max(m if m.tzinfo else m.replace(tzinfo=dt.UTC) for m in moments)
+    return email.utils.format_datetime(latest.astimezone(dt.UTC), usegmt=True)
 
 
 def _warnings(parsed: Any, returned: int) -> dict[str, str]:
@@ -137,7 +175,7 @@ def search_for_studies(request: Request, _principal: ReadPrincipal, index: Index
     studies = index.search_studies(query)
     body = [study_to_dicom_json(s, _base(request)) for s in studies]
     return _json(body, _warnings(parsed, len(body)) if parsed.ignored or parsed.fuzzy_requested
-                 or len(body) >= query.limit else {})
+                 or len(body) >= query.limit else {}, request)
 
 
 def _series(request: Request, index: IndexDep, study: str | None) -> Response:
@@ -160,7 +198,7 @@ def _series(request: Request, index: IndexDep, study: str | None) -> Response:
     if scope is not None:
         series = [s for s in series if s.study_instance_uid in scope]
     body = [series_to_dicom_json(s, _base(request)) for s in series]
-    return _json(body, _warnings(parsed, len(body)))
+    return _json(body, _warnings(parsed, len(body)), request)
 
 
 @router.get("/series", summary="QIDO-RS: search for series")
@@ -195,7 +233,7 @@ def _instances(request: Request, index: IndexDep, study: str | None, series: str
     if scope is not None:
         found = [i for i in found if i.study_instance_uid in scope]
     body = [instance_to_dicom_json(i, _base(request)) for i in found]
-    return _json(body, _warnings(parsed, len(body)))
+    return _json(body, _warnings(parsed, len(body)), request)
 
 
 @router.get("/instances", summary="QIDO-RS: search for instances")
@@ -221,10 +259,17 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     wado = _wado(request, index)
     syntax = negotiate_instance_syntax(request.headers.get("accept"))
     instances = wado.instances(study, series, sop)
+    etag, modified = _etag(instances, f"dicom:{syntax}"), _last_modified(instances)
+    cached = _not_modified(request, etag, modified)
+    if cached is not None:
+        return cached
     boundary = new_boundary()
     body = multipart_stream(wado.instance_parts(instances, syntax), boundary)
+    headers = {"Cache-Control": _IMMUTABLE, "ETag": etag}
+    if modified:
+        headers["Last-Modified"] = modified
     return StreamingResponse(body, media_type=multipart_content_type("application/dicom", boundary),
-                             headers={"Cache-Control": _IMMUTABLE})
+                             headers=headers)
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
@@ -248,8 +293,15 @@ def _metadata(request: Request, index: IndexDep, study: str, series: str | None 
               sop: str | None = None) -> Response:
     _require_json(request)
     wado = _wado(request, index)
-    return _json(wado.metadata(wado.instances(study, series, sop), _base(request)),
-                 {"Cache-Control": _IMMUTABLE})
+    instances = wado.instances(study, series, sop)
+    etag, modified = _etag(instances, f"metadata:{_base(request)}"), _last_modified(instances)
+    cached = _not_modified(request, etag, modified)
+    if cached is not None:
+        return cached
+    headers = {"Cache-Control": _IMMUTABLE, "ETag": etag}
+    if modified:
+        headers["Last-Modified"] = modified
+    return _json(wado.metadata(instances, _base(request)), headers, request)
 
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
@@ -291,6 +343,41 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
 def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request,
                     _principal: ReadPrincipal, index: IndexDep) -> Response:
     return _guard(lambda: _frames(request, index, study, series, sop, frames))
+
+
+def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: str,
+              tag: str) -> Response:
+    try:
+        number = int(tag, 16)
+    except ValueError as exc:
+        raise BadRequestError("bulk data is addressed by an 8-digit hexadecimal tag") from exc
+    wado = _wado(request, index)
+    [instance] = wado.instances(study, series, sop)
+    dataset = wado.dataset(instance)
+    if number not in dataset:
+        raise NotFoundError("no such bulk data")
+    if number == 0x7FE00010:
+        numbers = list(range(1, int(dataset.get("NumberOfFrames", 1) or 1) + 1))
+        part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
+        boundary = new_boundary()
+        return StreamingResponse(multipart_stream(parts, boundary),
+                                 media_type=multipart_content_type(part_type, boundary),
+                                 headers={"Cache-Control": _IMMUTABLE})
+    value = dataset[number].value
+    if not isinstance(value, bytes | bytearray):
+        raise NotFoundError("this attribute is not bulk data")
+    boundary = new_boundary()
+    parts = [("application/octet-stream", bytes(value), {})]
+    return StreamingResponse(multipart_stream(parts, boundary),
+                             media_type=multipart_content_type("application/octet-stream", boundary),
+                             headers={"Cache-Control": _IMMUTABLE})
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
+            summary="WADO-RS: bulk data of an instance (the BulkDataURIs of its metadata)")
+def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Request,
+                      _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _bulkdata(request, index, study, series, sop, tag))
 
 
 def _rendered(request: Request, index: IndexDep, study: str, series: str, sop: str,
