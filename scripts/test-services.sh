@@ -7,6 +7,9 @@ need_apt=()
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+# Orthanc with its DICOMweb plugin pulls studies from us in the interoperability test.
+[[ -x /usr/sbin/Orthanc ]] || need_apt+=(orthanc)
+[[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
 
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
@@ -57,4 +60,4 @@ if ! port_open 6379; then
     --dir /tmp --logfile /tmp/dgw-redis.log
   wait_port 6379
 fi
-echo "services ready: dcmtk, PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379"
+echo "services ready: dcmtk, Orthanc, PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379"

@@ -4,7 +4,6 @@ rendered) plus raw requests for the error cases."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,68 +12,25 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-import uvicorn
 from dicomweb_client.api import DICOMwebClient
 
-from anonymize import DeidentificationPolicy, PseudonymKeys
-from worker import Spool
-from gateway.importer import run_import
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
-from tests.support.services import free_port, wait_for
-from web_viewer_api import ApiConfig, StowTarget, create_app
-from worker import IngestPipeline
-
-TOKEN = "dicomweb-test-token-0123456789abcdef"
-
-
-class _Server:
-    def __init__(self, root: Path) -> None:
-        engine = create_index_engine(f"sqlite:///{root / 'index.sqlite3'}")
-        migrate(engine)
-        self.index = IndexRepository(engine)
-        self.store = FilesystemObjectStore(root / "objects")
-        pipeline = IngestPipeline(self.store, self.index,
-                                  DeidentificationPolicy(PseudonymKeys(b"w" * 32), "site1"),
-                                  root / "spool", root / "quarantine")
-        source = root / "source"
-        write_sample_study(source, SampleStudySpec(ct_slices=4, mr_slices=2, ct_size=128, mr_size=64))
-        run_import([source], pipeline, Spool(root / "spool", "site1"))
-        self.port = free_port()
-        self.pipeline = pipeline
-        self.enqueued: list[tuple[str, str]] = []
-        stow = StowTarget(Spool(root / "spool", "site1"),
-                          lambda site, batch: self.enqueued.append((site, batch)),
-                          max_bytes=4 * 1024 * 1024)
-        # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
-        app = create_app(ApiConfig(TOKEN, public_url=f"http://127.0.0.1:{self.port}", stow=stow,
-                                   cors_origins=("https://viewer.example",)),
-                         self.index, self.store)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
+from storage import StudyQuery
+from tests.support.dicomweb_server import TOKEN, DicomwebServer
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
-    running = _Server(tmp_path_factory.mktemp("dicomweb"))
-    running.thread.start()
-    wait_for(lambda: running.server.started, timeout=30, what="uvicorn to start")
-    yield running
-    running.server.should_exit = True
-    running.thread.join(timeout=10)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomwebServer]:
+    with DicomwebServer(tmp_path_factory.mktemp("dicomweb")) as running:
+        yield running
 
 
 @pytest.fixture
-def client(server: _Server) -> DICOMwebClient:
+def client(server: DicomwebServer) -> DICOMwebClient:
     return DICOMwebClient(url=server.url, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
-def _uids(server: _Server) -> tuple[str, str, str]:
+def _uids(server: DicomwebServer) -> tuple[str, str, str]:
     """The sample study imported at start (STOW tests add others to the same server)."""
     [study] = [s for s in server.index.search_studies(StudyQuery()) if s.number_of_instances == 6]
     instances = server.index.study_instances(study.study_instance_uid)
@@ -82,7 +38,7 @@ def _uids(server: _Server) -> tuple[str, str, str]:
     return study.study_instance_uid, ct[0], ct[1]
 
 
-def test_search_at_every_level(client: DICOMwebClient, server: _Server) -> None:
+def test_search_at_every_level(client: DICOMwebClient, server: DicomwebServer) -> None:
     study, series, sop = _uids(server)
     assert study in [s["0020000D"]["Value"][0] for s in client.search_for_studies()]
     found_series = client.search_for_series(study_instance_uid=study)
@@ -95,7 +51,7 @@ def test_search_at_every_level(client: DICOMwebClient, server: _Server) -> None:
             client.search_for_instances(search_filters={"SOPInstanceUID": sop})] == [sop]
 
 
-def test_retrieve_study_series_and_instance(client: DICOMwebClient, server: _Server) -> None:
+def test_retrieve_study_series_and_instance(client: DICOMwebClient, server: DicomwebServer) -> None:
     study, series, sop = _uids(server)
     assert len(client.retrieve_study(study)) == 6
     assert len(client.retrieve_series(study, series)) == 4
@@ -109,7 +65,7 @@ def test_retrieve_study_series_and_instance(client: DICOMwebClient, server: _Ser
     assert np.array_equal(explicit.pixel_array, stored.pixel_array)
 
 
-def test_series_metadata_has_absolute_bulk_data_uris(client: DICOMwebClient, server: _Server) -> None:
+def test_series_metadata_has_absolute_bulk_data_uris(client: DICOMwebClient, server: DicomwebServer) -> None:
     study, series, _ = _uids(server)
     metadata = client.retrieve_series_metadata(study, series)
     assert len(metadata) == 4
@@ -117,7 +73,7 @@ def test_series_metadata_has_absolute_bulk_data_uris(client: DICOMwebClient, ser
     assert uri.startswith(server.url + "/studies/" + study)
 
 
-def test_frames_uncompressed_and_as_stored(client: DICOMwebClient, server: _Server) -> None:
+def test_frames_uncompressed_and_as_stored(client: DICOMwebClient, server: DicomwebServer) -> None:
     study, series, sop = _uids(server)
     [raw] = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1],
                                             media_types=("application/octet-stream",))
@@ -127,7 +83,7 @@ def test_frames_uncompressed_and_as_stored(client: DICOMwebClient, server: _Serv
     assert jls[:2] == b"\xff\xd8" and len(jls) < len(raw)
 
 
-def test_rendered_and_thumbnail(client: DICOMwebClient, server: _Server) -> None:
+def test_rendered_and_thumbnail(client: DICOMwebClient, server: DicomwebServer) -> None:
     study, series, sop = _uids(server)
     png = client.retrieve_instance_rendered(study, series, sop, media_types=("image/png",))
     assert png.startswith(b"\x89PNG")
@@ -147,7 +103,7 @@ def test_rendered_and_thumbnail(client: DICOMwebClient, server: _Server) -> None
     ("/studies/{study}/series/{series}/instances/{sop}/frames/99", "application/octet-stream", 404),
     ("/series?NotAKeyword=1", "application/dicom+json", 400),
 ])
-def test_errors_are_json_4xx(server: _Server, path: str, accept: str, status: int) -> None:
+def test_errors_are_json_4xx(server: DicomwebServer, path: str, accept: str, status: int) -> None:
     study, series, sop = _uids(server)
     url = server.url + path.format(study=study, series=series, sop=sop)
     response = httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}", "Accept": accept})
@@ -155,7 +111,7 @@ def test_errors_are_json_4xx(server: _Server, path: str, accept: str, status: in
     assert response.json()["error"]["code"]
 
 
-def test_streamed_retrieve_is_chunked(server: _Server) -> None:
+def test_streamed_retrieve_is_chunked(server: DicomwebServer) -> None:
     study, _, _ = _uids(server)
     started = time.perf_counter()
     with httpx.stream("GET", f"{server.url}/studies/{study}",
@@ -185,7 +141,7 @@ def _new_study(tmp_path: Path, seed: int, count: int = 2) -> list[Path]:
 
 
 def test_stow_with_dicomweb_client_goes_through_the_pipeline(
-    client: DICOMwebClient, server: _Server, tmp_path: Path,
+    client: DICOMwebClient, server: DicomwebServer, tmp_path: Path,
 ) -> None:
     paths = _new_study(tmp_path, seed=21)
     before = len(server.index.search_studies(StudyQuery()))
@@ -196,7 +152,7 @@ def test_stow_with_dicomweb_client_goes_through_the_pipeline(
     assert len(server.index.search_studies(StudyQuery())) == before + 1
 
 
-def test_stow_reports_non_dicom_parts_as_failed(server: _Server, tmp_path: Path) -> None:
+def test_stow_reports_non_dicom_parts_as_failed(server: DicomwebServer, tmp_path: Path) -> None:
     [good] = _new_study(tmp_path, seed=22, count=1)
     body = _multipart([("application/dicom", good.read_bytes()),
                        ("application/dicom", b"not a dicom file at all"),
@@ -209,7 +165,7 @@ def test_stow_reports_non_dicom_parts_as_failed(server: _Server, tmp_path: Path)
     assert reasons == [0xC000, 0xC000]
 
 
-def test_stow_into_another_study_is_refused(server: _Server, tmp_path: Path) -> None:
+def test_stow_into_another_study_is_refused(server: DicomwebServer, tmp_path: Path) -> None:
     [instance] = _new_study(tmp_path, seed=23, count=1)
     response = httpx.post(f"{server.url}/studies/1.2.3.4", content=_multipart(
         [("application/dicom", instance.read_bytes())]), headers=_stow_headers())
@@ -224,7 +180,7 @@ def test_stow_into_another_study_is_refused(server: _Server, tmp_path: Path) -> 
     ({"Content-Type": 'multipart/related; type="application/dicom"'}, None, 400),
     (None, b"x" * (5 * 1024 * 1024), 413),
 ])
-def test_malformed_stow_requests_are_json_4xx(server: _Server, tmp_path: Path,
+def test_malformed_stow_requests_are_json_4xx(server: DicomwebServer, tmp_path: Path,
                                              headers: dict[str, str] | None, body: bytes | None,
                                              status: int) -> None:
     [instance] = _new_study(tmp_path, seed=24, count=1)
@@ -238,7 +194,7 @@ def test_malformed_stow_requests_are_json_4xx(server: _Server, tmp_path: Path,
     assert not list((server.pipeline.spool_root / ".incoming").glob("*.part"))  # nothing left
 
 
-def test_stow_needs_a_token(server: _Server) -> None:
+def test_stow_needs_a_token(server: DicomwebServer) -> None:
     response = httpx.post(f"{server.url}/studies", content=b"", headers={"Content-Type": "x/y"})
     assert response.status_code == 401
 
@@ -247,7 +203,7 @@ def _auth(accept: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}", "Accept": accept}
 
 
-def test_immutable_resources_carry_validators_and_answer_304(server: _Server) -> None:
+def test_immutable_resources_carry_validators_and_answer_304(server: DicomwebServer) -> None:
     study, series, _ = _uids(server)
     url = f"{server.url}/studies/{study}/series/{series}/metadata"
     first = httpx.get(url, headers=_auth("application/dicom+json"))
@@ -262,7 +218,7 @@ def test_immutable_resources_carry_validators_and_answer_304(server: _Server) ->
     assert retrieve.headers["etag"] != first.headers["etag"]
 
 
-def test_json_is_gzipped_when_accepted(server: _Server) -> None:
+def test_json_is_gzipped_when_accepted(server: DicomwebServer) -> None:
     study, _, _ = _uids(server)
     response = httpx.get(f"{server.url}/studies/{study}/metadata",
                          headers={**_auth("application/dicom+json"), "Accept-Encoding": "gzip"})
@@ -270,7 +226,7 @@ def test_json_is_gzipped_when_accepted(server: _Server) -> None:
     assert len(response.json()) == 6  # httpx decompresses: the body is valid gzip of the JSON
 
 
-def test_cors_preflight_allows_the_configured_viewer_only(server: _Server) -> None:
+def test_cors_preflight_allows_the_configured_viewer_only(server: DicomwebServer) -> None:
     preflight = {"Access-Control-Request-Method": "GET",
                  "Access-Control-Request-Headers": "authorization"}
     allowed = httpx.options(f"{server.url}/studies", headers={"Origin": "https://viewer.example", **preflight})
@@ -280,7 +236,7 @@ def test_cors_preflight_allows_the_configured_viewer_only(server: _Server) -> No
     assert "access-control-allow-origin" not in refused.headers
 
 
-def test_bulk_data_uris_of_the_metadata_resolve(client: DICOMwebClient, server: _Server) -> None:
+def test_bulk_data_uris_of_the_metadata_resolve(client: DICOMwebClient, server: DicomwebServer) -> None:
     study, series, sop = _uids(server)
     metadata = client.retrieve_instance_metadata(study, series, sop)
     uri = metadata["7FE00010"]["BulkDataURI"]
