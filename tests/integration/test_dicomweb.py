@@ -244,3 +244,41 @@ def test_bulk_data_uris_of_the_metadata_resolve(client: DICOMwebClient, server: 
     assert response.status_code == 200
     assert "multipart/related" in response.headers["content-type"]
     assert len(response.content) > 128 * 128 * 2  # the one frame, plus multipart framing
+
+
+def test_ohif_viewer_requests_replayed(server: DicomwebServer) -> None:
+    """The requests OHIF v3's DICOMweb data source makes for a study list and a viewport."""
+    study, series, sop = _uids(server)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    listing = httpx.get(f"{server.url}/studies?limit=101&offset=0&fuzzymatching=false"
+                        "&includefield=00081030%2C00080060", headers={**headers, "Accept": "application/dicom+json"})
+    assert listing.status_code == 200 and study in listing.text
+    assert "00081030" in listing.json()[0]  # StudyDescription present (empty when de-identified)
+    series_list = httpx.get(f"{server.url}/studies/{study}/series?includefield=0008103E%2C00080021",
+                            headers={**headers, "Accept": "application/dicom+json"})
+    assert series_list.status_code == 200 and len(series_list.json()) == 2
+    metadata = httpx.get(f"{server.url}/studies/{study}/series/{series}/metadata",
+                         headers={**headers, "Accept": "application/dicom+json"})
+    assert metadata.status_code == 200 and len(metadata.json()) == 4
+    frame = httpx.get(f"{server.url}/studies/{study}/series/{series}/instances/{sop}/frames/1",
+                      headers={**headers,
+                               "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert frame.status_code == 200
+    content_type = frame.headers["content-type"]
+    assert content_type.startswith("multipart/related") and "boundary=" in content_type
+    thumbnail = httpx.get(f"{server.url}/studies/{study}/series/{series}/thumbnail",
+                          headers={**headers, "Accept": "image/jpeg"})
+    assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"
+
+
+def test_series_metadata_comes_from_metadata_json_once_the_study_is_complete(
+    client: DICOMwebClient, server: DicomwebServer,
+) -> None:
+    from worker import StudyCompletion
+
+    study, series, _ = _uids(server)
+    before = client.retrieve_series_metadata(study, series)
+    StudyCompletion(server.store, server.index, "site1").run(quiet_seconds=0)
+    key = f"studies/{study}/series/{series}/metadata.json"
+    assert server.store.head(key).size > 0
+    assert client.retrieve_series_metadata(study, series) == before

@@ -163,8 +163,32 @@ class Wado:
             yield (f"application/dicom; transfer-syntax={syntax}", converted, {})
 
     def metadata(self, instances: list[InstanceSummary], base_url: str) -> list[dict[str, Any]]:
-        documents = []
+        """DICOM JSON of the instances: one object read per series when the series'
+        metadata.json (written at study completion) covers exactly these instances, else
+        the per-instance JSON objects written at ingest."""
+        documents: list[dict[str, Any]] = []
+        by_series: dict[tuple[str, str], list[InstanceSummary]] = {}
         for instance in instances:
+            by_series.setdefault((instance.study_instance_uid, instance.series_instance_uid),
+                                 []).append(instance)
+        for (study, series), members in by_series.items():
+            documents.extend(self._series_metadata(study, series, members, base_url))
+        return documents
+
+    def _series_metadata(self, study: str, series: str, members: list[InstanceSummary],
+                         base_url: str) -> list[dict[str, Any]]:
+        wanted = {m.sop_instance_uid for m in members}
+        try:
+            whole = json.loads(self.store.get(
+                f"studies/{study}/series/{series}/metadata.json"))
+            present = {d.get("00080018", {}).get("Value", [""])[0] for d in whole}
+            if wanted <= present:
+                return [_absolute_bulk_uris(d, base_url) for d in whole
+                        if d.get("00080018", {}).get("Value", [""])[0] in wanted]
+        except (ObjectNotFound, ValueError):
+            pass
+        documents = []
+        for instance in members:
             key = instance_metadata_key(instance.study_instance_uid,
                                         instance.series_instance_uid, instance.sop_instance_uid)
             try:
