@@ -159,6 +159,9 @@ class Wado:
                 body = self.store.get(instance.object_key)
             except ObjectNotFound:
                 continue  # indexed but gone: reindex will tell; never a broken part
+            if target == ANY_TRANSFER_SYNTAX:  # as stored: the index knows the syntax
+                yield (f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}", body, {})
+                continue
             converted, syntax = convert_instance(body, target)
             yield (f"application/dicom; transfer-syntax={syntax}", converted, {})
 

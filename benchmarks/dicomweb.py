@@ -1,0 +1,173 @@
+"""DICOMweb speed: QIDO-RS study search over a 100k-instance index, series metadata
+latency, and WADO-RS series retrieve throughput, on a real server over loopback.
+
+The index rows are generated directly (2,000 studies x 5 series x 10 instances); one real
+study (50 CT 512x512, stored JPEG-LS by the pipeline) backs metadata and retrieve.
+With --orthanc, the same real study is uploaded to Debian's Orthanc + DICOMweb plugin and
+the same requests are timed there (its index holds only that study).
+Run: python benchmarks/dicomweb.py [--requests 200] [--orthanc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from sqlalchemy import insert  # noqa: E402
+
+from gateway.sample_study import SampleStudySpec, write_sample_study  # noqa: E402
+from storage import StudyQuery  # noqa: E402
+from storage.index.models import Instance, Patient, Series, Study  # noqa: E402
+from tests.support.dicomweb_server import TOKEN, DicomwebServer  # noqa: E402
+from tests.support.services import free_port, wait_for  # noqa: E402
+
+
+def _generate_index(server: DicomwebServer, studies: int = 2000) -> int:
+    engine = server.index.engine
+    with engine.begin() as connection:
+        for start in range(0, studies, 200):
+            patients, study_rows, series_rows, instance_rows = [], [], [], []
+            for number in range(start, min(start + 200, studies)):
+                patient = f"PBENCH{number % 700:05d}"
+                study = f"2.25.9{number:07d}"
+                patients.append({"patient_id": patient, "patient_name": f"ANONYMOUS^{patient}",
+                                 "patient_birth_date": "", "patient_sex": ""})
+                study_rows.append({"study_instance_uid": study, "patient_id": patient,
+                                   "patient_name": f"ANONYMOUS^{patient}",
+                                   "study_date": f"20{15 + number % 10}{1 + number % 12:02d}{1 + number % 28:02d}",
+                                   "accession_number": f"A{number:07d}", "site_id": "bench"})
+                for s in range(5):
+                    series = f"{study}.{s + 1}"
+                    series_rows.append({"series_instance_uid": series, "study_instance_uid": study,
+                                        "modality": ("CT", "MR", "US", "CR", "PT")[s],
+                                        "series_number": s + 1})
+                    for i in range(10):
+                        instance_rows.append({
+                            "sop_instance_uid": f"{series}.{i + 1}", "series_instance_uid": series,
+                            "study_instance_uid": study, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                            "instance_number": i + 1, "transfer_syntax_uid": "1.2.840.10008.1.2.4.80",
+                            "object_key": f"studies/{study}/x/{i}.dcm", "size_bytes": 100000,
+                            "sha256": "0" * 64})
+            unique = {p["patient_id"]: p for p in patients}
+            existing = {r[0] for r in connection.execute(Patient.__table__.select().with_only_columns(Patient.patient_id))}
+            new_patients = [p for k, p in unique.items() if k not in existing]
+            if new_patients:
+                connection.execute(insert(Patient), new_patients)
+            connection.execute(insert(Study), study_rows)
+            connection.execute(insert(Series), series_rows)
+            connection.execute(insert(Instance), instance_rows)
+    return studies * 50
+
+
+def _timings(client: httpx.Client, url: str, headers: dict[str, str], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = client.get(url, headers=headers)
+        response.raise_for_status()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def _pct(samples: list[float], q: float) -> float:
+    return statistics.quantiles(samples, n=100)[int(q) - 1]
+
+
+def _retrieve_mb_s(client: httpx.Client, url: str, headers: dict[str, str], runs: int = 5) -> float:
+    best = 0.0
+    for _ in range(runs):
+        started, size = time.perf_counter(), 0
+        with client.stream("GET", url, headers=headers) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+        best = max(best, size / 1e6 / (time.perf_counter() - started))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--orthanc", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dgw-dicomweb-"))
+    with DicomwebServer(work / "gateway") as server:
+        real = work / "real"
+        write_sample_study(real, SampleStudySpec(ct_slices=50, mr_slices=0, seed=31))
+        from gateway.importer import run_import
+        from worker import Spool
+
+        run_import([real], server.pipeline, Spool(work / "gateway" / "spool", "site1"))
+        target = next(s for s in server.index.search_studies(StudyQuery(limit=1000))
+                      if s.number_of_instances == 50)
+        series = server.index.search_instances(
+            __import__("storage").InstanceQuery(study_instance_uid=target.study_instance_uid))[0].series_instance_uid
+        rows = _generate_index(server) + 56
+        auth = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
+        with httpx.Client(timeout=120) as client:
+            by_patient = _timings(client, f"{server.url}/studies?PatientID=PBENCH00042", auth, args.requests)
+            by_range = _timings(client, f"{server.url}/studies?StudyDate=20180101-20181231&ModalitiesInStudy=MR&limit=50",
+                                auth, args.requests)
+            metadata = _timings(client, f"{server.url}/studies/{target.study_instance_uid}/series/{series}/metadata",
+                                auth, max(20, args.requests // 10))
+            retrieve = _retrieve_mb_s(client, f"{server.url}/studies/{target.study_instance_uid}/series/{series}", {
+                "Authorization": f"Bearer {TOKEN}",
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        print(f"index: {rows} instances (SQLite), {args.requests} requests each, one client")
+        print(f"QIDO studies by PatientID        p50 {_pct(by_patient, 50):6.1f} ms  p95 {_pct(by_patient, 95):6.1f} ms")
+        print(f"QIDO studies by date range + MR  p50 {_pct(by_range, 50):6.1f} ms  p95 {_pct(by_range, 95):6.1f} ms")
+        print(f"series metadata (50 instances)   p50 {_pct(metadata, 50):6.1f} ms  p95 {_pct(metadata, 95):6.1f} ms")
+        print(f"WADO-RS series retrieve (as stored, JPEG-LS): {retrieve:6.1f} MB/s")
+        if args.orthanc:
+            _orthanc(work, real, args.requests)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _orthanc(work: Path, real: Path, requests: int) -> None:
+    http_port = free_port()
+    config = {"Name": "bench", "HttpPort": http_port, "DicomPort": free_port(),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
+              "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (work / "orthanc.json").write_text(json.dumps(config))
+    process = subprocess.Popen(["/usr/sbin/Orthanc", str(work / "orthanc.json")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/system", timeout=2).status_code == 200, timeout=60,
+                 what="Orthanc")
+        with httpx.Client(timeout=120) as client:
+            for path in sorted(real.glob("*.dcm")):
+                client.post(f"{url}/instances", content=path.read_bytes()).raise_for_status()
+            study = client.get(f"{url}/dicom-web/studies").json()[0]["0020000D"]["Value"][0]
+            patient = client.get(f"{url}/dicom-web/studies").json()[0]["00100020"]["Value"][0]
+            series = client.get(f"{url}/dicom-web/studies/{study}/series").json()[0]["0020000E"]["Value"][0]
+            accept = {"Accept": "application/dicom+json"}
+            by_patient = _timings(client, f"{url}/dicom-web/studies?PatientID={patient}", accept, requests)
+            metadata = _timings(client, f"{url}/dicom-web/studies/{study}/series/{series}/metadata",
+                                accept, max(20, requests // 10))
+            retrieve = _retrieve_mb_s(client, f"{url}/dicom-web/studies/{study}/series/{series}",
+                                      {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        print("Orthanc 1.10 + DICOMweb plugin, same real study (its index holds only that study):")
+        print(f"  QIDO studies by PatientID      p50 {_pct(by_patient, 50):6.1f} ms  p95 {_pct(by_patient, 95):6.1f} ms")
+        print(f"  series metadata (50 instances) p50 {_pct(metadata, 50):6.1f} ms  p95 {_pct(metadata, 95):6.1f} ms")
+        print(f"  WADO-RS series retrieve (as stored, uncompressed): {retrieve:6.1f} MB/s")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
