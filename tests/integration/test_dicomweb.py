@@ -282,3 +282,21 @@ def test_series_metadata_comes_from_metadata_json_once_the_study_is_complete(
     key = f"studies/{study}/series/{series}/metadata.json"
     assert server.store.head(key).size > 0
     assert client.retrieve_series_metadata(study, series) == before
+
+
+def test_includefield_adds_attributes_from_the_stored_instances(server: DicomwebServer) -> None:
+    study, series, sop = _uids(server)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
+    [instance] = httpx.get(f"{server.url}/studies/{study}/series/{series}/instances"
+                           f"?SOPInstanceUID={sop}&includefield=SliceThickness", headers=headers).json()
+    assert instance["00180050"]["Value"] == [1.5]
+    [everything] = httpx.get(f"{server.url}/studies/{study}/series/{series}/instances"
+                             f"?SOPInstanceUID={sop}&includefield=all", headers=headers).json()
+    assert "00280010" in everything and "7FE00010" not in everything
+    assert "00180050" not in httpx.get(f"{server.url}/studies/{study}/series/{series}/instances"
+                                       f"?SOPInstanceUID={sop}", headers=headers).json()[0]
+    studies = httpx.get(f"{server.url}/studies?StudyInstanceUID={study}&includefield=00120062",
+                        headers=headers).json()
+    assert studies[0]["00120062"]["Value"] == ["YES"]  # PatientIdentityRemoved
+    series_all = httpx.get(f"{server.url}/studies/{study}/series?includefield=all", headers=headers).json()
+    assert all("00120062" in s for s in series_all)

@@ -38,6 +38,7 @@ class ParsedStudyQuery:
     query: StudyQuery
     ignored: tuple[str, ...]
     fuzzy_requested: bool
+    include: frozenset[str] = frozenset()
 
 
 def _keyword(name: str) -> str | None:
@@ -82,6 +83,8 @@ class ParsedQuery:
     offset: int
     ignored: tuple[str, ...]
     fuzzy_requested: bool
+    #: Tags (as 8-digit hex) asked for with `includefield`; "all" for every attribute.
+    include: frozenset[str] = frozenset()
 
 
 def parse_query(params: Iterable[tuple[str, str]], allowed: frozenset[str]) -> ParsedQuery:
@@ -89,6 +92,7 @@ def parse_query(params: Iterable[tuple[str, str]], allowed: frozenset[str]) -> P
     values: dict[str, str] = {}
     ignored: list[str] = []
     limit, offset, fuzzy = DEFAULT_LIMIT, 0, False
+    include: set[str] = set()
     for name, raw in params:
         if name == "limit":
             limit = _parse_int(raw, "limit", 1, MAX_LIMIT)
@@ -98,8 +102,13 @@ def parse_query(params: Iterable[tuple[str, str]], allowed: frozenset[str]) -> P
             fuzzy = raw.strip().lower() == "true"
         elif name == "includefield":
             for included in _values(raw):
-                if included != "all" and _keyword(included) is None:
+                if included == "all":
+                    include.add("all")
+                    continue
+                keyword = _keyword(included)
+                if keyword is None:
                     raise QueryParameterError(f"includefield: unknown attribute {included!r}")
+                include.add(f"{tag_for_keyword(keyword):08X}")
         else:
             keyword = _keyword(name)
             if keyword is None:
@@ -114,7 +123,7 @@ def parse_query(params: Iterable[tuple[str, str]], allowed: frozenset[str]) -> P
                         if not uid.replace(".", "").isdigit():
                             raise QueryParameterError(f"{keyword} must be UIDs")
                 values[keyword] = raw.strip()
-    return ParsedQuery(values, limit, offset, tuple(ignored), fuzzy)
+    return ParsedQuery(values, limit, offset, tuple(ignored), fuzzy, frozenset(include))
 
 
 def parse_study_query(params: Iterable[tuple[str, str]]) -> ParsedStudyQuery:
@@ -135,11 +144,43 @@ def parse_study_query(params: Iterable[tuple[str, str]]) -> ParsedStudyQuery:
         else:
             fields[_FIELD_OF[keyword]] = value
     query = StudyQuery(limit=parsed.limit, offset=parsed.offset, **fields)  # type: ignore[arg-type]
-    return ParsedStudyQuery(query, parsed.ignored, parsed.fuzzy_requested)
+    return ParsedStudyQuery(query, parsed.ignored, parsed.fuzzy_requested, parsed.include)
 
 
 _FIELD_OF = {"PatientID": "patient_id", "PatientName": "patient_name",
              "AccessionNumber": "accession_number"}
+
+
+#: What `includefield=all` adds at each level, from a representative instance's JSON:
+#: the Patient and General Study modules, then the General Series module.
+STUDY_LEVEL_TAGS = frozenset({
+    "00080020", "00080030", "00080050", "00080090", "00081030", "00081032", "00081060",
+    "00100010", "00100020", "00100030", "00100040", "00101010", "00101020", "00101030",
+    "00200010", "0020000D", "00120062", "00120063", "00120064", "00280303",
+})
+SERIES_LEVEL_TAGS = frozenset({
+    "00080021", "00080031", "00080060", "00080070", "0008103E", "00081090", "00180015",
+    "00181030", "00185100", "0020000E", "00200011", "00200060", "00400244", "00400245",
+})
+
+
+def include_fields(result: dict[str, object], source: dict[str, object] | None,
+                   include: frozenset[str], level_tags: frozenset[str] | None) -> dict[str, object]:
+    """Add the attributes asked for with includefield, taken from `source` (DICOM JSON of a
+    representative instance); `level_tags` bounds `all` (None: every attribute)."""
+    if not include or source is None:
+        return result
+    wanted = set(include - {"all"})
+    if "all" in include:
+        wanted |= set(source) if level_tags is None else set(level_tags)
+    for tag in sorted(wanted):
+        if tag in result or tag not in source or tag == "7FE00010":
+            continue
+        value = source[tag]
+        if isinstance(value, dict) and ("BulkDataURI" in value or "InlineBinary" in value):
+            continue
+        result[tag] = value
+    return dict(sorted(result.items()))
 
 
 def series_to_dicom_json(series: SeriesSummary, retrieve_base_url: str) -> dict[str, object]:

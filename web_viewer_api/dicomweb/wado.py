@@ -203,6 +203,22 @@ class Wado:
             documents.append(_absolute_bulk_uris(document, base_url))
         return documents
 
+    def instance_json(self, instance: InstanceSummary) -> dict[str, Any] | None:
+        """The stored DICOM JSON of one instance (None when it is missing)."""
+        key = instance_metadata_key(instance.study_instance_uid, instance.series_instance_uid,
+                                    instance.sop_instance_uid)
+        try:
+            document: dict[str, Any] = json.loads(self.store.get(key))
+            return document
+        except (ObjectNotFound, ValueError):
+            return None
+
+    def representative(self, study: str, series: str | None = None) -> dict[str, Any] | None:
+        """DICOM JSON of the first instance of a study or series (for includefield)."""
+        found = self.index.search_instances(InstanceQuery(
+            study_instance_uid=study, series_instance_uid=series, limit=1))
+        return self.instance_json(found[0]) if found else None
+
     def dataset(self, instance: InstanceSummary) -> Dataset:
         return pydicom.dcmread(BytesIO(self.store.get(instance.object_key)))
 

@@ -22,9 +22,12 @@ from web_viewer_api.dicomweb.multipart import (
 )
 from web_viewer_api.dicomweb.qido import (
     INSTANCE_MATCHING_KEYS,
+    SERIES_LEVEL_TAGS,
     SERIES_MATCHING_KEYS,
+    STUDY_LEVEL_TAGS,
     ParsedQuery,
     QueryParameterError,
+    include_fields,
     instance_to_dicom_json,
     parse_query,
     parse_study_query,
@@ -173,7 +176,11 @@ def search_for_studies(request: Request, _principal: ReadPrincipal, index: Index
         wanted = set(query.study_instance_uids or scope) & scope
         query = type(query)(**{**query.__dict__, "study_instance_uids": tuple(sorted(wanted)) or ("-",)})
     studies = index.search_studies(query)
-    body = [study_to_dicom_json(s, _base(request)) for s in studies]
+    wado = _wado(request, index)
+    body = [include_fields(study_to_dicom_json(s, _base(request)),
+                           wado.representative(s.study_instance_uid) if parsed.include else None,
+                           parsed.include, STUDY_LEVEL_TAGS)
+            for s in studies]
     return _json(body, _warnings(parsed, len(body)) if parsed.ignored or parsed.fuzzy_requested
                  or len(body) >= query.limit else {}, request)
 
@@ -197,7 +204,12 @@ def _series(request: Request, index: IndexDep, study: str | None) -> Response:
         limit=parsed.limit, offset=parsed.offset))
     if scope is not None:
         series = [s for s in series if s.study_instance_uid in scope]
-    body = [series_to_dicom_json(s, _base(request)) for s in series]
+    wado = _wado(request, index)
+    body = [include_fields(series_to_dicom_json(s, _base(request)),
+                           wado.representative(s.study_instance_uid, s.series_instance_uid)
+                           if parsed.include else None,
+                           parsed.include, STUDY_LEVEL_TAGS | SERIES_LEVEL_TAGS)
+            for s in series]
     return _json(body, _warnings(parsed, len(body)), request)
 
 
@@ -232,7 +244,10 @@ def _instances(request: Request, index: IndexDep, study: str | None, series: str
         limit=parsed.limit, offset=parsed.offset))
     if scope is not None:
         found = [i for i in found if i.study_instance_uid in scope]
-    body = [instance_to_dicom_json(i, _base(request)) for i in found]
+    wado = _wado(request, index)
+    body = [include_fields(instance_to_dicom_json(i, _base(request)),
+                           wado.instance_json(i) if parsed.include else None, parsed.include, None)
+            for i in found]
     return _json(body, _warnings(parsed, len(body)), request)
 
 
