@@ -63,14 +63,25 @@ def new_boundary() -> str:
     return f"dicomgateway-{uuid.uuid4().hex}"
 
 
-def multipart_stream(parts: Iterable[tuple[str, bytes, dict[str, str]]], boundary: str) -> Iterator[bytes]:
-    """Yield a multipart/related body part by part: (content type, body, extra headers)."""
+def multipart_stream(parts: Iterable[tuple[str, bytes, dict[str, str]]], boundary: str,
+                     chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """Yield a multipart/related body: (content type, body, extra headers) per part.
+
+    Small parts are gathered into chunks of about `chunk_bytes` (each chunk costs a thread
+    hop in the ASGI server); memory stays bounded by one part plus one chunk.
+    """
+    pending: list[bytes] = []
+    size = 0
     for content_type, body, headers in parts:
         lines = [f"--{boundary}", f"Content-Type: {content_type}",
                  *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-        # One chunk per part: each chunk costs a thread hop in the ASGI server.
-        yield b"".join(("\r\n".join(lines).encode(), body, b"\r\n"))
-    yield f"--{boundary}--\r\n".encode()
+        pending += ["\r\n".join(lines).encode(), body, b"\r\n"]
+        size += len(body)
+        if size >= chunk_bytes:
+            yield b"".join(pending)
+            pending, size = [], 0
+    pending.append(f"--{boundary}--\r\n".encode())
+    yield b"".join(pending)
 
 
 def multipart_content_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
