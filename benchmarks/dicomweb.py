@@ -3,8 +3,8 @@ latency, and WADO-RS series retrieve throughput, on a real server over loopback.
 
 The index rows are generated directly (2,000 studies x 5 series x 10 instances); one real
 study (50 CT 512x512, stored JPEG-LS by the pipeline) backs metadata and retrieve.
-With --orthanc, the same real study is uploaded to Debian's Orthanc + DICOMweb plugin and
-the same requests are timed there (its index holds only that study).
+With --orthanc, Debian's Orthanc + DICOMweb plugin and a fresh gateway are both loaded
+with the same 200 generated studies (2,000 instances) and the same QIDO requests are timed.
 Run: python benchmarks/dicomweb.py [--requests 200] [--orthanc]
 """
 
@@ -129,12 +129,26 @@ def main() -> None:
         print(f"QIDO studies by date range + MR  p50 {_pct(by_range, 50):6.1f} ms  p95 {_pct(by_range, 95):6.1f} ms")
         print(f"series metadata (50 instances)   p50 {_pct(metadata, 50):6.1f} ms  p95 {_pct(metadata, 95):6.1f} ms")
         print(f"WADO-RS series retrieve (as stored, JPEG-LS): {retrieve:6.1f} MB/s")
-        if args.orthanc:
-            _orthanc(work, real, args.requests)
+    if args.orthanc:
+        _same_data(work, args.requests)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _orthanc(work: Path, real: Path, requests: int) -> None:
+def _same_data(work: Path, requests: int, studies: int = 200) -> None:
+    """Ours and Orthanc loaded with the same generated studies (10 CT 64x64 each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.importer import run_import
+    from worker import Spool
+
+    source = work / "same"
+    for number in range(studies):
+        write_sample_study(source / f"s{number:04d}", SampleStudySpec(
+            ct_slices=10, mr_slices=0, ct_size=64, seed=1000 + number,
+            identity=__import__("gateway.sample_study", fromlist=["PlantedIdentity"]).PlantedIdentity(
+                patient_id=f"IPP-{number:05d}", patient_name=f"PATIENT^{number:05d}"),
+            with_ins=False))
+    files = sorted(source.rglob("*.dcm"))
     http_port = free_port()
     config = {"Name": "bench", "HttpPort": http_port, "DicomPort": free_port(),
               "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
@@ -148,22 +162,22 @@ def _orthanc(work: Path, real: Path, requests: int) -> None:
     try:
         wait_for(lambda: httpx.get(f"{url}/system", timeout=2).status_code == 200, timeout=60,
                  what="Orthanc")
-        with httpx.Client(timeout=120) as client:
-            for path in sorted(real.glob("*.dcm")):
-                client.post(f"{url}/instances", content=path.read_bytes()).raise_for_status()
-            study = client.get(f"{url}/dicom-web/studies").json()[0]["0020000D"]["Value"][0]
-            patient = client.get(f"{url}/dicom-web/studies").json()[0]["00100020"]["Value"][0]
-            series = client.get(f"{url}/dicom-web/studies/{study}/series").json()[0]["0020000E"]["Value"][0]
+        with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: client.post(f"{url}/instances", content=p.read_bytes())
+                          .raise_for_status(), files))
+        with DicomwebServer(work / "ours") as ours:
+            run_import([source], ours.pipeline, Spool(work / "ours" / "spool", "site1"))
+            target = ours.index.search_studies(StudyQuery(limit=1))[0]
+            auth = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
             accept = {"Accept": "application/dicom+json"}
-            by_patient = _timings(client, f"{url}/dicom-web/studies?PatientID={patient}", accept, requests)
-            metadata = _timings(client, f"{url}/dicom-web/studies/{study}/series/{series}/metadata",
-                                accept, max(20, requests // 10))
-            retrieve = _retrieve_mb_s(client, f"{url}/dicom-web/studies/{study}/series/{series}",
-                                      {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
-        print("Orthanc 1.10 + DICOMweb plugin, same real study (its index holds only that study):")
-        print(f"  QIDO studies by PatientID      p50 {_pct(by_patient, 50):6.1f} ms  p95 {_pct(by_patient, 95):6.1f} ms")
-        print(f"  series metadata (50 instances) p50 {_pct(metadata, 50):6.1f} ms  p95 {_pct(metadata, 95):6.1f} ms")
-        print(f"  WADO-RS series retrieve (as stored, uncompressed): {retrieve:6.1f} MB/s")
+            with httpx.Client(timeout=120) as client:
+                ours_pid = _timings(client, f"{ours.url}/studies?PatientID={target.patient_id}", auth, requests)
+                theirs_pid = _timings(client, f"{url}/dicom-web/studies?PatientID=IPP-00042", accept, requests)
+                ours_all = _timings(client, f"{ours.url}/studies?limit=100", auth, requests // 2)
+                theirs_all = _timings(client, f"{url}/dicom-web/studies?limit=100", accept, requests // 2)
+        print(f"same data in both ({len(files)} instances, {studies} studies):")
+        print(f"  QIDO by PatientID   ours p50 {_pct(ours_pid, 50):6.1f} ms   Orthanc p50 {_pct(theirs_pid, 50):6.1f} ms")
+        print(f"  QIDO 100 studies    ours p50 {_pct(ours_all, 50):6.1f} ms   Orthanc p50 {_pct(theirs_all, 50):6.1f} ms")
     finally:
         process.terminate()
         process.wait(timeout=30)
