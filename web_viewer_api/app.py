@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Histogram, make_asgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage import IndexRepository, ObjectStore
 from web_viewer_api.dicomweb.stow import StowTarget
@@ -60,6 +61,33 @@ class _QuarantineCollector(Collector):
         yield gauge
 
 
+class _MetricsMiddleware:
+    """Counts requests by route and status, and their latency (pure ASGI: no extra task per
+    request, unlike `@app.middleware("http")`)."""
+
+    def __init__(self, app: ASGIApp, requests: PromCounter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope.get("method", ""), path, str(status["code"])).inc()
+            self.latency.labels(path).observe(time.perf_counter() - started)
+
+
 def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) -> FastAPI:
     """Build the API; nothing connects until a request arrives."""
     if not config.admin_token:
@@ -95,15 +123,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         "dicom_gateway_http_request_seconds", "HTTP request latency", ["route"], registry=registry
     )
 
-    @app.middleware("http")
-    async def _metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(path).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(_MetricsMiddleware, requests=requests, latency=latency)
 
     app.mount("/metrics", make_asgi_app(registry=registry))
     return app
