@@ -300,3 +300,28 @@ def test_includefield_adds_attributes_from_the_stored_instances(server: Dicomweb
     assert studies[0]["00120062"]["Value"] == ["YES"]  # PatientIdentityRemoved
     series_all = httpx.get(f"{server.url}/studies/{study}/series?includefield=all", headers=headers).json()
     assert all("00120062" in s for s in series_all)
+
+
+def test_native_dicom_model_xml_when_asked(server: DicomwebServer) -> None:
+    import xml.etree.ElementTree as ET
+
+    study, series, sop = _uids(server)
+    accept = 'multipart/related; type="application/dicom+xml"'
+    response = httpx.get(f"{server.url}/studies/{study}/series/{series}/instances/{sop}/metadata",
+                         headers={"Authorization": f"Bearer {TOKEN}", "Accept": accept})
+    assert response.status_code == 200
+    content_type = response.headers["content-type"]
+    assert content_type.startswith('multipart/related; type="application/dicom+xml"')
+    boundary = content_type.split("boundary=")[1].split(";")[0]
+    parts = [p for p in response.content.split(f"--{boundary}".encode()) if b"<?xml" in p]
+    assert len(parts) == 1
+    root = ET.fromstring(parts[0][parts[0].index(b"<?xml"):].rstrip(b"\r\n-"))
+    ns = {"d": "http://dicom.nema.org/PS3.19/models/NativeDICOM"}
+    sop_value = root.find("d:DicomAttribute[@tag='00080018']/d:Value", ns)
+    assert sop_value is not None and sop_value.text == sop
+    family = root.find("d:DicomAttribute[@tag='00100010']/d:PersonName/d:Alphabetic/d:FamilyName", ns)
+    assert family is not None and family.text == "ANONYMOUS"
+    assert root.find("d:DicomAttribute[@tag='7FE00010']/d:BulkData", ns) is not None
+    studies = httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {TOKEN}",
+                                                          "Accept": accept})
+    assert studies.status_code == 200 and studies.content.count(b"<NativeDicomModel") >= 1

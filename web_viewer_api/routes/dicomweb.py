@@ -15,10 +15,12 @@ from fastapi.responses import Response, StreamingResponse
 
 from storage import InstanceQuery, InstanceSummary, SeriesQuery
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
+from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.dicomweb.multipart import (
     multipart_content_type,
     multipart_stream,
     new_boundary,
+    parse_accept,
 )
 from web_viewer_api.dicomweb.qido import (
     INSTANCE_MATCHING_KEYS,
@@ -69,15 +71,27 @@ _ACCEPTABLE_JSON = {DICOM_JSON, "application/json", "*/*", "application/*"}
 _IMMUTABLE = "private, max-age=3600"
 
 
+def _wants_xml(request: Request) -> bool:
+    """True when the client prefers multipart/related; type="application/dicom+xml"."""
+    for media in parse_accept(request.headers.get("accept")):
+        if media.media_type in _ACCEPTABLE_JSON:
+            return False
+        if (media.media_type == "multipart/related"
+                and media.params.get("type", "").lower() == "application/dicom+xml"):
+            return True
+    return False
+
+
 def _require_json(request: Request) -> None:
     accept = request.headers.get("accept", "")
-    if not accept:
+    if not accept or _wants_xml(request):
         return
     for part in accept.split(","):
         media_type = part.split(";")[0].strip().lower()
         if media_type in _ACCEPTABLE_JSON:
             return
-    raise NotAcceptable("this resource is application/dicom+json")
+    raise NotAcceptable("this resource is application/dicom+json or "
+                        'multipart/related; type="application/dicom+xml"')
 
 
 def _api_error(exc: WadoError) -> ApiError:
@@ -101,7 +115,13 @@ def _base(request: Request) -> str:
 
 def _json(body: Any, headers: dict[str, str] | None = None,
           request: Request | None = None) -> Response:
-    """DICOM JSON; gzip-compressed when the client accepts it and it is worth it."""
+    """DICOM JSON (or Native DICOM Model XML parts when the client prefers them); JSON is
+    gzip-compressed when the client accepts it and it is worth it."""
+    if request is not None and _wants_xml(request):
+        boundary = new_boundary()
+        parts = [("application/dicom+xml", to_native_xml(document), {}) for document in body]
+        return Response(b"".join(multipart_stream(parts, boundary)), headers=headers or {},
+                        media_type=multipart_content_type("application/dicom+xml", boundary))
     payload = json.dumps(body).encode()
     extra = dict(headers or {})
     if (request is not None and len(payload) > 1024
