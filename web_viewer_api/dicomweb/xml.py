@@ -55,4 +55,5 @@ def to_native_xml(document: dict[str, Any]) -> bytes:
     """One data set as a NativeDicomModel document (UTF-8, with declaration)."""
     root = ET.Element("NativeDicomModel", xmlns=NAMESPACE)
     _dataset(root, document)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    encoded: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return encoded

@@ -15,7 +15,6 @@ from fastapi.responses import Response, StreamingResponse
 
 from storage import InstanceQuery, InstanceSummary, SeriesQuery
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
-from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.dicomweb.multipart import (
     multipart_content_type,
     multipart_stream,
@@ -55,6 +54,7 @@ from web_viewer_api.dicomweb.wado import (
     parse_frame_list,
     rendered,
 )
+from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.errors import (
     ApiError,
     BadRequest,
@@ -119,7 +119,8 @@ def _json(body: Any, headers: dict[str, str] | None = None,
     gzip-compressed when the client accepts it and it is worth it."""
     if request is not None and _wants_xml(request):
         boundary = new_boundary()
-        parts = [("application/dicom+xml", to_native_xml(document), {}) for document in body]
+        parts: list[tuple[str, bytes, dict[str, str]]] = [
+            ("application/dicom+xml", to_native_xml(document), {}) for document in body]
         return Response(b"".join(multipart_stream(parts, boundary)), headers=headers or {},
                         media_type=multipart_content_type("application/dicom+xml", boundary))
     payload = json.dumps(body).encode()
