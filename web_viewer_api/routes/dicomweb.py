@@ -7,7 +7,7 @@ import email.utils
 import gzip
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -299,13 +299,10 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     cached = _not_modified(request, etag, modified)
     if cached is not None:
         return cached
-    boundary = new_boundary()
-    body = multipart_stream(wado.instance_parts(instances, syntax), boundary)
-    headers = {"Cache-Control": _IMMUTABLE, "ETag": etag}
+    headers = {"ETag": etag}
     if modified:
         headers["Last-Modified"] = modified
-    return StreamingResponse(body, media_type=multipart_content_type("application/dicom", boundary),
-                             headers=headers)
+    return _multipart_response("application/dicom", wado.instance_parts(instances, syntax), headers)
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
@@ -368,10 +365,16 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
     if "PixelData" not in dataset:
         raise NotFoundError("no pixel data")
     part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
+    return _multipart_response(part_type, parts)
+
+
+def _multipart_response(part_type: str, parts: Iterable[tuple[str, bytes, dict[str, str]]],
+                        headers: dict[str, str] | None = None) -> StreamingResponse:
+    """A streamed multipart/related answer of immutable content."""
     boundary = new_boundary()
     return StreamingResponse(multipart_stream(parts, boundary),
                              media_type=multipart_content_type(part_type, boundary),
-                             headers={"Cache-Control": _IMMUTABLE})
+                             headers={"Cache-Control": _IMMUTABLE, **(headers or {})})
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
@@ -395,18 +398,12 @@ def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: s
     if number == 0x7FE00010:
         numbers = list(range(1, int(dataset.get("NumberOfFrames", 1) or 1) + 1))
         part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
-        boundary = new_boundary()
-        return StreamingResponse(multipart_stream(parts, boundary),
-                                 media_type=multipart_content_type(part_type, boundary),
-                                 headers={"Cache-Control": _IMMUTABLE})
+        return _multipart_response(part_type, parts)
     value = dataset[number].value
     if not isinstance(value, bytes | bytearray):
         raise NotFoundError("this attribute is not bulk data")
-    boundary = new_boundary()
-    parts = [("application/octet-stream", bytes(value), {})]
-    return StreamingResponse(multipart_stream(parts, boundary),
-                             media_type=multipart_content_type("application/octet-stream", boundary),
-                             headers={"Cache-Control": _IMMUTABLE})
+    return _multipart_response("application/octet-stream",
+                               [("application/octet-stream", bytes(value), {})])
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
