@@ -4,6 +4,7 @@ rendered) plus raw requests for the error cases."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -325,3 +326,43 @@ def test_native_dicom_model_xml_when_asked(server: DicomwebServer) -> None:
     studies = httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {TOKEN}",
                                                           "Accept": accept})
     assert studies.status_code == 200 and studies.content.count(b"<NativeDicomModel") >= 1
+
+
+def test_stow_of_dicom_json_with_bulk_data(server: DicomwebServer, tmp_path: Path) -> None:
+    [path] = _new_study(tmp_path, seed=25, count=1)
+    original = pydicom.dcmread(path)
+    document = original.to_json_dict(bulk_data_threshold=1024,
+                                      bulk_data_element_handler=lambda e: f"bulk/{int(e.tag):08X}")
+    boundary = "stow-json-boundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode()
+            + json.dumps([document]).encode() + b"\r\n"
+            + f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+              f"Content-Location: bulk/7FE00010\r\n\r\n".encode()
+            + original.PixelData + b"\r\n" + f"--{boundary}--\r\n".encode())
+    headers = {**_stow_headers(boundary),
+               "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'}
+    response = httpx.post(f"{server.url}/studies", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["00081199"]["Value"][0]["00081155"]["Value"] == [original.SOPInstanceUID]
+    site, batch = server.enqueued[-1]
+    assert server.pipeline.ingest_batch(site, batch).stored == 1
+    key = server.index.find_instance(server.pipeline.policy.keys.uid(str(original.SOPInstanceUID)))
+    assert key is not None
+    stored = pydicom.dcmread(server.store.root / key[0])
+    assert np.array_equal(stored.pixel_array, original.pixel_array)
+
+
+def test_stow_of_dicom_json_with_a_missing_bulk_part_fails_that_instance(
+    server: DicomwebServer, tmp_path: Path,
+) -> None:
+    [path] = _new_study(tmp_path, seed=26, count=1)
+    document = pydicom.dcmread(path).to_json_dict(
+        bulk_data_threshold=1024, bulk_data_element_handler=lambda e: "bulk/missing")
+    boundary = "stow-json-boundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode()
+            + json.dumps([document]).encode() + b"\r\n" + f"--{boundary}--\r\n".encode())
+    headers = {**_stow_headers(boundary),
+               "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'}
+    response = httpx.post(f"{server.url}/studies", content=body, headers=headers)
+    assert response.status_code == 409
+    assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]

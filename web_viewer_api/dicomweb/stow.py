@@ -7,6 +7,7 @@ batches are handed to the worker, and the response lists referenced and failed i
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
 
 from web_viewer_api.dicomweb.multipart import parse_accept
@@ -68,18 +70,68 @@ class StowOutcome:
         return 202 if self.referenced else 409
 
 
-def boundary_of(content_type: str | None) -> bytes:
-    """The boundary of a `multipart/related; type="application/dicom"` body (415 if not)."""
+DICOM_JSON = "application/dicom+json"
+
+
+def boundary_of(content_type: str | None) -> tuple[bytes, str]:
+    """(boundary, root part type) of a STOW-RS body: `multipart/related` with
+    `type="application/dicom"` or `type="application/dicom+json"` (415 otherwise)."""
     ranges = parse_accept(content_type or "")
     if not ranges or ranges[0].media_type != "multipart/related":
         raise StowRequestError(415, 'STOW-RS takes multipart/related; type="application/dicom"')
     media = ranges[0]
-    if media.params.get("type", "application/dicom").lower() != "application/dicom":
-        raise StowRequestError(415, "only application/dicom parts are supported")
+    part_type = media.params.get("type", "application/dicom").lower()
+    if part_type not in ("application/dicom", DICOM_JSON):
+        raise StowRequestError(415, "parts must be application/dicom, or application/dicom+json "
+                                    "with bulk data")
     boundary = media.params.get("boundary")
     if not boundary:
         raise StowRequestError(400, "multipart body without a boundary")
-    return boundary.encode()
+    return boundary.encode(), part_type
+
+
+def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Part], int]:
+    """Turn DICOM JSON parts (+ bulk data parts named by Content-Location) into Part 10 files.
+
+    Returns the instance parts and how many data sets could not be built. Bulk data must be
+    uncompressed (application/octet-stream); the instances are written Explicit VR LE.
+    """
+    by_location = {p.headers.get("content-location", ""): p for p in parts
+                   if p.headers.get("content-location")}
+    documents: list[Any] = []
+    instances: list[_Part] = []
+    failed = 0
+    for part in parts:
+        if part.headers.get("content-type", "").split(";")[0].strip().lower() == DICOM_JSON:
+            try:
+                loaded = json.loads(part.path.read_bytes())
+            except ValueError:
+                failed += 1
+                continue
+            documents.extend(loaded if isinstance(loaded, list) else [loaded])
+
+    def bulk(tag: str, vr: str, uri: str) -> bytes:
+        source = by_location.get(uri)
+        if source is None:
+            raise KeyError(f"no part at {uri}")
+        return source.path.read_bytes()
+
+    for document in documents:
+        try:
+            dataset = Dataset.from_json(document, bulk_data_uri_handler=bulk)
+            dataset.file_meta = FileMetaDataset()
+            dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+            dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            path = folder / f".stow-{uuid.uuid4().hex}.part"
+            dataset.save_as(path, enforce_file_format=True)
+        except (KeyError, ValueError, TypeError, AttributeError, OSError):
+            failed += 1
+            continue
+        instances.append(_Part(path, {"content-type": "application/dicom"}, path.stat().st_size))
+    for part in parts:
+        part.path.unlink(missing_ok=True)
+    return instances, failed
 
 
 async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
@@ -213,5 +265,5 @@ def response_dataset(outcome: StowOutcome) -> dict[str, Any]:
     return result
 
 
-__all__ = ["StowOutcome", "StowRequestError", "StowTarget", "boundary_of",
+__all__ = ["StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
            "receive_parts", "response_dataset", "spool_parts"]

@@ -38,6 +38,7 @@ from web_viewer_api.dicomweb.qido import (
 from web_viewer_api.dicomweb.stow import (
     StowRequestError,
     boundary_of,
+    json_parts_to_instances,
     receive_parts,
     response_dataset,
     spool_parts,
@@ -482,7 +483,7 @@ async def _store(request: Request, study: str | None) -> Response:
         check_uid(study, "StudyInstanceUID")
     declared = request.headers.get("content-length")
     try:
-        boundary = boundary_of(request.headers.get("content-type"))
+        boundary, part_type = boundary_of(request.headers.get("content-type"))
         if declared and declared.isdigit() and int(declared) > target.max_bytes:
             raise StowRequestError(413, f"request body larger than {target.max_bytes} bytes")
         parts = await receive_parts(request.stream(), boundary,
@@ -491,7 +492,11 @@ async def _store(request: Request, study: str | None) -> Response:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
         return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
                         status_code=exc.status, media_type="application/json")
+    unbuilt = 0
+    if part_type == "application/dicom+json":
+        parts, unbuilt = json_parts_to_instances(parts, target.spool.root / ".incoming")
     outcome = spool_parts(parts, target, study)
+    outcome.failed += [("", "", 0xC000)] * unbuilt
     return Response(json.dumps(response_dataset(outcome)), status_code=outcome.status_code,
                     media_type=DICOM_JSON)
 
