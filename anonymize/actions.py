@@ -528,17 +528,24 @@ def _code_item(code: tuple[str, str]) -> Dataset:
     return item
 
 
-def _check_complete(dataset: Dataset) -> None:
-    """Refuse a truncated data set: pydicom silently shortens a value cut by end of file."""
+class TruncatedDataSetError(DeidentificationError):
+    """An element declares more bytes than the data set holds."""
+
+
+def check_complete(dataset: Dataset) -> None:
+    """Refuse a truncated data set: pydicom silently shortens a value cut by end of file.
+
+    Raises TruncatedDataSetError (a ValueError) naming the first truncated element.
+    """
     for tag in list(dataset.keys()):
         raw = dataset.get_item(tag)
         if (isinstance(raw, RawDataElement) and raw.value is not None
                 and raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length):
-            raise DeidentificationError(f"data set is truncated at element {tag}")
+            raise TruncatedDataSetError(f"data set is truncated at element {tag}")
 
 
 def _check_identifiers(dataset: Dataset) -> None:
-    _check_complete(dataset)
+    check_complete(dataset)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not str(dataset.get(keyword, "") or "").strip():
             raise DeidentificationError(f"dataset lacks {keyword}")

@@ -10,15 +10,13 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.status import Status
-from worker import Spool, SpoolWriteError, new_association_tag
+from worker import Spool, SpoolWriteError, check_complete, new_association_tag
 
 log = logging.getLogger(__name__)
 
-UNDEFINED = 0xFFFFFFFF
 
 Enqueue = Callable[[str, str], None]
 
@@ -58,21 +56,6 @@ def _text(dataset: pydicom.Dataset, keyword: str) -> str:
     return str(dataset.get(keyword, "") or "").strip()
 
 
-class TruncatedDataSet(ValueError):
-    """An element declares more bytes than the data set holds."""
-
-
-def _refuse_truncated(dataset: pydicom.Dataset) -> None:
-    """pydicom silently shortens a truncated value; a modality must hear about it instead."""
-    for tag in list(dataset.keys()):
-        raw = dataset.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != UNDEFINED:
-            if len(raw.value) != raw.length:
-                raise TruncatedDataSet(f"element {tag} is truncated")
-        else:
-            _ = dataset[tag].value  # decoded elements: make sure their values convert
-
-
 def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
     try:
         enqueue(site_id, batch_id)
@@ -93,7 +76,7 @@ def handle_store(event: Any, spool: Spool, batches: AssociationBatches,
     encoded = event.encoded_dataset(include_meta=True)
     try:
         dataset = pydicom.dcmread(BytesIO(encoded))
-        _refuse_truncated(dataset)
+        check_complete(dataset)  # pydicom silently shortens a truncated value
         sop_class = _text(dataset, "SOPClassUID")
         sop_instance = _text(dataset, "SOPInstanceUID")
         study = _text(dataset, "StudyInstanceUID")

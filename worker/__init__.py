@@ -1,5 +1,6 @@
 """The worker: Celery app and tasks running the ingest pipeline (de-identify, store, index)."""
 
+from anonymize import TruncatedDataSetError, check_complete
 from worker.app import create_celery_app, filesystem_broker_options
 from worker.completion import StudyCompletion, derived_uid, instance_metadata_key, manifest_key
 from worker.events import Webhook, sign, verify
@@ -43,8 +44,10 @@ __all__ = [
     "StudyCompletion",
     "TranscodeStatus",
     "TransientPipelineError",
+    "TruncatedDataSetError",
     "Webhook",
     "WorkerContext",
+    "check_complete",
     "create_celery_app",
     "derived_uid",
     "encode_dataset",

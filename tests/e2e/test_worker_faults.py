@@ -70,6 +70,24 @@ def _ingest_retried(worker: GatewayProcess) -> bool:
                for line in worker.log_text().splitlines())
 
 
+def _outage_then_recovery(tmp_path: Path, env: dict[str, str], data_dir: Path, site: str,
+                          source: Path, broker_url: str, options: dict[str, object],
+                          break_it: Callable[[], object], restore: Callable[[], object],
+                          index_url: str) -> None:
+    """A worker runs, a dependency breaks, a batch arrives and is retried, the dependency
+    comes back: every instance of the batch ends up indexed."""
+    _spool(data_dir, site, "batch", source)
+    expected = len(list(source.glob("*.dcm")))
+    with _worker(tmp_path, env, "worker") as worker:
+        _wait_ready(data_dir, worker)
+        break_it()
+        _sender(broker_url, site, options)("batch")
+        wait_for(lambda: _ingest_retried(worker), timeout=60, what="the ingest task to be retried")
+        restore()
+        wait_for(lambda: _count(index_url) == expected, timeout=120,
+                 what="every instance to be indexed after the outage")
+
+
 def _sender(broker_url: str, site: str, options: dict[str, object]) -> Callable[[str], None]:
     app = create_celery_app(broker_url, site_id=site, transport_options=options)
     return lambda batch: enqueue_ingest(app, site, batch)
@@ -151,16 +169,8 @@ def test_s3_outage_delays_but_loses_nothing(tmp_path: Path, small_batch: Path, r
             object_store__s3__endpoint_url=s3.endpoint_url, object_store__s3__bucket="outage",
             object_store__s3__region=s3.region, object_store__s3__access_key_id=s3.access_key,
             object_store__s3__secret_access_key=s3.secret_key)
-        _spool(data_dir, site, "batch", small_batch)
-        with _worker(tmp_path, env, "worker") as worker:
-            _wait_ready(data_dir, worker)
-            s3.stop()
-            _sender(redis_url, site, options)("batch")
-            wait_for(lambda: _ingest_retried(worker), timeout=60,
-                     what="the ingest task to be retried")
-            s3.restart()
-            wait_for(lambda: _count(f"sqlite:///{data_dir / 'index.sqlite3'}") == 8, timeout=120,
-                     what="every instance to be stored after the outage")
+        _outage_then_recovery(tmp_path, env, data_dir, site, small_batch, redis_url, options,
+                              s3.stop, s3.restart, f"sqlite:///{data_dir / 'index.sqlite3'}")
         keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="outage")["Contents"]]
         assert len([k for k in keys if k.endswith(".dcm")]) == 8
 
@@ -177,16 +187,8 @@ def test_database_outage_delays_but_loses_nothing(
         proxied = f"postgresql+psycopg2://postgres@127.0.0.1:{proxy.port}/{database}"
         env = gateway_env(data_dir, site_id=site, pseudonym_secret=SECRET, broker_url=redis_url,
                           broker_transport_options=json.dumps(options), database_url=proxied)
-        _spool(data_dir, site, "batch", small_batch)
-        with _worker(tmp_path, env, "worker") as worker:
-            _wait_ready(data_dir, worker)
-            proxy.cut()
-            _sender(redis_url, site, options)("batch")
-            wait_for(lambda: _ingest_retried(worker), timeout=60,
-                     what="the ingest task to be retried")
-            proxy.restore()
-            wait_for(lambda: _count(direct_url) == 8, timeout=120,
-                     what="every instance to be indexed after the outage")
+        _outage_then_recovery(tmp_path, env, data_dir, site, small_batch, redis_url, options,
+                              proxy.cut, proxy.restore, direct_url)
 
 
 @pytest.fixture
