@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -31,7 +31,7 @@ def _bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
     """Resolve the bearer token; constant-time comparison with the admin token."""
     token = _bearer_token(request)
     admin_token: str = request.app.state.config.admin_token
@@ -43,10 +43,10 @@ def current_principal(request: Request) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
-def require_scope(scope: str) -> Callable[[Principal], Principal]:
+def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency that admits only principals holding `scope`."""
 
-    def check(principal: CurrentPrincipal) -> Principal:
+    async def check(principal: CurrentPrincipal) -> Principal:
         if scope not in principal.scopes:
             raise Forbidden(f"token lacks the '{scope}' scope")
         return principal
@@ -54,7 +54,7 @@ def require_scope(scope: str) -> Callable[[Principal], Principal]:
     return check
 
 
-def index_repository(request: Request) -> IndexRepository:
+async def index_repository(request: Request) -> IndexRepository:
     repository: IndexRepository = request.app.state.index
     return repository
 

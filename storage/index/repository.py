@@ -271,7 +271,7 @@ class IndexRepository:
                 self._upsert(session, Instance, record.instance, "sop_instance_uid")
 
     def _filtered(self, query: StudyQuery) -> Select[Any]:
-        statement = select(Study)
+        statement = select(Study.__table__)
         conditions: list[Any] = []
         if query.patient_id:
             conditions.append(_wildcard(Study.patient_id, query.patient_id))
@@ -300,16 +300,26 @@ class IndexRepository:
 
     def search_studies(self, query: StudyQuery) -> list[StudySummary]:
         """Matching studies, newest first, with their series/instance counts and modalities."""
+        # One statement with correlated counts, on a plain connection: three round trips and
+        # the ORM's identity map cost more than the query itself.
+        series_count = (select(func.count()).where(Series.study_instance_uid == Study.study_instance_uid)
+                        .correlate(Study).scalar_subquery())
+        instance_count = (select(func.count())
+                          .where(Instance.study_instance_uid == Study.study_instance_uid)
+                          .correlate(Study).scalar_subquery())
+        modalities = (select(func.aggregate_strings(Series.modality, "\\"))
+                      .where(Series.study_instance_uid == Study.study_instance_uid)
+                      .correlate(Study).scalar_subquery())
         statement = (
             self._filtered(query)
+            .add_columns(series_count.label("n_series"), instance_count.label("n_instances"),
+                         modalities.label("modalities"))
             .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.study_instance_uid)
             .limit(query.limit)
             .offset(query.offset)
         )
-        with Session(self.engine) as session:
-            studies = list(session.scalars(statement))
-            uids = [s.study_instance_uid for s in studies]
-            aggregates = self._aggregates(session, uids)
+        with self.engine.connect() as connection:
+            studies = connection.execute(statement).all()
         return [
             StudySummary(
                 study_instance_uid=s.study_instance_uid,
@@ -324,7 +334,9 @@ class IndexRepository:
                 study_description=s.study_description,
                 referring_physician_name=s.referring_physician_name,
                 specific_character_set=s.specific_character_set,
-                **aggregates.get(s.study_instance_uid, {}),
+                number_of_series=int(s.n_series or 0),
+                number_of_instances=int(s.n_instances or 0),
+                modalities_in_study=tuple(sorted({m for m in (s.modalities or "").split("\\") if m})),
             )
             for s in studies
         ]
@@ -334,32 +346,6 @@ class IndexRepository:
         statement = select(func.count()).select_from(self._filtered(query).subquery())
         with Session(self.engine) as session:
             return int(session.scalar(statement) or 0)
-
-    @staticmethod
-    def _aggregates(session: Session, uids: list[str]) -> dict[str, dict[str, Any]]:
-        if not uids:
-            return {}
-        result: dict[str, dict[str, Any]] = {u: {"modalities_in_study": ()} for u in uids}
-        modalities: dict[str, set[str]] = {u: set() for u in uids}
-        series_rows = session.execute(
-            select(Series.study_instance_uid, Series.modality, func.count())
-            .where(Series.study_instance_uid.in_(uids))
-            .group_by(Series.study_instance_uid, Series.modality)
-        )
-        for study_uid, modality, count in series_rows:
-            result[study_uid]["number_of_series"] = result[study_uid].get("number_of_series", 0) + count
-            if modality:
-                modalities[study_uid].add(modality)
-        instance_rows = session.execute(
-            select(Instance.study_instance_uid, func.count())
-            .where(Instance.study_instance_uid.in_(uids))
-            .group_by(Instance.study_instance_uid)
-        )
-        for study_uid, count in instance_rows:
-            result[study_uid]["number_of_instances"] = int(count)
-        for study_uid, values in modalities.items():
-            result[study_uid]["modalities_in_study"] = tuple(sorted(values))
-        return result
 
     def search_series(self, query: SeriesQuery) -> list[SeriesSummary]:
         """Matching series with their instance counts, by study then series number."""
