@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -248,6 +249,186 @@ def reidentify(
     target = out or file.with_name(file.stem + ".reidentified.dcm")
     dataset.save_as(target, enforce_file_format=True)
     console.print(f"restored original attributes into {target}")
+
+
+share_app = typer.Typer(help="Share links: create, list, inspect, revoke.", no_args_is_help=True)
+apikey_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+app.add_typer(share_app, name="share")
+app.add_typer(apikey_app, name="apikey")
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """`90s`, `30m`, `12h`, `7d`, `2w` (or plain seconds) -> timedelta."""
+    text = text.strip().lower()
+    unit = text[-1:] if text[-1:] in _DURATION_UNITS else "s"
+    number = text[:-1] if text[-1:] in _DURATION_UNITS else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise typer.BadParameter(f"not a duration: {text!r} (e.g. 7d, 12h, 30m)") from None
+    if value <= 0:
+        raise typer.BadParameter("the duration must be positive")
+    return dt.timedelta(seconds=value * _DURATION_UNITS[unit])
+
+
+def _actor() -> str:
+    """Who ran the command, for the audit trail."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _audit(settings: Settings, action: str, **fields: Any) -> None:
+    from gateway import components
+    from storage import AccessRepository
+    from web_viewer_api import audit_entry
+
+    index = components.build_index(settings, run_migrations=False)
+    AccessRepository(index.engine).append_audit([audit_entry(action, _actor(), **fields)])
+
+
+@share_app.command("create")
+def share_create(
+    study_uids: Annotated[list[str], typer.Argument(help="de-identified Study Instance UID(s)")],
+    expires: Annotated[str, typer.Option(help="lifetime: 30m, 12h, 7d, 2w")] = "7d",
+    pin: Annotated[bool, typer.Option("--pin", help="protect with a random 6-digit PIN (printed once)")] = False,
+    max_uses: Annotated[int | None, typer.Option(min=1, help="viewer sessions allowed")] = None,
+    download: Annotated[bool, typer.Option("--download", help="allow ZIP/whole-instance download")] = False,
+    recipient: Annotated[str, typer.Option(help="recipient's name or label")] = "",
+    email: Annotated[str, typer.Option(help="recipient's e-mail (recorded; see --notify)")] = "",
+    note: Annotated[str, typer.Option(help="free note kept with the share")] = "",
+    notify: Annotated[bool, typer.Option("--notify", help="e-mail the link (never the PIN) to --email")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a share link and print its URL (shown once: only its hash is kept)."""
+    from gateway import components
+    from web_viewer_api import ApiError, ShareRequest, new_pin
+    from web_viewer_api.notify import NotificationError, send, share_message
+
+    settings = _settings(data_dir=data_dir)
+    lifetime = parse_duration(expires)
+    if notify and (not email or settings.smtp is None):
+        raise _fail(ValueError("--notify needs --email and DICOM_GATEWAY_SMTP__HOST"))
+    chosen_pin = new_pin() if pin else None
+    try:
+        service = components.build_share_service(settings)
+        created = service.create(ShareRequest(
+            study_uids=tuple(study_uids), expires_in=lifetime, created_by=_actor(), pin=chosen_pin,
+            max_uses=max_uses, allow_download=download, recipient=recipient,
+            recipient_email=email, note=note), settings.effective_public_url)
+    except (ApiError, SettingsError) as exc:
+        raise _fail(exc) from exc
+    share = created.share
+    _audit(settings, "share.create", share_id=share.share_id,
+           study_instance_uid=share.items[0].study_instance_uid,
+           detail=json.dumps({"expires_at": share.expires_at.isoformat(), "pin": pin,
+                              "max_uses": max_uses, "allow_download": download}))
+    if notify:
+        smtp = components.smtp_config(settings)
+        assert smtp is not None
+        try:
+            send(smtp, share_message(smtp, email, created.url, share.expires_at, has_pin=pin,
+                                     sender_note=note))
+        except NotificationError as exc:
+            console.print(f"[red]e-mail not sent: {exc}[/red]")
+        else:
+            console.print(f"link e-mailed to {email}")
+    console.print(f"share {share.share_id}, expires {share.expires_at:%Y-%m-%d %H:%M} UTC")
+    if chosen_pin:
+        console.print(f"PIN (give it by another channel than the link): [bold]{chosen_pin}[/bold]")
+    sys.stdout.write(created.url + "\n")
+
+
+@share_app.command("list")
+def share_list(active: Annotated[bool, typer.Option("--active", help="only usable shares")] = False,
+               data_dir: DataDir = None) -> None:
+    """List share links, newest first (JSON lines)."""
+    from gateway import components
+    from web_viewer_api.routes.shares import public
+
+    settings = _settings(data_dir=data_dir)
+    service = components.build_share_service(settings)
+    now = service.clock()
+    for share in service.access.list_shares(active_at=now if active else None, limit=10_000):
+        sys.stdout.write(public(share, now).model_dump_json() + "\n")
+
+
+@share_app.command("revoke")
+def share_revoke(share_id: Annotated[str, typer.Argument(help="the share's id")],
+                 data_dir: DataDir = None) -> None:
+    """Revoke a share link at once (its open viewer sessions end too)."""
+    from gateway import components
+    from web_viewer_api import ApiError
+
+    settings = _settings(data_dir=data_dir)
+    try:
+        components.build_share_service(settings).revoke(share_id)
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    _audit(settings, "share.revoke", share_id=share_id)
+    console.print(f"share {share_id} revoked")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Option(help="what the key is for (e.g. 'CHU Nord PACS')")],
+    scope: Annotated[list[str], typer.Option(help="read, write, share, admin (repeat)")],
+    site: Annotated[str | None, typer.Option(help="restrict to one site's studies")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an API key and print it (once: only its hash is kept)."""
+    from gateway import components
+    from storage import AccessRepository, ApiKeyRecord
+    from web_viewer_api import new_api_key, sha256_hex, utc_now
+
+    unknown = sorted(set(scope) - {"read", "write", "share", "admin"})
+    if unknown or not scope:
+        raise _fail(ValueError(f"unknown scope {unknown[0]!r}" if unknown else "give --scope"))
+    settings = _settings(data_dir=data_dir)
+    key_id, key = new_api_key()
+    index = components.build_index(settings)
+    AccessRepository(index.engine).add_api_key(ApiKeyRecord(
+        key_id=key_id, name=name, scopes=frozenset(scope), site_id=site, created_at=utc_now(),
+        revoked_at=None, secret_sha256=sha256_hex(key)))
+    _audit(settings, "apikey.create", detail=json.dumps(
+        {"key_id": key_id, "scopes": sorted(scope), "site": site}))
+    console.print(f"API key {key_id} ({', '.join(sorted(scope))}"
+                  f"{', site ' + site if site else ''}): shown once, keep it safe")
+    sys.stdout.write(key + "\n")
+
+
+@apikey_app.command("list")
+def apikey_list(data_dir: DataDir = None) -> None:
+    """List API keys (ids, names, scopes; never the keys)."""
+    from gateway import components
+    from storage import AccessRepository
+
+    settings = _settings(data_dir=data_dir)
+    for key in AccessRepository(components.build_index(settings).engine).list_api_keys():
+        sys.stdout.write(json.dumps({
+            "id": key.key_id, "name": key.name, "scopes": sorted(key.scopes), "site": key.site_id,
+            "created_at": key.created_at.isoformat(),
+            "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}) + "\n")
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")],
+                  data_dir: DataDir = None) -> None:
+    """Revoke an API key at once."""
+    from gateway import components
+    from storage import AccessRepository
+    from web_viewer_api import utc_now
+
+    settings = _settings(data_dir=data_dir)
+    if not AccessRepository(components.build_index(settings).engine).revoke_api_key(key_id, utc_now()):
+        raise _fail(LookupError(f"no active API key {key_id}"))
+    _audit(settings, "apikey.revoke", detail=json.dumps({"key_id": key_id}))
+    console.print(f"API key {key_id} revoked")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
 from pathlib import Path
@@ -17,10 +18,13 @@ from anonymize import (
     PseudonymKeys,
     load_certificate,
     load_safe_private,
+    pseudonymize_accession_number,
+    pseudonymize_patient_id,
 )
 from dicom_node import CallerPolicy, DicomNode, NodeConfig
 from gateway.settings import Settings, SettingsError
 from storage import (
+    AccessRepository,
     FilesystemObjectStore,
     IndexRepository,
     ObjectStore,
@@ -28,7 +32,17 @@ from storage import (
     create_index_engine,
     migrate,
 )
-from web_viewer_api import ApiConfig, StowTarget, create_app
+from web_viewer_api import (
+    ApiConfig,
+    FailureLimiter,
+    OidcConfig,
+    PseudonymLookup,
+    SharePolicy,
+    ShareService,
+    SmtpConfig,
+    StowTarget,
+    create_app,
+)
 from worker import (
     Codec,
     IngestPipeline,
@@ -210,7 +224,69 @@ def build_api(settings: Settings):  # type: ignore[no-untyped-def]
         ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
                   public_url=settings.effective_public_url, stow=stow,
-                  cors_origins=tuple(settings.http.cors_origins)),
+                  cors_origins=tuple(settings.http.cors_origins),
+                  shares=share_policy(settings), oidc=oidc_config(settings),
+                  smtp=smtp_config(settings), lookup=build_lookup(settings),
+                  default_site=settings.site_id,
+                  auth_failure_limit=settings.auth.failure_limit,
+                  pin_failure_limit=settings.auth.pin_failure_limit,
+                  failure_window_seconds=settings.auth.failure_window_seconds),
         build_index(settings),
         build_object_store(settings),
     )
+
+
+def share_policy(settings: Settings) -> SharePolicy:
+    return SharePolicy(max_expiry=dt.timedelta(days=settings.shares.max_expiry_days),
+                       session_lifetime=dt.timedelta(minutes=settings.shares.session_minutes),
+                       pin_lock_after=settings.shares.pin_lock_after,
+                       min_pin_length=settings.shares.min_pin_length)
+
+
+def oidc_config(settings: Settings) -> OidcConfig | None:
+    oidc = settings.auth.oidc
+    if oidc is None:
+        return None
+    return OidcConfig(issuer=oidc.issuer, audience=oidc.audience, jwks_url=oidc.jwks_url,
+                      algorithms=tuple(oidc.algorithms), scope_claim=oidc.scope_claim,
+                      scope_map={k: tuple(v) for k, v in oidc.scope_map.items()},
+                      subject_claim=oidc.subject_claim, site_claim=oidc.site_claim,
+                      leeway_seconds=oidc.leeway_seconds)
+
+
+def smtp_config(settings: Settings) -> SmtpConfig | None:
+    smtp = settings.smtp
+    if smtp is None:
+        return None
+    return SmtpConfig(host=smtp.host, port=smtp.port, sender=smtp.sender, starttls=smtp.starttls,
+                      use_ssl=smtp.use_ssl, username=smtp.username,
+                      password=smtp.password.get_secret_value() if smtp.password else None,
+                      timeout_seconds=smtp.timeout_seconds)
+
+
+def build_lookup(settings: Settings) -> PseudonymLookup | None:
+    """Original identifiers -> pseudonyms, with this deployment's secret and INS issuers."""
+    try:
+        keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
+    except SettingsError:
+        return None  # an API without the secret cannot look up (and says so: 503)
+    ins_issuers = set(settings.ins_issuer_oids)
+
+    def lookup(accession: str | None, patient_id: str | None, accession_issuer: str,
+               patient_issuer: str, site_id: str) -> tuple[str | None, str | None]:
+        return (
+            pseudonymize_accession_number(keys, accession, site_id=site_id,
+                                          issuer=accession_issuer) if accession else None,
+            pseudonymize_patient_id(keys, patient_id, site_id=site_id, issuer=patient_issuer,
+                                    is_ins=patient_issuer in ins_issuers) if patient_id else None,
+        )
+
+    return lookup
+
+
+def build_share_service(settings: Settings) -> ShareService:
+    """The share service on the configured index, for the CLI."""
+    index = build_index(settings)
+    return ShareService(AccessRepository(index.engine), index, share_policy(settings),
+                        FailureLimiter(settings.auth.pin_failure_limit,
+                                       settings.auth.failure_window_seconds))

@@ -119,6 +119,52 @@ class DeidSettings(BaseModel):
         return value
 
 
+class OidcSettings(BaseModel):
+    """OIDC bearer tokens (e.g. Pro Santé Connect, a hospital's Keycloak)."""
+
+    issuer: str
+    audience: str
+    #: Default: the issuer's /.well-known/openid-configuration names it.
+    jwks_url: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256"])
+    #: Claim with the user's roles/scopes; dotted path for nested claims.
+    scope_claim: str = "scope"
+    #: Claim value -> our scopes (read, write, share, admin).
+    scope_map: dict[str, list[str]] = Field(default_factory=dict)
+    subject_claim: str = "sub"
+    site_claim: str | None = None
+    leeway_seconds: int = Field(30, ge=0, le=300)
+
+
+class SmtpSettings(BaseModel):
+    host: str
+    port: int = Field(587, ge=1, le=65535)
+    sender: str = "dicom-gateway@localhost"
+    starttls: bool = True
+    use_ssl: bool = False
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout_seconds: float = Field(15.0, gt=0)
+
+
+class ShareSettings(BaseModel):
+    """Share link limits."""
+
+    max_expiry_days: float = Field(30.0, gt=0)
+    session_minutes: float = Field(30.0, gt=0)
+    pin_lock_after: int = Field(5, ge=1)
+    min_pin_length: int = Field(4, ge=1)
+
+
+class AuthSettings(BaseModel):
+    oidc: OidcSettings | None = None
+    #: Failed credentials (tokens, share links) per client address before 429.
+    failure_limit: int = Field(20, ge=1)
+    #: Wrong PINs per client address (all shares) before 429.
+    pin_failure_limit: int = Field(10, ge=1)
+    failure_window_seconds: float = Field(900.0, gt=0)
+
+
 class Settings(BaseSettings):
     """The effective configuration of a gateway process."""
 
@@ -148,6 +194,9 @@ class Settings(BaseSettings):
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     deid: DeidSettings = Field(default_factory=DeidSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    shares: ShareSettings = Field(default_factory=ShareSettings)
+    smtp: SmtpSettings | None = None
 
     @field_validator("site_id")
     @classmethod

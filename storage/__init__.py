@@ -4,8 +4,17 @@ Object layout (de-identified data only):
     studies/<StudyUID>/series/<SeriesUID>/instances/<SOPInstanceUID>.dcm
 """
 
+from storage.access import (
+    AccessRepository,
+    ApiKeyRecord,
+    AuditEntry,
+    AuditQuery,
+    ShareItemRecord,
+    ShareRecord,
+)
 from storage.filesystem import FilesystemObjectStore
 from storage.index import (
+    AccessScope,
     DateRange,
     IndexRepository,
     InstanceQuery,
@@ -41,6 +50,11 @@ def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance
 
 
 __all__ = [
+    "AccessRepository",
+    "AccessScope",
+    "ApiKeyRecord",
+    "AuditEntry",
+    "AuditQuery",
     "DateRange",
     "FilesystemObjectStore",
     "IndexRepository",
@@ -55,6 +69,8 @@ __all__ = [
     "S3ObjectStore",
     "SeriesQuery",
     "SeriesSummary",
+    "ShareItemRecord",
+    "ShareRecord",
     "StorageError",
     "StudyQuery",
     "StudySummary",

@@ -1,7 +1,32 @@
-"""The HTTP face of the gateway: DICOMweb, health, metrics (shares and viewer to come)."""
+"""The HTTP face of the gateway: DICOMweb, share links, authentication, audit, health, metrics."""
 
-from web_viewer_api.app import ApiConfig, create_app
+from web_viewer_api.app import ApiConfig, PseudonymLookup, create_app
+from web_viewer_api.audit import entry as audit_entry
+from web_viewer_api.auth import FailureLimiter, utc_now
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import ApiError
+from web_viewer_api.notify import SmtpConfig
+from web_viewer_api.oidc import OidcConfig
+from web_viewer_api.security import hash_pin, new_api_key, new_pin, sha256_hex
+from web_viewer_api.shares import CreatedShare, SharePolicy, ShareRequest, ShareService
 
-__all__ = ["ApiConfig", "ApiError", "StowTarget", "create_app"]
+__all__ = [
+    "ApiConfig",
+    "ApiError",
+    "CreatedShare",
+    "FailureLimiter",
+    "OidcConfig",
+    "PseudonymLookup",
+    "SharePolicy",
+    "ShareRequest",
+    "ShareService",
+    "SmtpConfig",
+    "StowTarget",
+    "audit_entry",
+    "create_app",
+    "hash_pin",
+    "new_api_key",
+    "new_pin",
+    "sha256_hex",
+    "utc_now",
+]

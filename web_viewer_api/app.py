@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import time
 from collections import Counter
@@ -17,12 +19,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from storage import IndexRepository, ObjectStore
+from storage import AccessRepository, IndexRepository, ObjectStore
+from web_viewer_api.audit import AUTH_FAILURES, PIN_FAILURES, SHARE_FAILURES, AuditMiddleware
+from web_viewer_api.auth import Authenticator, FailureLimiter, ShareGate
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import install_error_handlers
-from web_viewer_api.routes import dicomweb, health
+from web_viewer_api.notify import SmtpConfig
+from web_viewer_api.oidc import OidcConfig, OidcVerifier
+from web_viewer_api.routes import audit, dicomweb, health, share_access, shares
+from web_viewer_api.shares import SharePolicy, ShareService
 
 Probe = Callable[[], None]
+PseudonymLookup = Callable[[str | None, str | None, str, str, str], tuple[str | None, str | None]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,21 @@ class ApiConfig:
     stow: StowTarget | None = None
     #: Origins allowed to call the API from a browser (viewers hosted elsewhere).
     cors_origins: tuple[str, ...] = ()
+    #: Share link limits (maximum expiry, session lifetime, PIN lock).
+    shares: SharePolicy = field(default_factory=SharePolicy)
+    #: OIDC bearer tokens accepted beside API keys (None: none).
+    oidc: OidcConfig | None = None
+    #: SMTP relay for share notifications (None: no e-mail).
+    smtp: SmtpConfig | None = None
+    #: (accession, patient ID, accession issuer, patient ID issuer, site) -> their pseudonyms;
+    #: None when this API does not hold the pseudonymization secret.
+    lookup: PseudonymLookup | None = None
+    #: The site looked up when the caller names none.
+    default_site: str = ""
+    #: Failed credentials per client address before 429, and the window.
+    auth_failure_limit: int = 20
+    pin_failure_limit: int = 10
+    failure_window_seconds: float = 900.0
 
 
 class _QuarantineCollector(Collector):
@@ -98,8 +121,23 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         description="DICOMweb, share links and audit for de-identified studies.",
     )
     probes = {"index": index.check, "object_store": store.check, **config.readiness_probes}
-    app.state.config = ApiConfig(config.admin_token, probes, config.quarantine_dir,
-                                 config.public_url, config.stow, config.cors_origins)
+    app.state.config = dataclasses.replace(config, readiness_probes=probes)
+    access = AccessRepository(index.engine)
+    app.state.access = access
+
+    def recorded(actions: tuple[str, ...]) -> Callable[[str, dt.datetime], int]:
+        return lambda address, since: access.count_recent_audit(
+            actions=actions, since=since, address=address)
+
+    window = config.failure_window_seconds
+    app.state.authenticator = Authenticator(
+        config.admin_token, access, OidcVerifier(config.oidc) if config.oidc else None,
+        FailureLimiter(config.auth_failure_limit, window, recorded(AUTH_FAILURES)))
+    app.state.share_gate = ShareGate(
+        access, FailureLimiter(config.auth_failure_limit, window, recorded(SHARE_FAILURES)))
+    app.state.share_service = ShareService(
+        access, index, config.shares,
+        FailureLimiter(config.pin_failure_limit, window, recorded(PIN_FAILURES)))
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
@@ -111,6 +149,10 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(dicomweb.router)
+    app.include_router(shares.router)
+    app.include_router(audit.router)
+    app.include_router(share_access.router)
+    app.include_router(dicomweb.share_router())
 
     registry = CollectorRegistry()
     if config.quarantine_dir is not None:
@@ -123,6 +165,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         "dicom_gateway_http_request_seconds", "HTTP request latency", ["route"], registry=registry
     )
 
+    app.add_middleware(AuditMiddleware, access=access)
     app.add_middleware(_MetricsMiddleware, requests=requests, latency=latency)
 
     app.mount("/metrics", make_asgi_app(registry=registry))

@@ -1,26 +1,23 @@
-"""Request dependencies: the principal behind a bearer token, the repositories."""
+"""Request dependencies: the principal behind the credentials, the repositories."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 
 from storage import IndexRepository
-from web_viewer_api.errors import Forbidden, Unauthorized
+from web_viewer_api.auth import Authenticator, Principal, ShareGate
+from web_viewer_api.errors import Forbidden, NotFound, Unauthorized
 
-ALL_SCOPES = frozenset({"read", "write", "share", "admin"})
+#: The viewer session cookie of a share; its Path is the share's own /s/{token}.
+SHARE_COOKIE = "dgw_share_session"
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling and what they may do."""
-
-    subject: str
-    scopes: frozenset[str]
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else ""
 
 
 def _bearer_token(request: Request) -> str:
@@ -32,12 +29,30 @@ def _bearer_token(request: Request) -> str:
 
 
 async def current_principal(request: Request) -> Principal:
-    """Resolve the bearer token; constant-time comparison with the admin token."""
-    token = _bearer_token(request)
-    admin_token: str = request.app.state.config.admin_token
-    if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
-        return Principal("admin", ALL_SCOPES)
-    raise Unauthorized()
+    """The caller: a share link under /s/{token}/, else a bearer token (admin token, API
+    key, OIDC access token). Secrets are compared in constant time."""
+    share_token = request.path_params.get("share_token")
+    if share_token is not None:
+        gate: ShareGate | None = request.app.state.share_gate
+        if gate is None:
+            raise NotFound("not found")
+        cookie = request.cookies.get(SHARE_COOKIE)
+        try:
+            principal = await anyio.to_thread.run_sync(
+                gate.principal, share_token, cookie, client_address(request))
+        except NotFound:
+            request.state.audit = {"action": "share.unknown_token"}
+            raise
+    else:
+        token = _bearer_token(request)
+        authenticator: Authenticator = request.app.state.authenticator
+        found = authenticator.admin(token)
+        if found is None:
+            found = await anyio.to_thread.run_sync(
+                authenticator.authenticate, token, client_address(request))
+        principal = found
+    request.state.principal = principal
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
@@ -48,7 +63,7 @@ def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
 
     async def check(principal: CurrentPrincipal) -> Principal:
         if scope not in principal.scopes:
-            raise Forbidden(f"token lacks the '{scope}' scope")
+            raise Forbidden(f"credentials lack the '{scope}' scope")
         return principal
 
     return check
@@ -62,3 +77,5 @@ async def index_repository(request: Request) -> IndexRepository:
 IndexDep = Annotated[IndexRepository, Depends(index_repository)]
 ReadPrincipal = Annotated[Principal, Depends(require_scope("read"))]
 WritePrincipal = Annotated[Principal, Depends(require_scope("write"))]
+SharePrincipal = Annotated[Principal, Depends(require_scope("share"))]
+AdminPrincipal = Annotated[Principal, Depends(require_scope("admin"))]

@@ -37,8 +37,11 @@ class BadRequest(ApiError):
 class Unauthorized(ApiError):
     status_code, code = 401, "unauthorized"
 
-    def __init__(self, message: str = "missing or invalid bearer token") -> None:
-        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="dicom-gateway"'})
+    def __init__(self, message: str = "missing or invalid bearer token", *,
+                 presented: bool = False) -> None:
+        # RFC 6750 §3: error="invalid_token" only when a token was presented.
+        challenge = 'Bearer realm="dicom-gateway"' + (', error="invalid_token"' if presented else "")
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
 
 
 class Forbidden(ApiError):
@@ -47,6 +50,17 @@ class Forbidden(ApiError):
 
 class NotFound(ApiError):
     status_code, code = 404, "not_found"
+
+
+class Gone(ApiError):
+    status_code, code = 410, "gone"
+
+
+class RateLimited(ApiError):
+    status_code, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 class NotAcceptable(ApiError):

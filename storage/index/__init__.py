@@ -2,6 +2,7 @@
 
 from storage.index.engine import create_index_engine, downgrade, migrate
 from storage.index.repository import (
+    AccessScope,
     DateRange,
     IndexRepository,
     InstanceQuery,
@@ -14,6 +15,7 @@ from storage.index.repository import (
 )
 
 __all__ = [
+    "AccessScope",
     "DateRange",
     "IndexRepository",
     "InstanceQuery",

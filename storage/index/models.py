@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, MetaData, String, func
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -95,3 +106,100 @@ class Instance(_Timestamps, Base):
     object_key: Mapped[str] = mapped_column(String(512))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+# Access control and audit: not index data — `reindex` never touches these tables. ----------
+class ApiKey(Base):
+    """An API key: only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "api_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    #: Space-separated scopes among read, write, share, admin.
+    scopes: Mapped[str] = mapped_column(String(64))
+    #: When set, the key sees only the studies this site produced.
+    site_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Share(Base):
+    """A share link: the token is kept only as its SHA-256."""
+
+    __tablename__ = "shares"
+
+    share_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(256), default="")
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: scrypt$N$r$p$salt$hash, or NULL when the share has no PIN.
+    pin_hash: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    pin_failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    allow_download: Mapped[bool] = mapped_column(Boolean, default=False)
+    recipient: Mapped[str] = mapped_column(String(256), default="")
+    recipient_email: Mapped[str] = mapped_column(String(256), default="")
+    note: Mapped[str] = mapped_column(Text, default="")
+    site_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ShareItem(Base):
+    """One study (or one series of it) in a share's scope."""
+
+    __tablename__ = "share_items"
+
+    share_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("shares.share_id", ondelete="CASCADE"), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: "" for the whole study.
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, default="")
+
+
+class ShareSession(Base):
+    """A viewer session opened on a share (after the PIN, when there is one)."""
+
+    __tablename__ = "share_sessions"
+
+    session_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    share_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("shares.share_id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """One audited event, append-only; fields follow the DICOM audit message (PS3.15 A.5)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_address_action_at", "address", "action", "at"),
+        Index("ix_audit_events_share_id_at", "share_id", "at"),
+    )
+
+    event_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                          primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    #: Our name for the event (share.create, dicomweb.retrieve, auth.failure, ...).
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    #: EventID (DCM code value, e.g. 110103 DICOM Instances Accessed) and EventActionCode.
+    event_code: Mapped[str] = mapped_column(String(16))
+    event_action: Mapped[str] = mapped_column(String(1))
+    #: EventOutcomeIndicator: 0 success, 4 minor failure, 8 serious failure, 12 major failure.
+    outcome: Mapped[int] = mapped_column(Integer)
+    #: ActiveParticipant UserID: "admin", "key:<id>", "oidc:<sub>", "share:<id>", "anonymous".
+    actor: Mapped[str] = mapped_column(String(300), index=True)
+    address: Mapped[str] = mapped_column(String(64), default="")
+    user_agent: Mapped[str] = mapped_column(String(512), default="")
+    #: What was touched: the request path (share tokens replaced by the share id).
+    resource: Mapped[str] = mapped_column(String(1024), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    share_id: Mapped[str] = mapped_column(String(32), default="")
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,38 @@ class DateRange:
 
 
 @dataclass(frozen=True)
+class AccessScope:
+    """What a caller may see: a site's studies, a share's studies, some series of them.
+    Every query applies it in SQL, so limit/offset and counts stay right."""
+
+    site_id: str | None = None
+    #: None: every study (of the site).
+    study_instance_uids: frozenset[str] | None = None
+    #: Studies shared only in part -> the series of each that are shared.
+    series_limits: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def allows(self, study_instance_uid: str, series_instance_uid: str | None = None) -> bool:
+        """The study/series is inside the scope (the site is checked by the queries)."""
+        if self.study_instance_uids is not None and study_instance_uid not in self.study_instance_uids:
+            return False
+        limits = self.series_limits.get(study_instance_uid)
+        return series_instance_uid is None or limits is None or series_instance_uid in limits
+
+    def conditions(self, study_column: Any, series_column: Any | None = None) -> list[Any]:
+        found: list[Any] = []
+        if self.site_id is not None:
+            found.append(study_column.in_(select(Study.study_instance_uid)
+                                          .where(Study.site_id == self.site_id)))
+        if self.study_instance_uids is not None:
+            found.append(study_column.in_(sorted(self.study_instance_uids) or ["-"]))
+        if series_column is not None and self.series_limits:
+            allowed = sorted(set().union(*self.series_limits.values()))
+            found.append(or_(study_column.not_in(sorted(self.series_limits)),
+                             series_column.in_(allowed)))
+        return found
+
+
+@dataclass(frozen=True)
 class StudyQuery:
     """Study-level matching keys (PS3.4 C.2.2.2): single value, wildcard, list, range."""
 
@@ -142,6 +174,7 @@ class StudyQuery:
     modalities: tuple[str, ...] = ()
     limit: int = 100
     offset: int = 0
+    scope: AccessScope | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,7 @@ class SeriesQuery:
     series_number: int | None = None
     limit: int = 100
     offset: int = 0
+    scope: AccessScope | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +233,7 @@ class InstanceQuery:
     instance_number: int | None = None
     limit: int = 100
     offset: int = 0
+    scope: AccessScope | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +331,8 @@ class IndexRepository:
                     )
                 )
             )
+        if query.scope is not None:
+            conditions += query.scope.conditions(Study.study_instance_uid)
         return statement.where(*conditions)
 
     def search_studies(self, query: StudyQuery) -> list[StudySummary]:
@@ -358,6 +395,8 @@ class IndexRepository:
             conditions.append(_wildcard(Series.modality, query.modality))
         if query.series_number is not None:
             conditions.append(Series.series_number == query.series_number)
+        if query.scope is not None:
+            conditions += query.scope.conditions(Series.study_instance_uid, Series.series_instance_uid)
         counts = (select(Instance.series_instance_uid.label("uid"), func.count().label("n"))
                   .group_by(Instance.series_instance_uid).subquery())
         statement = (
@@ -387,6 +426,9 @@ class IndexRepository:
             conditions.append(Instance.sop_class_uid == query.sop_class_uid)
         if query.instance_number is not None:
             conditions.append(Instance.instance_number == query.instance_number)
+        if query.scope is not None:
+            conditions += query.scope.conditions(Instance.study_instance_uid,
+                                                 Instance.series_instance_uid)
         statement = (
             select(Instance, Series.modality)
             .join(Series, Series.series_instance_uid == Instance.series_instance_uid)

@@ -22,6 +22,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
 from storage import (
+    AccessScope,
     IndexRepository,
     InstanceQuery,
     InstanceSummary,
@@ -131,11 +132,12 @@ def _stored_syntax(body: bytes) -> str:
 # Lookup ---------------------------------------------------------------------------------
 @dataclass
 class Wado:
-    """Retrieval over one index and store; `allowed_studies` limits a share's scope."""
+    """Retrieval over one index and store; `scope` limits what a share or a site's key sees
+    (outside it: 404, as if missing)."""
 
     index: IndexRepository
     store: ObjectStore
-    allowed_studies: frozenset[str] | None = None
+    scope: AccessScope | None = None
 
     def instances(self, study: str, series: str | None = None,
                   sop: str | None = None) -> list[InstanceSummary]:
@@ -144,11 +146,11 @@ class Wado:
             check_uid(series, "SeriesInstanceUID")
         if sop:
             check_uid(sop, "SOPInstanceUID")
-        if self.allowed_studies is not None and study not in self.allowed_studies:
+        if self.scope is not None and not self.scope.allows(study):
             raise NotFoundError("not found")
         found = self.index.search_instances(InstanceQuery(
             study_instance_uid=study, series_instance_uid=series,
-            sop_instance_uids=(sop,) if sop else (), limit=MAX_LIMIT))
+            sop_instance_uids=(sop,) if sop else (), limit=MAX_LIMIT, scope=self.scope))
         if not found:
             raise NotFoundError("not found")
         return found
@@ -216,7 +218,7 @@ class Wado:
     def representative(self, study: str, series: str | None = None) -> dict[str, Any] | None:
         """DICOM JSON of the first instance of a study or series (for includefield)."""
         found = self.index.search_instances(InstanceQuery(
-            study_instance_uid=study, series_instance_uid=series, limit=1))
+            study_instance_uid=study, series_instance_uid=series, limit=1, scope=self.scope))
         return self.instance_json(found[0]) if found else None
 
     def dataset(self, instance: InstanceSummary) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 import gzip
@@ -12,8 +13,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 
-from storage import InstanceQuery, InstanceSummary, SeriesQuery
+from storage import AccessScope, InstanceQuery, InstanceSummary, SeriesQuery
+from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
 from web_viewer_api.dicomweb.multipart import (
     multipart_content_type,
@@ -59,6 +62,7 @@ from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.errors import (
     ApiError,
     BadRequest,
+    Forbidden,
     NotAcceptable,
     NotFound,
     Unavailable,
@@ -103,15 +107,21 @@ def _api_error(exc: WadoError) -> ApiError:
     return BadRequest(str(exc))
 
 
+def _scope(request: Request) -> AccessScope | None:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal.scope if principal is not None else None
+
+
 def _wado(request: Request, index: IndexDep) -> Wado:
-    scope = getattr(request.state, "allowed_studies", None)
-    return Wado(index, request.app.state.store, scope)
+    return Wado(index, request.app.state.store, _scope(request))
 
 
 def _base(request: Request) -> str:
+    """This DICOMweb root's absolute URL (a share's own root under /s/{token})."""
     public = request.app.state.config.public_url
     root = public.rstrip("/") if public else str(request.base_url).rstrip("/")
-    return root + "/dicom-web"
+    share_token = request.path_params.get("share_token")
+    return root + (f"/s/{share_token}" if share_token else "") + "/dicom-web"
 
 
 def _json(body: Any, headers: dict[str, str] | None = None,
@@ -192,11 +202,7 @@ def search_for_studies(request: Request, _principal: ReadPrincipal, index: Index
         parsed = parse_study_query(request.query_params.multi_items())
     except QueryParameterError as exc:
         raise BadRequest(str(exc)) from exc
-    scope = getattr(request.state, "allowed_studies", None)
-    query = parsed.query
-    if scope is not None:
-        wanted = set(query.study_instance_uids or scope) & scope
-        query = type(query)(**{**query.__dict__, "study_instance_uids": tuple(sorted(wanted)) or ("-",)})
+    query = dataclasses.replace(parsed.query, scope=_scope(request))
     studies = index.search_studies(query)
     wado = _wado(request, index)
     body = [include_fields(study_to_dicom_json(s, _base(request)),
@@ -213,9 +219,6 @@ def _series(request: Request, index: IndexDep, study: str | None) -> Response:
     study = study or parsed.values.get("StudyInstanceUID")
     if study:
         check_uid(study, "StudyInstanceUID")
-    scope = getattr(request.state, "allowed_studies", None)
-    if scope is not None and study is not None and study not in scope:
-        return _json([])
     number = parsed.values.get("SeriesNumber")
     series = index.search_series(SeriesQuery(
         study_instance_uid=study,
@@ -223,9 +226,7 @@ def _series(request: Request, index: IndexDep, study: str | None) -> Response:
         if parsed.values.get("SeriesInstanceUID") else (),
         modality=parsed.values.get("Modality"),
         series_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset))
-    if scope is not None:
-        series = [s for s in series if s.study_instance_uid in scope]
+        limit=parsed.limit, offset=parsed.offset, scope=_scope(request)))
     wado = _wado(request, index)
     body = [include_fields(series_to_dicom_json(s, _base(request)),
                            wado.representative(s.study_instance_uid, s.series_instance_uid)
@@ -253,9 +254,6 @@ def _instances(request: Request, index: IndexDep, study: str | None, series: str
     for value, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID")):
         if value:
             check_uid(value, what)
-    scope = getattr(request.state, "allowed_studies", None)
-    if scope is not None and study is not None and study not in scope:
-        return _json([])
     number = parsed.values.get("InstanceNumber")
     sops = parsed.values.get("SOPInstanceUID")
     found = index.search_instances(InstanceQuery(
@@ -263,9 +261,7 @@ def _instances(request: Request, index: IndexDep, study: str | None, series: str
         sop_instance_uids=tuple(sops.replace("\\", ",").split(",")) if sops else (),
         sop_class_uid=parsed.values.get("SOPClassUID"),
         instance_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset))
-    if scope is not None:
-        found = [i for i in found if i.study_instance_uid in scope]
+        limit=parsed.limit, offset=parsed.offset, scope=_scope(request)))
     wado = _wado(request, index)
     body = [include_fields(instance_to_dicom_json(i, _base(request)),
                            wado.instance_json(i) if parsed.include else None, parsed.include, None)
@@ -293,6 +289,9 @@ def search_for_instances(study: str, series: str, request: Request, _principal: 
 # WADO-RS ---------------------------------------------------------------------------------
 def _retrieve(request: Request, index: IndexDep, study: str, series: str | None = None,
               sop: str | None = None) -> Response:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is not None and principal.share is not None and not principal.share.allow_download:
+        raise Forbidden("this share allows viewing, not downloading whole instances")
     wado = _wado(request, index)
     syntax = negotiate_instance_syntax(request.headers.get("accept"))
     instances = wado.instances(study, series, sop)
@@ -517,3 +516,15 @@ async def store_study_instances(study: str, request: Request, _principal: WriteP
         return await _store(request, study)
     except WadoError as exc:
         raise _api_error(exc) from exc
+
+
+def share_router() -> APIRouter:
+    """The read-only DICOMweb root of a share, /s/{share_token}/dicom-web: the same GET
+    resources, answered within the share's scope (principal resolved from the token)."""
+    scoped = APIRouter(prefix="/s/{share_token}/dicom-web", tags=["Shares"])
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.methods == {"GET"}:
+            scoped.add_api_route(route.path.removeprefix("/dicom-web"), route.endpoint,
+                                 methods=["GET"], name=f"share_{route.name}",
+                                 include_in_schema=False)
+    return scoped

@@ -1,0 +1,280 @@
+"""Access control and audit rows: API keys, share links (scope, sessions, use counts) and the
+append-only audit trail. Only hashes of secrets are stored; hashing and policy live with the
+caller (web_viewer_api), this module only keeps rows consistent under concurrency."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, delete, func, insert, or_, select, update
+
+from storage.index.models import ApiKey, AuditEvent, Share, ShareItem, ShareSession
+
+
+def _utc(moment: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive datetimes for timezone-aware columns: they are UTC."""
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    key_id: str
+    name: str
+    scopes: frozenset[str]
+    site_id: str | None
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    secret_sha256: str = field(repr=False, default="")
+
+
+@dataclass(frozen=True)
+class ShareItemRecord:
+    study_instance_uid: str
+    #: None: the whole study.
+    series_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class ShareRecord:
+    share_id: str
+    created_at: dt.datetime
+    created_by: str
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None
+    pin_hash: str | None = field(repr=False)
+    pin_failures: int
+    locked_at: dt.datetime | None
+    max_uses: int | None
+    uses: int
+    allow_download: bool
+    recipient: str
+    recipient_email: str
+    note: str
+    site_id: str | None
+    items: tuple[ShareItemRecord, ...]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One audit event (PS3.15 A.5 vocabulary: EventID code, EventActionCode, outcome)."""
+
+    at: dt.datetime
+    action: str
+    event_code: str
+    event_action: str
+    outcome: int
+    actor: str
+    address: str = ""
+    user_agent: str = ""
+    resource: str = ""
+    study_instance_uid: str = ""
+    share_id: str = ""
+    status_code: int | None = None
+    detail: str = ""
+    event_id: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    actions: tuple[str, ...] = ()
+    actor: str | None = None
+    share_id: str | None = None
+    study_instance_uid: str | None = None
+    address: str | None = None
+    failures_only: bool = False
+    #: Only events after this id (keyset paging for exports).
+    after_id: int | None = None
+    limit: int = 100
+    offset: int = 0
+    newest_first: bool = True
+
+
+class AccessRepository:
+    """API keys, shares and audit events in the index database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # API keys ----------------------------------------------------------------------------
+    def add_api_key(self, record: ApiKeyRecord) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(ApiKey).values(
+                key_id=record.key_id, secret_sha256=record.secret_sha256, name=record.name,
+                scopes=" ".join(sorted(record.scopes)), site_id=record.site_id,
+                created_at=record.created_at))
+
+    @staticmethod
+    def _key(row: Any) -> ApiKeyRecord:
+        return ApiKeyRecord(row.key_id, row.name, frozenset(row.scopes.split()), row.site_id,
+                            _utc(row.created_at) or row.created_at, _utc(row.revoked_at),
+                            row.secret_sha256)
+
+    def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(ApiKey.__table__).where(ApiKey.key_id == key_id)).first()
+        return self._key(row) if row else None
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(ApiKey.__table__).order_by(ApiKey.created_at)).all()
+        return [self._key(r) for r in rows]
+
+    def revoke_api_key(self, key_id: str, now: dt.datetime) -> bool:
+        with self.engine.begin() as connection:
+            result = connection.execute(update(ApiKey).where(
+                ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=now))
+        return bool(result.rowcount)
+
+    # Shares ------------------------------------------------------------------------------
+    def add_share(self, share: ShareRecord, token_sha256: str) -> None:
+        values = {k: v for k, v in share.__dict__.items() if k != "items"}
+        with self.engine.begin() as connection:
+            connection.execute(insert(Share).values(token_sha256=token_sha256, **values))
+            connection.execute(insert(ShareItem), [
+                {"share_id": share.share_id, "study_instance_uid": item.study_instance_uid,
+                 "series_instance_uid": item.series_instance_uid or ""} for item in share.items])
+
+    def _shares(self, where: Any, limit: int | None = None, offset: int = 0) -> list[ShareRecord]:
+        statement = select(Share.__table__).where(where).order_by(Share.created_at.desc(),
+                                                                  Share.share_id)
+        if limit is not None:
+            statement = statement.limit(limit).offset(offset)
+        with self.engine.connect() as connection:
+            rows = connection.execute(statement).all()
+            items: dict[str, list[ShareItemRecord]] = {}
+            if rows:
+                for item in connection.execute(select(ShareItem.__table__).where(
+                        ShareItem.share_id.in_([r.share_id for r in rows]))
+                        .order_by(ShareItem.study_instance_uid, ShareItem.series_instance_uid)):
+                    items.setdefault(item.share_id, []).append(ShareItemRecord(
+                        item.study_instance_uid, item.series_instance_uid or None))
+        return [ShareRecord(
+            share_id=r.share_id, created_at=_utc(r.created_at) or r.created_at,
+            created_by=r.created_by, expires_at=_utc(r.expires_at) or r.expires_at,
+            revoked_at=_utc(r.revoked_at), pin_hash=r.pin_hash, pin_failures=r.pin_failures,
+            locked_at=_utc(r.locked_at), max_uses=r.max_uses, uses=r.uses,
+            allow_download=bool(r.allow_download), recipient=r.recipient,
+            recipient_email=r.recipient_email, note=r.note, site_id=r.site_id,
+            items=tuple(items.get(r.share_id, ()))) for r in rows]
+
+    def share(self, share_id: str) -> ShareRecord | None:
+        found = self._shares(Share.share_id == share_id)
+        return found[0] if found else None
+
+    def share_by_token(self, token_sha256: str) -> ShareRecord | None:
+        found = self._shares(Share.token_sha256 == token_sha256)
+        return found[0] if found else None
+
+    def list_shares(self, *, active_at: dt.datetime | None = None, site_id: str | None = None,
+                    limit: int = 100, offset: int = 0) -> list[ShareRecord]:
+        """Shares newest first; `active_at`: only those neither revoked nor expired then."""
+        conditions: list[Any] = []
+        if active_at is not None:
+            conditions += [Share.revoked_at.is_(None), Share.expires_at > active_at]
+        if site_id is not None:
+            conditions.append(Share.site_id == site_id)
+        return self._shares(and_(True, *conditions), limit, offset)
+
+    def revoke_share(self, share_id: str, now: dt.datetime) -> bool:
+        with self.engine.begin() as connection:
+            result = connection.execute(update(Share).where(
+                Share.share_id == share_id, Share.revoked_at.is_(None)).values(revoked_at=now))
+            connection.execute(delete(ShareSession).where(ShareSession.share_id == share_id))
+        return bool(result.rowcount)
+
+    def record_pin_failure(self, share_id: str, lock_after: int, now: dt.datetime) -> int:
+        """Count one wrong PIN (atomically); lock the share at `lock_after`. The new count."""
+        with self.engine.begin() as connection:
+            connection.execute(update(Share).where(Share.share_id == share_id).values(
+                pin_failures=Share.pin_failures + 1,
+                locked_at=case((Share.pin_failures + 1 >= lock_after,
+                                func.coalesce(Share.locked_at, now)), else_=Share.locked_at)))
+            return int(connection.execute(select(Share.pin_failures).where(
+                Share.share_id == share_id)).scalar_one())
+
+    def open_session(self, share_id: str, session_sha256: str, now: dt.datetime,
+                     expires_at: dt.datetime) -> bool:
+        """Count one use and open a session, unless the share is used up, revoked, expired
+        or locked (checked and counted in one statement: concurrent openings cannot
+        exceed max_uses)."""
+        with self.engine.begin() as connection:
+            counted = connection.execute(update(Share).where(
+                Share.share_id == share_id, Share.revoked_at.is_(None), Share.locked_at.is_(None),
+                Share.expires_at > now,
+                or_(Share.max_uses.is_(None), Share.uses < Share.max_uses),
+            ).values(uses=Share.uses + 1, pin_failures=0))
+            if not counted.rowcount:
+                return False
+            connection.execute(insert(ShareSession).values(
+                session_sha256=session_sha256, share_id=share_id, created_at=now,
+                expires_at=expires_at))
+            connection.execute(delete(ShareSession).where(ShareSession.expires_at < now))
+        return True
+
+    def session_share(self, session_sha256: str, now: dt.datetime) -> str | None:
+        """The share id of a live session, or None."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(ShareSession.share_id).where(
+                ShareSession.session_sha256 == session_sha256,
+                ShareSession.expires_at > now)).scalar_one_or_none()
+
+    # Audit -------------------------------------------------------------------------------
+    def append_audit(self, entries: Sequence[AuditEntry]) -> None:
+        if not entries:
+            return
+        rows = [{k: v for k, v in e.__dict__.items() if k != "event_id"} for e in entries]
+        with self.engine.begin() as connection:
+            connection.execute(insert(AuditEvent), rows)
+
+    def search_audit(self, query: AuditQuery) -> list[AuditEntry]:
+        conditions: list[Any] = []
+        if query.since is not None:
+            conditions.append(AuditEvent.at >= query.since)
+        if query.until is not None:
+            conditions.append(AuditEvent.at < query.until)
+        if query.actions:
+            conditions.append(AuditEvent.action.in_(query.actions))
+        for column, value in ((AuditEvent.actor, query.actor), (AuditEvent.share_id, query.share_id),
+                              (AuditEvent.study_instance_uid, query.study_instance_uid),
+                              (AuditEvent.address, query.address)):
+            if value is not None:
+                conditions.append(column == value)
+        if query.failures_only:
+            conditions.append(AuditEvent.outcome != 0)
+        if query.after_id is not None:
+            conditions.append(AuditEvent.event_id > query.after_id)
+        order = AuditEvent.event_id.desc() if query.newest_first else AuditEvent.event_id
+        statement = (select(AuditEvent.__table__).where(*conditions).order_by(order)
+                     .limit(query.limit).offset(query.offset))
+        with self.engine.connect() as connection:
+            rows = connection.execute(statement).all()
+        return [AuditEntry(**{**r._mapping, "at": _utc(r.at)}) for r in rows]
+
+    def count_recent_audit(self, *, actions: tuple[str, ...], since: dt.datetime,
+                           address: str | None = None, share_id: str | None = None) -> int:
+        """How many of these events happened since `since` (rate limiting reads this)."""
+        conditions: list[Any] = [AuditEvent.action.in_(actions), AuditEvent.at >= since]
+        if address is not None:
+            conditions.append(AuditEvent.address == address)
+        if share_id is not None:
+            conditions.append(AuditEvent.share_id == share_id)
+        with self.engine.connect() as connection:
+            return int(connection.execute(
+                select(func.count()).select_from(AuditEvent).where(*conditions)).scalar_one())
+
+
+__all__ = [
+    "AccessRepository",
+    "ApiKeyRecord",
+    "AuditEntry",
+    "AuditQuery",
+    "ShareItemRecord",
+    "ShareRecord",
+]

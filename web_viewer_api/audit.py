@@ -1,0 +1,186 @@
+"""The audit trail: one append-only event per API request (and per CLI change), in the DICOM
+audit message vocabulary (PS3.15 A.5: EventID, EventActionCode, EventOutcomeIndicator,
+ActiveParticipant, ParticipantObject) so it can feed an ATNA repository."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from storage import AccessRepository, AuditEntry
+
+log = logging.getLogger(__name__)
+
+#: DCM EventID codes (PS3.16 CID 400) by meaning.
+EVENT_NAMES = {
+    "110103": "DICOM Instances Accessed",
+    "110106": "Export",
+    "110107": "Import",
+    "110112": "Query",
+    "110113": "Security Alert",
+    "110114": "User Authentication",
+    "110136": "Security Roles Changed",
+}
+#: Our action -> (EventID code, EventActionCode C/R/U/D/E).
+ACTIONS: Mapping[str, tuple[str, str]] = {
+    "dicomweb.search": ("110112", "E"),
+    "dicomweb.retrieve": ("110103", "R"),
+    "dicomweb.store": ("110107", "C"),
+    "share.create": ("110106", "C"),
+    "share.list": ("110112", "E"),
+    "share.inspect": ("110112", "E"),
+    "share.revoke": ("110106", "D"),
+    "share.view": ("110103", "R"),
+    "share.session": ("110114", "E"),
+    "share.pin_failure": ("110114", "E"),
+    "share.locked": ("110113", "E"),
+    "share.unknown_token": ("110113", "E"),
+    "share.download": ("110106", "R"),
+    "share.notify": ("110106", "E"),
+    "study.lookup": ("110112", "E"),
+    "audit.read": ("110112", "E"),
+    "auth.failure": ("110114", "E"),
+    "auth.rate_limited": ("110113", "E"),
+    "auth.forbidden": ("110113", "E"),
+    "apikey.create": ("110136", "C"),
+    "apikey.revoke": ("110136", "D"),
+    "api.request": ("110112", "E"),
+}
+#: Failures that count against a client address.
+AUTH_FAILURES = ("auth.failure",)
+SHARE_FAILURES = ("share.unknown_token",)
+PIN_FAILURES = ("share.pin_failure",)
+
+_SHARE_PATH = re.compile(r"^/s/[^/]+")
+
+
+def outcome_of(status: int) -> int:
+    """EventOutcomeIndicator: 0 success, 4 minor failure (refused), 8 serious (server)."""
+    if status < 400:
+        return 0
+    return 4 if status < 500 else 8
+
+
+def entry(action: str, actor: str, *, outcome: int = 0, at: dt.datetime | None = None,
+          **fields: Any) -> AuditEntry:
+    code, verb = ACTIONS[action]
+    return AuditEntry(at=at or dt.datetime.now(dt.UTC), action=action, event_code=code,
+                      event_action=verb, outcome=outcome, actor=actor[:300], **fields)
+
+
+def to_dict(event: AuditEntry) -> dict[str, Any]:
+    """An event as JSON, with the DICOM audit message names beside ours."""
+    return {
+        "id": event.event_id, "time": event.at.isoformat(), "action": event.action,
+        "event_id": {"code": event.event_code, "scheme": "DCM",
+                     "meaning": EVENT_NAMES.get(event.event_code, "")},
+        "event_action_code": event.event_action, "event_outcome_indicator": event.outcome,
+        "user_id": event.actor, "network_access_point_id": event.address,
+        "user_agent": event.user_agent, "resource": event.resource,
+        "study_instance_uid": event.study_instance_uid or None,
+        "share_id": event.share_id or None, "status_code": event.status_code,
+        "detail": json.loads(event.detail) if event.detail else None,
+    }
+
+
+def _action_for(route_path: str, method: str, status: int) -> str:
+    if status == 401:
+        return "auth.failure"
+    if status == 429:
+        return "auth.rate_limited"
+    if status == 403:
+        return "auth.forbidden"
+    if "/dicom-web" in route_path:
+        if method == "POST":
+            return "dicomweb.store"
+        if route_path.endswith(("/studies", "/series", "/instances")):
+            return "dicomweb.search"
+        return "dicomweb.retrieve"
+    if route_path.startswith("/s/"):
+        return "share.view"
+    return "api.request"
+
+
+class AuditMiddleware:
+    """Writes one event per request to /dicom-web, /s/ and /api/ once the answer is sent
+    (the client never waits for the audit write). Routes enrich it through
+    `request.state.audit` (action, share_id, study, detail) and may add events of their
+    own in `request.state.audit_extra`. Share tokens never reach the trail: the path keeps
+    the share id instead."""
+
+    def __init__(self, app: ASGIApp, access: AccessRepository) -> None:
+        self.app, self.access = app, access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith(("/dicom-web", "/s/", "/api/")) or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_with_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            events = self._events(scope, path, status["code"])
+            try:
+                await anyio.to_thread.run_sync(self.access.append_audit, events)
+            except (SQLAlchemyError, OSError) as exc:  # answers go on; the log says so loudly
+                log.error("audit write failed: %s", type(exc).__name__)
+
+    @staticmethod
+    def _events(scope: Scope, path: str, status: int) -> list[AuditEntry]:
+        state: dict[str, Any] = scope.get("state") or {}
+        principal = state.get("principal")
+        notes: dict[str, Any] = dict(state.get("audit") or {})
+        share_id = notes.pop("share_id", None) or (
+            principal.share.share_id if principal is not None and principal.share else "")
+        if path.startswith("/s/"):
+            path = _SHARE_PATH.sub(f"/s/{share_id or '-'}", path)
+        query = scope.get("query_string", b"").decode("latin-1")
+        resource = (path + ("?" + query if query else ""))[:1024]
+        headers = dict(scope.get("headers") or [])
+        route = getattr(scope.get("route"), "path", "")
+        action = notes.pop("action", None)
+        if action is None or status in (401, 429) and not action.startswith("share."):
+            action = _action_for(route, scope.get("method", ""), status)
+        client = scope.get("client")
+        detail = notes.pop("detail", None)
+        common = {
+            "address": client[0] if client else "",
+            "user_agent": headers.get(b"user-agent", b"").decode("latin-1")[:512],
+        }
+        first = entry(
+            action, principal.subject if principal is not None else "anonymous",
+            outcome=outcome_of(status), resource=resource, status_code=status,
+            study_instance_uid=str(notes.pop("study", None)
+                                   or (scope.get("path_params") or {}).get("study", ""))[:64],
+            share_id=share_id, detail=json.dumps(detail) if detail else "", **common)
+        extra = [AuditEntry(**{**e.__dict__, **common, "share_id": e.share_id or share_id})
+                 for e in state.get("audit_extra", [])]
+        return [first, *extra]
+
+
+__all__ = [
+    "ACTIONS",
+    "AUTH_FAILURES",
+    "EVENT_NAMES",
+    "PIN_FAILURES",
+    "SHARE_FAILURES",
+    "AuditMiddleware",
+    "entry",
+    "outcome_of",
+    "to_dict",
+]

@@ -1,0 +1,100 @@
+"""OIDC bearer tokens (e.g. Pro Santé Connect): signature checked against the issuer's JWKS
+(PyJWT), issuer/audience/expiry enforced, a claim mapped to our scopes."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from web_viewer_api.errors import Unauthorized
+
+KNOWN_SCOPES = frozenset({"read", "write", "share", "admin"})
+
+
+@dataclass(frozen=True)
+class OidcConfig:
+    issuer: str
+    audience: str
+    #: None: read `jwks_uri` from the issuer's /.well-known/openid-configuration.
+    jwks_url: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
+    #: Claim holding roles or scopes; a dotted path reaches nested claims (realm_access.roles).
+    scope_claim: str = "scope"
+    #: Claim value -> our scopes. Empty: values named read/write/share/admin count as-is.
+    scope_map: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    subject_claim: str = "sub"
+    #: Claim naming the site a user belongs to (their studies only); None: all sites.
+    site_claim: str | None = None
+    leeway_seconds: int = 30
+
+
+@dataclass(frozen=True)
+class OidcIdentity:
+    subject: str
+    scopes: frozenset[str]
+    site_id: str | None
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> Any:
+    value: Any = claims
+    for name in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(name)
+    return value
+
+
+class OidcVerifier:
+    """Validates JWT access tokens; JWKS keys are fetched once and cached (refetched for an
+    unknown `kid`, which is how key rotation shows up)."""
+
+    def __init__(self, config: OidcConfig, timeout: float = 5.0) -> None:
+        self.config = config
+        self.timeout = timeout
+        self._jwks: jwt.PyJWKClient | None = None
+
+    def _client(self) -> jwt.PyJWKClient:
+        if self._jwks is None:
+            url = self.config.jwks_url
+            if url is None:
+                discovery = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                with urllib.request.urlopen(discovery, timeout=self.timeout) as answer:
+                    url = str(json.load(answer)["jwks_uri"])
+            self._jwks = jwt.PyJWKClient(url, cache_keys=True, lifespan=3600, timeout=int(self.timeout))
+        return self._jwks
+
+    def verify(self, token: str) -> OidcIdentity:
+        """The identity behind a valid token; Unauthorized for anything else."""
+        config = self.config
+        try:
+            key = self._client().get_signing_key_from_jwt(token)
+            claims = jwt.decode(
+                token, key.key, algorithms=list(config.algorithms), audience=config.audience,
+                issuer=config.issuer, leeway=config.leeway_seconds,
+                options={"require": ["exp", "iat", "iss", "aud"]})
+        except (jwt.PyJWTError, OSError, ValueError, KeyError) as exc:
+            raise Unauthorized("invalid bearer token") from exc
+        subject = _claim(claims, config.subject_claim)
+        if not isinstance(subject, str) or not subject:
+            raise Unauthorized("invalid bearer token")
+        raw = _claim(claims, config.scope_claim)
+        values = raw.split() if isinstance(raw, str) else [str(v) for v in raw or []]
+        scopes: set[str] = set()
+        for value in values:
+            if config.scope_map:
+                scopes.update(config.scope_map.get(value, ()))
+            elif value in KNOWN_SCOPES:
+                scopes.add(value)
+        site = _claim(claims, config.site_claim) if config.site_claim else None
+        if config.site_claim and not site:
+            raise Unauthorized("the bearer token names no site")
+        return OidcIdentity(subject, frozenset(scopes & KNOWN_SCOPES),
+                            str(site) if site else None)
+
+
+__all__ = ["OidcConfig", "OidcIdentity", "OidcVerifier"]

@@ -1,0 +1,150 @@
+"""Share links: create (token shown once), inspect, revoke, and open a viewer session
+(PIN check, use counting). Used by the HTTP API and by `dicom-gateway share`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+from dataclasses import dataclass
+
+from storage import (
+    AccessRepository,
+    AccessScope,
+    IndexRepository,
+    InstanceQuery,
+    ShareItemRecord,
+    ShareRecord,
+    StudyQuery,
+)
+from web_viewer_api.auth import Clock, FailureLimiter, check_usable, utc_now
+from web_viewer_api.errors import ApiError, BadRequest, Gone, NotFound
+from web_viewer_api.security import hash_pin, new_token, sha256_hex, verify_pin
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class SharePolicy:
+    max_expiry: dt.timedelta = dt.timedelta(days=30)
+    session_lifetime: dt.timedelta = dt.timedelta(minutes=30)
+    #: Wrong PINs before the share locks for good.
+    pin_lock_after: int = 5
+    min_pin_length: int = 4
+
+
+@dataclass(frozen=True)
+class ShareRequest:
+    study_uids: tuple[str, ...]
+    expires_in: dt.timedelta
+    created_by: str
+    #: (study UID, series UID) pairs: share only these series of those studies.
+    series: tuple[tuple[str, str], ...] = ()
+    pin: str | None = None
+    max_uses: int | None = None
+    allow_download: bool = False
+    recipient: str = ""
+    recipient_email: str = ""
+    note: str = ""
+    #: The creator sees only this site's studies (site-restricted key): so does the share.
+    site_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CreatedShare:
+    share: ShareRecord
+    #: Shown once, never stored.
+    token: str
+    url: str
+
+
+class WrongPin(ApiError):
+    status_code, code = 401, "wrong_pin"
+
+
+class ShareService:
+    def __init__(self, access: AccessRepository, index: IndexRepository, policy: SharePolicy,
+                 pin_limiter: FailureLimiter, clock: Clock = utc_now) -> None:
+        self.access, self.index, self.policy = access, index, policy
+        self.pin_limiter, self.clock = pin_limiter, clock
+
+    def create(self, request: ShareRequest, base_url: str) -> CreatedShare:
+        studies = tuple(dict.fromkeys(request.study_uids))
+        if not studies or len(studies) > 100:
+            raise BadRequest("study_uids: one to 100 study instance UIDs")
+        for uid in studies + tuple(s for pair in request.series for s in pair):
+            if len(uid) > 64 or not _UID.match(uid):
+                raise BadRequest(f"not a UID: {uid[:70]!r}")
+        if request.expires_in <= dt.timedelta(0):
+            raise BadRequest("expires_in must be positive")
+        if request.expires_in > self.policy.max_expiry:
+            raise BadRequest(f"expires_in is longer than the maximum of "
+                             f"{int(self.policy.max_expiry.total_seconds())} s")
+        if request.pin is not None and (len(request.pin) < self.policy.min_pin_length
+                                        or len(request.pin) > 128):
+            raise BadRequest(f"pin: {self.policy.min_pin_length} to 128 characters")
+        if request.max_uses is not None and request.max_uses < 1:
+            raise BadRequest("max_uses must be at least 1")
+        scope = AccessScope(site_id=request.site_id)
+        found = {s.study_instance_uid for s in self.index.search_studies(
+            StudyQuery(study_instance_uids=studies, limit=len(studies), scope=scope))}
+        missing = [uid for uid in studies if uid not in found]
+        if missing:
+            raise NotFound(f"no such study: {missing[0]}")
+        items = [ShareItemRecord(uid) for uid in studies
+                 if not any(study == uid for study, _ in request.series)]
+        for study, series in dict.fromkeys(request.series):
+            if study not in found or not self.index.search_instances(InstanceQuery(
+                    study_instance_uid=study, series_instance_uid=series, limit=1)):
+                raise NotFound(f"no such series in the shared studies: {series}")
+            items.append(ShareItemRecord(study, series))
+        now = self.clock()
+        token = new_token()
+        share = ShareRecord(
+            share_id=secrets.token_hex(8), created_at=now, created_by=request.created_by,
+            expires_at=now + request.expires_in, revoked_at=None,
+            pin_hash=hash_pin(request.pin) if request.pin else None, pin_failures=0,
+            locked_at=None, max_uses=request.max_uses, uses=0,
+            allow_download=request.allow_download, recipient=request.recipient[:256],
+            recipient_email=request.recipient_email[:256], note=request.note[:4000],
+            site_id=request.site_id, items=tuple(items))
+        self.access.add_share(share, sha256_hex(token))
+        return CreatedShare(share, token, f"{base_url.rstrip('/')}/s/{token}")
+
+    def get(self, share_id: str, site_id: str | None = None) -> ShareRecord:
+        share = self.access.share(share_id)
+        if share is None or (site_id is not None and share.site_id != site_id):
+            raise NotFound("no such share")
+        return share
+
+    def revoke(self, share_id: str, site_id: str | None = None) -> ShareRecord:
+        self.get(share_id, site_id)
+        self.access.revoke_share(share_id, self.clock())
+        return self.get(share_id)
+
+    def open_session(self, share: ShareRecord, pin: str | None,
+                     address: str) -> tuple[str, dt.datetime]:
+        """Check the PIN (when the share has one), count one use, and return a new viewer
+        session id (for the cookie) with its expiry."""
+        now = self.clock()
+        check_usable(share, now)
+        if share.pin_hash is not None:
+            self.pin_limiter.check(address)
+            if not pin or not verify_pin(pin, share.pin_hash):
+                self.pin_limiter.failed(address)
+                failures = self.access.record_pin_failure(share.share_id,
+                                                          self.policy.pin_lock_after, now)
+                left = self.policy.pin_lock_after - failures
+                if left <= 0:
+                    check_usable(self.get(share.share_id), now)  # raises: locked
+                raise WrongPin(f"wrong PIN ({left} attempt{'s' if left != 1 else ''} left)")
+        session = new_token()
+        expires = min(now + self.policy.session_lifetime, share.expires_at)
+        if not self.access.open_session(share.share_id, sha256_hex(session), now, expires):
+            current = self.get(share.share_id)
+            check_usable(current, now)
+            raise Gone("this share link has been used the maximum number of times")
+        return session, expires
+
+
+__all__ = ["CreatedShare", "SharePolicy", "ShareRequest", "ShareService", "WrongPin"]
