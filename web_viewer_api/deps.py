@@ -46,6 +46,7 @@ async def current_principal(request: Request) -> Principal:
     else:
         token = _bearer_token(request)
         authenticator: Authenticator = request.app.state.authenticator
+        authenticator.limiter.check(client_address(request))  # a blocked address gets nothing
         found = authenticator.admin(token)
         if found is None:
             found = await anyio.to_thread.run_sync(

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import uvicorn
 
-from anonymize import DeidentificationPolicy, PseudonymKeys
+from anonymize import (
+    DeidentificationPolicy,
+    PseudonymKeys,
+    pseudonymize_accession_number,
+    pseudonymize_patient_id,
+)
 from gateway.importer import run_import
-from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
+from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+from storage import (
+    AccessRepository,
+    FilesystemObjectStore,
+    IndexRepository,
+    create_index_engine,
+    migrate,
+)
 from tests.support.services import free_port, wait_for
 from web_viewer_api import ApiConfig, StowTarget, create_app
 from worker import IngestPipeline, Spool
@@ -21,7 +32,10 @@ TOKEN = "dicomweb-test-token-0123456789abcdef"
 
 
 class DicomwebServer:
-    def __init__(self, root: Path) -> None:
+    """`studies` sample studies (the first with the default planted identity, the others
+    with their own); `config` adds ApiConfig fields (limits, OIDC, SMTP...)."""
+
+    def __init__(self, root: Path, studies: int = 1, **config: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
         engine = create_index_engine(f"sqlite:///{root / 'index.sqlite3'}")
         migrate(engine)
@@ -32,6 +46,11 @@ class DicomwebServer:
                                   root / "spool", root / "quarantine")
         source = root / "source"
         write_sample_study(source, SampleStudySpec(ct_slices=4, mr_slices=2, ct_size=128, mr_size=64))
+        for number in range(1, studies):
+            write_sample_study(source / f"extra{number}", SampleStudySpec(
+                ct_slices=2, mr_slices=1, ct_size=64, mr_size=64, seed=100 + number,
+                identity=PlantedIdentity(patient_id=f"IPP-EXTRA-{number}",
+                                         accession_number=f"ACCX{number:05d}")))
         run_import([source], pipeline, Spool(root / "spool", "site1"))
         self.port = free_port()
         self.pipeline = pipeline
@@ -40,9 +59,21 @@ class DicomwebServer:
                           lambda site, batch: self.enqueued.append((site, batch)),
                           max_bytes=4 * 1024 * 1024)
         # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
-        app = create_app(ApiConfig(TOKEN, public_url=f"http://127.0.0.1:{self.port}", stow=stow,
-                                   cors_origins=("https://viewer.example",)),
-                         self.index, self.store)
+        keys = PseudonymKeys(b"w" * 32)
+
+        def lookup(accession: str | None, patient_id: str | None, accession_issuer: str,
+                   patient_issuer: str, site_id: str) -> tuple[str | None, str | None]:
+            return (pseudonymize_accession_number(keys, accession, site_id=site_id,
+                                                  issuer=accession_issuer) if accession else None,
+                    pseudonymize_patient_id(keys, patient_id, site_id=site_id,
+                                            issuer=patient_issuer) if patient_id else None)
+
+        self.app = create_app(ApiConfig(**{
+            "admin_token": TOKEN, "public_url": f"http://127.0.0.1:{self.port}", "stow": stow,
+            "cors_origins": ("https://viewer.example",), "lookup": lookup,
+            "default_site": "site1", **config}), self.index, self.store)
+        self.access = AccessRepository(engine)
+        app = self.app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -51,6 +82,9 @@ class DicomwebServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/dicom-web"
 
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Self:
         self.thread.start()

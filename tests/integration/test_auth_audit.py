@@ -1,0 +1,293 @@
+"""Authentication (API keys, OIDC against a real JWKS endpoint), brute-force limits, the
+audit trail, e-mail notification (aiosmtpd on loopback) and the CLI for shares and keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from aiosmtpd.controller import Controller
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from typer.testing import CliRunner
+
+from storage import ApiKeyRecord, StudyQuery, create_index_engine, migrate
+from tests.support.dicomweb_server import TOKEN, DicomwebServer
+from tests.support.services import free_port
+from web_viewer_api import OidcConfig, SmtpConfig, new_api_key, sha256_hex
+
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"Accept": "application/dicom+json"}
+ISSUER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class _Issuer:
+    """A minimal OIDC issuer on loopback: discovery document and JWKS."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/realms/test"
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(ISSUER_KEY.public_key()))
+        documents = {
+            "/realms/test/.well-known/openid-configuration": {
+                "issuer": self.url, "jwks_uri": f"{self.url}/certs"},
+            "/realms/test/certs": {"keys": [{**public, "kid": "k1", "use": "sig", "alg": "RS256"}]},
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = json.dumps(documents.get(self.path, {})).encode()
+                self.send_response(200 if self.path in documents else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def token(self, key: Any = ISSUER_KEY, **claims: Any) -> str:
+        now = int(time.time())
+        body = {"iss": self.url, "aud": "dicom-gateway", "sub": "psc-8000000001", "iat": now,
+                "exp": now + 300, "scope": "openid", "roles": ["radiologue"], **claims}
+        return jwt.encode(body, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+class _Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append(envelope.content)
+        return "250 OK"
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[_Issuer]:
+    running = _Issuer()
+    yield running
+    running.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mailbox() -> Iterator[tuple[_Mailbox, int]]:
+    box, port = _Mailbox(), free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield box, port
+    controller.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, issuer: _Issuer,
+           mailbox: tuple[_Mailbox, int]) -> Iterator[DicomwebServer]:
+    config = {
+        "oidc": OidcConfig(issuer=issuer.url, audience="dicom-gateway", scope_claim="roles",
+                           scope_map={"radiologue": ("read", "share"), "admin-imagerie": ("admin",)}),
+        "smtp": SmtpConfig(host="127.0.0.1", port=mailbox[1], starttls=False,
+                           sender="gateway@chu.example"),
+    }
+    with DicomwebServer(tmp_path_factory.mktemp("auth"), studies=2, **config) as running:
+        yield running
+
+
+def _key(server: DicomwebServer, scopes: set[str], site: str | None = None) -> tuple[str, str]:
+    key_id, key = new_api_key()
+    server.access.add_api_key(ApiKeyRecord(key_id, "test", frozenset(scopes), site,
+                                           dt.datetime.now(dt.UTC), None, sha256_hex(key)))
+    return key_id, key
+
+
+def test_api_key_scopes_are_enforced(server: DicomwebServer) -> None:
+    _, reader = _key(server, {"read"})
+    auth = {"Authorization": f"Bearer {reader}"}
+    assert httpx.get(f"{server.url}/studies", headers={**auth, **JSON}).status_code == 200
+    stow = httpx.post(f"{server.url}/studies", headers={**auth, "Content-Type": "application/dicom"},
+                      content=b"x")
+    assert stow.status_code == 403 and stow.json()["error"]["code"] == "forbidden"
+    assert httpx.get(f"{server.root}/api/shares", headers=auth).status_code == 403
+    assert httpx.get(f"{server.root}/api/audit", headers=auth).status_code == 403
+
+
+def test_revoked_or_forged_api_key_is_401_with_a_challenge(server: DicomwebServer) -> None:
+    key_id, key = _key(server, {"read"})
+    server.access.revoke_api_key(key_id, dt.datetime.now(dt.UTC))
+    for presented in (key, key[:-4] + "AAAA", "dgw_0123456789abcdef_nothing"):
+        answer = httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {presented}"})
+        assert answer.status_code == 401
+        assert answer.headers["www-authenticate"] == 'Bearer realm="dicom-gateway", error="invalid_token"'
+    missing = httpx.get(f"{server.url}/studies")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == 'Bearer realm="dicom-gateway"'
+
+
+def test_site_restricted_key_sees_only_its_site(server: DicomwebServer) -> None:
+    study = server.index.search_studies(StudyQuery())[0].study_instance_uid
+    _, elsewhere = _key(server, {"read"}, site="another-site")
+    _, here = _key(server, {"read"}, site="site1")
+    for key, count in ((elsewhere, 0), (here, 2)):
+        auth = {"Authorization": f"Bearer {key}", **JSON}
+        assert len(httpx.get(f"{server.url}/studies", headers=auth).json()) == count
+    assert httpx.get(f"{server.url}/studies/{study}/metadata",
+                     headers={"Authorization": f"Bearer {elsewhere}"}).status_code == 404
+
+
+def test_oidc_tokens_are_verified_against_the_issuers_jwks(server: DicomwebServer,
+                                                           issuer: _Issuer) -> None:
+    good = issuer.token()
+    answer = httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {good}", **JSON})
+    assert answer.status_code == 200
+    assert httpx.get(f"{server.root}/api/shares", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+    assert httpx.get(f"{server.root}/api/audit", headers={"Authorization": f"Bearer {good}"}).status_code == 403
+    for bad in (issuer.token(key=OTHER_KEY), issuer.token(aud="someone-else"),
+                issuer.token(exp=int(time.time()) - 3600), issuer.token(iss="https://evil.example")):
+        refused = httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {bad}"})
+        assert refused.status_code == 401, bad
+    no_role = issuer.token(roles=["secretaire"])
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {no_role}"}).status_code == 403
+    events = httpx.get(f"{server.root}/api/audit", params={"actor": "oidc:psc-8000000001"},
+                       headers=ADMIN).json()["events"]
+    assert events and all(e["user_id"] == "oidc:psc-8000000001" for e in events)
+
+
+def test_share_notification_mail_has_the_link_but_never_the_pin(server: DicomwebServer,
+                                                                mailbox: tuple[_Mailbox, int]) -> None:
+    study = server.index.search_studies(StudyQuery())[0].study_instance_uid
+    created = httpx.post(f"{server.root}/api/shares", headers=ADMIN, json={
+        "study_uids": [study], "expires_in": 3600, "pin": "731904",
+        "recipient_email": "dr.martin@chu-nord.example", "notify": True})
+    assert created.status_code == 201 and created.json()["notified"] is True
+    message = mailbox[0].messages[-1].decode()
+    assert "dr.martin@chu-nord.example" in message
+    assert created.json()["url"] in message.replace("=\r\n", "").replace("=\n", "")
+    assert "731904" not in message
+
+
+def test_audit_trail_is_queryable_exportable_and_append_only(server: DicomwebServer) -> None:
+    study = server.index.search_studies(StudyQuery())[0].study_instance_uid
+    httpx.get(f"{server.url}/studies/{study}/metadata", headers=ADMIN)
+    page = httpx.get(f"{server.root}/api/audit", params={"action": "dicomweb.retrieve",
+                                                         "study_uid": study}, headers=ADMIN)
+    assert page.status_code == 200
+    event = page.json()["events"][0]
+    assert event["event_id"] == {"code": "110103", "scheme": "DCM", "meaning": "DICOM Instances Accessed"}
+    assert event["event_action_code"] == "R" and event["event_outcome_indicator"] == 0
+    assert event["user_id"] == "admin" and event["network_access_point_id"] == "127.0.0.1"
+    assert httpx.get(f"{server.root}/api/audit?action=nonsense", headers=ADMIN).status_code == 400
+    assert httpx.get(f"{server.root}/api/audit?since=2026-01-01T00:00:00", headers=ADMIN).status_code == 400
+    exported = httpx.get(f"{server.root}/api/audit?format=jsonl", headers=ADMIN)
+    lines = [json.loads(line) for line in exported.text.splitlines()]
+    assert len(lines) >= 2 and [e["id"] for e in lines] == sorted(e["id"] for e in lines)
+    with server.index.engine.begin() as connection, pytest.raises(DBAPIError, match="append-only"):
+        connection.execute(text("UPDATE audit_events SET actor = 'x'"))
+    with server.index.engine.begin() as connection, pytest.raises(DBAPIError, match="append-only"):
+        connection.execute(text("DELETE FROM audit_events"))
+
+
+def test_audit_trail_is_append_only_on_postgresql(postgres_url: str) -> None:
+    engine = create_index_engine(postgres_url)
+    migrate(engine)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO audit_events (at, action, event_code, event_action, outcome, actor, address,"
+            " user_agent, resource, study_instance_uid, share_id, detail) VALUES (now(), 'api.request',"
+            " '110112', 'E', 0, 'admin', '', '', '/x', '', '', '')"))
+    with engine.begin() as connection, pytest.raises(DBAPIError, match="append-only"):
+        connection.execute(text("DELETE FROM audit_events"))
+
+
+@pytest.fixture
+def strict_server(tmp_path: Path) -> Iterator[DicomwebServer]:
+    """Low limits, and a server of its own: these tests block 127.0.0.1."""
+    with DicomwebServer(tmp_path, auth_failure_limit=6, pin_failure_limit=3,
+                        failure_window_seconds=600.0) as running:
+        yield running
+
+
+def test_guessing_share_tokens_is_rate_limited_per_address(strict_server: DicomwebServer) -> None:
+    server = strict_server
+    study = server.index.search_studies(StudyQuery())[0].study_instance_uid
+    created = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                         json={"study_uids": [study], "expires_in": 600}).json()
+    statuses = [httpx.get(f"{server.root}/s/guess-{n:04d}-0123456789abcdefghij/dicom-web/studies").status_code
+                for n in range(8)]
+    assert statuses[:5] == [404] * 5 and statuses[-1] == 429
+    # blocked: even a valid link from that address waits, with Retry-After
+    blocked = httpx.get(f"{server.root}/s/{created['token']}/dicom-web/studies")
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
+    alerts = httpx.get(f"{server.root}/api/audit", params={"action": "share.unknown_token"},
+                       headers=ADMIN).json()["events"]
+    assert len(alerts) >= 5 and all("guess-" not in e["resource"] for e in alerts)
+
+
+def test_guessing_api_keys_is_rate_limited_per_address(strict_server: DicomwebServer) -> None:
+    server = strict_server
+    _, key = _key(server, {"read"})
+    statuses = [httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer dgw_{n:016x}_guess"}).status_code
+                for n in range(7)]
+    assert statuses[:5] == [401] * 5 and statuses[-1] == 429
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {key}"}).status_code == 429
+
+
+def test_wrong_pins_are_rate_limited_per_address_across_shares(strict_server: DicomwebServer) -> None:
+    server = strict_server
+    study = server.index.search_studies(StudyQuery())[0].study_instance_uid
+    tokens = [httpx.post(f"{server.root}/api/shares", headers=ADMIN, json={
+        "study_uids": [study], "expires_in": 600, "pin": "5555"}).json()["token"] for _ in range(2)]
+    first = [httpx.post(f"{server.root}/s/{tokens[0]}/session", json={"pin": "0000"}).status_code
+             for _ in range(2)]
+    second = [httpx.post(f"{server.root}/s/{tokens[1]}/session", json={"pin": p}).status_code
+              for p in ("0001", "5555")]
+    assert first == [401, 401] and second == [401, 429]
+
+
+def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import app
+
+    monkeypatch.setenv("DICOM_GATEWAY_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DICOM_GATEWAY_PSEUDONYM_SECRET", "cli-test-secret-0123456789abcdef")
+    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "cli-test-admin-0123456789abcdef")
+    runner = CliRunner()
+    assert runner.invoke(app, ["sample-data", str(tmp_path / "sample")]).exit_code == 0
+    assert runner.invoke(app, ["import", str(tmp_path / "sample")]).exit_code == 0
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    from storage import AccessRepository, IndexRepository
+
+    study = IndexRepository(engine).search_studies(StudyQuery())[0].study_instance_uid
+    created = runner.invoke(app, ["share", "create", study, "--expires", "2d", "--pin",
+                                  "--max-uses", "3", "--download"])
+    assert created.exit_code == 0, created.output
+    url = created.stdout.strip().splitlines()[-1]
+    assert "/s/" in url and "PIN" in created.output
+    listed = [json.loads(line) for line in runner.invoke(app, ["share", "list"]).stdout.splitlines()]
+    assert len(listed) == 1 and listed[0]["has_pin"] and listed[0]["max_uses"] == 3
+    lifetime = dt.datetime.fromisoformat(listed[0]["expires_at"]) - dt.datetime.fromisoformat(listed[0]["created_at"])
+    assert lifetime == dt.timedelta(days=2)
+    assert runner.invoke(app, ["share", "create", study, "--expires", "90d"]).exit_code != 0
+    assert runner.invoke(app, ["share", "create", "1.2.3.4"]).exit_code != 0
+    assert runner.invoke(app, ["share", "revoke", listed[0]["id"]]).exit_code == 0
+    assert json.loads(runner.invoke(app, ["share", "list"]).stdout)["status"] == "revoked"
+    key = runner.invoke(app, ["apikey", "create", "--name", "PACS", "--scope", "read", "--site", "site1"])
+    assert key.exit_code == 0 and key.stdout.strip().startswith("dgw_")
+    keys = [json.loads(line) for line in runner.invoke(app, ["apikey", "list"]).stdout.splitlines()]
+    assert keys[0]["scopes"] == ["read"] and keys[0]["site"] == "site1"
+    assert key.stdout.strip() not in runner.invoke(app, ["apikey", "list"]).stdout
+    assert runner.invoke(app, ["apikey", "revoke", keys[0]["id"]]).exit_code == 0
+    assert runner.invoke(app, ["apikey", "revoke", keys[0]["id"]]).exit_code != 0
+    actions = [e.action for e in AccessRepository(engine).search_audit(
+        __import__("storage").AuditQuery(newest_first=False))]
+    assert actions == ["share.create", "share.revoke", "apikey.create", "apikey.revoke"]

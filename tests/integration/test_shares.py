@@ -1,0 +1,321 @@
+"""Share links end to end on a real server over loopback: scope (IDOR suite at every
+DICOMweb level), expiry, revocation, PIN, locks, use limits, download, access log."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from storage import InstanceQuery, SeriesQuery, ShareItemRecord, ShareRecord, StudyQuery
+from tests.support.dicomweb_server import TOKEN, DicomwebServer
+from web_viewer_api import sha256_hex
+
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"Accept": "application/dicom+json"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomwebServer]:
+    with DicomwebServer(tmp_path_factory.mktemp("shares"), studies=3) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def studies(server: DicomwebServer) -> list[str]:
+    found = sorted(s.study_instance_uid for s in server.index.search_studies(StudyQuery()))
+    assert len(found) == 3
+    return found
+
+
+def _create(server: DicomwebServer, **body: object) -> dict[str, str]:
+    response = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                          json={"expires_in": 3600, **body})
+    assert response.status_code == 201, response.text
+    assert response.headers["cache-control"] == "no-store"
+    return response.json()
+
+
+def _tree(server: DicomwebServer, study: str) -> tuple[str, str]:
+    instance = server.index.search_instances(InstanceQuery(study_instance_uid=study, limit=1))[0]
+    return instance.series_instance_uid, instance.sop_instance_uid
+
+
+def test_share_url_token_is_long_random_and_stored_only_as_a_hash(server: DicomwebServer,
+                                                                  studies: list[str]) -> None:
+    created = _create(server, study_uids=[studies[0]])
+    token = created["url"].rsplit("/s/", 1)[1]
+    assert created["token"] == token and len(token) >= 22  # >= 128 bits in base64url
+    assert created["url"].startswith(server.root + "/s/")
+    assert server.access.share_by_token(sha256_hex(token)) is not None
+    rows = server.index.engine.raw_connection()
+    try:
+        dump = "\n".join(str(row) for table in ("shares", "share_sessions", "audit_events")
+                         for row in rows.execute(f"SELECT * FROM {table}").fetchall())
+    finally:
+        rows.close()
+    assert token not in dump
+    second = _create(server, study_uids=[studies[0]])
+    assert second["token"] != token
+
+
+def test_share_reads_its_study_and_nothing_else_at_any_level(server: DicomwebServer,
+                                                             studies: list[str]) -> None:
+    """IDOR suite: another study's UIDs, guessed at every level, look exactly missing."""
+    mine, other = studies[0], studies[1]
+    token = _create(server, study_uids=[mine])["token"]
+    root = f"{server.root}/s/{token}/dicom-web"
+    listed = httpx.get(f"{root}/studies", headers=JSON).json()
+    assert [s["0020000D"]["Value"][0] for s in listed] == [mine]
+    assert httpx.get(f"{root}/studies?StudyInstanceUID={other}", headers=JSON).json() == []
+    assert httpx.get(f"{root}/series", headers=JSON).json()
+    assert {s["0020000D"]["Value"][0] for s in httpx.get(f"{root}/series", headers=JSON).json()} == {mine}
+    assert {i["0020000D"]["Value"][0] for i in httpx.get(f"{root}/instances", headers=JSON).json()} == {mine}
+    my_series, my_sop = _tree(server, mine)
+    other_series, other_sop = _tree(server, other)
+    missing = "1.2.826.0.1.3680043.8.498.999999"
+    for study, series, sop in ((other, other_series, other_sop), (mine, other_series, other_sop),
+                               (mine, my_series, other_sop)):
+        paths = [f"/studies/{study}/series/{series}/instances/{sop}/metadata",
+                 f"/studies/{study}/series/{series}/instances/{sop}/frames/1",
+                 f"/studies/{study}/series/{series}/instances/{sop}/rendered",
+                 f"/studies/{study}/series/{series}/instances/{sop}/thumbnail",
+                 f"/studies/{study}/series/{series}/instances/{sop}/bulkdata/7fe00010"]
+        if series == other_series:
+            paths += [f"/studies/{study}/series/{series}/metadata",
+                      f"/studies/{study}/series/{series}/thumbnail",
+                      f"/studies/{study}/series/{series}/rendered"]
+        for path in paths:
+            answer = httpx.get(root + path)
+            guessed_missing = httpx.get(root + path.replace(sop, missing).replace(series, missing)
+                                        .replace(study, missing))
+            assert answer.status_code == 404, path
+            assert answer.json() == guessed_missing.json(), path
+    for path in (f"/studies/{other}/metadata", f"/studies/{other}/thumbnail"):
+        assert httpx.get(root + path).status_code == 404
+        assert httpx.get(root + path).json() == httpx.get(root + path.replace(other, missing)).json()
+    assert httpx.get(f"{root}/studies/{other}/series", headers=JSON).json() == []
+    assert httpx.get(f"{root}/studies/{other}/instances", headers=JSON).json() == []
+    # what is in scope answers
+    assert httpx.get(f"{root}/studies/{mine}/series/{my_series}/metadata").status_code == 200
+    assert httpx.get(f"{root}/studies/{mine}/series/{my_series}/instances/{my_sop}/thumbnail").status_code == 200
+    # the share opens nothing outside its root, and writes nothing
+    assert httpx.post(f"{root}/studies", content=b"x",
+                      headers={"Content-Type": "application/dicom"}).status_code == 405
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert httpx.get(f"{server.root}/api/shares", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_series_share_shows_only_those_series(server: DicomwebServer, studies: list[str]) -> None:
+    study = studies[0]
+    series = server.index.search_series(SeriesQuery(study_instance_uid=study))
+    assert len(series) == 2
+    shared, hidden = series[0].series_instance_uid, series[1].series_instance_uid
+    token = _create(server, series=[{"study_uid": study, "series_uid": shared}])["token"]
+    root = f"{server.root}/s/{token}/dicom-web"
+    found = httpx.get(f"{root}/studies/{study}/series", headers=JSON).json()
+    assert [s["0020000E"]["Value"][0] for s in found] == [shared]
+    assert httpx.get(f"{root}/studies/{study}/series/{hidden}/metadata").status_code == 404
+    assert httpx.get(f"{root}/studies/{study}/series/{shared}/metadata").status_code == 200
+    instances = httpx.get(f"{root}/studies/{study}/instances", headers=JSON).json()
+    assert {i["0020000E"]["Value"][0] for i in instances} == {shared}
+
+
+def test_expired_share_returns_410(server: DicomwebServer, studies: list[str]) -> None:
+    now = dt.datetime.now(dt.UTC)
+    token = "expired-share-token-0123456789abcdef"
+    server.access.add_share(ShareRecord(
+        share_id="expired0000000001", created_at=now - dt.timedelta(days=2), created_by="test",
+        expires_at=now - dt.timedelta(seconds=1), revoked_at=None, pin_hash=None, pin_failures=0,
+        locked_at=None, max_uses=None, uses=0, allow_download=False, recipient="", recipient_email="",
+        note="", site_id=None, items=(ShareItemRecord(studies[0]),)), sha256_hex(token))
+    page = httpx.get(f"{server.root}/s/{token}")
+    assert page.status_code == 410
+    assert "text/html" in page.headers["content-type"] and "expir" in page.text
+    api = httpx.get(f"{server.root}/s/{token}/dicom-web/studies", headers=JSON)
+    assert api.status_code == 410 and api.json()["error"]["code"] == "gone"
+
+
+def test_revoked_share_returns_410_at_once(server: DicomwebServer, studies: list[str]) -> None:
+    created = _create(server, study_uids=[studies[0]])
+    root = f"{server.root}/s/{created['token']}"
+    assert httpx.get(f"{root}/dicom-web/studies", headers=JSON).status_code == 200
+    revoked = httpx.delete(f"{server.root}/api/shares/{created['id']}", headers=ADMIN)
+    assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+    assert httpx.get(f"{root}/dicom-web/studies", headers=JSON).status_code == 410
+    assert httpx.get(root).status_code == 410
+    assert httpx.delete(f"{server.root}/api/shares/nosuchshare", headers=ADMIN).status_code == 404
+
+
+def test_pin_share_needs_a_session_and_sets_a_strict_cookie(server: DicomwebServer,
+                                                            studies: list[str]) -> None:
+    created = _create(server, study_uids=[studies[0]], pin="482913")
+    root = f"{server.root}/s/{created['token']}"
+    refused = httpx.get(f"{root}/dicom-web/studies", headers=JSON)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "share_session_required"
+    form = httpx.get(root)
+    assert form.status_code == 200 and 'name="pin"' in form.text
+    assert "frame-ancestors 'none'" in form.headers["content-security-policy"]
+    wrong = httpx.post(f"{root}/session", data={"pin": "000000"})
+    assert wrong.status_code == 401 and "4 attempts left" in wrong.text
+    opened = httpx.post(f"{root}/session", data={"pin": "482913"})
+    assert opened.status_code == 303 and opened.headers["location"] == f"/s/{created['token']}"
+    cookie = opened.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert f"path=/s/{created['token']}".lower() in cookie
+    session = opened.cookies["dgw_share_session"]
+    with httpx.Client(cookies={"dgw_share_session": session}) as browser:
+        assert browser.get(f"{root}/dicom-web/studies", headers=JSON).status_code == 200
+        page = browser.get(root)
+        assert page.status_code == 200 and "/thumbnail" in page.text
+    # a session opens only its own share
+    other = _create(server, study_uids=[studies[1]], pin="482913")
+    with httpx.Client(cookies={"dgw_share_session": session}) as browser:
+        assert browser.get(f"{server.root}/s/{other['token']}/dicom-web/studies",
+                           headers=JSON).status_code == 401
+    detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
+    assert detail["has_pin"] and detail["uses"] == 1 and detail["pin_failures"] == 0
+
+
+def test_share_locks_after_too_many_wrong_pins(server: DicomwebServer, studies: list[str]) -> None:
+    created = _create(server, study_uids=[studies[0]], pin="112233")
+    root = f"{server.root}/s/{created['token']}"
+    for attempt in range(4):
+        answer = httpx.post(f"{root}/session", json={"pin": f"99{attempt}"})
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "wrong_pin"
+    locked = httpx.post(f"{root}/session", json={"pin": "999"})
+    assert locked.status_code == 403 and "locked" in locked.json()["error"]["message"]
+    right = httpx.post(f"{root}/session", json={"pin": "112233"})
+    assert right.status_code == 403
+    detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
+    assert detail["locked"] and detail["status"] == "locked" and detail["uses"] == 0
+
+
+def test_max_uses_counts_viewer_sessions_not_image_requests(server: DicomwebServer,
+                                                            studies: list[str]) -> None:
+    created = _create(server, study_uids=[studies[0]], max_uses=2)
+    root = f"{server.root}/s/{created['token']}"
+    first = httpx.get(root)
+    assert 'action="/s/' in first.text  # a button, so link previews cannot spend a use
+    sessions = []
+    for _ in range(2):
+        opened = httpx.post(f"{root}/session", json={})
+        assert opened.status_code == 201
+        sessions.append(opened.cookies["dgw_share_session"])
+    with httpx.Client(cookies={"dgw_share_session": sessions[0]}) as browser:
+        for _ in range(5):
+            assert browser.get(f"{root}/dicom-web/studies", headers=JSON).status_code == 200
+    exhausted = httpx.post(f"{root}/session", json={})
+    assert exhausted.status_code == 410
+    with httpx.Client(cookies={"dgw_share_session": sessions[1]}) as browser:
+        assert browser.get(f"{root}/dicom-web/studies", headers=JSON).status_code == 200
+    detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
+    assert detail["uses"] == 2 and detail["status"] == "used_up"
+
+
+def test_download_only_when_allowed_and_streams_a_zip_of_the_study(server: DicomwebServer,
+                                                                   studies: list[str]) -> None:
+    study = studies[0]
+    view_only = _create(server, study_uids=[study])["token"]
+    assert httpx.get(f"{server.root}/s/{view_only}/download").status_code == 403
+    retrieve = httpx.get(f"{server.root}/s/{view_only}/dicom-web/studies/{study}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert retrieve.status_code == 403
+    allowed = _create(server, study_uids=[study], allow_download=True)["token"]
+    answer = httpx.get(f"{server.root}/s/{allowed}/download")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
+    assert "chunked" in answer.headers.get("transfer-encoding", "")
+    archive = zipfile.ZipFile(io.BytesIO(answer.content))
+    assert archive.testzip() is None
+    expected = {i.sop_instance_uid for i in server.index.search_instances(
+        InstanceQuery(study_instance_uid=study, limit=1000))}
+    found = {pydicom.dcmread(io.BytesIO(archive.read(name))).SOPInstanceUID
+             for name in archive.namelist()}
+    assert found == expected
+    assert httpx.get(f"{server.root}/s/{allowed}/dicom-web/studies/{study}",
+                     headers={"Accept": 'multipart/related; type="application/dicom"'}).status_code == 200
+
+
+def test_access_log_records_reads_without_the_token(server: DicomwebServer, studies: list[str]) -> None:
+    created = _create(server, study_uids=[studies[0]], recipient="Dr Martin", note="avis")
+    root = f"{server.root}/s/{created['token']}"
+    httpx.get(f"{root}/dicom-web/studies", headers={**JSON, "User-Agent": "viewer-test/1"})
+    httpx.get(f"{root}/dicom-web/studies/{studies[1]}/metadata", headers={"User-Agent": "viewer-test/1"})
+    detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
+    log = detail["access_log"]
+    reads = [e for e in log if e["user_agent"] == "viewer-test/1"]
+    assert {(e["outcome"], e["status_code"]) for e in reads} == {("success", 200), ("failure", 404)}
+    assert all(e["address"] == "127.0.0.1" for e in reads)
+    assert all(created["token"] not in e["resource"] for e in log)
+    assert any(e["resource"].startswith(f"/s/{created['id']}/dicom-web/studies") for e in reads)
+    assert detail["recipient"] == "Dr Martin" and detail["note"] == "avis"
+    listed = httpx.get(f"{server.root}/api/shares?active=true", headers=ADMIN).json()
+    assert created["id"] in {s["id"] for s in listed}
+    assert all("token" not in s for s in listed)
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({"study_uids": ["1.2.3.4"]}, 404),
+    ({"study_uids": ["not-a-uid"]}, 400),
+    ({"study_uids": []}, 400),
+    ({"study_uids": ["{study}"], "expires_in": 0}, 400),
+    ({"study_uids": ["{study}"], "expires_in": 365 * 86400}, 400),
+    ({"study_uids": ["{study}"], "pin": "12"}, 400),
+    ({"study_uids": ["{study}"], "max_uses": 0}, 400),
+    ({"study_uids": ["{study}"], "unknown": 1}, 400),
+    ({"study_uids": ["{study}"], "notify": True}, 400),
+])
+def test_bad_share_requests_are_json_4xx(server: DicomwebServer, studies: list[str],
+                                         body: dict[str, object], status: int) -> None:
+    payload = {"expires_in": 3600, **body}
+    payload["study_uids"] = [u.replace("{study}", studies[0]) for u in payload["study_uids"]]  # type: ignore[union-attr]
+    answer = httpx.post(f"{server.root}/api/shares", headers=ADMIN, json=payload)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"]
+
+
+def test_unknown_share_token_is_404_page(server: DicomwebServer) -> None:
+    page = httpx.get(f"{server.root}/s/not-a-real-token-at-all-0123456789")
+    assert page.status_code == 404 and "text/html" in page.headers["content-type"]
+    api = httpx.get(f"{server.root}/s/not-a-real-token-at-all-0123456789/dicom-web/studies")
+    assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
+
+
+def test_lookup_by_original_accession_number(server: DicomwebServer, studies: list[str]) -> None:
+    found = httpx.get(f"{server.root}/api/studies/lookup?accession_number=ACCX00001", headers=ADMIN)
+    assert found.status_code == 200
+    uids = found.json()["study_uids"]
+    assert len(uids) == 1 and uids[0] in studies
+    assert httpx.get(f"{server.root}/api/studies/lookup?accession_number=NOPE",
+                     headers=ADMIN).json()["study_uids"] == []
+    by_patient = httpx.get(f"{server.root}/api/studies/lookup",
+                           params={"patient_id": "IPP-EXTRA-2"}, headers=ADMIN).json()
+    assert len(by_patient["study_uids"]) in (0, 1)
+    assert httpx.get(f"{server.root}/api/studies/lookup", headers=ADMIN).status_code == 400
+
+
+def test_token_never_in_the_audit_trail(server: DicomwebServer, studies: list[str]) -> None:
+    created = _create(server, study_uids=[studies[0]])
+    httpx.get(f"{server.root}/s/{created['token']}")
+    events = httpx.get(f"{server.root}/api/audit?format=jsonl", headers=ADMIN)
+    assert events.status_code == 200
+    assert created["token"] not in events.text and TOKEN not in events.text
+
+
+def test_share_tables_survive_a_reindex(server: DicomwebServer, studies: list[str],
+                                        tmp_path: Path) -> None:
+    created = _create(server, study_uids=[studies[0]])
+    server.index.clear()
+    try:
+        assert server.access.share(created["id"]) is not None
+    finally:
+        from worker.reindex import reindex
+
+        reindex(server.store, server.index)
+    assert len(server.index.search_studies(StudyQuery())) == 3
