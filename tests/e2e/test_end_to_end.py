@@ -227,3 +227,40 @@ def test_instances_acknowledged_while_the_broker_is_down_are_not_lost(
         _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
         wait_for(lambda: not list((data_dir / "spool").rglob("*.dcm")), timeout=30,
                  what="the spool to be emptied")
+
+
+def test_share_flow_through_serve_never_logs_tokens_or_pins(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    """The producing site finds its study by the RIS accession number, shares it with a PIN,
+    the recipient opens it; DEBUG logs of every component hold no token and no PIN."""
+    import httpx
+
+    folder, spec = sample_study
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    with _serve(tmp_path, data_dir, dicom_port, http_port, log_level="DEBUG") as serve:
+        token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
+        _storescu(dcmtk, dicom_port, folder)
+        _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
+        base = f"http://127.0.0.1:{http_port}"
+        admin = {"Authorization": f"Bearer {token}"}
+        found = httpx.get(f"{base}/api/studies/lookup", headers=admin,
+                          params={"accession_number": spec.identity.accession_number}).json()
+        assert len(found["study_uids"]) == 1
+        created = httpx.post(f"{base}/api/shares", headers=admin, json={
+            "study_uids": found["study_uids"], "expires_in": 3600, "pin": "864209"}).json()
+        share = f"{base}/s/{created['token']}"
+        assert httpx.post(f"{share}/session", data={"pin": "000111"}).status_code == 401
+        opened = httpx.post(f"{share}/session", data={"pin": "864209"})
+        assert opened.status_code == 303
+        with httpx.Client(cookies={"dgw_share_session": opened.cookies["dgw_share_session"]}) as browser:
+            studies = browser.get(f"{share}/dicom-web/studies",
+                                  headers={"Accept": "application/dicom+json"}).json()
+            assert [s["0020000D"]["Value"][0] for s in studies] == found["study_uids"]
+        log = serve.log_text()
+        assert "DEBUG" in log or "INFO" in log
+        for secret in (created["token"], "864209", "000111", opened.cookies["dgw_share_session"]):
+            assert secret not in log
+        assert log.count(token) == 1  # the banner prints it once, per the contract; never again
+        assert spec.identity.accession_number not in log
