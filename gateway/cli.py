@@ -270,7 +270,10 @@ def parse_duration(text: str) -> dt.timedelta:
         raise typer.BadParameter(f"not a duration: {text!r} (e.g. 7d, 12h, 30m)") from None
     if value <= 0:
         raise typer.BadParameter("the duration must be positive")
-    return dt.timedelta(seconds=value * _DURATION_UNITS[unit])
+    try:
+        return dt.timedelta(seconds=value * _DURATION_UNITS[unit])
+    except OverflowError:
+        raise typer.BadParameter(f"duration out of range: {text!r}") from None
 
 
 def _actor() -> str:

@@ -32,7 +32,7 @@ class ShareCreate(BaseModel):
     study_uids: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=100)
     #: Share only these series (their studies need not be listed in study_uids).
     series: list[SeriesRef] = Field(default_factory=list, max_length=1000)
-    expires_in: int = Field(gt=0, description="seconds until the link expires")
+    expires_in: int = Field(gt=0, le=10 * 365 * 86400, description="seconds until the link expires")
     pin: str | None = Field(None, min_length=1, max_length=128)
     max_uses: int | None = Field(None, ge=1, le=1_000_000)
     allow_download: bool = False
