@@ -339,13 +339,20 @@ class IndexRepository:
         """Matching studies, newest first, with their series/instance counts and modalities."""
         # One statement with correlated counts, on a plain connection: three round trips and
         # the ORM's identity map cost more than the query itself.
-        series_count = (select(func.count()).where(Series.study_instance_uid == Study.study_instance_uid)
+        # A share of some series of a study counts (and lists modalities of) those only.
+        limits = (AccessScope(series_limits=query.scope.series_limits)
+                  if query.scope is not None and query.scope.series_limits else None)
+        series_limit = limits.conditions(Series.study_instance_uid, Series.series_instance_uid) if limits else []
+        instance_limit = (limits.conditions(Instance.study_instance_uid, Instance.series_instance_uid)
+                          if limits else [])
+        series_count = (select(func.count())
+                        .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
                         .correlate(Study).scalar_subquery())
         instance_count = (select(func.count())
-                          .where(Instance.study_instance_uid == Study.study_instance_uid)
+                          .where(Instance.study_instance_uid == Study.study_instance_uid, *instance_limit)
                           .correlate(Study).scalar_subquery())
         modalities = (select(func.aggregate_strings(Series.modality, "\\"))
-                      .where(Series.study_instance_uid == Study.study_instance_uid)
+                      .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
                       .correlate(Study).scalar_subquery())
         statement = (
             self._filtered(query)

@@ -125,6 +125,11 @@ def test_series_share_shows_only_those_series(server: DicomwebServer, studies: l
     assert httpx.get(f"{root}/studies/{study}/series/{shared}/metadata").status_code == 200
     instances = httpx.get(f"{root}/studies/{study}/instances", headers=JSON).json()
     assert {i["0020000E"]["Value"][0] for i in instances} == {shared}
+    # the study's counts and modalities tell nothing of the series left out
+    listed = httpx.get(f"{root}/studies", headers=JSON).json()
+    assert listed[0]["00201206"]["Value"] == [1]
+    assert listed[0]["00201208"]["Value"] == [series[0].number_of_instances]
+    assert listed[0]["00080061"]["Value"] == [series[0].modality]
 
 
 def test_expired_share_returns_410(server: DicomwebServer, studies: list[str]) -> None:
