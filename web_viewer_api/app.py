@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage import AccessRepository, IndexRepository, ObjectStore
-from web_viewer_api.audit import AUTH_FAILURES, PIN_FAILURES, SHARE_FAILURES, AuditMiddleware
+from web_viewer_api.audit import (
+    AUTH_FAILURES,
+    PIN_FAILURES,
+    SHARE_FAILURES,
+    AuditMiddleware,
+    AuditWriter,
+)
 from web_viewer_api.auth import Authenticator, FailureLimiter, ShareGate
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import install_error_handlers
@@ -115,19 +122,31 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     """Build the API; nothing connects until a request arrives."""
     if not config.admin_token:
         raise ValueError("an admin token is required")
+    access = AccessRepository(index.engine)
+    writer = AuditWriter(access)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        writer.close()  # the queued audit events reach the database before we exit
+
     app = FastAPI(
+        lifespan=lifespan,
         title="dicom-gateway",
         version="0.1.0",
         description="DICOMweb, share links and audit for de-identified studies.",
     )
     probes = {"index": index.check, "object_store": store.check, **config.readiness_probes}
     app.state.config = dataclasses.replace(config, readiness_probes=probes)
-    access = AccessRepository(index.engine)
     app.state.access = access
+    app.state.audit_writer = writer
 
     def recorded(actions: tuple[str, ...]) -> Callable[[str, dt.datetime], int]:
-        return lambda address, since: access.count_recent_audit(
-            actions=actions, since=since, address=address)
+        def count(address: str, since: dt.datetime) -> int:
+            writer.flush()  # raises if the database is down: the request fails closed
+            return access.count_recent_audit(actions=actions, since=since, address=address)
+
+        return count
 
     window = config.failure_window_seconds
     app.state.authenticator = Authenticator(
@@ -165,7 +184,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         "dicom_gateway_http_request_seconds", "HTTP request latency", ["route"], registry=registry
     )
 
-    app.add_middleware(AuditMiddleware, access=access)
+    app.add_middleware(AuditMiddleware, writer=writer)
     app.add_middleware(_MetricsMiddleware, requests=requests, latency=latency)
 
     app.mount("/metrics", make_asgi_app(registry=registry))

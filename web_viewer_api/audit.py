@@ -8,10 +8,10 @@ import datetime as dt
 import json
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -109,6 +109,67 @@ def _action_for(route_path: str, method: str, status: int) -> str:
     return "api.request"
 
 
+class AuditWriter:
+    """Appends audit events from a background thread, in batches (one INSERT of many rows
+    every `interval` seconds instead of one transaction per request: the request path only
+    queues). Readers of the trail call `flush()` first; `close()` drains at shutdown. A
+    failed write keeps the events queued and is retried; only a crash of the process can
+    lose the events of the last interval."""
+
+    def __init__(self, access: AccessRepository, interval: float = 0.05,
+                 max_pending: int = 200_000) -> None:
+        self.access, self.interval, self.max_pending = access, interval, max_pending
+        self._pending: list[AuditEntry] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, events: list[AuditEntry]) -> None:
+        with self._lock:
+            if len(self._pending) >= self.max_pending:  # the database is gone for long: say so
+                log.error("audit queue full (%d events): dropping the oldest", len(self._pending))
+                del self._pending[: len(events)]
+            self._pending.extend(events)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+
+    def flush(self) -> None:
+        """Write everything queued so far (raises if the database refuses)."""
+        with self._write_lock:
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            try:
+                self.access.append_audit(batch)
+            except BaseException:
+                with self._lock:
+                    self._pending[:0] = batch
+                raise
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.interval)
+            try:
+                self.flush()
+            except (SQLAlchemyError, OSError) as exc:
+                log.error("audit write failed, will retry: %s", type(exc).__name__)
+                self._wake.wait(1.0)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            self.flush()
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("audit events lost at shutdown: %s", type(exc).__name__)
+
+
 class AuditMiddleware:
     """Writes one event per request to /dicom-web, /s/ and /api/ once the answer is sent
     (the client never waits for the audit write). Routes enrich it through
@@ -116,8 +177,8 @@ class AuditMiddleware:
     own in `request.state.audit_extra`. Share tokens never reach the trail: the path keeps
     the share id instead."""
 
-    def __init__(self, app: ASGIApp, access: AccessRepository) -> None:
-        self.app, self.access = app, access
+    def __init__(self, app: ASGIApp, writer: AuditWriter) -> None:
+        self.app, self.writer = app, writer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -134,11 +195,7 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            events = self._events(scope, path, status["code"])
-            try:
-                await anyio.to_thread.run_sync(self.access.append_audit, events)
-            except (SQLAlchemyError, OSError) as exc:  # answers go on; the log says so loudly
-                log.error("audit write failed: %s", type(exc).__name__)
+            self.writer.submit(self._events(scope, path, status["code"]))
 
     @staticmethod
     def _events(scope: Scope, path: str, status: int) -> list[AuditEntry]:
@@ -180,6 +237,7 @@ __all__ = [
     "PIN_FAILURES",
     "SHARE_FAILURES",
     "AuditMiddleware",
+    "AuditWriter",
     "entry",
     "outcome_of",
     "to_dict",

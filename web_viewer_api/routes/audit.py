@@ -43,6 +43,7 @@ def read_audit(
                        failures_only=failures, limit=limit, offset=offset)
     request.state.audit = {"action": "audit.read"}
     access: AccessRepository = request.app.state.access
+    request.app.state.audit_writer.flush()  # what this process queued is part of the answer
     if format == "jsonl":
         return StreamingResponse(_export(access, query), media_type="application/jsonl",
                                  headers={"Content-Disposition": 'attachment; filename="audit.jsonl"'})

@@ -195,6 +195,7 @@ def get_share(share_id: str, request: Request, principal: SharePrincipal) -> Sha
     service = _service(request)
     share = service.get(share_id, principal.site_id)
     _audit(request, "share.inspect", share_id=share.share_id)
+    request.app.state.audit_writer.flush()  # the access log includes the latest reads
     return public(share, service.clock(), _access_log(service, share.share_id))
 
 
