@@ -180,23 +180,39 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
             big_series = ours.index.search_series(
                 __import__("storage").SeriesQuery(study_instance_uid=big.study_instance_uid))[0]
             target = ours.index.search_studies(StudyQuery(limit=1))[0]
-            auth = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
-            accept = {"Accept": "application/dicom+json"}
-            with httpx.Client(timeout=120) as client:
-                ours_pid = _timings(client, f"{ours.url}/studies?PatientID={target.patient_id}", auth, requests)
-                theirs_pid = _timings(client, f"{url}/dicom-web/studies?PatientID=IPP-00042", accept, requests)
-                ours_all = _timings(client, f"{ours.url}/studies?limit=100", auth, requests // 2)
-                theirs_all = _timings(client, f"{url}/dicom-web/studies?limit=100", accept, requests // 2)
-                wado = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-                ours_mb, ours_s = _retrieve(client, f"{ours.url}/studies/{big.study_instance_uid}/series/"
-                                            f"{big_series.series_instance_uid}",
-                                            {"Authorization": f"Bearer {TOKEN}", "Accept": wado})
-                theirs_mb, theirs_s = _retrieve(client, f"{url}/dicom-web/studies/{first.StudyInstanceUID}/"
-                                                f"series/{first.SeriesInstanceUID}", {"Accept": wado})
-        print(f"same data in both ({len(files)} instances, {studies} studies):")
-        print(f"  QIDO by PatientID   ours p50 {_pct(ours_pid, 50):6.1f} ms   Orthanc p50 {_pct(theirs_pid, 50):6.1f} ms")
+            # Ours as deployed: `dicom-gateway api` in its own process over the same files
+            # (an in-thread server would share the GIL with this client; Orthanc does not).
+            api_port = free_port()
+            env = {**__import__("os").environ, "DICOM_GATEWAY_ADMIN_TOKEN": TOKEN,
+                   "DICOM_GATEWAY_PSEUDONYM_SECRET": "bench-secret-0123456789abcdef",
+                   "DICOM_GATEWAY_LOG_LEVEL": "WARNING"}
+            api = subprocess.Popen([str(Path(sys.executable).parent / "dicom-gateway"), "api",
+                                    "--data-dir", str(work / "ours"), "--http-port", str(api_port)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ours_url = f"http://127.0.0.1:{api_port}/dicom-web"
+            try:
+                wait_for(lambda: httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=2)
+                         .status_code == 200, timeout=60, what="dicom-gateway api")
+                auth = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
+                accept = {"Accept": "application/dicom+json"}
+                with httpx.Client(timeout=120) as client:
+                    ours_pid = _timings(client, f"{ours_url}/studies?PatientID={target.patient_id}", auth, requests)
+                    theirs_pid = _timings(client, f"{url}/dicom-web/studies?PatientID=IPP-00042", accept, requests)
+                    ours_all = _timings(client, f"{ours_url}/studies?limit=100", auth, requests // 2)
+                    theirs_all = _timings(client, f"{url}/dicom-web/studies?limit=100", accept, requests // 2)
+                    wado = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+                    ours_mb, ours_s = _retrieve(client, f"{ours_url}/studies/{big.study_instance_uid}/series/"
+                                                f"{big_series.series_instance_uid}",
+                                                {"Authorization": f"Bearer {TOKEN}", "Accept": wado})
+                    theirs_mb, theirs_s = _retrieve(client, f"{url}/dicom-web/studies/{first.StudyInstanceUID}/"
+                                                    f"series/{first.SeriesInstanceUID}", {"Accept": wado})
+            finally:
+                api.terminate()
+                api.wait(timeout=30)
+        print(f"same data in both ({len(files)} instances, {studies} studies; ours: `dicom-gateway api`):")
+        print(f"  QIDO by PatientID   ours p50 {_pct(ours_pid, 50):6.2f} ms   Orthanc p50 {_pct(theirs_pid, 50):6.2f} ms")
         print(f"  QIDO 100 studies    ours p50 {_pct(ours_all, 50):6.1f} ms   Orthanc p50 {_pct(theirs_all, 50):6.1f} ms")
-        print(f"  series retrieve, 50 CT 512x512 as stored (ours JPEG-LS, Orthanc uncompressed):")
+        print("  series retrieve, 50 CT 512x512 as stored (ours JPEG-LS, Orthanc uncompressed):")
         print(f"    ours    {ours_mb:7.1f} MB/s  {ours_s * 1000:6.1f} ms per series")
         print(f"    Orthanc {theirs_mb:7.1f} MB/s  {theirs_s * 1000:6.1f} ms per series")
     finally:
