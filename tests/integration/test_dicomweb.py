@@ -366,3 +366,62 @@ def test_stow_of_dicom_json_with_a_missing_bulk_part_fails_that_instance(
     response = httpx.post(f"{server.url}/studies", content=body, headers=headers)
     assert response.status_code == 409
     assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+
+
+def _json_stow(server: DicomwebServer, document: dict[str, object],
+               bulk_parts: list[tuple[str, bytes]]) -> httpx.Response:
+    boundary = "stow-json-boundary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode()
+            + json.dumps([document]).encode() + b"\r\n")
+    for content_type, payload in bulk_parts:
+        body += (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Location: bulk/7FE00010\r\n\r\n".encode() + payload + b"\r\n")
+    body += f"--{boundary}--\r\n".encode()
+    headers = {**_stow_headers(boundary),
+               "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'}
+    return httpx.post(f"{server.url}/studies", content=body, headers=headers)
+
+
+@pytest.mark.parametrize(("name", "media_type"), [
+    ("MR_small_jpeg_ls_lossless.dcm", "image/jls"),
+    ("emri_small_jpeg_2k_lossless.dcm", "image/jp2"),
+    ("emri_small_RLE.dcm", "image/dicom-rle"),
+])
+def test_stow_of_dicom_json_with_compressed_frames(server: DicomwebServer, name: str,
+                                                   media_type: str) -> None:
+    """Compressed Pixel Data as one part per frame (PS3.18 compressed bulk data): stored in
+    that syntax, and the pixels are the original's."""
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import generate_frames
+
+    original = pydicom.dcmread(get_testdata_file(name))
+    frames = list(generate_frames(original.PixelData,
+                                  number_of_frames=int(original.get("NumberOfFrames", 1) or 1)))
+    document = original.to_json_dict(bulk_data_threshold=1024,
+                                      bulk_data_element_handler=lambda e: f"bulk/{int(e.tag):08X}")
+    syntax = original.file_meta.TransferSyntaxUID
+    response = _json_stow(server, document,
+                          [(f"{media_type}; transfer-syntax={syntax}", f) for f in frames])
+    assert response.status_code == 200, response.text
+    site, batch = server.enqueued[-1]
+    assert server.pipeline.ingest_batch(site, batch).stored == 1
+    key = server.index.find_instance(server.pipeline.policy.keys.uid(str(original.SOPInstanceUID)))
+    assert key is not None
+    stored = pydicom.dcmread(server.store.root / key[0])
+    assert np.array_equal(stored.pixel_array, original.pixel_array)
+
+
+def test_stow_of_dicom_json_with_undecodable_or_miscounted_frames_fails(server: DicomwebServer) -> None:
+    from pydicom.data import get_testdata_file
+
+    original = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    document = original.to_json_dict(bulk_data_threshold=1024,
+                                      bulk_data_element_handler=lambda e: f"bulk/{int(e.tag):08X}")
+    garbage = _json_stow(server, document, [("image/jls", b"\xff\xd8 not a JPEG-LS stream" * 10)])
+    assert garbage.status_code == 409
+    assert garbage.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    from pydicom.encaps import generate_frames
+
+    frame = next(generate_frames(original.PixelData, number_of_frames=1))
+    twice = _json_stow(server, document, [("image/jls", frame), ("image/jls", frame)])
+    assert twice.status_code == 409

@@ -17,7 +17,9 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
@@ -90,19 +92,64 @@ def boundary_of(content_type: str | None) -> tuple[bytes, str]:
     return boundary.encode(), part_type
 
 
+#: Compressed pixel data media types (PS3.18 §8.7.3.3.2) and their default transfer syntax.
+COMPRESSED_MEDIA_TYPES = {
+    "image/jls": "1.2.840.10008.1.2.4.80",      # JPEG-LS lossless
+    "image/jp2": "1.2.840.10008.1.2.4.90",      # JPEG 2000 lossless
+    "image/jphc": "1.2.840.10008.1.2.4.201",    # HTJ2K lossless
+    "image/jpeg": "1.2.840.10008.1.2.4.70",     # JPEG lossless, first-order prediction
+    "image/dicom-rle": "1.2.840.10008.1.2.5",   # RLE lossless
+}
+_PIXEL_DATA = "7FE00010"
+
+
+def _media(part: _Part) -> tuple[str, dict[str, str]]:
+    media = parse_accept(part.headers.get("content-type", ""))
+    if not media:
+        return "", {}
+    return media[0].media_type, media[0].params
+
+
+def _compressed_pixel_data(dataset: Dataset, frames: list[_Part]) -> str:
+    """Encapsulate compressed frame parts (one frame per part, in order, all sharing the
+    BulkDataURI) as the data set's Pixel Data; the transfer syntax they are in."""
+    syntaxes = set()
+    for part in frames:
+        media_type, params = _media(part)
+        syntaxes.add(params.get("transfer-syntax") or COMPRESSED_MEDIA_TYPES[media_type])
+    if len(syntaxes) != 1:
+        raise ValueError("the frames of one instance are in different transfer syntaxes")
+    syntax = pydicom.uid.UID(syntaxes.pop())
+    if not syntax.is_compressed or not syntax.is_encapsulated:
+        raise ValueError(f"{syntax} is not a compressed transfer syntax")
+    expected = int(dataset.get("NumberOfFrames", 1) or 1)
+    if expected != len(frames):
+        raise ValueError(f"{len(frames)} frame parts for NumberOfFrames {expected}")
+    dataset.PixelData = encapsulate([part.path.read_bytes() for part in frames])
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True
+    return str(syntax)
+
+
 def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Part], int]:
     """Turn DICOM JSON parts (+ bulk data parts named by Content-Location) into Part 10 files.
 
-    Returns the instance parts and how many data sets could not be built. Bulk data must be
-    uncompressed (application/octet-stream); the instances are written Explicit VR LE.
+    Returns the instance parts and how many data sets could not be built. Bulk data is
+    application/octet-stream (native), or — for Pixel Data — compressed frames
+    (`image/jls`, `image/jp2`, `image/jphc`, `image/jpeg`, `image/dicom-rle`, with an
+    optional `transfer-syntax` parameter): one part per frame, all under the BulkDataURI,
+    stored encapsulated in that syntax after checking that the first frame decodes.
     """
-    by_location = {p.headers.get("content-location", ""): p for p in parts
-                   if p.headers.get("content-location")}
+    by_location: dict[str, list[_Part]] = {}
+    for part in parts:
+        location = part.headers.get("content-location")
+        if location:
+            by_location.setdefault(location, []).append(part)
     documents: list[Any] = []
     instances: list[_Part] = []
     failed = 0
     for part in parts:
-        if part.headers.get("content-type", "").split(";")[0].strip().lower() == DICOM_JSON:
+        if _media(part)[0] == DICOM_JSON:
             try:
                 loaded = json.loads(part.path.read_bytes())
             except ValueError:
@@ -110,22 +157,34 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
                 continue
             documents.extend(loaded if isinstance(loaded, list) else [loaded])
 
-    def bulk(tag: str, vr: str, uri: str) -> bytes:
-        source = by_location.get(uri)
-        if source is None:
-            raise KeyError(f"no part at {uri}")
-        return source.path.read_bytes()
-
     for document in documents:
+        compressed: list[_Part] = []
+
+        def bulk(tag: str, vr: str, uri: str, compressed: list[_Part] = compressed) -> bytes:
+            sources = by_location.get(uri)
+            if not sources:
+                raise KeyError(f"no part at {uri}")
+            if tag.upper() == _PIXEL_DATA and _media(sources[0])[0] in COMPRESSED_MEDIA_TYPES:
+                compressed.extend(sources)
+                return b""
+            return sources[0].path.read_bytes()
+
         try:
             dataset = Dataset.from_json(document, bulk_data_uri_handler=bulk)
+            syntax: str = ExplicitVRLittleEndian
+            if compressed:
+                syntax = _compressed_pixel_data(dataset, compressed)
             dataset.file_meta = FileMetaDataset()
             dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
             dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-            dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            dataset.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+            if compressed:
+                pixel_array(dataset, index=0)  # a stream that does not decode fails here
             path = folder / f".stow-{uuid.uuid4().hex}.part"
             dataset.save_as(path, enforce_file_format=True)
-        except (KeyError, ValueError, TypeError, AttributeError, OSError):
+        except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError,
+                NotImplementedError) as exc:
+            log.info("STOW-RS: a DICOM JSON data set could not be built: %s", type(exc).__name__)
             failed += 1
             continue
         instances.append(_Part(path, {"content-type": "application/dicom"}, path.stat().st_size))
