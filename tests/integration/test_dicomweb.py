@@ -333,15 +333,7 @@ def test_stow_of_dicom_json_with_bulk_data(server: DicomwebServer, tmp_path: Pat
     original = pydicom.dcmread(path)
     document = original.to_json_dict(bulk_data_threshold=1024,
                                       bulk_data_element_handler=lambda e: f"bulk/{int(e.tag):08X}")
-    boundary = "stow-json-boundary"
-    body = (f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode()
-            + json.dumps([document]).encode() + b"\r\n"
-            + f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
-              f"Content-Location: bulk/7FE00010\r\n\r\n".encode()
-            + original.PixelData + b"\r\n" + f"--{boundary}--\r\n".encode())
-    headers = {**_stow_headers(boundary),
-               "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'}
-    response = httpx.post(f"{server.url}/studies", content=body, headers=headers)
+    response = _json_stow(server, document, [("application/octet-stream", original.PixelData)])
     assert response.status_code == 200, response.text
     assert response.json()["00081199"]["Value"][0]["00081155"]["Value"] == [original.SOPInstanceUID]
     site, batch = server.enqueued[-1]
