@@ -10,6 +10,8 @@ command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 # Orthanc with its DICOMweb plugin pulls studies from us in the interoperability test.
 [[ -x /usr/sbin/Orthanc ]] || need_apt+=(orthanc)
 [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need_apt+=(orthanc-dicomweb)
+# The viewer's end-to-end tests drive Debian's Chromium through Playwright (never a download).
+[[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -ne 0 ]]; then

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Histogram, make_asgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
@@ -172,6 +173,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.include_router(audit.router)
     app.include_router(share_access.router)
     app.include_router(dicomweb.share_router())
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     registry = CollectorRegistry()
     if config.quarantine_dir is not None:

@@ -1,8 +1,8 @@
-"""What a recipient's browser reaches: /s/{token} (the share's page: PIN form, studies,
-download), /s/{token}/session (PIN -> viewer session cookie), /s/{token}/download (ZIP).
+"""What a recipient's browser reaches: /s/{token} (PIN prompt, then the viewer),
+/s/{token}/session (PIN -> viewer session cookie), /s/{token}/download (ZIP).
 
-Pages are plain server-rendered HTML without third-party resources, under a strict CSP;
-failures are pages too (404 unknown, 410 expired/revoked/used up, 403 locked, 429)."""
+Failures are pages too (404 unknown, 410 expired/revoked/used up, 403 locked, 429);
+see `web_viewer_api.pages`."""
 
 from __future__ import annotations
 
@@ -40,47 +40,10 @@ from web_viewer_api.auth import (
 )
 from web_viewer_api.deps import SHARE_COOKIE, client_address, current_principal
 from web_viewer_api.errors import ApiError, Forbidden, NotFound
+from web_viewer_api.pages import error_page, language, open_form, viewer_shell
 from web_viewer_api.shares import ShareService, WrongPin
 
 router = APIRouter(prefix="/s/{share_token}", tags=["Share links"])
-
-_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'")
-_PAGE_HEADERS = {"Content-Security-Policy": _CSP, "Cache-Control": "no-store",
-                 "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
-                 "X-Frame-Options": "DENY"}
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;"
-          "color:#1d2430}h1{font-size:1.4rem}.study{border:1px solid #ccd;border-radius:6px;"
-          "padding:.8rem;margin:.8rem 0}.series{display:inline-block;margin:.3rem;text-align:center;"
-          "font-size:.8rem}.series img{display:block;width:128px;height:128px;background:#000}"
-          ".error{color:#a00}button,a.button{font-size:1rem;padding:.4rem 1rem}")
-
-
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    document = (f"<!doctype html><html lang=\"fr\"><head><meta charset=\"utf-8\">"
-                f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-                f"<meta name=\"robots\" content=\"noindex,nofollow\">"
-                f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
-                f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")
-    return HTMLResponse(document, status_code=status, headers=_PAGE_HEADERS)
-
-
-_ERROR_PAGES = {
-    404: "Lien introuvable / Link not found",
-    410: "Lien expiré ou révoqué / Link expired or revoked",
-    403: "Lien verrouillé / Link locked",
-    429: "Trop de tentatives / Too many attempts",
-}
-
-
-def _error_page(exc: ApiError) -> HTMLResponse:
-    title = _ERROR_PAGES.get(exc.status_code, "Erreur / Error")
-    response = _page(title, f"<p>{html.escape(exc.message)}</p>"
-                            "<p>Contactez l'expéditeur du lien. / Contact the sender of the link.</p>",
-                     exc.status_code)
-    response.headers.update(exc.headers)
-    return response
-
 
 def _gate(request: Request) -> ShareGate:
     gate: ShareGate | None = request.app.state.share_gate
@@ -118,7 +81,7 @@ def _session_cookie(response: Response, request: Request, share_token: str, sess
                         httponly=True, samesite="strict", secure=_secure(request))
 
 
-@router.get("", response_class=HTMLResponse, summary="The share's page (PIN form or studies)",
+@router.get("", response_class=HTMLResponse, summary="The share's page: PIN prompt or viewer",
             include_in_schema=False)
 async def share_page(share_token: str, request: Request) -> Response:
     try:
@@ -127,32 +90,18 @@ async def share_page(share_token: str, request: Request) -> Response:
             try:
                 principal = await current_principal(request)
             except ShareSessionRequired:
-                return _open_form(share_token, share)
+                return open_form(request, share_token, share)
         else:
             principal = await current_principal(request)
-        return await anyio.to_thread.run_sync(_studies_page, request, share_token, share, principal)
+        fallback = await anyio.to_thread.run_sync(_study_list, request, share_token, share, principal)
+        return viewer_shell(request, share_token, share, fallback)
     except ApiError as exc:
-        return _error_page(exc)
+        return error_page(request, exc)
 
 
-def _open_form(share_token: str, share: ShareRecord, error: str = "", status: int = 200) -> HTMLResponse:
-    action = f"/s/{html.escape(share_token)}/session"
-    message = f'<p class="error">{html.escape(error)}</p>' if error else ""
-    if share.pin_hash is not None:
-        form = (f'<form method="post" action="{action}"><label>Code PIN / PIN '
-                '<input name="pin" type="password" inputmode="numeric" autocomplete="off" '
-                'required autofocus maxlength="128"></label> <button type="submit">Ouvrir / Open'
-                "</button></form>")
-    else:
-        form = (f'<form method="post" action="{action}"><button type="submit">'
-                "Ouvrir les images / Open the images</button></form>")
-    expiry = share.expires_at.strftime("%Y-%m-%d %H:%M UTC")
-    return _page("Images médicales partagées / Shared medical images",
-                 f"{message}<p>Valable jusqu'au / valid until {expiry}.</p>{form}", status)
-
-
-def _studies_page(request: Request, share_token: str, share: ShareRecord,
-                  principal: Principal) -> HTMLResponse:
+def _study_list(request: Request, share_token: str, share: ShareRecord,
+                principal: Principal) -> str:
+    """The studies as plain HTML (for browsers without JavaScript)."""
     index = request.app.state.index
     scope = share_scope(share)
     root = f"/s/{html.escape(share_token)}"
@@ -168,15 +117,12 @@ def _studies_page(request: Request, share_token: str, share: ShareRecord,
         date = study.study_date
         shown = f"{date[:4]}-{date[4:6]}-{date[6:]}" if len(date) == 8 else ""
         parts.append(f'<div class="study"><strong>{html.escape(shown)} '
-                     f"{html.escape(study.study_description or 'Examen / Study')}</strong> "
+                     f"{html.escape(study.study_description)}</strong> "
                      f"({', '.join(map(html.escape, study.modalities_in_study))}, "
                      f"{study.number_of_instances} images)<div>{tiles}</div></div>")
-    download = (f'<p><a class="button" href="{root}/download">Télécharger (ZIP, DICOM) / '
-                "Download (ZIP, DICOM)</a></p>" if share.allow_download else "")
-    body = ("".join(parts) or "<p>Aucune image disponible. / No images available.</p>") + download
-    body += (f"<p>DICOMweb : <code>{html.escape(str(request.base_url).rstrip('/'))}{root}"
-             "/dicom-web</code></p>")
-    return _page("Images médicales partagées / Shared medical images", body)
+    if share.allow_download:
+        parts.append(f'<p><a class="button" href="{root}/download">ZIP (DICOM)</a></p>')
+    return "".join(parts)
 
 
 class SessionOpened(BaseModel):
@@ -206,21 +152,21 @@ async def open_session(share_token: str, request: Request,
         request.state.audit = {"action": "share.pin_failure", "share_id": share.share_id}
         if wants_json:
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=401)
-        return _open_form(share_token, share, exc.message, status=401)
+        return open_form(request, share_token, share, exc.message, status=401)
     except ApiError as exc:
         if exc.status_code == 403 and "locked" in exc.message:
             request.state.audit = {"action": "share.locked"}
         if wants_json:
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
                                 status_code=exc.status_code, headers=exc.headers)
-        return _error_page(exc)
+        return error_page(request, exc)
     max_age = max(1, int((expires - service.clock()).total_seconds()))
     response: Response
     if wants_json:
         response = JSONResponse({"expires_at": expires.isoformat()}, status_code=201,
                                 headers={"Cache-Control": "no-store"})
     else:
-        response = RedirectResponse(f"/s/{share_token}", status_code=303)
+        response = RedirectResponse(f"/s/{share_token}?lang={language(request)}", status_code=303)
     _session_cookie(response, request, share_token, session, max_age)
     return response
 
@@ -238,7 +184,7 @@ async def download(share_token: str, request: Request) -> Response:
         if not share.allow_download:
             raise Forbidden("this share allows viewing, not downloading")
     except ApiError as exc:
-        return _error_page(exc)
+        return error_page(request, exc)
     request.state.audit = {"action": "share.download", "share_id": share.share_id}
     index = request.app.state.index
     instances = await anyio.to_thread.run_sync(lambda: index.search_instances(

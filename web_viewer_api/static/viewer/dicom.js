@@ -1,0 +1,199 @@
+// DICOMweb access and pixel rendering for the viewer (plain ES module, no dependencies).
+
+const COMPRESSED_SYNTAXES_NATIVE = new Set([
+  "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+]);
+
+/** The first value of a DICOM JSON attribute (by tag), or undefined. */
+export function value(item, tag, index = 0) {
+  const element = item && item[tag];
+  if (!element || !element.Value || element.Value.length <= index) return undefined;
+  const found = element.Value[index];
+  if (element.vr === "PN" && found && typeof found === "object") return found.Alphabetic || "";
+  return found;
+}
+
+export function values(item, tag) {
+  const element = item && item[tag];
+  return element && element.Value ? element.Value : [];
+}
+
+export class DicomWeb {
+  constructor(root) { this.root = root; }
+
+  async json(path) {
+    const response = await fetch(this.root + path, {
+      headers: { Accept: "application/dicom+json" }, credentials: "same-origin",
+    });
+    if (!response.ok) throw new Error(`${response.status} ${path}`);
+    return response.json();
+  }
+
+  /** Native (uncompressed, little endian) bytes of one frame. */
+  async frame(study, series, sop, number) {
+    const path = `/studies/${study}/series/${series}/instances/${sop}/frames/${number}`;
+    const response = await fetch(this.root + path, {
+      headers: { Accept: 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1' },
+      credentials: "same-origin",
+    });
+    if (!response.ok) throw new Error(`${response.status} frame ${number}`);
+    const type = response.headers.get("content-type") || "";
+    const body = new Uint8Array(await response.arrayBuffer());
+    const match = /boundary="?([^";]+)"?/i.exec(type);
+    return match ? firstPart(body, match[1]) : body;
+  }
+
+  thumbnail(study, series) { return `${this.root}/studies/${study}/series/${series}/thumbnail`; }
+}
+
+/** The body of the first part of a multipart/related answer. */
+function firstPart(body, boundary) {
+  const encoder = new TextEncoder();
+  const start = indexOf(body, encoder.encode("\r\n\r\n"), indexOf(body, encoder.encode("--" + boundary), 0));
+  const end = indexOf(body, encoder.encode("\r\n--" + boundary), start + 4);
+  return body.subarray(start + 4, end < 0 ? body.length : end);
+}
+
+function indexOf(haystack, needle, from) {
+  outer: for (let i = Math.max(0, from); i <= haystack.length - needle.length; i++) {
+    for (let j = 0; j < needle.length; j++) if (haystack[i + j] !== needle[j]) continue outer;
+    return i;
+  }
+  return -1;
+}
+
+/** What the renderer needs of one instance, from its DICOM JSON (metadata or QIDO). */
+export function imageInfo(item, availableSyntax) {
+  const photometric = String(value(item, "00280004") || "MONOCHROME2").trim();
+  const samples = Number(value(item, "00280002") || 1);
+  const stored = availableSyntax || value(item, "00083002");
+  // The server decodes compressed colour frames to RGB, interleaved (pydicom's default).
+  const decodedToRgb = samples === 3 && stored && !COMPRESSED_SYNTAXES_NATIVE.has(stored);
+  const centers = values(item, "00281050").map(Number);
+  const widths = values(item, "00281051").map(Number);
+  return {
+    rows: Number(value(item, "00280010")), columns: Number(value(item, "00280011")),
+    bitsAllocated: Number(value(item, "00280100") || 16), bitsStored: Number(value(item, "00280101") || value(item, "00280100") || 16),
+    signed: Number(value(item, "00280103") || 0) === 1, samples,
+    photometric: decodedToRgb ? "RGB" : photometric,
+    planar: decodedToRgb ? 0 : Number(value(item, "00280006") || 0),
+    slope: Number(value(item, "00281053") ?? 1) || 1, intercept: Number(value(item, "00281052") ?? 0) || 0,
+    center: centers.length ? centers[0] : undefined, width: widths.length ? widths[0] : undefined,
+    voiFunction: String(value(item, "00281056") || "LINEAR").trim(),
+    voiLut: voiLut(item),
+    frames: Number(value(item, "00280008") || 1),
+    instanceNumber: Number(value(item, "00200013") || 0),
+    position: values(item, "00200032").map(Number),
+    orientation: values(item, "00200037").map(Number),
+    sliceLocation: value(item, "00201041"),
+    sliceThickness: value(item, "00180050"),
+    pixelSpacing: values(item, "00280030").map(Number),
+  };
+}
+
+function voiLut(item) {
+  const sequence = values(item, "00283010");
+  if (!sequence.length) return null;
+  const first = sequence[0];
+  const descriptor = values(first, "00283002").map(Number);
+  const data = first["00283006"];
+  if (descriptor.length !== 3 || !data) return null;
+  let table = null;
+  if (data.Value) table = Int32Array.from(data.Value.map(Number));
+  else if (data.InlineBinary) {
+    const raw = Uint8Array.from(atob(data.InlineBinary), (c) => c.charCodeAt(0));
+    table = descriptor[2] > 8 ? new Uint16Array(raw.buffer, 0, raw.length >> 1) : raw;
+  }
+  if (!table) return null;
+  return { entries: descriptor[0] || 65536, first: descriptor[1], bits: descriptor[2], table };
+}
+
+/** Stored pixel values of a frame as a typed array (grayscale) or bytes (colour). */
+export function pixels(info, bytes) {
+  if (info.samples === 3) return bytes;
+  const buffer = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
+  let data;
+  if (info.bitsAllocated === 8) data = info.signed ? new Int8Array(buffer) : new Uint8Array(buffer);
+  else if (info.bitsAllocated === 16) data = info.signed ? new Int16Array(buffer, 0, buffer.byteLength >> 1) : new Uint16Array(buffer, 0, buffer.byteLength >> 1);
+  else if (info.bitsAllocated === 32) data = info.signed ? new Int32Array(buffer, 0, buffer.byteLength >> 2) : new Uint32Array(buffer, 0, buffer.byteLength >> 2);
+  else throw new Error(`BitsAllocated ${info.bitsAllocated} is not supported`);
+  if (info.bitsStored < info.bitsAllocated && info.bitsAllocated <= 16) {
+    // Keep only the stored bits (sign-extended when signed): high bits may carry overlays.
+    const shift = 32 - info.bitsStored;
+    const masked = info.signed ? new Int32Array(data.length) : new Uint32Array(data.length);
+    for (let i = 0; i < data.length; i++) masked[i] = info.signed ? (data[i] << shift) >> shift : data[i] & ((1 << info.bitsStored) - 1);
+    return masked;
+  }
+  return data;
+}
+
+export function range(data) {
+  let min = Infinity, max = -Infinity;
+  for (let i = 0; i < data.length; i++) { const v = data[i]; if (v < min) min = v; if (v > max) max = v; }
+  return [min, max];
+}
+
+/** A window from the data when the data set has none: the full range of modality values. */
+export function defaultWindow(info, stats) {
+  if (info.center !== undefined && info.width !== undefined && info.width > 0) return [info.center, info.width];
+  const low = stats[0] * info.slope + info.intercept, high = stats[1] * info.slope + info.intercept;
+  return [(low + high) / 2, Math.max(1, high - low)];
+}
+
+/** Paint one frame into `image` (ImageData of the frame's size): modality LUT (rescale),
+ * VOI (window, VOI LUT, function), presentation (MONOCHROME1, invert). */
+export function paint(image, info, data, stats, window, invert, useVoiLut) {
+  const out = image.data;
+  if (info.samples === 3) return paintColour(out, info, data, invert);
+  const [center, width] = window;
+  const [min, max] = stats;
+  const size = max - min + 1;
+  const lut = new Uint8ClampedArray(size);
+  const flip = (info.photometric === "MONOCHROME1") !== invert;
+  const voi = useVoiLut ? info.voiLut : null;
+  for (let i = 0; i < size; i++) {
+    const stored = min + i;
+    let y;
+    if (voi) {
+      const index = Math.min(voi.entries - 1, Math.max(0, stored - voi.first));
+      y = (voi.table[index] / ((1 << voi.bits) - 1)) * 255;
+    } else {
+      const x = stored * info.slope + info.intercept;
+      y = voiValue(x, center, width, info.voiFunction);
+    }
+    lut[i] = flip ? 255 - y : y;
+  }
+  for (let p = 0, q = 0; p < data.length; p++, q += 4) {
+    const y = lut[data[p] - min];
+    out[q] = y; out[q + 1] = y; out[q + 2] = y; out[q + 3] = 255;
+  }
+}
+
+function voiValue(x, c, w, fn) {
+  if (fn === "SIGMOID") return 255 / (1 + Math.exp(-4 * (x - c) / w));
+  if (fn === "LINEAR_EXACT") {
+    if (x <= c - w / 2) return 0;
+    if (x > c + w / 2) return 255;
+    return ((x - c) / w + 0.5) * 255;
+  }
+  // PS3.3 C.11.2.1.2.1
+  if (x <= c - 0.5 - (w - 1) / 2) return 0;
+  if (x > c - 0.5 + (w - 1) / 2) return 255;
+  return ((x - (c - 0.5)) / (w - 1) + 0.5) * 255;
+}
+
+function paintColour(out, info, data, invert) {
+  const n = info.rows * info.columns;
+  const ybr = info.photometric.startsWith("YBR_FULL");
+  for (let p = 0; p < n; p++) {
+    let r, g, b;
+    if (info.planar === 1) { r = data[p]; g = data[p + n]; b = data[p + 2 * n]; }
+    else { r = data[3 * p]; g = data[3 * p + 1]; b = data[3 * p + 2]; }
+    if (ybr) {
+      const y = r, cb = g - 128, cr = b - 128;
+      r = y + 1.402 * cr; g = y - 0.344136 * cb - 0.714136 * cr; b = y + 1.772 * cb;
+    }
+    const q = 4 * p;
+    out[q] = invert ? 255 - r : r; out[q + 1] = invert ? 255 - g : g; out[q + 2] = invert ? 255 - b : b; out[q + 3] = 255;
+  }
+}

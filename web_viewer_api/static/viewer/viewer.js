@@ -1,0 +1,472 @@
+// The share viewer: study browser, stack viewports with W/L, zoom/pan, cine, 1x1 / 1x2.
+// Plain ES modules served as static files: no build step, nothing fetched from elsewhere.
+import { DicomWeb, defaultWindow, imageInfo, paint, pixels, range, value, values } from "./dicom.js";
+
+const TEXT = {
+  fr: {
+    studies: "Examens", series: "séries", images: "images", download: "Télécharger (ZIP)",
+    layout1: "1 vue", layout2: "2 vues", presets: "Fenêtrage", dataset: "Fenêtre de l'examen",
+    lung: "Poumon", mediastinum: "Médiastin", bone: "Os", brain: "Cerveau", abdomen: "Abdomen",
+    invert: "Inverser", reset: "Réinitialiser", play: "Ciné", help: "Aide", tool: "Outil",
+    toolWl: "Fenêtrage", toolPan: "Déplacer", toolZoom: "Zoom", close: "Fermer",
+    validUntil: "Valable jusqu'au", note: "Message de l'expéditeur", empty: "Choisissez une série",
+    loadError: "Impossible de charger les images", language: "English", im: "Im", zoom: "Zoom",
+    keys: [["↑ ↓ / molette", "image précédente / suivante"], ["Page ↑ ↓", "10 images"],
+      ["Début / Fin", "première / dernière image"], ["glisser (gauche)", "outil actif (fenêtrage par défaut)"],
+      ["glisser (droit)", "zoom"], ["glisser (milieu) / Maj + glisser", "déplacer"],
+      ["1 … 5", "préréglages de fenêtrage"], ["0", "fenêtre de l'examen"], ["I", "inverser"],
+      ["R", "réinitialiser"], ["Espace", "ciné"], ["Tab", "vue suivante (2 vues)"], ["?", "cette aide"]],
+    viewport: "Vue", loading: "Chargement",
+  },
+  en: {
+    studies: "Studies", series: "series", images: "images", download: "Download (ZIP)",
+    layout1: "1 view", layout2: "2 views", presets: "Window", dataset: "Dataset window",
+    lung: "Lung", mediastinum: "Mediastinum", bone: "Bone", brain: "Brain", abdomen: "Abdomen",
+    invert: "Invert", reset: "Reset", play: "Cine", help: "Help", tool: "Tool",
+    toolWl: "Window/level", toolPan: "Pan", toolZoom: "Zoom", close: "Close",
+    validUntil: "Valid until", note: "Sender's note", empty: "Choose a series",
+    loadError: "The images could not be loaded", language: "Français", im: "Im", zoom: "Zoom",
+    keys: [["↑ ↓ / wheel", "previous / next image"], ["Page ↑ ↓", "10 images"],
+      ["Home / End", "first / last image"], ["drag (left)", "active tool (window/level by default)"],
+      ["drag (right)", "zoom"], ["drag (middle) / Shift + drag", "pan"],
+      ["1 … 5", "window presets"], ["0", "dataset window"], ["I", "invert"],
+      ["R", "reset"], ["Space", "cine"], ["Tab", "next view (2 views)"], ["?", "this help"]],
+    viewport: "View", loading: "Loading",
+  },
+};
+const PRESETS = [["lung", -600, 1500], ["mediastinum", 50, 350], ["bone", 400, 1800], ["brain", 40, 80], ["abdomen", 50, 400]];
+const PREFETCH_CONCURRENCY = 6;
+
+const timings = { start: performance.now() };
+window.dgwViewer = { timings, errors: [] };
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, val] of Object.entries(attributes)) {
+    if (name === "text") node.textContent = val;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), val);
+    else if (val !== undefined && val !== null && val !== false) node.setAttribute(name, val === true ? "" : val);
+  }
+  for (const child of children) if (child) node.append(child);
+  return node;
+}
+
+function formatDate(text) {
+  return text && text.length === 8 ? `${text.slice(0, 4)}-${text.slice(4, 6)}-${text.slice(6)}` : "";
+}
+
+/** One series as a stack of frames, loaded lazily and prefetched in the background. */
+class Stack {
+  constructor(api, study, series, onProgress) {
+    this.api = api; this.study = study; this.series = series; this.onProgress = onProgress;
+    this.frames = []; // {sop, frame, info}
+    this.cache = new Map(); // "sop/frame" -> {data, stats}
+    this.pending = new Map();
+    this.loaded = 0;
+    this.cancelled = false;
+  }
+
+  async open() {
+    const instances = await this.api.json(`/studies/${this.study}/series/${this.series}/instances?limit=1000`);
+    instances.sort((a, b) => (Number(value(a, "00200013")) || 0) - (Number(value(b, "00200013")) || 0));
+    const first = instances[0];
+    if (!first) throw new Error("empty series");
+    const sop = value(first, "00080018");
+    const [metadata] = await this.api.json(`/studies/${this.study}/series/${this.series}/instances/${sop}/metadata`);
+    const firstInfo = imageInfo(metadata, value(first, "00083002"));
+    this.syntaxes = new Map(instances.map((i) => [value(i, "00080018"), value(i, "00083002")]));
+    for (const instance of instances) {
+      const uid = value(instance, "00080018");
+      const count = Number(value(instance, "00280008") || 1);
+      const info = uid === sop ? firstInfo : { ...firstInfo, instanceNumber: Number(value(instance, "00200013") || 0), provisional: true };
+      for (let frame = 1; frame <= count; frame++) this.frames.push({ sop: uid, frame, info });
+    }
+    this.refineLater();
+    return this;
+  }
+
+  /** The whole series' metadata, in the background: exact per-instance parameters and the
+   * geometric order (along the slice normal) replace the provisional ones. */
+  async refineLater() {
+    try {
+      const documents = await this.api.json(`/studies/${this.study}/series/${this.series}/metadata`);
+      const byUid = new Map(documents.map((d) => [value(d, "00080018"), d]));
+      for (const entry of this.frames) {
+        const document = byUid.get(entry.sop);
+        if (document) entry.info = imageInfo(document, this.syntaxes.get(entry.sop));
+      }
+      const normal = sliceNormal(this.frames[0] && this.frames[0].info.orientation);
+      if (normal && this.frames.every((f) => f.info.position.length === 3 && f.info.frames === 1)) {
+        const current = this.frames[this.viewIndex ? this.viewIndex() : 0];
+        this.frames.sort((a, b) => dot(a.info.position, normal) - dot(b.info.position, normal));
+        // Keep the direction of the instance numbers (head to feet when the modality numbered so).
+        const ends = [this.frames[0].info.instanceNumber, this.frames[this.frames.length - 1].info.instanceNumber];
+        if (ends[0] > ends[1]) this.frames.reverse();
+        if (this.onReorder) this.onReorder(current ? this.frames.indexOf(current) : 0);
+      }
+      if (this.onRefined) this.onRefined();
+    } catch (error) {
+      window.dgwViewer.errors.push(String(error));
+    }
+  }
+
+  /** The pixels of frame `index` (cached by instance and frame: safe across reordering). */
+  async get(index) {
+    const entry = this.frames[index];
+    const key = entry.sop + "/" + entry.frame;
+    if (this.cache.has(key)) return this.cache.get(key);
+    if (this.pending.has(key)) return this.pending.get(key);
+    const promise = this.api.frame(this.study, this.series, entry.sop, entry.frame).then((bytes) => {
+      const data = pixels(entry.info, bytes);
+      const loaded = { data, stats: entry.info.samples === 3 ? [0, 255] : range(data) };
+      this.cache.set(key, loaded);
+      this.pending.delete(key);
+      this.loaded += 1;
+      if (this.onProgress) this.onProgress(this.loaded, this.frames.length);
+      return loaded;
+    }, (error) => { this.pending.delete(key); throw error; });
+    this.pending.set(key, promise);
+    return promise;
+  }
+
+  /** Fetch every frame, nearest to `from` first, a few at a time. */
+  async prefetch(from) {
+    const order = [...this.frames.keys()].sort((a, b) => Math.abs(a - from) - Math.abs(b - from));
+    let next = 0;
+    const worker = async () => {
+      while (!this.cancelled && next < order.length) {
+        const index = order[next++];
+        try { await this.get(index); } catch (error) { window.dgwViewer.errors.push(String(error)); }
+      }
+    };
+    await Promise.all(Array.from({ length: PREFETCH_CONCURRENCY }, worker));
+    if (!this.cancelled && this.loaded >= this.frames.length) {
+      timings.seriesLoaded = performance.now() - timings.start;
+      window.dgwViewer.seriesLoaded = (window.dgwViewer.seriesLoaded || 0) + 1;
+    }
+  }
+}
+
+function sliceNormal(orientation) {
+  if (!orientation || orientation.length !== 6) return null;
+  const [a, b, c, d, e, f] = orientation;
+  return [b * f - c * e, c * d - a * f, a * e - b * d];
+}
+function dot(p, n) { return p[0] * n[0] + p[1] * n[1] + p[2] * n[2]; }
+
+class Viewport {
+  constructor(app, number) {
+    this.app = app; this.number = number;
+    this.canvas = el("canvas", { tabindex: "0", role: "img", "aria-label": `${app.t.viewport} ${number + 1}` });
+    this.overlays = ["tl", "tr", "bl", "br"].map((corner) => el("div", { class: `overlay ${corner}` }));
+    this.progress = el("div", { class: "progress" });  // width set through CSSOM (CSP: no inline style)
+    this.progress.style.width = "0";
+    this.empty = el("div", { class: "empty", text: app.t.empty });
+    this.node = el("div", { class: "viewport" }, this.canvas, ...this.overlays, this.progress, this.empty);
+    this.offscreen = document.createElement("canvas");
+    this.stack = null; this.index = 0; this.window = null; this.invert = false; this.useVoiLut = true;
+    this.zoom = 1; this.pan = [0, 0]; this.cine = null; this.current = null;
+    this.bindEvents();
+    new ResizeObserver(() => this.draw()).observe(this.node);
+  }
+
+  async show(studyUid, seriesUid, seriesItem) {
+    if (this.stack) this.stack.cancelled = true;
+    this.stopCine();
+    this.empty.textContent = this.app.t.loading + "…";
+    this.empty.hidden = false;
+    const stack = new Stack(this.app.api, studyUid, seriesUid, (done, total) => {
+      this.progress.style.width = done >= total ? "0" : `${(100 * done) / total}%`;
+    });
+    this.stack = stack; this.seriesItem = seriesItem;
+    this.index = 0; this.window = null; this.invert = false; this.zoom = 1; this.pan = [0, 0];
+    try {
+      await stack.open();
+    } catch (error) {
+      this.empty.textContent = this.app.t.loadError;
+      window.dgwViewer.errors.push(String(error));
+      return;
+    }
+    if (this.stack !== stack) return;
+    stack.viewIndex = () => this.index;
+    stack.onReorder = (index) => { this.index = Math.max(0, index); this.render(); };
+    stack.onRefined = () => this.render();
+    await this.render();
+    this.empty.hidden = true;
+    if (timings.firstImage === undefined) {
+      timings.firstImage = performance.now() - timings.start;
+      performance.mark("dgw-first-image");
+    }
+    stack.prefetch(this.index);
+  }
+
+  async render() {
+    const stack = this.stack;
+    if (!stack || !stack.frames.length) return;
+    const index = this.index;
+    const entry = stack.frames[index];
+    const loaded = await stack.get(index);
+    if (stack !== this.stack || index !== this.index) return;
+    const info = entry.info;
+    if (!this.window) this.window = defaultWindow(info, loaded.stats);
+    this.offscreen.width = info.columns; this.offscreen.height = info.rows;
+    const context = this.offscreen.getContext("2d");
+    const image = context.createImageData(info.columns, info.rows);
+    paint(image, info, loaded.data, loaded.stats, this.window, this.invert, this.useVoiLut && !this.windowChanged);
+    context.putImageData(image, 0, 0);
+    this.current = { info, entry };
+    this.draw();
+    this.canvas.dataset.index = String(index);
+  }
+
+  draw() {
+    const rect = this.node.getBoundingClientRect();
+    const ratio = window.devicePixelRatio || 1;
+    const width = Math.max(1, Math.round(rect.width * ratio)), height = Math.max(1, Math.round(rect.height * ratio));
+    if (this.canvas.width !== width || this.canvas.height !== height) { this.canvas.width = width; this.canvas.height = height; }
+    const context = this.canvas.getContext("2d");
+    context.setTransform(1, 0, 0, 1, 0, 0);
+    context.fillStyle = "#000"; context.fillRect(0, 0, width, height);
+    if (!this.current) return;
+    const { info } = this.current;
+    const spacing = info.pixelSpacing.length === 2 && info.pixelSpacing[0] > 0 ? info.pixelSpacing[1] / info.pixelSpacing[0] : 1;
+    const fit = Math.min(width / info.columns, height / (info.rows / spacing));
+    const scale = fit * this.zoom;
+    const drawW = info.columns * scale, drawH = (info.rows / spacing) * scale;
+    context.imageSmoothingEnabled = scale < 1;
+    context.drawImage(this.offscreen, (width - drawW) / 2 + this.pan[0] * ratio, (height - drawH) / 2 + this.pan[1] * ratio, drawW, drawH);
+    this.scale = scale / ratio;
+    this.updateOverlay();
+  }
+
+  updateOverlay() {
+    const t = this.app.t;
+    const { info } = this.current;
+    const series = this.seriesItem || {};
+    const total = this.stack.frames.length;
+    const [center, width] = this.window || [0, 0];
+    const study = this.app.studyOf(this.stack.study) || {};
+    this.overlays[0].textContent = [value(study, "00081030") || "", formatDate(value(study, "00080020"))].filter(Boolean).join("\n");
+    this.overlays[1].textContent = `${value(series, "00080060") || ""} ${t.series} ${value(series, "00200011") ?? ""}\n${value(series, "0008103E") || ""}\n${t.im} ${this.index + 1} / ${total}  (#${info.instanceNumber || "-"})`;
+    this.overlays[2].textContent = `W ${Math.round(width)}  L ${Math.round(center)}${this.invert ? "  ⇆" : ""}\n${t.zoom} ${(this.scale || 1).toFixed(2)}×`;
+    const location = info.sliceLocation !== undefined ? `Loc ${Number(info.sliceLocation).toFixed(1)} mm` :
+      info.position.length === 3 ? `Pos ${info.position.map((v) => v.toFixed(1)).join(", ")}` : "";
+    this.overlays[3].textContent = [location, info.sliceThickness ? `Th ${Number(info.sliceThickness).toFixed(1)} mm` : ""].filter(Boolean).join("\n");
+  }
+
+  scroll(delta) {
+    if (!this.stack) return;
+    const next = Math.min(this.stack.frames.length - 1, Math.max(0, this.index + delta));
+    if (next !== this.index) { this.index = next; this.render(); }
+  }
+
+  setWindow(center, width) { this.window = [center, Math.max(1, width)]; this.windowChanged = true; this.render(); }
+  datasetWindow() { this.window = null; this.windowChanged = false; this.render(); }
+  reset() { this.zoom = 1; this.pan = [0, 0]; this.invert = false; this.datasetWindow(); }
+  toggleInvert() { this.invert = !this.invert; this.render(); }
+
+  toggleCine() {
+    if (this.cine) { this.stopCine(); return; }
+    if (!this.stack) return;
+    this.cine = setInterval(() => {
+      if (!this.stack) return;
+      this.index = (this.index + 1) % this.stack.frames.length;
+      this.render();
+    }, 1000 / 15);
+    this.app.updateToolbar();
+  }
+  stopCine() { if (this.cine) { clearInterval(this.cine); this.cine = null; this.app.updateToolbar(); } }
+
+  bindEvents() {
+    const canvas = this.canvas;
+    canvas.addEventListener("pointerdown", (event) => {
+      this.app.activate(this);
+      canvas.focus();
+      canvas.setPointerCapture(event.pointerId);
+      const start = { x: event.clientX, y: event.clientY, window: this.window ? [...this.window] : null, zoom: this.zoom, pan: [...this.pan], index: this.index };
+      const tool = event.button === 2 ? "zoom" : event.button === 1 || event.shiftKey ? "pan" : event.pointerType === "touch" ? "scroll" : this.app.tool;
+      const move = (e) => {
+        const dx = e.clientX - start.x, dy = e.clientY - start.y;
+        if (tool === "wl" && start.window) this.setWindow(start.window[0] + dy * Math.max(1, start.window[1] / 256), start.window[1] + dx * Math.max(1, start.window[1] / 256));
+        else if (tool === "zoom") { this.zoom = Math.min(20, Math.max(0.1, start.zoom * Math.exp(-dy / 200))); this.draw(); }
+        else if (tool === "pan") { this.pan = [start.pan[0] + dx, start.pan[1] + dy]; this.draw(); }
+        else if (tool === "scroll" && this.stack) {
+          const next = Math.min(this.stack.frames.length - 1, Math.max(0, start.index + Math.round(dy / 8)));
+          if (next !== this.index) { this.index = next; this.render(); }
+        }
+      };
+      const up = () => { canvas.removeEventListener("pointermove", move); canvas.removeEventListener("pointerup", up); canvas.removeEventListener("pointercancel", up); };
+      canvas.addEventListener("pointermove", move);
+      canvas.addEventListener("pointerup", up);
+      canvas.addEventListener("pointercancel", up);
+    });
+    canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+    canvas.addEventListener("wheel", (event) => {
+      event.preventDefault();
+      this.app.activate(this);
+      if (event.ctrlKey) { this.zoom = Math.min(20, Math.max(0.1, this.zoom * Math.exp(-event.deltaY / 300))); this.draw(); }
+      else this.scroll(event.deltaY > 0 ? 1 : -1);
+    }, { passive: false });
+    canvas.addEventListener("keydown", (event) => this.app.onKey(event, this));
+  }
+}
+
+class App {
+  constructor(root) {
+    this.rootNode = root;
+    this.lang = root.dataset.lang === "en" ? "en" : "fr";
+    this.t = TEXT[this.lang];
+    this.api = new DicomWeb(root.dataset.root + "/dicom-web");
+    this.studies = [];
+    this.tool = "wl";
+    this.layout = 1;
+  }
+
+  studyOf(uid) { return this.studies.find((s) => value(s, "0020000D") === uid); }
+
+  async start() {
+    this.build();
+    try {
+      this.studies = await this.api.json("/studies?includefield=00081030&limit=100");
+    } catch (error) {
+      this.sidebar.replaceChildren(el("p", { class: "error", role: "alert", text: this.t.loadError }));
+      throw error;
+    }
+    this.studies.sort((a, b) => String(value(b, "00080020") || "").localeCompare(String(value(a, "00080020") || "")));
+    const listed = await Promise.all(this.studies.map((study) => this.api.json(`/studies/${value(study, "0020000D")}/series`)));
+    let first = null;
+    this.studies.forEach((study, position) => {
+      const studyUid = value(study, "0020000D");
+      const series = listed[position].sort((a, b) => (Number(value(a, "00200011")) || 0) - (Number(value(b, "00200011")) || 0));
+      const tiles = series.map((item) => {
+        const seriesUid = value(item, "0020000E");
+        const label = `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""} — ${value(item, "0008103E") || ""}`;
+        const tile = el("button", { class: "series-tile", type: "button", "aria-label": label, "data-series": seriesUid,
+          onclick: () => this.open(this.active, studyUid, seriesUid, item, tile) },
+          el("img", { alt: "", src: this.api.thumbnail(studyUid, seriesUid), loading: "lazy" }),
+          el("span", { class: "desc" }, el("strong", { text: `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""}` }), el("br"),
+            document.createTextNode(value(item, "0008103E") || ""), el("br"),
+            el("span", { class: "count", text: `${value(item, "00201209") ?? "?"} ${this.t.images}` })));
+        if (!first && Number(value(item, "00201209") || 0) > 0) first = { studyUid, seriesUid, item, tile };
+        return tile;
+      });
+      const meta = `${formatDate(value(study, "00080020"))} · ${values(study, "00080061").join(", ")} · ${value(study, "00201208") ?? "?"} ${this.t.images}`;
+      this.sidebar.append(el("section", { class: "study", "aria-label": value(study, "00081030") || this.t.studies },
+        el("h2", { text: value(study, "00081030") || this.t.studies }), el("div", { class: "study-meta", text: meta }),
+        el("div", { class: "study-series" }, ...tiles)));
+    });
+    if (first) await this.open(this.viewports[0], first.studyUid, first.seriesUid, first.item, first.tile);
+  }
+
+  async open(viewport, studyUid, seriesUid, item, tile) {
+    for (const node of this.sidebar.querySelectorAll(".series-tile.active")) if (viewport === this.viewports[0] || this.layout === 1) node.classList.remove("active");
+    if (tile) tile.classList.add("active");
+    await viewport.show(studyUid, seriesUid, item);
+  }
+
+  build() {
+    const t = this.t;
+    const data = this.rootNode.dataset;
+    const button = (text, attributes, onclick) => el("button", { type: "button", ...attributes, onclick }, text);
+    this.toolSelect = el("select", { "aria-label": t.tool, onchange: (e) => { this.tool = e.target.value; } },
+      el("option", { value: "wl", text: t.toolWl }), el("option", { value: "pan", text: t.toolPan }), el("option", { value: "zoom", text: t.toolZoom }));
+    this.presetSelect = el("select", { "aria-label": t.presets, onchange: (e) => this.preset(e.target.value) },
+      el("option", { value: "", text: t.presets }), el("option", { value: "dataset", text: `0 · ${t.dataset}` }),
+      ...PRESETS.map(([name], i) => el("option", { value: name, text: `${i + 1} · ${t[name]}` })));
+    this.layoutButtons = [1, 2].map((n) => button(t[`layout${n}`], { "aria-pressed": String(n === 1), "data-layout": n }, () => this.setLayout(n)));
+    this.cineButton = button(t.play, { "aria-pressed": "false", "aria-keyshortcuts": "Space" }, () => this.active.toggleCine());
+    const otherLang = this.lang === "fr" ? "en" : "fr";
+    const expires = new Date(data.expires);
+    this.help = el("dialog", { "aria-label": t.help },
+      el("h2", { text: t.help }),
+      el("table", {}, ...t.keys.map(([keys, what]) => el("tr", {}, el("td", {}, el("kbd", { text: keys })), el("td", { text: what })))),
+      el("form", { method: "dialog" }, el("button", { text: t.close })));
+    const bar = el("header", { class: "topbar" },
+      el("span", { class: "title", text: document.title }),
+      this.toolSelect, this.presetSelect,
+      button(t.invert, { "aria-keyshortcuts": "I" }, () => this.active.toggleInvert()),
+      button(t.reset, { "aria-keyshortcuts": "R" }, () => this.active.reset()),
+      this.cineButton, ...this.layoutButtons,
+      data.download ? el("a", { class: "button", href: `${data.root}/download`, download: "", text: t.download }) : null,
+      el("span", { class: "spacer" }),
+      el("span", { class: "expiry", text: `${t.validUntil} ${expires.toISOString().slice(0, 16).replace("T", " ")} UTC` }),
+      el("a", { href: `${location.pathname}?lang=${otherLang}`, hreflang: otherLang, text: t.language }),
+      button("?", { "aria-label": t.help, "aria-keyshortcuts": "?" }, () => this.help.showModal()));
+    this.sidebar = el("nav", { class: "sidebar", "aria-label": t.studies });
+    if (data.note) this.sidebar.append(el("aside", { class: "note" }, el("strong", { text: t.note }), el("p", { text: data.note })));
+    this.viewports = [new Viewport(this, 0), new Viewport(this, 1)];
+    this.viewportArea = el("main", { class: "viewports layout-1" }, this.viewports[0].node);
+    this.rootNode.replaceChildren(bar, el("div", { class: "main" }, this.sidebar, this.viewportArea), this.help);
+    this.activate(this.viewports[0]);
+    // Shortcuts work wherever the focus is, except in form fields and the help dialog;
+    // a focused canvas handles its own keys.
+    document.addEventListener("keydown", (event) => {
+      const target = event.target;
+      if (target.tagName === "CANVAS" || target.closest("dialog") || ["INPUT", "SELECT", "TEXTAREA"].includes(target.tagName)) return;
+      if (event.key === "Enter" || event.key === "Tab" || event.key === " " && target.tagName === "BUTTON") return;
+      this.onKey(event, this.active);
+    });
+  }
+
+  activate(viewport) {
+    this.active = viewport;
+    for (const v of this.viewports) v.node.classList.toggle("active", v === viewport && this.layout === 2);
+    this.updateToolbar();
+  }
+
+  updateToolbar() {
+    if (this.cineButton) this.cineButton.setAttribute("aria-pressed", String(Boolean(this.active && this.active.cine)));
+  }
+
+  setLayout(n) {
+    this.layout = n;
+    this.viewportArea.className = `viewports layout-${n}`;
+    this.viewportArea.replaceChildren(...this.viewports.slice(0, n).map((v) => v.node));
+    this.layoutButtons.forEach((b) => b.setAttribute("aria-pressed", String(Number(b.dataset.layout) === n)));
+    if (n === 1) this.activate(this.viewports[0]);
+    else {
+      this.activate(this.viewports[1]);
+      if (!this.viewports[1].stack && this.viewports[0].stack) {
+        const s = this.viewports[0].stack;
+        this.viewports[1].show(s.study, s.series, this.viewports[0].seriesItem);
+      }
+    }
+    for (const v of this.viewports) v.draw();
+  }
+
+  preset(name) {
+    this.presetSelect.value = "";
+    if (!name) return;
+    if (name === "dataset") { this.active.datasetWindow(); return; }
+    const found = PRESETS.find(([n]) => n === name);
+    if (found) this.active.setWindow(found[1], found[2]);
+  }
+
+  onKey(event, viewport) {
+    const key = event.key;
+    const handled = () => event.preventDefault();
+    if (key === "ArrowDown" || key === "ArrowRight") { viewport.scroll(1); handled(); }
+    else if (key === "ArrowUp" || key === "ArrowLeft") { viewport.scroll(-1); handled(); }
+    else if (key === "PageDown") { viewport.scroll(10); handled(); }
+    else if (key === "PageUp") { viewport.scroll(-10); handled(); }
+    else if (key === "Home") { viewport.scroll(-1e9); handled(); }
+    else if (key === "End") { viewport.scroll(1e9); handled(); }
+    else if (key === "i" || key === "I") { viewport.toggleInvert(); handled(); }
+    else if (key === "r" || key === "R") { viewport.reset(); handled(); }
+    else if (key === " ") { viewport.toggleCine(); handled(); }
+    else if (key === "?") { this.help.showModal(); handled(); }
+    else if (key === "0") { viewport.datasetWindow(); handled(); }
+    else if (/^[1-5]$/.test(key)) { const [, c, w] = PRESETS[Number(key) - 1]; viewport.setWindow(c, w); handled(); }
+    else if (key === "Tab" && this.layout === 2 && event.target.tagName === "CANVAS") {
+      const other = this.viewports[viewport === this.viewports[0] ? 1 : 0];
+      this.activate(other); other.canvas.focus(); handled();
+    }
+  }
+}
+
+const root = document.getElementById("viewer");
+if (root) {
+  const app = new App(root);
+  window.dgwViewer.app = app;  // for tests and the benchmark: read-only inspection
+  app.start().catch((error) => { window.dgwViewer.errors.push(String(error)); });
+}
