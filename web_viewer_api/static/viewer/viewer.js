@@ -142,6 +142,7 @@ class Stack {
     await Promise.all(Array.from({ length: PREFETCH_CONCURRENCY }, worker));
     if (!this.cancelled && this.loaded >= this.frames.length) {
       timings.seriesLoaded = performance.now() - timings.start;
+      timings.seriesLoadedSinceNavigation = performance.now();
       window.dgwViewer.seriesLoaded = (window.dgwViewer.seriesLoaded || 0) + 1;
     }
   }
@@ -195,6 +196,7 @@ class Viewport {
     this.empty.hidden = true;
     if (timings.firstImage === undefined) {
       timings.firstImage = performance.now() - timings.start;
+      timings.firstImageSinceNavigation = performance.now();  // performance.now() counts from navigation
       performance.mark("dgw-first-image");
     }
     stack.prefetch(this.index);
