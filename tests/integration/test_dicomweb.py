@@ -417,3 +417,17 @@ def test_stow_of_dicom_json_with_undecodable_or_miscounted_frames_fails(server: 
     frame = next(generate_frames(original.PixelData, number_of_frames=1))
     twice = _json_stow(server, document, [("image/jls", frame), ("image/jls", frame)])
     assert twice.status_code == 409
+
+
+def test_negotiated_representations_vary_on_accept(server: DicomwebServer) -> None:
+    """A browser cache must not serve a PNG to a JPEG request, or XML to a JSON one."""
+    study, series, sop = _uids(server)
+    base = f"{server.url}/studies/{study}/series/{series}/instances/{sop}"
+    png = httpx.get(f"{base}/rendered", headers=_auth("image/png"))
+    jpeg = httpx.get(f"{base}/rendered", headers=_auth("image/jpeg"))
+    assert png.headers["content-type"] == "image/png" and jpeg.headers["content-type"] == "image/jpeg"
+    assert "Accept" in png.headers["vary"] and "Accept" in jpeg.headers["vary"]
+    frames = httpx.get(f"{base}/frames/1", headers=_auth('multipart/related; type="application/octet-stream"'))
+    assert "Accept" in frames.headers["vary"]
+    search = httpx.get(f"{server.url}/studies", headers=_auth("application/dicom+json"))
+    assert "Accept" in search.headers["vary"]

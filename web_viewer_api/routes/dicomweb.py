@@ -132,15 +132,16 @@ def _json(body: Any, headers: dict[str, str] | None = None,
         boundary = new_boundary()
         parts: list[tuple[str, bytes, dict[str, str]]] = [
             ("application/dicom+xml", to_native_xml(document), {}) for document in body]
-        return Response(b"".join(multipart_stream(parts, boundary)), headers=headers or {},
+        return Response(b"".join(multipart_stream(parts, boundary)),
+                        headers={**(headers or {}), "Vary": "Accept, Accept-Encoding"},
                         media_type=multipart_content_type("application/dicom+xml", boundary))
     payload = json.dumps(body).encode()
-    extra = dict(headers or {})
+    # JSON or XML, gzip or not: both depend on the request's headers.
+    extra = {**(headers or {}), "Vary": "Accept, Accept-Encoding"}
     if (request is not None and len(payload) > 1024
             and "gzip" in request.headers.get("accept-encoding", "").lower()):
         payload = gzip.compress(payload, compresslevel=5)
         extra["Content-Encoding"] = "gzip"
-        extra["Vary"] = "Accept-Encoding"
     return Response(payload, media_type=DICOM_JSON, headers=extra)
 
 
@@ -374,7 +375,7 @@ def _multipart_response(part_type: str, parts: Iterable[tuple[str, bytes, dict[s
     boundary = new_boundary()
     return StreamingResponse(multipart_stream(parts, boundary),
                              media_type=multipart_content_type(part_type, boundary),
-                             headers={"Cache-Control": _IMMUTABLE, **(headers or {})})
+                             headers={"Cache-Control": _IMMUTABLE, "Vary": "Accept", **(headers or {})})
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
@@ -422,7 +423,8 @@ def _rendered(request: Request, index: IndexDep, study: str, series: str, sop: s
         wado.dataset(instance), request.headers.get("accept"),
         viewport=params.get("viewport") or ("128,128" if thumbnail else None),
         window=params.get("window"), quality=params.get("quality"), frame=frame)
-    return Response(image, media_type=media_type, headers={"Cache-Control": _IMMUTABLE})
+    # The representation depends on Accept: caches must not hand a PNG to a JPEG request.
+    return Response(image, media_type=media_type, headers={"Cache-Control": _IMMUTABLE, "Vary": "Accept"})
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/rendered",
