@@ -1,0 +1,136 @@
+"""The viewer's pixels against an independent reference: for real test images of every kind
+(signed 16-bit CT with rescale, MR, 8-bit, MONOCHROME1, RGB interleaved and planar,
+YBR_FULL JPEG, RLE, multi-frame), the browser's rendering of the first frame at native size
+equals the PS3.3 C.11.2 pipeline computed here with numpy (modality LUT, linear window,
+presentation), or pydicom's own colour decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from storage import InstanceRecord, instance_key
+from tests.support.dicomweb_server import TOKEN, DicomwebServer
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _monochrome1() -> Dataset:
+    dataset = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    dataset.PhotometricInterpretation = "MONOCHROME1"
+    return dataset
+
+
+def _planar_rgb() -> Dataset:
+    dataset = pydicom.dcmread(get_testdata_file("SC_rgb_small_odd.dcm"))
+    planes = dataset.pixel_array.transpose(2, 0, 1).copy()
+    dataset.PlanarConfiguration = 1
+    dataset.PixelData = planes.tobytes()
+    return dataset
+
+
+CASES = {
+    "ct-signed-rescale": lambda: pydicom.dcmread(get_testdata_file("CT_small.dcm")),
+    "mr-16bit": lambda: pydicom.dcmread(get_testdata_file("MR_small.dcm")),
+    "monochrome1": _monochrome1,
+    "8bit-jpegls": lambda: pydicom.dcmread(get_testdata_file("JPEGLSNearLossless_08.dcm")),
+    "rgb-interleaved": lambda: pydicom.dcmread(get_testdata_file("SC_rgb_small_odd.dcm")),
+    "rgb-planar": _planar_rgb,
+    "ybr-full-jpeg": lambda: pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")),
+    "rgb-rle-2frame": lambda: pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm")),
+}
+
+
+def _expected(dataset: Dataset) -> np.ndarray:
+    """RGBA-less expected rendering (rows x cols x 3) of frame 1."""
+    array = dataset.pixel_array
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        array = array[0]
+    if int(dataset.SamplesPerPixel) == 3:
+        if dataset.PhotometricInterpretation.startswith("YBR") and not dataset.file_meta.TransferSyntaxUID.is_compressed:
+            array = pydicom.pixels.convert_color_space(array, dataset.PhotometricInterpretation, "RGB")
+        return array.astype(np.float64)
+    values = array.astype(np.float64) * float(dataset.get("RescaleSlope", 1) or 1) + float(dataset.get("RescaleIntercept", 0) or 0)
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        center = float(np.atleast_1d(dataset.WindowCenter)[0])
+        width = float(np.atleast_1d(dataset.WindowWidth)[0])
+    else:
+        low, high = values.min(), values.max()
+        center, width = (low + high) / 2, max(1.0, high - low)
+    # PS3.3 C.11.2.1.2.1, output 0..255
+    y = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255
+    y = np.where(values <= center - 0.5 - (width - 1) / 2, 0, y)
+    y = np.where(values > center - 0.5 + (width - 1) / 2, 255, y)
+    y = np.clip(y, 0, 255)
+    if dataset.PhotometricInterpretation == "MONOCHROME1":
+        y = 255 - y
+    return np.repeat(y[..., None], 3, axis=2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DicomwebServer, dict[str, str]]]:
+    """The test images put straight into the archive (as the pipeline would after
+    de-identification), one study each."""
+    with DicomwebServer(tmp_path_factory.mktemp("pixels")) as running:
+        studies = {}
+        for name, load in CASES.items():
+            dataset = load()
+            dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+            dataset.SOPInstanceUID = generate_uid()
+            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+            buffer = io.BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+            body = buffer.getvalue()
+            key = instance_key(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+            running.store.put(key, body)
+            running.index.upsert_instance(InstanceRecord.from_dataset(
+                dataset, object_key=key, size_bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
+                transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1"))
+            studies[name] = str(dataset.StudyInstanceUID)
+        yield running, studies
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
+        yield launched
+        launched.close()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rendering_matches_the_standard_pipeline(server: tuple[DicomwebServer, dict[str, str]],
+                                                 browser: Any, name: str) -> None:
+    running, studies = server
+    created = httpx.post(f"{running.root}/api/shares", headers={"Authorization": f"Bearer {TOKEN}"},
+                         json={"study_uids": [studies[name]], "expires_in": 600}).json()
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(created["url"])
+    page.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=20_000)
+    rendered = page.evaluate("""() => {
+      const c = window.dgwViewer.app.viewports[0].offscreen;
+      return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
+    }""")
+    page.close()
+    width, height, data = rendered
+    got = np.array(data, dtype=np.float64).reshape(height, width, 4)[..., :3]
+    expected = _expected(CASES[name]())
+    assert got.shape == expected.shape
+    difference = np.abs(got - expected)
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 2, (name, difference.mean())
+    assert errors == []
