@@ -199,5 +199,9 @@ def test_expired_revoked_and_unknown_links_get_clear_pages(server: DicomwebServe
     answer = page.goto(f"{server.root}/s/{token}?lang=en")
     assert answer.status == 410 and "expired" in page.inner_text("h1")
     page.screenshot(path=str(ARTIFACTS / "expired.png"))
+    used = _share(server, max_uses=1)
+    assert httpx.post(f"{used['url']}/session", json={}).status_code == 201
+    answer = page.goto(used["url"] + "?lang=en")
+    assert answer.status == 410 and "maximum number of times" in page.inner_text("h1")
     answer = page.goto(f"{server.root}/s/no-such-token-0123456789abcdefghijk")
     assert answer.status == 404 and page.inner_text("h1") == "Lien introuvable"

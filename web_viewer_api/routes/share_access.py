@@ -39,7 +39,7 @@ from web_viewer_api.auth import (
     share_scope,
 )
 from web_viewer_api.deps import SHARE_COOKIE, client_address, current_principal
-from web_viewer_api.errors import ApiError, Forbidden, NotFound
+from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound
 from web_viewer_api.pages import error_page, language, open_form, viewer_shell
 from web_viewer_api.shares import ShareService, WrongPin
 
@@ -90,6 +90,8 @@ async def share_page(share_token: str, request: Request) -> Response:
             try:
                 principal = await current_principal(request)
             except ShareSessionRequired:
+                if share.max_uses is not None and share.uses >= share.max_uses:
+                    raise Gone("this share link has been used the maximum number of times") from None
                 return open_form(request, share_token, share)
         else:
             principal = await current_principal(request)
