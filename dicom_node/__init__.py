@@ -1,7 +1,9 @@
-"""The DICOM node: DIMSE services (C-ECHO, C-STORE) in front of a durable spool."""
+"""The DICOM node: DIMSE services (C-ECHO, C-STORE in front of a durable spool; C-FIND,
+C-MOVE and C-GET over the de-identified archive)."""
 
 from dicom_node.handlers import AssociationBatches, handle_echo, handle_store
 from dicom_node.policy import LOOPBACK_NETWORKS, CallerPolicy
+from dicom_node.query import MoveDestination
 from dicom_node.server import DicomNode, NodeConfig
 from dicom_node.status import Status
 from worker import Spool, SpoolError, SpoolWriteError
@@ -11,6 +13,7 @@ __all__ = [
     "AssociationBatches",
     "CallerPolicy",
     "DicomNode",
+    "MoveDestination",
     "NodeConfig",
     "Spool",
     "SpoolError",

@@ -6,14 +6,23 @@ import copy
 import logging
 import socket
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.handlers import (
@@ -24,6 +33,8 @@ from dicom_node.handlers import (
     handle_store,
 )
 from dicom_node.policy import CallerPolicy
+from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
+from storage import IndexRepository, ObjectStore
 from worker import Spool
 
 log = logging.getLogger(__name__)
@@ -46,6 +57,8 @@ class NodeConfig:
     sweep_after_seconds: float = 300.0
     #: Hand a study's instances to the worker every this many (0: once, at release).
     batch_size: int = 50
+    #: C-MOVE destinations by AE title (empty: C-MOVE answers "destination unknown").
+    move_destinations: Mapping[str, MoveDestination] = field(default_factory=dict)
 
 
 class _ContextList(list[PresentationContext]):
@@ -85,12 +98,43 @@ class _GatewayAssociationServer(ThreadedAssociationServer):
         return True
 
 
+#: Query/Retrieve information models: SOP Class UID -> model ("PATIENT" or "STUDY" root).
+QUERY_RETRIEVE_MODELS: dict[str, str] = {
+    PatientRootQueryRetrieveInformationModelFind: "PATIENT",
+    PatientRootQueryRetrieveInformationModelMove: "PATIENT",
+    PatientRootQueryRetrieveInformationModelGet: "PATIENT",
+    StudyRootQueryRetrieveInformationModelFind: "STUDY",
+    StudyRootQueryRetrieveInformationModelMove: "STUDY",
+    StudyRootQueryRetrieveInformationModelGet: "STUDY",
+}
+
+
+def _model(event: Any) -> str:
+    return QUERY_RETRIEVE_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
+
+
+def _find(event: Any, index: IndexRepository, ae_title: str) -> Any:
+    return handle_find(event, index, _model(event), ae_title)
+
+
+def _move(event: Any, index: IndexRepository, store: ObjectStore,
+          destinations: Mapping[str, MoveDestination]) -> Any:
+    return handle_move(event, index, store, _model(event), destinations)
+
+
+def _get(event: Any, index: IndexRepository, store: ObjectStore) -> Any:
+    return handle_get(event, index, store, _model(event))
+
+
 class DicomNode:
     """The running SCP. `start()` binds and returns; `stop()` closes associations and the port."""
 
-    def __init__(self, config: NodeConfig, enqueue: Enqueue) -> None:
+    def __init__(self, config: NodeConfig, enqueue: Enqueue,
+                 index: IndexRepository | None = None, store: ObjectStore | None = None) -> None:
+        """`index` and `store` (the de-identified archive) enable C-FIND, C-MOVE and C-GET."""
         self.config = config
         self.enqueue = enqueue
+        self.index, self.store = index, store
         self.spool = Spool(config.spool_root, config.site_id)
         self.batches = AssociationBatches()
         self._server: _GatewayAssociationServer | None = None
@@ -108,7 +152,12 @@ class DicomNode:
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes))
+                # Roles: a C-GET requestor asks to be the Storage SCP on its own association.
+                ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes),
+                                         scu_role=True, scp_role=True)
+        if self.index is not None:
+            for sop_class in QUERY_RETRIEVE_MODELS:
+                ae.add_supported_context(sop_class)
         return ae
 
     @property
@@ -128,6 +177,12 @@ class DicomNode:
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue]),
         ]
+        if self.index is not None and self.store is not None:
+            handlers += [
+                (evt.EVT_C_FIND, _find, [self.index, self.config.ae_title]),
+                (evt.EVT_C_MOVE, _move, [self.index, self.store, self.config.move_destinations]),
+                (evt.EVT_C_GET, _get, [self.index, self.store]),
+            ]
         server = cast(_GatewayAssociationServer, ae.make_server(
             (self.config.host, self.config.port),
             evt_handlers=handlers,

@@ -6,7 +6,7 @@ from enum import IntEnum
 
 
 class Status(IntEnum):
-    """C-ECHO and C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C)."""
+    """C-ECHO, C-STORE and Query/Retrieve statuses (PS3.4 Annex B.2.3, C.4; PS3.7 Annex C)."""
 
     SUCCESS = 0x0000
     #: Refused: out of resources (the spool could not be written).
@@ -17,3 +17,13 @@ class Status(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     #: Failure: processing failure (unexpected error in the handler).
     PROCESSING_FAILURE = 0x0110
+    #: Query/Retrieve (PS3.4 C.4): a match follows / a sub-operation is under way.
+    PENDING = 0xFF00
+    #: Matching or sub-operations terminated by a C-CANCEL.
+    CANCEL = 0xFE00
+    #: Refused: out of resources, unable to perform sub-operations (too many instances).
+    OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702
+    #: Failed: identifier does not match SOP class (missing/invalid keys or level).
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    #: Failed: unable to process.
+    UNABLE_TO_PROCESS = 0xC000

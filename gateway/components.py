@@ -21,7 +21,7 @@ from anonymize import (
     pseudonymize_accession_number,
     pseudonymize_patient_id,
 )
-from dicom_node import CallerPolicy, DicomNode, NodeConfig
+from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig
 from gateway.settings import Settings, SettingsError
 from storage import (
     AccessRepository,
@@ -181,12 +181,16 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         sweep_interval_seconds=settings.dicom.sweep_interval_seconds,
         sweep_after_seconds=settings.dicom.sweep_after_seconds,
         batch_size=settings.dicom.batch_size,
+        move_destinations={ae.strip(): MoveDestination(ae.strip(), d.host, d.port)
+                           for ae, d in settings.dicom.move_destinations.items()},
     )
 
     def enqueue(site_id: str, batch_id: str) -> None:
         enqueue_ingest(celery_app, site_id, batch_id)
 
-    return DicomNode(config, enqueue)
+    # The node answers C-FIND/C-MOVE/C-GET from the same (de-identified) archive.
+    return DicomNode(config, enqueue, build_index(settings, run_migrations=False),
+                     build_object_store(settings))
 
 
 def ready_file(settings: Settings, component: str) -> Path:

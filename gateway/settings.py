@@ -26,6 +26,11 @@ class SettingsError(ValueError):
     """The configuration cannot run (missing or weak secret, bad value)."""
 
 
+class MoveDestinationSettings(BaseModel):
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
 class DicomSettings(BaseModel):
     port: int = Field(11112, ge=0, le=65535)
     ae_title: str = "DICOMGATEWAY"
@@ -37,6 +42,8 @@ class DicomSettings(BaseModel):
     sweep_interval_seconds: float = Field(30.0, gt=0)
     sweep_after_seconds: float = Field(300.0, ge=0)
     batch_size: int = Field(50, ge=0)
+    #: C-MOVE destinations: AE title -> {host, port} (a regional PACS pulling studies).
+    move_destinations: dict[str, MoveDestinationSettings] = Field(default_factory=dict)
 
     @field_validator("ae_title")
     @classmethod

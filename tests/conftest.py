@@ -81,7 +81,7 @@ def s3_bucket(seaweedfs: SeaweedFS) -> str:
 @pytest.fixture(scope="session")
 def dcmtk() -> dict[str, str]:
     tools = {}
-    for tool in ("storescu", "echoscu"):
+    for tool in ("storescu", "echoscu", "findscu", "movescu", "getscu", "storescp"):
         path = shutil.which(tool)
         if path is None:
             pytest.fail(f"dcmtk's {tool} is not installed: run `make test` (it installs dcmtk)")

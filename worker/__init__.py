@@ -26,7 +26,7 @@ from worker.tasks import (
     enqueue_ingest,
     ingest_queue,
 )
-from worker.transcode import Codec, TranscodeStatus, transcode_lossless
+from worker.transcode import Codec, TranscodeStatus, decompress_for_serving, transcode_lossless
 
 __all__ = [
     "COMPLETE_STUDY_TASK",
@@ -49,6 +49,7 @@ __all__ = [
     "WorkerContext",
     "check_complete",
     "create_celery_app",
+    "decompress_for_serving",
     "derived_uid",
     "encode_dataset",
     "enqueue_completion",

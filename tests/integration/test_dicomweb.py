@@ -431,3 +431,13 @@ def test_negotiated_representations_vary_on_accept(server: DicomwebServer) -> No
     assert "Accept" in frames.headers["vary"]
     search = httpx.get(f"{server.url}/studies", headers=_auth("application/dicom+json"))
     assert "Accept" in search.headers["vary"]
+
+
+def test_transcoded_retrieve_keeps_the_sop_instance_uid(client: DICOMwebClient,
+                                                        server: DicomwebServer) -> None:
+    """Decompressing to Explicit VR Little Endian is lossless: the same instance, same UID."""
+    study, series, sop = _uids(server)
+    instance = client.retrieve_instance(study, series, sop,
+                                        media_types=(("application/dicom", "1.2.840.10008.1.2.1"),))
+    assert instance.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert instance.SOPInstanceUID == sop and instance.file_meta.MediaStorageSOPInstanceUID == sop

@@ -1,0 +1,370 @@
+"""Query/Retrieve SCP over the de-identified index (PS3.4 Annex C): C-FIND at PATIENT,
+STUDY, SERIES and IMAGE level (Patient Root and Study Root), C-MOVE to configured
+destination AEs and C-GET on the requestor's own association.
+
+Handlers are generators, as pynetdicom expects: they yield Pending matches (or the
+sub-operation count and datasets) and stop early when the peer cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.presentation import build_context
+
+from dicom_node.status import Status
+from storage import (
+    DateRange,
+    IndexRepository,
+    InstanceQuery,
+    InstanceSummary,
+    ObjectNotFound,
+    ObjectStore,
+    SeriesQuery,
+    StorageError,
+    StudyQuery,
+    StudySummary,
+)
+from worker import decompress_for_serving
+
+log = logging.getLogger(__name__)
+
+#: Most matches one C-FIND answers (a PACS asking for everything pages by date instead).
+MAX_MATCHES = 5000
+#: The sub-operation counts are US: a retrieve moves at most this many instances.
+MAX_SUBOPERATIONS = 65535
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+
+@dataclass(frozen=True)
+class MoveDestination:
+    ae_title: str
+    host: str
+    port: int
+
+
+class QueryError(ValueError):
+    """The identifier cannot be answered: (status, reason)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _text(identifier: Dataset, keyword: str) -> str:
+    value = identifier.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _uids(identifier: Dataset, keyword: str) -> tuple[str, ...]:
+    text = _text(identifier, keyword)
+    return tuple(u.strip() for u in text.split("\\") if u.strip()) if text else ()
+
+
+def _matching_value(identifier: Dataset, keyword: str) -> str | None:
+    """A matching key's value, None for universal matching (empty or `*`)."""
+    text = _text(identifier, keyword)
+    return None if text in ("", "*") else text
+
+
+def _level(identifier: Dataset, model: str) -> str:
+    level = _text(identifier, "QueryRetrieveLevel").upper()
+    if level not in LEVELS:
+        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                         f"QueryRetrieveLevel {level!r}: PATIENT, STUDY, SERIES or IMAGE")
+    if model == "STUDY" and level == "PATIENT":
+        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                         "the Study Root model has no PATIENT level")
+    return level
+
+
+def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
+    date = _matching_value(identifier, "StudyDate")
+    try:
+        study_date = DateRange.parse(date) if date else None
+    except ValueError as exc:
+        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"StudyDate: {exc}") from exc
+    modalities = _text(identifier, "ModalitiesInStudy")
+    return StudyQuery(
+        patient_id=_matching_value(identifier, "PatientID"),
+        patient_name=_matching_value(identifier, "PatientName"),
+        accession_number=_matching_value(identifier, "AccessionNumber"),
+        study_date=study_date,
+        study_instance_uids=_uids(identifier, "StudyInstanceUID"),
+        modalities=tuple(m for m in modalities.split("\\") if m and m != "*"),
+        limit=limit)
+
+
+def _studies(index: IndexRepository, identifier: Dataset, limit: int = MAX_MATCHES) -> list[StudySummary]:
+    return index.search_studies(_study_query(identifier, limit))
+
+
+def _series_uids_filter(identifier: Dataset) -> tuple[str, ...]:
+    return _uids(identifier, "SeriesInstanceUID")
+
+
+def _number(identifier: Dataset, keyword: str) -> int | None:
+    text = _matching_value(identifier, keyword)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: not a number") from exc
+
+
+# Matching ------------------------------------------------------------------------------
+def find_matches(index: IndexRepository, identifier: Dataset, model: str,
+                 ae_title: str) -> Iterator[Dataset]:
+    """The response identifiers of a C-FIND request, one per match."""
+    level = _level(identifier, model)
+    requested = [element.keyword for element in identifier if element.keyword]
+    if level == "PATIENT":
+        patients: dict[str, list[StudySummary]] = {}
+        for study in _studies(index, identifier):
+            patients.setdefault(study.patient_id, []).append(study)
+        for studies in patients.values():
+            first = studies[0]
+            values = {**_patient_values(first),
+                      "NumberOfPatientRelatedStudies": len(studies),
+                      "NumberOfPatientRelatedSeries": sum(s.number_of_series for s in studies),
+                      "NumberOfPatientRelatedInstances": sum(s.number_of_instances for s in studies)}
+            yield _response(requested, values, level, ae_title)
+        return
+    if level == "STUDY":
+        for study in _studies(index, identifier):
+            yield _response(requested, _study_values(study), level, ae_title)
+        return
+    filtered = _studies(index, identifier) if _needs_study_filter(identifier) else None
+    allowed = {s.study_instance_uid: s for s in filtered} if filtered is not None else None
+    if level == "SERIES":
+        for study_uid in _study_scope(identifier, allowed):
+            for series in index.search_series(SeriesQuery(
+                    study_instance_uid=study_uid, series_instance_uids=_series_uids_filter(identifier),
+                    modality=_matching_value(identifier, "Modality"),
+                    series_number=_number(identifier, "SeriesNumber"), limit=MAX_MATCHES)):
+                values = {"StudyInstanceUID": series.study_instance_uid,
+                          "SeriesInstanceUID": series.series_instance_uid,
+                          "Modality": series.modality, "SeriesNumber": series.series_number,
+                          "SeriesDescription": series.series_description,
+                          "BodyPartExamined": series.body_part_examined,
+                          "NumberOfSeriesRelatedInstances": series.number_of_instances}
+                if allowed and series.study_instance_uid in allowed:
+                    values = {**_study_values(allowed[series.study_instance_uid]), **values}
+                yield _response(requested, values, level, ae_title)
+        return
+    series_uids = _series_uids_filter(identifier) or (None,)
+    for study_uid in _study_scope(identifier, allowed):
+        for series_uid in series_uids:
+            for instance in index.search_instances(InstanceQuery(
+                    study_instance_uid=study_uid, series_instance_uid=series_uid,
+                    sop_instance_uids=_uids(identifier, "SOPInstanceUID"),
+                    sop_class_uid=_matching_value(identifier, "SOPClassUID"),
+                    instance_number=_number(identifier, "InstanceNumber"), limit=MAX_MATCHES)):
+                yield _response(requested, _instance_values(instance), level, ae_title)
+
+
+def _needs_study_filter(identifier: Dataset) -> bool:
+    return any(_matching_value(identifier, k) for k in
+               ("PatientID", "PatientName", "AccessionNumber", "StudyDate", "ModalitiesInStudy"))
+
+
+def _study_scope(identifier: Dataset, allowed: Mapping[str, StudySummary] | None) -> list[str | None]:
+    """The studies a SERIES/IMAGE query runs in: the UIDs given (hierarchical), narrowed by
+    the study-level keys when there are any."""
+    given = list(_uids(identifier, "StudyInstanceUID"))
+    if allowed is not None:
+        return [u for u in given if u in allowed] if given else list(allowed)
+    return list(given) if given else [None]
+
+
+def _patient_values(study: StudySummary) -> dict[str, Any]:
+    return {"PatientID": study.patient_id, "PatientName": study.patient_name,
+            "PatientBirthDate": study.patient_birth_date, "PatientSex": study.patient_sex}
+
+
+def _study_values(study: StudySummary) -> dict[str, Any]:
+    return {**_patient_values(study), "StudyInstanceUID": study.study_instance_uid,
+            "StudyDate": study.study_date, "StudyTime": study.study_time,
+            "AccessionNumber": study.accession_number, "StudyID": study.study_id,
+            "StudyDescription": study.study_description,
+            "ReferringPhysicianName": study.referring_physician_name,
+            "ModalitiesInStudy": list(study.modalities_in_study),
+            "NumberOfStudyRelatedSeries": study.number_of_series,
+            "NumberOfStudyRelatedInstances": study.number_of_instances}
+
+
+def _instance_values(instance: InstanceSummary) -> dict[str, Any]:
+    return {"StudyInstanceUID": instance.study_instance_uid,
+            "SeriesInstanceUID": instance.series_instance_uid,
+            "SOPInstanceUID": instance.sop_instance_uid, "SOPClassUID": instance.sop_class_uid,
+            "InstanceNumber": instance.instance_number, "Rows": instance.rows,
+            "Columns": instance.columns, "NumberOfFrames": instance.number_of_frames,
+            "Modality": instance.modality,
+            "AvailableTransferSyntaxUID": instance.transfer_syntax_uid}
+
+
+def _response(requested: list[str], values: Mapping[str, Any], level: str, ae_title: str) -> Dataset:
+    """Every requested key, filled when known, zero-length otherwise (PS3.4 C.4.1.1.3.2)."""
+    response = Dataset()
+    response.SpecificCharacterSet = "ISO_IR 192"
+    for keyword in requested:
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        value = values.get(keyword)
+        setattr(response, keyword, "" if value is None else value)
+    response.QueryRetrieveLevel = level
+    response.RetrieveAETitle = ae_title
+    return response
+
+
+# Retrieval -----------------------------------------------------------------------------
+def retrieve_instances(index: IndexRepository, identifier: Dataset, model: str) -> list[InstanceSummary]:
+    """The instances a C-MOVE/C-GET identifier names (unique keys at and above its level)."""
+    level = _level(identifier, model)
+    if level == "PATIENT":
+        patient = _matching_value(identifier, "PatientID")
+        if not patient:
+            raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID is required")
+        studies = [s.study_instance_uid for s in index.search_studies(StudyQuery(patient_id=patient, limit=MAX_MATCHES))]
+    else:
+        studies = list(_uids(identifier, "StudyInstanceUID"))
+        if not studies:
+            raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID is required")
+    series = _uids(identifier, "SeriesInstanceUID") if level in ("SERIES", "IMAGE") else ()
+    if level in ("SERIES", "IMAGE") and not series:
+        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SeriesInstanceUID is required")
+    sops = _uids(identifier, "SOPInstanceUID") if level == "IMAGE" else ()
+    if level == "IMAGE" and not sops:
+        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID is required")
+    found: list[InstanceSummary] = []
+    for study in studies:
+        for series_uid in series or (None,):
+            found += index.search_instances(InstanceQuery(
+                study_instance_uid=study, series_instance_uid=series_uid, sop_instance_uids=sops,
+                limit=MAX_SUBOPERATIONS + 1))
+    return found
+
+
+def _load(store: ObjectStore, instance: InstanceSummary, accepted: set[tuple[str, str]]) -> Dataset:
+    """The stored instance, decompressed when the peer did not accept its stored syntax."""
+    dataset = pydicom.dcmread(BytesIO(store.get(instance.object_key)))
+    syntax = str(dataset.file_meta.TransferSyntaxUID)
+    if (instance.sop_class_uid, syntax) not in accepted and UID(syntax).is_compressed:
+        decompress_for_serving(dataset)  # lossless: the same SOP Instance UID
+    return dataset
+
+
+def _send(store: ObjectStore, instances: list[InstanceSummary],
+          accepted: Callable[[], set[tuple[str, str]]], cancelled: Callable[[], bool]
+          ) -> Iterator[tuple[int, Dataset | None]]:
+    for instance in instances:
+        if cancelled():
+            yield Status.CANCEL, None
+            return
+        try:
+            yield Status.PENDING, _load(store, instance, accepted())
+        except (ObjectNotFound, StorageError, OSError, ValueError, RuntimeError) as exc:
+            log.error("retrieve: cannot read a stored instance (%s)", type(exc).__name__)
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = [instance.sop_instance_uid]
+            yield Status.UNABLE_TO_PROCESS, failed
+            return
+
+
+def handle_find(event: Any, index: IndexRepository, model: str, ae_title: str) -> Iterator[tuple[int, Dataset | None]]:
+    """C-FIND: one Pending per match; Failure for an identifier we cannot answer."""
+    try:
+        matches = find_matches(index, event.identifier, model, ae_title)
+        for match in matches:
+            if event.is_cancelled:
+                yield Status.CANCEL, None
+                return
+            yield Status.PENDING, match
+    except QueryError as exc:
+        log.info("C-FIND refused: %s", exc)
+        yield exc.status, None
+        return
+    except (StorageError, OSError, ValueError, AttributeError) as exc:
+        log.error("C-FIND failed: %s", type(exc).__name__)
+        yield Status.UNABLE_TO_PROCESS, None
+        return
+    yield Status.SUCCESS, None
+
+
+def _contexts(instances: list[InstanceSummary]) -> list[Any]:
+    """For each SOP class: its stored syntaxes, and uncompressed as a fallback."""
+    contexts = []
+    by_class: dict[str, set[str]] = {}
+    for instance in instances:
+        by_class.setdefault(instance.sop_class_uid, set()).add(instance.transfer_syntax_uid)
+    for sop_class, syntaxes in sorted(by_class.items()):
+        for syntax in sorted(syntaxes - {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
+            contexts.append(build_context(sop_class, [syntax]))
+        contexts.append(build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    return contexts[:128]
+
+
+def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: str,
+                destinations: Mapping[str, MoveDestination]) -> Iterator[Any]:
+    """C-MOVE: resolve the destination AE, then send the instances on a new association
+    proposing the stored syntax and uncompressed for each SOP class."""
+    destination = destinations.get(str(event.move_destination).strip())
+    if destination is None:
+        log.info("C-MOVE refused: unknown destination AE")
+        yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+        return
+    try:
+        instances = retrieve_instances(index, event.identifier, model)
+    except QueryError as exc:
+        yield destination.host, destination.port
+        yield exc.status, None
+        return
+    if len(instances) > MAX_SUBOPERATIONS:
+        yield destination.host, destination.port
+        yield Status.OUT_OF_RESOURCES_SUBOPERATIONS, None
+        return
+    accepted: set[tuple[str, str]] = set()
+
+    def on_accepted(accept_event: Any) -> None:
+        accepted.update((str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                        for c in accept_event.assoc.accepted_contexts)
+
+    yield destination.host, destination.port, {
+        "contexts": _contexts(instances), "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
+    yield len(instances)
+    yield from _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled))
+
+
+def handle_get(event: Any, index: IndexRepository, store: ObjectStore, model: str) -> Iterator[Any]:
+    """C-GET: the instances go back on the requestor's association (role selection)."""
+    try:
+        instances = retrieve_instances(index, event.identifier, model)
+    except QueryError as exc:
+        yield 0
+        yield exc.status, None
+        return
+    if len(instances) > MAX_SUBOPERATIONS:
+        yield 0
+        yield Status.OUT_OF_RESOURCES_SUBOPERATIONS, None
+        return
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                for c in event.assoc.accepted_contexts}
+    yield len(instances)
+    yield from _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled))
+
+
+__all__ = ["MoveDestination", "QueryError", "find_matches", "handle_find", "handle_get",
+           "handle_move", "retrieve_instances"]
