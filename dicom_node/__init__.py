@@ -4,7 +4,7 @@ C-MOVE and C-GET over the de-identified archive)."""
 from dicom_node.handlers import AssociationBatches, handle_echo, handle_store
 from dicom_node.policy import LOOPBACK_NETWORKS, CallerPolicy
 from dicom_node.query import MoveDestination
-from dicom_node.server import DicomNode, NodeConfig
+from dicom_node.server import DicomNode, NodeConfig, TlsConfig
 from dicom_node.status import Status
 from worker import Spool, SpoolError, SpoolWriteError
 
@@ -19,6 +19,7 @@ __all__ = [
     "SpoolError",
     "SpoolWriteError",
     "Status",
+    "TlsConfig",
     "handle_echo",
     "handle_store",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """DICOM over TLS (PS3.15 Annex B, BCP 195: TLS 1.2 or newer)."""
+
+    certificate: Path
+    private_key: Path
+    #: CA certificates to verify client certificates; with `require_client_certificate`
+    #: only callers holding a certificate signed by them may associate.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.certificate), str(self.private_key))
+        if self.ca_certificates is not None:
+            context.load_verify_locations(cafile=str(self.ca_certificates))
+        context.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_NONE
+        return context
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """What the node needs, handed in by the composition root."""
 
@@ -59,6 +81,8 @@ class NodeConfig:
     batch_size: int = 50
     #: C-MOVE destinations by AE title (empty: C-MOVE answers "destination unknown").
     move_destinations: Mapping[str, MoveDestination] = field(default_factory=dict)
+    #: DICOM over TLS on this port instead of plain TCP.
+    tls: TlsConfig | None = None
 
 
 class _ContextList(list[PresentationContext]):
@@ -185,6 +209,7 @@ class DicomNode:
             ]
         server = cast(_GatewayAssociationServer, ae.make_server(
             (self.config.host, self.config.port),
+            ssl_context=self.config.tls.context() if self.config.tls else None,
             evt_handlers=handlers,
             server_class=_GatewayAssociationServer,
         ))
@@ -197,7 +222,8 @@ class DicomNode:
         sweeper = threading.Thread(target=self._sweep_loop, name="spool-sweeper", daemon=True)
         sweeper.start()
         self._threads = [serve, sweeper]
-        log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
+        log.info("DICOM node %s listening on %s:%d%s", self.config.ae_title, self.config.host,
+                 self.port, " (TLS)" if self.config.tls else "")
 
     def sweep_once(self, older_than_seconds: float | None = None) -> int:
         """Enqueue spool batches left behind (crash before enqueue, lost task); return count."""

@@ -21,7 +21,7 @@ from anonymize import (
     pseudonymize_accession_number,
     pseudonymize_patient_id,
 )
-from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig
+from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig, TlsConfig
 from gateway.settings import Settings, SettingsError
 from storage import (
     AccessRepository,
@@ -167,6 +167,18 @@ def build_pipeline(settings: Settings) -> IngestPipeline:
     )
 
 
+def _tls(settings: Settings) -> TlsConfig | None:
+    dicom = settings.dicom
+    if dicom.tls_certificate is None and dicom.tls_private_key is None:
+        return None
+    if dicom.tls_certificate is None or dicom.tls_private_key is None:
+        raise SettingsError("DICOM TLS needs both DICOM__TLS_CERTIFICATE and DICOM__TLS_PRIVATE_KEY")
+    if dicom.tls_require_client_certificate and dicom.tls_ca_certificates is None:
+        raise SettingsError("DICOM__TLS_REQUIRE_CLIENT_CERTIFICATE needs DICOM__TLS_CA_CERTIFICATES")
+    return TlsConfig(dicom.tls_certificate, dicom.tls_private_key, dicom.tls_ca_certificates,
+                     dicom.tls_require_client_certificate)
+
+
 def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
     config = NodeConfig(
         ae_title=settings.dicom.ae_title,
@@ -183,6 +195,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         batch_size=settings.dicom.batch_size,
         move_destinations={ae.strip(): MoveDestination(ae.strip(), d.host, d.port)
                            for ae, d in settings.dicom.move_destinations.items()},
+        tls=_tls(settings),
     )
 
     def enqueue(site_id: str, batch_id: str) -> None:

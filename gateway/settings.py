@@ -44,6 +44,11 @@ class DicomSettings(BaseModel):
     batch_size: int = Field(50, ge=0)
     #: C-MOVE destinations: AE title -> {host, port} (a regional PACS pulling studies).
     move_destinations: dict[str, MoveDestinationSettings] = Field(default_factory=dict)
+    #: DICOM over TLS: certificate and key (PEM) turn it on; a CA file verifies clients.
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool = False
 
     @field_validator("ae_title")
     @classmethod
