@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -12,6 +13,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.metrics import NodeMetrics
 from dicom_node.status import Status
 from worker import Spool, SpoolWriteError, check_complete, new_association_tag
 
@@ -29,12 +31,17 @@ class _AssociationState:
     chunks: dict[str, tuple[int, int]] = field(default_factory=dict)
     stored: int = 0
     failed: int = 0
+    bytes: int = 0
+    last_size: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class AssociationBatches:
-    """The spool batches each open association has written to (thread-safe)."""
+    """The spool batches each open association has written to (thread-safe), and the
+    node's metrics when it keeps any."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: NodeMetrics | None = None) -> None:
+        self.metrics = metrics
         self._states: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
 
@@ -66,6 +73,19 @@ def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
 
 def handle_store(event: Any, spool: Spool, batches: AssociationBatches,
                  enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
+    """C-STORE (see `_store`), counted in the node's metrics."""
+    status = _store(event, spool, batches, enqueue, chunk_size)
+    if batches.metrics is not None:
+        if status == Status.SUCCESS:
+            batches.metrics.instances.inc()
+            batches.metrics.bytes.inc(batches.state(event.assoc).last_size)
+        else:
+            batches.metrics.failure(status)
+    return status
+
+
+def _store(event: Any, spool: Spool, batches: AssociationBatches,
+           enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
     """C-STORE: check the data set parses and matches the request, spool it, then answer.
 
     Success only after the bytes are durable on disk; a spool failure answers 0xA700.
@@ -109,6 +129,8 @@ def handle_store(event: Any, spool: Spool, batches: AssociationBatches,
         return Status.OUT_OF_RESOURCES
     state.batches.add(batch_id)
     state.stored += 1
+    state.bytes += len(encoded)
+    state.last_size = len(encoded)
     count += 1
     if chunk_size and enqueue is not None and count >= chunk_size:
         state.batches.discard(batch_id)  # complete: handed over now, not at release
@@ -129,6 +151,15 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
         return
     for batch_id in sorted(state.batches):
         _enqueue(enqueue, site_id, batch_id)
+    assoc = event.assoc
+    outcome = "aborted" if getattr(assoc, "is_aborted", False) else (
+        "released" if getattr(assoc, "is_released", False) else "dropped")
+    seconds = time.monotonic() - state.started
+    if batches.metrics is not None:
+        batches.metrics.association(outcome, seconds)
     if state.stored or state.failed:
-        log.info("association from %s closed: %d stored, %d refused, %d batches",
-                 event.assoc.requestor.ae_title, state.stored, state.failed, len(state.batches))
+        # One structured line per association: no PHI (AE titles and counts only).
+        log.info("association closed calling_ae=%s address=%s site=%s stored=%d refused=%d "
+                 "bytes=%d batches=%d duration_s=%.2f outcome=%s",
+                 assoc.requestor.ae_title.strip(), assoc.requestor.address, site_id, state.stored,
+                 state.failed, state.bytes, len(state.batches), seconds, outcome)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from prometheus_client import start_http_server
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext
@@ -33,6 +34,7 @@ from dicom_node.handlers import (
     handle_echo,
     handle_store,
 )
+from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
 from storage import IndexRepository, ObjectStore
@@ -83,6 +85,8 @@ class NodeConfig:
     move_destinations: Mapping[str, MoveDestination] = field(default_factory=dict)
     #: DICOM over TLS on this port instead of plain TCP.
     tls: TlsConfig | None = None
+    #: Serve the node's Prometheus metrics on this port (same host); None: not served.
+    metrics_port: int | None = None
 
 
 class _ContextList(list[PresentationContext]):
@@ -137,16 +141,19 @@ def _model(event: Any) -> str:
     return QUERY_RETRIEVE_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
 
 
-def _find(event: Any, index: IndexRepository, ae_title: str) -> Any:
+def _find(event: Any, index: IndexRepository, ae_title: str, metrics: NodeMetrics) -> Any:
+    metrics.query("C-FIND")
     return handle_find(event, index, _model(event), ae_title)
 
 
 def _move(event: Any, index: IndexRepository, store: ObjectStore,
-          destinations: Mapping[str, MoveDestination]) -> Any:
+          destinations: Mapping[str, MoveDestination], metrics: NodeMetrics) -> Any:
+    metrics.query("C-MOVE")
     return handle_move(event, index, store, _model(event), destinations)
 
 
-def _get(event: Any, index: IndexRepository, store: ObjectStore) -> Any:
+def _get(event: Any, index: IndexRepository, store: ObjectStore, metrics: NodeMetrics) -> Any:
+    metrics.query("C-GET")
     return handle_get(event, index, store, _model(event))
 
 
@@ -160,7 +167,9 @@ class DicomNode:
         self.enqueue = enqueue
         self.index, self.store = index, store
         self.spool = Spool(config.spool_root, config.site_id)
-        self.batches = AssociationBatches()
+        self.metrics = NodeMetrics(config.site_id)
+        self.batches = AssociationBatches(self.metrics)
+        self._metrics_server: Any = None
         self._server: _GatewayAssociationServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -203,9 +212,10 @@ class DicomNode:
         ]
         if self.index is not None and self.store is not None:
             handlers += [
-                (evt.EVT_C_FIND, _find, [self.index, self.config.ae_title]),
-                (evt.EVT_C_MOVE, _move, [self.index, self.store, self.config.move_destinations]),
-                (evt.EVT_C_GET, _get, [self.index, self.store]),
+                (evt.EVT_C_FIND, _find, [self.index, self.config.ae_title, self.metrics]),
+                (evt.EVT_C_MOVE, _move, [self.index, self.store, self.config.move_destinations,
+                                         self.metrics]),
+                (evt.EVT_C_GET, _get, [self.index, self.store, self.metrics]),
             ]
         server = cast(_GatewayAssociationServer, ae.make_server(
             (self.config.host, self.config.port),
@@ -222,6 +232,9 @@ class DicomNode:
         sweeper = threading.Thread(target=self._sweep_loop, name="spool-sweeper", daemon=True)
         sweeper.start()
         self._threads = [serve, sweeper]
+        if self.config.metrics_port is not None:
+            self._metrics_server, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
         log.info("DICOM node %s listening on %s:%d%s", self.config.ae_title, self.config.host,
                  self.port, " (TLS)" if self.config.tls else "")
 
@@ -245,6 +258,8 @@ class DicomNode:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         if self._server is not None:
             self._server.shutdown()
         for thread in self._threads:

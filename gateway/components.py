@@ -196,6 +196,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         move_destinations={ae.strip(): MoveDestination(ae.strip(), d.host, d.port)
                            for ae, d in settings.dicom.move_destinations.items()},
         tls=_tls(settings),
+        metrics_port=settings.dicom.metrics_port,
     )
 
     def enqueue(site_id: str, batch_id: str) -> None:

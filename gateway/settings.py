@@ -49,6 +49,8 @@ class DicomSettings(BaseModel):
     tls_private_key: Path | None = None
     tls_ca_certificates: Path | None = None
     tls_require_client_certificate: bool = False
+    #: Serve the node's Prometheus metrics on this port (None: not served).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
     @field_validator("ae_title")
     @classmethod

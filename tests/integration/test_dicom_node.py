@@ -18,7 +18,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node import CallerPolicy, DicomNode, NodeConfig, Status
 from gateway.sample_study import SampleStudySpec
-from tests.support.services import free_port
+from tests.support.services import free_port, wait_for
 
 
 class _Recorder:
@@ -195,3 +195,36 @@ def test_a_long_study_is_handed_over_in_chunks_during_the_association(
     assert len(set(batches)) == expected_batches
     sizes = sorted(len(list((dicom_node.spool.site_dir / b).glob("*.dcm"))) for b in batches)
     assert sizes == sorted([5] * (total // 5) + ([total % 5] if total % 5 else []))
+
+
+def test_metrics_and_one_log_line_per_association(tmp_path: Path, dcmtk: dict[str, str],
+                                                  sample_study: tuple[Path, object],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import urllib.request
+
+    metrics_port = free_port()
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site1", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["127.0.0.0/8"]), metrics_port=metrics_port)
+    dicom_node = DicomNode(config, _Recorder())
+    dicom_node.start()
+    try:
+        files = sorted(sample_study[0].rglob("*.dcm"))[:5]
+        with caplog.at_level("INFO", logger="dicom_node.handlers"):
+            result = subprocess.run([dcmtk["storescu"], "-aet", "CT_SALLE_1", "-aec", "DICOMGATEWAY",
+                                     "127.0.0.1", str(config.port), *map(str, files)],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            wait_for(lambda: "association closed" in caplog.text, timeout=10, what="the association log")
+        spooled = sum(p.stat().st_size for p in dicom_node.spool.site_dir.glob("*/*.dcm"))
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in scraped.splitlines()
+                  if line and not line.startswith("#")}
+        assert values['dicom_gateway_dimse_instances_received_total{site="site1"}'] == 5
+        assert values['dicom_gateway_dimse_bytes_received_total{site="site1"}'] == spooled
+        assert values['dicom_gateway_dimse_associations_total{outcome="released",site="site1"}'] == 1
+        line = next(r.getMessage() for r in caplog.records if "association closed" in r.getMessage())
+        assert "calling_ae=CT_SALLE_1" in line and "stored=5" in line and f"bytes={spooled}" in line
+        assert "outcome=released" in line
+    finally:
+        dicom_node.stop()
