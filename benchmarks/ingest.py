@@ -43,6 +43,8 @@ def _indexed(http_port: int, token: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--instances", type=int, default=200)
+    parser.add_argument("-a", "--associations", type=int, default=1,
+                        help="parallel storescu associations sharing the instances")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--codec", default=os.environ.get("DICOM_GATEWAY_WORKER__COMPRESSION", "jpeg-ls"),
                         help="jpeg-ls (default), htj2k, jpeg-2000 or none")
@@ -73,8 +75,14 @@ def main() -> None:
         token = json.loads((work / "data" / "secrets.json").read_text())["admin_token"]
 
         started = time.perf_counter()
-        subprocess.run([storescu, "-aec", "DICOMGATEWAY", "+sd", "127.0.0.1", str(dicom_port),
-                        str(source)], check=True, capture_output=True)
+        senders = [subprocess.Popen([storescu, "-aec", "DICOMGATEWAY", "127.0.0.1", str(dicom_port),
+                                     *map(str, paths[k::args.associations])],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for k in range(args.associations)]
+        for sender in senders:
+            _, errors = sender.communicate()
+            if sender.returncode != 0:
+                sys.exit(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
         accepted = time.perf_counter() - started
         while _indexed(http_port, token) < len(paths):
             if time.perf_counter() - started > 600:
@@ -89,7 +97,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"instances: {len(paths)}  size: {megabytes:.1f} MB  cpus: {os.cpu_count()}  "
-          f"codec: {args.codec}")
+          f"codec: {args.codec}  associations: {args.associations}")
     print(f"C-STORE acceptance: {len(paths) / accepted:8.1f} instances/s  "
           f"{megabytes / accepted:7.1f} MB/s  ({accepted:.2f} s)")
     print(f"end to end (indexed): {len(paths) / end_to_end:6.1f} instances/s  "
