@@ -8,6 +8,7 @@ a real S3 server (SeaweedFS).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -264,3 +265,52 @@ def test_share_flow_through_serve_never_logs_tokens_or_pins(
             assert secret not in log
         assert log.count(token) == 1  # the banner prints it once, per the contract; never again
         assert spec.identity.accession_number not in log
+
+
+def test_node_killed_mid_association_loses_no_acknowledged_instance(
+    tmp_path: Path, dcmtk: dict[str, str],
+) -> None:
+    """SIGKILL the node while storescu is sending: every instance that got Success is
+    indexed once the supervisor has restarted the node (its start-up sweep hands the spool
+    to the worker), and storescu's retry of the whole study completes it."""
+    import re
+    import signal as signals
+
+    from anonymize import PseudonymKeys
+    from gateway.sample_study import SampleStudySpec, write_sample_study
+
+    source = tmp_path / "study"
+    files = sorted(write_sample_study(source, SampleStudySpec(ct_slices=120, mr_slices=0, seed=404)))
+    originals = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    with _serve(tmp_path, data_dir, dicom_port, http_port, dicom__batch_size="0") as serve:
+        secrets = json.loads((data_dir / "secrets.json").read_text())
+        node_pid = int((data_dir / "run" / "node.ready").read_text())
+        sender = subprocess.Popen([dcmtk["storescu"], "-v", "-aec", "DICOMGATEWAY", "127.0.0.1",
+                                   str(dicom_port), *map(str, files)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        spool = data_dir / "spool"
+        wait_for(lambda: len(list(spool.rglob("*.dcm"))) >= 30, timeout=60, what="30 spooled instances")
+        os.kill(node_pid, signals.SIGKILL)
+        output, _ = sender.communicate(timeout=60)
+        assert sender.returncode != 0  # the association died under it
+        acknowledged = len(re.findall(r"Received Store Response \(Success\)", output))
+        assert 30 <= acknowledged < len(files)
+        keys = PseudonymKeys(secrets["pseudonym_secret"].encode())
+        token = secrets["admin_token"]
+
+        def indexed(count: int) -> bool:
+            wanted = [keys.uid(uid) for uid in originals[:count]]
+            status, body, _ = http_json(
+                f"http://127.0.0.1:{http_port}/dicom-web/instances?limit=1000", token=token)
+            return status == 200 and set(wanted) <= {i["00080018"]["Value"][0] for i in body}
+
+        # the supervisor restarts the node, whose start-up sweep hands the batch to the worker
+        wait_for(lambda: indexed(acknowledged), timeout=180, interval=0.5,
+                 what="every acknowledged instance indexed after the crash")
+        retry = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
+                                str(dicom_port), *map(str, files)], capture_output=True, timeout=300)
+        assert retry.returncode == 0, retry.stderr
+        wait_for(lambda: indexed(len(files)), timeout=300, interval=0.5, what="the whole study indexed")
+        assert "node exited" in serve.log_text() or "restarting" in serve.log_text()
