@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -71,6 +71,12 @@ def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
                   batch_id, type(exc).__name__)
 
 
+#: Instances up to this size are parsed whole at the node (a truncated value is refused
+#: with 0xC000); larger ones are parsed up to their Pixel Data, which stays on disk — the
+#: worker's full parse quarantines such an instance if its pixel data is cut short.
+FULL_CHECK_BYTES = 64 * 1024 * 1024
+
+
 def handle_store(event: Any, spool: Spool, batches: AssociationBatches,
                  enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
     """C-STORE (see `_store`), counted in the node's metrics."""
@@ -93,9 +99,12 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
     many instances, so processing overlaps with a long association.
     """
     state = batches.state(event.assoc)
-    encoded = event.encoded_dataset(include_meta=True)
+    # pynetdicom wrote the data set to a temporary Part 10 file as it arrived (chunked
+    # receive, see server.py); it is copied to the spool in 1 MiB blocks.
+    path = Path(event.dataset_path)
+    size = path.stat().st_size
     try:
-        dataset = pydicom.dcmread(BytesIO(encoded))
+        dataset = pydicom.dcmread(path, stop_before_pixels=size > FULL_CHECK_BYTES)
         check_complete(dataset)  # pydicom silently shortens a truncated value
         sop_class = _text(dataset, "SOPClassUID")
         sop_instance = _text(dataset, "SOPInstanceUID")
@@ -119,7 +128,7 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
     chunk, count = state.chunks.get(study, (0, 0))
     batch_id = spool.batch_id(state.tag, study) + (f"-{chunk:04d}" if chunk_size else "")
     try:
-        spool.write(batch_id, sop_instance, encoded)
+        spool.write_file(batch_id, sop_instance, path)
     except ValueError:
         state.failed += 1
         return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
@@ -129,8 +138,8 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
         return Status.OUT_OF_RESOURCES
     state.batches.add(batch_id)
     state.stored += 1
-    state.bytes += len(encoded)
-    state.last_size = len(encoded)
+    state.bytes += size
+    state.last_size = size
     count += 1
     if chunk_size and enqueue is not None and count >= chunk_size:
         state.batches.discard(batch_id)  # complete: handed over now, not at release

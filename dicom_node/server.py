@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from prometheus_client import start_http_server
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -200,6 +200,9 @@ class DicomNode:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
+        # Received data sets go to a temporary file as they arrive, never whole in memory
+        # (a process-wide pynetdicom setting: the node owns its process).
+        _config.STORE_RECV_CHUNKED_DATASET = True
         # Every batch on disk now predates this process: none is still being received.
         self.sweep_once(older_than_seconds=0)
         ae = self._build_ae()

@@ -13,10 +13,13 @@ import datetime as dt
 import hashlib
 import os
 import re
+import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SPOOL_SUFFIX = ".dcm"
@@ -62,6 +65,21 @@ class Spool:
 
     def write(self, batch_id: str, sop_instance_uid: str, encoded: bytes) -> Path:
         """Durably write one Part 10 instance; raise SpoolWriteError if it is not on disk."""
+        return self._durable(batch_id, sop_instance_uid, lambda handle: handle.write(encoded))
+
+    def write_file(self, batch_id: str, sop_instance_uid: str, source: Path) -> Path:
+        """Durably copy a received Part 10 file into the spool, 1 MiB at a time (a 1 GB
+        instance is never in memory); raise SpoolWriteError if it is not on disk."""
+
+        def copy(handle: BinaryIO) -> None:
+            with open(source, "rb") as reader:
+                shutil.copyfileobj(reader, handle, 1 << 20)
+
+        return self._durable(batch_id, sop_instance_uid, copy)
+
+    def _durable(self, batch_id: str, sop_instance_uid: str,
+                 fill: Callable[[BinaryIO], object]) -> Path:
+        """Temp file, fsync, rename, fsync the directory: on disk before we return."""
         if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
             raise ValueError("SOP Instance UID is not a valid UID")
         directory = self.site_dir / batch_id
@@ -70,7 +88,7 @@ class Spool:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with open(temp, "wb") as handle:
-                handle.write(encoded)
+                fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, target)

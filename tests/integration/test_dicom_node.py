@@ -228,3 +228,59 @@ def test_metrics_and_one_log_line_per_association(tmp_path: Path, dcmtk: dict[st
         assert "outcome=released" in line
     finally:
         dicom_node.stop()
+
+
+def _large_file(tmp_path: Path, pixel_bytes: int, claimed: int | None = None) -> Path:
+    """A CT instance with `pixel_bytes` of Pixel Data (claiming `claimed` bytes)."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.7"
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta)
+
+    def short(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+    body = (short(0x0008, 0x0016, b"UI", str(CTImageStorage).encode() + b"\x00")
+            + short(0x0008, 0x0018, b"UI", b"1.2.3.4.5.7\x00")
+            + short(0x0020, 0x000D, b"UI", b"1.2.3.4.5.8\x00")
+            + short(0x0020, 0x000E, b"UI", b"1.2.3.4.5.9\x00")
+            + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, claimed or pixel_bytes))
+    path = tmp_path / "large.dcm"
+    with open(path, "wb") as handle:
+        handle.write(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
+        for _ in range(pixel_bytes // (1 << 20)):
+            handle.write(b"\x01\x02" * (1 << 19))
+    return path
+
+
+def test_a_large_instance_is_streamed_to_the_spool_not_held_in_memory(
+    node: tuple[DicomNode, _Recorder], tmp_path: Path, dcmtk: dict[str, str],
+) -> None:
+    import tracemalloc
+
+    dicom_node, _ = node
+    source = _large_file(tmp_path, 64 << 20)
+    tracemalloc.start()  # the node runs in this process; the sender (storescu) does not
+    try:
+        sent = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
+                               str(dicom_node.port), str(source)], capture_output=True, timeout=120)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sent.returncode == 0, sent.stderr
+    [spooled] = _spooled(dicom_node)
+    sent_bytes, kept = source.read_bytes(), spooled.read_bytes()
+    dataset_start = b"\x08\x00\x16\x00UI"  # the first element after the file meta
+    assert kept[kept.index(dataset_start):] == sent_bytes[sent_bytes.index(dataset_start):]
+    assert peak < 8 << 20, f"peak {peak / 1e6:.0f} MB for a 64 MB instance"
+
+
+def test_a_truncated_large_element_is_refused(node: tuple[DicomNode, _Recorder], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    dicom_node, _ = node
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    assert _send(dicom_node.port, _large_file(tmp_path, 2 << 20, claimed=8 << 20)) == Status.CANNOT_UNDERSTAND
+    assert _spooled(dicom_node) == []
