@@ -284,3 +284,42 @@ def test_a_truncated_large_element_is_refused(node: tuple[DicomNode, _Recorder],
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
     assert _send(dicom_node.port, _large_file(tmp_path, 2 << 20, claimed=8 << 20)) == Status.CANNOT_UNDERSTAND
     assert _spooled(dicom_node) == []
+
+
+def test_wrong_called_or_calling_ae_title_is_rejected_at_association(tmp_path: Path,
+                                                                     dcmtk: dict[str, str]) -> None:
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site1", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["127.0.0.0/8"], ["CT_SALLE_1"]))
+    dicom_node = DicomNode(config, _Recorder())
+    dicom_node.start()
+    try:
+        def echo(calling: str, called: str) -> str:
+            result = subprocess.run([dcmtk["echoscu"], "-v", "-aet", calling, "-aec", called,
+                                     "127.0.0.1", str(config.port)], capture_output=True, text=True,
+                                    timeout=30)
+            return result.stdout + result.stderr
+
+        assert "Received Echo Response (Success)" in echo("CT_SALLE_1", "DICOMGATEWAY")
+        assert "Called AE Title Not Recognized" in echo("CT_SALLE_1", "OTHERNODE")
+        assert "Calling AE Title Not Recognized" in echo("INTRUDER", "DICOMGATEWAY")
+    finally:
+        dicom_node.stop()
+
+
+def test_garbage_on_the_socket_is_dropped_and_the_node_keeps_serving(
+        node: tuple[DicomNode, _Recorder], dcmtk: dict[str, str]) -> None:
+    import socket
+
+    dicom_node, _ = node
+    for payload in (b"\x01\x00\x00\x00\xff\xff\xff\xff" + b"x" * 64,   # A-ASSOCIATE-RQ, absurd length
+                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",               # not DICOM at all
+                    b"\x04\x00\x00\x00\x00\x10" + b"\x00" * 16):         # P-DATA before association
+        with socket.create_connection(("127.0.0.1", dicom_node.port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):
+                pass  # the node answers (abort/reject) or closes; it never hangs
+    echo = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
+                           str(dicom_node.port)], capture_output=True, timeout=30)
+    assert echo.returncode == 0
