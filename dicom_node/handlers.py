@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,26 @@ class _AssociationState:
     failed: int = 0
     bytes: int = 0
     last_size: int = 0
+    site: str | None = None
     started: float = field(default_factory=time.monotonic)
+
+
+class SiteSpools:
+    """The spool of each site this node receives for: a calling AE title mapped to a site
+    spools there (its local IDs are then qualified by that site); others use the node's."""
+
+    def __init__(self, root: Path, default_site: str, calling_ae_sites: Mapping[str, str]) -> None:
+        self.default = Spool(root, default_site)
+        self._by_site = {default_site: self.default}
+        for site in sorted(set(calling_ae_sites.values())):
+            self._by_site.setdefault(site, Spool(root, site))
+        self._sites = {ae.strip(): site for ae, site in calling_ae_sites.items()}
+
+    def for_caller(self, calling_ae_title: str) -> Spool:
+        return self._by_site[self._sites.get(calling_ae_title.strip(), self.default.site_id)]
+
+    def all(self) -> list[Spool]:
+        return list(self._by_site.values())
 
 
 class AssociationBatches:
@@ -77,9 +96,12 @@ def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
 FULL_CHECK_BYTES = 64 * 1024 * 1024
 
 
-def handle_store(event: Any, spool: Spool, batches: AssociationBatches,
+def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBatches,
                  enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
-    """C-STORE (see `_store`), counted in the node's metrics."""
+    """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics."""
+    spool = (spools.for_caller(event.assoc.requestor.ae_title) if isinstance(spools, SiteSpools)
+             else spools)
+    batches.state(event.assoc).site = spool.site_id
     status = _store(event, spool, batches, enqueue, chunk_size)
     if batches.metrics is not None:
         if status == Status.SUCCESS:
@@ -158,6 +180,7 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
     state = batches.pop(event.assoc)
     if state is None:
         return
+    site_id = state.site or site_id
     for batch_id in sorted(state.batches):
         _enqueue(enqueue, site_id, batch_id)
     assoc = event.assoc

@@ -30,6 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node.handlers import (
     AssociationBatches,
     Enqueue,
+    SiteSpools,
     handle_connection_closed,
     handle_echo,
     handle_store,
@@ -38,7 +39,6 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
 from storage import IndexRepository, ObjectStore
-from worker import Spool
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class NodeConfig:
     tls: TlsConfig | None = None
     #: Serve the node's Prometheus metrics on this port (same host); None: not served.
     metrics_port: int | None = None
+    #: Calling AE title -> the site its studies belong to (spool, pseudonym qualifier,
+    #: index); callers not listed belong to `site_id`.
+    calling_ae_sites: Mapping[str, str] = field(default_factory=dict)
 
 
 class _ContextList(list[PresentationContext]):
@@ -166,7 +169,8 @@ class DicomNode:
         self.config = config
         self.enqueue = enqueue
         self.index, self.store = index, store
-        self.spool = Spool(config.spool_root, config.site_id)
+        self.spools = SiteSpools(config.spool_root, config.site_id, config.calling_ae_sites)
+        self.spool = self.spools.default
         self.metrics = NodeMetrics(config.site_id)
         self.batches = AssociationBatches(self.metrics)
         self._metrics_server: Any = None
@@ -209,7 +213,7 @@ class DicomNode:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
-             [self.spool, self.batches, self.enqueue, self.config.batch_size]),
+             [self.spools, self.batches, self.enqueue, self.config.batch_size]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue]),
         ]
@@ -244,16 +248,19 @@ class DicomNode:
     def sweep_once(self, older_than_seconds: float | None = None) -> int:
         """Enqueue spool batches left behind (crash before enqueue, lost task); return count."""
         threshold = self.config.sweep_after_seconds if older_than_seconds is None else older_than_seconds
-        stale = self.spool.stale_batches(threshold)
-        for batch_id in stale:
-            try:
-                self.enqueue(self.config.site_id, batch_id)
-            except Exception as exc:  # noqa: BLE001 - broker down: try again next sweep
-                log.error("sweeper could not enqueue (%s)", type(exc).__name__)
-                return 0
-        if stale:
-            log.info("sweeper re-enqueued %d stale spool batches", len(stale))
-        return len(stale)
+        swept = 0
+        for spool in self.spools.all():
+            stale = spool.stale_batches(threshold)
+            for batch_id in stale:
+                try:
+                    self.enqueue(spool.site_id, batch_id)
+                except Exception as exc:  # noqa: BLE001 - broker down: try again next sweep
+                    log.error("sweeper could not enqueue (%s)", type(exc).__name__)
+                    return swept
+                swept += 1
+        if swept:
+            log.info("sweeper re-enqueued %d stale spool batches", swept)
+        return swept
 
     def _sweep_loop(self) -> None:
         while not self._stopping.wait(self.config.sweep_interval_seconds):

@@ -125,7 +125,7 @@ def worker(data_dir: DataDir = None,
     worker_ready.connect(ready, weak=False)
     worker_shutdown.connect(lambda **_: components.clear_ready(settings, "worker"), weak=False)
     argv = ["worker", f"--loglevel={settings.log_level}", f"--pool={settings.worker.pool}",
-            f"--queues={ingest_queue(settings.site_id)}",
+            f"--queues={','.join(ingest_queue(site) for site in settings.sites)}",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             f"--hostname=ingest-{settings.site_id}-{os.getpid()}@%h"]
     if settings.worker.concurrency:

@@ -197,6 +197,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
                            for ae, d in settings.dicom.move_destinations.items()},
         tls=_tls(settings),
         metrics_port=settings.dicom.metrics_port,
+        calling_ae_sites=settings.dicom.calling_ae_sites,
     )
 
     def enqueue(site_id: str, batch_id: str) -> None:

@@ -51,6 +51,17 @@ class DicomSettings(BaseModel):
     tls_require_client_certificate: bool = False
     #: Serve the node's Prometheus metrics on this port (None: not served).
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: Calling AE title -> site: a node receiving for several sites files each caller's
+    #: studies under its site (spool, queue, pseudonym qualifier of local IDs, index).
+    calling_ae_sites: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("calling_ae_sites")
+    @classmethod
+    def _calling_ae_sites(cls, value: dict[str, str]) -> dict[str, str]:
+        for site in value.values():
+            if not _SAFE_NAME.match(site):
+                raise ValueError(f"calling_ae_sites: {site!r} is not a site id (letters, digits, '-', '_')")
+        return value
 
     @field_validator("ae_title")
     @classmethod
@@ -220,6 +231,11 @@ class Settings(BaseSettings):
         return value
 
     # Derived locations -------------------------------------------------------------
+    @property
+    def sites(self) -> list[str]:
+        """This deployment's site and those its node receives for (calling AE mapping)."""
+        return sorted({self.site_id, *self.dicom.calling_ae_sites.values()})
+
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"

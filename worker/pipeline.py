@@ -6,6 +6,7 @@ Output keys and UIDs are deterministic, so running a batch twice overwrites, nev
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -181,7 +182,10 @@ class IngestPipeline:
     def _process_file(self, path: Path, site_id: str) -> InstanceRecord:
         dataset = pydicom.dcmread(path)
         source_syntax = str(dataset.file_meta.TransferSyntaxUID)
-        deidentify(dataset, self.policy)
+        # The batch's site qualifies local identifiers: two hospitals' "12345" differ.
+        policy = (self.policy if site_id == self.policy.site_id
+                  else dataclasses.replace(self.policy, site_id=site_id))
+        deidentify(dataset, policy)
         compression = "none"
         if self.codec is not None:
             outcome = transcode_lossless(dataset, self.codec)

@@ -323,3 +323,54 @@ def test_garbage_on_the_socket_is_dropped_and_the_node_keeps_serving(
     echo = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
                            str(dicom_node.port)], capture_output=True, timeout=30)
     assert echo.returncode == 0
+
+
+def test_calling_ae_mapped_to_a_site_files_its_studies_under_that_site(
+        tmp_path: Path, dcmtk: dict[str, str]) -> None:
+    """Two hospitals send through one node: each caller's batch goes to its site's spool
+    and queue, and its local patient IDs are qualified by that site when de-identified."""
+    from anonymize import DeidentificationPolicy, PseudonymKeys, pseudonymize_patient_id
+    from gateway.sample_study import PlantedIdentity, write_sample_study
+    from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
+    from worker import IngestPipeline
+
+    recorder = _Recorder()
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site-a", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["127.0.0.0/8"]),
+                        calling_ae_sites={"CT_HOPITAL_B": "site-b"})
+    dicom_node = DicomNode(config, recorder)
+    dicom_node.start()
+    identity = PlantedIdentity(patient_id="12345", issuer_of_patient_id="")
+    studies = {}
+    try:
+        for calling, seed in (("CT_HOPITAL_B", 71), ("CT_HOPITAL_A", 72)):
+            folder = tmp_path / calling
+            write_sample_study(folder, SampleStudySpec(ct_slices=2, mr_slices=0, ct_size=64, seed=seed,
+                                                       identity=identity, with_ins=False))
+            result = subprocess.run([dcmtk["storescu"], "-aet", calling, "-aec", "DICOMGATEWAY", "+sd",
+                                     "127.0.0.1", str(config.port), str(folder)], capture_output=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            studies[calling] = str(pydicom.dcmread(next(folder.rglob("*.dcm"))).StudyInstanceUID)
+        wait_for(lambda: len(recorder.batches) == 2, timeout=10, what="both batches enqueued")
+    finally:
+        dicom_node.stop()
+    assert sorted(site for site, _ in recorder.batches) == ["site-a", "site-b"]
+    assert list((tmp_path / "spool" / "site-b").glob("*/*.dcm"))
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    index = IndexRepository(engine)
+    keys = PseudonymKeys(b"k" * 32)
+    pipeline = IngestPipeline(FilesystemObjectStore(tmp_path / "objects"), index,
+                              DeidentificationPolicy(keys, "site-a"), tmp_path / "spool", tmp_path / "q")
+    for site, batch in recorder.batches:
+        assert pipeline.ingest_batch(site, batch).stored == 2
+    from sqlalchemy import text
+
+    with engine.connect() as connection:
+        by_site = dict(connection.execute(text("SELECT site_id, patient_id FROM studies")).all())
+    assert set(by_site) == {"site-a", "site-b"}
+    for site in ("site-a", "site-b"):
+        assert by_site[site] == pseudonymize_patient_id(keys, "12345", site_id=site)
+    assert by_site["site-a"] != by_site["site-b"]
+    assert len(index.search_studies(StudyQuery())) == 2
