@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +19,8 @@ from dicom_node.status import Status
 from worker import Spool, SpoolWriteError, check_complete, new_association_tag
 
 log = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 Enqueue = Callable[[str, str], None]
@@ -53,6 +56,13 @@ class SiteSpools:
 
     def all(self) -> list[Spool]:
         return list(self._by_site.values())
+
+    def holds(self, sop_instance_uid: str) -> bool:
+        """True when an instance with this (original) UID is spooled, durably, at any site."""
+        if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
+            return False
+        return any(next(spool.site_dir.glob(f"*/{sop_instance_uid}.dcm"), None) is not None
+                   for spool in self.all())
 
 
 class AssociationBatches:

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -27,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.commitment import IsStored, ResponsesSent, handle_commitment
 from dicom_node.handlers import (
     AssociationBatches,
     Enqueue,
@@ -164,11 +166,16 @@ class DicomNode:
     """The running SCP. `start()` binds and returns; `stop()` closes associations and the port."""
 
     def __init__(self, config: NodeConfig, enqueue: Enqueue,
-                 index: IndexRepository | None = None, store: ObjectStore | None = None) -> None:
-        """`index` and `store` (the de-identified archive) enable C-FIND, C-MOVE and C-GET."""
+                 index: IndexRepository | None = None, store: ObjectStore | None = None,
+                 archived: IsStored | None = None) -> None:
+        """`index` and `store` (the de-identified archive) enable C-FIND, C-MOVE and C-GET;
+        `archived` (original SOP Instance UID -> in the archive?) enables Storage
+        Commitment: an instance is committed when it is in the spool or archived."""
         self.config = config
         self.enqueue = enqueue
         self.index, self.store = index, store
+        self.archived = archived
+        self._responses = ResponsesSent()
         self.spools = SiteSpools(config.spool_root, config.site_id, config.calling_ae_sites)
         self.spool = self.spools.default
         self.metrics = NodeMetrics(config.site_id)
@@ -195,7 +202,14 @@ class DicomNode:
         if self.index is not None:
             for sop_class in QUERY_RETRIEVE_MODELS:
                 ae.add_supported_context(sop_class)
+        if self.archived is not None:
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
+
+    def is_stored(self, sop_instance_uid: str) -> bool:
+        """Storage Commitment: durably spooled here, or already in the archive."""
+        return self.spools.holds(sop_instance_uid) or bool(
+            self.archived is not None and self.archived(sop_instance_uid))
 
     @property
     def port(self) -> int:
@@ -217,6 +231,14 @@ class DicomNode:
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue]),
         ]
+        if self.archived is not None:
+            handlers += [
+                (evt.EVT_N_ACTION, handle_commitment,
+                 [self.is_stored, self.config.ae_title, self.config.move_destinations,
+                  self._responses]),
+                (evt.EVT_DIMSE_SENT, self._responses.on_sent),
+                (evt.EVT_CONN_CLOSE, self._responses.forget),
+            ]
         if self.index is not None and self.store is not None:
             handlers += [
                 (evt.EVT_C_FIND, _find, [self.index, self.config.ae_title, self.metrics]),

@@ -27,3 +27,6 @@ class Status(IntEnum):
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     #: Failed: unable to process.
     UNABLE_TO_PROCESS = 0xC000
+    #: N-ACTION (Storage Commitment): unknown action type / missing Transaction UID.
+    NO_SUCH_ACTION_TYPE = 0x0123
+    INVALID_ARGUMENT_VALUE = 0x0115

@@ -203,9 +203,18 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
     def enqueue(site_id: str, batch_id: str) -> None:
         enqueue_ingest(celery_app, site_id, batch_id)
 
-    # The node answers C-FIND/C-MOVE/C-GET from the same (de-identified) archive.
-    return DicomNode(config, enqueue, build_index(settings, run_migrations=False),
-                     build_object_store(settings))
+    # The node answers C-FIND/C-MOVE/C-GET from the same (de-identified) archive, and
+    # Storage Commitment by finding the pseudonymized UID of an instance in the index.
+    index = build_index(settings, run_migrations=False)
+    try:
+        keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
+    except SettingsError:
+        keys = None
+
+    def archived(original_uid: str) -> bool:
+        return keys is not None and index.find_instance(keys.uid(original_uid)) is not None
+
+    return DicomNode(config, enqueue, index, build_object_store(settings), archived)
 
 
 def ready_file(settings: Settings, component: str) -> Path:

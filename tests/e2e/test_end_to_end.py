@@ -314,3 +314,25 @@ def test_node_killed_mid_association_loses_no_acknowledged_instance(
         assert retry.returncode == 0, retry.stderr
         wait_for(lambda: indexed(len(files)), timeout=300, interval=0.5, what="the whole study indexed")
         assert "node exited" in serve.log_text() or "restarting" in serve.log_text()
+
+
+def test_storage_commitment_through_serve_covers_archived_instances(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    """Once the worker has archived a study (spool emptied), the node still commits its
+    instances: it finds their pseudonymized UIDs in the index."""
+    from tests.integration.test_storage_commitment import _commit, _request
+
+    folder, spec = sample_study
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    with _serve(tmp_path, data_dir, dicom_port, http_port):
+        token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
+        _storescu(dcmtk, dicom_port, folder)
+        _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
+        wait_for(lambda: not list((data_dir / "spool").rglob("*.dcm")), timeout=60, what="spool emptied")
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.rglob("*.dcm"))]
+        request = _request([(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers])
+        event_type, report = _commit(dicom_port, request)
+    assert event_type == 1 and "FailedSOPSequence" not in report
+    assert len(report.ReferencedSOPSequence) == len(headers)
