@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("-n", "--instances", type=int, default=200)
     parser.add_argument("-a", "--associations", type=int, default=1,
                         help="parallel storescu associations sharing the instances")
+    parser.add_argument("--orthanc", action="store_true",
+                        help="also time Debian's Orthanc accepting the same files the same way")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--codec", default=os.environ.get("DICOM_GATEWAY_WORKER__COMPRESSION", "jpeg-ls"),
                         help="jpeg-ls (default), htj2k, jpeg-2000 or none")
@@ -75,15 +77,7 @@ def main() -> None:
         token = json.loads((work / "data" / "secrets.json").read_text())["admin_token"]
 
         started = time.perf_counter()
-        senders = [subprocess.Popen([storescu, "-aec", "DICOMGATEWAY", "127.0.0.1", str(dicom_port),
-                                     *map(str, paths[k::args.associations])],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                   for k in range(args.associations)]
-        for sender in senders:
-            _, errors = sender.communicate()
-            if sender.returncode != 0:
-                sys.exit(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
-        accepted = time.perf_counter() - started
+        accepted = _send(storescu, dicom_port, "DICOMGATEWAY", paths, args.associations)
         while _indexed(http_port, token) < len(paths):
             if time.perf_counter() - started > 600:
                 sys.exit("not indexed within 600 s")
@@ -92,6 +86,10 @@ def main() -> None:
     finally:
         serve.send_signal(signal.SIGINT)
         serve.wait(timeout=60)
+    try:
+        # the same files, after our gateway has stopped (the machine to itself)
+        orthanc_seconds = _orthanc_acceptance(storescu, paths, args.associations) if args.orthanc else None
+    finally:
         log.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -102,6 +100,47 @@ def main() -> None:
           f"{megabytes / accepted:7.1f} MB/s  ({accepted:.2f} s)")
     print(f"end to end (indexed): {len(paths) / end_to_end:6.1f} instances/s  "
           f"{megabytes / end_to_end:7.1f} MB/s  ({end_to_end:.2f} s)")
+    if orthanc_seconds is not None:
+        seconds = orthanc_seconds
+        print(f"Orthanc C-STORE acceptance: {len(paths) / seconds:8.1f} instances/s  "
+              f"{megabytes / seconds:7.1f} MB/s  ({seconds:.2f} s)")
+
+
+def _send(storescu: str, port: int, ae_title: str, paths: list[Path], associations: int) -> float:
+    started = time.perf_counter()
+    senders = [subprocess.Popen([storescu, "-aec", ae_title, "127.0.0.1", str(port),
+                                 *map(str, paths[k::associations])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for k in range(associations)]
+    for sender in senders:
+        _, errors = sender.communicate()
+        if sender.returncode != 0:
+            sys.exit(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - started
+
+
+def _orthanc_acceptance(storescu: str, paths: list[Path], associations: int) -> float:
+    """Debian's Orthanc (DCMTK inside, SQLite index, files on disk) on the same loopback."""
+    work = Path(tempfile.mkdtemp(prefix="dgw-orthanc-"))
+    dicom_port, http_port = _free_port(), _free_port()
+    config = {"Name": "bench", "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
+              "StorageDirectory": str(work), "IndexDirectory": str(work),
+              "RemoteAccessAllowed": False, "DicomCheckCalledAet": False}
+    (work / "orthanc.json").write_text(json.dumps(config))
+    process = subprocess.Popen(["/usr/sbin/Orthanc", str(work / "orthanc.json")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([shutil.which("echoscu") or "echoscu", "-aec", "ORTHANC", "127.0.0.1",
+                              str(dicom_port)], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                sys.exit("Orthanc did not start")
+            time.sleep(0.1)
+        return _send(storescu, dicom_port, "ORTHANC", paths, associations)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
