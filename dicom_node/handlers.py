@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from dicom_node.metrics import NodeMetrics
 from dicom_node.status import Status
-from worker import Spool, SpoolWriteError, check_complete, new_association_tag
+from worker import (
+    UNREADABLE_DATASET_ERRORS,
+    Spool,
+    SpoolWriteError,
+    check_complete,
+    new_association_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +146,7 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
         sop_class = _text(dataset, "SOPClassUID")
         sop_instance = _text(dataset, "SOPInstanceUID")
         study = _text(dataset, "StudyInstanceUID")
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError,
-            AttributeError, NotImplementedError, IndexError) as exc:
+    except UNREADABLE_DATASET_ERRORS as exc:
         state.failed += 1
         log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)
         return Status.CANNOT_UNDERSTAND

@@ -13,7 +13,6 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,7 +24,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from worker import IngestPipeline, Spool
+from worker import UNREADABLE_DATASET_ERRORS, IngestPipeline, Spool
 
 
 @dataclass
@@ -93,7 +92,7 @@ def run_import(paths: list[Path], pipeline: IngestPipeline, spool: Spool,
                 header = pydicom.dcmread(BytesIO(body), stop_before_pixels=True)
                 study = str(header.StudyInstanceUID)
                 sop = str(header.SOPInstanceUID)
-            except (InvalidDicomError, AttributeError, ValueError, KeyError):
+            except UNREADABLE_DATASET_ERRORS:
                 sop = hashlib.sha256(body).hexdigest()[:20]  # the pipeline quarantines it
                 study = "unreadable"
             deidentified = pipeline.policy.keys.uid(sop)

@@ -3,6 +3,7 @@
 from anonymize import TruncatedDataSetError, check_complete
 from worker.app import create_celery_app, filesystem_broker_options
 from worker.completion import StudyCompletion, derived_uid, instance_metadata_key, manifest_key
+from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
 from worker.events import Webhook, sign, verify
 from worker.pipeline import (
     SPOOL_SUFFIX,
@@ -32,6 +33,7 @@ __all__ = [
     "COMPLETE_STUDY_TASK",
     "INGEST_TASK",
     "SPOOL_SUFFIX",
+    "UNREADABLE_DATASET_ERRORS",
     "WEBHOOK_TASK",
     "Codec",
     "IngestPipeline",

@@ -21,15 +21,17 @@ from pathlib import Path
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
 from anonymize import DeidentificationError, DeidentificationPolicy, deidentify
 from storage import IndexRepository, InstanceRecord, ObjectStore, StorageError, instance_key
 from worker.completion import instance_metadata_key
+from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
 from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
 log = logging.getLogger(__name__)
+#: What sends an instance to quarantine instead of the archive (never a retried poison task).
+_QUARANTINE: tuple[type[Exception], ...] = (DeidentificationError, *UNREADABLE_DATASET_ERRORS)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._\-]+$")
 SPOOL_SUFFIX = ".dcm"
@@ -156,8 +158,7 @@ class IngestPipeline:
                 continue  # a concurrent delivery of the same batch finished this file
             except (StorageError, SQLAlchemyError) as exc:
                 raise TransientPipelineError(f"{type(exc).__name__}: {exc}") from exc
-            except (InvalidDicomError, DeidentificationError, ValueError, TypeError,
-                    AttributeError, KeyError, OverflowError, NotImplementedError) as exc:
+            except _QUARANTINE as exc:
                 self._quarantine(path, site_id, batch_id, exc)
                 report.quarantined += 1
                 continue

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from storage import IndexRepository, InstanceRecord, ObjectStore
+from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
 from worker.pipeline import record_for
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def reindex(store: ObjectStore, index: IndexRepository,
         try:
             dataset = pydicom.dcmread(BytesIO(body), stop_before_pixels=True)
             pending.append(record_for(dataset, info.key, body))
-        except (InvalidDicomError, ValueError, KeyError, AttributeError) as exc:
+        except UNREADABLE_DATASET_ERRORS as exc:
             log.warning("unreadable object %s (%s)", info.key, type(exc).__name__)
             report.unreadable.append(info.key)
             continue

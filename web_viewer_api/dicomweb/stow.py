@@ -18,16 +18,16 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
 
 from web_viewer_api.dicomweb.multipart import parse_accept
-from worker import Spool, SpoolWriteError, new_association_tag
+from worker import UNREADABLE_DATASET_ERRORS, Spool, SpoolWriteError, new_association_tag
 
 log = logging.getLogger(__name__)
+_UNREADABLE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)
 
 #: PS3.18 Table 10.5.3-2 / PS3.4 failure reasons.
 PROCESSING_FAILURE = 0x0110
@@ -273,7 +273,7 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 sop_class = str(header.SOPClassUID)
                 sop = str(header.SOPInstanceUID)
                 study = str(header.StudyInstanceUID)
-            except (InvalidDicomError, AttributeError, ValueError, KeyError, EOFError, OSError):
+            except _UNREADABLE:
                 outcome.failed.append(("", "", CANNOT_UNDERSTAND))
                 continue
             if study_in_path is not None and study != study_in_path:
