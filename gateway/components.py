@@ -63,6 +63,10 @@ def configure_logging(settings: Settings, component: str) -> None:
         level=settings.log_level.upper(),
         format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
     )
+    # pynetdicom's DEBUG output prints each request's parameters, among them the original
+    # (identifying) SOP Instance UIDs of what modalities send: never below INFO.
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    pynetdicom_log.setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
 
 
 def build_object_store(settings: Settings) -> ObjectStore:

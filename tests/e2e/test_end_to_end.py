@@ -336,3 +336,27 @@ def test_storage_commitment_through_serve_covers_archived_instances(
         event_type, report = _commit(dicom_port, request)
     assert event_type == 1 and "FailedSOPSequence" not in report
     assert len(report.ReferencedSOPSequence) == len(headers)
+
+
+def test_no_log_line_at_any_level_carries_planted_phi(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    """A full ingest (C-STORE, worker, completion, DICOMweb reads) with every component at
+    DEBUG: no planted identifying value appears in any log line."""
+    folder, spec = sample_study
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    with _serve(tmp_path, data_dir, dicom_port, http_port, log_level="DEBUG",
+                worker__study_quiet_seconds="1") as serve:
+        token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
+        _storescu(dcmtk, dicom_port, folder)
+        study = _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
+        study_uid = study["0020000D"]["Value"][0]  # type: ignore[index]
+        wait_for(lambda: list((data_dir / "objects" / "studies" / str(study_uid)).glob("manifest-kos.dcm")),
+                 timeout=60, what="the completion step")
+        http_json(f"http://127.0.0.1:{http_port}/dicom-web/studies/{study_uid}/metadata", token=token)
+        log = serve.log_text()
+    assert "DEBUG" in log and len(log.splitlines()) > 50
+    leaks = [value for value in [*spec.identity.strings(), *_original_identifiers(folder)]
+             if value in log]
+    assert leaks == [], f"planted PHI or original UIDs in the logs: {leaks[:5]}"
