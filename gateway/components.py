@@ -247,6 +247,13 @@ def build_api(settings: Settings):  # type: ignore[no-untyped-def]
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
     sender = build_celery(settings, with_pipeline=False)
 
+    def broker() -> None:
+        """STOW-RS hands batches to the worker through the broker: it must be reachable."""
+        with sender.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    probes["broker"] = broker
+
     def enqueue(site_id: str, batch_id: str) -> None:
         enqueue_ingest(sender, site_id, batch_id)
 

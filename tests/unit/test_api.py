@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from tests.support.services import free_port
 from fastapi.testclient import TestClient
 
 from gateway.sample_study import SampleStudySpec, build_sample_study
@@ -141,3 +143,23 @@ def test_metrics_count_quarantined_instances_by_reason(tmp_path: Path) -> None:
     text = TestClient(app).get("/metrics/").text
     assert 'dicom_gateway_quarantined_instances{reason="BurnedInAnnotationRisk"} 2.0' in text
     assert 'dicom_gateway_quarantined_instances{reason="InvalidDicomError"} 1.0' in text
+
+
+def test_livez_answers_while_readyz_reports_an_unreachable_broker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
+    """The production API's readiness includes the broker (STOW-RS needs it): a Redis that
+    is not there makes /readyz and /healthz 503 while /livez stays 200."""
+    from gateway.components import build_api
+    from gateway.settings import Settings
+
+    monkeypatch.setenv("DICOM_GATEWAY_PSEUDONYM_SECRET", "ready-secret-0123456789abcdef")
+    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "ready-token-0123456789abcdef")
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    down = TestClient(build_api(Settings(data_dir=tmp_path / "a", broker_url=closed)))
+    assert down.get("/livez").status_code == 200
+    for path in ("/readyz", "/healthz"):
+        answer = down.get(path)
+        assert answer.status_code == 503 and answer.json()["components"]["broker"].startswith("unavailable")
+    up = TestClient(build_api(Settings(data_dir=tmp_path / "b", broker_url=redis_url)))
+    answer = up.get("/readyz")
+    assert answer.status_code == 200 and answer.json()["components"]["broker"] == "ok"

@@ -1,4 +1,6 @@
-"""Liveness/readiness: 200 once every component this API can see is ready."""
+"""Liveness and readiness: /livez answers while the process serves requests; /readyz (and
+/healthz, the contract's name) answer 200 once every component this API depends on is
+reachable — index, object store, broker, and under `serve` the node and worker."""
 
 from __future__ import annotations
 
@@ -8,6 +10,12 @@ from fastapi.responses import JSONResponse
 router = APIRouter(tags=["operations"])
 
 
+@router.get("/livez", summary="Liveness: the process answers")
+async def livez() -> JSONResponse:
+    return JSONResponse({"status": "alive"})
+
+
+@router.get("/readyz", summary="Readiness of every component")
 @router.get("/healthz", summary="Readiness of every component")
 def healthz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
