@@ -35,6 +35,7 @@ lint: install-test
 	$(BIN)/ruff check anonymize storage worker dicom_node web_viewer_api gateway
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/bandit -q -r anonymize storage worker dicom_node web_viewer_api gateway
 
 bench: install-test
 	$(BIN)/python benchmarks/ingest.py

@@ -333,7 +333,8 @@ def share_create(
                               "max_uses": max_uses, "allow_download": download}))
     if notify:
         smtp = components.smtp_config(settings)
-        assert smtp is not None
+        if smtp is None:  # checked above; kept explicit for type checkers
+            raise _fail(ValueError("DICOM_GATEWAY_SMTP__HOST is not set"))
         try:
             send(smtp, share_message(smtp, email, created.url, share.expires_at, has_pin=pin,
                                      sender_note=note))

@@ -260,7 +260,8 @@ class Settings(BaseSettings):
     def effective_public_url(self) -> str:
         if self.http.public_url:
             return self.http.public_url.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        # a comparison, not a bind: a wildcard address is reached through loopback
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # nosec B104
         return f"http://{host}:{self.http.port}"
 
     @property

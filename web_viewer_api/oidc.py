@@ -49,6 +49,14 @@ def _claim(claims: Mapping[str, Any], path: str) -> Any:
     return value
 
 
+def _http_url(url: str) -> str:
+    """Only http(s) URLs are fetched (no file:, ftp:, ... from a configuration or a
+    discovery document)."""
+    if not url.lower().startswith(("https://", "http://")):
+        raise Unauthorized("the identity provider's URLs must be http(s)")
+    return url
+
+
 class OidcVerifier:
     """Validates JWT access tokens; JWKS keys are fetched once and cached (refetched for an
     unknown `kid`, which is how key rotation shows up)."""
@@ -62,9 +70,10 @@ class OidcVerifier:
         if self._jwks is None:
             url = self.config.jwks_url
             if url is None:
-                discovery = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
-                with urllib.request.urlopen(discovery, timeout=self.timeout) as answer:
+                discovery = _http_url(self.config.issuer.rstrip("/") + "/.well-known/openid-configuration")
+                with urllib.request.urlopen(discovery, timeout=self.timeout) as answer:  # nosec B310
                     url = str(json.load(answer)["jwks_uri"])
+            url = _http_url(url)
             self._jwks = jwt.PyJWKClient(url, cache_keys=True, lifespan=3600, timeout=int(self.timeout))
         return self._jwks
 

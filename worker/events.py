@@ -27,6 +27,10 @@ class Webhook:
     secret: str
     timeout_seconds: float = 10.0
 
+    def __post_init__(self) -> None:
+        if not self.url.lower().startswith(("https://", "http://")):
+            raise ValueError("a webhook URL must be http(s)")
+
 
 def sign(secret: str, body: bytes) -> str:
     """The signature header value: `sha256=<hex HMAC of the raw body>`."""
@@ -51,7 +55,8 @@ def deliver(webhook: Webhook, event_type: str, delivery_id: str, body: bytes) ->
                  "User-Agent": "dicom-gateway"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=webhook.timeout_seconds) as response:
+        # the URL's scheme is checked when the webhook is built (http/https only)
+        with urllib.request.urlopen(request, timeout=webhook.timeout_seconds) as response:  # nosec B310
             return int(response.status)
     except urllib.error.HTTPError as exc:
         raise WebhookDeliveryError(f"receiver answered {exc.code}") from exc

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
+# Only builds XML from our own DICOM JSON; never parses untrusted XML.
+import xml.etree.ElementTree as ET  # nosec B405
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag
