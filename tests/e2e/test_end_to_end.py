@@ -141,7 +141,7 @@ def test_serve_ingests_a_study_sent_by_storescu(
         assert status == 401 and body["error"]["code"] == "unauthorized"
         status, body, _ = http_json(f"http://127.0.0.1:{http_port}/healthz")
         assert status == 200 and body["components"] == {
-            "index": "ok", "object_store": "ok", "node": "ok", "worker": "ok"}
+            "index": "ok", "object_store": "ok", "node": "ok", "worker": "ok", "broker": "ok"}
 
         assert serve.stop(signal.SIGINT, timeout=60) == 0  # one Ctrl-C stops everything
         assert _port_closed(dicom_port) and _port_closed(http_port)
