@@ -128,6 +128,8 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if config.stow is not None:
+            config.stow.clean_orphans()  # uploads cut short by a crash of an earlier process
         yield
         writer.close()  # the queued audit events reach the database before we exit
 

@@ -163,3 +163,26 @@ def test_livez_answers_while_readyz_reports_an_unreachable_broker(
     up = TestClient(build_api(Settings(data_dir=tmp_path / "b", broker_url=redis_url)))
     answer = up.get("/readyz")
     assert answer.status_code == 200 and answer.json()["components"]["broker"] == "ok"
+
+
+def test_startup_removes_old_parts_of_interrupted_uploads(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from web_viewer_api import StowTarget
+    from worker import Spool
+
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    target = StowTarget(Spool(tmp_path / "spool", "site1"), lambda site, batch: None)
+    target.incoming.mkdir(parents=True)
+    orphan, current = target.incoming / ".stow-old.part", target.incoming / ".stow-new.part"
+    orphan.write_bytes(b"half an instance")
+    current.write_bytes(b"an upload in progress elsewhere")
+    two_hours_ago = time.time() - 7200
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+    app = create_app(ApiConfig(TOKEN, stow=target), IndexRepository(engine),
+                     FilesystemObjectStore(tmp_path / "objects"))
+    with TestClient(app) as client:  # runs the lifespan
+        assert client.get("/livez").status_code == 200
+    assert not orphan.exists() and current.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,27 @@ class StowTarget:
     spool: Spool
     enqueue: Callable[[str, str], None]
     max_bytes: int = 2 * 1024**3
+
+    @property
+    def incoming(self) -> Path:
+        """Where request parts are written while they arrive (before the spool)."""
+        return self.spool.root / ".incoming"
+
+    def clean_orphans(self, older_than_seconds: float = 3600.0) -> int:
+        """Remove parts left by an API process that died mid-upload (nothing in them was
+        acknowledged). Only old ones: another API process may be receiving right now."""
+        removed = 0
+        limit = time.time() - older_than_seconds
+        for path in self.incoming.glob(".stow-*.part"):
+            try:
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            log.info("STOW-RS: removed %d parts of interrupted uploads", removed)
+        return removed
 
 
 @dataclass
