@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,11 +289,20 @@ class DicomNode:
         while not self._stopping.wait(self.config.sweep_interval_seconds):
             self.sweep_once()
 
-    def stop(self) -> None:
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Graceful stop: no new association is accepted, the open ones may finish (up to
+        `drain_seconds`, then they are aborted: what they were acknowledged is on disk)."""
         self._stopping.set()
+        if self._server is not None:
+            server = self._server
+            server.shutdown()  # stops accepting; running associations go on
+            deadline = time.monotonic() + drain_seconds
+            while time.monotonic() < deadline and any(a.is_alive() for a in server.active_associations):
+                time.sleep(0.05)
+            for association in server.active_associations:
+                if association.is_alive():
+                    association.abort()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        if self._server is not None:
-            self._server.shutdown()
         for thread in self._threads:
             thread.join(timeout=10)

@@ -374,3 +374,24 @@ def test_calling_ae_mapped_to_a_site_files_its_studies_under_that_site(
         assert by_site[site] == pseudonymize_patient_id(keys, "12345", site_id=site)
     assert by_site["site-a"] != by_site["site-b"]
     assert len(index.search_studies(StudyQuery())) == 2
+
+
+def test_stopping_drains_the_open_association_and_refuses_new_ones(
+        tmp_path: Path, dcmtk: dict[str, str]) -> None:
+    from gateway.sample_study import write_sample_study
+
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id="site1",
+                        spool_root=tmp_path / "spool", policy=CallerPolicy.build(["127.0.0.0/8"]))
+    dicom_node = DicomNode(config, _Recorder())
+    dicom_node.start()
+    files = sorted(write_sample_study(tmp_path / "long", SampleStudySpec(ct_slices=150, mr_slices=0, seed=9)))
+    sender = subprocess.Popen([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "127.0.0.1", str(config.port),
+                               *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(_spooled(dicom_node)) >= 2, timeout=30, what="the association under way")
+    dicom_node.stop()  # returns once the open association is over
+    assert len(_spooled(dicom_node)) == len(files)
+    output, _ = sender.communicate(timeout=60)
+    assert sender.returncode == 0, output  # it finished normally, not aborted
+    late = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1", str(config.port)],
+                          capture_output=True, timeout=30)
+    assert late.returncode != 0  # no new associations once stopping
