@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import jwt
+import pydicom
 import pytest
 from aiosmtpd.controller import Controller
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -291,3 +292,40 @@ def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
     actions = [e.action for e in AccessRepository(engine).search_audit(
         __import__("storage").AuditQuery(newest_first=False))]
     assert actions == ["share.create", "share.revoke", "apikey.create", "apikey.revoke"]
+
+
+def test_a_key_of_site_b_cannot_read_site_a_at_any_dicomweb_level(server: DicomwebServer,
+                                                                  tmp_path: Path) -> None:
+    """Two sites' studies in one regional index: a key restricted to site B sees B's study
+    and nothing of A's — search at every level, metadata, frames, retrieve all say 404/empty."""
+    from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+    from storage import InstanceQuery
+    from worker import Spool
+
+    folder = tmp_path / "site-b-study"
+    write_sample_study(folder, SampleStudySpec(ct_slices=2, mr_slices=0, ct_size=32, seed=909,
+                                               identity=PlantedIdentity(patient_id="B-1")))
+    spool = Spool(server.pipeline.spool_root, "site-b")
+    for path in folder.rglob("*.dcm"):
+        spool.write("site-b-batch", str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID),
+                    path.read_bytes())
+    assert server.pipeline.ingest_batch("site-b", "site-b-batch").stored == 2
+    with server.index.engine.connect() as connection:
+        sites = dict(connection.execute(text("SELECT study_instance_uid, site_id FROM studies")).all())
+    site_b = [uid for uid, site in sites.items() if site == "site-b"]
+    site_a = [uid for uid, site in sites.items() if site != "site-b"]
+    assert len(site_b) == 1 and site_a
+    _, key = _key(server, {"read"}, site="site-b")
+    auth = {"Authorization": f"Bearer {key}", **JSON}
+    assert [s["0020000D"]["Value"][0] for s in httpx.get(f"{server.url}/studies", headers=auth).json()] == site_b
+    assert {i["0020000D"]["Value"][0] for i in httpx.get(f"{server.url}/instances", headers=auth).json()} == set(site_b)
+    assert {s["0020000D"]["Value"][0] for s in httpx.get(f"{server.url}/series", headers=auth).json()} == set(site_b)
+    for study in site_a:
+        instance = server.index.search_instances(InstanceQuery(study_instance_uid=study, limit=1))[0]
+        base = f"{server.url}/studies/{study}"
+        for path in ("/metadata", f"/series/{instance.series_instance_uid}/metadata",
+                     f"/series/{instance.series_instance_uid}/instances/{instance.sop_instance_uid}/frames/1"):
+            assert httpx.get(base + path, headers={"Authorization": f"Bearer {key}"}).status_code == 404, path
+        assert httpx.get(base, headers={"Authorization": f"Bearer {key}",
+                                         "Accept": 'multipart/related; type="application/dicom"'}).status_code == 404
+        assert httpx.get(f"{base}/series", headers=auth).json() == []
