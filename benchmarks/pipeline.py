@@ -4,7 +4,7 @@ N generated CT instances (512x512, 16-bit) are spooled as 8 batches and processe
 `dicom-gateway worker` (embedded defaults: filesystem broker, SQLite, filesystem objects)
 with 1 and then 2 worker processes. Prints instances/s, MB/s (of received data), the
 compression ratio (stored / received bytes) and the peak RSS of the worker processes.
-Run: python benchmarks/pipeline.py [-n 240] [--codec jpeg-ls|htj2k|jpeg-2000|none]
+Run: python benchmarks/pipeline.py [-n 240] [--codec jpeg-ls|htj2k|jpeg-2000|none] [--processes 1 2 4]
 """
 
 from __future__ import annotations
@@ -99,13 +99,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--instances", type=int, default=240)
     parser.add_argument("--codec", default="jpeg-ls")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                        help="worker process counts to measure, e.g. 1 2 4 (scale-out)")
     args = parser.parse_args()
     source = Path(tempfile.mkdtemp(prefix="dgw-source-"))
     paths = write_sample_study(source, SampleStudySpec(ct_slices=args.instances, mr_slices=0))
     received = sum(p.stat().st_size for p in paths)
     print(f"instances: {len(paths)} CT 512x512 16-bit, {received / 1e6:.1f} MB, codec {args.codec}, "
           f"cpus: {os.cpu_count()}")
-    for processes in (1, 2):
+    for processes in args.processes:
         elapsed, stored, peak = run(source, processes, args.codec, len(paths))
         print(f"{processes} worker process(es): {len(paths) / elapsed:6.1f} inst/s  "
               f"{received / 1e6 / elapsed:6.1f} MB/s  ratio {stored / received:.3f}  "
