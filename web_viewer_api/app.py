@@ -19,9 +19,10 @@ from prometheus_client import CollectorRegistry, Histogram, make_asgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from storage import AccessRepository, IndexRepository, ObjectStore
+from web_viewer_api.asgi import StatusRecorder
 from web_viewer_api.audit import (
     AUTH_FAILURES,
     PIN_FAILURES,
@@ -104,18 +105,12 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_with_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = int(message["status"])
-            await send(message)
-
+        status = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, status)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.labels(scope.get("method", ""), path, str(status["code"])).inc()
+            self.requests.labels(scope.get("method", ""), path, str(status.code)).inc()
             self.latency.labels(path).observe(time.perf_counter() - started)
 
 

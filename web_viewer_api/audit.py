@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from storage import AccessRepository, AuditEntry
+from web_viewer_api.asgi import StatusRecorder
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +186,11 @@ class AuditMiddleware:
         if not path.startswith(("/dicom-web", "/s/", "/api/")) or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        status = {"code": 500}
-
-        async def send_with_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = int(message["status"])
-            await send(message)
-
+        status = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, status)
         finally:
-            self.writer.submit(self._events(scope, path, status["code"]))
+            self.writer.submit(self._events(scope, path, status.code))
 
     @staticmethod
     def _events(scope: Scope, path: str, status: int) -> list[AuditEntry]:
