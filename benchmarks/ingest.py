@@ -18,6 +18,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,39 @@ def _indexed(http_port: int, token: str) -> int:
     return sum(int(study["00201208"]["Value"][0]) for study in body)
 
 
+@dataclass(frozen=True)
+class Serve:
+    process: subprocess.Popen[bytes]
+    dicom_port: int
+    http_port: int
+    token: str
+
+
+@contextmanager
+def running_serve(work: Path, settings: dict[str, str]) -> Iterator[Serve]:
+    """`dicom-gateway serve` on free ports with its data under `work`, once it printed its
+    banner; stopped with SIGINT (as Ctrl-C) on exit. Its log is `work/serve.log`."""
+    dicom_port, http_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_GATEWAY_")}
+    env.update({"DICOM_GATEWAY_LOG_LEVEL": "WARNING", **settings})
+    with open(work / "serve.log", "wb") as log:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--data-dir", str(work / "data"),
+             "--dicom-port", str(dicom_port), "--http-port", str(http_port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 120
+            while b"dicom-gateway is ready" not in (work / "serve.log").read_bytes():
+                if serve.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("serve did not start:\n" + (work / "serve.log").read_text())
+                time.sleep(0.05)
+            token = json.loads((work / "data" / "secrets.json").read_text())["admin_token"]
+            yield Serve(serve, dicom_port, http_port, token)
+        finally:
+            serve.send_signal(signal.SIGINT)
+            serve.wait(timeout=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--instances", type=int, default=200)
@@ -59,38 +95,18 @@ def main() -> None:
     source = work / "study"
     paths = write_sample_study(source, SampleStudySpec(ct_slices=args.instances, mr_slices=0))
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
-    dicom_port, http_port = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_GATEWAY_")}
-    env["DICOM_GATEWAY_LOG_LEVEL"] = "WARNING"
-    env["DICOM_GATEWAY_WORKER__COMPRESSION"] = args.codec
-    log = open(work / "serve.log", "wb")
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--data-dir", str(work / "data"),
-         "--dicom-port", str(dicom_port), "--http-port", str(http_port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while b"dicom-gateway is ready" not in (work / "serve.log").read_bytes():
-            if serve.poll() is not None or time.monotonic() > deadline:
-                sys.exit("serve did not start:\n" + (work / "serve.log").read_text())
-            time.sleep(0.05)
-        token = json.loads((work / "data" / "secrets.json").read_text())["admin_token"]
-
-        started = time.perf_counter()
-        accepted = _send(storescu, dicom_port, "DICOMGATEWAY", paths, args.associations)
-        while _indexed(http_port, token) < len(paths):
-            if time.perf_counter() - started > 600:
-                sys.exit("not indexed within 600 s")
-            time.sleep(0.02)
-        end_to_end = time.perf_counter() - started
-    finally:
-        serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=60)
-    try:
+        with running_serve(work, {"DICOM_GATEWAY_WORKER__COMPRESSION": args.codec}) as serve:
+            started = time.perf_counter()
+            accepted = _send(storescu, serve.dicom_port, "DICOMGATEWAY", paths, args.associations)
+            while _indexed(serve.http_port, serve.token) < len(paths):
+                if time.perf_counter() - started > 600:
+                    sys.exit("not indexed within 600 s")
+                time.sleep(0.02)
+            end_to_end = time.perf_counter() - started
         # the same files, after our gateway has stopped (the machine to itself)
         orthanc_seconds = _orthanc_acceptance(storescu, paths, args.associations) if args.orthanc else None
     finally:
-        log.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -8,10 +8,8 @@ Run: python benchmarks/load.py [--seconds 60] [--senders 4] [--readers 4] [--vie
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study  # noqa: E402
-from tests.support.services import free_port  # noqa: E402
+from ingest import Serve, running_serve  # noqa: E402
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -63,107 +61,98 @@ def main() -> None:
             ct_slices=args.instances, mr_slices=0, seed=500 + number,
             identity=PlantedIdentity(patient_id=f"LOAD-{number}", accession_number=f"LOAD{number:04d}")))
         studies.append(folder)
-    dicom_port, http_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_GATEWAY_")}
-    env.update({"DICOM_GATEWAY_LOG_LEVEL": "WARNING", "DICOM_GATEWAY_WORKER__STUDY_QUIET_SECONDS": "5"})
-    log = open(work / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--data-dir", str(work / "data"),
-                              "--dicom-port", str(dicom_port), "--http-port", str(http_port)],
-                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while b"dicom-gateway is ready" not in (work / "serve.log").read_bytes():
-            if serve.poll() is not None or time.monotonic() > deadline:
-                sys.exit("serve did not start:\n" + (work / "serve.log").read_text())
-            time.sleep(0.05)
-        token = json.loads((work / "data" / "secrets.json").read_text())["admin_token"]
-        base = f"http://127.0.0.1:{http_port}"
-        auth = {"Authorization": f"Bearer {token}"}
-        # One study indexed first, so readers and viewers have something to read.
-        subprocess.run([storescu, "-aec", "DICOMGATEWAY", "+sd", "127.0.0.1", str(dicom_port), str(studies[0])],
-                       check=True, capture_output=True)
-        while not httpx.get(f"{base}/dicom-web/studies", headers=auth).json():
-            time.sleep(0.1)
-        first = httpx.get(f"{base}/dicom-web/studies", headers=auth).json()[0]["0020000D"]["Value"][0]
-        instances = httpx.get(f"{base}/dicom-web/studies/{first}/instances", headers=auth).json()
-        share = httpx.post(f"{base}/api/shares", headers=auth,
-                           json={"study_uids": [first], "expires_in": 3600}).json()["url"]
-
-        stop = threading.Event()
-        latencies: dict[str, list[float]] = defaultdict(list)
-        errors: dict[str, int] = defaultdict(int)
-        counts: dict[str, int] = defaultdict(int)
-        lock = threading.Lock()
-
-        def record(kind: str, started: float, ok: bool) -> None:
-            with lock:
-                latencies[kind].append((time.perf_counter() - started) * 1000)
-                counts[kind] += 1
-                if not ok:
-                    errors[kind] += 1
-
-        def sender(folder: Path) -> None:
-            while not stop.is_set():
-                started = time.perf_counter()
-                done = subprocess.run([storescu, "-aec", "DICOMGATEWAY", "+sd", "127.0.0.1", str(dicom_port),
-                                       str(folder)], capture_output=True)
-                with lock:
-                    counts["instances sent"] += args.instances
-                record("storescu study", started, done.returncode == 0)
-
-        def reader() -> None:
-            with httpx.Client(timeout=60, headers=auth) as client:
-                while not stop.is_set():
-                    for kind, url, accept in (
-                            ("QIDO studies", f"{base}/dicom-web/studies?limit=50", "application/dicom+json"),
-                            ("WADO series metadata", f"{base}/dicom-web/studies/{first}/metadata", "application/dicom+json")):
-                        started = time.perf_counter()
-                        answer = client.get(url, headers={"Accept": accept})
-                        record(kind, started, answer.status_code == 200)
-
-        def viewer() -> None:
-            with httpx.Client(timeout=60) as client:
-                while not stop.is_set():
-                    for item in instances:
-                        if stop.is_set():
-                            break
-                        uid = {k: item[k]["Value"][0] for k in ("0020000D", "0020000E", "00080018")}
-                        started = time.perf_counter()
-                        answer = client.get(f"{share}/dicom-web/studies/{uid['0020000D']}/series/{uid['0020000E']}"
-                                            f"/instances/{uid['00080018']}/frames/1",
-                                            headers={"Accept": 'multipart/related; type="application/octet-stream"'})
-                        record("share viewer frame", started, answer.status_code == 200)
-
-        backlog: list[tuple[float, int]] = []
-        threads = ([threading.Thread(target=sender, args=(s,)) for s in studies]
-                   + [threading.Thread(target=reader) for _ in range(args.readers)]
-                   + [threading.Thread(target=viewer) for _ in range(args.viewers)])
-        began = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        spool = work / "data" / "spool"
-        while time.perf_counter() - began < args.seconds:
-            backlog.append((time.perf_counter() - began, sum(1 for _ in spool.rglob("*.dcm"))))
-            time.sleep(1)
-        stop.set()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - began
-        drained = time.perf_counter()
-        while any(spool.rglob("*.dcm")) and time.perf_counter() - drained < 600:
-            time.sleep(0.5)
-        drain_seconds = time.perf_counter() - drained
-        pids = {"supervisor": serve.pid}
-        for component in ("node", "worker", "api"):
-            ready = work / "data" / "run" / f"{component}.ready"
-            if ready.exists():
-                pids[component] = int(ready.read_text())
-        rss = {name: _peak_rss_mb(pid) for name, pid in pids.items()}
+        with running_serve(work, {"DICOM_GATEWAY_WORKER__STUDY_QUIET_SECONDS": "5"}) as serve:
+            _load(args, storescu, work, studies, serve)
     finally:
-        serve.send_signal(signal.SIGINT)
-        serve.wait(timeout=120)
-        log.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _load(args: argparse.Namespace, storescu: str, work: Path, studies: list[Path], serve: Serve) -> None:
+    """Run the load against `serve` and print the figures."""
+    dicom_port, http_port, token = serve.dicom_port, serve.http_port, serve.token
+    base = f"http://127.0.0.1:{http_port}"
+    auth = {"Authorization": f"Bearer {token}"}
+    # One study indexed first, so readers and viewers have something to read.
+    subprocess.run([storescu, "-aec", "DICOMGATEWAY", "+sd", "127.0.0.1", str(dicom_port), str(studies[0])],
+                   check=True, capture_output=True)
+    while not httpx.get(f"{base}/dicom-web/studies", headers=auth).json():
+        time.sleep(0.1)
+    first = httpx.get(f"{base}/dicom-web/studies", headers=auth).json()[0]["0020000D"]["Value"][0]
+    instances = httpx.get(f"{base}/dicom-web/studies/{first}/instances", headers=auth).json()
+    share = httpx.post(f"{base}/api/shares", headers=auth,
+                       json={"study_uids": [first], "expires_in": 3600}).json()["url"]
+
+    stop = threading.Event()
+    latencies: dict[str, list[float]] = defaultdict(list)
+    errors: dict[str, int] = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
+    lock = threading.Lock()
+
+    def record(kind: str, started: float, ok: bool) -> None:
+        with lock:
+            latencies[kind].append((time.perf_counter() - started) * 1000)
+            counts[kind] += 1
+            if not ok:
+                errors[kind] += 1
+
+    def sender(folder: Path) -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            done = subprocess.run([storescu, "-aec", "DICOMGATEWAY", "+sd", "127.0.0.1", str(dicom_port),
+                                   str(folder)], capture_output=True)
+            with lock:
+                counts["instances sent"] += args.instances
+            record("storescu study", started, done.returncode == 0)
+
+    def reader() -> None:
+        with httpx.Client(timeout=60, headers=auth) as client:
+            while not stop.is_set():
+                for kind, url, accept in (
+                        ("QIDO studies", f"{base}/dicom-web/studies?limit=50", "application/dicom+json"),
+                        ("WADO series metadata", f"{base}/dicom-web/studies/{first}/metadata", "application/dicom+json")):
+                    started = time.perf_counter()
+                    answer = client.get(url, headers={"Accept": accept})
+                    record(kind, started, answer.status_code == 200)
+
+    def viewer() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                for item in instances:
+                    if stop.is_set():
+                        break
+                    uid = {k: item[k]["Value"][0] for k in ("0020000D", "0020000E", "00080018")}
+                    started = time.perf_counter()
+                    answer = client.get(f"{share}/dicom-web/studies/{uid['0020000D']}/series/{uid['0020000E']}"
+                                        f"/instances/{uid['00080018']}/frames/1",
+                                        headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+                    record("share viewer frame", started, answer.status_code == 200)
+
+    backlog: list[tuple[float, int]] = []
+    threads = ([threading.Thread(target=sender, args=(s,)) for s in studies]
+               + [threading.Thread(target=reader) for _ in range(args.readers)]
+               + [threading.Thread(target=viewer) for _ in range(args.viewers)])
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    spool = work / "data" / "spool"
+    while time.perf_counter() - began < args.seconds:
+        backlog.append((time.perf_counter() - began, sum(1 for _ in spool.rglob("*.dcm"))))
+        time.sleep(1)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    drained = time.perf_counter()
+    while any(spool.rglob("*.dcm")) and time.perf_counter() - drained < 600:
+        time.sleep(0.5)
+    drain_seconds = time.perf_counter() - drained
+    pids = {"supervisor": serve.process.pid}
+    for component in ("node", "worker", "api"):
+        ready = work / "data" / "run" / f"{component}.ready"
+        if ready.exists():
+            pids[component] = int(ready.read_text())
+    rss = {name: _peak_rss_mb(pid) for name, pid in pids.items()}
 
     print(f"{elapsed:.0f} s of load on {os.cpu_count()} CPUs: {args.senders} storescu senders "
           f"({args.instances} CT 512x512 per study), {args.readers} DICOMweb readers, {args.viewers} share viewers")
