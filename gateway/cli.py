@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -143,12 +144,22 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     settings = _settings(data_dir=data_dir, host=host, http__port=http_port)
     components.configure_logging(settings, "api")
     try:
-        application = components.build_api(settings)
+        application = components.build_api(settings)  # checks the settings before serving
     except SettingsError as exc:
         raise _fail(exc) from exc
     # No access log: request paths will carry share tokens; our own logs never do.
-    uvicorn.run(application, host=settings.host, port=settings.http.port,
-                log_level=settings.log_level.lower(), access_log=False)
+    options: dict[str, Any] = {"host": settings.host, "port": settings.http.port,
+                               "log_level": settings.log_level.lower(), "access_log": False}
+    if settings.http.workers == 1:
+        uvicorn.run(application, **options)
+        return
+    # Several processes on one port: each builds the app from the same settings, the
+    # command line's included (passed on in the environment).
+    for name, value in (("DATA_DIR", data_dir), ("HOST", host), ("HTTP__PORT", http_port)):
+        if value is not None:
+            os.environ[f"DICOM_GATEWAY_{name}"] = str(value)
+    uvicorn.run("gateway.components:api_from_environment", factory=True,
+                workers=settings.http.workers, **options)
 
 
 @app.command()
@@ -382,10 +393,12 @@ def share_revoke(share_id: Annotated[str, typer.Argument(help="the share's id")]
 def apikey_create(
     name: Annotated[str, typer.Option(help="what the key is for (e.g. 'CHU Nord PACS')")],
     scope: Annotated[list[str], typer.Option(help="read, write, share, admin (repeat)")],
-    site: Annotated[str | None, typer.Option(help="restrict to one site's studies")] = None,
+    site: Annotated[list[str] | None, typer.Option(
+        help="limit to this site's studies (repeat for several sites)")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Create an API key and print it (once: only its hash is kept)."""
+    """Create an API key and print it (once: only its hash is kept). `--scope share` alone
+    makes a key that creates share links (of its sites' studies) but reads no images."""
     from gateway import components
     from storage import AccessRepository, ApiKeyRecord
     from web_viewer_api import new_api_key, sha256_hex, utc_now
@@ -393,16 +406,21 @@ def apikey_create(
     unknown = sorted(set(scope) - {"read", "write", "share", "admin"})
     if unknown or not scope:
         raise _fail(ValueError(f"unknown scope {unknown[0]!r}" if unknown else "give --scope"))
+    bad = [s for s in site or () if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s)]
+    if bad:
+        raise _fail(ValueError(f"not a site id: {bad[0]!r}"))
+    sites = sorted(set(site)) if site else None
     settings = _settings(data_dir=data_dir)
     key_id, key = new_api_key()
     index = components.build_index(settings)
     AccessRepository(index.engine).add_api_key(ApiKeyRecord(
-        key_id=key_id, name=name, scopes=frozenset(scope), site_id=site, created_at=utc_now(),
+        key_id=key_id, name=name, scopes=frozenset(scope),
+        site_ids=frozenset(sites) if sites else None, created_at=utc_now(),
         revoked_at=None, secret_sha256=sha256_hex(key)))
     _audit(settings, "apikey.create", detail=json.dumps(
-        {"key_id": key_id, "scopes": sorted(scope), "site": site}))
+        {"key_id": key_id, "scopes": sorted(scope), "sites": sites}))
     console.print(f"API key {key_id} ({', '.join(sorted(scope))}"
-                  f"{', site ' + site if site else ''}): shown once, keep it safe")
+                  f"{', sites ' + ' '.join(sites) if sites else ''}): shown once, keep it safe")
     sys.stdout.write(key + "\n")
 
 
@@ -415,7 +433,8 @@ def apikey_list(data_dir: DataDir = None) -> None:
     settings = _settings(data_dir=data_dir)
     for key in AccessRepository(components.build_index(settings).engine).list_api_keys():
         sys.stdout.write(json.dumps({
-            "id": key.key_id, "name": key.name, "scopes": sorted(key.scopes), "site": key.site_id,
+            "id": key.key_id, "name": key.name, "scopes": sorted(key.scopes),
+            "sites": sorted(key.site_ids) if key.site_ids is not None else None,
             "created_at": key.created_at.isoformat(),
             "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}) + "\n")
 

@@ -123,6 +123,7 @@ def build_worker_context(settings: Settings) -> WorkerContext:
     completion = StudyCompletion(
         store=pipeline.store, index=pipeline.index, site_id=settings.site_id,
         webhooks=webhooks, retrieve_url_base=settings.effective_public_url + "/dicom-web",
+        site_ids=tuple(settings.sites),
     )
     return WorkerContext(pipeline=pipeline, completion=completion, site_id=settings.site_id,
                          quiet_seconds=settings.worker.study_quiet_seconds, webhooks=webhooks)
@@ -241,6 +242,14 @@ def _component_probe(settings: Settings, component: str):  # type: ignore[no-unt
         os.kill(pid, 0)  # ProcessLookupError when it died
 
     return probe
+
+
+def api_from_environment():  # type: ignore[no-untyped-def]
+    """The API of one of several `dicom-gateway api` processes (uvicorn's app factory):
+    settings from the environment, as the first process read them."""
+    settings = Settings()
+    configure_logging(settings, "api")
+    return build_api(settings)
 
 
 def build_api(settings: Settings):  # type: ignore[no-untyped-def]

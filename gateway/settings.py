@@ -19,6 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRETS_FILE = "secrets.json"
 _WEAK_SECRETS = {"changeme", "change-me", "secret", "password", "admin", "test", "default"}
+#: Placeholders of example configurations (deploy/config/*.env): a copied example must not
+#: run with a publicly known secret.
+_PLACEHOLDER = re.compile(r"change[-_]?me|replace[-_]?me|your[-_]?secret|example", re.IGNORECASE)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
@@ -80,6 +83,9 @@ class HttpSettings(BaseModel):
     max_stow_mb: int = Field(2048, ge=1)
     #: Browser origins allowed to call the API (CORS), e.g. a viewer on another host.
     cors_origins: list[str] = Field(default_factory=list)
+    #: API processes `dicom-gateway api` runs on this host (uvicorn workers sharing the
+    #: port): Python answers one request at a time per process, so one per core.
+    workers: int = Field(1, ge=1, le=64)
 
 
 class S3Settings(BaseModel):
@@ -305,6 +311,9 @@ class Settings(BaseSettings):
             )
         if value.lower() in _WEAK_SECRETS or len(value) < 16:
             raise SettingsError(f"{env_name} is too weak: use at least 16 random characters")
+        if _PLACEHOLDER.search(value):
+            raise SettingsError(f"{env_name} is still the example's placeholder: "
+                                "generate one (e.g. `openssl rand -base64 33`)")
         return value
 
     def pseudonym_secret_value(self) -> str:

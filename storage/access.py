@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, case, delete, exists, func, insert, or_, select, update
 
-from storage.index.models import ApiKey, AuditEvent, Share, ShareItem, ShareSession
+from storage.index.models import ApiKey, AuditEvent, Share, ShareItem, ShareSession, Study
 
 
 def _utc(moment: dt.datetime | None) -> dt.datetime | None:
@@ -21,12 +21,31 @@ def _utc(moment: dt.datetime | None) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
+def _of_sites(site_ids: frozenset[str]) -> Any:
+    """A share with at least one item, every item of which is a study indexed as produced
+    by one of `site_ids`. Fails closed: a study not (or no longer) indexed — during a
+    reindex, say — hides the share from site-limited callers."""
+    in_sites = exists().where(Study.study_instance_uid == ShareItem.study_instance_uid,
+                              Study.site_id.in_(sorted(site_ids)))
+    return and_(exists().where(ShareItem.share_id == Share.share_id),
+                ~exists().where(ShareItem.share_id == Share.share_id, ~in_sites))
+
+
+def _joined(site_ids: frozenset[str] | None) -> str | None:
+    return " ".join(sorted(site_ids)) if site_ids is not None else None
+
+
+def _split(sites: str | None) -> frozenset[str] | None:
+    return frozenset(sites.split()) if sites is not None else None
+
+
 @dataclass(frozen=True)
 class ApiKeyRecord:
     key_id: str
     name: str
     scopes: frozenset[str]
-    site_id: str | None
+    #: None: every site's studies.
+    site_ids: frozenset[str] | None
     created_at: dt.datetime
     revoked_at: dt.datetime | None
     secret_sha256: str = field(repr=False, default="")
@@ -55,7 +74,8 @@ class ShareRecord:
     recipient: str
     recipient_email: str
     note: str
-    site_id: str | None
+    #: The sites its creator was limited to; None: not limited.
+    site_ids: frozenset[str] | None
     items: tuple[ShareItemRecord, ...]
 
 
@@ -107,12 +127,12 @@ class AccessRepository:
         with self.engine.begin() as connection:
             connection.execute(insert(ApiKey).values(
                 key_id=record.key_id, secret_sha256=record.secret_sha256, name=record.name,
-                scopes=" ".join(sorted(record.scopes)), site_id=record.site_id,
+                scopes=" ".join(sorted(record.scopes)), sites=_joined(record.site_ids),
                 created_at=record.created_at))
 
     @staticmethod
     def _key(row: Any) -> ApiKeyRecord:
-        return ApiKeyRecord(row.key_id, row.name, frozenset(row.scopes.split()), row.site_id,
+        return ApiKeyRecord(row.key_id, row.name, frozenset(row.scopes.split()), _split(row.sites),
                             _utc(row.created_at) or row.created_at, _utc(row.revoked_at),
                             row.secret_sha256)
 
@@ -134,7 +154,8 @@ class AccessRepository:
 
     # Shares ------------------------------------------------------------------------------
     def add_share(self, share: ShareRecord, token_sha256: str) -> None:
-        values = {k: v for k, v in share.__dict__.items() if k != "items"}
+        values = {k: v for k, v in share.__dict__.items() if k not in ("items", "site_ids")}
+        values["sites"] = _joined(share.site_ids)
         with self.engine.begin() as connection:
             connection.execute(insert(Share).values(token_sha256=token_sha256, **values))
             connection.execute(insert(ShareItem), [
@@ -161,25 +182,29 @@ class AccessRepository:
             revoked_at=_utc(r.revoked_at), pin_hash=r.pin_hash, pin_failures=r.pin_failures,
             locked_at=_utc(r.locked_at), max_uses=r.max_uses, uses=r.uses,
             allow_download=bool(r.allow_download), recipient=r.recipient,
-            recipient_email=r.recipient_email, note=r.note, site_id=r.site_id,
+            recipient_email=r.recipient_email, note=r.note, site_ids=_split(r.sites),
             items=tuple(items.get(r.share_id, ()))) for r in rows]
 
-    def share(self, share_id: str) -> ShareRecord | None:
-        found = self._shares(Share.share_id == share_id)
+    def share(self, share_id: str, site_ids: frozenset[str] | None = None) -> ShareRecord | None:
+        """The share; with `site_ids`, only if it is of these sites' studies (`of_sites`)."""
+        condition = Share.share_id == share_id
+        found = self._shares(condition if site_ids is None else and_(condition, _of_sites(site_ids)))
         return found[0] if found else None
 
     def share_by_token(self, token_sha256: str) -> ShareRecord | None:
         found = self._shares(Share.token_sha256 == token_sha256)
         return found[0] if found else None
 
-    def list_shares(self, *, active_at: dt.datetime | None = None, site_id: str | None = None,
+    def list_shares(self, *, active_at: dt.datetime | None = None,
+                    site_ids: frozenset[str] | None = None,
                     limit: int = 100, offset: int = 0) -> list[ShareRecord]:
-        """Shares newest first; `active_at`: only those neither revoked nor expired then."""
+        """Shares newest first; `active_at`: only those neither revoked nor expired then;
+        `site_ids`: only those of these sites' studies (`of_sites`)."""
         conditions: list[Any] = []
         if active_at is not None:
             conditions += [Share.revoked_at.is_(None), Share.expires_at > active_at]
-        if site_id is not None:
-            conditions.append(Share.site_id == site_id)
+        if site_ids is not None:
+            conditions.append(_of_sites(site_ids))
         return self._shares(and_(True, *conditions), limit, offset)
 
     def revoke_share(self, share_id: str, now: dt.datetime) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import json
 import time
 from collections import Counter
@@ -125,6 +126,11 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if config.stow is not None:
             config.stow.clean_orphans()  # uploads cut short by a crash of an earlier process
+        # What start-up built (DICOM dictionaries, routes, SQLAlchemy metadata) lives as long
+        # as the process: out of the collector's sight, a full collection no longer walks
+        # it — one took 126 ms in the middle of a series metadata request.
+        gc.collect()
+        gc.freeze()
         yield
         writer.close()  # the queued audit events reach the database before we exit
 

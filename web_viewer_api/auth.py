@@ -38,7 +38,8 @@ class Principal:
 
     subject: str
     scopes: frozenset[str]
-    site_id: str | None = None
+    #: None: every site's studies.
+    site_ids: frozenset[str] | None = None
     share: ShareAccess | None = None
 
     @property
@@ -46,8 +47,8 @@ class Principal:
         """The studies this caller may see (None: all)."""
         if self.share is not None:
             return self.share.scope
-        if self.site_id is not None:
-            return AccessScope(site_id=self.site_id)
+        if self.site_ids is not None:
+            return AccessScope(site_ids=self.site_ids)
         return None
 
 
@@ -58,7 +59,7 @@ def share_scope(share: ShareRecord) -> AccessScope:
     for item in share.items:
         if item.series_instance_uid is not None and item.study_instance_uid not in whole:
             limits.setdefault(item.study_instance_uid, set()).add(item.series_instance_uid)
-    return AccessScope(site_id=None, study_instance_uids=studies,
+    return AccessScope(site_ids=None, study_instance_uids=studies,
                        series_limits={k: frozenset(v) for k, v in limits.items()})
 
 
@@ -136,11 +137,11 @@ class Authenticator:
             presented = sha256_hex(token)
             if (record is not None and record.revoked_at is None
                     and same_secret(presented, record.secret_sha256)):
-                return Principal(f"key:{key_id}", record.scopes, record.site_id)
+                return Principal(f"key:{key_id}", record.scopes, record.site_ids)
             raise Unauthorized("invalid or revoked API key", presented=True)
         if self.oidc is not None and token.count(".") == 2:
             identity = self.oidc.verify(token)
-            return Principal(f"oidc:{identity.subject}", identity.scopes, identity.site_id)
+            return Principal(f"oidc:{identity.subject}", identity.scopes, identity.site_ids)
         raise Unauthorized("invalid bearer token", presented=True)
 
 

@@ -7,7 +7,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sql_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage import IntegrityError, InvalidKey, ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,12 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
+#: SQLite reports these as OperationalError too, but no retry clears them (a schema not
+#: migrated, a read-only file): they are ours to fix, a 500, not the client's 503.
+_NOT_TRANSIENT = ("no such table", "no such column", "has no column", "readonly database",
+                  "syntax error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as `{"error": {"code", "message"}}` with its status."""
 
@@ -95,6 +104,33 @@ def install_error_handlers(app: FastAPI) -> None:
             for err in exc.errors()
         )
         return JSONResponse(error_body("bad_request", problems or "invalid request"), 400)
+
+    # A dependency down is the client's to retry, and says which: a 503, never a 500.
+    retry = {"Retry-After": "5"}
+
+    @app.exception_handler(StorageError)
+    async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, ObjectNotFound):
+            return JSONResponse(error_body("not_found", "not found"), 404)
+        if isinstance(exc, InvalidKey | IntegrityError):
+            log.error("object store refused a request: %s", type(exc).__name__)
+            return JSONResponse(error_body("internal_error", "internal server error"), 500)
+        log.warning("object store unavailable (%s)", type(exc).__name__)
+        return JSONResponse(error_body("unavailable", "the object store is unavailable; retry later"),
+                            503, headers=retry)
+
+    async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, sql_errors.OperationalError) and any(
+                sign in str(exc.orig).lower() for sign in _NOT_TRANSIENT):
+            log.error("index database error that retrying will not clear (%s)", type(exc).__name__)
+            return JSONResponse(error_body("internal_error", "internal server error"), 500)
+        log.warning("index database unavailable (%s)", type(exc).__name__)
+        return JSONResponse(error_body("unavailable", "the index database is unavailable; retry later"),
+                            503, headers=retry)
+
+    for error in (sql_errors.OperationalError, sql_errors.InterfaceError, sql_errors.TimeoutError,
+                  sql_errors.DisconnectionError):
+        app.add_exception_handler(error, _database_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

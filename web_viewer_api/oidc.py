@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,16 +29,21 @@ class OidcConfig:
     #: Claim value -> our scopes. Empty: values named read/write/share/admin count as-is.
     scope_map: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     subject_claim: str = "sub"
-    #: Claim naming the site a user belongs to (their studies only); None: all sites.
+    #: Claim naming the site(s) a user belongs to — a string, space-separated names or a
+    #: list — (those sites' studies only); None: all sites.
     site_claim: str | None = None
     leeway_seconds: int = 30
+
+
+_SITE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
 class OidcIdentity:
     subject: str
     scopes: frozenset[str]
-    site_id: str | None
+    #: None: every site's studies.
+    site_ids: frozenset[str] | None
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:
@@ -99,11 +105,16 @@ class OidcVerifier:
                 scopes.update(config.scope_map.get(value, ()))
             elif value in KNOWN_SCOPES:
                 scopes.add(value)
-        site = _claim(claims, config.site_claim) if config.site_claim else None
-        if config.site_claim and not site:
-            raise Unauthorized("the bearer token names no site")
-        return OidcIdentity(subject, frozenset(scopes & KNOWN_SCOPES),
-                            str(site) if site else None)
+        site_ids: frozenset[str] | None = None
+        if config.site_claim:
+            site = _claim(claims, config.site_claim)
+            names = site.split() if isinstance(site, str) else (
+                [v for v in site if isinstance(v, str)] if isinstance(site, list) else [])
+            # Only well-formed site ids: "" would open studies indexed without a site.
+            if not names or not all(_SITE_ID.fullmatch(n) for n in names):
+                raise Unauthorized("the bearer token names no valid site")
+            site_ids = frozenset(names)
+        return OidcIdentity(subject, frozenset(scopes & KNOWN_SCOPES), site_ids)
 
 
 __all__ = ["OidcConfig", "OidcIdentity", "OidcVerifier"]

@@ -46,8 +46,8 @@ class ShareRequest:
     recipient: str = ""
     recipient_email: str = ""
     note: str = ""
-    #: The creator sees only this site's studies (site-restricted key): so does the share.
-    site_id: str | None = None
+    #: The creator sees only these sites' studies (site-restricted key): so does the share.
+    site_ids: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class ShareService:
             raise BadRequest(f"pin: {self.policy.min_pin_length} to 128 characters")
         if request.max_uses is not None and request.max_uses < 1:
             raise BadRequest("max_uses must be at least 1")
-        scope = AccessScope(site_id=request.site_id)
+        scope = AccessScope(site_ids=request.site_ids)
         found = {s.study_instance_uid for s in self.index.search_studies(
             StudyQuery(study_instance_uids=studies, limit=len(studies), scope=scope))}
         missing = [uid for uid in studies if uid not in found]
@@ -107,18 +107,20 @@ class ShareService:
             locked_at=None, max_uses=request.max_uses, uses=0,
             allow_download=request.allow_download, recipient=request.recipient[:256],
             recipient_email=request.recipient_email[:256], note=request.note[:4000],
-            site_id=request.site_id, items=tuple(items))
+            site_ids=request.site_ids, items=tuple(items))
         self.access.add_share(share, sha256_hex(token))
         return CreatedShare(share, token, f"{base_url.rstrip('/')}/s/{token}")
 
-    def get(self, share_id: str, site_id: str | None = None) -> ShareRecord:
-        share = self.access.share(share_id)
-        if share is None or (site_id is not None and share.site_id != site_id):
+    def get(self, share_id: str, site_ids: frozenset[str] | None = None) -> ShareRecord:
+        """The share; for a caller limited to `site_ids`, only one whose every study comes
+        from those sites (any other answers as if it did not exist)."""
+        share = self.access.share(share_id, site_ids)
+        if share is None:
             raise NotFound("no such share")
         return share
 
-    def revoke(self, share_id: str, site_id: str | None = None) -> ShareRecord:
-        self.get(share_id, site_id)
+    def revoke(self, share_id: str, site_ids: frozenset[str] | None = None) -> ShareRecord:
+        self.get(share_id, site_ids)
         self.access.revoke_share(share_id, self.clock())
         return self.get(share_id)
 

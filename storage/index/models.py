@@ -119,8 +119,9 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(128), default="")
     #: Space-separated scopes among read, write, share, admin.
     scopes: Mapped[str] = mapped_column(String(64))
-    #: When set, the key sees only the studies this site produced.
-    site_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: Space-separated site ids: when set, the key sees only the studies these sites
+    #: produced (and shares of those only).
+    sites: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -147,7 +148,8 @@ class Share(Base):
     recipient: Mapped[str] = mapped_column(String(256), default="")
     recipient_email: Mapped[str] = mapped_column(String(256), default="")
     note: Mapped[str] = mapped_column(Text, default="")
-    site_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: The sites its creator was limited to (space-separated), NULL for an unlimited one.
+    sites: Mapped[str | None] = mapped_column(String(1024), nullable=True)
 
 
 class ShareItem(Base):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Engine, Select, and_, delete, exists, func, or_, select, text
+from sqlalchemy import Engine, Select, bindparam, delete, exists, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -132,11 +134,12 @@ class DateRange:
 
 @dataclass(frozen=True)
 class AccessScope:
-    """What a caller may see: a site's studies, a share's studies, some series of them.
+    """What a caller may see: some sites' studies, a share's studies, some series of them.
     Every query applies it in SQL, so limit/offset and counts stay right."""
 
-    site_id: str | None = None
-    #: None: every study (of the site).
+    #: None: every site's studies.
+    site_ids: frozenset[str] | None = None
+    #: None: every study (of those sites).
     study_instance_uids: frozenset[str] | None = None
     #: Studies shared only in part -> the series of each that are shared.
     series_limits: Mapping[str, frozenset[str]] = field(default_factory=dict)
@@ -148,18 +151,46 @@ class AccessScope:
         limits = self.series_limits.get(study_instance_uid)
         return series_instance_uid is None or limits is None or series_instance_uid in limits
 
+    @property
+    def shape(self) -> tuple[bool, bool, bool]:
+        """Which restrictions apply (site, studies, series of some studies): the form of
+        the SQL, whose values are `parameters()`."""
+        return (self.site_ids is not None, self.study_instance_uids is not None,
+                bool(self.series_limits))
+
+    def parameters(self) -> dict[str, Any]:
+        return {"scope_sites": sorted(self.site_ids or ()),
+                "scope_studies": sorted(self.study_instance_uids or ()),
+                "scope_limited_studies": sorted(self.series_limits),
+                "scope_limited_series": sorted(set().union(*self.series_limits.values()))}
+
     def conditions(self, study_column: Any, series_column: Any | None = None) -> list[Any]:
-        found: list[Any] = []
-        if self.site_id is not None:
-            found.append(study_column.in_(select(Study.study_instance_uid)
-                                          .where(Study.site_id == self.site_id)))
-        if self.study_instance_uids is not None:
-            found.append(study_column.in_(sorted(self.study_instance_uids) or ["-"]))
-        if series_column is not None and self.series_limits:
-            allowed = sorted(set().union(*self.series_limits.values()))
-            found.append(or_(study_column.not_in(sorted(self.series_limits)),
-                             series_column.in_(allowed)))
-        return found
+        """The scope as SQL conditions with its values bound."""
+        return scope_conditions(self.shape, study_column, series_column, self.parameters())
+
+
+def scope_conditions(shape: tuple[bool, bool, bool], study_column: Any,
+                     series_column: Any | None = None,
+                     values: Mapping[str, Any] | None = None) -> list[Any]:
+    """An AccessScope of this `shape` as SQL conditions; without `values`, the statement
+    takes them as parameters at execution (so it can be built once and reused)."""
+
+    def bind(name: str, expanding: bool = False) -> Any:
+        if values is None:
+            return bindparam(name, expanding=expanding)
+        return bindparam(name, values[name], expanding=expanding)
+
+    has_site, has_studies, has_limits = shape
+    found: list[Any] = []
+    if has_site:
+        found.append(study_column.in_(select(Study.study_instance_uid)
+                                      .where(Study.site_id.in_(bind("scope_sites", expanding=True)))))
+    if has_studies:
+        found.append(study_column.in_(bind("scope_studies", expanding=True)))
+    if series_column is not None and has_limits:
+        found.append(or_(study_column.not_in(bind("scope_limited_studies", expanding=True)),
+                         series_column.in_(bind("scope_limited_series", expanding=True))))
+    return found
 
 
 @dataclass(frozen=True)
@@ -175,6 +206,9 @@ class StudyQuery:
     limit: int = 100
     offset: int = 0
     scope: AccessScope | None = None
+    #: Fuzzy PatientName matching (QIDO `fuzzymatching=true`): each word of the query
+    #: begins some component of the name, in any order, whatever the case.
+    fuzzy_patient_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,15 +288,119 @@ class InstanceSummary:
     updated_at: dt.datetime | None
 
 
-def _wildcard(column: Any, pattern: str, *, case_insensitive: bool = False) -> Any:
-    """PS3.4 wildcard matching: '*' any run, '?' one character; SQL specials escaped."""
+def _wildcard_value(pattern: str, *, case_insensitive: bool = False) -> tuple[bool, str]:
+    """PS3.4 wildcard matching: '*' any run, '?' one character. (is a LIKE pattern, the
+    value to compare with), SQL specials escaped in patterns."""
     if "*" not in pattern and "?" not in pattern:
-        return func.upper(column) == pattern.upper() if case_insensitive else column == pattern
+        return False, pattern.upper() if case_insensitive else pattern
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     like = escaped.replace("*", "%").replace("?", "_")
-    if case_insensitive:
-        return func.upper(column).like(like.upper(), escape="\\")
-    return column.like(like, escape="\\")
+    return True, like.upper() if case_insensitive else like
+
+
+def _matching(column: Any, like: bool, value: Any, *, case_insensitive: bool = False) -> Any:
+    """The condition for a value (or bind parameter) from `_wildcard_value`."""
+    target = func.upper(column) if case_insensitive else column
+    return target.like(value, escape="\\") if like else target == value
+
+
+def _wildcard(column: Any, pattern: str, *, case_insensitive: bool = False) -> Any:
+    like, value = _wildcard_value(pattern, case_insensitive=case_insensitive)
+    return _matching(column, like, value, case_insensitive=case_insensitive)
+
+
+#: The form of a study search: per text key None / exact / LIKE, which date bounds, UID
+#: list, modalities, how many words a fuzzy name has, the caller's scope shape.
+_StudyShape = tuple[bool | None, bool | None, bool | None, bool, bool, bool, bool, bool, int,
+                    tuple[bool, bool, bool]]
+
+#: What separates the words of a person name (components, groups, spaces).
+_NAME_SEPARATORS = re.compile(r"[\s^=,]+")
+
+
+def fuzzy_name_words(pattern: str) -> list[str]:
+    """The words of a fuzzy PatientName query, upper case, as LIKE-escaped prefixes."""
+    words = [w for w in _NAME_SEPARATORS.split(pattern.upper()) if w.strip("*?")]
+    return [_wildcard_value(w.rstrip("*") + "*")[1] for w in words]
+
+
+def _study_plan(query: StudyQuery) -> tuple[_StudyShape, dict[str, Any]]:
+    """The form of `query`'s SQL and the values it takes."""
+    values: dict[str, Any] = {"limit": query.limit, "offset": query.offset}
+    kinds: list[bool | None] = []
+    fuzzy = fuzzy_name_words(query.patient_name or "") if query.fuzzy_patient_name else []
+    for number, word in enumerate(fuzzy):
+        values[f"name_word_{number}"] = word
+    for name, pattern, insensitive in (("patient_id", query.patient_id, False),
+                                       ("patient_name", None if fuzzy else query.patient_name, True),
+                                       ("accession_number", query.accession_number, False)):
+        if not pattern:
+            kinds.append(None)
+            continue
+        like, values[name] = _wildcard_value(pattern, case_insensitive=insensitive)
+        kinds.append(like)
+    dates = query.study_date
+    values.update(date_start=dates.start if dates else None, date_end=dates.end if dates else None,
+                  uids=list(query.study_instance_uids), modalities=list(query.modalities))
+    scope = query.scope or AccessScope()
+    values.update(scope.parameters())
+    shape: _StudyShape = (kinds[0], kinds[1], kinds[2], dates is not None,
+                          bool(dates and dates.start), bool(dates and dates.end),
+                          bool(query.study_instance_uids), bool(query.modalities), len(fuzzy),
+                          scope.shape)
+    return shape, values
+
+
+def _study_conditions(shape: _StudyShape) -> list[Any]:
+    patient_id, patient_name, accession, dated, start, end, uids, modalities, words, scope = shape
+    conditions: list[Any] = []
+    person = func.upper(Study.patient_name)
+    for number in range(words):  # the word begins the name, a component or a space-separated part
+        word: Any = bindparam(f"name_word_{number}")
+        conditions.append(or_(*(person.like(prefix + word, escape="\\")
+                                for prefix in ("", "%^", "% ", "%="))))
+    for like, column, name, insensitive in ((patient_id, Study.patient_id, "patient_id", False),
+                                            (patient_name, Study.patient_name, "patient_name", True),
+                                            (accession, Study.accession_number, "accession_number", False)):
+        if like is not None:
+            conditions.append(_matching(column, like, bindparam(name), case_insensitive=insensitive))
+    if start:
+        conditions.append(Study.study_date >= bindparam("date_start"))
+    if end:
+        conditions.append(Study.study_date <= bindparam("date_end"))
+    if dated:
+        conditions.append(Study.study_date != "")
+    if uids:
+        conditions.append(Study.study_instance_uid.in_(bindparam("uids", expanding=True)))
+    if modalities:
+        conditions.append(exists().where(
+            Series.study_instance_uid == Study.study_instance_uid,
+            Series.modality.in_(bindparam("modalities", expanding=True))))
+    return conditions + scope_conditions(scope, Study.study_instance_uid)
+
+
+@functools.lru_cache(maxsize=512)
+def _study_search_statement(shape: _StudyShape) -> Select[Any]:
+    """Built once per form: building a statement costs more than running it."""
+    # A share of some series of a study counts (and lists modalities of) those only.
+    limited = (False, False, shape[-1][2])
+    series_limit = scope_conditions(limited, Series.study_instance_uid, Series.series_instance_uid)
+    instance_limit = scope_conditions(limited, Instance.study_instance_uid,
+                                      Instance.series_instance_uid)
+    series_count = (select(func.count())
+                    .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
+                    .correlate(Study).scalar_subquery())
+    instance_count = (select(func.count())
+                      .where(Instance.study_instance_uid == Study.study_instance_uid, *instance_limit)
+                      .correlate(Study).scalar_subquery())
+    modalities = (select(func.aggregate_strings(Series.modality, "\\"))
+                  .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
+                  .correlate(Study).scalar_subquery())
+    return (select(Study.__table__).where(*_study_conditions(shape))
+            .add_columns(series_count.label("n_series"), instance_count.label("n_instances"),
+                         modalities.label("modalities"))
+            .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.study_instance_uid)
+            .limit(bindparam("limit")).offset(bindparam("offset")))
 
 
 class IndexRepository:
@@ -305,65 +443,13 @@ class IndexRepository:
             for record in records:
                 self._upsert(session, Instance, record.instance, "sop_instance_uid")
 
-    def _filtered(self, query: StudyQuery) -> Select[Any]:
-        statement = select(Study.__table__)
-        conditions: list[Any] = []
-        if query.patient_id:
-            conditions.append(_wildcard(Study.patient_id, query.patient_id))
-        if query.patient_name:
-            conditions.append(_wildcard(Study.patient_name, query.patient_name, case_insensitive=True))
-        if query.accession_number:
-            conditions.append(_wildcard(Study.accession_number, query.accession_number))
-        if query.study_date is not None:
-            if query.study_date.start:
-                conditions.append(Study.study_date >= query.study_date.start)
-            if query.study_date.end:
-                conditions.append(Study.study_date <= query.study_date.end)
-            conditions.append(Study.study_date != "")
-        if query.study_instance_uids:
-            conditions.append(Study.study_instance_uid.in_(query.study_instance_uids))
-        if query.modalities:
-            conditions.append(
-                exists().where(
-                    and_(
-                        Series.study_instance_uid == Study.study_instance_uid,
-                        or_(*[Series.modality == m for m in query.modalities]),
-                    )
-                )
-            )
-        if query.scope is not None:
-            conditions += query.scope.conditions(Study.study_instance_uid)
-        return statement.where(*conditions)
-
     def search_studies(self, query: StudyQuery) -> list[StudySummary]:
         """Matching studies, newest first, with their series/instance counts and modalities."""
-        # One statement with correlated counts, on a plain connection: three round trips and
-        # the ORM's identity map cost more than the query itself.
-        # A share of some series of a study counts (and lists modalities of) those only.
-        limits = (AccessScope(series_limits=query.scope.series_limits)
-                  if query.scope is not None and query.scope.series_limits else None)
-        series_limit = limits.conditions(Series.study_instance_uid, Series.series_instance_uid) if limits else []
-        instance_limit = (limits.conditions(Instance.study_instance_uid, Instance.series_instance_uid)
-                          if limits else [])
-        series_count = (select(func.count())
-                        .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
-                        .correlate(Study).scalar_subquery())
-        instance_count = (select(func.count())
-                          .where(Instance.study_instance_uid == Study.study_instance_uid, *instance_limit)
-                          .correlate(Study).scalar_subquery())
-        modalities = (select(func.aggregate_strings(Series.modality, "\\"))
-                      .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
-                      .correlate(Study).scalar_subquery())
-        statement = (
-            self._filtered(query)
-            .add_columns(series_count.label("n_series"), instance_count.label("n_instances"),
-                         modalities.label("modalities"))
-            .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.study_instance_uid)
-            .limit(query.limit)
-            .offset(query.offset)
-        )
+        # One statement with correlated counts, on a plain connection, built once per form
+        # of query: three round trips and the ORM's identity map cost more than the query.
+        shape, values = _study_plan(query)
         with self.engine.connect() as connection:
-            studies = connection.execute(statement).all()
+            studies = connection.execute(_study_search_statement(shape), values).all()
         return [
             StudySummary(
                 study_instance_uid=s.study_instance_uid,
@@ -387,9 +473,11 @@ class IndexRepository:
 
     def count_studies(self, query: StudyQuery) -> int:
         """How many studies match, ignoring limit and offset."""
-        statement = select(func.count()).select_from(self._filtered(query).subquery())
-        with Session(self.engine) as session:
-            return int(session.scalar(statement) or 0)
+        shape, values = _study_plan(query)
+        statement = select(func.count()).select_from(
+            select(Study.study_instance_uid).where(*_study_conditions(shape)).subquery())
+        with self.engine.connect() as connection:
+            return int(connection.scalar(statement, values) or 0)
 
     def search_series(self, query: SeriesQuery) -> list[SeriesSummary]:
         """Matching series with their instance counts, by study then series number."""
@@ -436,23 +524,22 @@ class IndexRepository:
         if query.scope is not None:
             conditions += query.scope.conditions(Instance.study_instance_uid,
                                                  Instance.series_instance_uid)
+        columns = Instance.__table__.c
         statement = (
-            select(Instance, Series.modality)
+            select(columns.study_instance_uid, columns.series_instance_uid,
+                   columns.sop_instance_uid, columns.sop_class_uid, columns.instance_number,
+                   columns.rows, columns.columns, columns.number_of_frames,
+                   columns.transfer_syntax_uid, columns.object_key, columns.size_bytes,
+                   columns.sha256, func.coalesce(Series.modality, "").label("modality"), columns.updated_at)
             .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
             .where(*conditions)
             .order_by(Instance.series_instance_uid, Instance.instance_number,
                       Instance.sop_instance_uid)
             .limit(query.limit).offset(query.offset)
         )
-        with Session(self.engine) as session:
-            return [
-                InstanceSummary(
-                    i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid,
-                    i.sop_class_uid, i.instance_number, i.rows, i.columns, i.number_of_frames,
-                    i.transfer_syntax_uid, i.object_key, i.size_bytes, i.sha256, modality or "",
-                    i.updated_at)
-                for i, modality in session.execute(statement)
-            ]
+        # Plain rows on a connection: a study's worth of ORM objects costs milliseconds.
+        with self.engine.connect() as connection:
+            return [InstanceSummary(**row._asdict()) for row in connection.execute(statement)]
 
     def instance_keys(self, study_instance_uid: str) -> list[str]:
         """The object keys of a study's instances, in series/instance order."""
@@ -472,9 +559,11 @@ class IndexRepository:
                 select(Instance.sop_instance_uid, Instance.object_key, Instance.size_bytes)
             ).tuples()
 
-    def studies_due_for_completion(self, quiet_seconds: float) -> list[tuple[str, int]]:
+    def studies_due_for_completion(self, quiet_seconds: float,
+                                   site_ids: Sequence[str] | None = None) -> list[tuple[str, int]]:
         """(study UID, instance count) of studies unchanged for `quiet_seconds` whose
-        completion step has not run for their current content."""
+        completion step has not run for their current content; of `site_ids` only (a
+        site's worker completes its own studies: webhooks go to that site's receivers)."""
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=quiet_seconds)
         counts = (
             select(Instance.study_instance_uid.label("uid"), func.count().label("n"),
@@ -488,6 +577,8 @@ class IndexRepository:
             .where(or_(Study.completed_instance_count.is_(None),
                        Study.completed_instance_count != counts.c.n))
         )
+        if site_ids is not None:
+            statement = statement.where(Study.site_id.in_(list(site_ids)))
         due = []
         with Session(self.engine) as session:
             for uid, count, last in session.execute(statement):

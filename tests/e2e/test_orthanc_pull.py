@@ -3,9 +3,6 @@ with our DICOMweb root in `DicomWeb.Servers`, pulls a study with its own client.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,39 +11,17 @@ import pytest
 
 from storage import StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
-from tests.support.services import free_port, wait_for
-
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+from tests.support.orthanc import Orthanc
 
 
 @pytest.fixture
 def orthanc(tmp_path: Path, gateway_server: DicomwebServer) -> Iterator[str]:
-    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-    if not Path(binary).exists() or not PLUGIN.exists():
-        pytest.fail("orthanc and orthanc-dicomweb are not installed: run `make test`")
-    http_port = free_port()
-    config = {
-        "Name": "regional-hospital", "HttpPort": http_port, "DicomPort": free_port(),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "StorageDirectory": str(tmp_path / "storage"), "IndexDirectory": str(tmp_path / "index"),
-        "Plugins": [str(PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {
-            "gateway": {"Url": f"{gateway_server.url}/",
-                        "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}}},
-    }
-    path = tmp_path / "orthanc.json"
-    path.write_text(json.dumps(config))
-    log = open(tmp_path / "orthanc.log", "wb")
-    process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
     try:
-        wait_for(lambda: httpx.get(f"{url}/system", timeout=2).status_code == 200, timeout=60,
-                 what="Orthanc to start")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        pacs = Orthanc(tmp_path / "orthanc", {"gateway": (gateway_server.url, TOKEN)})
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
+    with pacs:
+        yield pacs.url
 
 
 @pytest.fixture

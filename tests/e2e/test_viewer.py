@@ -195,7 +195,7 @@ def test_expired_revoked_and_unknown_links_get_clear_pages(server: DicomwebServe
         share_id="viewerexpired0001", created_at=now - dt.timedelta(days=1), created_by="test",
         expires_at=now - dt.timedelta(minutes=1), revoked_at=None, pin_hash=None, pin_failures=0,
         locked_at=None, max_uses=None, uses=0, allow_download=False, recipient="",
-        recipient_email="", note="", site_id=None, items=(ShareItemRecord(study),)), sha256_hex(token))
+        recipient_email="", note="", site_ids=None, items=(ShareItemRecord(study),)), sha256_hex(token))
     answer = page.goto(f"{server.root}/s/{token}?lang=en")
     assert answer.status == 410 and "expired" in page.inner_text("h1")
     page.screenshot(path=str(ARTIFACTS / "expired.png"))

@@ -3,11 +3,11 @@ database outage, broker restart. Nothing acknowledged is lost; effects are exact
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,8 +20,9 @@ from kombu import Connection
 from anonymize import DeidentificationPolicy, PseudonymKeys
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
+from tests.faults.conftest import PrivateRedis
 from tests.support.seaweedfs import SeaweedFS
-from tests.support.services import GatewayProcess, free_port, gateway_command, gateway_env, wait_for
+from tests.support.services import GatewayProcess, gateway_command, gateway_env, wait_for
 from tests.support.tcp_proxy import TcpProxy
 from worker import IngestPipeline, create_celery_app, enqueue_ingest
 
@@ -103,6 +104,22 @@ def _wait_ready(data_dir: Path, worker: GatewayProcess) -> None:
     assert worker.alive(), worker.log_text()
 
 
+@contextlib.contextmanager
+def _worker_mid_batch(tmp_path: Path, env: dict[str, str], data_dir: Path, site: str, source: Path,
+                      broker_url: str, options: dict[str, object],
+                      name: str) -> Iterator[tuple[GatewayProcess, Path]]:
+    """A worker that has stored part of a spooled 30-instance batch and not the rest: the
+    moment to interrupt it. Yields the worker and the batch's spool folder."""
+    batch_dir = _spool(data_dir, site, "batch", source)
+    objects_dir = data_dir / "objects"
+    with _worker(tmp_path, env, name) as worker:
+        _wait_ready(data_dir, worker)
+        _sender(broker_url, site, options)("batch")
+        wait_for(lambda: 3 <= len(_objects(objects_dir)) < 30 if objects_dir.exists() else False,
+                 timeout=120, interval=0.02, what="the batch to be under way")
+        yield worker, batch_dir
+
+
 @pytest.fixture(scope="module")
 def big_batch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("big-batch")
@@ -134,13 +151,9 @@ def test_worker_killed_mid_batch_yields_exactly_the_same_objects_and_rows(
     env = gateway_env(data_dir, site_id=site, pseudonym_secret=SECRET, broker_url=url,
                       broker_transport_options=json.dumps(options))
     index_url = f"sqlite:///{data_dir / 'index.sqlite3'}"
-    batch_dir = _spool(data_dir, site, "batch", big_batch)
     objects_dir = data_dir / "objects"
-    with _worker(tmp_path, env, "first") as first:
-        _wait_ready(data_dir, first)
-        _sender(url, site, options)("batch")
-        wait_for(lambda: 3 <= len(_objects(objects_dir)) < 30 if objects_dir.exists() else False,
-                 timeout=120, interval=0.02, what="the batch to be half done")
+    with _worker_mid_batch(tmp_path, env, data_dir, site, big_batch, url, options,
+                           "first") as (first, batch_dir):
         first.stop(signal.SIGKILL)
         killed_at = time.monotonic()
     assert _count(index_url) == 0  # the index is written once per batch, after the objects
@@ -155,6 +168,24 @@ def test_worker_killed_mid_batch_yields_exactly_the_same_objects_and_rows(
     expected_objects, expected_rows = _reference(tmp_path, site, big_batch)
     assert _objects(objects_dir) == expected_objects
     assert _index(index_url).dump() == expected_rows
+
+
+def test_worker_sigterm_finishes_the_batch_in_hand_then_exits(tmp_path: Path, big_batch: Path,
+                                                              redis_url: str) -> None:
+    """Warm shutdown (what systemd's stop and `serve`'s Ctrl-C send): SIGTERM mid-batch,
+    the worker completes that batch — objects, index rows, spool removed — then exits 0,
+    with no other worker to pick anything up afterwards."""
+    site = f"term-{uuid.uuid4().hex[:6]}"
+    data_dir = tmp_path / "data"
+    options: dict[str, object] = {"global_keyprefix": f"dgw-{uuid.uuid4().hex}:"}
+    env = gateway_env(data_dir, site_id=site, pseudonym_secret=SECRET, broker_url=redis_url,
+                      broker_transport_options=json.dumps(options))
+    with _worker_mid_batch(tmp_path, env, data_dir, site, big_batch, redis_url, options,
+                           "terminated") as (worker, batch_dir):
+        assert worker.stop(signal.SIGTERM, timeout=120) == 0, worker.log_text()
+    assert not batch_dir.exists(), "the worker left its batch unfinished"
+    assert _count(f"sqlite:///{data_dir / 'index.sqlite3'}") == 30
+    assert len(_objects(data_dir / "objects")) == 30
 
 
 def test_s3_outage_delays_but_loses_nothing(tmp_path: Path, small_batch: Path, redis_url: str) -> None:
@@ -191,34 +222,11 @@ def test_database_outage_delays_but_loses_nothing(
                               proxy.cut, proxy.restore, direct_url)
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    port = free_port()
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                    "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(process)
-        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                                        text=True).stdout.strip() == "PONG",
-                 timeout=30, what="redis to answer")
-        return process
-
-    start.port = port  # type: ignore[attr-defined]
-    yield start
-    for process in processes:
-        process.kill()
-        process.wait()
-
-
 def test_worker_survives_a_broker_restart(tmp_path: Path, small_batch: Path,
-                                          private_redis: Callable[[], subprocess.Popen[bytes]]) -> None:
+                                          private_redis: PrivateRedis) -> None:
     site = f"broker-{uuid.uuid4().hex[:6]}"
     data_dir = tmp_path / "data"
-    redis_process = private_redis()
-    url = f"redis://127.0.0.1:{private_redis.port}/0"  # type: ignore[attr-defined]
+    url = private_redis.url
     env = gateway_env(data_dir, site_id=site, pseudonym_secret=SECRET, broker_url=url)
     _spool(data_dir, site, "first", small_batch)
     with _worker(tmp_path, env, "worker") as worker:
@@ -226,9 +234,8 @@ def test_worker_survives_a_broker_restart(tmp_path: Path, small_batch: Path,
         _sender(url, site, {})("first")
         index_url = f"sqlite:///{data_dir / 'index.sqlite3'}"
         wait_for(lambda: _count(index_url) == 8, timeout=120, what="the first batch")
-        redis_process.kill()
-        redis_process.wait()
-        private_redis()
+        private_redis.stop()
+        private_redis.start()
         second = tmp_path / "second-source"
         write_sample_study(second, SampleStudySpec(ct_slices=2, mr_slices=0, ct_size=64, seed=9))
         _spool(data_dir, site, "second", second)

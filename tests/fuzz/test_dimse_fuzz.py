@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -18,8 +17,8 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicom_node import CallerPolicy, DicomNode, NodeConfig, Status
-from tests.support.services import free_port
+from dicom_node import DicomNode, Status
+from tests.fuzz.conftest import store_bytes_as_they_are
 
 EXAMPLES = int(os.environ.get("DGW_FUZZ_EXAMPLES", "150"))
 ALLOWED = {Status.SUCCESS, Status.CANNOT_UNDERSTAND, Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -35,16 +34,6 @@ def _base() -> bytes:
 
 BASE = _base()
 META_END = 132 + 12 + int.from_bytes(BASE[140:144], "little")  # after the file meta group
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomNode]:
-    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id="site1",
-                        spool_root=tmp_path_factory.mktemp("spool"), policy=CallerPolicy.build(["127.0.0.0/8"]))
-    running = DicomNode(config, lambda site, batch: None)
-    running.start()
-    yield running
-    running.stop()
 
 
 MUTATION = st.one_of(
@@ -122,17 +111,7 @@ def test_struct_error_corruption_is_refused_by_the_node(node: DicomNode,
                                                         tmp_path: Path) -> None:
     path = tmp_path / "struct-error.dcm"
     path.write_bytes(_mutate(BASE, STRUCT_ERROR_CASE))
-    ae = AE(ae_title="FUZZER")
-    ae.add_requested_context(CTImageStorage, [pydicom.uid.ExplicitVRLittleEndian])
-    previous = pynetdicom._config.STORE_SEND_CHUNKED_DATASET
-    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMGATEWAY")
-        status = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = previous
-    assert int(status.Status) == Status.CANNOT_UNDERSTAND
+    assert int(store_bytes_as_they_are(node, path).Status) == Status.CANNOT_UNDERSTAND
 
 
 def test_struct_error_corruption_is_quarantined_by_the_worker(tmp_path: Path) -> None:

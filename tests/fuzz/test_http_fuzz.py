@@ -6,9 +6,9 @@ answering. DGW_FUZZ_EXAMPLES raises the number of cases (default: a few hundred 
 from __future__ import annotations
 
 import os
-from urllib.parse import quote
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest

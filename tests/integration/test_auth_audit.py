@@ -106,9 +106,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, issuer: _Issuer,
         yield running
 
 
-def _key(server: DicomwebServer, scopes: set[str], site: str | None = None) -> tuple[str, str]:
+def _key(server: DicomwebServer, scopes: set[str], site: str | None = None,
+         sites: set[str] | None = None) -> tuple[str, str]:
     key_id, key = new_api_key()
-    server.access.add_api_key(ApiKeyRecord(key_id, "test", frozenset(scopes), site,
+    limited = frozenset(sites) if sites is not None else frozenset({site}) if site else None
+    server.access.add_api_key(ApiKeyRecord(key_id, "test", frozenset(scopes), limited,
                                            dt.datetime.now(dt.UTC), None, sha256_hex(key)))
     return key_id, key
 
@@ -285,7 +287,7 @@ def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
     key = runner.invoke(app, ["apikey", "create", "--name", "PACS", "--scope", "read", "--site", "site1"])
     assert key.exit_code == 0 and key.stdout.strip().startswith("dgw_")
     keys = [json.loads(line) for line in runner.invoke(app, ["apikey", "list"]).stdout.splitlines()]
-    assert keys[0]["scopes"] == ["read"] and keys[0]["site"] == "site1"
+    assert keys[0]["scopes"] == ["read"] and keys[0]["sites"] == ["site1"]
     assert key.stdout.strip() not in runner.invoke(app, ["apikey", "list"]).stdout
     assert runner.invoke(app, ["apikey", "revoke", keys[0]["id"]]).exit_code == 0
     assert runner.invoke(app, ["apikey", "revoke", keys[0]["id"]]).exit_code != 0
@@ -329,3 +331,93 @@ def test_a_key_of_site_b_cannot_read_site_a_at_any_dicomweb_level(server: Dicomw
         assert httpx.get(base, headers={"Authorization": f"Bearer {key}",
                                          "Accept": 'multipart/related; type="application/dicom"'}).status_code == 404
         assert httpx.get(f"{base}/series", headers=auth).json() == []
+
+
+def _ingest_site_study(server: DicomwebServer, tmp_path: Path, site: str, seed: int) -> str:
+    """One more study, produced by `site`, through the pipeline; its de-identified UID."""
+    from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+    from worker import Spool
+
+    folder = tmp_path / f"{site}-study"
+    write_sample_study(folder, SampleStudySpec(ct_slices=1, mr_slices=0, ct_size=32, seed=seed,
+                                               identity=PlantedIdentity(patient_id=f"{site}-1")))
+    spool = Spool(server.pipeline.spool_root, site)
+    for path in folder.rglob("*.dcm"):
+        spool.write(f"{site}-batch", str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID),
+                    path.read_bytes())
+    report = server.pipeline.ingest_batch(site, f"{site}-batch")
+    assert report.stored == 1
+    [study] = report.stored_study_uids
+    return study
+
+
+def _sites(server: DicomwebServer) -> dict[str, str]:
+    with server.index.engine.connect() as connection:
+        return dict(connection.execute(text("SELECT study_instance_uid, site_id FROM studies")).all())
+
+
+def test_a_key_limited_to_two_sites_sees_both_and_no_other(server: DicomwebServer, tmp_path: Path) -> None:
+    east = _ingest_site_study(server, tmp_path, "site-east", 4101)
+    west = _ingest_site_study(server, tmp_path, "site-west", 4102)
+    sites = _sites(server)
+    _, key = _key(server, {"read"}, sites={"site-east", "site-west"})
+    auth = {"Authorization": f"Bearer {key}", **JSON}
+    seen = {s["0020000D"]["Value"][0] for s in httpx.get(f"{server.url}/studies", headers=auth).json()}
+    assert seen == {east, west}
+    other = next(uid for uid, site in sites.items() if site not in ("site-east", "site-west"))
+    assert httpx.get(f"{server.url}/studies/{other}/metadata", headers=auth).status_code == 404
+
+
+def test_a_shares_only_key_shares_its_sites_studies_and_reads_no_images(
+        server: DicomwebServer, tmp_path: Path) -> None:
+    """`--scope share` limited to one site: it creates, lists and revokes shares of that
+    site's studies only, and can read nothing through /dicom-web; its share opens."""
+    north = _ingest_site_study(server, tmp_path, "site-north", 4201)
+    elsewhere = next(uid for uid, site in _sites(server).items() if site != "site-north")
+    _, key = _key(server, {"share"}, sites={"site-north"})
+    auth = {"Authorization": f"Bearer {key}"}
+    for path in ("/studies", f"/studies/{north}/metadata", f"/studies/{north}/series"):
+        assert httpx.get(f"{server.url}{path}", headers={**auth, **JSON}).status_code == 403, path
+    assert httpx.get(f"{server.root}/api/audit", headers=auth).status_code == 403
+    refused = httpx.post(f"{server.root}/api/shares", headers=auth,
+                         json={"study_uids": [elsewhere], "expires_in": 3600})
+    assert refused.status_code == 404 and refused.json()["error"]
+    created = httpx.post(f"{server.root}/api/shares", headers=auth,
+                         json={"study_uids": [north], "expires_in": 3600})
+    assert created.status_code == 201
+    mine = created.json()
+    theirs = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                        json={"study_uids": [elsewhere], "expires_in": 3600}).json()
+    listed = {s["id"] for s in httpx.get(f"{server.root}/api/shares", headers=auth).json()}
+    assert mine["id"] in listed and theirs["id"] not in listed
+    assert httpx.get(f"{server.root}/api/shares/{theirs['id']}", headers=auth).status_code == 404
+    assert httpx.delete(f"{server.root}/api/shares/{theirs['id']}", headers=auth).status_code == 404
+    assert httpx.get(f"{server.root}/api/shares/{theirs['id']}", headers=ADMIN).json()["status"] == "active"
+    token = mine["url"].rsplit("/s/", 1)[1]
+    with httpx.Client() as viewer:
+        assert viewer.post(f"{server.root}/s/{token}/session", json={}).status_code == 201
+        studies = viewer.get(f"{server.root}/s/{token}/dicom-web/studies", headers=JSON).json()
+    assert [s["0020000D"]["Value"][0] for s in studies] == [north]
+    assert httpx.delete(f"{server.root}/api/shares/{mine['id']}", headers=auth).status_code == 200
+
+
+def test_oidc_site_claim_limits_to_the_named_sites(tmp_path_factory: pytest.TempPathFactory,
+                                                   issuer: _Issuer, tmp_path: Path) -> None:
+    """A `sites` claim (list or space-separated) limits an OIDC user to those sites; a role
+    mapped to `share` alone makes a shares-only identity; no claim at all: 401."""
+    config = {"oidc": OidcConfig(issuer=issuer.url, audience="dicom-gateway", scope_claim="roles",
+                                 scope_map={"radiologue": ("read", "share"), "secretariat": ("share",)},
+                                 site_claim="sites")}
+    with DicomwebServer(tmp_path_factory.mktemp("oidc-sites"), **config) as server:
+        south = _ingest_site_study(server, tmp_path, "site-south", 4301)
+        listed = lambda token: {s["0020000D"]["Value"][0] for s in httpx.get(  # noqa: E731
+            f"{server.url}/studies", headers={"Authorization": f"Bearer {token}", **JSON}).json()}
+        assert listed(issuer.token(sites=["site-south"])) == {south}
+        assert listed(issuer.token(sites="site1 site-south")) == set(_sites(server))
+        for no_site in ({}, {"sites": [""]}, {"sites": [None]}, {"sites": "  "}, {"sites": ["../x"]}):
+            assert httpx.get(f"{server.url}/studies", headers={  # no (valid) site named
+                "Authorization": f"Bearer {issuer.token(**no_site)}"}).status_code == 401, no_site
+        clerk = {"Authorization": f"Bearer {issuer.token(roles=['secretariat'], sites=['site-south'])}"}
+        assert httpx.get(f"{server.url}/studies", headers={**clerk, **JSON}).status_code == 403
+        assert httpx.post(f"{server.root}/api/shares", headers=clerk,
+                          json={"study_uids": [south], "expires_in": 600}).status_code == 201

@@ -4,6 +4,7 @@ rendered) plus raw requests for the error cases."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -441,3 +442,81 @@ def test_transcoded_retrieve_keeps_the_sop_instance_uid(client: DICOMwebClient,
                                         media_types=(("application/dicom", "1.2.840.10008.1.2.1"),))
     assert instance.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert instance.SOPInstanceUID == sop and instance.file_meta.MediaStorageSOPInstanceUID == sop
+
+
+def test_a_large_study_streams_in_bounded_memory(server: DicomwebServer, tmp_path: Path) -> None:
+    """160 instances of 1.6 MB (a 256 MB study) go out with the server's (and this
+    client's) Python allocations staying under 16 MB: no study is held in memory."""
+    import dataclasses
+    import os
+    import tracemalloc
+
+    from storage import InstanceRecord
+
+    [source] = write_sample_study(tmp_path / "big", SampleStudySpec(
+        ct_slices=1, mr_slices=0, ct_size=900, seed=77))
+    template = pydicom.dcmread(source)
+    study_uid, series_uid = "2.25.8001", "2.25.8001.1"
+    first = InstanceRecord.from_dataset(
+        template, object_key="big/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
+        transfer_syntax_uid=str(template.file_meta.TransferSyntaxUID), site_id="site1")
+    records = []
+    (server.store.root / "big").mkdir()
+    for number in range(160):
+        key = f"big/{number}.dcm"
+        os.link(source, server.store.root / key)  # same bytes, no 256 MB of writes
+        records.append(dataclasses.replace(
+            first, study={**first.study, "study_instance_uid": study_uid},
+            series={**first.series, "study_instance_uid": study_uid, "series_instance_uid": series_uid},
+            instance={**first.instance, "study_instance_uid": study_uid, "series_instance_uid": series_uid,
+                      "sop_instance_uid": f"{series_uid}.{number}", "instance_number": number,
+                      "object_key": key}))
+    server.index.upsert_instances(records)
+    expected = 160 * source.stat().st_size
+    tracemalloc.start()
+    try:
+        with httpx.stream("GET", f"{server.url}/studies/{study_uid}", timeout=120,
+                          headers={"Authorization": f"Bearer {TOKEN}",
+                                   "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}) as response:
+            assert response.status_code == 200
+            total = sum(len(chunk) for chunk in response.iter_raw(1 << 16))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert expected < total < expected + 160 * 1024  # every body plus part headers
+    assert peak < 16 << 20, f"peak {peak / 1e6:.0f} MB while streaming {total / 1e6:.0f} MB"
+
+
+def _parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related answer, parsed by the standard library."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode() + response.content)
+    assert message.is_multipart()
+    return [(dict(part.items()), part.get_payload(decode=True)) for part in message.iter_parts()]
+
+
+def test_rendered_series_and_study_are_multipart_images(server: DicomwebServer) -> None:
+    from PIL import Image
+
+    study, series, _ = _uids(server)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    png = httpx.get(f"{server.url}/studies/{study}/series/{series}/rendered",
+                    headers={**auth, "Accept": 'multipart/related; type="image/png"'})
+    assert png.status_code == 200 and 'type="image/png"' in png.headers["content-type"]
+    parts = _parts(png)
+    assert len(parts) == 4  # the CT series' four images
+    assert all(body.startswith(b"\x89PNG") and "/rendered" in headers["Content-Location"]
+               for headers, body in parts)
+    assert len({headers["Content-Location"] for headers, _ in parts}) == 4
+    jpeg = httpx.get(f"{server.url}/studies/{study}/rendered", params={"viewport": "32,32", "quality": "80"},
+                     headers={**auth, "Accept": 'multipart/related; type="image/jpeg"'})
+    images = [Image.open(io.BytesIO(body)) for _, body in _parts(jpeg)]
+    assert len(images) == 6 and all(i.format == "JPEG" and max(i.size) == 32 for i in images)
+    refused = httpx.get(f"{server.url}/studies/{study}/rendered",
+                        headers={**auth, "Accept": 'multipart/related; type="application/dicom"'})
+    assert refused.status_code == 406 and refused.json()["error"]
+    bad = httpx.get(f"{server.url}/studies/{study}/rendered", params={"window": "wide"}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]

@@ -139,7 +139,7 @@ def test_expired_share_returns_410(server: DicomwebServer, studies: list[str]) -
         share_id="expired0000000001", created_at=now - dt.timedelta(days=2), created_by="test",
         expires_at=now - dt.timedelta(seconds=1), revoked_at=None, pin_hash=None, pin_failures=0,
         locked_at=None, max_uses=None, uses=0, allow_download=False, recipient="", recipient_email="",
-        note="", site_id=None, items=(ShareItemRecord(studies[0]),)), sha256_hex(token))
+        note="", site_ids=None, items=(ShareItemRecord(studies[0]),)), sha256_hex(token))
     page = httpx.get(f"{server.root}/s/{token}")
     assert page.status_code == 410
     assert "text/html" in page.headers["content-type"] and "expir" in page.text

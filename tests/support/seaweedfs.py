@@ -73,6 +73,11 @@ class SeaweedFS:
         self._log: IO[bytes] | None = None
         self._ports: dict[str, int] = {}
 
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id (for CPU accounting in benchmarks)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def client(self, **overrides: Any) -> Any:
         """A path-style boto3 S3 client; keyword overrides go to ``boto3.client``."""
         kwargs: dict[str, Any] = {

@@ -94,6 +94,35 @@ def test_unsupported_matching_key_is_ignored_with_a_warning(client: TestClient) 
     assert "Manufacturer" in response.headers["warning"]
 
 
+def test_fuzzy_patient_name_matching_is_supported(client: TestClient) -> None:
+    studies = client.get("/dicom-web/studies", headers=AUTH).json()
+    name = studies[0]["00100010"]["Value"][0]["Alphabetic"]
+    last_word = name.replace("^", " ").split()[-1]
+    exact = client.get(f"/dicom-web/studies?PatientName={last_word.lower()}", headers=AUTH)
+    assert exact.status_code == 200 and exact.json() == []
+    fuzzy = client.get(f"/dicom-web/studies?PatientName={last_word.lower()}&fuzzymatching=true",
+                       headers=AUTH)
+    assert fuzzy.status_code == 200 and "fuzzy" not in fuzzy.headers.get("warning", "")
+    assert studies[0]["0020000D"] in [s["0020000D"] for s in fuzzy.json()]
+
+
+@pytest.mark.parametrize("path", ["ReferencedStudySequence.ReferencedSOPInstanceUID",
+                                  "00081110.00081155", "ProcedureCodeSequence.CodeValue"])
+def test_sequence_matching_keys_are_ignored_with_a_warning(client: TestClient, path: str) -> None:
+    """The index keeps no sequence: a sequence attribute path is a valid key, ignored."""
+    response = client.get(f"/dicom-web/studies?{path}=1.2.3", headers=AUTH)
+    assert response.status_code == 200 and len(response.json()) == 2
+    assert "Sequence." in response.headers["warning"]
+
+
+@pytest.mark.parametrize("path", ["PatientID.PatientName", "ReferencedStudySequence.NoSuchThing",
+                                  "Nothing.ReferencedSOPInstanceUID", ".PatientID",
+                                  "ReferencedStudySequence."])
+def test_malformed_attribute_paths_are_400(client: TestClient, path: str) -> None:
+    response = client.get(f"/dicom-web/studies?{path}=1", headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
+
+
 def test_unacceptable_media_type_is_406(client: TestClient) -> None:
     response = client.get("/dicom-web/studies", headers={**AUTH, "Accept": "application/dicom+xml"})
     assert response.status_code == 406
@@ -186,3 +215,27 @@ def test_startup_removes_old_parts_of_interrupted_uploads(tmp_path: Path) -> Non
     with TestClient(app) as client:  # runs the lifespan
         assert client.get("/livez").status_code == 200
     assert not orphan.exists() and current.exists()
+
+
+def test_database_unreachable_is_503_and_a_broken_schema_is_500(tmp_path: Path) -> None:
+    """A PostgreSQL nobody answers for: 503 + Retry-After (the client retries); a schema
+    that is not there: 500 (retrying will not help: ours to fix). Both JSON."""
+    from sqlalchemy import text
+
+    from tests.support.services import free_port
+
+    down = IndexRepository(create_index_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/none"))
+    with TestClient(create_app(ApiConfig(admin_token=TOKEN), down,
+                               FilesystemObjectStore(tmp_path / "objects"))) as unreachable:
+        answer = unreachable.get("/dicom-web/studies?PatientID=X", headers=AUTH)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert answer.json()["error"]["code"] == "unavailable"
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE instances"))
+    with TestClient(create_app(ApiConfig(admin_token=TOKEN), IndexRepository(engine),
+                               FilesystemObjectStore(tmp_path / "objects")),
+                    raise_server_exceptions=False) as broken:
+        answer = broken.get("/dicom-web/instances", headers=AUTH)
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"

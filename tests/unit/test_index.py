@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +103,88 @@ def test_bad_date_range_is_rejected() -> None:
         DateRange.parse("2025-01-01")
     with pytest.raises(ValueError):
         DateRange.parse("20251332")
+
+
+def test_fuzzy_patient_name_matches_word_prefixes_in_any_order(repository: IndexRepository) -> None:
+    for study, name in (("2.25.401", "DUPONT^JEAN PIERRE"), ("2.25.402", "MARTIN^CLAIRE=DUPONT"),
+                        ("2.25.403", "DUPONTEL^ANNE"), ("2.25.404", "LEDUPONT^JEAN")):
+        records = _records(study, f"P{study[-3:]}", "20250101", "CT", 1)
+        records[0].study["patient_name"] = records[0].patient["patient_name"] = name
+        repository.upsert_instances(records)
+
+    def fuzzy(name: str) -> set[str]:
+        return {s.study_instance_uid for s in repository.search_studies(
+            StudyQuery(patient_name=name, fuzzy_patient_name=True))}
+
+    assert fuzzy("dupont") == {"2.25.401", "2.25.402", "2.25.403"}  # a component begins with it
+    assert fuzzy("jean dupont") == {"2.25.401"}  # every word, any order
+    assert fuzzy("pierre^dup") == {"2.25.401"}
+    assert fuzzy("dup_nt") == set()  # SQL specials stay literal
+    assert {s.study_instance_uid for s in repository.search_studies(
+        StudyQuery(patient_name="dupont"))} == set()  # without fuzzy: the exact value only
+
+
+def test_migration_0004_keeps_shares_items_and_sessions(repository: IndexRepository) -> None:
+    """Renaming site_id to sites must not rebuild `shares` (on SQLite a rebuild drops the
+    old table and its items and sessions go with it, ON DELETE CASCADE)."""
+    downgrade(repository.engine, "0003")
+    now = dt.datetime.now(dt.UTC)
+    with repository.engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO shares (share_id, token_sha256, created_at, created_by, expires_at, "
+            "pin_failures, uses, allow_download, recipient, recipient_email, note, site_id) "
+            "VALUES ('s1', :token, :now, 'admin', :later, 0, 0, :no, '', '', '', 'site-a')"),
+            {"token": "0" * 64, "now": now, "later": now + dt.timedelta(days=1), "no": False})
+        connection.execute(text("INSERT INTO share_items VALUES ('s1', '2.25.1', '')"))
+        connection.execute(text("INSERT INTO share_sessions VALUES (:s, 's1', :now, :now)"),
+                           {"s": "1" * 64, "now": now})
+        connection.execute(text(
+            "INSERT INTO api_keys (key_id, secret_sha256, name, scopes, site_id, created_at) "
+            "VALUES ('k1', :h, 'PACS', 'read', 'site-a', :now)"), {"h": "2" * 64, "now": now})
+    migrate(repository.engine)
+    with repository.engine.begin() as connection:
+        assert connection.execute(text("SELECT count(*) FROM share_items")).scalar() == 1
+        assert connection.execute(text("SELECT count(*) FROM share_sessions")).scalar() == 1
+        assert connection.execute(text("SELECT sites FROM shares")).scalar() == "site-a"
+        connection.execute(text("UPDATE api_keys SET sites = :s"), {"s": " ".join(["site-a"] + ["x" * 60] * 3)})
+    downgrade(repository.engine, "0003")  # several sites become the first (narrower), no error
+    with repository.engine.begin() as connection:
+        assert connection.execute(text("SELECT site_id FROM api_keys")).scalar() == "site-a"
+        assert connection.execute(text("SELECT count(*) FROM share_items")).scalar() == 1
+        for table in ("share_sessions", "share_items", "shares", "api_keys"):
+            connection.execute(text(f"DELETE FROM {table}"))
+    migrate(repository.engine)
+
+
+def test_site_limited_callers_see_only_shares_of_their_sites_studies(repository: IndexRepository) -> None:
+    """Every study of the share indexed as theirs; a study not indexed (a reindex under
+    way, a study deleted) hides the share: fail closed."""
+    from storage import AccessRepository, ShareItemRecord, ShareRecord
+
+    for study, site in (("2.25.501", "site-a"), ("2.25.502", "site-b")):
+        records = _records(study, f"P{study[-3:]}", "20250101", "CT", 1)
+        records = [dataclasses.replace(r, study={**r.study, "site_id": site}) for r in records]
+        repository.upsert_instances(records)
+    access = AccessRepository(repository.engine)
+    now = dt.datetime.now(dt.UTC)
+    for share_id, studies in (("a", ["2.25.501"]), ("b", ["2.25.502"]), ("ab", ["2.25.501", "2.25.502"]),
+                              ("gone", ["2.25.599"]), ("a-gone", ["2.25.501", "2.25.599"])):
+        access.add_share(ShareRecord(
+            share_id=share_id, created_at=now, created_by="admin", expires_at=now + dt.timedelta(days=1),
+            revoked_at=None, pin_hash=None, pin_failures=0, locked_at=None, max_uses=None, uses=0,
+            allow_download=False, recipient="", recipient_email="", note="", site_ids=None,
+            items=tuple(ShareItemRecord(s) for s in studies)), share_id * 8)
+
+    def listed(*sites: str) -> set[str]:
+        return {s.share_id for s in access.list_shares(site_ids=frozenset(sites))}
+
+    assert listed("site-a") == {"a"}
+    assert listed("site-a", "site-b") == {"a", "b", "ab"}
+    assert listed() == set()
+    assert {s.share_id for s in access.list_shares()} == {"a", "b", "ab", "gone", "a-gone"}
+    assert access.share("a", frozenset({"site-a"})) is not None
+    assert access.share("a", frozenset({"site-b"})) is None
+    assert access.share("gone", frozenset({"site-a"})) is None and access.share("gone") is not None
+    with repository.engine.begin() as connection:
+        for table in ("share_items", "shares"):
+            connection.execute(text(f"DELETE FROM {table}"))

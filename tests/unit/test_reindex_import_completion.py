@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import text
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
 from worker import Spool
@@ -129,3 +131,19 @@ def test_completion_writes_metadata_thumbnails_manifest_and_signed_event(
     event = json.loads(body)
     assert event["event"] == "study.stored" and event["number_of_instances"] == 8
     assert event["study_instance_uid"] == study_uid and event["modalities"] == ["CT", "MR"]
+
+
+def test_completion_covers_the_workers_own_sites_only(tmp_path: Path) -> None:
+    """Two sites in one regional index: site2's worker completes (and notifies about)
+    site2's study, never site1's, and site1's study stays due for site1's worker."""
+    pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    run_import([_study(tmp_path / "one", ct=1, mr=0)], pipeline, Spool(tmp_path / "spool", "site1"))
+    other = dataclasses.replace(pipeline, policy=dataclasses.replace(pipeline.policy, site_id="site2"))
+    run_import([_study(tmp_path / "two", ct=1, mr=0, seed=99)], other, Spool(tmp_path / "spool", "site2"))
+    with pipeline.index.engine.connect() as connection:
+        sites = dict(connection.execute(text("SELECT study_instance_uid, site_id FROM studies")).all())
+    assert sorted(sites.values()) == ["site1", "site2"]
+    assert StudyCompletion(pipeline.store, pipeline.index, "site2").run(quiet_seconds=0) == [
+        uid for uid, site in sites.items() if site == "site2"]
+    assert StudyCompletion(pipeline.store, pipeline.index, "site1").run(quiet_seconds=0) == [
+        uid for uid, site in sites.items() if site == "site1"]

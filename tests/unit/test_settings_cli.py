@@ -40,6 +40,18 @@ def test_missing_or_weak_secrets_are_refused(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "changeme")
     with pytest.raises(SettingsError):
         Settings().admin_token_value()
+    # The example configurations' placeholders are long enough, and still refused.
+    examples = Path(__file__).resolve().parents[2] / "deploy" / "config"
+    placeholders = [line.split("=", 1)[1] for path in examples.glob("*.env")
+                    for line in path.read_text().splitlines()
+                    if line.startswith(("DICOM_GATEWAY_ADMIN_TOKEN=", "DICOM_GATEWAY_PSEUDONYM_SECRET="))]
+    assert placeholders
+    for value in placeholders:
+        monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", value)
+        with pytest.raises(SettingsError, match="placeholder"):
+            Settings().admin_token_value()
+    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "k3J9x-Qv7Lr2Tz8Wm4Np")
+    assert Settings().admin_token_value() == "k3J9x-Qv7Lr2Tz8Wm4Np"
 
 
 def test_serve_generates_secrets_once_with_private_permissions(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import anyio
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 ANY_TRANSFER_SYNTAX = "*"
@@ -15,7 +19,7 @@ class MediaRange:
     """One entry of an Accept header: type, parameters, quality."""
 
     media_type: str
-    params: dict[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
     quality: float = 1.0
 
 
@@ -34,10 +38,15 @@ def _split_unquoted(text: str, separator: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def parse_accept(header: str | None) -> list[MediaRange]:
+def parse_accept(header: str | None) -> tuple[MediaRange, ...]:
     """The media ranges of an Accept header, best first (q-values honoured)."""
+    return _parse_accept(header or "")
+
+
+@functools.lru_cache(maxsize=256)  # clients send the same few headers again and again
+def _parse_accept(header: str) -> tuple[MediaRange, ...]:
     if not header:
-        return [MediaRange("*/*")]
+        return (MediaRange("*/*"),)
     ranges = []
     for entry in _split_unquoted(header, ","):
         pieces = _split_unquoted(entry, ";")
@@ -55,33 +64,67 @@ def parse_accept(header: str | None) -> list[MediaRange]:
                     quality = 0.0
             else:
                 params[name] = value
-        ranges.append(MediaRange(pieces[0].lower(), params, quality))
-    return sorted((r for r in ranges if r.quality > 0), key=lambda r: -r.quality)
+        ranges.append(MediaRange(pieces[0].lower(), MappingProxyType(params), quality))
+    return tuple(sorted((r for r in ranges if r.quality > 0), key=lambda r: -r.quality))
 
 
 def new_boundary() -> str:
     return f"dicomgateway-{uuid.uuid4().hex}"
 
 
-def multipart_stream(parts: Iterable[tuple[str, bytes, dict[str, str]]], boundary: str,
-                     chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
-    """Yield a multipart/related body: (content type, body, extra headers) per part.
+#: (content type, body, extra headers).
+Part = tuple[str, bytes, dict[str, str]]
 
-    Small parts are gathered into chunks of about `chunk_bytes` (each chunk costs a thread
-    hop in the ASGI server); memory stays bounded by one part plus one chunk.
-    """
+
+def _pieces(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
+    """The body of a multipart/related answer as it comes: each part's head, then its
+    body untouched (content type, body, extra headers per part)."""
+    delimiter = ""
+    for content_type, body, headers in parts:
+        lines = [f"{delimiter}--{boundary}", f"Content-Type: {content_type}",
+                 *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+        yield "\r\n".join(lines).encode()
+        yield body
+        delimiter = "\r\n"
+    yield f"{delimiter}--{boundary}--\r\n".encode()
+
+
+def multipart_stream(parts: Iterable[Part], boundary: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """A multipart/related body in chunks of about `chunk_bytes`; memory stays bounded by
+    one part plus one chunk."""
     pending: list[bytes] = []
     size = 0
-    for content_type, body, headers in parts:
-        lines = [f"--{boundary}", f"Content-Type: {content_type}",
-                 *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-        pending += ["\r\n".join(lines).encode(), body, b"\r\n"]
-        size += len(body)
+    for piece in _pieces(parts, boundary):
+        pending.append(piece)
+        size += len(piece)
         if size >= chunk_bytes:
             yield b"".join(pending)
             pending, size = [], 0
-    pending.append(f"--{boundary}--\r\n".encode())
-    yield b"".join(pending)
+    if pending:
+        yield b"".join(pending)
+
+
+async def multipart_body(parts: Iterable[Part], boundary: str,
+                         batch_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+    """A multipart/related body for a streamed answer: the parts are produced (objects
+    read, converted) in a worker thread a batch of about `batch_bytes` at a time, and each
+    piece goes out as is. Memory stays bounded by one batch plus one part; no body is
+    copied into a bigger buffer, and the event loop never waits on a read."""
+    pieces = _pieces(parts, boundary)
+
+    def batch() -> list[bytes]:
+        taken: list[bytes] = []
+        size = 0
+        for piece in pieces:
+            taken.append(piece)
+            size += len(piece)
+            if size >= batch_bytes:
+                break
+        return taken
+
+    while taken := await anyio.to_thread.run_sync(batch):
+        for piece in taken:
+            yield piece
 
 
 def multipart_content_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:

@@ -52,6 +52,16 @@ def _keyword(name: str) -> str | None:
     return name if tag_for_keyword(name) is not None else None
 
 
+def _sequence_path(name: str) -> str:
+    """`ReferencedStudySequence.ReferencedSOPInstanceUID` or `00081110.00081155` as
+    keywords; QueryParameterError unless every step but the last is a sequence."""
+    parts = name.split(".")
+    path = [_keyword(part) if part.strip() else None for part in parts]
+    if any(k is None for k in path) or any(dictionary_VR(k) != "SQ" for k in path[:-1] if k):
+        raise QueryParameterError(f"unknown query parameter {name!r}")
+    return ".".join(k for k in path if k)
+
+
 def _values(raw: str) -> tuple[str, ...]:
     """A list of UID or code values: comma- or backslash-separated (PS3.18 §8.3.4.1)."""
     return tuple(v.strip() for v in raw.replace("\\", ",").split(",") if v.strip())
@@ -109,6 +119,8 @@ def parse_query(params: Iterable[tuple[str, str]], allowed: frozenset[str]) -> P
                 if keyword is None:
                     raise QueryParameterError(f"includefield: unknown attribute {included!r}")
                 include.add(f"{tag_for_keyword(keyword):08X}")
+        elif "." in name:  # a sequence attribute path (PS3.18 §8.3.4.1)
+            ignored.append(_sequence_path(name))  # the index keeps no sequence: ignored
         else:
             keyword = _keyword(name)
             if keyword is None:
@@ -143,8 +155,10 @@ def parse_study_query(params: Iterable[tuple[str, str]]) -> ParsedStudyQuery:
             fields["modalities"] = _values(value)
         else:
             fields[_FIELD_OF[keyword]] = value
-    query = StudyQuery(limit=parsed.limit, offset=parsed.offset, **fields)  # type: ignore[arg-type]
-    return ParsedStudyQuery(query, parsed.ignored, parsed.fuzzy_requested, parsed.include)
+    query = StudyQuery(limit=parsed.limit, offset=parsed.offset,
+                       fuzzy_patient_name=parsed.fuzzy_requested, **fields)  # type: ignore[arg-type]
+    # Fuzzy matching applies to PatientName, the one person name the study level matches.
+    return ParsedStudyQuery(query, parsed.ignored, False, parsed.include)
 
 
 _FIELD_OF = {"PatientID": "patient_id", "PatientName": "patient_name",

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,7 @@ COMPRESSED_MEDIA_TYPES = {
 _PIXEL_DATA = "7FE00010"
 
 
-def _media(part: _Part) -> tuple[str, dict[str, str]]:
+def _media(part: _Part) -> tuple[str, Mapping[str, str]]:
     media = parse_accept(part.headers.get("content-type", ""))
     if not media:
         return "", {}

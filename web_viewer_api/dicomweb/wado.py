@@ -32,6 +32,7 @@ from storage import (
 from web_viewer_api.dicomweb.multipart import (
     ANY_TRANSFER_SYNTAX,
     EXPLICIT_VR_LITTLE_ENDIAN,
+    Part,
     parse_accept,
 )
 from worker import (
@@ -162,7 +163,7 @@ class Wado:
             raise NotFoundError("not found")
         return found
 
-    def instance_parts(self, instances: list[InstanceSummary], target: str) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+    def instance_parts(self, instances: list[InstanceSummary], target: str) -> Iterator[Part]:
         for instance in instances:
             try:
                 body = self.store.get(instance.object_key)

@@ -7,8 +7,9 @@ import datetime as dt
 import email.utils
 import gzip
 import hashlib
+import itertools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,6 +20,8 @@ from storage import AccessScope, InstanceQuery, InstanceSummary, SeriesQuery
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
 from web_viewer_api.dicomweb.multipart import (
+    Part,
+    multipart_body,
     multipart_content_type,
     multipart_stream,
     new_boundary,
@@ -195,9 +198,11 @@ def _guard(call: Callable[[], Response]) -> Response:
 # QIDO-RS ---------------------------------------------------------------------------------
 @router.get("/studies", summary="QIDO-RS: search for studies")
 def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    """Match studies on PatientID, PatientName, AccessionNumber, StudyDate (range),
-    StudyInstanceUID (list), ModalitiesInStudy; `limit`/`offset` page the results.
-    No match is `200 []` (CP-2473)."""
+    """Match studies on PatientID, PatientName (fuzzy with `fuzzymatching=true`),
+    AccessionNumber, StudyDate (range), StudyInstanceUID (list), ModalitiesInStudy;
+    `limit`/`offset` page the results. No match is `200 []` (CP-2473)."""
+    # In a worker thread even for an exact key: on the event loop, a database that does
+    # not answer (or a pool with no free connection) would stall every other request.
     _require_json(request)
     try:
         parsed = parse_study_query(request.query_params.multi_items())
@@ -303,7 +308,12 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     headers = {"ETag": etag}
     if modified:
         headers["Last-Modified"] = modified
-    return _multipart_response("application/dicom", wado.instance_parts(instances, syntax), headers)
+    parts = wado.instance_parts(instances, syntax)
+    # The first object is read before the answer starts: an unreachable store is a 503 the
+    # client can act on, not a 200 cut off after its headers.
+    first = next(parts, None)
+    return _multipart_response("application/dicom",
+                               parts if first is None else itertools.chain((first,), parts), headers)
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
@@ -369,11 +379,11 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
     return _multipart_response(part_type, parts)
 
 
-def _multipart_response(part_type: str, parts: Iterable[tuple[str, bytes, dict[str, str]]],
+def _multipart_response(part_type: str, parts: Iterable[Part],
                         headers: dict[str, str] | None = None) -> StreamingResponse:
     """A streamed multipart/related answer of immutable content."""
     boundary = new_boundary()
-    return StreamingResponse(multipart_stream(parts, boundary),
+    return StreamingResponse(multipart_body(parts, boundary),
                              media_type=multipart_content_type(part_type, boundary),
                              headers={"Cache-Control": _IMMUTABLE, "Vary": "Accept", **(headers or {})})
 
@@ -453,11 +463,68 @@ def retrieve_instance_thumbnail(study: str, series: str, sop: str, request: Requ
     return _guard(lambda: _rendered(request, index, study, series, sop, None, thumbnail=True))
 
 
-def _series_thumbnail(request: Request, index: IndexDep, study: str, series: str | None) -> Response:
+def _rendered_part_type(accept: str | None) -> str:
+    """The image type of the parts of a rendered study or series: `multipart/related;
+    type="image/jpeg"` or `type="image/png"`; a bare image type or `*/*` is taken to name
+    the parts (the answer's Content-Type says it is multipart)."""
+    for media in parse_accept(accept):
+        if media.media_type == "multipart/related":
+            part = media.params.get("type", "image/jpeg").lower()
+            if part in ("image/jpeg", "image/png"):
+                return part
+        elif media.media_type in ("image/jpeg", "image/png"):
+            return media.media_type
+        elif media.media_type in ("*/*", "image/*", "multipart/*"):
+            return "image/jpeg"
+    raise NotAcceptableError('rendered studies and series are multipart/related; type="image/jpeg" '
+                             'or type="image/png"')
+
+
+def _rendered_many(request: Request, index: IndexDep, study: str, series: str | None) -> Response:
+    """Every image instance of the study or series, rendered like its instance resource
+    (one image each, `window`/`viewport`/`quality` applied), as one multipart answer."""
+    part_type = _rendered_part_type(request.headers.get("accept"))
     wado = _wado(request, index)
+    instances = _images(wado, study, series)
+    params = request.query_params
+    base = _base(request)
+
+    def parts() -> Iterator[Part]:
+        for instance in instances:
+            image, media_type = rendered(
+                wado.dataset(instance), part_type, viewport=params.get("viewport"),
+                window=params.get("window"), quality=params.get("quality"))
+            yield media_type, image, {"Content-Location": (
+                f"{base}/studies/{instance.study_instance_uid}/series/{instance.series_instance_uid}"
+                f"/instances/{instance.sop_instance_uid}/rendered")}
+
+    rendering = parts()
+    first = next(rendering)  # a bad window or viewport is a 400 before the answer starts
+    return _multipart_response(part_type, itertools.chain((first,), rendering))
+
+
+@router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
+def retrieve_rendered_series(study: str, series: str, request: Request,
+                             _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return _guard(lambda: _rendered_many(request, index, study, series))
+
+
+@router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")
+def retrieve_rendered_study(study: str, request: Request, _principal: ReadPrincipal,
+                            index: IndexDep) -> Response:
+    return _guard(lambda: _rendered_many(request, index, study, None))
+
+
+def _images(wado: Wado, study: str, series: str | None) -> list[InstanceSummary]:
+    """The instances with pixels of a study or series (404 when there is none)."""
     instances = [i for i in wado.instances(study, series) if i.rows]
     if not instances:
         raise NotFoundError("no image in this scope")
+    return instances
+
+
+def _series_thumbnail(request: Request, index: IndexDep, study: str, series: str | None) -> Response:
+    instances = _images(_wado(request, index), study, series)
     middle = instances[len(instances) // 2]
     return _rendered(request, index, study, middle.series_instance_uid, middle.sop_instance_uid,
                      None, thumbnail=True)

@@ -10,11 +10,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage import AccessScope, AuditQuery, ShareRecord, StudyQuery
+from storage import AccessScope, AuditQuery, ShareRecord, StudyQuery, StudySummary
 from web_viewer_api.audit import entry
 from web_viewer_api.deps import SharePrincipal
 from web_viewer_api.dicomweb.qido import study_to_dicom_json
-from web_viewer_api.errors import BadRequest, Unavailable
+from web_viewer_api.errors import BadRequest, Forbidden, Unavailable
 from web_viewer_api.notify import NotificationError, send, share_message
 from web_viewer_api.shares import ShareRequest, ShareService
 
@@ -142,7 +142,7 @@ def create_share(body: ShareCreate, request: Request, principal: SharePrincipal)
         expires_in=dt.timedelta(seconds=body.expires_in), created_by=principal.subject,
         pin=body.pin, max_uses=body.max_uses, allow_download=body.allow_download,
         recipient=body.recipient or "", recipient_email=str(body.recipient_email or ""),
-        note=body.note or "", site_id=principal.site_id), _base_url(request))
+        note=body.note or "", site_ids=principal.site_ids), _base_url(request))
     share = created.share
     _audit(request, "share.create", share_id=share.share_id,
            study=share.items[0].study_instance_uid,
@@ -178,7 +178,7 @@ def list_shares(request: Request, principal: SharePrincipal,
     now = service.clock()
     _audit(request, "share.list")
     return [public(s, now) for s in service.access.list_shares(
-        active_at=now if active else None, site_id=principal.site_id, limit=limit, offset=offset)]
+        active_at=now if active else None, site_ids=principal.site_ids, limit=limit, offset=offset)]
 
 
 def _access_log(service: ShareService, share_id: str) -> list[AccessLogEntry]:
@@ -193,7 +193,7 @@ def _access_log(service: ShareService, share_id: str) -> list[AccessLogEntry]:
             summary="Inspect a share link, with its access log")
 def get_share(share_id: str, request: Request, principal: SharePrincipal) -> SharePublic:
     service = _service(request)
-    share = service.get(share_id, principal.site_id)
+    share = service.get(share_id, principal.site_ids)
     _audit(request, "share.inspect", share_id=share.share_id)
     request.app.state.audit_writer.flush()  # the access log includes the latest reads
     return public(share, service.clock(), _access_log(service, share.share_id))
@@ -202,7 +202,7 @@ def get_share(share_id: str, request: Request, principal: SharePrincipal) -> Sha
 @router.delete("/shares/{share_id}", response_model=SharePublic, summary="Revoke a share link")
 def revoke_share(share_id: str, request: Request, principal: SharePrincipal) -> SharePublic:
     service = _service(request)
-    share = service.revoke(share_id, principal.site_id)
+    share = service.revoke(share_id, principal.site_ids)
     _audit(request, "share.revoke", share_id=share.share_id)
     return public(share, service.clock())
 
@@ -223,21 +223,31 @@ async def lookup_studies(
         site: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
 ) -> LookupResult:
     """Recomputes the keyed pseudonyms of the identifiers (nothing identifying is stored)
-    and returns the matching studies. A site-restricted caller looks up its own site."""
+    and returns the matching studies. The accession pseudonym is keyed by the producing
+    site: `site` names it (default: the gateway's own); a caller limited to some sites
+    looks in those (`site` must be one of them)."""
     lookup = request.app.state.config.lookup
     if lookup is None:
         raise Unavailable("lookup needs the pseudonymization secret on this gateway")
     if not (accession_number or patient_id):
         raise BadRequest("give accession_number and/or patient_id")
-    site_id = principal.site_id or site or request.app.state.config.default_site
-    accession, patient = lookup(accession_number or None, patient_id or None,
-                                issuer_of_accession_number or "", issuer_of_patient_id or "", site_id)
+    if principal.site_ids is not None and site is not None and site not in principal.site_ids:
+        raise Forbidden("these credentials are limited to other sites")
+    sites = ([site] if site else sorted(principal.site_ids) if principal.site_ids is not None
+             else [request.app.state.config.default_site])
     index = request.app.state.index
-    # Another site's pseudonym never matches: the accession pseudonym is keyed by the site.
-    query = StudyQuery(accession_number=accession, patient_id=patient, limit=1000,
-                       scope=AccessScope(site_id=principal.site_id))
-    studies = await anyio.to_thread.run_sync(index.search_studies, query)
-    _audit(request, "study.lookup", detail={"matches": len(studies), "site": site_id})
+    studies: dict[str, StudySummary] = {}
+    for site_id in sites:
+        accession, patient = lookup(accession_number or None, patient_id or None,
+                                    issuer_of_accession_number or "", issuer_of_patient_id or "",
+                                    site_id)
+        # Another site's pseudonym never matches: the accession pseudonym is keyed by the site.
+        query = StudyQuery(accession_number=accession, patient_id=patient, limit=1000,
+                           scope=AccessScope(site_ids=principal.site_ids))
+        for study in await anyio.to_thread.run_sync(index.search_studies, query):
+            studies.setdefault(study.study_instance_uid, study)
+    found = list(studies.values())
+    _audit(request, "study.lookup", detail={"matches": len(found), "sites": sites})
     base = (request.app.state.config.public_url or str(request.base_url)).rstrip("/") + "/dicom-web"
-    return LookupResult(study_uids=[s.study_instance_uid for s in studies],
-                        studies=[study_to_dicom_json(s, base) for s in studies])
+    return LookupResult(study_uids=[s.study_instance_uid for s in found],
+                        studies=[study_to_dicom_json(s, base) for s in found])

@@ -1,0 +1,71 @@
+"""`dicom-gateway api` with HTTP__WORKERS=2: two processes answer on one port with the
+settings the command line gave (data directory, port), and SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from tests.support.services import (
+    GatewayProcess,
+    free_port,
+    gateway_command,
+    gateway_env,
+    http_json,
+    wait_for,
+)
+
+TOKEN = "workers-test-token-0123456789abcdef"
+
+
+def _children(parent: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.add(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _index_with_one_study(data_dir: Path) -> str:
+    from gateway.sample_study import SampleStudySpec, build_sample_study
+    from storage import IndexRepository, InstanceRecord, create_index_engine, migrate
+
+    data_dir.mkdir(parents=True)
+    engine = create_index_engine(f"sqlite:///{data_dir / 'index.sqlite3'}")
+    migrate(engine)
+    [dataset] = build_sample_study(SampleStudySpec(ct_slices=1, mr_slices=0, ct_size=8))
+    IndexRepository(engine).upsert_instance(InstanceRecord.from_dataset(
+        dataset, object_key="studies/x.dcm", size_bytes=1, sha256="0" * 64,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", site_id="site1"))
+    engine.dispose()
+    return str(dataset.StudyInstanceUID)
+
+
+def test_two_api_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    study = _index_with_one_study(tmp_path / "data")
+    port = free_port()
+    # The data directory and port come from the command line only: the worker processes
+    # must inherit them, not fall back to the defaults.
+    env = gateway_env(tmp_path / "elsewhere", admin_token=TOKEN, http__workers="2",
+                      pseudonym_secret="workers-test-secret-0123456789abcdef")
+    del env["DICOM_GATEWAY_DATA_DIR"]
+    command = gateway_command("api", "--data-dir", str(tmp_path / "data"), "--http-port", str(port))
+    with GatewayProcess(command, env, tmp_path / "api.log") as api:
+        wait_for(lambda: http_json(f"http://127.0.0.1:{port}/livez")[0] == 200 or not api.alive(),
+                 timeout=90, what="the API")
+        assert api.alive(), api.log_text()
+        assert api.process is not None
+        workers = wait_for(lambda: [pid for pid in _children(api.process.pid)
+                                    if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+                           if len(_children(api.process.pid)) >= 2 else None,
+                           timeout=60, what="two worker processes")
+        assert len(workers) == 2, workers
+        for _ in range(20):  # whichever process answers, it reads the command line's index
+            status, body, _ = http_json(f"http://127.0.0.1:{port}/dicom-web/studies", token=TOKEN)
+            assert status == 200 and [s["0020000D"]["Value"][0] for s in body] == [study]
+        assert api.stop(signal.SIGTERM, timeout=60) == 0, api.log_text()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
