@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery
 
+from worker.broker import TRANSPORT as ATOMIC_FILESYSTEM_TRANSPORT
 from worker.tasks import (
     COMPLETE_STUDY_TASK,
     INGEST_TASK,
@@ -26,12 +27,14 @@ def filesystem_broker_options(folder: Path, polling_interval: float = 0.05) -> d
     """
     queue_dir = folder / "queue"
     processed = folder / "processed"
-    queue_dir.mkdir(parents=True, exist_ok=True)
-    processed.mkdir(parents=True, exist_ok=True)
+    control = folder / "control"  # exchange tables; kombu's default is ./control (the cwd)
+    for path in (queue_dir, processed, control):
+        path.mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(queue_dir),
         "data_folder_out": str(queue_dir),
         "processed_folder": str(processed),
+        "control_folder": str(control),
         "store_processed": False,
         "polling_interval": polling_interval,
     }
@@ -61,6 +64,9 @@ def create_celery_app(
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options or {},
+        # kombu's own filesystem transport can lose a message to a polling consumer.
+        broker_transport=(ATOMIC_FILESYSTEM_TRANSPORT
+                          if broker_url.startswith("filesystem:") else None),
         task_serializer="json",
         accept_content=["json"],
         enable_utc=True,

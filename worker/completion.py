@@ -54,6 +54,10 @@ def manifest_key(study_instance_uid: str) -> str:
     return join_key("studies", study_instance_uid, "manifest-kos.dcm")
 
 
+def _bulk_data_not_read(_tag: str, _vr: str, _uri: str) -> bytes:
+    return b""
+
+
 @dataclass
 class StudyCompletion:
     """The completion step's dependencies."""
@@ -65,11 +69,15 @@ class StudyCompletion:
     deliver: DeliverySink | None = None
     retrieve_url_base: str | None = None
     completed: list[str] = field(default_factory=list)
+    #: The sites whose studies this worker completes (default: `site_id`'s alone).
+    site_ids: tuple[str, ...] = ()
 
     def run(self, quiet_seconds: float) -> list[str]:
-        """Complete every study quiet for `quiet_seconds`; return their UIDs."""
+        """Complete every study of this worker's sites quiet for `quiet_seconds`; return
+        their UIDs."""
         done = []
-        for study_uid, count in self.index.studies_due_for_completion(quiet_seconds):
+        sites = self.site_ids or (self.site_id,)
+        for study_uid, count in self.index.studies_due_for_completion(quiet_seconds, sites):
             try:
                 self.complete(study_uid, count)
             except ObjectNotFound:
@@ -92,7 +100,9 @@ class StudyCompletion:
             ]
             self.store.put(series_key(study_uid, series_uid, "metadata.json"),
                            json.dumps(documents).encode(), content_type="application/dicom+json")
-            series_headers = [Dataset.from_json(d) for d in documents]
+            # Headers: bulk data (pixels) stays in the objects; an empty value marks it present.
+            series_headers = [Dataset.from_json(d, bulk_data_uri_handler=_bulk_data_not_read)
+                              for d in documents]
             headers.extend(series_headers)
             modalities |= {str(h.get("Modality", "")) for h in series_headers if h.get("Modality")}
             self._thumbnail(study_uid, series_uid, series_headers, members)

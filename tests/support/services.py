@@ -93,7 +93,10 @@ class GatewayProcess:
                 raise
         return int(self.process.returncode)
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None:  # a failing test: its report shows how the process got there
+            tail = self.log_text()[-6000:]
+            sys.stdout.write(f"--- last lines of {self.log_path.name} ---\n{tail}\n")
         if self.process is not None and self.process.poll() is None:
             try:
                 self.stop()
