@@ -17,8 +17,11 @@ class FilesystemObjectStore:
         self.root = Path(root).resolve()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / validate_key(key)).resolve()
-        if self.root not in path.parents:
+        # A valid key has no empty, '.' or '..' segment and no leading '/': joined to the
+        # root it names a path under the root, with no file system call. (resolve() here
+        # cost 45 µs per object: 2.2 ms of a 50-instance series retrieval.)
+        path = self.root.joinpath(validate_key(key))
+        if not path.is_relative_to(self.root):  # cannot happen with a valid key; kept cheap
             raise InvalidKey(f"key escapes the store root: {key!r}")
         return path
 
