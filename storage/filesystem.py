@@ -71,7 +71,9 @@ class FilesystemObjectStore:
         if not self.root.exists():
             return
         found: list[ObjectInfo] = []
-        for directory, _dirs, files in os.walk(self.root):
+        # Links are followed, as get and put follow them (a `studies` folder linked to
+        # another disk): `reindex` lists what reads can reach.
+        for directory, _dirs, files in os.walk(self.root, followlinks=True):
             for name in files:
                 if name.startswith(".tmp-"):
                     continue

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9._\-]+$")
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._\-]+")  # whole segment (fullmatch: no trailing newline)
 
 
 class StorageError(Exception):
@@ -33,7 +33,7 @@ class IntegrityError(StorageError):
 def validate_key(key: str) -> str:
     """Return `key` if every '/'-separated segment is safe, else raise InvalidKey."""
     segments = key.split("/")
-    if not key or any(s in ("", ".", "..") or not _KEY_SEGMENT.match(s) for s in segments):
+    if not key or any(s in ("", ".", "..") or not _KEY_SEGMENT.fullmatch(s) for s in segments):
         raise InvalidKey(f"unsafe object key: {key!r}")
     return key
 

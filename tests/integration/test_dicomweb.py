@@ -487,6 +487,39 @@ def test_a_large_study_streams_in_bounded_memory(server: DicomwebServer, tmp_pat
     assert peak < 16 << 20, f"peak {peak / 1e6:.0f} MB while streaming {total / 1e6:.0f} MB"
 
 
+def test_retrieve_skips_objects_gone_from_the_store_and_404s_when_none_is_left(
+        server: DicomwebServer, tmp_path: Path) -> None:
+    """Indexed instances whose objects vanished (a restore in progress, a disk lost): the
+    others are sent; with none left the answer is a 404 JSON, not an empty 200."""
+    import dataclasses
+    import shutil
+
+    from storage import InstanceRecord
+
+    [source] = write_sample_study(tmp_path / "gone", SampleStudySpec(ct_slices=1, mr_slices=0, seed=78))
+    template = pydicom.dcmread(source)
+    first = InstanceRecord.from_dataset(
+        template, object_key="gone/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
+        transfer_syntax_uid=str(template.file_meta.TransferSyntaxUID), site_id="site1")
+    (server.store.root / "gone").mkdir()
+    shutil.copy(source, server.store.root / "gone" / "0.dcm")  # gone/1.dcm never written
+    records = [dataclasses.replace(first, instance={
+        **first.instance, "sop_instance_uid": f"{first.instance['sop_instance_uid']}.{n}",
+        "object_key": f"gone/{n}.dcm"}) for n in range(2)]
+    server.index.upsert_instances(records)
+    study, series = first.instance["study_instance_uid"], first.instance["series_instance_uid"]
+    headers = {"Authorization": f"Bearer {TOKEN}",
+               "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    response = httpx.get(f"{server.url}/studies/{study}/series/{series}", headers=headers)
+    assert response.status_code == 200
+    assert len(_parts(response)) == 1
+    (server.store.root / "gone" / "0.dcm").unlink()
+    response = httpx.get(f"{server.url}/studies/{study}/series/{series}", headers=headers)
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]["code"] == "not_found"
+
+
 def _parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
     """The parts of a multipart/related answer, parsed by the standard library."""
     import email.parser

@@ -1,20 +1,28 @@
-"""The embedded broker (`filesystem://`) delivers every message to a polling consumer.
+"""The embedded broker (`filesystem://`) delivers every message exactly once to consumers
+polling while producers write.
 
-kombu's own filesystem transport creates a message file before writing it; a consumer in
-another process could take the empty file and lose the message (seen as a CI failure: a
-study not indexed within two minutes, its batch left to the sweeper).
+kombu's own filesystem transport loses messages: its producer creates a message file
+before writing it (a consumer in another process could take it empty — seen as a CI
+failure: a study not indexed within two minutes, its batch left to the sweeper), and its
+consumers claim files by moving them to the system temporary folder, which across file
+systems is a copy two consumers can race on.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import time
 from pathlib import Path
+
+import pytest
 
 from worker import create_celery_app, filesystem_broker_options
 
 PRODUCERS = 2
-PER_PRODUCER = 1500
+PER_PRODUCER = 1200
+PAYLOAD_PADDING = "x" * 4000  # bigger files widen any window between create and write
 
 
 def _app(folder: Path):  # type: ignore[no-untyped-def]
@@ -26,39 +34,77 @@ def _produce(folder: Path, producer: int) -> None:
     with _app(folder).connection_for_write() as connection:
         queue = connection.SimpleQueue("race")
         for number in range(PER_PRODUCER):
-            queue.put({"producer": producer, "number": number})
+            queue.put({"producer": producer, "number": number, "padding": PAYLOAD_PADDING})
 
 
-def test_every_message_reaches_a_consumer_polling_during_the_writes(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    producers = [context.Process(target=_produce, args=(tmp_path, n)) for n in range(PRODUCERS)]
-    received: list[tuple[int, int]] = []
-    errors: list[str] = []
-    with _app(tmp_path).connection_for_read() as connection:
+def _consume(folder: Path, results: Path, temporary: str) -> None:
+    """Take messages until none came for two seconds after the producers' end marker."""
+    os.environ["TMPDIR"] = temporary  # kombu's consumer moved claimed files there
+    received, errors = [], []
+    done = folder.parent / "producers-done"
+    idle_since = time.monotonic()
+    with _app(folder).connection_for_read() as connection:
         queue = connection.SimpleQueue("race")
-        for process in producers:
-            process.start()
-        deadline = time.monotonic() + 60
-        while len(received) < PRODUCERS * PER_PRODUCER and time.monotonic() < deadline:
+        while not (done.exists() and time.monotonic() - idle_since > 2):
             try:
-                message = queue.get(timeout=0.5)
+                message = queue.get(timeout=0.2)
             except queue.Empty:
-                if not any(process.is_alive() for process in producers):
-                    break  # all written and the queue drained: what is missing was lost
                 continue
-            except Exception as exc:  # noqa: BLE001 - a torn message file; collected, asserted on
+            except Exception as exc:  # noqa: BLE001 - a torn message; collected, asserted on
                 errors.append(repr(exc))
                 continue
-            received.append((message.payload["producer"], message.payload["number"]))
+            received.append([message.payload["producer"], message.payload["number"]])
             message.ack()
-    for process in producers:
-        process.join(timeout=30)
+            idle_since = time.monotonic()
+    results.write_text(json.dumps({"received": received, "errors": errors}))
+
+
+@pytest.mark.parametrize("consumers", [1, 3])
+def test_every_message_reaches_exactly_one_consumer(tmp_path: Path, consumers: int) -> None:
+    folder = tmp_path / "broker"
+    # The system temporary folder on another file system than the broker's (tmpfs).
+    temporary = "/dev/shm" if Path("/dev/shm").is_dir() else str(tmp_path)
+    context = multiprocessing.get_context("spawn")
+    readers = [context.Process(target=_consume, args=(folder, tmp_path / f"consumer-{n}.json", temporary))
+               for n in range(consumers)]
+    writers = [context.Process(target=_produce, args=(folder, n)) for n in range(PRODUCERS)]
+    filesystem_broker_options(folder)  # creates the folders before anyone polls them
+    for process in readers + writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=120)
         assert process.exitcode == 0
-    assert errors == []
+    (tmp_path / "producers-done").touch()
+    for process in readers:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+
+    received: list[tuple[int, int]] = []
+    for n in range(consumers):
+        result = json.loads((tmp_path / f"consumer-{n}.json").read_text())
+        assert result["errors"] == []
+        received += [tuple(pair) for pair in result["received"]]
+    # Every message once: none lost, none delivered twice.
     assert sorted(received) == [(p, n) for p in range(PRODUCERS) for n in range(PER_PRODUCER)]
-    assert not [p.name for p in (tmp_path / "queue").iterdir()]  # no partial file left behind
-    # kombu's exchange table lives in the data folder, not in the working directory.
-    assert (tmp_path / "control" / "race.exchange").is_file()
+    assert not list((folder / "queue").iterdir())  # no partial or unclaimed file left
+    assert not list((folder / "processed").iterdir())  # claimed files deleted once read
+    # kombu's exchange table lives in the broker folder, not in the working directory.
+    assert (folder / "control" / "race.exchange").is_file()
+
+
+def test_abandoned_partial_files_are_removed_fresh_ones_kept(tmp_path: Path) -> None:
+    options = filesystem_broker_options(tmp_path)
+    queue_dir = Path(options["data_folder_in"])
+    old, fresh = queue_dir / ".partial-old", queue_dir / ".partial-fresh"
+    old.write_bytes(b'{"half')
+    fresh.write_bytes(b'{"being written')
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    with _app(tmp_path).connection_for_read() as connection:
+        queue = connection.SimpleQueue("anything")
+        with pytest.raises(queue.Empty):
+            queue.get(timeout=0.1)
+    assert not old.exists() and fresh.exists()
 
 
 def test_the_embedded_app_uses_the_atomic_transport_and_others_keep_theirs(tmp_path: Path) -> None:

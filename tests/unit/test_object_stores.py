@@ -71,10 +71,24 @@ def test_delete_is_idempotent(store: ObjectStore) -> None:
         store.get("studies/d.dcm")
 
 
-@pytest.mark.parametrize("key", ["../escape.dcm", "studies/../../x", "/abs", "a//b", "a/b/", "sp ace"])
+@pytest.mark.parametrize("key", ["../escape.dcm", "studies/../../x", "/abs", "a//b", "a/b/", "sp ace",
+                                 "..\n", "a\n/b", "a/b\n"])
 def test_unsafe_keys_are_refused(store: ObjectStore, key: str) -> None:
     with pytest.raises(InvalidKey):
         store.put(key, b"x")
+
+
+def test_filesystem_store_lists_what_it_reads_through_a_linked_folder(tmp_path: Path) -> None:
+    """A `studies` folder linked to another disk: listed (reindex sees it) as it is read."""
+    other_disk = tmp_path / "disk2"
+    other_disk.mkdir()
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / "studies").symlink_to(other_disk, target_is_directory=True)
+    store = FilesystemObjectStore(tmp_path / "objects")
+    store.put("studies/1.2/series/3.4/5.6.dcm", b"DICM")
+    assert (other_disk / "1.2" / "series" / "3.4" / "5.6.dcm").read_bytes() == b"DICM"
+    assert store.get("studies/1.2/series/3.4/5.6.dcm") == b"DICM"
+    assert [info.key for info in store.list("studies/")] == ["studies/1.2/series/3.4/5.6.dcm"]
 
 
 def test_check_passes_on_a_usable_store(store: ObjectStore) -> None:

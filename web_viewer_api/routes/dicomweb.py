@@ -312,8 +312,9 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     # The first object is read before the answer starts: an unreachable store is a 503 the
     # client can act on, not a 200 cut off after its headers.
     first = next(parts, None)
-    return _multipart_response("application/dicom",
-                               parts if first is None else itertools.chain((first,), parts), headers)
+    if first is None:  # indexed, but no object left to send: not an empty 200
+        raise NotFoundError("not found")
+    return _multipart_response("application/dicom", itertools.chain((first,), parts), headers)
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
