@@ -31,20 +31,14 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
+from worker.spool import fsync_directory
+
 #: `broker_transport` value that selects this transport for a `filesystem://` URL.
 TRANSPORT = "worker.broker:Transport"
 
 _PARTIAL = ".partial-"
 #: A partial file this old was left by a producer that died while writing it.
 _ABANDONED_SECONDS = 3600.0
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Channel(filesystem.Channel):  # type: ignore[misc]
@@ -72,7 +66,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, final)
-            _fsync_directory(self.data_folder_out)  # the rename survives a power cut
+            fsync_directory(self.data_folder_out)  # the rename survives a power cut
         except OSError as exc:
             try:
                 os.unlink(partial)

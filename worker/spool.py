@@ -33,7 +33,8 @@ class SpoolWriteError(SpoolError):
     """The instance could not be made durable (disk full, permissions...)."""
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: str | Path) -> None:
+    """Make a rename or creation in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -92,7 +93,7 @@ class Spool:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, target)
-            _fsync_directory(directory)
+            fsync_directory(directory)
         except OSError as exc:
             try:
                 temp.unlink(missing_ok=True)
