@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -158,6 +159,12 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     for name, value in (("DATA_DIR", data_dir), ("HOST", host), ("HTTP__PORT", http_port)):
         if value is not None:
             os.environ[f"DICOM_GATEWAY_{name}"] = str(value)
+    # One /metrics for all: each process writes its counters to files in this folder
+    # (emptied first: counters start from zero with the service, as with one process).
+    metrics = components.api_metrics_dir(settings)
+    shutil.rmtree(metrics, ignore_errors=True)
+    metrics.mkdir(parents=True)
+    os.environ[components.METRICS_MULTIPROCESS_VARIABLE] = str(metrics)
     uvicorn.run("gateway.components:api_from_environment", factory=True,
                 workers=settings.http.workers, **options)
 

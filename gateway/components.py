@@ -244,15 +244,27 @@ def _component_probe(settings: Settings, component: str):  # type: ignore[no-unt
     return probe
 
 
+#: prometheus_client's own variable: set, its counters write to files in that folder.
+METRICS_MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def api_metrics_dir(settings: Settings) -> Path:
+    """Where several `dicom-gateway api` processes of one data directory write metrics."""
+    return settings.run_dir / "api-metrics"
+
+
 def api_from_environment():  # type: ignore[no-untyped-def]
     """The API of one of several `dicom-gateway api` processes (uvicorn's app factory):
-    settings from the environment, as the first process read them."""
+    settings from the environment, as the first process read them; metrics summed over
+    the processes (the first one set prometheus_client's folder before starting them)."""
     settings = Settings()
     configure_logging(settings, "api")
-    return build_api(settings)
+    folder = os.environ.get(METRICS_MULTIPROCESS_VARIABLE)
+    return build_api(settings, metrics_multiprocess_dir=Path(folder) if folder else None)
 
 
-def build_api(settings: Settings):  # type: ignore[no-untyped-def]
+def build_api(settings: Settings,  # type: ignore[no-untyped-def]
+              metrics_multiprocess_dir: Path | None = None):
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
     sender = build_celery(settings, with_pipeline=False)
 
@@ -278,7 +290,8 @@ def build_api(settings: Settings):  # type: ignore[no-untyped-def]
                   default_site=settings.site_id,
                   auth_failure_limit=settings.auth.failure_limit,
                   pin_failure_limit=settings.auth.pin_failure_limit,
-                  failure_window_seconds=settings.auth.failure_window_seconds),
+                  failure_window_seconds=settings.auth.failure_window_seconds,
+                  metrics_multiprocess_dir=metrics_multiprocess_dir),
         build_index(settings),
         build_object_store(settings),
     )

@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Histogram, make_asgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -72,6 +73,10 @@ class ApiConfig:
     auth_failure_limit: int = 20
     pin_failure_limit: int = 10
     failure_window_seconds: float = 900.0
+    #: With several API processes on one port: the folder where each process writes its
+    #: metrics (prometheus_client's multiprocess mode), so that /metrics, whichever process
+    #: answers, sums them all. None: one process, its own counters.
+    metrics_multiprocess_dir: Path | None = None
 
 
 class _QuarantineCollector(Collector):
@@ -179,8 +184,15 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     registry = CollectorRegistry()
+    scraped = registry
+    if config.metrics_multiprocess_dir is not None:
+        # The counters below write to per-process files (the environment chose the value
+        # class when prometheus_client was imported); a scrape sums every process's files.
+        scraped = CollectorRegistry()
+        folder = str(config.metrics_multiprocess_dir)
+        MultiProcessCollector(scraped, path=folder)  # type: ignore[no-untyped-call]
     if config.quarantine_dir is not None:
-        registry.register(_QuarantineCollector(config.quarantine_dir))
+        scraped.register(_QuarantineCollector(config.quarantine_dir))
     requests = PromCounter(
         "dicom_gateway_http_requests_total", "HTTP requests", ["method", "route", "status"],
         registry=registry,
@@ -192,5 +204,5 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.add_middleware(AuditMiddleware, writer=writer)
     app.add_middleware(_MetricsMiddleware, requests=requests, latency=latency)
 
-    app.mount("/metrics", make_asgi_app(registry=registry))
+    app.mount("/metrics", make_asgi_app(registry=scraped))
     return app

@@ -1,9 +1,12 @@
 """`dicom-gateway api` with HTTP__WORKERS=2: two processes answer on one port with the
-settings the command line gave (data directory, port), and SIGTERM stops them all."""
+settings the command line gave (data directory, port), /metrics counts the requests of
+both whichever answers the scrape, and SIGTERM stops them all."""
 
 from __future__ import annotations
 
+import re
 import signal
+import urllib.request
 from pathlib import Path
 
 from tests.support.services import (
@@ -67,5 +70,11 @@ def test_two_api_processes_share_the_port_and_stop_together(tmp_path: Path) -> N
         for _ in range(20):  # whichever process answers, it reads the command line's index
             status, body, _ = http_json(f"http://127.0.0.1:{port}/dicom-web/studies", token=TOKEN)
             assert status == 200 and [s["0020000D"]["Value"][0] for s in body] == [study]
+        counted = re.compile(r'^dicom_gateway_http_requests_total\{method="GET",'
+                             r'route="/dicom-web/studies",status="200"\} (\S+)$', re.MULTILINE)
+        for _ in range(8):  # new connections: the scrapes land on either process
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as scrape:
+                text = scrape.read().decode()
+            assert [float(v) for v in counted.findall(text)] == [20.0], text[-2000:]
         assert api.stop(signal.SIGTERM, timeout=60) == 0, api.log_text()
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
