@@ -490,7 +490,8 @@ def test_a_large_study_streams_in_bounded_memory(server: DicomwebServer, tmp_pat
 def test_retrieve_skips_objects_gone_from_the_store_and_404s_when_none_is_left(
         server: DicomwebServer, tmp_path: Path) -> None:
     """Indexed instances whose objects vanished (a restore in progress, a disk lost): the
-    others are sent; with none left the answer is a 404 JSON, not an empty 200."""
+    others are sent, as DICOM or rendered; with none left the answer is a 404 JSON, not an
+    empty 200 or a 500."""
     import dataclasses
     import shutil
 
@@ -510,14 +511,17 @@ def test_retrieve_skips_objects_gone_from_the_store_and_404s_when_none_is_left(
     study, series = first.instance["study_instance_uid"], first.instance["series_instance_uid"]
     headers = {"Authorization": f"Bearer {TOKEN}",
                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
-    response = httpx.get(f"{server.url}/studies/{study}/series/{series}", headers=headers)
-    assert response.status_code == 200
-    assert len(_parts(response)) == 1
+    rendered = {"Authorization": f"Bearer {TOKEN}", "Accept": 'multipart/related; type="image/png"'}
+    for resource, accept in (("", headers), ("/rendered", rendered)):
+        response = httpx.get(f"{server.url}/studies/{study}/series/{series}{resource}", headers=accept)
+        assert response.status_code == 200
+        assert len(_parts(response)) == 1
     (server.store.root / "gone" / "0.dcm").unlink()
-    response = httpx.get(f"{server.url}/studies/{study}/series/{series}", headers=headers)
-    assert response.status_code == 404
-    assert response.headers["content-type"].startswith("application/json")
-    assert response.json()["error"]["code"] == "not_found"
+    for resource, accept in (("", headers), ("/rendered", rendered)):
+        response = httpx.get(f"{server.url}/studies/{study}/series/{series}{resource}", headers=accept)
+        assert response.status_code == 404
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["error"]["code"] == "not_found"
 
 
 def _parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:

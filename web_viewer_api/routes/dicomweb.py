@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from storage import AccessScope, InstanceQuery, InstanceSummary, SeriesQuery
+from storage import AccessScope, InstanceQuery, InstanceSummary, ObjectNotFound, SeriesQuery
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
 from web_viewer_api.dicomweb.multipart import (
@@ -492,15 +492,21 @@ def _rendered_many(request: Request, index: IndexDep, study: str, series: str | 
 
     def parts() -> Iterator[Part]:
         for instance in instances:
+            try:
+                dataset = wado.dataset(instance)
+            except ObjectNotFound:
+                continue  # indexed but gone, as in a retrieval: never a broken part
             image, media_type = rendered(
-                wado.dataset(instance), part_type, viewport=params.get("viewport"),
+                dataset, part_type, viewport=params.get("viewport"),
                 window=params.get("window"), quality=params.get("quality"))
             yield media_type, image, {"Content-Location": (
                 f"{base}/studies/{instance.study_instance_uid}/series/{instance.series_instance_uid}"
                 f"/instances/{instance.sop_instance_uid}/rendered")}
 
     rendering = parts()
-    first = next(rendering)  # a bad window or viewport is a 400 before the answer starts
+    first = next(rendering, None)  # a bad window or viewport is a 400 before the answer starts
+    if first is None:
+        raise NotFoundError("not found")
     return _multipart_response(part_type, itertools.chain((first,), rendering))
 
 
