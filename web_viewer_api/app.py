@@ -113,7 +113,7 @@ class _MetricsMiddleware:
         started = time.perf_counter()
         status = StatusRecorder(send)
         try:
-            await self.app(scope, receive, status)
+            await status.run(self.app, scope, receive)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
             self.requests.labels(scope.get("method", ""), path, str(status.code)).inc()

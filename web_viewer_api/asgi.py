@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starlette.types import Message, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class StatusRecorder:
@@ -17,6 +17,16 @@ class StatusRecorder:
         if message["type"] == "http.response.start":
             self.code = int(message["status"])
         await self._send(message)
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive) -> None:
+        """Call `app` with this recorder as its `send`. An exception after the answer
+        started (the store failing mid-stream: the client gets a cut-off body) is recorded
+        as 500, not as the status already sent; a cancelled request keeps its status."""
+        try:
+            await app(scope, receive, self)
+        except Exception:
+            self.code = 500
+            raise
 
 
 __all__ = ["StatusRecorder"]

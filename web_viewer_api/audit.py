@@ -188,7 +188,7 @@ class AuditMiddleware:
             return
         status = StatusRecorder(send)
         try:
-            await self.app(scope, receive, status)
+            await status.run(self.app, scope, receive)
         finally:
             self.writer.submit(self._events(scope, path, status.code))
 

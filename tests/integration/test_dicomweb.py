@@ -19,6 +19,7 @@ from dicomweb_client.api import DICOMwebClient
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
+from tests.support.services import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -522,6 +523,44 @@ def test_retrieve_skips_objects_gone_from_the_store_and_404s_when_none_is_left(
         assert response.status_code == 404
         assert response.headers["content-type"].startswith("application/json")
         assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_store_failing_mid_stream_cuts_the_answer_and_is_audited_as_a_failure(
+        server: DicomwebServer, tmp_path: Path) -> None:
+    """The first object reads, the second fails with an I/O error once the 200 has gone
+    out: the client sees a cut-off body (never a complete-looking one) and the audit trail
+    records a server failure, not the 200 that started."""
+    import dataclasses
+    import os
+    import shutil
+
+    from storage import InstanceRecord
+
+    [source] = write_sample_study(tmp_path / "eio", SampleStudySpec(ct_slices=1, mr_slices=0, seed=79))
+    template = pydicom.dcmread(source)
+    first = InstanceRecord.from_dataset(
+        template, object_key="eio/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
+        transfer_syntax_uid=str(template.file_meta.TransferSyntaxUID), site_id="site1")
+    (server.store.root / "eio").mkdir()
+    shutil.copy(source, server.store.root / "eio" / "0.dcm")
+    os.symlink("/proc/self/mem", server.store.root / "eio" / "1.dcm")  # reading it: EIO
+    server.index.upsert_instances([dataclasses.replace(first, instance={
+        **first.instance, "sop_instance_uid": f"{first.instance['sop_instance_uid']}.{n}",
+        "object_key": f"eio/{n}.dcm"}) for n in range(2)])
+    study, series = first.instance["study_instance_uid"], first.instance["series_instance_uid"]
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{server.url}/studies/{study}/series/{series}", headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+
+    def audited() -> dict[str, object] | None:
+        page = httpx.get(f"{server.root}/api/audit", headers={"Authorization": f"Bearer {TOKEN}"},
+                         params={"action": "dicomweb.retrieve", "study_uid": study})
+        events = page.json()["events"]
+        return events[0] if events else None
+
+    event = wait_for(audited, timeout=10, what="the retrieval's audit event")
+    assert event["event_outcome_indicator"] == 8
 
 
 def _parts(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
