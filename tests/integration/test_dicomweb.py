@@ -488,28 +488,34 @@ def test_a_large_study_streams_in_bounded_memory(server: DicomwebServer, tmp_pat
     assert peak < 16 << 20, f"peak {peak / 1e6:.0f} MB while streaming {total / 1e6:.0f} MB"
 
 
-def test_retrieve_skips_objects_gone_from_the_store_and_404s_when_none_is_left(
-        server: DicomwebServer, tmp_path: Path) -> None:
-    """Indexed instances whose objects vanished (a restore in progress, a disk lost): the
-    others are sent, as DICOM or rendered; with none left the answer is a 404 JSON, not an
-    empty 200 or a 500."""
+def _two_instance_series(server: DicomwebServer, tmp_path: Path, folder: str,
+                         seed: int) -> tuple[str, str]:
+    """A series of two indexed instances whose objects are `<folder>/0.dcm` (written) and
+    `<folder>/1.dcm` (left to the test); (study UID, series UID)."""
     import dataclasses
     import shutil
 
     from storage import InstanceRecord
 
-    [source] = write_sample_study(tmp_path / "gone", SampleStudySpec(ct_slices=1, mr_slices=0, seed=78))
+    [source] = write_sample_study(tmp_path / folder, SampleStudySpec(ct_slices=1, mr_slices=0, seed=seed))
     template = pydicom.dcmread(source)
     first = InstanceRecord.from_dataset(
-        template, object_key="gone/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
+        template, object_key=f"{folder}/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
         transfer_syntax_uid=str(template.file_meta.TransferSyntaxUID), site_id="site1")
-    (server.store.root / "gone").mkdir()
-    shutil.copy(source, server.store.root / "gone" / "0.dcm")  # gone/1.dcm never written
-    records = [dataclasses.replace(first, instance={
+    (server.store.root / folder).mkdir()
+    shutil.copy(source, server.store.root / folder / "0.dcm")
+    server.index.upsert_instances([dataclasses.replace(first, instance={
         **first.instance, "sop_instance_uid": f"{first.instance['sop_instance_uid']}.{n}",
-        "object_key": f"gone/{n}.dcm"}) for n in range(2)]
-    server.index.upsert_instances(records)
-    study, series = first.instance["study_instance_uid"], first.instance["series_instance_uid"]
+        "object_key": f"{folder}/{n}.dcm"}) for n in range(2)])
+    return first.instance["study_instance_uid"], first.instance["series_instance_uid"]
+
+
+def test_retrieve_skips_objects_gone_from_the_store_and_404s_when_none_is_left(
+        server: DicomwebServer, tmp_path: Path) -> None:
+    """Indexed instances whose objects vanished (a restore in progress, a disk lost): the
+    others are sent, as DICOM or rendered; with none left the answer is a 404 JSON, not an
+    empty 200 or a 500."""
+    study, series = _two_instance_series(server, tmp_path, "gone", 78)  # gone/1.dcm: never
     headers = {"Authorization": f"Bearer {TOKEN}",
                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
     rendered = {"Authorization": f"Bearer {TOKEN}", "Accept": 'multipart/related; type="image/png"'}
@@ -530,24 +536,10 @@ def test_a_store_failing_mid_stream_cuts_the_answer_and_is_audited_as_a_failure(
     """The first object reads, the second fails with an I/O error once the 200 has gone
     out: the client sees a cut-off body (never a complete-looking one) and the audit trail
     records a server failure, not the 200 that started."""
-    import dataclasses
     import os
-    import shutil
 
-    from storage import InstanceRecord
-
-    [source] = write_sample_study(tmp_path / "eio", SampleStudySpec(ct_slices=1, mr_slices=0, seed=79))
-    template = pydicom.dcmread(source)
-    first = InstanceRecord.from_dataset(
-        template, object_key="eio/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
-        transfer_syntax_uid=str(template.file_meta.TransferSyntaxUID), site_id="site1")
-    (server.store.root / "eio").mkdir()
-    shutil.copy(source, server.store.root / "eio" / "0.dcm")
+    study, series = _two_instance_series(server, tmp_path, "eio", 79)
     os.symlink("/proc/self/mem", server.store.root / "eio" / "1.dcm")  # reading it: EIO
-    server.index.upsert_instances([dataclasses.replace(first, instance={
-        **first.instance, "sop_instance_uid": f"{first.instance['sop_instance_uid']}.{n}",
-        "object_key": f"eio/{n}.dcm"}) for n in range(2)])
-    study, series = first.instance["study_instance_uid"], first.instance["series_instance_uid"]
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(f"{server.url}/studies/{study}/series/{series}", headers={
             "Authorization": f"Bearer {TOKEN}",
