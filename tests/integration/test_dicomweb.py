@@ -98,6 +98,51 @@ def test_rendered_and_thumbnail(client: DICOMwebClient, server: DicomwebServer) 
     assert response.status_code == 200 and response.content.startswith(b"\x89PNG")
 
 
+def test_frames_of_a_multiframe_instance_render_and_thumbnail_one_by_one(
+        server: DicomwebServer) -> None:
+    """A 10-frame MR: each frame renders its own pixels; a frame thumbnail is that frame
+    fitted to 128 pixels; a missing frame is a 404, a bad frame list a 400."""
+    import io
+    import shutil
+
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from storage import InstanceRecord
+
+    path = get_testdata_file("emri_small.dcm")
+    dataset = pydicom.dcmread(path)
+    assert int(dataset.NumberOfFrames) == 10
+    (server.store.root / "multiframe").mkdir()
+    shutil.copy(path, server.store.root / "multiframe" / "emri.dcm")
+    server.index.upsert_instance(InstanceRecord.from_dataset(
+        dataset, object_key="multiframe/emri.dcm", size_bytes=len(open(path, "rb").read()),
+        sha256="0" * 64, transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+        site_id="site1"))
+    base = (f"{server.url}/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+            f"/instances/{dataset.SOPInstanceUID}")
+    png = {"Authorization": f"Bearer {TOKEN}", "Accept": "image/png"}
+
+    def image(resource: str) -> Image.Image:
+        response = httpx.get(f"{base}/{resource}", headers=png)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/png"
+        return Image.open(io.BytesIO(response.content))
+
+    frames = [image(f"frames/{n}/rendered").tobytes() for n in (1, 2, 10)]
+    assert len(set(frames)) == 3  # three different frames, not the first one three times
+    thumbnail = image("frames/2/thumbnail")
+    assert max(thumbnail.size) <= 128
+    assert thumbnail.tobytes() == image("frames/2/rendered?viewport=128,128").tobytes()
+    # A list: the middle frame represents it.
+    assert image("frames/1,2,10/thumbnail").tobytes() == thumbnail.tobytes()
+    for resource, status in (("frames/11/thumbnail", 404), ("frames/0/thumbnail", 400),
+                             ("frames/x/thumbnail", 400), ("frames/11/rendered", 404)):
+        response = httpx.get(f"{base}/{resource}", headers=png)
+        assert response.status_code == status, resource
+        assert response.json()["error"]["code"]
+
+
 @pytest.mark.parametrize(("path", "accept", "status"), [
     ("/studies/2.25.1", 'multipart/related; type="application/dicom"', 404),
     ("/studies/not-a-uid/series", "application/dicom+json", 400),

@@ -457,6 +457,19 @@ def retrieve_rendered_frame(study: str, series: str, sop: str, frame: str, reque
     return _guard(call)
 
 
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}/thumbnail",
+            summary="WADO-RS: frame thumbnail")
+def retrieve_frame_thumbnail(study: str, series: str, sop: str, frames: str, request: Request,
+                             _principal: ReadPrincipal, index: IndexDep) -> Response:
+    """A thumbnail representative of the listed frames (PS3.18 §10.4, Sup 203): the
+    middle one of the list, as the series thumbnail takes its middle instance."""
+    def call() -> Response:
+        numbers = parse_frame_list(frames)
+        return _rendered(request, index, study, series, sop, numbers[len(numbers) // 2],
+                         thumbnail=True)
+    return _guard(call)
+
+
 @router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail",
             summary="WADO-RS: instance thumbnail")
 def retrieve_instance_thumbnail(study: str, series: str, sop: str, request: Request,
