@@ -95,6 +95,27 @@ def _paired(client: httpx.Client, ours: tuple[str, dict[str, str]], theirs: tupl
     return mine, other
 
 
+def _curl_qido(ours: str, theirs: str, headers: dict[str, str], count: int,
+               alternate: bool, work: Path) -> tuple[list[float], list[float]]:
+    """QIDO timed by curl (a C client: Python's HTTP client adds about 0.3 ms to every
+    request of both servers, which pulls any ratio towards 1), one kept-alive connection
+    per server, requests alternated or each server's back to back; ms, after 10% warm-up."""
+    urls = [u for _ in range(count) for u in (ours, theirs)] if alternate else [ours] * count + [theirs] * count
+    config = work / "curl-qido.cfg"
+    config.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
+    command = ["curl", "-sS", "-K", str(config), "-w", "%{http_code} %{time_total}\n"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
+    codes, seconds = lines[0::2], [float(t) * 1000 for t in lines[1::2]]
+    assert set(codes) == {"200"}, set(codes)
+    if alternate:
+        mine, other = seconds[0::2], seconds[1::2]
+    else:
+        mine, other = seconds[:count], seconds[count:]
+    return mine[count // 10:], other[count // 10:]
+
+
 #: Alternated retrievals of each series by each server (after two warm-up rounds).
 RETRIEVE_ROUNDS = 40
 
@@ -247,6 +268,11 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
                     # server's own cost, without the machine's wake-up after idle time.
                     ours_warm = _timings(client, f"{ours_url}/studies?PatientID={target.patient_id}", auth, requests)
                     theirs_warm = _timings(client, f"{url}/dicom-web/studies?PatientID=IPP-00042", accept, requests)
+                    # The same by curl; our key goes to Orthanc too (its authentication is off).
+                    curl_pair = (f"{ours_url}/studies?PatientID={target.patient_id}",
+                                 f"{url}/dicom-web/studies?PatientID=IPP-00042")
+                    curl_alternated = _curl_qido(*curl_pair, auth, 1000, True, work)
+                    curl_back_to_back = _curl_qido(*curl_pair, auth, 1000, False, work)
                     ours_all, theirs_all = _paired(
                         client, (f"{ours_url}/studies?limit=100", auth),
                         (f"{url}/dicom-web/studies?limit=100", accept), requests // 2)
@@ -274,6 +300,10 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
               f"Orthanc p50 {_pct(theirs_warm, 50):6.2f} ms   (ours/Orthanc {_pct(ours_warm, 50) / _pct(theirs_warm, 50):.2f})")
         print(f"  QIDO by PatientID, alternated    ours p50 {_pct(ours_pid, 50):6.2f} ms   "
               f"Orthanc p50 {_pct(theirs_pid, 50):6.2f} ms   (ours/Orthanc {_pct(ours_pid, 50) / _pct(theirs_pid, 50):.2f})")
+        for label, (mine, other) in (("back to back", curl_back_to_back), ("alternated  ", curl_alternated)):
+            print(f"  QIDO by PatientID, curl, {label} ours p50 {statistics.median(mine):6.2f} ms   "
+                  f"Orthanc p50 {statistics.median(other):6.2f} ms   "
+                  f"(ours/Orthanc {statistics.median(mine) / statistics.median(other):.2f})")
         print(f"  QIDO 100 studies, alternated     ours p50 {_pct(ours_all, 50):6.1f} ms   Orthanc p50 {_pct(theirs_all, 50):6.1f} ms"
               f"   (ours/Orthanc {_pct(ours_all, 50) / _pct(theirs_all, 50):.2f})")
         print(f"  series retrieve, 50 CT 512x512, transfer-syntax=* (as stored), curl, {RETRIEVE_ROUNDS} "
