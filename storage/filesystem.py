@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import NoReturn
 from pathlib import Path
 
 from storage.objects import InvalidKey, ObjectInfo, ObjectNotFound, StorageError, validate_key
@@ -68,19 +69,38 @@ class FilesystemObjectStore:
             raise StorageError(f"cannot delete object {key!r}: {exc.strerror}") from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under `prefix`, walked completely before the first is yielded: an
+        unreadable folder or object raises StorageError before the caller acts on a part."""
         if not self.root.exists():
             return
         found: list[ObjectInfo] = []
+
+        def unreadable(error: OSError) -> NoReturn:
+            raise StorageError(f"cannot list the object store: {error.strerror} ({error.filename})")
+
         # Links are followed, as get and put follow them (a `studies` folder linked to
-        # another disk): `reindex` lists what reads can reach.
-        for directory, _dirs, files in os.walk(self.root, followlinks=True):
+        # another disk): `reindex` lists what reads can reach. A folder reached twice (a
+        # link cycle, or two links to one place) is walked once.
+        walked: set[tuple[int, int]] = set()
+        for directory, folders, files in os.walk(self.root, onerror=unreadable, followlinks=True):
+            try:
+                identity = os.stat(directory)
+            except OSError as exc:
+                unreadable(exc)
+            if (identity.st_dev, identity.st_ino) in walked:
+                folders[:] = []
+                continue
+            walked.add((identity.st_dev, identity.st_ino))
             for name in files:
                 if name.startswith(".tmp-"):
                     continue
                 full = Path(directory) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    found.append(ObjectInfo(key, full.stat().st_size))
+                    try:
+                        found.append(ObjectInfo(key, full.stat().st_size))
+                    except OSError as exc:  # a broken link, a loop: never skipped silently
+                        unreadable(exc)
         yield from sorted(found, key=lambda info: info.key)
 
     def check(self) -> None:

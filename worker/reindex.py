@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Callable
@@ -30,9 +31,13 @@ def reindex(store: ObjectStore, index: IndexRepository,
             progress: Callable[[int], None] | None = None) -> ReindexReport:
     """Empty the index, then upsert one row set per stored instance object."""
     report = ReindexReport()
+    # The listing starts before the index is emptied: a store that cannot be listed
+    # (unreachable, a broken link) fails here and leaves the index as it was.
+    listing = iter(store.list("studies/"))
+    first = next(listing, None)
     index.clear()
     pending: list[InstanceRecord] = []
-    for info in store.list("studies/"):
+    for info in itertools.chain([first] if first is not None else [], listing):
         if not _INSTANCE_KEY.match(info.key):
             continue  # metadata, thumbnails, manifests
         body = store.get(info.key)

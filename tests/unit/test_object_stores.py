@@ -13,6 +13,7 @@ from storage import (
     ObjectNotFound,
     ObjectStore,
     S3ObjectStore,
+    StorageError,
     TransientStorageError,
     instance_key,
 )
@@ -89,6 +90,18 @@ def test_filesystem_store_lists_what_it_reads_through_a_linked_folder(tmp_path: 
     assert (other_disk / "1.2" / "series" / "3.4" / "5.6.dcm").read_bytes() == b"DICM"
     assert store.get("studies/1.2/series/3.4/5.6.dcm") == b"DICM"
     assert [info.key for info in store.list("studies/")] == ["studies/1.2/series/3.4/5.6.dcm"]
+
+
+def test_filesystem_listing_walks_a_link_cycle_once_and_refuses_broken_links(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path / "objects")
+    store.put("studies/1.2/series/3.4/5.6.dcm", b"DICM")
+    series = tmp_path / "objects" / "studies" / "1.2" / "series"
+    (series / "loop").symlink_to(series, target_is_directory=True)  # a cycle
+    (series / "again").symlink_to(series, target_is_directory=True)  # the same folder twice
+    assert [info.key for info in store.list("studies/")] == ["studies/1.2/series/3.4/5.6.dcm"]
+    (series / "3.4" / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    with pytest.raises(StorageError, match="cannot list"):
+        list(store.list("studies/"))
 
 
 def test_check_passes_on_a_usable_store(store: ObjectStore) -> None:

@@ -62,6 +62,23 @@ def test_reindex_rebuilds_exactly_the_same_index(tmp_path: Path, database_url: s
     assert pipeline.index.dump() == before
 
 
+def test_reindex_of_an_unlistable_store_fails_and_keeps_the_index(tmp_path: Path) -> None:
+    """A broken link in the store (a disk not mounted): reindex stops before emptying the
+    index, instead of rebuilding it without what it could not see."""
+    from storage import StorageError
+
+    pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    run_import([_study(tmp_path, 2, 1)], pipeline, Spool(tmp_path / "spool", "site1"))
+    before = pipeline.index.dump()
+    assert len(before["instances"]) == 3
+    some_series = next((tmp_path / "objects" / "studies").glob("*/series"))
+    (some_series / "unmounted").symlink_to(tmp_path / "not-there", target_is_directory=True)
+    (some_series / "lost.dcm").symlink_to(tmp_path / "not-there.dcm")
+    with pytest.raises(StorageError, match="cannot list"):
+        reindex(pipeline.store, pipeline.index)
+    assert pipeline.index.dump() == before
+
+
 def test_import_walks_folders_and_zips_and_reports(tmp_path: Path) -> None:
     pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
     folder = _study(tmp_path, ct=3, mr=1)
