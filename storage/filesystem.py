@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from storage.objects import InvalidKey, ObjectInfo, ObjectNotFound, StorageError, validate_key
 
