@@ -18,7 +18,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from gateway.settings import Settings, SettingsError
+from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, Settings, SettingsError
 
 app = typer.Typer(help="dicom-gateway: DICOM in, de-identified, stored, shared over DICOMweb.",
                   no_args_is_help=True, add_completion=False)
@@ -164,7 +164,7 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     metrics = components.api_metrics_dir(settings)
     shutil.rmtree(metrics, ignore_errors=True)
     metrics.mkdir(parents=True)
-    os.environ[components.METRICS_MULTIPROCESS_VARIABLE] = str(metrics)
+    os.environ[METRICS_MULTIPROCESS_VARIABLE] = str(metrics)
     uvicorn.run("gateway.components:api_from_environment", factory=True,
                 workers=settings.http.workers, **options)
 
@@ -462,4 +462,8 @@ def apikey_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")],
 
 
 def main() -> None:
+    # Every process started here keeps its metrics in memory. The variable comes back only
+    # for the workers `api` starts itself (HTTP__WORKERS > 1); inherited from a shell or a
+    # unit file, it would send every counter to files in a folder that may not exist.
+    os.environ.pop(METRICS_MULTIPROCESS_VARIABLE, None)
     app()

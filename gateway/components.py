@@ -22,7 +22,7 @@ from anonymize import (
     pseudonymize_patient_id,
 )
 from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig, TlsConfig
-from gateway.settings import Settings, SettingsError
+from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, Settings, SettingsError
 from storage import (
     AccessRepository,
     FilesystemObjectStore,
@@ -242,10 +242,6 @@ def _component_probe(settings: Settings, component: str):  # type: ignore[no-unt
         os.kill(pid, 0)  # ProcessLookupError when it died
 
     return probe
-
-
-#: prometheus_client's own variable: set, its counters write to files in that folder.
-METRICS_MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def api_metrics_dir(settings: Settings) -> Path:

@@ -25,6 +25,11 @@ _PLACEHOLDER = re.compile(r"change[-_]?me|replace[-_]?me|your[-_]?secret|example
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
+#: prometheus_client's own variable: set when it is imported, its counters write to files
+#: in that folder (only the workers of `dicom-gateway api` with HTTP__WORKERS > 1).
+METRICS_MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class SettingsError(ValueError):
     """The configuration cannot run (missing or weak secret, bad value)."""
 

@@ -78,3 +78,23 @@ def test_two_api_processes_share_the_port_and_stop_together(tmp_path: Path) -> N
             assert [float(v) for v in counted.findall(text)] == [20.0], text[-2000:]
         assert api.stop(signal.SIGTERM, timeout=60) == 0, api.log_text()
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_an_inherited_prometheus_folder_does_not_reach_a_single_api_process(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR left in the environment (a shell, a unit file) pointing
+    nowhere: one API process still counts its requests in memory and serves /metrics."""
+    _index_with_one_study(tmp_path / "data")
+    port = free_port()
+    env = gateway_env(tmp_path / "data", admin_token=TOKEN,
+                      pseudonym_secret="workers-test-secret-0123456789abcdef")
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "no-such-folder")
+    command = gateway_command("api", "--http-port", str(port))
+    with GatewayProcess(command, env, tmp_path / "api.log") as api:
+        wait_for(lambda: http_json(f"http://127.0.0.1:{port}/livez")[0] == 200 or not api.alive(),
+                 timeout=90, what="the API")
+        for _ in range(3):
+            assert http_json(f"http://127.0.0.1:{port}/dicom-web/studies", token=TOKEN)[0] == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as scrape:
+            text = scrape.read().decode()
+        assert 'route="/dicom-web/studies",status="200"} 3.0' in text
+        assert "FileNotFoundError" not in api.log_text()
