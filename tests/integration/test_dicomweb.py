@@ -136,7 +136,8 @@ def test_frames_of_a_multiframe_instance_render_and_thumbnail_one_by_one(
     assert thumbnail.tobytes() == image("frames/2/rendered?viewport=128,128").tobytes()
     # A list: the middle frame represents it.
     assert image("frames/1,2,10/thumbnail").tobytes() == thumbnail.tobytes()
-    for resource, status in (("frames/11/thumbnail", 404), ("frames/0/thumbnail", 400),
+    for resource, status in (("frames/11/thumbnail", 404), ("frames/1,2,11/thumbnail", 404),
+                             ("frames/0/thumbnail", 400),
                              ("frames/x/thumbnail", 400), ("frames/11/rendered", 404)):
         response = httpx.get(f"{base}/{resource}", headers=png)
         assert response.status_code == status, resource

@@ -426,12 +426,20 @@ def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Requ
 
 
 def _rendered(request: Request, index: IndexDep, study: str, series: str, sop: str,
-              frame: int | None, thumbnail: bool = False) -> Response:
+              frames: list[int] | None, thumbnail: bool = False) -> Response:
+    """One image of the instance: of the middle one of `frames` (each of which must exist)."""
     wado = _wado(request, index)
     [instance] = wado.instances(study, series, sop)
     params = request.query_params
+    dataset = wado.dataset(instance)
+    frame = None
+    if frames:
+        count = int(dataset.get("NumberOfFrames", 1) or 1)
+        if max(frames) > count:
+            raise NotFoundError(f"no frame {max(frames)}: the instance has {count}")
+        frame = frames[len(frames) // 2]
     image, media_type = rendered(
-        wado.dataset(instance), request.headers.get("accept"),
+        dataset, request.headers.get("accept"),
         viewport=params.get("viewport") or ("128,128" if thumbnail else None),
         window=params.get("window"), quality=params.get("quality"), frame=frame)
     # The representation depends on Accept: caches must not hand a PNG to a JPEG request.
@@ -453,7 +461,7 @@ def retrieve_rendered_frame(study: str, series: str, sop: str, frame: str, reque
         numbers = parse_frame_list(frame)
         if len(numbers) != 1:
             raise BadRequestError("one frame per rendered request")
-        return _rendered(request, index, study, series, sop, numbers[0])
+        return _rendered(request, index, study, series, sop, numbers)
     return _guard(call)
 
 
@@ -464,8 +472,7 @@ def retrieve_frame_thumbnail(study: str, series: str, sop: str, frames: str, req
     """A thumbnail representative of the listed frames (PS3.18 §10.4, Sup 203): the
     middle one of the list, as the series thumbnail takes its middle instance."""
     def call() -> Response:
-        numbers = parse_frame_list(frames)
-        return _rendered(request, index, study, series, sop, numbers[len(numbers) // 2],
+        return _rendered(request, index, study, series, sop, parse_frame_list(frames),
                          thumbnail=True)
     return _guard(call)
 
