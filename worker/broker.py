@@ -1,6 +1,6 @@
 """kombu's `filesystem://` broker made safe for the embedded mode: no message lost.
 
-kombu 5.6's filesystem channel loses messages two ways:
+kombu 5.6's filesystem channel loses messages three ways:
 
 - its producer creates `<time>_<uuid>.<queue>.msg`, then writes it: a consumer polling
   the folder can take the file empty in between; `loads("")` fails after the file was
@@ -9,17 +9,22 @@ kombu 5.6's filesystem channel loses messages two ways:
 - its consumer claims a file by `shutil.move` into the system temporary folder: across
   file systems (a tmpfs /tmp) that is a copy then a delete, and two consumers can copy the
   same file onto the same name, one reading it while the other truncates it (45 of 2,000
-  lost with three consumers).
+  lost with three consumers);
+- it deletes a message when a consumer takes it: late acknowledgement lives only in the
+  worker's memory, and a worker killed (SIGKILL, out of memory, power cut) loses what it
+  held — a task running, a webhook retry waiting for its countdown.
 
 A lost ingest message leaves the batch to the node's sweeper, minutes later; a lost
 webhook message is never sent. Here a message is written under a name consumers ignore,
-flushed, renamed to its final name and the folder flushed; a consumer claims a message by
-renaming it, in the same folder tree, to a name of its own (of two consumers, one rename
-wins), then reads and deletes it.
+flushed, renamed to its final name and the folder flushed. A consumer claims a message by
+renaming it into the processed folder under its process id (of two consumers, one rename
+wins) and deletes it when the message is acknowledged; messages claimed by a process that
+is no longer alive go back to their queue when a channel opens.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -33,6 +38,8 @@ from kombu.utils.json import dumps, loads
 
 from worker.spool import fsync_directory
 
+log = logging.getLogger(__name__)
+
 #: `broker_transport` value that selects this transport for a `filesystem://` URL.
 TRANSPORT = "worker.broker:Transport"
 
@@ -41,10 +48,26 @@ _PARTIAL = ".partial-"
 _ABANDONED_SECONDS = 3600.0
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
 class Channel(filesystem.Channel):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: Messages taken and not yet acknowledged: delivery tag -> claimed file.
+        self._claimed: dict[str, str] = {}
+        self._queues_without_ack: set[str] = set()
+        self._getting_without_ack = False
+        os.makedirs(self.processed_folder, exist_ok=True)
         self._remove_abandoned_partials()
+        self._recover_claims_of_dead_processes()
 
     def _remove_abandoned_partials(self) -> None:
         cutoff = time.time() - _ABANDONED_SECONDS
@@ -54,6 +77,66 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
                     os.unlink(entry.path)
             except FileNotFoundError:
                 continue  # another process cleaned it first
+
+    def _recover_claims_of_dead_processes(self) -> None:
+        """Messages a consumer took and never acknowledged before it died (SIGKILL, out
+        of memory, power cut) go back to their queue: with late acknowledgement, a task
+        is redelivered, as a broker server would."""
+        recovered = 0
+        for name in os.listdir(self.processed_folder):
+            owner, _, original = name.partition(".")
+            if not owner.isdigit() or _alive(int(owner)):
+                continue
+            _token, _, original = original.partition(".")
+            try:
+                os.rename(os.path.join(self.processed_folder, name),
+                          os.path.join(self.data_folder_in, original))
+            except FileNotFoundError:
+                continue  # another process recovered it first
+            recovered += 1
+        if recovered:
+            log.warning("broker: %d message(s) taken by a process that died unacknowledged "
+                        "are queued again", recovered)
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._queues_without_ack.add(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        self._getting_without_ack = no_ack
+        try:
+            return super().basic_get(queue, no_ack, **kwargs)
+        finally:
+            self._getting_without_ack = False
+
+    def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)
+        self._settle(delivery_tag)
+
+    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)  # a requeue writes a new message first
+        self._settle(delivery_tag)
+
+    def _restore(self, message: Any) -> None:
+        """Unacknowledged at a clean shutdown: written to the queue again, then settled."""
+        super()._restore(message)
+        self._settle(message.delivery_tag)
+
+    def _settle(self, delivery_tag: str) -> None:
+        claimed = self._claimed.pop(delivery_tag, None)
+        if claimed is not None:
+            self._finish(claimed)
+
+    def _finish(self, claimed: str) -> None:
+        try:
+            if self.store_processed:  # kept, under a name recovery ignores
+                folder, name = os.path.split(claimed)
+                os.rename(claimed, os.path.join(folder, "done." + name.partition(".")[2]))
+            else:
+                os.unlink(claimed)
+        except FileNotFoundError:
+            pass
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
@@ -74,31 +157,57 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
                 pass
             raise ChannelError(f"cannot add a message to {self.data_folder_out!r}") from exc
 
-    def _get(self, queue: str) -> Any:
+    def _messages(self, queue: str) -> list[str]:
+        """The message files of exactly this queue, oldest first (`<ms>_<uuid>.<queue>.msg`;
+        kombu's substring test would also take queue `b.a`'s for queue `a`)."""
         wanted = f"{queue}.msg"
-        for name in sorted(os.listdir(self.data_folder_in)):
-            # `<time>_<uuid>.<queue>.msg`: exactly this queue (kombu's substring test
-            # would also take queue `b.a`'s messages for queue `a`).
-            if name.partition(".")[2] != wanted:
-                continue
-            # Claimed by a rename into the processed folder (same file system: atomic):
-            # when two consumers race for one file, exactly one rename succeeds.
-            claimed = os.path.join(self.processed_folder, f"{uuid.uuid4()}.{name}")
+        return [name for name in sorted(os.listdir(self.data_folder_in))
+                if name.partition(".")[2] == wanted]
+
+    def _get(self, queue: str) -> Any:
+        for name in self._messages(queue):
+            # Claimed by a rename into the processed folder (same file system: atomic; of
+            # two consumers racing for one file, one rename succeeds), under this
+            # process's id: kept until acknowledged, recovered if this process dies.
+            source = os.path.join(self.data_folder_in, name)
+            claimed = os.path.join(self.processed_folder, f"{os.getpid()}.{uuid.uuid4().hex}.{name}")
             try:
-                os.rename(os.path.join(self.data_folder_in, name), claimed)
+                os.rename(source, claimed)
             except FileNotFoundError:
+                if os.path.exists(source):  # the processed folder is gone: say so, loudly
+                    raise ChannelError(f"broker folder {self.processed_folder!r} is missing") from None
                 continue  # another consumer took it
             except OSError as exc:
                 raise ChannelError(f"cannot claim message {name!r}") from exc
             try:
                 with open(claimed, "rb") as handle:
-                    payload = handle.read()
-                if not self.store_processed:
-                    os.unlink(claimed)
+                    payload = loads(bytes_to_str(handle.read()))
             except OSError as exc:
                 raise ChannelError(f"cannot read claimed message {claimed!r}") from exc
-            return loads(bytes_to_str(payload))
+            except ValueError:  # not a message (written by something else): kept aside
+                os.rename(claimed, os.path.join(self.processed_folder, f"unreadable.{name}"))
+                log.error("broker: message %s is not JSON; kept as unreadable.%s", name, name)
+                continue
+            tag = payload.get("properties", {}).get("delivery_tag")
+            if queue in self._queues_without_ack or self._getting_without_ack or tag is None:
+                self._finish(claimed)  # nobody will acknowledge it
+            else:
+                self._claimed[tag] = claimed
+            return payload
         raise Empty()
+
+    def _size(self, queue: str) -> int:
+        return len(self._messages(queue))
+
+    def _purge(self, queue: str) -> int:
+        removed = 0
+        for name in self._messages(queue):
+            try:
+                os.unlink(os.path.join(self.data_folder_in, name))
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
 
 
 class Transport(filesystem.Transport):  # type: ignore[misc]

@@ -92,6 +92,60 @@ def test_every_message_reaches_exactly_one_consumer(tmp_path: Path, consumers: i
     assert (folder / "control" / "race.exchange").is_file()
 
 
+def _take_two_ack_one_and_die(folder: Path) -> None:
+    with _app(folder).connection_for_read() as connection:
+        queue = connection.SimpleQueue("late")
+        queue.get(timeout=10).ack()
+        queue.get(timeout=10)  # taken, not acknowledged: the task was running
+        os._exit(0)  # killed: no clean shutdown puts it back
+
+
+def test_a_message_held_by_a_consumer_that_dies_is_delivered_again(tmp_path: Path) -> None:
+    with _app(tmp_path).connection_for_write() as connection:
+        queue = connection.SimpleQueue("late")
+        for number in (1, 2, 3):
+            queue.put({"number": number})
+    consumer = multiprocessing.get_context("spawn").Process(
+        target=_take_two_ack_one_and_die, args=(tmp_path,))
+    consumer.start()
+    consumer.join(timeout=60)
+    assert consumer.exitcode == 0
+    assert len(list((tmp_path / "processed").iterdir())) == 1  # the claim of the dead one
+    with _app(tmp_path).connection_for_read() as connection:  # a new channel recovers it
+        queue = connection.SimpleQueue("late")
+        again = [queue.get(timeout=10) for _ in range(2)]
+        for message in again:
+            message.ack()
+        with pytest.raises(queue.Empty):
+            queue.get(timeout=0.2)
+    # The acknowledged one is gone for good, the held one came back once, the third as usual.
+    assert sorted(m.payload["number"] for m in again) == [2, 3]
+    assert not list((tmp_path / "processed").iterdir())
+
+
+def test_messages_taken_without_acknowledgement_are_settled_at_once(tmp_path: Path) -> None:
+    with _app(tmp_path).connection_for_write() as connection:
+        connection.SimpleQueue("fire").put({"n": 1})
+    with _app(tmp_path).connection_for_read() as connection:
+        channel = connection.default_channel
+        channel.queue_declare("fire")
+        message = channel.basic_get("fire", no_ack=True)
+        assert message is not None and message.payload == {"n": 1}
+        assert not list((tmp_path / "processed").iterdir())
+
+
+def test_a_missing_processed_folder_is_an_error_not_an_empty_queue(tmp_path: Path) -> None:
+    from kombu.exceptions import ChannelError
+
+    with _app(tmp_path).connection_for_write() as connection:
+        connection.SimpleQueue("q").put({"n": 1})
+    with _app(tmp_path).connection_for_read() as connection:
+        queue = connection.SimpleQueue("q")
+        (tmp_path / "processed").rmdir()  # an operator cleaning up
+        with pytest.raises(ChannelError, match="missing"):
+            queue.get(timeout=1)
+
+
 def test_abandoned_partial_files_are_removed_fresh_ones_kept(tmp_path: Path) -> None:
     options = filesystem_broker_options(tmp_path)
     queue_dir = Path(options["data_folder_in"])
