@@ -17,17 +17,21 @@ kombu 5.6's filesystem channel loses messages three ways:
 A lost ingest message leaves the batch to the node's sweeper, minutes later; a lost
 webhook message is never sent. Here a message is written under a name consumers ignore,
 flushed, renamed to its final name and the folder flushed. A consumer claims a message by
-renaming it into the processed folder under its process id (of two consumers, one rename
-wins) and deletes it when the message is acknowledged; messages claimed by a process that
-is no longer alive go back to their queue when a channel opens.
+renaming it into the processed folder under its owner token (of two consumers, one rename
+wins) and deletes it when the message is acknowledged. Each consuming process holds a lock
+on its token's file for its lifetime; when a channel opens, the claims of tokens whose lock
+is free (their process died) go back to their queue, marked redelivered.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from queue import Empty
 from typing import Any
 
@@ -48,14 +52,48 @@ _PARTIAL = ".partial-"
 _ABANDONED_SECONDS = 3600.0
 
 
-def _alive(pid: int) -> bool:
+#: (process id, processed folder) -> this process's owner token there, and the descriptor
+#: of its lock file (held for the process's lifetime; the kernel drops it at death).
+_OWNERS: dict[tuple[int, str], tuple[str, int]] = {}
+_OWNER_FILE = "owner.{}.lock"
+
+
+def _owner_token(folder: str) -> str:
+    """This process's token in `folder`, made on first use: claims carry it, and its lock
+    file stays exclusively locked while the process lives. A process id cannot serve:
+    reused (pid 1 of every container, a reboot), it would make a dead owner look alive."""
+    key = (os.getpid(), folder)  # a forked child makes its own
+    if key not in _OWNERS:
+        token = uuid.uuid4().hex
+        # Locked before it is visible: a recovery must never see it unlocked.
+        partial = os.path.join(folder, f"{_PARTIAL}{token}")
+        fd = os.open(partial, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(partial, os.path.join(folder, _OWNER_FILE.format(token)))
+        _OWNERS[key] = (token, fd)
+    return _OWNERS[key][0]
+
+
+@contextlib.contextmanager
+def _dead_owner(folder: str, token: str) -> Iterator[bool]:
+    """True (and the owner's lock held until the block ends) when the process that made
+    `token` is gone; its lock file is then removed."""
+    path = os.path.join(folder, _OWNER_FILE.format(token))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True  # already recovered by another process, or never locked
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False  # its owner (or another recovery) holds it
+            return
+        yield True
+        os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 class Channel(filesystem.Channel):  # type: ignore[misc]
@@ -80,23 +118,49 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
 
     def _recover_claims_of_dead_processes(self) -> None:
         """Messages a consumer took and never acknowledged before it died (SIGKILL, out
-        of memory, power cut) go back to their queue: with late acknowledgement, a task
-        is redelivered, as a broker server would."""
+        of memory, power cut) go back to their queue, marked redelivered: with late
+        acknowledgement, a task is delivered again, as a broker server would."""
+        folder = self.processed_folder
+        mine = {token for (pid, where), (token, _fd) in _OWNERS.items() if pid == os.getpid()}
+        claims: dict[str, list[str]] = {}
+        for name in os.listdir(folder):
+            token, _, rest = name.partition(".")
+            if token == "owner" and rest.endswith(".lock"):
+                token, rest = rest.removesuffix(".lock"), ""  # an owner with no claim left
+            if len(token) == 32 and token not in mine:
+                names = claims.setdefault(token, [])
+                if rest.count(".") >= 2:
+                    names.append(name)
         recovered = 0
-        for name in os.listdir(self.processed_folder):
-            owner, _, original = name.partition(".")
-            if not owner.isdigit() or _alive(int(owner)):
-                continue
-            _token, _, original = original.partition(".")
-            try:
-                os.rename(os.path.join(self.processed_folder, name),
-                          os.path.join(self.data_folder_in, original))
-            except FileNotFoundError:
-                continue  # another process recovered it first
-            recovered += 1
+        for token, names in claims.items():
+            with _dead_owner(folder, token) as dead:
+                if not dead:
+                    continue
+                for name in names:
+                    recovered += self._requeue(os.path.join(folder, name), name.split(".", 2)[2])
         if recovered:
             log.warning("broker: %d message(s) taken by a process that died unacknowledged "
                         "are queued again", recovered)
+
+    def _requeue(self, claimed: str, original: str) -> int:
+        try:
+            with open(claimed, "rb") as handle:
+                payload = loads(bytes_to_str(handle.read()))
+        except FileNotFoundError:
+            return 0  # another process recovered it first
+        except ValueError:
+            os.rename(claimed, os.path.join(self.processed_folder, f"unreadable.{original}"))
+            return 0
+        payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+        partial = os.path.join(self.data_folder_in, f"{_PARTIAL}{uuid.uuid4()}")
+        with open(partial, "wb") as out:
+            out.write(str_to_bytes(dumps(payload)))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, os.path.join(self.data_folder_in, original))
+        fsync_directory(self.data_folder_in)
+        os.unlink(claimed)
+        return 1
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:
@@ -168,9 +232,13 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         for name in self._messages(queue):
             # Claimed by a rename into the processed folder (same file system: atomic; of
             # two consumers racing for one file, one rename succeeds), under this
-            # process's id: kept until acknowledged, recovered if this process dies.
+            # process's owner token: kept until acknowledged, recovered if it dies.
             source = os.path.join(self.data_folder_in, name)
-            claimed = os.path.join(self.processed_folder, f"{os.getpid()}.{uuid.uuid4().hex}.{name}")
+            try:
+                token = _owner_token(self.processed_folder)
+            except FileNotFoundError:
+                raise ChannelError(f"broker folder {self.processed_folder!r} is missing") from None
+            claimed = os.path.join(self.processed_folder, f"{token}.{uuid.uuid4().hex}.{name}")
             try:
                 os.rename(source, claimed)
             except FileNotFoundError:

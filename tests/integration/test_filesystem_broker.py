@@ -25,6 +25,11 @@ PER_PRODUCER = 1200
 PAYLOAD_PADDING = "x" * 4000  # bigger files widen any window between create and write
 
 
+def _claims(folder: Path) -> list[str]:
+    """Messages taken and not yet acknowledged (owner lock files aside)."""
+    return [p.name for p in (folder / "processed").iterdir() if not p.name.startswith("owner.")]
+
+
 def _app(folder: Path):  # type: ignore[no-untyped-def]
     return create_celery_app("filesystem://", site_id="site1",
                              transport_options=filesystem_broker_options(folder, 0.001))
@@ -87,7 +92,7 @@ def test_every_message_reaches_exactly_one_consumer(tmp_path: Path, consumers: i
     # Every message once: none lost, none delivered twice.
     assert sorted(received) == [(p, n) for p in range(PRODUCERS) for n in range(PER_PRODUCER)]
     assert not list((folder / "queue").iterdir())  # no partial or unclaimed file left
-    assert not list((folder / "processed").iterdir())  # claimed files deleted once read
+    assert _claims(folder) == []  # claimed files deleted once acknowledged
     # kombu's exchange table lives in the broker folder, not in the working directory.
     assert (folder / "control" / "race.exchange").is_file()
 
@@ -110,7 +115,7 @@ def test_a_message_held_by_a_consumer_that_dies_is_delivered_again(tmp_path: Pat
     consumer.start()
     consumer.join(timeout=60)
     assert consumer.exitcode == 0
-    assert len(list((tmp_path / "processed").iterdir())) == 1  # the claim of the dead one
+    assert len(_claims(tmp_path)) == 1  # the claim of the dead one
     with _app(tmp_path).connection_for_read() as connection:  # a new channel recovers it
         queue = connection.SimpleQueue("late")
         again = [queue.get(timeout=10) for _ in range(2)]
@@ -120,7 +125,11 @@ def test_a_message_held_by_a_consumer_that_dies_is_delivered_again(tmp_path: Pat
             queue.get(timeout=0.2)
     # The acknowledged one is gone for good, the held one came back once, the third as usual.
     assert sorted(m.payload["number"] for m in again) == [2, 3]
-    assert not list((tmp_path / "processed").iterdir())
+    assert [m.delivery_info.get("redelivered", False) for m in sorted(
+        again, key=lambda m: m.payload["number"])] == [True, False]
+    assert _claims(tmp_path) == []
+    # The dead consumer's lock file went with its claims; only this process's is left.
+    assert len(list((tmp_path / "processed").glob("owner.*.lock"))) == 1
 
 
 def test_messages_taken_without_acknowledgement_are_settled_at_once(tmp_path: Path) -> None:
@@ -131,7 +140,7 @@ def test_messages_taken_without_acknowledgement_are_settled_at_once(tmp_path: Pa
         channel.queue_declare("fire")
         message = channel.basic_get("fire", no_ack=True)
         assert message is not None and message.payload == {"n": 1}
-        assert not list((tmp_path / "processed").iterdir())
+        assert _claims(tmp_path) == []
 
 
 def test_a_missing_processed_folder_is_an_error_not_an_empty_queue(tmp_path: Path) -> None:
