@@ -124,11 +124,11 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         mine = {token for (pid, where), (token, _fd) in _OWNERS.items() if pid == os.getpid()}
         claims: dict[str, list[str]] = {}
         for name in os.listdir(folder):
-            token, _, rest = name.partition(".")
-            if token == "owner" and rest.endswith(".lock"):
-                token, rest = rest.removesuffix(".lock"), ""  # an owner with no claim left
-            if len(token) == 32 and token not in mine:
-                names = claims.setdefault(token, [])
+            owner, _, rest = name.partition(".")  # `<token>.<id>.<message>`
+            if owner == "owner" and rest.endswith(".lock"):  # `owner.<token>.lock`
+                owner, rest = rest.removesuffix(".lock"), ""  # an owner with no claim left
+            if len(owner) == 32 and owner not in mine:
+                names = claims.setdefault(owner, [])
                 if rest.count(".") >= 2:
                     names.append(name)
         recovered = 0
