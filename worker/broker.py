@@ -74,6 +74,26 @@ def _owner_token(folder: str) -> str:
     return _OWNERS[key][0]
 
 
+def _write_message(folder: str, name: str, payload: Any) -> None:
+    """`payload` as `folder/name`, whole or not at all: written under a name consumers
+    ignore (not `<...>.<queue>.msg`), flushed, renamed, the folder flushed (the rename
+    survives a power cut)."""
+    partial = os.path.join(folder, f"{_PARTIAL}{uuid.uuid4()}")
+    try:
+        with open(partial, "wb") as out:
+            out.write(str_to_bytes(dumps(payload)))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, os.path.join(folder, name))
+        fsync_directory(folder)
+    except OSError:
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+        raise
+
+
 @contextlib.contextmanager
 def _dead_owner(folder: str, token: str) -> Iterator[bool]:
     """True (and the owner's lock held until the block ends) when the process that made
@@ -152,13 +172,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
             os.rename(claimed, os.path.join(self.processed_folder, f"unreadable.{original}"))
             return 0
         payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
-        partial = os.path.join(self.data_folder_in, f"{_PARTIAL}{uuid.uuid4()}")
-        with open(partial, "wb") as out:
-            out.write(str_to_bytes(dumps(payload)))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, os.path.join(self.data_folder_in, original))
-        fsync_directory(self.data_folder_in)
+        _write_message(self.data_folder_in, original, payload)
         os.unlink(claimed)
         return 1
 
@@ -204,21 +218,9 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        final = os.path.join(self.data_folder_out, name)
-        # Not `<...>.<queue>.msg`: the consumers' name filter skips it until the rename.
-        partial = os.path.join(self.data_folder_out, f"{_PARTIAL}{uuid.uuid4()}")
         try:
-            with open(partial, "wb") as out:
-                out.write(str_to_bytes(dumps(payload)))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, final)
-            fsync_directory(self.data_folder_out)  # the rename survives a power cut
+            _write_message(self.data_folder_out, name, payload)
         except OSError as exc:
-            try:
-                os.unlink(partial)
-            except OSError:
-                pass
             raise ChannelError(f"cannot add a message to {self.data_folder_out!r}") from exc
 
     def _messages(self, queue: str) -> list[str]:
