@@ -287,7 +287,8 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                   auth_failure_limit=settings.auth.failure_limit,
                   pin_failure_limit=settings.auth.pin_failure_limit,
                   failure_window_seconds=settings.auth.failure_window_seconds,
-                  metrics_multiprocess_dir=metrics_multiprocess_dir),
+                  metrics_multiprocess_dir=metrics_multiprocess_dir,
+                  inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000),
         build_index(settings),
         build_object_store(settings),
     )

@@ -15,6 +15,7 @@ from storage.access import (
 from storage.filesystem import FilesystemObjectStore
 from storage.index import (
     AccessScope,
+    BoundedReads,
     DateRange,
     IndexRepository,
     InstanceQuery,
@@ -55,6 +56,7 @@ __all__ = [
     "ApiKeyRecord",
     "AuditEntry",
     "AuditQuery",
+    "BoundedReads",
     "DateRange",
     "FilesystemObjectStore",
     "IndexRepository",

@@ -23,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from storage import AccessRepository, IndexRepository, ObjectStore
+from storage import AccessRepository, BoundedReads, IndexRepository, ObjectStore
 from web_viewer_api.asgi import StatusRecorder
 from web_viewer_api.audit import (
     AUTH_FAILURES,
@@ -77,6 +77,9 @@ class ApiConfig:
     #: metrics (prometheus_client's multiprocess mode), so that /metrics, whichever process
     #: answers, sums them all. None: one process, its own counters.
     metrics_multiprocess_dir: Path | None = None
+    #: Time an index search may take on the event loop (SQLite only; see
+    #: storage.index.bounded): beyond it, the search runs in a worker thread. 0: always there.
+    inline_read_budget_seconds: float = 0.005
 
 
 class _QuarantineCollector(Collector):
@@ -126,6 +129,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         raise ValueError("an admin token is required")
     access = AccessRepository(index.engine)
     writer = AuditWriter(access)
+    quick_reads = BoundedReads(index.engine, config.inline_read_budget_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -138,6 +142,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         gc.freeze()
         yield
         writer.close()  # the queued audit events reach the database before we exit
+        quick_reads.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -173,6 +178,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
             allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
             expose_headers=["Warning", "ETag", "Content-Type", "Content-Encoding"], max_age=600)
     app.state.index = index
+    app.state.quick_reads = quick_reads
     app.state.store = store
     install_error_handlers(app)
     app.include_router(health.router)

@@ -1,5 +1,6 @@
 """The metadata index: SQLAlchemy models, Alembic migrations, and the repository."""
 
+from storage.index.bounded import BoundedReads
 from storage.index.engine import create_index_engine, downgrade, migrate
 from storage.index.repository import (
     AccessScope,
@@ -16,6 +17,7 @@ from storage.index.repository import (
 
 __all__ = [
     "AccessScope",
+    "BoundedReads",
     "DateRange",
     "IndexRepository",
     "InstanceQuery",

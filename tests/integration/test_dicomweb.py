@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import StudyQuery
+from storage import BoundedReads, StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import wait_for
 
@@ -116,7 +118,7 @@ def test_frames_of_a_multiframe_instance_render_and_thumbnail_one_by_one(
     (server.store.root / "multiframe").mkdir()
     shutil.copy(path, server.store.root / "multiframe" / "emri.dcm")
     server.index.upsert_instance(InstanceRecord.from_dataset(
-        dataset, object_key="multiframe/emri.dcm", size_bytes=len(open(path, "rb").read()),
+        dataset, object_key="multiframe/emri.dcm", size_bytes=Path(path).stat().st_size,
         sha256="0" * 64, transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
         site_id="site1"))
     base = (f"{server.url}/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
@@ -634,3 +636,60 @@ def test_rendered_series_and_study_are_multipart_images(server: DicomwebServer) 
     assert refused.status_code == 406 and refused.json()["error"]
     bad = httpx.get(f"{server.url}/studies/{study}/rendered", params={"window": "wide"}, headers=auth)
     assert bad.status_code == 400 and bad.json()["error"]
+
+
+def test_searches_answer_alike_on_the_event_loop_and_in_a_worker_thread(server: DicomwebServer) -> None:
+    study, series, sop = _uids(server)
+    patient = next(s for s in server.index.search_studies(StudyQuery())
+                   if s.study_instance_uid == study).patient_id
+    paths = ["/studies", f"/studies?PatientID={patient}", "/studies?StudyDate=19000101-&limit=1",
+             "/studies?PatientName=*&ModalitiesInStudy=MR", f"/studies/{study}/series",
+             "/series?Modality=CT", f"/studies/{study}/series/{series}/instances",
+             f"/instances?SOPInstanceUID={sop}", f"/studies/{study}/instances?limit=2&offset=1"]
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
+    kept = server.app.state.quick_reads
+    answers = {}
+    try:
+        for budget in (10.0, 0.0):  # every search on the event loop, then none
+            server.app.state.quick_reads = reads = BoundedReads(server.index.engine, budget)
+            answers[budget] = [httpx.get(server.url + path, headers=headers) for path in paths]
+            assert reads.answered == (len(paths) if budget else 0)
+            reads.close()
+    finally:
+        server.app.state.quick_reads = kept
+    for inline, threaded in zip(answers[10.0], answers[0.0], strict=True):
+        assert inline.status_code == threaded.status_code == 200, inline.text
+        assert inline.json() == threaded.json() and inline.json()
+        assert inline.headers.get("warning") == threaded.headers.get("warning")
+    assert "There are additional results" in answers[10.0][2].headers["warning"]
+
+
+def test_a_locked_index_holds_searches_back_but_never_the_server(server: DicomwebServer) -> None:
+    """A search the index cannot answer at once waits in a worker thread: the event loop
+    goes on serving (here /livez) and the search completes once the lock is gone."""
+    study, _series, _sop = _uids(server)
+    kept = server.app.state.quick_reads
+    kept.close()  # its connections would keep the exclusive lock from being taken
+    server.app.state.quick_reads = reads = BoundedReads(server.index.engine, 0.005)
+    server.index.engine.dispose()
+    locker = sqlite3.connect(str(server.index.engine.url.database), isolation_level=None)
+    answer: list[httpx.Response] = []
+    try:
+        locker.execute("PRAGMA locking_mode=EXCLUSIVE")
+        locker.execute("BEGIN EXCLUSIVE")
+        search = threading.Thread(target=lambda: answer.append(httpx.get(
+            f"{server.url}/studies?StudyInstanceUID={study}", timeout=60,
+            headers={"Authorization": f"Bearer {TOKEN}"})))
+        search.start()
+        wait_for(lambda: reads.handed_back == 1, timeout=10, what="the search to leave the event loop")
+        started = time.perf_counter()
+        assert httpx.get(f"{server.root}/livez", timeout=10).status_code == 200
+        assert time.perf_counter() - started < 2
+        assert search.is_alive() and not answer  # still waiting for the lock
+    finally:
+        locker.close()
+    search.join(timeout=60)
+    assert answer[0].status_code == 200
+    assert [s["0020000D"]["Value"][0] for s in answer[0].json()] == [study]
+    reads.close()
+    server.app.state.quick_reads = BoundedReads(server.index.engine, kept.budget)

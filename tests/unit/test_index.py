@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from storage import DateRange, IndexRepository, InstanceRecord, StudyQuery, create_index_engine, migrate
+from storage import DateRange, IndexRepository, StudyQuery, create_index_engine, migrate
 from storage.index import downgrade
-from gateway.sample_study import SampleStudySpec, build_sample_study
+from tests.support.index_records import study_records
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -31,28 +31,11 @@ def repository(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index
     engine.dispose()
 
 
-def _records(study: str, patient: str, date: str, modality: str, count: int) -> list[InstanceRecord]:
-    records = []
-    for dataset in build_sample_study(SampleStudySpec(ct_slices=count, mr_slices=0, ct_size=16)):
-        dataset.StudyInstanceUID = study
-        dataset.SeriesInstanceUID = f"{study}.1"
-        dataset.SOPInstanceUID = f"{study}.1.{dataset.InstanceNumber}"
-        dataset.PatientID = patient
-        dataset.PatientName = f"ANONYMOUS^{patient}"
-        dataset.StudyDate = date
-        dataset.Modality = modality
-        records.append(InstanceRecord.from_dataset(
-            dataset, object_key=f"studies/{study}/x/{dataset.InstanceNumber}.dcm",
-            size_bytes=100, sha256="0" * 64, transfer_syntax_uid="1.2.840.10008.1.2.1",
-            site_id="site1"))
-    return records
-
-
 @pytest.fixture
 def populated(repository: IndexRepository) -> IndexRepository:
-    repository.upsert_instances(_records("2.25.100", "PAAA", "20250110", "CT", 3))
-    repository.upsert_instances(_records("2.25.200", "PBBB", "20250320", "MR", 2))
-    repository.upsert_instances(_records("2.25.300", "PAAA", "20251231", "CT", 1))
+    repository.upsert_instances(study_records("2.25.100", "PAAA", "20250110", "CT", 3))
+    repository.upsert_instances(study_records("2.25.200", "PBBB", "20250320", "MR", 2))
+    repository.upsert_instances(study_records("2.25.300", "PAAA", "20251231", "CT", 1))
     return repository
 
 
@@ -70,7 +53,7 @@ def test_migrations_create_the_schema_and_step_back(repository: IndexRepository)
 
 
 def test_upsert_is_idempotent_and_counts_are_aggregated(populated: IndexRepository) -> None:
-    populated.upsert_instances(_records("2.25.100", "PAAA", "20250110", "CT", 3))
+    populated.upsert_instances(study_records("2.25.100", "PAAA", "20250110", "CT", 3))
     [study] = populated.search_studies(StudyQuery(study_instance_uids=("2.25.100",)))
     assert (study.number_of_series, study.number_of_instances) == (1, 3)
     assert study.modalities_in_study == ("CT",)
@@ -108,7 +91,7 @@ def test_bad_date_range_is_rejected() -> None:
 def test_fuzzy_patient_name_matches_word_prefixes_in_any_order(repository: IndexRepository) -> None:
     for study, name in (("2.25.401", "DUPONT^JEAN PIERRE"), ("2.25.402", "MARTIN^CLAIRE=DUPONT"),
                         ("2.25.403", "DUPONTEL^ANNE"), ("2.25.404", "LEDUPONT^JEAN")):
-        records = _records(study, f"P{study[-3:]}", "20250101", "CT", 1)
+        records = study_records(study, f"P{study[-3:]}", "20250101", "CT", 1)
         records[0].study["patient_name"] = records[0].patient["patient_name"] = name
         repository.upsert_instances(records)
 
@@ -162,7 +145,7 @@ def test_site_limited_callers_see_only_shares_of_their_sites_studies(repository:
     from storage import AccessRepository, ShareItemRecord, ShareRecord
 
     for study, site in (("2.25.501", "site-a"), ("2.25.502", "site-b")):
-        records = _records(study, f"P{study[-3:]}", "20250101", "CT", 1)
+        records = study_records(study, f"P{study[-3:]}", "20250101", "CT", 1)
         records = [dataclasses.replace(r, study={**r.study, "site_id": site}) for r in records]
         repository.upsert_instances(records)
     access = AccessRepository(repository.engine)

@@ -10,13 +10,24 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
-from storage import AccessScope, InstanceQuery, InstanceSummary, ObjectNotFound, SeriesQuery
+from storage import (
+    AccessScope,
+    BoundedReads,
+    IndexRepository,
+    InstanceQuery,
+    InstanceSummary,
+    ObjectNotFound,
+    SeriesQuery,
+    SeriesSummary,
+    StudySummary,
+)
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
 from web_viewer_api.dicomweb.multipart import (
@@ -73,6 +84,7 @@ from web_viewer_api.errors import (
 )
 
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
+_Found = TypeVar("_Found")
 
 DICOM_JSON = "application/dicom+json"
 _ACCEPTABLE_JSON = {DICOM_JSON, "application/json", "*/*", "application/*"}
@@ -196,100 +208,144 @@ def _guard(call: Callable[[], Response]) -> Response:
 
 
 # QIDO-RS ---------------------------------------------------------------------------------
+#: Searches answered on the event loop when the index allows it (storage.index.bounded):
+#: pages up to this size, without includefield (which reads stored objects).
+INLINE_LIMIT = 100
+
+
+async def _search(request: Request, index: IndexRepository, inline: bool,
+                  search: Callable[[IndexRepository], list[_Found]],
+                  answer: Callable[[list[_Found]], Response]) -> Response:
+    """`answer(search(index))`, on the event loop when the search fits the inline time
+    budget, else in a worker thread: there a database that does not answer, or a pool with
+    no free connection, stalls this request only."""
+    if inline:
+        quick: BoundedReads = request.app.state.quick_reads
+        # The form of the search: a form that overran goes to the worker thread for a while.
+        names = sorted({name for name, _value in request.query_params.multi_items()})
+        query_string: bytes = request.scope["query_string"]
+        wildcard = any(c in query_string for c in (b"*", b"?", b"%2A", b"%2a", b"%3F", b"%3f"))
+        found = quick.run(search, (request.scope["path"].rsplit("/", 1)[-1], *names, wildcard))
+        if found is not None:
+            return _guard(lambda: answer(found))
+    return await run_in_threadpool(lambda: _guard(lambda: answer(search(index))))
+
+
 @router.get("/studies", summary="QIDO-RS: search for studies")
-def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+async def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
     """Match studies on PatientID, PatientName (fuzzy with `fuzzymatching=true`),
     AccessionNumber, StudyDate (range), StudyInstanceUID (list), ModalitiesInStudy;
     `limit`/`offset` page the results. No match is `200 []` (CP-2473)."""
-    # In a worker thread even for an exact key: on the event loop, a database that does
-    # not answer (or a pool with no free connection) would stall every other request.
     _require_json(request)
     try:
         parsed = parse_study_query(request.query_params.multi_items())
     except QueryParameterError as exc:
         raise BadRequest(str(exc)) from exc
     query = dataclasses.replace(parsed.query, scope=_scope(request))
-    studies = index.search_studies(query)
-    wado = _wado(request, index)
-    body = [include_fields(study_to_dicom_json(s, _base(request)),
-                           wado.representative(s.study_instance_uid) if parsed.include else None,
-                           parsed.include, STUDY_LEVEL_TAGS)
-            for s in studies]
-    return _json(body, _warnings(parsed, len(body)) if parsed.ignored or parsed.fuzzy_requested
-                 or len(body) >= query.limit else {}, request)
+
+    def answer(studies: list[StudySummary]) -> Response:
+        wado = _wado(request, index)
+        body = [include_fields(study_to_dicom_json(s, _base(request)),
+                               wado.representative(s.study_instance_uid) if parsed.include else None,
+                               parsed.include, STUDY_LEVEL_TAGS)
+                for s in studies]
+        return _json(body, _warnings(parsed, len(body)) if parsed.ignored or parsed.fuzzy_requested
+                     or len(body) >= query.limit else {}, request)
+
+    return await _search(request, index, not parsed.include and query.limit <= INLINE_LIMIT,
+                         lambda repository: repository.search_studies(query), answer)
 
 
-def _series(request: Request, index: IndexDep, study: str | None) -> Response:
+async def _series(request: Request, index: IndexRepository, study: str | None) -> Response:
     _require_json(request)
-    parsed = parse_query(request.query_params.multi_items(), SERIES_MATCHING_KEYS)
-    study = study or parsed.values.get("StudyInstanceUID")
-    if study:
-        check_uid(study, "StudyInstanceUID")
+    try:
+        parsed = parse_query(request.query_params.multi_items(), SERIES_MATCHING_KEYS)
+        study = study or parsed.values.get("StudyInstanceUID")
+        if study:
+            check_uid(study, "StudyInstanceUID")
+    except (QueryParameterError, WadoError) as exc:
+        raise BadRequest(str(exc)) from exc
     number = parsed.values.get("SeriesNumber")
-    series = index.search_series(SeriesQuery(
+    query = SeriesQuery(
         study_instance_uid=study,
         series_instance_uids=tuple(parsed.values.get("SeriesInstanceUID", "").replace("\\", ",").split(","))
         if parsed.values.get("SeriesInstanceUID") else (),
         modality=parsed.values.get("Modality"),
         series_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset, scope=_scope(request)))
-    wado = _wado(request, index)
-    body = [include_fields(series_to_dicom_json(s, _base(request)),
-                           wado.representative(s.study_instance_uid, s.series_instance_uid)
-                           if parsed.include else None,
-                           parsed.include, STUDY_LEVEL_TAGS | SERIES_LEVEL_TAGS)
-            for s in series]
-    return _json(body, _warnings(parsed, len(body)), request)
+        limit=parsed.limit, offset=parsed.offset, scope=_scope(request))
+
+    def answer(series: list[SeriesSummary]) -> Response:
+        wado = _wado(request, index)
+        body = [include_fields(series_to_dicom_json(s, _base(request)),
+                               wado.representative(s.study_instance_uid, s.series_instance_uid)
+                               if parsed.include else None,
+                               parsed.include, STUDY_LEVEL_TAGS | SERIES_LEVEL_TAGS)
+                for s in series]
+        return _json(body, _warnings(parsed, len(body)), request)
+
+    return await _search(request, index, not parsed.include and parsed.limit <= INLINE_LIMIT,
+                         lambda repository: repository.search_series(query), answer)
 
 
 @router.get("/series", summary="QIDO-RS: search for series")
-def search_for_all_series(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _series(request, index, None))
+async def search_for_all_series(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+    return await _series(request, index, None)
 
 
 @router.get("/studies/{study}/series", summary="QIDO-RS: search for a study's series")
-def search_for_series(study: str, request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _series(request, index, study))
+async def search_for_series(study: str, request: Request, _principal: ReadPrincipal,
+                            index: IndexDep) -> Response:
+    return await _series(request, index, study)
 
 
-def _instances(request: Request, index: IndexDep, study: str | None, series: str | None) -> Response:
+async def _instances(request: Request, index: IndexRepository, study: str | None,
+                     series: str | None) -> Response:
     _require_json(request)
-    parsed = parse_query(request.query_params.multi_items(), INSTANCE_MATCHING_KEYS)
-    study = study or parsed.values.get("StudyInstanceUID")
-    series = series or parsed.values.get("SeriesInstanceUID")
-    for value, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID")):
-        if value:
-            check_uid(value, what)
+    try:
+        parsed = parse_query(request.query_params.multi_items(), INSTANCE_MATCHING_KEYS)
+        study = study or parsed.values.get("StudyInstanceUID")
+        series = series or parsed.values.get("SeriesInstanceUID")
+        for value, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID")):
+            if value:
+                check_uid(value, what)
+    except (QueryParameterError, WadoError) as exc:
+        raise BadRequest(str(exc)) from exc
     number = parsed.values.get("InstanceNumber")
     sops = parsed.values.get("SOPInstanceUID")
-    found = index.search_instances(InstanceQuery(
+    query = InstanceQuery(
         study_instance_uid=study, series_instance_uid=series,
         sop_instance_uids=tuple(sops.replace("\\", ",").split(",")) if sops else (),
         sop_class_uid=parsed.values.get("SOPClassUID"),
         instance_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset, scope=_scope(request)))
-    wado = _wado(request, index)
-    body = [include_fields(instance_to_dicom_json(i, _base(request)),
-                           wado.instance_json(i) if parsed.include else None, parsed.include, None)
-            for i in found]
-    return _json(body, _warnings(parsed, len(body)), request)
+        limit=parsed.limit, offset=parsed.offset, scope=_scope(request))
+
+    def answer(found: list[InstanceSummary]) -> Response:
+        wado = _wado(request, index)
+        body = [include_fields(instance_to_dicom_json(i, _base(request)),
+                               wado.instance_json(i) if parsed.include else None, parsed.include, None)
+                for i in found]
+        return _json(body, _warnings(parsed, len(body)), request)
+
+    return await _search(request, index, not parsed.include and parsed.limit <= INLINE_LIMIT,
+                         lambda repository: repository.search_instances(query), answer)
 
 
 @router.get("/instances", summary="QIDO-RS: search for instances")
-def search_for_all_instances(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _instances(request, index, None, None))
+async def search_for_all_instances(request: Request, _principal: ReadPrincipal,
+                                   index: IndexDep) -> Response:
+    return await _instances(request, index, None, None)
 
 
 @router.get("/studies/{study}/instances", summary="QIDO-RS: search for a study's instances")
-def search_for_study_instances(study: str, request: Request, _principal: ReadPrincipal,
-                               index: IndexDep) -> Response:
-    return _guard(lambda: _instances(request, index, study, None))
+async def search_for_study_instances(study: str, request: Request, _principal: ReadPrincipal,
+                                     index: IndexDep) -> Response:
+    return await _instances(request, index, study, None)
 
 
 @router.get("/studies/{study}/series/{series}/instances", summary="QIDO-RS: search for a series' instances")
-def search_for_instances(study: str, series: str, request: Request, _principal: ReadPrincipal,
-                         index: IndexDep) -> Response:
-    return _guard(lambda: _instances(request, index, study, series))
+async def search_for_instances(study: str, series: str, request: Request, _principal: ReadPrincipal,
+                               index: IndexDep) -> Response:
+    return await _instances(request, index, study, series)
 
 
 # WADO-RS ---------------------------------------------------------------------------------

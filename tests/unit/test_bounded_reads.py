@@ -1,0 +1,127 @@
+"""Index reads on the calling thread within a time budget (storage.index.bounded): answered
+when quick, interrupted when slow, never waiting on a lock, never writing."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from storage import BoundedReads, IndexRepository, StudyQuery, create_index_engine, migrate
+from storage.index import bounded
+from tests.support.index_records import study_records
+
+#: A query SQLite needs many seconds for: counting to 10^8 through a recursive CTE.
+_SLOW = ("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100000000) "
+         "SELECT count(*) FROM n")
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[IndexRepository]:
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    repository = IndexRepository(engine)
+    repository.upsert_instances(study_records("2.25.100", "PAAA", count=3))
+    repository.upsert_instances(study_records("2.25.200", "PBBB", count=2))
+    yield repository
+    engine.dispose()
+
+
+@pytest.fixture
+def quick(index: IndexRepository) -> Iterator[BoundedReads]:
+    reads = BoundedReads(index.engine, 0.05)
+    yield reads
+    reads.close()
+
+
+def _slow(repository: IndexRepository) -> int:
+    with repository.engine.connect() as connection:
+        return int(connection.scalar(text(_SLOW)) or 0)
+
+
+def test_a_quick_search_is_answered_on_the_calling_thread(index: IndexRepository,
+                                                          quick: BoundedReads) -> None:
+    assert quick.available
+    expected = index.search_studies(StudyQuery(patient_id="PAAA"))
+    found = quick.run(lambda r: (threading.get_ident(), r.search_studies(StudyQuery(patient_id="PAAA"))))
+    assert found == (threading.get_ident(), expected)
+    assert [s.number_of_instances for s in expected] == [3]
+    assert (quick.answered, quick.handed_back) == (1, 0)
+
+
+def test_a_search_over_budget_is_interrupted_and_its_form_sent_to_the_thread(
+        quick: BoundedReads, monkeypatch: pytest.MonkeyPatch) -> None:
+    started = time.perf_counter()
+    assert quick.run(_slow, key="slow form") is None
+    assert time.perf_counter() - started < 2  # the whole count takes many seconds
+    assert quick.handed_back == 1
+    # The same form now goes to the worker thread without being tried; other forms still run.
+    calls: list[str] = []
+    assert quick.run(lambda r: calls.append("slow form"), key="slow form") is None
+    assert quick.run(lambda r: r.search_studies(StudyQuery(patient_id="PBBB")), key="other")
+    assert calls == []
+    # The interrupted connection still answers, and a form is tried again once its time is up.
+    monkeypatch.setattr(bounded, "SLOW_KEY_SECONDS", 0.0)
+    assert quick.run(_slow, key="again") is None
+    assert quick.run(lambda r: len(r.search_studies(StudyQuery())), key="again") == 2
+
+
+def test_a_locked_database_is_handed_back_at_once(index: IndexRepository, quick: BoundedReads,
+                                                 tmp_path: Path) -> None:
+    index.engine.dispose()  # an exclusive lock on a WAL database needs it to be the only one open
+    locker = sqlite3.connect(tmp_path / "index.sqlite3", isolation_level=None)
+    locker.execute("PRAGMA locking_mode=EXCLUSIVE")
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.perf_counter()
+        assert quick.run(lambda r: r.search_studies(StudyQuery())) is None
+        assert time.perf_counter() - started < 1  # the index engine itself would wait 30 s
+    finally:
+        locker.close()
+    assert [s.study_instance_uid for s in quick.run(lambda r: r.search_studies(StudyQuery())) or []] \
+        == [s.study_instance_uid for s in index.search_studies(StudyQuery())]
+
+
+def test_nothing_is_written_through_a_bounded_read(index: IndexRepository, quick: BoundedReads) -> None:
+    with pytest.raises(OperationalError, match="readonly"):
+        quick.run(lambda r: r.upsert_instances(study_records("2.25.300", "PCCC")))
+    assert len(index.search_studies(StudyQuery())) == 2
+
+
+def test_only_an_index_file_is_read_inline(index: IndexRepository, tmp_path: Path,
+                                           postgres_url: str) -> None:
+    memory = create_index_engine("sqlite://")
+    postgres = create_index_engine(postgres_url)
+    try:
+        for reads in (BoundedReads(memory, 1.0), BoundedReads(postgres, 1.0),
+                      BoundedReads(index.engine, 0.0)):
+            assert not reads.available
+            assert reads.run(lambda r: pytest.fail("read inline")) is None
+    finally:
+        memory.dispose()
+        postgres.dispose()
+
+
+def test_each_thread_reads_through_its_own_connection(quick: BoundedReads) -> None:
+    connections: list[int] = []
+    together = threading.Barrier(3)
+
+    def read() -> None:
+        def which(repository: IndexRepository) -> int:
+            with repository.engine.connect() as connection:
+                return id(connection.connection.dbapi_connection)
+        connections.append(quick.run(which) or 0)
+        together.wait(timeout=10)  # all three threads are alive at once
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(connections)) == 3 and 0 not in connections
