@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import Lock
 
-from storage import AccessRepository, AccessScope, ShareRecord
+from storage import AccessRepository, AccessScope, ApiKeyRecord, ShareRecord
 from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound, RateLimited, Unauthorized
 from web_viewer_api.oidc import OidcVerifier
 from web_viewer_api.security import same_secret, sha256_hex, split_api_key
@@ -129,16 +129,24 @@ class Authenticator:
             self.limiter.failed(address)
             raise
 
+    @staticmethod
+    def key_principal(token: str, key_id: str, record: ApiKeyRecord | None) -> Principal | None:
+        """The principal of API key `token` (id `key_id`, its stored `record`), or None when
+        the key is unknown, revoked or its secret differs."""
+        # Hash even when the key is unknown: the answer takes as long either way.
+        presented = sha256_hex(token)
+        if (record is not None and record.revoked_at is None
+                and same_secret(presented, record.secret_sha256)):
+            return Principal(f"key:{key_id}", record.scopes, record.site_ids)
+        return None
+
     def _resolve(self, token: str) -> Principal:
         key_id = split_api_key(token)
         if key_id is not None and self.access is not None:
-            record = self.access.api_key(key_id)
-            # Hash even when the key is unknown: the answer takes as long either way.
-            presented = sha256_hex(token)
-            if (record is not None and record.revoked_at is None
-                    and same_secret(presented, record.secret_sha256)):
-                return Principal(f"key:{key_id}", record.scopes, record.site_ids)
-            raise Unauthorized("invalid or revoked API key", presented=True)
+            principal = self.key_principal(token, key_id, self.access.api_key(key_id))
+            if principal is None:
+                raise Unauthorized("invalid or revoked API key", presented=True)
+            return principal
         if self.oidc is not None and token.count(".") == 2:
             identity = self.oidc.verify(token)
             return Principal(f"oidc:{identity.subject}", identity.scopes, identity.site_ids)

@@ -8,9 +8,10 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 
-from storage import IndexRepository
+from storage import AccessRepository, BoundedReads, IndexRepository
 from web_viewer_api.auth import Authenticator, Principal, ShareGate
 from web_viewer_api.errors import Forbidden, NotFound, Unauthorized
+from web_viewer_api.security import split_api_key
 
 #: The viewer session cookie of a share; its Path is the share's own /s/{token}.
 SHARE_COOKIE = "dgw_share_session"
@@ -26,6 +27,18 @@ def _bearer_token(request: Request) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized()
     return token.strip()
+
+
+def _valid_api_key(request: Request, token: str) -> Principal | None:
+    """The principal of a valid API key, read on the event loop when the index answers within
+    its inline budget (storage.index.bounded); None otherwise, and always for a key that
+    fails: failures are counted against the address in the worker thread."""
+    key_id = split_api_key(token)
+    if key_id is None:
+        return None
+    quick: BoundedReads = request.app.state.quick_reads
+    record = quick.run(lambda reads: AccessRepository(reads.engine).api_key(key_id), "api_key")
+    return Authenticator.key_principal(token, key_id, record) if record is not None else None
 
 
 async def current_principal(request: Request) -> Principal:
@@ -47,8 +60,8 @@ async def current_principal(request: Request) -> Principal:
         token = _bearer_token(request)
         authenticator: Authenticator = request.app.state.authenticator
         authenticator.limiter.check(client_address(request))  # a blocked address gets nothing
-        found = authenticator.admin(token)
-        if found is None:
+        found = authenticator.admin(token) or _valid_api_key(request, token)
+        if found is None:  # OIDC, a key the index could not answer at once, a failure
             found = await anyio.to_thread.run_sync(
                 authenticator.authenticate, token, client_address(request))
         principal = found

@@ -22,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
-from storage import ApiKeyRecord, StudyQuery, create_index_engine, migrate
+from storage import ApiKeyRecord, BoundedReads, StudyQuery, create_index_engine, migrate
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port
 from web_viewer_api import OidcConfig, SmtpConfig, new_api_key, sha256_hex
@@ -146,6 +146,21 @@ def test_site_restricted_key_sees_only_its_site(server: DicomwebServer) -> None:
         assert len(httpx.get(f"{server.url}/studies", headers=auth).json()) == count
     assert httpx.get(f"{server.url}/studies/{study}/metadata",
                      headers={"Authorization": f"Bearer {elsewhere}"}).status_code == 404
+
+
+def test_a_valid_key_is_checked_on_the_event_loop_and_keeps_its_limits(server: DicomwebServer) -> None:
+    _, here = _key(server, {"read"}, site="site1")
+    _, elsewhere = _key(server, {"read"}, site="another-site")
+    kept = server.app.state.quick_reads
+    server.app.state.quick_reads = quick = BoundedReads(server.index.engine, 10.0)
+    try:
+        counts = [len(httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {key}", **JSON})
+                      .json()) for key in (here, elsewhere)]
+        assert quick.answered == 4  # each key's lookup and each search, with no thread hop
+    finally:
+        server.app.state.quick_reads = kept
+        quick.close()
+    assert counts == [2, 0]
 
 
 def test_oidc_tokens_are_verified_against_the_issuers_jwks(server: DicomwebServer,
