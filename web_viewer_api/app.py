@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import gc
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -21,6 +22,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from storage import AccessRepository, BoundedReads, IndexRepository, ObjectStore
@@ -39,6 +41,8 @@ from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig, OidcVerifier
 from web_viewer_api.routes import audit, dicomweb, health, share_access, shares
 from web_viewer_api.shares import SharePolicy, ShareService
+
+log = logging.getLogger(__name__)
 
 Probe = Callable[[], None]
 PseudonymLookup = Callable[[str | None, str | None, str, str, str], tuple[str | None, str | None]]
@@ -140,6 +144,10 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         # it — one took 126 ms in the middle of a series metadata request.
         gc.collect()
         gc.freeze()
+        try:  # the event loop's own index connection, opened before any request waits on it
+            quick_reads.warm()
+        except SQLAlchemyError as exc:  # the first search opens it (or goes to a thread)
+            log.warning("index not readable at start-up: %s", type(exc).__name__)
         yield
         writer.close()  # the queued audit events reach the database before we exit
         quick_reads.close()

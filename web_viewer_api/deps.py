@@ -29,14 +29,23 @@ def _bearer_token(request: Request) -> str:
     return token.strip()
 
 
+def read_inline(request: Request) -> BoundedReads | None:
+    """The bounded index reads (storage.index.bounded), when a read may run on the event loop
+    now: not while a worker thread is busy (each step of the read would wait for the GIL)."""
+    if anyio.to_thread.current_default_thread_limiter().borrowed_tokens:
+        return None
+    quick: BoundedReads = request.app.state.quick_reads
+    return quick
+
+
 def _valid_api_key(request: Request, token: str) -> Principal | None:
     """The principal of a valid API key, read on the event loop when the index answers within
     its inline budget (storage.index.bounded); None otherwise, and always for a key that
     fails: failures are counted against the address in the worker thread."""
     key_id = split_api_key(token)
-    if key_id is None:
+    quick = read_inline(request)
+    if key_id is None or quick is None:
         return None
-    quick: BoundedReads = request.app.state.quick_reads
     record = quick.run(lambda reads: AccessRepository(reads.engine).api_key(key_id), "api_key")
     return Authenticator.key_principal(token, key_id, record) if record is not None else None
 

@@ -15,7 +15,9 @@ it. Each thread gets its own read-only connection to the index file:
 A read that fails either way returns None and the caller runs it in a worker thread as
 before. A key (the caller's name for a form of read) that overran is sent to the worker
 thread directly for a while, so a slow form of search does not spend the budget on the event
-loop at every request. PostgreSQL, in-memory SQLite and a budget of 0 are never read here
+loop at every request. The budget counts SQLite's own time; a caller should not read here
+while other threads are busy: sqlite3 gives up the GIL at every step and must take it back
+to check the clock, so busy threads can stretch a read far past its budget. PostgreSQL, in-memory SQLite and a budget of 0 are never read here
 (`available` is False).
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -57,7 +60,7 @@ class BoundedReads:
         self.available = budget_seconds > 0 and _on_disk(engine)
         self._url = engine.url
         self._local = threading.local()
-        self._engines: list[Engine] = []
+        self._engines: set[Engine] = set()
         self._lock = threading.Lock()
         self._slow: dict[Hashable, float] = {}
         self._closed = False
@@ -66,21 +69,20 @@ class BoundedReads:
         self.handed_back = 0
 
     def _repository(self) -> IndexRepository:
-        repository: IndexRepository | None = getattr(self._local, "repository", None)
-        if repository is not None:
-            return repository
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is not None:
+            return held.repository
         engine = create_engine(self._url, poolclass=StaticPool,
                                connect_args={"check_same_thread": False, "timeout": 0})
-        local = self._local
-        local.deadline = float("inf")
+        deadline = [float("inf")]  # not the holder: the engine must not keep it alive
         budget = self.budget
 
         def interrupt() -> int:
-            return 1 if time.perf_counter() > local.deadline else 0
+            return 1 if time.perf_counter() > deadline[0] else 0
 
         @event.listens_for(engine, "before_cursor_execute")
         def _start_clock(*_args: Any) -> None:
-            local.deadline = time.perf_counter() + budget
+            deadline[0] = time.perf_counter() + budget
 
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -88,14 +90,28 @@ class BoundedReads:
             dbapi_connection.execute("PRAGMA query_only=ON")
             dbapi_connection.set_progress_handler(interrupt, _STEPS_PER_CHECK)
 
-        repository = IndexRepository(engine)
+        held = _Held(IndexRepository(engine))
         with self._lock:
             if self._closed:
                 engine.dispose()
                 raise RuntimeError("bounded reads are closed")
-            self._engines.append(engine)
-        local.repository = repository
-        return repository
+            self._engines.add(engine)
+        # When the thread ends, its locals go and the connection is closed with them.
+        weakref.finalize(held, self._forget, engine)
+        self._local.held = held
+        return held.repository
+
+    def _forget(self, engine: Engine) -> None:
+        with self._lock:
+            self._engines.discard(engine)
+        engine.dispose()
+
+    def warm(self) -> None:
+        """Open this thread's connection and load the schema now (at start-up, before any
+        request waits on it: opening is where SQLite may have to recover a WAL)."""
+        if self.available:
+            with self._repository().engine.connect() as connection:
+                connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").all()
 
     def run(self, read: Callable[[IndexRepository], T], key: Hashable = None) -> T | None:
         """`read`'s answer, or None when it must run in a worker thread instead."""
@@ -114,7 +130,7 @@ class BoundedReads:
             if "interrupted" not in message and "locked" not in message and "busy" not in message:
                 raise
             self.handed_back += 1
-            if key is not None:
+            if key is not None and "interrupted" in message:  # slow, not merely locked out
                 if len(self._slow) >= _MAX_SLOW_KEYS:
                     self._slow.clear()
                 self._slow[key] = time.monotonic() + SLOW_KEY_SECONDS
@@ -125,9 +141,18 @@ class BoundedReads:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            engines, self._engines = self._engines, []
+            engines, self._engines = self._engines, set()
         for engine in engines:
             engine.dispose()
+
+
+class _Held:
+    """One thread's repository over its own connection."""
+
+    __slots__ = ("__weakref__", "repository")
+
+    def __init__(self, repository: IndexRepository) -> None:
+        self.repository = repository
 
 
 __all__ = ["BoundedReads"]

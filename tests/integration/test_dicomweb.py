@@ -664,6 +664,24 @@ def test_searches_answer_alike_on_the_event_loop_and_in_a_worker_thread(server: 
     assert "There are additional results" in answers[10.0][2].headers["warning"]
 
 
+def test_searches_that_read_objects_or_list_much_go_to_a_worker_thread(server: DicomwebServer) -> None:
+    study, _series, _sop = _uids(server)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
+    kept = server.app.state.quick_reads
+    server.app.state.quick_reads = reads = BoundedReads(server.index.engine, 10.0)
+    try:
+        for path in (f"/studies?StudyInstanceUID={study}&includefield=all", "/studies?limit=101",
+                     f"/studies/{study}/series?includefield=00080021",
+                     f"/studies/{study}/instances?limit=1000"):
+            assert httpx.get(server.url + path, headers=headers).status_code == 200
+        assert (reads.answered, reads.handed_back) == (0, 0)
+        assert httpx.get(f"{server.url}/studies?limit=100", headers=headers).status_code == 200
+        assert reads.answered == 1
+    finally:
+        server.app.state.quick_reads = kept
+        reads.close()
+
+
 def test_a_locked_index_holds_searches_back_but_never_the_server(server: DicomwebServer) -> None:
     """A search the index cannot answer at once waits in a worker thread: the event loop
     goes on serving (here /livez) and the search completes once the lock is gone."""
@@ -688,8 +706,8 @@ def test_a_locked_index_holds_searches_back_but_never_the_server(server: Dicomwe
         assert search.is_alive() and not answer  # still waiting for the lock
     finally:
         locker.close()
+        reads.close()
+        server.app.state.quick_reads = BoundedReads(server.index.engine, kept.budget)
     search.join(timeout=60)
     assert answer[0].status_code == 200
     assert [s["0020000D"]["Value"][0] for s in answer[0].json()] == [study]
-    reads.close()
-    server.app.state.quick_reads = BoundedReads(server.index.engine, kept.budget)

@@ -3,12 +3,15 @@ when quick, interrupted when slow, never waiting on a lock, never writing."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import anyio
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -16,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from storage import BoundedReads, IndexRepository, StudyQuery, create_index_engine, migrate
 from storage.index import bounded
 from tests.support.index_records import study_records
+from web_viewer_api.deps import read_inline
 
 #: A query SQLite needs many seconds for: counting to 10^8 through a recursive CTE.
 _SLOW = ("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100000000) "
@@ -125,3 +129,60 @@ def test_each_thread_reads_through_its_own_connection(quick: BoundedReads) -> No
     for thread in threads:
         thread.join()
     assert len(set(connections)) == 3 and 0 not in connections
+
+
+def test_an_interrupted_read_leaves_no_snapshot_holding_the_wal_back(
+        index: IndexRepository, quick: BoundedReads, tmp_path: Path) -> None:
+    assert quick.run(_slow) is None
+    index.upsert_instances(study_records("2.25.300", "PCCC"))  # a write appends to the WAL
+    with index.engine.connect() as connection:
+        busy, _log, _done = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+    assert busy == 0  # no reader pins an old snapshot
+    assert (tmp_path / "index.sqlite3-wal").stat().st_size == 0
+
+
+def test_a_lock_is_no_reason_to_send_a_form_to_the_thread(index: IndexRepository, quick: BoundedReads,
+                                                          tmp_path: Path) -> None:
+    index.engine.dispose()
+    locker = sqlite3.connect(tmp_path / "index.sqlite3", isolation_level=None)
+    locker.execute("PRAGMA locking_mode=EXCLUSIVE")
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert quick.run(lambda r: r.search_studies(StudyQuery()), key="form") is None
+    finally:
+        locker.close()
+    assert quick.run(lambda r: len(r.search_studies(StudyQuery())), key="form") == 2
+
+
+def _open_files(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path))
+
+
+def test_a_threads_connection_is_closed_when_the_thread_ends(quick: BoundedReads, tmp_path: Path) -> None:
+    database = (tmp_path / "index.sqlite3").resolve()
+
+    def in_threads(count: int) -> int:
+        for _ in range(count):
+            thread = threading.Thread(target=lambda: quick.run(lambda r: r.search_studies(StudyQuery())))
+            thread.start()
+            thread.join()
+        return _open_files(database)
+
+    # SQLite may keep one closed descriptor of the file for reuse (POSIX locks are per
+    # process): the count after one thread is the count after many.
+    once = in_threads(1)
+    assert in_threads(5) == once
+    assert quick.answered == 6
+
+
+def test_nothing_is_read_on_the_event_loop_while_a_worker_thread_is_busy(quick: BoundedReads) -> None:
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(quick_reads=quick)))
+
+    async def check() -> None:
+        assert read_inline(request) is quick  # type: ignore[arg-type]
+        async with anyio.to_thread.current_default_thread_limiter():  # a thread at work
+            assert read_inline(request) is None  # type: ignore[arg-type]
+        assert read_inline(request) is quick  # type: ignore[arg-type]
+
+    anyio.run(check)

@@ -19,17 +19,17 @@ from starlette.concurrency import run_in_threadpool
 
 from storage import (
     AccessScope,
-    BoundedReads,
     IndexRepository,
     InstanceQuery,
     InstanceSummary,
     ObjectNotFound,
     SeriesQuery,
     SeriesSummary,
+    StudyQuery,
     StudySummary,
 )
 from web_viewer_api.auth import Principal
-from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal
+from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal, read_inline
 from web_viewer_api.dicomweb.multipart import (
     Part,
     multipart_body,
@@ -213,19 +213,30 @@ def _guard(call: Callable[[], Response]) -> Response:
 INLINE_LIMIT = 100
 
 
+def _form(query: StudyQuery | SeriesQuery | InstanceQuery) -> tuple[Any, ...]:
+    """What a search matches on (not the values), whether with wildcards, and its scope's
+    restrictions: searches of one form cost about the same."""
+    used: list[str] = []
+    wildcard = False
+    for item in dataclasses.fields(query):
+        value = getattr(query, item.name)
+        if item.name in ("limit", "offset", "scope") or value in (None, "", (), False):
+            continue
+        used.append(item.name)
+        wildcard = wildcard or any(c in str(value) for c in "*?")
+    return (type(query).__name__, *used, wildcard, query.scope.shape if query.scope else None)
+
+
 async def _search(request: Request, index: IndexRepository, inline: bool,
+                  query: StudyQuery | SeriesQuery | InstanceQuery,
                   search: Callable[[IndexRepository], list[_Found]],
                   answer: Callable[[list[_Found]], Response]) -> Response:
     """`answer(search(index))`, on the event loop when the search fits the inline time
     budget, else in a worker thread: there a database that does not answer, or a pool with
     no free connection, stalls this request only."""
-    if inline:
-        quick: BoundedReads = request.app.state.quick_reads
-        # The form of the search: a form that overran goes to the worker thread for a while.
-        names = sorted({name for name, _value in request.query_params.multi_items()})
-        query_string: bytes = request.scope["query_string"]
-        wildcard = any(c in query_string for c in (b"*", b"?", b"%2A", b"%2a", b"%3F", b"%3f"))
-        found = quick.run(search, (request.scope["path"].rsplit("/", 1)[-1], *names, wildcard))
+    quick = read_inline(request) if inline else None
+    if quick is not None:
+        found = quick.run(search, _form(query))  # a form that overran goes to the thread
         if found is not None:
             return _guard(lambda: answer(found))
     return await run_in_threadpool(lambda: _guard(lambda: answer(search(index))))
@@ -253,7 +264,7 @@ async def search_for_studies(request: Request, _principal: ReadPrincipal, index:
                      or len(body) >= query.limit else {}, request)
 
     return await _search(request, index, not parsed.include and query.limit <= INLINE_LIMIT,
-                         lambda repository: repository.search_studies(query), answer)
+                         query, lambda repository: repository.search_studies(query), answer)
 
 
 async def _series(request: Request, index: IndexRepository, study: str | None) -> Response:
@@ -284,7 +295,7 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
         return _json(body, _warnings(parsed, len(body)), request)
 
     return await _search(request, index, not parsed.include and parsed.limit <= INLINE_LIMIT,
-                         lambda repository: repository.search_series(query), answer)
+                         query, lambda repository: repository.search_series(query), answer)
 
 
 @router.get("/series", summary="QIDO-RS: search for series")
@@ -327,7 +338,7 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
         return _json(body, _warnings(parsed, len(body)), request)
 
     return await _search(request, index, not parsed.include and parsed.limit <= INLINE_LIMIT,
-                         lambda repository: repository.search_instances(query), answer)
+                         query, lambda repository: repository.search_instances(query), answer)
 
 
 @router.get("/instances", summary="QIDO-RS: search for instances")
