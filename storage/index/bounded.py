@@ -17,8 +17,12 @@ before. A key (the caller's name for a form of read) that overran is sent to the
 thread directly for a while, so a slow form of search does not spend the budget on the event
 loop at every request. The budget counts SQLite's own time; a caller should not read here
 while other threads are busy: sqlite3 gives up the GIL at every step and must take it back
-to check the clock, so busy threads can stretch a read far past its budget. PostgreSQL, in-memory SQLite and a budget of 0 are never read here
-(`available` is False).
+to check the clock, so busy threads can stretch a read far past its budget. PostgreSQL,
+in-memory SQLite and a budget of 0 are never read here (`available` is False).
+
+Study searches, the most frequent, skip SQLAlchemy's execution layer here: their statement is
+compiled once per form and run on the sqlite3 connection itself. The statement's cache key,
+the pool checkout and the result rows cost 0.15 ms, five times the query.
 """
 
 from __future__ import annotations
@@ -27,16 +31,20 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections import namedtuple
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.index.repository import IndexRepository
+from storage.index.repository import IndexRepository, _study_search_statement
 
 T = TypeVar("T")
+#: A study search row (a namedtuple) from its column values.
+_MakeRow = Callable[[Iterable[Any]], tuple[Any, ...]]
 
 #: SQLite virtual machine steps between two looks at the clock.
 _STEPS_PER_CHECK = 1000
@@ -60,10 +68,12 @@ class BoundedReads:
         self.available = budget_seconds > 0 and _on_disk(engine)
         self._url = engine.url
         self._local = threading.local()
-        self._engines: set[Engine] = set()
+        self._engines: dict[Engine, sqlite3.Connection] = {}
         self._lock = threading.Lock()
         self._slow: dict[Hashable, float] = {}
         self._closed = False
+        #: Study search statements compiled for this database, by form.
+        self._compiled: dict[Any, tuple[SQLCompiler, _MakeRow]] = {}
         #: Reads answered here, and reads handed back (budget spent or database busy).
         self.answered = 0
         self.handed_back = 0
@@ -72,39 +82,40 @@ class BoundedReads:
         held: _Held | None = getattr(self._local, "held", None)
         if held is not None:
             return held.repository
-        engine = create_engine(self._url, poolclass=StaticPool,
-                               connect_args={"check_same_thread": False, "timeout": 0})
+        connection = sqlite3.connect(self._url.database or "", timeout=0, check_same_thread=False)
+        connection.execute("PRAGMA busy_timeout=0")
+        connection.execute("PRAGMA query_only=ON")
         deadline = [float("inf")]  # not the holder: the engine must not keep it alive
         budget = self.budget
 
         def interrupt() -> int:
             return 1 if time.perf_counter() > deadline[0] else 0
 
+        connection.set_progress_handler(interrupt, _STEPS_PER_CHECK)
+        # SQLAlchemy's reads (series, instances, keys) use the same connection.
+        engine = create_engine(self._url, poolclass=StaticPool, creator=lambda: connection)
+
         @event.listens_for(engine, "before_cursor_execute")
         def _start_clock(*_args: Any) -> None:
             deadline[0] = time.perf_counter() + budget
 
-        @event.listens_for(engine, "connect")
-        def _read_only(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-            dbapi_connection.execute("PRAGMA busy_timeout=0")
-            dbapi_connection.execute("PRAGMA query_only=ON")
-            dbapi_connection.set_progress_handler(interrupt, _STEPS_PER_CHECK)
-
-        held = _Held(IndexRepository(engine))
+        held = _Held(_DirectRepository(engine, connection, deadline, budget, self._compiled))
         with self._lock:
             if self._closed:
                 engine.dispose()
+                connection.close()
                 raise RuntimeError("bounded reads are closed")
-            self._engines.add(engine)
+            self._engines[engine] = connection
         # When the thread ends, its locals go and the connection is closed with them.
-        weakref.finalize(held, self._forget, engine)
+        weakref.finalize(held, self._forget, engine, connection)
         self._local.held = held
         return held.repository
 
-    def _forget(self, engine: Engine) -> None:
+    def _forget(self, engine: Engine, connection: sqlite3.Connection) -> None:
         with self._lock:
-            self._engines.discard(engine)
+            self._engines.pop(engine, None)
         engine.dispose()
+        connection.close()
 
     def warm(self) -> None:
         """Open this thread's connection and load the schema now (at start-up, before any
@@ -125,8 +136,8 @@ class BoundedReads:
         repository = self._repository()
         try:
             answer = read(repository)
-        except OperationalError as exc:
-            message = str(exc.orig).lower()
+        except (OperationalError, sqlite3.OperationalError) as exc:
+            message = str(getattr(exc, "orig", exc)).lower()
             if "interrupted" not in message and "locked" not in message and "busy" not in message:
                 raise
             self.handed_back += 1
@@ -141,9 +152,34 @@ class BoundedReads:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            engines, self._engines = self._engines, set()
-        for engine in engines:
+            engines, self._engines = self._engines, {}
+        for engine, connection in engines.items():
             engine.dispose()
+            connection.close()
+
+
+class _DirectRepository(IndexRepository):
+    """The index repository of one thread's bounded connection: study searches run on the
+    sqlite3 connection itself, other reads through SQLAlchemy on the same connection."""
+
+    def __init__(self, engine: Engine, connection: sqlite3.Connection, deadline: list[float],
+                 budget: float, compiled: dict[Any, tuple[SQLCompiler, _MakeRow]]) -> None:
+        super().__init__(engine)
+        self._connection, self._deadline, self._budget = connection, deadline, budget
+        self._compiled = compiled
+
+    def _study_rows(self, shape: Any, values: dict[str, Any]) -> Sequence[Any]:
+        found = self._compiled.get(shape)
+        if found is None:
+            compiled = _study_search_statement(shape).compile(dialect=self.engine.dialect)
+            names = [column.name for column in _study_search_statement(shape).selected_columns]
+            found = compiled, namedtuple("StudyRow", names)._make  # type: ignore[attr-defined]
+            self._compiled[shape] = found
+        compiled, make_row = found
+        expanded = compiled.construct_expanded_state(values)
+        self._deadline[0] = time.perf_counter() + self._budget
+        cursor = self._connection.execute(expanded.statement, expanded.positional_parameters or ())
+        return [make_row(columns) for columns in cursor.fetchall()]
 
 
 class _Held:

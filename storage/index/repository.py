@@ -448,8 +448,7 @@ class IndexRepository:
         # One statement with correlated counts, on a plain connection, built once per form
         # of query: three round trips and the ORM's identity map cost more than the query.
         shape, values = _study_plan(query)
-        with self.engine.connect() as connection:
-            studies = connection.execute(_study_search_statement(shape), values).all()
+        studies = self._study_rows(shape, values)
         return [
             StudySummary(
                 study_instance_uid=s.study_instance_uid,
@@ -470,6 +469,11 @@ class IndexRepository:
             )
             for s in studies
         ]
+
+    def _study_rows(self, shape: _StudyShape, values: dict[str, Any]) -> Sequence[Any]:
+        """The rows of a study search (attributes named as the statement's columns)."""
+        with self.engine.connect() as connection:
+            return connection.execute(_study_search_statement(shape), values).all()
 
     def count_studies(self, query: StudyQuery) -> int:
         """How many studies match, ignoring limit and offset."""

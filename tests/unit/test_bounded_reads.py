@@ -16,7 +16,15 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from storage import BoundedReads, IndexRepository, StudyQuery, create_index_engine, migrate
+from storage import (
+    AccessScope,
+    BoundedReads,
+    DateRange,
+    IndexRepository,
+    StudyQuery,
+    create_index_engine,
+    migrate,
+)
 from storage.index import bounded
 from tests.support.index_records import study_records
 from web_viewer_api.deps import read_inline
@@ -186,3 +194,28 @@ def test_nothing_is_read_on_the_event_loop_while_a_worker_thread_is_busy(quick: 
         assert read_inline(request) is quick  # type: ignore[arg-type]
 
     anyio.run(check)
+
+
+def test_study_searches_answer_alike_on_the_bounded_connection(index: IndexRepository,
+                                                               quick: BoundedReads) -> None:
+    """Study searches skip SQLAlchemy's execution there: every form gives the same rows."""
+    index.upsert_instances(study_records("2.25.300", "PAAA", "20240229", "MR", 2))
+    index.upsert_instances(study_records("2.25.400", "P_%X", "20231231", "US", 1))
+    limited = AccessScope(series_limits={"2.25.300": frozenset({"2.25.300.9"})})
+    queries = [
+        StudyQuery(), StudyQuery(patient_id="PAAA"), StudyQuery(patient_id="P?A*"),
+        StudyQuery(patient_id="P_%X"), StudyQuery(patient_name="anonymous^p*"),
+        StudyQuery(patient_name="paaa", fuzzy_patient_name=True),
+        StudyQuery(study_date=DateRange.parse("20240101-")), StudyQuery(study_date=DateRange.parse("-20240101")),
+        StudyQuery(study_instance_uids=("2.25.100", "2.25.400", "2.25.999")),
+        StudyQuery(modalities=("MR", "US")), StudyQuery(limit=1, offset=1), StudyQuery(offset=10),
+        StudyQuery(scope=AccessScope(site_ids=frozenset({"site1"}))),
+        StudyQuery(scope=AccessScope(site_ids=frozenset({"elsewhere"}))),
+        StudyQuery(scope=AccessScope(study_instance_uids=frozenset({"2.25.200", "2.25.300"}))),
+        StudyQuery(scope=limited), StudyQuery(modalities=("MR",), scope=limited),
+    ]
+    for query in queries:
+        assert quick.run(lambda r, q=query: r.search_studies(q)) == index.search_studies(query), query
+    assert quick.answered == len(queries)
+    assert [s.number_of_instances for s in index.search_studies(StudyQuery(scope=limited))
+            if s.study_instance_uid == "2.25.300"] == [0]  # the limit really applies
