@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -118,6 +119,17 @@ def _curl_qido(ours: str, theirs: str, headers: dict[str, str], count: int,
 
 #: Alternated retrievals of each series by each server (after two warm-up rounds).
 RETRIEVE_ROUNDS = 40
+
+
+#: Retrievals per server for the CPU time figure.
+CPU_RETRIEVALS = 20
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, all its threads: what a request
+    costs the server, whatever the machine's other load did to the wall-clock time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -246,7 +258,7 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
             # Ours as deployed: `dicom-gateway api` in its own process over the same files
             # (an in-thread server would share the GIL with this client; Orthanc does not).
             api_port = free_port()
-            env = {**__import__("os").environ, "DICOM_GATEWAY_ADMIN_TOKEN": TOKEN,
+            env = {**os.environ, "DICOM_GATEWAY_ADMIN_TOKEN": TOKEN,
                    "DICOM_GATEWAY_PSEUDONYM_SECRET": "bench-secret-0123456789abcdef",
                    "DICOM_GATEWAY_LOG_LEVEL": "WARNING"}
             api = subprocess.Popen([str(Path(sys.executable).parent / "dicom-gateway"), "api",
@@ -272,7 +284,10 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
                     curl_pair = (f"{ours_url}/studies?PatientID={target.patient_id}",
                                  f"{url}/dicom-web/studies?PatientID=IPP-00042")
                     curl_alternated = _curl_qido(*curl_pair, auth, 1000, True, work)
+                    cpu_before = _cpu_seconds(api.pid), _cpu_seconds(process.pid)
                     curl_back_to_back = _curl_qido(*curl_pair, auth, 1000, False, work)
+                    qido_cpu = [(_cpu_seconds(pid) - before) / 1000 * 1000
+                                for pid, before in zip((api.pid, process.pid), cpu_before, strict=True)]
                     ours_all, theirs_all = _paired(
                         client, (f"{ours_url}/studies?limit=100", auth),
                         (f"{url}/dicom-web/studies?limit=100", accept), requests // 2)
@@ -292,6 +307,13 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
                             size, seconds = _retrieve_curl(address, headers)
                             if round_number >= 2:  # two warm-up rounds
                                 runs[position].append((size, seconds))
+                    # The servers' own CPU time per uncompressed retrieval, each alone.
+                    retrieve_cpu = []
+                    for pid, (address, headers) in ((api.pid, rounds[1]), (process.pid, rounds[2])):
+                        before = _cpu_seconds(pid)
+                        for _ in range(CPU_RETRIEVALS):
+                            _retrieve_curl(address, headers)
+                        retrieve_cpu.append((_cpu_seconds(pid) - before) / CPU_RETRIEVALS * 1000)
             finally:
                 api.terminate()
                 api.wait(timeout=30)
@@ -304,6 +326,8 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
             print(f"  QIDO by PatientID, curl, {label} ours p50 {statistics.median(mine):6.2f} ms   "
                   f"Orthanc p50 {statistics.median(other):6.2f} ms   "
                   f"(ours/Orthanc {statistics.median(mine) / statistics.median(other):.2f})")
+        print(f"  server CPU per QIDO request (the back-to-back curl run): ours {qido_cpu[0]:5.2f} ms   "
+              f"Orthanc {qido_cpu[1]:5.2f} ms   (ours/Orthanc {qido_cpu[0] / qido_cpu[1]:.2f})")
         print(f"  QIDO 100 studies, alternated     ours p50 {_pct(ours_all, 50):6.1f} ms   Orthanc p50 {_pct(theirs_all, 50):6.1f} ms"
               f"   (ours/Orthanc {_pct(ours_all, 50) / _pct(theirs_all, 50):.2f})")
         print(f"  series retrieve, 50 CT 512x512, transfer-syntax=* (as stored), curl, {RETRIEVE_ROUNDS} "
@@ -316,6 +340,8 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
             print(f"    {label} {size / 1e6:5.1f} MB  best {times[0] * 1000:5.1f} ms  "
                   f"p50 {statistics.median(times) * 1000:5.1f} ms  p90 {_pct(times, 90) * 1000:5.1f} ms  "
                   f"sustained {sustained:7.1f} MB/s (best {size / 1e6 / times[0]:7.1f})")
+        print(f"    server CPU per uncompressed retrieval ({CPU_RETRIEVALS} each): ours {retrieve_cpu[0]:5.1f} ms   "
+              f"Orthanc {retrieve_cpu[1]:5.1f} ms   (ours/Orthanc {retrieve_cpu[0] / retrieve_cpu[1]:.2f})")
     finally:
         process.terminate()
         process.wait(timeout=30)

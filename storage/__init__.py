@@ -14,6 +14,7 @@ from storage.access import (
 )
 from storage.filesystem import FilesystemObjectStore
 from storage.index import (
+    MAX_FUZZY_WORDS,
     AccessScope,
     BoundedReads,
     DateRange,
@@ -26,6 +27,7 @@ from storage.index import (
     StudyQuery,
     StudySummary,
     create_index_engine,
+    fuzzy_name_words,
     migrate,
 )
 from storage.objects import (
@@ -51,6 +53,7 @@ def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance
 
 
 __all__ = [
+    "MAX_FUZZY_WORDS",
     "AccessRepository",
     "AccessScope",
     "ApiKeyRecord",
@@ -78,6 +81,7 @@ __all__ = [
     "StudySummary",
     "TransientStorageError",
     "create_index_engine",
+    "fuzzy_name_words",
     "instance_key",
     "join_key",
     "migrate",

@@ -32,9 +32,9 @@ def _bearer_token(request: Request) -> str:
 def read_inline(request: Request) -> BoundedReads | None:
     """The bounded index reads (storage.index.bounded), when a read may run on the event loop
     now: not while a worker thread is busy (each step of the read would wait for the GIL)."""
-    if anyio.to_thread.current_default_thread_limiter().borrowed_tokens:
-        return None
     quick: BoundedReads = request.app.state.quick_reads
+    if not quick.available or anyio.to_thread.current_default_thread_limiter().borrowed_tokens:
+        return None
     return quick
 
 

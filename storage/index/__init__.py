@@ -3,6 +3,7 @@
 from storage.index.bounded import BoundedReads
 from storage.index.engine import create_index_engine, downgrade, migrate
 from storage.index.repository import (
+    MAX_FUZZY_WORDS,
     AccessScope,
     DateRange,
     IndexRepository,
@@ -13,9 +14,11 @@ from storage.index.repository import (
     SeriesSummary,
     StudyQuery,
     StudySummary,
+    fuzzy_name_words,
 )
 
 __all__ = [
+    "MAX_FUZZY_WORDS",
     "AccessScope",
     "BoundedReads",
     "DateRange",
@@ -29,5 +32,6 @@ __all__ = [
     "StudySummary",
     "create_index_engine",
     "downgrade",
+    "fuzzy_name_words",
     "migrate",
 ]

@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -51,6 +51,8 @@ _STEPS_PER_CHECK = 1000
 #: How long a key that overran goes straight to the worker thread.
 SLOW_KEY_SECONDS = 60.0
 _MAX_SLOW_KEYS = 1024
+#: Study search forms kept compiled (the repository caches 512 statements).
+_MAX_COMPILED = 256
 
 
 def _on_disk(engine: Engine) -> bool:
@@ -136,8 +138,8 @@ class BoundedReads:
         repository = self._repository()
         try:
             answer = read(repository)
-        except (OperationalError, sqlite3.OperationalError) as exc:
-            message = str(getattr(exc, "orig", exc)).lower()
+        except OperationalError as exc:
+            message = str(exc.orig).lower()
             if "interrupted" not in message and "locked" not in message and "busy" not in message:
                 raise
             self.handed_back += 1
@@ -150,6 +152,8 @@ class BoundedReads:
         return answer
 
     def close(self) -> None:
+        """Close every thread's connection: at shutdown, with no read in flight (a thread
+        reading now would find its connection closed under it)."""
         with self._lock:
             self._closed = True
             engines, self._engines = self._engines, {}
@@ -169,17 +173,26 @@ class _DirectRepository(IndexRepository):
         self._compiled = compiled
 
     def _study_rows(self, shape: Any, values: dict[str, Any]) -> Sequence[Any]:
+        """As SQLAlchemy's rows, but with the column values as SQLite returns them (the
+        timestamps as text: a study search reads none of them)."""
         found = self._compiled.get(shape)
         if found is None:
-            compiled = _study_search_statement(shape).compile(dialect=self.engine.dialect)
-            names = [column.name for column in _study_search_statement(shape).selected_columns]
-            found = compiled, namedtuple("StudyRow", names)._make  # type: ignore[attr-defined]
+            statement = _study_search_statement(shape)
+            names = [column.name for column in statement.selected_columns]
+            found = (statement.compile(dialect=self.engine.dialect),
+                     namedtuple("StudyRow", names)._make)  # type: ignore[attr-defined]
+            if len(self._compiled) >= _MAX_COMPILED:
+                self._compiled.clear()
             self._compiled[shape] = found
         compiled, make_row = found
         expanded = compiled.construct_expanded_state(values)
+        parameters = expanded.positional_parameters or ()
         self._deadline[0] = time.perf_counter() + self._budget
-        cursor = self._connection.execute(expanded.statement, expanded.positional_parameters or ())
-        return [make_row(columns) for columns in cursor.fetchall()]
+        try:
+            rows = self._connection.execute(expanded.statement, parameters).fetchall()
+        except sqlite3.Error as exc:  # as SQLAlchemy raises it, for the callers' handlers
+            raise DBAPIError.instance(expanded.statement, parameters, exc, sqlite3.Error) from exc
+        return [make_row(columns) for columns in rows]
 
 
 class _Held:

@@ -318,8 +318,14 @@ _StudyShape = tuple[bool | None, bool | None, bool | None, bool, bool, bool, boo
 _NAME_SEPARATORS = re.compile(r"[\s^=,]+")
 
 
+#: Words of a fuzzy PatientName that are matched: each is a condition of the statement, and
+#: each count a form of it (compiled and cached); a person's name has fewer.
+MAX_FUZZY_WORDS = 8
+
+
 def fuzzy_name_words(pattern: str) -> list[str]:
-    """The words of a fuzzy PatientName query, upper case, as LIKE-escaped prefixes."""
+    """The words of a fuzzy PatientName query, upper case, as LIKE-escaped prefixes (a
+    search matches the first MAX_FUZZY_WORDS)."""
     words = [w for w in _NAME_SEPARATORS.split(pattern.upper()) if w.strip("*?")]
     return [_wildcard_value(w.rstrip("*") + "*")[1] for w in words]
 
@@ -328,7 +334,7 @@ def _study_plan(query: StudyQuery) -> tuple[_StudyShape, dict[str, Any]]:
     """The form of `query`'s SQL and the values it takes."""
     values: dict[str, Any] = {"limit": query.limit, "offset": query.offset}
     kinds: list[bool | None] = []
-    fuzzy = fuzzy_name_words(query.patient_name or "") if query.fuzzy_patient_name else []
+    fuzzy = fuzzy_name_words(query.patient_name or "")[:MAX_FUZZY_WORDS] if query.fuzzy_patient_name else []
     for number, word in enumerate(fuzzy):
         values[f"name_word_{number}"] = word
     for name, pattern, insensitive in (("patient_id", query.patient_id, False),

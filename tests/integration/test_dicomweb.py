@@ -153,6 +153,7 @@ def test_frames_of_a_multiframe_instance_render_and_thumbnail_one_by_one(
     ("/studies/{study}/series/{series}/instances/{sop}/frames/0", "application/octet-stream", 400),
     ("/studies/{study}/series/{series}/instances/{sop}/frames/99", "application/octet-stream", 404),
     ("/series?NotAKeyword=1", "application/dicom+json", 400),
+    ("/studies?fuzzymatching=true&PatientName=" + "+".join("abcdefghi"), "application/dicom+json", 400),
 ])
 def test_errors_are_json_4xx(server: DicomwebServer, path: str, accept: str, status: int) -> None:
     study, series, sop = _uids(server)
@@ -689,12 +690,23 @@ def test_a_locked_index_holds_searches_back_but_never_the_server(server: Dicomwe
     kept = server.app.state.quick_reads
     kept.close()  # its connections would keep the exclusive lock from being taken
     server.app.state.quick_reads = reads = BoundedReads(server.index.engine, 0.005)
-    server.index.engine.dispose()
-    locker = sqlite3.connect(str(server.index.engine.url.database), isolation_level=None)
+    locker = sqlite3.connect(str(server.index.engine.url.database), isolation_level=None, timeout=0)
+    locker.execute("PRAGMA locking_mode=EXCLUSIVE")
+
+    def locked() -> bool:
+        """The exclusive lock, once no other connection has the file open (the audit writer
+        may open one at any time: try again until it has closed it)."""
+        server.app.state.audit_writer.flush()
+        server.index.engine.dispose()
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError:
+            return False
+        return True
+
     answer: list[httpx.Response] = []
     try:
-        locker.execute("PRAGMA locking_mode=EXCLUSIVE")
-        locker.execute("BEGIN EXCLUSIVE")
+        wait_for(locked, timeout=30, what="an exclusive lock on the index")
         search = threading.Thread(target=lambda: answer.append(httpx.get(
             f"{server.url}/studies?StudyInstanceUID={study}", timeout=60,
             headers={"Authorization": f"Bearer {TOKEN}"})))

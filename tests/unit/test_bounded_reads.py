@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from storage import (
+    MAX_FUZZY_WORDS,
     AccessScope,
     BoundedReads,
     DateRange,
@@ -26,6 +27,7 @@ from storage import (
     migrate,
 )
 from storage.index import bounded
+from storage.index.repository import _study_plan
 from tests.support.index_records import study_records
 from web_viewer_api.deps import read_inline
 
@@ -219,3 +221,22 @@ def test_study_searches_answer_alike_on_the_bounded_connection(index: IndexRepos
     assert quick.answered == len(queries)
     assert [s.number_of_instances for s in index.search_studies(StudyQuery(scope=limited))
             if s.study_instance_uid == "2.25.300"] == [0]  # the limit really applies
+
+
+def test_a_study_search_interrupted_on_the_bounded_connection_is_handed_back(
+        index: IndexRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Study searches run on the sqlite3 connection itself: its errors still read as
+    SQLAlchemy's, so an interrupt is a hand-back and other failures keep their 503."""
+    monkeypatch.setattr(bounded, "_STEPS_PER_CHECK", 1)  # look at the clock at every step
+    reads = BoundedReads(index.engine, 1e-9)
+    try:
+        assert reads.run(lambda r: r.search_studies(StudyQuery(patient_id="PAAA"))) is None
+        assert reads.handed_back == 1
+    finally:
+        reads.close()
+
+
+def test_a_fuzzy_name_matches_on_its_first_words_only() -> None:
+    name = " ".join(f"W{n}" for n in range(MAX_FUZZY_WORDS + 5))
+    _shape, values = _study_plan(StudyQuery(patient_name=name, fuzzy_patient_name=True))
+    assert sum(key.startswith("name_word_") for key in values) == MAX_FUZZY_WORDS

@@ -8,7 +8,15 @@ from functools import lru_cache
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from storage import DateRange, InstanceSummary, SeriesSummary, StudyQuery, StudySummary
+from storage import (
+    MAX_FUZZY_WORDS,
+    DateRange,
+    InstanceSummary,
+    SeriesSummary,
+    StudyQuery,
+    StudySummary,
+    fuzzy_name_words,
+)
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -155,6 +163,8 @@ def parse_study_query(params: Iterable[tuple[str, str]]) -> ParsedStudyQuery:
             fields["modalities"] = _values(value)
         else:
             fields[_FIELD_OF[keyword]] = value
+    if parsed.fuzzy_requested and len(fuzzy_name_words(str(fields.get("patient_name", "")))) > MAX_FUZZY_WORDS:
+        raise QueryParameterError(f"fuzzy PatientName matching takes at most {MAX_FUZZY_WORDS} words")
     query = StudyQuery(limit=parsed.limit, offset=parsed.offset,
                        fuzzy_patient_name=parsed.fuzzy_requested, **fields)  # type: ignore[arg-type]
     # Fuzzy matching applies to PatientName, the one person name the study level matches.
