@@ -194,6 +194,25 @@ def test_livez_answers_while_readyz_reports_an_unreachable_broker(
     assert answer.status_code == 200 and answer.json()["components"]["broker"] == "ok"
 
 
+def test_the_inline_read_budget_setting_reaches_the_api(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`HTTP__INLINE_READ_BUDGET_MS`: searches of the SQLite index on the event loop by
+    default, every one in a worker thread with 0."""
+    from gateway.components import build_api
+    from gateway.settings import Settings
+
+    monkeypatch.setenv("DICOM_GATEWAY_PSEUDONYM_SECRET", "inline-secret-0123456789abcdef")
+    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", TOKEN)
+    for budget, inline in ((None, 1), ("0", 0)):
+        if budget is not None:
+            monkeypatch.setenv("DICOM_GATEWAY_HTTP__INLINE_READ_BUDGET_MS", budget)
+        app = build_api(Settings(data_dir=tmp_path / f"budget-{budget}"))
+        with TestClient(app) as client:
+            answer = client.get("/dicom-web/studies", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert answer.status_code == 200 and answer.json() == []
+            assert app.state.quick_reads.answered == inline
+
+
 def test_startup_removes_old_parts_of_interrupted_uploads(tmp_path: Path) -> None:
     import os
     import time
