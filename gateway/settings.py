@@ -91,10 +91,10 @@ class HttpSettings(BaseModel):
     #: API processes `dicom-gateway api` runs on this host (uvicorn workers sharing the
     #: port): Python answers one request at a time per process, so one per core.
     workers: int = Field(1, ge=1, le=64)
-    #: Time a QIDO-RS search may spend in SQLite on the event loop, where it skips two
-    #: thread hand-offs; beyond it, or with the index locked, the search moves to a worker
-    #: thread. SQLite index only; 0 sends every search to a worker thread.
-    inline_read_budget_ms: float = Field(5.0, ge=0, le=1000)
+    #: Time a QIDO-RS search or an API key lookup may spend in SQLite on the event loop,
+    #: where it skips two thread hand-offs; beyond it, or with the index locked, it moves to
+    #: a worker thread. SQLite index only; 0 sends every one to a worker thread.
+    inline_read_budget_ms: float = Field(5.0, ge=0, le=100)
 
 
 class S3Settings(BaseModel):

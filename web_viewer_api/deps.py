@@ -47,7 +47,7 @@ def _valid_api_key(request: Request, token: str) -> Principal | None:
     if key_id is None or quick is None:
         return None
     record = quick.run(lambda reads: AccessRepository(reads.engine).api_key(key_id), "api_key")
-    return Authenticator.key_principal(token, key_id, record) if record is not None else None
+    return Authenticator.key_principal(token, key_id, record)  # hashed even when unknown
 
 
 async def current_principal(request: Request) -> Principal:

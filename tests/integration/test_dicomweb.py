@@ -653,9 +653,11 @@ def test_searches_answer_alike_on_the_event_loop_and_in_a_worker_thread(server: 
     try:
         for budget in (10.0, 0.0):  # every search on the event loop, then none
             server.app.state.quick_reads = reads = BoundedReads(server.index.engine, budget)
-            answers[budget] = [httpx.get(server.url + path, headers=headers) for path in paths]
-            assert reads.answered == (len(paths) if budget else 0)
-            reads.close()
+            try:
+                answers[budget] = [httpx.get(server.url + path, headers=headers) for path in paths]
+                assert reads.answered == (len(paths) if budget else 0)
+            finally:
+                reads.close()
     finally:
         server.app.state.quick_reads = kept
     for inline, threaded in zip(answers[10.0], answers[0.0], strict=True):
@@ -675,6 +677,9 @@ def test_searches_that_read_objects_or_list_much_go_to_a_worker_thread(server: D
                      f"/studies/{study}/series?includefield=00080021",
                      f"/studies/{study}/instances?limit=1000"):
             assert httpx.get(server.url + path, headers=headers).status_code == 200
+        xml = httpx.get(f"{server.url}/studies/{study}/series", headers={
+            **headers, "Accept": 'multipart/related; type="application/dicom+xml"'})
+        assert xml.status_code == 200 and b"<NativeDicomModel" in xml.content
         assert (reads.answered, reads.handed_back) == (0, 0)
         assert httpx.get(f"{server.url}/studies?limit=100", headers=headers).status_code == 200
         assert reads.answered == 1
