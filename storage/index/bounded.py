@@ -93,15 +93,14 @@ class BoundedReads:
         def interrupt() -> int:
             return 1 if time.perf_counter() > deadline[0] else 0
 
+        def start_clock(*_args: Any) -> None:
+            deadline[0] = time.perf_counter() + budget
+
         connection.set_progress_handler(interrupt, _STEPS_PER_CHECK)
         # SQLAlchemy's reads (series, instances, keys) use the same connection.
         engine = create_engine(self._url, poolclass=StaticPool, creator=lambda: connection)
-
-        @event.listens_for(engine, "before_cursor_execute")
-        def _start_clock(*_args: Any) -> None:
-            deadline[0] = time.perf_counter() + budget
-
-        held = _Held(_DirectRepository(engine, connection, deadline, budget, self._compiled))
+        event.listen(engine, "before_cursor_execute", start_clock)
+        held = _Held(_DirectRepository(engine, connection, start_clock, self._compiled))
         with self._lock:
             if self._closed:
                 engine.dispose()
@@ -166,11 +165,11 @@ class _DirectRepository(IndexRepository):
     """The index repository of one thread's bounded connection: study searches run on the
     sqlite3 connection itself, other reads through SQLAlchemy on the same connection."""
 
-    def __init__(self, engine: Engine, connection: sqlite3.Connection, deadline: list[float],
-                 budget: float, compiled: dict[Any, tuple[SQLCompiler, _MakeRow]]) -> None:
+    def __init__(self, engine: Engine, connection: sqlite3.Connection,
+                 start_clock: Callable[[], None],
+                 compiled: dict[Any, tuple[SQLCompiler, _MakeRow]]) -> None:
         super().__init__(engine)
-        self._connection, self._deadline, self._budget = connection, deadline, budget
-        self._compiled = compiled
+        self._connection, self._start_clock, self._compiled = connection, start_clock, compiled
 
     def _study_rows(self, shape: Any, values: dict[str, Any]) -> Sequence[Any]:
         """As SQLAlchemy's rows, but with the column values as SQLite returns them (the
@@ -187,7 +186,7 @@ class _DirectRepository(IndexRepository):
         compiled, make_row = found
         expanded = compiled.construct_expanded_state(values)
         parameters = expanded.positional_parameters or ()
-        self._deadline[0] = time.perf_counter() + self._budget
+        self._start_clock()
         try:
             rows = self._connection.execute(expanded.statement, parameters).fetchall()
         except sqlite3.Error as exc:  # as SQLAlchemy raises it, for the callers' handlers

@@ -230,14 +230,15 @@ def _form(query: StudyQuery | SeriesQuery | InstanceQuery) -> tuple[Any, ...]:
     return (type(query).__name__, *used, wildcard, query.scope.shape if query.scope else None)
 
 
-async def _search(request: Request, index: IndexRepository, inline: bool,
+async def _search(request: Request, index: IndexRepository, include: frozenset[str],
                   query: StudyQuery | SeriesQuery | InstanceQuery,
                   search: Callable[[IndexRepository], list[_Found]],
                   answer: Callable[[list[_Found]], Response]) -> Response:
     """`answer(search(index))`, on the event loop when the search fits the inline time
     budget, else in a worker thread: there a database that does not answer, or a pool with
     no free connection, stalls this request only."""
-    quick = read_inline(request) if inline and not _wants_xml(request) else None
+    inline = not include and query.limit <= INLINE_LIMIT and not _wants_xml(request)
+    quick = read_inline(request) if inline else None
     if quick is not None:
         found = quick.run(search, _form(query))  # a form that overran goes to the thread
         if found is not None:
@@ -268,8 +269,8 @@ async def search_for_studies(request: Request, _principal: ReadPrincipal, index:
         return _json(body, _warnings(parsed, len(body)) if parsed.ignored or parsed.fuzzy_requested
                      or len(body) >= query.limit else {}, request)
 
-    return await _search(request, index, not parsed.include and query.limit <= INLINE_LIMIT,
-                         query, lambda repository: repository.search_studies(query), answer)
+    return await _search(request, index, parsed.include, query,
+                         lambda repository: repository.search_studies(query), answer)
 
 
 async def _series(request: Request, index: IndexRepository, study: str | None) -> Response:
@@ -299,8 +300,8 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
                 for s in series]
         return _json(body, _warnings(parsed, len(body)), request)
 
-    return await _search(request, index, not parsed.include and parsed.limit <= INLINE_LIMIT,
-                         query, lambda repository: repository.search_series(query), answer)
+    return await _search(request, index, parsed.include, query,
+                         lambda repository: repository.search_series(query), answer)
 
 
 @router.get("/series", summary="QIDO-RS: search for series")
@@ -342,8 +343,8 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
                 for i in found]
         return _json(body, _warnings(parsed, len(body)), request)
 
-    return await _search(request, index, not parsed.include and parsed.limit <= INLINE_LIMIT,
-                         query, lambda repository: repository.search_instances(query), answer)
+    return await _search(request, index, parsed.include, query,
+                         lambda repository: repository.search_instances(query), answer)
 
 
 @router.get("/instances", summary="QIDO-RS: search for instances")
