@@ -580,6 +580,31 @@ def test_retrieve_skips_objects_gone_from_the_store_and_404s_when_none_is_left(
         assert response.json()["error"]["code"] == "not_found"
 
 
+def test_objects_already_in_the_asked_syntax_go_out_as_stored_without_being_parsed(
+        server: DicomwebServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default Accept (Explicit VR Little Endian) on objects stored in it: each part is
+    the stored file, byte for byte, and no object is parsed to learn its syntax again (the
+    index has it)."""
+    import shutil
+
+    study, series = _two_instance_series(server, tmp_path, "plain", 80)
+    stored = (server.store.root / "plain" / "0.dcm").read_bytes()
+    assert pydicom.dcmread(io.BytesIO(stored)).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    shutil.copy(server.store.root / "plain" / "0.dcm", server.store.root / "plain" / "1.dcm")
+
+    def no_parse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a stored object was parsed")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_parse)
+    response = httpx.get(f"{server.url}/studies/{study}/series/{series}", headers={
+        "Authorization": f"Bearer {TOKEN}", "Accept": 'multipart/related; type="application/dicom"'})
+    assert response.status_code == 200
+    parts = _parts(response)
+    assert [body for _headers, body in parts] == [stored, stored]
+    assert [headers["Content-Type"].replace('"', "") for headers, _body in parts] == [
+        "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"] * 2
+
+
 def test_a_store_failing_mid_stream_cuts_the_answer_and_is_audited_as_a_failure(
         server: DicomwebServer, tmp_path: Path) -> None:
     """The first object reads, the second fails with an I/O error once the 200 has gone

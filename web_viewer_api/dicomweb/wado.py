@@ -169,7 +169,10 @@ class Wado:
                 body = self.store.get(instance.object_key)
             except ObjectNotFound:
                 continue  # indexed but gone: reindex will tell; never a broken part
-            if target == ANY_TRANSFER_SYNTAX:  # as stored: the index knows the syntax
+            # Already in the syntax asked for (or any asked): the stored bytes, untouched. The
+            # index records the stored object's syntax; parsing each object to learn it again
+            # cost 0.33 ms per 512x512 CT, 17 ms of a 50-slice series.
+            if target in (ANY_TRANSFER_SYNTAX, instance.transfer_syntax_uid):
                 yield (f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}", body, {})
                 continue
             converted, syntax = convert_instance(body, target)
