@@ -538,9 +538,9 @@ def test_a_large_study_streams_in_bounded_memory(server: DicomwebServer, tmp_pat
 
 
 def _two_instance_series(server: DicomwebServer, tmp_path: Path, folder: str,
-                         seed: int) -> tuple[str, str]:
-    """A series of two indexed instances whose objects are `<folder>/0.dcm` (written) and
-    `<folder>/1.dcm` (left to the test); (study UID, series UID)."""
+                         seed: int, count: int = 2) -> tuple[str, str]:
+    """A series of `count` (two) indexed instances whose objects are `<folder>/0.dcm`
+    (written) and `<folder>/1.dcm`... (left to the test); (study UID, series UID)."""
     import dataclasses
     import shutil
 
@@ -555,7 +555,7 @@ def _two_instance_series(server: DicomwebServer, tmp_path: Path, folder: str,
     shutil.copy(source, server.store.root / folder / "0.dcm")
     server.index.upsert_instances([dataclasses.replace(first, instance={
         **first.instance, "sop_instance_uid": f"{first.instance['sop_instance_uid']}.{n}",
-        "object_key": f"{folder}/{n}.dcm"}) for n in range(2)])
+        "object_key": f"{folder}/{n}.dcm"}) for n in range(count)])
     return first.instance["study_instance_uid"], first.instance["series_instance_uid"]
 
 
@@ -603,6 +603,83 @@ def test_objects_already_in_the_asked_syntax_go_out_as_stored_without_being_pars
     assert [body for _headers, body in parts] == [stored, stored]
     assert [headers["Content-Type"].replace('"', "") for headers, _body in parts] == [
         "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"] * 2
+
+
+def _copies_series(server: DicomwebServer, tmp_path: Path, folder: str, seed: int,
+                   count: int) -> tuple[str, str, bytes]:
+    """A series of `count` instances whose objects are all copies of one 512x512 CT file:
+    (study UID, series UID, the stored bytes of each). Not 6: that is the sample study."""
+    import shutil
+
+    study, series = _two_instance_series(server, tmp_path, folder, seed, count)
+    for number in range(1, count):
+        shutil.copy(server.store.root / folder / "0.dcm", server.store.root / folder / f"{number}.dcm")
+    return study, series, (server.store.root / folder / "0.dcm").read_bytes()
+
+
+def test_cached_objects_are_read_on_the_event_loop_and_evicted_ones_in_a_thread_alike(
+        server: DicomwebServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects in the page cache are taken without a blocking read (only the first part,
+    read before the answer starts, is); objects evicted from the cache are read the
+    blocking way, in a worker thread. The answer is the same, byte for byte."""
+    import os
+
+    from storage.filesystem import OpenedFile
+
+    study, series, stored = _copies_series(server, tmp_path, "cache", 81, 5)
+    blocking_reads: list[str] = []
+    original = OpenedFile.read
+
+    def counted(self: OpenedFile) -> bytes:
+        blocking_reads.append(self.key)
+        return original(self)
+
+    monkeypatch.setattr(OpenedFile, "read", counted)
+    headers = {"Authorization": f"Bearer {TOKEN}",
+               "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    url = f"{server.url}/studies/{study}/series/{series}"
+    cached = httpx.get(url, headers=headers)
+    assert cached.status_code == 200
+    assert [body for _headers, body in _parts(cached)] == [stored] * 5
+    assert blocking_reads == ["cache/0.dcm"]
+    blocking_reads.clear()
+    for number in range(5):
+        with open(server.store.root / "cache" / f"{number}.dcm", "rb") as handle:
+            os.fsync(handle.fileno())  # dirty pages (a fresh copy) are not dropped
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    evicted = httpx.get(url, headers=headers)
+    assert evicted.status_code == 200
+    assert _parts(evicted) == _parts(cached)
+    assert sorted(blocking_reads) == sorted(f"cache/{number}.dcm" for number in range(5))
+
+
+def test_a_client_gone_mid_retrieval_leaves_no_object_open(server: DicomwebServer, tmp_path: Path) -> None:
+    """A client that stops reading a 21 MB answer and hangs up: the objects opened ahead
+    for it are all closed."""
+    import os
+
+    study, series, _stored = _copies_series(server, tmp_path, "hangup", 82, 40)
+    headers = {"Authorization": f"Bearer {TOKEN}",
+               "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    url = f"{server.url}/studies/{study}/series/{series}"
+    assert httpx.get(url, headers=headers).status_code == 200  # warm: connections, caches
+    folder = str(server.store.root / "hangup")
+
+    def opened_objects() -> int:
+        count = 0
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{name}").startswith(folder)
+            except OSError:  # closed meanwhile
+                pass
+        return count
+
+    assert opened_objects() == 0
+    with httpx.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200
+        next(response.iter_raw(65536))
+        wait_for(lambda: opened_objects() > 0, timeout=10, what="objects opened ahead")
+    wait_for(lambda: opened_objects() == 0, timeout=10, what="the opened objects closed")
 
 
 def test_a_store_failing_mid_stream_cuts_the_answer_and_is_audited_as_a_failure(

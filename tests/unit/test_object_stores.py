@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,68 @@ def test_filesystem_listing_walks_a_link_cycle_once_and_refuses_broken_links(tmp
     with pytest.raises(StorageError, match="cannot list"):
         list(store.list("studies/"))
 
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_opened_object_reads_from_the_page_cache_without_waiting_and_else_from_disk(
+        tmp_path: Path) -> None:
+    """Cached: `read_cached` gives the bytes. Evicted from the page cache: it gives None at
+    once (a read would wait for the disk) and `read` gives the bytes."""
+    store = FilesystemObjectStore(tmp_path / "objects")
+    body = os.urandom(3 << 20)
+    store.put("studies/1.2/a.dcm", body)
+    opened = store.open("studies/1.2/a.dcm")
+    try:
+        assert opened.size == len(body)
+        cached = opened.read_cached()
+        assert cached is not None and bytes(cached) == body
+        with open(tmp_path / "objects" / "studies" / "1.2" / "a.dcm", "rb") as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # written and fsynced: clean pages
+        assert opened.read_cached() is None
+        assert opened.read() == body
+        assert bytes(opened.read_cached() or b"") == body  # read() brought it back
+    finally:
+        opened.close()
+
+
+def test_an_opened_object_that_is_not_a_plain_file_is_read_in_full_or_fails_loudly(tmp_path: Path) -> None:
+    """A /proc file says it is empty: it is not taken from the cache as an empty object;
+    reading it fails with a StorageError. A folder where an object should be is none."""
+    store = FilesystemObjectStore(tmp_path / "objects")
+    store.put("studies/1.2/a.dcm", b"DICM")
+    os.symlink("/proc/self/mem", tmp_path / "objects" / "studies" / "1.2" / "mem.dcm")  # reading it: EIO
+    opened = store.open("studies/1.2/mem.dcm")
+    try:
+        assert opened.size is None and opened.read_cached() is None
+        with pytest.raises(StorageError, match="cannot read object"):
+            opened.read()
+    finally:
+        opened.close()
+    with pytest.raises(ObjectNotFound):
+        store.open("studies/1.2")
+    with pytest.raises(ObjectNotFound):
+        store.open("studies/1.2/missing.dcm")
+
+
+def test_an_opened_object_releases_its_descriptor_when_closed_or_dropped(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path / "objects")
+    store.put("studies/1.2/a.dcm", b"DICM")
+    before = _open_descriptors()
+    opened = store.open("studies/1.2/a.dcm")
+    assert _open_descriptors() == before + 1
+    opened.close()
+    opened.close()  # idempotent
+    assert _open_descriptors() == before
+    with pytest.raises(StorageError, match="after close"):
+        opened.read()
+    assert opened.read_cached() is None
+    dropped = store.open("studies/1.2/a.dcm")
+    assert _open_descriptors() == before + 1
+    del dropped  # a stream cut off early: the last reference goes
+    assert _open_descriptors() == before
 
 def test_check_passes_on_a_usable_store(store: ObjectStore) -> None:
     store.check()

@@ -32,6 +32,7 @@ from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal, read_inline
 from web_viewer_api.dicomweb.multipart import (
     Part,
+    StreamedPart,
     multipart_body,
     multipart_content_type,
     multipart_stream,
@@ -387,6 +388,12 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     first = next(parts, None)
     if first is None:  # indexed, but no object left to send: not an empty 200
         raise NotFoundError("not found")
+    content_type, opened, extra = first
+    if not isinstance(opened, bytes):
+        try:
+            first = (content_type, opened.read(), extra)
+        finally:
+            opened.close()
     return _multipart_response("application/dicom", itertools.chain((first,), parts), headers)
 
 
@@ -453,7 +460,7 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
     return _multipart_response(part_type, parts)
 
 
-def _multipart_response(part_type: str, parts: Iterable[Part],
+def _multipart_response(part_type: str, parts: Iterable[StreamedPart],
                         headers: dict[str, str] | None = None) -> StreamingResponse:
     """A streamed multipart/related answer of immutable content."""
     boundary = new_boundary()
