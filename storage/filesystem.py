@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import stat
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +15,28 @@ from typing import NoReturn
 
 from storage.objects import InvalidKey, ObjectInfo, ObjectNotFound, StorageError, validate_key
 
-#: Reads that fail rather than wait for the disk (Linux 4.14+); elsewhere every read of an
-#: opened object goes to a thread.
-_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+class _Descriptors:
+    """The descriptors a store's opened objects hold, capped: a slow client keeps its
+    opened objects until it has taken them, and past the cap objects are read instead."""
+
+    def __init__(self, cap: int) -> None:
+        self._free = threading.BoundedSemaphore(cap)
+        #: Reads that fail rather than wait for the disk (RWF_NOWAIT, Linux 4.14+); off for
+        #: good once the file system refuses it (tmpfs, NFS, FUSE).
+        self.nowait: int | None = getattr(os, "RWF_NOWAIT", None)
+
+    def take(self) -> bool:
+        return self._free.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._free.release()
+
+    def close(self, fd: int) -> None:
+        try:
+            os.close(fd)
+        finally:
+            self._free.release()
 
 
 class OpenedFile:
@@ -22,35 +44,48 @@ class OpenedFile:
     closed by `close()`, or when the object is collected: a stream cut off early leaks
     nothing."""
 
-    def __init__(self, key: str, fd: int) -> None:
+    def __init__(self, key: str, fd: int, descriptors: _Descriptors) -> None:
+        info = os.fstat(fd)  # before the finalizer: on failure the caller closes fd
         self.key = key
-        self._fd = fd
-        self._closer = weakref.finalize(self, os.close, fd)
-        info = os.fstat(fd)
         self.is_directory = stat.S_ISDIR(info.st_mode)
         # Only a non-empty regular file's size is surely its length: a device says 0, and
         # so does a /proc file, regular or not.
         self.size: int | None = info.st_size if stat.S_ISREG(info.st_mode) and info.st_size else None
+        self._fd = fd
+        self._descriptors = descriptors
+        self._closer = weakref.finalize(self, descriptors.close, fd)
 
     def read_cached(self) -> memoryview | None:
-        if _NOWAIT is None or self.size is None or not self._closer.alive:
+        flag = self._descriptors.nowait
+        if flag is None or self.size is None or not self._closer.alive:
             return None
         buffer = bytearray(self.size)
         try:
-            count = os.preadv(self._fd, [buffer], 0, _NOWAIT)
-        except OSError:  # EAGAIN: not all cached; EOPNOTSUPP (NFS...); errors: read() tells
+            count = os.preadv(self._fd, [buffer], 0, flag)
+        except OSError as exc:  # EAGAIN: not all cached; other errors: read() tells
+            if exc.errno == errno.EOPNOTSUPP:
+                self._descriptors.nowait = None
             return None
         # A part in the cache only, or a file that shrank: read() does it properly.
         return memoryview(buffer) if count == self.size else None
 
     def read(self) -> bytes:
+        """The whole file from its start, whatever was read before."""
         if not self._closer.alive:
             raise StorageError(f"object {self.key!r} read after close")
+        chunks: list[bytes] = []
+        offset = 0
         try:
-            with open(self._fd, "rb", buffering=0, closefd=False) as handle:
-                return handle.readall()  # from the start: read_cached never moves the offset
+            # A regular file in one read of its size; anything else to its end.
+            while self.size is None or offset < self.size:
+                chunk = os.pread(self._fd, 1 << 20 if self.size is None else self.size - offset, offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
         except OSError as exc:
             raise StorageError(f"cannot read object {self.key!r}: {exc.strerror}") from exc
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def close(self) -> None:
         self._closer()
@@ -59,8 +94,13 @@ class OpenedFile:
 class FilesystemObjectStore:
     """Objects as files; a put is temp file + fsync + rename, so readers never see a torn object."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_opened: int | None = None) -> None:
         self.root = Path(root).resolve()
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 16
+        # A quarter of the process's descriptors at most (256 under systemd's default 1,024).
+        self._descriptors = _Descriptors(max_opened or max(8, min(1024, soft // 4)))
 
     def _path(self, key: str) -> Path:
         # A valid key has no empty, '.' or '..' segment and no leading '/': joined to the
@@ -101,19 +141,24 @@ class FilesystemObjectStore:
         except OSError as exc:
             raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
 
-    def open(self, key: str) -> OpenedFile:
+    def open(self, key: str) -> OpenedFile | None:
         """The object under `key`, opened for a read (ObjectNotFound when absent): its
-        bytes can then come from the page cache on an event loop (`read_cached`)."""
+        bytes can then come from the page cache on an event loop (`read_cached`). None when
+        the store's opened objects are at their cap: read it with `get` instead."""
+        path = self._path(key)
+        if not self._descriptors.take():
+            return None
         try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, IsADirectoryError) as exc:
-            raise ObjectNotFound(key) from exc
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
+            self._descriptors.release()
+            if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
+                raise ObjectNotFound(key) from exc
             raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
         try:
-            opened = OpenedFile(key, fd)
+            opened = OpenedFile(key, fd, self._descriptors)
         except OSError as exc:
-            os.close(fd)
+            self._descriptors.close(fd)
             raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
         if opened.is_directory:  # as get(): a folder where an object should be is no object
             opened.close()

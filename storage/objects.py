@@ -78,8 +78,9 @@ class OpenedObject(Protocol):
 class OpenableStore(Protocol):
     """A store whose objects can be opened first and read later (local files)."""
 
-    def open(self, key: str) -> OpenedObject:
-        """The object under `key`, opened; ObjectNotFound when absent."""
+    def open(self, key: str) -> OpenedObject | None:
+        """The object under `key`, opened; ObjectNotFound when absent; None when the store
+        holds as many opened objects as it allows (read it with `get`)."""
 
 
 @runtime_checkable

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import anyio
+import anyio.lowlevel
 
 from storage import OpenedObject
 
@@ -80,12 +81,12 @@ Part = tuple[str, bytes, dict[str, str]]
 #: A part of a streamed answer: its body may still be in its store, read as it is sent.
 StreamedPart = tuple[str, bytes | OpenedObject, dict[str, str]]
 
-#: Objects opened ahead by one hand-off to a worker thread (each holds a file descriptor
-#: until it is sent).
-OPEN_AHEAD = 32
-#: Largest object read on the event loop from the page cache (a copy of 4 MB takes well
-#: under a millisecond); larger ones are read in a worker thread.
-LOOP_READ_MAX = 4 << 20
+#: Objects opened ahead by one hand-off to a worker thread. Each holds a file descriptor
+#: until it is sent, a slow client's too (the store caps how many it keeps open at once).
+OPEN_AHEAD = 16
+#: Largest object read on the event loop from the page cache, and how much the loop reads
+#: before it lets other requests run: larger objects are read in a worker thread.
+LOOP_READ_MAX = 1 << 20
 
 
 def _pieces(parts: Iterable[StreamedPart], boundary: str) -> Iterator[bytes | OpenedObject]:
@@ -128,9 +129,11 @@ async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
     """A multipart/related body for a streamed answer. The parts are produced (objects
     opened or read, converted) in a worker thread, a batch of about `batch_bytes` read, or
     `OPEN_AHEAD` objects opened, at a time. An opened object's bytes are taken on the event
-    loop when the page cache holds them (a read that cannot wait), else in a worker thread:
-    each hand-off to a thread and back costs more than reading a cached object. Memory stays
-    bounded by one batch plus one part; the event loop never waits on a disk."""
+    loop when the page cache holds them (a read that cannot wait; each hand-off to a thread
+    and back costs more than reading a cached object), else in a worker thread with the
+    opened objects after it, about `batch_bytes` per hand-off. Memory stays bounded by one
+    batch plus one part; the event loop never waits on a disk, and lets other requests run
+    after each `LOOP_READ_MAX` it reads."""
     pieces = _pieces(parts, boundary)
 
     def batch() -> list[bytes | OpenedObject]:
@@ -147,6 +150,20 @@ async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
         return taken
 
     taken: collections.deque[bytes | OpenedObject] = collections.deque()
+
+    def read_run(first: OpenedObject) -> list[bytes]:
+        """In a worker thread: `first` and the opened objects after it, up to about
+        `batch_bytes`, read and closed (the heads between them kept): one hand-off for a
+        run of objects the page cache did not have."""
+        run = [_read(first)]
+        size = len(run[0])
+        while taken and size < batch_bytes:
+            piece = taken.popleft()
+            run.append(piece if isinstance(piece, bytes) else _read(piece))
+            size += len(run[-1])
+        return run
+
+    read_on_loop = 0
     try:
         while taken := collections.deque(await anyio.to_thread.run_sync(batch)):
             while taken:
@@ -154,12 +171,17 @@ async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
                 if isinstance(piece, bytes):
                     yield piece
                     continue
-                try:
-                    cached = piece.read_cached() if (piece.size or 0) <= LOOP_READ_MAX else None
-                    body = cached if cached is not None else await anyio.to_thread.run_sync(piece.read)
-                finally:
-                    piece.close()
-                yield body
+                cached = piece.read_cached() if (piece.size or 0) <= LOOP_READ_MAX else None
+                if cached is None:
+                    for body in await anyio.to_thread.run_sync(read_run, piece):
+                        yield body
+                    continue
+                piece.close()
+                yield cached
+                read_on_loop += len(cached)
+                if read_on_loop >= LOOP_READ_MAX:  # nothing above waited: let others run
+                    read_on_loop = 0
+                    await anyio.lowlevel.checkpoint()
     finally:  # a client gone mid-answer: what was opened ahead is released now
         for piece in taken:
             if not isinstance(piece, bytes):
