@@ -7,7 +7,6 @@ import os
 import resource
 import stat
 import tempfile
-import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,22 +20,28 @@ class _Descriptors:
     opened objects until it has taken them, and past the cap objects are read instead."""
 
     def __init__(self, cap: int) -> None:
-        self._free = threading.BoundedSemaphore(cap)
+        # One token per descriptor allowed. list.pop and list.append are atomic, and take no
+        # lock a garbage-collector finalizer could find already held by its own thread.
+        self._tokens: list[None] = [None] * cap
         #: Reads that fail rather than wait for the disk (RWF_NOWAIT, Linux 4.14+); off for
         #: good once the file system refuses it (tmpfs, NFS, FUSE).
         self.nowait: int | None = getattr(os, "RWF_NOWAIT", None)
 
     def take(self) -> bool:
-        return self._free.acquire(blocking=False)
+        try:
+            self._tokens.pop()
+        except IndexError:
+            return False
+        return True
 
     def release(self) -> None:
-        self._free.release()
+        self._tokens.append(None)
 
     def close(self, fd: int) -> None:
         try:
             os.close(fd)
         finally:
-            self._free.release()
+            self.release()
 
 
 class OpenedFile:
@@ -91,6 +96,16 @@ class OpenedFile:
         self._closer()
 
 
+def _open_for_reading(path: Path) -> int:
+    """A descriptor to read `path`, without updating its access time where the process may
+    (it owns the file): the first read after a write would otherwise write the inode, a
+    journal transaction, on the event loop that reads from the page cache."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:  # O_NOATIME on a file owned by another user
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 class FilesystemObjectStore:
     """Objects as files; a put is temp file + fsync + rename, so readers never see a torn object."""
 
@@ -100,7 +115,7 @@ class FilesystemObjectStore:
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 16
         # A quarter of the process's descriptors at most (256 under systemd's default 1,024).
-        self._descriptors = _Descriptors(max_opened or max(8, min(1024, soft // 4)))
+        self._descriptors = _Descriptors(max(8, min(1024, soft // 4)) if max_opened is None else max_opened)
 
     def _path(self, key: str) -> Path:
         # A valid key has no empty, '.' or '..' segment and no leading '/': joined to the
@@ -149,7 +164,7 @@ class FilesystemObjectStore:
         if not self._descriptors.take():
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_for_reading(path)
         except OSError as exc:
             self._descriptors.release()
             if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
@@ -157,9 +172,11 @@ class FilesystemObjectStore:
             raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
         try:
             opened = OpenedFile(key, fd, self._descriptors)
-        except OSError as exc:
+        except BaseException as exc:
             self._descriptors.close(fd)
-            raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
+            raise
         if opened.is_directory:  # as get(): a folder where an object should be is no object
             opened.close()
             raise ObjectNotFound(key)

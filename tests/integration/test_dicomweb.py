@@ -21,7 +21,7 @@ from dicomweb_client.api import DICOMwebClient
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import BoundedReads, FilesystemObjectStore, OpenedObject, StorageError, StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
-from tests.support.page_cache import page_cache_reads_work
+from tests.support.page_cache import opened_under, page_cache_reads_work
 from tests.support.services import wait_for
 from web_viewer_api.dicomweb.multipart import StreamedPart
 
@@ -696,13 +696,21 @@ def test_an_answer_abandoned_mid_stream_closes_the_objects_opened_ahead(tmp_path
             body.read()
 
 
-def test_reading_cached_objects_on_the_event_loop_lets_other_tasks_run(tmp_path: Path) -> None:
-    """Eight cached objects of 1 MB: nothing in sending them waits, yet other tasks on the
-    loop run between them (the loop never reads more than about 1 MB in one go)."""
+def test_reading_cached_objects_on_the_event_loop_lets_other_tasks_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight cached objects of 1 MB, all read on the loop: nothing in sending them waits,
+    yet other tasks on the loop run between them (the loop never reads more than about
+    1 MB in one go)."""
     import anyio
     import anyio.lowlevel
 
+    from storage.filesystem import OpenedFile
     from web_viewer_api.dicomweb.multipart import multipart_body
+
+    def no_thread_read(self: OpenedFile) -> bytes:
+        raise AssertionError(f"{self.key} read in a thread, not from the page cache")
+
+    monkeypatch.setattr(OpenedFile, "read", no_thread_read)
 
     store = FilesystemObjectStore(tmp_path / "store")
     if not page_cache_reads_work(tmp_path):
@@ -753,6 +761,74 @@ def test_an_object_stored_again_since_indexing_is_parsed_not_trusted(
     served = pydicom.dcmread(io.BytesIO(body))
     assert served.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert np.array_equal(served.pixel_array, original.pixel_array)
+
+
+def test_a_client_gone_mid_retrieval_leaves_no_object_open(server: DicomwebServer, tmp_path: Path) -> None:
+    """A client that stops reading a 21 MB answer and hangs up (the server learns it while
+    sending): the objects opened ahead for it are all closed."""
+    import socket
+
+    study, series, _stored = _copies_series(server, tmp_path, "hangup", 82, 40)
+    headers = {"Authorization": f"Bearer {TOKEN}",
+               "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    url = f"{server.url}/studies/{study}/series/{series}"
+    assert httpx.get(url, headers=headers).status_code == 200
+    folder = server.store.root / "hangup"
+    assert opened_under(folder) == 0
+    # A small receive buffer: the kernel would otherwise take in the whole answer (its
+    # receive buffers grow to 32 MB here) and the server would have nothing left to send.
+    small_buffer = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)])
+    with httpx.Client(transport=small_buffer) as client, client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw(65536)  # kept: a dropped iterator hangs up at once
+        next(chunks)
+        wait_for(lambda: opened_under(folder) > 0, timeout=10, what="objects opened ahead")
+    wait_for(lambda: opened_under(folder) == 0, timeout=10, what="the opened objects closed")
+
+
+def test_an_object_failing_in_a_thread_read_cuts_the_answer_and_leaves_none_open(
+        server: DicomwebServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects the page cache lacks are read in a worker thread; one failing there (a disk
+    error) cuts the answer, never a complete-looking one, and the objects opened ahead of
+    it are closed."""
+    import os
+
+    from storage.filesystem import OpenedFile
+
+    study, series, _stored = _copies_series(server, tmp_path, "coldfail", 84, 5)
+    for number in range(5):
+        with open(server.store.root / "coldfail" / f"{number}.dcm", "rb") as handle:
+            os.fsync(handle.fileno())
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    original = OpenedFile.read
+
+    def failing(self: OpenedFile) -> bytes:
+        if self.key == "coldfail/2.dcm":
+            raise StorageError("cannot read object: Input/output error")
+        return original(self)
+
+    monkeypatch.setattr(OpenedFile, "read", failing)
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(f"{server.url}/studies/{study}/series/{series}", headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    wait_for(lambda: opened_under(server.store.root / "coldfail") == 0, timeout=10,
+             what="the opened objects closed")
+
+
+def test_past_its_cap_of_opened_objects_the_store_is_read_instead(server: DicomwebServer,
+                                                                  tmp_path: Path) -> None:
+    """A store allowed one opened object: the parts after it are read bytes, and the
+    answer is the same."""
+    from web_viewer_api.dicomweb.wado import Wado
+
+    study, series, stored = _copies_series(server, tmp_path, "capped", 85, 3)
+    wado = Wado(server.index, FilesystemObjectStore(server.store.root, max_opened=1))
+    parts = list(wado.instance_parts(wado.instances(study, series), "*"))
+    bodies = [body for _type, body, _headers in parts]
+    assert not isinstance(bodies[0], bytes) and bodies[1:] == [stored, stored]
+    assert bodies[0].read() == stored
+    bodies[0].close()
 
 
 def test_a_store_failing_mid_stream_cuts_the_answer_and_is_audited_as_a_failure(

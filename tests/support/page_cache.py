@@ -9,6 +9,8 @@ from pathlib import Path
 def page_cache_reads_work(folder: Path) -> bool:
     """Whether the file system under `folder` takes RWF_NOWAIT reads (ext4, xfs, btrfs do;
     tmpfs does not: there every opened object is read the blocking way)."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        return False
     probe = folder / ".nowait-probe"
     probe.write_bytes(b"x")
     fd = os.open(probe, os.O_RDONLY)

@@ -170,6 +170,30 @@ def test_an_opened_object_releases_its_descriptor_when_closed_or_dropped(tmp_pat
     assert opened_under(tmp_path) == 0
 
 
+def test_a_file_system_refusing_page_cache_reads_is_not_asked_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs, NFS or FUSE answer EOPNOTSUPP to RWF_NOWAIT: the store stops trying (each try
+    allocates a buffer on the event loop for nothing) and objects are read the usual way."""
+    import errno
+
+    store = FilesystemObjectStore(tmp_path / "objects")
+    store.put("studies/1.2/a.dcm", b"DICM" * 1000)
+    calls: list[int] = []
+
+    def refused(*_args: object) -> int:
+        calls.append(1)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "preadv", refused)
+    for _ in range(3):
+        opened = store.open("studies/1.2/a.dcm")
+        assert opened is not None
+        assert opened.read_cached() is None
+        assert opened.read() == b"DICM" * 1000
+        opened.close()
+    assert len(calls) == 1
+
+
 def test_a_store_keeps_at_most_its_cap_of_objects_open(tmp_path: Path) -> None:
     """Past the cap `open` answers None (the caller reads the object instead); each object
     closed, or dropped, makes room again. A refused or failed open takes no room."""

@@ -135,29 +135,43 @@ async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
     batch plus one part; the event loop never waits on a disk, and lets other requests run
     after each `LOOP_READ_MAX` it reads."""
     pieces = _pieces(parts, boundary)
+    taken: collections.deque[bytes | OpenedObject] = collections.deque()
+    # Objects read on the loop are closed by the next call in a worker thread: the last close
+    # of a file deleted meanwhile frees its blocks, which may wait on the disk.
+    done: list[OpenedObject] = []
+
+    def close_done() -> None:
+        while done:
+            done.pop().close()
 
     def batch() -> list[bytes | OpenedObject]:
-        taken: list[bytes | OpenedObject] = []
+        close_done()
+        found: list[bytes | OpenedObject] = []
         size = opened = 0
-        for piece in pieces:
-            taken.append(piece)
-            if isinstance(piece, bytes):
-                size += len(piece)
-            else:
-                opened += 1
-            if size >= batch_bytes or opened >= OPEN_AHEAD:
-                break
-        return taken
+        try:
+            for piece in pieces:
+                found.append(piece)
+                if isinstance(piece, bytes):
+                    size += len(piece)
+                else:
+                    opened += 1
+                if size >= batch_bytes or opened >= OPEN_AHEAD:
+                    break
+        except BaseException:  # a part that failed: the ones opened before it are let go now
+            for piece in found:
+                if not isinstance(piece, bytes):
+                    piece.close()
+            raise
+        return found
 
-    taken: collections.deque[bytes | OpenedObject] = collections.deque()
-
-    def read_run(first: OpenedObject) -> list[bytes]:
-        """In a worker thread: `first` and the opened objects after it, up to about
-        `batch_bytes`, read and closed (the heads between them kept): one hand-off for a
-        run of objects the page cache did not have."""
-        run = [_read(first)]
-        size = len(run[0])
-        while taken and size < batch_bytes:
+    def read_run() -> list[bytes]:
+        """In a worker thread: the opened object first in `taken` and the ones after it,
+        up to about `batch_bytes`, read and closed (the heads between them kept): one
+        hand-off for a run of objects the page cache did not have."""
+        close_done()
+        run: list[bytes] = []
+        size = 0
+        while taken and (not run or size < batch_bytes):
             piece = taken.popleft()
             run.append(piece if isinstance(piece, bytes) else _read(piece))
             size += len(run[-1])
@@ -167,23 +181,25 @@ async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
     try:
         while taken := collections.deque(await anyio.to_thread.run_sync(batch)):
             while taken:
-                piece = taken.popleft()
+                piece = taken[0]
                 if isinstance(piece, bytes):
+                    taken.popleft()
                     yield piece
                     continue
                 cached = piece.read_cached() if (piece.size or 0) <= LOOP_READ_MAX else None
-                if cached is None:
-                    for body in await anyio.to_thread.run_sync(read_run, piece):
+                if cached is None:  # `piece` stays in `taken` until read_run owns it
+                    for body in await anyio.to_thread.run_sync(read_run):
                         yield body
                     continue
-                piece.close()
+                taken.popleft()
+                done.append(piece)
                 yield cached
                 read_on_loop += len(cached)
                 if read_on_loop >= LOOP_READ_MAX:  # nothing above waited: let others run
                     read_on_loop = 0
                     await anyio.lowlevel.checkpoint()
     finally:  # a client gone mid-answer: what was opened ahead is released now
-        for piece in taken:
+        for piece in [*done, *taken]:
             if not isinstance(piece, bytes):
                 piece.close()
 

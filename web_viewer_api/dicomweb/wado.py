@@ -19,6 +19,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from storage import (
@@ -26,6 +27,7 @@ from storage import (
     IndexRepository,
     InstanceQuery,
     InstanceSummary,
+    IntegrityError,
     ObjectNotFound,
     ObjectStore,
     OpenableStore,
@@ -191,7 +193,10 @@ class Wado:
             except ObjectNotFound:
                 continue  # indexed but gone: reindex will tell; never a broken part
             if isinstance(body, bytes) and not (as_stored and len(body) == instance.size_bytes):
-                body, syntax = convert_instance(body, target)
+                try:
+                    body, syntax = convert_instance(body, target)
+                except (InvalidDicomError, EOFError) as exc:  # a damaged object: the store's fault
+                    raise IntegrityError(f"stored object {instance.object_key!r} is not DICOM") from exc
                 yield (f"application/dicom; transfer-syntax={syntax}", body, {})
             else:
                 yield (f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}", body, {})
