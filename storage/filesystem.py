@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -80,7 +81,7 @@ class OpenedFile:
             raise StorageError(f"object {self.key!r} read after close")
         chunks: list[bytes] = []
         offset = 0
-        try:
+        with _read_errors(self.key):
             # A regular file in one read of its size; anything else to its end.
             while self.size is None or offset < self.size:
                 chunk = os.pread(self._fd, 1 << 20 if self.size is None else self.size - offset, offset)
@@ -88,12 +89,22 @@ class OpenedFile:
                     break
                 chunks.append(chunk)
                 offset += len(chunk)
-        except OSError as exc:
-            raise StorageError(f"cannot read object {self.key!r}: {exc.strerror}") from exc
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def close(self) -> None:
         self._closer()
+
+
+@contextlib.contextmanager
+def _read_errors(key: str) -> Iterator[None]:
+    """A failed read of `key` as the store's errors: no such file (or a folder where the
+    object should be) is ObjectNotFound, any other failure a StorageError."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise ObjectNotFound(key) from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
 
 
 def _open_for_reading(path: Path) -> int:
@@ -149,12 +160,8 @@ class FilesystemObjectStore:
             raise StorageError(f"cannot write object {key!r}: {exc.strerror}") from exc
 
     def get(self, key: str) -> bytes:
-        try:
+        with _read_errors(key):
             return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError) as exc:
-            raise ObjectNotFound(key) from exc
-        except OSError as exc:
-            raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
 
     def open(self, key: str) -> OpenedFile | None:
         """The object under `key`, opened for a read (ObjectNotFound when absent): its
@@ -163,20 +170,17 @@ class FilesystemObjectStore:
         path = self._path(key)
         if not self._descriptors.take():
             return None
-        try:
-            fd = _open_for_reading(path)
-        except OSError as exc:
-            self._descriptors.release()
-            if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
-                raise ObjectNotFound(key) from exc
-            raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
-        try:
-            opened = OpenedFile(key, fd, self._descriptors)
-        except BaseException as exc:
-            self._descriptors.close(fd)
-            if isinstance(exc, OSError):
-                raise StorageError(f"cannot read object {key!r}: {exc.strerror}") from exc
-            raise
+        with _read_errors(key):
+            try:
+                fd = _open_for_reading(path)
+            except BaseException:
+                self._descriptors.release()
+                raise
+            try:
+                opened = OpenedFile(key, fd, self._descriptors)
+            except BaseException:
+                self._descriptors.close(fd)
+                raise
         if opened.is_directory:  # as get(): a folder where an object should be is no object
             opened.close()
             raise ObjectNotFound(key)

@@ -102,11 +102,15 @@ def _pieces(parts: Iterable[StreamedPart], boundary: str) -> Iterator[bytes | Op
     yield f"{delimiter}--{boundary}--\r\n".encode()
 
 
-def _read(opened: OpenedObject) -> bytes:
+def as_bytes(body: bytes | OpenedObject) -> bytes:
+    """A part's body as bytes: an opened object is read (waiting on the disk if need be,
+    so in a worker thread) and closed."""
+    if isinstance(body, bytes):
+        return body
     try:
-        return opened.read()
+        return body.read()
     finally:
-        opened.close()
+        body.close()
 
 
 def multipart_stream(parts: Iterable[StreamedPart], boundary: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
@@ -115,7 +119,7 @@ def multipart_stream(parts: Iterable[StreamedPart], boundary: str, chunk_bytes: 
     pending: list[bytes] = []
     size = 0
     for piece in _pieces(parts, boundary):
-        pending.append(piece if isinstance(piece, bytes) else _read(piece))
+        pending.append(as_bytes(piece))
         size += len(pending[-1])
         if size >= chunk_bytes:
             yield b"".join(pending)
@@ -172,8 +176,7 @@ async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
         run: list[bytes] = []
         size = 0
         while taken and (not run or size < batch_bytes):
-            piece = taken.popleft()
-            run.append(piece if isinstance(piece, bytes) else _read(piece))
+            run.append(as_bytes(taken.popleft()))
             size += len(run[-1])
         return run
 

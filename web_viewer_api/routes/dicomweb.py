@@ -33,6 +33,7 @@ from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal, read_in
 from web_viewer_api.dicomweb.multipart import (
     Part,
     StreamedPart,
+    as_bytes,
     multipart_body,
     multipart_content_type,
     multipart_stream,
@@ -388,12 +389,8 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     first = next(parts, None)
     if first is None:  # indexed, but no object left to send: not an empty 200
         raise NotFoundError("not found")
-    content_type, opened, extra = first
-    if not isinstance(opened, bytes):
-        try:
-            first = (content_type, opened.read(), extra)
-        finally:
-            opened.close()
+    content_type, body, extra = first
+    first = (content_type, as_bytes(body), extra)
     return _multipart_response("application/dicom", itertools.chain((first,), parts), headers)
 
 
