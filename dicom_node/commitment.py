@@ -2,6 +2,12 @@
 has taken responsibility for instances it sent; the answer (N-EVENT-REPORT) lists them as
 committed — durably in the spool or already in the archive — or failed.
 
+A caller is answered only about what its own site sent: an instance counts as committed
+when it is in the spool of the site the caller's C-STOREs are filed under, or archived as
+that site's (the index knows each study's owning site, by de-identified UID). Anything else
+— another site's instance, an unknown UID — is a failure (0x0112 No such object instance),
+so the answer tells no caller what other sites hold.
+
 The report goes back on the requestor's association when it is still open, else on a new
 association to the requestor's AE when it is configured (the C-MOVE destinations table).
 """
@@ -18,6 +24,8 @@ from pydicom.sequence import Sequence
 from pynetdicom import AE, build_role
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
+from dicom_node.audit import NodeAudit
+from dicom_node.policy import Caller, Right
 from dicom_node.query import MoveDestination
 from dicom_node.status import Status
 
@@ -29,10 +37,13 @@ COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 PROCESSING_FAILURE = 0x0110
 
-IsStored = Callable[[str], bool]
+#: (original SOP Instance UID, the caller's sites) -> held as one of these sites' instance?
+IsStored = Callable[[str, frozenset[str]], bool]
+#: Original SOP Instance UID -> committed? (is_stored bound to one caller's sites)
+IsCommitted = Callable[[str], bool]
 
 
-def commitment_report(request: Dataset, is_stored: IsStored) -> tuple[int, Dataset]:
+def commitment_report(request: Dataset, is_stored: IsCommitted) -> tuple[int, Dataset]:
     """(EventTypeID, Event Information) for a commitment request: 1 when every instance is
     committed, 2 when some failed."""
     report = Dataset()
@@ -84,21 +95,37 @@ class ResponsesSent:
 
 def handle_commitment(event: Any, is_stored: IsStored, ae_title: str,
                       destinations: Mapping[str, MoveDestination],
-                      responses: ResponsesSent) -> tuple[int, Dataset | None]:
+                      responses: ResponsesSent, caller_of: Callable[[Any], Caller],
+                      audit: NodeAudit) -> tuple[int, Dataset | None]:
     """N-ACTION (Request Storage Commitment): accept, then report from a thread once the
-    N-ACTION response has gone out."""
+    N-ACTION response has gone out. Only the caller's own site's instances are committed;
+    a caller without the commit right is refused (0x0124)."""
+    caller = caller_of(event.assoc)
+    if not caller.may(Right.COMMIT):
+        audit.record("dimse.commit", caller, Status.NOT_AUTHORIZED)
+        return Status.NOT_AUTHORIZED, None
     if event.action_type != 1:
+        audit.record("dimse.commit", caller, Status.NO_SUCH_ACTION_TYPE)
         return Status.NO_SUCH_ACTION_TYPE, None
     request = event.action_information
     if "TransactionUID" not in request:
+        audit.record("dimse.commit", caller, Status.INVALID_ARGUMENT_VALUE)
         return Status.INVALID_ARGUMENT_VALUE, None
+    own_site = frozenset({caller.filing_site})
     assoc = event.assoc
     calling = assoc.requestor.ae_title.strip()
     sent = responses.event(assoc)
     sent.clear()
 
     def report() -> None:
-        event_type, information = commitment_report(request, is_stored)
+        event_type, information = commitment_report(
+            request, lambda sop_instance_uid: is_stored(sop_instance_uid, own_site))
+        # Counts only: the referenced UIDs are the modality's originals.
+        committed = len(information.get("ReferencedSOPSequence", []))
+        failed = len(information.get("FailedSOPSequence", []))
+        audit.record("dimse.commit", caller, Status.SUCCESS, outcome=4 if failed else 0,
+                     detail={"site": caller.filing_site, "committed": committed,
+                             "failed": failed})
         sent.wait(timeout=30)  # the N-ACTION response first
         if assoc.is_established:
             status = assoc.send_n_event_report(information, event_type, StorageCommitmentPushModel,
@@ -126,4 +153,5 @@ def handle_commitment(event: Any, is_stored: IsStored, ae_title: str,
     return Status.SUCCESS, None
 
 
-__all__ = ["COMMITMENT_INSTANCE", "ResponsesSent", "commitment_report", "handle_commitment"]
+__all__ = ["COMMITMENT_INSTANCE", "IsStored", "ResponsesSent", "commitment_report",
+           "handle_commitment"]

@@ -13,7 +13,9 @@ from typing import Any
 
 import pydicom
 
+from dicom_node.audit import NodeAudit
 from dicom_node.metrics import NodeMetrics
+from dicom_node.policy import Caller, CallerPolicy, Right
 from dicom_node.status import Status
 from worker import (
     UNREADABLE_DATASET_ERRORS,
@@ -43,6 +45,8 @@ class _AssociationState:
     last_size: int = 0
     site: str | None = None
     started: float = field(default_factory=time.monotonic)
+    #: The last refusal's status (the association's audit event reports it).
+    last_failure: int = 0
 
 
 class SiteSpools:
@@ -56,18 +60,23 @@ class SiteSpools:
             self._by_site.setdefault(site, Spool(root, site))
         self._sites = {ae.strip(): site for ae, site in calling_ae_sites.items()}
 
+    def site_for(self, calling_ae_title: str) -> str:
+        """The site a calling AE's C-STOREs are filed under."""
+        return self._sites.get(calling_ae_title.strip(), self.default.site_id)
+
     def for_caller(self, calling_ae_title: str) -> Spool:
-        return self._by_site[self._sites.get(calling_ae_title.strip(), self.default.site_id)]
+        return self._by_site[self.site_for(calling_ae_title)]
 
     def all(self) -> list[Spool]:
         return list(self._by_site.values())
 
-    def holds(self, sop_instance_uid: str) -> bool:
-        """True when an instance with this (original) UID is spooled, durably, at any site."""
+    def holds(self, sop_instance_uid: str, site_ids: frozenset[str] | None = None) -> bool:
+        """True when an instance with this (original) UID is spooled, durably, at one of
+        `site_ids` (None: at any site)."""
         if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
             return False
         return any(next(spool.site_dir.glob(f"*/{sop_instance_uid}.dcm"), None) is not None
-                   for spool in self.all())
+                   for spool in self.all() if site_ids is None or spool.site_id in site_ids)
 
 
 class AssociationBatches:
@@ -112,12 +121,21 @@ FULL_CHECK_BYTES = 64 * 1024 * 1024
 
 
 def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBatches,
-                 enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
-    """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics."""
+                 enqueue: Enqueue | None = None, chunk_size: int = 0,
+                 policy: CallerPolicy | None = None) -> int:
+    """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics;
+    with `policy`, a caller without the store right is refused (0x0124)."""
     spool = (spools.for_caller(event.assoc.requestor.ae_title) if isinstance(spools, SiteSpools)
              else spools)
-    batches.state(event.assoc).site = spool.site_id
-    status = _store(event, spool, batches, enqueue, chunk_size)
+    state = batches.state(event.assoc)
+    state.site = spool.site_id
+    if policy is not None and not caller_of(event.assoc, policy, spool.site_id).may(Right.STORE):
+        state.failed += 1
+        status: int = Status.NOT_AUTHORIZED
+    else:
+        status = _store(event, spool, batches, enqueue, chunk_size)
+    if status != Status.SUCCESS:
+        state.last_failure = status
     if batches.metrics is not None:
         if status == Status.SUCCESS:
             batches.metrics.instances.inc()
@@ -185,9 +203,17 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
     return Status.SUCCESS
 
 
+def caller_of(assoc: Any, policy: CallerPolicy, filing_site: str) -> Caller:
+    """The credentials of an association's calling AE."""
+    requestor = assoc.requestor
+    return policy.caller(requestor.ae_title, str(requestor.address), filing_site)
+
+
 def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatches,
-                             enqueue: Enqueue) -> None:
-    """After release, abort or a dropped connection: enqueue one task per written batch.
+                             enqueue: Enqueue, policy: CallerPolicy | None = None,
+                             audit: NodeAudit | None = None) -> None:
+    """After release, abort or a dropped connection: enqueue one task per written batch,
+    and write the association's one audit event (counts only: no UID of what was sent).
 
     A failed enqueue is logged and left to the sweeper: the instances are on disk.
     """
@@ -209,3 +235,11 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
                  "bytes=%d batches=%d duration_s=%.2f outcome=%s",
                  assoc.requestor.ae_title.strip(), assoc.requestor.address, site_id, state.stored,
                  state.failed, state.bytes, len(state.batches), seconds, outcome)
+        if audit is not None and policy is not None:
+            audit.record("dimse.store", caller_of(assoc, policy, site_id),
+                         state.last_failure if state.failed else Status.SUCCESS,
+                         # some stored, some refused: a minor failure, whatever the status
+                         outcome=4 if state.failed and state.stored else None,
+                         detail={"site": site_id, "instances": state.stored,
+                                 "refused": state.failed, "studies": len(state.chunks),
+                                 "bytes": state.bytes, "association": outcome})

@@ -20,8 +20,11 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.presentation import build_context
 
+from dicom_node.audit import NodeAudit
+from dicom_node.policy import Caller, Right
 from dicom_node.status import Status
 from storage import (
+    AccessScope,
     DateRange,
     IndexRepository,
     InstanceQuery,
@@ -90,7 +93,7 @@ def _level(identifier: Dataset, model: str) -> str:
     return level
 
 
-def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
+def _study_query(identifier: Dataset, limit: int, scope: AccessScope | None) -> StudyQuery:
     date = _matching_value(identifier, "StudyDate")
     try:
         study_date = DateRange.parse(date) if date else None
@@ -104,11 +107,12 @@ def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
         study_date=study_date,
         study_instance_uids=_uids(identifier, "StudyInstanceUID"),
         modalities=tuple(m for m in modalities.split("\\") if m and m != "*"),
-        limit=limit)
+        limit=limit, scope=scope)
 
 
-def _studies(index: IndexRepository, identifier: Dataset, limit: int = MAX_MATCHES) -> list[StudySummary]:
-    return index.search_studies(_study_query(identifier, limit))
+def _studies(index: IndexRepository, identifier: Dataset, scope: AccessScope | None,
+             limit: int = MAX_MATCHES) -> list[StudySummary]:
+    return index.search_studies(_study_query(identifier, limit, scope))
 
 
 def _series_uids_filter(identifier: Dataset) -> tuple[str, ...]:
@@ -126,14 +130,15 @@ def _number(identifier: Dataset, keyword: str) -> int | None:
 
 
 # Matching ------------------------------------------------------------------------------
-def find_matches(index: IndexRepository, identifier: Dataset, model: str,
-                 ae_title: str) -> Iterator[Dataset]:
-    """The response identifiers of a C-FIND request, one per match."""
+def find_matches(index: IndexRepository, identifier: Dataset, model: str, ae_title: str,
+                 scope: AccessScope | None = None) -> Iterator[tuple[frozenset[str], Dataset]]:
+    """The response identifiers of a C-FIND request, one per match, each with the
+    (de-identified) studies it is about; `scope` limits every query in SQL."""
     level = _level(identifier, model)
     requested = [element.keyword for element in identifier if element.keyword]
     if level == "PATIENT":
         patients: dict[str, list[StudySummary]] = {}
-        for study in _studies(index, identifier):
+        for study in _studies(index, identifier, scope):
             patients.setdefault(study.patient_id, []).append(study)
         for studies in patients.values():
             first = studies[0]
@@ -141,20 +146,23 @@ def find_matches(index: IndexRepository, identifier: Dataset, model: str,
                       "NumberOfPatientRelatedStudies": len(studies),
                       "NumberOfPatientRelatedSeries": sum(s.number_of_series for s in studies),
                       "NumberOfPatientRelatedInstances": sum(s.number_of_instances for s in studies)}
-            yield _response(requested, values, level, ae_title)
+            yield (frozenset(s.study_instance_uid for s in studies),
+                   _response(requested, values, level, ae_title))
         return
     if level == "STUDY":
-        for study in _studies(index, identifier):
-            yield _response(requested, _study_values(study), level, ae_title)
+        for study in _studies(index, identifier, scope):
+            yield (frozenset({study.study_instance_uid}),
+                   _response(requested, _study_values(study), level, ae_title))
         return
-    filtered = _studies(index, identifier) if _needs_study_filter(identifier) else None
+    filtered = _studies(index, identifier, scope) if _needs_study_filter(identifier) else None
     allowed = {s.study_instance_uid: s for s in filtered} if filtered is not None else None
     if level == "SERIES":
         for study_uid in _study_scope(identifier, allowed):
             for series in index.search_series(SeriesQuery(
                     study_instance_uid=study_uid, series_instance_uids=_series_uids_filter(identifier),
                     modality=_matching_value(identifier, "Modality"),
-                    series_number=_number(identifier, "SeriesNumber"), limit=MAX_MATCHES)):
+                    series_number=_number(identifier, "SeriesNumber"), limit=MAX_MATCHES,
+                    scope=scope)):
                 values = {"StudyInstanceUID": series.study_instance_uid,
                           "SeriesInstanceUID": series.series_instance_uid,
                           "Modality": series.modality, "SeriesNumber": series.series_number,
@@ -163,7 +171,8 @@ def find_matches(index: IndexRepository, identifier: Dataset, model: str,
                           "NumberOfSeriesRelatedInstances": series.number_of_instances}
                 if allowed and series.study_instance_uid in allowed:
                     values = {**_study_values(allowed[series.study_instance_uid]), **values}
-                yield _response(requested, values, level, ae_title)
+                yield (frozenset({series.study_instance_uid}),
+                       _response(requested, values, level, ae_title))
         return
     series_uids = _series_uids_filter(identifier) or (None,)
     for study_uid in _study_scope(identifier, allowed):
@@ -172,8 +181,10 @@ def find_matches(index: IndexRepository, identifier: Dataset, model: str,
                     study_instance_uid=study_uid, series_instance_uid=series_uid,
                     sop_instance_uids=_uids(identifier, "SOPInstanceUID"),
                     sop_class_uid=_matching_value(identifier, "SOPClassUID"),
-                    instance_number=_number(identifier, "InstanceNumber"), limit=MAX_MATCHES)):
-                yield _response(requested, _instance_values(instance), level, ae_title)
+                    instance_number=_number(identifier, "InstanceNumber"), limit=MAX_MATCHES,
+                    scope=scope)):
+                yield (frozenset({instance.study_instance_uid}),
+                       _response(requested, _instance_values(instance), level, ae_title))
 
 
 def _needs_study_filter(identifier: Dataset) -> bool:
@@ -231,14 +242,17 @@ def _response(requested: list[str], values: Mapping[str, Any], level: str, ae_ti
 
 
 # Retrieval -----------------------------------------------------------------------------
-def retrieve_instances(index: IndexRepository, identifier: Dataset, model: str) -> list[InstanceSummary]:
-    """The instances a C-MOVE/C-GET identifier names (unique keys at and above its level)."""
+def retrieve_instances(index: IndexRepository, identifier: Dataset, model: str,
+                       scope: AccessScope | None = None) -> list[InstanceSummary]:
+    """The instances a C-MOVE/C-GET identifier names (unique keys at and above its level),
+    of those `scope` allows (in SQL)."""
     level = _level(identifier, model)
     if level == "PATIENT":
         patient = _matching_value(identifier, "PatientID")
         if not patient:
             raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID is required")
-        studies = [s.study_instance_uid for s in index.search_studies(StudyQuery(patient_id=patient, limit=MAX_MATCHES))]
+        studies = [s.study_instance_uid for s in index.search_studies(
+            StudyQuery(patient_id=patient, limit=MAX_MATCHES, scope=scope))]
     else:
         studies = list(_uids(identifier, "StudyInstanceUID"))
         if not studies:
@@ -254,7 +268,7 @@ def retrieve_instances(index: IndexRepository, identifier: Dataset, model: str) 
         for series_uid in series or (None,):
             found += index.search_instances(InstanceQuery(
                 study_instance_uid=study, series_instance_uid=series_uid, sop_instance_uids=sops,
-                limit=MAX_SUBOPERATIONS + 1))
+                limit=MAX_SUBOPERATIONS + 1, scope=scope))
     return found
 
 
@@ -284,24 +298,51 @@ def _send(store: ObjectStore, instances: list[InstanceSummary],
             return
 
 
-def handle_find(event: Any, index: IndexRepository, model: str, ae_title: str) -> Iterator[tuple[int, Dataset | None]]:
-    """C-FIND: one Pending per match; Failure for an identifier we cannot answer."""
+def _level_name(identifier: Dataset) -> str:
+    """The request's level for the audit trail, only when it is one of the standard's."""
+    level = _text(identifier, "QueryRetrieveLevel").upper()
+    return level if level in LEVELS else ""
+
+
+def handle_find(event: Any, index: IndexRepository, model: str, ae_title: str,
+                caller: Caller, audit: NodeAudit) -> Iterator[tuple[int, Dataset | None]]:
+    """C-FIND within the caller's sites: one Pending per match; Failure for an identifier
+    we cannot answer; 0x0124 for a caller without the find right. One audit event."""
+    studies: set[str] = set()
+    matches = 0
+    status: int = Status.CANCEL  # what an association dropped mid-answer is recorded as
     try:
-        matches = find_matches(index, event.identifier, model, ae_title)
-        for match in matches:
-            if event.is_cancelled:
-                yield Status.CANCEL, None
-                return
-            yield Status.PENDING, match
-    except QueryError as exc:
-        log.info("C-FIND refused: %s", exc)
-        yield exc.status, None
-        return
-    except (StorageError, OSError, ValueError, AttributeError) as exc:
-        log.error("C-FIND failed: %s", type(exc).__name__)
-        yield Status.UNABLE_TO_PROCESS, None
-        return
-    yield Status.SUCCESS, None
+        if not caller.may(Right.FIND):
+            log.info("C-FIND refused: %s has no find right", caller.ae_title)
+            status = Status.NOT_AUTHORIZED
+            yield status, None
+            return
+        try:
+            for study_uids, match in find_matches(index, event.identifier, model, ae_title,
+                                                  caller.scope):
+                if event.is_cancelled:
+                    status = Status.CANCEL
+                    yield status, None
+                    return
+                matches += 1
+                studies.update(study_uids)
+                yield Status.PENDING, match
+        except QueryError as exc:
+            log.info("C-FIND refused: %s", exc)
+            status = exc.status
+            yield status, None
+            return
+        except (StorageError, OSError, ValueError, AttributeError) as exc:
+            log.error("C-FIND failed: %s", type(exc).__name__)
+            status = Status.UNABLE_TO_PROCESS
+            yield status, None
+            return
+        status = Status.SUCCESS
+        yield status, None
+    finally:
+        audit.record("dimse.find", caller, status, studies=studies,
+                     detail={"model": model, "level": _level_name(event.identifier),
+                             "matches": matches})
 
 
 def _contexts(instances: list[InstanceSummary]) -> list[Any]:
@@ -318,52 +359,97 @@ def _contexts(instances: list[InstanceSummary]) -> list[Any]:
 
 
 def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: str,
-                destinations: Mapping[str, MoveDestination]) -> Iterator[Any]:
-    """C-MOVE: resolve the destination AE, then send the instances on a new association
-    proposing the stored syntax and uncompressed for each SOP class."""
-    destination = destinations.get(str(event.move_destination).strip())
-    if destination is None:
-        log.info("C-MOVE refused: unknown destination AE")
-        yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
-        return
+                destinations: Mapping[str, MoveDestination], caller: Caller,
+                audit: NodeAudit) -> Iterator[Any]:
+    """C-MOVE within the caller's sites: resolve the destination AE, then send the
+    instances on a new association proposing the stored syntax and uncompressed for each
+    SOP class. A caller without the move right, or naming a destination it may not use,
+    is answered 0xA801 like an unknown destination. One audit event."""
+    destination_ae = str(event.move_destination).strip()
+    instances: list[InstanceSummary] = []
+    status: int = Status.CANCEL
+    reason = ""
     try:
-        instances = retrieve_instances(index, event.identifier, model)
-    except QueryError as exc:
-        yield destination.host, destination.port
-        yield exc.status, None
-        return
-    if len(instances) > MAX_SUBOPERATIONS:
-        yield destination.host, destination.port
-        yield Status.OUT_OF_RESOURCES_SUBOPERATIONS, None
-        return
-    accepted: set[tuple[str, str]] = set()
+        destination = destinations.get(destination_ae)
+        if destination is None or not caller.may(Right.MOVE) or not caller.may_move_to(destination_ae):
+            reason = "unknown destination" if destination is None else "not authorized"
+            log.info("C-MOVE refused: %s (caller %s)", reason, caller.ae_title)
+            status = Status.MOVE_DESTINATION_UNKNOWN
+            yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+            return
+        try:
+            instances = retrieve_instances(index, event.identifier, model, caller.scope)
+        except QueryError as exc:
+            status = exc.status
+            yield destination.host, destination.port
+            yield exc.status, None
+            return
+        if len(instances) > MAX_SUBOPERATIONS:
+            status = Status.OUT_OF_RESOURCES_SUBOPERATIONS
+            yield destination.host, destination.port
+            yield status, None
+            return
+        accepted: set[tuple[str, str]] = set()
 
-    def on_accepted(accept_event: Any) -> None:
-        accepted.update((str(c.abstract_syntax), str(c.transfer_syntax[0]))
-                        for c in accept_event.assoc.accepted_contexts)
+        def on_accepted(accept_event: Any) -> None:
+            accepted.update((str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                            for c in accept_event.assoc.accepted_contexts)
 
-    yield destination.host, destination.port, {
-        "contexts": _contexts(instances), "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
-    yield len(instances)
-    yield from _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled))
+        yield destination.host, destination.port, {
+            "contexts": _contexts(instances), "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
+        yield len(instances)
+        status = Status.SUCCESS
+        for result in _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled)):
+            if result[0] != Status.PENDING:
+                status = result[0]
+            yield result
+    finally:
+        audit.record("dimse.move", caller, status,
+                     studies={i.study_instance_uid for i in instances},
+                     detail={"model": model, "level": _level_name(event.identifier),
+                             "destination_ae": destination_ae, "instances": len(instances),
+                             **({"reason": reason} if reason else {})})
 
 
-def handle_get(event: Any, index: IndexRepository, store: ObjectStore, model: str) -> Iterator[Any]:
-    """C-GET: the instances go back on the requestor's association (role selection)."""
+def handle_get(event: Any, index: IndexRepository, store: ObjectStore, model: str,
+               caller: Caller, audit: NodeAudit) -> Iterator[Any]:
+    """C-GET within the caller's sites: the instances go back on the requestor's own
+    association (role selection). Same rule as C-MOVE: the caller needs the get right
+    (0x0124 otherwise) and retrieves only its sites' studies. One audit event."""
+    instances: list[InstanceSummary] = []
+    status: int = Status.CANCEL
     try:
-        instances = retrieve_instances(index, event.identifier, model)
-    except QueryError as exc:
-        yield 0
-        yield exc.status, None
-        return
-    if len(instances) > MAX_SUBOPERATIONS:
-        yield 0
-        yield Status.OUT_OF_RESOURCES_SUBOPERATIONS, None
-        return
-    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
-                for c in event.assoc.accepted_contexts}
-    yield len(instances)
-    yield from _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled))
+        if not caller.may(Right.GET):
+            log.info("C-GET refused: %s has no get right", caller.ae_title)
+            status = Status.NOT_AUTHORIZED
+            yield 1  # pynetdicom answers a failure only once sub-operations are announced
+            yield status, None
+            return
+        try:
+            instances = retrieve_instances(index, event.identifier, model, caller.scope)
+        except QueryError as exc:
+            status = exc.status
+            yield 1
+            yield exc.status, None
+            return
+        if len(instances) > MAX_SUBOPERATIONS:
+            status = Status.OUT_OF_RESOURCES_SUBOPERATIONS
+            yield 1
+            yield status, None
+            return
+        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                    for c in event.assoc.accepted_contexts}
+        yield len(instances)
+        status = Status.SUCCESS
+        for result in _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled)):
+            if result[0] != Status.PENDING:
+                status = result[0]
+            yield result
+    finally:
+        audit.record("dimse.get", caller, status,
+                     studies={i.study_instance_uid for i in instances},
+                     detail={"model": model, "level": _level_name(event.identifier),
+                             "instances": len(instances)})
 
 
 __all__ = ["MoveDestination", "QueryError", "find_matches", "handle_find", "handle_get",

@@ -1,4 +1,5 @@
-"""The DICOM node: a pynetdicom SCP answering C-ECHO and C-STORE, plus the spool sweeper."""
+"""The DICOM node: a pynetdicom SCP answering C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET and
+Storage Commitment for the callers its policy admits, plus the spool sweeper."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from cryptography import x509
 from prometheus_client import start_http_server
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
@@ -29,19 +31,22 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.audit import NodeAudit
 from dicom_node.commitment import IsStored, ResponsesSent, handle_commitment
 from dicom_node.handlers import (
     AssociationBatches,
     Enqueue,
     SiteSpools,
+    caller_of,
     handle_connection_closed,
     handle_echo,
     handle_store,
 )
 from dicom_node.metrics import NodeMetrics
-from dicom_node.policy import CallerPolicy
+from dicom_node.policy import Caller, CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
-from storage import IndexRepository, ObjectStore
+from dicom_node.status import Status
+from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,11 @@ class TlsConfig:
         context.load_cert_chain(str(self.certificate), str(self.private_key))
         if self.ca_certificates is not None:
             context.load_verify_locations(cafile=str(self.ca_certificates))
-        context.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_NONE
+        # With CA certificates, a certificate the caller offers is verified (its subject can
+        # then bind an AE title, see CallerCredential) even when none is required.
+        context.verify_mode = (ssl.CERT_REQUIRED if self.require_client_certificate
+                               else ssl.CERT_OPTIONAL if self.ca_certificates is not None
+                               else ssl.CERT_NONE)
         return context
 
 
@@ -147,20 +156,35 @@ def _model(event: Any) -> str:
     return QUERY_RETRIEVE_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
 
 
-def _find(event: Any, index: IndexRepository, ae_title: str, metrics: NodeMetrics) -> Any:
+def peer_certificate_subject(assoc: Any) -> str | None:
+    """The RFC 4514 subject of the verified client certificate of a TLS association."""
+    connection = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(connection, ssl.SSLSocket):
+        return None
+    der = connection.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+def _find(event: Any, index: IndexRepository, ae_title: str, metrics: NodeMetrics,
+          callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-FIND")
-    return handle_find(event, index, _model(event), ae_title)
+    return handle_find(event, index, _model(event), ae_title, callers(event.assoc), audit)
 
 
 def _move(event: Any, index: IndexRepository, store: ObjectStore,
-          destinations: Mapping[str, MoveDestination], metrics: NodeMetrics) -> Any:
+          destinations: Mapping[str, MoveDestination], metrics: NodeMetrics,
+          callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-MOVE")
-    return handle_move(event, index, store, _model(event), destinations)
+    return handle_move(event, index, store, _model(event), destinations, callers(event.assoc),
+                       audit)
 
 
-def _get(event: Any, index: IndexRepository, store: ObjectStore, metrics: NodeMetrics) -> Any:
+def _get(event: Any, index: IndexRepository, store: ObjectStore, metrics: NodeMetrics,
+         callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-GET")
-    return handle_get(event, index, store, _model(event))
+    return handle_get(event, index, store, _model(event), callers(event.assoc), audit)
 
 
 class DicomNode:
@@ -168,15 +192,20 @@ class DicomNode:
 
     def __init__(self, config: NodeConfig, enqueue: Enqueue,
                  index: IndexRepository | None = None, store: ObjectStore | None = None,
-                 archived: IsStored | None = None) -> None:
+                 archived: IsStored | None = None, audit: AuditWriter | None = None) -> None:
         """`index` and `store` (the de-identified archive) enable C-FIND, C-MOVE and C-GET;
-        `archived` (original SOP Instance UID -> in the archive?) enables Storage
-        Commitment: an instance is committed when it is in the spool or archived."""
+        `archived` ((original SOP Instance UID, sites) -> archived as one of these sites'?)
+        enables Storage Commitment: an instance is committed when it is in the caller's
+        site's spool or archived as that site's. Audit events go to `audit`, by default
+        to the index database's audit trail (none without an index)."""
         self.config = config
         self.enqueue = enqueue
         self.index, self.store = index, store
         self.archived = archived
         self._responses = ResponsesSent()
+        if audit is None and index is not None:
+            audit = AuditWriter(AccessRepository(index.engine))
+        self.audit = NodeAudit(audit)
         self.spools = SiteSpools(config.spool_root, config.site_id, config.calling_ae_sites)
         self.spool = self.spools.default
         self.metrics = NodeMetrics(config.site_id)
@@ -207,10 +236,30 @@ class DicomNode:
             ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
 
-    def is_stored(self, sop_instance_uid: str) -> bool:
-        """Storage Commitment: durably spooled here, or already in the archive."""
-        return self.spools.holds(sop_instance_uid) or bool(
-            self.archived is not None and self.archived(sop_instance_uid))
+    def is_stored(self, sop_instance_uid: str, site_ids: frozenset[str]) -> bool:
+        """Storage Commitment: durably spooled here for one of `site_ids`, or already in the
+        archive as one of theirs."""
+        return self.spools.holds(sop_instance_uid, site_ids) or bool(
+            self.archived is not None and self.archived(sop_instance_uid, site_ids))
+
+    def caller(self, assoc: Any) -> Caller:
+        """The credentials of an association's calling AE."""
+        return caller_of(assoc, self.config.policy, self.spools.site_for(assoc.requestor.ae_title))
+
+    def _on_requested(self, event: Any) -> None:
+        """A-ASSOCIATE-RQ: an AE title bound to a client certificate subject is honoured
+        only with that certificate; otherwise the association is rejected (calling AE
+        title not recognised) and the attempt audited."""
+        assoc = event.assoc
+        title = assoc.requestor.ae_title
+        if self.config.policy.certificate_matches(title, peer_certificate_subject(assoc)):
+            return
+        log.warning("association rejected: calling AE %s without its client certificate",
+                    title.strip())
+        self.audit.record("dimse.refused", self.caller(assoc), Status.NOT_AUTHORIZED,
+                          detail={"reason": "client certificate subject does not match"})
+        # Rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4).
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
 
     @property
     def port(self) -> int:
@@ -225,27 +274,31 @@ class DicomNode:
         # Every batch on disk now predates this process: none is still being received.
         self.sweep_once(older_than_seconds=0)
         ae = self._build_ae()
+        policy = self.config.policy
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
-             [self.spools, self.batches, self.enqueue, self.config.batch_size]),
+             [self.spools, self.batches, self.enqueue, self.config.batch_size, policy]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
-             [self.config.site_id, self.batches, self.enqueue]),
+             [self.config.site_id, self.batches, self.enqueue, policy, self.audit]),
         ]
         if self.archived is not None:
             handlers += [
                 (evt.EVT_N_ACTION, handle_commitment,
                  [self.is_stored, self.config.ae_title, self.config.move_destinations,
-                  self._responses]),
+                  self._responses, self.caller, self.audit]),
                 (evt.EVT_DIMSE_SENT, self._responses.on_sent),
                 (evt.EVT_CONN_CLOSE, self._responses.forget),
             ]
         if self.index is not None and self.store is not None:
             handlers += [
-                (evt.EVT_C_FIND, _find, [self.index, self.config.ae_title, self.metrics]),
+                (evt.EVT_C_FIND, _find, [self.index, self.config.ae_title, self.metrics,
+                                         self.caller, self.audit]),
                 (evt.EVT_C_MOVE, _move, [self.index, self.store, self.config.move_destinations,
-                                         self.metrics]),
-                (evt.EVT_C_GET, _get, [self.index, self.store, self.metrics]),
+                                         self.metrics, self.caller, self.audit]),
+                (evt.EVT_C_GET, _get, [self.index, self.store, self.metrics, self.caller,
+                                       self.audit]),
             ]
         server = cast(_GatewayAssociationServer, ae.make_server(
             (self.config.host, self.config.port),
@@ -304,5 +357,6 @@ class DicomNode:
                     association.abort()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        self.audit.close()
         for thread in self._threads:
             thread.join(timeout=10)

@@ -30,3 +30,10 @@ class Status(IntEnum):
     #: N-ACTION (Storage Commitment): unknown action type / missing Transaction UID.
     NO_SUCH_ACTION_TYPE = 0x0123
     INVALID_ARGUMENT_VALUE = 0x0115
+    #: Refused: not authorized (PS3.7 C.5 general status): the caller lacks the right for
+    #: this service (C-STORE, C-FIND, C-GET, N-ACTION).
+    NOT_AUTHORIZED = 0x0124
+    #: C-MOVE refused: move destination unknown — also what a caller without the move
+    #: right, or naming a destination it may not use, is answered (pynetdicom can refuse a
+    #: C-MOVE before its sub-operations with this status only).
+    MOVE_DESTINATION_UNKNOWN = 0xA801

@@ -21,12 +21,22 @@ from anonymize import (
     pseudonymize_accession_number,
     pseudonymize_patient_id,
 )
-from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig, TlsConfig
+from dicom_node import (
+    CallerCredential,
+    CallerPolicy,
+    DicomNode,
+    MoveDestination,
+    NodeConfig,
+    Right,
+    TlsConfig,
+)
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, Settings, SettingsError
 from storage import (
     AccessRepository,
+    AccessScope,
     FilesystemObjectStore,
     IndexRepository,
+    InstanceQuery,
     ObjectStore,
     S3ObjectStore,
     create_index_engine,
@@ -184,6 +194,32 @@ def _tls(settings: Settings) -> TlsConfig | None:
                      dicom.tls_require_client_certificate)
 
 
+def caller_policy(settings: Settings) -> CallerPolicy:
+    """Who may associate with the node, and each caller's sites and rights."""
+    dicom = settings.dicom
+    if dicom.tls_certificate is None and any(c.certificate_subject for c in dicom.callers.values()):
+        raise SettingsError("DICOM__CALLERS: a certificate_subject needs DICOM over TLS "
+                            "(DICOM__TLS_CERTIFICATE, DICOM__TLS_CA_CERTIFICATES)")
+    if any(c.certificate_subject for c in dicom.callers.values()) and dicom.tls_ca_certificates is None:
+        raise SettingsError("DICOM__CALLERS: a certificate_subject needs DICOM__TLS_CA_CERTIFICATES "
+                            "(client certificates are verified against them)")
+    for title, caller in dicom.callers.items():
+        unknown = set(caller.move_destinations or ()) - set(dicom.move_destinations)
+        if unknown:
+            raise SettingsError(f"DICOM__CALLERS__{title}: move destinations not in "
+                                f"DICOM__MOVE_DESTINATIONS: {', '.join(sorted(unknown))}")
+    callers = {
+        title: CallerCredential(
+            site_ids=None if caller.sites == ["*"] else frozenset(caller.sites),
+            rights=frozenset(Right(r) for r in caller.rights),
+            certificate_subject=caller.certificate_subject,
+            move_destinations=(frozenset(d.strip() for d in caller.move_destinations)
+                               if caller.move_destinations is not None else None))
+        for title, caller in dicom.callers.items()}
+    return CallerPolicy.build(dicom.allowed_networks, dicom.allowed_calling_ae_titles,
+                              callers, dicom.unlisted_caller.rights)
+
+
 def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
     config = NodeConfig(
         ae_title=settings.dicom.ae_title,
@@ -191,7 +227,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         port=settings.dicom.port,
         site_id=settings.site_id,
         spool_root=settings.spool_dir,
-        policy=CallerPolicy.build(settings.dicom.allowed_networks, settings.dicom.allowed_calling_ae_titles),
+        policy=caller_policy(settings),
         max_pdu_size=settings.dicom.max_pdu_size,
         maximum_associations=settings.dicom.max_associations,
         network_timeout=settings.dicom.network_timeout_seconds,
@@ -209,15 +245,18 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         enqueue_ingest(celery_app, site_id, batch_id)
 
     # The node answers C-FIND/C-MOVE/C-GET from the same (de-identified) archive, and
-    # Storage Commitment by finding the pseudonymized UID of an instance in the index.
+    # Storage Commitment by finding the pseudonymized UID of an instance in the index,
+    # among the caller's site's studies only.
     index = build_index(settings, run_migrations=False)
     try:
         keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
     except SettingsError:
         keys = None
 
-    def archived(original_uid: str) -> bool:
-        return keys is not None and index.find_instance(keys.uid(original_uid)) is not None
+    def archived(original_uid: str, site_ids: frozenset[str]) -> bool:
+        return keys is not None and bool(index.search_instances(InstanceQuery(
+            sop_instance_uids=(keys.uid(original_uid),), scope=AccessScope(site_ids=site_ids),
+            limit=1)))
 
     return DicomNode(config, enqueue, index, build_object_store(settings), archived)
 

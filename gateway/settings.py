@@ -39,6 +39,43 @@ class MoveDestinationSettings(BaseModel):
     port: int = Field(ge=1, le=65535)
 
 
+#: What a DIMSE caller may ask of a node (dicom_node.Right).
+DicomRight = Literal["store", "find", "move", "get", "commit"]
+_ALL_DICOM_RIGHTS: list[DicomRight] = ["store", "find", "move", "get", "commit"]
+
+
+class DicomCallerSettings(BaseModel):
+    """A calling AE's credentials: the sites whose studies it may query and retrieve
+    (["*"]: every site), its rights and, with TLS, the certificate it must present."""
+
+    sites: list[str] = Field(min_length=1)
+    rights: list[DicomRight] = Field(default_factory=lambda: list(_ALL_DICOM_RIGHTS))
+    #: RFC 4514 subject of its client certificate, e.g. "CN=pacs-a,O=Hospital A": the AE
+    #: title is then honoured only on TLS with that (CA-verified) certificate.
+    certificate_subject: str | None = None
+    #: C-MOVE destinations it may name (AE titles of `move_destinations`); None: any.
+    move_destinations: list[str] | None = None
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, value: list[str]) -> list[str]:
+        if "*" in value:
+            if len(value) > 1:
+                raise ValueError("sites: ['*'] (every site) or a list of site ids, not both")
+            return value
+        for site in value:
+            if not _SAFE_NAME.match(site):
+                raise ValueError(f"sites: {site!r} is not a site id (letters, digits, '-', '_')")
+        return value
+
+
+class UnlistedCallerSettings(BaseModel):
+    """What a calling AE not in `callers` may do, always within the one site its C-STOREs
+    are filed under (`calling_ae_sites`, else SITE_ID)."""
+
+    rights: list[DicomRight] = Field(default_factory=lambda: list(_ALL_DICOM_RIGHTS))
+
+
 class DicomSettings(BaseModel):
     port: int = Field(11112, ge=0, le=65535)
     ae_title: str = "DICOMGATEWAY"
@@ -62,6 +99,11 @@ class DicomSettings(BaseModel):
     #: Calling AE title -> site: a node receiving for several sites files each caller's
     #: studies under its site (spool, queue, pseudonym qualifier of local IDs, index).
     calling_ae_sites: dict[str, str] = Field(default_factory=dict)
+    #: Calling AE title -> its sites and rights (C-FIND/C-MOVE/C-GET see only those sites'
+    #: studies, as a site-restricted API key does on QIDO).
+    callers: dict[str, DicomCallerSettings] = Field(default_factory=dict)
+    #: Rights of a calling AE not listed in `callers`, within its own site only.
+    unlisted_caller: UnlistedCallerSettings = Field(default_factory=UnlistedCallerSettings)
 
     @field_validator("calling_ae_sites")
     @classmethod

@@ -12,6 +12,7 @@ from storage.access import (
     ShareItemRecord,
     ShareRecord,
 )
+from storage.audit import DIMSE_ACTIONS, AuditWriter, dimse_entry
 from storage.filesystem import FilesystemObjectStore
 from storage.index import (
     MAX_FUZZY_WORDS,
@@ -55,12 +56,14 @@ def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance
 
 
 __all__ = [
+    "DIMSE_ACTIONS",
     "MAX_FUZZY_WORDS",
     "AccessRepository",
     "AccessScope",
     "ApiKeyRecord",
     "AuditEntry",
     "AuditQuery",
+    "AuditWriter",
     "BoundedReads",
     "DateRange",
     "FilesystemObjectStore",
@@ -85,6 +88,7 @@ __all__ = [
     "StudySummary",
     "TransientStorageError",
     "create_index_engine",
+    "dimse_entry",
     "fuzzy_name_words",
     "instance_key",
     "join_key",

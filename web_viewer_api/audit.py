@@ -8,14 +8,12 @@ import datetime as dt
 import json
 import logging
 import re
-import threading
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from storage import AccessRepository, AuditEntry
+from storage import DIMSE_ACTIONS, AuditEntry, AuditWriter
 from web_viewer_api.asgi import StatusRecorder
 
 log = logging.getLogger(__name__)
@@ -23,6 +21,7 @@ log = logging.getLogger(__name__)
 #: DCM EventID codes (PS3.16 CID 400) by meaning.
 EVENT_NAMES = {
     "110103": "DICOM Instances Accessed",
+    "110104": "DICOM Instances Transferred",
     "110106": "Export",
     "110107": "Import",
     "110112": "Query",
@@ -54,6 +53,8 @@ ACTIONS: Mapping[str, tuple[str, str]] = {
     "apikey.create": ("110136", "C"),
     "apikey.revoke": ("110136", "D"),
     "api.request": ("110112", "E"),
+    # C-STORE, C-FIND, C-MOVE, C-GET, Storage Commitment: written by the node.
+    **DIMSE_ACTIONS,
 }
 #: Failures that count against a client address.
 AUTH_FAILURES = ("auth.failure",)
@@ -108,67 +109,6 @@ def _action_for(route_path: str, method: str, status: int) -> str:
     if route_path.startswith("/s/"):
         return "share.view"
     return "api.request"
-
-
-class AuditWriter:
-    """Appends audit events from a background thread, in batches (one INSERT of many rows
-    every `interval` seconds instead of one transaction per request: the request path only
-    queues). Readers of the trail call `flush()` first; `close()` drains at shutdown. A
-    failed write keeps the events queued and is retried; only a crash of the process can
-    lose the events of the last interval."""
-
-    def __init__(self, access: AccessRepository, interval: float = 0.05,
-                 max_pending: int = 200_000) -> None:
-        self.access, self.interval, self.max_pending = access, interval, max_pending
-        self._pending: list[AuditEntry] = []
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def submit(self, events: list[AuditEntry]) -> None:
-        with self._lock:
-            if len(self._pending) >= self.max_pending:  # the database is gone for long: say so
-                log.error("audit queue full (%d events): dropping the oldest", len(self._pending))
-                del self._pending[: len(events)]
-            self._pending.extend(events)
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-                self._thread.start()
-
-    def flush(self) -> None:
-        """Write everything queued so far (raises if the database refuses)."""
-        with self._write_lock:
-            with self._lock:
-                batch, self._pending = self._pending, []
-            if not batch:
-                return
-            try:
-                self.access.append_audit(batch)
-            except BaseException:
-                with self._lock:
-                    self._pending[:0] = batch
-                raise
-
-    def _run(self) -> None:
-        while not self._closed:
-            self._wake.wait(self.interval)
-            try:
-                self.flush()
-            except (SQLAlchemyError, OSError) as exc:
-                log.error("audit write failed, will retry: %s", type(exc).__name__)
-                self._wake.wait(1.0)
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        try:
-            self.flush()
-        except (SQLAlchemyError, OSError) as exc:
-            log.error("audit events lost at shutdown: %s", type(exc).__name__)
 
 
 class AuditMiddleware:

@@ -59,7 +59,7 @@ def test_spooled_instances_are_committed_and_unknown_ones_fail(
                         spool_root=tmp_path / "spool", policy=CallerPolicy.build(["127.0.0.0/8"]),
                         batch_size=0)
     archived = {"1.2.3.999.1"}  # what the archive (index) holds, by original UID
-    node = DicomNode(config, lambda site, batch: None, archived=archived.__contains__)
+    node = DicomNode(config, lambda site, batch: None, archived=lambda uid, sites: uid in archived)
     node.start()
     try:
         files = sorted(sample_study[0].rglob("*.dcm"))[:3]
@@ -84,7 +84,7 @@ def test_spooled_instances_are_committed_and_unknown_ones_fail(
 def test_a_request_without_transaction_uid_is_refused(tmp_path: Path) -> None:
     config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id="site1",
                         spool_root=tmp_path / "spool", policy=CallerPolicy.build(["127.0.0.0/8"]))
-    node = DicomNode(config, lambda site, batch: None, archived=lambda uid: False)
+    node = DicomNode(config, lambda site, batch: None, archived=lambda uid, sites: False)
     node.start()
     try:
         ae = AE(ae_title="CT_SALLE_1")

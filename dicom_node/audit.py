@@ -1,0 +1,73 @@
+"""The node's rows in the audit trail (the table the API writes and `/api/audit` lists):
+who (actor `ae:<calling AE>`), from where, which de-identified studies, what outcome.
+
+Nothing here ever holds an original UID or identifier: C-STORE and Storage Commitment
+rows carry counts only; C-FIND/C-MOVE/C-GET rows name the studies the index returned (de-
+identified), never the values the caller sent. Writes are queued to a background thread:
+an audit failure never fails or slows a DIMSE operation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from dicom_node.policy import Caller
+from dicom_node.status import Status
+from storage import AuditWriter, dimse_entry
+
+log = logging.getLogger(__name__)
+
+#: Studies named in one event's detail at most (the count is always given).
+MAX_STUDIES_LISTED = 100
+
+#: Statuses the caller caused (EventOutcomeIndicator 4, minor failure: refused).
+_REFUSALS = {Status.NOT_AUTHORIZED, Status.MOVE_DESTINATION_UNKNOWN,
+             Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, Status.CANNOT_UNDERSTAND,
+             Status.NO_SUCH_ACTION_TYPE, Status.INVALID_ARGUMENT_VALUE}
+
+
+def outcome_of(status: int) -> int:
+    """EventOutcomeIndicator of a final DIMSE status: 0 success (or cancelled by the
+    caller), 4 refused, 8 the node failed."""
+    if status in (Status.SUCCESS, Status.CANCEL):
+        return 0
+    return 4 if status in _REFUSALS else 8
+
+
+class NodeAudit:
+    """Queues the node's audit events; without a writer (a node without an index) it
+    records nothing."""
+
+    def __init__(self, writer: AuditWriter | None = None) -> None:
+        self.writer = writer
+
+    def record(self, action: str, caller: Caller, status: int, *,
+               studies: Collection[str] = (), outcome: int | None = None,
+               detail: Mapping[str, Any] | None = None) -> None:
+        if self.writer is None:
+            return
+        try:
+            listed = sorted(studies)
+            notes: dict[str, Any] = {"calling_ae": caller.ae_title, "status": f"0x{status:04X}",
+                                     "caller_sites": sorted(caller.site_ids)
+                                     if caller.site_ids is not None else "*",
+                                     **(detail or {})}
+            if listed:
+                notes["studies"] = listed[:MAX_STUDIES_LISTED]
+                notes["studies_total"] = len(listed)
+            self.writer.submit([dimse_entry(
+                action, caller.actor, caller.address,
+                outcome=outcome_of(status) if outcome is None else outcome,
+                study_instance_uid=listed[0] if len(listed) == 1 else "",
+                status_code=int(status), detail=json.dumps(notes))])
+        except Exception as exc:  # noqa: BLE001 - the audit never fails a DIMSE operation
+            log.error("audit event %s not recorded (%s)", action, type(exc).__name__)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+__all__ = ["MAX_STUDIES_LISTED", "NodeAudit", "outcome_of"]
