@@ -2,6 +2,7 @@
 C-MOVE and C-GET over the de-identified archive)."""
 
 from dicom_node.audit import NodeAudit
+from dicom_node.commitment import IsStored
 from dicom_node.handlers import AssociationBatches, handle_echo, handle_store
 from dicom_node.policy import (
     ALL_RIGHTS,
@@ -24,6 +25,7 @@ __all__ = [
     "CallerCredential",
     "CallerPolicy",
     "DicomNode",
+    "IsStored",
     "MoveDestination",
     "NodeAudit",
     "NodeConfig",

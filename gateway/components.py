@@ -25,6 +25,7 @@ from dicom_node import (
     CallerCredential,
     CallerPolicy,
     DicomNode,
+    IsStored,
     MoveDestination,
     NodeConfig,
     Right,
@@ -253,12 +254,21 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
     except SettingsError:
         keys = None
 
+    archived = archived_as(index, keys) if keys is not None else None
+    return DicomNode(config, enqueue, index, build_object_store(settings), archived)
+
+
+def archived_as(index: IndexRepository, keys: PseudonymKeys) -> IsStored:
+    """Storage Commitment's archive check: is the instance of this original SOP Instance
+    UID indexed (under its keyed pseudonym, the only form the index knows) in a study of
+    one of these sites?"""
+
     def archived(original_uid: str, site_ids: frozenset[str]) -> bool:
-        return keys is not None and bool(index.search_instances(InstanceQuery(
+        return bool(index.search_instances(InstanceQuery(
             sop_instance_uids=(keys.uid(original_uid),), scope=AccessScope(site_ids=site_ids),
             limit=1)))
 
-    return DicomNode(config, enqueue, index, build_object_store(settings), archived)
+    return archived
 
 
 def ready_file(settings: Settings, component: str) -> Path:

@@ -1,0 +1,373 @@
+"""DIMSE callers have credentials (docs/trust-model-dimse.md): each calling AE sees and
+retrieves only its sites' studies, needs a right per service, is answered about storage
+commitment only for its own site's instances, and leaves one audit event per operation —
+with de-identified study UIDs only. Driven by dcmtk (findscu, getscu, movescu, storescu,
+storescp) against a node over a real two-site index."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from sqlalchemy import update
+
+from anonymize import PseudonymKeys
+from dicom_node import (
+    CallerCredential,
+    CallerPolicy,
+    DicomNode,
+    MoveDestination,
+    NodeConfig,
+    Right,
+)
+from gateway.components import archived_as
+from storage import AuditEntry, AuditQuery, InstanceQuery, StudyQuery
+from storage.index.models import Study
+from tests.support.dicomweb_server import TOKEN, DicomwebServer
+from tests.support.services import free_port, wait_for
+
+SITE_A, SITE_B = "site1", "siteB"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomwebServer]:
+    """Three de-identified studies in one index: two of site A, one of site B; the API
+    (for /api/audit) runs on the same index."""
+    server = DicomwebServer(tmp_path_factory.mktemp("two-sites"), studies=3)
+    studies = server.index.search_studies(StudyQuery())
+    site_b = min(s.study_instance_uid for s in studies if s.number_of_instances != 6)
+    with server.index.engine.begin() as connection:
+        connection.execute(update(Study).values(site_id=SITE_A))
+        connection.execute(update(Study).where(Study.study_instance_uid == site_b)
+                           .values(site_id=SITE_B))
+    with server:
+        yield server
+
+
+def _site_studies(archive: DicomwebServer, site: str | None = None) -> set[str]:
+    with archive.index.engine.connect() as connection:
+        rows = connection.execute(Study.__table__.select()).all()
+    return {r.study_instance_uid for r in rows if site is None or r.site_id == site}
+
+
+@pytest.fixture(scope="module")
+def destination_port() -> int:
+    return free_port()
+
+
+POLICY = CallerPolicy.build(["127.0.0.0/8"], callers={
+    "PACS_A": CallerCredential(frozenset({SITE_A}), frozenset(Right)),
+    "PACS_B": CallerCredential(frozenset({SITE_B}), frozenset({Right.FIND, Right.COMMIT})),
+    "REGION": CallerCredential(None, frozenset({Right.FIND, Right.MOVE})),
+    "STORE_ONLY": CallerCredential(frozenset({SITE_A}), frozenset({Right.STORE})),
+})
+
+
+@pytest.fixture(scope="module")
+def node(archive: DicomwebServer, destination_port: int,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomNode]:
+    config = NodeConfig(
+        ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id=SITE_A,
+        spool_root=tmp_path_factory.mktemp("spool"), policy=POLICY, batch_size=0,
+        calling_ae_sites={"PACS_B": SITE_B, "MODALITY_B": SITE_B},
+        move_destinations={"STORESCP": MoveDestination("STORESCP", "127.0.0.1", destination_port)})
+    running = DicomNode(config, lambda site, batch: None, archive.index, archive.store,
+                        archived_as(archive.index, PseudonymKeys(b"w" * 32)))
+    running.start()
+    yield running
+    running.stop()
+
+
+def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool, *args], check=False, capture_output=True, text=True, timeout=120)
+
+
+def _find(dcmtk: dict[str, str], node: DicomNode, out: Path, calling: str) -> set[str]:
+    out.mkdir(parents=True)
+    result = _run(dcmtk["findscu"], "-S", "-aet", calling, "-aec", "DICOMGATEWAY", "-X",
+                  "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=",
+                  "127.0.0.1", str(node.port))
+    assert result.returncode == 0, result.stderr
+    return {str(pydicom.dcmread(p).StudyInstanceUID) for p in out.glob("rsp*.dcm")}
+
+
+def _get(dcmtk: dict[str, str], node: DicomNode, out: Path, calling: str,
+         study: str) -> subprocess.CompletedProcess[str]:
+    out.mkdir(parents=True)
+    return _run(dcmtk["getscu"], "-v", "-S", "-aet", calling, "-aec", "DICOMGATEWAY",
+                "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(node.port))
+
+
+def _events(node: DicomNode, archive: DicomwebServer, action: str, actor: str) -> list[AuditEntry]:
+    assert node.audit.writer is not None
+    node.audit.writer.flush()
+    return archive.access.search_audit(AuditQuery(actions=(action,), actor=actor, limit=1000))
+
+
+def _original_uids(archive: DicomwebServer) -> set[str]:
+    """Every UID of the instances as the modality sent them (before de-identification)."""
+    found: set[str] = set()
+    for path in (Path(archive.store.root).parent / "source").rglob("*.dcm"):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        found |= {str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
+                  str(header.SOPInstanceUID)}
+    return found
+
+
+def _assert_no_original_uid(events: list[AuditEntry], originals: set[str]) -> None:
+    text = json.dumps([e.__dict__ for e in events], default=str)
+    assert not [uid for uid in originals if uid in text]
+
+
+def test_find_lists_only_the_callers_sites_studies(dcmtk: dict[str, str], node: DicomNode,
+                                                   archive: DicomwebServer, tmp_path: Path) -> None:
+    site_a, site_b = _site_studies(archive, SITE_A), _site_studies(archive, SITE_B)
+    assert len(site_a) == 2 and len(site_b) == 1
+    assert _find(dcmtk, node, tmp_path / "a", "PACS_A") == site_a
+    assert _find(dcmtk, node, tmp_path / "b", "PACS_B") == site_b
+    assert _find(dcmtk, node, tmp_path / "region", "REGION") == site_a | site_b
+    # Unlisted callers: the site their C-STOREs are filed under, nothing else.
+    assert _find(dcmtk, node, tmp_path / "unlisted", "SOME_AE") == site_a
+    assert _find(dcmtk, node, tmp_path / "unlisted-b", "MODALITY_B") == site_b
+    events = _events(node, archive, "dimse.find", "ae:PACS_A")
+    assert events and events[0].address == "127.0.0.1" and events[0].outcome == 0
+    assert events[0].event_code == "110112" and events[0].status_code == 0
+    assert set(json.loads(events[0].detail)["studies"]) == site_a
+    _assert_no_original_uid(events, _original_uids(archive))
+
+
+def test_series_level_find_of_another_sites_study_matches_nothing(
+        dcmtk: dict[str, str], node: DicomNode, archive: DicomwebServer, tmp_path: Path) -> None:
+    [study_b] = _site_studies(archive, SITE_B)
+    for calling, expected in (("PACS_A", 0), ("PACS_B", 2)):
+        out = tmp_path / calling
+        out.mkdir()
+        result = _run(dcmtk["findscu"], "-S", "-aet", calling, "-aec", "DICOMGATEWAY", "-X",
+                      "-od", str(out), "-k", "QueryRetrieveLevel=SERIES",
+                      "-k", f"StudyInstanceUID={study_b}", "-k", "SeriesInstanceUID=",
+                      "127.0.0.1", str(node.port))
+        assert result.returncode == 0, result.stderr
+        assert len(list(out.glob("rsp*.dcm"))) == expected, calling
+
+
+def test_get_of_another_sites_study_retrieves_nothing(dcmtk: dict[str, str], node: DicomNode,
+                                                      archive: DicomwebServer, tmp_path: Path) -> None:
+    [study_b] = _site_studies(archive, SITE_B)
+    study_a = min(_site_studies(archive, SITE_A))
+    refused = _get(dcmtk, node, tmp_path / "b", "PACS_A", study_b)
+    assert refused.returncode == 0, refused.stderr
+    assert list((tmp_path / "b").iterdir()) == []
+    # the same answer as for a study that does not exist: no site learns what another holds
+    assert "Number of Completed Suboperations : 0" in refused.stderr
+    assert "Number of Failed Suboperations    : 0" in refused.stderr
+    own = _get(dcmtk, node, tmp_path / "a", "PACS_A", study_a)
+    assert own.returncode == 0, own.stderr
+    expected = archive.index.search_instances(InstanceQuery(study_instance_uid=study_a))
+    assert len(list((tmp_path / "a").iterdir())) == len(expected) > 0
+    events = _events(node, archive, "dimse.get", "ae:PACS_A")
+    by_study = {e.study_instance_uid: e for e in events}
+    assert by_study[study_a].outcome == 0 and by_study[study_a].event_code == "110104"
+    assert json.loads(by_study[study_a].detail)["instances"] == len(expected)
+    assert any(json.loads(e.detail)["instances"] == 0 and not e.study_instance_uid for e in events)
+    _assert_no_original_uid(events, _original_uids(archive))
+
+
+def test_get_by_a_caller_without_the_get_right_is_refused(
+        dcmtk: dict[str, str], node: DicomNode, archive: DicomwebServer, tmp_path: Path) -> None:
+    study_a = min(_site_studies(archive, SITE_A))
+    for calling in ("STORE_ONLY", "PACS_B", "REGION"):
+        result = _get(dcmtk, node, tmp_path / calling, calling, study_a)
+        # 0x0124 Refused: Not authorized (dcmtk does not name this general status)
+        assert "C-GET Response (Unknown Status: 0x124)" in result.stderr, calling
+        assert list((tmp_path / calling).iterdir()) == []
+        [event] = _events(node, archive, "dimse.get", f"ae:{calling}")
+        assert event.outcome == 4 and event.status_code == 0x0124
+    find = _run(dcmtk["findscu"], "-v", "-S", "-aet", "STORE_ONLY", "-aec", "DICOMGATEWAY",
+                "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=",
+                "127.0.0.1", str(node.port))
+    assert "Unknown Status: 0x124" in find.stderr
+
+
+@pytest.fixture
+def storescp(dcmtk: dict[str, str], destination_port: int, tmp_path: Path) -> Iterator[Path]:
+    out = tmp_path / "received"
+    out.mkdir()
+    process = subprocess.Popen([dcmtk["storescp"], "-aet", "STORESCP", "-od", str(out),
+                                str(destination_port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", destination_port)) == 0
+
+    wait_for(listening, timeout=10, what="storescp")
+    yield out
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _move(dcmtk: dict[str, str], node: DicomNode, calling: str,
+          study: str) -> subprocess.CompletedProcess[str]:
+    return _run(dcmtk["movescu"], "-v", "-S", "-aet", calling, "-aec", "DICOMGATEWAY",
+                "-aem", "STORESCP", "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(node.port))
+
+
+def test_move_obeys_site_scope_and_the_move_right(dcmtk: dict[str, str], node: DicomNode,
+                                                  archive: DicomwebServer, storescp: Path) -> None:
+    [study_b] = _site_studies(archive, SITE_B)
+    outside = _move(dcmtk, node, "PACS_A", study_b)
+    assert outside.returncode == 0 and "Final Move Response (Success)" in outside.stderr
+    assert list(storescp.iterdir()) == []
+    no_right = _move(dcmtk, node, "PACS_B", study_b)
+    assert "Refused: MoveDestinationUnknown" in no_right.stdout + no_right.stderr
+    allowed = _move(dcmtk, node, "REGION", study_b)
+    assert allowed.returncode == 0, allowed.stderr
+    count = len(archive.index.search_instances(InstanceQuery(study_instance_uid=study_b)))
+    wait_for(lambda: len(list(storescp.iterdir())) == count, timeout=30, what="B's study moved")
+    [region] = _events(node, archive, "dimse.move", "ae:REGION")
+    assert region.study_instance_uid == study_b and region.outcome == 0
+    assert json.loads(region.detail)["destination_ae"] == "STORESCP"
+    [refused] = _events(node, archive, "dimse.move", "ae:PACS_B")
+    assert refused.outcome == 4 and refused.status_code == 0xA801
+    assert json.loads(refused.detail)["reason"] == "not authorized"
+
+
+def _commit(port: int, calling: str, references: list[tuple[str, str]]) -> Dataset:
+    reports: queue.Queue[Dataset] = queue.Queue()
+
+    def on_report(event: Any) -> tuple[int, None]:
+        reports.put(event.event_information)
+        return 0x0000, None
+
+    request = Dataset()
+    request.TransactionUID = generate_uid()
+    items = []
+    for sop_class, sop_instance in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
+        items.append(item)
+    request.ReferencedSOPSequence = Sequence(items)
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGATEWAY",
+                         ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        assert status.Status == 0x0000
+        return reports.get(timeout=30)
+    finally:
+        assoc.release()
+
+
+def _outcome(report: Dataset) -> tuple[set[str], dict[str, int]]:
+    return ({str(i.ReferencedSOPInstanceUID) for i in report.get("ReferencedSOPSequence", [])},
+            {str(i.ReferencedSOPInstanceUID): int(i.FailureReason)
+             for i in report.get("FailedSOPSequence", [])})
+
+
+def test_commitment_answers_only_about_the_callers_own_sites_instances(
+        dcmtk: dict[str, str], node: DicomNode, archive: DicomwebServer,
+        sample_study: tuple[Path, object], tmp_path: Path) -> None:
+    # Spooled: what MODALITY_B (filed under site B) just sent (new instances: not archived).
+    files = []
+    for number, path in enumerate(sorted(sample_study[0].rglob("*.dcm"))[:2]):
+        dataset = pydicom.dcmread(path)
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        files.append(tmp_path / f"{number}.dcm")
+        dataset.save_as(files[-1])
+    sent = _run(dcmtk["storescu"], "-aet", "MODALITY_B", "-aec", "DICOMGATEWAY", "127.0.0.1",
+                str(node.port), *map(str, files))
+    assert sent.returncode == 0, sent.stderr
+    spooled = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    spooled_refs = [(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in spooled]
+    # Archived: original UIDs of site A's and site B's indexed instances.
+    by_site: dict[str, list[tuple[str, str]]] = {SITE_A: [], SITE_B: []}
+    keys = PseudonymKeys(b"w" * 32)
+    site_b = _site_studies(archive, SITE_B)
+    for path in (Path(archive.store.root).parent / "source").rglob("*.dcm"):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        study = keys.uid(str(header.StudyInstanceUID))
+        by_site[SITE_B if study in site_b else SITE_A].append(
+            (str(header.SOPClassUID), str(header.SOPInstanceUID)))
+    archived_a, archived_b = by_site[SITE_A][:2], by_site[SITE_B][:2]
+    assert archived_a and archived_b
+    everything = spooled_refs + archived_a + archived_b
+    for calling, expected in (("MODALITY_B", spooled_refs + archived_b),
+                              ("PACS_B", spooled_refs + archived_b),
+                              ("PACS_A", archived_a), ("SOME_AE", archived_a)):
+        committed, failed = _outcome(_commit(node.port, calling, everything))
+        assert committed == {uid for _, uid in expected}, calling
+        assert failed == {uid: 0x0112 for _, uid in everything if (_, uid) not in expected}, calling
+    refused = _commit_status(node.port, "STORE_ONLY")
+    assert refused == 0x0124
+    events = _events(node, archive, "dimse.commit", "ae:PACS_A")
+    assert events and json.loads(events[0].detail)["committed"] == len(archived_a)
+    assert events[0].outcome == 4  # some failed
+    stores = _events(node, archive, "dimse.store", "ae:MODALITY_B")
+    assert len(stores) == 1 and stores[0].outcome == 0 and stores[0].event_code == "110107"
+    detail = json.loads(stores[0].detail)
+    assert detail["instances"] == 2 and detail["site"] == SITE_B and detail["refused"] == 0
+    originals = _original_uids(archive) | {
+        str(getattr(h, k)) for h in spooled
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    _assert_no_original_uid(_events(node, archive, "dimse.commit", "ae:PACS_B") + stores, originals)
+
+
+def _commit_status(port: int, calling: str) -> int:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGATEWAY")
+    request = Dataset()
+    request.TransactionUID = generate_uid()
+    request.ReferencedSOPSequence = Sequence([])
+    try:
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_store_without_the_store_right_is_refused_and_audited(
+        dcmtk: dict[str, str], node: DicomNode, archive: DicomwebServer,
+        sample_study: tuple[Path, object]) -> None:
+    files = sorted(sample_study[0].rglob("*.dcm"))[:2]
+    refused = _run(dcmtk["storescu"], "-v", "-aet", "REGION", "-aec", "DICOMGATEWAY", "127.0.0.1",
+                   str(node.port), *map(str, files))
+    # 0x0124 Refused: Not authorized; storescu stops sending at the first refusal
+    assert refused.stderr.count("Store Response (Unknown Status: 0x124)") == 1
+    [event] = _events(node, archive, "dimse.store", "ae:REGION")
+    detail = json.loads(event.detail)
+    assert event.outcome == 4 and event.status_code == 0x0124
+    assert detail["instances"] == 0 and detail["refused"] == 1
+    assert not node.spools.holds(str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID))
+
+
+def test_api_audit_lists_the_dimse_events(dcmtk: dict[str, str], node: DicomNode,
+                                          archive: DicomwebServer, tmp_path: Path) -> None:
+    _find(dcmtk, node, tmp_path / "find", "PACS_B")
+    assert node.audit.writer is not None
+    node.audit.writer.flush()
+    answer = httpx.get(f"{archive.root}/api/audit", params={"actor": "ae:PACS_B", "action": "dimse.find"},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200, answer.text
+    [event, *_] = answer.json()["events"]
+    assert event["action"] == "dimse.find" and event["network_access_point_id"] == "127.0.0.1"
+    assert event["event_id"] == {"code": "110112", "scheme": "DCM", "meaning": "Query"}
+    assert event["study_instance_uid"] == next(iter(_site_studies(archive, SITE_B)))
