@@ -1,10 +1,13 @@
 """The node's rows in the audit trail (the table the API writes and `/api/audit` lists):
 who (actor `ae:<calling AE>`), from where, which de-identified studies, what outcome.
 
-Nothing here ever holds an original UID or identifier: C-STORE and Storage Commitment
-rows carry counts only; C-FIND/C-MOVE/C-GET rows name the studies the index returned (de-
-identified), never the values the caller sent. Writes are queued to a background thread:
-an audit failure never fails or slows a DIMSE operation."""
+One event per study the operation concerned (the study's own row: `/api/audit` shows a
+site-limited admin the events about its sites' studies), or one without a study when it
+concerned none. Nothing here ever holds an original UID or identifier: C-FIND/C-MOVE/C-GET
+events name the studies the index returned (de-identified), never the values the caller
+sent; C-STORE events name the pseudonymized studies (the keyed UID the worker will give
+them) and counts; Storage Commitment events carry counts only. Writes are queued to a
+background thread: an audit failure never fails or slows a DIMSE operation."""
 
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from storage import AuditWriter, dimse_entry
 
 log = logging.getLogger(__name__)
 
-#: Studies named in one event's detail at most (the count is always given).
-MAX_STUDIES_LISTED = 100
+#: Events (one per study) one operation writes at most; a last one without a study then
+#: counts the studies not named (the total is in every event's detail).
+MAX_STUDIES_LISTED = 500
 
 #: Statuses the caller caused (EventOutcomeIndicator 4, minor failure: refused).
 _REFUSALS = {Status.NOT_AUTHORIZED, Status.MOVE_DESTINATION_UNKNOWN,
@@ -53,15 +57,15 @@ class NodeAudit:
             notes: dict[str, Any] = {"calling_ae": caller.ae_title, "status": f"0x{status:04X}",
                                      "caller_sites": sorted(caller.site_ids)
                                      if caller.site_ids is not None else "*",
-                                     **(detail or {})}
-            if listed:
-                notes["studies"] = listed[:MAX_STUDIES_LISTED]
-                notes["studies_total"] = len(listed)
-            self.writer.submit([dimse_entry(
-                action, caller.actor, caller.address,
-                outcome=outcome_of(status) if outcome is None else outcome,
-                study_instance_uid=listed[0] if len(listed) == 1 else "",
-                status_code=int(status), detail=json.dumps(notes))])
+                                     "studies_total": len(listed), **(detail or {})}
+            text = json.dumps(notes)
+            named: list[str] = listed[:MAX_STUDIES_LISTED] or [""]
+            if len(listed) > MAX_STUDIES_LISTED:
+                named.append("")  # the studies beyond: counted in the detail
+            code = outcome_of(status) if outcome is None else outcome
+            self.writer.submit([dimse_entry(action, caller.actor, caller.address, outcome=code,
+                                            study_instance_uid=study, status_code=int(status),
+                                            detail=text) for study in named])
         except Exception as exc:  # noqa: BLE001 - the audit never fails a DIMSE operation
             log.error("audit event %s not recorded (%s)", action, type(exc).__name__)
 

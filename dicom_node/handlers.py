@@ -211,9 +211,11 @@ def caller_of(assoc: Any, policy: CallerPolicy, filing_site: str) -> Caller:
 
 def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatches,
                              enqueue: Enqueue, policy: CallerPolicy | None = None,
-                             audit: NodeAudit | None = None) -> None:
+                             audit: NodeAudit | None = None,
+                             pseudonymize_uid: Callable[[str], str] | None = None) -> None:
     """After release, abort or a dropped connection: enqueue one task per written batch,
-    and write the association's one audit event (counts only: no UID of what was sent).
+    and write the association's audit events: counts, and the studies under their keyed
+    pseudonym (`pseudonymize_uid`; without it, none named) — never an original UID.
 
     A failed enqueue is logged and left to the sweeper: the instances are on disk.
     """
@@ -236,8 +238,11 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
                  assoc.requestor.ae_title.strip(), assoc.requestor.address, site_id, state.stored,
                  state.failed, state.bytes, len(state.batches), seconds, outcome)
         if audit is not None and policy is not None:
+            studies = ({pseudonymize_uid(study) for study in state.chunks}
+                       if pseudonymize_uid is not None else set())
             audit.record("dimse.store", caller_of(assoc, policy, site_id),
                          state.last_failure if state.failed else Status.SUCCESS,
+                         studies=studies,
                          # some stored, some refused: a minor failure, whatever the status
                          outcome=4 if state.failed and state.stored else None,
                          detail={"site": site_id, "instances": state.stored,

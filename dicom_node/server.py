@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -192,12 +192,15 @@ class DicomNode:
 
     def __init__(self, config: NodeConfig, enqueue: Enqueue,
                  index: IndexRepository | None = None, store: ObjectStore | None = None,
-                 archived: IsStored | None = None, audit: AuditWriter | None = None) -> None:
+                 archived: IsStored | None = None, audit: AuditWriter | None = None,
+                 pseudonymize_uid: Callable[[str], str] | None = None) -> None:
         """`index` and `store` (the de-identified archive) enable C-FIND, C-MOVE and C-GET;
         `archived` ((original SOP Instance UID, sites) -> archived as one of these sites'?)
         enables Storage Commitment: an instance is committed when it is in the caller's
         site's spool or archived as that site's. Audit events go to `audit`, by default
-        to the index database's audit trail (none without an index)."""
+        to the index database's audit trail (none without an index); `pseudonymize_uid`
+        (the keyed UID mapping of the site's de-identification) names the studies of
+        C-STORE events."""
         self.config = config
         self.enqueue = enqueue
         self.index, self.store = index, store
@@ -206,6 +209,7 @@ class DicomNode:
         if audit is None and index is not None:
             audit = AuditWriter(AccessRepository(index.engine))
         self.audit = NodeAudit(audit)
+        self.pseudonymize_uid = pseudonymize_uid
         self.spools = SiteSpools(config.spool_root, config.site_id, config.calling_ae_sites)
         self.spool = self.spools.default
         self.metrics = NodeMetrics(config.site_id)
@@ -281,7 +285,8 @@ class DicomNode:
             (evt.EVT_C_STORE, handle_store,
              [self.spools, self.batches, self.enqueue, self.config.batch_size, policy]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
-             [self.config.site_id, self.batches, self.enqueue, policy, self.audit]),
+             [self.config.site_id, self.batches, self.enqueue, policy, self.audit,
+              self.pseudonymize_uid]),
         ]
         if self.archived is not None:
             handlers += [

@@ -255,7 +255,8 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         keys = None
 
     archived = archived_as(index, keys) if keys is not None else None
-    return DicomNode(config, enqueue, index, build_object_store(settings), archived)
+    return DicomNode(config, enqueue, index, build_object_store(settings), archived,
+                     pseudonymize_uid=keys.uid if keys is not None else None)
 
 
 def archived_as(index: IndexRepository, keys: PseudonymKeys) -> IsStored:

@@ -85,7 +85,8 @@ def node(archive: DicomwebServer, destination_port: int,
         calling_ae_sites={"PACS_B": SITE_B, "MODALITY_B": SITE_B},
         move_destinations={"STORESCP": MoveDestination("STORESCP", "127.0.0.1", destination_port)})
     running = DicomNode(config, lambda site, batch: None, archive.index, archive.store,
-                        archived_as(archive.index, PseudonymKeys(b"w" * 32)))
+                        archived_as(archive.index, PseudonymKeys(b"w" * 32)),
+                        pseudonymize_uid=PseudonymKeys(b"w" * 32).uid)
     running.start()
     yield running
     running.stop()
@@ -143,11 +144,14 @@ def test_find_lists_only_the_callers_sites_studies(dcmtk: dict[str, str], node: 
     # Unlisted callers: the site their C-STOREs are filed under, nothing else.
     assert _find(dcmtk, node, tmp_path / "unlisted", "SOME_AE") == site_a
     assert _find(dcmtk, node, tmp_path / "unlisted-b", "MODALITY_B") == site_b
+    # One event per study found, under its de-identified UID: a site's admin sees them.
     events = _events(node, archive, "dimse.find", "ae:PACS_A")
-    assert events and events[0].address == "127.0.0.1" and events[0].outcome == 0
-    assert events[0].event_code == "110112" and events[0].status_code == 0
-    assert set(json.loads(events[0].detail)["studies"]) == site_a
-    _assert_no_original_uid(events, _original_uids(archive))
+    assert {e.study_instance_uid for e in events} == site_a
+    assert all(e.address == "127.0.0.1" and e.outcome == 0 and e.event_code == "110112"
+               and e.status_code == 0 and json.loads(e.detail)["matches"] == 2 for e in events)
+    region = _events(node, archive, "dimse.find", "ae:REGION")
+    assert {e.study_instance_uid for e in region} == site_a | site_b
+    _assert_no_original_uid(events + region, _original_uids(archive))
 
 
 def test_series_level_find_of_another_sites_study_matches_nothing(
@@ -322,6 +326,8 @@ def test_commitment_answers_only_about_the_callers_own_sites_instances(
     assert events[0].outcome == 4  # some failed
     stores = _events(node, archive, "dimse.store", "ae:MODALITY_B")
     assert len(stores) == 1 and stores[0].outcome == 0 and stores[0].event_code == "110107"
+    # the study under the UID the worker will give it, never the one the modality sent
+    assert stores[0].study_instance_uid == keys.uid(str(spooled[0].StudyInstanceUID))
     detail = json.loads(stores[0].detail)
     assert detail["instances"] == 2 and detail["site"] == SITE_B and detail["refused"] == 0
     originals = _original_uids(archive) | {
