@@ -253,17 +253,24 @@ class DicomNode:
     def _on_requested(self, event: Any) -> None:
         """A-ASSOCIATE-RQ: an AE title bound to a client certificate subject is honoured
         only with that certificate; otherwise the association is rejected (calling AE
-        title not recognised) and the attempt audited."""
+        title not recognised) and the attempt audited. Fails closed: an error rejects."""
         assoc = event.assoc
-        title = assoc.requestor.ae_title
-        if self.config.policy.certificate_matches(title, peer_certificate_subject(assoc)):
-            return
-        log.warning("association rejected: calling AE %s without its client certificate",
-                    title.strip())
-        self.audit.record("dimse.refused", self.caller(assoc), Status.NOT_AUTHORIZED,
-                          detail={"reason": "client certificate subject does not match"})
+        title = ""
+        try:
+            # pynetdicom fills requestor.ae_title only after this event: read the request
+            title = str(assoc.requestor.primitive.calling_ae_title).strip()
+            if self.config.policy.certificate_matches(title, peer_certificate_subject(assoc)):
+                return
+            reason = "client certificate subject does not match"
+        except Exception as exc:  # noqa: BLE001 - pynetdicom would log it and go on: refuse
+            reason = f"certificate check failed ({type(exc).__name__})"
+        log.warning("association rejected: calling AE %s: %s", title, reason)
+        caller = self.config.policy.caller(title, str(assoc.requestor.address),
+                                           self.spools.site_for(title))
+        self.audit.record("dimse.refused", caller, Status.NOT_AUTHORIZED, detail={"reason": reason})
         # Rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4).
         assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()  # as pynetdicom's own rejections: lets the reject go out, then closes
 
     @property
     def port(self) -> int:

@@ -115,3 +115,53 @@ def test_anonymous_client_when_client_certificates_are_not_required(
         assert untrusted.returncode != 0
     finally:
         node.stop()
+
+
+def test_an_ae_title_bound_to_a_certificate_subject_needs_that_certificate(
+        dcmtk: dict[str, str], tmp_path: Path, pki: dict[str, Path],
+        sample_study: tuple[Path, object]) -> None:
+    """DICOM__CALLERS' certificate_subject: PACS_A is honoured only with the CA-verified
+    certificate "CN=modality"; anonymously, or with another valid certificate, the
+    association is rejected (and audited); other AE titles may still come anonymously."""
+    from storage import AccessRepository, AuditQuery, AuditWriter, create_index_engine, migrate
+    from tests.support.services import free_port
+
+    from dicom_node import CallerCredential, Right
+
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate(pki["ca"].read_bytes())
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    other = _write(tmp_path, "other", other_key, _issue("other-modality", other_key, ca.subject, ca_key))
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    access = AccessRepository(engine)
+    policy = CallerPolicy.build(["127.0.0.0/8"], callers={"PACS_A": CallerCredential(
+        frozenset({"site1"}), frozenset(Right), certificate_subject="CN=modality")})
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id="site1",
+                        spool_root=tmp_path / "spool", policy=policy,
+                        tls=TlsConfig(pki["server"], pki["server_key"], pki["ca"]))
+    writer = AuditWriter(access)
+    node = DicomNode(config, lambda site, batch: None, audit=writer)
+    node.start()
+    try:
+        files = sorted(sample_study[0].rglob("*.dcm"))[:1]
+        as_pacs_a = ("-aet", "PACS_A", "+cf", str(pki["ca"]))
+        anonymous = _storescu(dcmtk, node, files, "+tla", *as_pacs_a)
+        assert anonymous.returncode != 0 and "Association Rejected" in anonymous.stderr
+        wrong = _storescu(dcmtk, node, files, "+tls", str(other[0]), str(other[1]), *as_pacs_a)
+        assert wrong.returncode != 0 and "Association Rejected" in wrong.stderr
+        assert not list(node.spool.site_dir.glob("*/*.dcm"))
+        right = _storescu(dcmtk, node, files, "+tls", str(pki["client_key"]), str(pki["client"]),
+                          *as_pacs_a)
+        assert right.returncode == 0, right.stderr
+        assert len(list(node.spool.site_dir.glob("*/*.dcm"))) == 1
+        echo = subprocess.run([dcmtk["echoscu"], "+tla", "+cf", str(pki["ca"]), "-aet", "ANOTHER",
+                               "-aec", "DICOMGATEWAY", "127.0.0.1", str(node.port)],
+                              capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+    finally:
+        node.stop()
+    writer.flush()
+    refused = access.search_audit(AuditQuery(actions=("dimse.refused",)))
+    assert len(refused) == 2 and all(e.actor == "ae:PACS_A" and e.outcome == 4 for e in refused)
