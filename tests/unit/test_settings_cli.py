@@ -94,3 +94,60 @@ def test_cli_reports_a_missing_secret_without_a_traceback(tmp_path: Path) -> Non
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "DICOM_GATEWAY_ADMIN_TOKEN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dicom_callers_map_ae_titles_to_sites_and_rights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node import Right
+    from gateway.components import caller_policy
+    from storage import AccessScope
+
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__CALLERS", json.dumps({
+        "PACS_A": {"sites": ["siteA"], "rights": ["find", "get"]},
+        "REGION": {"sites": ["*"], "rights": ["find", "move"], "move_destinations": ["ARCHIVE"]}}))
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__MOVE_DESTINATIONS",
+                       '{"ARCHIVE": {"host": "10.0.0.5", "port": 104}}')
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__UNLISTED_CALLER", '{"rights": ["store"]}')
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__CALLING_AE_SITES", '{"CT_B": "siteB"}')
+    policy = caller_policy(Settings())
+    pacs = policy.caller("PACS_A ", "10.1.2.3", "site1")
+    assert pacs.scope == AccessScope(site_ids=frozenset({"siteA"}))
+    assert pacs.rights == {Right.FIND, Right.GET} and pacs.actor == "ae:PACS_A"
+    region = policy.caller("REGION", "10.1.2.4", "site1")
+    assert region.scope == AccessScope() and region.may_move_to("ARCHIVE")
+    assert not region.may_move_to("ELSEWHERE")
+    unlisted = policy.caller("CT_B", "10.1.2.5", "siteB")
+    assert unlisted.site_ids == {"siteB"} and unlisted.rights == {Right.STORE}
+
+
+def test_default_unlisted_caller_has_every_right_on_its_own_site_only() -> None:
+    from dicom_node import ALL_RIGHTS
+    from gateway.components import caller_policy
+
+    caller = caller_policy(Settings()).caller("FINDSCU", "127.0.0.1", "site1")
+    assert caller.rights == ALL_RIGHTS and caller.site_ids == {"site1"} and not caller.listed
+
+
+@pytest.mark.parametrize("callers, message", [
+    ({"A": {"sites": []}}, "at least 1"),
+    ({"A": {"sites": ["site 1"]}}, "not a site id"),
+    ({"A": {"sites": ["*", "siteA"]}}, "not both"),
+    ({"A": {"sites": ["siteA"], "rights": ["delete"]}}, "rights"),
+])
+def test_invalid_dicom_callers_are_refused(monkeypatch: pytest.MonkeyPatch, callers: object,
+                                           message: str) -> None:
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__CALLERS", json.dumps(callers))
+    with pytest.raises(ValueError, match=message):
+        Settings()
+
+
+def test_caller_settings_that_cannot_be_enforced_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.components import caller_policy
+
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__CALLERS", json.dumps(
+        {"A": {"sites": ["siteA"], "certificate_subject": "CN=pacs-a"}}))
+    with pytest.raises(SettingsError, match="TLS"):
+        caller_policy(Settings())
+    monkeypatch.setenv("DICOM_GATEWAY_DICOM__CALLERS", json.dumps(
+        {"A": {"sites": ["siteA"], "move_destinations": ["NOWHERE"]}}))
+    with pytest.raises(SettingsError, match="NOWHERE"):
+        caller_policy(Settings())
