@@ -88,6 +88,12 @@ class NodeConfig:
     policy: CallerPolicy
     max_pdu_size: int = 262_144
     maximum_associations: int = 32
+    #: Connections one client address may hold at once (the rest of the slots stay free for
+    #: other callers); more are closed as they arrive.
+    max_associations_per_address: int = 8
+    #: ARTIM: a connection that has not sent its A-ASSOCIATE-RQ (or finished its TLS
+    #: handshake) within this many seconds is closed.
+    association_request_timeout: float = 10.0
     network_timeout: float = 60.0
     sweep_interval_seconds: float = 30.0
     sweep_after_seconds: float = 300.0
@@ -123,22 +129,66 @@ class _ContextList(list[PresentationContext]):
 
 
 class _GatewayAssociationServer(ThreadedAssociationServer):
-    """Adds TCP_NODELAY (no delayed-ACK stalls) and the network policy to pynetdicom's server."""
+    """Adds to pynetdicom's server: TCP_NODELAY (no delayed-ACK stalls), the network
+    policy, a per-address connection limit, and the TLS handshake in the connection's own
+    thread, bounded by ARTIM (pynetdicom's runs in the accepting thread, unbounded: one
+    silent client stalled every other)."""
 
     policy: CallerPolicy
+    max_per_address: int
+    handshake_timeout: float
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pending: dict[str, int] = {}
+        self._pending_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client_socket, address = super().get_request()
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
         # Small DIMSE responses otherwise wait for the peer's delayed ACK (~40 ms each).
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False)
         return client_socket, address
+
+    def _open_from(self, host: str) -> int:
+        """Connections of `host`: being set up, or running an association."""
+        running = 0
+        for association in self.active_associations:
+            info = getattr(association.requestor, "address_info", None)
+            running += info is not None and info.address == host
+        return self._pending.get(host, 0) + running
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         if not self.policy.host_allowed(host):
             log.warning("association refused: host %s is not allowed", host)
             return False
+        with self._pending_lock:
+            if self._open_from(host) >= self.max_per_address:
+                log.warning("connection refused: %s already holds %d connections",
+                            host, self.max_per_address)
+                return False
+            self._pending[host] = self._pending.get(host, 0) + 1
         return True
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake (bounded), then the association
+        (pynetdicom starts its thread and returns)."""
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        try:
+            if isinstance(request, ssl.SSLSocket):
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            super().finish_request(request, client_address)
+        finally:
+            with self._pending_lock:
+                self._pending[host] -= 1
+                if not self._pending[host]:
+                    del self._pending[host]
 
 
 #: Query/Retrieve information models: SOP Class UID -> model ("PATIENT" or "STUDY" root).
@@ -224,6 +274,7 @@ class DicomNode:
         ae.maximum_pdu_size = self.config.max_pdu_size
         ae.maximum_associations = self.config.maximum_associations
         ae.network_timeout = self.config.network_timeout
+        ae.acse_timeout = self.config.association_request_timeout
         ae.require_called_aet = True
         if self.config.policy.calling_ae_titles:
             ae.require_calling_aet = sorted(self.config.policy.calling_ae_titles)
@@ -319,6 +370,8 @@ class DicomNode:
             server_class=_GatewayAssociationServer,
         ))
         server.policy = self.config.policy
+        server.max_per_address = self.config.max_associations_per_address
+        server.handshake_timeout = self.config.association_request_timeout
         server.contexts = _ContextList(server.contexts)
         ae._servers.append(server)  # pynetdicom's shutdown() expects to find it there
         self._server = server

@@ -231,6 +231,8 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         policy=caller_policy(settings),
         max_pdu_size=settings.dicom.max_pdu_size,
         maximum_associations=settings.dicom.max_associations,
+        max_associations_per_address=settings.dicom.max_associations_per_address,
+        association_request_timeout=settings.dicom.association_request_timeout_seconds,
         network_timeout=settings.dicom.network_timeout_seconds,
         sweep_interval_seconds=settings.dicom.sweep_interval_seconds,
         sweep_after_seconds=settings.dicom.sweep_after_seconds,

@@ -83,6 +83,10 @@ class DicomSettings(BaseModel):
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     max_pdu_size: int = Field(262_144, ge=0)
     max_associations: int = Field(32, ge=1)
+    #: Connections one client address may hold at once (keeps slots for everyone else).
+    max_associations_per_address: int = Field(8, ge=1)
+    #: ARTIM: seconds a new connection has to send its A-ASSOCIATE-RQ (and finish TLS).
+    association_request_timeout_seconds: float = Field(10.0, gt=0, le=300)
     network_timeout_seconds: float = Field(60.0, gt=0)
     sweep_interval_seconds: float = Field(30.0, gt=0)
     sweep_after_seconds: float = Field(300.0, ge=0)

@@ -395,3 +395,53 @@ def test_stopping_drains_the_open_association_and_refuses_new_ones(
     late = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1", str(config.port)],
                           capture_output=True, timeout=30)
     assert late.returncode != 0  # no new associations once stopping
+
+
+def test_idle_connections_from_one_address_do_not_lock_out_the_others(tmp_path: Path) -> None:
+    """Review finding: 32 idle TCP connections used to fill every association slot for about
+    a minute ("Local limit exceeded" for everyone). Now one address holds at most
+    `max_associations_per_address` connections, and a connection that sends no
+    A-ASSOCIATE-RQ is closed after `association_request_timeout` (ARTIM)."""
+    import socket
+    import time
+
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id="site1",
+                        spool_root=tmp_path / "spool", policy=CallerPolicy.build(["127.0.0.0/8"]),
+                        maximum_associations=32, max_associations_per_address=4,
+                        association_request_timeout=2.0)
+    node = DicomNode(config, lambda site, batch: None)
+    node.start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(40):  # from another loopback address, as another host would
+            connection = socket.socket()
+            connection.bind(("127.0.0.2", 0))
+            connection.connect(("127.0.0.1", node.port))
+            idle.append(connection)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMGATEWAY")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == Status.SUCCESS
+        assoc.release()
+        assert time.monotonic() - started < 2.0
+
+        def closed_by_node(connection: socket.socket) -> bool:
+            connection.settimeout(0.05)
+            try:
+                return connection.recv(1) == b""
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+
+        # the connections beyond the address's share are closed at once, the rest at ARTIM
+        wait_for(lambda: sum(closed_by_node(c) for c in idle) >= 36, timeout=1.5,
+                 what="connections over the per-address limit closed")
+        wait_for(lambda: all(closed_by_node(c) for c in idle), timeout=10,
+                 what="idle connections closed after the ARTIM timeout")
+    finally:
+        for connection in idle:
+            connection.close()
+        node.stop()
