@@ -338,6 +338,61 @@ def test_storage_commitment_through_serve_covers_archived_instances(
     assert len(report.ReferencedSOPSequence) == len(headers)
 
 
+def test_serve_answers_find_and_get_from_loopback_and_audits_every_dimse_operation(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    """The README's "Try it": with no DICOM__CALLERS, findscu and getscu from loopback
+    (unlisted callers: every right, on the node's own site) see and retrieve the study.
+    Each operation is in /api/audit under the caller's AE title, naming the de-identified
+    study (the C-STORE one too: the keyed UID the worker gave it), never an original UID."""
+    from tests.integration.test_storage_commitment import _commit, _request
+
+    folder, spec = sample_study
+    data_dir = tmp_path / "data"
+    dicom_port, http_port = free_port(), free_port()
+    with _serve(tmp_path, data_dir, dicom_port, http_port):
+        token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
+        _storescu(dcmtk, dicom_port, folder)
+        study = _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
+        study_uid = str(study["0020000D"]["Value"][0])  # type: ignore[index]
+        found = tmp_path / "found"
+        found.mkdir()
+        result = subprocess.run([dcmtk["findscu"], "-S", "-aet", "FINDSCU", "-aec", "DICOMGATEWAY",
+                                 "-X", "-od", str(found), "-k", "QueryRetrieveLevel=STUDY",
+                                 "-k", "StudyInstanceUID=", "127.0.0.1", str(dicom_port)],
+                                capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert [pydicom.dcmread(p).StudyInstanceUID for p in found.glob("rsp*.dcm")] == [study_uid]
+        got = tmp_path / "got"
+        got.mkdir()
+        result = subprocess.run([dcmtk["getscu"], "-S", "-aet", "GETSCU", "-aec", "DICOMGATEWAY",
+                                 "-od", str(got), "-k", "QueryRetrieveLevel=STUDY",
+                                 "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(dicom_port)],
+                                capture_output=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert len(list(got.iterdir())) == spec.ct_slices + spec.mr_slices
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.rglob("*.dcm"))]
+        _commit(dicom_port, _request([(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers[:2]]))
+
+        def audited() -> list[dict[str, object]] | None:
+            status, body, _ = http_json(f"http://127.0.0.1:{http_port}/api/audit?limit=1000", token)
+            assert status == 200, body
+            events = [e for e in body["events"] if str(e["action"]).startswith("dimse.")]
+            actions = {e["action"] for e in events}
+            return events if {"dimse.store", "dimse.find", "dimse.get", "dimse.commit"} <= actions else None
+
+        events = wait_for(audited, timeout=30, what="the DIMSE audit events")
+    by_action = {str(e["action"]): e for e in events}
+    assert by_action["dimse.store"]["study_instance_uid"] == study_uid
+    assert by_action["dimse.store"]["user_id"] == "ae:STORESCU"
+    assert by_action["dimse.find"]["user_id"] == "ae:FINDSCU"
+    assert by_action["dimse.get"]["study_instance_uid"] == study_uid
+    assert all(e["network_access_point_id"] == "127.0.0.1" and e["event_outcome_indicator"] == 0
+               for e in events)
+    text = json.dumps(events)
+    assert not [uid for uid in _original_identifiers(folder) if uid in text]
+
+
 def test_no_log_line_at_any_level_carries_planted_phi(
     tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
 ) -> None:
