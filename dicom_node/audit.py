@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_STUDIES_LISTED = 500
 
 #: Statuses the caller caused (EventOutcomeIndicator 4, minor failure: refused).
-_REFUSALS = {Status.NOT_AUTHORIZED, Status.MOVE_DESTINATION_UNKNOWN,
+_REFUSALS = {Status.NOT_AUTHORIZED, Status.MOVE_DESTINATION_UNKNOWN, Status.MOVE_UNABLE_TO_PROCESS,
              Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, Status.CANNOT_UNDERSTAND,
              Status.NO_SUCH_ACTION_TYPE, Status.INVALID_ARGUMENT_VALUE}
 

@@ -304,45 +304,59 @@ def _level_name(identifier: Dataset) -> str:
     return level if level in LEVELS else ""
 
 
+class _AuditOnce:
+    """Records an operation's audit event once, before its final response goes out (a
+    generator's `finally` would run only when pynetdicom drops it, at garbage collection)."""
+
+    def __init__(self, audit: NodeAudit, action: str, caller: Caller,
+                 detail: Callable[[], dict[str, Any]],
+                 studies: Callable[[], set[str]]) -> None:
+        self.audit, self.action, self.caller = audit, action, caller
+        self.detail, self.studies = detail, studies
+        self.recorded = False
+
+    def __call__(self, status: int) -> int:
+        if not self.recorded:
+            self.recorded = True
+            self.audit.record(self.action, self.caller, status, studies=self.studies(),
+                              detail=self.detail())
+        return status
+
+
 def handle_find(event: Any, index: IndexRepository, model: str, ae_title: str,
                 caller: Caller, audit: NodeAudit) -> Iterator[tuple[int, Dataset | None]]:
     """C-FIND within the caller's sites: one Pending per match; Failure for an identifier
-    we cannot answer; 0x0124 for a caller without the find right. One audit event."""
+    we cannot answer; 0x0124 for a caller without the find right. Audited."""
     studies: set[str] = set()
     matches = 0
-    status: int = Status.CANCEL  # what an association dropped mid-answer is recorded as
+    done = _AuditOnce(audit, "dimse.find", caller, lambda: {
+        "model": model, "level": _level_name(event.identifier), "matches": matches},
+        lambda: studies)
     try:
         if not caller.may(Right.FIND):
             log.info("C-FIND refused: %s has no find right", caller.ae_title)
-            status = Status.NOT_AUTHORIZED
-            yield status, None
+            yield done(Status.NOT_AUTHORIZED), None
             return
         try:
             for study_uids, match in find_matches(index, event.identifier, model, ae_title,
                                                   caller.scope):
                 if event.is_cancelled:
-                    status = Status.CANCEL
-                    yield status, None
+                    yield done(Status.CANCEL), None
                     return
                 matches += 1
                 studies.update(study_uids)
                 yield Status.PENDING, match
         except QueryError as exc:
             log.info("C-FIND refused: %s", exc)
-            status = exc.status
-            yield status, None
+            yield done(exc.status), None
             return
         except (StorageError, OSError, ValueError, AttributeError) as exc:
             log.error("C-FIND failed: %s", type(exc).__name__)
-            status = Status.UNABLE_TO_PROCESS
-            yield status, None
+            yield done(Status.UNABLE_TO_PROCESS), None
             return
-        status = Status.SUCCESS
-        yield status, None
+        yield done(Status.SUCCESS), None
     finally:
-        audit.record("dimse.find", caller, status, studies=studies,
-                     detail={"model": model, "level": _level_name(event.identifier),
-                             "matches": matches})
+        done(Status.CANCEL)  # the association went away mid-answer
 
 
 def _contexts(instances: list[InstanceSummary]) -> list[Any]:
@@ -364,30 +378,33 @@ def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: s
     """C-MOVE within the caller's sites: resolve the destination AE, then send the
     instances on a new association proposing the stored syntax and uncompressed for each
     SOP class. A caller without the move right, or naming a destination it may not use,
-    is answered 0xA801 like an unknown destination. One audit event."""
+    is answered 0xA801 like an unknown destination. Audited."""
     destination_ae = str(event.move_destination).strip()
     instances: list[InstanceSummary] = []
-    status: int = Status.CANCEL
-    reason = ""
+    notes: dict[str, Any] = {}
+    done = _AuditOnce(audit, "dimse.move", caller, lambda: {
+        "model": model, "level": _level_name(event.identifier), "destination_ae": destination_ae,
+        "instances": len(instances), **notes},
+        lambda: {i.study_instance_uid for i in instances})
     try:
         destination = destinations.get(destination_ae)
         if destination is None or not caller.may(Right.MOVE) or not caller.may_move_to(destination_ae):
-            reason = "unknown destination" if destination is None else "not authorized"
-            log.info("C-MOVE refused: %s (caller %s)", reason, caller.ae_title)
-            status = Status.MOVE_DESTINATION_UNKNOWN
+            notes["reason"] = "unknown destination" if destination is None else "not authorized"
+            log.info("C-MOVE refused: %s (caller %s)", notes["reason"], caller.ae_title)
+            done(Status.MOVE_DESTINATION_UNKNOWN)
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
         try:
             instances = retrieve_instances(index, event.identifier, model, caller.scope)
         except QueryError as exc:
-            status = exc.status
+            notes["reason"] = f"identifier refused (0x{exc.status:04X})"
+            instances = []
+        if "reason" in notes or len(instances) > MAX_SUBOPERATIONS:
+            notes.setdefault("reason", "too many instances")
+            instances = []
+            done(Status.MOVE_UNABLE_TO_PROCESS)
             yield destination.host, destination.port
-            yield exc.status, None
-            return
-        if len(instances) > MAX_SUBOPERATIONS:
-            status = Status.OUT_OF_RESOURCES_SUBOPERATIONS
-            yield destination.host, destination.port
-            yield status, None
+            yield None  # not a number: pynetdicom answers 0xC513 and sends nothing
             return
         accepted: set[tuple[str, str]] = set()
 
@@ -395,61 +412,58 @@ def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: s
             accepted.update((str(c.abstract_syntax), str(c.transfer_syntax[0]))
                             for c in accept_event.assoc.accepted_contexts)
 
+        if not instances:
+            done(Status.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
         yield destination.host, destination.port, {
             "contexts": _contexts(instances), "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
         yield len(instances)
-        status = Status.SUCCESS
         for result in _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled)):
             if result[0] != Status.PENDING:
-                status = result[0]
+                done(result[0])
             yield result
+        done(Status.SUCCESS)  # asked for once the last sub-operation is done
     finally:
-        audit.record("dimse.move", caller, status,
-                     studies={i.study_instance_uid for i in instances},
-                     detail={"model": model, "level": _level_name(event.identifier),
-                             "destination_ae": destination_ae, "instances": len(instances),
-                             **({"reason": reason} if reason else {})})
+        done(Status.CANCEL)
 
 
 def handle_get(event: Any, index: IndexRepository, store: ObjectStore, model: str,
                caller: Caller, audit: NodeAudit) -> Iterator[Any]:
     """C-GET within the caller's sites: the instances go back on the requestor's own
     association (role selection). Same rule as C-MOVE: the caller needs the get right
-    (0x0124 otherwise) and retrieves only its sites' studies. One audit event."""
+    (0x0124 otherwise) and retrieves only its sites' studies. Audited."""
     instances: list[InstanceSummary] = []
-    status: int = Status.CANCEL
+    done = _AuditOnce(audit, "dimse.get", caller, lambda: {
+        "model": model, "level": _level_name(event.identifier), "instances": len(instances)},
+        lambda: {i.study_instance_uid for i in instances})
     try:
         if not caller.may(Right.GET):
             log.info("C-GET refused: %s has no get right", caller.ae_title)
-            status = Status.NOT_AUTHORIZED
             yield 1  # pynetdicom answers a failure only once sub-operations are announced
-            yield status, None
+            yield done(Status.NOT_AUTHORIZED), None
             return
         try:
             instances = retrieve_instances(index, event.identifier, model, caller.scope)
         except QueryError as exc:
-            status = exc.status
             yield 1
-            yield exc.status, None
+            yield done(exc.status), None
             return
         if len(instances) > MAX_SUBOPERATIONS:
-            status = Status.OUT_OF_RESOURCES_SUBOPERATIONS
+            instances = []
             yield 1
-            yield status, None
+            yield done(Status.OUT_OF_RESOURCES_SUBOPERATIONS), None
             return
         accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
                     for c in event.assoc.accepted_contexts}
+        if not instances:
+            done(Status.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
         yield len(instances)
-        status = Status.SUCCESS
         for result in _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled)):
             if result[0] != Status.PENDING:
-                status = result[0]
+                done(result[0])
             yield result
+        done(Status.SUCCESS)
     finally:
-        audit.record("dimse.get", caller, status,
-                     studies={i.study_instance_uid for i in instances},
-                     detail={"model": model, "level": _level_name(event.identifier),
-                             "instances": len(instances)})
+        done(Status.CANCEL)
 
 
 __all__ = ["MoveDestination", "QueryError", "find_matches", "handle_find", "handle_get",

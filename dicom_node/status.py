@@ -37,3 +37,7 @@ class Status(IntEnum):
     #: right, or naming a destination it may not use, is answered (pynetdicom can refuse a
     #: C-MOVE before its sub-operations with this status only).
     MOVE_DESTINATION_UNKNOWN = 0xA801
+    #: C-MOVE failed: unable to process (Cxxx) — what a C-MOVE whose identifier cannot be
+    #: answered gets: pynetdicom cannot send 0xA900 before the sub-operations and answers
+    #: its own 0xC513 once the handler declines to give their number.
+    MOVE_UNABLE_TO_PROCESS = 0xC513

@@ -377,3 +377,14 @@ def test_api_audit_lists_the_dimse_events(dcmtk: dict[str, str], node: DicomNode
     assert event["action"] == "dimse.find" and event["network_access_point_id"] == "127.0.0.1"
     assert event["event_id"] == {"code": "110112", "scheme": "DCM", "meaning": "Query"}
     assert event["study_instance_uid"] == next(iter(_site_studies(archive, SITE_B)))
+
+
+def test_move_with_an_identifier_it_cannot_answer_fails_and_is_audited_without_its_values(
+        dcmtk: dict[str, str], node: DicomNode, archive: DicomwebServer) -> None:
+    result = _run(dcmtk["movescu"], "-v", "-S", "-aet", "PACS_A", "-aec", "DICOMGATEWAY",
+                  "-aem", "STORESCP", "-k", "QueryRetrieveLevel=DUPONT^JEAN",
+                  "-k", "StudyInstanceUID=1.2.3", "127.0.0.1", str(node.port))
+    assert "Final Move Response (Failed: UnableToProcess)" in result.stderr
+    [event] = [e for e in _events(node, archive, "dimse.move", "ae:PACS_A")
+               if json.loads(e.detail)["status"] == "0xC513"]
+    assert event.outcome == 4 and "DUPONT" not in event.detail and "1.2.3" not in event.detail
