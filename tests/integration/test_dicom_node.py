@@ -445,3 +445,25 @@ def test_idle_connections_from_one_address_do_not_lock_out_the_others(tmp_path: 
         for connection in idle:
             connection.close()
         node.stop()
+
+
+def test_an_audit_database_that_refuses_writes_never_fails_a_c_store(
+        tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec]) -> None:
+    """The audit trail is written from a background thread: its database refusing (here:
+    no tables) is logged and retried, and C-STORE still answers Success."""
+    from storage import AccessRepository, AuditWriter, create_index_engine
+
+    broken = AuditWriter(AccessRepository(create_index_engine(f"sqlite:///{tmp_path / 'empty.sqlite3'}")))
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id="site1",
+                        spool_root=tmp_path / "spool", policy=CallerPolicy.build(["127.0.0.0/8"]))
+    node = DicomNode(config, lambda site, batch: None, audit=broken)
+    node.start()
+    try:
+        files = sorted(sample_study[0].rglob("*.dcm"))[:3]
+        sent = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "127.0.0.1", str(node.port),
+                               *map(str, files)], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        assert len(list(node.spool.site_dir.glob("*/*.dcm"))) == 3
+        wait_for(lambda: broken._pending, timeout=10, what="the association's audit event queued")
+    finally:
+        node.stop()
