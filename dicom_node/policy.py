@@ -105,8 +105,15 @@ class CallerPolicy:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
 
+    @property
+    def admitted_ae_titles(self) -> frozenset[str]:
+        """The allowed calling AE titles and the configured callers' (a caller configured
+        with rights is meant to connect)."""
+        return self.calling_ae_titles | frozenset(self.callers)
+
     def ae_title_allowed(self, calling_ae_title: str) -> bool:
-        return not self.calling_ae_titles or calling_ae_title.strip() in self.calling_ae_titles
+        """Any title when no list is configured; else a listed or configured caller's."""
+        return not self.calling_ae_titles or calling_ae_title.strip() in self.admitted_ae_titles
 
     def certificate_matches(self, calling_ae_title: str, certificate_subject: str | None) -> bool:
         """False when the AE title is bound to a certificate subject the peer did not show."""

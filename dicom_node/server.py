@@ -180,9 +180,14 @@ class _GatewayAssociationServer(ThreadedAssociationServer):
         host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         try:
             if isinstance(request, ssl.SSLSocket):
-                request.settimeout(self.handshake_timeout)
-                request.do_handshake()
-                request.settimeout(None)
+                try:
+                    request.settimeout(self.handshake_timeout)
+                    request.do_handshake()
+                    request.settimeout(None)
+                except (OSError, ValueError) as exc:  # SSLError, timeout, reset
+                    log.warning("TLS handshake with %s failed (%s)", host, type(exc).__name__)
+                    self.shutdown_request(request)
+                    return
             super().finish_request(request, client_address)
         finally:
             with self._pending_lock:
@@ -277,7 +282,7 @@ class DicomNode:
         ae.acse_timeout = self.config.association_request_timeout
         ae.require_called_aet = True
         if self.config.policy.calling_ae_titles:
-            ae.require_calling_aet = sorted(self.config.policy.calling_ae_titles)
+            ae.require_calling_aet = sorted(self.config.policy.admitted_ae_titles)
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
@@ -302,17 +307,20 @@ class DicomNode:
         return caller_of(assoc, self.config.policy, self.spools.site_for(assoc.requestor.ae_title))
 
     def _on_requested(self, event: Any) -> None:
-        """A-ASSOCIATE-RQ: an AE title bound to a client certificate subject is honoured
-        only with that certificate; otherwise the association is rejected (calling AE
-        title not recognised) and the attempt audited. Fails closed: an error rejects."""
+        """A-ASSOCIATE-RQ: a calling AE title outside `DICOM__ALLOWED_CALLING_AE_TITLES`,
+        or bound to a client certificate subject the peer did not show, is rejected (calling
+        AE title not recognised) and the attempt audited. Fails closed: an error rejects."""
         assoc = event.assoc
         title = ""
         try:
             # pynetdicom fills requestor.ae_title only after this event: read the request
             title = str(assoc.requestor.primitive.calling_ae_title).strip()
-            if self.config.policy.certificate_matches(title, peer_certificate_subject(assoc)):
+            if not self.config.policy.ae_title_allowed(title):
+                reason = "calling AE title not allowed"
+            elif self.config.policy.certificate_matches(title, peer_certificate_subject(assoc)):
                 return
-            reason = "client certificate subject does not match"
+            else:
+                reason = "client certificate subject does not match"
         except Exception as exc:  # noqa: BLE001 - pynetdicom would log it and go on: refuse
             reason = f"certificate check failed ({type(exc).__name__})"
         log.warning("association rejected: calling AE %s: %s", title, reason)

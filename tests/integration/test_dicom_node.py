@@ -16,7 +16,7 @@ import pynetdicom
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicom_node import CallerPolicy, DicomNode, NodeConfig, Status
+from dicom_node import CallerCredential, CallerPolicy, DicomNode, NodeConfig, Right, Status
 from gateway.sample_study import SampleStudySpec
 from tests.support.services import free_port, wait_for
 
@@ -290,7 +290,8 @@ def test_wrong_called_or_calling_ae_title_is_rejected_at_association(tmp_path: P
                                                                      dcmtk: dict[str, str]) -> None:
     config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
                         site_id="site1", spool_root=tmp_path / "spool",
-                        policy=CallerPolicy.build(["127.0.0.0/8"], ["CT_SALLE_1"]))
+                        policy=CallerPolicy.build(["127.0.0.0/8"], ["CT_SALLE_1"], callers={
+                            "PACS_A": CallerCredential(frozenset({"site1"}), frozenset(Right))}))
     dicom_node = DicomNode(config, _Recorder())
     dicom_node.start()
     try:
@@ -303,6 +304,8 @@ def test_wrong_called_or_calling_ae_title_is_rejected_at_association(tmp_path: P
         assert "Received Echo Response (Success)" in echo("CT_SALLE_1", "DICOMGATEWAY")
         assert "Called AE Title Not Recognized" in echo("CT_SALLE_1", "OTHERNODE")
         assert "Calling AE Title Not Recognized" in echo("INTRUDER", "DICOMGATEWAY")
+        # a caller configured in DICOM__CALLERS is allowed too
+        assert "Received Echo Response (Success)" in echo("PACS_A", "DICOMGATEWAY")
     finally:
         dicom_node.stop()
 
