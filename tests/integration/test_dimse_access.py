@@ -42,11 +42,16 @@ from tests.support.services import free_port, wait_for
 SITE_A, SITE_B = "site1", "siteB"
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomwebServer]:
-    """Three de-identified studies in one index: two of site A, one of site B; the API
-    (for /api/audit) runs on the same index."""
-    server = DicomwebServer(tmp_path_factory.mktemp("two-sites"), studies=3)
+@pytest.fixture(scope="module", params=[
+    "sqlite", pytest.param("postgresql", marks=pytest.mark.production)])
+def archive(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomwebServer]:
+    """Three de-identified studies in one index (SQLite, then PostgreSQL): two of site A,
+    one of site B; the API (for /api/audit) runs on the same index."""
+    database_url = (request.getfixturevalue("create_postgres_database")()
+                    if request.param == "postgresql" else None)
+    server = DicomwebServer(tmp_path_factory.mktemp("two-sites"), studies=3,
+                            database_url=database_url)
     studies = server.index.search_studies(StudyQuery())
     site_b = min(s.study_instance_uid for s in studies if s.number_of_instances != 6)
     with server.index.engine.begin() as connection:

@@ -33,11 +33,13 @@ TOKEN = "dicomweb-test-token-0123456789abcdef"
 
 class DicomwebServer:
     """`studies` sample studies (the first with the default planted identity, the others
-    with their own); `config` adds ApiConfig fields (limits, OIDC, SMTP...)."""
+    with their own); `config` adds ApiConfig fields (limits, OIDC, SMTP...); the index is
+    SQLite under `root` unless `database_url` names another (PostgreSQL)."""
 
-    def __init__(self, root: Path, studies: int = 1, **config: Any) -> None:
+    def __init__(self, root: Path, studies: int = 1, database_url: str | None = None,
+                 **config: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        engine = create_index_engine(f"sqlite:///{root / 'index.sqlite3'}")
+        engine = create_index_engine(database_url or f"sqlite:///{root / 'index.sqlite3'}")
         migrate(engine)
         self.index = IndexRepository(engine)
         self.store = FilesystemObjectStore(root / "objects")
