@@ -407,8 +407,10 @@ def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: s
             yield None  # not a number: pynetdicom answers 0xC513 and sends nothing
             return
         accepted: set[tuple[str, str]] = set()
+        reached: list[bool] = []
 
         def on_accepted(accept_event: Any) -> None:
+            reached.append(True)
             accepted.update((str(c.abstract_syntax), str(c.transfer_syntax[0]))
                             for c in accept_event.assoc.accepted_contexts)
 
@@ -423,6 +425,9 @@ def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: s
             yield result
         done(Status.SUCCESS)  # asked for once the last sub-operation is done
     finally:
+        if instances and not reached:  # pynetdicom could not associate: it answered 0xA801
+            notes["reason"] = "destination unreachable"
+            done(Status.MOVE_DESTINATION_UNKNOWN)
         done(Status.CANCEL)
 
 

@@ -88,7 +88,8 @@ def node(archive: DicomwebServer, destination_port: int,
         ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(), site_id=SITE_A,
         spool_root=tmp_path_factory.mktemp("spool"), policy=POLICY, batch_size=0,
         calling_ae_sites={"PACS_B": SITE_B, "MODALITY_B": SITE_B},
-        move_destinations={"STORESCP": MoveDestination("STORESCP", "127.0.0.1", destination_port)})
+        move_destinations={"STORESCP": MoveDestination("STORESCP", "127.0.0.1", destination_port),
+                           "DOWN": MoveDestination("DOWN", "127.0.0.1", free_port())})
     running = DicomNode(config, lambda site, batch: None, archive.index, archive.store,
                         archived_as(archive.index, PseudonymKeys(b"w" * 32)),
                         pseudonymize_uid=PseudonymKeys(b"w" * 32).uid)
@@ -248,7 +249,8 @@ def test_move_obeys_site_scope_and_the_move_right(dcmtk: dict[str, str], node: D
     assert allowed.returncode == 0, allowed.stderr
     count = len(archive.index.search_instances(InstanceQuery(study_instance_uid=study_b)))
     wait_for(lambda: len(list(storescp.iterdir())) == count, timeout=30, what="B's study moved")
-    [region] = _events(node, archive, "dimse.move", "ae:REGION")
+    [region] = [e for e in _events(node, archive, "dimse.move", "ae:REGION")
+                if json.loads(e.detail)["destination_ae"] == "STORESCP"]
     assert region.study_instance_uid == study_b and region.outcome == 0
     assert json.loads(region.detail)["destination_ae"] == "STORESCP"
     [refused] = _events(node, archive, "dimse.move", "ae:PACS_B")
@@ -393,3 +395,18 @@ def test_move_with_an_identifier_it_cannot_answer_fails_and_is_audited_without_i
     [event] = [e for e in _events(node, archive, "dimse.move", "ae:PACS_A")
                if json.loads(e.detail)["status"] == "0xC513"]
     assert event.outcome == 4 and "DUPONT" not in event.detail and "1.2.3" not in event.detail
+
+
+def test_move_to_a_destination_that_does_not_answer_is_audited_as_refused(
+        dcmtk: dict[str, str], node: DicomNode, archive: DicomwebServer) -> None:
+    [study_b] = _site_studies(archive, SITE_B)
+    result = _run(dcmtk["movescu"], "-v", "-S", "-aet", "REGION", "-aec", "DICOMGATEWAY",
+                  "-aem", "DOWN", "-k", "QueryRetrieveLevel=STUDY",
+                  "-k", f"StudyInstanceUID={study_b}", "127.0.0.1", str(node.port))
+    assert "Refused: MoveDestinationUnknown" in result.stderr
+    [event] = [e for e in _events(node, archive, "dimse.move", "ae:REGION")
+               if json.loads(e.detail)["destination_ae"] == "DOWN"]
+    assert event.status_code == 0xA801 and event.outcome == 4
+    assert json.loads(event.detail)["reason"] == "destination unreachable"
+    assert event.study_instance_uid == study_b
+
