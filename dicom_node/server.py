@@ -144,8 +144,7 @@ class _GatewayAssociationServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client_socket, address = self.socket.accept()
+        client_socket, address = cast(socket.socket, self.socket).accept()
         # Small DIMSE responses otherwise wait for the peer's delayed ACK (~40 ms each).
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
