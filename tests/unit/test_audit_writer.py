@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from storage import AccessRepository, AuditQuery, create_index_engine, migrate
+from storage import AccessRepository, AuditEntry, AuditQuery, create_index_engine, migrate
 from web_viewer_api.audit import AuditWriter, entry
 
 
@@ -42,3 +42,25 @@ def test_a_refused_write_keeps_the_events_for_the_next_flush(tmp_path: Path) -> 
         connection.exec_driver_sql("ALTER TABLE audit_events_away RENAME TO audit_events")
     writer.flush()
     assert [e.address for e in access.search_audit(AuditQuery())] == ["10.0.0.9"]
+
+
+def test_dimse_events_are_bounded_and_without_control_characters() -> None:
+    from storage import dimse_entry
+
+    event = dimse_entry("dimse.find", "ae:PACS\r\nFORGED", "10.0.0.1\n" * 20,
+                        study_instance_uid="2.25." + "1" * 80)
+    assert event.actor == "ae:PACSFORGED" and "\n" not in event.address
+    assert len(event.address) <= 64 and len(event.study_instance_uid) == 64
+    assert (event.event_code, event.event_action) == ("110112", "E")
+
+
+def test_the_node_audit_never_raises_into_a_dimse_operation() -> None:
+    from dicom_node import CallerPolicy, NodeAudit
+
+    class Refusing(AuditWriter):
+        def submit(self, events: list[AuditEntry]) -> None:
+            raise RuntimeError("queue gone")
+
+    caller = CallerPolicy.build(["127.0.0.0/8"]).caller("MODALITY", "127.0.0.1", "site1")
+    NodeAudit(Refusing(AccessRepository(create_index_engine("sqlite://")))).record(
+        "dimse.store", caller, 0, studies={"2.25.1"})
