@@ -245,6 +245,8 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
                          studies=studies,
                          # some stored, some refused: a minor failure, whatever the status
                          outcome=4 if state.failed and state.stored else None,
-                         detail={"site": site_id, "instances": state.stored,
-                                 "refused": state.failed, "studies": len(state.chunks),
-                                 "bytes": state.bytes, "association": outcome})
+                         # counts of the whole association, repeated in each study's event
+                         detail={"site": site_id, "association": {
+                             "instances": state.stored, "refused": state.failed,
+                             "studies": len(state.chunks), "bytes": state.bytes,
+                             "outcome": outcome}})

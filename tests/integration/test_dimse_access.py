@@ -336,7 +336,8 @@ def test_commitment_answers_only_about_the_callers_own_sites_instances(
     # the study under the UID the worker will give it, never the one the modality sent
     assert stores[0].study_instance_uid == keys.uid(str(spooled[0].StudyInstanceUID))
     detail = json.loads(stores[0].detail)
-    assert detail["instances"] == 2 and detail["site"] == SITE_B and detail["refused"] == 0
+    assert detail["site"] == SITE_B and detail["association"]["instances"] == 2
+    assert detail["association"]["refused"] == 0 and detail["association"]["outcome"] == "released"
     originals = _original_uids(archive) | {
         str(getattr(h, k)) for h in spooled
         for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
@@ -368,7 +369,7 @@ def test_store_without_the_store_right_is_refused_and_audited(
     [event] = _events(node, archive, "dimse.store", "ae:REGION")
     detail = json.loads(event.detail)
     assert event.outcome == 4 and event.status_code == 0x0124
-    assert detail["instances"] == 0 and detail["refused"] == 1
+    assert detail["association"]["instances"] == 0 and detail["association"]["refused"] == 1
     assert not node.spools.holds(str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID))
 
 
