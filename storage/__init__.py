@@ -31,6 +31,7 @@ from storage.index import (
     migrate,
 )
 from storage.objects import (
+    AlreadyExists,
     IntegrityError,
     InvalidKey,
     ObjectInfo,
@@ -58,6 +59,7 @@ __all__ = [
     "MAX_FUZZY_WORDS",
     "AccessRepository",
     "AccessScope",
+    "AlreadyExists",
     "ApiKeyRecord",
     "AuditEntry",
     "AuditQuery",
