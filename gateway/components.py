@@ -162,13 +162,15 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
 
 def build_pipeline(settings: Settings) -> IngestPipeline:
     policy = build_policy(settings)
+    index = build_index(settings, run_migrations=False)
     return IngestPipeline(
         store=build_object_store(settings),
-        index=build_index(settings, run_migrations=False),
+        index=index,
         policy=policy,
         spool_root=settings.spool_dir,
         quarantine_root=settings.quarantine_dir,
         codec=None if settings.worker.compression == "none" else Codec(settings.worker.compression),
+        audit=AccessRepository(index.engine).append_audit,
     )
 
 

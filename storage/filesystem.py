@@ -13,7 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from storage.objects import AlreadyExists, InvalidKey, ObjectInfo, ObjectNotFound, StorageError, validate_key
+from storage.objects import (
+    AlreadyExists,
+    InvalidKey,
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    validate_key,
+)
 
 
 class _Descriptors:

@@ -54,6 +54,8 @@ ACTIONS: Mapping[str, tuple[str, str]] = {
     "apikey.create": ("110136", "C"),
     "apikey.revoke": ("110136", "D"),
     "api.request": ("110112", "E"),
+    # Written by the worker: a different instance under stored UIDs (the original stays).
+    "instance.conflict": ("110113", "E"),
 }
 #: Failures that count against a client address.
 AUTH_FAILURES = ("auth.failure",)
