@@ -104,9 +104,11 @@ def _checked_name(value: str, what: str) -> str:
 
 
 def stamp_provenance(dataset: Dataset, site_id: str, source_syntax: str, compression: str) -> None:
-    """Record the producing site, the received transfer syntax and the compression outcome."""
+    """Record the producing site (when given), the received transfer syntax and the
+    compression outcome."""
     block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(_SITE_ELEMENT, "LO", site_id)
+    if site_id:  # named only under Retain Institution Identity (the index knows it anyway)
+        block.add_new(_SITE_ELEMENT, "LO", site_id)
     block.add_new(_SOURCE_SYNTAX_ELEMENT, "UI", source_syntax)
     block.add_new(_COMPRESSION_ELEMENT, "LO", compression)
 
