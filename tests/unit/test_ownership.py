@@ -277,9 +277,9 @@ def test_two_sites_storing_one_study_at_once_give_it_exactly_one_owner(
         thread.join()
     # A loser of an index race (its series row before the owner's study row) is retried.
     assert all(isinstance(e, TransientPipelineError) for e in errors), errors
-    for name in sites:
+    for name, site in sites.items():
         if (tmp_path / "spool" / name / "x1").exists():
-            sites[name].ingest_batch(name, "x1")
+            site.ingest_batch(name, "x1")
     pipeline = sites["siteA"]
     [study] = pipeline.index.search_studies(StudyQuery())
     owner = read_study_owner(pipeline.store, study.study_instance_uid)
