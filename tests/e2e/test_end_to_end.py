@@ -196,7 +196,9 @@ def test_production_column_redis_postgresql_seaweedfs(
             config=Config(s3={"addressing_style": "path"}))
         keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
         assert len([k for k in keys if k.endswith(".dcm")]) == spec.ct_slices + spec.mr_slices
-        assert all(k.startswith(f"studies/{study_uid}/series/") for k in keys)
+        assert all(k.startswith(f"studies/{study_uid}/series/") for k in keys
+                   if k != f"studies/{study_uid}/owner.json")
+        assert f"studies/{study_uid}/owner.json" in keys
         blobs = [client.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys]
         _assert_no_phi(blobs, folder, spec)
         for process in (node, worker, api):
