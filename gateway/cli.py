@@ -89,6 +89,7 @@ def node(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = No
     settings = _settings(data_dir=data_dir, host=host, dicom__port=dicom_port,
                          dicom__ae_title=ae_title)
     components.configure_logging(settings, "node")
+    components.close_site_files(settings)
     celery_app = components.build_celery(settings, with_pipeline=False)
     dicom_node = components.build_node(settings, celery_app)
     try:
@@ -114,6 +115,7 @@ def worker(data_dir: DataDir = None,
 
     settings = _settings(data_dir=data_dir, worker__concurrency=concurrency)
     components.configure_logging(settings, "worker")
+    components.close_site_files(settings)
     try:
         components.build_policy(settings)  # refuse a bad profile before starting
         components.build_index(settings)  # migrate before forking
@@ -144,6 +146,7 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
 
     settings = _settings(data_dir=data_dir, host=host, http__port=http_port)
     components.configure_logging(settings, "api")
+    components.close_site_files(settings)
     try:
         application = components.build_api(settings)  # checks the settings before serving
     except SettingsError as exc:
@@ -224,6 +227,7 @@ def import_files(
 
     settings = _settings(data_dir=data_dir)
     components.configure_logging(settings, "import")
+    components.close_site_files(settings)
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise _fail(FileNotFoundError(f"no such path: {', '.join(map(str, missing))}"))
