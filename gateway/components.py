@@ -22,6 +22,7 @@ from anonymize import (
     pseudonymize_patient_id,
 )
 from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig, TlsConfig
+from gateway.library_logs import withhold_library_values
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
 from storage import (
     AccessRepository,
@@ -68,6 +69,8 @@ def configure_logging(settings: Settings, component: str) -> None:
     # (identifying) SOP Instance UIDs of what modalities send: never below INFO.
     pynetdicom_log = logging.getLogger("pynetdicom")
     pynetdicom_log.setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
+    # pydicom quotes invalid values, in records and warnings: texts withheld (library_logs).
+    withhold_library_values()
 
 
 def build_object_store(settings: Settings) -> ObjectStore:
