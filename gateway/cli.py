@@ -240,7 +240,7 @@ def import_files(
     console.print(
         f"[bold]{summary.files}[/bold] files ({summary.bytes / 1e6:.1f} MB): "
         f"[green]{summary.stored} stored[/green], {summary.duplicates} duplicates, "
-        f"{summary.not_dicom} not DICOM, "
+        f"{summary.not_dicom} not DICOM, {summary.too_large} too large, "
         f"[red]{sum(summary.quarantined.values())} quarantined[/red]"
     )
     for reason, count in summary.quarantined.most_common():
@@ -248,6 +248,7 @@ def import_files(
     sys.stdout.write(json.dumps({"files": summary.files, "stored": summary.stored,
                                  "duplicates": summary.duplicates,
                                  "not_dicom": summary.not_dicom,
+                                 "too_large": summary.too_large,
                                  "quarantined": dict(summary.quarantined)}) + "\n")
 
 

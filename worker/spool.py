@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import os
 import re
+import secrets
 import shutil
 import stat
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -118,14 +120,23 @@ class Spool:
 
     root: Path
     site_id: str
+    #: Keys the study part of batch ids; random, kept in this process's memory only.
+    batch_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False,
+                             compare=False)
 
     @property
     def site_dir(self) -> Path:
         return self.root / self.site_id
 
     def batch_id(self, association_tag: str, study_instance_uid: str) -> str:
-        """The batch of one study within one association (study hashed: no UID in names)."""
-        digest = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:16]
+        """The batch of one study within one association: the same for every instance of
+        the study this spool receives in that association, different for another study.
+        Batch ids travel through the broker: the study part is an HMAC under a key that never
+        leaves this process (an unkeyed hash would let whoever reads the broker confirm a
+        candidate original Study Instance UID), over the association too (two associations'
+        batches of one study cannot be linked)."""
+        digest = hmac.new(self.batch_key, f"{association_tag}\0{study_instance_uid}".encode(),
+                          hashlib.sha256).hexdigest()[:16]
         return f"{association_tag}-{digest}"
 
     def write(self, batch_id: str, sop_instance_uid: str, encoded: bytes) -> Path:
