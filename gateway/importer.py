@@ -27,7 +27,6 @@ from rich.progress import (
 
 from worker import UNREADABLE_DATASET_ERRORS, IngestPipeline, Spool
 
-
 #: Largest file an import reads (a zip member is read as it inflates and dropped past it: a
 #: member of a few kilobytes can inflate to gigabytes). The STOW-RS default request limit.
 MAX_FILE_BYTES = 2 * 1024**3
