@@ -270,7 +270,13 @@ def reidentify(
     except (OSError, ValueError, ReidentificationError) as exc:
         raise _fail(exc) from exc
     target = out or file.with_name(file.stem + ".reidentified.dcm")
-    dataset.save_as(target, enforce_file_format=True)
+    from worker import open_private
+
+    try:
+        with open_private(target, exclusive=False) as handle:  # original identifiers: 0600
+            dataset.save_as(handle, enforce_file_format=True)
+    except OSError as exc:
+        raise _fail(exc) from exc
     console.print(f"restored original attributes into {target}")
 
 
