@@ -102,7 +102,10 @@ def close_site_files(settings: Settings) -> None:
         close_private_tree(folder)
     secrets_file = settings.data_dir / SECRETS_FILE
     if secrets_file.is_file() and secrets_file.stat().st_mode & 0o077:
-        secrets_file.chmod(0o600)
+        try:
+            secrets_file.chmod(0o600)
+        except PermissionError:
+            log.warning("%s is readable by other users and not ours to close", secrets_file)
 
 
 def build_index(settings: Settings, *, run_migrations: bool = True) -> IndexRepository:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -26,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SPOOL_SUFFIX = ".dcm"
@@ -88,6 +91,7 @@ def close_private_tree(root: str | Path) -> int:
     for folder, folders, files in os.walk(root):
         entries += [(Path(folder, name), PRIVATE_DIRECTORY_MODE) for name in folders]
         entries += [(Path(folder, name), PRIVATE_FILE_MODE) for name in files]
+    not_ours = 0
     for path, mode in entries:
         try:
             info = path.lstat()
@@ -96,6 +100,11 @@ def close_private_tree(root: str | Path) -> int:
                 changed += 1
         except FileNotFoundError:
             continue  # processed while we walked
+        except PermissionError:
+            not_ours += 1  # another user's file: reported, not fatal
+    if not_ours:
+        log.warning("%d files or folders under %s are readable by other users and not ours "
+                    "to close", not_ours, root)
     return changed
 
 
