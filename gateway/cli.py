@@ -89,6 +89,7 @@ def node(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = No
     settings = _settings(data_dir=data_dir, host=host, dicom__port=dicom_port,
                          dicom__ae_title=ae_title)
     components.configure_logging(settings, "node")
+    components.close_site_files(settings)
     celery_app = components.build_celery(settings, with_pipeline=False)
     dicom_node = components.build_node(settings, celery_app)
     try:
@@ -114,6 +115,7 @@ def worker(data_dir: DataDir = None,
 
     settings = _settings(data_dir=data_dir, worker__concurrency=concurrency)
     components.configure_logging(settings, "worker")
+    components.close_site_files(settings)
     try:
         components.build_policy(settings)  # refuse a bad profile before starting
         components.build_index(settings)  # migrate before forking
@@ -144,6 +146,7 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
 
     settings = _settings(data_dir=data_dir, host=host, http__port=http_port)
     components.configure_logging(settings, "api")
+    components.close_site_files(settings)
     try:
         application = components.build_api(settings)  # checks the settings before serving
     except SettingsError as exc:
@@ -224,6 +227,7 @@ def import_files(
 
     settings = _settings(data_dir=data_dir)
     components.configure_logging(settings, "import")
+    components.close_site_files(settings)
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise _fail(FileNotFoundError(f"no such path: {', '.join(map(str, missing))}"))
@@ -236,7 +240,7 @@ def import_files(
     console.print(
         f"[bold]{summary.files}[/bold] files ({summary.bytes / 1e6:.1f} MB): "
         f"[green]{summary.stored} stored[/green], {summary.duplicates} duplicates, "
-        f"{summary.not_dicom} not DICOM, "
+        f"{summary.not_dicom} not DICOM, {summary.too_large} too large, "
         f"[red]{sum(summary.quarantined.values())} quarantined[/red]"
     )
     for reason, count in summary.quarantined.most_common():
@@ -244,6 +248,7 @@ def import_files(
     sys.stdout.write(json.dumps({"files": summary.files, "stored": summary.stored,
                                  "duplicates": summary.duplicates,
                                  "not_dicom": summary.not_dicom,
+                                 "too_large": summary.too_large,
                                  "quarantined": dict(summary.quarantined)}) + "\n")
 
 
@@ -265,7 +270,13 @@ def reidentify(
     except (OSError, ValueError, ReidentificationError) as exc:
         raise _fail(exc) from exc
     target = out or file.with_name(file.stem + ".reidentified.dcm")
-    dataset.save_as(target, enforce_file_format=True)
+    from worker import open_private
+
+    try:
+        with open_private(target, exclusive=False) as handle:  # original identifiers: 0600
+            dataset.save_as(handle, enforce_file_format=True)
+    except OSError as exc:
+        raise _fail(exc) from exc
     console.print(f"restored original attributes into {target}")
 
 

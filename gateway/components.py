@@ -22,7 +22,8 @@ from anonymize import (
     pseudonymize_patient_id,
 )
 from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig, TlsConfig
-from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, Settings, SettingsError
+from gateway.library_logs import withhold_library_values
+from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
 from storage import (
     AccessRepository,
     FilesystemObjectStore,
@@ -50,6 +51,7 @@ from worker import (
     StudyCompletion,
     Webhook,
     WorkerContext,
+    close_private_tree,
     create_celery_app,
     enqueue_ingest,
     filesystem_broker_options,
@@ -67,6 +69,8 @@ def configure_logging(settings: Settings, component: str) -> None:
     # (identifying) SOP Instance UIDs of what modalities send: never below INFO.
     pynetdicom_log = logging.getLogger("pynetdicom")
     pynetdicom_log.setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
+    # pydicom quotes invalid values, in records and warnings: texts withheld (library_logs).
+    withhold_library_values()
 
 
 def build_object_store(settings: Settings) -> ObjectStore:
@@ -90,8 +94,22 @@ def build_object_store(settings: Settings) -> ObjectStore:
     return FilesystemObjectStore(settings.objects_dir)
 
 
+def close_site_files(settings: Settings) -> None:
+    """At start-up: the spool, quarantine and embedded broker folders hold identified data
+    (owner only: folders 0700, files 0600, as they are now created); what an older version
+    left by the umask (0755/0644) is tightened, and so is the secrets file."""
+    for folder in (settings.spool_dir, settings.quarantine_dir, settings.broker_dir):
+        close_private_tree(folder)
+    secrets_file = settings.data_dir / SECRETS_FILE
+    if secrets_file.is_file() and secrets_file.stat().st_mode & 0o077:
+        try:
+            secrets_file.chmod(0o600)
+        except PermissionError:
+            log.warning("%s is readable by other users and not ours to close", secrets_file)
+
+
 def build_index(settings: Settings, *, run_migrations: bool = True) -> IndexRepository:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_index_engine(settings.effective_database_url)
     if run_migrations:
         migrate(engine)

@@ -296,8 +296,9 @@ class Settings(BaseSettings):
         return loaded
 
     def ensure_generated_secrets(self) -> None:
-        """For `serve`: create the data dir's secrets file if absent (mode 0600)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """For `serve`: create the data dir's secrets file if absent (mode 0600; a data dir
+        created here is 0700)."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         stored = self._stored_secrets()
         changed = False
         for name in ("pseudonym_secret", "admin_token"):
@@ -307,6 +308,7 @@ class Settings(BaseSettings):
         if changed:
             path = self.data_dir / SECRETS_FILE
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a file written by hand keeps its mode otherwise
             with os.fdopen(fd, "w") as handle:
                 json.dump(stored, handle)
 

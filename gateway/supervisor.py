@@ -81,6 +81,7 @@ class Supervisor:
 
     def run(self) -> int:
         components.configure_logging(self.settings, "serve")
+        components.close_site_files(self.settings)
         components.build_policy(self.settings)  # a bad de-identification profile stops us here
         admin_token = self.settings.admin_token_value()
         components.build_index(self.settings)  # migrate once, before any child starts

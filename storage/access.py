@@ -31,6 +31,22 @@ def _of_sites(site_ids: frozenset[str]) -> Any:
                 ~exists().where(ShareItem.share_id == Share.share_id, ~in_sites))
 
 
+def _audit_of_sites(site_ids: frozenset[str], caller: str | None) -> Any:
+    """The audit events a caller limited to `site_ids` may read: those about its sites'
+    data — every study the event names is indexed as one of these sites' and every share
+    it names is of these sites' studies (`_of_sites`), and it names at least one — and the
+    caller's own events. Fails closed: an event naming neither (an unknown address's failed
+    token, another key's request), or a study not (or no longer) indexed, is not shown."""
+    sites = sorted(site_ids)
+    study_of_sites = exists().where(Study.study_instance_uid == AuditEvent.study_instance_uid,
+                                    Study.site_id.in_(sites))
+    share_of_sites = exists().where(Share.share_id == AuditEvent.share_id, _of_sites(site_ids))
+    about_sites = and_(or_(AuditEvent.study_instance_uid != "", AuditEvent.share_id != ""),
+                       or_(AuditEvent.study_instance_uid == "", study_of_sites),
+                       or_(AuditEvent.share_id == "", share_of_sites))
+    return or_(about_sites, AuditEvent.actor == caller) if caller else about_sites
+
+
 def _joined(site_ids: frozenset[str] | None) -> str | None:
     return " ".join(sorted(site_ids)) if site_ids is not None else None
 
@@ -111,6 +127,10 @@ class AuditQuery:
     failures_only: bool = False
     #: Only events after this id (keyset paging for exports).
     after_id: int | None = None
+    #: A caller limited to these sites sees only their events (`_audit_of_sites`) and,
+    #: when `caller` is given, its own; None: every event.
+    site_ids: frozenset[str] | None = None
+    caller: str | None = None
     limit: int = 100
     offset: int = 0
     newest_first: bool = True
@@ -275,6 +295,8 @@ class AccessRepository:
             conditions.append(AuditEvent.outcome != 0)
         if query.after_id is not None:
             conditions.append(AuditEvent.event_id > query.after_id)
+        if query.site_ids is not None:
+            conditions.append(_audit_of_sites(query.site_ids, query.caller))
         order = AuditEvent.event_id.desc() if query.newest_first else AuditEvent.event_id
         statement = (select(AuditEvent.__table__).where(*conditions).order_by(order)
                      .limit(query.limit).offset(query.offset))

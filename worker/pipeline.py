@@ -43,6 +43,7 @@ from storage import (
 )
 from worker.completion import instance_metadata_key
 from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
+from worker.spool import PRIVATE_FILE_MODE, open_private, private_directory
 from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
 log = logging.getLogger(__name__)
@@ -417,8 +418,8 @@ class IngestPipeline:
             log.error("security alert not written to the audit trail: %s", type(exc).__name__)
 
     def _quarantine(self, path: Path, site_id: str, batch_id: str, exc: Exception) -> None:
-        target_dir = self.quarantine_root / site_id / batch_id
-        target_dir.mkdir(parents=True, exist_ok=True)
+        # Identified data, like the spool it comes from: folders 0700, files 0600.
+        target_dir = private_directory(self.quarantine_root / site_id / batch_id)
         target = target_dir / path.name
         reason = {
             "reason": type(exc).__name__,
@@ -428,13 +429,15 @@ class IngestPipeline:
             "batch_id": batch_id,
         }
         reason_path = target.with_name(target.name + ".reason.json")
-        reason_path.write_text(json.dumps(reason, indent=2))
+        with open_private(reason_path, exclusive=False) as handle:
+            handle.write(json.dumps(reason, indent=2).encode())
         try:
             os.replace(path, target)
         except FileNotFoundError:
             return
         except OSError:
-            shutil.move(str(path), str(target))
+            shutil.move(str(path), str(target))  # another file system: copied with its mode
+            os.chmod(target, PRIVATE_FILE_MODE)
         log.warning("batch %s/%s: one instance quarantined (%s)", site_id, batch_id, type(exc).__name__)
 
     @staticmethod

@@ -436,3 +436,144 @@ def test_oidc_site_claim_limits_to_the_named_sites(tmp_path_factory: pytest.Temp
         assert httpx.get(f"{server.url}/studies", headers={**clerk, **JSON}).status_code == 403
         assert httpx.post(f"{server.root}/api/shares", headers=clerk,
                           json={"study_uids": [south], "expires_in": 600}).status_code == 201
+
+
+def _audit_pages(server: DicomwebServer, auth: dict[str, str], until: str,
+                 page_size: int) -> list[dict[str, Any]]:
+    """Every event up to `until`, page by page through limit/offset/next_offset."""
+    events: list[dict[str, Any]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = httpx.get(f"{server.root}/api/audit", headers=auth,
+                         params={"until": until, "limit": page_size, "offset": offset})
+        assert page.status_code == 200, page.text
+        events += page.json()["events"]
+        offset = page.json().get("next_offset")
+    return events
+
+
+def _site_events(server: DicomwebServer, tmp_path: Path) -> dict[str, str]:
+    """Events about a study of site A (the server's own, site1) and of site B — reads,
+    shares, a DIMSE-like row — plus events about neither."""
+    from storage import AuditEntry
+
+    a_study = next(uid for uid, site in _sites(server).items() if site == "site1")
+    b_study = _ingest_site_study(server, tmp_path, "site-b", 5101)
+    for study in (a_study, b_study):
+        assert httpx.get(f"{server.url}/studies/{study}/metadata", headers=ADMIN).status_code == 200
+    shares = {name: httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                               json={"study_uids": [study], "expires_in": 3600}).json()["id"]
+              for name, study in (("a", a_study), ("b", b_study))}
+    mixed = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                       json={"study_uids": [b_study, a_study], "expires_in": 3600}).json()["id"]
+    for share in (*shares.values(), mixed):
+        assert httpx.get(f"{server.root}/api/shares/{share}", headers=ADMIN).status_code == 200
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": "Bearer nope"}).status_code == 401
+    now = dt.datetime.now(dt.UTC)
+    server.access.append_audit([  # as the DIMSE side writes them: actor "ae:<TITLE>"
+        AuditEntry(at=now, action="dicomweb.retrieve", event_code="110103", event_action="R",
+                   outcome=0, actor=f"ae:MODALITY_{name}", study_instance_uid=study)
+        for name, study in (("A", a_study), ("B", b_study), ("X", "1.2.826.0.1.999"))])
+    return {"a_study": a_study, "b_study": b_study, "a_share": shares["a"],
+            "b_share": shares["b"], "mixed_share": mixed}
+
+
+def test_an_admin_limited_to_site_b_reads_only_site_b_events(tmp_path: Path) -> None:
+    """/api/audit for an admin key limited to site B: events about B's studies and B's
+    shares, and its own; never A's, a share mixing A and B, nor events about no study or
+    share (an unknown address's failed token, another caller's request). Paging and the
+    JSON Lines export give the same set; an unrestricted admin sees everything."""
+    with DicomwebServer(tmp_path / "server") as server:
+        ids = _site_events(server, tmp_path)
+        key_id, key = _key(server, {"admin"}, site="site-b")
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{server.url}/studies", headers={**auth, **JSON}).status_code == 403
+        server.app.state.audit_writer.flush()
+        until = (dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=1)).isoformat()
+        seen = _audit_pages(server, auth, until, 1000)
+        assert seen, "site B has events"
+        for event in seen:
+            about_b = (event["study_instance_uid"] in (None, ids["b_study"])
+                       and event["share_id"] in (None, ids["b_share"])
+                       and (event["study_instance_uid"] or event["share_id"]))
+            assert about_b or event["user_id"] == f"key:{key_id}", event
+        actions = {(e["action"], e["user_id"], e["study_instance_uid"], e["share_id"]) for e in seen}
+        assert ("dicomweb.retrieve", "ae:MODALITY_B", ids["b_study"], None) in actions
+        assert ("share.create", "admin", ids["b_study"], ids["b_share"]) in actions
+        assert any(e["action"] == "dicomweb.retrieve" and e["user_id"] == "admin"
+                   and e["study_instance_uid"] == ids["b_study"] for e in seen)
+        assert any(e["action"] == "auth.forbidden" or e["user_id"] == f"key:{key_id}" for e in seen)
+        paged = _audit_pages(server, auth, until, 2)
+        assert [e["id"] for e in paged] == [e["id"] for e in seen]
+        exported = httpx.get(f"{server.root}/api/audit", headers=auth,
+                             params={"until": until, "format": "jsonl"})
+        assert sorted(json.loads(line)["id"] for line in exported.text.splitlines()) == sorted(
+            e["id"] for e in seen)
+        for name, value in (("study_uid", ids["a_study"]), ("share_id", ids["a_share"]),
+                            ("share_id", ids["mixed_share"]), ("actor", "admin")):
+            filtered = httpx.get(f"{server.root}/api/audit", headers=auth, params={name: value})
+            assert all(e["study_instance_uid"] != ids["a_study"] and e["share_id"] in (None, ids["b_share"])
+                       for e in filtered.json()["events"]), (name, filtered.json())
+        everything = _audit_pages(server, ADMIN, until, 1000)
+        assert {e["id"] for e in seen} < {e["id"] for e in everything}
+        for wanted in (ids["a_study"], ids["a_share"], ids["mixed_share"], "ae:MODALITY_X"):
+            assert any(wanted in (e["study_instance_uid"], e["share_id"], e["user_id"])
+                       for e in everything), wanted
+        assert any(e["action"] == "auth.failure" for e in everything)
+
+
+def test_audit_site_limits_on_postgresql(postgres_url: str) -> None:
+    """The same rule in PostgreSQL's SQL: a caller limited to site B reads events about B's
+    studies and shares and its own, with consistent limit/offset pages."""
+    from storage import (
+        AccessRepository,
+        AuditEntry,
+        AuditQuery,
+        IndexRepository,
+        ShareItemRecord,
+        ShareRecord,
+    )
+    from tests.support.index_records import study_records
+
+    engine = create_index_engine(postgres_url)
+    migrate(engine)
+    index, access = IndexRepository(engine), AccessRepository(engine)
+    suffix = str(time.time_ns())
+    studies = {"site-a": f"1.2.826.0.1.7.{suffix}.1", "site-b": f"1.2.826.0.1.7.{suffix}.2"}
+    for site, study in studies.items():
+        records = study_records(study, f"P{site}")
+        for record in records:
+            record.study["site_id"] = site
+        index.upsert_instances(records)
+    now = dt.datetime.now(dt.UTC)
+    for site, study in studies.items():
+        access.add_share(ShareRecord(
+            share_id=f"{site}-{suffix}", created_at=now, created_by="admin",
+            expires_at=now + dt.timedelta(hours=1), revoked_at=None, pin_hash=None,
+            pin_failures=0, locked_at=None, max_uses=None, uses=0, allow_download=False,
+            recipient="", recipient_email="", note="", site_ids=None,
+            items=(ShareItemRecord(study),)), f"{site}-{suffix}".ljust(64, "0"))
+    caller = f"key:b-{suffix}"
+
+    def event(actor: str, study: str = "", share: str = "") -> AuditEntry:
+        return AuditEntry(at=now, action="dicomweb.retrieve", event_code="110103",
+                          event_action="R", outcome=0, actor=actor, resource=suffix,
+                          study_instance_uid=study, share_id=share)
+
+    access.append_audit([
+        event("admin", studies["site-a"]), event("admin", studies["site-b"]),
+        event("admin", share=f"site-a-{suffix}"), event("admin", share=f"site-b-{suffix}"),
+        event("ae:B", studies["site-b"], f"site-a-{suffix}"), event("admin"), event(caller),
+        event("ae:X", "1.2.826.0.1.7.404")])
+    window = {"since": now - dt.timedelta(seconds=1), "until": now + dt.timedelta(seconds=1)}
+    limited = access.search_audit(AuditQuery(**window, site_ids=frozenset({"site-b"}),
+                                             caller=caller, limit=1000))
+    mine = [(e.actor, e.study_instance_uid, e.share_id) for e in limited if e.resource == suffix]
+    assert sorted(mine) == sorted([("admin", studies["site-b"], ""), ("admin", "", f"site-b-{suffix}"),
+                                   (caller, "", "")])
+    paged = [e for offset in range(10) for e in access.search_audit(AuditQuery(
+        **window, site_ids=frozenset({"site-b"}), caller=caller, limit=1, offset=offset))]
+    assert [e.event_id for e in paged] == [e.event_id for e in limited]
+    everyone = [e for e in access.search_audit(AuditQuery(**window, limit=1000)) if e.resource == suffix]
+    assert len(everyone) == 8
+    assert access.search_audit(AuditQuery(**window, site_ids=frozenset(), caller=None)) == []

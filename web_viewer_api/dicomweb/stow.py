@@ -25,7 +25,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
 
 from web_viewer_api.dicomweb.multipart import parse_accept
-from worker import UNREADABLE_DATASET_ERRORS, Spool, SpoolWriteError, new_association_tag
+from worker import (
+    UNREADABLE_DATASET_ERRORS,
+    Spool,
+    SpoolWriteError,
+    new_association_tag,
+    open_private,
+    private_directory,
+)
 
 log = logging.getLogger(__name__)
 _UNREADABLE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)
@@ -203,7 +210,8 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
             if compressed:
                 pixel_array(dataset, index=0)  # a stream that does not decode fails here
             path = folder / f".stow-{uuid.uuid4().hex}.part"
-            dataset.save_as(path, enforce_file_format=True)
+            with open_private(path) as handle:  # identified until the worker has run: 0600
+                dataset.save_as(handle, enforce_file_format=True)
         except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError,
                 NotImplementedError) as exc:
             log.info("STOW-RS: a DICOM JSON data set could not be built: %s", type(exc).__name__)
@@ -218,14 +226,14 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
 async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
                         max_bytes: int) -> list[_Part]:
     """Stream the body into one temporary file per part."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_directory(folder)  # identified uploads: folder 0700, parts 0600
     parts: list[_Part] = []
     current: dict[str, Any] = {"field": b"", "value": b"", "handle": None}
 
     def on_part_begin() -> None:
         part = _Part(folder / f".stow-{uuid.uuid4().hex}.part")
         parts.append(part)
-        current["handle"] = open(part.path, "wb")  # noqa: SIM115 - closed in on_part_end/_discard
+        current["handle"] = open_private(part.path)  # closed in on_part_end/_discard
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         current["field"] += data[start:end]
