@@ -110,14 +110,18 @@ class FailureLimiter:
             recent.append(now)
             while recent and recent[0] < now - self.window_seconds:
                 recent.popleft()
-            count = len(recent)
+            earlier = len(recent) - 1
             if len(self._recent) > 100_000:  # bounded memory under a spray of keys
                 self._recent = {a: d for a, d in self._recent.items() if d and d[-1] >= now - self.window_seconds}
                 self._blocked_until = {a: u for a, u in self._blocked_until.items() if u > now}
-        if self.count_recorded is not None and count < self.limit:
+        if self.count_recorded is not None and earlier < self.limit:
+            # Other API processes' failures of this key (this one not yet written): a key
+            # another process blocked is blocked here too.
             since = utc_now() - dt.timedelta(seconds=self.window_seconds)
-            count = max(count, self.count_recorded(key, since) + 1)
-        if count >= self.limit:
+            earlier = max(earlier, self.count_recorded(key, since))
+            if earlier >= self.limit:
+                was_blocked = was_blocked or self.window_seconds
+        if earlier + 1 >= self.limit:
             with self._lock:
                 self._blocked_until[key] = now + self.window_seconds
         return was_blocked

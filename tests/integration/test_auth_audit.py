@@ -305,16 +305,20 @@ def test_wrong_secrets_of_a_key_count_against_that_key_not_the_address(
 
 
 def test_wrong_pins_lock_their_share_and_no_other(strict_server: DicomwebServer) -> None:
-    """Wrong PINs on share A (behind one address) never lock share B, nor the address."""
+    """Wrong PINs on shares A, B, C from one address (12, more than any per-address limit)
+    lock none of them nor the address: share D opens with its PIN, and counts its own
+    wrong PINs from zero; the 5th wrong PIN on A locks A alone."""
     server = strict_server
     study = server.index.search_studies(StudyQuery())[0].study_instance_uid
     tokens = [httpx.post(f"{server.root}/api/shares", headers=ADMIN, json={
-        "study_uids": [study], "expires_in": 600, "pin": "5555"}).json()["token"] for _ in range(2)]
-    first = [httpx.post(f"{server.root}/s/{tokens[0]}/session", json={"pin": f"000{n}"}).status_code
-             for n in range(6)]
-    assert first == [401] * 4 + [403, 403]
-    wrong = httpx.post(f"{server.root}/s/{tokens[1]}/session", json={"pin": "0001"})
+        "study_uids": [study], "expires_in": 600, "pin": "5555"}).json()["token"] for _ in range(4)]
+    first = [httpx.post(f"{server.root}/s/{token}/session", json={"pin": f"000{n}"}).status_code
+             for token in tokens[:3] for n in range(4)]
+    assert first == [401] * 12
+    wrong = httpx.post(f"{server.root}/s/{tokens[3]}/session", json={"pin": "0001"})
     assert wrong.status_code == 401 and "4 attempts left" in wrong.json()["error"]["message"]
+    assert httpx.post(f"{server.root}/s/{tokens[3]}/session", json={"pin": "5555"}).status_code == 201
+    assert httpx.post(f"{server.root}/s/{tokens[0]}/session", json={"pin": "0009"}).status_code == 403
     assert httpx.post(f"{server.root}/s/{tokens[1]}/session", json={"pin": "5555"}).status_code == 201
 
 

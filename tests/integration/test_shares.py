@@ -389,7 +389,8 @@ def test_zip_entry_names_cannot_leave_their_folder(server: DicomwebServer, tmp_p
     [source] = write_sample_study(tmp_path / "hostile", SampleStudySpec(ct_slices=1, mr_slices=0,
                                                                        seed=4711, ct_size=32))
     dataset = pydicom.dcmread(source)
-    dataset.Modality = "../../etc/passwd"
+    with pytest.warns(UserWarning, match="Invalid value for VR CS"):
+        dataset.Modality = "../../etc/passwd"
     record = InstanceRecord.from_dataset(
         dataset, object_key="hostile/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
         transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1")
