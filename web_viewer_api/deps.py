@@ -50,7 +50,7 @@ def read_inline(request: Request) -> BoundedReads | None:
 def _valid_api_key(request: Request, token: str) -> Principal | None:
     """The principal of a valid API key, read on the event loop when the index answers within
     its inline budget (storage.index.bounded); None otherwise, and always for a key that
-    fails: failures are counted against the address in the worker thread."""
+    fails: failures are counted (against the key id or the address) in the worker thread."""
     key_id = split_api_key(token)
     quick = read_inline(request)
     if key_id is None or quick is None:
