@@ -22,8 +22,15 @@ def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
 
 
 def _address(text: str) -> IPv4Address | IPv6Address | None:
+    """An address as proxies write it: bare, or with a port ("192.0.2.1:5678",
+    "[2001:db8::1]:5678", as some balancers do)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
     try:
-        found = ip_address(text.strip())
+        found = ip_address(text)
     except ValueError:
         return None
     if isinstance(found, IPv6Address) and found.ipv4_mapped is not None:

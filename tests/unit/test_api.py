@@ -268,6 +268,8 @@ def test_database_unreachable_is_503_and_a_broken_schema_is_500(tmp_path: Path) 
     ("127.0.0.1", "not-an-address, 10.0.0.2", "10.0.0.2"),  # nothing left of garbage believed
     ("127.0.0.1", "", "127.0.0.1"),
     ("::ffff:127.0.0.1", "2001:db8::1", "2001:db8::1"),  # an IPv4 peer on an IPv6 socket
+    ("127.0.0.1", "203.0.113.7:51234", "203.0.113.7"),  # balancers that add the port
+    ("127.0.0.1", "[2001:db8::7]:51234", "2001:db8::7"),
 ])
 def test_forwarded_for_is_believed_only_through_listed_proxies(peer: str, forwarded: str,
                                                                client: str) -> None:
