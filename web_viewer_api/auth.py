@@ -119,8 +119,8 @@ class FailureLimiter:
             # another process blocked is blocked here too.
             since = utc_now() - dt.timedelta(seconds=self.window_seconds)
             earlier = max(earlier, self.count_recorded(key, since))
-            if earlier >= self.limit:
-                was_blocked = was_blocked or self.window_seconds
+        if earlier >= self.limit:
+            was_blocked = was_blocked or self.window_seconds
         if earlier + 1 >= self.limit:
             with self._lock:
                 self._blocked_until[key] = now + self.window_seconds
