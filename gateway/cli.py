@@ -152,8 +152,11 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     except SettingsError as exc:
         raise _fail(exc) from exc
     # No access log: request paths will carry share tokens; our own logs never do.
+    # No proxy headers: uvicorn would take X-Forwarded-For from loopback peers on its own;
+    # the app believes it only from HTTP__TRUSTED_PROXIES (web_viewer_api.proxies).
     options: dict[str, Any] = {"host": settings.host, "port": settings.http.port,
-                               "log_level": settings.log_level.lower(), "access_log": False}
+                               "log_level": settings.log_level.lower(), "access_log": False,
+                               "proxy_headers": False}
     if settings.http.workers == 1:
         uvicorn.run(application, **options)
         return

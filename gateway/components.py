@@ -35,7 +35,6 @@ from storage import (
 )
 from web_viewer_api import (
     ApiConfig,
-    FailureLimiter,
     OidcConfig,
     PseudonymLookup,
     SharePolicy,
@@ -43,6 +42,7 @@ from web_viewer_api import (
     SmtpConfig,
     StowTarget,
     create_app,
+    parse_networks,
 )
 from worker import (
     Codec,
@@ -305,7 +305,7 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                   smtp=smtp_config(settings), lookup=build_lookup(settings),
                   default_site=settings.site_id,
                   auth_failure_limit=settings.auth.failure_limit,
-                  pin_failure_limit=settings.auth.pin_failure_limit,
+                  trusted_proxies=parse_networks(settings.http.trusted_proxies),
                   failure_window_seconds=settings.auth.failure_window_seconds,
                   metrics_multiprocess_dir=metrics_multiprocess_dir,
                   inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000),
@@ -365,6 +365,4 @@ def build_lookup(settings: Settings) -> PseudonymLookup | None:
 def build_share_service(settings: Settings) -> ShareService:
     """The share service on the configured index, for the CLI."""
     index = build_index(settings)
-    return ShareService(AccessRepository(index.engine), index, share_policy(settings),
-                        FailureLimiter(settings.auth.pin_failure_limit,
-                                       settings.auth.failure_window_seconds))
+    return ShareService(AccessRepository(index.engine), index, share_policy(settings))

@@ -7,6 +7,7 @@ Secrets are never defaulted in code: `serve` generates them into the data direct
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -95,6 +96,20 @@ class HttpSettings(BaseModel):
     #: where it skips two thread hand-offs; beyond it, or with the index locked, it moves to
     #: a worker thread. SQLite index only; 0 sends every one to a worker thread.
     inline_read_budget_ms: float = Field(5.0, ge=0, le=100)
+    #: Reverse proxies (addresses or networks, e.g. ["10.0.0.5", "10.1.0.0/24"]) whose
+    #: X-Forwarded-For names the client. Default: none, not even loopback — the TCP peer
+    #: is the client, and a client's own X-Forwarded-For is ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: not an address or network: {entry[:60]!r}") from None
+        return value
 
 
 class S3Settings(BaseModel):
@@ -198,10 +213,11 @@ class ShareSettings(BaseModel):
 
 class AuthSettings(BaseModel):
     oidc: OidcSettings | None = None
-    #: Failed credentials (tokens, share links) per client address before 429.
+    #: Failures within the window before 429, counted against what failed: bearer tokens
+    #: that open nothing and unknown share links per client address, wrong secrets per API
+    #: key id. A valid credential or share link is served whatever was counted. (Wrong PINs
+    #: lock their share: SHARES__PIN_LOCK_AFTER.)
     failure_limit: int = Field(20, ge=1)
-    #: Wrong PINs per client address (all shares) before 429.
-    pin_failure_limit: int = Field(10, ge=1)
     failure_window_seconds: float = Field(900.0, gt=0)
 
 

@@ -7,6 +7,7 @@ from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import ApiError
 from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig
+from web_viewer_api.proxies import parse_networks
 from web_viewer_api.security import hash_pin, new_api_key, new_pin, sha256_hex
 from web_viewer_api.shares import CreatedShare, SharePolicy, ShareRequest, ShareService
 
@@ -27,6 +28,7 @@ __all__ = [
     "hash_pin",
     "new_api_key",
     "new_pin",
+    "parse_networks",
     "sha256_hex",
     "utc_now",
 ]

@@ -49,6 +49,8 @@ ACTIONS: Mapping[str, tuple[str, str]] = {
     "study.lookup": ("110112", "E"),
     "audit.read": ("110112", "E"),
     "auth.failure": ("110114", "E"),
+    "auth.invalid_token": ("110114", "E"),
+    "auth.key_failure": ("110114", "E"),
     "auth.rate_limited": ("110113", "E"),
     "auth.forbidden": ("110113", "E"),
     "apikey.create": ("110136", "C"),
@@ -57,10 +59,13 @@ ACTIONS: Mapping[str, tuple[str, str]] = {
     # Written by the worker: a different instance under stored UIDs (the original stays).
     "instance.conflict": ("110113", "E"),
 }
-#: Failures that count against a client address.
-AUTH_FAILURES = ("auth.failure",)
+#: Failures the limiters count (docs/trust-model-lockout.md). Against the client address:
+#: bearer tokens that open nothing (not a missing one: that guesses nothing), unknown share
+#: tokens. Against the API key id (the event's actor, `key:<id>`): wrong secrets of a key.
+#: Wrong PINs are counted on their share itself (storage: pin_failures).
+INVALID_TOKENS = ("auth.invalid_token",)
 SHARE_FAILURES = ("share.unknown_token",)
-PIN_FAILURES = ("share.pin_failure",)
+KEY_FAILURES = ("auth.key_failure",)
 
 _SHARE_PATH = re.compile(r"^/s/[^/]+")
 
@@ -208,7 +213,7 @@ class AuditMiddleware:
         headers = dict(scope.get("headers") or [])
         route = getattr(scope.get("route"), "path", "")
         action = notes.pop("action", None)
-        if action is None or status in (401, 429) and not action.startswith("share."):
+        if action is None or status in (401, 429) and not action.startswith(("share.", "auth.")):
             action = _action_for(route, scope.get("method", ""), status)
         client = scope.get("client")
         detail = notes.pop("detail", None)
@@ -216,8 +221,10 @@ class AuditMiddleware:
             "address": client[0] if client else "",
             "user_agent": headers.get(b"user-agent", b"").decode("latin-1")[:512],
         }
+        # A refused attempt names what it tried (`key:<id>` of an existing key), else anonymous.
+        actor = principal.subject if principal is not None else notes.pop("actor", "anonymous")
         first = entry(
-            action, principal.subject if principal is not None else "anonymous",
+            action, actor,
             outcome=outcome_of(status), resource=resource, status_code=status,
             study_instance_uid=str(notes.pop("study", None)
                                    or (scope.get("path_params") or {}).get("study", ""))[:64],
@@ -229,9 +236,9 @@ class AuditMiddleware:
 
 __all__ = [
     "ACTIONS",
-    "AUTH_FAILURES",
     "EVENT_NAMES",
-    "PIN_FAILURES",
+    "INVALID_TOKENS",
+    "KEY_FAILURES",
     "SHARE_FAILURES",
     "AuditMiddleware",
     "AuditWriter",

@@ -230,46 +230,148 @@ def test_audit_trail_is_append_only_on_postgresql(postgres_url: str) -> None:
 @pytest.fixture
 def strict_server(tmp_path: Path) -> Iterator[DicomwebServer]:
     """Low limits, and a server of its own: these tests block 127.0.0.1."""
-    with DicomwebServer(tmp_path, auth_failure_limit=6, pin_failure_limit=3,
-                        failure_window_seconds=600.0) as running:
+    with DicomwebServer(tmp_path, auth_failure_limit=6, failure_window_seconds=600.0) as running:
         yield running
 
 
-def test_guessing_share_tokens_is_rate_limited_per_address(strict_server: DicomwebServer) -> None:
+def _audit(server: DicomwebServer, **params: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{server.root}/api/audit", params=params, headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    events: list[dict[str, Any]] = answer.json()["events"]
+    return events
+
+
+def test_guessing_share_tokens_blocks_the_address_for_unknown_tokens_only(
+        strict_server: DicomwebServer) -> None:
     server = strict_server
     study = server.index.search_studies(StudyQuery())[0].study_instance_uid
     created = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
                          json={"study_uids": [study], "expires_in": 600}).json()
     statuses = [httpx.get(f"{server.root}/s/guess-{n:04d}-0123456789abcdefghij/dicom-web/studies").status_code
                 for n in range(8)]
-    assert statuses[:5] == [404] * 5 and statuses[-1] == 429
-    # blocked: even a valid link from that address waits, with Retry-After
-    blocked = httpx.get(f"{server.root}/s/{created['token']}/dicom-web/studies")
+    assert statuses[:6] == [404] * 6 and statuses[6:] == [429] * 2
+    blocked = httpx.get(f"{server.root}/s/guess-more-0123456789abcdefghij")
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
-    alerts = httpx.get(f"{server.root}/api/audit", params={"action": "share.unknown_token"},
-                       headers=ADMIN).json()["events"]
-    assert len(alerts) >= 5 and all("guess-" not in e["resource"] for e in alerts)
+    # a valid link from the blocked address is served all the same
+    assert httpx.get(f"{server.root}/s/{created['token']}/dicom-web/studies", headers=JSON).status_code == 200
+    assert httpx.get(f"{server.root}/s/{created['token']}").status_code == 200
+    alerts = _audit(server, action="share.unknown_token")
+    assert len(alerts) >= 9 and all("guess-" not in e["resource"] for e in alerts)
+    assert {e["status_code"] for e in alerts} == {404, 429}
 
 
-def test_guessing_api_keys_is_rate_limited_per_address(strict_server: DicomwebServer) -> None:
+def test_a_blocked_address_is_still_served_with_valid_credentials(tmp_path: Path) -> None:
+    """21 unknown tokens (the default limit is 20) from 127.0.0.1: further unknown tokens
+    get 429, while the admin token, a valid API key and a valid share link from that
+    same address are all served."""
+    with DicomwebServer(tmp_path) as server:
+        study = server.index.search_studies(StudyQuery())[0].study_instance_uid
+        _, key = _key(server, {"read"})
+        share = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                           json={"study_uids": [study], "expires_in": 600}).json()
+        statuses = [httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {bad}"}).status_code
+                    for bad in [f"guess-{n:04d}" for n in range(12)] + [f"dgw_{n:016x}_guess" for n in range(9)]]
+        assert statuses[:20] == [401] * 20 and statuses[20] == 429
+        for token in (TOKEN, key):
+            assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {token}",
+                                                                **JSON}).status_code == 200
+        assert httpx.get(f"{server.root}/s/{share['token']}/dicom-web/studies", headers=JSON).status_code == 200
+        refused = httpx.get(f"{server.url}/studies", headers={"Authorization": "Bearer guess-again"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert refused.json()["error"]["code"] == "rate_limited"
+        # no credential at all guesses nothing: a plain 401, not counted
+        assert httpx.get(f"{server.url}/studies").status_code == 401
+        failures = _audit(server, action="auth.invalid_token", limit="100")
+        assert len(failures) == 22 and all(e["network_access_point_id"] == "127.0.0.1" for e in failures)
+
+
+def test_wrong_secrets_of_a_key_count_against_that_key_not_the_address(
+        strict_server: DicomwebServer) -> None:
     server = strict_server
-    _, key = _key(server, {"read"})
-    statuses = [httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer dgw_{n:016x}_guess"}).status_code
-                for n in range(7)]
-    assert statuses[:5] == [401] * 5 and statuses[-1] == 429
-    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {key}"}).status_code == 429
+    key_id, key = _key(server, {"read"})
+    wrong = key[:-6] + "AAAAAA"
+    statuses = [httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {wrong}"}).status_code
+                for _ in range(8)]
+    assert statuses[:6] == [401] * 6 and statuses[6:] == [429] * 2
+    # the key itself still opens; the address is not blocked for other tokens
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {key}", **JSON}).status_code == 200
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": "Bearer guess"}).status_code == 401
+    _, other = _key(server, {"read"})
+    assert httpx.get(f"{server.url}/studies", headers={
+        "Authorization": f"Bearer {other[:-6]}AAAAAA"}).status_code == 401
+    failures = _audit(server, action="auth.key_failure")
+    assert {e["user_id"] for e in failures} == {f"key:{key_id}", f"key:{other.split('_')[1]}"}
+    assert key not in json.dumps(failures) and wrong not in json.dumps(failures)
 
 
-def test_wrong_pins_are_rate_limited_per_address_across_shares(strict_server: DicomwebServer) -> None:
+def test_wrong_pins_lock_their_share_and_no_other(strict_server: DicomwebServer) -> None:
+    """Wrong PINs on shares A, B, C from one address (12, more than any per-address limit)
+    lock none of them nor the address: share D opens with its PIN, and counts its own
+    wrong PINs from zero; the 5th wrong PIN on A locks A alone."""
     server = strict_server
     study = server.index.search_studies(StudyQuery())[0].study_instance_uid
     tokens = [httpx.post(f"{server.root}/api/shares", headers=ADMIN, json={
-        "study_uids": [study], "expires_in": 600, "pin": "5555"}).json()["token"] for _ in range(2)]
-    first = [httpx.post(f"{server.root}/s/{tokens[0]}/session", json={"pin": "0000"}).status_code
-             for _ in range(2)]
-    second = [httpx.post(f"{server.root}/s/{tokens[1]}/session", json={"pin": p}).status_code
-              for p in ("0001", "5555")]
-    assert first == [401, 401] and second == [401, 429]
+        "study_uids": [study], "expires_in": 600, "pin": "5555"}).json()["token"] for _ in range(4)]
+    first = [httpx.post(f"{server.root}/s/{token}/session", json={"pin": f"000{n}"}).status_code
+             for token in tokens[:3] for n in range(4)]
+    assert first == [401] * 12
+    wrong = httpx.post(f"{server.root}/s/{tokens[3]}/session", json={"pin": "0001"})
+    assert wrong.status_code == 401 and "4 attempts left" in wrong.json()["error"]["message"]
+    assert httpx.post(f"{server.root}/s/{tokens[3]}/session", json={"pin": "5555"}).status_code == 201
+    assert httpx.post(f"{server.root}/s/{tokens[0]}/session", json={"pin": "0009"}).status_code == 403
+    assert httpx.post(f"{server.root}/s/{tokens[1]}/session", json={"pin": "5555"}).status_code == 201
+
+
+def test_x_forwarded_for_is_ignored_unless_the_peer_is_a_listed_proxy(
+        strict_server: DicomwebServer, tmp_path: Path) -> None:
+    """No proxy listed: a client's X-Forwarded-For is ignored (the audit shows the peer, and
+    spoofed addresses do not escape the count). 127.0.0.1 listed as a proxy: the right-most
+    address not itself a listed proxy is the client's, audited and counted as such."""
+    server = strict_server
+    spoofed = [httpx.get(f"{server.url}/studies", headers={
+        "Authorization": "Bearer guess", "X-Forwarded-For": f"198.51.100.{n}"}).status_code
+        for n in range(8)]
+    assert spoofed[6:] == [429, 429]
+    events = _audit(server, action="auth.invalid_token")
+    assert events and {e["network_access_point_id"] for e in events} == {"127.0.0.1"}
+    from web_viewer_api import parse_networks
+
+    with DicomwebServer(tmp_path / "proxied", auth_failure_limit=3,
+                        trusted_proxies=parse_networks(["127.0.0.1", "10.0.0.0/8"])) as proxied:
+        chain = "192.0.2.1, 203.0.113.7, 10.2.3.4"  # client-sent, the client, an inner proxy
+        statuses = [httpx.get(f"{proxied.url}/studies", headers={
+            "Authorization": "Bearer guess", "X-Forwarded-For": chain}).status_code for _ in range(4)]
+        assert statuses == [401, 401, 401, 429]
+        other = httpx.get(f"{proxied.url}/studies", headers={
+            "Authorization": "Bearer guess", "X-Forwarded-For": "203.0.113.8"})
+        assert other.status_code == 401  # another client behind the proxy: not blocked
+        addresses = {e["network_access_point_id"] for e in _audit(proxied, action="auth.invalid_token")}
+        assert addresses == {"203.0.113.7", "203.0.113.8"}
+
+
+def test_audit_text_from_clients_is_bounded_and_single_line(server: DicomwebServer,
+                                                             issuer: _Issuer,
+                                                             postgres_url: str) -> None:
+    """An OIDC subject with a newline is audited on one line; an over-long address is cut
+    to its column (PostgreSQL would refuse it, and the batch with it)."""
+    token = issuer.token(sub="psc-1\nadmin forged-line\r\x00")
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {token}",
+                                                        **JSON}).status_code == 200
+    [event] = _audit(server, actor="oidc:psc-1?admin forged-line??")
+    assert event["user_id"] == "oidc:psc-1?admin forged-line??"
+    from storage import AccessRepository, AuditEntry, AuditQuery
+
+    engine = create_index_engine(postgres_url)
+    migrate(engine)
+    access = AccessRepository(engine)
+    marker = f"bounded-{time.time_ns()}"
+    access.append_audit([AuditEntry(at=dt.datetime.now(dt.UTC), action="api.request",
+                                    event_code="110112", event_action="E", outcome=0,
+                                    actor=marker + "\n" + "x" * 400, address="2001:db8::" + "f" * 200,
+                                    user_agent="agent\r\nX-Forged: 1")])
+    [stored] = [e for e in access.search_audit(AuditQuery(limit=50)) if e.actor.startswith(marker)]
+    assert len(stored.actor) == 300 and "\n" not in stored.actor
+    assert len(stored.address) == 64 and stored.user_agent == "agent??X-Forged: 1"
 
 
 def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,

@@ -74,8 +74,9 @@ class DicomwebServer:
             "default_site": "site1", **config}), self.index, self.store)
         self.access = AccessRepository(engine)
         app = self.app
+        # As `dicom-gateway api` runs it: the app alone decides whom X-Forwarded-For names.
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning", proxy_headers=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -87,6 +87,7 @@ from web_viewer_api.errors import (
 
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 _Found = TypeVar("_Found")
+_Part = TypeVar("_Part")
 
 DICOM_JSON = "application/dicom+json"
 _ACCEPTABLE_JSON = {DICOM_JSON, "application/json", "*/*", "application/*"}
@@ -391,7 +392,8 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
         raise NotFoundError("not found")
     content_type, body, extra = first
     first = (content_type, as_bytes(body), extra)
-    return _multipart_response("application/dicom", itertools.chain((first,), parts), headers)
+    return _multipart_response("application/dicom",
+                               itertools.chain((first,), _while_shared(request, parts)), headers)
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
@@ -455,6 +457,16 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
         raise NotFoundError("no pixel data")
     part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
     return _multipart_response(part_type, parts)
+
+
+def _while_shared(request: Request, parts: Iterator[_Part]) -> Iterator[_Part]:
+    """The parts of an answer through a share link stop soon after the share is revoked
+    (`ShareGate.while_live`): a long retrieval does not outlive the sender's decision."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None or principal.share is None:
+        return parts
+    return request.app.state.share_gate.while_live(  # type: ignore[no-any-return]
+        principal.share.share_id, parts, request.app.state.config.share_liveness_seconds)
 
 
 def _multipart_response(part_type: str, parts: Iterable[StreamedPart],
@@ -604,7 +616,7 @@ def _rendered_many(request: Request, index: IndexDep, study: str, series: str | 
     first = next(rendering, None)  # a bad window or viewport is a 400 before the answer starts
     if first is None:
         raise NotFoundError("not found")
-    return _multipart_response(part_type, itertools.chain((first,), rendering))
+    return _multipart_response(part_type, itertools.chain((first,), _while_shared(request, rendering)))
 
 
 @router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
