@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import os
 import re
+import secrets
 import shutil
 import time
 import uuid
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: Keys batch ids (see Spool.batch_id); never written anywhere.
+_BATCH_KEY = secrets.token_bytes(32)
 SPOOL_SUFFIX = ".dcm"
 
 
@@ -60,8 +64,10 @@ class Spool:
         return self.root / self.site_id
 
     def batch_id(self, association_tag: str, study_instance_uid: str) -> str:
-        """The batch of one study within one association (study hashed: no UID in names)."""
-        digest = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:16]
+        """The batch of one study within one association. Batch ids travel in broker
+        messages: the study UID is hashed with a key that lives only in this process (one
+        association never outlives it), so nobody can confirm a candidate original UID."""
+        digest = hmac.new(_BATCH_KEY, study_instance_uid.encode(), hashlib.sha256).hexdigest()[:16]
         return f"{association_tag}-{digest}"
 
     def write(self, batch_id: str, sop_instance_uid: str, encoded: bytes) -> Path:

@@ -19,13 +19,10 @@ from pathlib import Path
 
 import boto3
 import pydicom
-import pytest
 from botocore.config import Config
 
 from gateway.sample_study import SampleStudySpec
 from tests.support.seaweedfs import SeaweedFS
-from tests.support.webhook import webhook_receiver
-from worker import verify
 from tests.support.services import (
     GatewayProcess,
     free_port,
@@ -34,6 +31,8 @@ from tests.support.services import (
     http_json,
     wait_for,
 )
+from tests.support.webhook import webhook_receiver
+from worker import verify
 
 SECRET = "e2e-pseudonym-secret-0123456789abcdef"
 TOKEN = "e2e-admin-token-0123456789abcdef"
@@ -246,8 +245,8 @@ def test_share_flow_through_serve_never_logs_tokens_or_pins(
         _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
         base = f"http://127.0.0.1:{http_port}"
         admin = {"Authorization": f"Bearer {token}"}
-        found = httpx.get(f"{base}/api/studies/lookup", headers=admin,
-                          params={"accession_number": spec.identity.accession_number}).json()
+        found = httpx.post(f"{base}/api/site/lookup", headers=admin,
+                           json={"accession_number": spec.identity.accession_number}).json()
         assert len(found["study_uids"]) == 1
         created = httpx.post(f"{base}/api/shares", headers=admin, json={
             "study_uids": found["study_uids"], "expires_in": 3600, "pin": "864209"}).json()

@@ -35,6 +35,14 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: Refused by the regional API: not an object of the domain (identified, or outside every
+#: stored study). A "Cxxx cannot understand" failure of our own, explained in the Warning.
+NOT_OF_THE_DOMAIN = 0xC001
+NOT_OF_THE_DOMAIN_WARNING = (
+    '299 dicom-gateway "refused {count} instance(s) not of the pseudonymization domain '
+    '(FailureReason C001): the regional API holds no pseudonymization secret and takes '
+    "only de-identified objects (PatientIdentityRemoved YES) of studies it stores; send "
+    'identified studies to the producing site (its DICOM node or its API)"')
 
 
 class StowRequestError(Exception):
@@ -52,6 +60,10 @@ class StowTarget:
     spool: Spool
     enqueue: Callable[[str, str], None]
     max_bytes: int = 2 * 1024**3
+    #: The regional API: Study Instance UID -> whether the index stores that study. When set,
+    #: only objects of the domain are taken (PatientIdentityRemoved YES, into a stored study,
+    #: whose UIDs are the domain's); anything else may be identified and is refused.
+    stored_study: Callable[[str], bool] | None = None
 
     @property
     def incoming(self) -> Path:
@@ -86,6 +98,12 @@ class _Part:
 class StowOutcome:
     referenced: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Warning header explaining refusals of identified objects (PS3.18 §8.6)."""
+        refused = sum(1 for *_, reason in self.failed if reason == NOT_OF_THE_DOMAIN)
+        return {"Warning": NOT_OF_THE_DOMAIN_WARNING.format(count=refused)} if refused else {}
 
     @property
     def status_code(self) -> int:
@@ -295,8 +313,12 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 sop_class = str(header.SOPClassUID)
                 sop = str(header.SOPInstanceUID)
                 study = str(header.StudyInstanceUID)
+                deidentified = str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
             except _UNREADABLE:
                 outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+                continue
+            if target.stored_study is not None and not (deidentified and target.stored_study(study)):
+                outcome.failed.append((sop_class, sop, NOT_OF_THE_DOMAIN))
                 continue
             if study_in_path is not None and study != study_in_path:
                 outcome.failed.append((sop_class, sop, DOES_NOT_MATCH))
@@ -346,5 +368,5 @@ def response_dataset(outcome: StowOutcome) -> dict[str, Any]:
     return result
 
 
-__all__ = ["StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
+__all__ = ["NOT_OF_THE_DOMAIN", "StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
            "receive_parts", "response_dataset", "spool_parts"]

@@ -669,7 +669,7 @@ async def _store(request: Request, study: str | None) -> Response:
     outcome = spool_parts(parts, target, study)
     outcome.failed += [("", "", 0xC000)] * unbuilt
     return Response(json.dumps(response_dataset(outcome)), status_code=outcome.status_code,
-                    media_type=DICOM_JSON)
+                    media_type=DICOM_JSON, headers=outcome.headers)
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
