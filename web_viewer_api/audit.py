@@ -259,7 +259,7 @@ class AuditMiddleware:
         trusted = _trusted_path(scope.get("method", ""), route, status)
         if not trusted:
             path = route or "(no such route)"
-        elif path.startswith("/s/"):
+        if path.startswith("/s/"):  # the share's id (ours) in place of its token
             path = _SHARE_PATH.sub(f"/s/{share_id or '-'}", path)
         query = _withheld_query(scope.get("query_string", b"").decode("latin-1"))
         resource = (path + ("?" + query if query else ""))[:1024]

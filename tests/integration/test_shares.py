@@ -335,7 +335,7 @@ def test_site_lookup_audit_records_counts_never_identifiers(server: DicomwebServ
     assert lookups and lookups[-1]["detail"] == {"matches": 1, "sites": ["site1"]}
     assert lookups[-1]["resource"] == "/api/site/lookup"
     assert any(json.loads(line)["resource"] ==
-               "/api/studies/lookup?accession_number=(withheld)&patient_id=(withheld)"
+               "/api/studies/lookup?(withheld)&(withheld)"  # not even the parameters' names
                for line in events.splitlines())
 
 

@@ -376,6 +376,9 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     wado = _wado(request, index)
     syntax = negotiate_instance_syntax(request.headers.get("accept"))
     instances = wado.instances(study, series, sop)
+    # The study is indexed (a de-identified UID): the trail may name it even if the stream
+    # fails later (a failed request's own path is not kept, see web_viewer_api.audit).
+    request.state.audit = {**(getattr(request.state, "audit", None) or {}), "study": study}
     etag, modified = _etag(instances, f"dicom:{syntax}"), _last_modified(instances)
     cached = _not_modified(request, etag, modified)
     if cached is not None:
