@@ -15,6 +15,7 @@ site's and are not searched.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -28,10 +29,13 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+import redis
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+from tests.support.cluster import Cluster
+from tests.support.seaweedfs import SeaweedFS
 from tests.support.services import (
     GatewayProcess,
     free_port,
@@ -80,7 +84,8 @@ class Planted:
                   who.operator.split("^")[0], who.station, who.device_serial,
                   self.other_patient_id, self.uid_base, MARKER_ROOT]
         hashed = [hashlib.sha256(v.encode()).hexdigest()[:16]
-                  for v in (who.patient_id, self.ins, who.accession_number, self.accession_stow)]
+                  for v in (who.patient_id, self.ins, who.accession_number, self.accession_stow,
+                            *(f"{self.uid_base}.{n}" for n in (1, 2, 3)))]
         return values + hashed
 
 
@@ -189,15 +194,7 @@ def _send_through_every_path(env: Deployment, planted: Planted, sources: Path,
     answer = httpx.post(f"{env.site_url}/dicom-web/studies/{planted.uid_base}.2", content=body,
                         headers={**env.site_auth(), **headers}, timeout=60)
     assert answer.status_code == 200, answer.text
-    # STOW-RS of an identified study to the region: refused, each instance with its reason
-    body, headers = _multipart(refused)
-    answer = httpx.post(f"{env.region_url}/dicom-web/studies", content=body,
-                        headers={**env.region_auth(), **headers}, timeout=60)
-    assert answer.status_code == 409, answer.text
-    reasons = [item["00081197"]["Value"][0] for item in answer.json()["00081198"]["Value"]]
-    assert reasons == [0xC001] * len(refused)
-    assert "pseudonymization domain" in answer.headers["Warning"]
-
+    _refused_at_the_region(env.region_url, env.region_auth(), refused)
     # both accepted studies indexed (and completed: metadata, thumbnails, KOS manifest)
     def indexed() -> list[dict[str, object]] | None:
         found = env.qido()
@@ -228,24 +225,42 @@ def _send_through_every_path(env: Deployment, planted: Planted, sources: Path,
     # ... and what the region can do with the pseudonyms the site computed
     assert [s["0020000D"]["Value"][0] for s in env.qido(AccessionNumber=pseudonym)] == [by_accession]  # type: ignore[index]
 
+    _region_requests(env.region_url, env.region_auth(), planted, by_accession)
+    return {"cstore": by_accession, "stow": by_cli["study_uids"][0]}
+
+
+def _refused_at_the_region(url: str, auth: dict[str, str], files: list[Path]) -> None:
+    """STOW-RS of an identified study to the region: refused, each instance with its reason."""
+    body, headers = _multipart(files)
+    answer = httpx.post(f"{url}/dicom-web/studies", content=body, headers={**auth, **headers},
+                        timeout=60)
+    assert answer.status_code == 409, answer.text
+    reasons = [item["00081197"]["Value"][0] for item in answer.json()["00081198"]["Value"]]
+    assert reasons == [0xC001] * len(files)
+    assert "pseudonymization domain" in answer.headers["Warning"]
+
+
+def _region_requests(url: str, auth: dict[str, str], planted: Planted, stored: str) -> None:
+    """Lookups (refused), share creation, and what callers send the region, right or wrong:
+    the markers in bodies, paths and query strings."""
     # lookups at the region: refused, whichever way the identifiers come
-    for method, url, kwargs in (
+    for method, lookup_path, kwargs in (
             ("GET", "/api/studies/lookup", {"params": {
                 "accession_number": planted.identity.accession_number,
                 "patient_id": planted.identity.patient_id}}),
             ("POST", "/api/site/lookup", {"json": {
                 "accession_number": planted.identity.accession_number,
                 "patient_id": planted.ins, "issuer_of_patient_id": INS_ISSUER}})):
-        answer = httpx.request(method, f"{env.region_url}{url}", headers=env.region_auth(),
+        answer = httpx.request(method, f"{url}{lookup_path}", headers=auth,
                                timeout=30, **kwargs)  # type: ignore[arg-type]
         assert answer.status_code == 404, answer.text
         assert "computed at the producing site" in answer.json()["error"]["message"]
 
     # share creation at the region: of a stored study, and of an original UID (refused)
-    answer = httpx.post(f"{env.region_url}/api/shares", headers=env.region_auth(), timeout=30,
-                        json={"study_uids": [by_accession], "expires_in": 3600})
+    answer = httpx.post(f"{url}/api/shares", headers=auth, timeout=30,
+                        json={"study_uids": [stored], "expires_in": 3600})
     assert answer.status_code == 201, answer.text
-    answer = httpx.post(f"{env.region_url}/api/shares", headers=env.region_auth(), timeout=30,
+    answer = httpx.post(f"{url}/api/shares", headers=auth, timeout=30,
                         json={"study_uids": [f"{planted.uid_base}.1"], "expires_in": 3600})
     assert 400 <= answer.status_code < 500, answer.text
 
@@ -256,24 +271,23 @@ def _send_through_every_path(env: Deployment, planted: Planted, sources: Path,
                    {"AccessionNumber": who.accession_number}, {"StudyInstanceUID": original},
                    {"00100020": planted.ins, "limit": who.patient_id},
                    {who.patient_id: who.institution}, {"OtherPatientIDs": planted.other_patient_id}):
-        httpx.get(f"{env.region_url}/dicom-web/studies", params=params, timeout=30,
-                  headers={**env.region_auth(), "Accept": "application/dicom+json"})
-        httpx.get(f"{env.region_url}/dicom-web/studies", params=params, timeout=30)  # no token
+        httpx.get(f"{url}/dicom-web/studies", params=params, timeout=30,
+                  headers={**auth, "Accept": "application/dicom+json"})
+        httpx.get(f"{url}/dicom-web/studies", params=params, timeout=30)  # no token
     for path in (f"/dicom-web/studies/{original}/metadata", f"/dicom-web/studies/{original}/series",
-                 f"/dicom-web/studies/{by_accession}/series/{original}.1/instances",
+                 f"/dicom-web/studies/{stored}/series/{original}.1/instances",
                  f"/api/shares/{who.patient_id}", f"/{who.patient_id}/{who.station}",
                  f"/s/{who.device_serial}/dicom-web/studies"):
-        httpx.get(f"{env.region_url}{path}", headers=env.region_auth(), timeout=30)
-    httpx.get(f"{env.region_url}/api/audit", params={"study_uid": original, "actor": who.patient_id},
-              headers=env.region_auth(), timeout=30)
-    httpx.post(f"{env.region_url}/dicom-web/studies/{original}", content=b"--x--",
-               headers={**env.region_auth(), "Content-Type": "text/plain"}, timeout=30)
-    with socket.create_connection(("127.0.0.1", int(env.region_url.rsplit(":", 1)[1]))) as raw:
+        httpx.get(f"{url}{path}", headers=auth, timeout=30)
+    httpx.get(f"{url}/api/audit", params={"study_uid": original, "actor": who.patient_id},
+              headers=auth, timeout=30)
+    httpx.post(f"{url}/dicom-web/studies/{original}", content=b"--x--",
+               headers={**auth, "Content-Type": "text/plain"}, timeout=30)
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as raw:
         raw.sendall(f"GET /dicom-web/studies?PatientID={who.patient_id} HTTP/1.1\r\n"
                     f"Host: {who.institution}\r\nX-{who.station} {who.patient_name}\r\n\r\n".encode())
         raw.settimeout(10)
         raw.recv(4096)
-    return {"cstore": by_accession, "stow": by_cli["study_uids"][0]}
 
 
 def _index_values(database: Path) -> Iterator[tuple[str, bytes]]:
@@ -323,3 +337,90 @@ def test_no_planted_identifier_is_written_anywhere_at_the_region(
     found = [(marker, where) for marker in planted.markers() for where, data in haystacks
              if marker.encode() in data or marker.upper().encode() in data.upper()]
     assert found == [], f"planted identifiers written at the region: {found[:20]}"
+
+
+def _broker_values(cluster: Cluster) -> Iterator[tuple[str, bytes]]:
+    """Every value under the cluster's Redis prefix; Celery message bodies decoded."""
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        for key in client.scan_iter(match=f"{cluster.key_prefix}*", count=1000):
+            kind = client.type(key).decode()
+            values: list[bytes] = (
+                list(client.lrange(key, 0, -1)) if kind == "list"
+                else [b for pair in client.hgetall(key).items() for b in pair] if kind == "hash"
+                else list(client.smembers(key)) if kind == "set"
+                else list(client.zrange(key, 0, -1)) if kind == "zset"
+                else [client.get(key) or b""] if kind == "string" else [])
+            for value in values:
+                yield f"redis {key.decode()}", value
+                try:
+                    message = json.loads(value)
+                    body = message["body"] if isinstance(message, dict) else None
+                except (ValueError, KeyError):
+                    continue
+                if isinstance(body, str):
+                    yield f"redis {key.decode()} body", base64.b64decode(body)
+    finally:
+        client.close()
+
+
+@pytest.mark.production
+def test_no_planted_identifier_reaches_the_production_region(
+        tmp_path: Path, seaweedfs: SeaweedFS, dcmtk: dict[str, str]) -> None:
+    """The production column: site A's node and worker, the regional API (as deploy/ starts
+    it: HTTP__ROLE=region, no secret) on PostgreSQL, Redis and S3. The worker starts only
+    after the broker's messages for the C-STORE were read, so that they are searched too."""
+    planted = Planted.new()
+    _write_study(tmp_path / "cstore", planted, 1, planted.identity.accession_number)
+    refused = _write_study(tmp_path / "refused", planted, 3, planted.identity.accession_number)
+    with Cluster(tmp_path / "cluster", sites=("A",), apis=1, seaweedfs=seaweedfs,
+                 start_workers=False, settings={"worker__study_quiet_seconds": "1"}) as cluster:
+        region = cluster.apis[0]
+        assert region.env["DICOM_GATEWAY_HTTP__ROLE"] == "region"
+        assert "DICOM_GATEWAY_PSEUDONYM_SECRET" not in region.env
+        auth = {"Authorization": f"Bearer {cluster.admin_token}"}
+        cluster.send("A", tmp_path / "cstore")
+        wait_for(lambda: cluster.queue_length("A") > 0, timeout=30, what="the ingest message")
+        queued = list(_broker_values(cluster))
+        assert any(where.endswith("body") for where, _ in queued), "no ingest message queued"
+        cluster.restart(cluster.sites["A"].worker)
+        cluster.wait_indexed(3)
+        wait_for(lambda: any(k.endswith("manifest-kos.dcm") for k in cluster.s3_keys()),
+                 timeout=120, interval=0.2, what="the study completed")
+        _refused_at_the_region(region.url, auth, refused)
+
+        site = cluster.sites["A"]
+        lookup = subprocess.run(
+            [*site.node.unit.program(), "lookup", "--accession-number",
+             planted.identity.accession_number], env=site.env, capture_output=True,
+            timeout=60, check=False)
+        assert lookup.returncode == 0, lookup.stderr.decode(errors="replace")
+        [stored] = json.loads(lookup.stdout)["study_uids"]
+        assert [s for (s,) in cluster.sql("SELECT study_instance_uid FROM studies")] == [stored]
+        _region_requests(region.url, auth, planted, stored)
+        metrics = httpx.get(f"{region.url}/metrics", timeout=30, follow_redirects=True).text
+        assert "dicom_gateway_http_requests_total" in metrics
+        cluster.stop(region.process)  # the audit writer drains at shutdown
+
+        haystacks: list[tuple[str, bytes]] = [("region /metrics", metrics.encode()),
+                                              ("region log", region.process.log_path.read_bytes())]
+        haystacks += queued + list(_broker_values(cluster))
+        tables = [t for (t,) in cluster.sql(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]
+        assert {"studies", "instances", "audit_events"} <= set(tables)
+        for table in tables:
+            for row in cluster.sql(f'SELECT * FROM "{table}"'):  # names from the catalogue
+                haystacks += [(table, v if isinstance(v, bytes) else str(v).encode())
+                              for v in row if v is not None]
+        client = seaweedfs.client()
+        keys = cluster.s3_keys()
+        assert sum(k.endswith(".dcm") for k in keys) >= 4  # 3 instances and the KOS manifest
+        haystacks += [(f"s3 {k}", client.get_object(Bucket=cluster.bucket, Key=k)["Body"].read())
+                      for k in keys]
+        haystacks += [(str(p), p.read_bytes()) for p in region.data_dir.rglob("*") if p.is_file()]
+        audited = [v for where, v in haystacks if where == "audit_events"]
+        assert any(b"(withheld)" in v for v in audited)
+
+        found = [(marker, where) for marker in planted.markers() for where, data in haystacks
+                 if marker.encode() in data or marker.upper().encode() in data.upper()]
+        assert found == [], f"planted identifiers written at the region: {found[:20]}"
