@@ -262,7 +262,8 @@ def api_from_environment():  # type: ignore[no-untyped-def]
 
 def build_api(settings: Settings,  # type: ignore[no-untyped-def]
               metrics_multiprocess_dir: Path | None = None):
-    settings.check_role()  # a regional API never holds the pseudonymization secret
+    admin_token = settings.admin_token_value()
+    settings.check_role()  # the secret at a site's API, never at the regional one
     region = settings.http.role == "region"
     index = build_index(settings)
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
@@ -285,7 +286,7 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                       settings.http.max_stow_mb * 1024 * 1024,
                       stored_study=stored_study if region else None)
     return create_app(
-        ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
+        ApiConfig(admin_token=admin_token, readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
                   public_url=settings.effective_public_url, stow=stow,
                   cors_origins=tuple(settings.http.cors_origins),

@@ -341,8 +341,19 @@ class Settings(BaseSettings):
 
     def check_role(self) -> None:
         """Refuse a regional API that holds the pseudonymization secret: with it, whoever
-        holds the API host could recompute the pseudonyms of known identifiers."""
-        if self.http.role == "region" and self.has_pseudonym_secret():
+        holds the API host could recompute the pseudonyms of known identifiers. And a
+        site's API without it: an API missing the secret is a regional one that forgot to
+        say so, and would take identified uploads at the region."""
+        if self.http.role == "site":
+            try:
+                self.pseudonym_secret_value()
+            except SettingsError as exc:
+                raise SettingsError(
+                    f"HTTP__ROLE=site (the default): a site's API holds the pseudonymization "
+                    f"secret — {exc}. The regional API runs without it: set "
+                    "DICOM_GATEWAY_HTTP__ROLE=region") from exc
+            return
+        if self.has_pseudonym_secret():
             where = ("DICOM_GATEWAY_PSEUDONYM_SECRET is set" if self.pseudonym_secret
                      else f"{self.data_dir / SECRETS_FILE} holds a pseudonym_secret")
             raise SettingsError(

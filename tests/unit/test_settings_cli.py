@@ -110,7 +110,10 @@ def test_regional_api_refuses_to_hold_the_pseudonymization_secret(
     with pytest.raises(SettingsError, match="secrets.json holds a pseudonym_secret"):
         Settings().check_role()
     monkeypatch.setenv("DICOM_GATEWAY_HTTP__ROLE", "site")
-    Settings().check_role()  # a site's API holds it
+    Settings().check_role()  # a site's API holds it...
+    (tmp_path / "secrets.json").unlink()
+    with pytest.raises(SettingsError, match="set DICOM_GATEWAY_HTTP__ROLE=region"):
+        Settings().check_role()  # ...and must: without it, it is a regional API unaware
     monkeypatch.setenv("DICOM_GATEWAY_HTTP__ROLE", "neither")
     with pytest.raises(ValueError, match="role"):
         Settings()
