@@ -159,7 +159,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     region_token = "region-" + secrets.token_urlsafe(24)
     region_env = gateway_env(
         region_dir, http__role="region", site_id="region", http__port=str(region_port),
-        admin_token=region_token,
+        admin_token=region_token, log_level="DEBUG",  # the most a region would ever log
         database_url=f"sqlite:///{(site_dir / 'index.sqlite3').resolve()}",
         object_store__path=str(site_dir / "objects"))
     with GatewayProcess(serve, gateway_env(site_dir, worker__study_quiet_seconds="1"),
@@ -374,7 +374,8 @@ def test_no_planted_identifier_reaches_the_production_region(
     _write_study(tmp_path / "cstore", planted, 1, planted.identity.accession_number)
     refused = _write_study(tmp_path / "refused", planted, 3, planted.identity.accession_number)
     with Cluster(tmp_path / "cluster", sites=("A",), apis=1, seaweedfs=seaweedfs,
-                 start_workers=False, settings={"worker__study_quiet_seconds": "1"}) as cluster:
+                 start_workers=False, settings={"worker__study_quiet_seconds": "1"},
+                 api_settings={"LOG_LEVEL": "DEBUG"}) as cluster:
         region = cluster.apis[0]
         assert region.env["DICOM_GATEWAY_HTTP__ROLE"] == "region"
         assert "DICOM_GATEWAY_PSEUDONYM_SECRET" not in region.env
