@@ -4,9 +4,10 @@ caller sent that could identify (issue 17, item 4)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
 from storage import StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
+from web_viewer_api.dicomweb.stow import receive_parts, screen_part
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -149,3 +151,53 @@ def test_site_stow_audit_keeps_no_original_study_uid(site: DicomwebServer, tmp_p
     events = [e for e in _audit(site) if e["action"] == "dicomweb.store"]
     assert events and original not in json.dumps(events)
     assert events[-1]["resource"] == "/dicom-web/studies/{study}"
+
+
+def _files_seen_while_receiving(folder: Path, instances: list[bytes],
+                                stored_study: Callable[[str], bool] | None) -> tuple[int, list]:
+    """Feed a STOW-RS body to receive_parts 1 KB at a time; the most files the folder held
+    between two chunks, and the parts."""
+    boundary = b"screen-boundary"
+    body = b"".join(b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+                    for data in instances) + b"--" + boundary + b"--\r\n"
+    most = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal most
+        for start in range(0, len(body), 1024):
+            yield body[start:start + 1024]
+            most = max(most, sum(1 for _ in folder.iterdir()))
+
+    parts = asyncio.run(receive_parts(chunks(), boundary, folder, 1 << 30, stored_study))
+    return most, parts
+
+
+def test_region_never_writes_a_refused_instance_to_disk(tmp_path: Path) -> None:
+    identified = _identified(tmp_path, 35)
+    assert len(identified[0]) > 4 * 1024  # the parts span many chunks
+    most, parts = _files_seen_while_receiving(tmp_path / "region", identified, lambda _: True)
+    assert most == 0 and not any((tmp_path / "region").iterdir())
+    assert [p.refused[2] for p in parts] == [0xC001, 0xC001]  # type: ignore[index]
+    # a site's API writes each part as it arrives (what the region must not do)
+    most, parts = _files_seen_while_receiving(tmp_path / "site", identified, None)
+    assert most >= 1 and all(p.refused is None and p.path.is_file() for p in parts)
+
+
+def test_region_screening_reads_only_the_head_of_a_part(tmp_path: Path) -> None:
+    [data, *_] = _identified(tmp_path, 36)
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    dataset.PatientIdentityRemoved = "YES"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    domain = buffer.getvalue()
+    study = str(dataset.StudyInstanceUID)
+    assert screen_part(domain[:64], False, lambda uid: uid == study) is False  # more needed
+    assert screen_part(domain[:4096], False, lambda uid: uid == study) is None  # decided early
+    assert screen_part(domain[:4096], False, lambda uid: False)[2] == 0xC001  # type: ignore[index]
+    assert screen_part(b"not dicom", True, lambda uid: True) == ("", "", 0xC000)
+
+
+def test_region_refuses_dicom_json_uploads(region: DicomwebServer) -> None:
+    answer = httpx.post(f"{region.url}/studies", content=b"--b\r\n\r\n{}\r\n--b--\r\n", headers={
+        **ADMIN, "Content-Type": 'multipart/related; type="application/dicom+json"; boundary=b'})
+    assert answer.status_code == 415 and "regional API" in answer.json()["error"]["message"]

@@ -7,10 +7,12 @@ batches are handed to the worker, and the response lists referenced and failed i
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filereader import read_partial
 from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
@@ -92,6 +95,45 @@ class _Part:
     path: Path
     headers: dict[str, str] = field(default_factory=dict)
     size: int = 0
+    #: Refused before anything of it was written: (SOP class, SOP instance, reason).
+    refused: tuple[str, str, int] | None = None
+
+
+#: The regional API decides on a part from its first bytes, held in memory: nothing of an
+#: instance it refuses is ever written to its disk. A header not decided within this much
+#: (the attributes up to Study Instance UID) is refused.
+SCREEN_BYTES = 1024 * 1024
+_LAST_SCREENED_TAG = 0x0020000D  # StudyInstanceUID
+
+
+def screen_part(head: bytes, complete: bool,
+                stored_study: Callable[[str], bool]) -> tuple[str, str, int] | None | bool:
+    """The regional API's verdict on a part from its first bytes: None to take it, the
+    refusal (SOP class, SOP instance, reason), or False when more bytes are needed."""
+    seen_past = False
+
+    def stop(tag: int, _vr: str | None, _length: int) -> bool:
+        nonlocal seen_past
+        seen_past = tag > _LAST_SCREENED_TAG
+        return seen_past
+
+    try:
+        with warnings.catch_warnings():  # a truncated head: pydicom's warnings quote values
+            warnings.simplefilter("ignore")
+            header = read_partial(io.BytesIO(head), stop_when=stop)
+            sop_class = str(header.get("SOPClassUID", ""))
+            sop = str(header.get("SOPInstanceUID", ""))
+            study = str(header.get("StudyInstanceUID", ""))
+            removed = str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
+    except _UNREADABLE:
+        return ("", "", CANNOT_UNDERSTAND) if complete or len(head) >= SCREEN_BYTES else False
+    if not (seen_past or complete):
+        return ("", "", NOT_OF_THE_DOMAIN) if len(head) >= SCREEN_BYTES else False
+    if not (sop and study):
+        return ("", "", CANNOT_UNDERSTAND)
+    if not (removed and stored_study(study)):
+        return (sop_class, sop, NOT_OF_THE_DOMAIN)
+    return None
 
 
 @dataclass
@@ -234,16 +276,40 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
 
 
 async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
-                        max_bytes: int) -> list[_Part]:
-    """Stream the body into one temporary file per part."""
+                        max_bytes: int,
+                        stored_study: Callable[[str], bool] | None = None) -> list[_Part]:
+    """Stream the body into one temporary file per part. With `stored_study` (the regional
+    API), each part is screened from its first bytes, in memory: a part not of the domain
+    is refused (`_Part.refused`) and never written."""
     folder.mkdir(parents=True, exist_ok=True)
     parts: list[_Part] = []
-    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None}
+    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None, "head": None}
+
+    def open_part(part: _Part) -> None:
+        current["handle"] = open(part.path, "wb")  # noqa: SIM115 - closed in on_part_end/_discard
+
+    def screen(complete: bool) -> None:
+        part, head = parts[-1], current["head"]
+        assert stored_study is not None
+        content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
+        verdict = (("", "", CANNOT_UNDERSTAND) if content_type.strip().lower() != "application/dicom"
+                   else screen_part(bytes(head), complete, stored_study))
+        if verdict is False:
+            return
+        current["head"] = None
+        if verdict is not None:
+            part.refused = verdict  # type: ignore[assignment]
+            return
+        open_part(part)
+        current["handle"].write(head)
 
     def on_part_begin() -> None:
         part = _Part(folder / f".stow-{uuid.uuid4().hex}.part")
         parts.append(part)
-        current["handle"] = open(part.path, "wb")  # noqa: SIM115 - closed in on_part_end/_discard
+        if stored_study is None:
+            open_part(part)
+        else:
+            current["head"] = bytearray()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         current["field"] += data[start:end]
@@ -257,12 +323,19 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
         current["field"], current["value"] = b"", b""
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        current["handle"].write(data[start:end])
         parts[-1].size += end - start
+        if current["head"] is not None:
+            current["head"] += data[start:end]
+            screen(complete=False)
+        elif current["handle"] is not None:
+            current["handle"].write(data[start:end])
 
     def on_part_end() -> None:
-        current["handle"].close()
-        current["handle"] = None
+        if current["head"] is not None:
+            screen(complete=True)
+        if current["handle"] is not None:
+            current["handle"].close()
+            current["handle"] = None
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
@@ -283,7 +356,7 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
     except Exception as exc:  # the parser's own errors: a malformed body
         _discard(parts, current)
         raise StowRequestError(400, f"malformed multipart body: {type(exc).__name__}") from exc
-    if current["handle"] is not None or not parts:
+    if current["handle"] is not None or current["head"] is not None or not parts:
         _discard(parts, current)
         raise StowRequestError(400, "malformed multipart body: no complete part "
                                     "(wrong boundary or truncated body)")
@@ -304,6 +377,9 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
     batches: set[str] = set()
     try:
         for part in parts:
+            if part.refused is not None:
+                outcome.failed.append(part.refused)
+                continue
             content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
             if content_type.strip().lower() != "application/dicom":
                 outcome.failed.append(("", "", CANNOT_UNDERSTAND))
@@ -368,5 +444,5 @@ def response_dataset(outcome: StowOutcome) -> dict[str, Any]:
     return result
 
 
-__all__ = ["NOT_OF_THE_DOMAIN", "StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
-           "receive_parts", "response_dataset", "spool_parts"]
+__all__ = ["NOT_OF_THE_DOMAIN", "SCREEN_BYTES", "StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
+           "receive_parts", "response_dataset", "screen_part", "spool_parts"]

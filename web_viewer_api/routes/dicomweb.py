@@ -661,7 +661,11 @@ async def _store(request: Request, study: str | None) -> Response:
         boundary, part_type = boundary_of(request.headers.get("content-type"))
         if declared and declared.isdigit() and int(declared) > target.max_bytes:
             raise StowRequestError(413, f"request body larger than {target.max_bytes} bytes")
-        parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes)
+        if target.stored_study is not None and part_type != "application/dicom":
+            raise StowRequestError(415, 'the regional API takes objects of the domain as '
+                                        'multipart/related; type="application/dicom" only')
+        parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes,
+                                    target.stored_study)
     except StowRequestError as exc:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
         return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
