@@ -7,6 +7,7 @@ batches are handed to the worker, and the response lists referenced and failed i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -284,6 +285,8 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
     folder.mkdir(parents=True, exist_ok=True)
     parts: list[_Part] = []
     current: dict[str, Any] = {"field": b"", "value": b"", "handle": None, "head": None}
+    if stored_study is not None:  # one index query per study of the request, not per part
+        stored_study = functools.cache(stored_study)
 
     def open_part(part: _Part) -> None:
         current["handle"] = open(part.path, "wb")  # noqa: SIM115 - closed in on_part_end/_discard
