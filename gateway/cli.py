@@ -283,6 +283,53 @@ def reidentify(
     console.print(f"restored original attributes into {target}")
 
 
+@app.command()
+def lookup(
+    accession_number: Annotated[str | None, typer.Option(
+        "--accession-number", help="the RIS accession number (original)")] = None,
+    issuer: Annotated[str, typer.Option(
+        "--issuer", help="issuer of the accession number, as the studies carry it")] = "",
+    patient_id: Annotated[str | None, typer.Option(
+        "--patient-id", help="the original patient ID (local ID, or the INS)")] = None,
+    patient_id_issuer: Annotated[str, typer.Option(
+        "--patient-id-issuer", help="its issuer (an INS issuer OID makes it the INS)")] = "",
+    site: Annotated[list[str] | None, typer.Option(
+        help="producing site(s) the accession number belongs to (default: this site's)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """At a producing site: print the pseudonyms of original identifiers and the stored
+    de-identified studies they match (JSON). Only pseudonyms reach the index; nothing
+    identifying is printed to the log or recorded."""
+    from gateway import components
+    from web_viewer_api import OriginalIdentifiers, find_studies
+
+    settings = _settings(data_dir=data_dir)
+    if settings.http.role == "region":
+        raise _fail(ValueError("lookups are computed at a producing site (HTTP__ROLE=site, "
+                               "with the pseudonymization secret), never at the region"))
+    if not (accession_number or patient_id):
+        raise _fail(ValueError("give --accession-number and/or --patient-id"))
+    sites = sorted(set(site)) if site else [settings.site_id]
+    bad = [s for s in sites if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s)]
+    if bad:
+        raise _fail(ValueError(f"not a site id: {bad[0]!r}"))
+    try:
+        pseudonyms = components.build_lookup(settings, required=True)
+        index = components.build_index(settings)
+    except SettingsError as exc:
+        raise _fail(exc) from exc
+    assert pseudonyms is not None  # required=True raises instead
+    answer = find_studies(pseudonyms, index, OriginalIdentifiers(
+        accession_number, issuer, patient_id, patient_id_issuer), sites)
+    _audit(settings, "study.lookup", detail=json.dumps(
+        {"matches": len(answer.studies), "sites": sites}))
+    sys.stdout.write(json.dumps({
+        "pseudonyms": [{"site": p.site_id, "accession_number": p.accession_number,
+                        "patient_id": p.patient_id} for p in answer.pseudonyms],
+        "study_uids": [s.study_instance_uid for s in answer.studies],
+    }, indent=2) + "\n")
+
+
 share_app = typer.Typer(help="Share links: create, list, inspect, revoke.", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 app.add_typer(share_app, name="share")

@@ -30,6 +30,7 @@ from storage import (
     IndexRepository,
     ObjectStore,
     S3ObjectStore,
+    StudyQuery,
     create_index_engine,
     migrate,
 )
@@ -281,6 +282,10 @@ def api_from_environment():  # type: ignore[no-untyped-def]
 
 def build_api(settings: Settings,  # type: ignore[no-untyped-def]
               metrics_multiprocess_dir: Path | None = None):
+    admin_token = settings.admin_token_value()
+    settings.check_role()  # the secret at a site's API, never at the regional one
+    region = settings.http.role == "region"
+    index = build_index(settings)
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
     sender = build_celery(settings, with_pipeline=False)
 
@@ -294,22 +299,27 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
     def enqueue(site_id: str, batch_id: str) -> None:
         enqueue_ingest(sender, site_id, batch_id)
 
+    def stored_study(study_instance_uid: str) -> bool:
+        return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,), limit=1)) > 0
+
     stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
-                      settings.http.max_stow_mb * 1024 * 1024)
+                      settings.http.max_stow_mb * 1024 * 1024,
+                      stored_study=stored_study if region else None)
     return create_app(
-        ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
+        ApiConfig(admin_token=admin_token, readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
                   public_url=settings.effective_public_url, stow=stow,
                   cors_origins=tuple(settings.http.cors_origins),
                   shares=share_policy(settings), oidc=oidc_config(settings),
-                  smtp=smtp_config(settings), lookup=build_lookup(settings),
-                  default_site=settings.site_id,
+                  smtp=smtp_config(settings),
+                  lookup=None if region else build_lookup(settings),
+                  role=settings.http.role, default_site=settings.site_id,
                   auth_failure_limit=settings.auth.failure_limit,
                   trusted_proxies=parse_networks(settings.http.trusted_proxies),
                   failure_window_seconds=settings.auth.failure_window_seconds,
                   metrics_multiprocess_dir=metrics_multiprocess_dir,
                   inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000),
-        build_index(settings),
+        index,
         build_object_store(settings),
     )
 
@@ -342,11 +352,14 @@ def smtp_config(settings: Settings) -> SmtpConfig | None:
                       timeout_seconds=smtp.timeout_seconds)
 
 
-def build_lookup(settings: Settings) -> PseudonymLookup | None:
-    """Original identifiers -> pseudonyms, with this deployment's secret and INS issuers."""
+def build_lookup(settings: Settings, *, required: bool = False) -> PseudonymLookup | None:
+    """Original identifiers -> pseudonyms, with this deployment's secret and INS issuers
+    (None without the secret, unless `required`: then the SettingsError says why)."""
     try:
         keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
     except SettingsError:
+        if required:
+            raise
         return None  # an API without the secret cannot look up (and says so: 503)
     ins_issuers = set(settings.ins_issuer_oids)
 

@@ -96,6 +96,11 @@ class HttpSettings(BaseModel):
     #: where it skips two thread hand-offs; beyond it, or with the index locked, it moves to
     #: a worker thread. SQLite index only; 0 sends every one to a worker thread.
     inline_read_budget_ms: float = Field(5.0, ge=0, le=100)
+    #: Where this API process runs. "site": at a producing site, holding the pseudonymization
+    #: secret — it takes identified uploads (STOW-RS, de-identified by the site's worker) and
+    #: answers lookups by original identifiers. "region": the shared regional API — it must
+    #: run without the secret, and STOW-RS takes only objects already of the domain.
+    role: Literal["site", "region"] = "site"
     #: Reverse proxies (addresses or networks, e.g. ["10.0.0.5", "10.1.0.0/24"]) whose
     #: X-Forwarded-For names the client. Default: none, not even loopback — the TCP peer
     #: is the client, and a client's own X-Forwarded-For is ignored.
@@ -345,6 +350,34 @@ class Settings(BaseSettings):
 
     def pseudonym_secret_value(self) -> str:
         return self._secret("pseudonym_secret", "DICOM_GATEWAY_PSEUDONYM_SECRET")
+
+    def has_pseudonym_secret(self) -> bool:
+        """Whether a pseudonymization secret is configured or stored in the data directory
+        (whatever its quality: a regional API must hold none at all)."""
+        return bool(self.pseudonym_secret and self.pseudonym_secret.get_secret_value()) or bool(
+            self._stored_secrets().get("pseudonym_secret"))
+
+    def check_role(self) -> None:
+        """Refuse a regional API that holds the pseudonymization secret: with it, whoever
+        holds the API host could recompute the pseudonyms of known identifiers. And a
+        site's API without it: an API missing the secret is a regional one that forgot to
+        say so, and would take identified uploads at the region."""
+        if self.http.role == "site":
+            try:
+                self.pseudonym_secret_value()
+            except SettingsError as exc:
+                raise SettingsError(
+                    f"HTTP__ROLE=site (the default): a site's API holds the pseudonymization "
+                    f"secret — {exc}. The regional API runs without it: set "
+                    "DICOM_GATEWAY_HTTP__ROLE=region") from exc
+            return
+        if self.has_pseudonym_secret():
+            where = ("DICOM_GATEWAY_PSEUDONYM_SECRET is set" if self.pseudonym_secret
+                     else f"{self.data_dir / SECRETS_FILE} holds a pseudonym_secret")
+            raise SettingsError(
+                f"HTTP__ROLE=region: {where}, but the regional API must run without the "
+                "pseudonymization secret (lookups by original identifiers are computed at the "
+                "producing site: `dicom-gateway lookup`, or POST /api/site/lookup on a site's API)")
 
     def admin_token_value(self) -> str:
         return self._secret("admin_token", "DICOM_GATEWAY_ADMIN_TOKEN")

@@ -53,6 +53,7 @@ class Supervisor:
         })
         if name == "api":
             env["DICOM_GATEWAY_SUPERVISED_COMPONENTS"] = json.dumps(["node", "worker"])
+            env["DICOM_GATEWAY_HTTP__ROLE"] = "site"  # one machine is a site: it holds the secret
         return env
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:

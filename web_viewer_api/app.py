@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -38,16 +39,16 @@ from web_viewer_api.audit import (
 from web_viewer_api.auth import Authenticator, FailureLimiter, ShareGate
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import install_error_handlers
+from web_viewer_api.lookup import PseudonymLookup
 from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig, OidcVerifier
 from web_viewer_api.proxies import TrustedProxies
-from web_viewer_api.routes import audit, dicomweb, health, share_access, shares
+from web_viewer_api.routes import audit, dicomweb, health, share_access, shares, site
 from web_viewer_api.shares import SharePolicy, ShareService
 
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], None]
-PseudonymLookup = Callable[[str | None, str | None, str, str, str], tuple[str | None, str | None]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class ApiConfig:
     #: (accession, patient ID, accession issuer, patient ID issuer, site) -> their pseudonyms;
     #: None when this API does not hold the pseudonymization secret.
     lookup: PseudonymLookup | None = None
+    #: "site": at a producing site (identified uploads, lookups by original identifiers);
+    #: "region": the regional API, without the secret (STOW-RS takes objects of the domain
+    #: only, lookups answer that they are computed at the site).
+    role: Literal["site", "region"] = "site"
     #: The site looked up when the caller names none.
     default_site: str = ""
     #: Failures before 429, and the window: tokens that open nothing and unknown share
@@ -162,6 +167,8 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     """Build the API; nothing connects until a request arrives."""
     if not config.admin_token:
         raise ValueError("an admin token is required")
+    if config.role == "region" and config.lookup is not None:
+        raise ValueError("a regional API computes no pseudonyms: it must not be given a lookup")
     access = AccessRepository(index.engine)
     writer = AuditWriter(access)
     quick_reads = BoundedReads(index.engine, config.inline_read_budget_seconds)
@@ -226,6 +233,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.include_router(health.router)
     app.include_router(dicomweb.router)
     app.include_router(shares.router)
+    app.include_router(site.router)
     app.include_router(audit.router)
     app.include_router(share_access.router)
     app.include_router(dicomweb.share_router())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -342,17 +343,50 @@ def test_unknown_share_token_is_404_page(server: DicomwebServer) -> None:
     assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
 
 
-def test_lookup_by_original_accession_number(server: DicomwebServer, studies: list[str]) -> None:
-    found = httpx.get(f"{server.root}/api/studies/lookup?accession_number=ACCX00001", headers=ADMIN)
-    assert found.status_code == 200
+def test_site_lookup_takes_original_identifiers_in_the_body(server: DicomwebServer,
+                                                          studies: list[str]) -> None:
+    found = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                       json={"accession_number": "ACCX00001"})
+    assert found.status_code == 200, found.text
+    assert found.headers["cache-control"] == "no-store"
     uids = found.json()["study_uids"]
     assert len(uids) == 1 and uids[0] in studies
-    assert httpx.get(f"{server.root}/api/studies/lookup?accession_number=NOPE",
-                     headers=ADMIN).json()["study_uids"] == []
-    by_patient = httpx.get(f"{server.root}/api/studies/lookup",
-                           params={"patient_id": "IPP-EXTRA-2"}, headers=ADMIN).json()
+    [pseudonyms] = found.json()["pseudonyms"]
+    assert pseudonyms["site"] == "site1" and pseudonyms["patient_id"] is None
+    # the pseudonym is what the index holds: QIDO finds the study with it
+    qido = httpx.get(f"{server.url}/studies", headers=ADMIN,
+                     params={"AccessionNumber": pseudonyms["accession_number"]}).json()
+    assert [s["0020000D"]["Value"][0] for s in qido] == uids
+    assert httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                      json={"accession_number": "NOPE"}).json()["study_uids"] == []
+    by_patient = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                            json={"patient_id": "IPP-EXTRA-2"}).json()
     assert len(by_patient["study_uids"]) in (0, 1)
-    assert httpx.get(f"{server.root}/api/studies/lookup", headers=ADMIN).status_code == 400
+    empty = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN, json={})
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "bad_request"
+    unknown = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                         json={"accession_number": "ACCX00001", "extra": "field"})
+    assert unknown.status_code == 400
+
+
+def test_site_lookup_audit_records_counts_never_identifiers(server: DicomwebServer,
+                                                            studies: list[str]) -> None:
+    assert httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                      json={"accession_number": "ACCX00001"}).status_code == 200
+    # the former lookup took them in the query string: gone, and its query is not kept
+    moved = httpx.get(f"{server.root}/api/studies/lookup", headers=ADMIN,
+                      params={"accession_number": "ACCX00001", "patient_id": "IPP-EXTRA-1"})
+    assert moved.status_code == 404
+    assert "computed at the producing site" in moved.json()["error"]["message"]
+    events = httpx.get(f"{server.root}/api/audit?format=jsonl&limit=1000", headers=ADMIN).text
+    assert "ACCX00001" not in events and "IPP-EXTRA-1" not in events
+    lookups = [json.loads(line) for line in events.splitlines()
+               if json.loads(line)["action"] == "study.lookup"]
+    assert lookups and lookups[-1]["detail"] == {"matches": 1, "sites": ["site1"]}
+    assert lookups[-1]["resource"] == "/api/site/lookup"
+    assert any(json.loads(line)["resource"] ==
+               "/api/studies/lookup?(withheld)&(withheld)"  # not even the parameters' names
+               for line in events.splitlines())
 
 
 def test_token_never_in_the_audit_trail(server: DicomwebServer, studies: list[str]) -> None:

@@ -21,6 +21,7 @@ from storage import (
     AccessRepository,
     FilesystemObjectStore,
     IndexRepository,
+    StudyQuery,
     create_index_engine,
     migrate,
 )
@@ -33,9 +34,12 @@ TOKEN = "dicomweb-test-token-0123456789abcdef"
 
 class DicomwebServer:
     """`studies` sample studies (the first with the default planted identity, the others
-    with their own); `config` adds ApiConfig fields (limits, OIDC, SMTP...)."""
+    with their own); `config` adds ApiConfig fields (limits, OIDC, SMTP...). `region`: the
+    regional API, as `dicom-gateway api` builds it with HTTP__ROLE=region (no lookup; STOW-RS
+    takes only objects of the domain)."""
 
-    def __init__(self, root: Path, studies: int = 1, **config: Any) -> None:
+    def __init__(self, root: Path, studies: int = 1, *, region: bool = False,
+                 **config: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
         engine = create_index_engine(f"sqlite:///{root / 'index.sqlite3'}")
         migrate(engine)
@@ -55,9 +59,14 @@ class DicomwebServer:
         self.port = free_port()
         self.pipeline = pipeline
         self.enqueued: list[tuple[str, str]] = []
+        index = self.index
+
+        def stored_study(study_instance_uid: str) -> bool:
+            return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,))) > 0
+
         stow = StowTarget(Spool(root / "spool", "site1"),
                           lambda site, batch: self.enqueued.append((site, batch)),
-                          max_bytes=4 * 1024 * 1024)
+                          max_bytes=4 * 1024 * 1024, stored_study=stored_study if region else None)
         # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
         keys = PseudonymKeys(b"w" * 32)
 
@@ -70,8 +79,9 @@ class DicomwebServer:
 
         self.app = create_app(ApiConfig(**{
             "admin_token": TOKEN, "public_url": f"http://127.0.0.1:{self.port}", "stow": stow,
-            "cors_origins": ("https://viewer.example",), "lookup": lookup,
-            "default_site": "site1", **config}), self.index, self.store)
+            "cors_origins": ("https://viewer.example",), "lookup": None if region else lookup,
+            "role": "region" if region else "site", "default_site": "site1", **config}),
+            self.index, self.store)
         self.access = AccessRepository(engine)
         app = self.app
         # As `dicom-gateway api` runs it: the app alone decides whom X-Forwarded-For names.

@@ -377,6 +377,9 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     wado = _wado(request, index)
     syntax = negotiate_instance_syntax(request.headers.get("accept"))
     instances = wado.instances(study, series, sop)
+    # The study is indexed (a de-identified UID): the trail may name it even if the stream
+    # fails later (a failed request's own path is not kept, see web_viewer_api.audit).
+    request.state.audit = {**(getattr(request.state, "audit", None) or {}), "study": study}
     etag, modified = _etag(instances, f"dicom:{syntax}"), _last_modified(instances)
     cached = _not_modified(request, etag, modified)
     if cached is not None:
@@ -670,7 +673,11 @@ async def _store(request: Request, study: str | None) -> Response:
         boundary, part_type = boundary_of(request.headers.get("content-type"))
         if declared and declared.isdigit() and int(declared) > target.max_bytes:
             raise StowRequestError(413, f"request body larger than {target.max_bytes} bytes")
-        parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes)
+        if target.stored_study is not None and part_type != "application/dicom":
+            raise StowRequestError(415, 'the regional API takes objects of the domain as '
+                                        'multipart/related; type="application/dicom" only')
+        parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes,
+                                    target.stored_study)
     except StowRequestError as exc:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
         return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
@@ -681,7 +688,7 @@ async def _store(request: Request, study: str | None) -> Response:
     outcome = spool_parts(parts, target, study)
     outcome.failed += [("", "", 0xC000)] * unbuilt
     return Response(json.dumps(response_dataset(outcome)), status_code=outcome.status_code,
-                    media_type=DICOM_JSON)
+                    media_type=DICOM_JSON, headers=outcome.headers)
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
