@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
+from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import ApiKeyRecord, BoundedReads, StudyQuery, create_index_engine, migrate
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port
@@ -679,3 +680,30 @@ def test_audit_site_limits_on_postgresql(postgres_url: str) -> None:
     everyone = [e for e in access.search_audit(AuditQuery(**window, limit=1000)) if e.resource == suffix]
     assert len(everyone) == 8
     assert access.search_audit(AuditQuery(**window, site_ids=frozenset(), caller=None)) == []
+
+
+def test_a_write_key_of_another_site_cannot_store_as_this_api_s_site(server: DicomwebServer,
+                                                                       tmp_path: Path) -> None:
+    """STOW-RS files uploads under the API's site (its spool, queue and ownership): a key
+    limited to another site is refused before anything is read or spooled; a key of this
+    site, or unrestricted, stores."""
+    [path] = write_sample_study(tmp_path / "stow", SampleStudySpec(ct_slices=1, mr_slices=0,
+                                                                   ct_size=32, seed=77))
+    boundary = "site-rule"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    headers = {"Accept": "application/dicom+json",
+               "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    spooled = len(server.enqueued)
+    _, other_site = _key(server, {"write"}, site="site-b")
+    refused = httpx.post(f"{server.url}/studies", content=body,
+                         headers={**headers, "Authorization": f"Bearer {other_site}"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    assert "site1" in refused.json()["error"]["message"]
+    assert len(server.enqueued) == spooled
+    for sites in ({"site1"}, {"site-b", "site1"}):
+        _, allowed = _key(server, {"write"}, sites=sites)
+        stored = httpx.post(f"{server.url}/studies", content=body,
+                            headers={**headers, "Authorization": f"Bearer {allowed}"})
+        assert stored.status_code == 200, stored.text
+    assert len(server.enqueued) == spooled + 2

@@ -662,10 +662,15 @@ def retrieve_study_thumbnail(study: str, request: Request, _principal: ReadPrinc
 
 
 # STOW-RS ---------------------------------------------------------------------------------
-async def _store(request: Request, study: str | None) -> Response:
+async def _store(request: Request, principal: Principal, study: str | None) -> Response:
     target = request.app.state.config.stow
     if target is None:
         raise Unavailable("STOW-RS is not configured on this API (no site spool)")
+    # Uploads are filed under this API's site (its spool, queue and ownership): a credential
+    # limited to other sites cannot write as this one (the trust model).
+    if principal.site_ids is not None and target.spool.site_id not in principal.site_ids:
+        raise Forbidden(f"this credential writes for sites {', '.join(sorted(principal.site_ids))} "
+                        f"only; this API files uploads under site {target.spool.site_id}")
     if study is not None:
         check_uid(study, "StudyInstanceUID")
     declared = request.headers.get("content-length")
@@ -692,19 +697,19 @@ async def _store(request: Request, study: str | None) -> Response:
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
-async def store_instances(request: Request, _principal: WritePrincipal) -> Response:
+async def store_instances(request: Request, principal: WritePrincipal) -> Response:
     """Instances go through the site's spool and pipeline, like C-STORE; the response lists
     referenced and failed instances (200 all stored, 202 some failed, 409 none stored)."""
     try:
-        return await _store(request, None)
+        return await _store(request, principal, None)
     except WadoError as exc:
         raise _api_error(exc) from exc
 
 
 @router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
-async def store_study_instances(study: str, request: Request, _principal: WritePrincipal) -> Response:
+async def store_study_instances(study: str, request: Request, principal: WritePrincipal) -> Response:
     try:
-        return await _store(request, study)
+        return await _store(request, principal, study)
     except WadoError as exc:
         raise _api_error(exc) from exc
 
