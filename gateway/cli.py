@@ -89,6 +89,7 @@ def node(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = No
     settings = _settings(data_dir=data_dir, host=host, dicom__port=dicom_port,
                          dicom__ae_title=ae_title)
     components.configure_logging(settings, "node")
+    components.close_site_files(settings)
     celery_app = components.build_celery(settings, with_pipeline=False)
     dicom_node = components.build_node(settings, celery_app)
     try:
@@ -114,6 +115,7 @@ def worker(data_dir: DataDir = None,
 
     settings = _settings(data_dir=data_dir, worker__concurrency=concurrency)
     components.configure_logging(settings, "worker")
+    components.close_site_files(settings)
     try:
         components.build_policy(settings)  # refuse a bad profile before starting
         components.build_index(settings)  # migrate before forking
@@ -144,13 +146,17 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
 
     settings = _settings(data_dir=data_dir, host=host, http__port=http_port)
     components.configure_logging(settings, "api")
+    components.close_site_files(settings)
     try:
         application = components.build_api(settings)  # checks the settings before serving
     except SettingsError as exc:
         raise _fail(exc) from exc
     # No access log: request paths will carry share tokens; our own logs never do.
+    # No proxy headers: uvicorn would take X-Forwarded-For from loopback peers on its own;
+    # the app believes it only from HTTP__TRUSTED_PROXIES (web_viewer_api.proxies).
     options: dict[str, Any] = {"host": settings.host, "port": settings.http.port,
-                               "log_level": settings.log_level.lower(), "access_log": False}
+                               "log_level": settings.log_level.lower(), "access_log": False,
+                               "proxy_headers": False}
     if settings.http.workers == 1:
         uvicorn.run(application, **options)
         return
@@ -224,6 +230,7 @@ def import_files(
 
     settings = _settings(data_dir=data_dir)
     components.configure_logging(settings, "import")
+    components.close_site_files(settings)
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise _fail(FileNotFoundError(f"no such path: {', '.join(map(str, missing))}"))
@@ -236,7 +243,7 @@ def import_files(
     console.print(
         f"[bold]{summary.files}[/bold] files ({summary.bytes / 1e6:.1f} MB): "
         f"[green]{summary.stored} stored[/green], {summary.duplicates} duplicates, "
-        f"{summary.not_dicom} not DICOM, "
+        f"{summary.not_dicom} not DICOM, {summary.too_large} too large, "
         f"[red]{sum(summary.quarantined.values())} quarantined[/red]"
     )
     for reason, count in summary.quarantined.most_common():
@@ -244,6 +251,7 @@ def import_files(
     sys.stdout.write(json.dumps({"files": summary.files, "stored": summary.stored,
                                  "duplicates": summary.duplicates,
                                  "not_dicom": summary.not_dicom,
+                                 "too_large": summary.too_large,
                                  "quarantined": dict(summary.quarantined)}) + "\n")
 
 
@@ -265,8 +273,61 @@ def reidentify(
     except (OSError, ValueError, ReidentificationError) as exc:
         raise _fail(exc) from exc
     target = out or file.with_name(file.stem + ".reidentified.dcm")
-    dataset.save_as(target, enforce_file_format=True)
+    from worker import open_private
+
+    try:
+        with open_private(target, exclusive=False) as handle:  # original identifiers: 0600
+            dataset.save_as(handle, enforce_file_format=True)
+    except OSError as exc:
+        raise _fail(exc) from exc
     console.print(f"restored original attributes into {target}")
+
+
+@app.command()
+def lookup(
+    accession_number: Annotated[str | None, typer.Option(
+        "--accession-number", help="the RIS accession number (original)")] = None,
+    issuer: Annotated[str, typer.Option(
+        "--issuer", help="issuer of the accession number, as the studies carry it")] = "",
+    patient_id: Annotated[str | None, typer.Option(
+        "--patient-id", help="the original patient ID (local ID, or the INS)")] = None,
+    patient_id_issuer: Annotated[str, typer.Option(
+        "--patient-id-issuer", help="its issuer (an INS issuer OID makes it the INS)")] = "",
+    site: Annotated[list[str] | None, typer.Option(
+        help="producing site(s) the accession number belongs to (default: this site's)")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """At a producing site: print the pseudonyms of original identifiers and the stored
+    de-identified studies they match (JSON). Only pseudonyms reach the index; nothing
+    identifying is printed to the log or recorded."""
+    from gateway import components
+    from web_viewer_api import OriginalIdentifiers, find_studies
+
+    settings = _settings(data_dir=data_dir)
+    if settings.http.role == "region":
+        raise _fail(ValueError("lookups are computed at a producing site (HTTP__ROLE=site, "
+                               "with the pseudonymization secret), never at the region"))
+    if not (accession_number or patient_id):
+        raise _fail(ValueError("give --accession-number and/or --patient-id"))
+    sites = sorted(set(site)) if site else [settings.site_id]
+    bad = [s for s in sites if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s)]
+    if bad:
+        raise _fail(ValueError(f"not a site id: {bad[0]!r}"))
+    try:
+        pseudonyms = components.build_lookup(settings, required=True)
+        index = components.build_index(settings)
+    except SettingsError as exc:
+        raise _fail(exc) from exc
+    assert pseudonyms is not None  # required=True raises instead
+    answer = find_studies(pseudonyms, index, OriginalIdentifiers(
+        accession_number, issuer, patient_id, patient_id_issuer), sites)
+    _audit(settings, "study.lookup", detail=json.dumps(
+        {"matches": len(answer.studies), "sites": sites}))
+    sys.stdout.write(json.dumps({
+        "pseudonyms": [{"site": p.site_id, "accession_number": p.accession_number,
+                        "patient_id": p.patient_id} for p in answer.pseudonyms],
+        "study_uids": [s.study_instance_uid for s in answer.studies],
+    }, indent=2) + "\n")
 
 
 share_app = typer.Typer(help="Share links: create, list, inspect, revoke.", no_args_is_help=True)

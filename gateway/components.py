@@ -31,7 +31,8 @@ from dicom_node import (
     Right,
     TlsConfig,
 )
-from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, Settings, SettingsError
+from gateway.library_logs import withhold_library_values
+from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
 from storage import (
     AccessRepository,
     AccessScope,
@@ -40,12 +41,12 @@ from storage import (
     InstanceQuery,
     ObjectStore,
     S3ObjectStore,
+    StudyQuery,
     create_index_engine,
     migrate,
 )
 from web_viewer_api import (
     ApiConfig,
-    FailureLimiter,
     OidcConfig,
     PseudonymLookup,
     SharePolicy,
@@ -53,6 +54,7 @@ from web_viewer_api import (
     SmtpConfig,
     StowTarget,
     create_app,
+    parse_networks,
 )
 from worker import (
     Codec,
@@ -61,6 +63,7 @@ from worker import (
     StudyCompletion,
     Webhook,
     WorkerContext,
+    close_private_tree,
     create_celery_app,
     enqueue_ingest,
     filesystem_broker_options,
@@ -78,6 +81,8 @@ def configure_logging(settings: Settings, component: str) -> None:
     # (identifying) SOP Instance UIDs of what modalities send: never below INFO.
     pynetdicom_log = logging.getLogger("pynetdicom")
     pynetdicom_log.setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
+    # pydicom quotes invalid values, in records and warnings: texts withheld (library_logs).
+    withhold_library_values()
 
 
 def build_object_store(settings: Settings) -> ObjectStore:
@@ -101,8 +106,22 @@ def build_object_store(settings: Settings) -> ObjectStore:
     return FilesystemObjectStore(settings.objects_dir)
 
 
+def close_site_files(settings: Settings) -> None:
+    """At start-up: the spool, quarantine and embedded broker folders hold identified data
+    (owner only: folders 0700, files 0600, as they are now created); what an older version
+    left by the umask (0755/0644) is tightened, and so is the secrets file."""
+    for folder in (settings.spool_dir, settings.quarantine_dir, settings.broker_dir):
+        close_private_tree(folder)
+    secrets_file = settings.data_dir / SECRETS_FILE
+    if secrets_file.is_file() and secrets_file.stat().st_mode & 0o077:
+        try:
+            secrets_file.chmod(0o600)
+        except PermissionError:
+            log.warning("%s is readable by other users and not ours to close", secrets_file)
+
+
 def build_index(settings: Settings, *, run_migrations: bool = True) -> IndexRepository:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_index_engine(settings.effective_database_url)
     if run_migrations:
         migrate(engine)
@@ -173,13 +192,15 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
 
 def build_pipeline(settings: Settings) -> IngestPipeline:
     policy = build_policy(settings)
+    index = build_index(settings, run_migrations=False)
     return IngestPipeline(
         store=build_object_store(settings),
-        index=build_index(settings, run_migrations=False),
+        index=index,
         policy=policy,
         spool_root=settings.spool_dir,
         quarantine_root=settings.quarantine_dir,
         codec=None if settings.worker.compression == "none" else Codec(settings.worker.compression),
+        audit=AccessRepository(index.engine).append_audit,
     )
 
 
@@ -313,6 +334,10 @@ def api_from_environment():  # type: ignore[no-untyped-def]
 
 def build_api(settings: Settings,  # type: ignore[no-untyped-def]
               metrics_multiprocess_dir: Path | None = None):
+    admin_token = settings.admin_token_value()
+    settings.check_role()  # the secret at a site's API, never at the regional one
+    region = settings.http.role == "region"
+    index = build_index(settings)
     probes = {name: _component_probe(settings, name) for name in settings.supervised_components}
     sender = build_celery(settings, with_pipeline=False)
 
@@ -326,22 +351,27 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
     def enqueue(site_id: str, batch_id: str) -> None:
         enqueue_ingest(sender, site_id, batch_id)
 
+    def stored_study(study_instance_uid: str) -> bool:
+        return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,), limit=1)) > 0
+
     stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
-                      settings.http.max_stow_mb * 1024 * 1024)
+                      settings.http.max_stow_mb * 1024 * 1024,
+                      stored_study=stored_study if region else None)
     return create_app(
-        ApiConfig(admin_token=settings.admin_token_value(), readiness_probes=probes,
+        ApiConfig(admin_token=admin_token, readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
                   public_url=settings.effective_public_url, stow=stow,
                   cors_origins=tuple(settings.http.cors_origins),
                   shares=share_policy(settings), oidc=oidc_config(settings),
-                  smtp=smtp_config(settings), lookup=build_lookup(settings),
-                  default_site=settings.site_id,
+                  smtp=smtp_config(settings),
+                  lookup=None if region else build_lookup(settings),
+                  role=settings.http.role, default_site=settings.site_id,
                   auth_failure_limit=settings.auth.failure_limit,
-                  pin_failure_limit=settings.auth.pin_failure_limit,
+                  trusted_proxies=parse_networks(settings.http.trusted_proxies),
                   failure_window_seconds=settings.auth.failure_window_seconds,
                   metrics_multiprocess_dir=metrics_multiprocess_dir,
                   inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000),
-        build_index(settings),
+        index,
         build_object_store(settings),
     )
 
@@ -374,11 +404,14 @@ def smtp_config(settings: Settings) -> SmtpConfig | None:
                       timeout_seconds=smtp.timeout_seconds)
 
 
-def build_lookup(settings: Settings) -> PseudonymLookup | None:
-    """Original identifiers -> pseudonyms, with this deployment's secret and INS issuers."""
+def build_lookup(settings: Settings, *, required: bool = False) -> PseudonymLookup | None:
+    """Original identifiers -> pseudonyms, with this deployment's secret and INS issuers
+    (None without the secret, unless `required`: then the SettingsError says why)."""
     try:
         keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
     except SettingsError:
+        if required:
+            raise
         return None  # an API without the secret cannot look up (and says so: 503)
     ins_issuers = set(settings.ins_issuer_oids)
 
@@ -397,6 +430,4 @@ def build_lookup(settings: Settings) -> PseudonymLookup | None:
 def build_share_service(settings: Settings) -> ShareService:
     """The share service on the configured index, for the CLI."""
     index = build_index(settings)
-    return ShareService(AccessRepository(index.engine), index, share_policy(settings),
-                        FailureLimiter(settings.auth.pin_failure_limit,
-                                       settings.auth.failure_window_seconds))
+    return ShareService(AccessRepository(index.engine), index, share_policy(settings))

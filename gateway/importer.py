@@ -6,6 +6,7 @@ import hashlib
 import json
 import uuid
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ from rich.progress import (
 
 from worker import UNREADABLE_DATASET_ERRORS, IngestPipeline, Spool
 
+#: Largest file an import reads (a zip member is read as it inflates and dropped past it: a
+#: member of a few kilobytes can inflate to gigabytes). The STOW-RS default request limit.
+MAX_FILE_BYTES = 2 * 1024**3
+_CHUNK = 1 << 20
+
 
 @dataclass
 class ImportSummary:
@@ -34,6 +40,8 @@ class ImportSummary:
     stored: int = 0
     duplicates: int = 0
     not_dicom: int = 0
+    #: Files and zip members larger than the limit (not read past it).
+    too_large: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
 
 
@@ -44,11 +52,24 @@ class _Source:
     path: Path
     member: str | None = None
 
-    def read(self) -> bytes:
+    def read(self, limit: int) -> bytes | None:
+        """The file's bytes, or None when there are more than `limit` (a zip member is
+        inflated 1 MiB at a time and never past the limit, whatever size it declares)."""
+        if self.size > limit:
+            return None
         if self.member is None:
-            return self.path.read_bytes()
-        with zipfile.ZipFile(self.path) as archive:
-            return archive.read(self.member)
+            body = self.path.read_bytes()
+            return body if len(body) <= limit else None
+        inflated = bytearray()
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as member:
+                while chunk := member.read(_CHUNK):
+                    inflated += chunk
+                    if len(inflated) > limit:
+                        return None
+        except (zipfile.BadZipFile, zlib.error, EOFError):
+            return b""  # a damaged member (bad CRC, cut short) is no DICOM file; go on
+        return bytes(inflated)
 
 
 def _walk(paths: list[Path]) -> Iterator[_Source]:
@@ -70,8 +91,10 @@ def _is_dicom(body: bytes) -> bool:
 
 
 def run_import(paths: list[Path], pipeline: IngestPipeline, spool: Spool,
-               console: Console | None = None) -> ImportSummary:
-    """Spool every DICOM file per study, run the pipeline on each batch, return counts."""
+               console: Console | None = None,
+               max_file_bytes: int = MAX_FILE_BYTES) -> ImportSummary:
+    """Spool every DICOM file per study, run the pipeline on each batch, return counts.
+    Files and zip members above `max_file_bytes` are counted as too large and skipped."""
     sources = list(_walk(paths))
     summary = ImportSummary()
     run_tag = f"import-{uuid.uuid4().hex[:12]}"
@@ -81,8 +104,12 @@ def run_import(paths: list[Path], pipeline: IngestPipeline, spool: Spool,
     with Progress(*columns, console=console, transient=False) as progress:
         reading = progress.add_task("reading", total=sum(s.size for s in sources))
         for source in sources:
-            body = source.read()
+            body = source.read(max_file_bytes)
             summary.files += 1
+            if body is None:
+                summary.too_large += 1
+                progress.advance(reading, source.size)
+                continue
             summary.bytes += len(body)
             progress.advance(reading, len(body))
             if not _is_dicom(body):
@@ -119,4 +146,4 @@ def file_count(paths: list[Path]) -> int:
     return sum(1 for _ in _walk(paths))
 
 
-__all__ = ["ImportSummary", "file_count", "run_import"]
+__all__ = ["MAX_FILE_BYTES", "ImportSummary", "file_count", "run_import"]

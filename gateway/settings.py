@@ -7,6 +7,7 @@ Secrets are never defaulted in code: `serve` generates them into the data direct
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -141,6 +142,25 @@ class HttpSettings(BaseModel):
     #: where it skips two thread hand-offs; beyond it, or with the index locked, it moves to
     #: a worker thread. SQLite index only; 0 sends every one to a worker thread.
     inline_read_budget_ms: float = Field(5.0, ge=0, le=100)
+    #: Where this API process runs. "site": at a producing site, holding the pseudonymization
+    #: secret — it takes identified uploads (STOW-RS, de-identified by the site's worker) and
+    #: answers lookups by original identifiers. "region": the shared regional API — it must
+    #: run without the secret, and STOW-RS takes only objects already of the domain.
+    role: Literal["site", "region"] = "site"
+    #: Reverse proxies (addresses or networks, e.g. ["10.0.0.5", "10.1.0.0/24"]) whose
+    #: X-Forwarded-For names the client. Default: none, not even loopback — the TCP peer
+    #: is the client, and a client's own X-Forwarded-For is ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: not an address or network: {entry[:60]!r}") from None
+        return value
 
 
 class S3Settings(BaseModel):
@@ -244,10 +264,11 @@ class ShareSettings(BaseModel):
 
 class AuthSettings(BaseModel):
     oidc: OidcSettings | None = None
-    #: Failed credentials (tokens, share links) per client address before 429.
+    #: Failures within the window before 429, counted against what failed: bearer tokens
+    #: that open nothing and unknown share links per client address, wrong secrets per API
+    #: key id. A valid credential or share link is served whatever was counted. (Wrong PINs
+    #: lock their share: SHARES__PIN_LOCK_AFTER.)
     failure_limit: int = Field(20, ge=1)
-    #: Wrong PINs per client address (all shares) before 429.
-    pin_failure_limit: int = Field(10, ge=1)
     failure_window_seconds: float = Field(900.0, gt=0)
 
 
@@ -342,8 +363,9 @@ class Settings(BaseSettings):
         return loaded
 
     def ensure_generated_secrets(self) -> None:
-        """For `serve`: create the data dir's secrets file if absent (mode 0600)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """For `serve`: create the data dir's secrets file if absent (mode 0600; a data dir
+        created here is 0700)."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         stored = self._stored_secrets()
         changed = False
         for name in ("pseudonym_secret", "admin_token"):
@@ -353,6 +375,7 @@ class Settings(BaseSettings):
         if changed:
             path = self.data_dir / SECRETS_FILE
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a file written by hand keeps its mode otherwise
             with os.fdopen(fd, "w") as handle:
                 json.dump(stored, handle)
 
@@ -373,6 +396,34 @@ class Settings(BaseSettings):
 
     def pseudonym_secret_value(self) -> str:
         return self._secret("pseudonym_secret", "DICOM_GATEWAY_PSEUDONYM_SECRET")
+
+    def has_pseudonym_secret(self) -> bool:
+        """Whether a pseudonymization secret is configured or stored in the data directory
+        (whatever its quality: a regional API must hold none at all)."""
+        return bool(self.pseudonym_secret and self.pseudonym_secret.get_secret_value()) or bool(
+            self._stored_secrets().get("pseudonym_secret"))
+
+    def check_role(self) -> None:
+        """Refuse a regional API that holds the pseudonymization secret: with it, whoever
+        holds the API host could recompute the pseudonyms of known identifiers. And a
+        site's API without it: an API missing the secret is a regional one that forgot to
+        say so, and would take identified uploads at the region."""
+        if self.http.role == "site":
+            try:
+                self.pseudonym_secret_value()
+            except SettingsError as exc:
+                raise SettingsError(
+                    f"HTTP__ROLE=site (the default): a site's API holds the pseudonymization "
+                    f"secret — {exc}. The regional API runs without it: set "
+                    "DICOM_GATEWAY_HTTP__ROLE=region") from exc
+            return
+        if self.has_pseudonym_secret():
+            where = ("DICOM_GATEWAY_PSEUDONYM_SECRET is set" if self.pseudonym_secret
+                     else f"{self.data_dir / SECRETS_FILE} holds a pseudonym_secret")
+            raise SettingsError(
+                f"HTTP__ROLE=region: {where}, but the regional API must run without the "
+                "pseudonymization secret (lookups by original identifiers are computed at the "
+                "producing site: `dicom-gateway lookup`, or POST /api/site/lookup on a site's API)")
 
     def admin_token_value(self) -> str:
         return self._secret("admin_token", "DICOM_GATEWAY_ADMIN_TOKEN")

@@ -53,6 +53,7 @@ class Supervisor:
         })
         if name == "api":
             env["DICOM_GATEWAY_SUPERVISED_COMPONENTS"] = json.dumps(["node", "worker"])
+            env["DICOM_GATEWAY_HTTP__ROLE"] = "site"  # one machine is a site: it holds the secret
         return env
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
@@ -81,6 +82,7 @@ class Supervisor:
 
     def run(self) -> int:
         components.configure_logging(self.settings, "serve")
+        components.close_site_files(self.settings)
         components.build_policy(self.settings)  # a bad de-identification profile stops us here
         admin_token = self.settings.admin_token_value()
         components.build_index(self.settings)  # migrate once, before any child starts

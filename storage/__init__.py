@@ -12,7 +12,7 @@ from storage.access import (
     ShareItemRecord,
     ShareRecord,
 )
-from storage.audit import DIMSE_ACTIONS, AuditWriter, dimse_entry
+from storage.audit import DIMSE_ACTIONS, WORKER_ACTIONS, AuditWriter, dimse_entry
 from storage.filesystem import FilesystemObjectStore
 from storage.index import (
     MAX_FUZZY_WORDS,
@@ -23,6 +23,7 @@ from storage.index import (
     InstanceQuery,
     InstanceRecord,
     InstanceSummary,
+    Ownership,
     SeriesQuery,
     SeriesSummary,
     StudyQuery,
@@ -32,6 +33,7 @@ from storage.index import (
     migrate,
 )
 from storage.objects import (
+    AlreadyExists,
     IntegrityError,
     InvalidKey,
     ObjectInfo,
@@ -58,8 +60,10 @@ def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance
 __all__ = [
     "DIMSE_ACTIONS",
     "MAX_FUZZY_WORDS",
+    "WORKER_ACTIONS",
     "AccessRepository",
     "AccessScope",
+    "AlreadyExists",
     "ApiKeyRecord",
     "AuditEntry",
     "AuditQuery",
@@ -78,6 +82,7 @@ __all__ = [
     "ObjectStore",
     "OpenableStore",
     "OpenedObject",
+    "Ownership",
     "S3ObjectStore",
     "SeriesQuery",
     "SeriesSummary",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, exists, func, insert, or_, select, update
 
 from storage.index.models import ApiKey, AuditEvent, Share, ShareItem, ShareSession, Study
 
@@ -29,6 +29,39 @@ def _of_sites(site_ids: frozenset[str]) -> Any:
                               Study.site_id.in_(sorted(site_ids)))
     return and_(exists().where(ShareItem.share_id == Share.share_id),
                 ~exists().where(ShareItem.share_id == Share.share_id, ~in_sites))
+
+
+def _audit_of_sites(site_ids: frozenset[str], caller: str | None) -> Any:
+    """The audit events a caller limited to `site_ids` may read: those about its sites'
+    data — every study the event names is indexed as one of these sites' and every share
+    it names is of these sites' studies (`_of_sites`), and it names at least one — and the
+    caller's own events. Fails closed: an event naming neither (an unknown address's failed
+    token, another key's request), or a study not (or no longer) indexed, is not shown."""
+    sites = sorted(site_ids)
+    study_of_sites = exists().where(Study.study_instance_uid == AuditEvent.study_instance_uid,
+                                    Study.site_id.in_(sites))
+    share_of_sites = exists().where(Share.share_id == AuditEvent.share_id, _of_sites(site_ids))
+    about_sites = and_(or_(AuditEvent.study_instance_uid != "", AuditEvent.share_id != ""),
+                       or_(AuditEvent.study_instance_uid == "", study_of_sites),
+                       or_(AuditEvent.share_id == "", share_of_sites))
+    return or_(about_sites, AuditEvent.actor == caller) if caller else about_sites
+
+
+#: Audit columns filled from what a client sent (addresses, names, paths) and their sizes.
+_AUDIT_TEXT = {"actor": 300, "address": 64, "user_agent": 512, "resource": 1024,
+               "study_instance_uid": 64, "share_id": 32}
+
+
+def _audit_row(event: AuditEntry) -> dict[str, Any]:
+    """An audit event as a row: text from clients bounded to its column (PostgreSQL refuses
+    a longer value, and with it the whole batch) and without control characters (an OIDC
+    subject with a newline must not forge a line of an export or a log)."""
+    row = {k: v for k, v in event.__dict__.items() if k != "event_id"}
+    for name, size in _AUDIT_TEXT.items():
+        value = str(row[name])[:size]
+        row[name] = value if value.isprintable() else "".join(
+            c if c.isprintable() else "?" for c in value)
+    return row
 
 
 def _joined(site_ids: frozenset[str] | None) -> str | None:
@@ -111,6 +144,10 @@ class AuditQuery:
     failures_only: bool = False
     #: Only events after this id (keyset paging for exports).
     after_id: int | None = None
+    #: A caller limited to these sites sees only their events (`_audit_of_sites`) and,
+    #: when `caller` is given, its own; None: every event.
+    site_ids: frozenset[str] | None = None
+    caller: str | None = None
     limit: int = 100
     offset: int = 0
     newest_first: bool = True
@@ -214,15 +251,32 @@ class AccessRepository:
             connection.execute(delete(ShareSession).where(ShareSession.share_id == share_id))
         return bool(result.rowcount)
 
-    def record_pin_failure(self, share_id: str, lock_after: int, now: dt.datetime) -> int:
-        """Count one wrong PIN (atomically); lock the share at `lock_after`. The new count."""
+    def reserve_pin_attempt(self, share_id: str, lock_after: int) -> bool:
+        """Count one PIN attempt as a failure before its PIN is checked, unless the share is
+        locked or `lock_after` attempts are already counted: at most `lock_after` PINs are
+        ever checked, however many requests race (a right PIN gives its count back)."""
         with self.engine.begin() as connection:
-            connection.execute(update(Share).where(Share.share_id == share_id).values(
-                pin_failures=Share.pin_failures + 1,
-                locked_at=case((Share.pin_failures + 1 >= lock_after,
-                                func.coalesce(Share.locked_at, now)), else_=Share.locked_at)))
+            counted = connection.execute(update(Share).where(
+                Share.share_id == share_id, Share.locked_at.is_(None),
+                Share.pin_failures < lock_after).values(pin_failures=Share.pin_failures + 1))
+        return bool(counted.rowcount)
+
+    def pin_attempt_failed(self, share_id: str, lock_after: int, now: dt.datetime) -> int:
+        """A reserved attempt was a wrong PIN: it stays counted (for the share's whole life;
+        a right PIN later does not reset it); the share locks at `lock_after`. The count."""
+        with self.engine.begin() as connection:
+            connection.execute(update(Share).where(
+                Share.share_id == share_id, Share.pin_failures >= lock_after,
+                Share.locked_at.is_(None)).values(locked_at=now))
             return int(connection.execute(select(Share.pin_failures).where(
                 Share.share_id == share_id)).scalar_one())
+
+    def pin_attempt_succeeded(self, share_id: str) -> None:
+        """A reserved attempt was the right PIN: its count is given back."""
+        with self.engine.begin() as connection:
+            connection.execute(update(Share).where(
+                Share.share_id == share_id, Share.pin_failures > 0).values(
+                    pin_failures=Share.pin_failures - 1))
 
     def open_session(self, share_id: str, session_sha256: str, now: dt.datetime,
                      expires_at: dt.datetime) -> bool:
@@ -234,7 +288,7 @@ class AccessRepository:
                 Share.share_id == share_id, Share.revoked_at.is_(None), Share.locked_at.is_(None),
                 Share.expires_at > now,
                 or_(Share.max_uses.is_(None), Share.uses < Share.max_uses),
-            ).values(uses=Share.uses + 1, pin_failures=0))
+            ).values(uses=Share.uses + 1))
             if not counted.rowcount:
                 return False
             connection.execute(insert(ShareSession).values(
@@ -254,7 +308,7 @@ class AccessRepository:
     def append_audit(self, entries: Sequence[AuditEntry]) -> None:
         if not entries:
             return
-        rows = [{k: v for k, v in e.__dict__.items() if k != "event_id"} for e in entries]
+        rows = [_audit_row(e) for e in entries]
         with self.engine.begin() as connection:
             connection.execute(insert(AuditEvent), rows)
 
@@ -275,6 +329,8 @@ class AccessRepository:
             conditions.append(AuditEvent.outcome != 0)
         if query.after_id is not None:
             conditions.append(AuditEvent.event_id > query.after_id)
+        if query.site_ids is not None:
+            conditions.append(_audit_of_sites(query.site_ids, query.caller))
         order = AuditEvent.event_id.desc() if query.newest_first else AuditEvent.event_id
         statement = (select(AuditEvent.__table__).where(*conditions).order_by(order)
                      .limit(query.limit).offset(query.offset))
@@ -283,11 +339,15 @@ class AccessRepository:
         return [AuditEntry(**{**r._mapping, "at": _utc(r.at)}) for r in rows]
 
     def count_recent_audit(self, *, actions: tuple[str, ...], since: dt.datetime,
-                           address: str | None = None, share_id: str | None = None) -> int:
-        """How many of these events happened since `since` (rate limiting reads this)."""
+                           address: str | None = None, share_id: str | None = None,
+                           actor: str | None = None) -> int:
+        """How many of these events happened since `since` (rate limiting reads this), by
+        address, share or actor (the key of what failed)."""
         conditions: list[Any] = [AuditEvent.action.in_(actions), AuditEvent.at >= since]
         if address is not None:
             conditions.append(AuditEvent.address == address)
+        if actor is not None:
+            conditions.append(AuditEvent.actor == actor)
         if share_id is not None:
             conditions.append(AuditEvent.share_id == share_id)
         with self.engine.connect() as connection:

@@ -29,6 +29,13 @@ DIMSE_ACTIONS: Mapping[str, tuple[str, str]] = {
 }
 
 
+#: Worker actions: a different instance under stored UIDs, in another patient's study or
+#: another study's series — quarantined, the stored data unchanged (Security Alert).
+WORKER_ACTIONS: Mapping[str, tuple[str, str]] = {
+    "instance.conflict": ("110113", "E"),
+}
+
+
 def dimse_entry(action: str, actor: str, address: str, *, outcome: int = 0,
                 study_instance_uid: str = "", status_code: int | None = None,
                 detail: str = "", at: dt.datetime | None = None, **fields: Any) -> AuditEntry:

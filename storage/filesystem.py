@@ -13,7 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from storage.objects import InvalidKey, ObjectInfo, ObjectNotFound, StorageError, validate_key
+from storage.objects import (
+    AlreadyExists,
+    InvalidKey,
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    validate_key,
+)
 
 
 class _Descriptors:
@@ -138,6 +145,15 @@ class FilesystemObjectStore:
         return path
 
     def put(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        self._write(key, body, replace=True)
+
+    def create(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        self._write(key, body, replace=False)
+
+    def _write(self, key: str, body: bytes, *, replace: bool) -> None:
+        """Write a temporary file, fsync it, then move it into place: `os.replace` for a
+        put, `os.link` for a create (it fails if the name exists: exactly one racing
+        creator wins, and a reader never sees a partial object)."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,10 +163,14 @@ class FilesystemObjectStore:
                     handle.write(body)
                     handle.flush()
                     os.fsync(handle.fileno())
-                os.replace(temp_name, path)
-            except BaseException:
+                if replace:
+                    os.replace(temp_name, path)
+                else:
+                    os.link(temp_name, path)
+            except FileExistsError:
+                raise AlreadyExists(key) from None
+            finally:
                 Path(temp_name).unlink(missing_ok=True)
-                raise
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)

@@ -30,6 +30,10 @@ class IntegrityError(StorageError):
     """The stored bytes do not match the checksum sent with them."""
 
 
+class AlreadyExists(StorageError):
+    """`create` found an object under the key: the first writer's object stays."""
+
+
 def validate_key(key: str) -> str:
     """Return `key` if every '/'-separated segment is safe, else raise InvalidKey."""
     segments = key.split("/")
@@ -85,10 +89,15 @@ class OpenableStore(Protocol):
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    """Write-many, read-many blob storage under validated keys."""
+    """Blob storage under validated keys: write-once objects (`create`) and replaceable ones (`put`)."""
 
     def put(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
-        """Store `body` under `key`, replacing any object there; verified by checksum."""
+        """Store `body` under `key`, replacing any object there; verified by checksum. For
+        derived objects (metadata, thumbnails, manifests) only: instances use `create`."""
+
+    def create(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        """Store `body` under `key` only if no object is there (AlreadyExists otherwise),
+        atomically: of two racing writers exactly one wins; verified by checksum."""
 
     def get(self, key: str) -> bytes:
         """The bytes under `key`; ObjectNotFound when absent."""

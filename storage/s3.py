@@ -15,6 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from storage.objects import (
+    AlreadyExists,
     IntegrityError,
     ObjectInfo,
     ObjectNotFound,
@@ -34,9 +35,13 @@ def _translate(exc: Exception, key: str) -> StorageError:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in _NOT_FOUND:
             return ObjectNotFound(key)
+        if code == "PreconditionFailed" or status == 412:
+            return AlreadyExists(key)
         if code in _BAD_DIGEST:
             return IntegrityError(f"checksum mismatch storing {key!r}")
-        if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
+        # 409 ConditionalRequestConflict: a racing conditional write; the retry gets 412.
+        if status >= 500 or status == 409 or code in ("SlowDown", "RequestTimeout",
+                                                       "ServiceUnavailable"):
             return TransientStorageError(f"S3 error {code} on {key!r}")
         return StorageError(f"S3 error {code} on {key!r}")
     if isinstance(exc, BotoConnectionError | BotoCoreError):
@@ -109,14 +114,25 @@ class S3ObjectStore:
                                **self.encryption},
                 )
                 return
-            md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
-            sha256 = base64.b64encode(hashlib.sha256(body).digest()).decode()
-            self.client.put_object(
-                Bucket=self.bucket, Key=full_key, Body=body, ContentType=content_type,
-                ContentMD5=md5, ChecksumSHA256=sha256, **self.encryption,
-            )
+            self.client.put_object(**self._single_put(full_key, body, content_type))
         except Exception as exc:  # translated once, here
             raise _translate(exc, key) from exc
+
+    def create(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+        """A conditional put (`If-None-Match: *`, S3 since 2024, SeaweedFS, MinIO, Ceph
+        RGW): the server refuses it with 412 when the key exists, so of two racing
+        writers exactly one wins. One request whatever the size (S3 allows 5 GB)."""
+        full_key = self._full(key)
+        try:
+            self.client.put_object(IfNoneMatch="*", **self._single_put(full_key, body, content_type))
+        except Exception as exc:
+            raise _translate(exc, key) from exc
+
+    def _single_put(self, full_key: str, body: bytes, content_type: str) -> dict[str, Any]:
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        sha256 = base64.b64encode(hashlib.sha256(body).digest()).decode()
+        return {"Bucket": self.bucket, "Key": full_key, "Body": body, "ContentType": content_type,
+                "ContentMD5": md5, "ChecksumSHA256": sha256, **self.encryption}
 
     def get(self, key: str) -> bytes:
         full_key = self._full(key)

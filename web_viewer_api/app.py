@@ -12,7 +12,9 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,13 +25,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage import AccessRepository, BoundedReads, IndexRepository, ObjectStore
 from web_viewer_api.asgi import StatusRecorder
 from web_viewer_api.audit import (
-    AUTH_FAILURES,
-    PIN_FAILURES,
+    INVALID_TOKENS,
+    KEY_FAILURES,
     SHARE_FAILURES,
     AuditMiddleware,
     AuditWriter,
@@ -37,15 +39,16 @@ from web_viewer_api.audit import (
 from web_viewer_api.auth import Authenticator, FailureLimiter, ShareGate
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import install_error_handlers
+from web_viewer_api.lookup import PseudonymLookup
 from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig, OidcVerifier
-from web_viewer_api.routes import audit, dicomweb, health, share_access, shares
+from web_viewer_api.proxies import TrustedProxies
+from web_viewer_api.routes import audit, dicomweb, health, share_access, shares, site
 from web_viewer_api.shares import SharePolicy, ShareService
 
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], None]
-PseudonymLookup = Callable[[str | None, str | None, str, str, str], tuple[str | None, str | None]]
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,22 @@ class ApiConfig:
     #: (accession, patient ID, accession issuer, patient ID issuer, site) -> their pseudonyms;
     #: None when this API does not hold the pseudonymization secret.
     lookup: PseudonymLookup | None = None
+    #: "site": at a producing site (identified uploads, lookups by original identifiers);
+    #: "region": the regional API, without the secret (STOW-RS takes objects of the domain
+    #: only, lookups answer that they are computed at the site).
+    role: Literal["site", "region"] = "site"
     #: The site looked up when the caller names none.
     default_site: str = ""
-    #: Failed credentials per client address before 429, and the window.
+    #: Failures before 429, and the window: tokens that open nothing and unknown share
+    #: tokens per client address, wrong secrets per API key id. (Wrong PINs lock their
+    #: share: `shares.pin_lock_after`.)
     auth_failure_limit: int = 20
-    pin_failure_limit: int = 10
     failure_window_seconds: float = 900.0
+    #: Proxies (addresses, networks) whose X-Forwarded-For names the client; none: the
+    #: peer is the client.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    #: A running share download checks, at most this often, that its share is still live.
+    share_liveness_seconds: float = 1.0
     #: With several API processes on one port: the folder where each process writes its
     #: metrics (prometheus_client's multiprocess mode), so that /metrics, whichever process
     #: answers, sums them all. None: one process, its own counters.
@@ -127,10 +140,35 @@ class _MetricsMiddleware:
             self.latency.labels(path).observe(time.perf_counter() - started)
 
 
+class _ShareResponsesNotStored:
+    """Every answer under /s/{token} (viewer page, DICOMweb, download, errors) is
+    `Cache-Control: private, no-store`: nothing of a share outlives its session in a
+    browser's or a proxy's cache, and a revoked share's images are not shown from one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/s/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def not_stored(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(name, value) for name, value in message.get("headers", [])
+                           if name.lower() != b"cache-control"]
+                message = {**message, "headers": [*headers, (b"cache-control", b"private, no-store")]}
+            await send(message)
+
+        await self.app(scope, receive, not_stored)
+
+
 def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) -> FastAPI:
     """Build the API; nothing connects until a request arrives."""
     if not config.admin_token:
         raise ValueError("an admin token is required")
+    if config.role == "region" and config.lookup is not None:
+        raise ValueError("a regional API computes no pseudonyms: it must not be given a lookup")
     access = AccessRepository(index.engine)
     writer = AuditWriter(access)
     quick_reads = BoundedReads(index.engine, config.inline_read_budget_seconds)
@@ -163,22 +201,25 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.state.access = access
     app.state.audit_writer = writer
 
-    def recorded(actions: tuple[str, ...]) -> Callable[[str, dt.datetime], int]:
-        def count(address: str, since: dt.datetime) -> int:
+    def recorded(actions: tuple[str, ...], by: str) -> Callable[[str, dt.datetime], int]:
+        """Failures of one key written by every API process: by address, or by actor."""
+        def count(key: str, since: dt.datetime) -> int:
             writer.flush()  # raises if the database is down: the request fails closed
-            return access.count_recent_audit(actions=actions, since=since, address=address)
+            if by == "actor":
+                return access.count_recent_audit(actions=actions, since=since, actor=f"key:{key}")
+            return access.count_recent_audit(actions=actions, since=since, address=key)
 
         return count
 
-    window = config.failure_window_seconds
+    window, limit = config.failure_window_seconds, config.auth_failure_limit
     app.state.authenticator = Authenticator(
         config.admin_token, access, OidcVerifier(config.oidc) if config.oidc else None,
-        FailureLimiter(config.auth_failure_limit, window, recorded(AUTH_FAILURES)))
+        FailureLimiter(limit, window, recorded(INVALID_TOKENS, "address")),
+        FailureLimiter(limit, window, recorded(KEY_FAILURES, "actor"),
+                       subject="with this API key"))
     app.state.share_gate = ShareGate(
-        access, FailureLimiter(config.auth_failure_limit, window, recorded(SHARE_FAILURES)))
-    app.state.share_service = ShareService(
-        access, index, config.shares,
-        FailureLimiter(config.pin_failure_limit, window, recorded(PIN_FAILURES)))
+        access, FailureLimiter(limit, window, recorded(SHARE_FAILURES, "address")))
+    app.state.share_service = ShareService(access, index, config.shares)
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
@@ -192,6 +233,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.include_router(health.router)
     app.include_router(dicomweb.router)
     app.include_router(shares.router)
+    app.include_router(site.router)
     app.include_router(audit.router)
     app.include_router(share_access.router)
     app.include_router(dicomweb.share_router())
@@ -215,8 +257,11 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         "dicom_gateway_http_request_seconds", "HTTP request latency", ["route"], registry=registry
     )
 
+    app.add_middleware(_ShareResponsesNotStored)
     app.add_middleware(AuditMiddleware, writer=writer)
     app.add_middleware(_MetricsMiddleware, requests=requests, latency=latency)
+    # Outermost: the client's address is settled before anything records or counts it.
+    app.add_middleware(TrustedProxies, trusted=config.trusted_proxies)
 
     app.mount("/metrics", make_asgi_app(registry=scraped))
     return app

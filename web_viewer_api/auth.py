@@ -1,14 +1,16 @@
 """Who is calling: the admin token, API keys, OIDC bearer tokens, share links; and the
-limits on failed attempts (per client address) that make guessing pointless."""
+limits on failed attempts, counted against what failed (an API key id, a share) or, for
+tokens that open nothing, the client address."""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from threading import Lock
+from typing import TypeVar
 
 from storage import AccessRepository, AccessScope, ApiKeyRecord, ShareRecord
 from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound, RateLimited, Unauthorized
@@ -17,6 +19,7 @@ from web_viewer_api.security import same_secret, sha256_hex, split_api_key
 
 ALL_SCOPES = frozenset({"read", "write", "share", "admin"})
 Clock = Callable[[], dt.datetime]
+_Item = TypeVar("_Item")
 
 
 def utc_now() -> dt.datetime:
@@ -65,54 +68,96 @@ def share_scope(share: ShareRecord) -> AccessScope:
 
 @dataclass
 class FailureLimiter:
-    """Refuses an address (429) once it has failed `limit` times within `window_seconds`.
+    """Counts failures per key (a client address, an API key id) and refuses (429) a key
+    that failed `limit` times within `window_seconds`, for one window after its last
+    failure.
 
     Failures are remembered in this process and, for several API processes, counted in the
-    audit trail they all write; a blocked address stays blocked for one window.
+    audit trail they all write (`count_recorded(key, since)`). The limiter never stands
+    between a valid credential and its answer: callers check the credential first and
+    consult the limiter only for a failure (see docs/trust-model-lockout.md).
     """
 
     limit: int
     window_seconds: float
     count_recorded: Callable[[str, dt.datetime], int] | None = None
     clock: Callable[[], float] = time.monotonic
+    #: Said in the 429: what failed too often ("from this address", "with this API key").
+    subject: str = "from this address"
     _recent: dict[str, deque[float]] = field(default_factory=dict)
     _blocked_until: dict[str, float] = field(default_factory=dict)
     _lock: Lock = field(default_factory=Lock)
 
-    def check(self, address: str) -> None:
+    def blocked_for(self, key: str) -> float:
+        """Seconds `key` stays blocked (0: not blocked)."""
         with self._lock:
-            until = self._blocked_until.get(address)
-            if until is not None and until > self.clock():
-                raise RateLimited("too many failed attempts from this address; try later",
-                                  retry_after=max(1, int(until - self.clock())))
+            until = self._blocked_until.get(key)
+            return max(0.0, until - self.clock()) if until is not None else 0.0
 
-    def failed(self, address: str) -> None:
-        """Count one failure; block the address when it reaches the limit."""
+    @property
+    def message(self) -> str:
+        return f"too many failed attempts {self.subject}; try later"
+
+    def failed(self, key: str) -> float:
+        """Count one failure of `key`; block it when it reaches the limit. Returns the
+        seconds `key` was already blocked for (0: it was not): the caller then answers 429
+        instead of the failure's own error — an invalid attempt of a blocked key is still
+        checked, counted (keeping the block alive) and refused."""
+        was_blocked = self.blocked_for(key)
         now = self.clock()
         with self._lock:
-            recent = self._recent.setdefault(address, deque())
+            recent = self._recent.setdefault(key, deque())
             recent.append(now)
             while recent and recent[0] < now - self.window_seconds:
                 recent.popleft()
-            count = len(recent)
-            if len(self._recent) > 100_000:  # bounded memory under a spray of addresses
+            earlier = len(recent) - 1
+            if len(self._recent) > 100_000:  # bounded memory under a spray of keys
                 self._recent = {a: d for a, d in self._recent.items() if d and d[-1] >= now - self.window_seconds}
-        if self.count_recorded is not None and count < self.limit:
+                self._blocked_until = {a: u for a, u in self._blocked_until.items() if u > now}
+        if self.count_recorded is not None and earlier < self.limit:
+            # Other API processes' failures of this key (this one not yet written): a key
+            # another process blocked is blocked here too.
             since = utc_now() - dt.timedelta(seconds=self.window_seconds)
-            count = max(count, self.count_recorded(address, since) + 1)
-        if count >= self.limit:
+            earlier = max(earlier, self.count_recorded(key, since))
+        if earlier >= self.limit:
+            was_blocked = was_blocked or self.window_seconds
+        if earlier + 1 >= self.limit:
             with self._lock:
-                self._blocked_until[address] = now + self.window_seconds
+                self._blocked_until[key] = now + self.window_seconds
+        return was_blocked
+
+
+class CredentialRefused(Unauthorized):
+    """A presented bearer token that opens nothing. `key_id`: the API key it names, when
+    that key exists (its failures count against the key, not the address)."""
+
+    def __init__(self, message: str, key_id: str | None = None) -> None:
+        super().__init__(message, presented=True)
+        self.key_id = key_id
+
+
+class CredentialBlocked(RateLimited):
+    """A refused bearer token whose key id (or, without one, address) is blocked."""
+
+    def __init__(self, message: str, retry_after: float, key_id: str | None = None) -> None:
+        super().__init__(message, retry_after=max(1, int(retry_after)))
+        self.key_id = key_id
 
 
 @dataclass
 class Authenticator:
-    """Resolves credentials to a Principal. Every comparison of secrets is constant-time."""
+    """Resolves credentials to a Principal. Every comparison of secrets is constant-time.
+
+    Failures are counted against what failed: the wrong secret of an existing API key
+    against that key id (`key_limiter`), any other token that opens nothing (unknown,
+    malformed, a wrong admin token, an invalid OIDC token) against the client address
+    (`limiter`). A valid credential is served whatever was counted."""
 
     admin_token: str
     access: AccessRepository | None
     oidc: OidcVerifier | None
     limiter: FailureLimiter
+    key_limiter: FailureLimiter
     clock: Clock = utc_now
 
     def admin(self, token: str) -> Principal | None:
@@ -121,12 +166,16 @@ class Authenticator:
         return None
 
     def authenticate(self, token: str, address: str) -> Principal:
-        """API key or OIDC token (may touch the database or the issuer: call in a thread)."""
-        self.limiter.check(address)
+        """API key or OIDC token (may touch the database or the issuer: call in a thread).
+        Raises CredentialRefused (401), or RateLimited (429) when what failed was already
+        blocked; either way the failure is counted."""
         try:
             return self._resolve(token)
-        except Unauthorized:
-            self.limiter.failed(address)
+        except CredentialRefused as exc:
+            limiter = self.key_limiter if exc.key_id is not None else self.limiter
+            blocked = limiter.failed(exc.key_id if exc.key_id is not None else address)
+            if blocked:
+                raise CredentialBlocked(limiter.message, blocked, exc.key_id) from None
             raise
 
     @staticmethod
@@ -143,20 +192,28 @@ class Authenticator:
     def _resolve(self, token: str) -> Principal:
         key_id = split_api_key(token)
         if key_id is not None and self.access is not None:
-            principal = self.key_principal(token, key_id, self.access.api_key(key_id))
+            record = self.access.api_key(key_id)
+            principal = self.key_principal(token, key_id, record)
             if principal is None:
-                raise Unauthorized("invalid or revoked API key", presented=True)
+                raise CredentialRefused("invalid or revoked API key",
+                                        key_id if record is not None else None)
             return principal
         if self.oidc is not None and token.count(".") == 2:
-            identity = self.oidc.verify(token)
+            try:
+                identity = self.oidc.verify(token)
+            except Unauthorized as exc:
+                raise CredentialRefused(exc.message) from exc
             return Principal(f"oidc:{identity.subject}", identity.scopes, identity.site_ids)
-        raise Unauthorized("invalid bearer token", presented=True)
+        raise CredentialRefused("invalid bearer token")
 
 
 @dataclass
 class ShareGate:
     """Opens a share link: unknown token 404, expired/revoked/used up 410, locked 403,
-    a PIN or a use limit needs a viewer session (cookie) first."""
+    a PIN or a use limit needs a viewer session (cookie) first.
+
+    A known link is served whatever its address did; unknown tokens count against the
+    address, and one blocked answers 429 to them (still looked up, still counted)."""
 
     access: AccessRepository
     limiter: FailureLimiter
@@ -164,11 +221,11 @@ class ShareGate:
 
     def find(self, share_token: str, address: str) -> ShareRecord:
         """The live share behind a token; counts unknown tokens against the address."""
-        self.limiter.check(address)
         share = self.access.share_by_token(sha256_hex(share_token))
         if share is None:
-            self.limiter.failed(address)
-            raise NotFound("not found")
+            blocked = self.limiter.failed(address)
+            raise UnknownShareToken(RateLimited(self.limiter.message, max(1, int(blocked)))
+                                    if blocked else NotFound("not found"))
         check_usable(share, self.clock())
         return share
 
@@ -181,6 +238,35 @@ class ShareGate:
                 raise ShareSessionRequired()
         return Principal(f"share:{share.share_id}", frozenset({"read"}),
                          share=ShareAccess(share.share_id, share.allow_download, share_scope(share)))
+
+    def live(self, share_id: str) -> None:
+        """Raises (410, 403) when the share was revoked, has expired or was locked since it
+        was opened: running downloads check it between objects."""
+        share = self.access.share(share_id)
+        if share is None:
+            raise Gone("this share link was revoked")
+        check_usable(share, self.clock())
+
+    def while_live(self, share_id: str, items: Iterable[_Item],
+                   interval_seconds: float) -> Iterator[_Item]:
+        """`items` one by one while the share stays live: before each, at most once per
+        `interval_seconds` (one indexed read), `live` is checked, and a share revoked,
+        expired or locked since ends the iteration with its error — a running download
+        is cut off (never completed-looking) soon after the sender revokes it."""
+        checked = time.monotonic()
+        for item in items:
+            if time.monotonic() - checked >= interval_seconds:
+                self.live(share_id)
+                checked = time.monotonic()
+            yield item
+
+
+class UnknownShareToken(ApiError):
+    """No share has this token: the 404 to answer, or the 429 of a blocked address."""
+
+    def __init__(self, answer: ApiError) -> None:
+        super().__init__(answer.message, headers=answer.headers)
+        self.status_code, self.code = answer.status_code, answer.code
 
 
 class ShareSessionRequired(ApiError):
@@ -208,11 +294,14 @@ def check_usable(share: ShareRecord, now: dt.datetime) -> None:
 __all__ = [
     "ALL_SCOPES",
     "Authenticator",
+    "CredentialBlocked",
+    "CredentialRefused",
     "FailureLimiter",
     "Principal",
     "ShareAccess",
     "ShareGate",
     "ShareSessionRequired",
+    "UnknownShareToken",
     "check_usable",
     "needs_session",
     "share_scope",

@@ -9,7 +9,14 @@ import anyio
 from fastapi import Depends, Request
 
 from storage import AccessRepository, BoundedReads, IndexRepository
-from web_viewer_api.auth import Authenticator, Principal, ShareGate
+from web_viewer_api.auth import (
+    Authenticator,
+    CredentialBlocked,
+    CredentialRefused,
+    Principal,
+    ShareGate,
+    UnknownShareToken,
+)
 from web_viewer_api.errors import Forbidden, NotFound, Unauthorized
 from web_viewer_api.security import split_api_key
 
@@ -18,6 +25,8 @@ SHARE_COOKIE = "dgw_share_session"
 
 
 def client_address(request: Request) -> str:
+    """The client's address: the peer, or what a listed proxy forwarded for it
+    (`web_viewer_api.proxies`, which rewrote the request's client before any route)."""
     return request.client.host if request.client else ""
 
 
@@ -41,7 +50,7 @@ def read_inline(request: Request) -> BoundedReads | None:
 def _valid_api_key(request: Request, token: str) -> Principal | None:
     """The principal of a valid API key, read on the event loop when the index answers within
     its inline budget (storage.index.bounded); None otherwise, and always for a key that
-    fails: failures are counted against the address in the worker thread."""
+    fails: failures are counted (against the key id or the address) in the worker thread."""
     key_id = split_api_key(token)
     quick = read_inline(request)
     if key_id is None or quick is None:
@@ -62,17 +71,24 @@ async def current_principal(request: Request) -> Principal:
         try:
             principal = await anyio.to_thread.run_sync(
                 gate.principal, share_token, cookie, client_address(request))
-        except NotFound:
+        except UnknownShareToken:
             request.state.audit = {"action": "share.unknown_token"}
             raise
     else:
         token = _bearer_token(request)
         authenticator: Authenticator = request.app.state.authenticator
-        authenticator.limiter.check(client_address(request))  # a blocked address gets nothing
+        # The credential first, whatever this address did: a valid one is served. Only a
+        # failure consults the limiters (counted, and 429 where already blocked).
         found = authenticator.admin(token) or _valid_api_key(request, token)
         if found is None:  # OIDC, a key the index could not answer at once, a failure
-            found = await anyio.to_thread.run_sync(
-                authenticator.authenticate, token, client_address(request))
+            try:
+                found = await anyio.to_thread.run_sync(
+                    authenticator.authenticate, token, client_address(request))
+            except (CredentialRefused, CredentialBlocked) as exc:
+                # What the failure counts against, for the limiters of other processes.
+                request.state.audit = ({"action": "auth.key_failure", "actor": f"key:{exc.key_id}"}
+                                       if exc.key_id is not None else {"action": "auth.invalid_token"})
+                raise
         principal = found
     request.state.principal = principal
     return principal

@@ -141,7 +141,8 @@ def _note(lang: str, share: ShareRecord) -> str:
 
 def open_form(request: Request, share_token: str, share: ShareRecord, error: str = "",
               status: int = 200) -> HTMLResponse:
-    """The PIN prompt, or the button that opens a use-limited share."""
+    """The PIN prompt, or the button that opens a use-limited share: nothing of the share
+    but its expiry (no note, no recipient, no study)."""
     lang = language(request)
     text = TEXT[lang]
     action = f"/s/{html.escape(share_token)}/session?lang={lang}"
@@ -158,14 +159,17 @@ def open_form(request: Request, share_token: str, share: ShareRecord, error: str
     else:
         form = (f'<form method="post" action="{action}">'
                 f'<button type="submit">{text["open"]}</button></form>')
-    body = (f"<main><h1>{text['title']}</h1>{message}{_note(lang, share)}"
+    # The sender's note is for the recipient: shown once the PIN (or the button of a
+    # use-limited share) has opened a session, never to whoever merely holds the link.
+    body = (f"<main><h1>{text['title']}</h1>{message}"
             f"<p>{text['valid_until']} {_when(share.expires_at)}</p>{form}</main>")
     return page(lang, text["title"], body, status, path=request.url.path)
 
 
 def viewer_shell(request: Request, share_token: str, share: ShareRecord,
                  fallback: str) -> HTMLResponse:
-    """The viewer: static script and style, the share's facts as data attributes, and the
+    """The viewer (only once the share's session is open, when it needs one): static script
+    and style, the share's facts (the sender's note among them) as data attributes, and the
     server-rendered study list for browsers without JavaScript."""
     lang = language(request)
     text = TEXT[lang]
@@ -176,7 +180,7 @@ def viewer_shell(request: Request, share_token: str, share: ShareRecord,
     }
     data = " ".join(f'{name}="{html.escape(value)}"' for name, value in attributes.items())
     body = (f'<div id="viewer" {data}><p class="loading">{text["loading"]}</p></div>'
-            f'<noscript><main><p>{text["noscript"]}</p>{fallback}</main></noscript>')
+            f'<noscript><main>{_note(lang, share)}<p>{text["noscript"]}</p>{fallback}</main></noscript>')
     head = '<script type="module" src="/static/viewer/viewer.js"></script>'
     return page(lang, text["title"], body, path="", head=head, body_class="viewer-page")
 

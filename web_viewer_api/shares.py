@@ -17,8 +17,8 @@ from storage import (
     ShareRecord,
     StudyQuery,
 )
-from web_viewer_api.auth import Clock, FailureLimiter, check_usable, utc_now
-from web_viewer_api.errors import ApiError, BadRequest, Gone, NotFound
+from web_viewer_api.auth import Clock, check_usable, utc_now
+from web_viewer_api.errors import ApiError, BadRequest, Gone, NotFound, RateLimited
 from web_viewer_api.security import hash_pin, new_token, sha256_hex, verify_pin
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -64,9 +64,9 @@ class WrongPin(ApiError):
 
 class ShareService:
     def __init__(self, access: AccessRepository, index: IndexRepository, policy: SharePolicy,
-                 pin_limiter: FailureLimiter, clock: Clock = utc_now) -> None:
+                 clock: Clock = utc_now) -> None:
         self.access, self.index, self.policy = access, index, policy
-        self.pin_limiter, self.clock = pin_limiter, clock
+        self.clock = clock
 
     def create(self, request: ShareRequest, base_url: str) -> CreatedShare:
         studies = tuple(dict.fromkeys(request.study_uids))
@@ -124,22 +124,31 @@ class ShareService:
         self.access.revoke_share(share_id, self.clock())
         return self.get(share_id)
 
-    def open_session(self, share: ShareRecord, pin: str | None,
-                     address: str) -> tuple[str, dt.datetime]:
+    def open_session(self, share: ShareRecord, pin: str | None) -> tuple[str, dt.datetime]:
         """Check the PIN (when the share has one), count one use, and return a new viewer
-        session id (for the cookie) with its expiry."""
+        session id (for the cookie) with its expiry.
+
+        Wrong PINs count against the share, whoever sent them, over its whole life (a right
+        PIN does not reset the count): the share locks for good at `pin_lock_after`. They
+        do not count against the address: one recipient's typos behind a hospital's NAT
+        lock no other share."""
         now = self.clock()
         check_usable(share, now)
         if share.pin_hash is not None:
-            self.pin_limiter.check(address)
+            lock_after = self.policy.pin_lock_after
+            # Counted before the (slow) check: racing requests cannot check more PINs than
+            # the lock allows.
+            if not self.access.reserve_pin_attempt(share.share_id, lock_after):
+                check_usable(self.get(share.share_id), now)  # raises: locked
+                raise RateLimited("other PIN attempts on this share are being checked; try again",
+                                  retry_after=1)
             if not pin or not verify_pin(pin, share.pin_hash):
-                self.pin_limiter.failed(address)
-                failures = self.access.record_pin_failure(share.share_id,
-                                                          self.policy.pin_lock_after, now)
-                left = self.policy.pin_lock_after - failures
+                failures = self.access.pin_attempt_failed(share.share_id, lock_after, now)
+                left = lock_after - failures
                 if left <= 0:
                     check_usable(self.get(share.share_id), now)  # raises: locked
-                raise WrongPin(f"wrong PIN ({left} attempt{'s' if left != 1 else ''} left)")
+                raise WrongPin(f"wrong PIN ({max(left, 1)} attempt{'s' if left > 1 else ''} left)")
+            self.access.pin_attempt_succeeded(share.share_id)
         session = new_token()
         expires = min(now + self.policy.session_lifetime, share.expires_at)
         if not self.access.open_session(share.share_id, sha256_hex(session), now, expires):

@@ -17,7 +17,17 @@ from worker.pipeline import (
     read_provenance,
     record_for,
 )
-from worker.spool import Spool, SpoolError, SpoolWriteError, new_association_tag
+from worker.spool import (
+    PRIVATE_DIRECTORY_MODE,
+    PRIVATE_FILE_MODE,
+    Spool,
+    SpoolError,
+    SpoolWriteError,
+    close_private_tree,
+    new_association_tag,
+    open_private,
+    private_directory,
+)
 from worker.tasks import (
     COMPLETE_STUDY_TASK,
     INGEST_TASK,
@@ -32,6 +42,8 @@ from worker.transcode import Codec, TranscodeStatus, decompress_for_serving, tra
 __all__ = [
     "COMPLETE_STUDY_TASK",
     "INGEST_TASK",
+    "PRIVATE_DIRECTORY_MODE",
+    "PRIVATE_FILE_MODE",
     "SPOOL_SUFFIX",
     "UNREADABLE_DATASET_ERRORS",
     "WEBHOOK_TASK",
@@ -50,6 +62,7 @@ __all__ = [
     "Webhook",
     "WorkerContext",
     "check_complete",
+    "close_private_tree",
     "create_celery_app",
     "decompress_for_serving",
     "derived_uid",
@@ -62,6 +75,8 @@ __all__ = [
     "instance_metadata_key",
     "manifest_key",
     "new_association_tag",
+    "open_private",
+    "private_directory",
     "read_provenance",
     "record_for",
     "sign",

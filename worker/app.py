@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery
 
 from worker.broker import TRANSPORT as ATOMIC_FILESYSTEM_TRANSPORT
+from worker.spool import private_directory
 from worker.tasks import (
     COMPLETE_STUDY_TASK,
     INGEST_TASK,
@@ -28,8 +29,9 @@ def filesystem_broker_options(folder: Path, polling_interval: float = 0.05) -> d
     queue_dir = folder / "queue"
     processed = folder / "processed"
     control = folder / "control"  # exchange tables; kombu's default is ./control (the cwd)
-    for path in (queue_dir, processed, control):
-        path.mkdir(parents=True, exist_ok=True)
+    # Messages name spool batches and kombu's own files sit beside them: owner only (0700).
+    for path in (folder, queue_dir, processed, control):
+        private_directory(path)
     return {
         "data_folder_in": str(queue_dir),
         "data_folder_out": str(queue_dir),

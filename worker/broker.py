@@ -40,7 +40,7 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
-from worker.spool import fsync_directory
+from worker.spool import PRIVATE_FILE_MODE, fsync_directory, open_private
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _write_message(folder: str, name: str, payload: Any) -> None:
     survives a power cut)."""
     partial = os.path.join(folder, f"{_PARTIAL}{uuid.uuid4()}")
     try:
-        with open(partial, "wb") as out:
+        with open_private(partial) as out:  # task arguments name spool batches: 0600
             out.write(str_to_bytes(dumps(payload)))
             out.flush()
             os.fsync(out.fileno())
@@ -175,6 +175,15 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         _write_message(self.data_folder_in, original, payload)
         os.unlink(claimed)
         return 1
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        """kombu writes the exchange's table by the umask: owner only, as the messages
+        (inside a 0700 folder, so never readable by others in between)."""
+        super()._queue_bind(exchange, routing_key, pattern, queue)
+        table = os.path.join(self.control_folder, f"{exchange}.exchange")
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(table).st_mode & 0o077:
+                os.chmod(table, PRIVATE_FILE_MODE)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:

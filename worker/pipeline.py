@@ -1,12 +1,15 @@
 """The ingest pipeline: spool batch -> de-identify -> object store -> index -> delete spool.
 
 Plain functions and one class; the Celery task only calls `IngestPipeline.ingest_batch`.
-Output keys and UIDs are deterministic, so running a batch twice overwrites, never duplicates.
+Output keys and UIDs are deterministic, so running a batch twice finds its own objects, never
+duplicates. Instance objects are written once (`ObjectStore.create`): a different instance
+under stored UIDs is a conflict, quarantined and audited, and the stored one stays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -14,24 +17,37 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from sqlalchemy.exc import SQLAlchemyError
 
-from anonymize import DeidentificationError, DeidentificationPolicy, deidentify
-from storage import IndexRepository, InstanceRecord, ObjectStore, StorageError, instance_key
+from anonymize import DeidentificationError, DeidentificationPolicy, ProfileOption, deidentify
+from storage import (
+    WORKER_ACTIONS,
+    AlreadyExists,
+    AuditEntry,
+    IndexRepository,
+    InstanceRecord,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    instance_key,
+    join_key,
+)
 from worker.completion import instance_metadata_key
 from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
+from worker.spool import PRIVATE_FILE_MODE, open_private, private_directory
 from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
 log = logging.getLogger(__name__)
-#: What sends an instance to quarantine instead of the archive (never a retried poison task).
-_QUARANTINE: tuple[type[Exception], ...] = (DeidentificationError, *UNREADABLE_DATASET_ERRORS)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._\-]+$")
 SPOOL_SUFFIX = ".dcm"
@@ -54,6 +70,22 @@ class InvalidBatchName(PipelineError, ValueError):
     """A site or batch identifier that is not a plain directory name."""
 
 
+class InstanceConflict(PipelineError):
+    """What a writer sent contradicts what the domain holds (another instance under stored
+    UIDs, another patient's study, another study's series): the stored data stays, this
+    instance is quarantined and a Security Alert audited. Its message names de-identified
+    UIDs only."""
+
+    def __init__(self, reason: str, *, study_instance_uid: str, sop_instance_uid: str,
+                 received_sha256: str = "", stored_sha256: str = "") -> None:
+        super().__init__(f"{reason} (SOP Instance {sop_instance_uid})")
+        self.reason = reason
+        self.study_instance_uid = study_instance_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.received_sha256 = received_sha256
+        self.stored_sha256 = stored_sha256
+
+
 @dataclass
 class IngestReport:
     """What one batch run did (counts only: no identifier leaves the site in a log)."""
@@ -74,9 +106,11 @@ def _checked_name(value: str, what: str) -> str:
 
 
 def stamp_provenance(dataset: Dataset, site_id: str, source_syntax: str, compression: str) -> None:
-    """Record the producing site, the received transfer syntax and the compression outcome."""
+    """Record the producing site (when given), the received transfer syntax and the
+    compression outcome."""
     block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(_SITE_ELEMENT, "LO", site_id)
+    if site_id:  # named only under Retain Institution Identity (the index knows it anyway)
+        block.add_new(_SITE_ELEMENT, "LO", site_id)
     block.add_new(_SOURCE_SYNTAX_ELEMENT, "UI", source_syntax)
     block.add_new(_COMPRESSION_ELEMENT, "LO", compression)
 
@@ -112,19 +146,116 @@ def encode_dataset(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def record_for(dataset: Dataset, key: str, body: bytes) -> InstanceRecord:
-    """The index record of a stored object (used at ingest and by reindex)."""
-    site_id, source_syntax, compression = read_provenance(dataset)
+def record_for(dataset: Dataset, key: str, body: bytes, *, site_id: str | None = None,
+               study_site_id: str | None = None) -> InstanceRecord:
+    """The index record of a stored object (used at ingest and by reindex): stored by
+    `site_id` (default: the site its provenance names) in a study owned by `study_site_id`
+    (default: the same)."""
+    stamped_site, source_syntax, compression = read_provenance(dataset)
     return InstanceRecord.from_dataset(
         dataset,
         object_key=key,
         size_bytes=len(body),
         sha256=hashlib.sha256(body).hexdigest(),
         transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
-        site_id=site_id,
+        site_id=stamped_site if site_id is None else site_id,
         source_transfer_syntax_uid=source_syntax,
         compression=compression,
+        study_site_id=study_site_id,
     )
+
+
+#: What sends an instance to quarantine instead of the archive (never a retried poison task).
+_QUARANTINE: tuple[type[Exception], ...] = (DeidentificationError, InstanceConflict,
+                                            *UNREADABLE_DATASET_ERRORS)
+#: Encrypted Attributes Sequence: a new random key at each encryption.
+_ENCRYPTED_ATTRIBUTES, _PIXEL_DATA = 0x04000500, 0x7FE00010
+
+
+@dataclass(frozen=True)
+class StudyOwner:
+    """Who owns a study: the site that stored it first, and its patient pseudonym. Kept as
+    `studies/<uid>/owner.json`, written once (`ObjectStore.create`): of two sites storing
+    one study at once, one owns it, for good."""
+
+    site_id: str
+    patient_id: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"site_id": self.site_id, "patient_id": self.patient_id}).encode()
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> StudyOwner:
+        document = json.loads(body)
+        return cls(str(document["site_id"]), str(document["patient_id"]))
+
+
+def study_owner_key(study_instance_uid: str) -> str:
+    return join_key("studies", study_instance_uid, "owner.json")
+
+
+def read_study_owner(store: ObjectStore, study_instance_uid: str) -> StudyOwner | None:
+    """The recorded owner of a study, or None (stored before owners were recorded)."""
+    try:
+        return StudyOwner.from_bytes(store.get(study_owner_key(study_instance_uid)))
+    except ObjectNotFound:
+        return None
+
+
+def claim_study(store: ObjectStore, study_instance_uid: str, claim: StudyOwner) -> StudyOwner:
+    """The study's owner: `claim` if no site owned it yet, else the recorded one."""
+    try:
+        store.create(study_owner_key(study_instance_uid), claim.to_bytes(),
+                     content_type="application/json")
+        return claim
+    except AlreadyExists:
+        owner = read_study_owner(store, study_instance_uid)
+        if owner is None:  # cannot happen: create found it; a store that lost it is broken
+            raise StorageError("study owner vanished after a conflicting create") from None
+        return owner
+
+
+#: What de-identification derives from keys another site qualifies differently when the
+#: patient or the accession has no issuer: the pseudonyms, and the dates it shifts.
+_SITE_QUALIFIED = frozenset({0x00100010, 0x00100020, 0x00100021, 0x00101002, 0x00080050,
+                             0x00080051})
+_SHIFTED_VRS = frozenset({"DA", "DT", "TM"})
+
+
+def _content_digest(dataset: Dataset, *, across_sites: bool) -> str:
+    """SHA-256 of an instance's attributes but pixel data and those two stores of it may
+    differ in (our provenance block, encrypted attributes; `across_sites`: the pseudonyms
+    and shifted dates of `_SITE_QUALIFIED`); bulk values by their hash."""
+    def kept(tag: BaseTag) -> bool:
+        if tag.group == PRIVATE_GROUP or tag in (_ENCRYPTED_ATTRIBUTES, _PIXEL_DATA):
+            return False
+        return not across_sites or (tag not in _SITE_QUALIFIED
+                                    and dataset[tag].VR not in _SHIFTED_VRS)
+
+    document = Dataset({tag: element for tag, element in dataset.items() if kept(tag)}
+                       ).to_json_dict(bulk_data_threshold=1024,
+                                      bulk_data_element_handler=lambda element: hashlib.sha256(
+                                          element.value).hexdigest())
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = False) -> bool:
+    """Whether two stores of an instance hold the same thing: equal attributes, and pixel
+    data equal as bytes or, when encoded differently (say, a re-send in another transfer
+    syntax that was kept as sent), as decoded pixels. `across_sites`: stored by another
+    site, whose pseudonyms and date shift may be qualified by that site (no issuer)."""
+    if (_content_digest(stored, across_sites=across_sites)
+            != _content_digest(received, across_sites=across_sites)):
+        return False
+    stored_pixels, received_pixels = stored.get("PixelData"), received.get("PixelData")
+    if stored_pixels is None or received_pixels is None:
+        return stored_pixels is received_pixels
+    if bytes(stored_pixels) == bytes(received_pixels):
+        return True
+    try:
+        return bool(np.array_equal(stored.pixel_array, received.pixel_array))
+    except Exception:  # noqa: BLE001 — pixels that cannot be decoded are not shown equal
+        return False
 
 
 @dataclass
@@ -137,6 +268,8 @@ class IngestPipeline:
     spool_root: Path
     quarantine_root: Path
     codec: Codec | None = Codec.JPEG_LS
+    #: Where Security Alerts go (the audit trail); None: logged only.
+    audit: Callable[[Sequence[AuditEntry]], None] | None = None
 
     def batch_dir(self, site_id: str, batch_id: str) -> Path:
         return self.spool_root / _checked_name(site_id, "site") / _checked_name(batch_id, "batch")
@@ -151,9 +284,10 @@ class IngestPipeline:
             return report
         records: list[InstanceRecord] = []
         done: list[Path] = []
+        owners: dict[str, StudyOwner] = {}
         for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
             try:
-                record = self._process_file(path, site_id)
+                record = self._process_file(path, site_id, owners)
             except FileNotFoundError:
                 continue  # a concurrent delivery of the same batch finished this file
             except (StorageError, SQLAlchemyError) as exc:
@@ -161,6 +295,8 @@ class IngestPipeline:
             except _QUARANTINE as exc:
                 self._quarantine(path, site_id, batch_id, exc)
                 report.quarantined += 1
+                if isinstance(exc, InstanceConflict):
+                    self._alert(site_id, exc)
                 continue
             records.append(record)
             done.append(path)
@@ -180,13 +316,18 @@ class IngestPipeline:
         )
         return report
 
-    def _process_file(self, path: Path, site_id: str) -> InstanceRecord:
-        dataset = pydicom.dcmread(path)
+    def _process_file(self, path: Path, site_id: str,
+                      owners: dict[str, StudyOwner]) -> InstanceRecord:
+        dataset: Dataset = pydicom.dcmread(path)
         source_syntax = str(dataset.file_meta.TransferSyntaxUID)
         # The batch's site qualifies local identifiers: two hospitals' "12345" differ.
         policy = (self.policy if site_id == self.policy.site_id
                   else dataclasses.replace(self.policy, site_id=site_id))
         deidentify(dataset, policy)
+        study, series, sop = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
+                              str(dataset.SOPInstanceUID))
+        key = instance_key(study, series, sop)
+        owner = self._check_ownership(dataset, site_id, key, owners)
         compression = "none"
         if self.codec is not None:
             outcome = transcode_lossless(dataset, self.codec)
@@ -195,20 +336,92 @@ class IngestPipeline:
             if outcome.status is TranscodeStatus.VERIFICATION_FAILED:
                 log.error("lossless verification failed; original syntax stored (%s)",
                           outcome.reason)
-        stamp_provenance(dataset, site_id, source_syntax, compression)
+        # The site is named in objects only when institution identity is retained.
+        retains_site = ProfileOption.RETAIN_INSTITUTION_IDENTITY in policy.options
+        stamp_provenance(dataset, site_id if retains_site else "", source_syntax, compression)
         body = encode_dataset(dataset)
+        try:
+            self.store.create(key, body)
+        except AlreadyExists:
+            dataset, body = self._stored_twin(key, dataset, body,
+                                              across_sites=owner.site_id != site_id)
+        try:  # written once too: a retry finds it, a conflict never reaches here
+            self.store.create(instance_metadata_key(study, series, sop),
+                              instance_json(dataset, study, series, sop),
+                              content_type="application/dicom+json")
+        except AlreadyExists:
+            pass
+        return record_for(dataset, key, body, site_id=site_id, study_site_id=owner.site_id)
+
+    def _check_ownership(self, dataset: Dataset, site_id: str, key: str,
+                         owners: dict[str, StudyOwner]) -> StudyOwner:
+        """The study's owner; InstanceConflict when this instance would change what the
+        domain holds (another patient's study, another study's series, an instance
+        stored under another key)."""
         study, series, sop = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
                               str(dataset.SOPInstanceUID))
-        key = instance_key(study, series, sop)
-        self.store.put(key, body)
-        self.store.put(instance_metadata_key(study, series, sop),
-                       instance_json(dataset, study, series, sop),
-                       content_type="application/dicom+json")
-        return record_for(dataset, key, body)
+        patient_id = str(dataset.get("PatientID", "") or "")
+        known = self.index.ownership(study, series, sop)
+        owner = owners.get(study)
+        if owner is None:
+            # A study indexed before owners were recorded keeps its indexed owner.
+            claim = (StudyOwner(site_id, patient_id) if known.study_site_id is None
+                     else StudyOwner(known.study_site_id, known.study_patient_id or ""))
+            owner = owners[study] = claim_study(self.store, study, claim)
+        conflict = None
+        if known.instance_object_key not in (None, key):
+            conflict = "the instance is stored in another study or series"
+        elif known.instance_object_key == key:
+            pass  # a stored instance sent again: its stored twin decides (`_stored_twin`)
+        elif owner.patient_id != patient_id:
+            conflict = "the study is stored under another patient pseudonym"
+        elif known.series_study_instance_uid not in (None, study):
+            conflict = "the series is stored in another study"
+        if conflict is not None:
+            raise InstanceConflict(conflict, study_instance_uid=study, sop_instance_uid=sop)
+        return owner
+
+    def _stored_twin(self, key: str, dataset: Dataset, body: bytes, *,
+                     across_sites: bool) -> tuple[Dataset, bytes]:
+        """The stored object under `key` when it holds the same instance as `dataset` (a
+        re-send, a retried batch, the study imported at another site): indexed as stored,
+        nothing changed. InstanceConflict otherwise."""
+        stored = self.store.get(key)
+        if stored == body:
+            return dataset, body
+        stored_dataset = pydicom.dcmread(BytesIO(stored))
+        if same_instance(stored_dataset, dataset, across_sites=across_sites):
+            return stored_dataset, stored
+        raise InstanceConflict(
+            "a different instance is stored under these UIDs",
+            study_instance_uid=str(dataset.StudyInstanceUID),
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            received_sha256=hashlib.sha256(body).hexdigest(),
+            stored_sha256=hashlib.sha256(stored).hexdigest())
+
+    def _alert(self, site_id: str, conflict: InstanceConflict) -> None:
+        """A Security Alert (PS3.15 A.5.3, EventID 110113) in the audit trail."""
+        log.warning("instance conflict from site %s: %s", site_id, conflict.reason)
+        if self.audit is None:
+            return
+        detail = {"reason": conflict.reason, "sop_instance_uid": conflict.sop_instance_uid}
+        if conflict.stored_sha256:
+            detail.update(stored_sha256=conflict.stored_sha256,
+                          received_sha256=conflict.received_sha256)
+        code, verb = WORKER_ACTIONS["instance.conflict"]
+        alert = AuditEntry(
+            at=dt.datetime.now(dt.UTC), action="instance.conflict", event_code=code,
+            event_action=verb, outcome=4, actor=f"site:{site_id}",
+            resource=conflict.sop_instance_uid, study_instance_uid=conflict.study_instance_uid,
+            detail=json.dumps(detail))
+        try:
+            self.audit([alert])
+        except (SQLAlchemyError, OSError) as exc:  # the quarantine keeps the evidence
+            log.error("security alert not written to the audit trail: %s", type(exc).__name__)
 
     def _quarantine(self, path: Path, site_id: str, batch_id: str, exc: Exception) -> None:
-        target_dir = self.quarantine_root / site_id / batch_id
-        target_dir.mkdir(parents=True, exist_ok=True)
+        # Identified data, like the spool it comes from: folders 0700, files 0600.
+        target_dir = private_directory(self.quarantine_root / site_id / batch_id)
         target = target_dir / path.name
         reason = {
             "reason": type(exc).__name__,
@@ -218,13 +431,15 @@ class IngestPipeline:
             "batch_id": batch_id,
         }
         reason_path = target.with_name(target.name + ".reason.json")
-        reason_path.write_text(json.dumps(reason, indent=2))
+        with open_private(reason_path, exclusive=False) as handle:
+            handle.write(json.dumps(reason, indent=2).encode())
         try:
             os.replace(path, target)
         except FileNotFoundError:
             return
         except OSError:
-            shutil.move(str(path), str(target))
+            shutil.move(str(path), str(target))  # another file system: copied with its mode
+            os.chmod(target, PRIVATE_FILE_MODE)
         log.warning("batch %s/%s: one instance quarantined (%s)", site_id, batch_id, type(exc).__name__)
 
     @staticmethod

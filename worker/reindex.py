@@ -13,7 +13,7 @@ import pydicom
 
 from storage import IndexRepository, InstanceRecord, ObjectStore
 from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
-from worker.pipeline import record_for
+from worker.pipeline import StudyOwner, read_provenance, read_study_owner, record_for
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,22 @@ class ReindexReport:
     unreadable: list[str] = field(default_factory=list)
 
 
+def _record(store: ObjectStore, dataset: pydicom.Dataset, key: str, body: bytes,
+            owners: dict[str, StudyOwner | None]) -> InstanceRecord:
+    """The record of a stored instance: its study's owner from `owner.json`; the site that
+    stored it from the object when it names one (institution identity retained), else the
+    study's owner (objects do not say which site wrote them)."""
+    study_uid = key.split("/")[1]
+    if study_uid not in owners:
+        owners[study_uid] = read_study_owner(store, study_uid)
+    owner = owners[study_uid]
+    stamped_site = read_provenance(dataset)[0]
+    if owner is None:  # stored before owners were recorded: the object's site owns it
+        return record_for(dataset, key, body)
+    return record_for(dataset, key, body, site_id=stamped_site or owner.site_id,
+                      study_site_id=owner.site_id)
+
+
 def reindex(store: ObjectStore, index: IndexRepository,
             progress: Callable[[int], None] | None = None) -> ReindexReport:
     """Empty the index, then upsert one row set per stored instance object."""
@@ -37,13 +53,14 @@ def reindex(store: ObjectStore, index: IndexRepository,
     first = next(listing, None)
     index.clear()
     pending: list[InstanceRecord] = []
+    owners: dict[str, StudyOwner | None] = {}
     for info in itertools.chain([first] if first is not None else [], listing):
         if not _INSTANCE_KEY.match(info.key):
             continue  # metadata, thumbnails, manifests
         body = store.get(info.key)
         try:
             dataset = pydicom.dcmread(BytesIO(body), stop_before_pixels=True)
-            pending.append(record_for(dataset, info.key, body))
+            pending.append(_record(store, dataset, info.key, body, owners))
         except UNREADABLE_DATASET_ERRORS as exc:
             log.warning("unreadable object %s (%s)", info.key, type(exc).__name__)
             report.unreadable.append(info.key)

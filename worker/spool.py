@@ -5,21 +5,30 @@ Written by the DICOM node (C-STORE), STOW-RS and `import`; read by the ingest pi
 Layout: <root>/<site>/<batch>/<SOPInstanceUID>.dcm, one batch per (association, study).
 Each file is written to a temp name, fsynced, renamed and its directory fsynced before the
 SCP answers Success, so an acknowledged instance survives any crash after the answer.
+
+Spooled instances are identified data: files are created 0600 and folders 0700 whatever the
+process umask (a umask only removes bits), so no other local user can read them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
+import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SPOOL_SUFFIX = ".dcm"
@@ -31,6 +40,72 @@ class SpoolError(Exception):
 
 class SpoolWriteError(SpoolError):
     """The instance could not be made durable (disk full, permissions...)."""
+
+
+#: Modes of files and folders holding identified data (spool, quarantine, broker messages).
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIRECTORY_MODE = 0o700
+
+
+def private_directory(path: str | Path) -> Path:
+    """`path` as a folder only its owner can enter: created 0700 with any missing parents
+    (mkdir -p would make parents by the umask), tightened to 0700 if it exists wider."""
+    path = Path(path)
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIRECTORY_MODE)
+        except FileExistsError:
+            pass  # created by a concurrent writer, with the same mode
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, PRIVATE_DIRECTORY_MODE)
+    return path
+
+
+def open_private(path: str | Path, *, exclusive: bool = True) -> BinaryIO:
+    """Open `path` for writing, created 0600 (an existing file is truncated and tightened
+    unless `exclusive`, which refuses it)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    try:
+        if not exclusive:
+            os.fchmod(fd, PRIVATE_FILE_MODE)  # an older file keeps its mode otherwise
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def close_private_tree(root: str | Path) -> int:
+    """Tighten what an older version (or another tool) left readable under `root`: folders
+    to 0700, files to 0600; symbolic links are left alone. Returns how many were changed."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    changed = 0
+    entries = [(root, PRIVATE_DIRECTORY_MODE)]
+    for folder, folders, files in os.walk(root):
+        entries += [(Path(folder, name), PRIVATE_DIRECTORY_MODE) for name in folders]
+        entries += [(Path(folder, name), PRIVATE_FILE_MODE) for name in files]
+    not_ours = 0
+    for path, mode in entries:
+        try:
+            info = path.lstat()
+            if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & 0o077:
+                os.chmod(path, mode)
+                changed += 1
+        except FileNotFoundError:
+            continue  # processed while we walked
+        except PermissionError:
+            not_ours += 1  # another user's file: reported, not fatal
+    if not_ours:
+        log.warning("%d files or folders under %s are readable by other users and not ours "
+                    "to close", not_ours, root)
+    return changed
 
 
 def fsync_directory(path: str | Path) -> None:
@@ -54,14 +129,23 @@ class Spool:
 
     root: Path
     site_id: str
+    #: Keys the study part of batch ids; random, kept in this process's memory only.
+    batch_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False,
+                             compare=False)
 
     @property
     def site_dir(self) -> Path:
         return self.root / self.site_id
 
     def batch_id(self, association_tag: str, study_instance_uid: str) -> str:
-        """The batch of one study within one association (study hashed: no UID in names)."""
-        digest = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:16]
+        """The batch of one study within one association: the same for every instance of
+        the study this spool receives in that association, different for another study.
+        Batch ids travel through the broker: the study part is an HMAC under a key that never
+        leaves this process (an unkeyed hash would let whoever reads the broker confirm a
+        candidate original Study Instance UID), over the association too (two associations'
+        batches of one study cannot be linked)."""
+        digest = hmac.new(self.batch_key, f"{association_tag}\0{study_instance_uid}".encode(),
+                          hashlib.sha256).hexdigest()[:16]
         return f"{association_tag}-{digest}"
 
     def write(self, batch_id: str, sop_instance_uid: str, encoded: bytes) -> Path:
@@ -87,8 +171,9 @@ class Spool:
         target = directory / f"{sop_instance_uid}{SPOOL_SUFFIX}"
         temp = directory / f".{sop_instance_uid}.{uuid.uuid4().hex[:8]}.part"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as handle:
+            if not directory.is_dir():
+                private_directory(directory)
+            with open_private(temp) as handle:
                 fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -2,19 +2,57 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
+
+log = logging.getLogger(__name__)
+
+#: The index file and SQLite's companions (which SQLite creates with the main file's mode).
+_SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def _close_sqlite_file(database_url: str) -> None:
+    """Create the SQLite index file 0600 before SQLite does (it would follow the umask:
+    0644), and tighten an index and companions an older version left readable by others.
+    The index holds shares, API key hashes and the audit trail: its owner only."""
+    url = make_url(database_url)
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:") or url.query.get("uri"):
+        return
+    path = Path(database)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        return  # no such folder: SQLite says so at the first connection, as before
+    for suffix in _SQLITE_COMPANIONS:
+        companion = path.with_name(path.name + suffix)
+        try:
+            if stat.S_IMODE(companion.stat().st_mode) & 0o077:
+                os.chmod(companion, 0o600)
+        except FileNotFoundError:
+            continue
+        except PermissionError:  # another user's file: we cannot close it, say so
+            log.warning("index file %s is readable by other users and not ours to chmod",
+                        companion.name)
 
 
 def create_index_engine(database_url: str, *, echo: bool = False) -> Engine:
-    """An engine tuned for the index: WAL and a busy timeout on SQLite, pre-ping everywhere."""
+    """An engine tuned for the index: WAL and a busy timeout on SQLite, pre-ping everywhere.
+    A SQLite index file is created (or tightened to) mode 0600."""
     kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
     if database_url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        _close_sqlite_file(database_url)
     engine = create_engine(database_url, **kwargs)
     if engine.dialect.name == "sqlite":
 

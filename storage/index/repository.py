@@ -56,8 +56,10 @@ class InstanceRecord:
         site_id: str,
         source_transfer_syntax_uid: str = "",
         compression: str = "",
+        study_site_id: str | None = None,
     ) -> InstanceRecord:
-        """Extract the indexed attributes of a de-identified dataset."""
+        """Extract the indexed attributes of a de-identified dataset stored by `site_id`,
+        in a study owned by `study_site_id` (default: the same site)."""
         study_uid = _text(dataset, "StudyInstanceUID", 64)
         series_uid = _text(dataset, "SeriesInstanceUID", 64)
         return cls(
@@ -80,7 +82,7 @@ class InstanceRecord:
                 "study_description": _text(dataset, "StudyDescription", 64),
                 "referring_physician_name": _text(dataset, "ReferringPhysicianName", 324),
                 "specific_character_set": _text(dataset, "SpecificCharacterSet", 128),
-                "site_id": site_id[:64],
+                "site_id": (site_id if study_site_id is None else study_site_id)[:64],
             },
             series={
                 "series_instance_uid": series_uid,
@@ -105,8 +107,23 @@ class InstanceRecord:
                 "sha256": sha256,
                 "source_transfer_syntax_uid": source_transfer_syntax_uid or transfer_syntax_uid,
                 "compression": compression,
+                "site_id": site_id[:64],
             },
         )
+
+
+#: Study columns only its creation sets: its owner site and its patient.
+_STUDY_OWNED = ("site_id", "patient_id", "patient_name", "patient_birth_date", "patient_sex")
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """What the index holds of a study, a series and an instance (None: not indexed)."""
+
+    study_site_id: str | None
+    study_patient_id: str | None
+    series_study_instance_uid: str | None
+    instance_object_key: str | None
 
 
 @dataclass(frozen=True)
@@ -423,31 +440,69 @@ class IndexRepository:
             return sqlite.insert(model)
         raise NotImplementedError(f"index dialect {dialect!r} is not supported")
 
-    def _upsert(self, session: Session, model: Any, values: dict[str, Any], key: str) -> None:
+    def _upsert(self, session: Session, model: Any, values: dict[str, Any], key: str, *,
+                keep: Sequence[str] = (), where: Any = None) -> None:
+        """Insert, or update every column but `key` and `keep`, where `where` holds."""
         statement = self._insert(model).values(**values)
-        updates = {name: statement.excluded[name] for name in values if name != key}
+        updates = {name: statement.excluded[name] for name in values
+                   if name != key and name not in keep}
         updates["updated_at"] = func.now()
-        session.execute(statement.on_conflict_do_update(index_elements=[key], set_=updates))
+        session.execute(statement.on_conflict_do_update(index_elements=[key], set_=updates,
+                                                        where=where))
+
+    def _insert_absent(self, session: Session, model: Any, values: dict[str, Any]) -> None:
+        session.execute(self._insert(model).values(**values).on_conflict_do_nothing())
 
     def upsert_instance(self, record: InstanceRecord) -> None:
         """Insert or update the study, series and instance rows (idempotent)."""
         self.upsert_instances([record])
 
     def upsert_instances(self, records: Sequence[InstanceRecord]) -> None:
-        """Upsert several instances in one transaction (idempotent)."""
+        """Upsert several instances in one transaction (idempotent). What a later writer
+        cannot change (the trust model): a patient row once written; a study's owner and
+        patient, and its other attributes unless the writer is its owner; the study of a
+        series; the object and owner of an instance (a row naming another object is left
+        as it is)."""
         # One statement per distinct parent row (a batch is mostly one study and series).
         patients = {r.patient["patient_id"]: r.patient for r in records}
         studies = {r.study["study_instance_uid"]: r.study for r in records}
+        owned = {r.study["study_instance_uid"] for r in records
+                 if r.instance["site_id"] == r.study["site_id"]}
         series = {r.series["series_instance_uid"]: r.series for r in records}
         with Session(self.engine) as session, session.begin():
             for values in patients.values():
-                self._upsert(session, Patient, values, "patient_id")
-            for values in studies.values():
-                self._upsert(session, Study, values, "study_instance_uid")
+                self._insert_absent(session, Patient, values)
+            for uid, values in studies.items():
+                if uid in owned:
+                    self._upsert(session, Study, values, "study_instance_uid", keep=_STUDY_OWNED)
+                else:
+                    self._insert_absent(session, Study, values)
             for values in series.values():
-                self._upsert(session, Series, values, "series_instance_uid")
+                self._upsert(session, Series, values, "series_instance_uid",
+                             where=Series.study_instance_uid == values["study_instance_uid"])
             for record in records:
-                self._upsert(session, Instance, record.instance, "sop_instance_uid")
+                self._upsert(session, Instance, record.instance, "sop_instance_uid",
+                             keep=("site_id",),
+                             where=Instance.object_key == record.instance["object_key"])
+
+    def ownership(self, study_instance_uid: str, series_instance_uid: str,
+                  sop_instance_uid: str) -> Ownership:
+        """What the index already says of a study, a series and an instance (a writer
+        checks it before storing: see the trust model)."""
+        # One round trip: it runs once per stored instance.
+        statement = select(
+            select(Study.site_id).where(Study.study_instance_uid == study_instance_uid)
+            .scalar_subquery(),
+            select(Study.patient_id).where(Study.study_instance_uid == study_instance_uid)
+            .scalar_subquery(),
+            select(Series.study_instance_uid)
+            .where(Series.series_instance_uid == series_instance_uid).scalar_subquery(),
+            select(Instance.object_key).where(Instance.sop_instance_uid == sop_instance_uid)
+            .scalar_subquery())
+        with self.engine.connect() as connection:
+            site, patient, series_study, instance_key = connection.execute(statement).one()
+        return Ownership(study_site_id=site, study_patient_id=patient,
+                         series_study_instance_uid=series_study, instance_object_key=instance_key)
 
     def search_studies(self, query: StudyQuery) -> list[StudySummary]:
         """Matching studies, newest first, with their series/instance counts and modalities."""

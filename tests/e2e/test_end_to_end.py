@@ -196,7 +196,9 @@ def test_production_column_redis_postgresql_seaweedfs(
             config=Config(s3={"addressing_style": "path"}))
         keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
         assert len([k for k in keys if k.endswith(".dcm")]) == spec.ct_slices + spec.mr_slices
-        assert all(k.startswith(f"studies/{study_uid}/series/") for k in keys)
+        assert all(k.startswith(f"studies/{study_uid}/series/") for k in keys
+                   if k != f"studies/{study_uid}/owner.json")
+        assert f"studies/{study_uid}/owner.json" in keys
         blobs = [client.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys]
         _assert_no_phi(blobs, folder, spec)
         for process in (node, worker, api):
@@ -246,8 +248,8 @@ def test_share_flow_through_serve_never_logs_tokens_or_pins(
         _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
         base = f"http://127.0.0.1:{http_port}"
         admin = {"Authorization": f"Bearer {token}"}
-        found = httpx.get(f"{base}/api/studies/lookup", headers=admin,
-                          params={"accession_number": spec.identity.accession_number}).json()
+        found = httpx.post(f"{base}/api/site/lookup", headers=admin,
+                           json={"accession_number": spec.identity.accession_number}).json()
         assert len(found["study_uids"]) == 1
         created = httpx.post(f"{base}/api/shares", headers=admin, json={
             "study_uids": found["study_uids"], "expires_in": 3600, "pin": "864209"}).json()

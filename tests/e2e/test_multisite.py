@@ -12,6 +12,8 @@ in order on one cluster: the last ones kill a worker and read every log.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,15 +128,19 @@ def test_each_study_records_its_source_site(cluster: Cluster, studies: dict[str,
     a, b = studies["A1"], studies["B1"]
     assert dict(cluster.sql("SELECT study_instance_uid, site_id FROM studies")) == {
         a.uid: "A", b.uid: "B"}
-    # What the API shows: the provenance block of every stored instance names its site.
+    # What share recipients and the region see of it: nothing (the site is named in objects
+    # only under Retain Institution Identity); the index and the owner record keep it.
     for study in (a, b):
         response = httpx.get(f"{cluster.apis[1].url}/dicom-web/studies/{study.uid}/metadata",
                              headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
         assert response.status_code == 200, response.text
         metadata = response.json()
         assert len(metadata) == study.instances
-        assert {(_value(i, "00770010"), _value(i, "00771010")) for i in metadata} == {
-            ("DICOM-GATEWAY 1", study.site)}
+        assert {_value(i, "00770010") for i in metadata} == {"DICOM-GATEWAY 1"}
+        assert not any("00771010" in i for i in metadata)
+        owner = cluster.seaweedfs.client().get_object(  # type: ignore[union-attr]
+            Bucket=cluster.bucket, Key=f"studies/{study.uid}/owner.json")["Body"].read()
+        assert json.loads(owner)["site_id"] == study.site
     # And what it enforces: a key restricted to site A (made with the API's settings) sees
     # A's study only, through either API.
     key = cluster.cli("apikey", "create", "--name", "site A PACS", "--scope", "read",
@@ -144,6 +150,38 @@ def test_each_study_records_its_source_site(cluster: Cluster, studies: dict[str,
         response = httpx.get(f"{api.url}/dicom-web/studies/{b.uid}/metadata",
                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert response.status_code == 404
+
+
+def test_a_study_re_sent_to_another_site_is_not_taken_over(
+        cluster: Cluster, studies: dict[str, Study]) -> None:
+    """The "outside study imported at B" workflow: B's node receives A's study. Nothing
+    changes: A owns it, its objects stay byte-identical, B's key still cannot read it."""
+    a = studies["A1"]
+
+    def objects() -> dict[str, str]:
+        client = cluster.seaweedfs.client()  # type: ignore[union-attr]
+        return {key: hashlib.sha256(client.get_object(Bucket=cluster.bucket, Key=key)["Body"]
+                                    .read()).hexdigest()
+                for key in cluster.s3_keys(f"studies/{a.uid}/series/") if key.endswith(".dcm")}
+
+    before = objects()
+    assert len(before) == a.instances
+    cluster.send("B", a.folder)
+    wait_for(lambda: cluster.sites["B"].spooled() == 0, timeout=120,
+             what="site B's worker to process the re-sent study")
+    assert cluster.sites["B"].quarantined() == 0  # the same instances: no conflict
+    assert objects() == before
+    assert cluster.sql("SELECT site_id FROM studies WHERE study_instance_uid = :uid", uid=a.uid) == [("A",)]
+    assert set(cluster.sql("SELECT site_id FROM instances WHERE study_instance_uid = :uid",
+                           uid=a.uid)) == {("A",)}
+    key_b = cluster.cli("apikey", "create", "--name", "site B PACS", "--scope", "read",
+                        "--site", "B").strip()
+    key_a = cluster.cli("apikey", "create", "--name", "site A viewer", "--scope", "read",
+                        "--site", "A").strip()
+    for api in cluster.apis:
+        assert _qido(api.url, key_b, "studies", StudyInstanceUID=a.uid) == []
+        assert [_value(s, "0020000D") for s in _qido(api.url, key_a, "studies",
+                                                       StudyInstanceUID=a.uid)] == [a.uid]
 
 
 def test_site_kos_manifest_points_at_the_regional_api(

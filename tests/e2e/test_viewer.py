@@ -85,7 +85,7 @@ def test_pin_then_first_image_then_wl_and_scrolling_change_the_pixels(server: Di
     created = _share(server, pin="246810", note="Avis sur la lésion du lobe inférieur")
     page.goto(created["url"])
     assert page.locator("input[name=pin]").is_visible()
-    assert "Avis sur la lésion" in page.content()
+    assert "Avis sur la lésion" not in page.content()  # the note is for whoever has the PIN
     page.fill("input[name=pin]", "000000")
     page.click("button[type=submit]")
     assert page.locator(".error").inner_text().startswith("Code PIN erroné")
@@ -93,6 +93,7 @@ def test_pin_then_first_image_then_wl_and_scrolling_change_the_pixels(server: Di
     page.fill("input[name=pin]", "246810")
     page.click("button[type=submit]")
     _first_image(page)
+    assert "Avis sur la lésion du lobe inférieur" in page.locator(".note").first.inner_text()
     canvas = ".viewport canvas"
     first = page.evaluate(CANVAS_STATS, canvas)
     assert first["lit"] > 0.05 and first["std"] > 5, first

@@ -33,10 +33,11 @@ WADO = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=
 @pytest.fixture(scope="module")
 def column(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("column")
-    # The API spools STOW-RS for site A beside A's worker (docs/deployment.md); the node
+    # A site's API (HTTP__ROLE=site) spools STOW-RS for A beside A's worker; the node
     # re-enqueues stranded batches quickly so that outages end within the test's time.
     with Cluster(root, sites=("A",), apis=1,
-                 api_settings={"DATA_DIR": str(root / "site-A"), "SITE_ID": "A"},
+                 api_settings={"DATA_DIR": str(root / "site-A"), "SITE_ID": "A",
+                               "HTTP__ROLE": "site"},
                  settings={"DICOM__SWEEP_INTERVAL_SECONDS": "1",
                            "DICOM__SWEEP_AFTER_SECONDS": "2"}) as cluster:
         yield cluster

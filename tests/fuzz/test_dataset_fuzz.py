@@ -220,6 +220,7 @@ def test_a_deeply_nested_data_set_is_cleaned_at_every_level(pipeline: IngestPipe
     number = next(_CASES)
     dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.10.999.{number}.3"
     dataset.StudyInstanceUID = f"1.2.826.0.1.3680043.10.999.{number}.1"
+    dataset.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.999.{number}.2"  # a series is in one study
     Spool(pipeline.spool_root, "site1").write(f"deep-{number}", str(dataset.SOPInstanceUID), _encode(dataset))
     report = pipeline.ingest_batch("site1", f"deep-{number}")
     assert report.stored == 1

@@ -27,7 +27,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomwebServer]:
     with DicomwebServer(Path(tmp_path_factory.mktemp("fuzz")),
-                        auth_failure_limit=10**9, pin_failure_limit=10**9) as running:
+                        auth_failure_limit=10**9) as running:
         yield running
 
 

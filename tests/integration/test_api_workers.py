@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import signal
 import urllib.request
+import urllib.error
 from pathlib import Path
 
 from tests.support.services import (
@@ -98,3 +99,60 @@ def test_an_inherited_prometheus_folder_does_not_reach_a_single_api_process(tmp_
             text = scrape.read().decode()
         assert 'route="/dicom-web/studies",status="200"} 3.0' in text
         assert "FileNotFoundError" not in api.log_text()
+
+
+def test_api_processes_ignore_a_clients_forwarded_for_and_count_failures_together(
+        tmp_path: Path) -> None:
+    """Two `dicom-gateway api` processes, no proxy listed: uvicorn does not take
+    X-Forwarded-For from a loopback peer on its own, so spoofed addresses all count against
+    127.0.0.1, whichever process answers (the count goes through the audit trail); the
+    admin token is still served. With 127.0.0.1 listed in HTTP__TRUSTED_PROXIES, the
+    forwarded address is the one audited."""
+    import json
+
+    _index_with_one_study(tmp_path / "data")
+    port = free_port()
+    env = gateway_env(tmp_path / "data", admin_token=TOKEN, http__workers="2",
+                      auth__failure_limit="4", pseudonym_secret="workers-test-secret-0123456789abcdef")
+    base = f"http://127.0.0.1:{port}"
+
+    def attempt(forwarded_for: str) -> int:
+        request = urllib.request.Request(f"{base}/dicom-web/studies", headers={
+            "Authorization": "Bearer guess", "X-Forwarded-For": forwarded_for})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    def audited() -> list[dict[str, object]]:
+        status, body, _ = http_json(f"{base}/api/audit?action=auth.invalid_token&limit=100",
+                                    token=TOKEN, accept="application/json")
+        assert status == 200
+        return list(body["events"])
+
+    with GatewayProcess(gateway_command("api", "--http-port", str(port)), env,
+                        tmp_path / "api.log") as api:
+        wait_for(lambda: http_json(f"{base}/livez")[0] == 200 or not api.alive(),
+                 timeout=90, what="the API")
+        assert api.alive(), api.log_text()
+        statuses = []
+        for n in range(8):  # a new connection each: either process answers
+            statuses.append(attempt(f"198.51.100.{n}"))
+            # the other process counts what the audit trail holds (written within ~50 ms)
+            wait_for(lambda n=n: len(audited()) == n + 1, timeout=10, what="the failure audited")
+        assert statuses == [401] * 4 + [429] * 4
+        assert {event["network_access_point_id"] for event in audited()} == {"127.0.0.1"}
+        for _ in range(4):
+            assert http_json(f"{base}/dicom-web/studies", token=TOKEN)[0] == 200
+        assert api.stop(signal.SIGTERM, timeout=60) == 0, api.log_text()
+
+    env = gateway_env(tmp_path / "data", admin_token=TOKEN, http__trusted_proxies=json.dumps(["127.0.0.1"]),
+                      pseudonym_secret="workers-test-secret-0123456789abcdef")
+    with GatewayProcess(gateway_command("api", "--http-port", str(port)), env,
+                        tmp_path / "api-proxied.log") as api:
+        wait_for(lambda: http_json(f"{base}/livez")[0] == 200 or not api.alive(),
+                 timeout=90, what="the API")
+        assert attempt("203.0.113.50") == 401
+        wait_for(lambda: any(e["network_access_point_id"] == "203.0.113.50" for e in audited()),
+                 timeout=10, what="the forwarded address audited")

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
+from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import ApiKeyRecord, BoundedReads, StudyQuery, create_index_engine, migrate
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port
@@ -230,46 +231,148 @@ def test_audit_trail_is_append_only_on_postgresql(postgres_url: str) -> None:
 @pytest.fixture
 def strict_server(tmp_path: Path) -> Iterator[DicomwebServer]:
     """Low limits, and a server of its own: these tests block 127.0.0.1."""
-    with DicomwebServer(tmp_path, auth_failure_limit=6, pin_failure_limit=3,
-                        failure_window_seconds=600.0) as running:
+    with DicomwebServer(tmp_path, auth_failure_limit=6, failure_window_seconds=600.0) as running:
         yield running
 
 
-def test_guessing_share_tokens_is_rate_limited_per_address(strict_server: DicomwebServer) -> None:
+def _audit(server: DicomwebServer, **params: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{server.root}/api/audit", params=params, headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    events: list[dict[str, Any]] = answer.json()["events"]
+    return events
+
+
+def test_guessing_share_tokens_blocks_the_address_for_unknown_tokens_only(
+        strict_server: DicomwebServer) -> None:
     server = strict_server
     study = server.index.search_studies(StudyQuery())[0].study_instance_uid
     created = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
                          json={"study_uids": [study], "expires_in": 600}).json()
     statuses = [httpx.get(f"{server.root}/s/guess-{n:04d}-0123456789abcdefghij/dicom-web/studies").status_code
                 for n in range(8)]
-    assert statuses[:5] == [404] * 5 and statuses[-1] == 429
-    # blocked: even a valid link from that address waits, with Retry-After
-    blocked = httpx.get(f"{server.root}/s/{created['token']}/dicom-web/studies")
+    assert statuses[:6] == [404] * 6 and statuses[6:] == [429] * 2
+    blocked = httpx.get(f"{server.root}/s/guess-more-0123456789abcdefghij")
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) > 0
-    alerts = httpx.get(f"{server.root}/api/audit", params={"action": "share.unknown_token"},
-                       headers=ADMIN).json()["events"]
-    assert len(alerts) >= 5 and all("guess-" not in e["resource"] for e in alerts)
+    # a valid link from the blocked address is served all the same
+    assert httpx.get(f"{server.root}/s/{created['token']}/dicom-web/studies", headers=JSON).status_code == 200
+    assert httpx.get(f"{server.root}/s/{created['token']}").status_code == 200
+    alerts = _audit(server, action="share.unknown_token")
+    assert len(alerts) >= 9 and all("guess-" not in e["resource"] for e in alerts)
+    assert {e["status_code"] for e in alerts} == {404, 429}
 
 
-def test_guessing_api_keys_is_rate_limited_per_address(strict_server: DicomwebServer) -> None:
+def test_a_blocked_address_is_still_served_with_valid_credentials(tmp_path: Path) -> None:
+    """21 unknown tokens (the default limit is 20) from 127.0.0.1: further unknown tokens
+    get 429, while the admin token, a valid API key and a valid share link from that
+    same address are all served."""
+    with DicomwebServer(tmp_path) as server:
+        study = server.index.search_studies(StudyQuery())[0].study_instance_uid
+        _, key = _key(server, {"read"})
+        share = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                           json={"study_uids": [study], "expires_in": 600}).json()
+        statuses = [httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {bad}"}).status_code
+                    for bad in [f"guess-{n:04d}" for n in range(12)] + [f"dgw_{n:016x}_guess" for n in range(9)]]
+        assert statuses[:20] == [401] * 20 and statuses[20] == 429
+        for token in (TOKEN, key):
+            assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {token}",
+                                                                **JSON}).status_code == 200
+        assert httpx.get(f"{server.root}/s/{share['token']}/dicom-web/studies", headers=JSON).status_code == 200
+        refused = httpx.get(f"{server.url}/studies", headers={"Authorization": "Bearer guess-again"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert refused.json()["error"]["code"] == "rate_limited"
+        # no credential at all guesses nothing: a plain 401, not counted
+        assert httpx.get(f"{server.url}/studies").status_code == 401
+        failures = _audit(server, action="auth.invalid_token", limit="100")
+        assert len(failures) == 22 and all(e["network_access_point_id"] == "127.0.0.1" for e in failures)
+
+
+def test_wrong_secrets_of_a_key_count_against_that_key_not_the_address(
+        strict_server: DicomwebServer) -> None:
     server = strict_server
-    _, key = _key(server, {"read"})
-    statuses = [httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer dgw_{n:016x}_guess"}).status_code
-                for n in range(7)]
-    assert statuses[:5] == [401] * 5 and statuses[-1] == 429
-    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {key}"}).status_code == 429
+    key_id, key = _key(server, {"read"})
+    wrong = key[:-6] + "AAAAAA"
+    statuses = [httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {wrong}"}).status_code
+                for _ in range(8)]
+    assert statuses[:6] == [401] * 6 and statuses[6:] == [429] * 2
+    # the key itself still opens; the address is not blocked for other tokens
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {key}", **JSON}).status_code == 200
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": "Bearer guess"}).status_code == 401
+    _, other = _key(server, {"read"})
+    assert httpx.get(f"{server.url}/studies", headers={
+        "Authorization": f"Bearer {other[:-6]}AAAAAA"}).status_code == 401
+    failures = _audit(server, action="auth.key_failure")
+    assert {e["user_id"] for e in failures} == {f"key:{key_id}", f"key:{other.split('_')[1]}"}
+    assert key not in json.dumps(failures) and wrong not in json.dumps(failures)
 
 
-def test_wrong_pins_are_rate_limited_per_address_across_shares(strict_server: DicomwebServer) -> None:
+def test_wrong_pins_lock_their_share_and_no_other(strict_server: DicomwebServer) -> None:
+    """Wrong PINs on shares A, B, C from one address (12, more than any per-address limit)
+    lock none of them nor the address: share D opens with its PIN, and counts its own
+    wrong PINs from zero; the 5th wrong PIN on A locks A alone."""
     server = strict_server
     study = server.index.search_studies(StudyQuery())[0].study_instance_uid
     tokens = [httpx.post(f"{server.root}/api/shares", headers=ADMIN, json={
-        "study_uids": [study], "expires_in": 600, "pin": "5555"}).json()["token"] for _ in range(2)]
-    first = [httpx.post(f"{server.root}/s/{tokens[0]}/session", json={"pin": "0000"}).status_code
-             for _ in range(2)]
-    second = [httpx.post(f"{server.root}/s/{tokens[1]}/session", json={"pin": p}).status_code
-              for p in ("0001", "5555")]
-    assert first == [401, 401] and second == [401, 429]
+        "study_uids": [study], "expires_in": 600, "pin": "5555"}).json()["token"] for _ in range(4)]
+    first = [httpx.post(f"{server.root}/s/{token}/session", json={"pin": f"000{n}"}).status_code
+             for token in tokens[:3] for n in range(4)]
+    assert first == [401] * 12
+    wrong = httpx.post(f"{server.root}/s/{tokens[3]}/session", json={"pin": "0001"})
+    assert wrong.status_code == 401 and "4 attempts left" in wrong.json()["error"]["message"]
+    assert httpx.post(f"{server.root}/s/{tokens[3]}/session", json={"pin": "5555"}).status_code == 201
+    assert httpx.post(f"{server.root}/s/{tokens[0]}/session", json={"pin": "0009"}).status_code == 403
+    assert httpx.post(f"{server.root}/s/{tokens[1]}/session", json={"pin": "5555"}).status_code == 201
+
+
+def test_x_forwarded_for_is_ignored_unless_the_peer_is_a_listed_proxy(
+        strict_server: DicomwebServer, tmp_path: Path) -> None:
+    """No proxy listed: a client's X-Forwarded-For is ignored (the audit shows the peer, and
+    spoofed addresses do not escape the count). 127.0.0.1 listed as a proxy: the right-most
+    address not itself a listed proxy is the client's, audited and counted as such."""
+    server = strict_server
+    spoofed = [httpx.get(f"{server.url}/studies", headers={
+        "Authorization": "Bearer guess", "X-Forwarded-For": f"198.51.100.{n}"}).status_code
+        for n in range(8)]
+    assert spoofed[6:] == [429, 429]
+    events = _audit(server, action="auth.invalid_token")
+    assert events and {e["network_access_point_id"] for e in events} == {"127.0.0.1"}
+    from web_viewer_api import parse_networks
+
+    with DicomwebServer(tmp_path / "proxied", auth_failure_limit=3,
+                        trusted_proxies=parse_networks(["127.0.0.1", "10.0.0.0/8"])) as proxied:
+        chain = "192.0.2.1, 203.0.113.7, 10.2.3.4"  # client-sent, the client, an inner proxy
+        statuses = [httpx.get(f"{proxied.url}/studies", headers={
+            "Authorization": "Bearer guess", "X-Forwarded-For": chain}).status_code for _ in range(4)]
+        assert statuses == [401, 401, 401, 429]
+        other = httpx.get(f"{proxied.url}/studies", headers={
+            "Authorization": "Bearer guess", "X-Forwarded-For": "203.0.113.8"})
+        assert other.status_code == 401  # another client behind the proxy: not blocked
+        addresses = {e["network_access_point_id"] for e in _audit(proxied, action="auth.invalid_token")}
+        assert addresses == {"203.0.113.7", "203.0.113.8"}
+
+
+def test_audit_text_from_clients_is_bounded_and_single_line(server: DicomwebServer,
+                                                             issuer: _Issuer,
+                                                             postgres_url: str) -> None:
+    """An OIDC subject with a newline is audited on one line; an over-long address is cut
+    to its column (PostgreSQL would refuse it, and the batch with it)."""
+    token = issuer.token(sub="psc-1\nadmin forged-line\r\x00")
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {token}",
+                                                        **JSON}).status_code == 200
+    [event] = _audit(server, actor="oidc:psc-1?admin forged-line??")
+    assert event["user_id"] == "oidc:psc-1?admin forged-line??"
+    from storage import AccessRepository, AuditEntry, AuditQuery
+
+    engine = create_index_engine(postgres_url)
+    migrate(engine)
+    access = AccessRepository(engine)
+    marker = f"bounded-{time.time_ns()}"
+    access.append_audit([AuditEntry(at=dt.datetime.now(dt.UTC), action="api.request",
+                                    event_code="110112", event_action="E", outcome=0,
+                                    actor=marker + "\n" + "x" * 400, address="2001:db8::" + "f" * 200,
+                                    user_agent="agent\r\nX-Forged: 1")])
+    [stored] = [e for e in access.search_audit(AuditQuery(limit=50)) if e.actor.startswith(marker)]
+    assert len(stored.actor) == 300 and "\n" not in stored.actor
+    assert len(stored.address) == 64 and stored.user_agent == "agent??X-Forged: 1"
 
 
 def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
@@ -436,3 +539,171 @@ def test_oidc_site_claim_limits_to_the_named_sites(tmp_path_factory: pytest.Temp
         assert httpx.get(f"{server.url}/studies", headers={**clerk, **JSON}).status_code == 403
         assert httpx.post(f"{server.root}/api/shares", headers=clerk,
                           json={"study_uids": [south], "expires_in": 600}).status_code == 201
+
+
+def _audit_pages(server: DicomwebServer, auth: dict[str, str], until: str,
+                 page_size: int) -> list[dict[str, Any]]:
+    """Every event up to `until`, page by page through limit/offset/next_offset."""
+    events: list[dict[str, Any]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = httpx.get(f"{server.root}/api/audit", headers=auth,
+                         params={"until": until, "limit": page_size, "offset": offset})
+        assert page.status_code == 200, page.text
+        events += page.json()["events"]
+        offset = page.json().get("next_offset")
+    return events
+
+
+def _site_events(server: DicomwebServer, tmp_path: Path) -> dict[str, str]:
+    """Events about a study of site A (the server's own, site1) and of site B — reads,
+    shares, a DIMSE-like row — plus events about neither."""
+    from storage import AuditEntry
+
+    a_study = next(uid for uid, site in _sites(server).items() if site == "site1")
+    b_study = _ingest_site_study(server, tmp_path, "site-b", 5101)
+    for study in (a_study, b_study):
+        assert httpx.get(f"{server.url}/studies/{study}/metadata", headers=ADMIN).status_code == 200
+    shares = {name: httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                               json={"study_uids": [study], "expires_in": 3600}).json()["id"]
+              for name, study in (("a", a_study), ("b", b_study))}
+    mixed = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
+                       json={"study_uids": [b_study, a_study], "expires_in": 3600}).json()["id"]
+    for share in (*shares.values(), mixed):
+        assert httpx.get(f"{server.root}/api/shares/{share}", headers=ADMIN).status_code == 200
+    assert httpx.get(f"{server.url}/studies", headers={"Authorization": "Bearer nope"}).status_code == 401
+    now = dt.datetime.now(dt.UTC)
+    server.access.append_audit([  # as the DIMSE side writes them: actor "ae:<TITLE>"
+        AuditEntry(at=now, action="dicomweb.retrieve", event_code="110103", event_action="R",
+                   outcome=0, actor=f"ae:MODALITY_{name}", study_instance_uid=study)
+        for name, study in (("A", a_study), ("B", b_study), ("X", "1.2.826.0.1.999"))])
+    return {"a_study": a_study, "b_study": b_study, "a_share": shares["a"],
+            "b_share": shares["b"], "mixed_share": mixed}
+
+
+def test_an_admin_limited_to_site_b_reads_only_site_b_events(tmp_path: Path) -> None:
+    """/api/audit for an admin key limited to site B: events about B's studies and B's
+    shares, and its own; never A's, a share mixing A and B, nor events about no study or
+    share (an unknown address's failed token, another caller's request). Paging and the
+    JSON Lines export give the same set; an unrestricted admin sees everything."""
+    with DicomwebServer(tmp_path / "server") as server:
+        ids = _site_events(server, tmp_path)
+        key_id, key = _key(server, {"admin"}, site="site-b")
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{server.url}/studies", headers={**auth, **JSON}).status_code == 403
+        server.app.state.audit_writer.flush()
+        until = (dt.datetime.now(dt.UTC) + dt.timedelta(milliseconds=1)).isoformat()
+        seen = _audit_pages(server, auth, until, 1000)
+        assert seen, "site B has events"
+        for event in seen:
+            about_b = (event["study_instance_uid"] in (None, ids["b_study"])
+                       and event["share_id"] in (None, ids["b_share"])
+                       and (event["study_instance_uid"] or event["share_id"]))
+            assert about_b or event["user_id"] == f"key:{key_id}", event
+        actions = {(e["action"], e["user_id"], e["study_instance_uid"], e["share_id"]) for e in seen}
+        assert ("dicomweb.retrieve", "ae:MODALITY_B", ids["b_study"], None) in actions
+        assert ("share.create", "admin", ids["b_study"], ids["b_share"]) in actions
+        assert any(e["action"] == "dicomweb.retrieve" and e["user_id"] == "admin"
+                   and e["study_instance_uid"] == ids["b_study"] for e in seen)
+        assert any(e["action"] == "auth.forbidden" or e["user_id"] == f"key:{key_id}" for e in seen)
+        paged = _audit_pages(server, auth, until, 2)
+        assert [e["id"] for e in paged] == [e["id"] for e in seen]
+        exported = httpx.get(f"{server.root}/api/audit", headers=auth,
+                             params={"until": until, "format": "jsonl"})
+        assert sorted(json.loads(line)["id"] for line in exported.text.splitlines()) == sorted(
+            e["id"] for e in seen)
+        for name, value in (("study_uid", ids["a_study"]), ("share_id", ids["a_share"]),
+                            ("share_id", ids["mixed_share"]), ("actor", "admin")):
+            filtered = httpx.get(f"{server.root}/api/audit", headers=auth, params={name: value})
+            assert all(e["study_instance_uid"] != ids["a_study"] and e["share_id"] in (None, ids["b_share"])
+                       for e in filtered.json()["events"]), (name, filtered.json())
+        everything = _audit_pages(server, ADMIN, until, 1000)
+        assert {e["id"] for e in seen} < {e["id"] for e in everything}
+        for wanted in (ids["a_study"], ids["a_share"], ids["mixed_share"], "ae:MODALITY_X"):
+            assert any(wanted in (e["study_instance_uid"], e["share_id"], e["user_id"])
+                       for e in everything), wanted
+        assert any(e["action"] in ("auth.failure", "auth.invalid_token") for e in everything)
+
+
+def test_audit_site_limits_on_postgresql(postgres_url: str) -> None:
+    """The same rule in PostgreSQL's SQL: a caller limited to site B reads events about B's
+    studies and shares and its own, with consistent limit/offset pages."""
+    from storage import (
+        AccessRepository,
+        AuditEntry,
+        AuditQuery,
+        IndexRepository,
+        ShareItemRecord,
+        ShareRecord,
+    )
+    from tests.support.index_records import study_records
+
+    engine = create_index_engine(postgres_url)
+    migrate(engine)
+    index, access = IndexRepository(engine), AccessRepository(engine)
+    suffix = str(time.time_ns())
+    studies = {"site-a": f"1.2.826.0.1.7.{suffix}.1", "site-b": f"1.2.826.0.1.7.{suffix}.2"}
+    for site, study in studies.items():
+        records = study_records(study, f"P{site}")
+        for record in records:
+            record.study["site_id"] = site
+        index.upsert_instances(records)
+    now = dt.datetime.now(dt.UTC)
+    for site, study in studies.items():
+        access.add_share(ShareRecord(
+            share_id=f"{site}-{suffix}", created_at=now, created_by="admin",
+            expires_at=now + dt.timedelta(hours=1), revoked_at=None, pin_hash=None,
+            pin_failures=0, locked_at=None, max_uses=None, uses=0, allow_download=False,
+            recipient="", recipient_email="", note="", site_ids=None,
+            items=(ShareItemRecord(study),)), f"{site}-{suffix}".ljust(64, "0"))
+    caller = f"key:b-{suffix}"
+
+    def event(actor: str, study: str = "", share: str = "") -> AuditEntry:
+        return AuditEntry(at=now, action="dicomweb.retrieve", event_code="110103",
+                          event_action="R", outcome=0, actor=actor, resource=suffix,
+                          study_instance_uid=study, share_id=share)
+
+    access.append_audit([
+        event("admin", studies["site-a"]), event("admin", studies["site-b"]),
+        event("admin", share=f"site-a-{suffix}"), event("admin", share=f"site-b-{suffix}"),
+        event("ae:B", studies["site-b"], f"site-a-{suffix}"), event("admin"), event(caller),
+        event("ae:X", "1.2.826.0.1.7.404")])
+    window = {"since": now - dt.timedelta(seconds=1), "until": now + dt.timedelta(seconds=1)}
+    limited = access.search_audit(AuditQuery(**window, site_ids=frozenset({"site-b"}),
+                                             caller=caller, limit=1000))
+    mine = [(e.actor, e.study_instance_uid, e.share_id) for e in limited if e.resource == suffix]
+    assert sorted(mine) == sorted([("admin", studies["site-b"], ""), ("admin", "", f"site-b-{suffix}"),
+                                   (caller, "", "")])
+    paged = [e for offset in range(10) for e in access.search_audit(AuditQuery(
+        **window, site_ids=frozenset({"site-b"}), caller=caller, limit=1, offset=offset))]
+    assert [e.event_id for e in paged] == [e.event_id for e in limited]
+    everyone = [e for e in access.search_audit(AuditQuery(**window, limit=1000)) if e.resource == suffix]
+    assert len(everyone) == 8
+    assert access.search_audit(AuditQuery(**window, site_ids=frozenset(), caller=None)) == []
+
+
+def test_a_write_key_of_another_site_cannot_store_as_this_api_s_site(server: DicomwebServer,
+                                                                       tmp_path: Path) -> None:
+    """STOW-RS files uploads under the API's site (its spool, queue and ownership): a key
+    limited to another site is refused before anything is read or spooled; a key of this
+    site, or unrestricted, stores."""
+    [path] = write_sample_study(tmp_path / "stow", SampleStudySpec(ct_slices=1, mr_slices=0,
+                                                                   ct_size=32, seed=77))
+    boundary = "site-rule"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    headers = {"Accept": "application/dicom+json",
+               "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    spooled = len(server.enqueued)
+    _, other_site = _key(server, {"write"}, site="site-b")
+    refused = httpx.post(f"{server.url}/studies", content=body,
+                         headers={**headers, "Authorization": f"Bearer {other_site}"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    assert "site1" in refused.json()["error"]["message"]
+    assert len(server.enqueued) == spooled
+    for sites in ({"site1"}, {"site-b", "site1"}):
+        _, allowed = _key(server, {"write"}, sites=sites)
+        stored = httpx.post(f"{server.url}/studies", content=body,
+                            headers={**headers, "Authorization": f"Bearer {allowed}"})
+        assert stored.status_code == 200, stored.text
+    assert len(server.enqueued) == spooled + 2

@@ -470,3 +470,30 @@ def test_an_audit_database_that_refuses_writes_never_fails_a_c_store(
         wait_for(lambda: broken._pending, timeout=10, what="the association's audit event queued")
     finally:
         node.stop()
+
+
+def test_batch_ids_sent_to_the_broker_cannot_confirm_an_original_study_uid(
+    node: tuple[DicomNode, _Recorder], dcmtk: dict[str, str],
+    sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    """The batch id names the study by an HMAC under a key that never leaves the node
+    (an unkeyed sha256 let whoever reads the broker test a candidate UID), one batch per
+    study per association still."""
+    import hashlib
+
+    dicom_node, recorder = node
+    folder, _ = sample_study
+    for _association in range(2):
+        recorder.event.clear()
+        result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
+                                 "127.0.0.1", str(dicom_node.port), str(folder)],
+                                capture_output=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert recorder.event.wait(10)
+    study = str(pydicom.dcmread(next(folder.glob("CT0001.dcm"))).StudyInstanceUID)
+    unkeyed = hashlib.sha256(study.encode()).hexdigest()
+    assert len(recorder.batches) == 2
+    study_parts = [batch.split("-")[2] for _, batch in recorder.batches]  # <time>-<tag>-<study>-<chunk>
+    for part in study_parts:
+        assert len(part) == 16 and part not in unkeyed
+    assert study_parts[0] != study_parts[1]  # two associations' batches are not linkable

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,7 +186,7 @@ def test_pin_share_needs_a_session_and_sets_a_strict_cookie(server: DicomwebServ
         assert browser.get(f"{server.root}/s/{other['token']}/dicom-web/studies",
                            headers=JSON).status_code == 401
     detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
-    assert detail["has_pin"] and detail["uses"] == 1 and detail["pin_failures"] == 0
+    assert detail["has_pin"] and detail["uses"] == 1 and detail["pin_failures"] == 1  # kept
 
 
 def test_share_locks_after_too_many_wrong_pins(server: DicomwebServer, studies: list[str]) -> None:
@@ -200,6 +201,56 @@ def test_share_locks_after_too_many_wrong_pins(server: DicomwebServer, studies: 
     assert right.status_code == 403
     detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
     assert detail["locked"] and detail["status"] == "locked" and detail["uses"] == 0
+
+
+def test_every_wrong_pin_counts_over_the_shares_life(server: DicomwebServer,
+                                                     studies: list[str]) -> None:
+    """4 wrong, 1 right, 1 wrong: the right PIN resets nothing, the share locks at the 5th
+    wrong one (SHARES__PIN_LOCK_AFTER=5), and then refuses the right PIN too."""
+    created = _create(server, study_uids=[studies[0]], pin="246810")
+    root = f"{server.root}/s/{created['token']}"
+    for attempt in range(4):
+        assert httpx.post(f"{root}/session", json={"pin": f"1357{attempt}"}).status_code == 401
+    assert httpx.post(f"{root}/session", json={"pin": "246810"}).status_code == 201
+    locked = httpx.post(f"{root}/session", json={"pin": "000000"})
+    assert locked.status_code == 403 and "locked" in locked.json()["error"]["message"]
+    assert httpx.post(f"{root}/session", json={"pin": "246810"}).status_code == 403
+    detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
+    assert detail["pin_failures"] == 5 and detail["status"] == "locked"
+
+
+def test_racing_wrong_pins_check_no_more_than_the_lock_allows(server: DicomwebServer,
+                                                              studies: list[str]) -> None:
+    """20 wrong PINs sent at once: at most 5 are checked (each counted before its slow
+    check), the others are refused unchecked; the share ends locked with 5 failures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    created = _create(server, study_uids=[studies[0]], pin="864200")
+    root = f"{server.root}/s/{created['token']}"
+    with ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(lambda n: httpx.post(f"{root}/session", json={"pin": f"{n:06d}"},
+                                                      timeout=60).status_code, range(20)))
+    assert statuses.count(401) <= 4 and set(statuses) <= {401, 403, 429}, statuses
+    detail = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
+    assert detail["pin_failures"] == 5 and detail["status"] == "locked"
+
+
+def test_the_note_is_shown_only_once_the_pin_opened_a_session(server: DicomwebServer,
+                                                              studies: list[str]) -> None:
+    note = "Avis demandé : nodule lobaire supérieur droit"
+    for extra in ({"pin": "192837"}, {"max_uses": 3}):
+        created = _create(server, study_uids=[studies[0]], note=note, recipient="Dr Martin", **extra)
+        root = f"{server.root}/s/{created['token']}"
+        before = httpx.get(root)
+        assert before.status_code == 200 and 'action="/s/' in before.text
+        assert "nodule" not in before.text and "Martin" not in before.text
+        wrong = httpx.post(f"{root}/session", data={"pin": "000000"}) if "pin" in extra else None
+        assert wrong is None or ("nodule" not in wrong.text and wrong.status_code == 401)
+        with httpx.Client() as browser:
+            opened = browser.post(f"{root}/session", data={"pin": extra.get("pin", "")},
+                                  follow_redirects=True)
+            assert opened.status_code == 200 and 'id="viewer"' in opened.text
+            assert "nodule lobaire sup" in opened.text  # data-note, and the noscript list
 
 
 def test_max_uses_counts_viewer_sessions_not_image_requests(server: DicomwebServer,
@@ -292,17 +343,50 @@ def test_unknown_share_token_is_404_page(server: DicomwebServer) -> None:
     assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
 
 
-def test_lookup_by_original_accession_number(server: DicomwebServer, studies: list[str]) -> None:
-    found = httpx.get(f"{server.root}/api/studies/lookup?accession_number=ACCX00001", headers=ADMIN)
-    assert found.status_code == 200
+def test_site_lookup_takes_original_identifiers_in_the_body(server: DicomwebServer,
+                                                          studies: list[str]) -> None:
+    found = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                       json={"accession_number": "ACCX00001"})
+    assert found.status_code == 200, found.text
+    assert found.headers["cache-control"] == "no-store"
     uids = found.json()["study_uids"]
     assert len(uids) == 1 and uids[0] in studies
-    assert httpx.get(f"{server.root}/api/studies/lookup?accession_number=NOPE",
-                     headers=ADMIN).json()["study_uids"] == []
-    by_patient = httpx.get(f"{server.root}/api/studies/lookup",
-                           params={"patient_id": "IPP-EXTRA-2"}, headers=ADMIN).json()
+    [pseudonyms] = found.json()["pseudonyms"]
+    assert pseudonyms["site"] == "site1" and pseudonyms["patient_id"] is None
+    # the pseudonym is what the index holds: QIDO finds the study with it
+    qido = httpx.get(f"{server.url}/studies", headers=ADMIN,
+                     params={"AccessionNumber": pseudonyms["accession_number"]}).json()
+    assert [s["0020000D"]["Value"][0] for s in qido] == uids
+    assert httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                      json={"accession_number": "NOPE"}).json()["study_uids"] == []
+    by_patient = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                            json={"patient_id": "IPP-EXTRA-2"}).json()
     assert len(by_patient["study_uids"]) in (0, 1)
-    assert httpx.get(f"{server.root}/api/studies/lookup", headers=ADMIN).status_code == 400
+    empty = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN, json={})
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "bad_request"
+    unknown = httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                         json={"accession_number": "ACCX00001", "extra": "field"})
+    assert unknown.status_code == 400
+
+
+def test_site_lookup_audit_records_counts_never_identifiers(server: DicomwebServer,
+                                                            studies: list[str]) -> None:
+    assert httpx.post(f"{server.root}/api/site/lookup", headers=ADMIN,
+                      json={"accession_number": "ACCX00001"}).status_code == 200
+    # the former lookup took them in the query string: gone, and its query is not kept
+    moved = httpx.get(f"{server.root}/api/studies/lookup", headers=ADMIN,
+                      params={"accession_number": "ACCX00001", "patient_id": "IPP-EXTRA-1"})
+    assert moved.status_code == 404
+    assert "computed at the producing site" in moved.json()["error"]["message"]
+    events = httpx.get(f"{server.root}/api/audit?format=jsonl&limit=1000", headers=ADMIN).text
+    assert "ACCX00001" not in events and "IPP-EXTRA-1" not in events
+    lookups = [json.loads(line) for line in events.splitlines()
+               if json.loads(line)["action"] == "study.lookup"]
+    assert lookups and lookups[-1]["detail"] == {"matches": 1, "sites": ["site1"]}
+    assert lookups[-1]["resource"] == "/api/site/lookup"
+    assert any(json.loads(line)["resource"] ==
+               "/api/studies/lookup?(withheld)&(withheld)"  # not even the parameters' names
+               for line in events.splitlines())
 
 
 def test_token_never_in_the_audit_trail(server: DicomwebServer, studies: list[str]) -> None:
@@ -324,3 +408,142 @@ def test_share_tables_survive_a_reindex(server: DicomwebServer, studies: list[st
 
         reindex(server.store, server.index)
     assert len(server.index.search_studies(StudyQuery())) == 3
+
+
+def test_zip_entry_names_cannot_leave_their_folder(server: DicomwebServer, tmp_path: Path) -> None:
+    """An instance whose attribute values feed the entry names with '../../etc/passwd',
+    backslashes, a drive letter, control characters and a leading slash: every name in the
+    ZIP is relative, of whitelisted characters, and unpacks inside its folder."""
+    import dataclasses
+    import shutil
+
+    from gateway.sample_study import SampleStudySpec, write_sample_study
+    from storage import InstanceRecord
+
+    [source] = write_sample_study(tmp_path / "hostile", SampleStudySpec(ct_slices=1, mr_slices=0,
+                                                                       seed=4711, ct_size=32))
+    dataset = pydicom.dcmread(source)
+    with pytest.warns(UserWarning, match="Invalid value for VR CS"):
+        dataset.Modality = "../../etc/passwd"
+    record = InstanceRecord.from_dataset(
+        dataset, object_key="hostile/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1")
+    assert record.series["modality"] == "../../etc/passwd"
+    (server.store.root / "hostile").mkdir()
+    shutil.copy(source, server.store.root / "hostile" / "0.dcm")
+    # One series per hostile modality (a write-back may bring any text); the study date
+    # feeds the folder name too.
+    hostile_values = ["../../etc/passwd", "..\\..\\win\\sys", "C:\\evil", "/abs/path",
+                      "a\nb\x00c", ".."]
+    study = {**record.study, "study_date": "../../.."}
+    records = []
+    for n, value in enumerate(hostile_values):
+        series_uid = f"{record.series['series_instance_uid']}.{n}"
+        records.append(dataclasses.replace(
+            record, study=study, series={**record.series, "series_instance_uid": series_uid,
+                                         "modality": value},
+            instance={**record.instance, "series_instance_uid": series_uid,
+                      "sop_instance_uid": f"{record.instance['sop_instance_uid']}.{n}"}))
+    server.index.upsert_instances(records)
+    token = _create(server, study_uids=[record.instance["study_instance_uid"]], allow_download=True)["token"]
+    answer = httpx.get(f"{server.root}/s/{token}/download")
+    assert answer.status_code == 200
+    archive = zipfile.ZipFile(io.BytesIO(answer.content))
+    names = archive.namelist()
+    assert len(names) == len(hostile_values)
+    for name in names:
+        parts = name.split("/")
+        assert len(parts) == 3 and all(parts) and not name.startswith("/"), name
+        assert all(part not in (".", "..") and not part.startswith(".") for part in parts), name
+        assert all(c.isalnum() and c.isascii() or c in "._-/" for c in name), name
+    target = tmp_path / "unpacked"
+    archive.extractall(target)
+    assert all(path.resolve().is_relative_to(target.resolve()) for path in target.rglob("*"))
+    assert any("etc_passwd" in name for name in names)
+
+
+def _large_shared_series(server: DicomwebServer, tmp_path: Path, count: int) -> str:
+    """A study of `count` instances whose objects are copies of one 512x512 CT file (about
+    0.5 MB each): more than socket buffers hold. Its study UID."""
+    import dataclasses
+    import shutil
+
+    from gateway.sample_study import SampleStudySpec, write_sample_study
+    from storage import InstanceRecord
+
+    [source] = write_sample_study(tmp_path / "large", SampleStudySpec(ct_slices=1, mr_slices=0, seed=5150))
+    dataset = pydicom.dcmread(source, stop_before_pixels=True)
+    record = InstanceRecord.from_dataset(
+        dataset, object_key="large/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
+        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1")
+    (server.store.root / "large").mkdir(exist_ok=True)
+    for number in range(count):
+        shutil.copy(source, server.store.root / "large" / f"{number}.dcm")
+    server.index.upsert_instances([dataclasses.replace(record, instance={
+        **record.instance, "sop_instance_uid": f"{record.instance['sop_instance_uid']}.{n}",
+        "instance_number": n + 1, "object_key": f"large/{n}.dcm"}) for n in range(count)])
+    return str(record.instance["study_instance_uid"])
+
+
+@pytest.mark.parametrize("path", ["download", "dicom-web/studies/{study}"])
+def test_revoking_a_share_ends_its_running_downloads(server: DicomwebServer, tmp_path: Path,
+                                                     path: str) -> None:
+    """A ZIP download and a WADO-RS retrieval through the share have started (first chunk
+    read, the server held back by the client's small receive buffer); the sender revokes
+    the share: the answer is cut off (never completed-looking) well before its end."""
+    import dataclasses
+    import socket
+
+    study = _large_shared_series(server, tmp_path, 40)
+    created = _create(server, study_uids=[study], allow_download=True)
+    url = f"{server.root}/s/{created['token']}/{path.format(study=study)}"
+    headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    kept = server.app.state.config
+    # checked before every object (default: at most once a second), so that what the
+    # kernel buffers cannot hide the cut
+    server.app.state.config = dataclasses.replace(kept, share_liveness_seconds=0.0)
+    small_buffer = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)])
+    received = 0
+    try:
+        with httpx.Client(transport=small_buffer, timeout=30) as client, \
+                client.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200
+            assert response.headers["cache-control"] == "private, no-store"
+            chunks = response.iter_raw(65536)
+            received += len(next(chunks))
+            revoked = httpx.delete(f"{server.root}/api/shares/{created['id']}", headers=ADMIN)
+            assert revoked.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                for chunk in chunks:
+                    received += len(chunk)
+    finally:
+        server.app.state.config = kept
+    assert received < 40 * (server.store.root / "large" / "0.dcm").stat().st_size // 2
+    event = next(e for e in httpx.get(f"{server.root}/api/shares/{created['id']}",
+                                      headers=ADMIN).json()["access_log"]
+                 if e["resource"].startswith(f"/s/{created['id']}/{path.split('/')[0]}"))
+    assert event["outcome"] == "failure"
+
+
+def test_share_answers_are_never_stored_by_caches(server: DicomwebServer, studies: list[str]) -> None:
+    """Every answer under /s/{token} is `private, no-store`: the page, DICOMweb (metadata
+    and images were `max-age=3600`), the ZIP, and errors."""
+    study = studies[0]
+    series, sop = _tree(server, study)
+    token = _create(server, study_uids=[study], allow_download=True)["token"]
+    root = f"{server.root}/s/{token}"
+    dicomweb = f"{root}/dicom-web/studies/{study}"
+    for url, status in ((root, 200), (f"{dicomweb}/metadata", 200), (f"{root}/dicom-web/studies", 200),
+                        (f"{dicomweb}/series/{series}/instances/{sop}/rendered", 200),
+                        (f"{dicomweb}/series/{series}/thumbnail", 200), (f"{root}/download", 200),
+                        (f"{dicomweb}/series/{series}/instances/{sop}/frames/1", 200),
+                        (f"{root}/dicom-web/studies/1.2.3.4/metadata", 404),
+                        (f"{server.root}/s/unknown-token-0123456789abcdef", 404)):
+        answer = httpx.get(url, headers={"Accept": "*/*"})
+        assert answer.status_code == status, url
+        assert answer.headers.get_list("cache-control") == ["private, no-store"], url
+    retrieved = httpx.get(dicomweb, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert retrieved.status_code == 200 and retrieved.headers["cache-control"] == "private, no-store"
+    # the same resources to a bearer token keep their caching
+    cached = httpx.get(f"{server.url}/studies/{study}/metadata", headers=ADMIN)
+    assert cached.headers["cache-control"] == "private, max-age=3600"

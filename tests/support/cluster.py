@@ -432,11 +432,17 @@ class Cluster:
         api_urls = [f"http://127.0.0.1:{port}" for port in api_ports]
         for number, (port, url) in enumerate(zip(api_ports, api_urls, strict=True), start=1):
             data_dir = self.root / f"api{number}"
+            shared = self._shared_services()
+            # The regional API runs without the pseudonymization secret; an API the test
+            # makes a site's (HTTP__ROLE=site, e.g. for identified STOW-RS) holds it.
+            secret = {"PSEUDONYM_SECRET": shared.pop("PSEUDONYM_SECRET")}
+            site_api = _normalized(self.api_settings).get(PREFIX + "HTTP__ROLE") == "site"
             env = self._env(_with_overrides(api_example, api_units.environment_file.name, {
                 "DATA_DIR": str(data_dir), "HOST": "127.0.0.1", "HTTP__PORT": str(port),
                 # no load balancer here: each API is reached, and links it, at its own address
                 "HTTP__PUBLIC_URL": url, "ADMIN_TOKEN": self.admin_token,
-                **self._shared_services()}, self._test_only()), self.api_settings)
+                **shared}, {**self._test_only(), **(secret if site_api else {})}),
+                self.api_settings)
             self.apis.append(Api(url, data_dir, env, Component(
                 f"api{number}", api_units, env, self.root / "logs" / f"api{number}.log",
                 _healthy(url))))

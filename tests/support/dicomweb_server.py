@@ -21,6 +21,7 @@ from storage import (
     AccessRepository,
     FilesystemObjectStore,
     IndexRepository,
+    StudyQuery,
     create_index_engine,
     migrate,
 )
@@ -34,9 +35,12 @@ TOKEN = "dicomweb-test-token-0123456789abcdef"
 class DicomwebServer:
     """`studies` sample studies (the first with the default planted identity, the others
     with their own); `config` adds ApiConfig fields (limits, OIDC, SMTP...); the index is
-    SQLite under `root` unless `database_url` names another (PostgreSQL)."""
+    SQLite under `root` unless `database_url` names another (PostgreSQL). `region`: the
+    regional API, as `dicom-gateway api` builds it with HTTP__ROLE=region (no lookup; STOW-RS
+    takes only objects of the domain)."""
 
-    def __init__(self, root: Path, studies: int = 1, database_url: str | None = None,
+    def __init__(self, root: Path, studies: int = 1, database_url: str | None = None, *,
+                 region: bool = False,
                  **config: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
         engine = create_index_engine(database_url or f"sqlite:///{root / 'index.sqlite3'}")
@@ -57,9 +61,14 @@ class DicomwebServer:
         self.port = free_port()
         self.pipeline = pipeline
         self.enqueued: list[tuple[str, str]] = []
+        index = self.index
+
+        def stored_study(study_instance_uid: str) -> bool:
+            return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,))) > 0
+
         stow = StowTarget(Spool(root / "spool", "site1"),
                           lambda site, batch: self.enqueued.append((site, batch)),
-                          max_bytes=4 * 1024 * 1024)
+                          max_bytes=4 * 1024 * 1024, stored_study=stored_study if region else None)
         # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
         keys = PseudonymKeys(b"w" * 32)
 
@@ -72,12 +81,14 @@ class DicomwebServer:
 
         self.app = create_app(ApiConfig(**{
             "admin_token": TOKEN, "public_url": f"http://127.0.0.1:{self.port}", "stow": stow,
-            "cors_origins": ("https://viewer.example",), "lookup": lookup,
-            "default_site": "site1", **config}), self.index, self.store)
+            "cors_origins": ("https://viewer.example",), "lookup": None if region else lookup,
+            "role": "region" if region else "site", "default_site": "site1", **config}),
+            self.index, self.store)
         self.access = AccessRepository(engine)
         app = self.app
+        # As `dicom-gateway api` runs it: the app alone decides whom X-Forwarded-For names.
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning", proxy_headers=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -258,3 +258,34 @@ def test_database_unreachable_is_503_and_a_broken_schema_is_500(tmp_path: Path) 
                     raise_server_exceptions=False) as broken:
         answer = broken.get("/dicom-web/instances", headers=AUTH)
     assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal_error"
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "client"), [
+    ("192.0.2.10", "203.0.113.7", "192.0.2.10"),  # not a listed proxy: its header is ignored
+    ("127.0.0.1", "203.0.113.7", "203.0.113.7"),
+    ("127.0.0.1", "198.51.100.1, 203.0.113.7, 10.1.2.3", "203.0.113.7"),  # right-most not a proxy
+    ("127.0.0.1", "10.0.0.1, 10.0.0.2", "10.0.0.1"),  # proxies all the way: the left-most
+    ("127.0.0.1", "not-an-address, 10.0.0.2", "10.0.0.2"),  # nothing left of garbage believed
+    ("127.0.0.1", "", "127.0.0.1"),
+    ("::ffff:127.0.0.1", "2001:db8::1", "2001:db8::1"),  # an IPv4 peer on an IPv6 socket
+    ("127.0.0.1", "203.0.113.7:51234", "203.0.113.7"),  # balancers that add the port
+    ("127.0.0.1", "[2001:db8::7]:51234", "2001:db8::7"),
+])
+def test_forwarded_for_is_believed_only_through_listed_proxies(peer: str, forwarded: str,
+                                                               client: str) -> None:
+    from web_viewer_api.proxies import forwarded_client, parse_networks
+
+    assert forwarded_client(peer, forwarded, parse_networks(["127.0.0.1", "10.0.0.0/8"])) == client
+    assert forwarded_client(peer, forwarded, ()) == peer
+
+
+def test_trusted_proxies_setting_refuses_what_is_not_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import Settings
+
+    monkeypatch.setenv("DICOM_GATEWAY_HTTP__TRUSTED_PROXIES", '["10.0.0.5", "10.1.0.0/24", "::1"]')
+    assert Settings().http.trusted_proxies == ["10.0.0.5", "10.1.0.0/24", "::1"]
+    monkeypatch.delenv("DICOM_GATEWAY_HTTP__TRUSTED_PROXIES")
+    assert Settings().http.trusted_proxies == []
+    monkeypatch.setenv("DICOM_GATEWAY_HTTP__TRUSTED_PROXIES", '["proxy.example"]')
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        Settings()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from storage import (
+    AlreadyExists,
     FilesystemObjectStore,
     InvalidKey,
     ObjectNotFound,
@@ -48,6 +50,39 @@ def test_put_overwrites(store: ObjectStore) -> None:
     store.put("studies/a/x.dcm", b"one")
     store.put("studies/a/x.dcm", b"two")
     assert store.get("studies/a/x.dcm") == b"two"
+
+
+def test_create_never_replaces_an_existing_object(store: ObjectStore) -> None:
+    key = instance_key("2.25.1", "2.25.2", "2.25.9")
+    store.create(key, b"first writer")
+    with pytest.raises(AlreadyExists):
+        store.create(key, b"second writer")
+    assert store.get(key) == b"first writer"
+    assert [info.key for info in store.list("studies/2.25.1/")] == [key]  # no temporary left
+
+
+def test_of_racing_creators_exactly_one_wins(store: ObjectStore) -> None:
+    key = instance_key("2.25.1", "2.25.2", "2.25.10")
+    bodies = [f"writer {n}".encode() * 1000 for n in range(8)]
+    start = threading.Barrier(len(bodies))
+    won: list[bytes] = []
+    lost: list[bytes] = []
+
+    def write(body: bytes) -> None:
+        start.wait()
+        try:
+            store.create(key, body)
+            won.append(body)
+        except AlreadyExists:
+            lost.append(body)
+
+    threads = [threading.Thread(target=write, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(lost) == len(bodies) - 1
+    assert store.get(key) == won[0]
 
 
 def test_missing_object_raises_not_found(store: ObjectStore) -> None:

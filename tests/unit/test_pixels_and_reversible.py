@@ -4,6 +4,7 @@ de-identification checked with the reidentify command and with `openssl cms`."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,8 @@ def test_reversible_deidentification_round_trips(tmp_path: Path) -> None:
     out = tmp_path / "restored.dcm"
     subprocess.run([sys.executable, "-m", "gateway", "reidentify", str(path), "--key", str(key_path),
                     "--cert", str(cert_path), "--out", str(out)], check=True, capture_output=True,
-                   timeout=60)
+                   timeout=60, preexec_fn=lambda: os.umask(0o022))
+    assert out.stat().st_mode & 0o777 == 0o600  # original identifiers: its owner's only
     restored = pydicom.dcmread(out)
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
                     "StudyInstanceUID", "SOPInstanceUID", "StudyDate", "InstitutionName"):

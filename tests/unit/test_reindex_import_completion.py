@@ -107,7 +107,8 @@ def test_import_command_prints_a_summary(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary == {"files": 3, "stored": 3, "duplicates": 0, "not_dicom": 0, "quarantined": {}}
+    assert summary == {"files": 3, "stored": 3, "duplicates": 0, "not_dicom": 0, "too_large": 0,
+                       "quarantined": {}}
     assert "3 stored" in result.stderr
 
 
@@ -164,3 +165,32 @@ def test_completion_covers_the_workers_own_sites_only(tmp_path: Path) -> None:
         uid for uid, site in sites.items() if site == "site2"]
     assert StudyCompletion(pipeline.store, pipeline.index, "site1").run(quiet_seconds=0) == [
         uid for uid, site in sites.items() if site == "site1"]
+
+
+def test_import_never_inflates_a_zip_member_past_the_limit(tmp_path: Path) -> None:
+    """A zip bomb: 64 MiB of zeros deflate to 64 KB. With an 8 MiB limit the member is
+    counted too large without being inflated (memory stays far below it); a damaged member
+    is not DICOM; the study beside them is imported."""
+    import tracemalloc
+
+    pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        for path in sorted(_study(tmp_path, ct=2, mr=0, seed=5).glob("*.dcm")):
+            handle.write(path, path.name)
+        handle.writestr("bomb.dcm", bytes(64 * 1024 * 1024))
+        handle.writestr("damaged.dcm", bytes(4096))
+    assert archive.stat().st_size < 1024 * 1024
+    raw = bytearray(archive.read_bytes())  # damage the last member's data: bad CRC
+    local = raw.rfind(b"PK\x03\x04")
+    raw[local + 30 + len("damaged.dcm") + 2] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+    tracemalloc.start()
+    try:
+        summary = run_import([archive], pipeline, Spool(tmp_path / "spool", "site1"),
+                             max_file_bytes=8 * 1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (summary.stored, summary.too_large, summary.not_dicom) == (2, 1, 1)
+    assert peak < 32 * 1024 * 1024

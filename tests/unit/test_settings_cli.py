@@ -151,3 +151,41 @@ def test_caller_settings_that_cannot_be_enforced_are_refused(monkeypatch: pytest
         {"A": {"sites": ["siteA"], "move_destinations": ["NOWHERE"]}}))
     with pytest.raises(SettingsError, match="NOWHERE"):
         caller_policy(Settings())
+
+
+def test_regional_api_refuses_to_hold_the_pseudonymization_secret(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DICOM_GATEWAY_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DICOM_GATEWAY_HTTP__ROLE", "region")
+    Settings().check_role()  # without the secret: fine
+    monkeypatch.setenv("DICOM_GATEWAY_PSEUDONYM_SECRET", "a-real-looking-secret-0123456789")
+    with pytest.raises(SettingsError, match="must run without the pseudonymization secret"):
+        Settings().check_role()
+    monkeypatch.delenv("DICOM_GATEWAY_PSEUDONYM_SECRET")
+    (tmp_path / "secrets.json").write_text(json.dumps({"pseudonym_secret": "stored-secret-0123456789"}))
+    with pytest.raises(SettingsError, match="secrets.json holds a pseudonym_secret"):
+        Settings().check_role()
+    monkeypatch.setenv("DICOM_GATEWAY_HTTP__ROLE", "site")
+    Settings().check_role()  # a site's API holds it...
+    (tmp_path / "secrets.json").unlink()
+    with pytest.raises(SettingsError, match="set DICOM_GATEWAY_HTTP__ROLE=region"):
+        Settings().check_role()  # ...and must: without it, it is a regional API unaware
+    monkeypatch.setenv("DICOM_GATEWAY_HTTP__ROLE", "neither")
+    with pytest.raises(ValueError, match="role"):
+        Settings()
+
+
+def test_api_command_with_role_region_and_a_secret_exits_with_the_reason(tmp_path: Path) -> None:
+    import os
+
+    env = {"DICOM_GATEWAY_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "DICOM_GATEWAY_ADMIN_TOKEN": "a-real-looking-admin-token-0123456789",
+           "DICOM_GATEWAY_PSEUDONYM_SECRET": "a-real-looking-secret-0123456789",
+           "DICOM_GATEWAY_HTTP__ROLE": "region", "DICOM_GATEWAY_HTTP__PORT": "0"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "api"], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "HTTP__ROLE=region" in result.stderr and "Traceback" not in result.stderr
+    assert "a-real-looking-secret" not in result.stderr + result.stdout

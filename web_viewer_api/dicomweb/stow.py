@@ -7,10 +7,13 @@ batches are handed to the worker, and the response lists referenced and failed i
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +22,21 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filereader import read_partial
 from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
 
 from web_viewer_api.dicomweb.multipart import parse_accept
-from worker import UNREADABLE_DATASET_ERRORS, Spool, SpoolWriteError, new_association_tag
+from worker import (
+    UNREADABLE_DATASET_ERRORS,
+    Spool,
+    SpoolWriteError,
+    new_association_tag,
+    open_private,
+    private_directory,
+)
 
 log = logging.getLogger(__name__)
 _UNREADABLE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)
@@ -35,6 +46,14 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: Refused by the regional API: not an object of the domain (identified, or outside every
+#: stored study). A "Cxxx cannot understand" failure of our own, explained in the Warning.
+NOT_OF_THE_DOMAIN = 0xC001
+NOT_OF_THE_DOMAIN_WARNING = (
+    '299 dicom-gateway "refused {count} instance(s) not of the pseudonymization domain '
+    '(FailureReason C001): the regional API holds no pseudonymization secret and takes '
+    "only de-identified objects (PatientIdentityRemoved YES) of studies it stores; send "
+    'identified studies to the producing site (its DICOM node or its API)"')
 
 
 class StowRequestError(Exception):
@@ -52,6 +71,10 @@ class StowTarget:
     spool: Spool
     enqueue: Callable[[str, str], None]
     max_bytes: int = 2 * 1024**3
+    #: The regional API: Study Instance UID -> whether the index stores that study. When set,
+    #: only objects of the domain are taken (PatientIdentityRemoved YES, into a stored study,
+    #: whose UIDs are the domain's); anything else may be identified and is refused.
+    stored_study: Callable[[str], bool] | None = None
 
     @property
     def incoming(self) -> Path:
@@ -80,12 +103,57 @@ class _Part:
     path: Path
     headers: dict[str, str] = field(default_factory=dict)
     size: int = 0
+    #: Refused before anything of it was written: (SOP class, SOP instance, reason).
+    refused: tuple[str, str, int] | None = None
+
+
+#: The regional API decides on a part from its first bytes, held in memory: nothing of an
+#: instance it refuses is ever written to its disk. A header not decided within this much
+#: (the attributes up to Study Instance UID) is refused.
+SCREEN_BYTES = 1024 * 1024
+_LAST_SCREENED_TAG = 0x0020000D  # StudyInstanceUID
+
+
+def screen_part(head: bytes, complete: bool,
+                stored_study: Callable[[str], bool]) -> tuple[str, str, int] | None | bool:
+    """The regional API's verdict on a part from its first bytes: None to take it, the
+    refusal (SOP class, SOP instance, reason), or False when more bytes are needed."""
+    seen_past = False
+
+    def stop(tag: int, _vr: str | None, _length: int) -> bool:
+        nonlocal seen_past
+        seen_past = tag > _LAST_SCREENED_TAG
+        return seen_past
+
+    try:
+        with warnings.catch_warnings():  # a truncated head: pydicom's warnings quote values
+            warnings.simplefilter("ignore")
+            header = read_partial(io.BytesIO(head), stop_when=stop)
+            sop_class = str(header.get("SOPClassUID", ""))
+            sop = str(header.get("SOPInstanceUID", ""))
+            study = str(header.get("StudyInstanceUID", ""))
+            removed = str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
+    except _UNREADABLE:
+        return ("", "", CANNOT_UNDERSTAND) if complete or len(head) >= SCREEN_BYTES else False
+    if not (seen_past or complete):
+        return ("", "", NOT_OF_THE_DOMAIN) if len(head) >= SCREEN_BYTES else False
+    if not (sop and study):
+        return ("", "", CANNOT_UNDERSTAND)
+    if not (removed and stored_study(study)):
+        return (sop_class, sop, NOT_OF_THE_DOMAIN)
+    return None
 
 
 @dataclass
 class StowOutcome:
     referenced: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Warning header explaining refusals of identified objects (PS3.18 §8.6)."""
+        refused = sum(1 for *_, reason in self.failed if reason == NOT_OF_THE_DOMAIN)
+        return {"Warning": NOT_OF_THE_DOMAIN_WARNING.format(count=refused)} if refused else {}
 
     @property
     def status_code(self) -> int:
@@ -203,7 +271,8 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
             if compressed:
                 pixel_array(dataset, index=0)  # a stream that does not decode fails here
             path = folder / f".stow-{uuid.uuid4().hex}.part"
-            dataset.save_as(path, enforce_file_format=True)
+            with open_private(path) as handle:  # identified until the worker has run: 0600
+                dataset.save_as(handle, enforce_file_format=True)
         except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError,
                 NotImplementedError) as exc:
             log.info("STOW-RS: a DICOM JSON data set could not be built: %s", type(exc).__name__)
@@ -216,16 +285,42 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
 
 
 async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
-                        max_bytes: int) -> list[_Part]:
-    """Stream the body into one temporary file per part."""
-    folder.mkdir(parents=True, exist_ok=True)
+                        max_bytes: int,
+                        stored_study: Callable[[str], bool] | None = None) -> list[_Part]:
+    """Stream the body into one temporary file per part. With `stored_study` (the regional
+    API), each part is screened from its first bytes, in memory: a part not of the domain
+    is refused (`_Part.refused`) and never written."""
+    private_directory(folder)  # identified uploads: folder 0700, parts 0600
     parts: list[_Part] = []
-    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None}
+    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None, "head": None}
+    if stored_study is not None:  # one index query per study of the request, not per part
+        stored_study = functools.cache(stored_study)
+
+    def open_part(part: _Part) -> None:
+        current["handle"] = open_private(part.path)  # closed in on_part_end/_discard
+
+    def screen(complete: bool) -> None:
+        part, head = parts[-1], current["head"]
+        assert stored_study is not None
+        content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
+        verdict = (("", "", CANNOT_UNDERSTAND) if content_type.strip().lower() != "application/dicom"
+                   else screen_part(bytes(head), complete, stored_study))
+        if verdict is False:
+            return
+        current["head"] = None
+        if verdict is not None:
+            part.refused = verdict  # type: ignore[assignment]
+            return
+        open_part(part)
+        current["handle"].write(head)
 
     def on_part_begin() -> None:
         part = _Part(folder / f".stow-{uuid.uuid4().hex}.part")
         parts.append(part)
-        current["handle"] = open(part.path, "wb")  # noqa: SIM115 - closed in on_part_end/_discard
+        if stored_study is None:
+            open_part(part)
+        else:
+            current["head"] = bytearray()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         current["field"] += data[start:end]
@@ -239,12 +334,19 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
         current["field"], current["value"] = b"", b""
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        current["handle"].write(data[start:end])
         parts[-1].size += end - start
+        if current["head"] is not None:
+            current["head"] += data[start:end]
+            screen(complete=False)
+        elif current["handle"] is not None:
+            current["handle"].write(data[start:end])
 
     def on_part_end() -> None:
-        current["handle"].close()
-        current["handle"] = None
+        if current["head"] is not None:
+            screen(complete=True)
+        if current["handle"] is not None:
+            current["handle"].close()
+            current["handle"] = None
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field,
@@ -265,7 +367,7 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
     except Exception as exc:  # the parser's own errors: a malformed body
         _discard(parts, current)
         raise StowRequestError(400, f"malformed multipart body: {type(exc).__name__}") from exc
-    if current["handle"] is not None or not parts:
+    if current["handle"] is not None or current["head"] is not None or not parts:
         _discard(parts, current)
         raise StowRequestError(400, "malformed multipart body: no complete part "
                                     "(wrong boundary or truncated body)")
@@ -286,6 +388,9 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
     batches: set[str] = set()
     try:
         for part in parts:
+            if part.refused is not None:
+                outcome.failed.append(part.refused)
+                continue
             content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
             if content_type.strip().lower() != "application/dicom":
                 outcome.failed.append(("", "", CANNOT_UNDERSTAND))
@@ -295,8 +400,12 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 sop_class = str(header.SOPClassUID)
                 sop = str(header.SOPInstanceUID)
                 study = str(header.StudyInstanceUID)
+                deidentified = str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
             except _UNREADABLE:
                 outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+                continue
+            if target.stored_study is not None and not (deidentified and target.stored_study(study)):
+                outcome.failed.append((sop_class, sop, NOT_OF_THE_DOMAIN))
                 continue
             if study_in_path is not None and study != study_in_path:
                 outcome.failed.append((sop_class, sop, DOES_NOT_MATCH))
@@ -346,5 +455,5 @@ def response_dataset(outcome: StowOutcome) -> dict[str, Any]:
     return result
 
 
-__all__ = ["StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
-           "receive_parts", "response_dataset", "spool_parts"]
+__all__ = ["NOT_OF_THE_DOMAIN", "SCREEN_BYTES", "StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
+           "receive_parts", "response_dataset", "screen_part", "spool_parts"]

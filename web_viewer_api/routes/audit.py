@@ -18,9 +18,10 @@ from web_viewer_api.errors import BadRequest
 router = APIRouter(prefix="/api", tags=["Audit"])
 
 
-@router.get("/audit", summary="Audit events (scope admin); format=jsonl exports them all")
+@router.get("/audit", summary="Audit events (scope admin; a key limited to sites reads those "
+                              "sites' events and its own); format=jsonl exports them all")
 def read_audit(
-        request: Request, _principal: AdminPrincipal,
+        request: Request, principal: AdminPrincipal,
         since: dt.datetime | None = None, until: dt.datetime | None = None,
         action: Annotated[list[str] | None, Query(max_length=20)] = None,
         actor: Annotated[str | None, Query(max_length=300)] = None,
@@ -40,7 +41,9 @@ def read_audit(
             raise BadRequest("since/until need a time zone (e.g. 2026-11-23T10:00:00Z)")
     query = AuditQuery(since=since, until=until, actions=tuple(action or ()), actor=actor,
                        share_id=share_id, study_instance_uid=study_uid, address=address,
-                       failures_only=failures, limit=limit, offset=offset)
+                       failures_only=failures, limit=limit, offset=offset,
+                       # a site-limited admin reads its sites' events and its own only
+                       site_ids=principal.site_ids, caller=principal.subject)
     request.state.audit = {"action": "audit.read"}
     access: AccessRepository = request.app.state.access
     request.app.state.audit_writer.flush()  # what this process queued is part of the answer

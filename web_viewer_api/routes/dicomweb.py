@@ -87,6 +87,7 @@ from web_viewer_api.errors import (
 
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 _Found = TypeVar("_Found")
+_Part = TypeVar("_Part")
 
 DICOM_JSON = "application/dicom+json"
 _ACCEPTABLE_JSON = {DICOM_JSON, "application/json", "*/*", "application/*"}
@@ -376,6 +377,9 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     wado = _wado(request, index)
     syntax = negotiate_instance_syntax(request.headers.get("accept"))
     instances = wado.instances(study, series, sop)
+    # The study is indexed (a de-identified UID): the trail may name it even if the stream
+    # fails later (a failed request's own path is not kept, see web_viewer_api.audit).
+    request.state.audit = {**(getattr(request.state, "audit", None) or {}), "study": study}
     etag, modified = _etag(instances, f"dicom:{syntax}"), _last_modified(instances)
     cached = _not_modified(request, etag, modified)
     if cached is not None:
@@ -391,7 +395,8 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
         raise NotFoundError("not found")
     content_type, body, extra = first
     first = (content_type, as_bytes(body), extra)
-    return _multipart_response("application/dicom", itertools.chain((first,), parts), headers)
+    return _multipart_response("application/dicom",
+                               itertools.chain((first,), _while_shared(request, parts)), headers)
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
@@ -455,6 +460,16 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
         raise NotFoundError("no pixel data")
     part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
     return _multipart_response(part_type, parts)
+
+
+def _while_shared(request: Request, parts: Iterator[_Part]) -> Iterator[_Part]:
+    """The parts of an answer through a share link stop soon after the share is revoked
+    (`ShareGate.while_live`): a long retrieval does not outlive the sender's decision."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None or principal.share is None:
+        return parts
+    return request.app.state.share_gate.while_live(  # type: ignore[no-any-return]
+        principal.share.share_id, parts, request.app.state.config.share_liveness_seconds)
 
 
 def _multipart_response(part_type: str, parts: Iterable[StreamedPart],
@@ -604,7 +619,7 @@ def _rendered_many(request: Request, index: IndexDep, study: str, series: str | 
     first = next(rendering, None)  # a bad window or viewport is a 400 before the answer starts
     if first is None:
         raise NotFoundError("not found")
-    return _multipart_response(part_type, itertools.chain((first,), rendering))
+    return _multipart_response(part_type, itertools.chain((first,), _while_shared(request, rendering)))
 
 
 @router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
@@ -647,10 +662,15 @@ def retrieve_study_thumbnail(study: str, request: Request, _principal: ReadPrinc
 
 
 # STOW-RS ---------------------------------------------------------------------------------
-async def _store(request: Request, study: str | None) -> Response:
+async def _store(request: Request, principal: Principal, study: str | None) -> Response:
     target = request.app.state.config.stow
     if target is None:
         raise Unavailable("STOW-RS is not configured on this API (no site spool)")
+    # Uploads are filed under this API's site (its spool, queue and ownership): a credential
+    # limited to other sites cannot write as this one (the trust model).
+    if principal.site_ids is not None and target.spool.site_id not in principal.site_ids:
+        raise Forbidden(f"this credential writes for sites {', '.join(sorted(principal.site_ids))} "
+                        f"only; this API files uploads under site {target.spool.site_id}")
     if study is not None:
         check_uid(study, "StudyInstanceUID")
     declared = request.headers.get("content-length")
@@ -658,7 +678,11 @@ async def _store(request: Request, study: str | None) -> Response:
         boundary, part_type = boundary_of(request.headers.get("content-type"))
         if declared and declared.isdigit() and int(declared) > target.max_bytes:
             raise StowRequestError(413, f"request body larger than {target.max_bytes} bytes")
-        parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes)
+        if target.stored_study is not None and part_type != "application/dicom":
+            raise StowRequestError(415, 'the regional API takes objects of the domain as '
+                                        'multipart/related; type="application/dicom" only')
+        parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes,
+                                    target.stored_study)
     except StowRequestError as exc:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
         return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
@@ -669,23 +693,23 @@ async def _store(request: Request, study: str | None) -> Response:
     outcome = spool_parts(parts, target, study)
     outcome.failed += [("", "", 0xC000)] * unbuilt
     return Response(json.dumps(response_dataset(outcome)), status_code=outcome.status_code,
-                    media_type=DICOM_JSON)
+                    media_type=DICOM_JSON, headers=outcome.headers)
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
-async def store_instances(request: Request, _principal: WritePrincipal) -> Response:
+async def store_instances(request: Request, principal: WritePrincipal) -> Response:
     """Instances go through the site's spool and pipeline, like C-STORE; the response lists
     referenced and failed instances (200 all stored, 202 some failed, 409 none stored)."""
     try:
-        return await _store(request, None)
+        return await _store(request, principal, None)
     except WadoError as exc:
         raise _api_error(exc) from exc
 
 
 @router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
-async def store_study_instances(study: str, request: Request, _principal: WritePrincipal) -> Response:
+async def store_study_instances(study: str, request: Request, principal: WritePrincipal) -> Response:
     try:
-        return await _store(request, study)
+        return await _store(request, principal, study)
     except WadoError as exc:
         raise _api_error(exc) from exc
 

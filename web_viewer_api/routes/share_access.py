@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import html
 import io
+import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Annotated
 
 import anyio
@@ -35,6 +36,7 @@ from web_viewer_api.auth import (
     Principal,
     ShareGate,
     ShareSessionRequired,
+    UnknownShareToken,
     needs_session,
     share_scope,
 )
@@ -63,7 +65,7 @@ async def _find(request: Request, share_token: str) -> ShareRecord:
     try:
         share = await anyio.to_thread.run_sync(_gate(request).find, share_token,
                                                client_address(request))
-    except NotFound:
+    except UnknownShareToken:
         request.state.audit = {"action": "share.unknown_token"}
         raise
     request.state.audit = {"action": "share.view", "share_id": share.share_id}
@@ -148,8 +150,7 @@ async def open_session(share_token: str, request: Request,
         share = await _find(request, share_token)
         request.state.audit = {"action": "share.session", "share_id": share.share_id}
         service = _service(request)
-        session, expires = await anyio.to_thread.run_sync(
-            service.open_session, share, pin, client_address(request))
+        session, expires = await anyio.to_thread.run_sync(service.open_session, share, pin)
     except WrongPin as exc:
         request.state.audit = {"action": "share.pin_failure", "share_id": share.share_id}
         if wants_json:
@@ -157,7 +158,8 @@ async def open_session(share_token: str, request: Request,
         return open_form(request, share_token, share, exc.message, status=401)
     except ApiError as exc:
         if exc.status_code == 403 and "locked" in exc.message:
-            request.state.audit = {"action": "share.locked"}
+            request.state.audit = {**(getattr(request.state, "audit", None) or {}),
+                                   "action": "share.locked"}
         if wants_json:
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
                                 status_code=exc.status_code, headers=exc.headers)
@@ -196,12 +198,15 @@ async def download(share_token: str, request: Request) -> Response:
     names = []
     for number, instance in enumerate(instances, start=1):
         study = studies.get(instance.study_instance_uid)
-        folder = f"{study.study_date if study else ''}_{instance.study_instance_uid}".lstrip("_")
-        names.append(((f"{folder}/{instance.modality or 'OT'}_{instance.series_instance_uid}/"
-                      f"{instance.instance_number or number:05d}_{instance.sop_instance_uid}.dcm"),
-                      instance.object_key))
+        folder = zip_name_part(f"{study.study_date if study else ''}_{instance.study_instance_uid}"
+                               .lstrip("_"))
+        series = zip_name_part(f"{instance.modality or 'OT'}_{instance.series_instance_uid}")
+        file = zip_name_part(f"{instance.instance_number or number:05d}_{instance.sop_instance_uid}")
+        names.append((f"{folder}/{series}/{file}.dcm", instance.object_key))
+    gate, interval = _gate(request), request.app.state.config.share_liveness_seconds
     return StreamingResponse(
-        zip_stream(request.app.state.store, names), media_type="application/zip",
+        zip_stream(request.app.state.store, gate.while_live(share.share_id, names, interval)),
+        media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="share-{share.share_id}.zip"',
                  "Cache-Control": "no-store"})
 
@@ -225,7 +230,20 @@ class _Sink(io.RawIOBase):
         return data
 
 
-def zip_stream(store: ObjectStore, entries: list[tuple[str, str]]) -> Iterator[bytes]:
+#: What a ZIP entry's name may hold, whatever the attribute values it is built from.
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def zip_name_part(value: str) -> str:
+    """One folder or file name of a ZIP entry, from attribute values (modality, dates,
+    UIDs — a write-back may bring any text): letters, digits, '.', '_' and '-' only, at
+    most 100 characters, never starting with a dot (no '..', no hidden file); so no '/',
+    '\\', drive letter, control character or absolute path can make an unpacker write
+    outside its folder."""
+    return _UNSAFE_IN_NAME.sub("_", value)[:100].lstrip(".") or "_"
+
+
+def zip_stream(store: ObjectStore, entries: Iterable[tuple[str, str]]) -> Iterator[bytes]:
     """A ZIP (stored, ZIP64) of the objects, one instance in memory at a time."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:

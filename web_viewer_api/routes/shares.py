@@ -1,20 +1,20 @@
-"""/api/shares (create, list, inspect with its access log, revoke) and /api/studies/lookup."""
+"""/api/shares (create, list, inspect with its access log, revoke); the former /api/studies/lookup
+answers where lookups went (web_viewer_api.routes.site)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage import AccessScope, AuditQuery, ShareRecord, StudyQuery, StudySummary
+from storage import AuditQuery, ShareRecord
 from web_viewer_api.audit import entry
 from web_viewer_api.deps import SharePrincipal
-from web_viewer_api.dicomweb.qido import study_to_dicom_json
-from web_viewer_api.errors import BadRequest, Forbidden, Unavailable
+from web_viewer_api.errors import BadRequest, NotFound, Unavailable
+from web_viewer_api.lookup import COMPUTED_AT_THE_SITE
 from web_viewer_api.notify import NotificationError, send, share_message
 from web_viewer_api.shares import ShareRequest, ShareService
 
@@ -207,47 +207,8 @@ def revoke_share(share_id: str, request: Request, principal: SharePrincipal) -> 
     return public(share, service.clock())
 
 
-class LookupResult(BaseModel):
-    study_uids: list[str]
-    studies: list[dict[str, Any]]
-
-
-@router.get("/studies/lookup", response_model=LookupResult,
-            summary="Original accession number / patient ID -> de-identified studies")
-async def lookup_studies(
-        request: Request, principal: SharePrincipal,
-        accession_number: Annotated[str | None, Query(max_length=64)] = None,
-        patient_id: Annotated[str | None, Query(max_length=64)] = None,
-        issuer_of_patient_id: Annotated[str | None, Query(max_length=64)] = None,
-        issuer_of_accession_number: Annotated[str | None, Query(max_length=64)] = None,
-        site: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
-) -> LookupResult:
-    """Recomputes the keyed pseudonyms of the identifiers (nothing identifying is stored)
-    and returns the matching studies. The accession pseudonym is keyed by the producing
-    site: `site` names it (default: the gateway's own); a caller limited to some sites
-    looks in those (`site` must be one of them)."""
-    lookup = request.app.state.config.lookup
-    if lookup is None:
-        raise Unavailable("lookup needs the pseudonymization secret on this gateway")
-    if not (accession_number or patient_id):
-        raise BadRequest("give accession_number and/or patient_id")
-    if principal.site_ids is not None and site is not None and site not in principal.site_ids:
-        raise Forbidden("these credentials are limited to other sites")
-    sites = ([site] if site else sorted(principal.site_ids) if principal.site_ids is not None
-             else [request.app.state.config.default_site])
-    index = request.app.state.index
-    studies: dict[str, StudySummary] = {}
-    for site_id in sites:
-        accession, patient = lookup(accession_number or None, patient_id or None,
-                                    issuer_of_accession_number or "", issuer_of_patient_id or "",
-                                    site_id)
-        # Another site's pseudonym never matches: the accession pseudonym is keyed by the site.
-        query = StudyQuery(accession_number=accession, patient_id=patient, limit=1000,
-                           scope=AccessScope(site_ids=principal.site_ids))
-        for study in await anyio.to_thread.run_sync(index.search_studies, query):
-            studies.setdefault(study.study_instance_uid, study)
-    found = list(studies.values())
-    _audit(request, "study.lookup", detail={"matches": len(found), "sites": sites})
-    base = (request.app.state.config.public_url or str(request.base_url)).rstrip("/") + "/dicom-web"
-    return LookupResult(study_uids=[s.study_instance_uid for s in found],
-                        studies=[study_to_dicom_json(s, base) for s in found])
+@router.get("/studies/lookup", include_in_schema=False)
+def lookup_studies_moved(_principal: SharePrincipal) -> None:
+    """The former lookup took original identifiers in its query string, which access logs
+    and the audit trail keep: it is gone, at every API (the trail keeps no query value)."""
+    raise NotFound(COMPUTED_AT_THE_SITE)
