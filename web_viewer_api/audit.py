@@ -62,7 +62,7 @@ ACTIONS: Mapping[str, tuple[str, str]] = {
     # Written by the worker: a different instance under stored UIDs (the original stays).
     **WORKER_ACTIONS,
 }
-#: Failures the limiters count (docs/trust-model-lockout.md). Against the client address:
+#: Failures the limiters count (docs/trust-model/lockout.md). Against the client address:
 #: bearer tokens that open nothing (not a missing one: that guesses nothing), unknown share
 #: tokens. Against the API key id (the event's actor, `key:<id>`): wrong secrets of a key.
 #: Wrong PINs are counted on their share itself (storage: pin_failures).
