@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -15,8 +14,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from storage.access import AccessRepository, AuditEntry
 
 log = logging.getLogger(__name__)
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: DIMSE actions -> (DCM EventID code, EventActionCode C/R/U/D/E).
 DIMSE_ACTIONS: Mapping[str, tuple[str, str]] = {
@@ -39,13 +36,13 @@ WORKER_ACTIONS: Mapping[str, tuple[str, str]] = {
 def dimse_entry(action: str, actor: str, address: str, *, outcome: int = 0,
                 study_instance_uid: str = "", status_code: int | None = None,
                 detail: str = "", at: dt.datetime | None = None, **fields: Any) -> AuditEntry:
-    """An audit event of the node (actor and address come from the network: bounded,
-    without control characters)."""
+    """An audit event of the node (actor and address come from the network: bounded and
+    stripped of control characters where every row is written, `append_audit`)."""
     code, verb = DIMSE_ACTIONS[action]
     return AuditEntry(at=at or dt.datetime.now(dt.UTC), action=action, event_code=code,
-                      event_action=verb, outcome=outcome, actor=_CONTROL.sub("", actor)[:300],
-                      address=_CONTROL.sub("", address)[:64], study_instance_uid=study_instance_uid[:64],
-                      status_code=status_code, detail=detail, **fields)
+                      event_action=verb, outcome=outcome, actor=actor, address=address,
+                      study_instance_uid=study_instance_uid, status_code=status_code,
+                      detail=detail, **fields)
 
 
 class AuditWriter:
