@@ -40,6 +40,9 @@ def withheld() -> Iterator[None]:
     factory = logging.getLogRecordFactory()
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        # An earlier test's in-process set-up leaves logging believing it captures warnings
+        # while pytest has since restored warnings.showwarning: start from a clean state.
+        logging.captureWarnings(False)
         withhold_library_values()
         try:
             yield
