@@ -26,11 +26,11 @@ from dicom_node.status import Status
 from storage import (
     AccessScope,
     DateRange,
-    IndexRepository,
     InstanceQuery,
     InstanceSummary,
     ObjectNotFound,
     ObjectStore,
+    QueryRetrieve,
     SeriesQuery,
     StorageError,
     StudyQuery,
@@ -93,7 +93,7 @@ def _level(identifier: Dataset, model: str) -> str:
     return level
 
 
-def _study_query(identifier: Dataset, limit: int, scope: AccessScope | None) -> StudyQuery:
+def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
     date = _matching_value(identifier, "StudyDate")
     try:
         study_date = DateRange.parse(date) if date else None
@@ -107,12 +107,12 @@ def _study_query(identifier: Dataset, limit: int, scope: AccessScope | None) -> 
         study_date=study_date,
         study_instance_uids=_uids(identifier, "StudyInstanceUID"),
         modalities=tuple(m for m in modalities.split("\\") if m and m != "*"),
-        limit=limit, scope=scope)
+        limit=limit)
 
 
-def _studies(index: IndexRepository, identifier: Dataset, scope: AccessScope | None,
+def _studies(service: QueryRetrieve, identifier: Dataset, scope: AccessScope,
              limit: int = MAX_MATCHES) -> list[StudySummary]:
-    return index.search_studies(_study_query(identifier, limit, scope))
+    return service.search_for_studies(scope, _study_query(identifier, limit))
 
 
 def _series_uids_filter(identifier: Dataset) -> tuple[str, ...]:
@@ -130,15 +130,15 @@ def _number(identifier: Dataset, keyword: str) -> int | None:
 
 
 # Matching ------------------------------------------------------------------------------
-def find_matches(index: IndexRepository, identifier: Dataset, model: str, ae_title: str,
-                 scope: AccessScope | None = None) -> Iterator[tuple[frozenset[str], Dataset]]:
+def find_matches(service: QueryRetrieve, identifier: Dataset, model: str, ae_title: str,
+                 scope: AccessScope) -> Iterator[tuple[frozenset[str], Dataset]]:
     """The response identifiers of a C-FIND request, one per match, each with the
-    (de-identified) studies it is about; `scope` limits every query in SQL."""
+    (de-identified) studies it is about, within `scope`."""
     level = _level(identifier, model)
     requested = [element.keyword for element in identifier if element.keyword]
     if level == "PATIENT":
         patients: dict[str, list[StudySummary]] = {}
-        for study in _studies(index, identifier, scope):
+        for study in _studies(service, identifier, scope):
             patients.setdefault(study.patient_id, []).append(study)
         for studies in patients.values():
             first = studies[0]
@@ -150,19 +150,18 @@ def find_matches(index: IndexRepository, identifier: Dataset, model: str, ae_tit
                    _response(requested, values, level, ae_title))
         return
     if level == "STUDY":
-        for study in _studies(index, identifier, scope):
+        for study in _studies(service, identifier, scope):
             yield (frozenset({study.study_instance_uid}),
                    _response(requested, _study_values(study), level, ae_title))
         return
-    filtered = _studies(index, identifier, scope) if _needs_study_filter(identifier) else None
+    filtered = _studies(service, identifier, scope) if _needs_study_filter(identifier) else None
     allowed = {s.study_instance_uid: s for s in filtered} if filtered is not None else None
     if level == "SERIES":
         for study_uid in _study_scope(identifier, allowed):
-            for series in index.search_series(SeriesQuery(
+            for series in service.search_for_series(scope, SeriesQuery(
                     study_instance_uid=study_uid, series_instance_uids=_series_uids_filter(identifier),
                     modality=_matching_value(identifier, "Modality"),
-                    series_number=_number(identifier, "SeriesNumber"), limit=MAX_MATCHES,
-                    scope=scope)):
+                    series_number=_number(identifier, "SeriesNumber"), limit=MAX_MATCHES)):
                 values = {"StudyInstanceUID": series.study_instance_uid,
                           "SeriesInstanceUID": series.series_instance_uid,
                           "Modality": series.modality, "SeriesNumber": series.series_number,
@@ -177,12 +176,11 @@ def find_matches(index: IndexRepository, identifier: Dataset, model: str, ae_tit
     series_uids = _series_uids_filter(identifier) or (None,)
     for study_uid in _study_scope(identifier, allowed):
         for series_uid in series_uids:
-            for instance in index.search_instances(InstanceQuery(
+            for instance in service.search_for_instances(scope, InstanceQuery(
                     study_instance_uid=study_uid, series_instance_uid=series_uid,
                     sop_instance_uids=_uids(identifier, "SOPInstanceUID"),
                     sop_class_uid=_matching_value(identifier, "SOPClassUID"),
-                    instance_number=_number(identifier, "InstanceNumber"), limit=MAX_MATCHES,
-                    scope=scope)):
+                    instance_number=_number(identifier, "InstanceNumber"), limit=MAX_MATCHES)):
                 yield (frozenset({instance.study_instance_uid}),
                        _response(requested, _instance_values(instance), level, ae_title))
 
@@ -242,17 +240,17 @@ def _response(requested: list[str], values: Mapping[str, Any], level: str, ae_ti
 
 
 # Retrieval -----------------------------------------------------------------------------
-def retrieve_instances(index: IndexRepository, identifier: Dataset, model: str,
-                       scope: AccessScope | None = None) -> list[InstanceSummary]:
+def retrieve_instances(service: QueryRetrieve, identifier: Dataset, model: str,
+                       scope: AccessScope) -> list[InstanceSummary]:
     """The instances a C-MOVE/C-GET identifier names (unique keys at and above its level),
-    of those `scope` allows (in SQL)."""
+    within `scope`."""
     level = _level(identifier, model)
     if level == "PATIENT":
         patient = _matching_value(identifier, "PatientID")
         if not patient:
             raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID is required")
-        studies = [s.study_instance_uid for s in index.search_studies(
-            StudyQuery(patient_id=patient, limit=MAX_MATCHES, scope=scope))]
+        studies = [s.study_instance_uid for s in service.search_for_studies(
+            scope, StudyQuery(patient_id=patient, limit=MAX_MATCHES))]
     else:
         studies = list(_uids(identifier, "StudyInstanceUID"))
         if not studies:
@@ -264,11 +262,9 @@ def retrieve_instances(index: IndexRepository, identifier: Dataset, model: str,
     if level == "IMAGE" and not sops:
         raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID is required")
     found: list[InstanceSummary] = []
-    for study in studies:
-        for series_uid in series or (None,):
-            found += index.search_instances(InstanceQuery(
-                study_instance_uid=study, series_instance_uid=series_uid, sop_instance_uids=sops,
-                limit=MAX_SUBOPERATIONS + 1, scope=scope))
+    for series_uid in series or (None,):
+        found += service.retrieve_instances(scope, studies, series_uid, sops,
+                                            limit=MAX_SUBOPERATIONS + 1)
     return found
 
 
@@ -323,7 +319,7 @@ class _AuditOnce:
         return status
 
 
-def handle_find(event: Any, index: IndexRepository, model: str, ae_title: str,
+def handle_find(event: Any, service: QueryRetrieve, model: str, ae_title: str,
                 caller: Caller, audit: NodeAudit) -> Iterator[tuple[int, Dataset | None]]:
     """C-FIND within the caller's sites: one Pending per match; Failure for an identifier
     we cannot answer; 0x0124 for a caller without the find right. Audited."""
@@ -338,7 +334,7 @@ def handle_find(event: Any, index: IndexRepository, model: str, ae_title: str,
             yield done(Status.NOT_AUTHORIZED), None
             return
         try:
-            for study_uids, match in find_matches(index, event.identifier, model, ae_title,
+            for study_uids, match in find_matches(service, event.identifier, model, ae_title,
                                                   caller.scope):
                 if event.is_cancelled:
                     yield done(Status.CANCEL), None
@@ -372,7 +368,7 @@ def _contexts(instances: list[InstanceSummary]) -> list[Any]:
     return contexts[:128]
 
 
-def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: str,
+def handle_move(event: Any, service: QueryRetrieve, store: ObjectStore, model: str,
                 destinations: Mapping[str, MoveDestination], caller: Caller,
                 audit: NodeAudit) -> Iterator[Any]:
     """C-MOVE within the caller's sites: resolve the destination AE, then send the
@@ -395,7 +391,7 @@ def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: s
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
         try:
-            instances = retrieve_instances(index, event.identifier, model, caller.scope)
+            instances = retrieve_instances(service, event.identifier, model, caller.scope)
         except QueryError as exc:
             notes["reason"] = f"identifier refused (0x{exc.status:04X})"
             instances = []
@@ -431,7 +427,7 @@ def handle_move(event: Any, index: IndexRepository, store: ObjectStore, model: s
         done(Status.CANCEL)
 
 
-def handle_get(event: Any, index: IndexRepository, store: ObjectStore, model: str,
+def handle_get(event: Any, service: QueryRetrieve, store: ObjectStore, model: str,
                caller: Caller, audit: NodeAudit) -> Iterator[Any]:
     """C-GET within the caller's sites: the instances go back on the requestor's own
     association (role selection). Same rule as C-MOVE: the caller needs the get right
@@ -447,7 +443,7 @@ def handle_get(event: Any, index: IndexRepository, store: ObjectStore, model: st
             yield done(Status.NOT_AUTHORIZED), None
             return
         try:
-            instances = retrieve_instances(index, event.identifier, model, caller.scope)
+            instances = retrieve_instances(service, event.identifier, model, caller.scope)
         except QueryError as exc:
             yield 1
             yield done(exc.status), None

@@ -46,7 +46,7 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
 from dicom_node.status import Status
-from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore
+from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore, QueryRetrieve
 
 log = logging.getLogger(__name__)
 
@@ -221,24 +221,24 @@ def peer_certificate_subject(assoc: Any) -> str | None:
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
-def _find(event: Any, index: IndexRepository, ae_title: str, metrics: NodeMetrics,
+def _find(event: Any, service: QueryRetrieve, ae_title: str, metrics: NodeMetrics,
           callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-FIND")
-    return handle_find(event, index, _model(event), ae_title, callers(event.assoc), audit)
+    return handle_find(event, service, _model(event), ae_title, callers(event.assoc), audit)
 
 
-def _move(event: Any, index: IndexRepository, store: ObjectStore,
+def _move(event: Any, service: QueryRetrieve, store: ObjectStore,
           destinations: Mapping[str, MoveDestination], metrics: NodeMetrics,
           callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-MOVE")
-    return handle_move(event, index, store, _model(event), destinations, callers(event.assoc),
+    return handle_move(event, service, store, _model(event), destinations, callers(event.assoc),
                        audit)
 
 
-def _get(event: Any, index: IndexRepository, store: ObjectStore, metrics: NodeMetrics,
+def _get(event: Any, service: QueryRetrieve, store: ObjectStore, metrics: NodeMetrics,
          callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-GET")
-    return handle_get(event, index, store, _model(event), callers(event.assoc), audit)
+    return handle_get(event, service, store, _model(event), callers(event.assoc), audit)
 
 
 class DicomNode:
@@ -362,12 +362,13 @@ class DicomNode:
                 (evt.EVT_CONN_CLOSE, self._responses.forget),
             ]
         if self.index is not None and self.store is not None:
+            service = QueryRetrieve(self.index)
             handlers += [
-                (evt.EVT_C_FIND, _find, [self.index, self.config.ae_title, self.metrics,
+                (evt.EVT_C_FIND, _find, [service, self.config.ae_title, self.metrics,
                                          self.caller, self.audit]),
-                (evt.EVT_C_MOVE, _move, [self.index, self.store, self.config.move_destinations,
+                (evt.EVT_C_MOVE, _move, [service, self.store, self.config.move_destinations,
                                          self.metrics, self.caller, self.audit]),
-                (evt.EVT_C_GET, _get, [self.index, self.store, self.metrics, self.caller,
+                (evt.EVT_C_GET, _get, [service, self.store, self.metrics, self.caller,
                                        self.audit]),
             ]
         server = cast(_GatewayAssociationServer, ae.make_server(

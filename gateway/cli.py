@@ -301,6 +301,7 @@ def lookup(
     de-identified studies they match (JSON). Only pseudonyms reach the index; nothing
     identifying is printed to the log or recorded."""
     from gateway import components
+    from storage import EVERY_SITE
     from web_viewer_api import OriginalIdentifiers, find_studies
 
     settings = _settings(data_dir=data_dir)
@@ -320,7 +321,7 @@ def lookup(
         raise _fail(exc) from exc
     assert pseudonyms is not None  # required=True raises instead
     answer = find_studies(pseudonyms, index, OriginalIdentifiers(
-        accession_number, issuer, patient_id, patient_id_issuer), sites)
+        accession_number, issuer, patient_id, patient_id_issuer), sites, EVERY_SITE)
     _audit(settings, "study.lookup", detail=json.dumps(
         {"matches": len(answer.studies), "sites": sites}))
     sys.stdout.write(json.dumps({

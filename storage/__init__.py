@@ -46,6 +46,7 @@ from storage.objects import (
     join_key,
     validate_key,
 )
+from storage.query_retrieve import EVERY_SITE, QueryRetrieve
 from storage.s3 import S3ObjectStore
 
 
@@ -59,6 +60,7 @@ def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance
 
 __all__ = [
     "DIMSE_ACTIONS",
+    "EVERY_SITE",
     "MAX_FUZZY_WORDS",
     "WORKER_ACTIONS",
     "AccessRepository",
@@ -83,6 +85,7 @@ __all__ = [
     "OpenableStore",
     "OpenedObject",
     "Ownership",
+    "QueryRetrieve",
     "S3ObjectStore",
     "SeriesQuery",
     "SeriesSummary",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from threading import Lock
 from typing import TypeVar
 
-from storage import AccessRepository, AccessScope, ApiKeyRecord, ShareRecord
+from storage import EVERY_SITE, AccessRepository, AccessScope, ApiKeyRecord, ShareRecord
 from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound, RateLimited, Unauthorized
 from web_viewer_api.oidc import OidcVerifier
 from web_viewer_api.security import same_secret, sha256_hex, split_api_key
@@ -46,13 +46,13 @@ class Principal:
     share: ShareAccess | None = None
 
     @property
-    def scope(self) -> AccessScope | None:
-        """The studies this caller may see (None: all)."""
+    def scope(self) -> AccessScope:
+        """The studies this caller may see (`EVERY_SITE`: all)."""
         if self.share is not None:
             return self.share.scope
         if self.site_ids is not None:
             return AccessScope(site_ids=self.site_ids)
-        return None
+        return EVERY_SITE
 
 
 def share_scope(share: ShareRecord) -> AccessScope:

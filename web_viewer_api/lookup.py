@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from storage import AccessScope, IndexRepository, StudyQuery, StudySummary
+from storage import AccessScope, IndexRepository, QueryRetrieve, StudyQuery, StudySummary
 
 #: (accession, patient ID, accession issuer, patient ID issuer, site) -> their pseudonyms.
 PseudonymLookup = Callable[[str | None, str | None, str, str, str], tuple[str | None, str | None]]
@@ -51,7 +51,7 @@ class LookupAnswer:
 
 def find_studies(lookup: PseudonymLookup, index: IndexRepository,
                  identifiers: OriginalIdentifiers, site_ids: Sequence[str],
-                 scope: AccessScope | None = None) -> LookupAnswer:
+                 scope: AccessScope) -> LookupAnswer:
     """The identifiers' pseudonyms at each of `site_ids`, and the indexed studies matching
     them (within `scope`). Raises ValueError when neither identifier is given."""
     if not (identifiers.accession_number or identifiers.patient_id):
@@ -65,8 +65,8 @@ def find_studies(lookup: PseudonymLookup, index: IndexRepository,
                                     identifiers.issuer_of_patient_id, site_id)
         pseudonyms.append(SitePseudonyms(site_id, accession, patient))
         # Another site's pseudonym never matches: the accession pseudonym is keyed by the site.
-        query = StudyQuery(accession_number=accession, patient_id=patient, limit=1000, scope=scope)
-        for study in index.search_studies(query):
+        query = StudyQuery(accession_number=accession, patient_id=patient, limit=1000)
+        for study in QueryRetrieve(index).search_for_studies(scope, query):
             studies.setdefault(study.study_instance_uid, study)
     return LookupAnswer(pseudonyms, list(studies.values()))
 

@@ -13,6 +13,7 @@ from storage import (
     AccessScope,
     IndexRepository,
     InstanceQuery,
+    QueryRetrieve,
     ShareItemRecord,
     ShareRecord,
     StudyQuery,
@@ -86,8 +87,8 @@ class ShareService:
         if request.max_uses is not None and request.max_uses < 1:
             raise BadRequest("max_uses must be at least 1")
         scope = AccessScope(site_ids=request.site_ids)
-        found = {s.study_instance_uid for s in self.index.search_studies(
-            StudyQuery(study_instance_uids=studies, limit=len(studies), scope=scope))}
+        found = {s.study_instance_uid for s in QueryRetrieve(self.index).search_for_studies(
+            scope, StudyQuery(study_instance_uids=studies, limit=len(studies)))}
         missing = [uid for uid in studies if uid not in found]
         if missing:
             raise NotFound(f"no such study: {missing[0]}")

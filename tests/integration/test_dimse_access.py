@@ -411,3 +411,28 @@ def test_move_to_a_destination_that_does_not_answer_is_audited_as_refused(
     assert json.loads(event.detail)["reason"] == "destination unreachable"
     assert event.study_instance_uid == study_b
 
+
+
+def test_qido_and_c_find_answer_one_caller_the_same_studies(
+        archive: DicomwebServer, node: DicomNode, dcmtk: dict[str, str], tmp_path: Path) -> None:
+    """One query/retrieve service, one policy: an API key and a calling AE limited to the
+    same sites find the same studies, whichever protocol they use."""
+    import datetime as dt
+
+    from storage import ApiKeyRecord
+    from web_viewer_api import new_api_key, sha256_hex
+
+    def qido(sites: frozenset[str] | None) -> set[str]:
+        key_id, key = new_api_key()
+        archive.access.add_api_key(ApiKeyRecord(key_id, "same-policy", frozenset({"read"}), sites,
+                                                dt.datetime.now(dt.UTC), None, sha256_hex(key)))
+        found = httpx.get(f"{archive.url}/studies", timeout=30, headers={
+            "Authorization": f"Bearer {key}", "Accept": "application/dicom+json"})
+        assert found.status_code == 200, found.text
+        return {s["0020000D"]["Value"][0] for s in found.json()}
+
+    for calling, sites in (("PACS_A", frozenset({SITE_A})), ("PACS_B", frozenset({SITE_B})),
+                           ("REGION", None)):
+        by_dimse = _find(dcmtk, node, tmp_path / calling, calling)
+        assert by_dimse == qido(sites) == _site_studies(archive, None if sites is None
+                                                        else next(iter(sites)))

@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from storage import (
+    EVERY_SITE,
     AccessScope,
     IndexRepository,
     InstanceQuery,
@@ -32,6 +33,7 @@ from storage import (
     ObjectStore,
     OpenableStore,
     OpenedObject,
+    QueryRetrieve,
 )
 from web_viewer_api.dicomweb.multipart import (
     ANY_TRANSFER_SYNTAX,
@@ -158,7 +160,7 @@ class Wado:
 
     index: IndexRepository
     store: ObjectStore
-    scope: AccessScope | None = None
+    scope: AccessScope = EVERY_SITE
 
     def instances(self, study: str, series: str | None = None,
                   sop: str | None = None) -> list[InstanceSummary]:
@@ -167,11 +169,8 @@ class Wado:
             check_uid(series, "SeriesInstanceUID")
         if sop:
             check_uid(sop, "SOPInstanceUID")
-        if self.scope is not None and not self.scope.allows(study):
-            raise NotFoundError("not found")
-        found = self.index.search_instances(InstanceQuery(
-            study_instance_uid=study, series_instance_uid=series,
-            sop_instance_uids=(sop,) if sop else (), limit=MAX_LIMIT, scope=self.scope))
+        found = QueryRetrieve(self.index).retrieve_instances(
+            self.scope, [study], series, (sop,) if sop else (), limit=MAX_LIMIT)
         if not found:
             raise NotFoundError("not found")
         return found
@@ -251,8 +250,8 @@ class Wado:
 
     def representative(self, study: str, series: str | None = None) -> dict[str, Any] | None:
         """DICOM JSON of the first instance of a study or series (for includefield)."""
-        found = self.index.search_instances(InstanceQuery(
-            study_instance_uid=study, series_instance_uid=series, limit=1, scope=self.scope))
+        found = QueryRetrieve(self.index).search_for_instances(self.scope, InstanceQuery(
+            study_instance_uid=study, series_instance_uid=series, limit=1))
         return self.instance_json(found[0]) if found else None
 
     def dataset(self, instance: InstanceSummary) -> Dataset:

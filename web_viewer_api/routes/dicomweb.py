@@ -18,11 +18,13 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from storage import (
+    EVERY_SITE,
     AccessScope,
     IndexRepository,
     InstanceQuery,
     InstanceSummary,
     ObjectNotFound,
+    QueryRetrieve,
     SeriesQuery,
     SeriesSummary,
     StudyQuery,
@@ -87,6 +89,7 @@ from web_viewer_api.errors import (
 
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 _Found = TypeVar("_Found")
+_Query = TypeVar("_Query", StudyQuery, SeriesQuery, InstanceQuery)
 _Part = TypeVar("_Part")
 
 DICOM_JSON = "application/dicom+json"
@@ -125,9 +128,9 @@ def _api_error(exc: WadoError) -> ApiError:
     return BadRequest(str(exc))
 
 
-def _scope(request: Request) -> AccessScope | None:
+def _scope(request: Request) -> AccessScope:
     principal: Principal | None = getattr(request.state, "principal", None)
-    return principal.scope if principal is not None else None
+    return principal.scope if principal is not None else EVERY_SITE
 
 
 def _wado(request: Request, index: IndexDep) -> Wado:
@@ -219,7 +222,7 @@ INLINE_LIMIT = 100
 INLINE_ANSWER = 20
 
 
-def _form(query: StudyQuery | SeriesQuery | InstanceQuery) -> tuple[Any, ...]:
+def _form(query: StudyQuery | SeriesQuery | InstanceQuery, scope: AccessScope) -> tuple[Any, ...]:
     """What a search matches on (not the values), whether with wildcards, and its scope's
     restrictions: searches of one form usually cost about the same."""
     used: list[str] = []
@@ -230,20 +233,24 @@ def _form(query: StudyQuery | SeriesQuery | InstanceQuery) -> tuple[Any, ...]:
             continue
         used.append(item.name)
         wildcard = wildcard or any(c in str(value) for c in "*?")
-    return (type(query).__name__, *used, wildcard, query.scope.shape if query.scope else None)
+    return (type(query).__name__, *used, wildcard, scope.shape)
 
 
 async def _search(request: Request, index: IndexRepository, include: frozenset[str],
-                  query: StudyQuery | SeriesQuery | InstanceQuery,
-                  search: Callable[[IndexRepository], list[_Found]],
+                  query: _Query, verb: Callable[[QueryRetrieve, AccessScope, _Query], list[_Found]],
                   answer: Callable[[list[_Found]], Response]) -> Response:
-    """`answer(search(index))`, on the event loop when the search fits the inline time
-    budget, else in a worker thread: there a database that does not answer, or a pool with
-    no free connection, stalls this request only."""
+    """`answer(verb(query))` in the caller's scope, on the event loop when the search fits
+    the inline time budget, else in a worker thread: there a database that does not answer,
+    or a pool with no free connection, stalls this request only."""
+    scope = _scope(request)
+
+    def search(repository: IndexRepository) -> list[_Found]:
+        return verb(QueryRetrieve(repository), scope, query)
+
     inline = not include and query.limit <= INLINE_LIMIT and not _wants_xml(request)
     quick = read_inline(request) if inline else None
     if quick is not None:
-        found = quick.run(search, _form(query))  # a form that overran goes to the thread
+        found = quick.run(search, _form(query, scope))  # a form that overran goes to the thread
         if found is not None:
             if len(found) <= INLINE_ANSWER:
                 return _guard(lambda: answer(found))
@@ -261,7 +268,7 @@ async def search_for_studies(request: Request, _principal: ReadPrincipal, index:
         parsed = parse_study_query(request.query_params.multi_items())
     except QueryParameterError as exc:
         raise BadRequest(str(exc)) from exc
-    query = dataclasses.replace(parsed.query, scope=_scope(request))
+    query = parsed.query
 
     def answer(studies: list[StudySummary]) -> Response:
         wado = _wado(request, index)
@@ -273,7 +280,7 @@ async def search_for_studies(request: Request, _principal: ReadPrincipal, index:
                      or len(body) >= query.limit else {}, request)
 
     return await _search(request, index, parsed.include, query,
-                         lambda repository: repository.search_studies(query), answer)
+                         QueryRetrieve.search_for_studies, answer)
 
 
 async def _series(request: Request, index: IndexRepository, study: str | None) -> Response:
@@ -292,7 +299,7 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
         if parsed.values.get("SeriesInstanceUID") else (),
         modality=parsed.values.get("Modality"),
         series_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset, scope=_scope(request))
+        limit=parsed.limit, offset=parsed.offset)
 
     def answer(series: list[SeriesSummary]) -> Response:
         wado = _wado(request, index)
@@ -304,7 +311,7 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
         return _json(body, _warnings(parsed, len(body)), request)
 
     return await _search(request, index, parsed.include, query,
-                         lambda repository: repository.search_series(query), answer)
+                         QueryRetrieve.search_for_series, answer)
 
 
 @router.get("/series", summary="QIDO-RS: search for series")
@@ -337,7 +344,7 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
         sop_instance_uids=tuple(sops.replace("\\", ",").split(",")) if sops else (),
         sop_class_uid=parsed.values.get("SOPClassUID"),
         instance_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset, scope=_scope(request))
+        limit=parsed.limit, offset=parsed.offset)
 
     def answer(found: list[InstanceSummary]) -> Response:
         wado = _wado(request, index)
@@ -347,7 +354,7 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
         return _json(body, _warnings(parsed, len(body)), request)
 
     return await _search(request, index, parsed.include, query,
-                         lambda repository: repository.search_instances(query), answer)
+                         QueryRetrieve.search_for_instances, answer)
 
 
 @router.get("/instances", summary="QIDO-RS: search for instances")

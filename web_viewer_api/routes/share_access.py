@@ -28,6 +28,7 @@ from storage import (
     InstanceQuery,
     ObjectNotFound,
     ObjectStore,
+    QueryRetrieve,
     SeriesQuery,
     ShareRecord,
     StudyQuery,
@@ -110,9 +111,10 @@ def _study_list(request: Request, share_token: str, share: ShareRecord,
     scope = share_scope(share)
     root = f"/s/{html.escape(share_token)}"
     parts = []
-    for study in index.search_studies(StudyQuery(limit=100, scope=scope)):
-        series = index.search_series(SeriesQuery(study_instance_uid=study.study_instance_uid,
-                                                 limit=1000, scope=scope))
+    service = QueryRetrieve(index)
+    for study in service.search_for_studies(scope, StudyQuery(limit=100)):
+        series = service.search_for_series(scope, SeriesQuery(
+            study_instance_uid=study.study_instance_uid, limit=1000))
         tiles = "".join(
             f'<span class="series"><img alt="" loading="lazy" src="{root}/dicom-web/studies/'
             f'{s.study_instance_uid}/series/{s.series_instance_uid}/thumbnail">'
@@ -190,11 +192,11 @@ async def download(share_token: str, request: Request) -> Response:
     except ApiError as exc:
         return error_page(request, exc)
     request.state.audit = {"action": "share.download", "share_id": share.share_id}
-    index = request.app.state.index
-    instances = await anyio.to_thread.run_sync(lambda: index.search_instances(
-        InstanceQuery(limit=1_000_000, scope=principal.scope)))
+    service = QueryRetrieve(request.app.state.index)
+    instances = await anyio.to_thread.run_sync(lambda: service.search_for_instances(
+        principal.scope, InstanceQuery(limit=1_000_000)))
     studies = {s.study_instance_uid: s for s in await anyio.to_thread.run_sync(
-        lambda: index.search_studies(StudyQuery(limit=1000, scope=principal.scope)))}
+        lambda: service.search_for_studies(principal.scope, StudyQuery(limit=1000)))}
     names = []
     for number, instance in enumerate(instances, start=1):
         study = studies.get(instance.study_instance_uid)
