@@ -19,7 +19,14 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import BoundedReads, FilesystemObjectStore, OpenedObject, StorageError, StudyQuery
+from storage import (
+    BoundedReads,
+    FilesystemObjectStore,
+    InstanceQuery,
+    OpenedObject,
+    StorageError,
+    StudyQuery,
+)
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.page_cache import opened_under, page_cache_reads_work
 from tests.support.services import wait_for
@@ -979,3 +986,41 @@ def test_a_locked_index_holds_searches_back_but_never_the_server(server: Dicomwe
     search.join(timeout=60)
     assert answer[0].status_code == 200
     assert [s["0020000D"]["Value"][0] for s in answer[0].json()] == [study]
+
+
+def test_stow_of_an_altered_copy_of_a_stored_instance_leaves_the_original_byte_identical(
+        server: DicomwebServer, tmp_path: Path) -> None:
+    """The overwrite attempt by STOW-RS: the same (original) UIDs, other pixels. The worker
+    keeps the stored object, quarantines the copy and writes a Security Alert."""
+    import hashlib
+    import json as json_module
+
+    from anonymize import PseudonymKeys
+    from storage import AccessRepository, AuditQuery
+
+    source = sorted((server.pipeline.spool_root.parent / "source").glob("*.dcm"))[0]
+    original = pydicom.dcmread(source)
+    archived_uid = PseudonymKeys(b"w" * 32).uid(str(original.SOPInstanceUID))  # the server's key
+    [row] = server.index.search_instances(InstanceQuery(sop_instance_uids=(archived_uid,)))
+    before = hashlib.sha256(server.store.get(row.object_key)).hexdigest()
+    pixels = original.pixel_array.copy()
+    pixels[:16, :16] = pixels.max()
+    original.PixelData = pixels.tobytes()
+    altered = tmp_path / "altered.dcm"
+    original.save_as(altered, enforce_file_format=True)
+    response = httpx.post(f"{server.url}/studies", content=_multipart(
+        [("application/dicom", altered.read_bytes())]), headers=_stow_headers())
+    assert response.status_code == 200, response.text
+    access = AccessRepository(server.index.engine)
+    server.pipeline.audit = access.append_audit
+    try:
+        site, batch = server.enqueued[-1]
+        report = server.pipeline.ingest_batch(site, batch)
+    finally:
+        server.pipeline.audit = None
+    assert (report.stored, report.quarantined) == (0, 1)
+    assert hashlib.sha256(server.store.get(row.object_key)).hexdigest() == before
+    assert server.index.search_instances(InstanceQuery(sop_instance_uids=(row.sop_instance_uid,))) == [row]
+    [alert] = access.search_audit(AuditQuery(actions=("instance.conflict",)))
+    assert (alert.event_code, alert.study_instance_uid) == ("110113", row.study_instance_uid)
+    assert json_module.loads(alert.detail)["stored_sha256"] == before
