@@ -998,7 +998,7 @@ def test_stow_of_an_altered_copy_of_a_stored_instance_leaves_the_original_byte_i
     from anonymize import PseudonymKeys
     from storage import AccessRepository, AuditQuery
 
-    source = sorted((server.pipeline.spool_root.parent / "source").glob("*.dcm"))[0]
+    source = min((server.pipeline.spool_root.parent / "source").glob("*.dcm"))
     original = pydicom.dcmread(source)
     archived_uid = PseudonymKeys(b"w" * 32).uid(str(original.SOPInstanceUID))  # the server's key
     [row] = server.index.search_instances(InstanceQuery(sop_instance_uids=(archived_uid,)))
