@@ -319,7 +319,8 @@ def lookup(
         index = components.build_index(settings)
     except SettingsError as exc:
         raise _fail(exc) from exc
-    assert pseudonyms is not None  # required=True raises instead
+    if pseudonyms is None:  # required=True raises instead; never answer without the secret
+        raise _fail(SettingsError("the lookup needs the pseudonymization secret"))
     answer = find_studies(pseudonyms, index, OriginalIdentifiers(
         accession_number, issuer, patient_id, patient_id_issuer), sites, EVERY_SITE)
     _audit(settings, "study.lookup", detail=json.dumps(
