@@ -38,6 +38,7 @@ from storage import (
     InstanceRecord,
     ObjectNotFound,
     ObjectStore,
+    Ownership,
     StorageError,
     instance_key,
     join_key,
@@ -239,6 +240,26 @@ def _content_digest(dataset: Dataset, *, across_sites: bool) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
+def _check_ownership(known: Ownership, owner: StudyOwner | None, key: str, patient_id: str, *,
+                     study_instance_uid: str, sop_instance_uid: str) -> None:
+    """InstanceConflict when storing this instance under `key` would change what the domain
+    holds: an instance stored under another key, a new instance in a study of another
+    patient pseudonym, a series of another study. A stored instance sent again passes:
+    its stored twin decides (`IngestPipeline._stored_twin`)."""
+    conflict = None
+    if known.instance_object_key not in (None, key):
+        conflict = "the instance is stored in another study or series"
+    elif known.instance_object_key == key:
+        return
+    elif owner is not None and owner.patient_id != patient_id:
+        conflict = "the study is stored under another patient pseudonym"
+    elif known.series_study_instance_uid not in (None, study_instance_uid):
+        conflict = "the series is stored in another study"
+    if conflict is not None:
+        raise InstanceConflict(conflict, study_instance_uid=study_instance_uid,
+                               sop_instance_uid=sop_instance_uid)
+
+
 def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = False) -> bool:
     """Whether two stores of an instance hold the same thing: equal attributes, and pixel
     data equal as bytes or, when encoded differently (say, a re-send in another transfer
@@ -327,7 +348,11 @@ class IngestPipeline:
         study, series, sop = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
                               str(dataset.SOPInstanceUID))
         key = instance_key(study, series, sop)
-        owner = self._check_ownership(dataset, site_id, key, owners)
+        patient_id = str(dataset.get("PatientID", "") or "")
+        known = self.index.ownership(study, series, sop)
+        owner = self._known_owner(study, known, owners)
+        _check_ownership(known, owner, key, patient_id, study_instance_uid=study,
+                         sop_instance_uid=sop)
         compression = "none"
         if self.codec is not None:
             outcome = transcode_lossless(dataset, self.codec)
@@ -340,6 +365,11 @@ class IngestPipeline:
         retains_site = ProfileOption.RETAIN_INSTITUTION_IDENTITY in policy.options
         stamp_provenance(dataset, site_id if retains_site else "", source_syntax, compression)
         body = encode_dataset(dataset)
+        if owner is None:  # claimed only now: an instance refused above claims nothing
+            owner = owners[study] = claim_study(self.store, study, StudyOwner(site_id, patient_id))
+            # Another site claimed it since, for another patient: nothing of ours is written.
+            _check_ownership(known, owner, key, patient_id, study_instance_uid=study,
+                             sop_instance_uid=sop)
         try:
             self.store.create(key, body)
         except AlreadyExists:
@@ -353,32 +383,17 @@ class IngestPipeline:
             pass
         return record_for(dataset, key, body, site_id=site_id, study_site_id=owner.site_id)
 
-    def _check_ownership(self, dataset: Dataset, site_id: str, key: str,
-                         owners: dict[str, StudyOwner]) -> StudyOwner:
-        """The study's owner; InstanceConflict when this instance would change what the
-        domain holds (another patient's study, another study's series, an instance
-        stored under another key)."""
-        study, series, sop = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
-                              str(dataset.SOPInstanceUID))
-        patient_id = str(dataset.get("PatientID", "") or "")
-        known = self.index.ownership(study, series, sop)
-        owner = owners.get(study)
-        if owner is None:
-            # A study indexed before owners were recorded keeps its indexed owner.
-            claim = (StudyOwner(site_id, patient_id) if known.study_site_id is None
-                     else StudyOwner(known.study_site_id, known.study_patient_id or ""))
-            owner = owners[study] = claim_study(self.store, study, claim)
-        conflict = None
-        if known.instance_object_key not in (None, key):
-            conflict = "the instance is stored in another study or series"
-        elif known.instance_object_key == key:
-            pass  # a stored instance sent again: its stored twin decides (`_stored_twin`)
-        elif owner.patient_id != patient_id:
-            conflict = "the study is stored under another patient pseudonym"
-        elif known.series_study_instance_uid not in (None, study):
-            conflict = "the series is stored in another study"
-        if conflict is not None:
-            raise InstanceConflict(conflict, study_instance_uid=study, sop_instance_uid=sop)
+    def _known_owner(self, study: str, known: Ownership,
+                     owners: dict[str, StudyOwner]) -> StudyOwner | None:
+        """The study's owner if it has one yet (read, never written here): from this
+        batch, its owner record, or — a study indexed before owners were recorded — the
+        index, whose owner is then recorded."""
+        owner = owners.get(study) or read_study_owner(self.store, study)
+        if owner is None and known.study_site_id is not None:
+            owner = claim_study(self.store, study, StudyOwner(known.study_site_id,
+                                                              known.study_patient_id or ""))
+        if owner is not None:
+            owners[study] = owner
         return owner
 
     def _stored_twin(self, key: str, dataset: Dataset, body: bytes, *,

@@ -461,7 +461,8 @@ class IndexRepository:
         """Upsert several instances in one transaction (idempotent). What a later writer
         cannot change (the trust model): a patient row once written; a study's owner and
         patient, and its other attributes unless the writer is its owner; the study of a
-        series; the object and owner of an instance (a row naming another object is left
+        series, and its attributes unless the writer owns the study; the object and owner of
+        an instance (a row naming another object is left
         as it is)."""
         # One statement per distinct parent row (a batch is mostly one study and series).
         patients = {r.patient["patient_id"]: r.patient for r in records}
@@ -478,8 +479,11 @@ class IndexRepository:
                 else:
                     self._insert_absent(session, Study, values)
             for values in series.values():
-                self._upsert(session, Series, values, "series_instance_uid",
-                             where=Series.study_instance_uid == values["study_instance_uid"])
+                if values["study_instance_uid"] in owned:
+                    self._upsert(session, Series, values, "series_instance_uid",
+                                 where=Series.study_instance_uid == values["study_instance_uid"])
+                else:  # another site's series keep their attributes
+                    self._insert_absent(session, Series, values)
             for record in records:
                 self._upsert(session, Instance, record.instance, "sop_instance_uid",
                              keep=("site_id",),

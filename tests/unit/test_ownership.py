@@ -308,3 +308,44 @@ def test_the_spool_folder_is_removed_after_a_conflict(pipelines: Pipelines, tmp_
     site_b.ingest_batch("siteB", "b1")
     assert not (tmp_path / "spool" / "siteB" / "b1").exists()
     assert len(list((tmp_path / "quarantine" / "siteB" / "b1").glob("*.dcm"))) == 3
+
+
+def test_a_refused_instance_claims_no_study(pipelines: Pipelines, tmp_path: Path) -> None:
+    """Site B's first instance of a study not yet stored, refused as a conflict (its SOP
+    Instance UID is stored in another study), leaves no owner: site A stores that study
+    later and owns it."""
+    site_a, site_b = pipelines("siteA"), pipelines("siteB")
+    _spool(tmp_path, "siteA", "a1", SMALL)
+    site_a.ingest_batch("siteA", "a1")
+    target = SampleStudySpec(ct_slices=1, mr_slices=0, ct_size=32, seed=9)
+    [target_file] = write_sample_study(tmp_path / "target", target)
+    target_study = str(pydicom.dcmread(target_file).StudyInstanceUID)
+
+    def into_target(dataset: pydicom.Dataset) -> None:  # A's instance UIDs, study T
+        dataset.StudyInstanceUID = target_study
+
+    _spool(tmp_path, "siteB", "b1", SampleStudySpec(ct_slices=1, mr_slices=0, ct_size=32), into_target)
+    assert site_b.ingest_batch("siteB", "b1").quarantined == 1
+    archived = site_a.policy.keys.uid(target_study)
+    assert read_study_owner(site_a.store, archived) is None
+    _spool(tmp_path, "siteA", "a2", target)
+    assert site_a.ingest_batch("siteA", "a2").stored == 1
+    owner = read_study_owner(site_a.store, archived)
+    assert owner is not None and owner.site_id == "siteA"
+
+
+def test_an_instance_another_site_adds_to_a_series_leaves_the_series_as_it_was(
+        pipelines: Pipelines, tmp_path: Path) -> None:
+    site_a, site_b = pipelines("siteA"), pipelines("siteB")
+    _spool(tmp_path, "siteA", "a1", SMALL)
+    site_a.ingest_batch("siteA", "a1")
+    before = {r["series_instance_uid"]: r for r in site_a.index.dump()["series"]}
+
+    def relabelled(dataset: pydicom.Dataset) -> None:
+        dataset.SOPInstanceUID = dataset.SOPInstanceUID[:-3] + "444"
+        dataset.Modality = "PT"
+        dataset.SeriesNumber = 99
+
+    _spool(tmp_path, "siteB", "b1", SMALL, relabelled)
+    assert site_b.ingest_batch("siteB", "b1").stored == 3
+    assert {r["series_instance_uid"]: r for r in site_a.index.dump()["series"]} == before
