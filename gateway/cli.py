@@ -119,6 +119,7 @@ def worker(data_dir: DataDir = None,
     try:
         components.build_policy(settings)  # refuse a bad profile before starting
         components.build_index(settings)  # migrate before forking
+        components.check_write_once(settings)  # stored instances are never replaced
     except SettingsError as exc:
         raise _fail(exc) from exc
     celery_app = components.build_celery(settings, with_pipeline=True)

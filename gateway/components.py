@@ -41,6 +41,7 @@ from storage import (
     InstanceQuery,
     ObjectStore,
     S3ObjectStore,
+    StorageError,
     StudyQuery,
     create_index_engine,
     migrate,
@@ -188,6 +189,16 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc
+
+
+def check_write_once(settings: Settings) -> None:
+    """Refuse to run a worker on an S3 server where `create` would replace objects."""
+    store = build_object_store(settings)
+    if isinstance(store, S3ObjectStore):
+        try:
+            store.check_write_once()
+        except StorageError as exc:
+            raise SettingsError(str(exc)) from exc
 
 
 def build_pipeline(settings: Settings) -> IngestPipeline:

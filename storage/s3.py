@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
 from collections.abc import Iterator
 from io import BytesIO
 from typing import Any
@@ -127,6 +128,20 @@ class S3ObjectStore:
             self.client.put_object(IfNoneMatch="*", **self._single_put(full_key, body, content_type))
         except Exception as exc:
             raise _translate(exc, key) from exc
+
+    def check_write_once(self) -> None:
+        """Raise StorageError unless the server honours `If-None-Match: *` (older
+        S3-compatible servers ignore it: there `create` would replace an object)."""
+        probe = f".write-once-probe/{secrets.token_hex(8)}"
+        self.create(probe, b"first", content_type="text/plain")
+        try:
+            self.create(probe, b"second", content_type="text/plain")
+        except AlreadyExists:
+            return
+        finally:
+            self.delete(probe)
+        raise StorageError("the S3 server ignores conditional writes (If-None-Match: *): stored "
+                           "instances could be replaced; use a server that supports them")
 
     def _single_put(self, full_key: str, body: bytes, content_type: str) -> dict[str, Any]:
         md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()

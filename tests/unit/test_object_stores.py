@@ -305,3 +305,24 @@ def test_server_side_encryption_is_requested(seaweedfs: SeaweedFS, s3_bucket: st
     assert sent[0]["x-amz-server-side-encryption"] == "AES256"
     assert "x-amz-checksum-sha256" in sent[0] and "Content-MD5" in sent[0]
     assert store.get("studies/enc.dcm") == b"secret pixels"
+
+
+def test_a_real_s3_server_is_checked_to_honour_conditional_writes(seaweedfs: SeaweedFS,
+                                                                  s3_bucket: str) -> None:
+    store = S3ObjectStore(s3_bucket, endpoint_url=seaweedfs.endpoint_url, region=seaweedfs.region,
+                          access_key=seaweedfs.access_key, secret_key=seaweedfs.secret_key)
+    store.check_write_once()  # SeaweedFS refuses the second create
+    assert list(store.list(".write-once-probe/")) == []  # the probe leaves nothing
+
+    class IgnoringConditions(S3ObjectStore):
+        """How an older S3-compatible server behaves: If-None-Match ignored."""
+
+        def create(self, key: str, body: bytes, *, content_type: str = "application/dicom") -> None:
+            self.put(key, body, content_type=content_type)
+
+    ignoring = IgnoringConditions(s3_bucket, endpoint_url=seaweedfs.endpoint_url,
+                                  region=seaweedfs.region, access_key=seaweedfs.access_key,
+                                  secret_key=seaweedfs.secret_key)
+    with pytest.raises(StorageError, match="ignores conditional writes"):
+        ignoring.check_write_once()
+    assert list(ignoring.list(".write-once-probe/")) == []
