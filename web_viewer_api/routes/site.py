@@ -36,24 +36,21 @@ class LookupRequest(BaseModel):
     site: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
-class SitePseudonymsPublic(BaseModel):
-    site: str
-    accession_number: str | None
-    patient_id: str | None
-
-
 class LookupAnswerPublic(BaseModel):
-    pseudonyms: list[SitePseudonymsPublic]
+    """The matching studies only: the keyed pseudonym of any identifier a caller submits
+    would let it test candidate identifiers (an INS dictionary) against what it sees."""
+
     study_uids: list[str]
     studies: list[dict[str, Any]]
 
 
 @router.post("/lookup", response_model=LookupAnswerPublic,
-             summary="Original accession number / patient ID -> pseudonyms and studies (site API)")
+             summary="Original accession number / patient ID -> de-identified studies (site API)")
 async def lookup(body: LookupRequest, request: Request, principal: SharePrincipal) -> JSONResponse:
     """Recomputes the keyed pseudonyms of the identifiers with this site's secret and returns
-    them with the matching de-identified studies. Nothing identifying is stored or logged:
-    the audit trail records that a lookup happened and how many studies matched."""
+    the matching de-identified studies within the caller's sites (never the pseudonyms).
+    Nothing identifying is stored or logged: the audit trail records that a lookup happened
+    and how many studies matched."""
     config = request.app.state.config
     if config.role == "region":
         raise NotFound(COMPUTED_AT_THE_SITE)
@@ -74,8 +71,6 @@ async def lookup(body: LookupRequest, request: Request, principal: SharePrincipa
                            "detail": {"matches": len(answer.studies), "sites": sites}}
     base = (config.public_url or str(request.base_url)).rstrip("/") + "/dicom-web"
     result = LookupAnswerPublic(
-        pseudonyms=[SitePseudonymsPublic(site=p.site_id, accession_number=p.accession_number,
-                                         patient_id=p.patient_id) for p in answer.pseudonyms],
         study_uids=[s.study_instance_uid for s in answer.studies],
         studies=[study_to_dicom_json(s, base) for s in answer.studies])
     return JSONResponse(result.model_dump(mode="json"), headers={"Cache-Control": "no-store"})
