@@ -35,10 +35,8 @@ from gateway.library_logs import withhold_library_values
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
 from storage import (
     AccessRepository,
-    AccessScope,
     FilesystemObjectStore,
     IndexRepository,
-    InstanceQuery,
     ObjectStore,
     S3ObjectStore,
     StorageError,
@@ -295,13 +293,12 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
 
 def archived_as(index: IndexRepository, keys: PseudonymKeys) -> IsStored:
     """Storage Commitment's archive check: is the instance of this original SOP Instance
-    UID indexed (under its keyed pseudonym, the only form the index knows) in a study of
-    one of these sites?"""
+    UID indexed (under its keyed pseudonym, the only form the index knows) as stored by one
+    of these sites (the instance's owner, not its study's: a site's write into another
+    site's study is its own)?"""
 
     def archived(original_uid: str, site_ids: frozenset[str]) -> bool:
-        return bool(index.search_instances(InstanceQuery(
-            sop_instance_uids=(keys.uid(original_uid),), scope=AccessScope(site_ids=site_ids),
-            limit=1)))
+        return index.instance_site(keys.uid(original_uid)) in site_ids
 
     return archived
 

@@ -677,6 +677,12 @@ class IndexRepository:
             )
             return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
+    def instance_site(self, sop_instance_uid: str) -> str | None:
+        """The site that stored an indexed instance (its owner), or None."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(Instance.site_id).where(
+                Instance.sop_instance_uid == sop_instance_uid)).scalar_one_or_none()
+
     def find_instance(self, sop_instance_uid: str) -> tuple[str, str] | None:
         """(object key, sha256) of an indexed instance, or None."""
         with Session(self.engine) as session:

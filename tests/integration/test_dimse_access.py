@@ -35,7 +35,7 @@ from dicom_node import (
 )
 from gateway.components import archived_as
 from storage import AuditEntry, AuditQuery, InstanceQuery, StudyQuery
-from storage.index.models import Study
+from storage.index.models import Instance, Study
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port, wait_for
 
@@ -57,6 +57,8 @@ def archive(request: pytest.FixtureRequest,
     with server.index.engine.begin() as connection:
         connection.execute(update(Study).values(site_id=SITE_A))
         connection.execute(update(Study).where(Study.study_instance_uid == site_b)
+                           .values(site_id=SITE_B))
+        connection.execute(update(Instance).where(Instance.study_instance_uid == site_b)
                            .values(site_id=SITE_B))
     with server:
         yield server
@@ -436,3 +438,27 @@ def test_qido_and_c_find_answer_one_caller_the_same_studies(
         by_dimse = _find(dcmtk, node, tmp_path / calling, calling)
         assert by_dimse == qido(sites) == _site_studies(archive, None if sites is None
                                                         else next(iter(sites)))
+
+
+def test_commitment_follows_who_stored_the_instance_not_who_owns_its_study(
+        node: DicomNode, archive: DicomwebServer) -> None:
+    """An instance site B wrote into one of A's studies (a write-back) is B's: B's caller
+    is told it is committed, A's is not."""
+    keys = PseudonymKeys(b"w" * 32)
+    site_a_studies = _site_studies(archive, SITE_A)
+    for path in sorted((Path(archive.store.root).parent / "source").rglob("*.dcm")):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        if keys.uid(str(header.StudyInstanceUID)) in site_a_studies:
+            break
+    reference = (str(header.SOPClassUID), str(header.SOPInstanceUID))
+    archived = keys.uid(reference[1])
+    with archive.index.engine.begin() as connection:
+        connection.execute(update(Instance).where(Instance.sop_instance_uid == archived)
+                           .values(site_id=SITE_B))
+    try:
+        assert _outcome(_commit(node.port, "PACS_B", [reference])) == ({reference[1]}, {})
+        assert _outcome(_commit(node.port, "PACS_A", [reference])) == (set(), {reference[1]: 0x0112})
+    finally:
+        with archive.index.engine.begin() as connection:
+            connection.execute(update(Instance).where(Instance.sop_instance_uid == archived)
+                               .values(site_id=SITE_A))
