@@ -132,16 +132,22 @@ def screen_part(head: bytes, complete: bool,
             sop_class = str(header.get("SOPClassUID", ""))
             sop = str(header.get("SOPInstanceUID", ""))
             study = str(header.get("StudyInstanceUID", ""))
-            removed = str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
+            identity_removed = str(header.get("PatientIdentityRemoved", ""))
     except _UNREADABLE:
         return ("", "", CANNOT_UNDERSTAND) if complete or len(head) >= SCREEN_BYTES else False
     if not (seen_past or complete):
         return ("", "", NOT_OF_THE_DOMAIN) if len(head) >= SCREEN_BYTES else False
     if not (sop and study):
         return ("", "", CANNOT_UNDERSTAND)
-    if not (removed and stored_study(study)):
+    if not of_the_domain(identity_removed, study, stored_study):
         return (sop_class, sop, NOT_OF_THE_DOMAIN)
     return None
+
+
+def of_the_domain(identity_removed: str, study: str, stored_study: Callable[[str], bool]) -> bool:
+    """What the regional API takes: an object already de-identified (PatientIdentityRemoved
+    YES) into a study the index stores (only the domain's keyed UIDs are there)."""
+    return identity_removed.strip().upper() == "YES" and stored_study(study)
 
 
 @dataclass
@@ -401,11 +407,13 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 sop_class = str(header.SOPClassUID)
                 sop = str(header.SOPInstanceUID)
                 study = str(header.StudyInstanceUID)
-                deidentified = str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
+                identity_removed = str(header.get("PatientIdentityRemoved", ""))
             except _UNREADABLE:
                 outcome.failed.append(("", "", CANNOT_UNDERSTAND))
                 continue
-            if target.stored_study is not None and not (deidentified and target.stored_study(study)):
+            # Screened from its head already; checked again on the whole part as spooled.
+            if target.stored_study is not None and not of_the_domain(
+                    identity_removed, study, target.stored_study):
                 outcome.failed.append((sop_class, sop, NOT_OF_THE_DOMAIN))
                 continue
             if study_in_path is not None and study != study_in_path:
