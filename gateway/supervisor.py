@@ -117,7 +117,9 @@ class Supervisor:
             f"  DICOM address : {s.dicom.ae_title}@{s.host}:{s.dicom.port}",
             f"  Web address   : http://{web_host}:{s.http.port}/",
             f"  DICOMweb root : http://{web_host}:{s.http.port}/dicom-web",
-            f"  Admin token   : {admin_token}",
+            # A token the operator set is theirs: never echoed (it would reach logs).
+            "  Admin token   : (DICOM_GATEWAY_ADMIN_TOKEN)" if s.admin_token is not None
+            else f"  Admin token   : {admin_token}",
             f"  Data directory: {s.data_dir.resolve()}",
             "Press Ctrl-C to stop.",
         ]

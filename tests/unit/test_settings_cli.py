@@ -189,3 +189,20 @@ def test_api_command_with_role_region_and_a_secret_exits_with_the_reason(tmp_pat
     assert result.returncode == 2, result.stderr
     assert "HTTP__ROLE=region" in result.stderr and "Traceback" not in result.stderr
     assert "a-real-looking-secret" not in result.stderr + result.stdout
+
+
+def test_serve_banner_prints_a_generated_admin_token_but_never_one_the_operator_set(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.supervisor import Supervisor
+
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DICOM_GATEWAY_DATA_DIR", str(tmp_path))
+    generated = Settings()
+    generated.ensure_generated_secrets()
+    Supervisor(generated)._banner(generated.admin_token_value())
+    assert f"Admin token   : {generated.admin_token_value()}" in capsys.readouterr().out
+    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "operator-set-admin-token-0123456789")
+    configured = Settings()
+    Supervisor(configured)._banner(configured.admin_token_value())
+    out = capsys.readouterr().out
+    assert "operator-set-admin-token" not in out and "(DICOM_GATEWAY_ADMIN_TOKEN)" in out
