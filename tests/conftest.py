@@ -96,3 +96,13 @@ def sample_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Sample
     out = tmp_path_factory.mktemp("sample-study")
     write_sample_study(out, spec)
     return out, spec
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common default umask, explicitly: files 0644 and folders 0755 unless we say."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)

@@ -6,36 +6,19 @@ start-up. Through `dicom-gateway serve`, dcmtk's storescu and a real STOW-RS."""
 from __future__ import annotations
 
 import json
-import os
-import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pydicom
-import pytest
 
 from gateway.sample_study import SampleStudySpec
+from tests.support.files import file_mode
 from tests.support.services import GatewayProcess, free_port, gateway_command, gateway_env, wait_for
 
 SECRET = "site-files-pseudonym-secret-0123456789"
 TOKEN = "site-files-admin-token-0123456789abcdef"
 US_WITH_TEXT = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds" / "GREYSCALE_IMAGE.dcm"
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    """The common default umask, explicitly: files 0644 and folders 0755 unless we say."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
 
 
 def _legacy_data_dir(data_dir: Path) -> Path:
@@ -48,7 +31,7 @@ def _legacy_data_dir(data_dir: Path) -> Path:
     (data_dir / "secrets.json").write_text(json.dumps({"pseudonym_secret": SECRET,
                                                        "admin_token": TOKEN}))
     for path in (legacy / "1.2.3.4.dcm", data_dir / "secrets.json"):
-        assert _mode(path) == 0o644
+        assert file_mode(path) == 0o644
     return legacy
 
 
@@ -99,24 +82,24 @@ def test_identified_site_files_are_owner_only_under_umask_022(
     identified = [data_dir / name for name in ("spool", "quarantine", "broker")]
     checked = 0
     for root in identified:
-        assert _mode(root) == 0o700, root
+        assert file_mode(root) == 0o700, root
         for path in root.rglob("*"):
             if path.is_symlink():
                 continue
             expected = 0o700 if path.is_dir() else 0o600
-            assert _mode(path) == expected, f"{path.relative_to(data_dir)} is {oct(_mode(path))}"
+            assert file_mode(path) == expected, f"{path.relative_to(data_dir)} is {oct(file_mode(path))}"
             checked += 1
     assert checked > 10
-    assert _mode(legacy) == 0o700 and _mode(legacy / "1.2.3.4.dcm") == 0o600  # tightened at start
+    assert file_mode(legacy) == 0o700 and file_mode(legacy / "1.2.3.4.dcm") == 0o600  # tightened at start
     assert (data_dir / "spool" / ".incoming").is_dir()  # the STOW-RS upload folder was used
-    assert _mode(data_dir / "secrets.json") == 0o600
+    assert file_mode(data_dir / "secrets.json") == 0o600
     index_files = [p for p in data_dir.glob("index.sqlite3*")]
     assert data_dir / "index.sqlite3" in index_files
     for path in index_files:
-        assert _mode(path) == 0o600, f"{path.name} is {oct(_mode(path))}"
+        assert file_mode(path) == 0o600, f"{path.name} is {oct(file_mode(path))}"
     # De-identified objects: written through mkstemp, owner-only as well.
     objects = list((data_dir / "objects").rglob("*.dcm"))
-    assert objects and {_mode(p) for p in objects} == {0o600}
+    assert objects and {file_mode(p) for p in objects} == {0o600}
 
 
 def test_a_new_data_dir_and_its_secrets_are_owner_only(tmp_path: Path, umask_022: None) -> None:
@@ -128,12 +111,12 @@ def test_a_new_data_dir_and_its_secrets_are_owner_only(tmp_path: Path, umask_022
     data_dir = tmp_path / "fresh" / "data"
     settings = Settings(data_dir=data_dir)
     settings.ensure_generated_secrets()
-    assert _mode(data_dir) == 0o700
-    assert _mode(data_dir / "secrets.json") == 0o600
+    assert file_mode(data_dir) == 0o700
+    assert file_mode(data_dir / "secrets.json") == 0o600
     index = build_index(settings)
     with index.engine.connect() as connection:  # WAL: -wal and -shm exist while connected
         connection.exec_driver_sql("SELECT count(*) FROM studies").all()
-        files = {p.name: _mode(p) for p in data_dir.glob("index.sqlite3*")}
+        files = {p.name: file_mode(p) for p in data_dir.glob("index.sqlite3*")}
     index.engine.dispose()
     assert {"index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm"} <= set(files)
     assert set(files.values()) == {0o600}, files

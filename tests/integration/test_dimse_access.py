@@ -7,12 +7,10 @@ storescp) against a node over a real two-site index."""
 from __future__ import annotations
 
 import json
-import queue
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pydicom
@@ -20,7 +18,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from sqlalchemy import update
 
@@ -36,6 +34,7 @@ from dicom_node import (
 from gateway.components import archived_as
 from storage import AuditEntry, AuditQuery, InstanceQuery, StudyQuery
 from storage.index.models import Instance, Study
+from tests.support.commitment import commitment_request, request_commitment
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port, wait_for
 
@@ -261,32 +260,7 @@ def test_move_obeys_site_scope_and_the_move_right(dcmtk: dict[str, str], node: D
 
 
 def _commit(port: int, calling: str, references: list[tuple[str, str]]) -> Dataset:
-    reports: queue.Queue[Dataset] = queue.Queue()
-
-    def on_report(event: Any) -> tuple[int, None]:
-        reports.put(event.event_information)
-        return 0x0000, None
-
-    request = Dataset()
-    request.TransactionUID = generate_uid()
-    items = []
-    for sop_class, sop_instance in references:
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
-        items.append(item)
-    request.ReferencedSOPSequence = Sequence(items)
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGATEWAY",
-                         ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
-    assert assoc.is_established
-    try:
-        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
-        assert status.Status == 0x0000
-        return reports.get(timeout=30)
-    finally:
-        assoc.release()
+    return request_commitment(port, commitment_request(references), calling)[1]
 
 
 def _outcome(report: Dataset) -> tuple[set[str], dict[str, int]]:

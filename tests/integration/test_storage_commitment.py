@@ -3,54 +3,16 @@ node to commit what it sent and receives the N-EVENT-REPORT on its association."
 
 from __future__ import annotations
 
-import queue
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pydicom
-import pytest
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from dicom_node import CallerPolicy, DicomNode, NodeConfig
+from tests.support.commitment import commitment_request, request_commitment
 from tests.support.services import free_port
-
-
-def _request(references: list[tuple[str, str]]) -> Dataset:
-    request = Dataset()
-    request.TransactionUID = generate_uid()
-    items = []
-    for sop_class, sop_instance in references:
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
-        items.append(item)
-    request.ReferencedSOPSequence = Sequence(items)
-    return request
-
-
-def _commit(port: int, request: Dataset) -> tuple[int, Dataset]:
-    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
-
-    def on_report(event: Any) -> tuple[int, None]:
-        reports.put((event.event_type, event.event_information))
-        return 0x0000, None
-
-    ae = AE(ae_title="CT_SALLE_1")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGATEWAY",
-                         ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
-    assert assoc.is_established
-    try:
-        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
-        assert status.Status == 0x0000
-        return reports.get(timeout=30)
-    finally:
-        assoc.release()
 
 
 def test_spooled_instances_are_committed_and_unknown_ones_fail(
@@ -69,8 +31,8 @@ def test_spooled_instances_are_committed_and_unknown_ones_fail(
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
         references = [(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers]
         references += [(references[0][0], "1.2.3.999.1"), (references[0][0], "1.2.3.404")]
-        request = _request(references)
-        event_type, report = _commit(config.port, request)
+        request = commitment_request(references)
+        event_type, report = request_commitment(config.port, request)
     finally:
         node.stop()
     assert event_type == 2  # some failed
@@ -90,7 +52,7 @@ def test_a_request_without_transaction_uid_is_refused(tmp_path: Path) -> None:
         ae = AE(ae_title="CT_SALLE_1")
         ae.add_requested_context(StorageCommitmentPushModel)
         assoc = ae.associate("127.0.0.1", config.port, ae_title="DICOMGATEWAY")
-        request = _request([("1.2.840.10008.5.1.4.1.1.2", "1.2.3")])
+        request = commitment_request([("1.2.840.10008.5.1.4.1.1.2", "1.2.3")])
         del request.TransactionUID
         status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
         assoc.release()

@@ -5,45 +5,33 @@ arrive; and `close_private_tree` tightens what an older version left wider."""
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.files import file_mode
 from web_viewer_api.dicomweb.stow import receive_parts
 from worker import Spool, close_private_tree
 from worker.broker import _write_message
 
-
-@pytest.fixture(autouse=True)
-def umask_022() -> Iterator[None]:
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
+pytestmark = pytest.mark.usefixtures("umask_022")
 
 
 def test_a_spooled_instance_and_its_folders_are_owner_only(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "data" / "spool", "site1")
     written = spool.write("batch-1", "1.2.3.4", b"\0" * 128 + b"DICM")
-    assert _mode(written) == 0o600
+    assert file_mode(written) == 0o600
     for folder in (written.parent, spool.site_dir, spool.root, spool.root.parent):
-        assert _mode(folder) == 0o700, folder
+        assert file_mode(folder) == 0o700, folder
     source = tmp_path / "received.dcm"
     source.write_bytes(b"\0" * 128 + b"DICM")
-    assert _mode(spool.write_file("batch-1", "1.2.3.5", source)) == 0o600
+    assert file_mode(spool.write_file("batch-1", "1.2.3.5", source)) == 0o600
 
 
 def test_a_broker_message_is_owner_only(tmp_path: Path) -> None:
     _write_message(str(tmp_path), "1_x.ingest.site1.msg", {"body": "batch"})
-    assert _mode(tmp_path / "1_x.ingest.site1.msg") == 0o600
+    assert file_mode(tmp_path / "1_x.ingest.site1.msg") == 0o600
 
 
 def test_stow_parts_are_written_owner_only_as_they_arrive(tmp_path: Path) -> None:
@@ -54,8 +42,8 @@ def test_stow_parts_are_written_owner_only_as_they_arrive(tmp_path: Path) -> Non
         yield body
 
     parts = asyncio.run(receive_parts(chunks(), b"b", folder, 1 << 20))
-    assert len(parts) == 1 and _mode(parts[0].path) == 0o600
-    assert _mode(folder) == 0o700
+    assert len(parts) == 1 and file_mode(parts[0].path) == 0o600
+    assert file_mode(folder) == 0o700
 
 
 def test_close_private_tree_tightens_older_files_and_leaves_links(tmp_path: Path) -> None:
@@ -66,7 +54,7 @@ def test_close_private_tree_tightens_older_files_and_leaves_links(tmp_path: Path
     outside.write_bytes(b"y")
     (root / "link").symlink_to(outside)
     assert close_private_tree(root) == 4
-    assert {_mode(p) for p in (root, root / "site1", root / "site1" / "b1")} == {0o700}
-    assert _mode(root / "site1" / "b1" / "1.2.3.dcm") == 0o600
-    assert _mode(outside) == 0o644  # a link's target is not ours to change
+    assert {file_mode(p) for p in (root, root / "site1", root / "site1" / "b1")} == {0o700}
+    assert file_mode(root / "site1" / "b1" / "1.2.3.dcm") == 0o600
+    assert file_mode(outside) == 0o644  # a link's target is not ours to change
     assert close_private_tree(root) == 0
