@@ -228,6 +228,31 @@ def test_audit_trail_is_append_only_on_postgresql(postgres_url: str) -> None:
         connection.execute(text("DELETE FROM audit_events"))
 
 
+#: The trust-model tests run on both columns: the embedded index and PostgreSQL.
+COLUMNS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.production)]
+
+
+def _index_url(request: pytest.FixtureRequest) -> str | None:
+    return request.getfixturevalue("create_postgres_database")() if request.param == "postgresql" else None
+
+
+@pytest.fixture(params=COLUMNS)
+def index_url(request: pytest.FixtureRequest) -> str | None:
+    """None: SQLite under the server's folder; else a fresh PostgreSQL database."""
+    return _index_url(request)
+
+
+@pytest.fixture(scope="module", params=COLUMNS)
+def regional_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                    issuer: _Issuer) -> Iterator[DicomwebServer]:
+    """A regional index of several sites, on each column (for the site-limit tests)."""
+    config = {"oidc": OidcConfig(issuer=issuer.url, audience="dicom-gateway", scope_claim="roles",
+                                 scope_map={"radiologue": ("read", "share")})}
+    with DicomwebServer(tmp_path_factory.mktemp("regional"), studies=2,
+                        database_url=_index_url(request), **config) as running:
+        yield running
+
+
 @pytest.fixture
 def strict_server(tmp_path: Path) -> Iterator[DicomwebServer]:
     """Low limits, and a server of its own: these tests block 127.0.0.1."""
@@ -261,11 +286,12 @@ def test_guessing_share_tokens_blocks_the_address_for_unknown_tokens_only(
     assert {e["status_code"] for e in alerts} == {404, 429}
 
 
-def test_a_blocked_address_is_still_served_with_valid_credentials(tmp_path: Path) -> None:
+def test_a_blocked_address_is_still_served_with_valid_credentials(tmp_path: Path,
+                                                                  index_url: str | None) -> None:
     """21 unknown tokens (the default limit is 20) from 127.0.0.1: further unknown tokens
     get 429, while the admin token, a valid API key and a valid share link from that
     same address are all served."""
-    with DicomwebServer(tmp_path) as server:
+    with DicomwebServer(tmp_path, database_url=index_url) as server:
         study = server.index.search_studies(StudyQuery())[0].study_instance_uid
         _, key = _key(server, {"read"})
         share = httpx.post(f"{server.root}/api/shares", headers=ADMIN,
@@ -414,10 +440,11 @@ def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
     assert actions == ["share.create", "share.revoke", "apikey.create", "apikey.revoke"]
 
 
-def test_a_key_of_site_b_cannot_read_site_a_at_any_dicomweb_level(server: DicomwebServer,
+def test_a_key_of_site_b_cannot_read_site_a_at_any_dicomweb_level(regional_server: DicomwebServer,
                                                                   tmp_path: Path) -> None:
     """Two sites' studies in one regional index: a key restricted to site B sees B's study
     and nothing of A's — search at every level, metadata, frames, retrieve all say 404/empty."""
+    server = regional_server
     from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
     from storage import InstanceQuery
     from worker import Spool
@@ -474,7 +501,9 @@ def _sites(server: DicomwebServer) -> dict[str, str]:
         return dict(connection.execute(text("SELECT study_instance_uid, site_id FROM studies")).all())
 
 
-def test_a_key_limited_to_two_sites_sees_both_and_no_other(server: DicomwebServer, tmp_path: Path) -> None:
+def test_a_key_limited_to_two_sites_sees_both_and_no_other(regional_server: DicomwebServer,
+                                                           tmp_path: Path) -> None:
+    server = regional_server
     east = _ingest_site_study(server, tmp_path, "site-east", 4101)
     west = _ingest_site_study(server, tmp_path, "site-west", 4102)
     sites = _sites(server)
@@ -487,9 +516,10 @@ def test_a_key_limited_to_two_sites_sees_both_and_no_other(server: DicomwebServe
 
 
 def test_a_shares_only_key_shares_its_sites_studies_and_reads_no_images(
-        server: DicomwebServer, tmp_path: Path) -> None:
+        regional_server: DicomwebServer, tmp_path: Path) -> None:
     """`--scope share` limited to one site: it creates, lists and revokes shares of that
     site's studies only, and can read nothing through /dicom-web; its share opens."""
+    server = regional_server
     north = _ingest_site_study(server, tmp_path, "site-north", 4201)
     elsewhere = next(uid for uid, site in _sites(server).items() if site != "site-north")
     _, key = _key(server, {"share"}, sites={"site-north"})
@@ -520,13 +550,15 @@ def test_a_shares_only_key_shares_its_sites_studies_and_reads_no_images(
 
 
 def test_oidc_site_claim_limits_to_the_named_sites(tmp_path_factory: pytest.TempPathFactory,
-                                                   issuer: _Issuer, tmp_path: Path) -> None:
+                                                   issuer: _Issuer, tmp_path: Path,
+                                                   index_url: str | None) -> None:
     """A `sites` claim (list or space-separated) limits an OIDC user to those sites; a role
     mapped to `share` alone makes a shares-only identity; no claim at all: 401."""
     config = {"oidc": OidcConfig(issuer=issuer.url, audience="dicom-gateway", scope_claim="roles",
                                  scope_map={"radiologue": ("read", "share"), "secretariat": ("share",)},
                                  site_claim="sites")}
-    with DicomwebServer(tmp_path_factory.mktemp("oidc-sites"), **config) as server:
+    with DicomwebServer(tmp_path_factory.mktemp("oidc-sites"), database_url=index_url,
+                        **config) as server:
         south = _ingest_site_study(server, tmp_path, "site-south", 4301)
         listed = lambda token: {s["0020000D"]["Value"][0] for s in httpx.get(  # noqa: E731
             f"{server.url}/studies", headers={"Authorization": f"Bearer {token}", **JSON}).json()}
