@@ -323,7 +323,7 @@ def test_storage_commitment_through_serve_covers_archived_instances(
 ) -> None:
     """Once the worker has archived a study (spool emptied), the node still commits its
     instances: it finds their pseudonymized UIDs in the index."""
-    from tests.integration.test_storage_commitment import _commit, _request
+    from tests.support.commitment import commitment_request, request_commitment
 
     folder, spec = sample_study
     data_dir = tmp_path / "data"
@@ -334,8 +334,8 @@ def test_storage_commitment_through_serve_covers_archived_instances(
         _wait_for_study(http_port, token, spec.ct_slices + spec.mr_slices)
         wait_for(lambda: not list((data_dir / "spool").rglob("*.dcm")), timeout=60, what="spool emptied")
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.rglob("*.dcm"))]
-        request = _request([(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers])
-        event_type, report = _commit(dicom_port, request)
+        request = commitment_request([(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers])
+        event_type, report = request_commitment(dicom_port, request)
     assert event_type == 1 and "FailedSOPSequence" not in report
     assert len(report.ReferencedSOPSequence) == len(headers)
 
@@ -347,7 +347,7 @@ def test_serve_answers_find_and_get_from_loopback_and_audits_every_dimse_operati
     (unlisted callers: every right, on the node's own site) see and retrieve the study.
     Each operation is in /api/audit under the caller's AE title, naming the de-identified
     study (the C-STORE one too: the keyed UID the worker gave it), never an original UID."""
-    from tests.integration.test_storage_commitment import _commit, _request
+    from tests.support.commitment import commitment_request, request_commitment
 
     folder, spec = sample_study
     data_dir = tmp_path / "data"
@@ -374,7 +374,7 @@ def test_serve_answers_find_and_get_from_loopback_and_audits_every_dimse_operati
         assert result.returncode == 0, result.stderr
         assert len(list(got.iterdir())) == spec.ct_slices + spec.mr_slices
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.rglob("*.dcm"))]
-        _commit(dicom_port, _request([(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers[:2]]))
+        request_commitment(dicom_port, commitment_request([(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers[:2]]))
 
         def audited() -> list[dict[str, object]] | None:
             status, body, _ = http_json(f"http://127.0.0.1:{http_port}/api/audit?limit=1000", token)
