@@ -15,11 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pydicom  # noqa: E402
-from anonymize import DeidentificationPolicy, PseudonymKeys  # noqa: E402
-from gateway.sample_study import SampleStudySpec, write_sample_study  # noqa: E402
-from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate  # noqa: E402
-from worker import IngestPipeline  # noqa: E402
+import pydicom
+
+from anonymize import DeidentificationPolicy, PseudonymKeys
+from gateway.sample_study import SampleStudySpec, write_sample_study
+from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
+from worker import IngestPipeline
 
 root = Path(tempfile.mkdtemp())
 src = write_sample_study(root / "src", SampleStudySpec(ct_slices=60, mr_slices=0, ct_size=512))
