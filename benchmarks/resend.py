@@ -28,19 +28,24 @@ engine = create_index_engine(f"sqlite:///{root / 'index.sqlite3'}"); migrate(eng
 pipeline = IngestPipeline(FilesystemObjectStore(root / "objects"), IndexRepository(engine),
                           DeidentificationPolicy(PseudonymKeys(b"k" * 32), "site1"),
                           root / "spool", root / "quarantine")
-batch = root / "spool" / "site1" / "b1"; batch.mkdir(parents=True)
-for p in src:
-    shutil.copy(p, batch / f"{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm")
-cpu0 = time.process_time(); t0 = time.perf_counter()
-report = pipeline.ingest_batch("site1", "b1")
-wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-print(f"{sys.argv[1]}: {report.stored} stored, {wall/report.stored*1000:.1f} ms wall, {cpu/report.stored*1000:.1f} ms CPU per instance")
+
+
+def ingest(site_id: str, batch_id: str) -> tuple[int, int, float, float]:
+    """Spool the study for `site_id`, ingest it: (stored, quarantined, wall s, CPU s)."""
+    batch = root / "spool" / site_id / batch_id
+    batch.mkdir(parents=True)
+    for path in src:
+        shutil.copy(path, batch / f"{pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID}.dcm")
+    cpu, wall = time.process_time(), time.perf_counter()
+    report = pipeline.ingest_batch(site_id, batch_id)
+    return report.stored, report.quarantined, time.perf_counter() - wall, time.process_time() - cpu
+
+
+stored, _, wall, cpu = ingest("site1", "b1")
+print(f"{sys.argv[1]}: {stored} stored, {wall / stored * 1000:.1f} ms wall, "
+      f"{cpu / stored * 1000:.1f} ms CPU per instance")
 if len(sys.argv) > 2:  # the same study re-sent by another site: stored twins compared
-    batch2 = root / "spool" / "site2" / "b2"; batch2.mkdir(parents=True)
-    for p in src:
-        shutil.copy(p, batch2 / f"{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm")
-    cpu0 = time.process_time(); t0 = time.perf_counter()
-    again = pipeline.ingest_batch("site2", "b2")
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    print(f"  re-sent by site2: {again.stored} stored, {again.quarantined} quarantined, {cpu/again.stored*1000:.1f} ms CPU per instance")
+    stored, quarantined, wall, cpu = ingest("site2", "b2")
+    print(f"  re-sent by site2: {stored} stored, {quarantined} quarantined, "
+          f"{cpu / max(stored, 1) * 1000:.1f} ms CPU per instance")
 shutil.rmtree(root)
