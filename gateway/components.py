@@ -228,12 +228,12 @@ def _tls(settings: Settings) -> TlsConfig | None:
 def caller_policy(settings: Settings) -> CallerPolicy:
     """Who may associate with the node, and each caller's sites and rights."""
     dicom = settings.dicom
-    if dicom.tls_certificate is None and any(c.certificate_subject for c in dicom.callers.values()):
-        raise SettingsError("DICOM__CALLERS: a certificate_subject needs DICOM over TLS "
-                            "(DICOM__TLS_CERTIFICATE, DICOM__TLS_CA_CERTIFICATES)")
-    if any(c.certificate_subject for c in dicom.callers.values()) and dicom.tls_ca_certificates is None:
-        raise SettingsError("DICOM__CALLERS: a certificate_subject needs DICOM__TLS_CA_CERTIFICATES "
-                            "(client certificates are verified against them)")
+    missing = [name for name, value in (("DICOM__TLS_CERTIFICATE", dicom.tls_certificate),
+                                        ("DICOM__TLS_CA_CERTIFICATES", dicom.tls_ca_certificates))
+               if value is None]
+    if missing and any(c.certificate_subject for c in dicom.callers.values()):
+        raise SettingsError(f"DICOM__CALLERS: a certificate_subject needs DICOM over TLS with "
+                            f"client certificates verified: set {' and '.join(missing)}")
     for title, caller in dicom.callers.items():
         unknown = set(caller.move_destinations or ()) - set(dicom.move_destinations)
         if unknown:
