@@ -177,6 +177,16 @@ def _issuer_of(item: Dataset) -> str:
     return issuer
 
 
+def _issued_by(item: Dataset, issuer_oids: frozenset[str]) -> bool:
+    """The item's patient ID is issued by one of `issuer_oids`: named in IssuerOfPatientID,
+    or — as French sources write the INS, `IssuerOfPatientID = ASIP-SANTE-INS-NIR` — in
+    IssuerOfPatientIDQualifiersSequence > UniversalEntityID beside a namespace."""
+    if str(item.get("IssuerOfPatientID", "") or "").strip() in issuer_oids:
+        return True
+    return any(str(qualifier.get("UniversalEntityID", "") or "").strip() in issuer_oids
+               for qualifier in item.get("IssuerOfPatientIDQualifiersSequence", []) or [])
+
+
 def patient_key(dataset: Dataset, site_id: str, ins_issuer_oids: frozenset[str]) -> str:
     """The identity a patient pseudonym derives from.
 
@@ -186,11 +196,11 @@ def patient_key(dataset: Dataset, site_id: str, ins_issuer_oids: frozenset[str])
     """
     local_id = str(dataset.get("PatientID", "") or "").strip()
     issuer = _issuer_of(dataset)
-    if local_id and issuer in ins_issuer_oids:
+    if local_id and _issued_by(dataset, ins_issuer_oids):
         return f"ins:{local_id}"
     for item in dataset.get("OtherPatientIDsSequence", []) or []:
         other_id = str(item.get("PatientID", "") or "").strip()
-        if other_id and _issuer_of(item) in ins_issuer_oids:
+        if other_id and _issued_by(item, ins_issuer_oids):
             return f"ins:{other_id}"
     if not local_id:  # no identity at all: one pseudonym per study, never shared by strangers
         return f"unidentified:{site_id}:{str(dataset.get('StudyInstanceUID', '')).strip()}"

@@ -148,3 +148,33 @@ def test_dataset_without_uids_is_refused() -> None:
     del dataset.SOPInstanceUID
     with pytest.raises(DeidentificationError):
         deidentify(dataset, _policy())
+
+
+def _french_ins(dataset: Dataset, ins: str, *, other: bool) -> None:
+    """The INS as French sources write it (DRIM-M, PID-3
+    `ins^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.10&ISO^INS`): a namespace in
+    IssuerOfPatientID, the ANS OID in the qualifiers; as PatientID or as another ID."""
+    item = Dataset() if other else dataset
+    qualifier = Dataset()
+    qualifier.UniversalEntityID = "1.2.250.1.213.1.4.10"
+    qualifier.UniversalEntityIDType = "ISO"
+    qualifier.IdentifierTypeCode = "INS"
+    item.PatientID = ins
+    item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
+    item.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
+    if other:
+        dataset.OtherPatientIDsSequence = Sequence([item])
+
+
+@pytest.mark.parametrize("other", [False, True])
+def test_the_ins_written_the_french_way_links_the_patient_across_sites(other: bool) -> None:
+    ins = "279035121518989"
+    with_oid = _sample(with_ins=False)[0]
+    with_oid.PatientID, with_oid.IssuerOfPatientID = ins, "1.2.250.1.213.1.4.10"
+    french = _sample(with_ins=False, seed=2)[0]
+    if other:
+        french.PatientID, french.IssuerOfPatientID = "IPP-B-42", "CLINIQUE-B"
+    _french_ins(french, ins, other=other)
+    deidentify(with_oid, _policy("site-a"))
+    deidentify(french, _policy("site-b"))
+    assert french.PatientID == with_oid.PatientID
