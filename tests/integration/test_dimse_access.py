@@ -7,7 +7,6 @@ storescp) against a node over a real two-site index."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from storage.index.models import Instance, Study
 from tests.support.commitment import commitment_request, request_commitment
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port, wait_for
+from tests.support.storescp import running_storescp
 
 SITE_A, SITE_B = "site1", "siteB"
 
@@ -215,20 +215,8 @@ def test_get_by_a_caller_without_the_get_right_is_refused(
 
 @pytest.fixture
 def storescp(dcmtk: dict[str, str], destination_port: int, tmp_path: Path) -> Iterator[Path]:
-    out = tmp_path / "received"
-    out.mkdir()
-    process = subprocess.Popen([dcmtk["storescp"], "-aet", "STORESCP", "-od", str(out),
-                                str(destination_port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-
-    def listening() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", destination_port)) == 0
-
-    wait_for(listening, timeout=10, what="storescp")
-    yield out
-    process.terminate()
-    process.wait(timeout=10)
+    with running_storescp(dcmtk["storescp"], destination_port, tmp_path / "received") as out:
+        yield out
 
 
 def _move(dcmtk: dict[str, str], node: DicomNode, calling: str,

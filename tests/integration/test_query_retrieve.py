@@ -15,6 +15,7 @@ from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig
 from storage import InstanceQuery, StudyQuery
 from tests.support.dicomweb_server import DicomwebServer
 from tests.support.services import free_port, wait_for
+from tests.support.storescp import running_storescp
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +108,9 @@ def test_find_without_a_level_is_refused(dcmtk: dict[str, str], node: DicomNode,
 def storescp(dcmtk: dict[str, str], destination_port: int, tmp_path: Path,
              request: pytest.FixtureRequest) -> Iterator[Path]:
     """dcmtk's storescp as the move destination: uncompressed only unless parametrized +xa."""
-    out = tmp_path / "received"
-    out.mkdir()
-    extra = getattr(request, "param", [])
-    process = subprocess.Popen([dcmtk["storescp"], "-aet", "STORESCP", *extra, "-od", str(out),
-                                str(destination_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    import socket
-
-    def listening() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", destination_port)) == 0
-
-    wait_for(listening, timeout=10, what="storescp")
-    yield out
-    process.terminate()
-    process.wait(timeout=10)
+    with running_storescp(dcmtk["storescp"], destination_port, tmp_path / "received",
+                          getattr(request, "param", [])) as out:
+        yield out
 
 
 @pytest.mark.parametrize("storescp", [[], ["+xa"]], indirect=True, ids=["uncompressed-only", "accept-all"])
