@@ -7,9 +7,11 @@ no I/O, no configuration reading.
 from anonymize.actions import (
     DEFAULT_INS_ISSUER_OIDS,
     DEFAULT_OPTIONS,
+    DOMAIN_OPTIONS,
     DeidentificationError,
     DeidentificationPolicy,
     DeidentificationResult,
+    DomainIdentity,
     TruncatedDataSetError,
     accession_qualifier,
     check_complete,
@@ -35,6 +37,7 @@ from anonymize.reversible import (
 __all__ = [
     "DEFAULT_INS_ISSUER_OIDS",
     "DEFAULT_OPTIONS",
+    "DOMAIN_OPTIONS",
     "OPTION_CODES",
     "Action",
     "AttributeType",
@@ -43,6 +46,7 @@ __all__ = [
     "DeidentificationError",
     "DeidentificationPolicy",
     "DeidentificationResult",
+    "DomainIdentity",
     "PixelMask",
     "PixelPolicy",
     "ProfileOption",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -123,7 +123,8 @@ class DeidentificationPolicy:
     stored encrypted for that certificate in the Encrypted Attributes Sequence.
     """
 
-    keys: PseudonymKeys
+    #: None at the region, which holds no secret and takes only objects of the domain.
+    keys: PseudonymKeys | None
     site_id: str
     ins_issuer_oids: frozenset[str] = DEFAULT_INS_ISSUER_OIDS
     options: frozenset[ProfileOption] = DEFAULT_OPTIONS
@@ -154,6 +155,30 @@ class DeidentificationPolicy:
         if clean is not None:
             return "C", clean
         return row.basic.value, None
+
+
+@dataclass(frozen=True)
+class DomainIdentity:
+    """The identity of a stored study an object is written back into (a report, a
+    segmentation, a presentation state made on the de-identified images): the object takes
+    the study's patient pseudonym, accession pseudonym and date; its UIDs are the domain's
+    already and are kept. Nothing is derived from keys, so the region (no secret) can use it."""
+
+    patient_id: str
+    accession_number: str = ""
+    #: The stored study's (de-identified) date: every date the profile would shift or
+    #: replace becomes this date, so no real date enters the domain beside shifted ones.
+    study_date: str = ""
+
+    @property
+    def patient_name(self) -> str:
+        return f"ANONYMOUS^{self.patient_id}"
+
+
+#: What a write-back keeps that an identified upload loses: its UIDs (the domain's), its
+#: structured content and descriptions (made on de-identified data), cleaned of identity.
+DOMAIN_OPTIONS = frozenset({ProfileOption.RETAIN_UIDS, ProfileOption.CLEAN_STRUCTURED_CONTENT,
+                            ProfileOption.CLEAN_DESCRIPTORS})
 
 
 @dataclass(frozen=True)
@@ -253,13 +278,20 @@ def _values(element: DataElement) -> list[Any]:
 class _Deidentifier:
     """One pass over one dataset; holds what the pass derives from the original identity."""
 
-    def __init__(self, policy: DeidentificationPolicy, dataset: Dataset) -> None:
+    def __init__(self, policy: DeidentificationPolicy, dataset: Dataset,
+                 domain: DomainIdentity | None = None) -> None:
         self.policy = policy
-        self.keys = policy.keys
+        self.domain = domain
         self.options = policy.options
-        self.patient_key = patient_key(dataset, policy.site_id, policy.ins_issuer_oids)
-        self.shift_days = self.keys.date_shift_days(self.patient_key)
         self.accession_qualifier = accession_qualifier(dataset, policy.site_id)
+        if domain is None:
+            self.patient_key = patient_key(dataset, policy.site_id, policy.ins_issuer_oids)
+            self.shift_days = self.keys.date_shift_days(self.patient_key)
+            patient_name, patient_id = (self.keys.patient_name(self.patient_key),
+                                        self.keys.patient_id(self.patient_key))
+        else:  # the study's identity, nothing derived (no key is needed)
+            self.patient_key, self.shift_days = "", 0
+            patient_name, patient_id = domain.patient_name, domain.patient_id
         self.sop_class = str(dataset.get("SOPClassUID", "") or "")
         self._types: Any = None
         self._drop_overlay_group = ProfileOption.CLEAN_GRAPHICS not in self.options
@@ -270,12 +302,19 @@ class _Deidentifier:
         self._cleaner = TextCleaner(dataset) if self.options else None
         self._original = dataset
         self.overrides: dict[int, Callable[[DataElement], None]] = {
-            _TAG_PATIENT_NAME: self._set(self.keys.patient_name(self.patient_key)),
-            _TAG_PATIENT_ID: self._set(self.keys.patient_id(self.patient_key)),
+            _TAG_PATIENT_NAME: self._set(patient_name),
+            _TAG_PATIENT_ID: self._set(patient_id),
             _TAG_ACCESSION_NUMBER: self._accession,
         }
 
     # Lazily built helpers ----------------------------------------------------------
+    @property
+    def keys(self) -> PseudonymKeys:
+        if self.policy.keys is None:
+            raise DeidentificationError("no pseudonymization secret here: only objects of the "
+                                        "domain (written back into a stored study) are taken")
+        return self.policy.keys
+
     @property
     def cleaner(self) -> TextCleaner:
         if self._cleaner is None:  # only options clean; this is a programming error
@@ -297,6 +336,9 @@ class _Deidentifier:
         return apply
 
     def _accession(self, element: DataElement) -> None:
+        if self.domain is not None:
+            element.value = self.domain.accession_number
+            return
         original = str(element.value or "").strip()
         element.value = (
             self.keys.accession_number(original, self.accession_qualifier) if original else ""
@@ -491,6 +533,13 @@ class _Deidentifier:
     def _shift(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
         if element.value in (None, ""):
             return
+        if self.domain is not None:  # dated like the study: no real date beside shifted ones
+            if not self.domain.study_date:
+                self._dummy(element, path, mode)
+                return
+            dated = [self.domain.study_date + str(v)[8:] for v in _values(element)]
+            element.value = dated if len(dated) > 1 else dated[0]
+            return
         shifted = [_shift_date(str(v), self.shift_days) for v in _values(element)]
         if any(v is None for v in shifted):
             self._dummy(element, path, mode)  # an unparseable date cannot be shifted safely
@@ -498,8 +547,8 @@ class _Deidentifier:
         element.value = shifted if len(shifted) > 1 else shifted[0]
 
     def _remap_uid(self, element: DataElement) -> None:
-        if element.value in (None, "", b""):
-            return
+        if element.value in (None, "", b"") or self.domain is not None:
+            return  # an object of the domain: its UIDs are the domain's already
         if isinstance(element.value, bytes):  # a UID attribute pydicom did not know (UN)
             text = element.value.decode("ascii", "replace").strip("\x00 ")
             joined = "\\".join(self.keys.uid(v) for v in text.split("\\") if v)
@@ -561,18 +610,18 @@ def _check_identifiers(dataset: Dataset) -> None:
             raise DeidentificationError(f"dataset lacks {keyword}")
 
 
-def _record_method(dataset: Dataset, policy: DeidentificationPolicy, masked: bool) -> None:
+def _record_method(dataset: Dataset, options: frozenset[ProfileOption], masked: bool) -> None:
     codes = [BASIC_PROFILE_CODE]
     if masked:
         codes.append(CLEAN_PIXEL_DATA_CODE)
-    codes += [OPTION_CODES[o] for o in sorted(policy.options, key=lambda o: OPTION_CODES[o][0])]
+    codes += [OPTION_CODES[o] for o in sorted(options, key=lambda o: OPTION_CODES[o][0])]
     dataset.PatientIdentityRemoved = "YES"
     # LO, VM 1-n: one value per profile/option meaning (each fits in 64 characters).
     dataset.DeidentificationMethod = MultiValue(str, ["dicom-gateway PS3.15 E.1-1", *(c[1] for c in codes)])
     dataset.DeidentificationMethodCodeSequence = Sequence([_code_item(c) for c in codes])
-    if ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in policy.options:
+    if ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in options:
         dataset.LongitudinalTemporalInformationModified = "MODIFIED"
-    elif ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES in policy.options:
+    elif ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES in options:
         dataset.LongitudinalTemporalInformationModified = "UNMODIFIED"
     else:
         dataset.LongitudinalTemporalInformationModified = "REMOVED"
@@ -586,13 +635,21 @@ def _originals(before: dict[BaseTag, DataElement], after: Dataset) -> Dataset:
     return originals
 
 
-def deidentify(dataset: Dataset, policy: DeidentificationPolicy) -> DeidentificationResult:
+def deidentify(dataset: Dataset, policy: DeidentificationPolicy, *,
+               domain: DomainIdentity | None = None) -> DeidentificationResult:
     """De-identify `dataset` in place and return its new identifiers.
+
+    With `domain`, the dataset is an object written back into a stored study of this
+    pseudonymization domain: it takes the study's identity (`DomainIdentity`), keeps its
+    UIDs, and is cleaned of anything else identifying by the same profile (plus Clean
+    Structured Content and Clean Descriptors, so a report's content stays, cleaned).
 
     Raises DeidentificationError when the dataset lacks Study/Series/SOP Instance UIDs,
     and BurnedInAnnotationRisk when its pixels may show identity and no mask applies.
     """
     _check_identifiers(dataset)
+    if domain is not None:  # its originals are pseudonyms: nothing to encrypt for re-identification
+        policy = replace(policy, options=policy.options | DOMAIN_OPTIONS, recipient_certificate=None)
     masked = False
     risk = policy.pixel_policy.risk(dataset)
     if risk is not None:
@@ -605,13 +662,17 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy) -> Deidentifica
     if risk is not None and mask is not None:
         apply_mask(dataset, mask)
         masked = True
-    worker = _Deidentifier(policy, dataset)
+    worker = _Deidentifier(policy, dataset, domain)
     worker.walk(dataset, (), _Mode.NORMAL)
     if "PatientID" not in dataset:  # Type 2: present, and a pseudonym like any other
-        dataset.PatientID = policy.keys.patient_id(worker.patient_key)
+        dataset.PatientID = (domain.patient_id if domain is not None
+                             else worker.keys.patient_id(worker.patient_key))
     if "PatientName" not in dataset:
-        dataset.PatientName = policy.keys.patient_name(worker.patient_key)
-    _record_method(dataset, policy, masked)
+        dataset.PatientName = (domain.patient_name if domain is not None
+                               else worker.keys.patient_name(worker.patient_key))
+    if domain is not None and "AccessionNumber" not in dataset:
+        dataset.AccessionNumber = domain.accession_number
+    _record_method(dataset, worker.options, masked)
     if snapshot is not None and policy.recipient_certificate is not None:
         item = encrypted_attributes_item(_originals(snapshot, dataset), policy.recipient_certificate)
         dataset.EncryptedAttributesSequence = Sequence([item])

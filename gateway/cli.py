@@ -117,6 +117,7 @@ def worker(data_dir: DataDir = None,
     components.configure_logging(settings, "worker")
     components.close_site_files(settings)
     try:
+        settings.check_role()  # the region's worker runs without the secret, a site's with it
         components.build_policy(settings)  # refuse a bad profile before starting
         components.build_index(settings)  # migrate before forking
         components.check_write_once(settings)  # stored instances are never replaced

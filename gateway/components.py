@@ -159,7 +159,8 @@ def build_worker_context(settings: Settings) -> WorkerContext:
 
 
 def build_policy(settings: Settings) -> DeidentificationPolicy:
-    """The site's de-identification policy from its settings."""
+    """The site's de-identification policy from its settings (at the region, without keys:
+    it holds no secret, and its worker takes only objects of the domain)."""
     deid = settings.deid
     certificate = None
     if deid.recipient_certificate is not None:
@@ -177,7 +178,8 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
         safe_private = dataclasses.replace(safe_private, retain_bulk=True)
     try:
         return DeidentificationPolicy(
-            keys=PseudonymKeys(settings.pseudonym_secret_value().encode()),
+            keys=(None if settings.http.role == "region"
+                  else PseudonymKeys(settings.pseudonym_secret_value().encode())),
             site_id=settings.site_id,
             ins_issuer_oids=frozenset(settings.ins_issuer_oids),
             options=frozenset(ProfileOption.from_name(n) for n in deid.options),
@@ -210,6 +212,7 @@ def build_pipeline(settings: Settings) -> IngestPipeline:
         quarantine_root=settings.quarantine_dir,
         codec=None if settings.worker.compression == "none" else Codec(settings.worker.compression),
         audit=AccessRepository(index.engine).append_audit,
+        region=settings.http.role == "region",
     )
 
 

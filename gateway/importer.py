@@ -25,6 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from gateway.settings import SettingsError
 from worker import UNREADABLE_DATASET_ERRORS, IngestPipeline, Spool
 
 #: Largest file an import reads (a zip member is read as it inflates and dropped past it: a
@@ -122,6 +123,9 @@ def run_import(paths: list[Path], pipeline: IngestPipeline, spool: Spool,
             except UNREADABLE_DATASET_ERRORS:
                 sop = hashlib.sha256(body).hexdigest()[:20]  # the pipeline quarantines it
                 study = "unreadable"
+            if pipeline.policy.keys is None:  # the region's pipeline: no identified imports
+                raise SettingsError("the import de-identifies: it runs at a site, with the "
+                                    "pseudonymization secret")
             deidentified = pipeline.policy.keys.uid(sop)
             if pipeline.index.find_instance(deidentified) is not None:
                 summary.duplicates += 1

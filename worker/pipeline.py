@@ -29,7 +29,14 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from sqlalchemy.exc import SQLAlchemyError
 
-from anonymize import DeidentificationError, DeidentificationPolicy, ProfileOption, deidentify
+from anonymize import (
+    BurnedInAnnotationRisk,
+    DeidentificationError,
+    DeidentificationPolicy,
+    DomainIdentity,
+    ProfileOption,
+    deidentify,
+)
 from storage import (
     WORKER_ACTIONS,
     AlreadyExists,
@@ -45,6 +52,7 @@ from storage import (
 )
 from worker.completion import instance_metadata_key
 from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
+from worker.replies import BatchReply, InstanceOutcome, reply_requested, write_reply
 from worker.spool import PRIVATE_FILE_MODE, open_private, private_directory
 from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
@@ -71,6 +79,11 @@ class InvalidBatchName(PipelineError, ValueError):
     """A site or batch identifier that is not a plain directory name."""
 
 
+class NotOfTheDomain(DeidentificationError):
+    """The region's pipeline (no pseudonymization secret) met an object that is not of the
+    domain: it cannot de-identify it, and takes only write-backs into stored studies."""
+
+
 class InstanceConflict(PipelineError):
     """What a writer sent contradicts what the domain holds (another instance under stored
     UIDs, another patient's study, another study's series): the stored data stays, this
@@ -78,9 +91,12 @@ class InstanceConflict(PipelineError):
     UIDs only."""
 
     def __init__(self, reason: str, *, study_instance_uid: str, sop_instance_uid: str,
-                 received_sha256: str = "", stored_sha256: str = "") -> None:
+                 received_sha256: str = "", stored_sha256: str = "",
+                 failure_reason: int = 0x0124) -> None:
         super().__init__(f"{reason} (SOP Instance {sop_instance_uid})")
         self.reason = reason
+        #: For a waiting writer (PS3.4): 0124 refused, 0111 another instance under its UIDs.
+        self.failure_reason = failure_reason
         self.study_instance_uid = study_instance_uid
         self.sop_instance_uid = sop_instance_uid
         self.received_sha256 = received_sha256
@@ -98,6 +114,8 @@ class IngestReport:
     missing: bool = False
     stored_study_uids: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    #: Each instance's outcome by spool file name (UIDs as sent: never logged).
+    outcomes: dict[str, InstanceOutcome] = field(default_factory=dict, repr=False)
 
 
 def _checked_name(value: str, what: str) -> str:
@@ -223,12 +241,15 @@ _SITE_QUALIFIED = frozenset({0x00100010, 0x00100020, 0x00100021, 0x00101002, 0x0
 _SHIFTED_VRS = frozenset({"DA", "DT", "TM"})
 
 
-def _content_digest(dataset: Dataset, *, across_sites: bool) -> str:
+def _content_digest(dataset: Dataset, *, across_sites: bool, ignore_private: bool = False) -> str:
     """SHA-256 of an instance's attributes but pixel data and those two stores of it may
     differ in (our provenance block, encrypted attributes; `across_sites`: the pseudonyms
-    and shifted dates of `_SITE_QUALIFIED`); bulk values by their hash."""
+    and shifted dates of `_SITE_QUALIFIED`; `ignore_private`: every private attribute, which
+    a PACS sending a stored instance back may add); bulk values by their hash."""
     def kept(tag: BaseTag) -> bool:
         if tag.group == PRIVATE_GROUP or tag in (_ENCRYPTED_ATTRIBUTES, _PIXEL_DATA):
+            return False
+        if ignore_private and tag.is_private:
             return False
         return not across_sites or (tag not in _SITE_QUALIFIED
                                     and dataset[tag].VR not in _SHIFTED_VRS)
@@ -260,13 +281,16 @@ def _check_ownership(known: Ownership, owner: StudyOwner | None, key: str, patie
                                sop_instance_uid=sop_instance_uid)
 
 
-def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = False) -> bool:
+def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = False,
+                  ignore_private: bool = False) -> bool:
     """Whether two stores of an instance hold the same thing: equal attributes, and pixel
     data equal as bytes or, when encoded differently (say, a re-send in another transfer
     syntax that was kept as sent), as decoded pixels. `across_sites`: stored by another
-    site, whose pseudonyms and date shift may be qualified by that site (no issuer)."""
-    if (_content_digest(stored, across_sites=across_sites)
-            != _content_digest(received, across_sites=across_sites)):
+    site, whose pseudonyms and date shift may be qualified by that site (no issuer).
+    `ignore_private`: private attributes aside (a PACS sending a stored instance back)."""
+    if (_content_digest(stored, across_sites=across_sites, ignore_private=ignore_private)
+            != _content_digest(received, across_sites=across_sites,
+                               ignore_private=ignore_private)):
         return False
     stored_pixels, received_pixels = stored.get("PixelData"), received.get("PixelData")
     if stored_pixels is None or received_pixels is None:
@@ -277,6 +301,42 @@ def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = Fa
         return bool(np.array_equal(stored.pixel_array, received.pixel_array))
     except Exception:  # noqa: BLE001 — pixels that cannot be decoded are not shown equal
         return False
+
+
+#: PS3.4 / PS3.18 Table 10.5.3-2 failure reasons a waiting writer is given.
+_REFUSED, _CANNOT_UNDERSTAND = 0x0124, 0xC000
+
+
+def _failure_of(exc: Exception) -> tuple[int, str]:
+    """(failure reason, explanation) of a quarantined instance; the explanation names no
+    value of the instance."""
+    if isinstance(exc, InstanceConflict):
+        return exc.failure_reason, exc.reason
+    if isinstance(exc, BurnedInAnnotationRisk):
+        return _REFUSED, ("its pixels may show identity (burned-in annotation) and no pixel "
+                          "mask is configured for it: it cannot leave the site")
+    if isinstance(exc, DeidentificationError):
+        return _REFUSED if isinstance(exc, NotOfTheDomain) else _CANNOT_UNDERSTAND, str(exc)[:300]
+    return _CANNOT_UNDERSTAND, f"the data set cannot be read ({type(exc).__name__})"
+
+
+_UNREADABLE_FILE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)
+
+
+def _sop_class_of(path: Path) -> str:
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        return str(header.get("SOPClassUID", "") or "")
+    except _UNREADABLE_FILE:
+        return ""
+
+
+def _stored_outcome(dataset: Dataset, coerced: bool) -> InstanceOutcome:
+    return InstanceOutcome(
+        stored=True, sop_class_uid=str(dataset.SOPClassUID),
+        study_instance_uid=str(dataset.StudyInstanceUID),
+        series_instance_uid=str(dataset.SeriesInstanceUID),
+        sop_instance_uid=str(dataset.SOPInstanceUID), coerced=coerced)
 
 
 @dataclass
@@ -291,6 +351,9 @@ class IngestPipeline:
     codec: Codec | None = Codec.JPEG_LS
     #: Where Security Alerts go (the audit trail); None: logged only.
     audit: Callable[[Sequence[AuditEntry]], None] | None = None
+    #: The region's pipeline: no secret (`policy.keys` is None), only objects of the domain,
+    #: written back into any site's study (the regional API checked each writer's scope).
+    region: bool = False
 
     def batch_dir(self, site_id: str, batch_id: str) -> Path:
         return self.spool_root / _checked_name(site_id, "site") / _checked_name(batch_id, "batch")
@@ -303,28 +366,32 @@ class IngestPipeline:
         if not directory.is_dir():
             report.missing = True  # already processed by an earlier delivery of this task
             return report
+        wants_reply = reply_requested(directory)
         records: list[InstanceRecord] = []
         done: list[Path] = []
         owners: dict[str, StudyOwner] = {}
         for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
             try:
-                record = self._process_file(path, site_id, owners)
+                record, outcome = self._process_file(path, site_id, owners)
             except FileNotFoundError:
                 continue  # a concurrent delivery of the same batch finished this file
             except (StorageError, SQLAlchemyError) as exc:
                 raise TransientPipelineError(f"{type(exc).__name__}: {exc}") from exc
             except _QUARANTINE as exc:
-                self._quarantine(path, site_id, batch_id, exc)
+                report.outcomes[path.name] = self._quarantine(path, site_id, batch_id, exc)
                 report.quarantined += 1
                 if isinstance(exc, InstanceConflict):
                     self._alert(site_id, exc)
                 continue
             records.append(record)
             done.append(path)
+            report.outcomes[path.name] = outcome
         try:
             self.index.upsert_instances(records)
         except SQLAlchemyError as exc:
             raise TransientPipelineError(f"index unavailable: {type(exc).__name__}") from exc
+        if wants_reply:  # searchable now: the waiting writer may answer
+            self._reply(site_id, batch_id, report.outcomes)
         for path in done:  # the spool is deleted last: a crash before here only repeats work
             path.unlink(missing_ok=True)
         self._remove_if_empty(directory)
@@ -337,14 +404,53 @@ class IngestPipeline:
         )
         return report
 
-    def _process_file(self, path: Path, site_id: str,
-                      owners: dict[str, StudyOwner]) -> InstanceRecord:
+    def _reply(self, site_id: str, batch_id: str, outcomes: dict[str, InstanceOutcome]) -> None:
+        """Publish the batch's outcomes, with those an earlier delivery quarantined."""
+        reply = BatchReply(dict(outcomes))
+        folder = self.quarantine_root / site_id / batch_id
+        for reason_path in folder.glob(f"*{SPOOL_SUFFIX}.reason.json"):
+            name = reason_path.name.removesuffix(".reason.json")
+            if name not in reply.instances:
+                try:
+                    reason = json.loads(reason_path.read_bytes())
+                except (OSError, ValueError):
+                    continue
+                reply.instances[name] = InstanceOutcome(
+                    stored=False, sop_class_uid=str(reason.get("sop_class_uid", "")),
+                    failure_reason=int(reason.get("failure_reason", _CANNOT_UNDERSTAND)),
+                    reason=str(reason.get("explanation", "")))
+        try:
+            write_reply(self.spool_root, site_id, batch_id, reply)
+        except OSError as exc:  # the writer then says the instances are still processed
+            log.error("batch %s/%s: reply not written (%s)", site_id, batch_id, type(exc).__name__)
+
+    def _process_file(self, path: Path, site_id: str, owners: dict[str, StudyOwner]
+                      ) -> tuple[InstanceRecord, InstanceOutcome]:
         dataset: Dataset = pydicom.dcmread(path)
         source_syntax = str(dataset.file_meta.TransferSyntaxUID)
         # The batch's site qualifies local identifiers: two hospitals' "12345" differ.
         policy = (self.policy if site_id == self.policy.site_id
                   else dataclasses.replace(self.policy, site_id=site_id))
-        deidentify(dataset, policy)
+        written_back = self._domain_of(dataset, owners)
+        if written_back is None:
+            if self.region:
+                raise NotOfTheDomain("not an object of the domain: the region takes only "
+                                     "write-backs into the studies it stores")
+            deidentify(dataset, policy)
+            coerced = True
+        else:
+            identity, study_owner = written_back
+            if study_owner.site_id != site_id and not self.region:
+                raise InstanceConflict(
+                    "the study belongs to another site: write back through the regional API",
+                    study_instance_uid=str(dataset.StudyInstanceUID),
+                    sop_instance_uid=str(dataset.SOPInstanceUID))
+            returned = self._returned_instance(dataset, site_id, study_owner)
+            if returned is not None:
+                return returned
+            before = _content_digest(dataset, across_sites=False)
+            deidentify(dataset, policy, domain=identity)
+            coerced = _content_digest(dataset, across_sites=False) != before
         study, series, sop = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
                               str(dataset.SOPInstanceUID))
         key = instance_key(study, series, sop)
@@ -381,7 +487,42 @@ class IngestPipeline:
                               content_type="application/dicom+json")
         except AlreadyExists:
             pass
-        return record_for(dataset, key, body, site_id=site_id, study_site_id=owner.site_id)
+        record = record_for(dataset, key, body, site_id=site_id, study_site_id=owner.site_id)
+        return record, _stored_outcome(dataset, coerced)
+
+    def _domain_of(self, dataset: Dataset, owners: dict[str, StudyOwner]
+                   ) -> tuple[DomainIdentity, StudyOwner] | None:
+        """The stored study an object belongs to, when it is of this pseudonymization domain
+        already: its Study Instance UID is a stored study's (the domain's keyed UIDs are
+        never an original's) and its Patient ID that study's patient pseudonym, as the
+        study's write-once owner record says (no writer can change it). Else None."""
+        study = str(dataset.get("StudyInstanceUID", "") or "").strip()
+        patient_id = str(dataset.get("PatientID", "") or "").strip()
+        if not (study and patient_id):
+            return None
+        known = self.index.ownership(study, "", "")
+        if known.study_site_id is None:
+            return None
+        owner = self._known_owner(study, known, owners)
+        if owner is None or owner.patient_id != patient_id:
+            return None
+        return DomainIdentity(patient_id, known.study_accession_number, known.study_date), owner
+
+    def _returned_instance(self, dataset: Dataset, site_id: str, owner: StudyOwner
+                           ) -> tuple[InstanceRecord, InstanceOutcome] | None:
+        """A stored instance sent back as it was retrieved (a PACS re-sending, a viewer
+        storing what it loaded): an idempotent success, nothing added; None otherwise."""
+        known = self.index.ownership(str(dataset.StudyInstanceUID),
+                                     str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
+        if known.instance_object_key is None:
+            return None
+        body = self.store.get(known.instance_object_key)
+        stored = pydicom.dcmread(BytesIO(body))
+        if not same_instance(stored, dataset, ignore_private=True):
+            return None  # cleaned, then compared again (a retried write-back) or a conflict
+        record = record_for(stored, known.instance_object_key, body, site_id=site_id,
+                            study_site_id=owner.site_id)
+        return record, _stored_outcome(stored, coerced=False)
 
     def _known_owner(self, study: str, known: Ownership,
                      owners: dict[str, StudyOwner]) -> StudyOwner | None:
@@ -410,7 +551,7 @@ class IngestPipeline:
         raise InstanceConflict(
             "a different instance is stored under these UIDs",
             study_instance_uid=str(dataset.StudyInstanceUID),
-            sop_instance_uid=str(dataset.SOPInstanceUID),
+            sop_instance_uid=str(dataset.SOPInstanceUID), failure_reason=0x0111,
             received_sha256=hashlib.sha256(body).hexdigest(),
             stored_sha256=hashlib.sha256(stored).hexdigest())
 
@@ -434,13 +575,20 @@ class IngestPipeline:
         except (SQLAlchemyError, OSError) as exc:  # the quarantine keeps the evidence
             log.error("security alert not written to the audit trail: %s", type(exc).__name__)
 
-    def _quarantine(self, path: Path, site_id: str, batch_id: str, exc: Exception) -> None:
+    def _quarantine(self, path: Path, site_id: str, batch_id: str,
+                    exc: Exception) -> InstanceOutcome:
         # Identified data, like the spool it comes from: folders 0700, files 0600.
         target_dir = private_directory(self.quarantine_root / site_id / batch_id)
         target = target_dir / path.name
+        failure_reason, explanation = _failure_of(exc)
+        outcome = InstanceOutcome(stored=False, sop_class_uid=_sop_class_of(path),
+                                  failure_reason=failure_reason, reason=explanation)
         reason = {
             "reason": type(exc).__name__,
             "detail": str(exc)[:2000],
+            "explanation": explanation,
+            "failure_reason": failure_reason,
+            "sop_class_uid": outcome.sop_class_uid,
             "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "site_id": site_id,
             "batch_id": batch_id,
@@ -451,11 +599,12 @@ class IngestPipeline:
         try:
             os.replace(path, target)
         except FileNotFoundError:
-            return
+            return outcome
         except OSError:
             shutil.move(str(path), str(target))  # another file system: copied with its mode
             os.chmod(target, PRIVATE_FILE_MODE)
         log.warning("batch %s/%s: one instance quarantined (%s)", site_id, batch_id, type(exc).__name__)
+        return outcome
 
     @staticmethod
     def _remove_if_empty(directory: Path) -> None:

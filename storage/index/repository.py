@@ -124,6 +124,9 @@ class Ownership:
     study_patient_id: str | None
     series_study_instance_uid: str | None
     instance_object_key: str | None
+    #: The stored study's accession pseudonym and date (what a write-back takes on).
+    study_accession_number: str = ""
+    study_date: str = ""
 
 
 @dataclass(frozen=True)
@@ -502,11 +505,17 @@ class IndexRepository:
             select(Series.study_instance_uid)
             .where(Series.series_instance_uid == series_instance_uid).scalar_subquery(),
             select(Instance.object_key).where(Instance.sop_instance_uid == sop_instance_uid)
+            .scalar_subquery(),
+            select(Study.accession_number).where(Study.study_instance_uid == study_instance_uid)
+            .scalar_subquery(),
+            select(Study.study_date).where(Study.study_instance_uid == study_instance_uid)
             .scalar_subquery())
         with self.engine.connect() as connection:
-            site, patient, series_study, instance_key = connection.execute(statement).one()
+            (site, patient, series_study, instance_key, accession,
+             study_date) = connection.execute(statement).one()
         return Ownership(study_site_id=site, study_patient_id=patient,
-                         series_study_instance_uid=series_study, instance_object_key=instance_key)
+                         series_study_instance_uid=series_study, instance_object_key=instance_key,
+                         study_accession_number=accession or "", study_date=study_date or "")
 
     def search_studies(self, query: StudyQuery) -> list[StudySummary]:
         """Matching studies, newest first, with their series/instance counts and modalities."""
