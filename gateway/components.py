@@ -35,6 +35,7 @@ from gateway.library_logs import withhold_library_values
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
 from storage import (
     AccessRepository,
+    AccessScope,
     FilesystemObjectStore,
     IndexRepository,
     ObjectStore,
@@ -362,12 +363,14 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
     def enqueue(site_id: str, batch_id: str) -> None:
         enqueue_ingest(sender, site_id, batch_id)
 
-    def stored_study(study_instance_uid: str) -> bool:
-        return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,), limit=1)) > 0
+    def stored_study(study_instance_uid: str, scope: AccessScope) -> bool:
+        return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
+                                              limit=1, scope=scope)) > 0
 
     stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
                       settings.http.max_stow_mb * 1024 * 1024,
-                      stored_study=stored_study if region else None)
+                      stored_study=stored_study if region else None,
+                      reply_seconds=settings.http.stow_reply_seconds)
     return create_app(
         ApiConfig(admin_token=admin_token, readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,

@@ -133,6 +133,9 @@ class HttpSettings(BaseModel):
     public_url: str | None = None
     #: Largest STOW-RS request body accepted (413 above).
     max_stow_mb: int = Field(2048, ge=1)
+    #: How long a STOW-RS answer waits for the worker to store and index the instances
+    #: (read-your-writes); past it, the answer lists them as accepted, still processed.
+    stow_reply_seconds: float = Field(60.0, gt=0, le=3600)
     #: Browser origins allowed to call the API (CORS), e.g. a viewer on another host.
     cors_origins: list[str] = Field(default_factory=list)
     #: API processes `dicom-gateway api` runs on this host (uvicorn workers sharing the

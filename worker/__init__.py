@@ -17,6 +17,13 @@ from worker.pipeline import (
     read_provenance,
     record_for,
 )
+from worker.replies import (
+    BatchReply,
+    InstanceOutcome,
+    remove_stale_replies,
+    request_reply,
+    take_reply,
+)
 from worker.spool import (
     PRIVATE_DIRECTORY_MODE,
     PRIVATE_FILE_MODE,
@@ -47,9 +54,11 @@ __all__ = [
     "SPOOL_SUFFIX",
     "UNREADABLE_DATASET_ERRORS",
     "WEBHOOK_TASK",
+    "BatchReply",
     "Codec",
     "IngestPipeline",
     "IngestReport",
+    "InstanceOutcome",
     "InvalidBatchName",
     "PipelineError",
     "Spool",
@@ -79,7 +88,10 @@ __all__ = [
     "private_directory",
     "read_provenance",
     "record_for",
+    "remove_stale_replies",
+    "request_reply",
     "sign",
+    "take_reply",
     "transcode_lossless",
     "verify",
 ]

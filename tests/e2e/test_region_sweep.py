@@ -193,7 +193,7 @@ def _send_through_every_path(env: Deployment, planted: Planted, sources: Path,
     body, headers = _multipart(stow)
     answer = httpx.post(f"{env.site_url}/dicom-web/studies/{planted.uid_base}.2", content=body,
                         headers={**env.site_auth(), **headers}, timeout=60)
-    assert answer.status_code == 200, answer.text
+    assert answer.status_code == 202, answer.text
     _refused_at_the_region(env.region_url, env.region_auth(), refused)
     # both accepted studies indexed (and completed: metadata, thumbnails, KOS manifest)
     def indexed() -> list[dict[str, object]] | None:

@@ -69,7 +69,7 @@ def test_identified_site_files_are_owner_only_under_umask_022(
                                    str(dicom_port), str(source)], check=False, capture_output=True,
                                   timeout=120)
             assert sent.returncode == 0, sent.stderr.decode(errors="replace")
-        assert _stow(http_port, tmp_path / "stow.dcm").status_code == 200
+        assert _stow(http_port, tmp_path / "stow.dcm").status_code == 202
 
         def settled() -> bool:
             reasons = list((data_dir / "quarantine").rglob("*.reason.json"))

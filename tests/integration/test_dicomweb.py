@@ -208,9 +208,13 @@ def test_stow_with_dicomweb_client_goes_through_the_pipeline(
     before = len(server.index.search_studies(StudyQuery()))
     response = client.store_instances([pydicom.dcmread(p) for p in paths])
     assert len(response.ReferencedSOPSequence) == 2 and "FailedSOPSequence" not in response
-    site, batch = server.enqueued[-1]
-    assert server.pipeline.ingest_batch(site, batch).stored == 2
+    # read-your-writes: searchable under the UIDs the answer names, as soon as answered
     assert len(server.index.search_studies(StudyQuery())) == before + 1
+    for item in response.ReferencedSOPSequence:
+        assert item.WarningReason == 0xB000  # de-identified: coerced
+        assert client.retrieve_instance(*item.RetrieveURL.split("/studies/")[1]
+                                        .replace("/series/", "/").replace("/instances/", "/")
+                                        .split("/")).SOPInstanceUID == item.ReferencedSOPInstanceUID
 
 
 def test_stow_reports_non_dicom_parts_as_failed(server: DicomwebServer, tmp_path: Path) -> None:
@@ -394,10 +398,9 @@ def test_stow_of_dicom_json_with_bulk_data(server: DicomwebServer, tmp_path: Pat
     document = original.to_json_dict(bulk_data_threshold=1024,
                                       bulk_data_element_handler=lambda e: f"bulk/{int(e.tag):08X}")
     response = _json_stow(server, document, [("application/octet-stream", original.PixelData)])
-    assert response.status_code == 200, response.text
-    assert response.json()["00081199"]["Value"][0]["00081155"]["Value"] == [original.SOPInstanceUID]
-    site, batch = server.enqueued[-1]
-    assert server.pipeline.ingest_batch(site, batch).stored == 1
+    assert response.status_code == 202, response.text  # stored de-identified (B000)
+    stored_uid = server.pipeline.policy.keys.uid(str(original.SOPInstanceUID))
+    assert response.json()["00081199"]["Value"][0]["00081155"]["Value"] == [stored_uid]
     key = server.index.find_instance(server.pipeline.policy.keys.uid(str(original.SOPInstanceUID)))
     assert key is not None
     stored = pydicom.dcmread(server.store.root / key[0])
@@ -454,9 +457,7 @@ def test_stow_of_dicom_json_with_compressed_frames(server: DicomwebServer, name:
     syntax = original.file_meta.TransferSyntaxUID
     response = _json_stow(server, document,
                           [(f"{media_type}; transfer-syntax={syntax}", f) for f in frames])
-    assert response.status_code == 200, response.text
-    site, batch = server.enqueued[-1]
-    assert server.pipeline.ingest_batch(site, batch).stored == 1
+    assert response.status_code == 202, response.text  # stored de-identified (B000)
     key = server.index.find_instance(server.pipeline.policy.keys.uid(str(original.SOPInstanceUID)))
     assert key is not None
     stored = pydicom.dcmread(server.store.root / key[0])
@@ -1008,17 +1009,19 @@ def test_stow_of_an_altered_copy_of_a_stored_instance_leaves_the_original_byte_i
     original.PixelData = pixels.tobytes()
     altered = tmp_path / "altered.dcm"
     original.save_as(altered, enforce_file_format=True)
-    response = httpx.post(f"{server.url}/studies", content=_multipart(
-        [("application/dicom", altered.read_bytes())]), headers=_stow_headers())
-    assert response.status_code == 200, response.text
     access = AccessRepository(server.index.engine)
     server.pipeline.audit = access.append_audit
     try:
-        site, batch = server.enqueued[-1]
-        report = server.pipeline.ingest_batch(site, batch)
+        response = httpx.post(f"{server.url}/studies", content=_multipart(
+            [("application/dicom", altered.read_bytes())]), headers=_stow_headers(), timeout=60)
     finally:
         server.pipeline.audit = None
-    assert (report.stored, report.quarantined) == (0, 1)
+    # the answer tells the truth: not stored, a duplicate SOP instance (0111), and why
+    assert response.status_code == 409, response.text
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0x0111]
+    assert failed["00081155"]["Value"] == [str(original.SOPInstanceUID)]
+    assert "a different instance is stored under these UIDs" in response.headers["Warning"]
     assert hashlib.sha256(server.store.get(row.object_key)).hexdigest() == before
     assert server.index.search_instances(InstanceQuery(sop_instance_uids=(row.sop_instance_uid,))) == [row]
     [alert] = access.search_audit(AuditQuery(actions=("instance.conflict",)))

@@ -58,7 +58,7 @@ def _stored_instance(server: DicomwebServer) -> pydicom.Dataset:
 
 
 def _spooled(server: DicomwebServer) -> list[Path]:
-    return list((server.pipeline.spool_root / "site1").rglob("*.dcm"))
+    return list((server.pipeline.spool_root / server.spool_site).rglob("*.dcm"))
 
 
 def test_region_refuses_identified_instances_with_the_reason(region: DicomwebServer,
@@ -102,10 +102,17 @@ def test_region_takes_an_object_of_the_domain(region: DicomwebServer) -> None:
 
 
 def test_site_still_takes_identified_uploads(site: DicomwebServer, tmp_path: Path) -> None:
-    answer = _stow(site, _identified(tmp_path, 33))
-    assert answer.status_code == 200, answer.text
-    site_id, batch = site.enqueued[-1]
-    assert site.pipeline.ingest_batch(site_id, batch).stored == 2
+    sent = _identified(tmp_path, 33)
+    answer = _stow(site, sent)
+    # Stored de-identified: every instance coerced (B000), so 202 (PS3.18 Table 10.5.3-1).
+    assert answer.status_code == 202, answer.text
+    referenced = answer.json()["00081199"]["Value"]
+    assert [item["00081196"]["Value"] for item in referenced] == [[0xB000], [0xB000]]
+    sent_uids = {str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID) for data in sent}
+    stored_uids = {item["00081155"]["Value"][0] for item in referenced}
+    assert not stored_uids & sent_uids  # the UIDs it is stored under, not those sent
+    for uid in stored_uids:  # searchable as soon as answered
+        assert site.index.find_instance(uid) is not None
 
 
 def test_region_refuses_lookups_by_original_identifiers(region: DicomwebServer) -> None:
@@ -147,7 +154,7 @@ def test_audit_keeps_no_value_a_caller_sent(region: DicomwebServer) -> None:
 def test_site_stow_audit_keeps_no_original_study_uid(site: DicomwebServer, tmp_path: Path) -> None:
     instances = _identified(tmp_path, 34)
     original = str(pydicom.dcmread(io.BytesIO(instances[0])).StudyInstanceUID)
-    assert _stow(site, instances, f"/studies/{original}").status_code == 200
+    assert _stow(site, instances, f"/studies/{original}").status_code == 202  # coerced
     events = [e for e in _audit(site) if e["action"] == "dicomweb.store"]
     assert events and original not in json.dumps(events)
     assert events[-1]["resource"] == "/dicom-web/studies/{study}"

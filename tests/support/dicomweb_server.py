@@ -19,6 +19,7 @@ from gateway.importer import run_import
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
 from storage import (
     AccessRepository,
+    AccessScope,
     FilesystemObjectStore,
     IndexRepository,
     StudyQuery,
@@ -40,7 +41,7 @@ class DicomwebServer:
     takes only objects of the domain)."""
 
     def __init__(self, root: Path, studies: int = 1, database_url: str | None = None, *,
-                 region: bool = False,
+                 region: bool = False, worker: bool = True,
                  **config: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
         engine = create_index_engine(database_url or f"sqlite:///{root / 'index.sqlite3'}")
@@ -62,13 +63,29 @@ class DicomwebServer:
         self.pipeline = pipeline
         self.enqueued: list[tuple[str, str]] = []
         index = self.index
+        # The region's worker: no secret, only objects of the domain (HTTP__ROLE=region).
+        self.writer_pipeline = (IngestPipeline(self.store, self.index,
+                                               DeidentificationPolicy(None, "region"),
+                                               root / "spool", root / "quarantine", region=True)
+                                if region else pipeline)
+        self.spool_site = "region" if region else "site1"
+        writer = self.writer_pipeline
 
-        def stored_study(study_instance_uid: str) -> bool:
-            return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,))) > 0
+        def stored_study(study_instance_uid: str, scope: AccessScope) -> bool:
+            return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
+                                                  scope=scope)) > 0
 
-        stow = StowTarget(Spool(root / "spool", "site1"),
-                          lambda site, batch: self.enqueued.append((site, batch)),
-                          max_bytes=4 * 1024 * 1024, stored_study=stored_study if region else None)
+        def enqueue(site_id: str, batch_id: str) -> None:
+            """Like the broker and a worker: the batch is processed in the background
+            (`worker=False`: only recorded, the test runs it)."""
+            self.enqueued.append((site_id, batch_id))
+            if worker:
+                threading.Thread(target=writer.ingest_batch, args=(site_id, batch_id),
+                                 daemon=True).start()
+
+        stow = StowTarget(Spool(root / "spool", self.spool_site), enqueue,
+                          max_bytes=4 * 1024 * 1024, stored_study=stored_study if region else None,
+                          reply_seconds=30 if worker else 0.5)
         # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
         keys = PseudonymKeys(b"w" * 32)
 

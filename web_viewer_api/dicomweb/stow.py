@@ -2,11 +2,15 @@
 
 The body is parsed as it arrives and each part is written to a temporary file in the spool
 (never the whole body in memory); each DICOM part is then spooled like a C-STORE, the
-batches are handed to the worker, and the response lists referenced and failed instances.
+batches are handed to the worker, and the answer waits for the worker's reply
+(`worker.replies`): it names the UIDs each instance is stored and searchable under, with
+its RetrieveURL, a B000 warning where attributes were coerced, and the instances that will
+not be stored with their reason (read-your-writes, like a PACS that stores in-request).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import json
@@ -28,14 +32,19 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
 
+from storage import AccessScope
 from web_viewer_api.dicomweb.multipart import parse_accept
 from worker import (
     UNREADABLE_DATASET_ERRORS,
+    InstanceOutcome,
     Spool,
     SpoolWriteError,
     new_association_tag,
     open_private,
     private_directory,
+    remove_stale_replies,
+    request_reply,
+    take_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -46,14 +55,17 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: PS3.18 Table 10.5.3-2 warning: the stored instance differs from the one sent.
+COERCION_OF_DATA_ELEMENTS = 0xB000
 #: Refused by the regional API: not an object of the domain (identified, or outside every
 #: stored study). A "Cxxx cannot understand" failure of our own, explained in the Warning.
 NOT_OF_THE_DOMAIN = 0xC001
 NOT_OF_THE_DOMAIN_WARNING = (
     '299 dicom-gateway "refused {count} instance(s) not of the pseudonymization domain '
     '(FailureReason C001): the regional API holds no pseudonymization secret and takes '
-    "only de-identified objects (PatientIdentityRemoved YES) of studies it stores; send "
-    'identified studies to the producing site (its DICOM node or its API)"')
+    "only de-identified objects (PatientIdentityRemoved YES) written back into studies it "
+    "stores and this credential may read; send identified studies to the producing site "
+    '(its DICOM node or its API)"')
 
 
 class StowRequestError(Exception):
@@ -71,10 +83,13 @@ class StowTarget:
     spool: Spool
     enqueue: Callable[[str, str], None]
     max_bytes: int = 2 * 1024**3
-    #: The regional API: Study Instance UID -> whether the index stores that study. When set,
-    #: only objects of the domain are taken (PatientIdentityRemoved YES, into a stored study,
-    #: whose UIDs are the domain's); anything else may be identified and is refused.
-    stored_study: Callable[[str], bool] | None = None
+    #: The regional API: (Study Instance UID, writer's scope) -> whether the index stores
+    #: that study within the scope. When set, only objects of the domain are taken
+    #: (PatientIdentityRemoved YES, into a stored study the writer may read); anything else
+    #: may be identified and is refused.
+    stored_study: Callable[[str, AccessScope], bool] | None = None
+    #: How long an answer waits for the worker before saying what is still being processed.
+    reply_seconds: float = 60.0
 
     @property
     def incoming(self) -> Path:
@@ -95,6 +110,7 @@ class StowTarget:
                 continue
         if removed:
             log.info("STOW-RS: removed %d parts of interrupted uploads", removed)
+        remove_stale_replies(self.spool.root)  # replies of answers that gave up waiting
         return removed
 
 
@@ -150,22 +166,107 @@ def of_the_domain(identity_removed: str, study: str, stored_study: Callable[[str
     return identity_removed.strip().upper() == "YES" and stored_study(study)
 
 
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance stored and searchable: the UIDs it is stored under (de-identified at a
+    site, the domain's for a write-back), and whether attributes were coerced."""
+
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    coerced: bool = False
+
+
 @dataclass
 class StowOutcome:
-    referenced: list[tuple[str, str]] = field(default_factory=list)
-    failed: list[tuple[str, str, int]] = field(default_factory=list)
+    referenced: list[StoredInstance] = field(default_factory=list)
+    #: (SOP class, SOP instance as sent, failure reason, explanation).
+    failed: list[tuple[str, str, int, str]] = field(default_factory=list)
+    #: Spooled, durable, not yet processed when the answer could wait no longer: (SOP
+    #: class, SOP instance as sent).
+    pending: list[tuple[str, str]] = field(default_factory=list)
+    #: Spooled and awaited: (site, batch, spool file name) -> (SOP class, SOP instance as sent).
+    awaited: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    waited_seconds: float = 0.0
+
+    def refuse(self, sop_class: str, sop: str, reason: int, explanation: str = "") -> None:
+        self.failed.append((sop_class, sop, reason, explanation))
 
     @property
     def headers(self) -> dict[str, str]:
-        """The Warning header explaining refusals of identified objects (PS3.18 §8.6)."""
-        refused = sum(1 for *_, reason in self.failed if reason == NOT_OF_THE_DOMAIN)
-        return {"Warning": NOT_OF_THE_DOMAIN_WARNING.format(count=refused)} if refused else {}
+        """Warning headers (PS3.18 §8.6) saying why instances were refused, coerced or are
+        still being processed; no value of any instance."""
+        warnings_: list[str] = []
+        refused = sum(1 for _, _, reason, _ in self.failed if reason == NOT_OF_THE_DOMAIN)
+        if refused:
+            warnings_.append(NOT_OF_THE_DOMAIN_WARNING.format(count=refused))
+        explained: dict[str, int] = {}
+        for _, _, reason, explanation in self.failed:
+            if reason != NOT_OF_THE_DOMAIN and explanation:
+                explained[explanation] = explained.get(explanation, 0) + 1
+        for explanation, count in explained.items():
+            warnings_.append(_warning(f"{count} instance(s) not stored: {explanation}"))
+        coerced = sum(1 for item in self.referenced if item.coerced)
+        if coerced:
+            warnings_.append(_warning(
+                f"{coerced} instance(s) stored with attributes coerced (WarningReason B000): "
+                "de-identified, or a write-back cleaned; ReferencedSOPSequence names the UIDs "
+                "they are stored and retrievable under"))
+        if self.pending:
+            warnings_.append(_warning(
+                f"{len(self.pending)} instance(s) accepted and durable but not yet processed "
+                f"after {self.waited_seconds:.0f} s: searchable once the worker has run"))
+        return {"Warning": ", ".join(warnings_)} if warnings_ else {}
 
     @property
     def status_code(self) -> int:
-        if not self.failed:
-            return 200
-        return 202 if self.referenced else 409
+        """200 all stored as sent; 202 stored with warnings, failures or still pending;
+        409 nothing stored (PS3.18 Table 10.5.3-1)."""
+        if not (self.referenced or self.pending):
+            return 409 if self.failed else 200
+        if self.failed or self.pending or any(item.coerced for item in self.referenced):
+            return 202
+        return 200
+
+    async def await_replies(self, spool_root: Path, timeout: float) -> None:
+        """Wait until the worker replied for every awaited batch (or `timeout`): stored
+        instances become `referenced`, refused ones `failed`, the rest `pending`."""
+        batches = {(site, batch) for site, batch, _ in self.awaited}
+        started = time.monotonic()
+        delay = 0.002
+        while batches:
+            for site, batch in sorted(batches):
+                reply = take_reply(spool_root, site, batch)
+                if reply is None:
+                    continue
+                batches.discard((site, batch))
+                for (reply_site, reply_batch, name), sent in list(self.awaited.items()):
+                    if (reply_site, reply_batch) == (site, batch) and name in reply.instances:
+                        self._settle(sent, reply.instances[name])
+                        del self.awaited[(reply_site, reply_batch, name)]
+            if not batches or time.monotonic() - started >= timeout:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        self.waited_seconds = time.monotonic() - started
+        self.pending += list(self.awaited.values())
+        self.awaited.clear()
+
+    def _settle(self, sent: tuple[str, str], outcome: InstanceOutcome) -> None:
+        if outcome.stored:
+            self.referenced.append(StoredInstance(
+                outcome.sop_class_uid or sent[0], outcome.study_instance_uid,
+                outcome.series_instance_uid, outcome.sop_instance_uid, outcome.coerced))
+        else:
+            self.refuse(outcome.sop_class_uid or sent[0], sent[1],
+                        outcome.failure_reason or PROCESSING_FAILURE, outcome.reason)
+
+
+def _warning(text: str) -> str:
+    """One Warning value (RFC 9111 §5.5), its text kept to what a header can carry."""
+    cleaned = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else " " for c in text)
+    return f'299 dicom-gateway "{cleaned}"'
 
 
 DICOM_JSON = "application/dicom+json"
@@ -388,19 +489,22 @@ def _discard(parts: list[_Part], current: dict[str, Any]) -> None:
         part.path.unlink(missing_ok=True)
 
 
-def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | None) -> StowOutcome:
-    """Check each part, spool the good ones per study, enqueue the batches."""
+def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | None,
+                stored_study: Callable[[str], bool] | None = None) -> StowOutcome:
+    """Check each part, spool the good ones per study, mark each batch as awaited and
+    enqueue it (`StowOutcome.await_replies` then waits for the worker). `stored_study`:
+    the regional API's check, bound to the writer's scope."""
     outcome = StowOutcome()
     tag = new_association_tag()
     batches: set[str] = set()
     try:
         for part in parts:
             if part.refused is not None:
-                outcome.failed.append(part.refused)
+                outcome.refuse(*part.refused)
                 continue
             content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
             if content_type.strip().lower() != "application/dicom":
-                outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+                outcome.refuse("", "", CANNOT_UNDERSTAND, "a part is not application/dicom")
                 continue
             try:
                 header = pydicom.dcmread(part.path, stop_before_pixels=True)
@@ -409,31 +513,37 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 study = str(header.StudyInstanceUID)
                 identity_removed = str(header.get("PatientIdentityRemoved", ""))
             except _UNREADABLE:
-                outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+                outcome.refuse("", "", CANNOT_UNDERSTAND, "a part is not a readable DICOM data set")
                 continue
             # Screened from its head already; checked again on the whole part as spooled.
-            if target.stored_study is not None and not of_the_domain(
-                    identity_removed, study, target.stored_study):
-                outcome.failed.append((sop_class, sop, NOT_OF_THE_DOMAIN))
+            if stored_study is not None and not of_the_domain(identity_removed, study,
+                                                              stored_study):
+                outcome.refuse(sop_class, sop, NOT_OF_THE_DOMAIN)
                 continue
             if study_in_path is not None and study != study_in_path:
-                outcome.failed.append((sop_class, sop, DOES_NOT_MATCH))
+                outcome.refuse(sop_class, sop, DOES_NOT_MATCH,
+                               "its Study Instance UID is not the study of the request path")
                 continue
             batch = target.spool.batch_id(tag, study)
             try:
-                target.spool.write(batch, sop, part.path.read_bytes())
+                path = target.spool.write(batch, sop, part.path.read_bytes())
             except ValueError:
-                outcome.failed.append((sop_class, sop, CANNOT_UNDERSTAND))
+                outcome.refuse(sop_class, sop, CANNOT_UNDERSTAND,
+                               "its SOP Instance UID is not a valid UID")
                 continue
             except SpoolWriteError:
-                outcome.failed.append((sop_class, sop, OUT_OF_RESOURCES))
+                outcome.refuse(sop_class, sop, OUT_OF_RESOURCES, "the spool could not take it")
                 continue
             batches.add(batch)
-            outcome.referenced.append((sop_class, sop))
+            outcome.awaited[(target.spool.site_id, batch, path.name)] = (sop_class, sop)
     finally:
         for part in parts:
             part.path.unlink(missing_ok=True)
     for batch in sorted(batches):
+        try:
+            request_reply(target.spool.site_dir / batch)
+        except OSError as exc:  # still processed; the answer says it is pending
+            log.error("STOW batch %s: reply not requested (%s)", batch, type(exc).__name__)
         try:
             target.enqueue(target.spool.site_id, batch)
         except Exception as exc:  # noqa: BLE001 - broker down: the node's sweeper re-enqueues it
@@ -441,21 +551,35 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
     return outcome
 
 
-def response_dataset(outcome: StowOutcome) -> dict[str, Any]:
-    """The STOW-RS response body (PS3.18 Table 10.5.3-3) as DICOM JSON."""
+def response_dataset(outcome: StowOutcome, base_url: str) -> dict[str, Any]:
+    """The STOW-RS response body (PS3.18 Table 10.5.3-3) as DICOM JSON: the stored UIDs
+    with their RetrieveURL (and the study's, when all are in one study), WarningReason
+    B000 where attributes were coerced, and the failed instances with their reason."""
     dataset = Dataset()
     referenced = []
-    for sop_class, sop in outcome.referenced:
+    for stored in outcome.referenced:
+        item = Dataset()
+        item.ReferencedSOPClassUID = stored.sop_class_uid
+        item.ReferencedSOPInstanceUID = stored.sop_instance_uid
+        item.RetrieveURL = (f"{base_url}/studies/{stored.study_instance_uid}/series/"
+                            f"{stored.series_instance_uid}/instances/{stored.sop_instance_uid}")
+        if stored.coerced:
+            item.WarningReason = COERCION_OF_DATA_ELEMENTS
+        referenced.append(item)
+    for sop_class, sop in outcome.pending:  # durable, not yet processed: as sent, no URL
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
         referenced.append(item)
     failed = []
-    for sop_class, sop, reason in outcome.failed:
+    for sop_class, sop, reason, _ in outcome.failed:
         item = Dataset()
         if sop:
             item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
         item.FailureReason = reason
         failed.append(item)
+    studies = {stored.study_instance_uid for stored in outcome.referenced}
+    if len(studies) == 1 and not outcome.pending:
+        dataset.RetrieveURL = f"{base_url}/studies/{studies.pop()}"
     if referenced:
         dataset.ReferencedSOPSequence = Sequence(referenced)
     if failed:
@@ -464,5 +588,5 @@ def response_dataset(outcome: StowOutcome) -> dict[str, Any]:
     return result
 
 
-__all__ = ["NOT_OF_THE_DOMAIN", "SCREEN_BYTES", "StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
+__all__ = ["NOT_OF_THE_DOMAIN", "SCREEN_BYTES", "StoredInstance", "StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
            "receive_parts", "response_dataset", "screen_part", "spool_parts"]

@@ -680,6 +680,12 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
                         f"only; this API files uploads under site {target.spool.site_id}")
     if study is not None:
         check_uid(study, "StudyInstanceUID")
+    stored_study: Callable[[str], bool] | None = None
+    if target.stored_study is not None:  # the region: write-backs into studies the writer reads
+        check, scope = target.stored_study, principal.scope
+
+        def stored_study(study_instance_uid: str) -> bool:
+            return bool(check(study_instance_uid, scope))
     declared = request.headers.get("content-length")
     try:
         boundary, part_type = boundary_of(request.headers.get("content-type"))
@@ -689,7 +695,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
             raise StowRequestError(415, 'the regional API takes objects of the domain as '
                                         'multipart/related; type="application/dicom" only')
         parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes,
-                                    target.stored_study)
+                                    stored_study)
     except StowRequestError as exc:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
         return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
@@ -697,10 +703,13 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
     unbuilt = 0
     if part_type == "application/dicom+json":
         parts, unbuilt = json_parts_to_instances(parts, target.spool.root / ".incoming")
-    outcome = spool_parts(parts, target, study)
-    outcome.failed += [("", "", 0xC000)] * unbuilt
-    return Response(json.dumps(response_dataset(outcome)), status_code=outcome.status_code,
-                    media_type=DICOM_JSON, headers=outcome.headers)
+    outcome = await run_in_threadpool(spool_parts, parts, target, study, stored_study)
+    for _ in range(unbuilt):
+        outcome.refuse("", "", 0xC000, "a DICOM JSON data set could not be built")
+    await outcome.await_replies(target.spool.root, target.reply_seconds)
+    return Response(json.dumps(response_dataset(outcome, _base(request))),
+                    status_code=outcome.status_code, media_type=DICOM_JSON,
+                    headers=outcome.headers)
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
