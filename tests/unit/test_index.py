@@ -97,7 +97,7 @@ def test_fuzzy_patient_name_matches_word_prefixes_in_any_order(repository: Index
 
     def fuzzy(name: str) -> set[str]:
         return {s.study_instance_uid for s in repository.search_studies(
-            StudyQuery(patient_name=name, fuzzy_patient_name=True))}
+            StudyQuery(patient_name=name, fuzzy_person_names=True))}
 
     assert fuzzy("dupont") == {"2.25.401", "2.25.402", "2.25.403"}  # a component begins with it
     assert fuzzy("jean dupont") == {"2.25.401"}  # every word, any order

@@ -50,9 +50,11 @@ from web_viewer_api.dicomweb.qido import (
     ParsedQuery,
     QueryParameterError,
     include_fields,
+    instance_query,
     instance_to_dicom_json,
     parse_query,
     parse_study_query,
+    series_query,
     series_to_dicom_json,
     study_to_dicom_json,
 )
@@ -292,14 +294,7 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
             check_uid(study, "StudyInstanceUID")
     except (QueryParameterError, WadoError) as exc:
         raise BadRequest(str(exc)) from exc
-    number = parsed.values.get("SeriesNumber")
-    query = SeriesQuery(
-        study_instance_uid=study,
-        series_instance_uids=tuple(parsed.values.get("SeriesInstanceUID", "").replace("\\", ",").split(","))
-        if parsed.values.get("SeriesInstanceUID") else (),
-        modality=parsed.values.get("Modality"),
-        series_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset)
+    query = series_query(parsed, study)
 
     def answer(series: list[SeriesSummary]) -> Response:
         wado = _wado(request, index)
@@ -337,14 +332,7 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
                 check_uid(value, what)
     except (QueryParameterError, WadoError) as exc:
         raise BadRequest(str(exc)) from exc
-    number = parsed.values.get("InstanceNumber")
-    sops = parsed.values.get("SOPInstanceUID")
-    query = InstanceQuery(
-        study_instance_uid=study, series_instance_uid=series,
-        sop_instance_uids=tuple(sops.replace("\\", ",").split(",")) if sops else (),
-        sop_class_uid=parsed.values.get("SOPClassUID"),
-        instance_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset)
+    query = instance_query(parsed, study, series)
 
     def answer(found: list[InstanceSummary]) -> Response:
         wado = _wado(request, index)
