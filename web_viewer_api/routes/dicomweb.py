@@ -74,7 +74,7 @@ from web_viewer_api.dicomweb.wado import (
     WadoError,
     check_uid,
     frame_parts,
-    negotiate_instance_syntax,
+    negotiate_instance_representation,
     parse_frame_list,
     rendered,
 )
@@ -370,12 +370,15 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     if principal is not None and principal.share is not None and not principal.share.allow_download:
         raise Forbidden("this share allows viewing, not downloading whole instances")
     wado = _wado(request, index)
-    syntax = negotiate_instance_syntax(request.headers.get("accept"))
+    representation = negotiate_instance_representation(request.headers.get("accept"),
+                                                       instance_resource=sop is not None)
+    syntax = representation.transfer_syntax
     instances = wado.instances(study, series, sop)
     # The study is indexed (a de-identified UID): the trail may name it even if the stream
     # fails later (a failed request's own path is not kept, see web_viewer_api.audit).
     request.state.audit = {**(getattr(request.state, "audit", None) or {}), "study": study}
-    etag, modified = _etag(instances, f"dicom:{syntax}"), _last_modified(instances)
+    variant = f"dicom:{syntax}" + (":single" if representation.single_part else "")
+    etag, modified = _etag(instances, variant), _last_modified(instances)
     cached = _not_modified(request, etag, modified)
     if cached is not None:
         return cached
@@ -390,6 +393,9 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
         raise NotFoundError("not found")
     content_type, body, extra = first
     first = (content_type, as_bytes(body), extra)
+    if representation.single_part:  # one instance (PS3.18 §8.7.3): its Part 10 bytes alone
+        return Response(first[1], media_type=content_type,
+                        headers={"Cache-Control": _IMMUTABLE, "Vary": "Accept", **headers})
     return _multipart_response("application/dicom",
                                itertools.chain((first,), _while_shared(request, parts)), headers)
 
