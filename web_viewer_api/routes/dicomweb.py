@@ -262,9 +262,10 @@ async def _search(request: Request, index: IndexRepository, include: frozenset[s
 
 @router.get("/studies", summary="QIDO-RS: search for studies")
 async def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    """Match studies on PatientID, PatientName (fuzzy with `fuzzymatching=true`),
-    AccessionNumber, StudyDate (range), StudyInstanceUID (list), ModalitiesInStudy;
-    `limit`/`offset` page the results. No match is `200 []` (CP-2473)."""
+    """Match studies on the required keys of PS3.18 Table 10.6.1-5: StudyDate and
+    StudyTime (ranges), AccessionNumber, StudyID, PatientID (wildcards), PatientName and
+    ReferringPhysicianName (fuzzy with `fuzzymatching=true`), StudyInstanceUID (list),
+    ModalitiesInStudy; `limit`/`offset` page the results. No match is `200 []` (CP-2473)."""
     _require_json(request)
     try:
         parsed = parse_study_query(request.query_params.multi_items())
