@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -35,6 +35,7 @@ from storage import (
     StorageError,
     StudyQuery,
     StudySummary,
+    TimeRange,
 )
 from worker import decompress_for_serving
 
@@ -45,6 +46,7 @@ MAX_MATCHES = 5000
 #: The sub-operation counts are US: a retrieve moves at most this many instances.
 MAX_SUBOPERATIONS = 65535
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_Range = TypeVar("_Range", DateRange, TimeRange)
 
 
 @dataclass(frozen=True)
@@ -93,21 +95,51 @@ def _level(identifier: Dataset, model: str) -> str:
     return level
 
 
-def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
-    date = _matching_value(identifier, "StudyDate")
+def _range(identifier: Dataset, keyword: str, parse: Callable[[str], _Range]) -> _Range | None:
+    """A date or time matching key as a range (a single value is one), None if universal."""
+    text = _matching_value(identifier, keyword)
     try:
-        study_date = DateRange.parse(date) if date else None
+        return parse(text) if text else None
     except ValueError as exc:
-        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"StudyDate: {exc}") from exc
+        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: {exc}") from exc
+
+
+def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
+    """The study-level matching keys of an identifier (PS3.4 C.6.1.1.3, C.6.2.1.2). The
+    combined date-time extended negotiation is not offered: StudyDate and StudyTime match
+    apart (PS3.4 C.2.2.2.5)."""
     modalities = _text(identifier, "ModalitiesInStudy")
     return StudyQuery(
         patient_id=_matching_value(identifier, "PatientID"),
         patient_name=_matching_value(identifier, "PatientName"),
         accession_number=_matching_value(identifier, "AccessionNumber"),
-        study_date=study_date,
+        study_date=_range(identifier, "StudyDate", DateRange.parse),
+        study_time=_range(identifier, "StudyTime", TimeRange.parse),
+        study_id=_matching_value(identifier, "StudyID"),
+        referring_physician_name=_matching_value(identifier, "ReferringPhysicianName"),
         study_instance_uids=_uids(identifier, "StudyInstanceUID"),
         modalities=tuple(m for m in modalities.split("\\") if m and m != "*"),
         limit=limit)
+
+
+def _request_matching_value(identifier: Dataset, keyword: str) -> str | None:
+    """A matching key inside RequestAttributesSequence (its one item, PS3.4 C.2.2.2.6)."""
+    items = identifier.get("RequestAttributesSequence")
+    return _matching_value(items[0], keyword) if items else None
+
+
+def _series_query(identifier: Dataset, study_uid: str | None) -> SeriesQuery:
+    return SeriesQuery(
+        study_instance_uid=study_uid, series_instance_uids=_series_uids_filter(identifier),
+        modality=_matching_value(identifier, "Modality"),
+        series_number=_number(identifier, "SeriesNumber"),
+        performed_procedure_step_start_date=_range(
+            identifier, "PerformedProcedureStepStartDate", DateRange.parse),
+        performed_procedure_step_start_time=_range(
+            identifier, "PerformedProcedureStepStartTime", TimeRange.parse),
+        scheduled_procedure_step_id=_request_matching_value(identifier, "ScheduledProcedureStepID"),
+        requested_procedure_id=_request_matching_value(identifier, "RequestedProcedureID"),
+        limit=MAX_MATCHES)
 
 
 def _studies(service: QueryRetrieve, identifier: Dataset, scope: AccessScope,
@@ -158,15 +190,16 @@ def find_matches(service: QueryRetrieve, identifier: Dataset, model: str, ae_tit
     allowed = {s.study_instance_uid: s for s in filtered} if filtered is not None else None
     if level == "SERIES":
         for study_uid in _study_scope(identifier, allowed):
-            for series in service.search_for_series(scope, SeriesQuery(
-                    study_instance_uid=study_uid, series_instance_uids=_series_uids_filter(identifier),
-                    modality=_matching_value(identifier, "Modality"),
-                    series_number=_number(identifier, "SeriesNumber"), limit=MAX_MATCHES)):
+            for series in service.search_for_series(scope, _series_query(identifier, study_uid)):
                 values = {"StudyInstanceUID": series.study_instance_uid,
                           "SeriesInstanceUID": series.series_instance_uid,
                           "Modality": series.modality, "SeriesNumber": series.series_number,
                           "SeriesDescription": series.series_description,
                           "BodyPartExamined": series.body_part_examined,
+                          "PerformedProcedureStepStartDate":
+                              series.performed_procedure_step_start_date,
+                          "PerformedProcedureStepStartTime":
+                              series.performed_procedure_step_start_time,
                           "NumberOfSeriesRelatedInstances": series.number_of_instances}
                 if allowed and series.study_instance_uid in allowed:
                     values = {**_study_values(allowed[series.study_instance_uid]), **values}
@@ -179,7 +212,7 @@ def find_matches(service: QueryRetrieve, identifier: Dataset, model: str, ae_tit
             for instance in service.search_for_instances(scope, InstanceQuery(
                     study_instance_uid=study_uid, series_instance_uid=series_uid,
                     sop_instance_uids=_uids(identifier, "SOPInstanceUID"),
-                    sop_class_uid=_matching_value(identifier, "SOPClassUID"),
+                    sop_class_uids=_uids(identifier, "SOPClassUID"),
                     instance_number=_number(identifier, "InstanceNumber"), limit=MAX_MATCHES)):
                 yield (frozenset({instance.study_instance_uid}),
                        _response(requested, _instance_values(instance), level, ae_title))
@@ -187,7 +220,8 @@ def find_matches(service: QueryRetrieve, identifier: Dataset, model: str, ae_tit
 
 def _needs_study_filter(identifier: Dataset) -> bool:
     return any(_matching_value(identifier, k) for k in
-               ("PatientID", "PatientName", "AccessionNumber", "StudyDate", "ModalitiesInStudy"))
+               ("PatientID", "PatientName", "AccessionNumber", "StudyDate", "StudyTime", "StudyID",
+                "ReferringPhysicianName", "ModalitiesInStudy"))
 
 
 def _study_scope(identifier: Dataset, allowed: Mapping[str, StudySummary] | None) -> list[str | None]:

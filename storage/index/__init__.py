@@ -15,6 +15,7 @@ from storage.index.repository import (
     SeriesSummary,
     StudyQuery,
     StudySummary,
+    TimeRange,
     fuzzy_name_words,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "SeriesSummary",
     "StudyQuery",
     "StudySummary",
+    "TimeRange",
     "create_index_engine",
     "downgrade",
     "fuzzy_name_words",

@@ -85,6 +85,16 @@ class Series(_Timestamps, Base):
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     series_description: Mapped[str] = mapped_column(String(64), default="")
     body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    #: QIDO-RS required matching keys of the series (PS3.18 Table 10.6.1-5), as stored.
+    performed_procedure_step_start_date: Mapped[str] = mapped_column(
+        String(8), default="", server_default="")
+    performed_procedure_step_start_time: Mapped[str] = mapped_column(
+        String(16), default="", server_default="")
+    #: ScheduledProcedureStepID and RequestedProcedureID of its RequestAttributesSequence
+    #: items, backslash-joined.
+    scheduled_procedure_step_ids: Mapped[str] = mapped_column(
+        String(256), default="", server_default="")
+    requested_procedure_ids: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
 
 class Instance(_Timestamps, Base):

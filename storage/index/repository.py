@@ -11,7 +11,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Engine, Select, bindparam, delete, exists, func, or_, select, text
+from sqlalchemy import Engine, Select, String, bindparam, delete, exists, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,17 @@ def _int(dataset: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _request_values(dataset: Dataset, keyword: str) -> str:
+    """The values of `keyword` in the items of RequestAttributesSequence, backslash-joined
+    (a series may fulfil several requests)."""
+    found = [_text(item, keyword, 16) for item in dataset.get("RequestAttributesSequence") or ()]
+    return "\\".join(v for v in found if v)[:_REQUEST_VALUES_LENGTH]
+
+
+#: Room for the request identifiers of a series (SH values, backslash-joined).
+_REQUEST_VALUES_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,13 @@ class InstanceRecord:
                 "series_number": _int(dataset, "SeriesNumber"),
                 "series_description": _text(dataset, "SeriesDescription", 64),
                 "body_part_examined": _text(dataset, "BodyPartExamined", 16),
+                "performed_procedure_step_start_date": _text(
+                    dataset, "PerformedProcedureStepStartDate", 8),
+                "performed_procedure_step_start_time": _text(
+                    dataset, "PerformedProcedureStepStartTime", 16),
+                "scheduled_procedure_step_ids": _request_values(
+                    dataset, "ScheduledProcedureStepID"),
+                "requested_procedure_ids": _request_values(dataset, "RequestedProcedureID"),
             },
             instance={
                 "sop_instance_uid": _text(dataset, "SOPInstanceUID", 64),
@@ -150,6 +168,83 @@ class DateRange:
         if not start and not end:
             raise ValueError("empty date range")
         return cls(start or None, end or None)
+
+
+#: A TM value of a query (PS3.5 §6.2): HH, HHMM, HHMMSS or HHMMSS.F{1,6}.
+_QUERY_TIME = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?")
+
+
+def _time_key(value: str, *, upper: bool) -> str:
+    """A query time as the comparable key HHMMSS.FFFFFF: what a reduced precision leaves
+    out is the start of the period it names for a lower bound, its end for an upper one
+    ('1015' as an upper bound includes 10:15:59.999999). ValueError if not a TM."""
+    found = _QUERY_TIME.fullmatch(value)
+    if found is None:
+        raise ValueError(f"{value!r} is not a time HH[MM[SS[.FFFFFF]]]")
+    hours, minutes, seconds, fraction = found.groups()
+    if int(hours) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
+        raise ValueError(f"{value!r} is not a time of day")
+    fill = ("59", "59", "9") if upper else ("00", "00", "0")
+    return (f"{hours}{minutes or fill[0]}{seconds or fill[1]}."
+            f"{(fraction or '').ljust(6, fill[2])}")
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """An inclusive range of times of day (PS3.4 C.2.2.2.5: within a day, never across
+    midnight), as comparable keys HHMMSS.FFFFFF; an open end is None."""
+
+    start: str | None
+    end: str | None
+
+    @classmethod
+    def parse(cls, value: str) -> TimeRange:
+        """Parse a single time (the period it names: '1015' is 10:15:00 to 10:15:59.999999),
+        '<time>-', '-<time>' or '<time1>-<time2>' (ValueError if not, or if time1 is after
+        time2)."""
+        value = value.strip()
+        start, _, end = value.partition("-") if "-" in value else (value, "", value)
+        if not start and not end:
+            raise ValueError("empty time range")
+        found = cls(_time_key(start, upper=False) if start else None,
+                    _time_key(end, upper=True) if end else None)
+        if found.start and found.end and found.start > found.end:
+            raise ValueError("a time range cannot cross midnight (PS3.4 C.2.2.2.5)")
+        return found
+
+
+def stored_time_key(column: Any) -> Any:
+    """SQL for a stored TM column as the key HHMMSS.FFFFFF (padded with zeros, ACR-NEMA
+    colons dropped) that `TimeRange` bounds compare with as strings."""
+    digits = func.replace(column, ":", "", type_=String)
+    whole = func.substr(digits.concat("000000"), 1, 6, type_=String)
+    fraction = func.substr(func.substr(digits, 8, type_=String).concat("000000"), 1, 6,
+                           type_=String)
+    return whole.concat(".").concat(fraction)
+
+
+def _in_time_range(column: Any, start: Any, end: Any) -> list[Any]:
+    """Conditions for a stored TM column within bounds (values or bind parameters; None for
+    an open end): an empty value matches no range."""
+    key = stored_time_key(column)
+    return [column != "", *([key >= start] if start is not None else []),
+            *([key <= end] if end is not None else [])]
+
+
+def _in_date_range(column: Any, start: Any, end: Any) -> list[Any]:
+    """Conditions for a stored DA column within bounds (values or bind parameters; None for
+    an open end): an empty value matches no range."""
+    return [column != "", *([column >= start] if start is not None else []),
+            *([column <= end] if end is not None else [])]
+
+
+def _multi_valued_matching(column: Any, pattern: str) -> Any:
+    """Single value or wildcard matching of one of the backslash-joined values of a column."""
+    like, value = _wildcard_value(pattern)
+    if not like:  # an exact value, as one of the joined values
+        value = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return or_(*(column.like(f"{before}{value}{after}", escape="\\")
+                 for before in ("", "%\\\\") for after in ("", "\\\\%")))
 
 
 @dataclass(frozen=True)
@@ -223,12 +318,18 @@ class StudyQuery:
     study_date: DateRange | None = None
     study_instance_uids: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ()
+    #: Range (or single value) of StudyTime, matched within a day, apart from StudyDate
+    #: (PS3.4 C.2.2.2.5 without the combined date-time extended negotiation).
+    study_time: TimeRange | None = None
+    study_id: str | None = None
+    referring_physician_name: str | None = None
     limit: int = 100
     offset: int = 0
     scope: AccessScope | None = None
-    #: Fuzzy PatientName matching (QIDO `fuzzymatching=true`): each word of the query
-    #: begins some component of the name, in any order, whatever the case.
-    fuzzy_patient_name: bool = False
+    #: Fuzzy matching of the person names, PatientName and ReferringPhysicianName (QIDO
+    #: `fuzzymatching=true`): each word of the query begins some component of the name,
+    #: in any order, whatever the case.
+    fuzzy_person_names: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,12 +355,18 @@ class StudySummary:
 
 @dataclass(frozen=True)
 class SeriesQuery:
-    """Series-level matching keys."""
+    """Series-level matching keys (PS3.18 Table 10.6.1-5): single value, wildcard (not for
+    dates, times and UIDs), list of UIDs, date and time ranges."""
 
     study_instance_uid: str | None = None
     series_instance_uids: tuple[str, ...] = ()
     modality: str | None = None
     series_number: int | None = None
+    performed_procedure_step_start_date: DateRange | None = None
+    performed_procedure_step_start_time: TimeRange | None = None
+    #: Matched against every item of RequestAttributesSequence.
+    scheduled_procedure_step_id: str | None = None
+    requested_procedure_id: str | None = None
     limit: int = 100
     offset: int = 0
     scope: AccessScope | None = None
@@ -274,16 +381,18 @@ class SeriesSummary:
     series_description: str
     body_part_examined: str
     number_of_instances: int
+    performed_procedure_step_start_date: str = ""
+    performed_procedure_step_start_time: str = ""
 
 
 @dataclass(frozen=True)
 class InstanceQuery:
-    """Instance-level matching keys."""
+    """Instance-level matching keys: UID lists, InstanceNumber single value."""
 
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     sop_instance_uids: tuple[str, ...] = ()
-    sop_class_uid: str | None = None
+    sop_class_uids: tuple[str, ...] = ()
     instance_number: int | None = None
     limit: int = 100
     offset: int = 0
@@ -329,10 +438,21 @@ def _wildcard(column: Any, pattern: str, *, case_insensitive: bool = False) -> A
     return _matching(column, like, value, case_insensitive=case_insensitive)
 
 
-#: The form of a study search: per text key None / exact / LIKE, which date bounds, UID
-#: list, modalities, how many words a fuzzy name has, the caller's scope shape.
-_StudyShape = tuple[bool | None, bool | None, bool | None, bool, bool, bool, bool, bool, int,
-                    tuple[bool, bool, bool]]
+#: The form of a study search: per text key None / exact / LIKE, which date and time
+#: bounds, UID list, modalities, how many words each fuzzy person name has, the caller's
+#: scope shape.
+_StudyShape = tuple[tuple[bool | None, ...], tuple[bool, bool, bool], tuple[bool, bool, bool],
+                    bool, bool, tuple[int, int], tuple[bool, bool, bool]]
+
+#: The text keys of a study search: (field, column, case-insensitive: the PN ones).
+_STUDY_TEXT_KEYS = (("patient_id", Study.patient_id, False),
+                    ("patient_name", Study.patient_name, True),
+                    ("accession_number", Study.accession_number, False),
+                    ("study_id", Study.study_id, False),
+                    ("referring_physician_name", Study.referring_physician_name, True))
+#: The person names fuzzy matching applies to, with the prefix of their words' parameters.
+_FUZZY_NAMES = (("patient_name", Study.patient_name, "name_word"),
+                ("referring_physician_name", Study.referring_physician_name, "referring_word"))
 
 #: What separates the words of a person name (components, groups, spaces).
 _NAME_SEPARATORS = re.compile(r"[\s^=,]+")
@@ -353,49 +473,61 @@ def fuzzy_name_words(pattern: str) -> list[str]:
 def _study_plan(query: StudyQuery) -> tuple[_StudyShape, dict[str, Any]]:
     """The form of `query`'s SQL and the values it takes."""
     values: dict[str, Any] = {"limit": query.limit, "offset": query.offset}
+    fuzzy_counts: list[int] = []
+    fuzzy_fields: set[str] = set()
+    for name, _column, prefix in _FUZZY_NAMES:
+        pattern = getattr(query, name)
+        words = (fuzzy_name_words(pattern)[:MAX_FUZZY_WORDS]
+                 if query.fuzzy_person_names and pattern else [])
+        for number, word in enumerate(words):
+            values[f"{prefix}_{number}"] = word
+        if words:
+            fuzzy_fields.add(name)
+        fuzzy_counts.append(len(words))
     kinds: list[bool | None] = []
-    fuzzy = fuzzy_name_words(query.patient_name or "")[:MAX_FUZZY_WORDS] if query.fuzzy_patient_name else []
-    for number, word in enumerate(fuzzy):
-        values[f"name_word_{number}"] = word
-    for name, pattern, insensitive in (("patient_id", query.patient_id, False),
-                                       ("patient_name", None if fuzzy else query.patient_name, True),
-                                       ("accession_number", query.accession_number, False)):
+    for name, _column, insensitive in _STUDY_TEXT_KEYS:
+        pattern = None if name in fuzzy_fields else getattr(query, name)
         if not pattern:
             kinds.append(None)
             continue
         like, values[name] = _wildcard_value(pattern, case_insensitive=insensitive)
         kinds.append(like)
-    dates = query.study_date
+    dates, times = query.study_date, query.study_time
     values.update(date_start=dates.start if dates else None, date_end=dates.end if dates else None,
+                  time_start=times.start if times else None, time_end=times.end if times else None,
                   uids=list(query.study_instance_uids), modalities=list(query.modalities))
     scope = query.scope or AccessScope()
     values.update(scope.parameters())
-    shape: _StudyShape = (kinds[0], kinds[1], kinds[2], dates is not None,
-                          bool(dates and dates.start), bool(dates and dates.end),
-                          bool(query.study_instance_uids), bool(query.modalities), len(fuzzy),
-                          scope.shape)
+    shape: _StudyShape = (tuple(kinds),
+                          (dates is not None, bool(dates and dates.start), bool(dates and dates.end)),
+                          (times is not None, bool(times and times.start), bool(times and times.end)),
+                          bool(query.study_instance_uids), bool(query.modalities),
+                          (fuzzy_counts[0], fuzzy_counts[1]), scope.shape)
     return shape, values
 
 
+def _fuzzy_name_conditions(column: Any, prefix: str, words: int) -> list[Any]:
+    """Each word begins the name, a component or a space-separated part."""
+    person = func.upper(column)
+    return [or_(*(person.like(start + bindparam(f"{prefix}_{number}"), escape="\\")
+                  for start in ("", "%^", "% ", "%=")))
+            for number in range(words)]
+
+
 def _study_conditions(shape: _StudyShape) -> list[Any]:
-    patient_id, patient_name, accession, dated, start, end, uids, modalities, words, scope = shape
+    kinds, (dated, start, end), (timed, after, before), uids, modalities, fuzzy, scope = shape
     conditions: list[Any] = []
-    person = func.upper(Study.patient_name)
-    for number in range(words):  # the word begins the name, a component or a space-separated part
-        word: Any = bindparam(f"name_word_{number}")
-        conditions.append(or_(*(person.like(prefix + word, escape="\\")
-                                for prefix in ("", "%^", "% ", "%="))))
-    for like, column, name, insensitive in ((patient_id, Study.patient_id, "patient_id", False),
-                                            (patient_name, Study.patient_name, "patient_name", True),
-                                            (accession, Study.accession_number, "accession_number", False)):
+    for (_name, column, prefix), words in zip(_FUZZY_NAMES, fuzzy, strict=True):
+        conditions += _fuzzy_name_conditions(column, prefix, words)
+    for like, (name, column, insensitive) in zip(kinds, _STUDY_TEXT_KEYS, strict=True):
         if like is not None:
             conditions.append(_matching(column, like, bindparam(name), case_insensitive=insensitive))
-    if start:
-        conditions.append(Study.study_date >= bindparam("date_start"))
-    if end:
-        conditions.append(Study.study_date <= bindparam("date_end"))
     if dated:
-        conditions.append(Study.study_date != "")
+        conditions += _in_date_range(Study.study_date, bindparam("date_start") if start else None,
+                                     bindparam("date_end") if end else None)
+    if timed:
+        conditions += _in_time_range(Study.study_time, bindparam("time_start") if after else None,
+                                     bindparam("time_end") if before else None)
     if uids:
         conditions.append(Study.study_instance_uid.in_(bindparam("uids", expanding=True)))
     if modalities:
@@ -568,6 +700,20 @@ class IndexRepository:
             conditions.append(_wildcard(Series.modality, query.modality))
         if query.series_number is not None:
             conditions.append(Series.series_number == query.series_number)
+        dates = query.performed_procedure_step_start_date
+        if dates is not None:
+            conditions += _in_date_range(Series.performed_procedure_step_start_date,
+                                         dates.start, dates.end)
+        times = query.performed_procedure_step_start_time
+        if times is not None:
+            conditions += _in_time_range(Series.performed_procedure_step_start_time,
+                                         times.start, times.end)
+        if query.scheduled_procedure_step_id:
+            conditions.append(_multi_valued_matching(Series.scheduled_procedure_step_ids,
+                                                     query.scheduled_procedure_step_id))
+        if query.requested_procedure_id:
+            conditions.append(_multi_valued_matching(Series.requested_procedure_ids,
+                                                     query.requested_procedure_id))
         if query.scope is not None:
             conditions += query.scope.conditions(Series.study_instance_uid, Series.series_instance_uid)
         counts = (select(Instance.series_instance_uid.label("uid"), func.count().label("n"))
@@ -582,7 +728,9 @@ class IndexRepository:
         with Session(self.engine) as session:
             return [
                 SeriesSummary(s.study_instance_uid, s.series_instance_uid, s.modality,
-                              s.series_number, s.series_description, s.body_part_examined, int(n))
+                              s.series_number, s.series_description, s.body_part_examined, int(n),
+                              s.performed_procedure_step_start_date,
+                              s.performed_procedure_step_start_time)
                 for s, n in session.execute(statement)
             ]
 
@@ -595,8 +743,8 @@ class IndexRepository:
             conditions.append(Instance.series_instance_uid == query.series_instance_uid)
         if query.sop_instance_uids:
             conditions.append(Instance.sop_instance_uid.in_(query.sop_instance_uids))
-        if query.sop_class_uid:
-            conditions.append(Instance.sop_class_uid == query.sop_class_uid)
+        if query.sop_class_uids:
+            conditions.append(Instance.sop_class_uid.in_(query.sop_class_uids))
         if query.instance_number is not None:
             conditions.append(Instance.instance_number == query.instance_number)
         if query.scope is not None:

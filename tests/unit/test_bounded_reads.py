@@ -207,7 +207,7 @@ def test_study_searches_answer_alike_on_the_bounded_connection(index: IndexRepos
     queries = [
         StudyQuery(), StudyQuery(patient_id="PAAA"), StudyQuery(patient_id="P?A*"),
         StudyQuery(patient_id="P_%X"), StudyQuery(patient_name="anonymous^p*"),
-        StudyQuery(patient_name="paaa", fuzzy_patient_name=True),
+        StudyQuery(patient_name="paaa", fuzzy_person_names=True),
         StudyQuery(study_date=DateRange.parse("20240101-")), StudyQuery(study_date=DateRange.parse("-20240101")),
         StudyQuery(study_instance_uids=("2.25.100", "2.25.400", "2.25.999")),
         StudyQuery(modalities=("MR", "US")), StudyQuery(limit=1, offset=1), StudyQuery(offset=10),
@@ -238,5 +238,5 @@ def test_a_study_search_interrupted_on_the_bounded_connection_is_handed_back(
 
 def test_a_fuzzy_name_matches_on_its_first_words_only() -> None:
     name = " ".join(f"W{n}" for n in range(MAX_FUZZY_WORDS + 5))
-    _shape, values = _study_plan(StudyQuery(patient_name=name, fuzzy_patient_name=True))
+    _shape, values = _study_plan(StudyQuery(patient_name=name, fuzzy_person_names=True))
     assert sum(key.startswith("name_word_") for key in values) == MAX_FUZZY_WORDS

@@ -8,9 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from sqlalchemy import inspect, text
 
-from storage import DateRange, IndexRepository, StudyQuery, create_index_engine, migrate
+from storage import (
+    DateRange,
+    IndexRepository,
+    InstanceRecord,
+    SeriesQuery,
+    StudyQuery,
+    create_index_engine,
+    migrate,
+)
 from storage.index import downgrade
 from tests.support.index_records import study_records
 
@@ -97,7 +106,7 @@ def test_fuzzy_patient_name_matches_word_prefixes_in_any_order(repository: Index
 
     def fuzzy(name: str) -> set[str]:
         return {s.study_instance_uid for s in repository.search_studies(
-            StudyQuery(patient_name=name, fuzzy_patient_name=True))}
+            StudyQuery(patient_name=name, fuzzy_person_names=True))}
 
     assert fuzzy("dupont") == {"2.25.401", "2.25.402", "2.25.403"}  # a component begins with it
     assert fuzzy("jean dupont") == {"2.25.401"}  # every word, any order
@@ -171,3 +180,58 @@ def test_site_limited_callers_see_only_shares_of_their_sites_studies(repository:
     with repository.engine.begin() as connection:
         for table in ("share_items", "shares"):
             connection.execute(text(f"DELETE FROM {table}"))
+
+
+def test_migration_0006_keeps_series_and_ingest_fills_their_procedure_step_keys(
+        repository: IndexRepository) -> None:
+    """A series indexed before 0006 keeps its row, its new keys empty (reindex fills them);
+    an instance indexed after carries them from its dataset."""
+    downgrade(repository.engine, "0005")
+    with repository.engine.begin() as connection:
+        connection.execute(text("INSERT INTO patients (patient_id, patient_name, patient_birth_date, "
+                                "patient_sex) VALUES ('PFFF', '', '', '')"))
+        connection.execute(text("INSERT INTO studies (study_instance_uid, patient_id, patient_name, "
+                                "patient_birth_date, patient_sex, study_date, study_time, "
+                                "accession_number, study_id, study_description, "
+                                "referring_physician_name, specific_character_set, site_id) VALUES "
+                                "('2.25.600', 'PFFF', '', '', '', '', '', '', '', '', '', '', 's')"))
+        connection.execute(text("INSERT INTO series (series_instance_uid, study_instance_uid, "
+                                "modality, series_description, body_part_examined) VALUES "
+                                "('2.25.600.1', '2.25.600', 'CT', '', '')"))
+    migrate(repository.engine)
+    [old] = repository.search_series(SeriesQuery(study_instance_uid="2.25.600"))
+    assert (old.performed_procedure_step_start_date, old.performed_procedure_step_start_time) == ("", "")
+
+    [record] = study_records("2.25.700", "PGGG")
+    dataset = _record_dataset(record)
+    dataset.PerformedProcedureStepStartDate, dataset.PerformedProcedureStepStartTime = "20240102", "0930"
+    items = []
+    for step, procedure in (("S1", "R1"), ("S2", "")):
+        item = Dataset()
+        item.ScheduledProcedureStepID, item.RequestedProcedureID = step, procedure
+        items.append(item)
+    dataset.RequestAttributesSequence = items
+    filled = InstanceRecord.from_dataset(dataset, object_key="k", size_bytes=1, sha256="0" * 64,
+                                         transfer_syntax_uid="1.2.840.10008.1.2.1", site_id="s")
+    assert {k: filled.series[k] for k in ("performed_procedure_step_start_date",
+                                           "performed_procedure_step_start_time",
+                                           "scheduled_procedure_step_ids", "requested_procedure_ids")} == {
+        "performed_procedure_step_start_date": "20240102",
+        "performed_procedure_step_start_time": "0930",
+        "scheduled_procedure_step_ids": "S1\\S2", "requested_procedure_ids": "R1"}
+    repository.upsert_instances([filled])
+    [new] = repository.search_series(SeriesQuery(study_instance_uid="2.25.700"))
+    assert (new.performed_procedure_step_start_date, new.performed_procedure_step_start_time) == (
+        "20240102", "0930")
+
+
+def _record_dataset(record: InstanceRecord) -> Dataset:
+    """The identifying attributes of an index record as a dataset."""
+    dataset = Dataset()
+    dataset.StudyInstanceUID = record.study["study_instance_uid"]
+    dataset.SeriesInstanceUID = record.series["series_instance_uid"]
+    dataset.SOPInstanceUID = record.instance["sop_instance_uid"]
+    dataset.SOPClassUID = record.instance["sop_class_uid"]
+    dataset.PatientID = record.patient["patient_id"]
+    dataset.Modality = record.series["modality"]
+    return dataset

@@ -57,11 +57,13 @@ def test_study_json_matches_pydicom(changes: dict[str, object]) -> None:
     assert study_to_dicom_json(study, BASE) == _pydicom_study(study)
 
 
-@pytest.mark.parametrize("number", [7, None])
-def test_series_json_matches_pydicom(number: int | None) -> None:
+@pytest.mark.parametrize(("number", "started"), [(7, ("20240102", "101500.25")), (None, ("", ""))])
+def test_series_json_matches_pydicom(number: int | None, started: tuple[str, str]) -> None:
     series = SeriesSummary(study_instance_uid="2.25.1", series_instance_uid="2.25.1.2",
                            modality="CT", series_number=number, series_description="",
-                           body_part_examined="CHEST", number_of_instances=3)
+                           body_part_examined="CHEST", number_of_instances=3,
+                           performed_procedure_step_start_date=started[0],
+                           performed_procedure_step_start_time=started[1])
     dataset = Dataset()
     dataset.Modality = "CT"
     dataset.SeriesInstanceUID = "2.25.1.2"
@@ -69,6 +71,7 @@ def test_series_json_matches_pydicom(number: int | None) -> None:
     dataset.SeriesDescription = ""
     dataset.BodyPartExamined = "CHEST"
     dataset.NumberOfSeriesRelatedInstances = 3
+    dataset.PerformedProcedureStepStartDate, dataset.PerformedProcedureStepStartTime = started
     dataset.StudyInstanceUID = "2.25.1"
     dataset.RetrieveURL = f"{BASE}/studies/2.25.1/series/2.25.1.2"
     assert series_to_dicom_json(series, BASE) == dataset.to_json_dict()

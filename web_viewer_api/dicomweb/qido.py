@@ -11,29 +11,31 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from storage import (
     MAX_FUZZY_WORDS,
     DateRange,
+    InstanceQuery,
     InstanceSummary,
+    SeriesQuery,
     SeriesSummary,
     StudyQuery,
     StudySummary,
+    TimeRange,
     fuzzy_name_words,
 )
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 
-#: Study-level attributes this gateway matches on, by keyword.
+#: The required matching keys of PS3.18 Table 10.6.1-5 at each level, by keyword (a
+#: sequence item's attribute by its path). Any other attribute is ignored, with a Warning.
 STUDY_MATCHING_KEYS = frozenset(
-    {"PatientID", "PatientName", "AccessionNumber", "StudyDate", "StudyInstanceUID",
-     "ModalitiesInStudy"}
+    {"StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
+     "PatientName", "PatientID", "StudyInstanceUID", "StudyID"}
 )
 #: Study-level attributes returned for every match (PS3.18 Table 10.6.3-3) plus counts.
 STUDY_RETURN_KEYS = frozenset(
     STUDY_MATCHING_KEYS
-    | {"StudyTime", "ReferringPhysicianName", "StudyID", "PatientBirthDate", "PatientSex",
-       "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-       "SpecificCharacterSet", "RetrieveURL"}
+    | {"PatientBirthDate", "PatientSex", "StudyDescription", "NumberOfStudyRelatedSeries",
+       "NumberOfStudyRelatedInstances", "SpecificCharacterSet", "RetrieveURL"}
 )
-
 
 class QueryParameterError(ValueError):
     """A QIDO-RS query parameter that cannot be honoured (400)."""
@@ -86,10 +88,37 @@ def _parse_int(raw: str, name: str, minimum: int, maximum: int | None = None) ->
     return value
 
 
-SERIES_MATCHING_KEYS = frozenset({"Modality", "SeriesInstanceUID", "SeriesNumber",
-                                  "StudyInstanceUID"})
+SERIES_MATCHING_KEYS = frozenset({
+    "Modality", "SeriesInstanceUID", "SeriesNumber", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime", "RequestAttributesSequence.ScheduledProcedureStepID",
+    "RequestAttributesSequence.RequestedProcedureID", "StudyInstanceUID"})
 INSTANCE_MATCHING_KEYS = frozenset({"SOPInstanceUID", "SOPClassUID", "InstanceNumber",
                                     "SeriesInstanceUID", "StudyInstanceUID"})
+
+
+def _check_value(keyword: str, raw: str) -> None:
+    """QueryParameterError unless `raw` is a matching value the key's VR allows (PS3.4
+    C.2.2.2): no wildcard in a date, time, UID or number; ranges of dates and times."""
+    vr = dictionary_VR(keyword.rsplit(".", 1)[-1])
+    if vr == "DA":
+        try:
+            DateRange.parse(raw)
+        except ValueError as exc:
+            raise QueryParameterError(
+                f"{keyword} must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD, -YYYYMMDD, "
+                "YYYYMMDD-") from exc
+    elif vr == "TM":
+        try:
+            TimeRange.parse(raw)
+        except ValueError as exc:
+            raise QueryParameterError(f"{keyword}: {exc}; a time is HH[MM[SS[.FFFFFF]]], "
+                                      "a range time1-time2, -time or time-") from exc
+    elif vr == "UI":
+        for uid in _values(raw):
+            if not uid.replace(".", "").isdigit():
+                raise QueryParameterError(f"{keyword} must be UIDs")
+    elif vr == "IS":
+        _parse_int(raw, keyword, -(2**31), 2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -127,52 +156,79 @@ def parse_query(params: Iterable[tuple[str, str]], allowed: frozenset[str]) -> P
                 if keyword is None:
                     raise QueryParameterError(f"includefield: unknown attribute {included!r}")
                 include.add(f"{tag_for_keyword(keyword):08X}")
-        elif "." in name:  # a sequence attribute path (PS3.18 §8.3.4.1)
-            ignored.append(_sequence_path(name))  # the index keeps no sequence: ignored
         else:
-            keyword = _keyword(name)
+            # A sequence attribute path (PS3.18 §8.3.4.1) or an attribute.
+            keyword = _sequence_path(name) if "." in name else _keyword(name)
             if keyword is None:
                 raise QueryParameterError(f"unknown query parameter {name!r}")
             if keyword not in allowed:
                 ignored.append(keyword)
-            elif raw.strip() and raw.strip() != "*":
-                if keyword in ("SeriesNumber", "InstanceNumber"):
-                    _parse_int(raw, keyword, -(2**31), 2**31 - 1)
-                elif keyword.endswith("UID"):
-                    for uid in _values(raw):
-                        if not uid.replace(".", "").isdigit():
-                            raise QueryParameterError(f"{keyword} must be UIDs")
+            elif raw.strip() and raw.strip() != "*":  # empty or `*`: universal matching
+                _check_value(keyword, raw.strip())
                 values[keyword] = raw.strip()
     return ParsedQuery(values, limit, offset, tuple(ignored), fuzzy, frozenset(include))
 
 
+def _date_range(value: str | None) -> DateRange | None:
+    return DateRange.parse(value) if value else None  # checked by parse_query
+
+
+def _time_range(value: str | None) -> TimeRange | None:
+    return TimeRange.parse(value) if value else None  # checked by parse_query
+
+
 def parse_study_query(params: Iterable[tuple[str, str]]) -> ParsedStudyQuery:
-    """Turn QIDO-RS query parameters into a StudyQuery; QueryParameterError on bad values."""
+    """Turn QIDO-RS query parameters into a StudyQuery; QueryParameterError on bad values.
+    StudyDate and StudyTime are matched apart, as PS3.4 C.2.2.2.5 says without the combined
+    date-time extended negotiation (which QIDO-RS has no way to ask for)."""
     parsed = parse_query(params, STUDY_MATCHING_KEYS)
-    fields: dict[str, object] = {}
-    for keyword, value in parsed.values.items():
-        if keyword == "StudyDate":
-            try:
-                fields["study_date"] = DateRange.parse(value)
-            except ValueError as exc:
-                raise QueryParameterError(
-                    "StudyDate must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD") from exc
-        elif keyword == "StudyInstanceUID":
-            fields["study_instance_uids"] = _values(value)
-        elif keyword == "ModalitiesInStudy":
-            fields["modalities"] = _values(value)
-        else:
-            fields[_FIELD_OF[keyword]] = value
-    if parsed.fuzzy_requested and len(fuzzy_name_words(str(fields.get("patient_name", "")))) > MAX_FUZZY_WORDS:
-        raise QueryParameterError(f"fuzzy PatientName matching takes at most {MAX_FUZZY_WORDS} words")
-    query = StudyQuery(limit=parsed.limit, offset=parsed.offset,
-                       fuzzy_patient_name=parsed.fuzzy_requested, **fields)  # type: ignore[arg-type]
-    # Fuzzy matching applies to PatientName, the one person name the study level matches.
+    values = parsed.values
+    if parsed.fuzzy_requested and any(
+            len(fuzzy_name_words(values.get(k, ""))) > MAX_FUZZY_WORDS
+            for k in ("PatientName", "ReferringPhysicianName")):
+        raise QueryParameterError(f"fuzzy person name matching takes at most {MAX_FUZZY_WORDS} words")
+    query = StudyQuery(
+        patient_id=values.get("PatientID"), patient_name=values.get("PatientName"),
+        accession_number=values.get("AccessionNumber"),
+        study_date=_date_range(values.get("StudyDate")),
+        study_time=_time_range(values.get("StudyTime")),
+        study_instance_uids=_values(values.get("StudyInstanceUID", "")),
+        modalities=_values(values.get("ModalitiesInStudy", "")),
+        study_id=values.get("StudyID"),
+        referring_physician_name=values.get("ReferringPhysicianName"),
+        limit=parsed.limit, offset=parsed.offset, fuzzy_person_names=parsed.fuzzy_requested)
+    # Fuzzy matching applies to the person names of the study level: supported, no warning.
     return ParsedStudyQuery(query, parsed.ignored, False, parsed.include)
 
 
-_FIELD_OF = {"PatientID": "patient_id", "PatientName": "patient_name",
-             "AccessionNumber": "accession_number"}
+def series_query(parsed: ParsedQuery, study: str | None) -> SeriesQuery:
+    """The SeriesQuery of parsed series-level parameters, in `study` when given."""
+    values = parsed.values
+    number = values.get("SeriesNumber")
+    return SeriesQuery(
+        study_instance_uid=study,
+        series_instance_uids=_values(values.get("SeriesInstanceUID", "")),
+        modality=values.get("Modality"),
+        series_number=int(number) if number else None,
+        performed_procedure_step_start_date=_date_range(
+            values.get("PerformedProcedureStepStartDate")),
+        performed_procedure_step_start_time=_time_range(
+            values.get("PerformedProcedureStepStartTime")),
+        scheduled_procedure_step_id=values.get("RequestAttributesSequence.ScheduledProcedureStepID"),
+        requested_procedure_id=values.get("RequestAttributesSequence.RequestedProcedureID"),
+        limit=parsed.limit, offset=parsed.offset)
+
+
+def instance_query(parsed: ParsedQuery, study: str | None, series: str | None) -> InstanceQuery:
+    """The InstanceQuery of parsed instance-level parameters, in `study`/`series` when given."""
+    values = parsed.values
+    number = values.get("InstanceNumber")
+    return InstanceQuery(
+        study_instance_uid=study, series_instance_uid=series,
+        sop_instance_uids=_values(values.get("SOPInstanceUID", "")),
+        sop_class_uids=_values(values.get("SOPClassUID", "")),
+        instance_number=int(number) if number else None,
+        limit=parsed.limit, offset=parsed.offset)
 
 
 #: What `includefield=all` adds at each level, from a representative instance's JSON:
@@ -250,6 +306,8 @@ def series_to_dicom_json(series: SeriesSummary, retrieve_base_url: str) -> dict[
         ("SeriesDescription", series.series_description),
         ("BodyPartExamined", series.body_part_examined),
         ("NumberOfSeriesRelatedInstances", series.number_of_instances),
+        ("PerformedProcedureStepStartDate", series.performed_procedure_step_start_date),
+        ("PerformedProcedureStepStartTime", series.performed_procedure_step_start_time),
         ("StudyInstanceUID", series.study_instance_uid),
         ("RetrieveURL", (f"{retrieve_base_url}/studies/{series.study_instance_uid}"
                         f"/series/{series.series_instance_uid}")),
@@ -303,6 +361,8 @@ __all__ = [
     "MAX_LIMIT",
     "ParsedStudyQuery",
     "QueryParameterError",
+    "instance_query",
     "parse_study_query",
+    "series_query",
     "study_to_dicom_json",
 ]

@@ -38,6 +38,7 @@ from storage import (
 from web_viewer_api.dicomweb.multipart import (
     ANY_TRANSFER_SYNTAX,
     EXPLICIT_VR_LITTLE_ENDIAN,
+    MediaRange,
     StreamedPart,
     parse_accept,
 )
@@ -93,21 +94,51 @@ def check_uid(value: str, what: str) -> str:
 
 
 # Negotiation ----------------------------------------------------------------------------
-def negotiate_instance_syntax(accept: str | None) -> str:
-    """The transfer syntax to send instances in, or NotAcceptableError."""
+@dataclass(frozen=True)
+class InstanceRepresentation:
+    """How a retrieval sends its instances: in which transfer syntax, and whether as one
+    application/dicom body (single part) or as parts of multipart/related."""
+
+    transfer_syntax: str
+    single_part: bool = False
+
+
+def _acceptable_syntax(media: MediaRange) -> str | None:
+    """The transfer syntax a media range asks for, if this server can produce it."""
+    syntax = str(media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN))
+    if syntax == ANY_TRANSFER_SYNTAX or syntax in (
+            EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, *_LOSSLESS_TARGETS):
+        return syntax
+    return None
+
+
+def negotiate_instance_representation(accept: str | None, *,
+                                      instance_resource: bool) -> InstanceRepresentation:
+    """The representation of a DICOM retrieval (PS3.18 §8.7.3, §10.4.4), from the media
+    ranges of `accept`, best first: `application/dicom` names a single part, allowed for an
+    Instance Resource only (for a study or series it is ignored, as the standard says);
+    `multipart/related; type="application/dicom"`, `multipart/*` or `*/*` name parts.
+    NotAcceptableError when no range remains that this server can produce."""
     for media in parse_accept(accept):
-        if media.media_type in ("*/*", "multipart/*"):
-            return media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
-        if media.media_type in ("multipart/related", "application/dicom"):
-            part = media.params.get("type", "application/dicom")
-            if part not in ("application/dicom", "application/*", "*/*"):
+        if media.media_type == "application/dicom":
+            syntax = _acceptable_syntax(media) if instance_resource else None
+            if syntax is not None:
+                return InstanceRepresentation(syntax, single_part=True)
+        elif media.media_type in ("*/*", "multipart/*"):
+            return InstanceRepresentation(
+                str(media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)))
+        elif media.media_type == "multipart/related":
+            if media.params.get("type", "application/dicom") not in (
+                    "application/dicom", "application/*", "*/*"):
                 continue
-            syntax = media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
-            if syntax == ANY_TRANSFER_SYNTAX or syntax in (
-                EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, *_LOSSLESS_TARGETS):
-                return syntax
-    raise NotAcceptableError("no acceptable instance representation: use multipart/related; "
-                             'type="application/dicom" with transfer-syntax=* or a lossless one')
+            syntax = _acceptable_syntax(media)
+            if syntax is not None:
+                return InstanceRepresentation(syntax)
+    raise NotAcceptableError(
+        'no acceptable representation: use multipart/related; type="application/dicom" with '
+        "transfer-syntax=* or a lossless one"
+        + (", or application/dicom for this instance" if instance_resource
+           else " (application/dicom names a single instance only)"))
 
 
 def convert_instance(body: bytes, target: str) -> tuple[bytes, str]:

@@ -50,9 +50,11 @@ from web_viewer_api.dicomweb.qido import (
     ParsedQuery,
     QueryParameterError,
     include_fields,
+    instance_query,
     instance_to_dicom_json,
     parse_query,
     parse_study_query,
+    series_query,
     series_to_dicom_json,
     study_to_dicom_json,
 )
@@ -72,7 +74,7 @@ from web_viewer_api.dicomweb.wado import (
     WadoError,
     check_uid,
     frame_parts,
-    negotiate_instance_syntax,
+    negotiate_instance_representation,
     parse_frame_list,
     rendered,
 )
@@ -260,9 +262,10 @@ async def _search(request: Request, index: IndexRepository, include: frozenset[s
 
 @router.get("/studies", summary="QIDO-RS: search for studies")
 async def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    """Match studies on PatientID, PatientName (fuzzy with `fuzzymatching=true`),
-    AccessionNumber, StudyDate (range), StudyInstanceUID (list), ModalitiesInStudy;
-    `limit`/`offset` page the results. No match is `200 []` (CP-2473)."""
+    """Match studies on the required keys of PS3.18 Table 10.6.1-5: StudyDate and
+    StudyTime (ranges), AccessionNumber, StudyID, PatientID (wildcards), PatientName and
+    ReferringPhysicianName (fuzzy with `fuzzymatching=true`), StudyInstanceUID (list),
+    ModalitiesInStudy; `limit`/`offset` page the results. No match is `200 []` (CP-2473)."""
     _require_json(request)
     try:
         parsed = parse_study_query(request.query_params.multi_items())
@@ -292,14 +295,7 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
             check_uid(study, "StudyInstanceUID")
     except (QueryParameterError, WadoError) as exc:
         raise BadRequest(str(exc)) from exc
-    number = parsed.values.get("SeriesNumber")
-    query = SeriesQuery(
-        study_instance_uid=study,
-        series_instance_uids=tuple(parsed.values.get("SeriesInstanceUID", "").replace("\\", ",").split(","))
-        if parsed.values.get("SeriesInstanceUID") else (),
-        modality=parsed.values.get("Modality"),
-        series_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset)
+    query = series_query(parsed, study)
 
     def answer(series: list[SeriesSummary]) -> Response:
         wado = _wado(request, index)
@@ -337,14 +333,7 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
                 check_uid(value, what)
     except (QueryParameterError, WadoError) as exc:
         raise BadRequest(str(exc)) from exc
-    number = parsed.values.get("InstanceNumber")
-    sops = parsed.values.get("SOPInstanceUID")
-    query = InstanceQuery(
-        study_instance_uid=study, series_instance_uid=series,
-        sop_instance_uids=tuple(sops.replace("\\", ",").split(",")) if sops else (),
-        sop_class_uid=parsed.values.get("SOPClassUID"),
-        instance_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset)
+    query = instance_query(parsed, study, series)
 
     def answer(found: list[InstanceSummary]) -> Response:
         wado = _wado(request, index)
@@ -382,12 +371,15 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     if principal is not None and principal.share is not None and not principal.share.allow_download:
         raise Forbidden("this share allows viewing, not downloading whole instances")
     wado = _wado(request, index)
-    syntax = negotiate_instance_syntax(request.headers.get("accept"))
+    representation = negotiate_instance_representation(request.headers.get("accept"),
+                                                       instance_resource=sop is not None)
+    syntax = representation.transfer_syntax
     instances = wado.instances(study, series, sop)
     # The study is indexed (a de-identified UID): the trail may name it even if the stream
     # fails later (a failed request's own path is not kept, see web_viewer_api.audit).
     request.state.audit = {**(getattr(request.state, "audit", None) or {}), "study": study}
-    etag, modified = _etag(instances, f"dicom:{syntax}"), _last_modified(instances)
+    variant = f"dicom:{syntax}" + (":single" if representation.single_part else "")
+    etag, modified = _etag(instances, variant), _last_modified(instances)
     cached = _not_modified(request, etag, modified)
     if cached is not None:
         return cached
@@ -402,6 +394,9 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
         raise NotFoundError("not found")
     content_type, body, extra = first
     first = (content_type, as_bytes(body), extra)
+    if representation.single_part:  # one instance (PS3.18 §8.7.3): its Part 10 bytes alone
+        return Response(first[1], media_type=content_type,
+                        headers={"Cache-Control": _IMMUTABLE, "Vary": "Accept", **headers})
     return _multipart_response("application/dicom",
                                itertools.chain((first,), _while_shared(request, parts)), headers)
 
