@@ -296,13 +296,16 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
 
 
 def archived_as(index: IndexRepository, keys: PseudonymKeys) -> IsStored:
-    """Storage Commitment's archive check: is the instance of this original SOP Instance
-    UID indexed (under its keyed pseudonym, the only form the index knows) as stored by one
+    """Storage Commitment's archive check: is the instance of this SOP Instance UID as sent
+    indexed (under its keyed pseudonym, or its own UID for a write-back) as stored by one
     of these sites (the instance's owner, not its study's: a site's write into another
     site's study is its own)?"""
 
     def archived(original_uid: str, site_ids: frozenset[str]) -> bool:
-        return index.instance_site(keys.uid(original_uid)) in site_ids
+        # Under its keyed pseudonym (an identified instance), or as sent: an object of the
+        # domain written back keeps its UIDs (so does Retain UIDs).
+        return any(index.instance_site(uid) in site_ids
+                   for uid in (keys.uid(original_uid), original_uid))
 
     return archived
 
