@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from anonymize import DeidentificationPolicy, PseudonymKeys
+from anonymize import DeidentificationPolicy, PixelMask, PixelPolicy, PseudonymKeys
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import (
     FilesystemObjectStore,
@@ -26,13 +26,14 @@ SECRET = b"pipeline-test-secret-0123456789abcdef"
 US_WITH_TEXT = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds" / "GREYSCALE_IMAGE.dcm"
 
 
-def _pipeline(tmp_path: Path, store: object | None = None) -> IngestPipeline:
+def _pipeline(tmp_path: Path, store: object | None = None,
+              policy: DeidentificationPolicy | None = None) -> IngestPipeline:
     engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     migrate(engine)
     return IngestPipeline(
         store=store or FilesystemObjectStore(tmp_path / "objects"),  # type: ignore[arg-type]
         index=IndexRepository(engine),
-        policy=DeidentificationPolicy(PseudonymKeys(SECRET), "site1"),
+        policy=policy or DeidentificationPolicy(PseudonymKeys(SECRET), "site1"),
         spool_root=tmp_path / "spool",
         quarantine_root=tmp_path / "quarantine",
     )
@@ -135,3 +136,25 @@ def test_batch_names_cannot_escape_the_spool(tmp_path: Path) -> None:
     pipeline = _pipeline(tmp_path)
     with pytest.raises(ValueError):
         pipeline.ingest_batch("site1", "../../etc")
+
+
+def test_a_masked_ultrasound_sent_twice_is_one_stored_instance(tmp_path: Path) -> None:
+    ultrasound = pydicom.dcmread(US_WITH_TEXT)
+    mask = PixelMask("US", int(ultrasound.Rows), int(ultrasound.Columns), ((0, 0, 1024, 60),))
+    pipeline = _pipeline(tmp_path, policy=DeidentificationPolicy(
+        PseudonymKeys(SECRET), "site1", pixel_policy=PixelPolicy(masks=(mask,))))
+    reports = []
+    for batch in ("first", "again"):
+        directory = tmp_path / "spool" / "site1" / batch
+        directory.mkdir(parents=True)
+        ultrasound.save_as(directory / f"{ultrasound.SOPInstanceUID}.dcm", enforce_file_format=True)
+        reports.append(pipeline.ingest_batch("site1", batch))
+    # The second is an idempotent success: stored again as the same object, nothing added.
+    assert [(r.stored, r.quarantined) for r in reports] == [(1, 0), (1, 0)]
+    assert not (tmp_path / "quarantine").exists()
+    [key] = _instance_keys(pipeline)
+    stored = pydicom.dcmread(tmp_path / "objects" / key)
+    assert stored.SOPInstanceUID == PseudonymKeys(SECRET).uid(str(ultrasound.SOPInstanceUID))
+    assert stored.BurnedInAnnotation == "NO"
+    [study] = pipeline.index.search_studies(StudyQuery())
+    assert study.number_of_instances == 1
