@@ -10,6 +10,7 @@ from anonymize.actions import (
     DeidentificationError,
     DeidentificationPolicy,
     DeidentificationResult,
+    InvalidUIDError,
     TruncatedDataSetError,
     accession_qualifier,
     check_complete,
@@ -31,6 +32,7 @@ from anonymize.reversible import (
     load_certificate,
     restore_identity,
 )
+from anonymize.values import uid_problem, valid_value
 
 __all__ = [
     "DEFAULT_INS_ISSUER_OIDS",
@@ -43,6 +45,7 @@ __all__ = [
     "DeidentificationError",
     "DeidentificationPolicy",
     "DeidentificationResult",
+    "InvalidUIDError",
     "PixelMask",
     "PixelPolicy",
     "ProfileOption",
@@ -65,4 +68,6 @@ __all__ = [
     "pseudonymize_accession_number",
     "pseudonymize_patient_id",
     "restore_identity",
+    "uid_problem",
+    "valid_value",
 ]
