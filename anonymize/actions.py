@@ -47,7 +47,7 @@ from anonymize.pixels import BurnedInAnnotationRisk, PixelPolicy, apply_mask
 from anonymize.private import SafePrivateAttributes, load_safe_private
 from anonymize.profile import Action, ConfidentialityProfile, ProfileRow, load_profile
 from anonymize.reversible import encrypted_attributes_item
-from anonymize.values import uid_problem, valid_value
+from anonymize.values import CHARACTER_VRS, uid_problem, valid_value
 
 # ANS (Agence du Numérique en Santé) OIDs of the INS: NIR, NIA, and their test twins.
 DEFAULT_INS_ISSUER_OIDS = frozenset(
@@ -73,9 +73,6 @@ _DUMMY_BY_KEYWORD: dict[str, object] = {"TimezoneOffsetFromUTC": "+0000"}
 _FREE_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
 #: Replaced inside a dummied sequence; CS, AE and code items keep the structure meaningful.
 _DUMMY_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "UR"})
-#: VRs whose values are characters (decoded from an implicit-VR private attribute to judge them).
-_TEXT_WRITTEN_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
-                               "ST", "TM", "UC", "UI", "UR", "UT"})
 _BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
 _WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 #: UI attributes that name a class, syntax or scheme, never an instance: never remapped.
@@ -396,7 +393,7 @@ class _Deidentifier:
             return
         if vr == "UN" and listed and listed not in _BULK_VRS | {"SQ"}:
             vr = listed  # implicit VR: interpret by the table's VR
-            if vr in _TEXT_WRITTEN_VRS and isinstance(element.value, bytes):
+            if vr in CHARACTER_VRS and isinstance(element.value, bytes):
                 text = decode_bytes(element.value, self.encodings, set()).rstrip("\x00 ")
                 dataset[tag] = element = DataElement(tag, vr, text)
         if vr == "SQ" or (vr == "UN" and listed == "SQ"):
@@ -661,7 +658,8 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy) -> Deidentifica
 
     Raises DeidentificationError when the dataset lacks Study/Series/SOP Instance UIDs,
     InvalidUIDError (a DeidentificationError) when a UID it would keep as it is (the SOP
-    Class UID, any UID under Retain UIDs) is invalid, and BurnedInAnnotationRisk when its pixels may show identity and no mask applies.
+    Class UID, any UID under Retain UIDs) is invalid, and BurnedInAnnotationRisk when its
+    pixels may show identity and no mask applies.
     """
     _check_identifiers(dataset)
     _check_kept_uids(dataset, policy)

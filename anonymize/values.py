@@ -35,8 +35,9 @@ _LONG_TEXT_VRS = frozenset({"ST", "LT", "UT"})
 _SHORT_TEXT_VRS = frozenset({"SH", "LO", "UC", "PN"})
 _UID_MAX_LENGTH = 64
 _BINARY_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4}
-_WRITTEN_AS_TEXT = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
-                              "ST", "TM", "UC", "UI", "UR", "UT"})
+#: VRs whose values are written as characters (PS3.5 6.2).
+CHARACTER_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                           "TM", "UC", "UI", "UR", "UT"})
 
 
 def _offset_minutes(text: str) -> int | None:
@@ -89,12 +90,12 @@ def _valid_one(vr: str, value: Any) -> bool:
     """One value (never a multi-value) against its VR."""
     if isinstance(value, bytes | bytearray) and vr in _BINARY_SIZES:
         return len(value) % _BINARY_SIZES[vr] == 0  # undecoded (implicit VR): whole numbers
-    if isinstance(value, bytes | bytearray) and vr in _WRITTEN_AS_TEXT:
+    if isinstance(value, bytes | bytearray) and vr in CHARACTER_VRS:
         try:
             value = bytes(value).decode("ascii")  # undecoded text: judged as characters
         except UnicodeDecodeError:
             return False
-    elif vr in _WRITTEN_AS_TEXT and not isinstance(value, str):
+    elif vr in CHARACTER_VRS and not isinstance(value, str):
         # pydicom reads IS/DS as numbers, PN as PersonName: judge what was written
         value = getattr(value, "original_string", None) or str(value)
     validator = _VALIDATORS.get(vr)
