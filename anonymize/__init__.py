@@ -12,6 +12,7 @@ from anonymize.actions import (
     DeidentificationPolicy,
     DeidentificationResult,
     DomainIdentity,
+    InvalidUIDError,
     TruncatedDataSetError,
     accession_qualifier,
     check_complete,
@@ -33,6 +34,7 @@ from anonymize.reversible import (
     load_certificate,
     restore_identity,
 )
+from anonymize.values import uid_problem, valid_value
 
 __all__ = [
     "DEFAULT_INS_ISSUER_OIDS",
@@ -47,6 +49,7 @@ __all__ = [
     "DeidentificationPolicy",
     "DeidentificationResult",
     "DomainIdentity",
+    "InvalidUIDError",
     "PixelMask",
     "PixelPolicy",
     "ProfileOption",
@@ -69,4 +72,6 @@ __all__ = [
     "pseudonymize_accession_number",
     "pseudonymize_patient_id",
     "restore_identity",
+    "uid_problem",
+    "valid_value",
 ]

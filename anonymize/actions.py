@@ -47,6 +47,7 @@ from anonymize.pixels import BurnedInAnnotationRisk, PixelPolicy, apply_mask
 from anonymize.private import SafePrivateAttributes, load_safe_private
 from anonymize.profile import Action, ConfidentialityProfile, ProfileRow, load_profile
 from anonymize.reversible import encrypted_attributes_item
+from anonymize.values import CHARACTER_VRS, uid_problem, valid_value
 
 # ANS (Agence du Numérique en Santé) OIDs of the INS: NIR, NIA, and their test twins.
 DEFAULT_INS_ISSUER_OIDS = frozenset(
@@ -67,6 +68,8 @@ _DUMMY_BY_VR: dict[str, object] = {
     "AS": "000D", "IS": "0", "DS": "0", "US": 0, "SS": 0, "UL": 0, "SL": 0,
     "FL": 0.0, "FD": 0.0, "UV": 0, "SV": 0,
 }
+#: Dummies of attributes whose meaning narrows their VR (the VR's dummy would be invalid).
+_DUMMY_BY_KEYWORD: dict[str, object] = {"TimezoneOffsetFromUTC": "+0000"}
 _FREE_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC"})
 #: Replaced inside a dummied sequence; CS, AE and code items keep the structure meaningful.
 _DUMMY_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "UR"})
@@ -294,6 +297,7 @@ class _Deidentifier:
             patient_name, patient_id = domain.patient_name, domain.patient_id
         self.sop_class = str(dataset.get("SOPClassUID", "") or "")
         self._types: Any = None
+        self._all_types: Any = None
         self._drop_overlay_group = ProfileOption.CLEAN_GRAPHICS not in self.options
         charset = dataset.get("SpecificCharacterSet") or "ISO_IR 6"
         self.encodings = convert_encodings(charset)
@@ -322,11 +326,18 @@ class _Deidentifier:
         return self._cleaner
 
     def attribute_type(self, path: tuple[str, ...], keyword: str) -> AttributeType | None:
-        if self._types is None:
-            self._types = iod_types(self.sop_class, self.policy.profile.compound_keywords) or False
-        if self._types is False:
+        compound = self.policy.profile.compound_keywords
+        if keyword not in compound:  # only an invalid value needs these: built when one shows
+            if self._all_types is None:
+                self._all_types = iod_types(self.sop_class, None) or False
+            types = self._all_types
+        else:
+            if self._types is None:
+                self._types = iod_types(self.sop_class, compound) or False
+            types = self._types
+        if types is False:
             return None
-        result: AttributeType = self._types.type_of(path, keyword)
+        result: AttributeType = types.type_of(path, keyword)
         return result
 
     @staticmethod
@@ -382,11 +393,14 @@ class _Deidentifier:
             self._dummy(element, path, mode)
         elif mode is _Mode.DUMMY and vr in ("DA", "DT"):
             if ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
-                self._shift(element, path, mode)
+                self._shift(dataset, element, path, mode)
             else:
                 self._dummy(element, path, mode)
         elif mode is _Mode.CLEAN and vr in _FREE_TEXT_VRS:
             self._clean_text(element)
+            self._keep_if_valid(dataset, element, path, mode)
+        elif mode is _Mode.CLEAN:  # kept by a clean (C) action: only a valid value stays
+            self._keep_if_valid(dataset, element, path, mode)
 
     def _recurse(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
         inner = (*path, element.keyword or f"{int(element.tag):08X}")
@@ -421,7 +435,7 @@ class _Deidentifier:
             return
         if vr == "UN" and listed and listed not in _BULK_VRS | {"SQ"}:
             vr = listed  # implicit VR: interpret by the table's VR
-            if vr in _FREE_TEXT_VRS | {"PN", "UI"} and isinstance(element.value, bytes):
+            if vr in CHARACTER_VRS and isinstance(element.value, bytes):
                 text = decode_bytes(element.value, self.encodings, set()).rstrip("\x00 ")
                 dataset[tag] = element = DataElement(tag, vr, text)
         if vr == "SQ" or (vr == "UN" and listed == "SQ"):
@@ -440,7 +454,9 @@ class _Deidentifier:
         elif vr in _FREE_TEXT_VRS:
             self._clean_text(element)
         elif vr in ("DA", "DT"):
-            self._shift(element, path, mode)
+            self._shift(dataset, element, path, mode)
+        if element.tag in dataset and not valid_value(vr, element.value, element.keyword or ""):
+            del dataset[tag]  # the Safe Private row is a C: an invalid value is not kept
 
     @staticmethod
     def _drop_orphan_creators(dataset: Dataset) -> None:
@@ -495,10 +511,12 @@ class _Deidentifier:
         vr = element.VR
         if option is ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES:
             if vr in ("DA", "DT"):
-                self._shift(element, path, mode)
+                self._shift(dataset, element, path, mode)
                 return
             if vr in ("TM", "SH"):
-                return  # whole-day shifts keep times of day and timezone offsets as they are
+                # whole-day shifts keep times of day and timezone offsets, when valid
+                self._keep_if_valid(dataset, element, path, mode)
+                return
             # a binary timestamp cannot be shifted: the Basic Profile action stands
             self._basic(dataset, element, self._resolve_basic(row, path, element), path, mode)
             return
@@ -508,12 +526,14 @@ class _Deidentifier:
             self._dummy(element, path, mode)
         elif vr in _FREE_TEXT_VRS:
             self._clean_text(element)
+            self._keep_if_valid(dataset, element, path, mode)
         elif vr in ("DA", "DT") and ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
-            self._shift(element, path, mode)
+            self._shift(dataset, element, path, mode)
         elif option is ProfileOption.CLEAN_GRAPHICS and int(element.tag) >> 24 == 0x60:
-            return  # overlay bitmaps under Clean Graphics: kept as they are (documented)
+            # overlay bitmaps under Clean Graphics: kept as they are (documented), if valid
+            self._keep_if_valid(dataset, element, path, mode)
         elif vr in ("US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "CS", "UV", "SV"):
-            return  # numbers and codes carry no text
+            self._keep_if_valid(dataset, element, path, mode)  # numbers and codes carry no text
         else:  # binary or other values that cannot be cleaned: the Basic Profile action
             self._basic(dataset, element, self._resolve_basic(row, path, element), path, mode)
 
@@ -530,19 +550,35 @@ class _Deidentifier:
         cleaned = [self.cleaner.clean(str(v)) for v in _values(element)]
         element.value = cleaned if len(cleaned) > 1 else cleaned[0]
 
-    def _shift(self, element: DataElement, path: tuple[str, ...], mode: _Mode) -> None:
+    def _keep_if_valid(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
+                       mode: _Mode) -> None:
+        """Keep the value only if it is valid for the attribute (VR and meaning)."""
+        if not valid_value(element.VR, element.value, element.keyword or ""):
+            self._not_kept(dataset, element, path, mode)
+
+    def _not_kept(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
+                  mode: _Mode) -> None:
+        """A value a clean action cannot keep: removed, or emptied or dummied where the IOD
+        requires the attribute (resolved as X/Z/D)."""
+        self._basic(dataset, element, self._resolve("X/Z/D", path, element), path, mode)
+
+    def _shift(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
+               mode: _Mode) -> None:
         if element.value in (None, ""):
             return
         if self.domain is not None:  # dated like the study: no real date beside shifted ones
-            if not self.domain.study_date:
-                self._dummy(element, path, mode)
+            if not self.domain.study_date or not valid_value(element.VR, element.value):
+                self._not_kept(dataset, element, path, mode)
                 return
             dated = [self.domain.study_date + str(v)[8:] for v in _values(element)]
             element.value = dated if len(dated) > 1 else dated[0]
             return
-        shifted = [_shift_date(str(v), self.shift_days) for v in _values(element)]
-        if any(v is None for v in shifted):
-            self._dummy(element, path, mode)  # an unparseable date cannot be shifted safely
+        shifted = None
+        if valid_value(element.VR, element.value):
+            shifted = [_shift_date(str(v), self.shift_days) for v in _values(element)]
+        if shifted is None or any(v is None for v in shifted):
+            # invalid, or coarser than a day (a DT of a year): cannot be shifted safely
+            self._not_kept(dataset, element, path, mode)
             return
         element.value = shifted if len(shifted) > 1 else shifted[0]
 
@@ -571,6 +607,8 @@ class _Deidentifier:
             self._recurse(element, path, inner_mode)
         elif vr == "UI":
             self._remap_uid(element)
+        elif element.keyword in _DUMMY_BY_KEYWORD:
+            element.value = _DUMMY_BY_KEYWORD[element.keyword]
         elif vr in _DUMMY_BY_VR:
             element.value = _DUMMY_BY_VR[vr]
         elif vr in ("OB", "OW", "UN", "OF", "OD", "OL", "OV"):
@@ -603,11 +641,40 @@ def check_complete(dataset: Dataset) -> None:
             raise TruncatedDataSetError(f"data set is truncated at element {tag}")
 
 
+class InvalidUIDError(DeidentificationError):
+    """A UID the output would carry as it is (the SOP Class UID; any UID under the Retain
+    UIDs option) is not a valid UID. The message names the attribute and the fault, never
+    the value (an original identifier)."""
+
+
 def _check_identifiers(dataset: Dataset) -> None:
     check_complete(dataset)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not str(dataset.get(keyword, "") or "").strip():
             raise DeidentificationError(f"dataset lacks {keyword}")
+
+
+def _check_kept_uids(dataset: Dataset, policy: DeidentificationPolicy) -> None:
+    """InvalidUIDError for an invalid UID that de-identification would keep as it is."""
+    problem = uid_problem(str(dataset.SOPClassUID).strip())
+    if problem is not None:
+        raise InvalidUIDError(f"SOPClassUID is not a valid UID: {problem}")
+    if ProfileOption.RETAIN_UIDS not in policy.options:
+        return  # every instance UID becomes a keyed 2.25 UID
+    for element in dataset.iterall():
+        if element.VR != "UI" or element.tag.is_private:
+            continue
+        row = policy.profile.row_for(int(element.tag))
+        if row is None or row.options.get(ProfileOption.RETAIN_UIDS.value) != "K":
+            continue
+        for value in _values(element):
+            text = (value.decode("ascii", "replace") if isinstance(value, bytes)
+                    else str(value or "")).strip("\x00 ")
+            problem = uid_problem(text) if text else None
+            if problem is not None:
+                raise InvalidUIDError(
+                    f"{element.keyword or 'a UID attribute'} is not a valid UID and the Retain "
+                    f"UIDs option keeps it as it is: {problem}")
 
 
 def _record_method(dataset: Dataset, options: frozenset[ProfileOption], masked: bool) -> None:
@@ -645,11 +712,14 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy, *,
     Structured Content and Clean Descriptors, so a report's content stays, cleaned).
 
     Raises DeidentificationError when the dataset lacks Study/Series/SOP Instance UIDs,
-    and BurnedInAnnotationRisk when its pixels may show identity and no mask applies.
+    InvalidUIDError (a DeidentificationError) when a UID it would keep as it is (the SOP
+    Class UID, any UID under Retain UIDs) is invalid, and BurnedInAnnotationRisk when its
+    pixels may show identity and no mask applies.
     """
     _check_identifiers(dataset)
     if domain is not None:  # its originals are pseudonyms: nothing to encrypt for re-identification
         policy = replace(policy, options=policy.options | DOMAIN_OPTIONS, recipient_certificate=None)
+    _check_kept_uids(dataset, policy)
     masked = False
     risk = policy.pixel_policy.risk(dataset)
     if risk is not None:

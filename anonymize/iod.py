@@ -56,8 +56,9 @@ class IodTypes:
 
 
 @lru_cache(maxsize=512)
-def iod_types(sop_class_uid: str, keywords: frozenset[str]) -> IodTypes | None:
-    """Types of `keywords` in the IOD of `sop_class_uid`, or None for an unknown SOP class.
+def iod_types(sop_class_uid: str, keywords: frozenset[str] | None) -> IodTypes | None:
+    """Types of `keywords` (None: of every attribute) in the IOD of `sop_class_uid`, or None
+    for an unknown SOP class.
 
     Where the IOD's modules disagree, the strictest type wins (it keeps a dummy value
     rather than removing one: conformant, and no identity is kept either way).
@@ -69,7 +70,7 @@ def iod_types(sop_class_uid: str, keywords: frozenset[str]) -> IodTypes | None:
     types: dict[tuple[str, ...], AttributeType] = {}
     for module in iod_modules.get(iod, []):
         for attribute in module_attributes.get(module["key"], []):
-            if attribute["keyword"] not in keywords:
+            if keywords is not None and attribute["keyword"] not in keywords:
                 continue
             key = (*attribute["path"], attribute["keyword"])
             category = _category(str(attribute["type"]))

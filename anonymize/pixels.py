@@ -87,7 +87,11 @@ class PixelPolicy:
 
 
 def apply_mask(dataset: Dataset, mask: PixelMask) -> None:
-    """Black out the mask's rectangles on every frame; pixels are rewritten uncompressed."""
+    """Black out the mask's rectangles on every frame; pixels are rewritten uncompressed.
+
+    The instance keeps its SOP Instance UID: the same input masked twice is one instance
+    (the de-identifier then maps that UID as it maps every other).
+    """
     if "PixelData" not in dataset:
         raise BurnedInAnnotationRisk("instance at risk has no pixel data to mask (a document?)")
     pixels = np.array(dataset.pixel_array, copy=True)
@@ -99,6 +103,7 @@ def apply_mask(dataset: Dataset, mask: PixelMask) -> None:
     photometric = str(dataset.PhotometricInterpretation)
     if samples == 3 and photometric.startswith("YBR"):
         photometric = "RGB"  # pydicom's decoder returns RGB for YCbCr-coded JPEG
+    # pydicom would otherwise give the instance a new random SOP Instance UID at each call
     dataset.set_pixel_data(pixels, photometric_interpretation=photometric,
-                           bits_stored=int(dataset.BitsStored))
+                           bits_stored=int(dataset.BitsStored), generate_instance_uid=False)
     dataset.BurnedInAnnotation = "NO"

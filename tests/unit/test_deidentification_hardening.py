@@ -16,6 +16,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from anonymize import (
     BurnedInAnnotationRisk,
     DeidentificationPolicy,
+    InvalidUIDError,
     ProfileOption,
     PseudonymKeys,
     TextCleaner,
@@ -146,3 +147,26 @@ def test_cleaner_finds_names_at_any_depth_and_spelled_dates() -> None:
     text = cleaner.clean("Dr Smitherson saw 山田太郎様 on 3 March 2021 and 12 janvier 2022")
     for leaked in ("Smitherson", "山田", "太郎", "March", "janvier"):
         assert leaked not in text
+
+
+def test_an_invalid_uid_kept_under_retain_uids_is_refused_without_quoting_it() -> None:
+    nested = _base()
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = CTImageStorage
+    reference.ReferencedSOPInstanceUID = "1.2.840.99.0123"  # leading zero, two levels down
+    nested.ReferencedImageSequence = Sequence([reference])
+    with pytest.raises(InvalidUIDError, match="ReferencedSOPInstanceUID") as refused:
+        deidentify(nested, _policy(ProfileOption.RETAIN_UIDS))
+    assert "0123" not in str(refused.value) and "leading zero" in str(refused.value)
+    # Without the option the same UID is replaced by a keyed 2.25 UID: nothing to refuse.
+    remapped = _base()
+    remapped.ReferencedImageSequence = Sequence([reference])
+    deidentify(remapped, _policy())
+    assert remapped.ReferencedImageSequence[0].ReferencedSOPInstanceUID.startswith("2.25.")
+
+
+def test_an_invalid_sop_class_uid_is_refused_with_or_without_retain_uids() -> None:
+    dataset = _base()
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.X"  # kept as it is by every profile
+    with pytest.raises(InvalidUIDError, match="SOPClassUID"):
+        deidentify(dataset, _policy())

@@ -84,6 +84,8 @@ def _element(tag: int, index: int, tokens: dict[int, str]) -> DataElement | None
         uid = f"1.2.999.{index}"
         tokens[tag] = uid
         return DataElement(tag, "UI", uid)
+    if tag == 0x00080201:  # Timezone Offset From UTC: an SH that means &HHMM (no token fits)
+        return DataElement(tag, "SH", "+0100")
     if vr in TEXT_VRS or " or " in vr and "OB" not in vr:
         tokens[tag] = token
         return DataElement(tag, vr.split(" or ")[0], token)

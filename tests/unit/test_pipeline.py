@@ -9,7 +9,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from anonymize import DeidentificationPolicy, PseudonymKeys
+from anonymize import (
+    DEFAULT_OPTIONS,
+    DeidentificationPolicy,
+    PixelMask,
+    PixelPolicy,
+    ProfileOption,
+    PseudonymKeys,
+)
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import (
     FilesystemObjectStore,
@@ -26,13 +33,14 @@ SECRET = b"pipeline-test-secret-0123456789abcdef"
 US_WITH_TEXT = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds" / "GREYSCALE_IMAGE.dcm"
 
 
-def _pipeline(tmp_path: Path, store: object | None = None) -> IngestPipeline:
+def _pipeline(tmp_path: Path, store: object | None = None,
+              policy: DeidentificationPolicy | None = None) -> IngestPipeline:
     engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     migrate(engine)
     return IngestPipeline(
         store=store or FilesystemObjectStore(tmp_path / "objects"),  # type: ignore[arg-type]
         index=IndexRepository(engine),
-        policy=DeidentificationPolicy(PseudonymKeys(SECRET), "site1"),
+        policy=policy or DeidentificationPolicy(PseudonymKeys(SECRET), "site1"),
         spool_root=tmp_path / "spool",
         quarantine_root=tmp_path / "quarantine",
     )
@@ -135,3 +143,53 @@ def test_batch_names_cannot_escape_the_spool(tmp_path: Path) -> None:
     pipeline = _pipeline(tmp_path)
     with pytest.raises(ValueError):
         pipeline.ingest_batch("site1", "../../etc")
+
+
+def test_a_masked_ultrasound_sent_twice_is_one_stored_instance(tmp_path: Path) -> None:
+    ultrasound = pydicom.dcmread(US_WITH_TEXT)
+    mask = PixelMask("US", int(ultrasound.Rows), int(ultrasound.Columns), ((0, 0, 1024, 60),))
+    pipeline = _pipeline(tmp_path, policy=DeidentificationPolicy(
+        PseudonymKeys(SECRET), "site1", pixel_policy=PixelPolicy(masks=(mask,))))
+    reports = []
+    for batch in ("first", "again"):
+        directory = tmp_path / "spool" / "site1" / batch
+        directory.mkdir(parents=True)
+        ultrasound.save_as(directory / f"{ultrasound.SOPInstanceUID}.dcm", enforce_file_format=True)
+        reports.append(pipeline.ingest_batch("site1", batch))
+    # The second is an idempotent success: stored again as the same object, nothing added.
+    assert [(r.stored, r.quarantined) for r in reports] == [(1, 0), (1, 0)]
+    assert not (tmp_path / "quarantine").exists()
+    [key] = _instance_keys(pipeline)
+    stored = pydicom.dcmread(tmp_path / "objects" / key)
+    assert stored.SOPInstanceUID == PseudonymKeys(SECRET).uid(str(ultrasound.SOPInstanceUID))
+    assert stored.BurnedInAnnotation == "NO"
+    [study] = pipeline.index.search_studies(StudyQuery())
+    assert study.number_of_instances == 1
+
+
+@pytest.mark.parametrize("bad_uid", ["1.2.03.4", "1.2.840.ABC.1", "1.2.3 4", "1." + "2" * 70],
+                         ids=["leading-zero", "letters", "space", "too-long"])
+def test_an_invalid_uid_under_retain_uids_is_quarantined_once_with_its_reason(
+        tmp_path: Path, bad_uid: str) -> None:
+    policy = DeidentificationPolicy(PseudonymKeys(SECRET), "site1",
+                                    options=DEFAULT_OPTIONS | {ProfileOption.RETAIN_UIDS})
+    pipeline = _pipeline(tmp_path, policy=policy)
+    batch = _spool_batch(tmp_path, ct=3, mr=0)
+    bad_path = sorted(batch.glob("*.dcm"))[1]
+    bad = pydicom.dcmread(bad_path)
+    bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = bad_uid
+    bad.save_as(bad_path, enforce_file_format=True)
+    report = pipeline.ingest_batch("site1", "b1")  # finishes: no TransientPipelineError
+    assert (report.stored, report.quarantined) == (2, 1)
+    assert not batch.exists()
+    quarantined = tmp_path / "quarantine" / "site1" / "b1"
+    assert (quarantined / bad_path.name).exists()
+    reason_text = (quarantined / f"{bad_path.name}.reason.json").read_text()
+    reason = json.loads(reason_text)
+    assert reason["reason"] == "InvalidUIDError"
+    assert "SOPInstanceUID" in reason["detail"] and "Retain UIDs" in reason["detail"]
+    assert bad_uid not in reason_text  # an original identifier: never quoted
+    # The other instances are stored under their own (retained) UIDs.
+    stored = {pydicom.dcmread(tmp_path / "objects" / k).SOPInstanceUID for k in _instance_keys(pipeline)}
+    assert len(stored) == 2 and bad_uid not in stored
+    assert pipeline.ingest_batch("site1", "b1").missing  # done: nothing left to retry

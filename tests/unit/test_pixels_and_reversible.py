@@ -91,6 +91,20 @@ def test_mask_applies_to_every_frame_of_a_colour_cine() -> None:
     assert after.shape[0] == frames and not after[:, :40, :, :].any() and after[:, 40:, :, :].any()
 
 
+@pytest.mark.parametrize("source", [GREYSCALE, CINE], ids=["greyscale", "colour-cine"])
+def test_a_masked_instance_de_identified_twice_is_byte_identical(source: Path) -> None:
+    original = pydicom.dcmread(source)
+    mask = PixelMask("US", int(original.Rows), int(original.Columns), ((0, 0, 64, 32),))
+    first, second = pydicom.dcmread(source), pydicom.dcmread(source)
+    results = [deidentify(first, _policy((mask,))), deidentify(second, _policy((mask,)))]
+    assert all(r.masked for r in results)
+    # The keyed UID of the original, as for an unmasked instance: not a fresh random one.
+    expected_uid = PseudonymKeys(SECRET).uid(str(original.SOPInstanceUID))
+    assert {r.sop_instance_uid for r in results} == {expected_uid}
+    assert first.SOPInstanceUID == first.file_meta.MediaStorageSOPInstanceUID == expected_uid
+    assert encode_dataset(first) == encode_dataset(second)
+
+
 def _key_and_certificate(tmp_path: Path) -> tuple[Path, Path, x509.Certificate]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dicom-gateway test recipient")])
