@@ -6,14 +6,18 @@ no I/O, no configuration reading.
 
 from anonymize.actions import (
     DEFAULT_INS_ISSUER_OIDS,
+    DEFAULT_INS_NAMESPACES,
     DEFAULT_OPTIONS,
     DeidentificationError,
     DeidentificationPolicy,
     DeidentificationResult,
+    InsIssuers,
     TruncatedDataSetError,
     accession_qualifier,
     check_complete,
     deidentify,
+    is_ins_shaped,
+    is_oid,
     patient_key,
     pseudonymize_accession_number,
     pseudonymize_patient_id,
@@ -34,6 +38,7 @@ from anonymize.reversible import (
 
 __all__ = [
     "DEFAULT_INS_ISSUER_OIDS",
+    "DEFAULT_INS_NAMESPACES",
     "DEFAULT_OPTIONS",
     "OPTION_CODES",
     "Action",
@@ -43,6 +48,7 @@ __all__ = [
     "DeidentificationError",
     "DeidentificationPolicy",
     "DeidentificationResult",
+    "InsIssuers",
     "PixelMask",
     "PixelPolicy",
     "ProfileOption",
@@ -58,6 +64,8 @@ __all__ = [
     "decrypt_original_attributes",
     "deidentify",
     "iod_types",
+    "is_ins_shaped",
+    "is_oid",
     "load_certificate",
     "load_profile",
     "load_safe_private",
