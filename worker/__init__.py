@@ -14,6 +14,7 @@ from worker.pipeline import (
     TransientPipelineError,
     encode_dataset,
     instance_json,
+    read_local_patient_id,
     read_provenance,
     record_for,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "new_association_tag",
     "open_private",
     "private_directory",
+    "read_local_patient_id",
     "read_provenance",
     "record_for",
     "sign",
