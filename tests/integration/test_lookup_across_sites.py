@@ -6,6 +6,7 @@ item 5)."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from anonymize import PseudonymKeys, pseudonymize_patient_id
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
 from storage import ApiKeyRecord
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from web_viewer_api import new_api_key, sha256_hex
-from worker import Spool
+from worker import Spool, read_local_patient_id
 from worker.reindex import reindex
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -141,6 +143,20 @@ def test_the_site_api_default_study_is_found_by_its_local_id_and_issuer(sites: S
     assert sites.lookup(patient_id=who.patient_id,
                         issuer_of_patient_id=who.issuer_of_patient_id) == [by_ins]
     assert sites.lookup(patient_id=who.patient_id) == []  # its issuer qualifies it, not a site
+
+
+def test_stored_objects_carry_the_local_ids_pseudonym_never_the_original(sites: Sites) -> None:
+    [key] = sites.server.index.instance_keys(sites.b)
+    body = sites.server.store.get(key)
+    stored = pydicom.dcmread(io.BytesIO(body))
+    expected = pseudonymize_patient_id(PseudonymKeys(b"w" * 32), "IPP-77", site_id="hopital-b")
+    assert read_local_patient_id(stored) == expected
+    assert stored.PatientID == pseudonymize_patient_id(PseudonymKeys(b"w" * 32), INS, site_id="",
+                                                       is_ins=True)
+    assert b"IPP-77" not in body and INS.encode() not in body
+    assert "OtherPatientIDsSequence" not in stored  # removed, as PS3.15 says (X)
+    [c_key] = sites.server.index.instance_keys(sites.c)
+    assert read_local_patient_id(pydicom.dcmread(io.BytesIO(sites.server.store.get(c_key)))) == ""
 
 
 def test_reindex_restores_the_local_id_from_the_stored_objects(sites: Sites) -> None:
