@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pydicom.uid import RE_VALID_UID
 
 from anonymize.clean import TextCleaner
 from anonymize.iod import AttributeType, iod_types
@@ -49,10 +50,15 @@ from anonymize.profile import Action, ConfidentialityProfile, ProfileRow, load_p
 from anonymize.reversible import encrypted_attributes_item
 from anonymize.values import CHARACTER_VRS, uid_problem, valid_value
 
-# ANS (Agence du Numérique en Santé) OIDs of the INS: NIR, NIA, and their test twins.
+#: OIDs of the INS assigning authorities (ANS; FR Core, IHE PAM France): INS-NIR, INS-NIA,
+#: and the INS-NIR of fictitious test and demonstration patients.
 DEFAULT_INS_ISSUER_OIDS = frozenset(
     {"1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9", "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11"}
 )
+#: The namespaces (HL7 HD.1, DICOM IssuerOfPatientID) French sources name those authorities
+#: by: PID-3 `<INS>^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS`. Test and demonstration
+#: INS keep the NIR namespace; only their OID differs (.10, .11).
+DEFAULT_INS_NAMESPACES = frozenset({"ASIP-SANTE-INS-NIR", "ASIP-SANTE-INS-NIA"})
 DEFAULT_OPTIONS = frozenset({ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES})
 
 _TAG_PATIENT_NAME = 0x00100010
@@ -106,6 +112,19 @@ _META_TAGS_TO_REMOVE = frozenset({0x00020012, 0x00020013, 0x00020016, 0x00020017
                                   0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102})
 
 
+@dataclass(frozen=True)
+class InsIssuers:
+    """Who issues the INS (national health identifier): their OIDs and their namespaces."""
+
+    oids: frozenset[str] = DEFAULT_INS_ISSUER_OIDS
+    namespaces: frozenset[str] = DEFAULT_INS_NAMESPACES
+
+    def named_by(self, issuer: str) -> bool:
+        """`issuer` (an OID or a namespace, as a lookup gives it) is an INS authority."""
+        issuer = issuer.strip()
+        return issuer in self.oids or issuer in self.namespaces
+
+
 class DeidentificationError(ValueError):
     """The dataset cannot be de-identified (e.g. it lacks the UIDs that identify it)."""
 
@@ -129,7 +148,7 @@ class DeidentificationPolicy:
     #: None at the region, which holds no secret and takes only objects of the domain.
     keys: PseudonymKeys | None
     site_id: str
-    ins_issuer_oids: frozenset[str] = DEFAULT_INS_ISSUER_OIDS
+    ins_issuers: InsIssuers = field(default_factory=InsIssuers)
     options: frozenset[ProfileOption] = DEFAULT_OPTIONS
     safe_private: SafePrivateAttributes = field(default_factory=load_safe_private)
     pixel_policy: PixelPolicy = field(default_factory=PixelPolicy)
@@ -193,6 +212,9 @@ class DeidentificationResult:
     series_instance_uid: str
     sop_instance_uid: str
     masked: bool = False
+    #: When `patient_id` is the INS's pseudonym: the pseudonym of the patient's local ID
+    #: (keyed like any), so a lookup by that local ID still finds the study; else "".
+    local_patient_id: str = ""
 
 
 def _issuer_of(item: Dataset) -> str:
@@ -205,34 +227,87 @@ def _issuer_of(item: Dataset) -> str:
     return issuer
 
 
-def _issued_by(item: Dataset, issuer_oids: frozenset[str]) -> bool:
-    """The item's patient ID is issued by one of `issuer_oids`: named in IssuerOfPatientID,
-    or — as French sources write the INS, `IssuerOfPatientID = ASIP-SANTE-INS-NIR` — in
-    IssuerOfPatientIDQualifiersSequence > UniversalEntityID beside a namespace."""
-    if str(item.get("IssuerOfPatientID", "") or "").strip() in issuer_oids:
-        return True
-    return any(str(qualifier.get("UniversalEntityID", "") or "").strip() in issuer_oids
-               for qualifier in item.get("IssuerOfPatientIDQualifiersSequence", []) or [])
+def is_oid(value: str) -> bool:
+    """`value` is written as an OID (a UID's syntax), not a namespace."""
+    return len(value) <= 64 and RE_VALID_UID.match(value) is not None
 
 
-def patient_key(dataset: Dataset, site_id: str, ins_issuer_oids: frozenset[str]) -> str:
+def is_ins_shaped(value: str) -> bool:
+    """`value` can be an INS matricule: 15 characters, a NIR or NIA (13, the Corsican
+    départements 2A/2B allowed) and its key, 97 - (number mod 97)."""
+    value = value.strip().upper()
+    if len(value) != 15 or not value[13:].isdigit():
+        return False
+    number = value[:5] + {"2A": "19", "2B": "18"}.get(value[5:7], value[5:7]) + value[7:13]
+    return number.isdigit() and int(value[13:]) == 97 - int(number) % 97
+
+
+def _claims_ins(item: Dataset, issuers: InsIssuers) -> bool:
+    """The item's issuer is an INS authority. Every OID it names (IssuerOfPatientID as an
+    OID, IssuerOfPatientIDQualifiersSequence > UniversalEntityID) decides: all are INS OIDs
+    (`ASIP-SANTE-INS-NIR` + `1.2.250.1.213.1.4.10` is the INS, `ASIP-SANTE-INS-NIR` + a
+    hospital's OID is not). Naming none, IssuerOfPatientID must be an INS namespace. An
+    IdentifierTypeCode `INS` never decides: any local system can write it."""
+    issuer = str(item.get("IssuerOfPatientID", "") or "").strip()
+    oids = [issuer] if issuer and is_oid(issuer) else []
+    oids += [str(q.get("UniversalEntityID", "") or "").strip()
+             for q in item.get("IssuerOfPatientIDQualifiersSequence", []) or []]
+    oids = [oid for oid in oids if oid]
+    if oids:
+        return all(oid in issuers.oids for oid in oids)
+    return issuer in issuers.namespaces
+
+
+def _ins_in(item: Dataset, issuers: InsIssuers) -> str | None:
+    """The item's patient ID when it is an INS: issued by an INS authority, INS-shaped."""
+    value = str(item.get("PatientID", "") or "").strip().upper()
+    return value if value and _claims_ins(item, issuers) and is_ins_shaped(value) else None
+
+
+def _local_key(item: Dataset, site_id: str, issuers: InsIssuers) -> str:
+    """The key of a non-INS patient ID: qualified by its issuer, or the site. An ID whose
+    issuer names an INS authority but that is no INS (its format or key, a contradicting
+    OID) is the site's mistake: qualified by the site, never by a national name that
+    would link strangers at two sites."""
+    named = [str(item.get("IssuerOfPatientID", "") or "").strip()]
+    named += [str(q.get("UniversalEntityID", "") or "").strip()
+              for q in item.get("IssuerOfPatientIDQualifiersSequence", []) or []]
+    issuer = "" if any(issuers.named_by(n) for n in named if n) else _issuer_of(item)
+    return local_patient_key(str(item.get("PatientID", "") or ""), issuer, site_id)
+
+
+def patient_key(dataset: Dataset, site_id: str, ins_issuers: InsIssuers) -> str:
     """The identity a patient pseudonym derives from.
 
-    The national health identifier (INS) when the dataset carries it, in PatientID with an
-    INS issuer or in OtherPatientIDsSequence, so two sites link one patient; otherwise the
-    local PatientID qualified by its issuer (or, without one, by the site).
+    The national health identifier (INS) when the dataset carries it, as PatientID or in
+    OtherPatientIDsSequence, issued by an INS authority however it is written (OID in
+    IssuerOfPatientID or in the qualifiers, or an INS namespace) and INS-shaped, so two
+    sites link one patient; otherwise the local PatientID qualified by its issuer (or,
+    without one, by the site).
     """
-    local_id = str(dataset.get("PatientID", "") or "").strip()
-    issuer = _issuer_of(dataset)
-    if local_id and _issued_by(dataset, ins_issuer_oids):
-        return f"ins:{local_id}"
+    ins = _ins_in(dataset, ins_issuers)
+    if ins:
+        return f"ins:{ins}"
     for item in dataset.get("OtherPatientIDsSequence", []) or []:
-        other_id = str(item.get("PatientID", "") or "").strip()
-        if other_id and _issued_by(item, ins_issuer_oids):
-            return f"ins:{other_id}"
-    if not local_id:  # no identity at all: one pseudonym per study, never shared by strangers
+        ins = _ins_in(item, ins_issuers)
+        if ins:
+            return f"ins:{ins}"
+    if not str(dataset.get("PatientID", "") or "").strip():
+        # no identity at all: one pseudonym per study, never shared by strangers
         return f"unidentified:{site_id}:{str(dataset.get('StudyInstanceUID', '')).strip()}"
-    return local_patient_key(local_id, issuer, site_id)
+    return _local_key(dataset, site_id, ins_issuers)
+
+
+def local_patient_key_beside_ins(dataset: Dataset, site_id: str,
+                                 ins_issuers: InsIssuers) -> str | None:
+    """When the patient key is the INS: the key of the patient's local ID (PatientID when it
+    is not the INS, else the first other ID that is not), or None."""
+    if not patient_key(dataset, site_id, ins_issuers).startswith("ins:"):
+        return None
+    for item in (dataset, *(dataset.get("OtherPatientIDsSequence", []) or [])):
+        if str(item.get("PatientID", "") or "").strip() and not _ins_in(item, ins_issuers):
+            return _local_key(item, site_id, ins_issuers)
+    return None
 
 
 def local_patient_key(patient_id: str, issuer: str, site_id: str) -> str:
@@ -251,9 +326,18 @@ def accession_qualifier(dataset: Dataset, site_id: str) -> str:
 
 
 def pseudonymize_patient_id(keys: PseudonymKeys, patient_id: str, *, site_id: str,
-                            issuer: str = "", is_ins: bool = False) -> str:
-    """The pseudonym an original patient ID (or INS) becomes; for lookups from the API."""
-    key = f"ins:{patient_id.strip()}" if is_ins else local_patient_key(patient_id, issuer, site_id)
+                            issuer: str = "", is_ins: bool = False,
+                            ins_issuers: InsIssuers | None = None) -> str:
+    """The pseudonym an original patient ID becomes, keyed as de-identification keys it;
+    for lookups from the API. The INS when `is_ins` or when `issuer` (an OID or a
+    namespace) names an INS authority of `ins_issuers` (default: the ANS's) and the value
+    is INS-shaped; an ID such an issuer cannot have issued is keyed as the site's."""
+    issuers = InsIssuers() if ins_issuers is None else ins_issuers
+    if is_ins or issuers.named_by(issuer):
+        value = patient_id.strip().upper()
+        key = f"ins:{value}" if is_ins_shaped(value) else local_patient_key(patient_id, "", site_id)
+    else:
+        key = local_patient_key(patient_id, issuer.strip(), site_id)
     return keys.patient_id(key)
 
 
@@ -287,8 +371,11 @@ class _Deidentifier:
         self.domain = domain
         self.options = policy.options
         self.accession_qualifier = accession_qualifier(dataset, policy.site_id)
+        self.local_key: str | None = None
         if domain is None:
-            self.patient_key = patient_key(dataset, policy.site_id, policy.ins_issuer_oids)
+            self.patient_key = patient_key(dataset, policy.site_id, policy.ins_issuers)
+            self.local_key = local_patient_key_beside_ins(dataset, policy.site_id,
+                                                          policy.ins_issuers)
             self.shift_days = self.keys.date_shift_days(self.patient_key)
             patient_name, patient_id = (self.keys.patient_name(self.patient_key),
                                         self.keys.patient_id(self.patient_key))
@@ -758,4 +845,5 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy, *,
         series_instance_uid=str(dataset.SeriesInstanceUID),
         sop_instance_uid=str(dataset.SOPInstanceUID),
         masked=masked,
+        local_patient_id=worker.keys.patient_id(worker.local_key) if worker.local_key else "",
     )

@@ -294,9 +294,11 @@ def lookup(
     patient_id: Annotated[str | None, typer.Option(
         "--patient-id", help="the original patient ID (local ID, or the INS)")] = None,
     patient_id_issuer: Annotated[str, typer.Option(
-        "--patient-id-issuer", help="its issuer (an INS issuer OID makes it the INS)")] = "",
+        "--patient-id-issuer",
+        help="its issuer (an INS authority's OID or namespace makes it the INS)")] = "",
     site: Annotated[list[str] | None, typer.Option(
-        help="producing site(s) the accession number belongs to (default: this site's)")] = None,
+        help="producing site(s) the accession number belongs to (default: every site the "
+             "index holds studies of)")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """At a producing site: print the pseudonyms of original identifiers and the stored
@@ -304,7 +306,7 @@ def lookup(
     identifying is printed to the log or recorded."""
     from gateway import components
     from storage import EVERY_SITE
-    from web_viewer_api import OriginalIdentifiers, find_studies
+    from web_viewer_api import OriginalIdentifiers, find_studies, lookup_sites
 
     settings = _settings(data_dir=data_dir)
     if settings.http.role == "region":
@@ -312,8 +314,7 @@ def lookup(
                                "with the pseudonymization secret), never at the region"))
     if not (accession_number or patient_id):
         raise _fail(ValueError("give --accession-number and/or --patient-id"))
-    sites = sorted(set(site)) if site else [settings.site_id]
-    bad = [s for s in sites if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s)]
+    bad = [s for s in site or () if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s)]
     if bad:
         raise _fail(ValueError(f"not a site id: {bad[0]!r}"))
     try:
@@ -323,6 +324,7 @@ def lookup(
         raise _fail(exc) from exc
     if pseudonyms is None:  # required=True raises instead; never answer without the secret
         raise _fail(SettingsError("the lookup needs the pseudonymization secret"))
+    sites = sorted(set(site)) if site else lookup_sites(index, EVERY_SITE)
     answer = find_studies(pseudonyms, index, OriginalIdentifiers(
         accession_number, issuer, patient_id, patient_id_issuer), sites, EVERY_SITE)
     _audit(settings, "study.lookup", detail=json.dumps(

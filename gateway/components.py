@@ -12,6 +12,7 @@ from celery import Celery
 
 from anonymize import (
     DeidentificationPolicy,
+    InsIssuers,
     PixelMask,
     PixelPolicy,
     ProfileOption,
@@ -159,6 +160,12 @@ def build_worker_context(settings: Settings) -> WorkerContext:
                          quiet_seconds=settings.worker.study_quiet_seconds, webhooks=webhooks)
 
 
+def ins_issuers(settings: Settings) -> InsIssuers:
+    """The INS assigning authorities this deployment recognises (settings INS__*)."""
+    return InsIssuers(oids=frozenset(settings.ins.oids),
+                      namespaces=frozenset(settings.ins.namespaces))
+
+
 def build_policy(settings: Settings) -> DeidentificationPolicy:
     """The site's de-identification policy from its settings (at the region, without keys:
     it holds no secret, and its worker takes only objects of the domain)."""
@@ -182,7 +189,7 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
             keys=(None if settings.http.role == "region"
                   else PseudonymKeys(settings.pseudonym_secret_value().encode())),
             site_id=settings.site_id,
-            ins_issuer_oids=frozenset(settings.ins_issuer_oids),
+            ins_issuers=ins_issuers(settings),
             options=frozenset(ProfileOption.from_name(n) for n in deid.options),
             safe_private=safe_private,
             pixel_policy=PixelPolicy(masks=masks),
@@ -430,7 +437,7 @@ def build_lookup(settings: Settings, *, required: bool = False) -> PseudonymLook
         if required:
             raise
         return None  # an API without the secret cannot look up (and says so: 503)
-    ins_issuers = set(settings.ins_issuer_oids)
+    issuers = ins_issuers(settings)
 
     def lookup(accession: str | None, patient_id: str | None, accession_issuer: str,
                patient_issuer: str, site_id: str) -> tuple[str | None, str | None]:
@@ -438,7 +445,7 @@ def build_lookup(settings: Settings, *, required: bool = False) -> PseudonymLook
             pseudonymize_accession_number(keys, accession, site_id=site_id,
                                           issuer=accession_issuer) if accession else None,
             pseudonymize_patient_id(keys, patient_id, site_id=site_id, issuer=patient_issuer,
-                                    is_ins=patient_issuer in ins_issuers) if patient_id else None,
+                                    ins_issuers=issuers) if patient_id else None,
         )
 
     return lookup

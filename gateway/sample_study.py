@@ -31,7 +31,7 @@ class PlantedIdentity:
     patient_name: str = "DUPONT^MARIE^CLAIRE"
     patient_id: str = "IPP-4711-0815"
     issuer_of_patient_id: str = "HOPITAL-SAINT-LOUIS"
-    ins: str = "284076322011994"
+    ins: str = "284076322011986"
     ins_issuer: str = "1.2.250.1.213.1.4.10"
     birth_date: str = "19840722"
     accession_number: str = "ACC2026112301"

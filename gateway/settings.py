@@ -12,10 +12,11 @@ import json
 import os
 import re
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRETS_FILE = "secrets.json"
@@ -228,6 +229,49 @@ class DeidSettings(BaseModel):
         return value
 
 
+def _default_ins_oids() -> list[str]:
+    from anonymize import DEFAULT_INS_ISSUER_OIDS
+
+    return sorted(DEFAULT_INS_ISSUER_OIDS)
+
+
+def _default_ins_namespaces() -> list[str]:
+    from anonymize import DEFAULT_INS_NAMESPACES
+
+    return sorted(DEFAULT_INS_NAMESPACES)
+
+
+class InsSettings(BaseModel):
+    """Who issues the INS (national health identifier): an ID they issue, INS-shaped (15
+    characters with a valid key), gives the patient one pseudonym at every site."""
+
+    #: OIDs of the INS assigning authorities, matched in IssuerOfPatientID and in
+    #: IssuerOfPatientIDQualifiersSequence > UniversalEntityID.
+    oids: list[str] = Field(default_factory=_default_ins_oids)
+    #: Namespaces naming them in IssuerOfPatientID (an issuer written without any OID).
+    namespaces: list[str] = Field(default_factory=_default_ins_namespaces)
+
+    @field_validator("oids")
+    @classmethod
+    def _oids(cls, value: list[str]) -> list[str]:
+        from anonymize import is_oid
+
+        for oid in value:
+            if not is_oid(oid):
+                raise ValueError(f"INS__OIDS: {oid!r} is not an OID (a namespace such as "
+                                 "ASIP-SANTE-INS-NIR goes in INS__NAMESPACES)")
+        return value
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        for namespace in value:
+            if not namespace.strip() or len(namespace) > 64:
+                raise ValueError(f"INS__NAMESPACES: {namespace!r} is not an IssuerOfPatientID "
+                                 "(1-64 characters)")
+        return value
+
+
 class OidcSettings(BaseModel):
     """OIDC bearer tokens (e.g. Pro Santé Connect, a hospital's Keycloak)."""
 
@@ -292,12 +336,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     pseudonym_secret: SecretStr | None = None
     admin_token: SecretStr | None = None
-    ins_issuer_oids: list[str] = Field(
-        default_factory=lambda: [
-            "1.2.250.1.213.1.4.8", "1.2.250.1.213.1.4.9",
-            "1.2.250.1.213.1.4.10", "1.2.250.1.213.1.4.11",
-        ]
-    )
+    ins: InsSettings = Field(default_factory=InsSettings)
+    #: Deprecated (INS__OIDS and INS__NAMESPACES replace it): the issuers IssuerOfPatientID
+    #: was compared with; its OIDs count as INS__OIDS, its other values as INS__NAMESPACES.
+    ins_issuer_oids: list[str] | None = None
     supervised_components: list[str] = Field(default_factory=list)
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -314,6 +356,24 @@ class Settings(BaseSettings):
         if not _SAFE_NAME.match(value):
             raise ValueError("site_id: letters, digits, '-' and '_' only (1-64)")
         return value
+
+    @model_validator(mode="after")
+    def _deprecated_ins_issuer_oids(self) -> Settings:
+        old = self.ins_issuer_oids
+        if old is None:
+            return self
+        if "ins" in self.model_fields_set:
+            raise ValueError("INS_ISSUER_OIDS is deprecated and INS__* replaces it: set only "
+                             "DICOM_GATEWAY_INS__OIDS and DICOM_GATEWAY_INS__NAMESPACES")
+        warnings.warn("DICOM_GATEWAY_INS_ISSUER_OIDS is deprecated: use "
+                      "DICOM_GATEWAY_INS__OIDS and DICOM_GATEWAY_INS__NAMESPACES",
+                      DeprecationWarning, stacklevel=2)
+        from anonymize import is_oid
+
+        self.ins = InsSettings(oids=[v for v in old if is_oid(v)],
+                               namespaces=[v for v in old if not is_oid(v)])
+        self.ins_issuer_oids = None
+        return self
 
     # Derived locations -------------------------------------------------------------
     @property

@@ -5,7 +5,7 @@ from web_viewer_api.audit import entry as audit_entry
 from web_viewer_api.auth import FailureLimiter, utc_now
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import ApiError
-from web_viewer_api.lookup import OriginalIdentifiers, PseudonymLookup, find_studies
+from web_viewer_api.lookup import OriginalIdentifiers, PseudonymLookup, find_studies, lookup_sites
 from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig
 from web_viewer_api.proxies import parse_networks
@@ -29,6 +29,7 @@ __all__ = [
     "create_app",
     "find_studies",
     "hash_pin",
+    "lookup_sites",
     "new_api_key",
     "new_pin",
     "parse_networks",

@@ -16,6 +16,9 @@ from storage import AccessScope, IndexRepository, QueryRetrieve, StudyQuery, Stu
 #: (accession, patient ID, accession issuer, patient ID issuer, site) -> their pseudonyms.
 PseudonymLookup = Callable[[str | None, str | None, str, str, str], tuple[str | None, str | None]]
 
+#: Studies one lookup answers at most (per pseudonym searched).
+_LIMIT = 1000
+
 #: What a regional API answers where a lookup by original identifiers is asked of it.
 COMPUTED_AT_THE_SITE = (
     "lookups by original identifiers are computed at the producing site, which holds the "
@@ -49,27 +52,50 @@ class LookupAnswer:
     studies: list[StudySummary]
 
 
+def lookup_sites(index: IndexRepository, scope: AccessScope) -> list[str]:
+    """The producing sites a lookup that names none searches: every site the caller may
+    read (its own list), or, for a caller who may read every site, each site the index
+    holds studies of (an accession pseudonym is keyed by its producing site, so each is
+    computed for each of them)."""
+    if scope.site_ids is not None:
+        return sorted(scope.site_ids)
+    return index.study_site_ids()
+
+
 def find_studies(lookup: PseudonymLookup, index: IndexRepository,
                  identifiers: OriginalIdentifiers, site_ids: Sequence[str],
                  scope: AccessScope) -> LookupAnswer:
     """The identifiers' pseudonyms at each of `site_ids`, and the indexed studies matching
-    them (within `scope`). Raises ValueError when neither identifier is given."""
+    them (within `scope`). A patient ID matches a study's patient pseudonym, or the
+    pseudonym of the local ID its patient had beside the INS. Raises ValueError when
+    neither identifier is given."""
     if not (identifiers.accession_number or identifiers.patient_id):
         raise ValueError("give accession_number and/or patient_id")
     pseudonyms: list[SitePseudonyms] = []
     studies: dict[str, StudySummary] = {}
+    searched: set[tuple[str | None, str | None]] = set()
+    search = QueryRetrieve(index)
     for site_id in site_ids:
         accession, patient = lookup(identifiers.accession_number or None,
                                     identifiers.patient_id or None,
                                     identifiers.issuer_of_accession_number,
                                     identifiers.issuer_of_patient_id, site_id)
         pseudonyms.append(SitePseudonyms(site_id, accession, patient))
+        if (accession, patient) in searched:  # an INS, or an issuer: one pseudonym everywhere
+            continue
+        searched.add((accession, patient))
         # Another site's pseudonym never matches: the accession pseudonym is keyed by the site.
-        query = StudyQuery(accession_number=accession, patient_id=patient, limit=1000)
-        for study in QueryRetrieve(index).search_for_studies(scope, query):
-            studies.setdefault(study.study_instance_uid, study)
+        queries = [StudyQuery(accession_number=accession, patient_id=patient, limit=_LIMIT)]
+        if patient:
+            beside_ins = index.studies_of_local_patient(patient, limit=_LIMIT)
+            if beside_ins:
+                queries.append(StudyQuery(accession_number=accession, limit=_LIMIT,
+                                          study_instance_uids=tuple(beside_ins)))
+        for query in queries:
+            for study in search.search_for_studies(scope, query):
+                studies.setdefault(study.study_instance_uid, study)
     return LookupAnswer(pseudonyms, list(studies.values()))
 
 
 __all__ = ["COMPUTED_AT_THE_SITE", "LookupAnswer", "OriginalIdentifiers", "PseudonymLookup",
-           "SitePseudonyms", "find_studies"]
+           "SitePseudonyms", "find_studies", "lookup_sites"]

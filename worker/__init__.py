@@ -14,6 +14,7 @@ from worker.pipeline import (
     TransientPipelineError,
     encode_dataset,
     instance_json,
+    read_local_patient_id,
     read_provenance,
     record_for,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "new_association_tag",
     "open_private",
     "private_directory",
+    "read_local_patient_id",
     "read_provenance",
     "record_for",
     "remove_stale_replies",

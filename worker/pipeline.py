@@ -64,6 +64,9 @@ SPOOL_SUFFIX = ".dcm"
 PRIVATE_GROUP = 0x0077
 PRIVATE_CREATOR = "DICOM-GATEWAY 1"
 _SITE_ELEMENT, _SOURCE_SYNTAX_ELEMENT, _COMPRESSION_ELEMENT = 0x10, 0x11, 0x12
+#: The pseudonym of the patient's local ID beside the INS (never the original): the index
+#: keeps it for lookups by that ID, reindex restores it from here.
+_LOCAL_PATIENT_ELEMENT = 0x13
 _BULK_THRESHOLD = 1024
 
 
@@ -124,14 +127,26 @@ def _checked_name(value: str, what: str) -> str:
     return value
 
 
-def stamp_provenance(dataset: Dataset, site_id: str, source_syntax: str, compression: str) -> None:
-    """Record the producing site (when given), the received transfer syntax and the
-    compression outcome."""
+def stamp_provenance(dataset: Dataset, site_id: str, source_syntax: str, compression: str,
+                     local_patient_id: str = "") -> None:
+    """Record the producing site (when given), the received transfer syntax, the
+    compression outcome and the local-ID pseudonym beside the INS (when there is one)."""
     block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     if site_id:  # named only under Retain Institution Identity (the index knows it anyway)
         block.add_new(_SITE_ELEMENT, "LO", site_id)
     block.add_new(_SOURCE_SYNTAX_ELEMENT, "UI", source_syntax)
     block.add_new(_COMPRESSION_ELEMENT, "LO", compression)
+    if local_patient_id:
+        block.add_new(_LOCAL_PATIENT_ELEMENT, "LO", local_patient_id)
+
+
+def read_local_patient_id(dataset: Dataset) -> str:
+    """The local-ID pseudonym `stamp_provenance` recorded, or ""."""
+    try:
+        block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    except KeyError:
+        return ""
+    return str(block[_LOCAL_PATIENT_ELEMENT].value) if _LOCAL_PATIENT_ELEMENT in block else ""
 
 
 def read_provenance(dataset: Dataset) -> tuple[str, str, str]:
@@ -181,6 +196,7 @@ def record_for(dataset: Dataset, key: str, body: bytes, *, site_id: str | None =
         source_transfer_syntax_uid=source_syntax,
         compression=compression,
         study_site_id=study_site_id,
+        local_patient_id=read_local_patient_id(dataset),
     )
 
 
@@ -431,12 +447,13 @@ class IngestPipeline:
         # The batch's site qualifies local identifiers: two hospitals' "12345" differ.
         policy = (self.policy if site_id == self.policy.site_id
                   else dataclasses.replace(self.policy, site_id=site_id))
+        local_patient_id = ""  # the local ID's pseudonym beside the INS, for lookups
         written_back = self._domain_of(dataset, owners)
         if written_back is None:
             if self.region:
                 raise NotOfTheDomain("not an object of the domain: the region takes only "
                                      "write-backs into the studies it stores")
-            deidentify(dataset, policy)
+            local_patient_id = deidentify(dataset, policy).local_patient_id
             coerced = True
         else:
             identity, study_owner = written_back
@@ -469,7 +486,8 @@ class IngestPipeline:
                           outcome.reason)
         # The site is named in objects only when institution identity is retained.
         retains_site = ProfileOption.RETAIN_INSTITUTION_IDENTITY in policy.options
-        stamp_provenance(dataset, site_id if retains_site else "", source_syntax, compression)
+        stamp_provenance(dataset, site_id if retains_site else "", source_syntax, compression,
+                         local_patient_id)
         body = encode_dataset(dataset)
         if owner is None:  # claimed only now: an instance refused above claims nothing
             owner = owners[study] = claim_study(self.store, study, StudyOwner(site_id, patient_id))

@@ -68,6 +68,10 @@ class Study(_Timestamps, Base):
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
     specific_character_set: Mapped[str] = mapped_column(String(128), default="")
     site_id: Mapped[str] = mapped_column(String(64), default="")
+    #: When patient_id is the INS's pseudonym: the pseudonym of the patient's local ID at
+    #: the producing site (keyed like any, never the original), for lookups by that ID.
+    local_patient_id: Mapped[str] = mapped_column(String(64), index=True, default="",
+                                                  server_default="")
     #: When the completion step (thumbnails, KOS manifest, webhook) last ran, and for how
     #: many instances: a later arrival makes the study due again.
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -11,7 +11,19 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Engine, Select, String, bindparam, delete, exists, func, or_, select, text
+from sqlalchemy import (
+    Engine,
+    Select,
+    String,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -68,9 +80,11 @@ class InstanceRecord:
         source_transfer_syntax_uid: str = "",
         compression: str = "",
         study_site_id: str | None = None,
+        local_patient_id: str = "",
     ) -> InstanceRecord:
         """Extract the indexed attributes of a de-identified dataset stored by `site_id`,
-        in a study owned by `study_site_id` (default: the same site)."""
+        in a study owned by `study_site_id` (default: the same site); `local_patient_id`:
+        the pseudonym of the patient's local ID when PatientID is the INS's."""
         study_uid = _text(dataset, "StudyInstanceUID", 64)
         series_uid = _text(dataset, "SeriesInstanceUID", 64)
         return cls(
@@ -94,6 +108,7 @@ class InstanceRecord:
                 "referring_physician_name": _text(dataset, "ReferringPhysicianName", 324),
                 "specific_character_set": _text(dataset, "SpecificCharacterSet", 128),
                 "site_id": (site_id if study_site_id is None else study_site_id)[:64],
+                "local_patient_id": local_patient_id[:64],
             },
             series={
                 "series_instance_uid": series_uid,
@@ -576,11 +591,16 @@ class IndexRepository:
         raise NotImplementedError(f"index dialect {dialect!r} is not supported")
 
     def _upsert(self, session: Session, model: Any, values: dict[str, Any], key: str, *,
-                keep: Sequence[str] = (), where: Any = None) -> None:
-        """Insert, or update every column but `key` and `keep`, where `where` holds."""
+                keep: Sequence[str] = (), fill: Sequence[str] = (), where: Any = None) -> None:
+        """Insert, or update every column but `key` and `keep` (and `fill`, set only while
+        empty: the first value stays, whatever order the rows come in), where `where`
+        holds."""
         statement = self._insert(model).values(**values)
-        updates = {name: statement.excluded[name] for name in values
-                   if name != key and name not in keep}
+        updates: dict[str, Any] = {name: statement.excluded[name] for name in values
+                                   if name != key and name not in keep and name not in fill}
+        for name in fill:
+            column = getattr(model, name)
+            updates[name] = case((column == "", statement.excluded[name]), else_=column)
         updates["updated_at"] = func.now()
         session.execute(statement.on_conflict_do_update(index_elements=[key], set_=updates,
                                                         where=where))
@@ -610,7 +630,8 @@ class IndexRepository:
                 self._insert_absent(session, Patient, values)
             for uid, values in studies.items():
                 if uid in owned:
-                    self._upsert(session, Study, values, "study_instance_uid", keep=_STUDY_OWNED)
+                    self._upsert(session, Study, values, "study_instance_uid", keep=_STUDY_OWNED,
+                                 fill=("local_patient_id",))
                 else:
                     self._insert_absent(session, Study, values)
             for values in series.values():
@@ -648,6 +669,24 @@ class IndexRepository:
         return Ownership(study_site_id=site, study_patient_id=patient,
                          series_study_instance_uid=series_study, instance_object_key=instance_key,
                          study_accession_number=accession or "", study_date=study_date or "")
+
+    def studies_of_local_patient(self, local_patient_id: str, limit: int = 1000) -> list[str]:
+        """The UIDs of the studies whose patient, known by the INS, has this local-ID
+        pseudonym (see `Study.local_patient_id`)."""
+        if not local_patient_id:
+            return []
+        with self.engine.connect() as connection:
+            return list(connection.scalars(
+                select(Study.study_instance_uid)
+                .where(Study.local_patient_id == local_patient_id)
+                .order_by(Study.study_instance_uid).limit(limit)))
+
+    def study_site_ids(self) -> list[str]:
+        """The sites that own the indexed studies."""
+        with self.engine.connect() as connection:
+            return list(connection.scalars(
+                select(Study.site_id).where(Study.site_id != "").distinct()
+                .order_by(Study.site_id)))
 
     def search_studies(self, query: StudyQuery) -> list[StudySummary]:
         """Matching studies, newest first, with their series/instance counts and modalities."""

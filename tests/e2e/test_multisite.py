@@ -31,7 +31,7 @@ from tests.support.services import wait_for
 
 pytestmark = pytest.mark.production
 
-INS = "284076322011994"
+INS = "284076322011986"
 IDENTITY_A = PlantedIdentity(
     patient_id="IPP-A-4711", issuer_of_patient_id="HOPITAL-A", accession_number="ACCA20261120",
     institution="HOPITAL A SAINT-LOUIS", station="CTHOPA01", device_serial="SN-A-7788", ins=INS)

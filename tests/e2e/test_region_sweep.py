@@ -63,8 +63,8 @@ class Planted:
     @classmethod
     def new(cls) -> Planted:
         tag = secrets.token_hex(4).upper()
-        digits = "".join(str(secrets.randbelow(10)) for _ in range(13))
-        ins = "2" + digits + "7"
+        number = "2" + "".join(str(secrets.randbelow(10)) for _ in range(12))
+        ins = f"{number}{97 - int(number) % 97:02d}"  # INS-shaped: its key is valid
         identity = PlantedIdentity(
             patient_name=f"SWEEPNOM{tag}^MARIE", patient_id=f"IPP-SW-{tag}",
             issuer_of_patient_id=f"HOPSW{tag}", ins=ins, ins_issuer=INS_ISSUER,

@@ -16,10 +16,13 @@ from anonymize import (
     Action,
     DeidentificationError,
     DeidentificationPolicy,
+    InsIssuers,
     PseudonymKeys,
     WeakSecretError,
     deidentify,
+    is_ins_shaped,
     load_profile,
+    pseudonymize_patient_id,
 )
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, build_sample_study
 from worker import encode_dataset
@@ -150,31 +153,153 @@ def test_dataset_without_uids_is_refused() -> None:
         deidentify(dataset, _policy())
 
 
-def _french_ins(dataset: Dataset, ins: str, *, other: bool) -> None:
-    """The INS as French sources write it (DRIM-M, PID-3
-    `ins^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.10&ISO^INS`): a namespace in
-    IssuerOfPatientID, the ANS OID in the qualifiers; as PatientID or as another ID."""
-    item = Dataset() if other else dataset
-    qualifier = Dataset()
-    qualifier.UniversalEntityID = "1.2.250.1.213.1.4.10"
-    qualifier.UniversalEntityIDType = "ISO"
-    qualifier.IdentifierTypeCode = "INS"
-    item.PatientID = ins
-    item.IssuerOfPatientID = "ASIP-SANTE-INS-NIR"
-    item.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
+#: One INS (the DRIM-M sample's, an INS-NIR of a test patient) in each encoding French and
+#: IHE sources use: (IssuerOfPatientID, qualifiers (UniversalEntityID, IdentifierTypeCode)).
+DRIM_M_INS = "279035121518989"
+INS_ENCODINGS: dict[str, tuple[str | None, tuple[str, str] | None]] = {
+    "oid in IssuerOfPatientID": ("1.2.250.1.213.1.4.10", None),
+    "namespace alone": ("ASIP-SANTE-INS-NIR", None),
+    "oid in the qualifiers alone": (None, ("1.2.250.1.213.1.4.10", "INS")),
+    # PID-3 279035121518989^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.10&ISO^INS
+    "DRIM-M: namespace + oid + INS": ("ASIP-SANTE-INS-NIR", ("1.2.250.1.213.1.4.10", "INS")),
+    "NIA namespace + oid": ("ASIP-SANTE-INS-NIA", ("1.2.250.1.213.1.4.9", "INS")),
+    "production NIR oid + NH": (None, ("1.2.250.1.213.1.4.8", "NH")),
+}
+
+
+def _write_id(item: Dataset, value: str, issuer: str | None,
+              qualifier: tuple[str, str] | None) -> None:
+    item.PatientID = value
+    if issuer is not None:
+        item.IssuerOfPatientID = issuer
+    if qualifier is not None:
+        entry = Dataset()
+        entry.UniversalEntityID, entry.IdentifierTypeCode = qualifier
+        entry.UniversalEntityIDType = "ISO"
+        item.IssuerOfPatientIDQualifiersSequence = Sequence([entry])
+
+
+def _patient_written(encoding: str, *, other: bool, seed: int, local_id: str = "IPP-42",
+                     ins: str = DRIM_M_INS) -> Dataset:
+    """A sample instance whose patient carries `ins` in `encoding`, as PatientID or (beside
+    a local ID) as an item of OtherPatientIDsSequence."""
+    dataset = _sample(with_ins=False, seed=seed)[0]
+    dataset.PatientID, dataset.IssuerOfPatientID = local_id, f"HOPITAL-{seed}"
+    issuer, qualifier = INS_ENCODINGS[encoding]
     if other:
+        item = Dataset()
+        _write_id(item, ins, issuer, qualifier)
         dataset.OtherPatientIDsSequence = Sequence([item])
+    else:
+        del dataset.IssuerOfPatientID
+        _write_id(dataset, ins, issuer, qualifier)
+    return dataset
+
+
+def test_the_ins_links_the_patient_across_sites_in_every_encoding() -> None:
+    """The same patient imaged at several sites, each writing the INS its own way (and
+    each as PatientID or among the other IDs), gets one pseudonym: the INS's."""
+    pseudonyms = set()
+    for number, encoding in enumerate(INS_ENCODINGS):
+        for other in (False, True):
+            dataset = _patient_written(encoding, other=other, seed=10 + number)
+            deidentify(dataset, _policy(f"site-{number}-{other}"))
+            pseudonyms.add(str(dataset.PatientID))
+    assert pseudonyms == {pseudonymize_patient_id(PseudonymKeys(SECRET), DRIM_M_INS,
+                                                  site_id="x", is_ins=True)}
 
 
 @pytest.mark.parametrize("other", [False, True])
-def test_the_ins_written_the_french_way_links_the_patient_across_sites(other: bool) -> None:
-    ins = "279035121518989"
-    with_oid = _sample(with_ins=False)[0]
-    with_oid.PatientID, with_oid.IssuerOfPatientID = ins, "1.2.250.1.213.1.4.10"
-    french = _sample(with_ins=False, seed=2)[0]
-    if other:
-        french.PatientID, french.IssuerOfPatientID = "IPP-B-42", "CLINIQUE-B"
-    _french_ins(french, ins, other=other)
-    deidentify(with_oid, _policy("site-a"))
-    deidentify(french, _policy("site-b"))
-    assert french.PatientID == with_oid.PatientID
+def test_one_site_writes_the_oid_the_other_the_namespace(other: bool) -> None:
+    site_a = _patient_written("oid in IssuerOfPatientID", other=other, seed=1)
+    site_b = _patient_written("namespace alone", other=not other, seed=2)
+    deidentify(site_a, _policy("site-a"))
+    deidentify(site_b, _policy("site-b"))
+    assert site_a.PatientID == site_b.PatientID
+
+
+@pytest.mark.parametrize(("issuer", "qualifier"), [
+    ("CLINIQUE-{site}", ("1.2.250.1.999.{site}", "INS")),  # INS type code, unknown issuer
+    ("CLINIQUE-{site}", None),  # an unknown namespace
+    ("ASIP-SANTE-INS-NIR", ("1.2.250.1.999.{site}", "INS")),  # INS namespace, a hospital's OID
+    (None, None),  # no issuer: the site's
+])
+def test_an_id_no_ins_authority_issued_does_not_link_sites(
+        issuer: str | None, qualifier: tuple[str, str] | None) -> None:
+    """Two hospitals each issuing the local ID 279035121518989 (INS-shaped) under an issuer
+    no INS authority is: two patients, two pseudonyms. An IdentifierTypeCode INS is no proof
+    (any local system can write it); the issuer's OID, or else its namespace, decides."""
+    pseudonyms = []
+    for site in ("a", "b"):
+        dataset = _sample(with_ins=False, seed=ord(site))[0]
+        del dataset.IssuerOfPatientID
+        _write_id(dataset, DRIM_M_INS, issuer.format(site=site) if issuer else None,
+                  (qualifier[0].format(site=ord(site)), qualifier[1]) if qualifier else None)
+        deidentify(dataset, _policy(f"site-{site}"))
+        pseudonyms.append(str(dataset.PatientID))
+    assert pseudonyms[0] != pseudonyms[1]
+
+
+@pytest.mark.parametrize("value", ["12345", "279035121518988", "27903512151898", "2790351215189A9"])
+def test_what_no_ins_can_be_is_the_sites_even_under_an_ins_issuer(value: str) -> None:
+    """An ID under an INS issuer that is no INS (not 15 characters, a wrong key): a mapping
+    error at the source. Keyed as the site's own ID, so two sites' "12345" never merge."""
+    pseudonyms = []
+    for site in ("a", "b"):
+        dataset = _sample(with_ins=False, seed=ord(site))[0]
+        _write_id(dataset, value, "ASIP-SANTE-INS-NIR", ("1.2.250.1.213.1.4.8", "INS"))
+        deidentify(dataset, _policy(f"site-{site}"))
+        pseudonyms.append(str(dataset.PatientID))
+        assert dataset.PatientID == pseudonymize_patient_id(
+            PseudonymKeys(SECRET), value, site_id=f"site-{site}", issuer="ASIP-SANTE-INS-NIR")
+    assert pseudonyms[0] != pseudonyms[1]
+
+
+def _with_key(number: str, corsica: str = "") -> str:
+    """A NIR with its key, 97 - (number mod 97); Corsica's 2A/2B count as 19/18."""
+    digits = number.replace("2A", "19").replace("2B", "18") if corsica else number
+    return f"{number}{97 - int(digits) % 97:02d}"
+
+
+@pytest.mark.parametrize(("value", "shaped"), [
+    ("279035121518989", True), ("139061305567914", True),  # ANS test INS, a real-format one
+    (_with_key("18405" + "2A" + "123456", corsica="yes"), True),
+    (_with_key("18405" + "2B" + "123456", corsica="yes"), True),
+    ("184052A123456" + _with_key("184052B123456", corsica="yes")[-2:], False),  # 2B's key
+    ("279035121518990", False),  # wrong key
+    ("1840520123456", False),  # the 13 characters without the key
+    ("27903512151898X", False), ("", False),
+])
+def test_ins_shape_is_the_nir_key(value: str, shaped: bool) -> None:
+    assert is_ins_shaped(value) is shaped
+
+
+def test_the_issuers_are_settings() -> None:
+    """A deployment that names another authority (or withdraws the test ones) is obeyed."""
+    dataset = _patient_written("namespace alone", other=False, seed=3)
+    twin = copy.deepcopy(dataset)
+    deidentify(dataset, _policy())
+    deidentify(twin, DeidentificationPolicy(keys=PseudonymKeys(SECRET), site_id="site-a",
+                                            ins_issuers=InsIssuers(namespaces=frozenset())))
+    assert dataset.PatientID != twin.PatientID
+
+
+def test_the_local_id_beside_the_ins_is_pseudonymized_for_lookups() -> None:
+    """With an INS and a local ID, the result carries the local ID's pseudonym too (as a
+    lookup computes it), never the original."""
+    keys = PseudonymKeys(SECRET)
+    beside = _patient_written("DRIM-M: namespace + oid + INS", other=True, seed=4)
+    result = deidentify(beside, _policy())
+    assert result.patient_id == pseudonymize_patient_id(keys, DRIM_M_INS, site_id="x", is_ins=True)
+    assert result.local_patient_id == pseudonymize_patient_id(
+        keys, "IPP-42", site_id="site-a", issuer="HOPITAL-4")
+    # the INS as PatientID, the local ID (no issuer) among the other IDs: keyed by the site
+    first = _patient_written("DRIM-M: namespace + oid + INS", other=False, seed=5)
+    local = Dataset()
+    local.PatientID = "IPP-43"
+    first.OtherPatientIDsSequence = Sequence([local])
+    assert deidentify(first, _policy()).local_patient_id == pseudonymize_patient_id(
+        keys, "IPP-43", site_id="site-a")
+    assert "IPP-4" not in str(encode_dataset(first))
+    alone = _sample(with_ins=False)[0]
+    assert deidentify(alone, _policy()).local_patient_id == ""  # its PatientID says it all

@@ -206,3 +206,36 @@ def test_serve_banner_prints_a_generated_admin_token_but_never_one_the_operator_
     Supervisor(configured)._banner(configured.admin_token_value())
     out = capsys.readouterr().out
     assert "operator-set-admin-token" not in out and "(DICOM_GATEWAY_ADMIN_TOKEN)" in out
+
+
+def test_ins_issuers_are_oids_and_namespaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.components import ins_issuers
+
+    _clean_env(monkeypatch)
+    default = ins_issuers(Settings())
+    assert "1.2.250.1.213.1.4.10" in default.oids and "ASIP-SANTE-INS-NIR" in default.namespaces
+    monkeypatch.setenv("DICOM_GATEWAY_INS__OIDS", '["1.2.250.1.213.1.4.8"]')
+    monkeypatch.setenv("DICOM_GATEWAY_INS__NAMESPACES", '["ASIP-SANTE-INS-NIR"]')
+    configured = ins_issuers(Settings())
+    assert configured.oids == {"1.2.250.1.213.1.4.8"}
+    assert configured.namespaces == {"ASIP-SANTE-INS-NIR"}
+    monkeypatch.setenv("DICOM_GATEWAY_INS__OIDS", '["ASIP-SANTE-INS-NIA"]')
+    with pytest.raises(ValueError, match="INS__NAMESPACES"):  # a namespace among the OIDs
+        Settings()
+
+
+def test_the_former_ins_issuer_setting_still_works_split_by_what_it_held(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.components import ins_issuers
+
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DICOM_GATEWAY_INS_ISSUER_OIDS", '["1.2.250.1.213.1.4.8", "MY-INS-NS"]')
+    with pytest.warns(DeprecationWarning, match="INS__OIDS"):
+        settings = Settings()
+    issuers = ins_issuers(settings)
+    assert issuers.oids == {"1.2.250.1.213.1.4.8"} and issuers.namespaces == {"MY-INS-NS"}
+    # as the CLI re-validates its settings (flags on top): the same, no second conversion
+    assert ins_issuers(Settings.model_validate(settings.model_dump())) == issuers
+    monkeypatch.setenv("DICOM_GATEWAY_INS__OIDS", '["1.2.250.1.213.1.4.9"]')
+    with pytest.raises(ValueError, match="deprecated"):  # both: which one meant?
+        Settings()

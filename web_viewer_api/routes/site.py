@@ -14,7 +14,13 @@ from storage import AccessScope
 from web_viewer_api.deps import SharePrincipal
 from web_viewer_api.dicomweb.qido import study_to_dicom_json
 from web_viewer_api.errors import BadRequest, Forbidden, NotFound, Unavailable
-from web_viewer_api.lookup import COMPUTED_AT_THE_SITE, OriginalIdentifiers, find_studies
+from web_viewer_api.lookup import (
+    COMPUTED_AT_THE_SITE,
+    LookupAnswer,
+    OriginalIdentifiers,
+    find_studies,
+    lookup_sites,
+)
 
 router = APIRouter(prefix="/api/site", tags=["Site"])
 
@@ -31,8 +37,8 @@ class LookupRequest(BaseModel):
     patient_id: str | None = _IDENTIFIER
     #: The patient ID's issuer; an INS issuer OID (the ANS's) makes it a national identifier.
     issuer_of_patient_id: str = _ISSUER
-    #: The producing site the accession number belongs to (default: this site; a caller
-    #: limited to some sites looks in those).
+    #: The producing site the accession number belongs to (default: every site the caller
+    #: may read — its own list, or each site the index holds studies of).
     site: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
@@ -60,13 +66,15 @@ async def lookup(body: LookupRequest, request: Request, principal: SharePrincipa
         raise BadRequest("give accession_number and/or patient_id")
     if principal.site_ids is not None and body.site is not None and body.site not in principal.site_ids:
         raise Forbidden("these credentials are limited to other sites")
-    sites = ([body.site] if body.site else sorted(principal.site_ids)
-             if principal.site_ids is not None else [config.default_site])
     identifiers = OriginalIdentifiers(body.accession_number, body.issuer_of_accession_number,
                                       body.patient_id, body.issuer_of_patient_id)
-    answer = await anyio.to_thread.run_sync(
-        find_studies, config.lookup, request.app.state.index, identifiers, sites,
-        AccessScope(site_ids=principal.site_ids))
+    index, scope = request.app.state.index, AccessScope(site_ids=principal.site_ids)
+
+    def search() -> tuple[list[str], LookupAnswer]:
+        sites = [body.site] if body.site else lookup_sites(index, scope)
+        return sites, find_studies(config.lookup, index, identifiers, sites, scope)
+
+    sites, answer = await anyio.to_thread.run_sync(search)
     request.state.audit = {"action": "study.lookup",
                            "detail": {"matches": len(answer.studies), "sites": sites}}
     base = (config.public_url or str(request.base_url)).rstrip("/") + "/dicom-web"
