@@ -6,6 +6,9 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from celery import Celery
@@ -62,6 +65,7 @@ from worker import (
     IngestPipeline,
     Spool,
     StudyCompletion,
+    TransientPipelineError,
     Webhook,
     WorkerContext,
     close_private_tree,
@@ -209,9 +213,9 @@ def check_write_once(settings: Settings) -> None:
             raise SettingsError(str(exc)) from exc
 
 
-def build_pipeline(settings: Settings) -> IngestPipeline:
+def build_pipeline(settings: Settings, index: IndexRepository | None = None) -> IngestPipeline:
     policy = build_policy(settings)
-    index = build_index(settings, run_migrations=False)
+    index = index or build_index(settings, run_migrations=False)
     return IngestPipeline(
         store=build_object_store(settings),
         index=index,
@@ -370,8 +374,11 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
 
     probes["broker"] = broker
 
-    def enqueue(site_id: str, batch_id: str) -> None:
+    def to_the_worker(site_id: str, batch_id: str) -> None:
         enqueue_ingest(sender, site_id, batch_id)
+
+    # At the region, write-backs are processed by the API process that spooled them.
+    enqueue = regional_write_back(settings, index) if region else to_the_worker
 
     def stored_study(study_instance_uid: str, scope: AccessScope) -> bool:
         return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
@@ -398,6 +405,34 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
         index,
         build_object_store(settings),
     )
+
+
+def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[[str, str], None]:
+    """How the regional API processes the write-backs it spooled: in its own process (the
+    region runs no worker, and each regional host has its own spool), with the region's
+    pipeline — no secret, objects of the domain only. Batches a previous process left in
+    the spool (it died before processing them) are processed now."""
+    check_write_once(settings)
+    pipeline = build_pipeline(settings, index)
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="write-back")
+
+    def process(site_id: str, batch_id: str) -> None:
+        for delay in (1.0, 2.0, 4.0, 8.0, 16.0, 0.0):
+            try:
+                pipeline.ingest_batch(site_id, batch_id)
+                return
+            except TransientPipelineError as exc:  # the store or index is back soon, or not
+                log.warning("write-back batch %s: %s", batch_id, type(exc).__name__)
+                time.sleep(delay)
+        log.error("write-back batch %s left in the spool: processed at the next start", batch_id)
+
+    def enqueue(site_id: str, batch_id: str) -> None:
+        executor.submit(process, site_id, batch_id)
+
+    spool = Spool(settings.spool_dir, settings.site_id)
+    for batch_id in spool.stale_batches(older_than_seconds=0):
+        enqueue(settings.site_id, batch_id)
+    return enqueue
 
 
 def share_policy(settings: Settings) -> SharePolicy:
