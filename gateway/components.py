@@ -430,7 +430,8 @@ def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[
         executor.submit(process, site_id, batch_id)
 
     spool = Spool(settings.spool_dir, settings.site_id)
-    for batch_id in spool.stale_batches(older_than_seconds=0):
+    # Idle for a while: not one another API process of this host is still receiving.
+    for batch_id in spool.stale_batches(older_than_seconds=10):
         enqueue(settings.site_id, batch_id)
     return enqueue
 

@@ -217,6 +217,34 @@ def test_stow_with_dicomweb_client_goes_through_the_pipeline(
                                         .split("/")).SOPInstanceUID == item.ReferencedSOPInstanceUID
 
 
+def test_stow_reports_what_the_pixel_policy_refuses_as_failed_before_answering(
+        server: DicomwebServer, tmp_path: Path) -> None:
+    """An instance whose pixels may show identity (burned-in annotation, no mask
+    configured) will not be stored: the answer says so (0x0124 and why), it does not list
+    it as stored; the other instance of the request is stored and searchable."""
+    kept, refused = _new_study(tmp_path, seed=27, count=2)
+    annotated = pydicom.dcmread(refused)
+    annotated.BurnedInAnnotation = "YES"
+    body = _multipart([("application/dicom", kept.read_bytes()),
+                       ("application/dicom", _bytes(annotated))])
+    response = httpx.post(f"{server.url}/studies", content=body, headers=_stow_headers(),
+                          timeout=60)
+    assert response.status_code == 202, response.text
+    document = response.json()
+    [failed] = document["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0x0124]
+    assert failed["00081155"]["Value"] == [str(annotated.SOPInstanceUID)]
+    assert "burned-in annotation" in response.headers["Warning"]
+    [stored] = document["00081199"]["Value"]
+    assert server.index.find_instance(stored["00081155"]["Value"][0]) is not None
+
+
+def _bytes(dataset: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def test_stow_reports_non_dicom_parts_as_failed(server: DicomwebServer, tmp_path: Path) -> None:
     [good] = _new_study(tmp_path, seed=22, count=1)
     body = _multipart([("application/dicom", good.read_bytes()),

@@ -90,6 +90,20 @@ def test_a_syntax_the_server_cannot_produce_in_a_single_part_is_406(
     assert response.json()["error"]["code"]
 
 
+@pytest.mark.parametrize("accept", ["*/*; transfer-syntax=../../etc",
+                                    "multipart/*; transfer-syntax=1.2.3.4.5",
+                                    'multipart/related; type="application/dicom"; transfer-syntax=x'])
+def test_a_transfer_syntax_parameter_that_names_no_syntax_of_ours_is_406(
+        server: DicomwebServer, uids: tuple[str, str, str], accept: str) -> None:
+    """A review finding: `*/*; transfer-syntax=../../etc` was answered 200."""
+    study, series, sop = uids
+    for url in (f"{server.url}/studies/{study}",
+                f"{server.url}/studies/{study}/series/{series}/instances/{sop}"):
+        response = _get(url, accept)
+        assert response.status_code == 406, (url, response.status_code)
+        assert response.json()["error"]["code"]
+
+
 @pytest.mark.parametrize("resource", ["studies/{study}", "studies/{study}/series/{series}"])
 def test_a_study_or_series_asked_only_as_a_single_part_is_406(
         server: DicomwebServer, uids: tuple[str, str, str], resource: str) -> None:

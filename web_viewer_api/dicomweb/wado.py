@@ -125,8 +125,9 @@ def negotiate_instance_representation(accept: str | None, *,
             if syntax is not None:
                 return InstanceRepresentation(syntax, single_part=True)
         elif media.media_type in ("*/*", "multipart/*"):
-            return InstanceRepresentation(
-                str(media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)))
+            syntax = _acceptable_syntax(media)  # a parameter that is no syntax of ours: 406
+            if syntax is not None:
+                return InstanceRepresentation(syntax)
         elif media.media_type == "multipart/related":
             if media.params.get("type", "application/dicom") not in (
                     "application/dicom", "application/*", "*/*"):
