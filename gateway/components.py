@@ -380,13 +380,14 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
     # At the region, write-backs are processed by the API process that spooled them.
     enqueue = regional_write_back(settings, index) if region else to_the_worker
 
-    def stored_study(study_instance_uid: str, scope: AccessScope) -> bool:
-        return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
-                                              limit=1, scope=scope)) > 0
+    def study_patient(study_instance_uid: str, scope: AccessScope) -> str | None:
+        found = index.search_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
+                                                limit=1, scope=scope))
+        return found[0].patient_id if found else None
 
     stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
                       settings.http.max_stow_mb * 1024 * 1024,
-                      stored_study=stored_study if region else None,
+                      study_patient=study_patient if region else None,
                       reply_seconds=settings.http.stow_reply_seconds)
     return create_app(
         ApiConfig(admin_token=admin_token, readiness_probes=probes,

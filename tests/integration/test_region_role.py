@@ -15,8 +15,9 @@ import pydicom
 import pytest
 
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
-from storage import StudyQuery
+from storage import InstanceQuery, StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
+from tests.support.writeback import basic_text_sr, to_bytes
 from web_viewer_api.dicomweb.stow import receive_parts, screen_part
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -94,8 +95,9 @@ def test_region_takes_an_object_of_the_domain(region: DicomwebServer) -> None:
     assert "Warning" not in answer.headers
     [referenced] = answer.json()["00081199"]["Value"]
     assert referenced["00081155"]["Value"] == [str(dataset.SOPInstanceUID)]
-    # without the claim, the same object is refused: what is not marked may be identified
-    del dataset.PatientIdentityRemoved
+    # under another patient ID than the study's pseudonym, the same object is refused: it
+    # may be identified (a claim of PatientIdentityRemoved proves nothing)
+    dataset.PatientID = "IPP-REGION-FORGED"
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     assert _stow(region, [buffer.getvalue()]).status_code == 409
@@ -161,7 +163,8 @@ def test_site_stow_audit_keeps_no_original_study_uid(site: DicomwebServer, tmp_p
 
 
 def _files_seen_while_receiving(folder: Path, instances: list[bytes],
-                                stored_study: Callable[[str], bool] | None) -> tuple[int, list]:
+                                study_patient: Callable[[str], str | None] | None
+                                ) -> tuple[int, list]:
     """Feed a STOW-RS body to receive_parts 1 KB at a time; the most files the folder held
     between two chunks, and the parts."""
     boundary = b"screen-boundary"
@@ -175,14 +178,16 @@ def _files_seen_while_receiving(folder: Path, instances: list[bytes],
             yield body[start:start + 1024]
             most = max(most, sum(1 for _ in folder.iterdir()))
 
-    parts = asyncio.run(receive_parts(chunks(), boundary, folder, 1 << 30, stored_study))
+    parts = asyncio.run(receive_parts(chunks(), boundary, folder, 1 << 30, study_patient))
     return most, parts
 
 
 def test_region_never_writes_a_refused_instance_to_disk(tmp_path: Path) -> None:
     identified = _identified(tmp_path, 35)
     assert len(identified[0]) > 4 * 1024  # the parts span many chunks
-    most, parts = _files_seen_while_receiving(tmp_path / "region", identified, lambda _: True)
+    # every study stored (under a pseudonym): the parts' original patient ID is no pseudonym
+    most, parts = _files_seen_while_receiving(tmp_path / "region", identified,
+                                              lambda _: "PSTOREDPSEUDONYM")
     assert most == 0 and not any((tmp_path / "region").iterdir())
     assert [p.refused[2] for p in parts] == [0xC001, 0xC001]  # type: ignore[index]
     # a site's API writes each part as it arrives (what the region must not do)
@@ -197,11 +202,32 @@ def test_region_screening_reads_only_the_head_of_a_part(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     domain = buffer.getvalue()
-    study = str(dataset.StudyInstanceUID)
-    assert screen_part(domain[:64], False, lambda uid: uid == study) is False  # more needed
-    assert screen_part(domain[:4096], False, lambda uid: uid == study) is None  # decided early
-    assert screen_part(domain[:4096], False, lambda uid: False)[2] == 0xC001  # type: ignore[index]
-    assert screen_part(b"not dicom", True, lambda uid: True) == ("", "", 0xC000)
+    study, patient = str(dataset.StudyInstanceUID), str(dataset.PatientID)
+
+    def stored(uid: str) -> str | None:
+        return patient if uid == study else None
+
+    assert screen_part(domain[:64], False, stored) is False  # more needed
+    assert screen_part(domain[:4096], False, stored) is None  # decided early
+    assert screen_part(domain[:4096], False, lambda uid: None)[2] == 0xC001  # type: ignore[index]
+    assert screen_part(domain[:4096], False, lambda uid: "PANOTHER")[2] == 0xC001  # type: ignore[index]
+    assert screen_part(b"not dicom", True, lambda uid: "P") == ("", "", 0xC000)
+
+
+def test_region_takes_a_viewers_report_that_does_not_claim_identity_removed(
+        region: DicomwebServer) -> None:
+    """A viewer's SR copies the study's patient and study attributes, not necessarily
+    PatientIdentityRemoved: the study's UID and its patient pseudonym make it an object of
+    the domain, which lands in the study."""
+    stored = _stored_instance(region)
+    report = basic_text_sr([stored], "Reviewed at the region.")
+    del report.PatientIdentityRemoved
+    answer = _stow(region, [to_bytes(report)], f"/studies/{stored.StudyInstanceUID}")
+    assert answer.status_code == 202, answer.text  # cleaned (coerced): B000
+    [referenced] = answer.json()["00081199"]["Value"]
+    assert referenced["00081155"]["Value"] == [str(report.SOPInstanceUID)]
+    [row] = region.index.search_instances(InstanceQuery(sop_instance_uids=(str(report.SOPInstanceUID),)))
+    assert row.study_instance_uid == str(stored.StudyInstanceUID)
 
 
 def test_region_refuses_dicom_json_uploads(region: DicomwebServer) -> None:

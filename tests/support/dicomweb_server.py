@@ -71,9 +71,10 @@ class DicomwebServer:
         self.spool_site = "region" if region else "site1"
         writer = self.writer_pipeline
 
-        def stored_study(study_instance_uid: str, scope: AccessScope) -> bool:
-            return index.count_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
-                                                  scope=scope)) > 0
+        def study_patient(study_instance_uid: str, scope: AccessScope) -> str | None:
+            found = index.search_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
+                                                    scope=scope))
+            return found[0].patient_id if found else None
 
         def enqueue(site_id: str, batch_id: str) -> None:
             """Like the broker and a worker: the batch is processed in the background
@@ -84,7 +85,7 @@ class DicomwebServer:
                                  daemon=True).start()
 
         stow = StowTarget(Spool(root / "spool", self.spool_site), enqueue,
-                          max_bytes=4 * 1024 * 1024, stored_study=stored_study if region else None,
+                          max_bytes=4 * 1024 * 1024, study_patient=study_patient if region else None,
                           reply_seconds=30 if worker else 0.5)
         # dicomweb-client sends "Host: 127.0.0.1" without the port: URLs come from public_url.
         keys = PseudonymKeys(b"w" * 32)

@@ -63,9 +63,9 @@ NOT_OF_THE_DOMAIN = 0xC001
 NOT_OF_THE_DOMAIN_WARNING = (
     '299 dicom-gateway "refused {count} instance(s) not of the pseudonymization domain '
     '(FailureReason C001): the regional API holds no pseudonymization secret and takes '
-    "only de-identified objects (PatientIdentityRemoved YES) written back into studies it "
-    "stores and this credential may read; send identified studies to the producing site "
-    '(its DICOM node or its API)"')
+    "only objects written back into studies it stores and this credential may read, under "
+    "the study's patient pseudonym (its PatientID); send identified studies to the "
+    'producing site (its DICOM node or its API)"')
 
 
 class StowRequestError(Exception):
@@ -83,11 +83,11 @@ class StowTarget:
     spool: Spool
     enqueue: Callable[[str, str], None]
     max_bytes: int = 2 * 1024**3
-    #: The regional API: (Study Instance UID, writer's scope) -> whether the index stores
-    #: that study within the scope. When set, only objects of the domain are taken
-    #: (PatientIdentityRemoved YES, into a stored study the writer may read); anything else
-    #: may be identified and is refused.
-    stored_study: Callable[[str, AccessScope], bool] | None = None
+    #: The regional API: (Study Instance UID, writer's scope) -> the patient pseudonym of
+    #: that study if the index stores it within the scope, else None. When set, only
+    #: objects of the domain are taken (into a stored study the writer may read, under its
+    #: patient pseudonym); anything else may be identified and is refused.
+    study_patient: Callable[[str, AccessScope], str | None] | None = None
     #: How long an answer waits for the worker before saying what is still being processed.
     reply_seconds: float = 60.0
 
@@ -131,7 +131,7 @@ _LAST_SCREENED_TAG = 0x0020000D  # StudyInstanceUID
 
 
 def screen_part(head: bytes, complete: bool,
-                stored_study: Callable[[str], bool]) -> tuple[str, str, int] | None | bool:
+                study_patient: Callable[[str], str | None]) -> tuple[str, str, int] | None | bool:
     """The regional API's verdict on a part from its first bytes: None to take it, the
     refusal (SOP class, SOP instance, reason), or False when more bytes are needed."""
     seen_past = False
@@ -148,22 +148,24 @@ def screen_part(head: bytes, complete: bool,
             sop_class = str(header.get("SOPClassUID", ""))
             sop = str(header.get("SOPInstanceUID", ""))
             study = str(header.get("StudyInstanceUID", ""))
-            identity_removed = str(header.get("PatientIdentityRemoved", ""))
+            patient_id = str(header.get("PatientID", ""))
     except _UNREADABLE:
         return ("", "", CANNOT_UNDERSTAND) if complete or len(head) >= SCREEN_BYTES else False
     if not (seen_past or complete):
         return ("", "", NOT_OF_THE_DOMAIN) if len(head) >= SCREEN_BYTES else False
     if not (sop and study):
         return ("", "", CANNOT_UNDERSTAND)
-    if not of_the_domain(identity_removed, study, stored_study):
+    if not of_the_domain(patient_id, study, study_patient):
         return (sop_class, sop, NOT_OF_THE_DOMAIN)
     return None
 
 
-def of_the_domain(identity_removed: str, study: str, stored_study: Callable[[str], bool]) -> bool:
-    """What the regional API takes: an object already de-identified (PatientIdentityRemoved
-    YES) into a study the index stores (only the domain's keyed UIDs are there)."""
-    return identity_removed.strip().upper() == "YES" and stored_study(study)
+def of_the_domain(patient_id: str, study: str, study_patient: Callable[[str], str | None]) -> bool:
+    """What the regional API takes: an object of the domain, written back into a study the
+    index stores under that study's patient pseudonym — keyed values no original carries
+    (the worker checks it again against the study's write-once owner record)."""
+    pseudonym = study_patient(study)
+    return pseudonym is not None and patient_id.strip() == pseudonym
 
 
 @dataclass(frozen=True)
@@ -393,26 +395,26 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
 
 async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
                         max_bytes: int,
-                        stored_study: Callable[[str], bool] | None = None) -> list[_Part]:
-    """Stream the body into one temporary file per part. With `stored_study` (the regional
+                        study_patient: Callable[[str], str | None] | None = None) -> list[_Part]:
+    """Stream the body into one temporary file per part. With `study_patient` (the regional
     API), each part is screened from its first bytes, in memory: a part not of the domain
     is refused (`_Part.refused`) and never written."""
     private_directory(folder)  # identified uploads: folder 0700, parts 0600
     parts: list[_Part] = []
     current: dict[str, Any] = {"field": b"", "value": b"", "handle": None, "head": None}
-    if stored_study is not None:  # one index query per study of the request, not per part
-        stored_study = functools.cache(stored_study)
+    if study_patient is not None:  # one index query per study of the request, not per part
+        study_patient = functools.cache(study_patient)
 
     def open_part(part: _Part) -> None:
         current["handle"] = open_private(part.path)  # closed in on_part_end/_discard
 
     def screen(complete: bool) -> None:
         part, head = parts[-1], current["head"]
-        if stored_study is None:  # only a regional API screens parts
+        if study_patient is None:  # only a regional API screens parts
             return
         content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
         verdict = (("", "", CANNOT_UNDERSTAND) if content_type.strip().lower() != "application/dicom"
-                   else screen_part(bytes(head), complete, stored_study))
+                   else screen_part(bytes(head), complete, study_patient))
         if verdict is False:
             return
         current["head"] = None
@@ -425,7 +427,7 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
     def on_part_begin() -> None:
         part = _Part(folder / f".stow-{uuid.uuid4().hex}.part")
         parts.append(part)
-        if stored_study is None:
+        if study_patient is None:
             open_part(part)
         else:
             current["head"] = bytearray()
@@ -490,9 +492,9 @@ def _discard(parts: list[_Part], current: dict[str, Any]) -> None:
 
 
 def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | None,
-                stored_study: Callable[[str], bool] | None = None) -> StowOutcome:
+                study_patient: Callable[[str], str | None] | None = None) -> StowOutcome:
     """Check each part, spool the good ones per study, mark each batch as awaited and
-    enqueue it (`StowOutcome.await_replies` then waits for the worker). `stored_study`:
+    enqueue it (`StowOutcome.await_replies` then waits for the worker). `study_patient`:
     the regional API's check, bound to the writer's scope."""
     outcome = StowOutcome()
     tag = new_association_tag()
@@ -511,13 +513,13 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 sop_class = str(header.SOPClassUID)
                 sop = str(header.SOPInstanceUID)
                 study = str(header.StudyInstanceUID)
-                identity_removed = str(header.get("PatientIdentityRemoved", ""))
+                patient_id = str(header.get("PatientID", ""))
             except _UNREADABLE:
                 outcome.refuse("", "", CANNOT_UNDERSTAND, "a part is not a readable DICOM data set")
                 continue
             # Screened from its head already; checked again on the whole part as spooled.
-            if stored_study is not None and not of_the_domain(identity_removed, study,
-                                                              stored_study):
+            if study_patient is not None and not of_the_domain(patient_id, study,
+                                                               study_patient):
                 outcome.refuse(sop_class, sop, NOT_OF_THE_DOMAIN)
                 continue
             if study_in_path is not None and study != study_in_path:

@@ -675,22 +675,23 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
                         f"only; this API files uploads under site {target.spool.site_id}")
     if study is not None:
         check_uid(study, "StudyInstanceUID")
-    stored_study: Callable[[str], bool] | None = None
-    if target.stored_study is not None:  # the region: write-backs into studies the writer reads
-        check, scope = target.stored_study, principal.scope
+    study_patient: Callable[[str], str | None] | None = None
+    if target.study_patient is not None:  # the region: write-backs into studies the writer reads
+        check, scope = target.study_patient, principal.scope
 
-        def stored_study(study_instance_uid: str) -> bool:
-            return bool(check(study_instance_uid, scope))
+        def study_patient(study_instance_uid: str) -> str | None:
+            pseudonym = check(study_instance_uid, scope)
+            return None if pseudonym is None else str(pseudonym)
     declared = request.headers.get("content-length")
     try:
         boundary, part_type = boundary_of(request.headers.get("content-type"))
         if declared and declared.isdigit() and int(declared) > target.max_bytes:
             raise StowRequestError(413, f"request body larger than {target.max_bytes} bytes")
-        if target.stored_study is not None and part_type != "application/dicom":
+        if target.study_patient is not None and part_type != "application/dicom":
             raise StowRequestError(415, 'the regional API takes objects of the domain as '
                                         'multipart/related; type="application/dicom" only')
         parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes,
-                                    stored_study)
+                                    study_patient)
     except StowRequestError as exc:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
         return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
@@ -698,7 +699,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
     unbuilt = 0
     if part_type == "application/dicom+json":
         parts, unbuilt = json_parts_to_instances(parts, target.spool.root / ".incoming")
-    outcome = await run_in_threadpool(spool_parts, parts, target, study, stored_study)
+    outcome = await run_in_threadpool(spool_parts, parts, target, study, study_patient)
     for _ in range(unbuilt):
         outcome.refuse("", "", 0xC000, "a DICOM JSON data set could not be built")
     await outcome.await_replies(target.spool.root, target.reply_seconds)
