@@ -70,6 +70,7 @@ from worker import (
     WorkerContext,
     close_private_tree,
     create_celery_app,
+    enqueue_completion,
     enqueue_ingest,
     filesystem_broker_options,
 )
@@ -378,7 +379,7 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
         enqueue_ingest(sender, site_id, batch_id)
 
     # At the region, write-backs are processed by the API process that spooled them.
-    enqueue = regional_write_back(settings, index) if region else to_the_worker
+    enqueue = regional_write_back(settings, index, sender) if region else to_the_worker
 
     def study_patient(study_instance_uid: str, scope: AccessScope) -> str | None:
         found = index.search_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
@@ -408,11 +409,14 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
     )
 
 
-def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[[str, str], None]:
+def regional_write_back(settings: Settings, index: IndexRepository,
+                        sender: Celery) -> Callable[[str, str], None]:
     """How the regional API processes the write-backs it spooled: in its own process (the
     region runs no worker, and each regional host has its own spool), with the region's
-    pipeline — no secret, objects of the domain only. Batches a previous process left in
-    the spool (it died before processing them) are processed now."""
+    pipeline — no secret, objects of the domain only; then the owning site's worker
+    completes the study (series metadata, thumbnails, KOS, webhook) once it is quiet.
+    Batches a previous process left in the spool (it died before processing them) are
+    processed now."""
     check_write_once(settings)
     pipeline = build_pipeline(settings, index)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="write-back")
@@ -420,12 +424,22 @@ def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[
     def process(site_id: str, batch_id: str) -> None:
         for delay in (1.0, 2.0, 4.0, 8.0, 16.0, 0.0):
             try:
-                pipeline.ingest_batch(site_id, batch_id)
+                report = pipeline.ingest_batch(site_id, batch_id)
+                complete(report.stored_study_uids)
                 return
             except TransientPipelineError as exc:  # the store or index is back soon, or not
                 log.warning("write-back batch %s: %s", batch_id, type(exc).__name__)
                 time.sleep(delay)
         log.error("write-back batch %s left in the spool: processed at the next start", batch_id)
+
+    def complete(study_instance_uids: set[str]) -> None:
+        owners = {index.ownership(study, "", "").study_site_id for study in study_instance_uids}
+        for owner in sorted(o for o in owners if o):
+            try:
+                enqueue_completion(sender, owner, settings.worker.study_quiet_seconds + 1)
+            except Exception as exc:  # noqa: BLE001 - the site worker completes due studies at its start
+                log.warning("completion of a written-back study not requested (%s)",
+                            type(exc).__name__)
 
     def enqueue(site_id: str, batch_id: str) -> None:
         executor.submit(process, site_id, batch_id)

@@ -117,6 +117,7 @@ def enqueue_ingest(app: Celery, site_id: str, batch_id: str) -> None:
     app.send_task(INGEST_TASK, args=[site_id, batch_id], queue=ingest_queue(site_id))
 
 
-def enqueue_completion(app: Celery, site_id: str) -> None:
-    """Ask a worker to complete the studies that are due (at worker start, for instance)."""
-    app.send_task(COMPLETE_STUDY_TASK, queue=ingest_queue(site_id))
+def enqueue_completion(app: Celery, site_id: str, countdown: float = 0.0) -> None:
+    """Ask a worker of the site to complete its studies that are due (at worker start; after
+    a write-back at the region, once the study has been quiet: `countdown`)."""
+    app.send_task(COMPLETE_STUDY_TASK, queue=ingest_queue(site_id), countdown=countdown or None)

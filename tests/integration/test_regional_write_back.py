@@ -17,12 +17,14 @@ from pydicom.dataset import Dataset
 
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from tests.support.cluster import Cluster
+from tests.support.services import wait_for
 from tests.support.writeback import basic_text_sr, to_bytes
 
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("region-write-back"), sites=("A",), apis=2) as cluster:
+    with Cluster(tmp_path_factory.mktemp("region-write-back"), sites=("A",), apis=2,
+                 settings={"WORKER__STUDY_QUIET_SECONDS": "1"}) as cluster:
         yield cluster
 
 
@@ -57,6 +59,9 @@ def test_write_back_through_either_regional_api_lands_in_the_study(
     owner_before = region.sql("SELECT site_id, patient_id FROM studies WHERE study_instance_uid = :s",
                               s=study)
 
+    # the study's own completion has run (so only a new request completes it again)
+    wait_for(lambda: any(k.endswith("/metadata.json") for k in region.s3_keys(f"studies/{study}/")),
+             timeout=60, what="the study's first completion")
     report = basic_text_sr(stored, "Compared with the outside study: stable.")
     answer = _stow(second.url, token, study, [report, stored[0]])
     assert answer.status_code == 202, answer.text  # the report was coerced (cleaned), B000
@@ -76,3 +81,6 @@ def test_write_back_through_either_regional_api_lands_in_the_study(
     # each regional API processed what it spooled: nothing left behind
     for api in region.apis:
         assert not list((api.data_dir / "spool").rglob("*.dcm"))
+    # and asked site A's worker to complete the study: the report's series gets its metadata
+    wait_for(lambda: f"studies/{study}/series/{report.SeriesInstanceUID}/metadata.json"
+             in region.s3_keys(f"studies/{study}/"), timeout=60, what="the study completed again")
