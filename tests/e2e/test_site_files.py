@@ -69,7 +69,10 @@ def test_identified_site_files_are_owner_only_under_umask_022(
                                    str(dicom_port), str(source)], check=False, capture_output=True,
                                   timeout=120)
             assert sent.returncode == 0, sent.stderr.decode(errors="replace")
-        assert _stow(http_port, tmp_path / "stow.dcm").status_code == 202
+        # burned-in text and no mask: not stored, and the STOW-RS answer says so (0x0124)
+        answer = _stow(http_port, tmp_path / "stow.dcm")
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0124]
 
         def settled() -> bool:
             reasons = list((data_dir / "quarantine").rglob("*.reason.json"))
