@@ -35,6 +35,7 @@ from worker.spool import (
     new_association_tag,
     open_private,
     private_directory,
+    remove_older_than,
 )
 from worker.tasks import (
     COMPLETE_STUDY_TASK,
@@ -90,6 +91,7 @@ __all__ = [
     "read_local_patient_id",
     "read_provenance",
     "record_for",
+    "remove_older_than",
     "remove_stale_replies",
     "request_reply",
     "sign",

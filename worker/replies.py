@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from worker.spool import fsync_directory, open_private, private_directory
+from worker.spool import fsync_directory, open_private, private_directory, remove_older_than
 
 #: In a batch folder: a writer waits for this batch's reply.
 REPLY_MARKER = ".reply"
@@ -95,16 +94,7 @@ def take_reply(spool_root: Path, site_id: str, batch_id: str) -> BatchReply | No
 
 def remove_stale_replies(spool_root: Path, older_than_seconds: float = 86400.0) -> int:
     """Replies nobody read (the writer gave up or died): removed after a while."""
-    removed = 0
-    limit = time.time() - older_than_seconds
-    for path in (spool_root / _REPLIES).glob("*/*.json"):
-        try:
-            if path.stat().st_mtime < limit:
-                path.unlink()
-                removed += 1
-        except OSError:
-            continue
-    return removed
+    return remove_older_than((spool_root / _REPLIES).glob("*/*.json"), older_than_seconds)
 
 
 __all__ = ["REPLY_MARKER", "BatchReply", "InstanceOutcome", "remove_stale_replies",

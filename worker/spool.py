@@ -23,7 +23,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -106,6 +106,21 @@ def close_private_tree(root: str | Path) -> int:
         log.warning("%d files or folders under %s are readable by other users and not ours "
                     "to close", not_ours, root)
     return changed
+
+
+def remove_older_than(paths: Iterable[Path], seconds: float) -> int:
+    """Remove the files among `paths` last modified more than `seconds` ago (leftovers of
+    a writer or reader that died); how many were removed."""
+    removed = 0
+    limit = time.time() - seconds
+    for path in paths:
+        try:
+            if path.stat().st_mtime < limit:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue  # removed meanwhile, or not ours
+    return removed
 
 
 def fsync_directory(path: str | Path) -> None:

@@ -40,12 +40,7 @@ def matching_records() -> list[InstanceRecord]:
     first = datasets[0]
     # The first study: a second CT image, the series' procedure step and two requests; an SR.
     first.PerformedProcedureStepStartDate, first.PerformedProcedureStepStartTime = "20240110", "235958"
-    requests = []
-    for step, procedure in (("SPS1", "RP1"), ("SPS2", "RP2")):
-        item = Dataset()
-        item.ScheduledProcedureStepID, item.RequestedProcedureID = step, procedure
-        requests.append(item)
-    first.RequestAttributesSequence = requests
+    first.RequestAttributesSequence = request_attributes(("SPS1", "RP1"), ("SPS2", "RP2"))
     second = _dataset("2.25.101", "2.25.101.1", "2.25.101.1.2", CT_IMAGE, "CT", 1, 2)
     for keyword in ("PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
                     "RequestAttributesSequence"):
@@ -59,3 +54,13 @@ def matching_records() -> list[InstanceRecord]:
         d, object_key=f"studies/{d.SOPInstanceUID}.dcm", size_bytes=1, sha256="0" * 64,
         transfer_syntax_uid="1.2.840.10008.1.2.1", site_id="site1")
         for d in [*datasets, second, report]]
+
+
+def request_attributes(*steps: tuple[str, str]) -> list[Dataset]:
+    """RequestAttributesSequence items: (ScheduledProcedureStepID, RequestedProcedureID)."""
+    items = []
+    for step, procedure in steps:
+        item = Dataset()
+        item.ScheduledProcedureStepID, item.RequestedProcedureID = step, procedure
+        items.append(item)
+    return items

@@ -22,6 +22,7 @@ from storage import (
 )
 from storage.index import downgrade
 from tests.support.index_records import study_records
+from tests.support.matching_records import request_attributes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -205,12 +206,7 @@ def test_migration_0006_keeps_series_and_ingest_fills_their_procedure_step_keys(
     [record] = study_records("2.25.700", "PGGG")
     dataset = _record_dataset(record)
     dataset.PerformedProcedureStepStartDate, dataset.PerformedProcedureStepStartTime = "20240102", "0930"
-    items = []
-    for step, procedure in (("S1", "R1"), ("S2", "")):
-        item = Dataset()
-        item.ScheduledProcedureStepID, item.RequestedProcedureID = step, procedure
-        items.append(item)
-    dataset.RequestAttributesSequence = items
+    dataset.RequestAttributesSequence = request_attributes(("S1", "R1"), ("S2", ""))
     filled = InstanceRecord.from_dataset(dataset, object_key="k", size_bytes=1, sha256="0" * 64,
                                          transfer_syntax_uid="1.2.840.10008.1.2.1", site_id="s")
     assert {k: filled.series[k] for k in ("performed_procedure_step_start_date",

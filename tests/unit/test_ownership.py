@@ -20,16 +20,11 @@ from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import (
     AccessRepository,
     AuditQuery,
-    FilesystemObjectStore,
     IndexRepository,
     InstanceQuery,
-    ObjectStore,
-    S3ObjectStore,
     StudyQuery,
-    create_index_engine,
-    migrate,
 )
-from tests.support.seaweedfs import SeaweedFS
+from tests.support.columns import COLUMNS, index_engine_and_store
 from worker import IngestPipeline, TransientPipelineError, read_provenance
 from worker.pipeline import read_study_owner
 from worker.reindex import reindex
@@ -38,20 +33,10 @@ SECRET = b"ownership-test-secret-0123456789abcdef"
 Pipelines = Callable[[str], IngestPipeline]
 
 
-@pytest.fixture(params=["embedded", "production"])
+@pytest.fixture(params=COLUMNS)
 def pipelines(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pipelines]:
     """Pipelines of several sites of one domain over one shared store and index."""
-    store: ObjectStore
-    if request.param == "embedded":
-        engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-        store = FilesystemObjectStore(tmp_path / "objects")
-    else:
-        engine = create_index_engine(request.getfixturevalue("create_postgres_database")())
-        seaweedfs: SeaweedFS = request.getfixturevalue("seaweedfs")
-        store = S3ObjectStore(request.getfixturevalue("s3_bucket"), endpoint_url=seaweedfs.endpoint_url,
-                              region=seaweedfs.region, access_key=seaweedfs.access_key,
-                              secret_key=seaweedfs.secret_key)
-    migrate(engine)
+    engine, store = index_engine_and_store(request, tmp_path)
     index, access = IndexRepository(engine), AccessRepository(engine)
 
     def pipeline(site_id: str, *options: ProfileOption) -> IngestPipeline:

@@ -19,17 +19,12 @@ from anonymize import DeidentificationPolicy, ProfileOption, PseudonymKeys
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
 from storage import (
     AccessRepository,
-    FilesystemObjectStore,
     IndexRepository,
     InstanceQuery,
-    ObjectStore,
-    S3ObjectStore,
     SeriesQuery,
     StudyQuery,
-    create_index_engine,
-    migrate,
 )
-from tests.support.seaweedfs import SeaweedFS
+from tests.support.columns import COLUMNS, index_engine_and_store
 from tests.support.writeback import basic_text_sr, measurement_report, segmentation, to_bytes
 from worker import IngestPipeline
 from worker.replies import take_reply
@@ -40,20 +35,10 @@ SPEC = SampleStudySpec(ct_slices=3, mr_slices=1, ct_size=32, mr_size=32,
                        identity=PlantedIdentity(patient_id="IPP-WB-1", accession_number="ACCWB001"))
 
 
-@pytest.fixture(params=["embedded", "production"])
+@pytest.fixture(params=COLUMNS)
 def pipelines(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pipelines]:
     """Pipelines of sites (and of the region: `region=True`, no secret) over one store+index."""
-    store: ObjectStore
-    if request.param == "embedded":
-        engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-        store = FilesystemObjectStore(tmp_path / "objects")
-    else:
-        engine = create_index_engine(request.getfixturevalue("create_postgres_database")())
-        seaweedfs: SeaweedFS = request.getfixturevalue("seaweedfs")
-        store = S3ObjectStore(request.getfixturevalue("s3_bucket"), endpoint_url=seaweedfs.endpoint_url,
-                              region=seaweedfs.region, access_key=seaweedfs.access_key,
-                              secret_key=seaweedfs.secret_key)
-    migrate(engine)
+    engine, store = index_engine_and_store(request, tmp_path)
     index, access = IndexRepository(engine), AccessRepository(engine)
 
     def pipeline(site_id: str, *, region: bool = False) -> IngestPipeline:

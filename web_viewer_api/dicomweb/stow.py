@@ -42,6 +42,7 @@ from worker import (
     new_association_tag,
     open_private,
     private_directory,
+    remove_older_than,
     remove_stale_replies,
     request_reply,
     take_reply,
@@ -99,15 +100,7 @@ class StowTarget:
     def clean_orphans(self, older_than_seconds: float = 3600.0) -> int:
         """Remove parts left by an API process that died mid-upload (nothing in them was
         acknowledged). Only old ones: another API process may be receiving right now."""
-        removed = 0
-        limit = time.time() - older_than_seconds
-        for path in self.incoming.glob(".stow-*.part"):
-            try:
-                if path.stat().st_mtime < limit:
-                    path.unlink()
-                    removed += 1
-            except OSError:
-                continue
+        removed = remove_older_than(self.incoming.glob(".stow-*.part"), older_than_seconds)
         if removed:
             log.info("STOW-RS: removed %d parts of interrupted uploads", removed)
         remove_stale_replies(self.spool.root)  # replies of answers that gave up waiting
