@@ -457,14 +457,14 @@ class IngestPipeline:
             coerced = True
         else:
             identity, study_owner = written_back
+            returned = self._returned_instance(dataset, site_id, study_owner)
+            if returned is not None:  # at any site: nothing is added
+                return returned
             if study_owner.site_id != site_id and not self.region:
                 raise InstanceConflict(
                     "the study belongs to another site: write back through the regional API",
                     study_instance_uid=str(dataset.StudyInstanceUID),
                     sop_instance_uid=str(dataset.SOPInstanceUID))
-            returned = self._returned_instance(dataset, site_id, study_owner)
-            if returned is not None:
-                return returned
             before = _content_digest(dataset, across_sites=False)
             deidentify(dataset, policy, domain=identity)
             coerced = _content_digest(dataset, across_sites=False) != before

@@ -19,6 +19,7 @@ from anonymize import DeidentificationPolicy, ProfileOption, PseudonymKeys
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
 from storage import (
     AccessRepository,
+    AuditQuery,
     IndexRepository,
     InstanceQuery,
     SeriesQuery,
@@ -62,6 +63,12 @@ def _spool(tmp_path: Path, site_id: str, batch: str, datasets: list[Dataset]) ->
         names.append(name)
     (directory / ".reply").touch()  # as STOW-RS asks: the outcome of each instance
     return names
+
+
+def _alerts_count(pipeline: IngestPipeline) -> int:
+    """Security Alerts in the audit trail."""
+    return len(AccessRepository(pipeline.index.engine).search_audit(
+        AuditQuery(actions=("instance.conflict",))))
 
 
 def _stored_study(site: IngestPipeline, tmp_path: Path) -> tuple[str, list[Dataset]]:
@@ -186,6 +193,11 @@ def test_nobody_forges_their_way_into_a_stored_study(pipelines: Pipelines, tmp_p
     assert site_a.ingest_batch("siteA", "altered").quarantined == 1
     reply = take_reply(tmp_path / "spool", "siteA", "altered")
     assert reply is not None and reply.instances[name].failure_reason == 0x0111
+    # a stored instance of A's study sent back to site B (its PACS retrieved it): nothing added
+    resent = pydicom.dcmread(BytesIO(to_bytes(_ct(stored)[1])))
+    _spool(tmp_path, "siteB", "b-resends", [resent])
+    assert (site_b.ingest_batch("siteB", "b-resends").stored, _alerts_count(site_b)) == (1, 1)
+    assert site_b.index.instance_site(str(resent.SOPInstanceUID)) == "siteA"
     # site B cannot write into site A's study through its own node or API: the region can
     report = basic_text_sr(_ct(stored), "Second opinion.")
     [name] = _spool(tmp_path, "siteB", "b-writes", [report])

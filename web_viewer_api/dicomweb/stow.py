@@ -229,7 +229,7 @@ class StowOutcome:
         instances become `referenced`, refused ones `failed`, the rest `pending`."""
         batches = {(site, batch) for site, batch, _ in self.awaited}
         started = time.monotonic()
-        delay = 0.002
+        delay = 0.001
         while batches:
             for site, batch in sorted(batches):
                 reply = take_reply(spool_root, site, batch)
@@ -243,7 +243,7 @@ class StowOutcome:
             if not batches or time.monotonic() - started >= timeout:
                 break
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            delay = min(delay * 1.5, 0.005)  # a waiting client: look often, it is a stat
         self.waited_seconds = time.monotonic() - started
         self.pending += list(self.awaited.values())
         self.awaited.clear()
