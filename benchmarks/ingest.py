@@ -52,17 +52,18 @@ class Serve:
 
 
 @contextmanager
-def running_serve(work: Path, settings: dict[str, str]) -> Iterator[Serve]:
+def running_serve(work: Path, settings: dict[str, str], tree: Path = ROOT) -> Iterator[Serve]:
     """`dicom-gateway serve` on free ports with its data under `work`, once it printed its
-    banner; stopped with SIGINT (as Ctrl-C) on exit. Its log is `work/serve.log`."""
+    banner; stopped with SIGINT (as Ctrl-C) on exit. Its log is `work/serve.log`. `tree`:
+    the checkout whose code runs (another worktree to compare two versions)."""
     dicom_port, http_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_GATEWAY_")}
-    env.update({"DICOM_GATEWAY_LOG_LEVEL": "WARNING", **settings})
+    env.update({"DICOM_GATEWAY_LOG_LEVEL": "WARNING", "PYTHONPATH": str(tree), **settings})
     with open(work / "serve.log", "wb") as log:
         serve = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--data-dir", str(work / "data"),
              "--dicom-port", str(dicom_port), "--http-port", str(http_port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tree)
         try:
             deadline = time.monotonic() + 120
             while b"dicom-gateway is ready" not in (work / "serve.log").read_bytes():
