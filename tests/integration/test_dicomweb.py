@@ -1055,3 +1055,23 @@ def test_stow_of_an_altered_copy_of_a_stored_instance_leaves_the_original_byte_i
     [alert] = access.search_audit(AuditQuery(actions=("instance.conflict",)))
     assert (alert.event_code, alert.study_instance_uid) == ("110113", row.study_instance_uid)
     assert json_module.loads(alert.detail)["stored_sha256"] == before
+
+
+def test_stow_without_a_worker_says_what_is_still_being_processed(tmp_path: Path) -> None:
+    """The worker does not answer in time (here: none runs): 202, the instances listed as
+    sent, without RetrieveURL, and a Warning saying they are durable and still processed;
+    once a worker runs, they are stored."""
+    with DicomwebServer(tmp_path / "no-worker", worker=False) as lonely:
+        [path] = _new_study(tmp_path, seed=28, count=1)
+        sent = pydicom.dcmread(path, stop_before_pixels=True)
+        response = httpx.post(f"{lonely.url}/studies", content=_multipart(
+            [("application/dicom", path.read_bytes())]), headers=_stow_headers(), timeout=60)
+        assert response.status_code == 202, response.text
+        [item] = response.json()["00081199"]["Value"]
+        assert item["00081155"]["Value"] == [str(sent.SOPInstanceUID)]
+        assert "00081190" not in item and "00081190" not in response.json()
+        assert "not yet processed" in response.headers["Warning"]
+        site, batch = lonely.enqueued[-1]
+        assert lonely.pipeline.ingest_batch(site, batch).stored == 1
+        stored = lonely.pipeline.policy.keys.uid(str(sent.SOPInstanceUID))  # type: ignore[union-attr]
+        assert lonely.index.find_instance(stored) is not None
