@@ -33,21 +33,6 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 Enqueue = Callable[[str, str], None]
 
 
-@dataclass(frozen=True)
-class WriteBackRule:
-    """Who writes back into a stored study through this node: the study's own site. An
-    instance of the domain (a stored study's UID under its patient pseudonym) for a study
-    another site owns is refused at once (0x0124: write back through the regional API),
-    unless it is a stored instance sent back, which adds nothing. The worker decides
-    again; this spares the modality a Success for what would be quarantined."""
-
-    #: (Study Instance UID, Patient ID) -> the owning site when they make the instance an
-    #: object of the domain, else None.
-    domain_study_owner: Callable[[str, str], str | None]
-    #: SOP Instance UID -> whether the archive holds it.
-    instance_stored: Callable[[str], bool]
-
-
 @dataclass
 class _AssociationState:
     tag: str = field(default_factory=new_association_tag)
@@ -62,8 +47,6 @@ class _AssociationState:
     started: float = field(default_factory=time.monotonic)
     #: The last refusal's status (the association's audit event reports it).
     last_failure: int = 0
-    #: (study, patient ID) -> the owning site of a domain study (`WriteBackRule`), or None.
-    domain_owners: dict[tuple[str, str], str | None] = field(default_factory=dict)
 
 
 class SiteSpools:
@@ -139,8 +122,7 @@ FULL_CHECK_BYTES = 64 * 1024 * 1024
 
 def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBatches,
                  enqueue: Enqueue | None = None, chunk_size: int = 0,
-                 policy: CallerPolicy | None = None,
-                 write_back: WriteBackRule | None = None) -> int:
+                 policy: CallerPolicy | None = None) -> int:
     """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics;
     with `policy`, a caller without the store right is refused (0x0124)."""
     spool = (spools.for_caller(event.assoc.requestor.ae_title) if isinstance(spools, SiteSpools)
@@ -151,7 +133,7 @@ def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBat
         state.failed += 1
         status: int = Status.NOT_AUTHORIZED
     else:
-        status = _store(event, spool, batches, enqueue, chunk_size, write_back)
+        status = _store(event, spool, batches, enqueue, chunk_size)
     if status != Status.SUCCESS:
         state.last_failure = status
     if batches.metrics is not None:
@@ -164,8 +146,7 @@ def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBat
 
 
 def _store(event: Any, spool: Spool, batches: AssociationBatches,
-           enqueue: Enqueue | None = None, chunk_size: int = 0,
-           write_back: WriteBackRule | None = None) -> int:
+           enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
     """C-STORE: check the data set parses and matches the request, spool it, then answer.
 
     Success only after the bytes are durable on disk; a spool failure answers 0xA700.
@@ -198,12 +179,6 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
         state.failed += 1
         log.warning("C-STORE refused: data set does not match the request or lacks UIDs")
         return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-    if write_back is not None and _writes_into_another_sites_study(
-            write_back, state, spool.site_id, study, _text(dataset, "PatientID"), sop_instance):
-        state.failed += 1
-        log.warning("C-STORE refused: a write-back into another site's study (the regional "
-                    "API takes it)")
-        return Status.NOT_AUTHORIZED
     chunk, count = state.chunks.get(study, (0, 0))
     batch_id = spool.batch_id(state.tag, study) + (f"-{chunk:04d}" if chunk_size else "")
     try:
@@ -226,16 +201,6 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
         chunk, count = chunk + 1, 0
     state.chunks[study] = (chunk, count)
     return Status.SUCCESS
-
-
-def _writes_into_another_sites_study(rule: WriteBackRule, state: _AssociationState,
-                                     site_id: str, study: str, patient_id: str,
-                                     sop_instance: str) -> bool:
-    key = (study, patient_id)
-    if key not in state.domain_owners:  # one index query per study of an association
-        state.domain_owners[key] = rule.domain_study_owner(study, patient_id) if patient_id else None
-    owner = state.domain_owners[key]
-    return owner is not None and owner != site_id and not rule.instance_stored(sop_instance)
 
 
 def caller_of(assoc: Any, policy: CallerPolicy, filing_site: str) -> Caller:
@@ -273,10 +238,8 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
                  assoc.requestor.ae_title.strip(), assoc.requestor.address, site_id, state.stored,
                  state.failed, state.bytes, len(state.batches), seconds, outcome)
         if audit is not None and policy is not None:
-            # a write-back's study is the domain's already: named as it is
-            domain = {study for (study, _), owner in state.domain_owners.items() if owner}
-            studies = ({study if study in domain else pseudonymize_uid(study)
-                        for study in state.chunks} if pseudonymize_uid is not None else set())
+            studies = ({pseudonymize_uid(study) for study in state.chunks}
+                       if pseudonymize_uid is not None else set())
             audit.record("dimse.store", caller_of(assoc, policy, site_id),
                          state.last_failure if state.failed else Status.SUCCESS,
                          studies=studies,

@@ -37,7 +37,6 @@ from dicom_node.handlers import (
     AssociationBatches,
     Enqueue,
     SiteSpools,
-    WriteBackRule,
     caller_of,
     handle_connection_closed,
     handle_echo,
@@ -296,19 +295,6 @@ class DicomNode:
             ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
 
-    def _write_back_rule(self) -> WriteBackRule | None:
-        """Write-backs into another site's study are refused at once (with an index)."""
-        index = self.index
-        if index is None:
-            return None
-
-        def domain_study_owner(study: str, patient_id: str) -> str | None:
-            known = index.ownership(study, "", "")
-            return known.study_site_id if known.study_patient_id == patient_id else None
-
-        return WriteBackRule(domain_study_owner,
-                             lambda sop: index.instance_site(sop) is not None)
-
     def is_stored(self, sop_instance_uid: str, site_ids: frozenset[str]) -> bool:
         """Storage Commitment: durably spooled here for one of `site_ids`, or already in the
         archive as one of theirs."""
@@ -362,8 +348,7 @@ class DicomNode:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
-             [self.spools, self.batches, self.enqueue, self.config.batch_size, policy,
-              self._write_back_rule()]),
+             [self.spools, self.batches, self.enqueue, self.config.batch_size, policy]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue, policy, self.audit,
               self.pseudonymize_uid]),

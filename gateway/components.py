@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -417,18 +418,21 @@ def regional_write_back(settings: Settings, index: IndexRepository,
     completes the study (series metadata, thumbnails, KOS, webhook) once it is quiet.
     Batches a previous process left in the spool (it died before processing them) are
     processed now."""
-    check_write_once(settings)
     pipeline = build_pipeline(settings, index)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="write-back")
+    write_once_checked = threading.Event()  # at the first write-back: the API starts without S3
 
     def process(site_id: str, batch_id: str) -> None:
         for delay in (1.0, 2.0, 4.0, 8.0, 16.0, 0.0):
             try:
+                if not write_once_checked.is_set():
+                    check_write_once(settings)  # stored instances are never replaced
+                    write_once_checked.set()
                 report = pipeline.ingest_batch(site_id, batch_id)
                 complete(report.stored_study_uids)
                 return
-            except TransientPipelineError as exc:  # the store or index is back soon, or not
-                log.warning("write-back batch %s: %s", batch_id, type(exc).__name__)
+            except (TransientPipelineError, SettingsError) as exc:  # back soon, or not
+                log.warning("write-back batch %s: %s", batch_id, exc)
                 time.sleep(delay)
         log.error("write-back batch %s left in the spool: processed at the next start", batch_id)
 

@@ -6,7 +6,6 @@ storescp) against a node over a real two-site index."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 from collections.abc import Iterator
@@ -38,7 +37,6 @@ from tests.support.commitment import commitment_request, request_commitment
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port, wait_for
 from tests.support.storescp import running_storescp
-from tests.support.writeback import basic_text_sr, to_bytes
 
 SITE_A, SITE_B = "site1", "siteB"
 
@@ -426,31 +424,3 @@ def test_commitment_follows_who_stored_the_instance_not_who_owns_its_study(
         with archive.index.engine.begin() as connection:
             connection.execute(update(Instance).where(Instance.sop_instance_uid == archived)
                                .values(site_id=SITE_A))
-
-
-def test_a_write_back_into_another_sites_study_is_refused_at_once_a_re_send_is_not(
-        dcmtk: dict[str, str], node: DicomNode, archive: DicomwebServer, tmp_path: Path) -> None:
-    """A report written into site A's study, sent to the node by a caller of site B: 0x0124
-    at once (it goes through the regional API), not a Success the worker would then
-    quarantine; a stored instance of that study sent back adds nothing and is taken; the
-    study's own site writes back."""
-    study = min(_site_studies(archive, SITE_A))
-    stored = [pydicom.dcmread(io.BytesIO(archive.store.get(key)))
-              for key in archive.index.instance_keys(study)][:2]
-    report = basic_text_sr(stored, "Second opinion from site B.")
-    (tmp_path / "report.dcm").write_bytes(to_bytes(report))
-    (tmp_path / "returned.dcm").write_bytes(to_bytes(stored[0]))
-    refused = _run(dcmtk["storescu"], "-v", "-aet", "MODALITY_B", "-aec", "DICOMGATEWAY",
-                   "127.0.0.1", str(node.port), str(tmp_path / "report.dcm"))
-    assert "Store Response (Unknown Status: 0x124)" in refused.stderr, refused.stderr
-    assert not node.spools.holds(str(report.SOPInstanceUID))
-    taken = _run(dcmtk["storescu"], "-xt", "-aet", "MODALITY_B", "-aec", "DICOMGATEWAY",
-                 "127.0.0.1", str(node.port), str(tmp_path / "returned.dcm"))  # as stored: JPEG-LS
-    assert taken.returncode == 0 and node.spools.holds(str(stored[0].SOPInstanceUID)), taken.stderr
-    own = _run(dcmtk["storescu"], "-aet", "PACS_A", "-aec", "DICOMGATEWAY", "127.0.0.1",
-               str(node.port), str(tmp_path / "report.dcm"))
-    assert own.returncode == 0 and node.spools.holds(str(report.SOPInstanceUID)), own.stderr
-    # the store event names the study as it is (the domain's), not a keyed UID of it
-    [event] = [e for e in _events(node, archive, "dimse.store", "ae:PACS_A")
-               if e.study_instance_uid == study]
-    assert event.outcome == 0
