@@ -18,11 +18,15 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy, Right
 from dicom_node.status import Status
 from worker import (
+    DEFAULT_DECODE_LIMITS,
     UNREADABLE_DATASET_ERRORS,
+    DecodeLimitExceeded,
+    DecodeLimits,
     Spool,
     SpoolWriteError,
     check_complete,
     new_association_tag,
+    read_bounded,
 )
 
 log = logging.getLogger(__name__)
@@ -122,9 +126,11 @@ FULL_CHECK_BYTES = 64 * 1024 * 1024
 
 def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBatches,
                  enqueue: Enqueue | None = None, chunk_size: int = 0,
-                 policy: CallerPolicy | None = None) -> int:
+                 policy: CallerPolicy | None = None,
+                 limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> int:
     """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics;
-    with `policy`, a caller without the store right is refused (0x0124)."""
+    with `policy`, a caller without the store right is refused (0x0124); an instance
+    declaring more decoded pixels than `limits` is refused (0xA700)."""
     spool = (spools.for_caller(event.assoc.requestor.ae_title) if isinstance(spools, SiteSpools)
              else spools)
     state = batches.state(event.assoc)
@@ -133,7 +139,7 @@ def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBat
         state.failed += 1
         status: int = Status.NOT_AUTHORIZED
     else:
-        status = _store(event, spool, batches, enqueue, chunk_size)
+        status = _store(event, spool, batches, enqueue, chunk_size, limits)
     if status != Status.SUCCESS:
         state.last_failure = status
     if batches.metrics is not None:
@@ -146,7 +152,8 @@ def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBat
 
 
 def _store(event: Any, spool: Spool, batches: AssociationBatches,
-           enqueue: Enqueue | None = None, chunk_size: int = 0) -> int:
+           enqueue: Enqueue | None = None, chunk_size: int = 0,
+           limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> int:
     """C-STORE: check the data set parses and matches the request, spool it, then answer.
 
     Success only after the bytes are durable on disk; a spool failure answers 0xA700.
@@ -159,11 +166,18 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
     path = Path(event.dataset_path)
     size = path.stat().st_size
     try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=size > FULL_CHECK_BYTES)
+        # a deflated data set is inflated only up to its declared size, checked first
+        dataset = read_bounded(path, limits, stop_before_pixels=size > FULL_CHECK_BYTES)
         check_complete(dataset)  # pydicom silently shortens a truncated value
         sop_class = _text(dataset, "SOPClassUID")
         sop_instance = _text(dataset, "SOPInstanceUID")
         study = _text(dataset, "StudyInstanceUID")
+    except DecodeLimitExceeded as exc:
+        # PS3.4 B.2.3: Refused, Out of Resources — the instance may be valid, but decoding
+        # it takes more than this gateway is configured to give; nothing is spooled.
+        state.failed += 1
+        log.warning("C-STORE refused: %s", exc)
+        return Status.OUT_OF_RESOURCES
     except UNREADABLE_DATASET_ERRORS as exc:
         state.failed += 1
         log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, TypeVar
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
@@ -37,7 +35,7 @@ from storage import (
     StudySummary,
     TimeRange,
 )
-from worker import decompress_for_serving
+from worker import decompress_for_serving, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +302,10 @@ def retrieve_instances(service: QueryRetrieve, identifier: Dataset, model: str,
 
 def _load(store: ObjectStore, instance: InstanceSummary, accepted: set[tuple[str, str]]) -> Dataset:
     """The stored instance, decompressed when the peer did not accept its stored syntax."""
-    dataset = pydicom.dcmread(BytesIO(store.get(instance.object_key)))
+    dataset = read_bounded(store.get(instance.object_key), check=False)  # bounded inflate
     syntax = str(dataset.file_meta.TransferSyntaxUID)
     if (instance.sop_class_uid, syntax) not in accepted and UID(syntax).is_compressed:
-        decompress_for_serving(dataset)  # lossless: the same SOP Instance UID
+        decompress_for_serving(dataset)  # refuses an over-limit declaration, undecoded  # lossless: the same SOP Instance UID
     return dataset
 
 

@@ -47,6 +47,7 @@ from dicom_node.policy import Caller, CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
 from dicom_node.status import Status
 from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore, QueryRetrieve
+from worker import DEFAULT_DECODE_LIMITS, DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class NodeConfig:
     #: Calling AE title -> the site its studies belong to (spool, pseudonym qualifier,
     #: index); callers not listed belong to `site_id`.
     calling_ae_sites: Mapping[str, str] = field(default_factory=dict)
+    #: Largest decoded pixel data an instance may declare (above: refused, 0xA700).
+    decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
 
 
 class _ContextList(list[PresentationContext]):
@@ -348,7 +351,8 @@ class DicomNode:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
-             [self.spools, self.batches, self.enqueue, self.config.batch_size, policy]),
+             [self.spools, self.batches, self.enqueue, self.config.batch_size, policy,
+              self.config.decode_limits]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue, policy, self.audit,
               self.pseudonymize_uid]),

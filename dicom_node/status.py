@@ -9,7 +9,8 @@ class Status(IntEnum):
     """C-ECHO, C-STORE and Query/Retrieve statuses (PS3.4 Annex B.2.3, C.4; PS3.7 Annex C)."""
 
     SUCCESS = 0x0000
-    #: Refused: out of resources (the spool could not be written).
+    #: Refused: out of resources (the spool could not be written, or the instance declares
+    #: more decoded pixels than the configured limits).
     OUT_OF_RESOURCES = 0xA700
     #: Error: data set does not match SOP class (or the request's SOP Instance UID).
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900

@@ -63,6 +63,7 @@ from web_viewer_api import (
 )
 from worker import (
     Codec,
+    DecodeLimits,
     IngestPipeline,
     Spool,
     StudyCompletion,
@@ -215,6 +216,12 @@ def check_write_once(settings: Settings) -> None:
             raise SettingsError(str(exc)) from exc
 
 
+def decode_limits(settings: Settings) -> DecodeLimits:
+    """LIMITS__*: the largest decoded pixel data an instance may declare."""
+    return DecodeLimits.from_mib(settings.limits.max_decoded_instance_mb,
+                                 settings.limits.max_decoded_frame_mb)
+
+
 def build_pipeline(settings: Settings, index: IndexRepository | None = None) -> IngestPipeline:
     policy = build_policy(settings)
     index = index or build_index(settings, run_migrations=False)
@@ -227,6 +234,7 @@ def build_pipeline(settings: Settings, index: IndexRepository | None = None) -> 
         codec=None if settings.worker.compression == "none" else Codec(settings.worker.compression),
         audit=AccessRepository(index.engine).append_audit,
         region=settings.http.role == "region",
+        decode_limits=decode_limits(settings),
     )
 
 
@@ -289,6 +297,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         tls=_tls(settings),
         metrics_port=settings.dicom.metrics_port,
         calling_ae_sites=settings.dicom.calling_ae_sites,
+        decode_limits=decode_limits(settings),
     )
 
     def enqueue(site_id: str, batch_id: str) -> None:
@@ -390,7 +399,8 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
     stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
                       settings.http.max_stow_mb * 1024 * 1024,
                       study_patient=study_patient if region else None,
-                      reply_seconds=settings.http.stow_reply_seconds)
+                      reply_seconds=settings.http.stow_reply_seconds,
+                      decode_limits=decode_limits(settings))
     return create_app(
         ApiConfig(admin_token=admin_token, readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
@@ -404,7 +414,8 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                   trusted_proxies=parse_networks(settings.http.trusted_proxies),
                   failure_window_seconds=settings.auth.failure_window_seconds,
                   metrics_multiprocess_dir=metrics_multiprocess_dir,
-                  inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000),
+                  inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000,
+                  decode_limits=decode_limits(settings)),
         index,
         build_object_store(settings),
     )

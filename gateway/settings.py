@@ -201,6 +201,16 @@ class WorkerSettings(BaseModel):
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
 
+class LimitsSettings(BaseModel):
+    """Largest decoded pixel data accepted (Rows x Columns x Number of Frames x Samples per
+    Pixel x Bits Allocated), checked before anything is decoded: above it the node refuses
+    the instance (0xA700), STOW-RS lists it failed, the worker quarantines it, and
+    WADO-RS answers 406 to what would decode it (the stored form is still served). Deflated data sets are inflated no further."""
+
+    max_decoded_instance_mb: int = Field(1024, ge=1, le=1024 * 1024)
+    max_decoded_frame_mb: int = Field(256, ge=1, le=1024 * 1024)
+
+
 class PixelMaskSettings(BaseModel):
     """Rectangles (x, y, width, height) blacked out on instances of one device and size."""
 
@@ -346,6 +356,7 @@ class Settings(BaseSettings):
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     deid: DeidSettings = Field(default_factory=DeidSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     shares: ShareSettings = Field(default_factory=ShareSettings)
     smtp: SmtpSettings | None = None

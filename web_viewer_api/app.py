@@ -45,6 +45,7 @@ from web_viewer_api.oidc import OidcConfig, OidcVerifier
 from web_viewer_api.proxies import TrustedProxies
 from web_viewer_api.routes import audit, dicomweb, health, share_access, shares, site
 from web_viewer_api.shares import SharePolicy, ShareService
+from worker import DEFAULT_DECODE_LIMITS, DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class ApiConfig:
     #: Time an index search may take on the event loop (SQLite only; see
     #: storage.index.bounded): beyond it, the search runs in a worker thread. 0: always there.
     inline_read_budget_seconds: float = 0.005
+    #: Largest decoded pixel data an instance may declare to be decoded for a client.
+    decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
 
 
 class _QuarantineCollector(Collector):

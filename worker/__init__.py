@@ -5,6 +5,14 @@ from worker.app import create_celery_app, filesystem_broker_options
 from worker.completion import StudyCompletion, derived_uid, instance_metadata_key, manifest_key
 from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
 from worker.events import Webhook, sign, verify
+from worker.limits import (
+    DEFAULT_DECODE_LIMITS,
+    DeclaredSize,
+    DecodeLimitExceeded,
+    DecodeLimits,
+    check_declared,
+    read_bounded,
+)
 from worker.pipeline import (
     SPOOL_SUFFIX,
     IngestPipeline,
@@ -50,6 +58,7 @@ from worker.transcode import Codec, TranscodeStatus, decompress_for_serving, tra
 
 __all__ = [
     "COMPLETE_STUDY_TASK",
+    "DEFAULT_DECODE_LIMITS",
     "INGEST_TASK",
     "PRIVATE_DIRECTORY_MODE",
     "PRIVATE_FILE_MODE",
@@ -58,6 +67,9 @@ __all__ = [
     "WEBHOOK_TASK",
     "BatchReply",
     "Codec",
+    "DeclaredSize",
+    "DecodeLimitExceeded",
+    "DecodeLimits",
     "IngestPipeline",
     "IngestReport",
     "InstanceOutcome",
@@ -73,6 +85,7 @@ __all__ = [
     "Webhook",
     "WorkerContext",
     "check_complete",
+    "check_declared",
     "close_private_tree",
     "create_celery_app",
     "decompress_for_serving",
@@ -88,6 +101,7 @@ __all__ = [
     "new_association_tag",
     "open_private",
     "private_directory",
+    "read_bounded",
     "read_local_patient_id",
     "read_provenance",
     "record_for",

@@ -17,7 +17,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
@@ -31,9 +31,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 __all__ = [
     "DEFAULT_DECODE_LIMITS",
+    "DeclaredSize",
     "DecodeLimitExceeded",
     "DecodeLimits",
-    "DeclaredSize",
     "check_declared",
     "read_bounded",
 ]
@@ -204,12 +204,13 @@ def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
 
 
 def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, *,
-                 stop_before_pixels: bool = False) -> FileDataset:
+                 stop_before_pixels: bool = False, check: bool = True) -> FileDataset:
     """A Part 10 file (path or bytes) read as `pydicom.dcmread` reads it, its declared size
     checked (`check_declared`). A Deflated Explicit VR Little Endian data set is inflated
     step by step: up to its pixel data first, whose declaration is then checked, then up to
     the declared size — never further. Raises DecodeLimitExceeded, or what pydicom raises
-    for an unreadable file."""
+    for an unreadable file. With `check` False (a header read, `stop_before_pixels`), an
+    over-limit declaration is read, not refused: inflating still stops at the pixel data."""
     with (open(source, "rb") if isinstance(source, Path | str)
           else io.BytesIO(source)) as handle:
         preamble = read_preamble(handle, force=False)
@@ -217,27 +218,32 @@ def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECO
                                                  is_little_endian=True, stop_when=_not_file_meta))
         if str(file_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
             handle.seek(0)
-            return _read_plain(handle, limits, stop_before_pixels)
-        inflated = _inflate_bounded(handle.read(), limits, stop_before_pixels=stop_before_pixels)
+            return _read_plain(handle, limits, stop_before_pixels, check)
+        inflated = _inflate_bounded(handle.read(), limits, stop_before_pixels=stop_before_pixels,
+                                    check=check)
     buffer = DicomBytesIO(inflated)
     buffer.name = str(source) if isinstance(source, Path | str) else "<bytes>"
-    dataset = read_dataset(buffer, False, True,
+    dataset = read_dataset(cast(BinaryIO, buffer), False, True,
                            stop_when=_at_pixel_data if stop_before_pixels else None)
     file_meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True,
                                     character_encoding="iso8859")
-    result = FileDataset(buffer.name, dataset, preamble, file_meta, False, True)
+    result = FileDataset(cast(BinaryIO, buffer), dataset, preamble, file_meta, False, True)
     result.set_original_encoding(False, True, dataset._character_set)
-    check_declared(result, limits)
+    if check:
+        check_declared(result, limits)
     return result
 
 
-def _read_plain(handle: BinaryIO, limits: DecodeLimits, stop_before_pixels: bool) -> FileDataset:
+def _read_plain(handle: BinaryIO, limits: DecodeLimits, stop_before_pixels: bool,
+                check: bool) -> FileDataset:
     dataset = dcmread(handle, stop_before_pixels=stop_before_pixels)
-    check_declared(dataset, limits)
+    if check:
+        check_declared(dataset, limits)
     return dataset
 
 
-def _inflate_bounded(deflated: bytes, limits: DecodeLimits, *, stop_before_pixels: bool) -> bytes:
+def _inflate_bounded(deflated: bytes, limits: DecodeLimits, *, stop_before_pixels: bool,
+                     check: bool = True) -> bytes:
     """The raw-deflate stream inflated up to its pixel data, its declaration checked, then up
     to the end of the declared pixels plus what elements beside them may take (with
     `stop_before_pixels`: only up to its pixel data)."""
@@ -255,7 +261,10 @@ def _inflate_bounded(deflated: bytes, limits: DecodeLimits, *, stop_before_pixel
         if cap is None:
             pixel_offset = _pixel_data_offset(inflated)
             if pixel_offset is not None:
-                header = read_dataset(DicomBytesIO(bytes(inflated[:pixel_offset])), False, True)
+                header = read_dataset(cast(BinaryIO, DicomBytesIO(bytes(inflated[:pixel_offset]))),
+                                      False, True)
+                if stop_before_pixels and not check:
+                    return bytes(inflated[:pixel_offset])
                 declared = check_declared(header, limits)
                 if stop_before_pixels:
                     return bytes(inflated[:pixel_offset])
@@ -275,7 +284,7 @@ def _pixel_data_offset(inflated: bytearray) -> int | None:
     Endian data set; None while the elements before it are not all inflated."""
     buffer = DicomBytesIO(bytes(inflated))
     try:
-        read_dataset(buffer, False, True, stop_when=_at_pixel_data)
+        read_dataset(cast(BinaryIO, buffer), False, True, stop_when=_at_pixel_data)
     except (EOFError, ValueError, NotImplementedError, struct.error, IndexError, KeyError):
         return None
     position = buffer.tell()

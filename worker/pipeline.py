@@ -52,6 +52,7 @@ from storage import (
 )
 from worker.completion import instance_metadata_key
 from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
+from worker.limits import DEFAULT_DECODE_LIMITS, DecodeLimitExceeded, DecodeLimits, read_bounded
 from worker.replies import BatchReply, InstanceOutcome, reply_requested, write_reply
 from worker.spool import PRIVATE_FILE_MODE, open_private, private_directory
 from worker.transcode import Codec, TranscodeStatus, transcode_lossless
@@ -202,7 +203,7 @@ def record_for(dataset: Dataset, key: str, body: bytes, *, site_id: str | None =
 
 #: What sends an instance to quarantine instead of the archive (never a retried poison task).
 _QUARANTINE: tuple[type[Exception], ...] = (DeidentificationError, InstanceConflict,
-                                            *UNREADABLE_DATASET_ERRORS)
+                                            DecodeLimitExceeded, *UNREADABLE_DATASET_ERRORS)
 #: Encrypted Attributes Sequence: a new random key at each encryption.
 _ENCRYPTED_ATTRIBUTES, _PIXEL_DATA = 0x04000500, 0x7FE00010
 
@@ -320,7 +321,7 @@ def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = Fa
 
 
 #: PS3.4 / PS3.18 Table 10.5.3-2 failure reasons a waiting writer is given.
-_REFUSED, _CANNOT_UNDERSTAND = 0x0124, 0xC000
+_REFUSED, _CANNOT_UNDERSTAND, _OUT_OF_RESOURCES = 0x0124, 0xC000, 0xA700
 
 
 def _failure_of(exc: Exception) -> tuple[int, str]:
@@ -331,6 +332,8 @@ def _failure_of(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, BurnedInAnnotationRisk):
         return _REFUSED, ("its pixels may show identity (burned-in annotation) and no pixel "
                           "mask is configured for it: it cannot leave the site")
+    if isinstance(exc, DecodeLimitExceeded):  # sizes only: no value of the instance
+        return _OUT_OF_RESOURCES, f"refused before decoding: {str(exc)[:300]}"
     if isinstance(exc, DeidentificationError):
         return _REFUSED if isinstance(exc, NotOfTheDomain) else _CANNOT_UNDERSTAND, str(exc)[:300]
     return _CANNOT_UNDERSTAND, f"the data set cannot be read ({type(exc).__name__})"
@@ -340,10 +343,10 @@ _UNREADABLE_FILE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSE
 
 
 def _sop_class_of(path: Path) -> str:
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    try:  # bounded: the instance may be quarantined for inflating past its declared size
+        header = read_bounded(path, stop_before_pixels=True, check=False)
         return str(header.get("SOPClassUID", "") or "")
-    except _UNREADABLE_FILE:
+    except _UNREADABLE_FILE:  # DecodeLimitExceeded too: a ValueError
         return ""
 
 
@@ -370,6 +373,8 @@ class IngestPipeline:
     #: The region's pipeline: no secret (`policy.keys` is None), only objects of the domain,
     #: written back into any site's study (the regional API checked each writer's scope).
     region: bool = False
+    #: Largest decoded pixel data an instance may declare: above, it is quarantined.
+    decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
 
     def batch_dir(self, site_id: str, batch_id: str) -> Path:
         return self.spool_root / _checked_name(site_id, "site") / _checked_name(batch_id, "batch")
@@ -442,7 +447,7 @@ class IngestPipeline:
 
     def _process_file(self, path: Path, site_id: str, owners: dict[str, StudyOwner]
                       ) -> tuple[InstanceRecord, InstanceOutcome]:
-        dataset: Dataset = pydicom.dcmread(path)
+        dataset: Dataset = read_bounded(path, self.decode_limits)
         source_syntax = str(dataset.file_meta.TransferSyntaxUID)
         # The batch's site qualifies local identifiers: two hospitals' "12345" differ.
         policy = (self.policy if site_id == self.policy.site_id
@@ -478,7 +483,7 @@ class IngestPipeline:
                          sop_instance_uid=sop)
         compression = "none"
         if self.codec is not None:
-            outcome = transcode_lossless(dataset, self.codec)
+            outcome = transcode_lossless(dataset, self.codec, self.decode_limits)
             compression = (self.codec.value if outcome.status is TranscodeStatus.COMPRESSED
                            else outcome.status.value)
             if outcome.status is TranscodeStatus.VERIFICATION_FAILED:

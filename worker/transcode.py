@@ -60,6 +60,8 @@ from pydicom.uid import (
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pydicom.valuerep import VR
 
+from worker.limits import DEFAULT_DECODE_LIMITS, DecodeLimits, check_declared
+
 __all__ = [
     "LOSSLESS_TRANSFER_SYNTAXES",
     "SUPPORTED_PHOTOMETRIC_INTERPRETATIONS",
@@ -203,7 +205,8 @@ class _VerificationError(Exception):
     """Encoding or verification did not produce a proven-lossless result."""
 
 
-def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> TranscodeOutcome:
+def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS,
+                       limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> TranscodeOutcome:
     """Compress the uncompressed *Pixel Data* of `dataset` losslessly, in place, if proven exact.
 
     Every frame is encoded with `codec`, encapsulated with a Basic Offset Table (an Extended
@@ -220,6 +223,8 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
     (with a reason) when the original cannot be read, encoding fails or the decoded pixels differ.
     In every case but COMPRESSED the dataset is left exactly as it was (its elements may have
     been parsed from pydicom's raw form on access, which does not change what is written).
+    Raises DecodeLimitExceeded, before decoding anything, when the declared size is above
+    `limits`.
     """
     file_meta: FileMetaDataset | None = getattr(dataset, "file_meta", None)
     source_ts = str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else "")
@@ -261,6 +266,7 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS) -> Transc
             f"{module.expected_length}",
         )
 
+    check_declared(dataset, limits)
     target = TARGET_TRANSFER_SYNTAXES[codec]
     started = time.perf_counter()
     try:
@@ -655,12 +661,15 @@ def _verify(dataset: Dataset, frames: NDArray[Any]) -> None:
 _JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 
 
-def decompress_for_serving(dataset: Dataset) -> None:
+def decompress_for_serving(dataset: Dataset,
+                           limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> None:
     """Decode in place to native pixels for a client, keeping the SOP Instance UID (the
     conversion is lossless: the same instance). CharLS (pyjpegls) for JPEG-LS — 4x faster
     than libjpeg here (4.6 vs 19 ms for a 512x512 CT frame) — pylibjpeg for JPEG and JPEG
     2000, and pydicom's own RLE decoder. (Verification at ingest uses libjpeg on purpose: an
-    independent decoder.)"""
+    independent decoder.) Raises DecodeLimitExceeded, before decoding, when the declared
+    size (or a codestream's) is above `limits`."""
+    check_declared(dataset, limits)
     syntax = UID(str(dataset.file_meta.TransferSyntaxUID))
     if syntax in _JPEG_LS:
         plugin = "pyjpegls"

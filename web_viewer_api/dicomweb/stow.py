@@ -35,13 +35,18 @@ from python_multipart.multipart import MultipartParser
 from storage import AccessScope
 from web_viewer_api.dicomweb.multipart import parse_accept
 from worker import (
+    DEFAULT_DECODE_LIMITS,
     UNREADABLE_DATASET_ERRORS,
+    DecodeLimitExceeded,
+    DecodeLimits,
     InstanceOutcome,
     Spool,
     SpoolWriteError,
+    check_declared,
     new_association_tag,
     open_private,
     private_directory,
+    read_bounded,
     remove_older_than,
     remove_stale_replies,
     request_reply,
@@ -91,6 +96,8 @@ class StowTarget:
     study_patient: Callable[[str, AccessScope], str | None] | None = None
     #: How long an answer waits for the worker before saying what is still being processed.
     reply_seconds: float = 60.0
+    #: Largest decoded pixel data an instance may declare: above, it is refused unspooled.
+    decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
 
     @property
     def incoming(self) -> Path:
@@ -502,13 +509,18 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 outcome.refuse("", "", CANNOT_UNDERSTAND, "a part is not application/dicom")
                 continue
             try:
-                header = pydicom.dcmread(part.path, stop_before_pixels=True)
+                header = read_bounded(part.path, stop_before_pixels=True, check=False)
                 sop_class = str(header.SOPClassUID)
                 sop = str(header.SOPInstanceUID)
                 study = str(header.StudyInstanceUID)
                 patient_id = str(header.get("PatientID", ""))
             except _UNREADABLE:
                 outcome.refuse("", "", CANNOT_UNDERSTAND, "a part is not a readable DICOM data set")
+                continue
+            try:
+                check_declared(header, target.decode_limits)
+            except DecodeLimitExceeded as exc:
+                outcome.refuse(sop_class, sop, OUT_OF_RESOURCES, f"refused before decoding: {exc}")
                 continue
             # Screened from its head already; checked again on the whole part as spooled.
             if study_patient is not None and not of_the_domain(patient_id, study,

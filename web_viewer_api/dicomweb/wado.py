@@ -43,11 +43,16 @@ from web_viewer_api.dicomweb.multipart import (
     parse_accept,
 )
 from worker import (
+    DEFAULT_DECODE_LIMITS,
     Codec,
+    DecodeLimitExceeded,
+    DecodeLimits,
     TranscodeStatus,
+    check_declared,
     decompress_for_serving,
     encode_dataset,
     instance_metadata_key,
+    read_bounded,
     transcode_lossless,
 )
 from worker.derived import DerivedObjectError, render_thumbnail
@@ -85,6 +90,14 @@ class NotAcceptableError(WadoError):
 
 class BadRequestError(WadoError):
     """A malformed UID, frame list or query parameter."""
+
+
+class NotDecodedError(NotAcceptableError):
+    """The representation asked for means decoding more than the decode limits allow (the
+    stored one can still be retrieved)."""
+
+    def __init__(self, exc: DecodeLimitExceeded) -> None:
+        super().__init__(f"not decoded: {exc}; retrieve it as stored (transfer-syntax=*)")
 
 
 def check_uid(value: str, what: str) -> str:
@@ -142,11 +155,20 @@ def negotiate_instance_representation(accept: str | None, *,
            else " (application/dicom names a single instance only)"))
 
 
-def convert_instance(body: bytes, target: str) -> tuple[bytes, str]:
-    """The stored instance in the target syntax (stored bytes when they already are)."""
+def convert_instance(body: bytes, target: str,
+                     limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> tuple[bytes, str]:
+    """The stored instance in the target syntax (stored bytes when they already are);
+    NotDecodedError when that means decoding more than `limits` allow."""
     if target == ANY_TRANSFER_SYNTAX:
         return body, _stored_syntax(body)
-    dataset = pydicom.dcmread(BytesIO(body))
+    try:
+        return _convert(body, target, limits)
+    except DecodeLimitExceeded as exc:
+        raise NotDecodedError(exc) from exc
+
+
+def _convert(body: bytes, target: str, limits: DecodeLimits) -> tuple[bytes, str]:
+    dataset = read_bounded(body, limits)
     current = str(dataset.file_meta.TransferSyntaxUID)
     if current == target:
         return body, current
@@ -154,11 +176,13 @@ def convert_instance(body: bytes, target: str) -> tuple[bytes, str]:
         if "PixelData" not in dataset:
             raise NotAcceptableError("cannot change the transfer syntax of this instance")
         try:
-            decompress_for_serving(dataset)
+            decompress_for_serving(dataset, limits)
+        except DecodeLimitExceeded:
+            raise
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             raise NotAcceptableError(f"cannot decode the stored pixel data: {exc}") from exc
     if target in _LOSSLESS_TARGETS:
-        outcome = transcode_lossless(dataset, _LOSSLESS_TARGETS[target])
+        outcome = transcode_lossless(dataset, _LOSSLESS_TARGETS[target], limits)
         if outcome.status is not TranscodeStatus.COMPRESSED:
             raise NotAcceptableError(f"cannot encode this instance in {target}")
         return encode_dataset(dataset), target
@@ -193,6 +217,8 @@ class Wado:
     index: IndexRepository
     store: ObjectStore
     scope: AccessScope = EVERY_SITE
+    #: Largest decoded pixel data an instance may declare to be decoded for a client.
+    limits: DecodeLimits = DEFAULT_DECODE_LIMITS
 
     def instances(self, study: str, series: str | None = None,
                   sop: str | None = None) -> list[InstanceSummary]:
@@ -225,7 +251,7 @@ class Wado:
                 continue  # indexed but gone: reindex will tell; never a broken part
             if isinstance(body, bytes) and not (as_stored and len(body) == instance.size_bytes):
                 try:
-                    body, syntax = convert_instance(body, target)
+                    body, syntax = convert_instance(body, target, self.limits)
                 except (InvalidDicomError, EOFError) as exc:  # a damaged object: the store's fault
                     raise IntegrityError(f"stored object {instance.object_key!r} is not DICOM") from exc
                 yield (f"application/dicom; transfer-syntax={syntax}", body, {})
@@ -286,8 +312,13 @@ class Wado:
             study_instance_uid=study, series_instance_uid=series, limit=1))
         return self.instance_json(found[0]) if found else None
 
-    def dataset(self, instance: InstanceSummary) -> Dataset:
-        return pydicom.dcmread(BytesIO(self.store.get(instance.object_key)))
+    def dataset(self, instance: InstanceSummary, *, decoded: bool = True) -> Dataset:
+        """The stored instance, read (deflate bounded by `limits`). With `decoded` (it is
+        read to be decoded) its declared size is checked too: NotDecodedError above it."""
+        try:
+            return read_bounded(self.store.get(instance.object_key), self.limits, check=decoded)
+        except DecodeLimitExceeded as exc:
+            raise NotDecodedError(exc) from exc
 
 
 def _absolute_bulk_uris(document: Any, base_url: str) -> Any:
@@ -315,9 +346,11 @@ def parse_frame_list(text: str) -> list[int]:
     return numbers
 
 
-def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None) -> tuple[str, list[tuple[str, bytes, dict[str, str]]]]:
+def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None,
+                limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> tuple[str, list[tuple[str, bytes, dict[str, str]]]]:
     """(part media type, parts) for the requested frames: uncompressed octet-stream by
-    default, the stored compressed bitstream when the Accept header allows it."""
+    default (NotDecodedError above `limits`), the stored compressed bitstream when the
+    Accept header allows it."""
     count = int(dataset.get("NumberOfFrames", 1) or 1)
     if any(n > count for n in numbers):
         raise NotFoundError(f"the instance has {count} frames")
@@ -333,14 +366,18 @@ def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None) -> tup
                                      for n in numbers]
         if part in ("application/octet-stream", "*/*", "*") and syntax in (None, EXPLICIT_VR_LITTLE_ENDIAN, "*"):
             return "application/octet-stream", [("application/octet-stream", f, {})
-                                                for f in _native_frames(dataset, numbers)]
+                                                for f in _native_frames(dataset, numbers, limits)]
     raise NotAcceptableError("frames are available as application/octet-stream"
                              + (f" or {compressed_type}" if compressed_type else ""))
 
 
-def _native_frames(dataset: Dataset, numbers: list[int]) -> list[bytes]:
-    if UID(str(dataset.file_meta.TransferSyntaxUID)).is_compressed:
-        decompress_for_serving(dataset)
+def _native_frames(dataset: Dataset, numbers: list[int], limits: DecodeLimits) -> list[bytes]:
+    try:
+        check_declared(dataset, limits)
+        if UID(str(dataset.file_meta.TransferSyntaxUID)).is_compressed:
+            decompress_for_serving(dataset, limits)
+    except DecodeLimitExceeded as exc:
+        raise NotDecodedError(exc) from exc
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
     length = rows * columns * samples * bits // 8

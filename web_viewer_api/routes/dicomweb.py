@@ -136,7 +136,8 @@ def _scope(request: Request) -> AccessScope:
 
 
 def _wado(request: Request, index: IndexDep) -> Wado:
-    return Wado(index, request.app.state.store, _scope(request))
+    return Wado(index, request.app.state.store, _scope(request),
+                request.app.state.config.decode_limits)
 
 
 def _base(request: Request) -> str:
@@ -457,10 +458,10 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
     numbers = parse_frame_list(frames)
     wado = _wado(request, index)
     [instance] = wado.instances(study, series, sop)
-    dataset = wado.dataset(instance)
+    dataset = wado.dataset(instance, decoded=False)  # compressed frames go out undecoded
     if "PixelData" not in dataset:
         raise NotFoundError("no pixel data")
-    part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
+    part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"), wado.limits)
     return _multipart_response(part_type, parts)
 
 
@@ -498,12 +499,13 @@ def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: s
         raise BadRequestError("bulk data is addressed by an 8-digit hexadecimal tag") from exc
     wado = _wado(request, index)
     [instance] = wado.instances(study, series, sop)
-    dataset = wado.dataset(instance)
+    dataset = wado.dataset(instance, decoded=False)
     if number not in dataset:
         raise NotFoundError("no such bulk data")
     if number == 0x7FE00010:
         numbers = list(range(1, int(dataset.get("NumberOfFrames", 1) or 1) + 1))
-        part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"))
+        part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"),
+                                       wado.limits)
         return _multipart_response(part_type, parts)
     value = dataset[number].value
     if not isinstance(value, bytes | bytearray):
