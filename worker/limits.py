@@ -171,11 +171,13 @@ def _check_encapsulated(dataset: Dataset, declared: DeclaredSize) -> None:
     if extended is not None and len(extended) // 8 > declared.frames:
         raise DecodeLimitExceeded(f"the extended offset table lists {len(extended) // 8} "
                                   f"frames, the instance declares {declared.frames}")
-    try:
-        for fragment in generate_fragments(pixel_data[8 + 4 * len(offsets):]):
-            _check_codestream_header(fragment, declared)
-    except (ValueError, struct.error):
-        return
+    fragments = generate_fragments(pixel_data[8 + 4 * len(offsets):])
+    while True:
+        try:
+            fragment = next(fragments)
+        except (StopIteration, ValueError, struct.error):
+            return  # the end, or a malformed item the decoder reports
+        _check_codestream_header(fragment, declared)
 
 
 def _check_codestream_header(fragment: bytes, declared: DeclaredSize) -> None:

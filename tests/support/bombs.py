@@ -108,10 +108,11 @@ def compressed_bomb(path: Path, syntax: str, rows: int = 65535, columns: int = 6
 
         frame = bytes(jpeg_ls.encode(small))
     elif syntax == RLELossless:
-        from pydicom.pixels.encoders.native import _encode_frame  # pydicom's own RLE
+        from pydicom.encaps import generate_frames
 
-        frame = _encode_frame(small.tobytes(), rows=8, columns=8, samples_per_pixel=1,
-                              bits_allocated=16, byteorder="<")
+        tiny = image_header(8, 8, 1)
+        tiny.compress(RLELossless, small, generate_instance_uid=False)  # pydicom's own RLE
+        [frame] = generate_frames(tiny.PixelData, number_of_frames=1)
     else:
         raise ValueError(f"no bomb for {syntax}")
     dataset.PixelData = encapsulate([frame] * frames)
