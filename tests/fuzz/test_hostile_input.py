@@ -22,7 +22,8 @@ import pytest
 from pynetdicom import AE
 
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from tests.support.hostile import deflate_bomb, peaks
+from tests.support.bombs import deflated_bomb
+from tests.support.process_memory import peaks
 from tests.support.services import GatewayProcess, free_port, gateway_command, gateway_env, wait_for
 
 TOKEN = "hostile-admin-token-0123456789abcdef"
@@ -134,7 +135,8 @@ def _stow(gateway: Gateway, body: bytes, content_type: str) -> httpx.Response:
 
 
 def test_a_deflate_bomb_by_c_store_is_refused(gateway: Gateway, tmp_path: Path) -> None:
-    bomb = deflate_bomb(tmp_path / "bomb.dcm")
+    bomb = tmp_path / "bomb.dcm"
+    deflated_bomb(bomb)
     assert bomb.stat().st_size < 1 << 20  # gigabytes declared, a few hundred kilobytes sent
     [status] = _c_store(gateway, [bomb])
     assert status != 0x0000 and status >> 12 in (0xA, 0xC), hex(status)  # a failure status
@@ -142,7 +144,8 @@ def test_a_deflate_bomb_by_c_store_is_refused(gateway: Gateway, tmp_path: Path) 
 
 
 def test_a_deflate_bomb_by_stow_is_a_failed_instance(gateway: Gateway, tmp_path: Path) -> None:
-    bomb = deflate_bomb(tmp_path / "bomb.dcm")
+    bomb = tmp_path / "bomb.dcm"
+    deflated_bomb(bomb)
     body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + bomb.read_bytes() + b"\r\n--b--\r\n"
     answer = _stow(gateway, body, 'multipart/related; type="application/dicom"; boundary=b')
     assert answer.status_code == 409, answer.text[:300]
