@@ -56,7 +56,7 @@ def check_viewport(raw: str) -> None:
             raise BadRequest(f"viewport {name} must be an integer from 1 to {MAX_VIEWPORT}") from None
         if not 1 <= size <= MAX_VIEWPORT:
             raise BadRequest(f"viewport {name} must be an integer from 1 to {MAX_VIEWPORT}")
-    for name, value in zip(("sx", "sy", "sw", "sh"), values[2:], strict=True):
+    for name, value in zip(("sx", "sy", "sw", "sh"), values[2:], strict=False):
         if value.strip():
             _number(value, f"viewport {name}", MAX_VIEWPORT)
 
