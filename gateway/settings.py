@@ -134,6 +134,12 @@ class HttpSettings(BaseModel):
     public_url: str | None = None
     #: Largest STOW-RS request body accepted (413 above).
     max_stow_mb: int = Field(2048, ge=1)
+    #: Most parts in one STOW-RS request (413 above): instances, DICOM JSON and bulk data.
+    max_stow_parts: int = Field(10_000, ge=1, le=1_000_000)
+    #: Longest URL (path and query string, as sent) served; 414 above.
+    max_url_bytes: int = Field(8 * 1024, ge=1024, le=1024 * 1024)
+    #: Most bytes of all request header fields together (one field: half of it); 431 above.
+    max_header_bytes: int = Field(16 * 1024, ge=2048, le=1024 * 1024)
     #: How long a STOW-RS answer waits for the worker to store and index the instances
     #: (read-your-writes); past it, the answer lists them as accepted, still processed.
     stow_reply_seconds: float = Field(60.0, gt=0, le=3600)

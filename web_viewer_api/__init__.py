@@ -9,6 +9,7 @@ from web_viewer_api.lookup import OriginalIdentifiers, PseudonymLookup, find_stu
 from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig
 from web_viewer_api.proxies import parse_networks
+from web_viewer_api.request_limits import RequestLimits
 from web_viewer_api.security import hash_pin, new_api_key, new_pin, sha256_hex
 from web_viewer_api.shares import CreatedShare, SharePolicy, ShareRequest, ShareService
 
@@ -20,6 +21,7 @@ __all__ = [
     "OidcConfig",
     "OriginalIdentifiers",
     "PseudonymLookup",
+    "RequestLimits",
     "SharePolicy",
     "ShareRequest",
     "ShareService",

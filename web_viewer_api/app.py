@@ -43,6 +43,7 @@ from web_viewer_api.lookup import PseudonymLookup
 from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig, OidcVerifier
 from web_viewer_api.proxies import TrustedProxies
+from web_viewer_api.request_limits import RequestLimits, RequestLimitsMiddleware
 from web_viewer_api.routes import audit, dicomweb, health, share_access, shares, site
 from web_viewer_api.shares import SharePolicy, ShareService
 from worker import DEFAULT_DECODE_LIMITS, DecodeLimits
@@ -100,6 +101,8 @@ class ApiConfig:
     inline_read_budget_seconds: float = 0.005
     #: Largest decoded pixel data an instance may declare to be decoded for a client.
     decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
+    #: Longest URL (414 beyond) and headers (431 beyond) served, on every route.
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 class _QuarantineCollector(Collector):
@@ -265,6 +268,8 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.add_middleware(_MetricsMiddleware, requests=requests, latency=latency)
     # Outermost: the client's address is settled before anything records or counts it.
     app.add_middleware(TrustedProxies, trusted=config.trusted_proxies)
+    # Before everything: an oversized request line or header costs nothing further.
+    app.add_middleware(RequestLimitsMiddleware, limits=config.request_limits)
 
     app.mount("/metrics", make_asgi_app(registry=scraped))
     return app

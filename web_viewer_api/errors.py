@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 406: "not_acceptable", 410: "gone", 413: "too_large",
-    415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable",
+    414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large", 429: "rate_limited", 503: "unavailable",
 }
 
 

@@ -101,5 +101,39 @@ def test_share_tokens_and_pins(server: DicomwebServer, client: httpx.Client, tok
     assert response.status_code < 500, (url, response.text[:200])
 
 
+@pytest.fixture(scope="module")
+def instance_path(server: DicomwebServer, client: httpx.Client) -> str:
+    found = client.get(f"{server.url}/instances", params={"limit": 1}, headers=AUTH).json()[0]
+    return "/studies/{}/series/{}/instances/{}".format(
+        *(found[tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018")))
+
+
+NUMBER = st.one_of(st.integers(-(2**70), 2**70).map(str), st.floats().map(str),
+                   st.text(alphabet="0123456789-+.,eE", max_size=30))
+
+
+@SETTINGS
+@given(frames=st.lists(st.integers(-3, 2**66), min_size=1, max_size=300),
+       name=st.sampled_from(["offset", "limit", "quality", "viewport", "window"]), value=NUMBER,
+       resource=st.sampled_from(["frames", "rendered", "qido"]))
+def test_frame_lists_and_numbers(server: DicomwebServer, client: httpx.Client, instance_path: str,
+                                 frames: list[int], name: str, value: str, resource: str) -> None:
+    """Any frame list and any numeric parameter: a JSON 4xx or an answer no larger than the
+    instance's frames once (the one frame of a CT here)."""
+    if resource == "frames":
+        response = client.get(f"{server.url}{instance_path}/frames/{','.join(map(str, frames))}",
+                              params={name: value}, headers={**AUTH, "Accept": "*/*"})
+        if response.status_code == 200:
+            assert frames == [1]
+            assert len(response.content) < 128 * 128 * 2 + 1024
+    elif resource == "rendered":
+        response = client.get(f"{server.url}{instance_path}/rendered", params={name: value}, headers=AUTH)
+    else:
+        response = client.get(f"{server.url}/studies", params={name: value}, headers=AUTH)
+    _check(response)
+    if response.status_code >= 400:
+        assert response.headers["content-type"].startswith("application/json")
+
+
 def test_server_still_answers_after_the_fuzzing(server: DicomwebServer, client: httpx.Client) -> None:
     assert client.get(f"{server.url}/studies", headers=AUTH).status_code == 200

@@ -23,6 +23,8 @@ from storage import (
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+#: Highest `offset`: far beyond any index, and within every database's integer range.
+MAX_OFFSET = 1_000_000_000
 
 #: The required matching keys of PS3.18 Table 10.6.1-5 at each level, by keyword (a
 #: sequence item's attribute by its path). Any other attribute is ignored, with a Warning.
@@ -80,7 +82,7 @@ def _values(raw: str) -> tuple[str, ...]:
 def _parse_int(raw: str, name: str, minimum: int, maximum: int | None = None) -> int:
     try:
         value = int(raw)
-    except ValueError as exc:
+    except ValueError as exc:  # also more digits than int() takes
         raise QueryParameterError(f"{name} must be an integer") from exc
     if value < minimum or (maximum is not None and value > maximum):
         bound = f" and at most {maximum}" if maximum is not None else ""
@@ -144,7 +146,7 @@ def parse_query(params: Iterable[tuple[str, str]], allowed: frozenset[str]) -> P
         if name == "limit":
             limit = _parse_int(raw, "limit", 1, MAX_LIMIT)
         elif name == "offset":
-            offset = _parse_int(raw, "offset", 0)
+            offset = _parse_int(raw, "offset", 0, MAX_OFFSET)
         elif name == "fuzzymatching":
             fuzzy = raw.strip().lower() == "true"
         elif name == "includefield":

@@ -15,6 +15,7 @@ import functools
 import io
 import json
 import logging
+import re
 import time
 import uuid
 import warnings
@@ -98,6 +99,8 @@ class StowTarget:
     reply_seconds: float = 60.0
     #: Largest decoded pixel data an instance may declare: above, it is refused unspooled.
     decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
+    #: Most parts in one request (413 above): each costs a file and an entry in the answer.
+    max_parts: int = 10_000
 
     @property
     def incoming(self) -> Path:
@@ -288,7 +291,22 @@ def boundary_of(content_type: str | None) -> tuple[bytes, str]:
     boundary = media.params.get("boundary")
     if not boundary:
         raise StowRequestError(400, "multipart body without a boundary")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise StowRequestError(400, "the multipart boundary must be 1 to 70 characters: letters, "
+                                    "digits, '()+_,-./:=? and spaces, not ending in a space "
+                                    "(RFC 2046 §5.1.1)")
     return boundary.encode(), part_type
+
+
+#: RFC 2046 §5.1.1: boundary := 0*69<bchars> bcharsnospace.
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+#: Largest header block of one part (its Content-Type, Content-Location...), and most fields.
+MAX_PART_HEADER_BYTES = 16 * 1024
+MAX_PART_HEADER_FIELDS = 50
+#: Largest DICOM JSON part, and deepest nesting of arrays and objects in it (each sequence
+#: level of a data set takes three: attribute, Value, item): 42 sequence levels.
+MAX_JSON_PART_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 128
 
 
 #: Compressed pixel data media types (PS3.18 §8.7.3.3.2) and their default transfer syntax.
@@ -338,26 +356,73 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
     (`image/jls`, `image/jp2`, `image/jphc`, `image/jpeg`, `image/dicom-rle`, with an
     optional `transfer-syntax` parameter): one part per frame, all under the BulkDataURI,
     stored encapsulated in that syntax after checking that the first frame decodes.
+    A DICOM JSON part larger than MAX_JSON_PART_BYTES, or nested deeper than
+    MAX_JSON_DEPTH, counts as one data set not built. Every file of `parts` is removed,
+    and on an error every file written here too.
     """
+    instances: list[_Part] = []
+    try:
+        built, failed = _build_instances(parts, folder, instances)
+    except BaseException:
+        for instance in instances:
+            instance.path.unlink(missing_ok=True)
+        raise
+    finally:
+        for part in parts:
+            part.path.unlink(missing_ok=True)
+    return built, failed
+
+
+def _json_depth(document: Any) -> int:
+    """How deeply arrays and objects nest in `document` (a scalar: 0), without recursion."""
+    deepest, pending = 0, [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _load_json_part(part: _Part) -> Any | None:
+    """The part's JSON document, or None when it is not JSON or over the limits."""
+    if part.size > MAX_JSON_PART_BYTES:
+        log.info("STOW-RS: a DICOM JSON part is larger than %d bytes", MAX_JSON_PART_BYTES)
+        return None
+    try:
+        loaded = json.loads(part.path.read_bytes())
+    except (ValueError, RecursionError):  # the decoder's own depth limit: nested too deep
+        return None
+    if _json_depth(loaded) > MAX_JSON_DEPTH:
+        log.info("STOW-RS: a DICOM JSON part nests deeper than %d", MAX_JSON_DEPTH)
+        return None
+    return loaded
+
+
+def _build_instances(parts: list[_Part], folder: Path,
+                     instances: list[_Part]) -> tuple[list[_Part], int]:
     by_location: dict[str, list[_Part]] = {}
     for part in parts:
         location = part.headers.get("content-location")
         if location:
             by_location.setdefault(location, []).append(part)
     documents: list[Any] = []
-    instances: list[_Part] = []
     failed = 0
     for part in parts:
         if _media(part)[0] == DICOM_JSON:
-            try:
-                loaded = json.loads(part.path.read_bytes())
-            except ValueError:
+            loaded = _load_json_part(part)
+            if loaded is None:
                 failed += 1
                 continue
             documents.extend(loaded if isinstance(loaded, list) else [loaded])
 
     for document in documents:
         compressed: list[_Part] = []
+        written: _Part | None = None
 
         def bulk(tag: str, vr: str, uri: str, compressed: list[_Part] = compressed) -> bytes:
             sources = by_location.get(uri)
@@ -379,29 +444,36 @@ def json_parts_to_instances(parts: list[_Part], folder: Path) -> tuple[list[_Par
             dataset.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
             if compressed:
                 pixel_array(dataset, index=0)  # a stream that does not decode fails here
-            path = folder / f".stow-{uuid.uuid4().hex}.part"
-            with open_private(path) as handle:  # identified until the worker has run: 0600
+            written = _Part(folder / f".stow-{uuid.uuid4().hex}.part",
+                           {"content-type": "application/dicom"})
+            instances.append(written)  # from here on, removed whatever happens next
+            with open_private(written.path) as handle:  # identified until the worker ran: 0600
                 dataset.save_as(handle, enforce_file_format=True)
+            written.size = written.path.stat().st_size
         except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError,
-                NotImplementedError) as exc:
+                NotImplementedError) as exc:  # RecursionError is a RuntimeError
             log.info("STOW-RS: a DICOM JSON data set could not be built: %s", type(exc).__name__)
+            if written is not None:
+                instances.remove(written)
+                written.path.unlink(missing_ok=True)
             failed += 1
             continue
-        instances.append(_Part(path, {"content-type": "application/dicom"}, path.stat().st_size))
-    for part in parts:
-        part.path.unlink(missing_ok=True)
     return instances, failed
 
 
 async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
                         max_bytes: int,
-                        study_patient: Callable[[str], str | None] | None = None) -> list[_Part]:
+                        study_patient: Callable[[str], str | None] | None = None, *,
+                        max_parts: int = 10_000) -> list[_Part]:
     """Stream the body into one temporary file per part. With `study_patient` (the regional
     API), each part is screened from its first bytes, in memory: a part not of the domain
-    is refused (`_Part.refused`) and never written."""
+    is refused (`_Part.refused`) and never written. StowRequestError: 413 beyond
+    `max_bytes` or `max_parts`, 400 for a malformed body or a part's headers over
+    MAX_PART_HEADER_BYTES / MAX_PART_HEADER_FIELDS; then no file of the request remains."""
     private_directory(folder)  # identified uploads: folder 0700, parts 0600
     parts: list[_Part] = []
-    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None, "head": None}
+    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None, "head": None,
+                              "header_bytes": 0}
     if study_patient is not None:  # one index query per study of the request, not per part
         study_patient = functools.cache(study_patient)
 
@@ -425,6 +497,9 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
         current["handle"].write(head)
 
     def on_part_begin() -> None:
+        if len(parts) >= max_parts:
+            raise StowRequestError(413, f"more than {max_parts} parts in one request")
+        current["header_bytes"] = 0
         part = _Part(folder / f".stow-{uuid.uuid4().hex}.part")
         parts.append(part)
         if study_patient is None:
@@ -432,13 +507,24 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
         else:
             current["head"] = bytearray()
 
+    def header_bytes(count: int) -> None:
+        current["header_bytes"] += count
+        if current["header_bytes"] > MAX_PART_HEADER_BYTES:
+            raise StowRequestError(400, f"a part's headers are longer than "
+                                        f"{MAX_PART_HEADER_BYTES} bytes")
+
     def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_bytes(end - start)
         current["field"] += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_bytes(end - start)
         current["value"] += data[start:end]
 
     def on_header_end() -> None:
+        if len(parts[-1].headers) >= MAX_PART_HEADER_FIELDS:
+            raise StowRequestError(400, f"a part has more than {MAX_PART_HEADER_FIELDS} "
+                                        "header fields")
         name = current["field"].decode("latin-1").strip().lower()
         parts[-1].headers[name] = current["value"].decode("latin-1").strip()
         current["field"], current["value"] = b"", b""
@@ -477,6 +563,9 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
     except Exception as exc:  # the parser's own errors: a malformed body
         _discard(parts, current)
         raise StowRequestError(400, f"malformed multipart body: {type(exc).__name__}") from exc
+    except BaseException:  # the client went away (cancelled): nothing of it stays on disk
+        _discard(parts, current)
+        raise
     if current["handle"] is not None or current["head"] is not None or not parts:
         _discard(parts, current)
         raise StowRequestError(400, "malformed multipart body: no complete part "

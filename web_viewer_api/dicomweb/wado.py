@@ -337,12 +337,20 @@ def _absolute_bulk_uris(document: Any, base_url: str) -> Any:
 
 # Frames -------------------------------------------------------------------------------
 def parse_frame_list(text: str) -> list[int]:
+    """The frame numbers of a `{frames}` path segment, in the order asked. PS3.18 (Retrieve
+    Frames) makes it "one or more non duplicate frame numbers", in any order: a number
+    listed twice is a malformed request (400), not a frame to send twice, so an answer
+    never holds more than the instance's frames once. A number above the instance's frame
+    count is a 404 (`frame_parts`)."""
     try:
         numbers = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
+    except ValueError as exc:  # also a number of more digits than int() takes
         raise BadRequestError("frame list must be comma-separated frame numbers") from exc
     if not numbers or any(n < 1 for n in numbers):
         raise BadRequestError("frame numbers start at 1")
+    if len(set(numbers)) != len(numbers):
+        raise BadRequestError("the frame list names a frame more than once (PS3.18: a list of "
+                              "non-duplicate frame numbers)")
     return numbers
 
 

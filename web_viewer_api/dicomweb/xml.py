@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 # Only builds XML from our own DICOM JSON; never parses untrusted XML.
 import xml.etree.ElementTree as ET  # nosec B405
 from typing import Any
@@ -10,6 +12,14 @@ from pydicom.datadict import keyword_for_tag
 
 NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 _NAME_PARTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+#: What XML 1.0 cannot carry (§2.2 Char): C0 controls but tab, LF and CR, lone surrogates,
+#: U+FFFE and U+FFFF. ElementTree writes them as they are: a document no parser reads.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(value: object) -> str:
+    """`value` as text XML 1.0 can carry: each character it cannot, U+FFFD."""
+    return _NOT_XML.sub("\ufffd", str(value))
 
 
 def _person_name(parent: ET.Element, number: int, value: dict[str, str]) -> None:
@@ -21,21 +31,21 @@ def _person_name(parent: ET.Element, number: int, value: dict[str, str]) -> None
         element = ET.SubElement(name, group)
         for part, component in zip(_NAME_PARTS, text.split("^"), strict=False):
             if component:
-                ET.SubElement(element, part).text = component
+                ET.SubElement(element, part).text = xml_text(component)
 
 
 def _attribute(parent: ET.Element, tag: str, attribute: dict[str, Any]) -> None:
-    vr = str(attribute.get("vr", "UN"))
+    vr = xml_text(attribute.get("vr", "UN"))
     keyword = keyword_for_tag(int(tag, 16)) or ""
-    fields = {"tag": tag, "vr": vr}
+    fields = {"tag": xml_text(tag), "vr": vr}
     if keyword:
         fields["keyword"] = keyword
     element = ET.SubElement(parent, "DicomAttribute", fields)
     if "BulkDataURI" in attribute:
-        ET.SubElement(element, "BulkData", uri=str(attribute["BulkDataURI"]))
+        ET.SubElement(element, "BulkData", uri=xml_text(attribute["BulkDataURI"]))
         return
     if "InlineBinary" in attribute:
-        ET.SubElement(element, "InlineBinary").text = str(attribute["InlineBinary"])
+        ET.SubElement(element, "InlineBinary").text = xml_text(attribute["InlineBinary"])
         return
     for number, value in enumerate(attribute.get("Value", []), start=1):
         if vr == "SQ":
@@ -44,7 +54,8 @@ def _attribute(parent: ET.Element, tag: str, attribute: dict[str, Any]) -> None:
         elif vr == "PN" and isinstance(value, dict):
             _person_name(element, number, value)
         else:
-            ET.SubElement(element, "Value", number=str(number)).text = "" if value is None else str(value)
+            ET.SubElement(element, "Value", number=str(number)).text = (
+                "" if value is None else xml_text(value))
 
 
 def _dataset(parent: ET.Element, document: dict[str, Any]) -> None:

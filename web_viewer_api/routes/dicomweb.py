@@ -9,10 +9,11 @@ import gzip
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
@@ -42,6 +43,7 @@ from web_viewer_api.dicomweb.multipart import (
     new_boundary,
     parse_accept,
 )
+from web_viewer_api.dicomweb.parameters import numeric_parameters_in_range
 from web_viewer_api.dicomweb.qido import (
     INSTANCE_MATCHING_KEYS,
     SERIES_LEVEL_TAGS,
@@ -89,7 +91,9 @@ from web_viewer_api.errors import (
     error_body,
 )
 
-router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
+#: Numeric query parameters are range-checked (400) before any route runs.
+_CHECKED = [Depends(numeric_parameters_in_range)]
+router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"], dependencies=_CHECKED)
 _Found = TypeVar("_Found")
 _Query = TypeVar("_Query", StudyQuery, SeriesQuery, InstanceQuery)
 _Part = TypeVar("_Part")
@@ -159,7 +163,7 @@ def _json(body: Any, headers: dict[str, str] | None = None,
         return Response(b"".join(multipart_stream(parts, boundary)),
                         headers={**(headers or {}), "Vary": "Accept, Accept-Encoding"},
                         media_type=multipart_content_type("application/dicom+xml", boundary))
-    payload = json.dumps(body).encode()
+    payload = json_bytes(body)
     # JSON or XML, gzip or not: both depend on the request's headers.
     extra = {**(headers or {}), "Vary": "Accept, Accept-Encoding"}
     if (request is not None and len(payload) > 1024
@@ -167,6 +171,20 @@ def _json(body: Any, headers: dict[str, str] | None = None,
         payload = gzip.compress(payload, compresslevel=5)
         extra["Content-Encoding"] = "gzip"
     return Response(payload, media_type=DICOM_JSON, headers=extra)
+
+
+#: A UTF-16 surrogate alone (from a value decoded with surrogateescape): not UTF-8 text.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_bytes(body: Any) -> bytes:
+    """`body` as UTF-8 JSON that any strict parser reads: a lone surrogate, which UTF-8
+    cannot carry, becomes U+FFFD."""
+    text = json.dumps(body, ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text).encode()
 
 
 def _etag(instances: list[InstanceSummary], variant: str) -> str:
@@ -494,7 +512,9 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
 def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: str,
               tag: str) -> Response:
     try:
-        number = int(tag, 16)
+        number = int(tag, 16) if len(tag) == 8 else -1
+        if number < 0:
+            raise ValueError(tag)
     except ValueError as exc:
         raise BadRequestError("bulk data is addressed by an 8-digit hexadecimal tag") from exc
     wado = _wado(request, index)
@@ -693,7 +713,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
             raise StowRequestError(415, 'the regional API takes objects of the domain as '
                                         'multipart/related; type="application/dicom" only')
         parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes,
-                                    study_patient)
+                                    study_patient, max_parts=target.max_parts)
     except StowRequestError as exc:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
         return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
@@ -731,7 +751,7 @@ async def store_study_instances(study: str, request: Request, principal: WritePr
 def share_router() -> APIRouter:
     """The read-only DICOMweb root of a share, /s/{share_token}/dicom-web: the same GET
     resources, answered within the share's scope (principal resolved from the token)."""
-    scoped = APIRouter(prefix="/s/{share_token}/dicom-web", tags=["Shares"])
+    scoped = APIRouter(prefix="/s/{share_token}/dicom-web", tags=["Shares"], dependencies=_CHECKED)
     for route in router.routes:
         if isinstance(route, APIRoute) and route.methods == {"GET"}:
             scoped.add_api_route(route.path.removeprefix("/dicom-web"), route.endpoint,
