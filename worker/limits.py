@@ -35,6 +35,7 @@ __all__ = [
     "DecodeLimitExceeded",
     "DecodeLimits",
     "check_declared",
+    "is_deflated",
     "read_bounded",
 ]
 
@@ -203,6 +204,16 @@ def _not_file_meta(tag: BaseTag, _vr: str | None, _length: int) -> bool:
 
 def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag in _PIXEL_TAGS
+
+
+def is_deflated(path: Path | str) -> bool:
+    """Whether a Part 10 file is in Deflated Explicit VR Little Endian (its file meta only
+    is read)."""
+    with open(path, "rb") as handle:
+        read_preamble(handle, force=False)
+        file_meta = read_dataset(handle, is_implicit_VR=False, is_little_endian=True,
+                                 stop_when=_not_file_meta)
+    return str(file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
 
 
 def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, *,
