@@ -54,6 +54,7 @@ from web_viewer_api import (
     ApiConfig,
     OidcConfig,
     PseudonymLookup,
+    RenderLimits,
     SharePolicy,
     ShareService,
     SmtpConfig,
@@ -404,7 +405,11 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                   trusted_proxies=parse_networks(settings.http.trusted_proxies),
                   failure_window_seconds=settings.auth.failure_window_seconds,
                   metrics_multiprocess_dir=metrics_multiprocess_dir,
-                  inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000),
+                  inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000,
+                  rendering=RenderLimits(
+                      max_frame_megapixels=settings.http.render_max_megapixels,
+                      max_frame_bytes=settings.http.render_max_frame_mb * 1024 * 1024,
+                      cache_bytes=settings.http.render_cache_mb * 1024 * 1024)),
         index,
         build_object_store(settings),
     )
