@@ -474,7 +474,8 @@ def render_instance(wado: Wado, instance: InstanceSummary, parameters: RenderPar
     """The rendered image of an instance found in scope, of the middle one of `frames` (each
     of which must exist; none: the instance's middle frame). Refused from its index row
     when it declares a frame over `limits` (nothing read); from `cache` when this image was
-    rendered before (nothing read or decoded); else read, rendered and kept in `cache`."""
+    rendered before and the stored object is still there (looked up, not read: an object
+    gone is ObjectNotFound, as in a retrieval); else read, rendered and kept in `cache`."""
     check_declared_frame(limits, instance.rows, instance.columns)
     frame = frames[len(frames) // 2] if frames else None
     highest = max(frames) if frames else None
@@ -483,10 +484,14 @@ def render_instance(wado: Wado, instance: InstanceSummary, parameters: RenderPar
         raise NotFoundError(f"no frame {highest}: the instance has {indexed_count}")
     # The stored object's key and digest: an instance stored again renders afresh.
     key = (instance.object_key, instance.sha256, instance.size_bytes, frame, highest, parameters)
-    if cache is not None and (found := cache.get(key)) is not None:
+    found = cache.get(key) if cache is not None else None
+    if found is not None and wado.store.head(instance.object_key).size == instance.size_bytes:
         return found
-    image = rendered(wado.dataset(instance), parameters, frame=frame, highest_frame=highest,
-                     limits=limits)
+    try:
+        dataset = wado.dataset(instance)
+    except (InvalidDicomError, EOFError) as exc:  # a damaged object: the store's fault
+        raise IntegrityError(f"stored object {instance.object_key!r} is not DICOM") from exc
+    image = rendered(dataset, parameters, frame=frame, highest_frame=highest, limits=limits)
     if cache is not None:
         cache.put(key, image)
     return image
