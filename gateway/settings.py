@@ -158,8 +158,9 @@ class HttpSettings(BaseModel):
     #: Largest frame a rendered or thumbnail request decodes, in megapixels (Rows x
     #: Columns); an instance declaring a larger one is refused (422) before any decoding.
     render_max_megapixels: float = Field(64.0, gt=0, le=1024)
-    #: ... and its decoded size (x Samples per Pixel x Bits Allocated / 8), in MiB.
-    render_max_frame_mb: int = Field(256, ge=1, le=4096)
+    #: ... and its decoded size (x Samples per Pixel x Bits Allocated / 8), in MiB: the
+    #: decoders peak at about four times it.
+    render_max_frame_mb: int = Field(80, ge=1, le=4096)
     #: Memory the API keeps rendered images in (per process, least recently used dropped),
     #: so that a frame asked for again is not decoded again; 0: no cache.
     render_cache_mb: int = Field(64, ge=0, le=4096)
