@@ -54,6 +54,7 @@ from web_viewer_api import (
     ApiConfig,
     OidcConfig,
     PseudonymLookup,
+    RenderLimits,
     RequestLimits,
     SharePolicy,
     ShareService,
@@ -421,7 +422,11 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                   request_limits=RequestLimits(
                       max_url_bytes=settings.http.max_url_bytes,
                       max_header_bytes=settings.http.max_header_bytes,
-                      max_single_header_bytes=settings.http.max_header_bytes // 2)),
+                      max_single_header_bytes=settings.http.max_header_bytes // 2),
+                  rendering=RenderLimits(
+                      max_frame_megapixels=settings.http.render_max_megapixels,
+                      max_frame_bytes=settings.http.render_max_frame_mb * 1024 * 1024,
+                      cache_bytes=settings.http.render_cache_mb * 1024 * 1024)),
         index,
         build_object_store(settings),
     )

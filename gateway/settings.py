@@ -161,6 +161,15 @@ class HttpSettings(BaseModel):
     #: X-Forwarded-For names the client. Default: none, not even loopback — the TCP peer
     #: is the client, and a client's own X-Forwarded-For is ignored.
     trusted_proxies: list[str] = Field(default_factory=list)
+    #: Largest frame a rendered or thumbnail request decodes, in megapixels (Rows x
+    #: Columns); an instance declaring a larger one is refused (422) before any decoding.
+    render_max_megapixels: float = Field(64.0, gt=0, le=1024)
+    #: ... and its decoded size (x Samples per Pixel x Bits Allocated / 8), in MiB: the
+    #: decoders peak at about four times it.
+    render_max_frame_mb: int = Field(80, ge=1, le=4096)
+    #: Memory the API keeps rendered images in (per process, least recently used dropped),
+    #: so that a frame asked for again is not decoded again; 0: no cache.
+    render_cache_mb: int = Field(64, ge=0, le=4096)
 
     @field_validator("trusted_proxies")
     @classmethod

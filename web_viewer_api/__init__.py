@@ -3,6 +3,7 @@
 from web_viewer_api.app import ApiConfig, create_app
 from web_viewer_api.audit import entry as audit_entry
 from web_viewer_api.auth import FailureLimiter, utc_now
+from web_viewer_api.dicomweb.rendering import RenderLimits
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import ApiError
 from web_viewer_api.lookup import OriginalIdentifiers, PseudonymLookup, find_studies, lookup_sites
@@ -21,6 +22,7 @@ __all__ = [
     "OidcConfig",
     "OriginalIdentifiers",
     "PseudonymLookup",
+    "RenderLimits",
     "RequestLimits",
     "SharePolicy",
     "ShareRequest",

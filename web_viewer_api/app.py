@@ -37,6 +37,7 @@ from web_viewer_api.audit import (
     AuditWriter,
 )
 from web_viewer_api.auth import Authenticator, FailureLimiter, ShareGate
+from web_viewer_api.dicomweb.rendering import RenderedCache, RenderLimits
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import install_error_handlers
 from web_viewer_api.lookup import PseudonymLookup
@@ -103,6 +104,9 @@ class ApiConfig:
     decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
     #: Longest URL (414 beyond) and headers (431 beyond) served, on every route.
     request_limits: RequestLimits = field(default_factory=RequestLimits)
+    #: The largest frame a rendered or thumbnail request decodes (422 above), and the byte
+    #: budget of the cache of rendered images.
+    rendering: RenderLimits = field(default_factory=RenderLimits)
 
 
 class _QuarantineCollector(Collector):
@@ -262,6 +266,15 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     latency = Histogram(
         "dicom_gateway_http_request_seconds", "HTTP request latency", ["route"], registry=registry
     )
+    render_lookups = PromCounter(
+        "dicom_gateway_rendered_cache_lookups_total",
+        "Rendered and thumbnail requests by cache outcome (hit: served without decoding)",
+        ["outcome"], registry=registry,
+    )
+    app.state.rendered_cache = (
+        RenderedCache(config.rendering.cache_bytes,
+                      lambda outcome: render_lookups.labels(outcome).inc())
+        if config.rendering.cache_bytes > 0 else None)
 
     app.add_middleware(_ShareResponsesNotStored)
     app.add_middleware(AuditMiddleware, writer=writer)

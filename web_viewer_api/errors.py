@@ -70,6 +70,12 @@ class NotAcceptable(ApiError):
     status_code, code = 406, "not_acceptable"
 
 
+class TooLargeToRender(ApiError):
+    """The resource exists but is over a configured cost limit (a frame too large to render)."""
+
+    status_code, code = 422, "too_large_to_render"
+
+
 class Unavailable(ApiError):
     status_code, code = 503, "unavailable"
 

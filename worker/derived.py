@@ -3,7 +3,8 @@
 Pure functions (no I/O): the pipeline reads the stored instances, calls these once a study
 has been quiet for a while, and stores what they return.
 
-* `render_thumbnail` renders one frame of an image as a small PNG.
+* `render_frame` renders one frame of an image, fitted to a size; `render_thumbnail` as a
+  small PNG.
 * `choose_series_thumbnail_instance` picks the instance of a series to render.
 * `build_kos_manifest` builds the IHE XDS-I.b "manifest": a Key Object Selection Document
   (title (113030, DCM, "Manifest")) referencing every instance of the study.
@@ -18,6 +19,7 @@ import copy
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from io import BytesIO
+from typing import Any
 
 import highdicom
 import numpy as np
@@ -37,6 +39,7 @@ __all__ = [
     "DerivedObjectError",
     "build_kos_manifest",
     "choose_series_thumbnail_instance",
+    "render_frame",
     "render_thumbnail",
 ]
 
@@ -205,21 +208,43 @@ def _colour(frame: npt.NDArray[np.generic], view: Dataset) -> npt.NDArray[np.uin
     return _to_uint8(np.asarray(rgb, np.float64), 0.0, float(2**depth - 1))
 
 
-def render_thumbnail(dataset: Dataset, size: int = 128, frame_index: int | None = None) -> bytes:
-    """Render a representative frame of `dataset` as a PNG fitted into `size` x `size`.
+def _reduce_early(frame: npt.NDArray[Any], size: int, *, palette: bool) -> npt.NDArray[Any]:
+    """The decoded frame shrunk by a whole factor to about twice `size` (at least), before
+    the float64 LUT arithmetic: a large frame costs its decoded size once, not eight times.
+    Block means (rounded to the stored type, so the LUTs still index with them); palette
+    indices are sampled instead, a mean of two indices being no colour of either."""
+    factor = max(frame.shape[0], frame.shape[1]) // (2 * size)
+    if factor < 2:
+        return frame
+    if palette:
+        return np.ascontiguousarray(frame[::factor, ::factor])
+    rows, columns = frame.shape[0] // factor, frame.shape[1] // factor
+    blocks = frame[: rows * factor, : columns * factor].reshape(
+        rows, factor, columns, factor, *frame.shape[2:])
+    means: npt.NDArray[np.float64] = np.asarray(blocks.mean(axis=(1, 3), dtype=np.float64))
+    if np.issubdtype(frame.dtype, np.integer):
+        means = np.rint(means)
+    return means.astype(frame.dtype)
 
-    The middle frame of a multi-frame image is used. Greyscale images get the Modality LUT
-    (Rescale Slope/Intercept or Modality LUT Sequence), then the first Window Center/Width
-    (with the dataset's VOI LUT Function, linear by default), else a VOI LUT Sequence, else
-    the min-max range of the frame; MONOCHROME1 is inverted so that the PNG always shows
-    low values dark. RGB and YBR images (converted to RGB by pydicom's decoders) are kept
-    in colour, PALETTE COLOR goes through the palette. The image is only ever shrunk (with
-    its aspect ratio in pixels kept), never enlarged. Compressed transfer syntaxes work as
-    far as pydicom's installed decoding plugins go.
+
+def render_frame(dataset: Dataset, size: int = 128, frame_index: int | None = None) -> Image.Image:
+    """One frame of `dataset` as an 8-bit greyscale or RGB image fitted into `size` x `size`.
+
+    Only that frame is decoded (`pixel_array(..., index=)`): the other frames of a
+    multi-frame image are never decompressed. The middle frame is used when `frame_index`
+    is None. Greyscale images get the Modality LUT (Rescale Slope/Intercept or Modality LUT
+    Sequence), then the first Window Center/Width (with the dataset's VOI LUT Function,
+    linear by default), else a VOI LUT Sequence, else the min-max range of the frame;
+    MONOCHROME1 is inverted so that the image always shows low values dark. RGB and YBR
+    images (converted to RGB by pydicom's decoders) are kept in colour, PALETTE COLOR goes
+    through the palette. The image is only ever shrunk (with its aspect ratio in pixels
+    kept), never enlarged; a frame much larger than `size` is first reduced by block means,
+    so the LUT arithmetic runs on a small copy. Compressed transfer syntaxes work as far as
+    pydicom's installed decoding plugins go.
 
     Raises `DerivedObjectError` for a dataset without pixel data (e.g. read with
-    `stop_before_pixels=True`, made from DICOM JSON with a BulkDataURI, or an SR) and for
-    pixel data that cannot be decoded.
+    `stop_before_pixels=True`, made from DICOM JSON with a BulkDataURI, or an SR), for a
+    frame that does not exist and for pixel data that cannot be decoded.
     """
     if size < 1:
         raise ValueError(f"thumbnail size must be at least 1, not {size}")
@@ -233,10 +258,11 @@ def render_thumbnail(dataset: Dataset, size: int = 128, frame_index: int | None 
     if not 0 <= index < frames:
         raise DerivedObjectError(f"frame {index + 1} does not exist ({frames} frames)")
     try:
-        frame = pixel_array(dataset, index=index)
         view = _frame_view(dataset, index)
+        palette = view.get("PhotometricInterpretation") == "PALETTE COLOR"
+        frame = _reduce_early(pixel_array(dataset, index=index), size, palette=palette)
         samples = int(view.get("SamplesPerPixel") or 1)
-        if samples == 1 and view.get("PhotometricInterpretation") != "PALETTE COLOR":
+        if samples == 1 and not palette:
             pixels = _greyscale(frame, view)
             image = Image.fromarray(pixels, mode="L")
         else:
@@ -249,8 +275,16 @@ def render_thumbnail(dataset: Dataset, size: int = 128, frame_index: int | None 
     except Exception as exc:  # decoder plugins raise many types: report one
         raise DerivedObjectError(f"cannot render a thumbnail: {exc}") from exc
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+def render_thumbnail(dataset: Dataset, size: int = 128, frame_index: int | None = None) -> bytes:
+    """`render_frame` as a PNG (the middle frame of a multi-frame image by default).
+
+    Raises `DerivedObjectError` as `render_frame` does.
+    """
     out = BytesIO()
-    image.save(out, format="PNG", optimize=False)
+    render_frame(dataset, size, frame_index).save(out, format="PNG", optimize=False)
     return out.getvalue()
 
 

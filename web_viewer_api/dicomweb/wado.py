@@ -9,6 +9,7 @@ syntax transcodes with the worker's verified encoder; anything else is 406.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -42,6 +42,7 @@ from web_viewer_api.dicomweb.multipart import (
     StreamedPart,
     parse_accept,
 )
+from web_viewer_api.dicomweb.rendering import RenderedCache, RenderLimits
 from worker import (
     DEFAULT_DECODE_LIMITS,
     Codec,
@@ -55,7 +56,7 @@ from worker import (
     read_bounded,
     transcode_lossless,
 )
-from worker.derived import DerivedObjectError, render_thumbnail
+from worker.derived import DerivedObjectError, render_frame
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 _LOSSLESS_TARGETS = {
@@ -394,9 +395,35 @@ def _native_frames(dataset: Dataset, numbers: list[int], limits: DecodeLimits) -
 
 
 # Rendered -------------------------------------------------------------------------------
-def rendered(dataset: Dataset, accept: str | None, *, viewport: str | None, window: str | None,
-             quality: str | None, frame: int | None = None, default_size: int = 1024) -> tuple[bytes, str]:
-    """An image of one frame: JPEG (default) or PNG, windowed and fitted to the viewport."""
+#: Largest viewport (each side, pixels) a rendered request may ask for; above it, 400.
+MAX_VIEWPORT = 4096
+#: Size the image is fitted into when the request names no viewport.
+DEFAULT_RENDERED_SIZE = 1024
+THUMBNAIL_SIZE = 128
+
+
+class TooLargeToRenderError(WadoError):
+    """The instance declares a frame larger than the render limits: refused undecoded."""
+
+
+@dataclass(frozen=True)
+class RenderParameters:
+    """A rendered request's parameters, validated: they and the frame determine the image
+    (and so key the cache)."""
+
+    media_type: str
+    size: int
+    window: tuple[float, float] | None
+    quality: int
+
+
+def parse_render_parameters(accept: str | None, *, viewport: str | None, window: str | None,
+                            quality: str | None,
+                            default_size: int = DEFAULT_RENDERED_SIZE) -> RenderParameters:
+    """The media type from `accept` (JPEG by default, or PNG; else NotAcceptableError) and
+    the query parameters of PS3.18 §8.3.5: `viewport=vw,vh` (1 to MAX_VIEWPORT each; the
+    image is fitted into the larger), `window=center,width[,function]` (finite, width > 0),
+    `quality` 1-100 (JPEG). BadRequestError for anything else, before any pixel is read."""
     media_type = "image/jpeg"
     for media in parse_accept(accept):
         if media.media_type in ("image/png", "image/jpeg"):
@@ -413,28 +440,103 @@ def rendered(dataset: Dataset, accept: str | None, *, viewport: str | None, wind
             width, height = (int(v) for v in viewport.split(",")[:2])
         except ValueError as exc:
             raise BadRequestError("viewport is vw,vh") from exc
-        size = max(1, min(max(width, height), 4096))
+        if not (1 <= width <= MAX_VIEWPORT and 1 <= height <= MAX_VIEWPORT):
+            raise BadRequestError(f"viewport sides are 1 to {MAX_VIEWPORT} pixels")
+        size = max(width, height)
+    window_values = None
     if window:
         try:
             center, width_value = (float(v) for v in window.split(",")[:2])
         except ValueError as exc:
             raise BadRequestError("window is center,width[,function]") from exc
-        dataset.WindowCenter, dataset.WindowWidth = center, width_value
-        if "VOILUTSequence" in dataset:
-            del dataset.VOILUTSequence
-    try:
-        png = render_thumbnail(dataset, size=size, frame_index=None if frame is None else frame - 1)
-    except DerivedObjectError as exc:
-        raise NotFoundError(str(exc)) from exc
-    if media_type == "image/png":
-        return png, media_type
+        if not (math.isfinite(center) and math.isfinite(width_value) and width_value > 0):
+            raise BadRequestError("window center and width are finite numbers, the width above 0")
+        window_values = (center, width_value)
     level = 90
     if quality:
         try:
-            level = max(1, min(100, int(quality)))
+            level = int(quality)
         except ValueError as exc:
             raise BadRequestError("quality is 1-100") from exc
-    image = Image.open(BytesIO(png))
+        if not 1 <= level <= 100:
+            raise BadRequestError("quality is 1-100")
+    return RenderParameters(media_type, size, window_values, level)
+
+
+def check_declared_frame(limits: RenderLimits, rows: int | None, columns: int | None,
+                         samples: int = 1, bits_allocated: int = 8) -> None:
+    """TooLargeToRenderError when a frame of the declared matrix is over `limits` (unknown
+    dimensions pass: the header is checked again before decoding)."""
+    if rows and columns:
+        reason = limits.refusal(rows, columns, samples, bits_allocated)
+        if reason is not None:
+            raise TooLargeToRenderError(reason)
+
+
+def _declared(dataset: Dataset, keyword: str, default: int) -> int:
+    try:
+        return int(dataset.get(keyword) or default)
+    except (TypeError, ValueError):
+        return default
+
+
+def rendered(dataset: Dataset, parameters: RenderParameters, *, frame: int | None = None,
+             highest_frame: int | None = None, limits: RenderLimits | None = None) -> bytes:
+    """An image of one frame (1-based; None: the middle one) in `parameters.media_type`,
+    windowed and fitted to the viewport. Only that frame is decoded, and not at all when the
+    header declares a frame over `limits` (TooLargeToRenderError). NotFoundError for a
+    missing frame (`frame`, or `highest_frame` of a list) or an instance without
+    (decodable) pixel data."""
+    count = _declared(dataset, "NumberOfFrames", 1)
+    highest = max(frame or 0, highest_frame or 0)
+    if highest > count:
+        raise NotFoundError(f"no frame {highest}: the instance has {count}")
+    check_declared_frame(limits or RenderLimits(), _declared(dataset, "Rows", 0),
+                         _declared(dataset, "Columns", 0),
+                         _declared(dataset, "SamplesPerPixel", 1),
+                         _declared(dataset, "BitsAllocated", 8))
+    if parameters.window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = parameters.window
+        if "VOILUTSequence" in dataset:
+            del dataset.VOILUTSequence
+    try:
+        image = render_frame(dataset, size=parameters.size,
+                             frame_index=None if frame is None else frame - 1)
+    except DerivedObjectError as exc:
+        raise NotFoundError(str(exc)) from exc
     out = BytesIO()
-    image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(out, "JPEG", quality=level)
-    return out.getvalue(), media_type
+    if parameters.media_type == "image/png":
+        image.save(out, "PNG", optimize=False)
+    else:
+        image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
+            out, "JPEG", quality=parameters.quality)
+    return out.getvalue()
+
+
+def render_instance(wado: Wado, instance: InstanceSummary, parameters: RenderParameters, *,
+                    frames: list[int] | None = None, limits: RenderLimits,
+                    cache: RenderedCache | None) -> bytes:
+    """The rendered image of an instance found in scope, of the middle one of `frames` (each
+    of which must exist; none: the instance's middle frame). Refused from its index row
+    when it declares a frame over `limits` (nothing read); from `cache` when this image was
+    rendered before and the stored object is still there (looked up, not read: an object
+    gone is ObjectNotFound, as in a retrieval); else read, rendered and kept in `cache`."""
+    check_declared_frame(limits, instance.rows, instance.columns)
+    frame = frames[len(frames) // 2] if frames else None
+    highest = max(frames) if frames else None
+    indexed_count = instance.number_of_frames or (1 if instance.rows else None)
+    if highest is not None and indexed_count is not None and highest > indexed_count:
+        raise NotFoundError(f"no frame {highest}: the instance has {indexed_count}")
+    # The stored object's key and digest: an instance stored again renders afresh.
+    key = (instance.object_key, instance.sha256, instance.size_bytes, frame, highest, parameters)
+    found = cache.get(key) if cache is not None else None
+    if found is not None and wado.store.head(instance.object_key).size == instance.size_bytes:
+        return found
+    try:
+        dataset = wado.dataset(instance)
+    except (InvalidDicomError, EOFError) as exc:  # a damaged object: the store's fault
+        raise IntegrityError(f"stored object {instance.object_key!r} is not DICOM") from exc
+    image = rendered(dataset, parameters, frame=frame, highest_frame=highest, limits=limits)
+    if cache is not None:
+        cache.put(key, image)
+    return image

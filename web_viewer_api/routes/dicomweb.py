@@ -60,6 +60,7 @@ from web_viewer_api.dicomweb.qido import (
     series_to_dicom_json,
     study_to_dicom_json,
 )
+from web_viewer_api.dicomweb.rendering import RenderedCache, RenderLimits
 from web_viewer_api.dicomweb.stow import (
     StowRequestError,
     boundary_of,
@@ -69,16 +70,21 @@ from web_viewer_api.dicomweb.stow import (
     spool_parts,
 )
 from web_viewer_api.dicomweb.wado import (
+    THUMBNAIL_SIZE,
     BadRequestError,
     NotAcceptableError,
     NotFoundError,
+    RenderParameters,
+    TooLargeToRenderError,
     Wado,
     WadoError,
+    check_declared_frame,
     check_uid,
     frame_parts,
     negotiate_instance_representation,
     parse_frame_list,
-    rendered,
+    parse_render_parameters,
+    render_instance,
 )
 from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.errors import (
@@ -87,6 +93,7 @@ from web_viewer_api.errors import (
     Forbidden,
     NotAcceptable,
     NotFound,
+    TooLargeToRender,
     Unavailable,
     error_body,
 )
@@ -131,6 +138,8 @@ def _api_error(exc: WadoError) -> ApiError:
         return NotFound("not found")
     if isinstance(exc, NotAcceptableError):
         return NotAcceptable(str(exc))
+    if isinstance(exc, TooLargeToRenderError):
+        return TooLargeToRender(str(exc))
     return BadRequest(str(exc))
 
 
@@ -541,25 +550,28 @@ def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Requ
     return _guard(lambda: _bulkdata(request, index, study, series, sop, tag))
 
 
+def _render_setup(request: Request, accept: str | None,
+                  thumbnail: bool = False) -> tuple[RenderParameters, RenderLimits, RenderedCache | None]:
+    """The request's validated parameters (400/406 before anything is read), the render
+    limits and the rendered-image cache."""
+    params = request.query_params
+    parameters = parse_render_parameters(
+        accept, viewport=params.get("viewport") or (
+            f"{THUMBNAIL_SIZE},{THUMBNAIL_SIZE}" if thumbnail else None),
+        window=params.get("window"), quality=params.get("quality"))
+    return parameters, request.app.state.config.rendering, request.app.state.rendered_cache
+
+
 def _rendered(request: Request, index: IndexDep, study: str, series: str, sop: str,
               frames: list[int] | None, thumbnail: bool = False) -> Response:
     """One image of the instance: of the middle one of `frames` (each of which must exist)."""
+    parameters, limits, cache = _render_setup(request, request.headers.get("accept"), thumbnail)
     wado = _wado(request, index)
     [instance] = wado.instances(study, series, sop)
-    params = request.query_params
-    dataset = wado.dataset(instance)
-    frame = None
-    if frames:
-        count = int(dataset.get("NumberOfFrames", 1) or 1)
-        if max(frames) > count:
-            raise NotFoundError(f"no frame {max(frames)}: the instance has {count}")
-        frame = frames[len(frames) // 2]
-    image, media_type = rendered(
-        dataset, request.headers.get("accept"),
-        viewport=params.get("viewport") or ("128,128" if thumbnail else None),
-        window=params.get("window"), quality=params.get("quality"), frame=frame)
+    image = render_instance(wado, instance, parameters, frames=frames, limits=limits, cache=cache)
     # The representation depends on Accept: caches must not hand a PNG to a JPEG request.
-    return Response(image, media_type=media_type, headers={"Cache-Control": _IMMUTABLE, "Vary": "Accept"})
+    return Response(image, media_type=parameters.media_type,
+                    headers={"Cache-Control": _IMMUTABLE, "Vary": "Accept"})
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/rendered",
@@ -621,26 +633,25 @@ def _rendered_many(request: Request, index: IndexDep, study: str, series: str | 
     """Every image instance of the study or series, rendered like its instance resource
     (one image each, `window`/`viewport`/`quality` applied), as one multipart answer."""
     part_type = _rendered_part_type(request.headers.get("accept"))
+    parameters, limits, cache = _render_setup(request, part_type)
     wado = _wado(request, index)
     instances = _images(wado, study, series)
-    params = request.query_params
+    for instance in instances:  # one frame too large to render: 422 before the answer starts
+        check_declared_frame(limits, instance.rows, instance.columns)
     base = _base(request)
 
     def parts() -> Iterator[Part]:
         for instance in instances:
             try:
-                dataset = wado.dataset(instance)
+                image = render_instance(wado, instance, parameters, limits=limits, cache=cache)
             except ObjectNotFound:
                 continue  # indexed but gone, as in a retrieval: never a broken part
-            image, media_type = rendered(
-                dataset, part_type, viewport=params.get("viewport"),
-                window=params.get("window"), quality=params.get("quality"))
-            yield media_type, image, {"Content-Location": (
+            yield parameters.media_type, image, {"Content-Location": (
                 f"{base}/studies/{instance.study_instance_uid}/series/{instance.series_instance_uid}"
                 f"/instances/{instance.sop_instance_uid}/rendered")}
 
     rendering = parts()
-    first = next(rendering, None)  # a bad window or viewport is a 400 before the answer starts
+    first = next(rendering, None)  # the first image's failure is an error answer, not a cut one
     if first is None:
         raise NotFoundError("not found")
     return _multipart_response(part_type, itertools.chain((first,), _while_shared(request, rendering)))

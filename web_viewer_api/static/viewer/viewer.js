@@ -345,7 +345,9 @@ class App {
         const label = `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""} — ${value(item, "0008103E") || ""}`;
         const tile = el("button", { class: "series-tile", type: "button", "aria-label": label, "data-series": seriesUid,
           onclick: () => this.open(this.active, studyUid, seriesUid, item, tile) },
-          el("img", { alt: "", src: this.api.thumbnail(studyUid, seriesUid), loading: "lazy" }),
+          // A series without a renderable image (e.g. a frame over the render limit: 422) keeps an empty tile, not a broken-image icon.
+          el("img", { alt: "", src: this.api.thumbnail(studyUid, seriesUid), loading: "lazy",
+            onerror: (event) => event.target.removeAttribute("src") }),
           el("span", { class: "desc" }, el("strong", { text: `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""}` }), el("br"),
             document.createTextNode(value(item, "0008103E") || ""), el("br"),
             el("span", { class: "count", text: `${value(item, "00201209") ?? "?"} ${this.t.images}` })));
