@@ -234,13 +234,17 @@ def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECO
             return _read_plain(handle, limits, stop_before_pixels, check)
         inflated = _inflate_bounded(handle.read(), limits, stop_before_pixels=stop_before_pixels,
                                     check=check)
+    name = str(source) if isinstance(source, Path | str) else "<bytes>"
     buffer = DicomBytesIO(inflated)
-    buffer.name = str(source) if isinstance(source, Path | str) else "<bytes>"
+    buffer.name = name
     dataset = read_dataset(cast(BinaryIO, buffer), False, True,
                            stop_when=_at_pixel_data if stop_before_pixels else None)
     file_meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True,
                                     character_encoding="iso8859")
-    result = FileDataset(cast(BinaryIO, buffer), dataset, preamble, file_meta, False, True)
+    # Named, not given the buffer: a FileDataset keeps its buffer, and this one holds the
+    # whole inflated data set again beside the values read from it.
+    result = FileDataset(name, dataset, preamble, file_meta, False, True)
+    del buffer, inflated
     result.set_original_encoding(False, True, dataset._character_set)
     if check:
         check_declared(result, limits)
