@@ -1,11 +1,12 @@
-"""Range checks of the numeric query parameters of rendered resources (PS3.18 §8.3.5),
-applied to every DICOMweb GET before its route runs: a value that is not a number, or out
-of its range, is a 400 with the JSON error body, never a 500 further on.
+"""Range checks of the query parameters of rendered resources (PS3.18 §8.3.5), the one
+place their rules live (`wado.parse_render_parameters` calls them before parsing): a value
+that is not a number, or out of its range, is a 400 with the JSON error body, never a 500
+further on, and a render's work stays bounded.
 
 | parameter | accepted |
 |---|---|
 | `quality` | an integer 1–100 |
-| `viewport` | `vw,vh[,sx,sy,sw,sh]`: vw, vh integers 1–65535; sx, sy, sw, sh empty or finite numbers within ±65535 |
+| `viewport` | `vw,vh[,sx,sy,sw,sh]`: vw, vh integers 1–4096; sx, sy, sw, sh empty or finite numbers within ±65535 |
 | `window` | `center,width[,function]`: finite numbers within ±1e16 (a DS value has 16 characters), width above 0; function `linear`, `linear-exact` or `sigmoid` |
 
 (`limit` and `offset` are checked by the QIDO-RS parser, `qido.MAX_LIMIT` and `qido.MAX_OFFSET`.)
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import math
 
-from fastapi import Request
-
 from web_viewer_api.errors import BadRequest
 
-#: Rows and Columns are US: no image is larger, no viewport need be.
-MAX_VIEWPORT = 65535
+#: The largest side of a rendered image: a render's work is bounded by it.
+MAX_VIEWPORT = 4096
+#: Rows and Columns are US: no crop region lies further.
+MAX_REGION = 65535
 #: A Window Center or Width is a DS value, at most 16 characters: never beyond this.
 MAX_WINDOW_VALUE = 1e16
 WINDOW_FUNCTIONS = frozenset({"linear", "linear-exact", "linear_exact", "sigmoid"})
@@ -58,7 +59,7 @@ def check_viewport(raw: str) -> None:
             raise BadRequest(f"viewport {name} must be an integer from 1 to {MAX_VIEWPORT}")
     for name, value in zip(("sx", "sy", "sw", "sh"), values[2:], strict=False):
         if value.strip():
-            _number(value, f"viewport {name}", MAX_VIEWPORT)
+            _number(value, f"viewport {name}", MAX_REGION)
 
 
 def check_window(raw: str) -> None:
@@ -70,14 +71,3 @@ def check_window(raw: str) -> None:
         raise BadRequest("window width must be above 0")
     if len(values) == 3 and values[2].strip().lower() not in WINDOW_FUNCTIONS:
         raise BadRequest("window function is linear, linear-exact or sigmoid")
-
-
-_CHECKS = {"quality": check_quality, "viewport": check_viewport, "window": check_window}
-
-
-def numeric_parameters_in_range(request: Request) -> None:
-    """FastAPI dependency: BadRequest (400) for a rendering parameter out of its range."""
-    for name, raw in request.query_params.multi_items():
-        check = _CHECKS.get(name)
-        if check is not None:
-            check(raw)

@@ -9,7 +9,6 @@ syntax transcodes with the worker's verified encoder; anything else is 406.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from web_viewer_api.dicomweb.multipart import (
     StreamedPart,
     parse_accept,
 )
+from web_viewer_api.dicomweb.parameters import check_quality, check_viewport, check_window
 from web_viewer_api.dicomweb.rendering import RenderedCache, RenderLimits
 from worker import (
     DEFAULT_DECODE_LIMITS,
@@ -396,7 +396,6 @@ def _native_frames(dataset: Dataset, numbers: list[int], limits: DecodeLimits) -
 
 # Rendered -------------------------------------------------------------------------------
 #: Largest viewport (each side, pixels) a rendered request may ask for; above it, 400.
-MAX_VIEWPORT = 4096
 #: Size the image is fitted into when the request names no viewport.
 DEFAULT_RENDERED_SIZE = 1024
 THUMBNAIL_SIZE = 128
@@ -421,9 +420,9 @@ def parse_render_parameters(accept: str | None, *, viewport: str | None, window:
                             quality: str | None,
                             default_size: int = DEFAULT_RENDERED_SIZE) -> RenderParameters:
     """The media type from `accept` (JPEG by default, or PNG; else NotAcceptableError) and
-    the query parameters of PS3.18 §8.3.5: `viewport=vw,vh` (1 to MAX_VIEWPORT each; the
+    the query parameters of PS3.18 §8.3.5 (their rules: `parameters.py`): `viewport=vw,vh` (the
     image is fitted into the larger), `window=center,width[,function]` (finite, width > 0),
-    `quality` 1-100 (JPEG). BadRequestError for anything else, before any pixel is read."""
+    `quality` 1-100 (JPEG). BadRequest (400) for anything else, before any pixel is read."""
     media_type = "image/jpeg"
     for media in parse_accept(accept):
         if media.media_type in ("image/png", "image/jpeg"):
@@ -434,32 +433,20 @@ def parse_render_parameters(accept: str | None, *, viewport: str | None, window:
     else:
         if accept:
             raise NotAcceptableError("rendered resources are image/jpeg or image/png")
+    # The rules are parameters.py's (400 with the reason); only valid values are parsed here.
     size = default_size
     if viewport:
-        try:
-            width, height = (int(v) for v in viewport.split(",")[:2])
-        except ValueError as exc:
-            raise BadRequestError("viewport is vw,vh") from exc
-        if not (1 <= width <= MAX_VIEWPORT and 1 <= height <= MAX_VIEWPORT):
-            raise BadRequestError(f"viewport sides are 1 to {MAX_VIEWPORT} pixels")
-        size = max(width, height)
+        check_viewport(viewport)
+        size = max(int(v) for v in viewport.split(",")[:2])
     window_values = None
     if window:
-        try:
-            center, width_value = (float(v) for v in window.split(",")[:2])
-        except ValueError as exc:
-            raise BadRequestError("window is center,width[,function]") from exc
-        if not (math.isfinite(center) and math.isfinite(width_value) and width_value > 0):
-            raise BadRequestError("window center and width are finite numbers, the width above 0")
+        check_window(window)
+        center, width_value = (float(v) for v in window.split(",")[:2])
         window_values = (center, width_value)
     level = 90
     if quality:
-        try:
-            level = int(quality)
-        except ValueError as exc:
-            raise BadRequestError("quality is 1-100") from exc
-        if not 1 <= level <= 100:
-            raise BadRequestError("quality is 1-100")
+        check_quality(quality)
+        level = int(quality)
     return RenderParameters(media_type, size, window_values, level)
 
 

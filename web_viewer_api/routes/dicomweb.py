@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
@@ -43,7 +43,6 @@ from web_viewer_api.dicomweb.multipart import (
     new_boundary,
     parse_accept,
 )
-from web_viewer_api.dicomweb.parameters import numeric_parameters_in_range
 from web_viewer_api.dicomweb.qido import (
     INSTANCE_MATCHING_KEYS,
     SERIES_LEVEL_TAGS,
@@ -99,8 +98,7 @@ from web_viewer_api.errors import (
 )
 
 #: Numeric query parameters are range-checked (400) before any route runs.
-_CHECKED = [Depends(numeric_parameters_in_range)]
-router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"], dependencies=_CHECKED)
+router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 _Found = TypeVar("_Found")
 _Query = TypeVar("_Query", StudyQuery, SeriesQuery, InstanceQuery)
 _Part = TypeVar("_Part")
@@ -762,7 +760,7 @@ async def store_study_instances(study: str, request: Request, principal: WritePr
 def share_router() -> APIRouter:
     """The read-only DICOMweb root of a share, /s/{share_token}/dicom-web: the same GET
     resources, answered within the share's scope (principal resolved from the token)."""
-    scoped = APIRouter(prefix="/s/{share_token}/dicom-web", tags=["Shares"], dependencies=_CHECKED)
+    scoped = APIRouter(prefix="/s/{share_token}/dicom-web", tags=["Shares"])
     for route in router.routes:
         if isinstance(route, APIRoute) and route.methods == {"GET"}:
             scoped.add_api_route(route.path.removeprefix("/dicom-web"), route.endpoint,
