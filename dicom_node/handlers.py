@@ -25,7 +25,6 @@ from worker import (
     Spool,
     SpoolWriteError,
     check_complete,
-    is_deflated,
     new_association_tag,
     read_bounded,
 )
@@ -169,8 +168,8 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
     try:
         # A deflated data set is inflated only up to its pixel data, whose declared size is
         # checked: the node needs the header, and a small deflated file may hold gigabytes.
-        dataset = read_bounded(path, limits, stop_before_pixels=size > FULL_CHECK_BYTES
-                               or is_deflated(path))
+        dataset = read_bounded(path, limits, stop_before_pixels=size > FULL_CHECK_BYTES,
+                               inflate_pixels=False)
         check_complete(dataset)  # pydicom silently shortens a truncated value
         sop_class = _text(dataset, "SOPClassUID")
         sop_instance = _text(dataset, "SOPInstanceUID")

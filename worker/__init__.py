@@ -11,7 +11,6 @@ from worker.limits import (
     DecodeLimitExceeded,
     DecodeLimits,
     check_declared,
-    is_deflated,
     read_bounded,
 )
 from worker.pipeline import (
@@ -98,7 +97,6 @@ __all__ = [
     "ingest_queue",
     "instance_json",
     "instance_metadata_key",
-    "is_deflated",
     "manifest_key",
     "new_association_tag",
     "open_private",

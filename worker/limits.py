@@ -35,7 +35,6 @@ __all__ = [
     "DecodeLimitExceeded",
     "DecodeLimits",
     "check_declared",
-    "is_deflated",
     "read_bounded",
 ]
 
@@ -206,24 +205,17 @@ def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag in _PIXEL_TAGS
 
 
-def is_deflated(path: Path | str) -> bool:
-    """Whether a Part 10 file is in Deflated Explicit VR Little Endian (its file meta only
-    is read)."""
-    with open(path, "rb") as handle:
-        read_preamble(handle, force=False)
-        file_meta = read_dataset(handle, is_implicit_VR=False, is_little_endian=True,
-                                 stop_when=_not_file_meta)
-    return str(file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
-
-
 def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, *,
-                 stop_before_pixels: bool = False, check: bool = True) -> FileDataset:
+                 stop_before_pixels: bool = False, check: bool = True,
+                 inflate_pixels: bool = True) -> FileDataset:
     """A Part 10 file (path or bytes) read as `pydicom.dcmread` reads it, its declared size
     checked (`check_declared`). A Deflated Explicit VR Little Endian data set is inflated
     step by step: up to its pixel data first, whose declaration is then checked, then up to
     the declared size — never further. Raises DecodeLimitExceeded, or what pydicom raises
     for an unreadable file. With `check` False (a header read, `stop_before_pixels`), an
-    over-limit declaration is read, not refused: inflating still stops at the pixel data."""
+    over-limit declaration is read, not refused: inflating still stops at the pixel data.
+    With `inflate_pixels` False, a deflated data set is read up to its pixel data only (a
+    plain one as `stop_before_pixels` says): a small deflated file may hold gigabytes."""
     with (open(source, "rb") if isinstance(source, Path | str)
           else io.BytesIO(source)) as handle:
         preamble = read_preamble(handle, force=False)
@@ -232,6 +224,7 @@ def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECO
         if str(file_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
             handle.seek(0)
             return _read_plain(handle, limits, stop_before_pixels, check)
+        stop_before_pixels = stop_before_pixels or not inflate_pixels
         inflated = _inflate_bounded(handle.read(), limits, stop_before_pixels=stop_before_pixels,
                                     check=check)
     name = str(source) if isinstance(source, Path | str) else "<bytes>"

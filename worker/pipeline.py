@@ -454,6 +454,7 @@ class IngestPipeline:
                   else dataclasses.replace(self.policy, site_id=site_id))
         local_patient_id = ""  # the local ID's pseudonym beside the INS, for lookups
         written_back = self._domain_of(dataset, owners)
+        known: Ownership | None = None
         if written_back is None:
             if self.region:
                 raise NotOfTheDomain("not an object of the domain: the region takes only "
@@ -461,8 +462,8 @@ class IngestPipeline:
             local_patient_id = deidentify(dataset, policy).local_patient_id
             coerced = True
         else:
-            identity, study_owner = written_back
-            returned = self._returned_instance(dataset, site_id, study_owner)
+            identity, study_owner, known = written_back
+            returned = self._returned_instance(dataset, site_id, study_owner, known)
             if returned is not None:  # at any site: nothing is added
                 return returned
             if study_owner.site_id != site_id and not self.region:
@@ -477,7 +478,8 @@ class IngestPipeline:
                               str(dataset.SOPInstanceUID))
         key = instance_key(study, series, sop)
         patient_id = str(dataset.get("PatientID", "") or "")
-        known = self.index.ownership(study, series, sop)
+        if known is None:  # de-identified under new UIDs (a write-back keeps those it was read under)
+            known = self.index.ownership(study, series, sop)
         owner = self._known_owner(study, known, owners)
         _check_ownership(known, owner, key, patient_id, study_instance_uid=study,
                          sop_instance_uid=sop)
@@ -514,29 +516,31 @@ class IngestPipeline:
         return record, _stored_outcome(dataset, coerced)
 
     def _domain_of(self, dataset: Dataset, owners: dict[str, StudyOwner]
-                   ) -> tuple[DomainIdentity, StudyOwner] | None:
+                   ) -> tuple[DomainIdentity, StudyOwner, Ownership] | None:
         """The stored study an object belongs to, when it is of this pseudonymization domain
         already: its Study Instance UID is a stored study's (the domain's keyed UIDs are
         never an original's) and its Patient ID that study's patient pseudonym, as the
-        study's write-once owner record says (no writer can change it). Else None."""
+        study's write-once owner record says (no writer can change it); with what the index
+        holds of its UIDs. Else None."""
         study = str(dataset.get("StudyInstanceUID", "") or "").strip()
         patient_id = str(dataset.get("PatientID", "") or "").strip()
         if not (study and patient_id):
             return None
-        known = self.index.ownership(study, "", "")
+        known = self.index.ownership(study, str(dataset.get("SeriesInstanceUID", "") or ""),
+                                     str(dataset.get("SOPInstanceUID", "") or ""))
         if known.study_site_id is None:
             return None
         owner = self._known_owner(study, known, owners)
         if owner is None or owner.patient_id != patient_id:
             return None
-        return DomainIdentity(patient_id, known.study_accession_number, known.study_date), owner
+        return (DomainIdentity(patient_id, known.study_accession_number, known.study_date),
+                owner, known)
 
-    def _returned_instance(self, dataset: Dataset, site_id: str, owner: StudyOwner
-                           ) -> tuple[InstanceRecord, InstanceOutcome] | None:
+    def _returned_instance(self, dataset: Dataset, site_id: str, owner: StudyOwner,
+                           known: Ownership) -> tuple[InstanceRecord, InstanceOutcome] | None:
         """A stored instance sent back as it was retrieved (a PACS re-sending, a viewer
-        storing what it loaded): an idempotent success, nothing added; None otherwise."""
-        known = self.index.ownership(str(dataset.StudyInstanceUID),
-                                     str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
+        storing what it loaded): an idempotent success, nothing added; None otherwise.
+        `known`: what the index holds of its UIDs."""
         if known.instance_object_key is None:
             return None
         body = self.store.get(known.instance_object_key)

@@ -622,7 +622,7 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 continue
             batch = target.spool.batch_id(tag, study)
             try:
-                path = target.spool.write(batch, sop, part.path.read_bytes())
+                path = target.spool.write_file(batch, sop, part.path)  # 1 MiB at a time
             except ValueError:
                 outcome.refuse(sop_class, sop, CANNOT_UNDERSTAND,
                                "its SOP Instance UID is not a valid UID")
