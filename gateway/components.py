@@ -398,12 +398,12 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                                                 limit=1, scope=scope))
         return found[0].patient_id if found else None
 
+    limits = decode_limits(settings)
     stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
                       settings.http.max_stow_mb * 1024 * 1024,
                       study_patient=study_patient if region else None,
                       reply_seconds=settings.http.stow_reply_seconds,
-                      decode_limits=decode_limits(settings),
-                      max_parts=settings.http.max_stow_parts)
+                      decode_limits=limits, max_parts=settings.http.max_stow_parts)
     return create_app(
         ApiConfig(admin_token=admin_token, readiness_probes=probes,
                   quarantine_dir=settings.quarantine_dir,
@@ -418,7 +418,7 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
                   failure_window_seconds=settings.auth.failure_window_seconds,
                   metrics_multiprocess_dir=metrics_multiprocess_dir,
                   inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000,
-                  decode_limits=decode_limits(settings),
+                  decode_limits=limits,
                   request_limits=RequestLimits(
                       max_url_bytes=settings.http.max_url_bytes,
                       max_header_bytes=settings.http.max_header_bytes,

@@ -97,7 +97,6 @@ from web_viewer_api.errors import (
     error_body,
 )
 
-#: Numeric query parameters are range-checked (400) before any route runs.
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 _Found = TypeVar("_Found")
 _Query = TypeVar("_Query", StudyQuery, SeriesQuery, InstanceQuery)
