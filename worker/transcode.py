@@ -2,9 +2,12 @@
 
 `transcode_lossless` re-encodes the *Pixel Data* of an uncompressed dataset (Implicit or
 Explicit VR Little Endian, Explicit VR Big Endian, Deflated) as JPEG-LS Lossless, JPEG 2000
-Lossless or HTJ2K Lossless, then decodes the result with a *different* library (pydicom's
-``pylibjpeg`` decoding plugin: pylibjpeg-libjpeg for JPEG-LS, pylibjpeg-openjpeg for JPEG 2000
-and HTJ2K) and compares it bit for bit with the original pixel values before keeping it.
+Lossless or HTJ2K Lossless, one frame at a time: each frame's codestream is decoded by a
+*different* library (libjpeg through pylibjpeg-libjpeg for JPEG-LS, OpenJPEG through
+pylibjpeg-openjpeg for JPEG 2000 and HTJ2K) and compared value for value with the original
+frame before the next frame is read. The encapsulated Pixel Data is then read back frame by
+frame and must hold exactly the verified codestreams. The instance is never decoded whole:
+its pixels are held once, as received, and the working set is one frame.
 
 Encoders: CharLS through pyjpegls (JPEG-LS), OpenJPEG through imagecodecs (JPEG 2000) and
 OpenJPH through imagecodecs (HTJ2K).
@@ -38,11 +41,12 @@ from typing import Any
 import imagecodecs
 import jpeg_ls
 import numpy as np
+from libjpeg.utils import decode as libjpeg_decode
 from numpy.typing import NDArray
+from openjpeg.utils import decode as openjpeg_decode
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate, encapsulate_extended
-from pydicom.pixels.utils import iter_pixels, pixel_array
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
@@ -164,7 +168,6 @@ _BOT_LIMIT = 2**32 - 1
 # Byte-swap width of the values pydicom keeps as raw bytes (PS3.5 7.3: OW/OF/OL/OD/OV
 # values are byte-ordered like the transfer syntax; OB is a byte stream).
 _SWAP_WIDTH: dict[str, int] = {VR.OW: 2, VR.OF: 4, VR.OL: 4, VR.OD: 8, VR.OV: 8}
-_DECODING_PLUGIN = "pylibjpeg"
 
 Frame = NDArray[Any]
 
@@ -209,10 +212,10 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS,
                        limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> TranscodeOutcome:
     """Compress the uncompressed *Pixel Data* of `dataset` losslessly, in place, if proven exact.
 
-    Every frame is encoded with `codec`, encapsulated with a Basic Offset Table (an Extended
-    Offset Table only if the data exceeds 4 GiB), and the resulting dataset is decoded with
-    pydicom's ``pylibjpeg`` plugin (a different library from the encoder) and compared with the
-    original pixel values. Only if they are identical is the dataset kept modified: *Pixel Data*
+    Every frame is encoded with `codec`, decoded by another library and compared with the
+    original frame; the codestreams are encapsulated with a Basic Offset Table (an Extended
+    Offset Table only if the data exceeds 4 GiB) and read back from the dataset to check
+    they are the verified ones. Only if every frame is identical is the dataset kept modified: *Pixel Data*
     replaced (OB, undefined length), ``file_meta.TransferSyntaxUID`` set to the lossless syntax,
     Planar Configuration set to 0 for colour data, and, for a big endian source, the remaining
     OW/OF/OL/OD/OV values byte-swapped and the dataset's encoding set to explicit VR little
@@ -268,33 +271,43 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS,
 
     check_declared(dataset, limits)
     target = TARGET_TRANSFER_SYNTAXES[codec]
-    started = time.perf_counter()
+    encode_seconds = verify_seconds = 0.0
+    codestreams: list[bytes] = []
     try:
-        original = pixel_array(dataset)
-    except Exception as exc:  # noqa: BLE001 - any decoder error means "cannot verify"
+        frames = _source_frames(dataset, module, big_endian=big_endian)
+    except Exception as exc:  # noqa: BLE001 - any read error means "cannot verify"
         return outcome(
             TranscodeStatus.VERIFICATION_FAILED, f"cannot read the original pixel data: {exc}"
         )
-    if not original.dtype.isnative:  # big endian source: pydicom returns a '>' dtype
-        original = original.astype(original.dtype.newbyteorder("="))
-    frames = original.reshape((module.number_of_frames, *module.frame_shape))
-    try:
-        encoded = [_ENCODERS[codec](frame, module) for frame in frames]
-        for index, codestream in enumerate(encoded):
+    # One frame at a time: encoded, then decoded by the other library and compared, before
+    # the next is read. The instance's pixels are held once (as received); the working set
+    # is one frame, whatever the number of frames.
+    for index, frame in enumerate(frames):
+        started = time.perf_counter()
+        try:
+            codestream = _ENCODERS[codec](frame, module)
             _check_codestream(codec, codestream, module, index)
-        elements = _encapsulated_elements(encoded)
-    except Exception as exc:  # noqa: BLE001 - encoder errors are reported, never raised
-        return outcome(TranscodeStatus.VERIFICATION_FAILED, f"{codec} encoding failed: {exc}")
-    encode_seconds = time.perf_counter() - started
+        except Exception as exc:  # noqa: BLE001 - encoder errors are reported, never raised
+            return outcome(TranscodeStatus.VERIFICATION_FAILED, f"{codec} encoding failed: {exc}")
+        encode_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        failure = _verify_frame(codec, codestream, frame, module, index)
+        verify_seconds += time.perf_counter() - started
+        if failure is not None:
+            LOGGER.warning("lossless %s transcode rejected: %s", codec, failure)
+            return outcome(TranscodeStatus.VERIFICATION_FAILED, failure)
+        codestreams.append(codestream)
+    del frames
 
     started = time.perf_counter()
+    elements = _encapsulated_elements(codestreams)
     failure = _commit_if_verified(
-        dataset, target, elements, module, swaps if big_endian else None, frames
+        dataset, target, elements, module, swaps if big_endian else None, codestreams
     )
+    verify_seconds += time.perf_counter() - started
     if failure is not None:
         LOGGER.warning("lossless %s transcode rejected: %s", codec, failure)
         return outcome(TranscodeStatus.VERIFICATION_FAILED, failure)
-    verify_seconds = time.perf_counter() - started
 
     stored_bytes = len(elements[_PIXEL_DATA].value)
     return TranscodeOutcome(
@@ -385,6 +398,86 @@ def _check_pixel_module(dataset: Dataset) -> _PixelModule:
 
 
 # ---------------------------------------------------------------------------------------------
+# The original frames: views of the received Pixel Data, as values (PS3.5 8.1.1).
+
+
+def _source_frames(dataset: Dataset, module: _PixelModule, *, big_endian: bool
+                   ) -> Iterator[Frame]:
+    """Each frame's pixel values, (rows, columns[, samples]) sample-interleaved, in native
+    byte order: bits above High Bit cleared (unsigned) or the sign extended from it
+    (signed). A frame is a view of the Pixel Data when no conversion is needed, else one
+    frame's copy: the instance is never decoded whole."""
+    element = dataset[_PIXEL_DATA]
+    raw = element.value
+    itemsize = module.bits_allocated // 8
+    if big_endian and itemsize == 1 and element.VR == VR.OW:
+        # 8-bit samples in big endian 16-bit words: swapped pairwise (PS3.5 8.1.1), across
+        # frame boundaries when a frame has an odd length, so swapped whole (retired syntax).
+        even = len(raw) - len(raw) % 2
+        raw = np.frombuffer(raw, dtype="<u2", count=even // 2).byteswap().tobytes() + raw[even:]
+    kind = "i" if module.pixel_representation else "u"
+    stored = np.dtype(f"{'>' if big_endian else '<'}{kind}{itemsize}")
+    samples = module.rows * module.columns * module.samples_per_pixel
+    values = np.frombuffer(raw, dtype=stored, count=samples * module.number_of_frames)
+    planar = module.samples_per_pixel > 1 and int(dataset.get("PlanarConfiguration", 0)) == 1
+    spare = 8 * itemsize - module.bits_stored
+    for index in range(module.number_of_frames):
+        frame = values[index * samples:(index + 1) * samples]
+        if planar:  # colour-by-plane: (samples, rows, columns) to (rows, columns, samples)
+            frame = frame.reshape(module.samples_per_pixel, module.rows,
+                                  module.columns).transpose(1, 2, 0)
+        else:
+            frame = frame.reshape(module.frame_shape)
+        if not frame.dtype.isnative:
+            frame = frame.astype(frame.dtype.newbyteorder("="))
+        if spare and module.pixel_representation:
+            frame = (frame << spare) >> spare  # arithmetic shift: sign-extended
+        elif spare:
+            frame = frame & np.array((1 << module.bits_stored) - 1, dtype=frame.dtype)
+        yield frame
+
+
+_COMPARE_SAMPLES = 1 << 20
+
+#: The verifying decoders: other libraries than the encoders (CharLS and OpenJPH), so that
+#: an encoder's error is not repeated by its own decoder. (JPEG 2000 is encoded and decoded
+#: by OpenJPEG; its verification checks the codestream, not the library.)
+_VERIFIERS: dict[Codec, Callable[[bytes], Frame]] = {
+    Codec.JPEG_LS: libjpeg_decode,  # libjpeg (pylibjpeg-libjpeg)
+    Codec.JPEG_2000: openjpeg_decode,  # OpenJPEG (pylibjpeg-openjpeg)
+    Codec.HTJ2K: openjpeg_decode,  # OpenJPEG's HT decoder (pylibjpeg-openjpeg)
+}
+
+
+def _verify_frame(codec: Codec, codestream: bytes, frame: Frame, module: _PixelModule,
+                  index: int) -> str | None:
+    """Decode `codestream` with the verifying library and compare with `frame`, value for
+    value. None when identical, else the reason."""
+    try:
+        decoded = _VERIFIERS[codec](codestream)
+    except Exception as exc:  # noqa: BLE001 - an undecodable codestream is a failure
+        return f"frame {index}: the verifying decoder failed: {type(exc).__name__}: {exc}"
+    if decoded.shape != frame.shape:
+        return f"frame {index}: decoded {decoded.shape}, expected {frame.shape}"
+    if codec is Codec.JPEG_LS and module.pixel_representation:
+        # JPEG-LS carries the two's-complement pattern in Bits Stored bits: sign-extend it.
+        spare = 8 * frame.dtype.itemsize - module.bits_stored
+        decoded = decoded.astype(frame.dtype.newbyteorder("=").str.replace("u", "i"))
+        decoded = (decoded << spare) >> spare if spare else decoded
+    elif decoded.dtype.kind != frame.dtype.kind and decoded.dtype.kind in "iu":
+        return (f"frame {index}: decoded {'signed' if decoded.dtype.kind == 'i' else 'unsigned'}"
+                f" samples, expected {'signed' if frame.dtype.kind == 'i' else 'unsigned'}")
+    # Compared a band of rows at a time: a whole-frame comparison allocates a frame's worth
+    # of booleans.
+    band = max(1, _COMPARE_SAMPLES // max(1, frame[0].size))
+    differing = sum(int(np.count_nonzero(decoded[row:row + band] != frame[row:row + band]))
+                    for row in range(0, frame.shape[0], band))
+    if differing:
+        return f"frame {index}: {differing} decoded samples differ from the original"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Encoders: one frame (rows, columns[, samples]) in, one codestream out.
 
 
@@ -393,8 +486,8 @@ def _container(frame: Frame, module: _PixelModule, *, signed: bool) -> Frame:
     itemsize = 1 if module.bits_stored <= 8 else 2
     dtype = np.dtype(f"{'i' if signed else 'u'}{itemsize}")
     if frame.dtype == dtype:
-        return frame
-    return frame.astype(dtype)
+        return np.ascontiguousarray(frame)
+    return frame.astype(dtype, order="C")
 
 
 def _encode_jpeg_ls(frame: Frame, module: _PixelModule) -> bytes:
@@ -590,9 +683,10 @@ def _commit_if_verified(
     elements: dict[BaseTag, DataElement],
     module: _PixelModule,
     swaps: list[tuple[DataElement, bytes]] | None,
-    frames: NDArray[Any],
+    codestreams: list[bytes],
 ) -> str | None:
-    """Put the encapsulated pixel data in `dataset` and keep it only if it decodes to `frames`.
+    """Put the encapsulated pixel data in `dataset` and keep it only if its frames, read
+    back from the data set, are the verified `codestreams`.
 
     `swaps` is None for a little endian source, else the byte swaps of a big endian one.
     Returns None when kept, else the reason, with `dataset` restored exactly.
@@ -600,7 +694,7 @@ def _commit_if_verified(
     saved = _Saved.capture(dataset)
     try:
         _apply(dataset, target, elements, module, swaps, saved)
-        _verify(dataset, frames)
+        _verify_encapsulation(dataset, module, codestreams)
     except Exception as exc:  # noqa: BLE001 - restore on anything, report the reason
         saved.restore(dataset)
         if isinstance(exc, _VerificationError):
@@ -634,28 +728,26 @@ def _apply(
         dataset.set_original_encoding(False, True)
 
 
-def _verify(dataset: Dataset, frames: NDArray[Any]) -> None:
-    """Decode every frame of `dataset` with pylibjpeg and compare with `frames`, exactly."""
+def _verify_encapsulation(dataset: Dataset, module: _PixelModule,
+                          codestreams: list[bytes]) -> None:
+    """Read the frames back from `dataset`'s Pixel Data as a reader would (offset tables,
+    fragments) and check each is its verified codestream (plus at most the pad byte)."""
+    extended = None
+    if _EXTENDED_OFFSET_TABLE in dataset:
+        extended = (dataset[_EXTENDED_OFFSET_TABLE].value,
+                    dataset[_EXTENDED_OFFSET_TABLE_LENGTHS].value)
     count = 0
-    for index, decoded in enumerate(iter_pixels(dataset, decoding_plugin=_DECODING_PLUGIN)):
-        if index >= len(frames):
-            raise _VerificationError(f"decoder returned more than {len(frames)} frames")
-        expected = frames[index]
-        # pydicom decodes encapsulated data of precision <= 8 into an 8-bit array even when
-        # Bits Allocated is 16: the values must be identical, the signedness the same.
-        if decoded.shape != expected.shape or decoded.dtype.kind != expected.dtype.kind:
-            raise _VerificationError(
-                f"frame {index}: decoded {decoded.dtype}{decoded.shape}, "
-                f"expected {expected.dtype}{expected.shape}"
-            )
-        if not np.array_equal(decoded, expected):
-            differing = int(np.count_nonzero(decoded != expected))
-            raise _VerificationError(
-                f"frame {index}: {differing} decoded samples differ from the original"
-            )
+    for index, stored in enumerate(generate_frames(
+            dataset[_PIXEL_DATA].value, number_of_frames=module.number_of_frames,
+            extended_offsets=extended)):
+        if index >= len(codestreams):
+            raise _VerificationError(f"the pixel data holds more than {len(codestreams)} frames")
+        expected = codestreams[index]
+        if stored[:len(expected)] != expected or len(stored) - len(expected) not in (0, 1):
+            raise _VerificationError(f"frame {index}: the stored codestream is not the verified one")
         count += 1
-    if count != len(frames):
-        raise _VerificationError(f"decoder returned {count} of {len(frames)} frames")
+    if count != len(codestreams):
+        raise _VerificationError(f"the pixel data holds {count} of {len(codestreams)} frames")
 
 
 _JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}

@@ -38,6 +38,7 @@ class Gateway:
         self.headers = {"Authorization": f"Bearer {TOKEN}"}
         self.study = self.series = self.sop = self.share = ""
         self.baseline: dict[int, tuple[str, int]] = {}
+        self.studies = 1  # stored by the normal work (and by an admitted instance)
 
     @property
     def pid(self) -> int:
@@ -228,10 +229,27 @@ def test_xml_answers_are_well_formed_whatever_the_values(gateway: Gateway) -> No
         ET.fromstring(part.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n", 1)[0])  # well-formed
 
 
+def test_a_bomb_within_the_limits_is_stored_frame_by_frame(gateway: Gateway, tmp_path: Path) -> None:
+    """A small file declaring 96 MiB (three 4096x4096 16-bit frames), under this gateway's
+    128 MiB limit: admitted, compressed and stored. The worker holds the pixels once and
+    works one frame at a time, so what it costs stays within the growth every process is
+    allowed (checked by the test below, with every other attack)."""
+    bomb = tmp_path / "admitted.dcm"
+    deflated_bomb(bomb, 4096, 4096, 3)
+    [status] = _c_store(gateway, [bomb])
+    assert status == 0x0000, hex(status)
+    gateway.studies += 1
+    wait_for(lambda: _instances(gateway) == 7, timeout=120, what="the admitted instance indexed")
+    [stored] = [i for i in gateway.get("/dicom-web/instances").json()
+                if i.get("00280010", {}).get("Value") == [4096]]
+    assert stored["00280008"]["Value"] == [3]
+    assert stored["00083002"]["Value"][0] in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.201")
+
+
 def test_after_every_attack_it_answers_normally_and_no_process_grew(gateway: Gateway) -> None:
     """Runs last in this module: the attacks above are done."""
     assert gateway.get("/healthz").status_code == 200
-    assert len(gateway.get("/dicom-web/studies").json()) == 1
+    assert len(gateway.get("/dicom-web/studies").json()) == gateway.studies
     retrieved = gateway.get(_instance(gateway), headers={"Accept": "application/dicom"})
     assert retrieved.status_code == 200
     assert pydicom.dcmread(io.BytesIO(retrieved.content)).SOPInstanceUID == gateway.sop

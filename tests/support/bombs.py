@@ -70,7 +70,6 @@ def deflated_bomb(path: Path, rows: int = 8192, columns: int = 8192, frames: int
     encoded = BytesIO()
     plain = Dataset()
     plain.update(header)
-    plain.file_meta = _file_meta(header, ExplicitVRLittleEndian)
     plain.save_as(encoded, enforce_file_format=False, implicit_vr=False, little_endian=True)
     length = rows * columns * frames * 2
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
+from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
 from tests.support.bombs import compressed_bomb, deflated_bomb, normal_deflated
 from worker import (
@@ -136,3 +139,33 @@ def test_the_worker_quarantines_a_bomb_with_its_sizes_and_stores_the_rest(
     assert reason["failure_reason"] == 0xA700
     assert "8192x8192" in reason["explanation"] and "BOMB" not in reason["explanation"]
     assert reason["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_the_worker_stores_deflated_instances_exactly(tmp_path: Path) -> None:
+    """Deflated instances under the limits — one written by dcmtk's dcmconv (+td), one of
+    zeros declaring 48 MiB in 3 frames — are stored compressed, pixel for pixel."""
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    store = FilesystemObjectStore(tmp_path / "objects")
+    pipeline = IngestPipeline(
+        store=store, index=IndexRepository(engine),
+        policy=DeidentificationPolicy(PseudonymKeys(b"limits-test-secret-0123456789abcdef"), "site1"),
+        spool_root=tmp_path / "spool", quarantine_root=tmp_path / "quarantine",
+        decode_limits=SMALL)
+    batch = tmp_path / "spool" / "site1" / "b1"
+    batch.mkdir(parents=True)
+    [ct] = write_sample_study(tmp_path / "src", SampleStudySpec(ct_slices=1, mr_slices=0, ct_size=256))
+    subprocess.run(["dcmconv", "+td", str(ct), str(batch / "dcmtk.dcm")], check=True)
+    deflated_bomb(batch / "zeros.dcm", 4096, 2048, 3)
+    expected = {"dcmtk": pydicom.dcmread(ct).pixel_array, "zeros": np.zeros((3, 4096, 2048))}
+
+    report = pipeline.ingest_batch("site1", "b1")
+
+    assert (report.stored, report.quarantined) == (2, 0)
+    rows = list(IndexRepository(engine).iter_instance_rows())
+    assert len(rows) == 2
+    for _, key, _ in rows:
+        stored = pydicom.dcmread(io.BytesIO(store.get(key)))
+        assert stored.file_meta.TransferSyntaxUID.is_compressed
+        source = "zeros" if int(stored.Rows) == 4096 else "dcmtk"
+        assert np.array_equal(stored.pixel_array, expected[source])

@@ -202,9 +202,13 @@ def test_transfer_syntax_sets() -> None:
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_verifier_is_a_different_library_and_is_installed(codec: Codec) -> None:
-    """Verification decodes with pydicom's pylibjpeg plugin (libjpeg / OpenJPEG), never with
-    the encoders (CharLS via pyjpegls, OpenJPEG and OpenJPH via imagecodecs)."""
-    assert transcode._DECODING_PLUGIN == "pylibjpeg"
+    """Verification decodes with libjpeg (JPEG-LS) or OpenJPEG (JPEG 2000, HTJ2K), never
+    with the encoders of JPEG-LS and HTJ2K (CharLS via pyjpegls, OpenJPH via imagecodecs)."""
+    verifier = transcode._VERIFIERS[codec]
+    assert verifier.__module__ == {Codec.JPEG_LS: "libjpeg.utils"}.get(codec, "openjpeg.utils")
+    encoder_libraries = {Codec.JPEG_LS: "jpeg_ls", Codec.HTJ2K: "imagecodecs"}
+    if codec in encoder_libraries:
+        assert not verifier.__module__.startswith(encoder_libraries[codec])
     assert "pylibjpeg" in get_decoder(TARGET[codec]).available_plugins
 
 
@@ -502,8 +506,8 @@ def test_pixel_data_length_mismatch_fails_untouched(codec: Codec, delta: int) ->
 @pytest.mark.parametrize("name", ["CT_small.dcm", "OBXXXX1A_expb.dcm", "SC_rgb_expb_16bit.dcm"])
 @pytest.mark.parametrize("codec", CODECS)
 def test_mismatch_after_encoding_restores_exactly(codec: Codec, name: str) -> None:
-    """The commit step transcode_lossless uses: real codestreams that decode to values other
-    than the expected ones (one sample changed) are rejected and everything is put back,
+    """The commit step transcode_lossless uses: Pixel Data whose frames, read back, are not
+    the verified codestreams (one byte changed) is rejected and everything is put back,
     including a big endian source's byte-swapped palette and its encoding."""
     dataset = pydicom.dcmread(_testdata(name))
     before = _encode(dataset)
@@ -514,20 +518,47 @@ def test_mismatch_after_encoding_restores_exactly(codec: Codec, name: str) -> No
         (module.number_of_frames, *module.frame_shape))
     encoded = [transcode._ENCODERS[codec](frame, module) for frame in frames]
     elements = transcode._encapsulated_elements(encoded)
-    wrong = frames.copy()
-    wrong.reshape(-1)[frames.size // 2] ^= 1
+    verified = list(encoded)
+    middle = len(verified[0]) // 2
+    verified[0] = verified[0][:middle] + bytes([verified[0][middle] ^ 1]) + verified[0][middle + 1:]
 
     reason = transcode._commit_if_verified(
-        dataset, TARGET[codec], elements, module, swaps, wrong)
+        dataset, TARGET[codec], elements, module, swaps, verified)
 
-    assert reason == "frame 0: 1 decoded samples differ from the original"
+    assert reason == "frame 0: the stored codestream is not the verified one"
     assert dataset.file_meta.TransferSyntaxUID == (ExplicitVRBigEndian if big_endian
                                                    else ExplicitVRLittleEndian)
     assert _encode(dataset) == before
-    # and the same commit with the true values keeps it
+    # and the same commit with the true codestreams keeps it
     assert transcode._commit_if_verified(
-        dataset, TARGET[codec], elements, module, swaps, frames) is None
+        dataset, TARGET[codec], elements, module, swaps, encoded) is None
     assert dataset.file_meta.TransferSyntaxUID == TARGET[codec]
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "SC_rgb_expb_16bit.dcm"])
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_corrupted_encoder_output_is_caught(codec: Codec, name: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder whose output is wrong (one bit of its entropy-coded data flipped, as a
+    codec bug or a memory error would do) is caught by the independent decode: nothing
+    changes, the reason names the frame."""
+    encoder = transcode._ENCODERS[codec]
+
+    def corrupting(frame: np.ndarray, module: transcode._PixelModule) -> bytes:
+        codestream = bytearray(encoder(frame, module))
+        position = len(codestream) * 2 // 3
+        codestream[position] ^= 0x10 if codestream[position] != 0xEF else 0x01  # never 0xFF
+        return bytes(codestream)
+
+    monkeypatch.setitem(transcode._ENCODERS, codec, corrupting)
+    dataset = pydicom.dcmread(_testdata(name))
+    before = _encode(dataset)
+
+    outcome = transcode_lossless(dataset, codec)
+
+    assert outcome.status is TranscodeStatus.VERIFICATION_FAILED
+    assert outcome.reason.startswith("frame 0: ")
+    assert _encode(dataset) == before
 
 
 # --- independent readers: dcmdump and dcmtk's JPEG-LS decoder ----------------------------------
