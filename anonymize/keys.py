@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 
 # Domain-separation labels: the same input never yields the same digest for two uses.
@@ -24,6 +25,9 @@ MIN_SECRET_BYTES = 16
 
 class WeakSecretError(ValueError):
     """The pseudonymization secret is too short to resist a dictionary attack."""
+
+
+_PATIENT_PSEUDONYM = re.compile(r"P[A-Z2-7]{16}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ class PseudonymKeys:
         """A patient pseudonym (LO, 18 chars) from a patient key (see `patient_key`)."""
         digest = self._digest(_LABEL_PATIENT, patient_key)
         return "P" + base64.b32encode(digest[:10]).decode("ascii").rstrip("=")[:16].upper()
+
+    @staticmethod
+    def is_patient_pseudonym(value: str) -> bool:
+        """Whether `value` has the shape of a patient pseudonym (`patient_id`): what any
+        object of a pseudonymization domain carries as its Patient ID."""
+        return _PATIENT_PSEUDONYM.fullmatch(value) is not None
 
     def patient_name(self, patient_key: str) -> str:
         """A PN value that says it is a pseudonym and links to the patient pseudonym."""

@@ -99,7 +99,7 @@ class NodeConfig:
     sweep_interval_seconds: float = 30.0
     sweep_after_seconds: float = 300.0
     #: Hand a study's instances to the worker every this many (0: once, at release).
-    batch_size: int = 50
+    batch_size: int = 10
     #: C-MOVE destinations by AE title (empty: C-MOVE answers "destination unknown").
     move_destinations: Mapping[str, MoveDestination] = field(default_factory=dict)
     #: DICOM over TLS on this port instead of plain TCP.

@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -35,6 +36,7 @@ from anonymize import (
     DeidentificationPolicy,
     DomainIdentity,
     ProfileOption,
+    PseudonymKeys,
     deidentify,
 )
 from storage import (
@@ -358,6 +360,33 @@ def _stored_outcome(dataset: Dataset, coerced: bool) -> InstanceOutcome:
         sop_instance_uid=str(dataset.SOPInstanceUID), coerced=coerced)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """An instance ready to be written: its object's key and bytes, and what its index
+    record needs."""
+
+    key: str
+    dataset: Dataset
+    body: bytes
+    study: str
+    series: str
+    sop: str
+    site_id: str
+    study_site_id: str
+    coerced: bool
+
+
+def _raise(exc: BaseException) -> Callable[[], tuple[InstanceRecord, InstanceOutcome]]:
+    def result() -> tuple[InstanceRecord, InstanceOutcome]:
+        raise exc
+    return result
+
+
+def _value(done: tuple[InstanceRecord, InstanceOutcome]
+           ) -> Callable[[], tuple[InstanceRecord, InstanceOutcome]]:
+    return lambda: done
+
+
 @dataclass
 class IngestPipeline:
     """Dependencies of the ingest path, passed in by the composition root."""
@@ -367,7 +396,7 @@ class IngestPipeline:
     policy: DeidentificationPolicy
     spool_root: Path
     quarantine_root: Path
-    codec: Codec | None = Codec.JPEG_LS
+    codec: Codec | None = Codec.HTJ2K
     #: Where Security Alerts go (the audit trail); None: logged only.
     audit: Callable[[Sequence[AuditEntry]], None] | None = None
     #: The region's pipeline: no secret (`policy.keys` is None), only objects of the domain,
@@ -391,11 +420,10 @@ class IngestPipeline:
         records: list[InstanceRecord] = []
         done: list[Path] = []
         owners: dict[str, StudyOwner] = {}
-        for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
+
+        def settle(path: Path, result: Callable[[], tuple[InstanceRecord, InstanceOutcome]]) -> None:
             try:
-                record, outcome = self._process_file(path, site_id, owners)
-            except FileNotFoundError:
-                continue  # a concurrent delivery of the same batch finished this file
+                record, outcome = result()
             except (StorageError, SQLAlchemyError) as exc:
                 raise TransientPipelineError(f"{type(exc).__name__}: {exc}") from exc
             except _QUARANTINE as exc:
@@ -403,10 +431,41 @@ class IngestPipeline:
                 report.quarantined += 1
                 if isinstance(exc, InstanceConflict):
                     self._alert(site_id, exc)
-                continue
+                return
             records.append(record)
             done.append(path)
             report.outcomes[path.name] = outcome
+
+        # One instance's objects are written while the next one is read, de-identified and
+        # compressed: the writes (fsync, or an S3 round trip) overlap that CPU work. One
+        # write is in flight at a time, so at most two instances are held.
+        writing: tuple[Path, Future[tuple[InstanceRecord, InstanceOutcome]]] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-writes") as writer:
+            try:
+                for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
+                    try:
+                        prepared = self._prepare_file(path, site_id, owners)
+                    except FileNotFoundError:
+                        continue  # a concurrent delivery of the same batch finished this file
+                    except (StorageError, SQLAlchemyError) as exc:
+                        settle(path, _raise(exc))  # raises: the batch is retried
+                        continue
+                    except _QUARANTINE as exc:
+                        settle(path, _raise(exc))
+                        continue
+                    if writing is not None:
+                        settle(writing[0], writing[1].result)
+                        writing = None
+                    if isinstance(prepared, _Prepared):
+                        writing = (path, writer.submit(self._write_instance, prepared))
+                    else:  # nothing to write (a stored instance sent back)
+                        settle(path, _value(prepared))
+                if writing is not None:
+                    settle(writing[0], writing[1].result)
+                    writing = None
+            finally:
+                if writing is not None:  # an error above: let the write end before leaving
+                    writing[1].exception()
         try:
             self.index.upsert_instances(records)
         except SQLAlchemyError as exc:
@@ -445,8 +504,10 @@ class IngestPipeline:
         except OSError as exc:  # the writer then says the instances are still processed
             log.error("batch %s/%s: reply not written (%s)", site_id, batch_id, type(exc).__name__)
 
-    def _process_file(self, path: Path, site_id: str, owners: dict[str, StudyOwner]
-                      ) -> tuple[InstanceRecord, InstanceOutcome]:
+    def _prepare_file(self, path: Path, site_id: str, owners: dict[str, StudyOwner]
+                      ) -> _Prepared | tuple[InstanceRecord, InstanceOutcome]:
+        """Everything before the writes: read, recognise, de-identify, check ownership,
+        compress, encode, claim the study. A stored instance sent back is answered here."""
         dataset: Dataset = read_bounded(path, self.decode_limits)
         source_syntax = str(dataset.file_meta.TransferSyntaxUID)
         # The batch's site qualifies local identifiers: two hospitals' "12345" differ.
@@ -501,19 +562,33 @@ class IngestPipeline:
             # Another site claimed it since, for another patient: nothing of ours is written.
             _check_ownership(known, owner, key, patient_id, study_instance_uid=study,
                              sop_instance_uid=sop)
+        return _Prepared(key, dataset, body, study, series, sop, site_id, owner.site_id,
+                         coerced)
+
+    def _write_instance(self, prepared: _Prepared) -> tuple[InstanceRecord, InstanceOutcome]:
+        """The object and its DICOM JSON, each written once; the index record."""
+        dataset, body = prepared.dataset, prepared.body
         try:
-            self.store.create(key, body)
+            self.store.create(prepared.key, body)
         except AlreadyExists:
-            dataset, body = self._stored_twin(key, dataset, body,
-                                              across_sites=owner.site_id != site_id)
+            dataset, body = self._stored_twin(
+                prepared.key, dataset, body, across_sites=prepared.study_site_id != prepared.site_id)
+        study, series, sop = prepared.study, prepared.series, prepared.sop
         try:  # written once too: a retry finds it, a conflict never reaches here
             self.store.create(instance_metadata_key(study, series, sop),
                               instance_json(dataset, study, series, sop),
                               content_type="application/dicom+json")
         except AlreadyExists:
             pass
-        record = record_for(dataset, key, body, site_id=site_id, study_site_id=owner.site_id)
-        return record, _stored_outcome(dataset, coerced)
+        record = record_for(dataset, prepared.key, body, site_id=prepared.site_id,
+                            study_site_id=prepared.study_site_id)
+        return record, _stored_outcome(dataset, prepared.coerced)
+
+    def _process_file(self, path: Path, site_id: str, owners: dict[str, StudyOwner]
+                      ) -> tuple[InstanceRecord, InstanceOutcome]:
+        """One spooled instance, prepared and written (the batch overlaps the two)."""
+        prepared = self._prepare_file(path, site_id, owners)
+        return self._write_instance(prepared) if isinstance(prepared, _Prepared) else prepared
 
     def _domain_of(self, dataset: Dataset, owners: dict[str, StudyOwner]
                    ) -> tuple[DomainIdentity, StudyOwner, Ownership] | None:
@@ -524,8 +599,8 @@ class IngestPipeline:
         holds of its UIDs. Else None."""
         study = str(dataset.get("StudyInstanceUID", "") or "").strip()
         patient_id = str(dataset.get("PatientID", "") or "").strip()
-        if not (study and patient_id):
-            return None
+        if not (study and PseudonymKeys.is_patient_pseudonym(patient_id)):
+            return None  # not a pseudonym: no stored study is this object's (no index query)
         known = self.index.ownership(study, str(dataset.get("SeriesInstanceUID", "") or ""),
                                      str(dataset.get("SOPInstanceUID", "") or ""))
         if known.study_site_id is None:

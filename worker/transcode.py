@@ -208,7 +208,7 @@ class _VerificationError(Exception):
     """Encoding or verification did not produce a proven-lossless result."""
 
 
-def transcode_lossless(dataset: Dataset, codec: Codec = Codec.JPEG_LS,
+def transcode_lossless(dataset: Dataset, codec: Codec = Codec.HTJ2K,
                        limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> TranscodeOutcome:
     """Compress the uncompressed *Pixel Data* of `dataset` losslessly, in place, if proven exact.
 

@@ -22,6 +22,7 @@ from storage import (
     FilesystemObjectStore,
     IndexRepository,
     S3ObjectStore,
+    StorageError,
     StudyQuery,
     create_index_engine,
     migrate,
@@ -75,9 +76,9 @@ def test_batch_is_stored_indexed_and_removed_from_the_spool(tmp_path: Path) -> N
     stored = pydicom.dcmread(tmp_path / "objects" / keys[0])
     assert stored.PatientIdentityRemoved == "YES"
     assert str(stored.StudyInstanceUID) == study.study_instance_uid
-    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.201"  # HTJ2K lossless
     # The site is not named in objects (only with Retain Institution Identity).
-    assert read_provenance(stored) == ("", "1.2.840.10008.1.2.1", "jpeg-ls")
+    assert read_provenance(stored) == ("", "1.2.840.10008.1.2.1", "htj2k")
     assert stored.pixel_array.shape in ((64, 64), (32, 32))
 
 
@@ -193,3 +194,48 @@ def test_an_invalid_uid_under_retain_uids_is_quarantined_once_with_its_reason(
     stored = {pydicom.dcmread(tmp_path / "objects" / k).SOPInstanceUID for k in _instance_keys(pipeline)}
     assert len(stored) == 2 and bad_uid not in stored
     assert pipeline.ingest_batch("site1", "b1").missing  # done: nothing left to retry
+
+
+class _FailingWrites(FilesystemObjectStore):
+    """A real filesystem store whose object writes fail from the `fail_from`-th instance
+    object on (an outage in the middle of a batch, while the next instance is prepared)."""
+
+    def __init__(self, root: Path, fail_from: int) -> None:
+        super().__init__(root)
+        self.fail_from, self.instance_writes = fail_from, 0
+
+    def create(self, key: str, body: bytes, **kwargs: object) -> None:  # type: ignore[override]
+        if key.endswith(".dcm") and "/instances/" in key:
+            self.instance_writes += 1
+            if self.instance_writes >= self.fail_from:
+                raise StorageError("object store unavailable")
+        super().create(key, body, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_write_failing_mid_batch_keeps_the_spool_and_a_retry_stores_each_once(
+        tmp_path: Path) -> None:
+    """Objects are written while the next instance is prepared: an outage at the third
+    write still fails the whole batch (retried), leaves every spool file, indexes nothing;
+    the retry stores each instance once (the objects written before are found, not
+    duplicated)."""
+    failing = _FailingWrites(tmp_path / "objects", fail_from=3)
+    batch = _spool_batch(tmp_path, ct=4, mr=1)
+    with pytest.raises(TransientPipelineError):
+        _pipeline(tmp_path, failing).ingest_batch("site1", "b1")
+    assert len(list(batch.glob("*.dcm"))) == 5
+    assert failing.instance_writes == 3  # the batch stopped at the failure
+    healthy = _pipeline(tmp_path, FilesystemObjectStore(tmp_path / "objects"))
+    report = healthy.ingest_batch("site1", "b1")
+    assert (report.stored, report.quarantined) == (5, 0)
+    assert len(_instance_keys(healthy)) == 5
+    assert healthy.index.search_studies(StudyQuery())[0].number_of_instances == 5
+    assert not batch.exists()
+
+
+def test_patient_pseudonyms_have_the_shape_the_domain_check_looks_for() -> None:
+    keys = PseudonymKeys(SECRET)
+    pseudonyms = [keys.patient_id(f"site1|{n}") for n in range(500)]
+    assert all(PseudonymKeys.is_patient_pseudonym(p) for p in pseudonyms)
+    for original in ("12345", "1871234567890", "P123", "p" + pseudonyms[0][1:],
+                     pseudonyms[0] + "X", "ANONYMOUS^" + pseudonyms[0], ""):
+        assert not PseudonymKeys.is_patient_pseudonym(original)
