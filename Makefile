@@ -37,8 +37,8 @@ lint: install-test
 	$(BIN)/lint-imports
 	$(BIN)/bandit -q -r anonymize storage worker dicom_node web_viewer_api gateway
 
-bench: install-test
-	$(BIN)/python benchmarks/ingest.py
+bench: install-test services
+	$(BIN)/python benchmarks/ingest.py --orthanc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

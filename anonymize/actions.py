@@ -154,12 +154,23 @@ class DeidentificationPolicy:
     pixel_policy: PixelPolicy = field(default_factory=PixelPolicy)
     recipient_certificate: x509.Certificate | None = None
     profile: ConfidentialityProfile = field(default_factory=load_profile)
+    #: Whether any action cleans text (see `__post_init__`): only then does a pass build a
+    #: cleaner from the instance's identifying values.
+    cleans_text: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         both = {ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES,
                 ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
         if both <= self.options:
             raise ValueError("the Full Dates and Modified Dates options exclude each other")
+        # Text is cleaned by a C action of an option (Retain Longitudinal Modified Dates'
+        # C shifts dates instead), inside a sequence such an action cleans, and in private
+        # attributes kept by Retain Safe Private.
+        cleaning = self.options - {ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
+        rows = [*self.profile.rows.values(), *(row for _, _, row in self.profile.masked_rows)]
+        object.__setattr__(self, "cleans_text", ProfileOption.RETAIN_SAFE_PRIVATE in self.options
+                           or any(row.options.get(option.value) == "C"
+                                  for row in rows for option in cleaning))
 
     def action_for(self, row: ProfileRow) -> tuple[str, ProfileOption | None]:
         """The action this policy applies to `row`, and the option that chose it (if any).
@@ -388,9 +399,9 @@ class _Deidentifier:
         self._drop_overlay_group = ProfileOption.CLEAN_GRAPHICS not in self.options
         charset = dataset.get("SpecificCharacterSet") or "ISO_IR 6"
         self.encodings = convert_encodings(charset)
-        # Built now, from the original values: the walk replaces them as it goes. Any option
-        # may clean (C), the Basic Profile alone never does.
-        self._cleaner = TextCleaner(dataset) if self.options else None
+        # Built now, from the original values: the walk replaces them as it goes; only for a
+        # policy that cleans text (the Basic Profile alone never does).
+        self._cleaner = TextCleaner(dataset) if policy.cleans_text else None
         self._original = dataset
         self.overrides: dict[int, Callable[[DataElement], None]] = {
             _TAG_PATIENT_NAME: self._set(patient_name),
@@ -408,7 +419,7 @@ class _Deidentifier:
 
     @property
     def cleaner(self) -> TextCleaner:
-        if self._cleaner is None:  # only options clean; this is a programming error
+        if self._cleaner is None:  # `policy.cleans_text` said no text is cleaned: a bug
             raise RuntimeError("text cleaning requested without any option")
         return self._cleaner
 

@@ -95,6 +95,9 @@ class System:
     count: Any
     processes: Any
     stored: int = 0
+    http_port: int = 0
+    token: str = ""
+    pid: int = 0
 
     def cpu(self) -> dict[str, float]:
         totals: dict[str, float] = {}
@@ -205,7 +208,8 @@ def running_serve(work: Path, settings: dict[str, str], tree: Path = ROOT,
                 return sum(int(study["00201208"]["Value"][0]) for study in body)
 
             yield System(name, dicom_port, "DICOMGATEWAY", count,
-                         _serve_processes(serve.pid, services))
+                         _serve_processes(serve.pid, services), http_port=http_port,
+                         token=TOKEN, pid=serve.pid)
         finally:
             serve.send_signal(signal.SIGINT)
             serve.wait(timeout=120)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study  # noqa: E402
-from ingest import Serve, running_serve  # noqa: E402
+from ingest import System, running_serve  # noqa: E402
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -68,7 +68,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _load(args: argparse.Namespace, storescu: str, work: Path, studies: list[Path], serve: Serve) -> None:
+def _load(args: argparse.Namespace, storescu: str, work: Path, studies: list[Path], serve: System) -> None:
     """Run the load against `serve` and print the figures."""
     dicom_port, http_port, token = serve.dicom_port, serve.http_port, serve.token
     base = f"http://127.0.0.1:{http_port}"
@@ -147,7 +147,7 @@ def _load(args: argparse.Namespace, storescu: str, work: Path, studies: list[Pat
     while any(spool.rglob("*.dcm")) and time.perf_counter() - drained < 600:
         time.sleep(0.5)
     drain_seconds = time.perf_counter() - drained
-    pids = {"supervisor": serve.process.pid}
+    pids = {"supervisor": serve.pid}
     for component in ("node", "worker", "api"):
         ready = work / "data" / "run" / f"{component}.ready"
         if ready.exists():

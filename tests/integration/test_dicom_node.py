@@ -36,8 +36,8 @@ def node(tmp_path: Path) -> Iterator[tuple[DicomNode, _Recorder]]:
     recorder = _Recorder()
     config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
                         site_id="site1", spool_root=tmp_path / "spool",
-                        policy=CallerPolicy.build(["127.0.0.0/8"]))
-    dicom_node = DicomNode(config, recorder)
+                        policy=CallerPolicy.build(["127.0.0.0/8"]), batch_size=0)
+    dicom_node = DicomNode(config, recorder)  # one batch per study, at release (chunks: below)
     dicom_node.start()
     yield dicom_node, recorder
     dicom_node.stop()

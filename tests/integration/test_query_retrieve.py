@@ -16,12 +16,15 @@ from storage import InstanceQuery, StudyQuery
 from tests.support.dicomweb_server import DicomwebServer
 from tests.support.services import free_port, wait_for
 from tests.support.storescp import running_storescp
+from worker import Codec
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomwebServer]:
-    """Three de-identified studies (the sample study and two more) in a real index/store."""
-    yield DicomwebServer(tmp_path_factory.mktemp("qr"), studies=3)
+    """Three de-identified studies (the sample study and two more) in a real index/store,
+    stored JPEG-LS: dcmtk 3.6.7 (the destination below) knows JPEG-LS and not HTJ2K, the
+    default, which it would get decompressed like any uncompressed-only destination."""
+    yield DicomwebServer(tmp_path_factory.mktemp("qr"), studies=3, codec=Codec.JPEG_LS)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from storage import (
 )
 from tests.support.services import free_port, wait_for
 from web_viewer_api import ApiConfig, StowTarget, create_app
-from worker import IngestPipeline, Spool
+from worker import Codec, IngestPipeline, Spool
 
 TOKEN = "dicomweb-test-token-0123456789abcdef"
 
@@ -41,7 +41,7 @@ class DicomwebServer:
     takes only objects of the domain)."""
 
     def __init__(self, root: Path, studies: int = 1, database_url: str | None = None, *,
-                 region: bool = False, worker: bool = True,
+                 region: bool = False, worker: bool = True, codec: Codec = Codec.HTJ2K,
                  **config: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
         engine = create_index_engine(database_url or f"sqlite:///{root / 'index.sqlite3'}")
@@ -50,7 +50,7 @@ class DicomwebServer:
         self.store = FilesystemObjectStore(root / "objects")
         pipeline = IngestPipeline(self.store, self.index,
                                   DeidentificationPolicy(PseudonymKeys(b"w" * 32), "site1"),
-                                  root / "spool", root / "quarantine")
+                                  root / "spool", root / "quarantine", codec=codec)
         source = root / "source"
         write_sample_study(source, SampleStudySpec(ct_slices=4, mr_slices=2, ct_size=128, mr_size=64))
         for number in range(1, studies):
