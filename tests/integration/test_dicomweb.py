@@ -100,6 +100,13 @@ def test_frames_uncompressed_and_as_stored(client: DICOMwebClient, server: Dicom
     assert 'type="image/jphc"' in answer.headers["content-type"]
     htj2k = answer.content.split(b"\r\n\r\n", 1)[1]
     assert htj2k[:4] == b"\xff\x4f\xff\x51" and len(htj2k) < len(raw)  # SOC, SIZ
+    # A client that reads only JPEG-LS gets the frame re-encoded, decoding to the same pixels
+    [jls] = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1],
+                                            media_types=(("image/jls", "1.2.840.10008.1.2.4.80"),))
+    assert jls[:2] == b"\xff\xd8" and len(jls) < len(raw)
+    from libjpeg.utils import decode as libjpeg_decode
+
+    assert libjpeg_decode(bytes(jls)).tobytes() == bytes(raw)
 
 
 def test_rendered_and_thumbnail(client: DICOMwebClient, server: DicomwebServer) -> None:

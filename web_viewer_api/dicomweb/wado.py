@@ -376,8 +376,38 @@ def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None,
         if part in ("application/octet-stream", "*/*", "*") and syntax in (None, EXPLICIT_VR_LITTLE_ENDIAN, "*"):
             return "application/octet-stream", [("application/octet-stream", f, {})
                                                 for f in _native_frames(dataset, numbers, limits)]
+        target = _LOSSLESS_FRAME_TARGETS.get(part)
+        if target is not None and syntax in (None, target):
+            return part, [(f"{part}; transfer-syntax={target}", f, {})
+                          for f in _transcoded_frames(dataset, numbers, target, limits)]
     raise NotAcceptableError("frames are available as application/octet-stream"
-                             + (f" or {compressed_type}" if compressed_type else ""))
+                             + (f", {compressed_type}" if compressed_type else "")
+                             + " or, re-encoded losslessly, " + ", ".join(_LOSSLESS_FRAME_TARGETS))
+
+
+#: Frame media types served in another lossless syntax than the stored one, re-encoded (and
+#: verified) by the worker's transcoder: a client that reads only one codec gets it.
+_LOSSLESS_FRAME_TARGETS = {FRAME_MEDIA_TYPES[uid]: uid for uid in _LOSSLESS_TARGETS}
+
+
+def _transcoded_frames(dataset: Dataset, numbers: list[int], target: str,
+                       limits: DecodeLimits) -> list[bytes]:
+    """The frames re-encoded in the lossless `target` syntax (the whole instance is; the
+    decode limits bound it)."""
+    count = int(dataset.get("NumberOfFrames", 1) or 1)
+    try:
+        check_declared(dataset, limits)
+        if UID(str(dataset.file_meta.TransferSyntaxUID)).is_compressed:
+            decompress_for_serving(dataset, limits)
+    except DecodeLimitExceeded as exc:
+        raise NotDecodedError(exc) from exc
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        raise NotAcceptableError(f"cannot decode the stored pixel data: {exc}") from exc
+    outcome = transcode_lossless(dataset, _LOSSLESS_TARGETS[target], limits)
+    if outcome.status is not TranscodeStatus.COMPRESSED:
+        raise NotAcceptableError(f"cannot encode these frames in {target}")
+    frames = list(generate_frames(dataset.PixelData, number_of_frames=count))
+    return [frames[n - 1] for n in numbers]
 
 
 def _native_frames(dataset: Dataset, numbers: list[int], limits: DecodeLimits) -> list[bytes]:
