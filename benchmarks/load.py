@@ -68,6 +68,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _spooled(spool: Path) -> int:
+    """Instances waiting in the spool (batches vanish as they are done: walk errors ignored)."""
+    return sum(1 for _, _, files in os.walk(spool) for name in files if name.endswith(".dcm"))
+
+
 def _load(args: argparse.Namespace, storescu: str, work: Path, studies: list[Path], serve: System) -> None:
     """Run the load against `serve` and print the figures."""
     dicom_port, http_port, token = serve.dicom_port, serve.http_port, serve.token
@@ -129,27 +134,28 @@ def _load(args: argparse.Namespace, storescu: str, work: Path, studies: list[Pat
                     record("share viewer frame", started, answer.status_code == 200)
 
     backlog: list[tuple[float, int]] = []
-    threads = ([threading.Thread(target=sender, args=(s,)) for s in studies]
-               + [threading.Thread(target=reader) for _ in range(args.readers)]
-               + [threading.Thread(target=viewer) for _ in range(args.viewers)])
+    threads = ([threading.Thread(target=sender, args=(s,), daemon=True) for s in studies]
+               + [threading.Thread(target=reader, daemon=True) for _ in range(args.readers)]
+               + [threading.Thread(target=viewer, daemon=True) for _ in range(args.viewers)])
     began = time.perf_counter()
     for thread in threads:
         thread.start()
-    spool = work / "data" / "spool"
+    data = work / serve.name  # running_serve's data folder
+    spool = data / "spool"
     while time.perf_counter() - began < args.seconds:
-        backlog.append((time.perf_counter() - began, sum(1 for _ in spool.rglob("*.dcm"))))
+        backlog.append((time.perf_counter() - began, _spooled(spool)))
         time.sleep(1)
     stop.set()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - began
     drained = time.perf_counter()
-    while any(spool.rglob("*.dcm")) and time.perf_counter() - drained < 600:
+    while _spooled(spool) and time.perf_counter() - drained < 600:
         time.sleep(0.5)
     drain_seconds = time.perf_counter() - drained
     pids = {"supervisor": serve.pid}
     for component in ("node", "worker", "api"):
-        ready = work / "data" / "run" / f"{component}.ready"
+        ready = data / "run" / f"{component}.ready"
         if ready.exists():
             pids[component] = int(ready.read_text())
     rss = {name: _peak_rss_mb(pid) for name, pid in pids.items()}

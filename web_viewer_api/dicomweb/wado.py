@@ -395,6 +395,17 @@ def _transcoded_frames(dataset: Dataset, numbers: list[int], target: str,
     """The frames re-encoded in the lossless `target` syntax (the whole instance is; the
     decode limits bound it)."""
     count = int(dataset.get("NumberOfFrames", 1) or 1)
+    _decode_in_place(dataset, limits)
+    outcome = transcode_lossless(dataset, _LOSSLESS_TARGETS[target], limits)
+    if outcome.status is not TranscodeStatus.COMPRESSED:
+        raise NotAcceptableError(f"cannot encode these frames in {target}")
+    frames = list(generate_frames(dataset.PixelData, number_of_frames=count))
+    return [frames[n - 1] for n in numbers]
+
+
+def _decode_in_place(dataset: Dataset, limits: DecodeLimits) -> None:
+    """Native pixels in `dataset`: NotDecodedError above `limits`, NotAcceptableError when
+    the stored pixel data cannot be decoded."""
     try:
         check_declared(dataset, limits)
         if UID(str(dataset.file_meta.TransferSyntaxUID)).is_compressed:
@@ -403,20 +414,10 @@ def _transcoded_frames(dataset: Dataset, numbers: list[int], target: str,
         raise NotDecodedError(exc) from exc
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         raise NotAcceptableError(f"cannot decode the stored pixel data: {exc}") from exc
-    outcome = transcode_lossless(dataset, _LOSSLESS_TARGETS[target], limits)
-    if outcome.status is not TranscodeStatus.COMPRESSED:
-        raise NotAcceptableError(f"cannot encode these frames in {target}")
-    frames = list(generate_frames(dataset.PixelData, number_of_frames=count))
-    return [frames[n - 1] for n in numbers]
 
 
 def _native_frames(dataset: Dataset, numbers: list[int], limits: DecodeLimits) -> list[bytes]:
-    try:
-        check_declared(dataset, limits)
-        if UID(str(dataset.file_meta.TransferSyntaxUID)).is_compressed:
-            decompress_for_serving(dataset, limits)
-    except DecodeLimitExceeded as exc:
-        raise NotDecodedError(exc) from exc
+    _decode_in_place(dataset, limits)
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.BitsAllocated)
     length = rows * columns * samples * bits // 8
