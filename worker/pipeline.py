@@ -206,6 +206,8 @@ def record_for(dataset: Dataset, key: str, body: bytes, *, site_id: str | None =
 #: What sends an instance to quarantine instead of the archive (never a retried poison task).
 _QUARANTINE: tuple[type[Exception], ...] = (DeidentificationError, InstanceConflict,
                                             DecodeLimitExceeded, *UNREADABLE_DATASET_ERRORS)
+#: What `ingest_batch` settles per instance: a retry of the batch, or a quarantine.
+_SETTLED: tuple[type[Exception], ...] = (StorageError, SQLAlchemyError, *_QUARANTINE)
 #: Encrypted Attributes Sequence: a new random key at each encryption.
 _ENCRYPTED_ATTRIBUTES, _PIXEL_DATA = 0x04000500, 0x7FE00010
 
@@ -441,31 +443,24 @@ class IngestPipeline:
         # write is in flight at a time, so at most two instances are held.
         writing: tuple[Path, Future[tuple[InstanceRecord, InstanceOutcome]]] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-writes") as writer:
-            try:
-                for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
-                    try:
-                        prepared = self._prepare_file(path, site_id, owners)
-                    except FileNotFoundError:
-                        continue  # a concurrent delivery of the same batch finished this file
-                    except (StorageError, SQLAlchemyError) as exc:
-                        settle(path, _raise(exc))  # raises: the batch is retried
-                        continue
-                    except _QUARANTINE as exc:
-                        settle(path, _raise(exc))
-                        continue
-                    if writing is not None:
-                        settle(writing[0], writing[1].result)
-                        writing = None
-                    if isinstance(prepared, _Prepared):
-                        writing = (path, writer.submit(self._write_instance, prepared))
-                    else:  # nothing to write (a stored instance sent back)
-                        settle(path, _value(prepared))
+            # (leaving the block, on an error too, waits for the write in flight)
+            for path in sorted(directory.glob(f"*{SPOOL_SUFFIX}")):
+                try:
+                    prepared = self._prepare_file(path, site_id, owners)
+                except FileNotFoundError:
+                    continue  # a concurrent delivery of the same batch finished this file
+                except _SETTLED as exc:
+                    settle(path, _raise(exc))  # quarantined, or raises: the batch is retried
+                    continue
                 if writing is not None:
                     settle(writing[0], writing[1].result)
                     writing = None
-            finally:
-                if writing is not None:  # an error above: let the write end before leaving
-                    writing[1].exception()
+                if isinstance(prepared, _Prepared):
+                    writing = (path, writer.submit(self._write_instance, prepared))
+                else:  # nothing to write (a stored instance sent back)
+                    settle(path, _value(prepared))
+            if writing is not None:
+                settle(writing[0], writing[1].result)
         try:
             self.index.upsert_instances(records)
         except SQLAlchemyError as exc:
@@ -583,12 +578,6 @@ class IngestPipeline:
         record = record_for(dataset, prepared.key, body, site_id=prepared.site_id,
                             study_site_id=prepared.study_site_id)
         return record, _stored_outcome(dataset, prepared.coerced)
-
-    def _process_file(self, path: Path, site_id: str, owners: dict[str, StudyOwner]
-                      ) -> tuple[InstanceRecord, InstanceOutcome]:
-        """One spooled instance, prepared and written (the batch overlaps the two)."""
-        prepared = self._prepare_file(path, site_id, owners)
-        return self._write_instance(prepared) if isinstance(prepared, _Prepared) else prepared
 
     def _domain_of(self, dataset: Dataset, owners: dict[str, StudyOwner]
                    ) -> tuple[DomainIdentity, StudyOwner, Ownership] | None:

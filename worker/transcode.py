@@ -431,10 +431,17 @@ def _source_frames(dataset: Dataset, module: _PixelModule, *, big_endian: bool
         if not frame.dtype.isnative:
             frame = frame.astype(frame.dtype.newbyteorder("="))
         if spare and module.pixel_representation:
-            frame = (frame << spare) >> spare  # arithmetic shift: sign-extended
+            frame = _sign_extended(frame, module.bits_stored)
         elif spare:
             frame = frame & np.array((1 << module.bits_stored) - 1, dtype=frame.dtype)
         yield frame
+
+
+def _sign_extended(values: Frame, bits_stored: int) -> Frame:
+    """Signed `values` whose meaning is their low `bits_stored` bits (two's complement):
+    the sign bit extended above them."""
+    spare = 8 * values.dtype.itemsize - bits_stored
+    return (values << spare) >> spare if spare else values  # arithmetic shift
 
 
 _COMPARE_SAMPLES = 1 << 20
@@ -461,9 +468,7 @@ def _verify_frame(codec: Codec, codestream: bytes, frame: Frame, module: _PixelM
         return f"frame {index}: decoded {decoded.shape}, expected {frame.shape}"
     if codec is Codec.JPEG_LS and module.pixel_representation:
         # JPEG-LS carries the two's-complement pattern in Bits Stored bits: sign-extend it.
-        spare = 8 * frame.dtype.itemsize - module.bits_stored
-        decoded = decoded.astype(frame.dtype.newbyteorder("=").str.replace("u", "i"))
-        decoded = (decoded << spare) >> spare if spare else decoded
+        decoded = _sign_extended(decoded.astype(frame.dtype), module.bits_stored)
     elif decoded.dtype.kind != frame.dtype.kind and decoded.dtype.kind in "iu":
         return (f"frame {index}: decoded {'signed' if decoded.dtype.kind == 'i' else 'unsigned'}"
                 f" samples, expected {'signed' if frame.dtype.kind == 'i' else 'unsigned'}")
