@@ -26,7 +26,7 @@ from anonymize.actions import (
     pseudonymize_patient_id,
 )
 from anonymize.clean import TextCleaner
-from anonymize.iod import AttributeType, iod_types
+from anonymize.iod import AttributeType, iod_types, known_sop_classes
 from anonymize.keys import PseudonymKeys, WeakSecretError
 from anonymize.options import OPTION_CODES, ProfileOption
 from anonymize.pixels import BurnedInAnnotationRisk, PixelMask, PixelPolicy
@@ -73,6 +73,7 @@ __all__ = [
     "iod_types",
     "is_ins_shaped",
     "is_oid",
+    "known_sop_classes",
     "load_certificate",
     "load_profile",
     "load_safe_private",

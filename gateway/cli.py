@@ -96,6 +96,7 @@ def node(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = No
         dicom_node.start()
     except OSError as exc:
         raise _fail(exc) from exc
+    components.freeze_loaded_objects()
     components.mark_ready(settings, "node")
     try:
         _wait_for_signal()
@@ -136,6 +137,7 @@ def worker(data_dir: DataDir = None,
             f"--hostname=ingest-{settings.site_id}-{os.getpid()}@%h"]
     if settings.worker.concurrency:
         argv.append(f"--concurrency={settings.worker.concurrency}")
+    components.freeze_loaded_objects(worker=True)  # before the pool forks
     celery_app.worker_main(argv)
 
 
@@ -160,6 +162,7 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
                                "log_level": settings.log_level.lower(), "access_log": False,
                                "proxy_headers": False}
     if settings.http.workers == 1:
+        components.freeze_loaded_objects()
         uvicorn.run(application, **options)
         return
     # Several processes on one port: each builds the app from the same settings, the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from anonymize import (
     PixelPolicy,
     ProfileOption,
     PseudonymKeys,
+    known_sop_classes,
     load_certificate,
     load_safe_private,
     pseudonymize_accession_number,
@@ -332,6 +334,18 @@ def archived_as(index: IndexRepository, keys: PseudonymKeys) -> IsStored:
                    for uid in (keys.uid(original_uid), original_uid))
 
     return archived
+
+
+def freeze_loaded_objects(*, worker: bool = False) -> None:
+    """Exempt what a component loads at start (code, settings; for the worker, the
+    standard's IOD tables, loaded here rather than by the first instance of each pool
+    process) from the cyclic garbage collector. A full collection over the loaded worker
+    walks about 450,000 objects (200 ms of CPU); after this, collections walk only what
+    requests and instances create. Before the worker forks its pool, frozen objects are not
+    written by the collector either, so the pool processes keep sharing their pages."""
+    if worker:
+        known_sop_classes()
+    gc.freeze()
 
 
 def ready_file(settings: Settings, component: str) -> Path:

@@ -13,6 +13,7 @@ process umask (a umask only removes bits), so no other local user can read them.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import hmac
 import logging
@@ -123,6 +124,13 @@ def remove_older_than(paths: Iterable[Path], seconds: float) -> int:
     return removed
 
 
+def incoming_dir(spool_root: Path) -> Path:
+    """Where receivers write an instance while it arrives (the node's C-STORE data sets,
+    STOW-RS parts): private, and on the spool's file system, so that an acknowledged
+    instance is moved into its batch rather than copied."""
+    return spool_root / ".incoming"
+
+
 def fsync_directory(path: str | Path) -> None:
     """Make a rename or creation in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -177,13 +185,39 @@ class Spool:
 
         return self._durable(batch_id, sop_instance_uid, copy)
 
-    def _durable(self, batch_id: str, sop_instance_uid: str,
-                 fill: Callable[[BinaryIO], object]) -> Path:
-        """Temp file, fsync, rename, fsync the directory: on disk before we return."""
+    def move_file(self, batch_id: str, sop_instance_uid: str, source: Path) -> Path:
+        """Durably move a received Part 10 file into the spool. A file on the spool's file
+        system (as `incoming_dir` is) is renamed: its bytes are written once. Another is
+        copied (`write_file`) and left where it was. Raise SpoolWriteError if it is not on
+        disk."""
+        target, directory = self._target(batch_id, sop_instance_uid)
+        try:
+            if not directory.is_dir():
+                private_directory(directory)
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, PRIVATE_FILE_MODE)  # whatever mode its writer gave it
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(source, target)
+            fsync_directory(directory)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return self.write_file(batch_id, sop_instance_uid, source)
+            raise SpoolWriteError(exc.strerror or type(exc).__name__) from exc
+        return target
+
+    def _target(self, batch_id: str, sop_instance_uid: str) -> tuple[Path, Path]:
         if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
             raise ValueError("SOP Instance UID is not a valid UID")
         directory = self.site_dir / batch_id
-        target = directory / f"{sop_instance_uid}{SPOOL_SUFFIX}"
+        return directory / f"{sop_instance_uid}{SPOOL_SUFFIX}", directory
+
+    def _durable(self, batch_id: str, sop_instance_uid: str,
+                 fill: Callable[[BinaryIO], object]) -> Path:
+        """Temp file, fsync, rename, fsync the directory: on disk before we return."""
+        target, directory = self._target(batch_id, sop_instance_uid)
         temp = directory / f".{sop_instance_uid}.{uuid.uuid4().hex[:8]}.part"
         try:
             if not directory.is_dir():

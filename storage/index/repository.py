@@ -149,6 +149,22 @@ class InstanceRecord:
 _STUDY_OWNED = ("site_id", "patient_id", "patient_name", "patient_birth_date", "patient_sex")
 
 
+def _study_column(column: Any) -> Any:
+    return (select(column).where(Study.study_instance_uid == bindparam("study"))
+            .scalar_subquery())
+
+
+# What the index says of a study, a series and an instance, in one round trip (a writer
+# checks it before storing each instance): built once, the compiled form is reused.
+_OWNERSHIP = select(
+    _study_column(Study.site_id), _study_column(Study.patient_id),
+    select(Series.study_instance_uid).where(Series.series_instance_uid == bindparam("series"))
+    .scalar_subquery(),
+    select(Instance.object_key).where(Instance.sop_instance_uid == bindparam("sop"))
+    .scalar_subquery(),
+    _study_column(Study.accession_number), _study_column(Study.study_date))
+
+
 @dataclass(frozen=True)
 class Ownership:
     """What the index holds of a study, a series and an instance (None: not indexed)."""
@@ -640,32 +656,27 @@ class IndexRepository:
                                  where=Series.study_instance_uid == values["study_instance_uid"])
                 else:  # another site's series keep their attributes
                     self._insert_absent(session, Series, values)
-            for record in records:
-                self._upsert(session, Instance, record.instance, "sop_instance_uid",
-                             keep=("site_id",),
-                             where=Instance.object_key == record.instance["object_key"])
+            if records:  # one statement for the batch's instances, executed for each row
+                statement = self._insert(Instance)
+                updates: dict[str, Any] = {name: statement.excluded[name]
+                                           for name in records[0].instance
+                                           if name not in ("sop_instance_uid", "site_id")}
+                updates["updated_at"] = func.now()
+                session.connection().execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["sop_instance_uid"], set_=updates,
+                        where=Instance.object_key == statement.excluded.object_key),
+                    [record.instance for record in records])
 
     def ownership(self, study_instance_uid: str, series_instance_uid: str,
                   sop_instance_uid: str) -> Ownership:
         """What the index already says of a study, a series and an instance (a writer
         checks it before storing: see the trust model)."""
-        # One round trip: it runs once per stored instance.
-        statement = select(
-            select(Study.site_id).where(Study.study_instance_uid == study_instance_uid)
-            .scalar_subquery(),
-            select(Study.patient_id).where(Study.study_instance_uid == study_instance_uid)
-            .scalar_subquery(),
-            select(Series.study_instance_uid)
-            .where(Series.series_instance_uid == series_instance_uid).scalar_subquery(),
-            select(Instance.object_key).where(Instance.sop_instance_uid == sop_instance_uid)
-            .scalar_subquery(),
-            select(Study.accession_number).where(Study.study_instance_uid == study_instance_uid)
-            .scalar_subquery(),
-            select(Study.study_date).where(Study.study_instance_uid == study_instance_uid)
-            .scalar_subquery())
         with self.engine.connect() as connection:
             (site, patient, series_study, instance_key, accession,
-             study_date) = connection.execute(statement).one()
+             study_date) = connection.execute(_OWNERSHIP, {
+                 "study": study_instance_uid, "series": series_instance_uid,
+                 "sop": sop_instance_uid}).one()
         return Ownership(study_site_id=site, study_patient_id=patient,
                          series_study_instance_uid=series_study, instance_object_key=instance_key,
                          study_accession_number=accession or "", study_date=study_date or "")

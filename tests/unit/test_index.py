@@ -69,6 +69,32 @@ def test_upsert_is_idempotent_and_counts_are_aggregated(populated: IndexReposito
     assert study.modalities_in_study == ("CT",)
 
 
+def test_an_instance_row_keeps_its_object_and_site_and_ownership_reads_it(
+        repository: IndexRepository) -> None:
+    """The instance rule of the trust model, for every row of a batch: a later row naming
+    another object leaves the stored one as it is; one naming the same object updates it
+    but never its site. `ownership` reads back what each writer checks."""
+    first = study_records("2.25.400", "PCCC", count=3)
+    repository.upsert_instances(first)
+    rewritten = [dataclasses.replace(r, instance={**r.instance, "size_bytes": 999,
+                                                  "site_id": "site2"}) for r in first[:2]]
+    hijack = dataclasses.replace(first[2], instance={
+        **first[2].instance, "object_key": "studies/elsewhere.dcm", "size_bytes": 7})
+    repository.upsert_instances([*rewritten, hijack])
+    with repository.engine.connect() as connection:
+        rows = {uid: (key, size, site) for uid, key, size, site in connection.execute(text(
+            "SELECT sop_instance_uid, object_key, size_bytes, site_id FROM instances"))}
+    keys = [r.instance["object_key"] for r in first]
+    assert rows == {"2.25.400.1.1": (keys[0], 999, "site1"), "2.25.400.1.2": (keys[1], 999, "site1"),
+                    "2.25.400.1.3": (keys[2], 100, "site1")}
+    known = repository.ownership("2.25.400", "2.25.400.1", "2.25.400.1.3")
+    assert (known.study_site_id, known.study_patient_id, known.series_study_instance_uid,
+            known.instance_object_key) == ("site1", "PCCC", "2.25.400", keys[2])
+    unknown = repository.ownership("2.25.401", "2.25.400.1", "2.25.401.1.1")
+    assert (unknown.study_site_id, unknown.study_patient_id, unknown.series_study_instance_uid,
+            unknown.instance_object_key) == (None, None, "2.25.400", None)
+
+
 def test_matching_on_patient_date_range_modality_and_uid_list(populated: IndexRepository) -> None:
     assert _uids(populated, patient_id="PAAA") == ["2.25.300", "2.25.100"]
     assert _uids(populated, patient_name="anonymous^pb*") == ["2.25.200"]

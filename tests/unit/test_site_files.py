@@ -5,6 +5,8 @@ arrive; and `close_private_tree` tightens what an older version left wider."""
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from tests.support.files import file_mode
 from web_viewer_api.dicomweb.stow import receive_parts
-from worker import Spool, close_private_tree
+from worker import Spool, close_private_tree, incoming_dir
 from worker.broker import _write_message
 
 pytestmark = pytest.mark.usefixtures("umask_022")
@@ -27,6 +29,30 @@ def test_a_spooled_instance_and_its_folders_are_owner_only(tmp_path: Path) -> No
     source = tmp_path / "received.dcm"
     source.write_bytes(b"\0" * 128 + b"DICM")
     assert file_mode(spool.write_file("batch-1", "1.2.3.5", source)) == 0o600
+
+
+def test_a_received_file_is_moved_into_the_spool_or_copied_across_file_systems(
+        tmp_path: Path) -> None:
+    """STOW-RS parts arrive in the spool's incoming folder: moved into their batch, their
+    bytes are written once. A file on another file system (/dev/shm, a tmpfs) is copied,
+    durably, and left to its writer."""
+    spool = Spool(tmp_path / "spool", "site1")
+    incoming = incoming_dir(spool.root)
+    incoming.mkdir(parents=True)
+    part = incoming / ".stow-1.part"
+    part.write_bytes(b"\0" * 128 + b"DICM" + b"1" * 1000)
+    inode = part.stat().st_ino
+    moved = spool.move_file("batch-1", "1.2.3.6", part)
+    assert not part.exists() and moved.stat().st_ino == inode
+    assert moved.read_bytes().endswith(b"1" * 1000) and file_mode(moved) == 0o600
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", suffix=".dcm") as elsewhere:
+        elsewhere.write(b"\0" * 128 + b"DICM" + b"2" * 1000)
+        elsewhere.flush()
+        copied = spool.move_file("batch-1", "1.2.3.7", Path(elsewhere.name))
+        assert Path(elsewhere.name).exists() and copied.stat().st_ino != os.stat(elsewhere.name).st_ino
+    assert copied.read_bytes().endswith(b"2" * 1000) and file_mode(copied) == 0o600
+    with pytest.raises(ValueError):
+        spool.move_file("batch-1", "not a uid", moved)
 
 
 def test_a_broker_message_is_owner_only(tmp_path: Path) -> None:

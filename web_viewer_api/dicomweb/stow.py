@@ -44,6 +44,7 @@ from worker import (
     Spool,
     SpoolWriteError,
     check_declared,
+    incoming_dir,
     new_association_tag,
     open_private,
     private_directory,
@@ -105,7 +106,7 @@ class StowTarget:
     @property
     def incoming(self) -> Path:
         """Where request parts are written while they arrive (before the spool)."""
-        return self.spool.root / ".incoming"
+        return incoming_dir(self.spool.root)
 
     def clean_orphans(self, older_than_seconds: float = 3600.0) -> int:
         """Remove parts left by an API process that died mid-upload (nothing in them was
@@ -622,7 +623,7 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 continue
             batch = target.spool.batch_id(tag, study)
             try:
-                path = target.spool.write_file(batch, sop, part.path)  # 1 MiB at a time
+                path = target.spool.move_file(batch, sop, part.path)
             except ValueError:
                 outcome.refuse(sop_class, sop, CANNOT_UNDERSTAND,
                                "its SOP Instance UID is not a valid UID")

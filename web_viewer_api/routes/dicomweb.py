@@ -728,7 +728,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
                         status_code=exc.status, media_type="application/json")
     unbuilt = 0
     if part_type == "application/dicom+json":
-        parts, unbuilt = json_parts_to_instances(parts, target.spool.root / ".incoming")
+        parts, unbuilt = json_parts_to_instances(parts, target.incoming)
     outcome = await run_in_threadpool(spool_parts, parts, target, study, study_patient)
     for _ in range(unbuilt):
         outcome.refuse("", "", 0xC000, "a DICOM JSON data set could not be built")
