@@ -14,6 +14,7 @@ from typing import Any
 import pydicom
 
 from dicom_node.audit import NodeAudit
+from dicom_node.backlog import SpoolBacklog
 from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy, Right
 from dicom_node.status import Status
@@ -127,10 +128,13 @@ FULL_CHECK_BYTES = 64 * 1024 * 1024
 def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBatches,
                  enqueue: Enqueue | None = None, chunk_size: int = 0,
                  policy: CallerPolicy | None = None,
-                 limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> int:
+                 limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
+                 backlog: SpoolBacklog | None = None) -> int:
     """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics;
     with `policy`, a caller without the store right is refused (0x0124); an instance
-    declaring more decoded pixels than `limits` is refused (0xA700)."""
+    declaring more decoded pixels than `limits` is refused (0xA700). With `backlog`, a
+    Success waits while the spool holds more than its limit and the worker drains it
+    (see `dicom_node.backlog`)."""
     spool = (spools.for_caller(event.assoc.requestor.ae_title) if isinstance(spools, SiteSpools)
              else spools)
     state = batches.state(event.assoc)
@@ -142,6 +146,11 @@ def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBat
         status = _store(event, spool, batches, enqueue, chunk_size, limits)
     if status != Status.SUCCESS:
         state.last_failure = status
+    if status == Status.SUCCESS and backlog is not None:
+        backlog.added()
+        held = backlog.hold()  # the instance is durable already: only the answer waits
+        if held and batches.metrics is not None:
+            batches.metrics.held.inc(held)
     if batches.metrics is not None:
         if status == Status.SUCCESS:
             batches.metrics.instances.inc()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class NodeMetrics:
     """Instances and bytes received, refusals by status, associations and their duration,
-    Query/Retrieve requests by service."""
+    Query/Retrieve requests by service, the spool backlog and the flow control's holds."""
 
     def __init__(self, site_id: str) -> None:
         self.registry = CollectorRegistry()
@@ -30,6 +30,14 @@ class NodeMetrics:
         self._queries = Counter("dicom_gateway_dimse_queries_total",
                                 "Query/Retrieve requests, by service", ["site", "service"],
                                 registry=self.registry)
+        self.held = Counter("dicom_gateway_dimse_store_held_seconds_total",
+                            "Seconds C-STORE answers waited for the worker to drain the spool "
+                            "backlog (flow control)", ["site"], registry=self.registry
+                            ).labels(**labels)
+        #: Instances spooled and not yet stored by the worker (all sites of this spool).
+        self.backlog = Gauge("dicom_gateway_spool_backlog_instances",
+                             "Instances in the spool, waiting for the worker",
+                             registry=self.registry)
         self.site_id = site_id
 
     def failure(self, status: int) -> None:

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.audit import NodeAudit
+from dicom_node.backlog import SpoolBacklog
 from dicom_node.commitment import IsStored, ResponsesSent, handle_commitment
 from dicom_node.handlers import (
     AssociationBatches,
@@ -111,6 +112,9 @@ class NodeConfig:
     calling_ae_sites: Mapping[str, str] = field(default_factory=dict)
     #: Largest decoded pixel data an instance may declare (above: refused, 0xA700).
     decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
+    #: Instances the spool may hold before C-STORE answers wait for the worker to drain it
+    #: (flow control, see `dicom_node.backlog`); 0: never wait.
+    backlog_limit: int = 1000
 
 
 class _ContextList(list[PresentationContext]):
@@ -271,6 +275,8 @@ class DicomNode:
         self.spool = self.spools.default
         self.metrics = NodeMetrics(config.site_id)
         self.batches = AssociationBatches(self.metrics)
+        self.backlog = SpoolBacklog(config.spool_root, config.backlog_limit)
+        self.metrics.backlog.set_function(lambda: self.backlog.count)
         self._metrics_server: Any = None
         self._server: _GatewayAssociationServer | None = None
         self._threads: list[threading.Thread] = []
@@ -352,7 +358,7 @@ class DicomNode:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store,
              [self.spools, self.batches, self.enqueue, self.config.batch_size, policy,
-              self.config.decode_limits]),
+              self.config.decode_limits, self.backlog]),
             (evt.EVT_CONN_CLOSE, handle_connection_closed,
              [self.config.site_id, self.batches, self.enqueue, policy, self.audit,
               self.pseudonymize_uid]),
@@ -391,7 +397,10 @@ class DicomNode:
         serve.start()
         sweeper = threading.Thread(target=self._sweep_loop, name="spool-sweeper", daemon=True)
         sweeper.start()
-        self._threads = [serve, sweeper]
+        counter = threading.Thread(target=self.backlog.run, args=(self._stopping,),
+                                   name="spool-backlog", daemon=True)
+        counter.start()
+        self._threads = [serve, sweeper, counter]
         if self.config.metrics_port is not None:
             self._metrics_server, _ = start_http_server(
                 self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)

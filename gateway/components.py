@@ -296,6 +296,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         sweep_interval_seconds=settings.dicom.sweep_interval_seconds,
         sweep_after_seconds=settings.dicom.sweep_after_seconds,
         batch_size=settings.dicom.batch_size,
+        backlog_limit=settings.dicom.backlog_limit,
         move_destinations={ae.strip(): MoveDestination(ae.strip(), d.host, d.port)
                            for ae, d in settings.dicom.move_destinations.items()},
         tls=_tls(settings),

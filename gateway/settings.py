@@ -95,6 +95,10 @@ class DicomSettings(BaseModel):
     #: A study's instances are handed to the worker every N (small: the worker's processes
     #: share a long association's study at once, and the first instances are searchable sooner).
     batch_size: int = Field(10, ge=0)
+    #: Flow control: once the spool holds this many instances, C-STORE answers wait (up to
+    #: 2 s each) while the worker drains it, so senders go at the worker's pace and what is
+    #: sent stays searchable within seconds; never while the worker is stopped. 0: off.
+    backlog_limit: int = Field(1000, ge=0)
     #: C-MOVE destinations: AE title -> {host, port} (a regional PACS pulling studies).
     move_destinations: dict[str, MoveDestinationSettings] = Field(default_factory=dict)
     #: DICOM over TLS: certificate and key (PEM) turn it on; a CA file verifies clients.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import struct
 import subprocess
 import threading
@@ -16,8 +17,17 @@ import pynetdicom
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from anonymize import DeidentificationPolicy, PseudonymKeys
 from dicom_node import CallerCredential, CallerPolicy, DicomNode, NodeConfig, Right, Status
-from gateway.sample_study import SampleStudySpec
+from gateway.sample_study import SampleStudySpec, write_sample_study
+from storage import (
+    FilesystemObjectStore,
+    IndexRepository,
+    StudyQuery,
+    create_index_engine,
+    migrate,
+)
+from worker import IngestPipeline
 from tests.support.services import free_port, wait_for
 
 
@@ -497,3 +507,66 @@ def test_batch_ids_sent_to_the_broker_cannot_confirm_an_original_study_uid(
     for part in study_parts:
         assert len(part) == 16 and part not in unkeyed
     assert study_parts[0] != study_parts[1]  # two associations' batches are not linkable
+
+
+def test_flow_control_holds_answers_while_the_worker_drains_and_never_while_it_is_stopped(
+        tmp_path: Path, dcmtk: dict[str, str]) -> None:
+    """Past DICOM__BACKLOG_LIMIT spooled instances, C-STORE answers wait for the worker
+    (a real pipeline, run in a thread as a worker process would) to drain the spool; with
+    the worker stopped the spool takes everything at once. Nothing is lost either way."""
+    files = sorted(write_sample_study(tmp_path / "study", SampleStudySpec(ct_slices=60,
+                                                                          mr_slices=0)))
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    migrate(engine)
+    index = IndexRepository(engine)
+    pipeline = IngestPipeline(FilesystemObjectStore(tmp_path / "objects"), index,
+                              DeidentificationPolicy(PseudonymKeys(b"f" * 32), "site1"),
+                              tmp_path / "spool", tmp_path / "quarantine")
+    batches: queue.Queue[tuple[str, str]] = queue.Queue()
+    config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
+                        site_id="site1", spool_root=tmp_path / "spool",
+                        policy=CallerPolicy.build(["127.0.0.0/8"]), batch_size=5,
+                        backlog_limit=10)
+    dicom_node = DicomNode(config, lambda site, batch: batches.put((site, batch)))
+    registry = dicom_node.metrics.registry
+
+    def held() -> float:
+        return registry.get_sample_value("dicom_gateway_dimse_store_held_seconds_total",
+                                         {"site": "site1"}) or 0.0
+
+    def send(paths: list[Path]) -> None:
+        result = subprocess.run([dcmtk["storescu"], "-v", "-aec", "DICOMGATEWAY", "127.0.0.1",
+                                 str(dicom_node.port), *map(str, paths)],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr[-800:]
+        assert result.stderr.count("Received Store Response (Success)") == len(paths)
+
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                site, batch = batches.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            pipeline.ingest_batch(site, batch)
+
+    dicom_node.start()
+    worker = threading.Thread(target=work, daemon=True)
+    try:
+        send(files[:30])  # the worker is stopped: nothing drains, nothing waits
+        assert held() == 0.0
+        assert len(_spooled(dicom_node)) == 30
+        wait_for(lambda: registry.get_sample_value("dicom_gateway_spool_backlog_instances") == 30,
+                 timeout=10, what="the backlog gauge to count the spool")
+        worker.start()  # the worker drains 30 instances while 30 more arrive
+        send(files[30:])
+        assert held() > 0.0
+        wait_for(lambda: sum(study.number_of_instances
+                             for study in index.search_studies(StudyQuery())) == 60,
+                 timeout=120, what="every acknowledged instance to be indexed")
+    finally:
+        stop.set()
+        dicom_node.stop()
+        engine.dispose()
+    assert _spooled(dicom_node) == []
