@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dicom_node.backlog import SpoolBacklog
@@ -49,55 +51,48 @@ def test_no_hold_under_the_limit_or_while_nothing_drains(tmp_path: Path) -> None
     assert off.hold() == 0.0  # a limit of 0: flow control is off
 
 
-def test_an_answer_waits_until_the_worker_brings_the_backlog_under_the_limit(
-        tmp_path: Path) -> None:
-    root = tmp_path / "spool"
-    files = _spool_files(root, "site1", "batch-a", 12)
-    backlog = SpoolBacklog(root, limit=4, max_hold_seconds=30, interval=0.05)
+@contextmanager
+def _draining(backlog: SpoolBacklog, files: list[Path]) -> Iterator[None]:
+    """The backlog counted in its thread while a slow worker removes one file every 50 ms;
+    entered once the counter has seen the worker drain."""
     stopping = threading.Event()
-    counter = threading.Thread(target=backlog.run, args=(stopping,), daemon=True)
-    counter.start()
-
-    def worker() -> None:  # removes an instance every 50 ms, as a slow worker
-        for path in files:
-            path.unlink()
-            time.sleep(0.05)
-
-    drain = threading.Thread(target=worker, daemon=True)
-    try:
-        drain.start()
-        wait_for(backlog.draining, timeout=5, interval=0.01, what="the drain to be seen")
-        held = backlog.hold()
-        left = sum(1 for path in files if path.exists())
-        assert held > 0.1
-        assert left <= 4  # released once the count it saw was back under the limit
-    finally:
-        stopping.set()
-        drain.join(timeout=5)
-        counter.join(timeout=5)
-
-
-def test_a_hold_never_exceeds_its_bound(tmp_path: Path) -> None:
-    root = tmp_path / "spool"
-    files = _spool_files(root, "site1", "batch-a", 40)
-    backlog = SpoolBacklog(root, limit=1, max_hold_seconds=0.3, interval=0.05)
-    stopping = threading.Event()
-    counter = threading.Thread(target=backlog.run, args=(stopping,), daemon=True)
-    counter.start()
 
     def worker() -> None:
         for path in files:
+            if stopping.is_set():
+                return
             path.unlink()
             time.sleep(0.05)
 
-    drain = threading.Thread(target=worker, daemon=True)
+    threads = [threading.Thread(target=backlog.run, args=(stopping,), daemon=True),
+               threading.Thread(target=worker, daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
-        drain.start()
         wait_for(backlog.draining, timeout=5, interval=0.01, what="the drain to be seen")
-        started = time.monotonic()
-        held = backlog.hold()
-        assert 0.25 <= held < 1.0 and time.monotonic() - started < 1.0
+        yield
     finally:
         stopping.set()
-        drain.join(timeout=5)
-        counter.join(timeout=5)
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def test_an_answer_waits_until_the_worker_brings_the_backlog_under_the_limit(
+        tmp_path: Path) -> None:
+    files = _spool_files(tmp_path / "spool", "site1", "batch-a", 12)
+    backlog = SpoolBacklog(tmp_path / "spool", limit=4, max_hold_seconds=30, interval=0.05)
+    with _draining(backlog, files):
+        held = backlog.hold()
+        left = sum(1 for path in files if path.exists())
+    assert held > 0.1
+    assert left <= 4  # released once the count it saw was back under the limit
+
+
+def test_a_hold_never_exceeds_its_bound(tmp_path: Path) -> None:
+    files = _spool_files(tmp_path / "spool", "site1", "batch-a", 40)
+    backlog = SpoolBacklog(tmp_path / "spool", limit=1, max_hold_seconds=0.3, interval=0.05)
+    with _draining(backlog, files):
+        started = time.monotonic()
+        held = backlog.hold()
+        elapsed = time.monotonic() - started
+    assert 0.25 <= held < 1.0 and elapsed < 1.0
