@@ -394,15 +394,26 @@ def share_create(
     email: Annotated[str, typer.Option(help="recipient's e-mail (recorded; see --notify)")] = "",
     note: Annotated[str, typer.Option(help="free note kept with the share")] = "",
     notify: Annotated[bool, typer.Option("--notify", help="e-mail the link (never the PIN) to --email")] = False,
+    context: Annotated[Path | None, typer.Option(
+        help="JSON object of texts (patient_name, patient_birth_date, exam_date, "
+             "clinical_question, ...) sealed here for the recipient only: the key is "
+             "printed in the link's fragment (#k=...), never stored or sent to a server")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create a share link and print its URL (shown once: only its hash is kept)."""
     from gateway import components
     from web_viewer_api import ApiError, ShareRequest, new_pin
     from web_viewer_api.notify import NotificationError, send, share_message
+    from web_viewer_api.sealed_context import seal
 
     settings = _settings(data_dir=data_dir)
     lifetime = parse_duration(expires)
+    sealed, key = "", ""
+    if context is not None:
+        try:
+            sealed, key = seal(json.loads(context.read_text(encoding="utf-8")))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise _fail(ValueError(f"--context: {exc}")) from exc
     if notify and (not email or settings.smtp is None):
         raise _fail(ValueError("--notify needs --email and DICOM_GATEWAY_SMTP__HOST"))
     chosen_pin = new_pin() if pin else None
@@ -411,20 +422,24 @@ def share_create(
         created = service.create(ShareRequest(
             study_uids=tuple(study_uids), expires_in=lifetime, created_by=_actor(), pin=chosen_pin,
             max_uses=max_uses, allow_download=download, recipient=recipient,
-            recipient_email=email, note=note), settings.effective_public_url)
+            recipient_email=email, note=note, sealed_context=sealed),
+            settings.effective_public_url)
     except (ApiError, SettingsError) as exc:
         raise _fail(exc) from exc
     share = created.share
     _audit(settings, "share.create", share_id=share.share_id,
            study_instance_uid=share.items[0].study_instance_uid,
            detail=json.dumps({"expires_at": share.expires_at.isoformat(), "pin": pin,
-                              "max_uses": max_uses, "allow_download": download}))
+                              "max_uses": max_uses, "allow_download": download,
+                              "sealed_context": bool(sealed)}))
+    # The key is only in the link this command prints (and e-mails, from this site).
+    link = f"{created.url}#k={key}" if key else created.url
     if notify:
         smtp = components.smtp_config(settings)
         if smtp is None:  # checked above; kept explicit for type checkers
             raise _fail(ValueError("DICOM_GATEWAY_SMTP__HOST is not set"))
         try:
-            send(smtp, share_message(smtp, email, created.url, share.expires_at, has_pin=pin,
+            send(smtp, share_message(smtp, email, link, share.expires_at, has_pin=pin,
                                      sender_note=note))
         except NotificationError as exc:
             console.print(f"[red]e-mail not sent: {exc}[/red]")
@@ -433,7 +448,7 @@ def share_create(
     console.print(f"share {share.share_id}, expires {share.expires_at:%Y-%m-%d %H:%M} UTC")
     if chosen_pin:
         console.print(f"PIN (give it by another channel than the link): [bold]{chosen_pin}[/bold]")
-    sys.stdout.write(created.url + "\n")
+    sys.stdout.write(link + "\n")
 
 
 @share_app.command("list")

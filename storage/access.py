@@ -110,6 +110,8 @@ class ShareRecord:
     #: The sites its creator was limited to; None: not limited.
     site_ids: frozenset[str] | None
     items: tuple[ShareItemRecord, ...]
+    #: The producing site's context, sealed at the site (opaque here: see the model).
+    sealed_context: str = ""
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,8 @@ class AccessRepository:
             locked_at=_utc(r.locked_at), max_uses=r.max_uses, uses=r.uses,
             allow_download=bool(r.allow_download), recipient=r.recipient,
             recipient_email=r.recipient_email, note=r.note, site_ids=_split(r.sites),
-            items=tuple(items.get(r.share_id, ()))) for r in rows]
+            items=tuple(items.get(r.share_id, ())), sealed_context=r.sealed_context or "")
+            for r in rows]
 
     def share(self, share_id: str, site_ids: frozenset[str] | None = None) -> ShareRecord | None:
         """The share; with `site_ids`, only if it is of these sites' studies (`of_sites`)."""

@@ -163,7 +163,10 @@ def open_form(request: Request, share_token: str, share: ShareRecord, error: str
     # use-limited share) has opened a session, never to whoever merely holds the link.
     body = (f"<main><h1>{text['title']}</h1>{message}"
             f"<p>{text['valid_until']} {_when(share.expires_at)}</p>{form}</main>")
-    return page(lang, text["title"], body, status, path=request.url.path)
+    # The link's fragment (a sealed context's key) is kept in this tab for the viewer:
+    # the form's answer is a redirect, and a redirect does not carry it.
+    head = '<script type="module" src="/static/viewer/keep-key.js"></script>'
+    return page(lang, text["title"], body, status, path=request.url.path, head=head)
 
 
 def viewer_shell(request: Request, share_token: str, share: ShareRecord,
@@ -177,6 +180,9 @@ def viewer_shell(request: Request, share_token: str, share: ShareRecord,
     attributes = {
         "data-root": root, "data-lang": lang, "data-expires": share.expires_at.isoformat(),
         "data-note": share.note, "data-download": "1" if share.allow_download else "",
+        # Ciphertext: the key is in the link's fragment, read by the viewer, never sent here.
+        "data-context": share.sealed_context,
+        "data-uses": "" if share.max_uses is None else f"{share.uses}/{share.max_uses}",
     }
     data = " ".join(f'{name}="{html.escape(value)}"' for name, value in attributes.items())
     body = (f'<div id="viewer" {data}><p class="loading">{text["loading"]}</p></div>'

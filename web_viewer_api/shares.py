@@ -20,6 +20,7 @@ from storage import (
 )
 from web_viewer_api.auth import Clock, check_usable, utc_now
 from web_viewer_api.errors import ApiError, BadRequest, Gone, NotFound, RateLimited
+from web_viewer_api.sealed_context import check_sealed
 from web_viewer_api.security import hash_pin, new_token, sha256_hex, verify_pin
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -49,6 +50,8 @@ class ShareRequest:
     note: str = ""
     #: The creator sees only these sites' studies (site-restricted key): so does the share.
     site_ids: frozenset[str] | None = None
+    #: The producing site's context, sealed at the site (`web_viewer_api.sealed_context`).
+    sealed_context: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class ShareService:
             raise BadRequest(f"pin: {self.policy.min_pin_length} to 128 characters")
         if request.max_uses is not None and request.max_uses < 1:
             raise BadRequest("max_uses must be at least 1")
+        if request.sealed_context:
+            try:
+                check_sealed(request.sealed_context)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
         scope = AccessScope(site_ids=request.site_ids)
         found = {s.study_instance_uid for s in QueryRetrieve(self.index).search_for_studies(
             scope, StudyQuery(study_instance_uids=studies, limit=len(studies)))}
@@ -108,7 +116,8 @@ class ShareService:
             locked_at=None, max_uses=request.max_uses, uses=0,
             allow_download=request.allow_download, recipient=request.recipient[:256],
             recipient_email=request.recipient_email[:256], note=request.note[:4000],
-            site_ids=request.site_ids, items=tuple(items))
+            site_ids=request.site_ids, items=tuple(items),
+            sealed_context=request.sealed_context)
         self.access.add_share(share, sha256_hex(token))
         return CreatedShare(share, token, f"{base_url.rstrip('/')}/s/{token}")
 

@@ -166,6 +166,9 @@ class Share(Base):
     note: Mapped[str] = mapped_column(Text, default="")
     #: The sites its creator was limited to (space-separated), NULL for an unlimited one.
     sites: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    #: The producing site's clinical context, encrypted at the site (`v1.<iv>.<ciphertext>`,
+    #: AES-256-GCM); the key is only in the link's fragment, never sent to any server.
+    sealed_context: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class ShareItem(Base):

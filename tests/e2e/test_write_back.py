@@ -18,7 +18,7 @@ from gateway.sample_study import SampleStudySpec
 from tests.e2e.test_end_to_end import _serve, _storescu, _wait_for_study
 from tests.support.commitment import commitment_request, request_commitment
 from tests.support.services import free_port, wait_for
-from tests.support.writeback import basic_text_sr, segmentation, to_bytes
+from tests.support.writeback import basic_text_sr, segmentation, stow, to_bytes
 
 
 def _retrieve(base: str, token: str, study: str) -> list[Dataset]:
@@ -77,12 +77,7 @@ def test_write_back_by_c_store_and_stow_lands_in_the_stored_study(
 
         # STOW-RS into the study: the answer names the stored UIDs, searchable at once
         seg = segmentation(ct)
-        boundary = "write-back"
-        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_bytes(seg)
-                + f"\r\n--{boundary}--\r\n".encode())
-        answer = httpx.post(f"{base}/studies/{study_uid}", content=body, timeout=120, headers={
-            **headers, "Accept": "application/dicom+json",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        answer = stow(f"{base}/studies/{study_uid}", headers, [seg])
         assert answer.status_code in (200, 202), answer.text
         document = answer.json()
         [item] = document["00081199"]["Value"]

@@ -401,20 +401,29 @@ def test_audit_text_from_clients_is_bounded_and_single_line(server: DicomwebServ
     assert len(stored.address) == 64 and stored.user_agent == "agent??X-Forged: 1"
 
 
-def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def _site_with_a_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                       ) -> tuple[CliRunner, Any, str]:
+    """A site's data folder with the sample study imported: the CLI runner, the index's
+    engine and the study's (de-identified) UID."""
     from gateway.cli import app
+    from storage import IndexRepository
 
     monkeypatch.setenv("DICOM_GATEWAY_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("DICOM_GATEWAY_PSEUDONYM_SECRET", "cli-test-secret-0123456789abcdef")
-    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "cli-test-admin-0123456789abcdef")
     runner = CliRunner()
     assert runner.invoke(app, ["sample-data", str(tmp_path / "sample")]).exit_code == 0
     assert runner.invoke(app, ["import", str(tmp_path / "sample")]).exit_code == 0
     engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
-    from storage import AccessRepository, IndexRepository
+    return runner, engine, IndexRepository(engine).search_studies(StudyQuery())[0].study_instance_uid
 
-    study = IndexRepository(engine).search_studies(StudyQuery())[0].study_instance_uid
+
+def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import app
+    from storage import AccessRepository
+
+    monkeypatch.setenv("DICOM_GATEWAY_ADMIN_TOKEN", "cli-test-admin-0123456789abcdef")
+    runner, engine, study = _site_with_a_study(tmp_path, monkeypatch)
     created = runner.invoke(app, ["share", "create", study, "--expires", "2d", "--pin",
                                   "--max-uses", "3", "--download"])
     assert created.exit_code == 0, created.output
@@ -739,3 +748,27 @@ def test_a_write_key_of_another_site_cannot_store_as_this_api_s_site(server: Dic
                             headers={**headers, "Authorization": f"Bearer {allowed}"})
         assert stored.status_code == 202, stored.text  # stored de-identified (B000)
     assert len(server.enqueued) == spooled + 2
+
+
+def test_cli_seals_a_context_at_the_site_and_prints_its_key_only_in_the_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import app
+    from storage import AccessRepository
+    from web_viewer_api.sealed_context import unseal
+
+    runner, engine, study = _site_with_a_study(tmp_path, monkeypatch)
+    context = {"patient_name": "DUPONT^Marie", "clinical_question": "Embolie ?"}
+    (tmp_path / "context.json").write_text(json.dumps(context), encoding="utf-8")
+    created = runner.invoke(app, ["share", "create", study, "--context", str(tmp_path / "context.json")])
+    assert created.exit_code == 0, created.output
+    url, _, key = created.stdout.strip().splitlines()[-1].partition("#k=")
+    assert "/s/" in url and len(key) == 43
+    [share] = AccessRepository(engine).list_shares()
+    assert unseal(share.sealed_context, key) == context  # ciphertext only, the key opens it
+    stored = json.dumps([str(v) for v in share.__dict__.values()])
+    assert "DUPONT" not in stored and key not in stored
+    assert not any(key in e.detail or "DUPONT" in e.detail
+                   for e in AccessRepository(engine).search_audit(__import__("storage").AuditQuery()))
+    (tmp_path / "bad.json").write_text('["not", "an object"]', encoding="utf-8")
+    refused = runner.invoke(app, ["share", "create", study, "--context", str(tmp_path / "bad.json")])
+    assert refused.exit_code != 0 and "--context" in refused.output

@@ -8,6 +8,7 @@ import datetime as dt
 from io import BytesIO
 
 import highdicom as hd
+import httpx
 import numpy as np
 import pydicom
 from highdicom.sr import (
@@ -39,6 +40,16 @@ def to_bytes(dataset: Dataset) -> bytes:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def stow(url: str, headers: dict[str, str], datasets: list[Dataset]) -> httpx.Response:
+    """STOW-RS of `datasets` to `url` (a study's or the root's), as one multipart request."""
+    boundary = "dicom-gateway-test"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + to_bytes(d) + b"\r\n" for d in datasets) + f"--{boundary}--\r\n".encode()
+    return httpx.post(url, content=body, timeout=120, headers={
+        **headers, "Accept": "application/dicom+json",
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
 
 
 def basic_text_sr(evidence: list[Dataset], text: str, *, author: str = "") -> Dataset:

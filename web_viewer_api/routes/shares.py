@@ -16,6 +16,7 @@ from web_viewer_api.deps import SharePrincipal
 from web_viewer_api.errors import BadRequest, NotFound, Unavailable
 from web_viewer_api.lookup import COMPUTED_AT_THE_SITE
 from web_viewer_api.notify import NotificationError, send, share_message
+from web_viewer_api.sealed_context import MAX_SEALED_LENGTH
 from web_viewer_api.shares import ShareRequest, ShareService
 
 router = APIRouter(prefix="/api", tags=["Shares"])
@@ -39,7 +40,13 @@ class ShareCreate(BaseModel):
     recipient: str | None = Field(None, max_length=256, description="name or label of the recipient")
     recipient_email: str | None = Field(None, max_length=256, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
     note: str | None = Field(None, max_length=4000)
-    #: E-mail the link to recipient_email (never the PIN).
+    sealed_context: str | None = Field(
+        None, max_length=MAX_SEALED_LENGTH,
+        description="the producing site's clinical context (patient name, birth date, real "
+                    "exam date, clinical question), encrypted at the site: v1.<iv>.<ciphertext>, "
+                    "AES-256-GCM, base64url; the key goes only in the link's fragment "
+                    "(#k=<key>), never to this API (see web_viewer_api.sealed_context)")
+    #: E-mail the link to recipient_email (never the PIN, never a context key).
     notify: bool = False
 
 
@@ -79,6 +86,8 @@ class SharePublic(BaseModel):
     recipient: str
     recipient_email: str
     note: str
+    #: The share carries a context sealed at the producing site (unreadable here).
+    has_sealed_context: bool = False
     access_log: list[AccessLogEntry] | None = None
 
 
@@ -113,7 +122,7 @@ def public(share: ShareRecord, now: dt.datetime,
         locked=share.locked_at is not None, pin_failures=share.pin_failures,
         max_uses=share.max_uses, uses=share.uses, allow_download=share.allow_download,
         recipient=share.recipient, recipient_email=share.recipient_email, note=share.note,
-        access_log=access_log)
+        has_sealed_context=bool(share.sealed_context), access_log=access_log)
 
 
 def _base_url(request: Request) -> str:
@@ -142,13 +151,15 @@ def create_share(body: ShareCreate, request: Request, principal: SharePrincipal)
         expires_in=dt.timedelta(seconds=body.expires_in), created_by=principal.subject,
         pin=body.pin, max_uses=body.max_uses, allow_download=body.allow_download,
         recipient=body.recipient or "", recipient_email=str(body.recipient_email or ""),
-        note=body.note or "", site_ids=principal.site_ids), _base_url(request))
+        note=body.note or "", site_ids=principal.site_ids,
+        sealed_context=body.sealed_context or ""), _base_url(request))
     share = created.share
     _audit(request, "share.create", share_id=share.share_id,
            study=share.items[0].study_instance_uid,
            detail={"studies": sorted({i.study_instance_uid for i in share.items}),
                    "expires_at": share.expires_at.isoformat(), "pin": share.pin_hash is not None,
-                   "max_uses": share.max_uses, "allow_download": share.allow_download})
+                   "max_uses": share.max_uses, "allow_download": share.allow_download,
+                   "sealed_context": bool(share.sealed_context)})
     notified = None
     if body.notify and smtp is not None and body.recipient_email:
         notified = True

@@ -1,11 +1,12 @@
 // The share viewer: study browser, stack viewports with W/L, zoom/pan, cine, 1x1 / 1x2.
 // Plain ES modules served as static files: no build step, nothing fetched from elsewhere.
+import { keepContextKey, openContext } from "./context.js";
 import { DicomWeb, defaultWindow, imageInfo, paint, pixels, range, value, values } from "./dicom.js";
 
 const TEXT = {
   fr: {
     studies: "Examens", series: "séries", images: "images", download: "Télécharger (ZIP)",
-    layout1: "1 vue", layout2: "2 vues", presets: "Fenêtrage", dataset: "Fenêtre de l'examen",
+    layout1: "1 vue", layout2: "2 vues", presets: "Préréglages", dataset: "Fenêtre de l'examen",
     lung: "Poumon", mediastinum: "Médiastin", bone: "Os", brain: "Cerveau", abdomen: "Abdomen",
     invert: "Inverser", reset: "Réinitialiser", play: "Ciné", help: "Aide", tool: "Outil",
     toolWl: "Fenêtrage", toolPan: "Déplacer", toolZoom: "Zoom", close: "Fermer",
@@ -16,7 +17,18 @@ const TEXT = {
       ["glisser (droit)", "zoom"], ["glisser (milieu) / Maj + glisser", "déplacer"],
       ["1 … 5", "préréglages de fenêtrage"], ["0", "fenêtre de l'examen"], ["I", "inverser"],
       ["R", "réinitialiser"], ["Espace", "ciné"], ["Tab", "vue suivante (2 vues)"], ["?", "cette aide"]],
-    viewport: "Vue", loading: "Chargement",
+    viewport: "Vue", loading: "Chargement", image: "image", uses: "Ouvertures", colon: " : ",
+    patient: "Patient", sex: { F: "F", M: "M", O: "autre" },
+    patients: (n) => `Ce partage concerne ${n} patients : vérifiez chaque identité avant de lire.`,
+    datesShifted: "Dates décalées pour la confidentialité (les intervalles entre examens sont exacts)",
+    shifted: "dates décalées",
+    context: "Contexte transmis par le site", contextNoKey: "Ce partage porte un contexte chiffré par le site producteur : ouvrez le lien complet reçu du site pour le lire.",
+    contextBad: "Le contexte chiffré n'a pas pu être lu (clé absente ou erronée).",
+    contextInsecure: "Le contexte chiffré ne se lit qu'en HTTPS.",
+    fields: { patient_name: "Nom", patient_birth_date: "Date de naissance", patient_id: "Identifiant", exam_date: "Date réelle de l'examen", clinical_question: "Question clinique", comment: "Commentaire" },
+    report: "Compte rendu", cited: "image citée", keyImages: "Images clés", segments: "Segments",
+    notImage: (what) => `Cette série contient ${what}, sans image à afficher.`,
+    kinds: { SR: "un compte rendu structuré", KO: "une sélection d'images clés", PR: "un état de présentation", SEG: "une segmentation", DOC: "un document", OT: "un objet non image" },
   },
   en: {
     studies: "Studies", series: "series", images: "images", download: "Download (ZIP)",
@@ -31,11 +43,41 @@ const TEXT = {
       ["drag (right)", "zoom"], ["drag (middle) / Shift + drag", "pan"],
       ["1 … 5", "window presets"], ["0", "dataset window"], ["I", "invert"],
       ["R", "reset"], ["Space", "cine"], ["Tab", "next view (2 views)"], ["?", "this help"]],
-    viewport: "View", loading: "Loading",
+    viewport: "View", loading: "Loading", image: "image", uses: "Uses", colon: ": ",
+    patient: "Patient", sex: { F: "F", M: "M", O: "other" },
+    patients: (n) => `This share covers ${n} patients: check each identity before reading.`,
+    datesShifted: "Dates shifted for privacy (intervals between studies are exact)",
+    shifted: "dates shifted",
+    context: "Context sent by the site", contextNoKey: "This share carries a context sealed by the sending site: open the full link you received from the site to read it.",
+    contextBad: "The sealed context could not be read (missing or wrong key).",
+    contextInsecure: "The sealed context can only be read over HTTPS.",
+    fields: { patient_name: "Name", patient_birth_date: "Birth date", patient_id: "Identifier", exam_date: "Real exam date", clinical_question: "Clinical question", comment: "Comment" },
+    report: "Report", cited: "cited image", keyImages: "Key images", segments: "Segments",
+    notImage: (what) => `This series holds ${what}, with no image to show.`,
+    kinds: { SR: "a structured report", KO: "a key object selection", PR: "a presentation state", SEG: "a segmentation", DOC: "a document", OT: "a non-image object" },
   },
 };
 const PRESETS = [["lung", -600, 1500], ["mediastinum", 50, 350], ["bone", 400, 1800], ["brain", 40, 80], ["abdomen", 50, 400]];
 const PREFETCH_CONCURRENCY = 6;
+const SERIES_PAGE = 1000;  // QIDO-RS answers at most this many rows: longer series are paged
+
+/** Series modalities without images: their tiles have no thumbnail to ask for. */
+const NON_IMAGE_MODALITIES = new Set(["SR", "KO", "PR", "SEG", "DOC", "RTSTRUCT", "RTPLAN"]);
+
+/** What a series holds when it is not images to stack (null: images). */
+function nonImageKind(sopClass, metadata) {
+  const uid = String(sopClass || "");
+  if (uid === "1.2.840.10008.5.1.4.1.1.88.59") return "KO";
+  if (uid.startsWith("1.2.840.10008.5.1.4.1.1.88.")) return "SR";
+  if (uid.startsWith("1.2.840.10008.5.1.4.1.1.11.")) return "PR";
+  if (uid === "1.2.840.10008.5.1.4.1.1.66.4") return "SEG";
+  if (uid.startsWith("1.2.840.10008.5.1.4.1.1.104.")) return "DOC";
+  if (!value(metadata, "00280010")) return "OT";
+  return null;
+}
+
+function countOf(t, n) { return `${n} ${n === 1 ? t.image : t.images}`; }
+function codeMeaning(item, tag) { return value(values(item, tag)[0], "00080104") || ""; }
 
 const timings = { start: performance.now() };
 window.dgwViewer = { timings, errors: [] };
@@ -67,12 +109,20 @@ class Stack {
   }
 
   async open() {
-    const instances = await this.api.json(`/studies/${this.study}/series/${this.series}/instances?limit=1000`);
+    const instances = [];
+    for (let offset = 0; ; offset += SERIES_PAGE) {
+      const page = await this.api.json(`/studies/${this.study}/series/${this.series}/instances?limit=${SERIES_PAGE}&offset=${offset}`);
+      instances.push(...page);
+      if (page.length < SERIES_PAGE) break;
+    }
     instances.sort((a, b) => (Number(value(a, "00200013")) || 0) - (Number(value(b, "00200013")) || 0));
     const first = instances[0];
     if (!first) throw new Error("empty series");
     const sop = value(first, "00080018");
     const [metadata] = await this.api.json(`/studies/${this.study}/series/${this.series}/instances/${sop}/metadata`);
+    const kind = nonImageKind(value(first, "00080016"), metadata);
+    if (kind) throw Object.assign(new Error(`not an image series (${kind})`), { kind, metadata });
+    this.datesShifted = value(metadata, "00280303") === "MODIFIED";
     const firstInfo = imageInfo(metadata, value(first, "00083002"));
     this.syntaxes = new Map(instances.map((i) => [value(i, "00080018"), value(i, "00083002")]));
     for (const instance of instances) {
@@ -155,6 +205,34 @@ function sliceNormal(orientation) {
 }
 function dot(p, n) { return p[0] * n[0] + p[1] * n[1] + p[2] * n[2]; }
 
+/** An SR content tree (PS3.3 C.17.3) as nested lists: concept name, then its value. */
+function reportTree(items, t, cite) {
+  return el("ul", { class: "report" }, ...items.map((item) => {
+    const type = value(item, "0040A040");
+    const name = codeMeaning(item, "0040A043");
+    const parts = [];
+    if (type === "TEXT") parts.push(el("span", { class: "text", text: value(item, "0040A160") || "" }));
+    else if (type === "NUM") {
+      const measured = values(item, "0040A300")[0];
+      const unit = values(measured, "004008EA")[0];
+      parts.push(document.createTextNode(`${value(measured, "0040A30A") ?? ""} ${value(unit, "00080100") || ""}`));
+    } else if (type === "CODE") parts.push(document.createTextNode(codeMeaning(item, "0040A168")));
+    else if (type === "DATE" || type === "TIME" || type === "DATETIME")
+      parts.push(document.createTextNode(value(item, "0040A121") || value(item, "0040A122") || value(item, "0040A120") || ""));
+    else if (type === "PNAME") parts.push(document.createTextNode(value(item, "0040A123") || ""));
+    else if (type === "UIDREF") parts.push(document.createTextNode(value(item, "0040A124") || ""));
+    else if (type === "IMAGE" || type === "COMPOSITE") {
+      for (const reference of values(item, "00081199")) {
+        const uid = value(reference, "00081155");
+        if (uid) parts.push(el("button", { type: "button", class: "cite", "data-sop": uid, text: t.cited, onclick: () => cite(uid) }));
+      }
+    }
+    const children = values(item, "0040A730");
+    return el("li", { "data-type": type || "" }, name ? el("strong", { text: name + (parts.length ? t.colon : "") }) : null,
+      ...parts, children.length ? reportTree(children, t, cite) : null);
+  }));
+}
+
 class Viewport {
   constructor(app, number) {
     this.app = app; this.number = number;
@@ -163,7 +241,8 @@ class Viewport {
     this.progress = el("div", { class: "progress" });  // width set through CSSOM (CSP: no inline style)
     this.progress.style.width = "0";
     this.empty = el("div", { class: "empty", text: app.t.empty });
-    this.node = el("div", { class: "viewport" }, this.canvas, ...this.overlays, this.progress, this.empty);
+    this.document = el("section", { class: "document", hidden: true });
+    this.node = el("div", { class: "viewport" }, this.canvas, ...this.overlays, this.progress, this.empty, this.document);
     this.offscreen = document.createElement("canvas");
     this.stack = null; this.index = 0; this.window = null; this.invert = false; this.useVoiLut = true;
     this.zoom = 1; this.pan = [0, 0]; this.cine = null; this.current = null;
@@ -171,11 +250,12 @@ class Viewport {
     new ResizeObserver(() => this.draw()).observe(this.node);
   }
 
-  async show(studyUid, seriesUid, seriesItem) {
+  async show(studyUid, seriesUid, seriesItem, focusSop) {
     if (this.stack) this.stack.cancelled = true;
     this.stopCine();
     this.empty.textContent = this.app.t.loading + "…";
     this.empty.hidden = false;
+    this.document.hidden = true;
     const stack = new Stack(this.app.api, studyUid, seriesUid, (done, total) => {
       this.progress.style.width = done >= total ? "0" : `${(100 * done) / total}%`;
     });
@@ -184,11 +264,19 @@ class Viewport {
     try {
       await stack.open();
     } catch (error) {
+      if (this.stack !== stack) return;
+      if (error.kind) {  // a report, key images, a segmentation...: shown as what it is
+        this.stack = null; this.current = null; this.draw();
+        this.empty.hidden = true;
+        this.showDocument(studyUid, error.kind, error.metadata);
+        return;
+      }
       this.empty.textContent = this.app.t.loadError;
       window.dgwViewer.errors.push(String(error));
       return;
     }
     if (this.stack !== stack) return;
+    if (focusSop) this.index = Math.max(0, stack.frames.findIndex((f) => f.sop === focusSop));
     stack.viewIndex = () => this.index;
     stack.onReorder = (index) => { this.index = Math.max(0, index); this.render(); };
     stack.onRefined = () => this.render();
@@ -200,6 +288,27 @@ class Viewport {
       performance.mark("dgw-first-image");
     }
     stack.prefetch(this.index);
+  }
+
+  /** A non-image series: an SR or a key object selection as a readable report (its cited
+   * images open on click), a segmentation with its segments; anything else says what it is. */
+  showDocument(studyUid, kind, metadata) {
+    const t = this.app.t;
+    const title = codeMeaning(metadata, "0040A043") || value(metadata, "0008103E") || t.kinds[kind];
+    const body = [el("h3", { text: title })];
+    if (kind === "SR" || kind === "KO") {
+      const cite = (uid) => this.app.openInstance(this, studyUid, uid);
+      body.push(reportTree(values(metadata, "0040A730"), t, cite));
+    } else if (kind === "SEG") {
+      body.push(el("p", { text: t.notImage(t.kinds.SEG) }), el("h4", { text: t.segments }),
+        el("ul", {}, ...values(metadata, "00620002").map((segment) =>
+          el("li", { text: `${value(segment, "00620004") ?? ""} ${value(segment, "00620005") || ""}`.trim() }))));
+    } else {
+      body.push(el("p", { text: t.notImage(t.kinds[kind]) }));
+    }
+    this.document.replaceChildren(...body);
+    this.document.dataset.kind = kind;
+    this.document.hidden = false;
   }
 
   async render() {
@@ -222,6 +331,7 @@ class Viewport {
   }
 
   draw() {
+    if (!this.current) for (const overlay of this.overlays) overlay.textContent = "";
     const rect = this.node.getBoundingClientRect();
     const ratio = window.devicePixelRatio || 1;
     const width = Math.max(1, Math.round(rect.width * ratio)), height = Math.max(1, Math.round(rect.height * ratio));
@@ -248,7 +358,9 @@ class Viewport {
     const total = this.stack.frames.length;
     const [center, width] = this.window || [0, 0];
     const study = this.app.studyOf(this.stack.study) || {};
-    this.overlays[0].textContent = [value(study, "00081030") || "", formatDate(value(study, "00080020"))].filter(Boolean).join("\n");
+    const shifted = this.stack.datesShifted ? ` (${t.shifted})` : "";
+    this.overlays[0].textContent = [`${t.patient} ${value(study, "00100020") || "—"}`, value(study, "00081030") || "",
+      formatDate(value(study, "00080020")) + shifted].filter(Boolean).join("\n");
     this.overlays[1].textContent = `${value(series, "00080060") || ""} ${t.series} ${value(series, "00200011") ?? ""}\n${value(series, "0008103E") || ""}\n${t.im} ${this.index + 1} / ${total}  (#${info.instanceNumber || "-"})`;
     this.overlays[2].textContent = `W ${Math.round(width)}  L ${Math.round(center)}${this.invert ? "  ⇆" : ""}\n${t.zoom} ${(this.scale || 1).toFixed(2)}×`;
     const location = info.sliceLocation !== undefined ? `Loc ${Number(info.sliceLocation).toFixed(1)} mm` :
@@ -329,43 +441,102 @@ class App {
   async start() {
     this.build();
     try {
-      this.studies = await this.api.json("/studies?includefield=00081030&limit=100");
+      this.studies = await this.api.json("/studies?includefield=00081030,00280303,00101010&limit=100");
     } catch (error) {
-      this.sidebar.replaceChildren(el("p", { class: "error", role: "alert", text: this.t.loadError }));
+      this.sidebar.append(el("p", { class: "error", role: "alert", text: this.t.loadError }));
       throw error;
     }
     this.studies.sort((a, b) => String(value(b, "00080020") || "").localeCompare(String(value(a, "00080020") || "")));
     const listed = await Promise.all(this.studies.map((study) => this.api.json(`/studies/${value(study, "0020000D")}/series`)));
-    let first = null;
+    // One section per patient (pseudonym), never mixed: a share of several patients says so.
+    const patients = new Map();
     this.studies.forEach((study, position) => {
-      const studyUid = value(study, "0020000D");
-      const series = listed[position].sort((a, b) => (Number(value(a, "00200011")) || 0) - (Number(value(b, "00200011")) || 0));
-      const tiles = series.map((item) => {
-        const seriesUid = value(item, "0020000E");
-        const label = `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""} — ${value(item, "0008103E") || ""}`;
-        const tile = el("button", { class: "series-tile", type: "button", "aria-label": label, "data-series": seriesUid,
-          onclick: () => this.open(this.active, studyUid, seriesUid, item, tile) },
-          // A series without a renderable image (e.g. a frame over the render limit: 422) keeps an empty tile, not a broken-image icon.
-          el("img", { alt: "", src: this.api.thumbnail(studyUid, seriesUid), loading: "lazy",
-            onerror: (event) => event.target.removeAttribute("src") }),
-          el("span", { class: "desc" }, el("strong", { text: `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""}` }), el("br"),
-            document.createTextNode(value(item, "0008103E") || ""), el("br"),
-            el("span", { class: "count", text: `${value(item, "00201209") ?? "?"} ${this.t.images}` })));
-        if (!first && Number(value(item, "00201209") || 0) > 0) first = { studyUid, seriesUid, item, tile };
-        return tile;
-      });
-      const meta = `${formatDate(value(study, "00080020"))} · ${values(study, "00080061").join(", ")} · ${value(study, "00201208") ?? "?"} ${this.t.images}`;
-      this.sidebar.append(el("section", { class: "study", "aria-label": value(study, "00081030") || this.t.studies },
-        el("h2", { text: value(study, "00081030") || this.t.studies }), el("div", { class: "study-meta", text: meta }),
-        el("div", { class: "study-series" }, ...tiles)));
+      const id = value(study, "00100020") || "—";
+      if (!patients.has(id)) patients.set(id, { first: study, studies: [] });
+      patients.get(id).studies.push([study, listed[position]]);
     });
-    if (first) await this.open(this.viewports[0], first.studyUid, first.seriesUid, first.item, first.tile);
+    const t = this.t;
+    if (patients.size > 1) this.sidebar.append(el("p", { class: "warning", role: "note", text: t.patients(patients.size) }));
+    if (this.studies.some((study) => value(study, "00280303") === "MODIFIED"))
+      this.sidebar.append(el("p", { class: "shifted-notice", text: `† ${t.datesShifted}` }));
+    let first = null;
+    for (const [id, patient] of patients) {
+      const sex = value(patient.first, "00100040");
+      const about = [sex ? t.sex[sex] || sex : "", value(patient.first, "00101010") || ""].filter(Boolean).join(" · ");
+      const section = el("section", { class: "patient", "aria-label": `${t.patient} ${id}` },
+        el("h2", {}, el("span", { class: "label", text: `${t.patient} ` }), el("span", { class: "pseudonym", text: id })),
+        about ? el("div", { class: "study-meta", text: about }) : null);
+      for (const [study, seriesList] of patient.studies) {
+        const studyUid = value(study, "0020000D");
+        const series = seriesList.sort((a, b) => (Number(value(a, "00200011")) || 0) - (Number(value(b, "00200011")) || 0));
+        const tiles = series.map((item) => {
+          const seriesUid = value(item, "0020000E");
+          const count = Number(value(item, "00201209") ?? NaN);
+          const label = `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""} — ${value(item, "0008103E") || ""}`;
+          const image = !NON_IMAGE_MODALITIES.has(value(item, "00080060"));
+          const tile = el("button", { class: "series-tile", type: "button", "aria-label": label, "data-series": seriesUid,
+            onclick: () => this.open(this.active, studyUid, seriesUid, item, tile) },
+            // A series without a renderable image (e.g. a frame over the render limit: 422) keeps an empty tile, not a broken-image icon.
+            image ? el("img", { alt: "", src: this.api.thumbnail(studyUid, seriesUid), loading: "lazy",
+              onerror: (event) => event.target.removeAttribute("src") })
+              : el("span", { class: "kind", "aria-hidden": "true", text: value(item, "00080060") }),
+            el("span", { class: "desc" }, el("strong", { text: `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""}` }), el("br"),
+              document.createTextNode(value(item, "0008103E") || ""), el("br"),
+              el("span", { class: "count", text: Number.isNaN(count) ? `? ${t.images}` : countOf(t, count) })));
+          if (!first && image && count > 0) first = { studyUid, seriesUid, item, tile };
+          return tile;
+        });
+        const modalities = values(study, "00080061").join(", ");
+        const shifted = value(study, "00280303") === "MODIFIED" ? " †" : "";
+        const heading = value(study, "00081030") || [modalities, formatDate(value(study, "00080020"))].filter(Boolean).join(" · ");
+        const total = Number(value(study, "00201208") ?? NaN);
+        const meta = `${formatDate(value(study, "00080020"))}${shifted} · ${modalities} · ${Number.isNaN(total) ? "?" : countOf(t, total)}`;
+        section.append(el("section", { class: "study", "aria-label": heading },
+          el("h3", { text: heading }), el("div", { class: "study-meta", text: meta }),
+          el("div", { class: "study-series" }, ...tiles)));
+      }
+      this.sidebar.append(section);
+    }
+    if (!first) {  // only reports or other non-image series: open the first of them
+      const tile = this.sidebar.querySelector(".series-tile");
+      if (tile) tile.click();
+      return;
+    }
+    await this.open(this.viewports[0], first.studyUid, first.seriesUid, first.item, first.tile);
   }
 
-  async open(viewport, studyUid, seriesUid, item, tile) {
+  /** The site's sealed context, decrypted here with the key of the link's fragment. */
+  async showContext(box, sealed) {
+    const t = this.t;
+    const key = keepContextKey();
+    if (!key) { box.append(el("p", { text: t.contextNoKey })); return; }
+    try {
+      const context = await openContext(sealed, key);
+      const known = Object.keys(t.fields).filter((name) => context[name]);
+      const others = Object.keys(context).filter((name) => !(name in t.fields) && context[name]);
+      box.append(el("dl", {}, ...[...known, ...others].flatMap((name) =>
+        [el("dt", { text: t.fields[name] || name }),
+          el("dd", { text: name.endsWith("_name") ? context[name].replace(/\^+/g, " ").trim() : context[name] })])));
+      box.classList.add("opened");
+    } catch (error) {
+      box.append(el("p", { class: "error", text: String(error.message) === "insecure-context" ? t.contextInsecure : t.contextBad }));
+    }
+  }
+
+  /** Open the series holding instance `sop` of a study (an image a report cites) at it. */
+  async openInstance(viewport, studyUid, sop) {
+    const [found] = await this.api.json(`/studies/${studyUid}/instances?00080018=${encodeURIComponent(sop)}&limit=1`);
+    if (!found) return;
+    const seriesUid = value(found, "0020000E");
+    const tile = this.sidebar.querySelector(`.series-tile[data-series="${CSS.escape(seriesUid)}"]`);
+    await this.open(viewport, studyUid, seriesUid, undefined, tile, sop);
+  }
+
+  async open(viewport, studyUid, seriesUid, item, tile, focusSop) {
     for (const node of this.sidebar.querySelectorAll(".series-tile.active")) if (viewport === this.viewports[0] || this.layout === 1) node.classList.remove("active");
     if (tile) tile.classList.add("active");
-    await viewport.show(studyUid, seriesUid, item);
+    if (!item) item = (await this.api.json(`/studies/${studyUid}/series?0020000E=${encodeURIComponent(seriesUid)}`))[0];
+    await viewport.show(studyUid, seriesUid, item, focusSop);
   }
 
   build() {
@@ -393,10 +564,17 @@ class App {
       this.cineButton, ...this.layoutButtons,
       data.download ? el("a", { class: "button", href: `${data.root}/download`, download: "", text: t.download }) : null,
       el("span", { class: "spacer" }),
-      el("span", { class: "expiry", text: `${t.validUntil} ${expires.toISOString().slice(0, 16).replace("T", " ")} UTC` }),
+      el("span", { class: "expiry", title: expires.toISOString(),
+        text: `${t.validUntil} ${expires.toLocaleString(this.lang === "fr" ? "fr-FR" : "en-GB", { dateStyle: "medium", timeStyle: "short" })}` }),
+      data.uses ? el("span", { class: "uses", text: `${t.uses} ${data.uses.replace("/", " / ")}` }) : null,
       el("a", { href: `${location.pathname}?lang=${otherLang}`, hreflang: otherLang, text: t.language }),
       button("?", { "aria-label": t.help, "aria-keyshortcuts": "?" }, () => this.help.showModal()));
     this.sidebar = el("nav", { class: "sidebar", "aria-label": t.studies });
+    if (data.context) {
+      const box = el("aside", { class: "context", "aria-label": t.context }, el("strong", { text: t.context }));
+      this.sidebar.append(box);
+      this.showContext(box, data.context);
+    }
     if (data.note) this.sidebar.append(el("aside", { class: "note" }, el("strong", { text: t.note }), el("p", { text: data.note })));
     this.viewports = [new Viewport(this, 0), new Viewport(this, 1)];
     this.viewportArea = el("main", { class: "viewports layout-1" }, this.viewports[0].node);
