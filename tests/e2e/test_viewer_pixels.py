@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from storage import InstanceRecord, instance_key
+from worker import Codec, TranscodeStatus, transcode_lossless
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -42,7 +43,27 @@ def _planar_rgb() -> Dataset:
     return dataset
 
 
+def _stored_as(codec: Codec, name: str, bits_stored: int | None = None) -> Callable[[], Dataset]:
+    """A test image compressed as the pipeline stores it (its frames are then decoded in the
+    browser, by the vendored WebAssembly codecs); with `bits_stored`, narrowed first, the
+    values shifted to be signed around 0 (sign extension is then the browser's work)."""
+    def load() -> Dataset:
+        dataset = pydicom.dcmread(get_testdata_file(name))
+        if bits_stored is not None:
+            values = dataset.pixel_array.astype(np.int32) - 1200  # both signs, within 12 bits
+            dataset.BitsStored, dataset.HighBit = bits_stored, bits_stored - 1
+            dataset.PixelData = values.astype(np.int16).tobytes()
+        outcome = transcode_lossless(dataset, codec)
+        assert outcome.status is TranscodeStatus.COMPRESSED, outcome
+        return dataset
+    return load
+
+
 CASES = {
+    "ct-signed-htj2k": _stored_as(Codec.HTJ2K, "CT_small.dcm"),
+    "ct-signed-12bit-htj2k": _stored_as(Codec.HTJ2K, "CT_small.dcm", bits_stored=12),
+    "ct-signed-12bit-jpegls": _stored_as(Codec.JPEG_LS, "CT_small.dcm", bits_stored=12),
+    "mr-jpegls": _stored_as(Codec.JPEG_LS, "MR_small.dcm"),
     "ct-signed-rescale": lambda: pydicom.dcmread(get_testdata_file("CT_small.dcm")),
     "mr-16bit": lambda: pydicom.dcmread(get_testdata_file("MR_small.dcm")),
     "monochrome1": _monochrome1,
@@ -122,6 +143,9 @@ def test_rendering_matches_the_standard_pipeline(server: tuple[DicomwebServer, d
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(created["url"])
     page.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=20_000)
+    decoders = page.evaluate("() => [...window.dgwViewer.app.api.decoders.workers.keys()]")
+    if name.endswith("-htj2k") or name.endswith("-jpegls") and not name.startswith("8bit"):
+        assert decoders == ["htj2k" if name.endswith("htj2k") else "jls"]  # decoded here
     rendered = page.evaluate("""() => {
       const c = window.dgwViewer.app.viewports[0].offscreen;
       return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];

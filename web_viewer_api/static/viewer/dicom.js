@@ -18,8 +18,38 @@ export function values(item, tag) {
   return element && element.Value ? element.Value : [];
 }
 
+// Stored syntaxes whose frames travel as stored and are decoded here (grayscale frames):
+// the frame of a 512x512 CT slice is ~80 KB instead of 512 KB.
+const BROWSER_DECODED = new Map([
+  ["1.2.840.10008.1.2.4.201", ["htj2k", "image/jphc"]], ["1.2.840.10008.1.2.4.202", ["htj2k", "image/jphc"]],
+  ["1.2.840.10008.1.2.4.203", ["htj2k", "image/jphc"]], ["1.2.840.10008.1.2.4.80", ["jls", "image/jls"]],
+]);
+
+/** One decoding worker per codec, started at its first frame. */
+class Decoders {
+  constructor(base) { this.base = base; this.workers = new Map(); this.waiting = new Map(); this.next = 0; }
+
+  decode(codec, bytes) {
+    let worker = this.workers.get(codec);
+    if (!worker) {
+      worker = new Worker(new URL(`decoder.js?codec=${codec}`, this.base));
+      worker.onmessage = ({ data }) => {
+        const pending = this.waiting.get(data.id);
+        this.waiting.delete(data.id);
+        if (pending) data.error ? pending.reject(new Error(`${codec}: ${data.error}`)) : pending.resolve(data.bytes);
+      };
+      this.workers.set(codec, worker);
+    }
+    const id = this.next++;
+    return new Promise((resolve, reject) => {
+      this.waiting.set(id, { resolve, reject });
+      worker.postMessage({ id, bytes }, [bytes.buffer]);
+    });
+  }
+}
+
 export class DicomWeb {
-  constructor(root) { this.root = root; }
+  constructor(root) { this.root = root; this.decoders = new Decoders(import.meta.url); this.bytes = 0; }
 
   async json(path) {
     const response = await fetch(this.root + path, {
@@ -29,18 +59,32 @@ export class DicomWeb {
     return response.json();
   }
 
-  /** Native (uncompressed, little endian) bytes of one frame. */
-  async frame(study, series, sop, number) {
+  /** Native (uncompressed, little endian) bytes of one frame: a grayscale frame stored as
+   * HTJ2K or JPEG-LS travels as stored and is decoded in a worker; any other, or one the
+   * server will not send as stored, is decoded by the server. */
+  async frame(study, series, sop, number, syntax, grayscale) {
     const path = `/studies/${study}/series/${series}/instances/${sop}/frames/${number}`;
-    const response = await fetch(this.root + path, {
-      headers: { Accept: 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1' },
-      credentials: "same-origin",
-    });
+    const stored = grayscale && typeof Worker !== "undefined" ? BROWSER_DECODED.get(syntax) : undefined;
+    if (stored) {
+      const response = await this.fetchFrame(path, `multipart/related; type="${stored[1]}"`);
+      if (response.ok) return this.decoders.decode(stored[0], await this.body(response));
+      if (response.status !== 406) throw new Error(`${response.status} frame ${number}`);
+    }
+    const response = await this.fetchFrame(path, 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1');
     if (!response.ok) throw new Error(`${response.status} frame ${number}`);
+    return this.body(response);
+  }
+
+  fetchFrame(path, accept) {
+    return fetch(this.root + path, { headers: { Accept: accept }, credentials: "same-origin" });
+  }
+
+  async body(response) {
     const type = response.headers.get("content-type") || "";
     const body = new Uint8Array(await response.arrayBuffer());
+    this.bytes += body.length;
     const match = /boundary="?([^";]+)"?/i.exec(type);
-    return match ? firstPart(body, match[1]) : body;
+    return match ? firstPart(body, match[1]).slice() : body;
   }
 
   thumbnail(study, series) { return `${this.root}/studies/${study}/series/${series}/thumbnail`; }
@@ -119,10 +163,10 @@ export function pixels(info, bytes) {
   else throw new Error(`BitsAllocated ${info.bitsAllocated} is not supported`);
   if (info.bitsStored < info.bitsAllocated && info.bitsAllocated <= 16) {
     // Keep only the stored bits (sign-extended when signed): high bits may carry overlays.
-    const shift = 32 - info.bitsStored;
-    const masked = info.signed ? new Int32Array(data.length) : new Uint32Array(data.length);
-    for (let i = 0; i < data.length; i++) masked[i] = info.signed ? (data[i] << shift) >> shift : data[i] & ((1 << info.bitsStored) - 1);
-    return masked;
+    // In place, in the frame's own 8 or 16 bits: a 512x512 slice stays 512 KB.
+    const shift = 32 - info.bitsStored, mask = (1 << info.bitsStored) - 1;
+    if (info.signed) for (let i = 0; i < data.length; i++) data[i] = (data[i] << shift) >> shift;
+    else for (let i = 0; i < data.length; i++) data[i] &= mask;
   }
   return data;
 }

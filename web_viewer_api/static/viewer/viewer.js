@@ -58,7 +58,33 @@ const TEXT = {
   },
 };
 const PRESETS = [["lung", -600, 1500], ["mediastinum", 50, 350], ["bone", 400, 1800], ["brain", 40, 80], ["abdomen", 50, 400]];
-const PREFETCH_CONCURRENCY = 6;
+// Background frame requests at once: browsers open 6 connections per host over HTTP/1.1,
+// so 2 stay free for the image on screen, which also pauses the prefetch until it is shown.
+const PREFETCH_CONCURRENCY = 4;
+const READER_PAUSE_MS = 250;  // the prefetch resumes this long after the reader's last step
+
+/** Decoded frames of every view, by instance and frame, least recently used out first:
+ * a second view of a series downloads nothing again. */
+class FrameCache {
+  constructor(limitBytes) { this.limit = limitBytes; this.bytes = 0; this.frames = new Map(); }
+  get(key) {
+    const found = this.frames.get(key);
+    if (found) { this.frames.delete(key); this.frames.set(key, found); }
+    return found;
+  }
+  has(key) { return this.frames.has(key); }
+  set(key, loaded) {
+    this.frames.set(key, loaded);
+    this.bytes += loaded.data.byteLength;
+    for (const [oldest, frame] of this.frames) {
+      if (this.bytes <= this.limit || oldest === key) break;
+      this.frames.delete(oldest);
+      this.bytes -= frame.data.byteLength;
+    }
+  }
+}
+// A quarter of the device's memory when the browser says it (Chrome), else 1 GB.
+const CACHE_BYTES = Math.min(1 << 30, (navigator.deviceMemory || 4) * (1 << 28));
 const SERIES_PAGE = 1000;  // QIDO-RS answers at most this many rows: longer series are paged
 
 /** Series modalities without images: their tiles have no thumbnail to ask for. */
@@ -79,7 +105,7 @@ function nonImageKind(sopClass, metadata) {
 function countOf(t, n) { return `${n} ${n === 1 ? t.image : t.images}`; }
 function codeMeaning(item, tag) { return value(values(item, tag)[0], "00080104") || ""; }
 
-const timings = { start: performance.now() };
+const timings = { start: performance.now(), asked: [], painted: [] };
 window.dgwViewer = { timings, errors: [] };
 
 function el(tag, attributes = {}, ...children) {
@@ -99,13 +125,16 @@ function formatDate(text) {
 
 /** One series as a stack of frames, loaded lazily and prefetched in the background. */
 class Stack {
-  constructor(api, study, series, onProgress) {
+  constructor(api, study, series, onProgress, cache) {
     this.api = api; this.study = study; this.series = series; this.onProgress = onProgress;
     this.frames = []; // {sop, frame, info}
-    this.cache = new Map(); // "sop/frame" -> {data, stats}
+    this.cache = cache; // shared by the views: "sop/frame" -> {data, stats}
     this.pending = new Map();
     this.loaded = 0;
     this.cancelled = false;
+    this.foreground = null;  // the request of the image on screen, while it runs
+    this.movedAt = -Infinity;  // when the reader last changed image
+    this.prefetched = new Set();
   }
 
   async open() {
@@ -160,13 +189,16 @@ class Stack {
     }
   }
 
-  /** The pixels of frame `index` (cached by instance and frame: safe across reordering). */
-  async get(index) {
+  /** The pixels of frame `index` (cached by instance and frame: safe across reordering);
+   * `foreground`: the image on screen, before any prefetch. */
+  async get(index, foreground = false) {
     const entry = this.frames[index];
     const key = entry.sop + "/" + entry.frame;
-    if (this.cache.has(key)) return this.cache.get(key);
+    const cached = this.cache.get(key);
+    if (cached) return cached;
     if (this.pending.has(key)) return this.pending.get(key);
-    const promise = this.api.frame(this.study, this.series, entry.sop, entry.frame).then((bytes) => {
+    const promise = this.api.frame(this.study, this.series, entry.sop, entry.frame,
+      this.syntaxes.get(entry.sop), entry.info.samples === 1).then((bytes) => {
       const data = pixels(entry.info, bytes);
       const loaded = { data, stats: entry.info.samples === 3 ? [0, 255] : range(data) };
       this.cache.set(key, loaded);
@@ -176,16 +208,42 @@ class Stack {
       return loaded;
     }, (error) => { this.pending.delete(key); throw error; });
     this.pending.set(key, promise);
+    if (foreground) {
+      this.foreground = promise;
+      const done = () => { if (this.foreground === promise) this.foreground = null; };
+      promise.then(done, done);
+    }
     return promise;
   }
 
-  /** Fetch every frame, nearest to `from` first, a few at a time. */
-  async prefetch(from) {
-    const order = [...this.frames.keys()].sort((a, b) => Math.abs(a - from) - Math.abs(b - from));
-    let next = 0;
+  /** The frame to fetch next: the nearest not yet asked for to the image on screen now
+   * (ahead first), so the prefetch follows the reader. -1 when all were asked for. */
+  nextToPrefetch() {
+    const at = this.viewIndex ? this.viewIndex() : 0;
+    for (let distance = 0; distance < this.frames.length; distance++) {
+      for (const index of [at + distance, at - distance - 1]) {
+        if (index >= 0 && index < this.frames.length && !this.prefetched.has(index)) return index;
+      }
+    }
+    return -1;
+  }
+
+  /** Fetch every frame, a few at a time, nearest to the image on screen first. It waits
+   * while the image on screen is being fetched and while the reader is moving through the
+   * stack (the link is then the reader's: on a slow one, a prefetch started now would
+   * share it with the image they are waiting for). */
+  async prefetch() {
     const worker = async () => {
-      while (!this.cancelled && next < order.length) {
-        const index = order[next++];
+      while (!this.cancelled) {
+        for (;;) {
+          const still = READER_PAUSE_MS - (performance.now() - this.movedAt);
+          if (this.foreground) await this.foreground.catch(() => {});
+          else if (still > 0) await new Promise((resolve) => setTimeout(resolve, still));
+          else break;
+        }
+        const index = this.nextToPrefetch();
+        if (index < 0) return;
+        this.prefetched.add(index);
         try { await this.get(index); } catch (error) { window.dgwViewer.errors.push(String(error)); }
       }
     };
@@ -258,7 +316,7 @@ class Viewport {
     this.document.hidden = true;
     const stack = new Stack(this.app.api, studyUid, seriesUid, (done, total) => {
       this.progress.style.width = done >= total ? "0" : `${(100 * done) / total}%`;
-    });
+    }, this.app.cache);
     this.stack = stack; this.seriesItem = seriesItem;
     this.index = 0; this.window = null; this.invert = false; this.zoom = 1; this.pan = [0, 0];
     try {
@@ -287,7 +345,7 @@ class Viewport {
       timings.firstImageSinceNavigation = performance.now();  // performance.now() counts from navigation
       performance.mark("dgw-first-image");
     }
-    stack.prefetch(this.index);
+    stack.prefetch();
   }
 
   /** A non-image series: an SR or a key object selection as a readable report (its cited
@@ -311,13 +369,27 @@ class Viewport {
     this.document.hidden = false;
   }
 
+  /** Show the current image. One fetch for the screen at a time: a reader holding ↓ sees
+   * each image that arrives (progress, even if they have moved on), then the newest they
+   * asked for, instead of requests piling up behind each other on a slow link. */
   async render() {
+    if (this.rendering) { this.renderAgain = true; return; }
+    this.rendering = true;
+    try {
+      do { this.renderAgain = false; await this.renderOnce(); } while (this.renderAgain);
+    } finally {
+      this.rendering = false;
+    }
+  }
+
+  async renderOnce() {
     const stack = this.stack;
     if (!stack || !stack.frames.length) return;
     const index = this.index;
     const entry = stack.frames[index];
-    const loaded = await stack.get(index);
-    if (stack !== this.stack || index !== this.index) return;
+    const loaded = await stack.get(index, true);
+    if (stack !== this.stack) return;
+    if (index !== this.index) this.renderAgain = true;  // painted now, the newest next
     const info = entry.info;
     if (!this.window) this.window = defaultWindow(info, loaded.stats);
     this.offscreen.width = info.columns; this.offscreen.height = info.rows;
@@ -328,6 +400,7 @@ class Viewport {
     this.current = { info, entry };
     this.draw();
     this.canvas.dataset.index = String(index);
+    timings.painted.push([index, performance.now()]);  // for the tests and the benchmark
   }
 
   draw() {
@@ -371,7 +444,12 @@ class Viewport {
   scroll(delta) {
     if (!this.stack) return;
     const next = Math.min(this.stack.frames.length - 1, Math.max(0, this.index + delta));
-    if (next !== this.index) { this.index = next; this.render(); }
+    if (next !== this.index) {
+      this.index = next;
+      this.stack.movedAt = performance.now();
+      timings.asked.push([next, performance.now()]);
+      this.render();
+    }
   }
 
   setWindow(center, width) { this.window = [center, Math.max(1, width)]; this.windowChanged = true; this.render(); }
@@ -431,6 +509,7 @@ class App {
     this.lang = root.dataset.lang === "en" ? "en" : "fr";
     this.t = TEXT[this.lang];
     this.api = new DicomWeb(root.dataset.root + "/dicom-web");
+    this.cache = new FrameCache(CACHE_BYTES);
     this.studies = [];
     this.tool = "wl";
     this.layout = 1;
