@@ -91,6 +91,11 @@ class ShareItemRecord:
     series_instance_uid: str | None = None
 
 
+#: How long after its end a viewer session may be reopened by the same browser without
+#: counting a use (the recipient re-enters the PIN; the share's own expiry still applies).
+SESSION_REOPEN_GRACE = dt.timedelta(days=1)
+
+
 @dataclass(frozen=True)
 class ShareRecord:
     share_id: str
@@ -282,11 +287,24 @@ class AccessRepository:
                     pin_failures=Share.pin_failures - 1))
 
     def open_session(self, share_id: str, session_sha256: str, now: dt.datetime,
-                     expires_at: dt.datetime) -> bool:
+                     expires_at: dt.datetime, previous_sha256: str | None = None) -> bool:
         """Count one use and open a session, unless the share is used up, revoked, expired
         or locked (checked and counted in one statement: concurrent openings cannot
-        exceed max_uses)."""
+        exceed max_uses). A browser that held a session of this share (`previous_sha256`,
+        live or ended within `SESSION_REOPEN_GRACE`) reopens it: no use is counted."""
         with self.engine.begin() as connection:
+            if previous_sha256 is not None:
+                reopened = connection.execute(delete(ShareSession).where(
+                    ShareSession.session_sha256 == previous_sha256,
+                    ShareSession.share_id == share_id,
+                    ShareSession.expires_at > now - SESSION_REOPEN_GRACE))
+                if reopened.rowcount and connection.execute(select(Share.share_id).where(
+                        Share.share_id == share_id, Share.revoked_at.is_(None),
+                        Share.locked_at.is_(None), Share.expires_at > now)).first():
+                    connection.execute(insert(ShareSession).values(
+                        session_sha256=session_sha256, share_id=share_id, created_at=now,
+                        expires_at=expires_at))
+                    return True
             counted = connection.execute(update(Share).where(
                 Share.share_id == share_id, Share.revoked_at.is_(None), Share.locked_at.is_(None),
                 Share.expires_at > now,
@@ -297,15 +315,31 @@ class AccessRepository:
             connection.execute(insert(ShareSession).values(
                 session_sha256=session_sha256, share_id=share_id, created_at=now,
                 expires_at=expires_at))
-            connection.execute(delete(ShareSession).where(ShareSession.expires_at < now))
+            connection.execute(delete(ShareSession).where(
+                ShareSession.expires_at < now - SESSION_REOPEN_GRACE))
         return True
 
-    def session_share(self, session_sha256: str, now: dt.datetime) -> str | None:
-        """The share id of a live session, or None."""
+    def session_share(self, session_sha256: str, now: dt.datetime) -> tuple[str, dt.datetime] | None:
+        """The share id and expiry of a live session, or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(ShareSession.share_id, ShareSession.expires_at).where(
+                ShareSession.session_sha256 == session_sha256,
+                ShareSession.expires_at > now)).first()
+        return None if row is None else (row.share_id, _utc(row.expires_at) or row.expires_at)
+
+    def may_reopen(self, session_sha256: str, share_id: str, now: dt.datetime) -> bool:
+        """This browser held a session of this share, live or ended within the grace."""
         with self.engine.connect() as connection:
             return connection.execute(select(ShareSession.share_id).where(
+                ShareSession.session_sha256 == session_sha256, ShareSession.share_id == share_id,
+                ShareSession.expires_at > now - SESSION_REOPEN_GRACE)).first() is not None
+
+    def renew_session(self, session_sha256: str, expires_at: dt.datetime) -> None:
+        """Move a live session's expiry to `expires_at` (activity renews it)."""
+        with self.engine.begin() as connection:
+            connection.execute(update(ShareSession).where(
                 ShareSession.session_sha256 == session_sha256,
-                ShareSession.expires_at > now)).scalar_one_or_none()
+                ShareSession.expires_at < expires_at).values(expires_at=expires_at))
 
     # Audit -------------------------------------------------------------------------------
     def append_audit(self, entries: Sequence[AuditEntry]) -> None:

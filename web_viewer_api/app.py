@@ -228,7 +228,8 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         FailureLimiter(limit, window, recorded(KEY_FAILURES, "actor"),
                        subject="with this API key"))
     app.state.share_gate = ShareGate(
-        access, FailureLimiter(limit, window, recorded(SHARE_FAILURES, "address")))
+        access, FailureLimiter(limit, window, recorded(SHARE_FAILURES, "address")),
+        session_lifetime=config.shares.session_lifetime)
     app.state.share_service = ShareService(access, index, config.shares)
     if config.cors_origins:
         app.add_middleware(

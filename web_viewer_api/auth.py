@@ -218,6 +218,8 @@ class ShareGate:
     access: AccessRepository
     limiter: FailureLimiter
     clock: Clock = utc_now
+    #: A viewer session ends this long after its last request (never after its share).
+    session_lifetime: dt.timedelta = dt.timedelta(minutes=30)
 
     def find(self, share_token: str, address: str) -> ShareRecord:
         """The live share behind a token; counts unknown tokens against the address."""
@@ -232,10 +234,15 @@ class ShareGate:
     def principal(self, share_token: str, session_cookie: str | None, address: str) -> Principal:
         share = self.find(share_token, address)
         if needs_session(share):
-            session_share = (self.access.session_share(sha256_hex(session_cookie), self.clock())
-                             if session_cookie else None)
-            if session_share is None or not same_secret(session_share, share.share_id):
+            now = self.clock()
+            digest = sha256_hex(session_cookie) if session_cookie else ""
+            session = self.access.session_share(digest, now) if session_cookie else None
+            if session is None or not same_secret(session[0], share.share_id):
                 raise ShareSessionRequired()
+            # Activity renews the session (one write a minute at most), up to the share's end.
+            renewed = min(now + self.session_lifetime, share.expires_at)
+            if renewed - session[1] >= min(_RENEW_STEP, self.session_lifetime / 10):
+                self.access.renew_session(digest, renewed)
         return Principal(f"share:{share.share_id}", frozenset({"read"}),
                          share=ShareAccess(share.share_id, share.allow_download, share_scope(share)))
 
@@ -259,6 +266,9 @@ class ShareGate:
                 self.live(share_id)
                 checked = time.monotonic()
             yield item
+
+
+_RENEW_STEP = dt.timedelta(minutes=1)
 
 
 class UnknownShareToken(ApiError):

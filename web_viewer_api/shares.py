@@ -134,9 +134,11 @@ class ShareService:
         self.access.revoke_share(share_id, self.clock())
         return self.get(share_id)
 
-    def open_session(self, share: ShareRecord, pin: str | None) -> tuple[str, dt.datetime]:
+    def open_session(self, share: ShareRecord, pin: str | None,
+                     previous: str | None = None) -> tuple[str, dt.datetime]:
         """Check the PIN (when the share has one), count one use, and return a new viewer
-        session id (for the cookie) with its expiry.
+        session id (for the cookie) with its expiry. A browser whose session of this share
+        ended (`previous`: its cookie) reopens it after the PIN without counting a use.
 
         Wrong PINs count against the share, whoever sent them, over its whole life (a right
         PIN does not reset the count): the share locks for good at `pin_lock_after`. They
@@ -161,7 +163,8 @@ class ShareService:
             self.access.pin_attempt_succeeded(share.share_id)
         session = new_token()
         expires = min(now + self.policy.session_lifetime, share.expires_at)
-        if not self.access.open_session(share.share_id, sha256_hex(session), now, expires):
+        if not self.access.open_session(share.share_id, sha256_hex(session), now, expires,
+                                        sha256_hex(previous) if previous else None):
             current = self.get(share.share_id)
             check_usable(current, now)
             raise Gone("this share link has been used the maximum number of times")

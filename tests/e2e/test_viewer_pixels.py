@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,8 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from storage import InstanceRecord, instance_key
-from worker import Codec, TranscodeStatus, transcode_lossless
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
+from worker import Codec, TranscodeStatus, transcode_lossless
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -44,6 +44,7 @@ from web_viewer_api.auth import (
 from web_viewer_api.deps import SHARE_COOKIE, client_address, current_principal
 from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound
 from web_viewer_api.pages import error_page, language, open_form, viewer_shell
+from web_viewer_api.security import sha256_hex
 from web_viewer_api.shares import ShareService, WrongPin
 
 router = APIRouter(prefix="/s/{share_token}", tags=["Share links"])
@@ -93,7 +94,8 @@ async def share_page(share_token: str, request: Request) -> Response:
             try:
                 principal = await current_principal(request)
             except ShareSessionRequired:
-                if share.max_uses is not None and share.uses >= share.max_uses:
+                if (share.max_uses is not None and share.uses >= share.max_uses
+                        and not await anyio.to_thread.run_sync(_may_reopen, request, share)):
                     raise Gone("this share link has been used the maximum number of times") from None
                 return open_form(request, share_token, share)
         else:
@@ -102,6 +104,15 @@ async def share_page(share_token: str, request: Request) -> Response:
         return viewer_shell(request, share_token, share, fallback)
     except ApiError as exc:
         return error_page(request, exc)
+
+
+def _may_reopen(request: Request, share: ShareRecord) -> bool:
+    """The browser holds the cookie of an ended session of this share: it may reopen it
+    (with the PIN, when there is one) without spending a use."""
+    cookie = request.cookies.get(SHARE_COOKIE)
+    service = _service(request)
+    return cookie is not None and service.access.may_reopen(sha256_hex(cookie), share.share_id,
+                                                            service.clock())
 
 
 def _study_list(request: Request, share_token: str, share: ShareRecord,
@@ -152,7 +163,8 @@ async def open_session(share_token: str, request: Request,
         share = await _find(request, share_token)
         request.state.audit = {"action": "share.session", "share_id": share.share_id}
         service = _service(request)
-        session, expires = await anyio.to_thread.run_sync(service.open_session, share, pin)
+        session, expires = await anyio.to_thread.run_sync(
+            service.open_session, share, pin, request.cookies.get(SHARE_COOKIE))
     except WrongPin as exc:
         request.state.audit = {"action": "share.pin_failure", "share_id": share.share_id}
         if wants_json:
@@ -166,7 +178,9 @@ async def open_session(share_token: str, request: Request,
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
                                 status_code=exc.status_code, headers=exc.headers)
         return error_page(request, exc)
-    max_age = max(1, int((expires - service.clock()).total_seconds()))
+    # The cookie lives as long as the share: the server ends the session (idle time), and a
+    # browser that still holds it may reopen it later without spending a use.
+    max_age = max(1, int((share.expires_at - service.clock()).total_seconds()))
     response: Response
     if wants_json:
         response = JSONResponse({"expires_at": expires.isoformat()}, status_code=201,

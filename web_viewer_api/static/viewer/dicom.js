@@ -55,8 +55,14 @@ export class DicomWeb {
     const response = await fetch(this.root + path, {
       headers: { Accept: "application/dicom+json" }, credentials: "same-origin",
     });
-    if (!response.ok) throw new Error(`${response.status} ${path}`);
+    if (!response.ok) throw this.failed(response, path);
     return response.json();
+  }
+
+  /** The error of a failed request; a 401 also says that the viewer session ended. */
+  failed(response, what) {
+    if (response.status === 401) window.dispatchEvent(new CustomEvent("dgw-session-ended"));
+    return new Error(`${response.status} ${what}`);
   }
 
   /** Native (uncompressed, little endian) bytes of one frame: a grayscale frame stored as
@@ -68,10 +74,10 @@ export class DicomWeb {
     if (stored) {
       const response = await this.fetchFrame(path, `multipart/related; type="${stored[1]}"`);
       if (response.ok) return this.decoders.decode(stored[0], await this.body(response));
-      if (response.status !== 406) throw new Error(`${response.status} frame ${number}`);
+      if (response.status !== 406) throw this.failed(response, `frame ${number}`);
     }
     const response = await this.fetchFrame(path, 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1');
-    if (!response.ok) throw new Error(`${response.status} frame ${number}`);
+    if (!response.ok) throw this.failed(response, `frame ${number}`);
     return this.body(response);
   }
 

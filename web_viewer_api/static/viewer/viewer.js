@@ -18,6 +18,8 @@ const TEXT = {
       ["1 … 5", "préréglages de fenêtrage"], ["0", "fenêtre de l'examen"], ["I", "inverser"],
       ["R", "réinitialiser"], ["Espace", "ciné"], ["Tab", "vue suivante (2 vues)"], ["?", "cette aide"]],
     viewport: "Vue", loading: "Chargement", image: "image", uses: "Ouvertures", colon: " : ",
+    sessionEnded: "Votre session de lecture a pris fin après un temps d'inactivité. Rouvrez-la : le code PIN est redemandé, aucune ouverture n'est décomptée.",
+    reopen: "Rouvrir",
     patient: "Patient", sex: { F: "F", M: "M", O: "autre" },
     patients: (n) => `Ce partage concerne ${n} patients : vérifiez chaque identité avant de lire.`,
     datesShifted: "Dates décalées pour la confidentialité (les intervalles entre examens sont exacts)",
@@ -44,6 +46,8 @@ const TEXT = {
       ["1 … 5", "window presets"], ["0", "dataset window"], ["I", "invert"],
       ["R", "reset"], ["Space", "cine"], ["Tab", "next view (2 views)"], ["?", "this help"]],
     viewport: "View", loading: "Loading", image: "image", uses: "Uses", colon: ": ",
+    sessionEnded: "Your reading session ended after a while without activity. Reopen it: the PIN is asked again, no use is counted.",
+    reopen: "Reopen",
     patient: "Patient", sex: { F: "F", M: "M", O: "other" },
     patients: (n) => `This share covers ${n} patients: check each identity before reading.`,
     datesShifted: "Dates shifted for privacy (intervals between studies are exact)",
@@ -657,7 +661,10 @@ class App {
     if (data.note) this.sidebar.append(el("aside", { class: "note" }, el("strong", { text: t.note }), el("p", { text: data.note })));
     this.viewports = [new Viewport(this, 0), new Viewport(this, 1)];
     this.viewportArea = el("main", { class: "viewports layout-1" }, this.viewports[0].node);
-    this.rootNode.replaceChildren(bar, el("div", { class: "main" }, this.sidebar, this.viewportArea), this.help);
+    this.ended = el("dialog", { class: "session-ended", "aria-label": t.reopen },
+      el("p", { text: t.sessionEnded }), el("button", { type: "button", text: t.reopen, onclick: () => location.reload() }));
+    window.addEventListener("dgw-session-ended", () => { if (!this.ended.open) this.ended.showModal(); });
+    this.rootNode.replaceChildren(bar, el("div", { class: "main" }, this.sidebar, this.viewportArea), this.help, this.ended);
     this.activate(this.viewports[0]);
     // Shortcuts work wherever the focus is, except in form fields and the help dialog;
     // a focused canvas handles its own keys.
