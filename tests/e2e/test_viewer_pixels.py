@@ -63,6 +63,9 @@ CASES = {
     "ct-signed-12bit-htj2k": _stored_as(Codec.HTJ2K, "CT_small.dcm", bits_stored=12),
     "ct-signed-12bit-jpegls": _stored_as(Codec.JPEG_LS, "CT_small.dcm", bits_stored=12),
     "mr-jpegls": _stored_as(Codec.JPEG_LS, "MR_small.dcm"),
+    # Enhanced CT: window (W102/L49) and rescale only in its shared functional groups.
+    "enhanced-ct-groups": lambda: pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm")),
+    "palette-colour": lambda: pydicom.dcmread(get_testdata_file("OBXXXX1A.dcm")),
     "ct-signed-rescale": lambda: pydicom.dcmread(get_testdata_file("CT_small.dcm")),
     "mr-16bit": lambda: pydicom.dcmread(get_testdata_file("MR_small.dcm")),
     "monochrome1": _monochrome1,
@@ -79,14 +82,24 @@ def _expected(dataset: Dataset) -> np.ndarray:
     array = dataset.pixel_array
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         array = array[0]
+    if dataset.PhotometricInterpretation == "PALETTE COLOR":
+        return (pydicom.pixels.apply_color_lut(array, dataset) / 257).astype(np.float64)
     if int(dataset.SamplesPerPixel) == 3:
         if dataset.PhotometricInterpretation.startswith("YBR") and not dataset.file_meta.TransferSyntaxUID.is_compressed:
             array = pydicom.pixels.convert_color_space(array, dataset.PhotometricInterpretation, "RGB")
         return array.astype(np.float64)
-    values = array.astype(np.float64) * float(dataset.get("RescaleSlope", 1) or 1) + float(dataset.get("RescaleIntercept", 0) or 0)
-    if "WindowCenter" in dataset and "WindowWidth" in dataset:
-        center = float(np.atleast_1d(dataset.WindowCenter)[0])
-        width = float(np.atleast_1d(dataset.WindowWidth)[0])
+    source: Dataset = dataset
+    if "SharedFunctionalGroupsSequence" in dataset:  # enhanced: frame 1's functional groups
+        source = Dataset()
+        for groups in (dataset.SharedFunctionalGroupsSequence[0],
+                       dataset.PerFrameFunctionalGroupsSequence[0]):
+            for name in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+                if name in groups:
+                    source.update(groups[name][0])
+    values = array.astype(np.float64) * float(source.get("RescaleSlope", 1) or 1) + float(source.get("RescaleIntercept", 0) or 0)
+    if "WindowCenter" in source and "WindowWidth" in source:
+        center = float(np.atleast_1d(source.WindowCenter)[0])
+        width = float(np.atleast_1d(source.WindowWidth)[0])
     else:
         low, high = values.min(), values.max()
         center, width = (low + high) / 2, max(1.0, high - low)
@@ -149,7 +162,15 @@ def test_rendering_matches_the_standard_pipeline(server: tuple[DicomwebServer, d
       const c = window.dgwViewer.app.viewports[0].offscreen;
       return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
     }""")
+    markers = page.evaluate("() => Object.fromEntries(Object.entries(window.dgwViewer.app.viewports[0].markers)"
+                            ".map(([edge, node]) => [edge, node.textContent]))")
+    overlay = page.locator(".overlay.bl").first.inner_text()
     page.close()
+    if name == "enhanced-ct-groups":  # Image Orientation (Patient) -1\0\0\0\1\0: mirrored
+        assert markers == {"left": "L", "right": "R", "top": "A", "bottom": "P"}
+        assert "W 102  L 49" in overlay
+    elif name.startswith("ct-"):  # 1\0\0\0\1\0, the usual axial view from the feet
+        assert markers == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
     width, height, data = rendered
     got = np.array(data, dtype=np.float64).reshape(height, width, 4)[..., :3]
     expected = _expected(CASES[name]())

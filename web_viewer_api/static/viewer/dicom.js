@@ -138,7 +138,71 @@ export function imageInfo(item, availableSyntax) {
     sliceLocation: value(item, "00201041"),
     sliceThickness: value(item, "00180050"),
     pixelSpacing: values(item, "00280030").map(Number),
+    palette: photometric === "PALETTE COLOR" ? paletteOf(item) : null,
   };
+}
+
+/** `info` for frame `frame` (1-based) of an enhanced multi-frame instance: what its shared
+ * and per-frame functional groups say of the window, the rescale, the plane's position and
+ * orientation and the pixel spacing (PS3.3 C.7.6.16) replaces the instance-level values. */
+export function frameInfo(info, item, frame) {
+  const shared = values(item, "52009229")[0];
+  const perFrame = values(item, "52009230")[frame - 1];
+  if (!shared && !perFrame) return info;
+  const group = (tag) => values(perFrame, tag)[0] || values(shared, tag)[0];
+  const out = { ...info };
+  const voi = group("00289132");
+  if (voi && values(voi, "00281050").length && values(voi, "00281051").length) {
+    out.center = Number(values(voi, "00281050")[0]); out.width = Number(values(voi, "00281051")[0]);
+    out.voiFunction = String(value(voi, "00281056") || out.voiFunction).trim();
+  }
+  const rescale = group("00289145");
+  if (rescale) {
+    out.slope = Number(value(rescale, "00281053") ?? out.slope) || 1;
+    out.intercept = Number(value(rescale, "00281052") ?? out.intercept) || 0;
+  }
+  const position = group("00209113");
+  if (position && values(position, "00200032").length === 3) out.position = values(position, "00200032").map(Number);
+  const orientation = group("00209116");
+  if (orientation && values(orientation, "00200037").length === 6) out.orientation = values(orientation, "00200037").map(Number);
+  const measures = group("00289110");
+  if (measures) {
+    if (values(measures, "00280030").length === 2) out.pixelSpacing = values(measures, "00280030").map(Number);
+    if (value(measures, "00180050") !== undefined) out.sliceThickness = value(measures, "00180050");
+  }
+  return out;
+}
+
+/** The patient directions of the four edges of an image (PS3.3 C.7.6.1.1.1), from Image
+ * Orientation (Patient): {left, right, top, bottom}, e.g. "R", "L", "A", "P"; null without. */
+export function orientationMarkers(orientation) {
+  if (!orientation || orientation.length !== 6) return null;
+  const letters = (vector) => {
+    const names = [["L", "R"], ["P", "A"], ["H", "F"]];
+    return vector.map((v, axis) => [Math.abs(v), v > 0 ? names[axis][0] : names[axis][1]])
+      .filter(([size]) => size > 0.25).sort((a, b) => b[0] - a[0]).map(([, name]) => name).join("");
+  };
+  const row = orientation.slice(0, 3), column = orientation.slice(3);
+  const opposite = (vector) => vector.map((v) => -v);
+  return { right: letters(row), left: letters(opposite(row)), bottom: letters(column), top: letters(opposite(column)) };
+}
+
+/** The red, green and blue lookup tables of a PALETTE COLOR image, each scaled to 0-255
+ * ({first, entries, red, green, blue}), or null when they are not in the JSON inline. */
+export function paletteOf(item) {
+  const descriptor = values(item, "00281101").map(Number);
+  if (descriptor.length !== 3) return null;
+  const entries = descriptor[0] || 65536, first = descriptor[1], bits = descriptor[2];
+  const table = (tag) => {
+    const data = item[tag];
+    if (!data || !data.InlineBinary) return null;
+    const raw = Uint8Array.from(atob(data.InlineBinary), (c) => c.charCodeAt(0));
+    const words = bits > 8 ? new Uint16Array(raw.buffer, 0, raw.length >> 1) : raw;
+    const scale = bits > 8 ? 1 / 257 : 1;
+    return Uint8ClampedArray.from(words.subarray(0, entries), (v) => v * scale);
+  };
+  const [red, green, blue] = ["00281201", "00281202", "00281203"].map(table);
+  return red && green && blue ? { first, entries, red, green, blue } : null;
 }
 
 function voiLut(item) {
@@ -195,6 +259,7 @@ export function defaultWindow(info, stats) {
 export function paint(image, info, data, stats, window, invert, useVoiLut) {
   const out = image.data;
   if (info.samples === 3) return paintColour(out, info, data, invert);
+  if (info.palette) return paintPalette(out, info.palette, data, invert);
   const [center, width] = window;
   const [min, max] = stats;
   const size = max - min + 1;
@@ -230,6 +295,17 @@ function voiValue(x, c, w, fn) {
   if (x <= c - 0.5 - (w - 1) / 2) return 0;
   if (x > c - 0.5 + (w - 1) / 2) return 255;
   return ((x - (c - 0.5)) / (w - 1) + 0.5) * 255;
+}
+
+function paintPalette(out, palette, data, invert) {
+  const { first, entries, red, green, blue } = palette;
+  for (let p = 0, q = 0; p < data.length; p++, q += 4) {
+    const index = Math.min(entries - 1, Math.max(0, data[p] - first));
+    out[q] = invert ? 255 - red[index] : red[index];
+    out[q + 1] = invert ? 255 - green[index] : green[index];
+    out[q + 2] = invert ? 255 - blue[index] : blue[index];
+    out[q + 3] = 255;
+  }
 }
 
 function paintColour(out, info, data, invert) {

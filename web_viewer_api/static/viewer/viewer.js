@@ -1,7 +1,7 @@
 // The share viewer: study browser, stack viewports with W/L, zoom/pan, cine, 1x1 / 1x2.
 // Plain ES modules served as static files: no build step, nothing fetched from elsewhere.
 import { keepContextKey, openContext } from "./context.js";
-import { DicomWeb, defaultWindow, imageInfo, paint, pixels, range, value, values } from "./dicom.js";
+import { DicomWeb, defaultWindow, frameInfo, imageInfo, orientationMarkers, paint, pixels, range, value, values } from "./dicom.js";
 
 const TEXT = {
   fr: {
@@ -162,7 +162,9 @@ class Stack {
       const uid = value(instance, "00080018");
       const count = Number(value(instance, "00280008") || 1);
       const info = uid === sop ? firstInfo : { ...firstInfo, instanceNumber: Number(value(instance, "00200013") || 0), provisional: true };
-      for (let frame = 1; frame <= count; frame++) this.frames.push({ sop: uid, frame, info });
+      for (let frame = 1; frame <= count; frame++) {
+        this.frames.push({ sop: uid, frame, info: uid === sop ? frameInfo(info, metadata, frame) : info });
+      }
     }
     this.refineLater();
     return this;
@@ -176,7 +178,7 @@ class Stack {
       const byUid = new Map(documents.map((d) => [value(d, "00080018"), d]));
       for (const entry of this.frames) {
         const document = byUid.get(entry.sop);
-        if (document) entry.info = imageInfo(document, this.syntaxes.get(entry.sop));
+        if (document) entry.info = frameInfo(imageInfo(document, this.syntaxes.get(entry.sop)), document, entry.frame);
       }
       const normal = sliceNormal(this.frames[0] && this.frames[0].info.orientation);
       if (normal && this.frames.every((f) => f.info.position.length === 3 && f.info.frames === 1)) {
@@ -300,11 +302,12 @@ class Viewport {
     this.app = app; this.number = number;
     this.canvas = el("canvas", { tabindex: "0", role: "img", "aria-label": `${app.t.viewport} ${number + 1}` });
     this.overlays = ["tl", "tr", "bl", "br"].map((corner) => el("div", { class: `overlay ${corner}` }));
+    this.markers = Object.fromEntries(["left", "right", "top", "bottom"].map((edge) => [edge, el("div", { class: `marker ${edge}` })]));
     this.progress = el("div", { class: "progress" });  // width set through CSSOM (CSP: no inline style)
     this.progress.style.width = "0";
     this.empty = el("div", { class: "empty", text: app.t.empty });
     this.document = el("section", { class: "document", hidden: true });
-    this.node = el("div", { class: "viewport" }, this.canvas, ...this.overlays, this.progress, this.empty, this.document);
+    this.node = el("div", { class: "viewport" }, this.canvas, ...this.overlays, ...Object.values(this.markers), this.progress, this.empty, this.document);
     this.offscreen = document.createElement("canvas");
     this.stack = null; this.index = 0; this.window = null; this.invert = false; this.useVoiLut = true;
     this.zoom = 1; this.pan = [0, 0]; this.cine = null; this.current = null;
@@ -408,7 +411,7 @@ class Viewport {
   }
 
   draw() {
-    if (!this.current) for (const overlay of this.overlays) overlay.textContent = "";
+    if (!this.current) for (const overlay of [...this.overlays, ...Object.values(this.markers)]) overlay.textContent = "";
     const rect = this.node.getBoundingClientRect();
     const ratio = window.devicePixelRatio || 1;
     const width = Math.max(1, Math.round(rect.width * ratio)), height = Math.max(1, Math.round(rect.height * ratio));
@@ -443,6 +446,8 @@ class Viewport {
     const location = info.sliceLocation !== undefined ? `Loc ${Number(info.sliceLocation).toFixed(1)} mm` :
       info.position.length === 3 ? `Pos ${info.position.map((v) => v.toFixed(1)).join(", ")}` : "";
     this.overlays[3].textContent = [location, info.sliceThickness ? `Th ${Number(info.sliceThickness).toFixed(1)} mm` : ""].filter(Boolean).join("\n");
+    const markers = orientationMarkers(info.orientation) || {};
+    for (const [edge, node] of Object.entries(this.markers)) node.textContent = markers[edge] || "";
   }
 
   scroll(delta) {
