@@ -17,6 +17,9 @@ const TEXT = {
       ["glisser (droit)", "zoom"], ["glisser (milieu) / Maj + glisser", "déplacer"],
       ["1 … 5", "préréglages de fenêtrage"], ["0", "fenêtre de l'examen"], ["I", "inverser"],
       ["R", "réinitialiser"], ["Espace", "ciné"], ["Tab", "vue suivante (2 vues)"], ["?", "cette aide"]],
+    touches: [["1 doigt", "outil actif (défilement par défaut)"], ["2 doigts : pincer", "zoom"],
+      ["2 doigts : glisser", "déplacer"], ["double toucher", "taille d'origine"]],
+    toolScroll: "Défiler",
     viewport: "Vue", loading: "Chargement", image: "image", uses: "Ouvertures", colon: " : ",
     sessionEnded: "Votre session de lecture a pris fin après un temps d'inactivité. Rouvrez-la : le code PIN est redemandé, aucune ouverture n'est décomptée.",
     reopen: "Rouvrir",
@@ -45,6 +48,9 @@ const TEXT = {
       ["drag (right)", "zoom"], ["drag (middle) / Shift + drag", "pan"],
       ["1 … 5", "window presets"], ["0", "dataset window"], ["I", "invert"],
       ["R", "reset"], ["Space", "cine"], ["Tab", "next view (2 views)"], ["?", "this help"]],
+    touches: [["1 finger", "active tool (scrolling by default)"], ["2 fingers: pinch", "zoom"],
+      ["2 fingers: drag", "pan"], ["double tap", "original size"]],
+    toolScroll: "Scroll",
     viewport: "View", loading: "Loading", image: "image", uses: "Uses", colon: ": ",
     sessionEnded: "Your reading session ended after a while without activity. Reopen it: the PIN is asked again, no use is counted.",
     reopen: "Reopen",
@@ -480,28 +486,57 @@ class Viewport {
 
   bindEvents() {
     const canvas = this.canvas;
+    // Mouse: the active tool with the left button, zoom with the right one, pan with the
+    // middle one or Shift. Touch: one finger uses the active tool (scrolling by default on
+    // a touch screen), two fingers pinch to zoom and move to pan.
+    const pointers = new Map();
+    let gesture = null;
+    const pair = () => {
+      const [a, b] = [...pointers.values()];
+      return { distance: Math.hypot(a.x - b.x, a.y - b.y) || 1, mid: [(a.x + b.x) / 2, (a.y + b.y) / 2] };
+    };
     canvas.addEventListener("pointerdown", (event) => {
       this.app.activate(this);
       canvas.focus();
       canvas.setPointerCapture(event.pointerId);
-      const start = { x: event.clientX, y: event.clientY, window: this.window ? [...this.window] : null, zoom: this.zoom, pan: [...this.pan], index: this.index };
-      const tool = event.button === 2 ? "zoom" : event.button === 1 || event.shiftKey ? "pan" : event.pointerType === "touch" ? "scroll" : this.app.tool;
-      const move = (e) => {
-        const dx = e.clientX - start.x, dy = e.clientY - start.y;
-        if (tool === "wl" && start.window) this.setWindow(start.window[0] + dy * Math.max(1, start.window[1] / 256), start.window[1] + dx * Math.max(1, start.window[1] / 256));
-        else if (tool === "zoom") { this.zoom = Math.min(20, Math.max(0.1, start.zoom * Math.exp(-dy / 200))); this.draw(); }
-        else if (tool === "pan") { this.pan = [start.pan[0] + dx, start.pan[1] + dy]; this.draw(); }
-        else if (tool === "scroll" && this.stack) {
-          const next = Math.min(this.stack.frames.length - 1, Math.max(0, start.index + Math.round(dy / 8)));
-          if (next !== this.index) { this.index = next; this.render(); }
-        }
-      };
-      const up = () => { canvas.removeEventListener("pointermove", move); canvas.removeEventListener("pointerup", up); canvas.removeEventListener("pointercancel", up); };
-      canvas.addEventListener("pointermove", move);
-      canvas.addEventListener("pointerup", up);
-      canvas.addEventListener("pointercancel", up);
+      pointers.set(event.pointerId, { x: event.clientX, y: event.clientY });
+      if (pointers.size === 2) {
+        gesture = { tool: "pinch", ...pair(), zoom: this.zoom, pan: [...this.pan] };
+      } else if (pointers.size === 1) {
+        const tool = event.button === 2 ? "zoom" : event.button === 1 || event.shiftKey ? "pan" : this.app.tool;
+        gesture = { tool, x: event.clientX, y: event.clientY, window: this.window ? [...this.window] : null,
+          zoom: this.zoom, pan: [...this.pan], index: this.index };
+      }
     });
+    canvas.addEventListener("pointermove", (event) => {
+      if (!pointers.has(event.pointerId) || !gesture) return;
+      pointers.set(event.pointerId, { x: event.clientX, y: event.clientY });
+      if (gesture.tool === "pinch") {
+        if (pointers.size < 2) return;
+        const now = pair();
+        this.zoom = Math.min(20, Math.max(0.1, gesture.zoom * now.distance / gesture.distance));
+        this.pan = [gesture.pan[0] + now.mid[0] - gesture.mid[0], gesture.pan[1] + now.mid[1] - gesture.mid[1]];
+        this.draw();
+        return;
+      }
+      const dx = event.clientX - gesture.x, dy = event.clientY - gesture.y, start = gesture;
+      if (start.tool === "wl" && start.window) this.setWindow(start.window[0] + dy * Math.max(1, start.window[1] / 256), start.window[1] + dx * Math.max(1, start.window[1] / 256));
+      else if (start.tool === "zoom") { this.zoom = Math.min(20, Math.max(0.1, start.zoom * Math.exp(-dy / 200))); this.draw(); }
+      else if (start.tool === "pan") { this.pan = [start.pan[0] + dx, start.pan[1] + dy]; this.draw(); }
+      else if (start.tool === "scroll" && this.stack) {
+        const next = Math.min(this.stack.frames.length - 1, Math.max(0, start.index + Math.round(dy / 8)));
+        if (next !== this.index) this.scroll(next - this.index);
+      }
+    });
+    const up = (event) => {
+      pointers.delete(event.pointerId);
+      if (!pointers.size) gesture = null;
+      else if (gesture && gesture.tool === "pinch") gesture = null;  // lift both to start anew
+    };
+    canvas.addEventListener("pointerup", up);
+    canvas.addEventListener("pointercancel", up);
     canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+    canvas.addEventListener("dblclick", () => { this.zoom = 1; this.pan = [0, 0]; this.draw(); });
     canvas.addEventListener("wheel", (event) => {
       event.preventDefault();
       this.app.activate(this);
@@ -520,7 +555,9 @@ class App {
     this.api = new DicomWeb(root.dataset.root + "/dicom-web");
     this.cache = new FrameCache(CACHE_BYTES);
     this.studies = [];
-    this.tool = "wl";
+    // On a touch screen one finger scrolls through the stack unless another tool is chosen.
+    this.touch = window.matchMedia("(pointer: coarse)").matches;
+    this.tool = this.touch ? "scroll" : "wl";
     this.layout = 1;
   }
 
@@ -632,7 +669,8 @@ class App {
     const data = this.rootNode.dataset;
     const button = (text, attributes, onclick) => el("button", { type: "button", ...attributes, onclick }, text);
     this.toolSelect = el("select", { "aria-label": t.tool, onchange: (e) => { this.tool = e.target.value; } },
-      el("option", { value: "wl", text: t.toolWl }), el("option", { value: "pan", text: t.toolPan }), el("option", { value: "zoom", text: t.toolZoom }));
+      ...[["wl", t.toolWl], ["scroll", t.toolScroll], ["pan", t.toolPan], ["zoom", t.toolZoom]].map(([value, text]) =>
+        el("option", { value, text, selected: value === this.tool })));
     this.presetSelect = el("select", { "aria-label": t.presets, onchange: (e) => this.preset(e.target.value) },
       el("option", { value: "", text: t.presets }), el("option", { value: "dataset", text: `0 · ${t.dataset}` }),
       ...PRESETS.map(([name], i) => el("option", { value: name, text: `${i + 1} · ${t[name]}` })));
@@ -642,7 +680,8 @@ class App {
     const expires = new Date(data.expires);
     this.help = el("dialog", { "aria-label": t.help },
       el("h2", { text: t.help }),
-      el("table", {}, ...t.keys.map(([keys, what]) => el("tr", {}, el("td", {}, el("kbd", { text: keys })), el("td", { text: what })))),
+      el("table", {}, ...(this.touch ? [...t.touches, ...t.keys] : [...t.keys, ...t.touches]).map(([keys, what]) =>
+        el("tr", {}, el("td", {}, el("kbd", { text: keys })), el("td", { text: what })))),
       el("form", { method: "dialog" }, el("button", { text: t.close })));
     const bar = el("header", { class: "topbar" },
       el("span", { class: "title", text: document.title }),
