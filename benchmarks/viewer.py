@@ -1,8 +1,13 @@
 """Viewer speed: time to the first image and to the whole series, for a share of a 300-image
-CT series (512x512, stored JPEG-LS), opened in Debian's Chromium over loopback; and the two
-ways the browser could get frames (raw native frames decoded server-side vs server-rendered
-PNG), timed on the same series.
-Run: python benchmarks/viewer.py [--slices 300] [--runs 3]
+CT series (512x512, stored HTJ2K), opened in Debian's Chromium over loopback; and the ways
+the browser could get frames (as stored, raw native frames decoded server-side,
+server-rendered PNG), timed on the same series.
+
+With --network: on Chromium's emulated 20 Mbit/s, 40 ms link, a series of real CT slices
+(pydicom-data's 693_UNCR) opened in our viewer and in OHIF 3.13 (prebuilt, from npm) on the
+same share, alternated: time to the first image, then ↓ held (a key press every 33 ms) through
+the series: how long each step waits until its image (or a later one) is on screen.
+Run: python benchmarks/viewer.py [--slices 300] [--runs 3] [--network]
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -24,6 +30,9 @@ from gateway.importer import run_import  # noqa: E402
 from gateway.sample_study import SampleStudySpec, write_sample_study  # noqa: E402
 from storage import InstanceQuery, StudyQuery  # noqa: E402
 from tests.support.dicomweb_server import TOKEN, DicomwebServer  # noqa: E402
+from tests.support.ohif import ohif_dist, serving_ohif  # noqa: E402
+from tests.support.real_series import real_ct_series  # noqa: E402
+from tests.support.services import free_port  # noqa: E402
 from worker import Spool  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,12 +47,121 @@ FETCH_ALL = """async ([urls, accept, concurrency]) => {
 }"""
 
 
+LINK = {"offline": False, "latency": 40, "downloadThroughput": 20_000_000 / 8,
+        "uploadThroughput": 20_000_000 / 8}
+STEP_MS = 33
+# OHIF: when each ↓ was pressed, and when its overlay showed which image (k/N) was painted.
+OHIF_PROBE = """(() => {
+  window.__asked = []; window.__painted = [];
+  document.addEventListener('keydown', (e) => { if (e.key === 'ArrowDown') window.__asked.push(performance.now()); }, true);
+  let last = null;
+  new MutationObserver(() => {
+    const match = /\\((\\d+)\\s*\\/\\s*\\d+\\)/.exec(document.body ? document.body.innerText : '');
+    if (match && match[1] !== last) { last = match[1]; window.__painted.push([Number(match[1]) - 1, performance.now()]); }
+  }).observe(document, {subtree: true, childList: true, characterData: true});
+})();"""
+
+
+def _waits(asked: list[tuple[int, float]], painted: list[tuple[int, float]]) -> list[float]:
+    """For each step, until its image or a later one was on screen (ms)."""
+    waits = []
+    for index, at in asked:
+        shown = [t for i, t in painted if i >= index and t >= at]
+        waits.append((min(shown) if shown else float("inf")) - at)
+    return waits
+
+
+def _hold_down(page: Any, slices: int) -> None:
+    for _ in range(slices - 1):
+        page.keyboard.press("ArrowDown")
+        page.wait_for_timeout(STEP_MS)
+
+
+def _ours_on_link(browser: Any, url: str, slices: int) -> tuple[float, list[float]]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    cdp = context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", LINK)
+    page.goto(url)
+    page.wait_for_function("() => window.dgwViewer.timings.firstImageSinceNavigation", timeout=60_000)
+    first = page.evaluate("() => window.dgwViewer.timings.firstImageSinceNavigation")
+    page.locator(".viewport canvas").first.focus()
+    _hold_down(page, slices)
+    page.wait_for_function(f"() => document.querySelector('.viewport canvas').dataset.index === '{slices - 1}'",
+                           timeout=120_000)
+    asked, painted = page.evaluate("() => [window.dgwViewer.timings.asked, window.dgwViewer.timings.painted]")
+    context.close()
+    return first, _waits(asked, painted)
+
+
+def _ohif_on_link(browser: Any, origin: str, study: str, slices: int) -> tuple[float, list[float]]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.add_init_script(OHIF_PROBE)
+    page = context.new_page()
+    cdp = context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", LINK)
+    page.goto(f"{origin}/viewer?StudyInstanceUIDs={study}")
+    page.wait_for_function("() => window.__painted.length > 0", timeout=120_000, polling=20)
+    first = page.evaluate("() => window.__painted[0][1]")
+    page.locator("canvas.cornerstone-canvas").first.click()
+    _hold_down(page, slices)
+    page.wait_for_function(f"() => window.__painted.some(([i]) => i === {slices - 1})", timeout=300_000)
+    asked, painted = page.evaluate("() => [window.__asked, window.__painted]")
+    start = painted[0][0]
+    context.close()
+    return first, _waits([(start + k + 1, at) for k, at in enumerate(asked)], painted)
+
+
+def network(args: argparse.Namespace, work: Path) -> None:
+    origin_port = free_port()
+    origin = f"http://127.0.0.1:{origin_port}"
+    with DicomwebServer(work / "gateway", cors_origins=(origin,)) as server:
+        run_import([real_ct_series(work / "ct", args.slices)], server.pipeline,
+                   Spool(work / "gateway" / "spool", "site1"))
+        study = next(s for s in server.index.search_studies(StudyQuery(limit=100))
+                     if s.number_of_instances == args.slices).study_instance_uid
+        results: dict[str, tuple[list[float], list[float]]] = {"ours": ([], []), "OHIF 3.13": ([], [])}
+        dist = ohif_dist()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
+            for run in range(args.runs):
+                url = httpx.post(f"{server.root}/api/shares", headers={"Authorization": f"Bearer {TOKEN}"},
+                                 json={"study_uids": [study], "expires_in": 3600}).json()["url"]
+                for name in (["ours", "OHIF 3.13"] if run % 2 == 0 else ["OHIF 3.13", "ours"]):
+                    if name == "ours":
+                        first, waits = _ours_on_link(browser, url, args.slices)
+                    else:
+                        with serving_ohif(dist, url + "/dicom-web", origin_port):
+                            first, waits = _ohif_on_link(browser, origin, study, args.slices)
+                    results[name][0].append(first)
+                    results[name][1].extend(waits)
+            browser.close()
+    print(f"share of {args.slices} real 512x512 CT slices (stored HTJ2K), Chromium on an emulated "
+          f"20 Mbit/s, 40 ms link, {args.runs} runs alternated:")
+    for name, (firsts, waits) in results.items():
+        ordered = sorted(waits)
+        print(f"  {name:10s} first image median {statistics.median(firsts):6.0f} ms "
+              f"(runs: {', '.join(f'{v:.0f}' for v in firsts)}); ↓ held, each step until shown: "
+              f"median {statistics.median(ordered):5.0f} ms, p95 {ordered[int(len(ordered) * 0.95)]:6.0f}, "
+              f"max {ordered[-1]:6.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--network", action="store_true",
+                        help="ours and OHIF on an emulated 20 Mbit/s, 40 ms link")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dgw-viewer-"))
+    if args.network:
+        try:
+            network(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         with DicomwebServer(work / "gateway") as server:
             source = work / "ct"

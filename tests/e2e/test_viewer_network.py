@@ -5,21 +5,16 @@ prefetch: first image within 1.5 s, and every image reached by holding ↓ shown
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from gateway.importer import run_import
 from tests.e2e.test_viewer import ADMIN, ARTIFACTS, CHROMIUM, browser
 from tests.support.dicomweb_server import DicomwebServer
+from tests.support.real_series import real_ct_series
 from worker import Spool
 
 __all__ = ["browser"]  # the viewer tests' fixture, used here
@@ -28,29 +23,11 @@ LINK = {"offline": False, "latency": 40, "downloadThroughput": 20_000_000 / 8,
         "uploadThroughput": 20_000_000 / 8}
 
 
-def _real_ct_series(folder: Path) -> Path:
-    """A series of `SLICES` real 512x512 CT slices (pydicom-data's 693_UNCR, each shifted by
-    a row so that no two frames are alike), one file each."""
-    source = pydicom.dcmread(get_testdata_file("693_UNCR.dcm"))
-    pixels = source.pixel_array
-    study, series = generate_uid(), generate_uid()
-    folder.mkdir(parents=True)
-    for number in range(1, SLICES + 1):
-        dataset = copy.deepcopy(source)
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
-        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        dataset.InstanceNumber = number
-        dataset.ImagePositionPatient = [0, 0, float(number)]
-        dataset.PixelData = np.roll(pixels, number, axis=0).tobytes()
-        dataset.save_as(folder / f"{number:03d}.dcm", enforce_file_format=True)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def long_ct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DicomwebServer, str]]:
     root = tmp_path_factory.mktemp("viewer-network")
     with DicomwebServer(root) as running:
-        run_import([_real_ct_series(root / "ct")], running.pipeline, Spool(root / "spool", "site1"))
+        run_import([real_ct_series(root / "ct", SLICES)], running.pipeline, Spool(root / "spool", "site1"))
         studies = httpx.get(f"{running.url}/studies", headers=ADMIN).json()
         [study] = [s["0020000D"]["Value"][0] for s in studies
                    if s["00201208"]["Value"][0] == SLICES]
