@@ -11,7 +11,8 @@ const codec = CODECS[new URL(self.location.href).searchParams.get("codec")];
 importScripts(`vendor/${codec.folder}/${codec.script}`);
 const ready = codec.factory()({ locateFile: (name) => new URL(`vendor/${codec.folder}/${name}`, self.location.href).href });
 
-self.onmessage = async ({ data: { id, bytes } }) => {
+self.onmessage = async ({ data: { id, bytes, warm } }) => {
+  if (warm) return;  // started early: the WebAssembly is compiling already
   try {
     const lib = await ready;
     const decoder = codec.make(lib);

@@ -29,7 +29,20 @@ const BROWSER_DECODED = new Map([
 class Decoders {
   constructor(base) { this.base = base; this.workers = new Map(); this.waiting = new Map(); this.next = 0; }
 
+  /** Start a codec's worker now (it compiles its WebAssembly while the page asks for the
+   * study list and the first metadata, instead of after the first frame arrived). */
+  warm(codec) { this.worker(codec).postMessage({ warm: true }); }
+
   decode(codec, bytes) {
+    const worker = this.worker(codec);
+    const id = this.next++;
+    return new Promise((resolve, reject) => {
+      this.waiting.set(id, { resolve, reject });
+      worker.postMessage({ id, bytes }, [bytes.buffer]);
+    });
+  }
+
+  worker(codec) {
     let worker = this.workers.get(codec);
     if (!worker) {
       worker = new Worker(new URL(`decoder.js?codec=${codec}`, this.base));
@@ -40,11 +53,7 @@ class Decoders {
       };
       this.workers.set(codec, worker);
     }
-    const id = this.next++;
-    return new Promise((resolve, reject) => {
-      this.waiting.set(id, { resolve, reject });
-      worker.postMessage({ id, bytes }, [bytes.buffer]);
-    });
+    return worker;
   }
 }
 
@@ -175,16 +184,22 @@ export function frameInfo(info, item, frame) {
 
 /** The patient directions of the four edges of an image (PS3.3 C.7.6.1.1.1), from Image
  * Orientation (Patient): {left, right, top, bottom}, e.g. "R", "L", "A", "P"; null without. */
-export function orientationMarkers(orientation) {
+export function orientationMarkers(orientation, screenRight = [1, 0], screenDown = [0, 1]) {
   if (!orientation || orientation.length !== 6) return null;
   const letters = (vector) => {
     const names = [["L", "R"], ["P", "A"], ["H", "F"]];
     return vector.map((v, axis) => [Math.abs(v), v > 0 ? names[axis][0] : names[axis][1]])
       .filter(([size]) => size > 0.25).sort((a, b) => b[0] - a[0]).map(([, name]) => name).join("");
   };
-  const row = orientation.slice(0, 3), column = orientation.slice(3);
+  // A screen direction (in image columns, rows: after rotation and flips) in patient space.
+  const patient = ([c, r]) => {
+    const v = [0, 1, 2].map((axis) => c * orientation[axis] + r * orientation[axis + 3]);
+    const size = Math.hypot(...v) || 1;
+    return v.map((x) => x / size);
+  };
+  const right = patient(screenRight), down = patient(screenDown);
   const opposite = (vector) => vector.map((v) => -v);
-  return { right: letters(row), left: letters(opposite(row)), bottom: letters(column), top: letters(opposite(column)) };
+  return { right: letters(right), left: letters(opposite(right)), bottom: letters(down), top: letters(opposite(down)) };
 }
 
 /** The red, green and blue lookup tables of a PALETTE COLOR image, each scaled to 0-255

@@ -1,6 +1,7 @@
 // The share viewer: study browser, stack viewports with W/L, zoom/pan, cine, 1x1 / 1x2.
 // Plain ES modules served as static files: no build step, nothing fetched from elsewhere.
 import { keepContextKey, openContext } from "./context.js";
+import { angle, ellipseStats, length, probe, scaleBarMm } from "./measure.js";
 import { DicomWeb, defaultWindow, frameInfo, imageInfo, orientationMarkers, paint, pixels, range, value, values } from "./dicom.js";
 
 const TEXT = {
@@ -19,7 +20,9 @@ const TEXT = {
       ["R", "réinitialiser"], ["Espace", "ciné"], ["Tab", "vue suivante (2 vues)"], ["?", "cette aide"]],
     touches: [["1 doigt", "outil actif (défilement par défaut)"], ["2 doigts : pincer", "zoom"],
       ["2 doigts : glisser", "déplacer"], ["double toucher", "taille d'origine"]],
-    toolScroll: "Défiler",
+    toolScroll: "Défiler", toolLength: "Longueur", toolAngle: "Angle", toolRoi: "ROI (ellipse)", toolProbe: "Valeur du pixel",
+    rotate: "Pivoter 90°", flipH: "Miroir ↔", flipV: "Miroir ↕", fullscreen: "Plein écran", exportPng: "Exporter (PNG)",
+    clear: "Effacer les mesures", sync: "Synchroniser", mean: "moy.", sd: "é-t", area: "aire",
     viewport: "Vue", loading: "Chargement", image: "image", uses: "Ouvertures", colon: " : ",
     sessionEnded: "Votre session de lecture a pris fin après un temps d'inactivité. Rouvrez-la : le code PIN est redemandé, aucune ouverture n'est décomptée.",
     reopen: "Rouvrir",
@@ -50,7 +53,9 @@ const TEXT = {
       ["R", "reset"], ["Space", "cine"], ["Tab", "next view (2 views)"], ["?", "this help"]],
     touches: [["1 finger", "active tool (scrolling by default)"], ["2 fingers: pinch", "zoom"],
       ["2 fingers: drag", "pan"], ["double tap", "original size"]],
-    toolScroll: "Scroll",
+    toolScroll: "Scroll", toolLength: "Length", toolAngle: "Angle", toolRoi: "ROI (ellipse)", toolProbe: "Pixel value",
+    rotate: "Rotate 90°", flipH: "Flip ↔", flipV: "Flip ↕", fullscreen: "Full screen", exportPng: "Export (PNG)",
+    clear: "Clear measurements", sync: "Synchronise", mean: "mean", sd: "SD", area: "area",
     viewport: "View", loading: "Loading", image: "image", uses: "Uses", colon: ": ",
     sessionEnded: "Your reading session ended after a while without activity. Reopen it: the PIN is asked again, no use is counted.",
     reopen: "Reopen",
@@ -96,6 +101,8 @@ class FrameCache {
 // A quarter of the device's memory when the browser says it (Chrome), else 1 GB.
 const CACHE_BYTES = Math.min(1 << 30, (navigator.deviceMemory || 4) * (1 << 28));
 const SERIES_PAGE = 1000;  // QIDO-RS answers at most this many rows: longer series are paged
+
+const MEASURING = new Set(["length", "angle", "roi", "probe"]);
 
 /** Series modalities without images: their tiles have no thumbnail to ask for. */
 const NON_IMAGE_MODALITIES = new Set(["SR", "KO", "PR", "SEG", "DOC", "RTSTRUCT", "RTPLAN"]);
@@ -317,6 +324,9 @@ class Viewport {
     this.offscreen = document.createElement("canvas");
     this.stack = null; this.index = 0; this.window = null; this.invert = false; this.useVoiLut = true;
     this.zoom = 1; this.pan = [0, 0]; this.cine = null; this.current = null;
+    this.rotation = 0; this.flipH = false; this.flipV = false;
+    this.annotations = new Map();  // "sop/frame" -> [{type, points, result}], in image pixels
+    this.pendingAngle = null;
     this.bindEvents();
     new ResizeObserver(() => this.draw()).observe(this.node);
   }
@@ -332,6 +342,7 @@ class Viewport {
     }, this.app.cache);
     this.stack = stack; this.seriesItem = seriesItem;
     this.index = 0; this.window = null; this.invert = false; this.zoom = 1; this.pan = [0, 0];
+    this.rotation = 0; this.flipH = this.flipV = false; this.pendingAngle = null;
     try {
       await stack.open();
     } catch (error) {
@@ -410,10 +421,11 @@ class Viewport {
     const image = context.createImageData(info.columns, info.rows);
     paint(image, info, loaded.data, loaded.stats, this.window, this.invert, this.useVoiLut && !this.windowChanged);
     context.putImageData(image, 0, 0);
-    this.current = { info, entry };
+    this.current = { info, entry, loaded };
     this.draw();
     this.canvas.dataset.index = String(index);
     timings.painted.push([index, performance.now()]);  // for the tests and the benchmark
+    if (this === this.app.active) this.syncOther();
   }
 
   draw() {
@@ -427,14 +439,194 @@ class Viewport {
     context.fillStyle = "#000"; context.fillRect(0, 0, width, height);
     if (!this.current) return;
     const { info } = this.current;
-    const spacing = info.pixelSpacing.length === 2 && info.pixelSpacing[0] > 0 ? info.pixelSpacing[1] / info.pixelSpacing[0] : 1;
-    const fit = Math.min(width / info.columns, height / (info.rows / spacing));
-    const scale = fit * this.zoom;
-    const drawW = info.columns * scale, drawH = (info.rows / spacing) * scale;
-    context.imageSmoothingEnabled = scale < 1;
-    context.drawImage(this.offscreen, (width - drawW) / 2 + this.pan[0] * ratio, (height - drawH) / 2 + this.pan[1] * ratio, drawW, drawH);
-    this.scale = scale / ratio;
+    this.matrix = this.imageMatrix(info, width, height, ratio);
+    context.setTransform(this.matrix);
+    context.imageSmoothingEnabled = this.scale * ratio < 1;
+    context.drawImage(this.offscreen, 0, 0);
+    context.setTransform(1, 0, 0, 1, 0, 0);
+    this.drawAnnotations(context, ratio);
+    this.drawScaleBar(context, ratio, info);
     this.updateOverlay();
+  }
+
+  /** Image pixels -> canvas pixels: the frame fitted, zoomed, panned, rotated and flipped,
+   * its rows stretched by the pixel aspect ratio. */
+  imageMatrix(info, width, height, ratio) {
+    const aspect = info.pixelSpacing.length === 2 && info.pixelSpacing[1] > 0 ? info.pixelSpacing[0] / info.pixelSpacing[1] : 1;
+    const quarter = this.rotation % 180 !== 0;
+    const shownW = quarter ? info.rows * aspect : info.columns, shownH = quarter ? info.columns : info.rows * aspect;
+    const scale = Math.min(width / shownW, height / shownH) * this.zoom;
+    this.scale = scale / ratio;
+    return new DOMMatrix()
+      .translate(width / 2 + this.pan[0] * ratio, height / 2 + this.pan[1] * ratio)
+      .rotate(this.rotation)
+      .scale(this.flipH ? -scale : scale, (this.flipV ? -scale : scale) * aspect)
+      .translate(-info.columns / 2, -info.rows / 2);
+  }
+
+  /** Image coordinates of a point of the page (a pointer), and back (tests use both). */
+  toImage(clientX, clientY) {
+    const rect = this.canvas.getBoundingClientRect(), ratio = window.devicePixelRatio || 1;
+    const point = this.matrix.inverse().transformPoint(new DOMPoint((clientX - rect.left) * ratio, (clientY - rect.top) * ratio));
+    return [point.x, point.y];
+  }
+
+  toPage(x, y) {
+    const rect = this.canvas.getBoundingClientRect(), ratio = window.devicePixelRatio || 1;
+    const point = this.matrix.transformPoint(new DOMPoint(x, y));
+    return [rect.left + point.x / ratio, rect.top + point.y / ratio];
+  }
+
+  frameKey() { return this.current ? `${this.current.entry.sop}/${this.current.entry.frame}` : ""; }
+
+  measurementsHere() {
+    const key = this.frameKey();
+    if (!this.annotations.has(key)) this.annotations.set(key, []);
+    return this.annotations.get(key);
+  }
+
+  /** Recompute what an annotation measures on the frame on screen. */
+  measure(annotation) {
+    const { info, loaded } = this.current;
+    const [a, b, c] = annotation.points;
+    const unit = value(this.seriesItem || {}, "00080060") === "CT" ? " HU" : "";
+    if (annotation.type === "length") {
+      const found = length(info, a, b);
+      annotation.result = found; annotation.label = `${found.value.toFixed(1)} ${found.unit}`;
+    } else if (annotation.type === "angle" && c) {
+      annotation.result = { value: angle(info, a, b, c) }; annotation.label = `${annotation.result.value.toFixed(1)}°`;
+    } else if (annotation.type === "roi") {
+      const found = ellipseStats(info, loaded.data, a, b);
+      const t = this.app.t;
+      annotation.result = found;
+      annotation.label = found.count ? `${t.mean} ${found.mean.toFixed(1)}${unit}  ${t.sd} ${found.sd.toFixed(1)}\nmin ${found.min.toFixed(0)}  max ${found.max.toFixed(0)}\n${t.area} ${found.area.toFixed(1)} ${found.unit}²` : "";
+    } else if (annotation.type === "probe") {
+      const found = probe(info, loaded.data, a);
+      annotation.result = found;
+      annotation.label = found ? `(${found.column}, ${found.row}) ${Number(found.value.toFixed(2))}${unit}` : "";
+    }
+  }
+
+  drawAnnotations(context, ratio) {
+    const list = this.annotations.get(this.frameKey()) || [];
+    context.save();
+    context.strokeStyle = "#ffd75e"; context.fillStyle = "#ffd75e"; context.lineWidth = 1.5 * ratio;
+    context.font = `${12 * ratio}px system-ui, sans-serif`;
+    context.shadowColor = "#000"; context.shadowBlur = 2 * ratio;
+    const screen = ([x, y]) => { const p = this.matrix.transformPoint(new DOMPoint(x, y)); return [p.x, p.y]; };
+    for (const annotation of list) {
+      const points = annotation.points.map(screen);
+      context.beginPath();
+      if (annotation.type === "roi") {
+        const [a, b] = annotation.points;
+        const cx = (a[0] + b[0]) / 2, cy = (a[1] + b[1]) / 2, rx = Math.abs(b[0] - a[0]) / 2, ry = Math.abs(b[1] - a[1]) / 2;
+        for (let k = 0; k <= 64; k++) {
+          const [x, y] = screen([cx + rx * Math.cos((k * Math.PI) / 32), cy + ry * Math.sin((k * Math.PI) / 32)]);
+          if (k) context.lineTo(x, y); else context.moveTo(x, y);
+        }
+      } else if (annotation.type === "probe") {
+        const [x, y] = points[0];
+        context.moveTo(x - 6 * ratio, y); context.lineTo(x + 6 * ratio, y); context.moveTo(x, y - 6 * ratio); context.lineTo(x, y + 6 * ratio);
+      } else {
+        points.forEach(([x, y], k) => (k ? context.lineTo(x, y) : context.moveTo(x, y)));
+      }
+      context.stroke();
+      if (annotation.label) {
+        const [x, y] = points[points.length - 1];
+        annotation.label.split("\n").forEach((line, k) => context.fillText(line, x + 8 * ratio, y + (k * 14 + 4) * ratio));
+      }
+    }
+    context.restore();
+  }
+
+  /** A bar of a round number of millimetres under the image, when the pixel spacing is known. */
+  drawScaleBar(context, ratio, info) {
+    if (info.pixelSpacing.length !== 2 || !(info.pixelSpacing[0] > 0)) return;
+    const inverse = this.matrix.inverse();
+    const mmPerPixel = Math.hypot(inverse.a * info.pixelSpacing[1], inverse.b * info.pixelSpacing[0]);
+    const mm = scaleBarMm((this.canvas.width / 5) * mmPerPixel);
+    if (!mm) return;
+    const length = mm / mmPerPixel, x = (this.canvas.width - length) / 2, y = this.canvas.height - 12 * ratio;
+    context.save();
+    context.strokeStyle = "#f4f7fa"; context.fillStyle = "#f4f7fa"; context.lineWidth = 2 * ratio;
+    context.beginPath(); context.moveTo(x, y - 4 * ratio); context.lineTo(x, y); context.lineTo(x + length, y); context.lineTo(x + length, y - 4 * ratio); context.stroke();
+    context.font = `${11 * ratio}px system-ui, sans-serif`; context.textAlign = "center";
+    context.fillText(`${mm} mm`, x + length / 2, y - 5 * ratio);
+    context.restore();
+    this.scaleBar = { mm, pixels: length / ratio };
+  }
+
+  /** A new measurement (or an angle's second arm) at image point p. */
+  startMeasurement(tool, p) {
+    const list = this.measurementsHere();
+    if (tool === "angle" && this.pendingAngle && list.includes(this.pendingAngle)) {
+      const annotation = this.pendingAngle;
+      annotation.points.push([...p]);
+      this.pendingAngle = null;
+      return annotation;
+    }
+    if (tool === "probe") for (let k = list.length - 1; k >= 0; k--) if (list[k].type === "probe") list.splice(k, 1);
+    const annotation = { type: tool, points: tool === "probe" ? [[...p]] : [[...p], [...p]] };
+    list.push(annotation);
+    this.measure(annotation);
+    this.draw();
+    return annotation;
+  }
+
+  finishMeasurement(annotation) {
+    const [a, b] = annotation.points;
+    if (annotation.type !== "probe" && annotation.points.length === 2 && a[0] === b[0] && a[1] === b[1]) {
+      const list = this.measurementsHere();  // a click, not a drag: nothing measured
+      list.splice(list.indexOf(annotation), 1);
+    } else if (annotation.type === "angle" && annotation.points.length === 2) {
+      this.pendingAngle = annotation;  // the first arm: the next press draws the second
+    }
+    this.measure(annotation);
+    this.draw();
+    window.dgwViewer.measurements = [...this.measurementsHere()].map((m) => ({ type: m.type, points: m.points, result: m.result }));
+  }
+
+  rotate() { this.rotation = (this.rotation + 90) % 360; this.draw(); }
+  flip(horizontal) { if (horizontal) this.flipH = !this.flipH; else this.flipV = !this.flipV; this.draw(); }
+  clearMeasurements() { this.annotations.delete(this.frameKey()); this.pendingAngle = null; this.draw(); }
+
+  /** The viewport as a PNG (image, measurements and the overlay's text), downloaded. */
+  exportPng() {
+    const copy = document.createElement("canvas");
+    copy.width = this.canvas.width; copy.height = this.canvas.height;
+    const context = copy.getContext("2d");
+    context.drawImage(this.canvas, 0, 0);
+    const ratio = window.devicePixelRatio || 1;
+    context.font = `${12 * ratio}px system-ui, sans-serif`; context.fillStyle = "#f4f7fa";
+    context.shadowColor = "#000"; context.shadowBlur = 2 * ratio;
+    const corners = [["left", "top"], ["right", "top"], ["left", "bottom"], ["right", "bottom"]];
+    this.overlays.forEach((overlay, k) => {
+      const lines = overlay.textContent.split("\n");
+      const [side, edge] = corners[k];
+      context.textAlign = side;
+      lines.forEach((line, n) => {
+        const y = edge === "top" ? (n + 1) * 15 * ratio : copy.height - (lines.length - n - 0.3) * 15 * ratio;
+        context.fillText(line, side === "left" ? 6 * ratio : copy.width - 6 * ratio, y);
+      });
+    });
+    copy.toBlob((blob) => {
+      const link = el("a", { href: URL.createObjectURL(blob), download: `image-${this.index + 1}.png` });
+      document.body.append(link); link.click(); link.remove();
+      setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+    }, "image/png");
+  }
+
+  /** The other view follows this one to the image nearest along its slice normal (1x2). */
+  syncOther() {
+    const other = this.app.viewports.find((v) => v !== this);
+    if (!this.app.sync || this.app.layout !== 2 || !other || !other.stack || !this.current) return;
+    const position = this.current.info.position, frames = other.stack.frames;
+    const normal = sliceNormal(frames[0] && frames[0].info.orientation);
+    if (!normal || position.length !== 3 || frames.some((f) => f.info.position.length !== 3)) return;
+    const target = dot(position, normal);
+    let best = other.index;
+    frames.forEach((f, k) => { if (Math.abs(dot(f.info.position, normal) - target) < Math.abs(dot(frames[best].info.position, normal) - target)) best = k; });
+    if (best !== other.index) { other.index = best; other.render(); }
   }
 
   updateOverlay() {
@@ -452,7 +644,8 @@ class Viewport {
     const location = info.sliceLocation !== undefined ? `Loc ${Number(info.sliceLocation).toFixed(1)} mm` :
       info.position.length === 3 ? `Pos ${info.position.map((v) => v.toFixed(1)).join(", ")}` : "";
     this.overlays[3].textContent = [location, info.sliceThickness ? `Th ${Number(info.sliceThickness).toFixed(1)} mm` : ""].filter(Boolean).join("\n");
-    const markers = orientationMarkers(info.orientation) || {};
+    const inverse = this.matrix.inverse();
+    const markers = orientationMarkers(info.orientation, [inverse.a, inverse.b], [inverse.c, inverse.d]) || {};
     for (const [edge, node] of Object.entries(this.markers)) node.textContent = markers[edge] || "";
   }
 
@@ -469,7 +662,7 @@ class Viewport {
 
   setWindow(center, width) { this.window = [center, Math.max(1, width)]; this.windowChanged = true; this.render(); }
   datasetWindow() { this.window = null; this.windowChanged = false; this.render(); }
-  reset() { this.zoom = 1; this.pan = [0, 0]; this.invert = false; this.datasetWindow(); }
+  reset() { this.zoom = 1; this.pan = [0, 0]; this.invert = false; this.rotation = 0; this.flipH = this.flipV = false; this.datasetWindow(); }
   toggleInvert() { this.invert = !this.invert; this.render(); }
 
   toggleCine() {
@@ -506,6 +699,7 @@ class Viewport {
         const tool = event.button === 2 ? "zoom" : event.button === 1 || event.shiftKey ? "pan" : this.app.tool;
         gesture = { tool, x: event.clientX, y: event.clientY, window: this.window ? [...this.window] : null,
           zoom: this.zoom, pan: [...this.pan], index: this.index };
+        if (MEASURING.has(tool) && this.current) gesture.annotation = this.startMeasurement(tool, this.toImage(event.clientX, event.clientY));
       }
     });
     canvas.addEventListener("pointermove", (event) => {
@@ -520,7 +714,12 @@ class Viewport {
         return;
       }
       const dx = event.clientX - gesture.x, dy = event.clientY - gesture.y, start = gesture;
-      if (start.tool === "wl" && start.window) this.setWindow(start.window[0] + dy * Math.max(1, start.window[1] / 256), start.window[1] + dx * Math.max(1, start.window[1] / 256));
+      if (start.annotation) {
+        const points = start.annotation.points;
+        points[start.annotation.type === "probe" ? 0 : points.length - 1] = this.toImage(event.clientX, event.clientY);
+        this.measure(start.annotation);
+        this.draw();
+      } else if (start.tool === "wl" && start.window) this.setWindow(start.window[0] + dy * Math.max(1, start.window[1] / 256), start.window[1] + dx * Math.max(1, start.window[1] / 256));
       else if (start.tool === "zoom") { this.zoom = Math.min(20, Math.max(0.1, start.zoom * Math.exp(-dy / 200))); this.draw(); }
       else if (start.tool === "pan") { this.pan = [start.pan[0] + dx, start.pan[1] + dy]; this.draw(); }
       else if (start.tool === "scroll" && this.stack) {
@@ -529,6 +728,7 @@ class Viewport {
       }
     });
     const up = (event) => {
+      if (gesture && gesture.annotation && pointers.size === 1) this.finishMeasurement(gesture.annotation);
       pointers.delete(event.pointerId);
       if (!pointers.size) gesture = null;
       else if (gesture && gesture.tool === "pinch") gesture = null;  // lift both to start anew
@@ -558,6 +758,7 @@ class App {
     // On a touch screen one finger scrolls through the stack unless another tool is chosen.
     this.touch = window.matchMedia("(pointer: coarse)").matches;
     this.tool = this.touch ? "scroll" : "wl";
+    this.sync = false;
     this.layout = 1;
   }
 
@@ -565,6 +766,7 @@ class App {
 
   async start() {
     this.build();
+    if (typeof Worker !== "undefined") this.api.decoders.warm("htj2k");  // the default storage codec
     try {
       this.studies = await this.api.json("/studies?includefield=00081030,00280303,00101010&limit=100");
     } catch (error) {
@@ -669,13 +871,19 @@ class App {
     const data = this.rootNode.dataset;
     const button = (text, attributes, onclick) => el("button", { type: "button", ...attributes, onclick }, text);
     this.toolSelect = el("select", { "aria-label": t.tool, onchange: (e) => { this.tool = e.target.value; } },
-      ...[["wl", t.toolWl], ["scroll", t.toolScroll], ["pan", t.toolPan], ["zoom", t.toolZoom]].map(([value, text]) =>
+      ...[["wl", t.toolWl], ["scroll", t.toolScroll], ["pan", t.toolPan], ["zoom", t.toolZoom], ["length", t.toolLength],
+        ["angle", t.toolAngle], ["roi", t.toolRoi], ["probe", t.toolProbe]].map(([value, text]) =>
         el("option", { value, text, selected: value === this.tool })));
     this.presetSelect = el("select", { "aria-label": t.presets, onchange: (e) => this.preset(e.target.value) },
       el("option", { value: "", text: t.presets }), el("option", { value: "dataset", text: `0 · ${t.dataset}` }),
       ...PRESETS.map(([name], i) => el("option", { value: name, text: `${i + 1} · ${t[name]}` })));
     this.layoutButtons = [1, 2].map((n) => button(t[`layout${n}`], { "aria-pressed": String(n === 1), "data-layout": n }, () => this.setLayout(n)));
     this.cineButton = button(t.play, { "aria-pressed": "false", "aria-keyshortcuts": "Space" }, () => this.active.toggleCine());
+    this.syncButton = button(t.sync, { "aria-pressed": "false", hidden: true }, () => {
+      this.sync = !this.sync;
+      this.syncButton.setAttribute("aria-pressed", String(this.sync));
+      if (this.sync) this.active.syncOther();
+    });
     const otherLang = this.lang === "fr" ? "en" : "fr";
     const expires = new Date(data.expires);
     this.help = el("dialog", { "aria-label": t.help },
@@ -688,7 +896,13 @@ class App {
       this.toolSelect, this.presetSelect,
       button(t.invert, { "aria-keyshortcuts": "I" }, () => this.active.toggleInvert()),
       button(t.reset, { "aria-keyshortcuts": "R" }, () => this.active.reset()),
-      this.cineButton, ...this.layoutButtons,
+      this.cineButton, ...this.layoutButtons, this.syncButton,
+      button("⟳", { "aria-label": t.rotate, title: t.rotate }, () => this.active.rotate()),
+      button("↔", { "aria-label": t.flipH, title: t.flipH }, () => this.active.flip(true)),
+      button("↕", { "aria-label": t.flipV, title: t.flipV }, () => this.active.flip(false)),
+      button("✕", { "aria-label": t.clear, title: t.clear }, () => this.active.clearMeasurements()),
+      button("⛶", { "aria-label": t.fullscreen, title: t.fullscreen }, () => this.toggleFullscreen()),
+      button("PNG", { "aria-label": t.exportPng, title: t.exportPng }, () => this.active.exportPng()),
       data.download ? el("a", { class: "button", href: `${data.root}/download`, download: "", text: t.download }) : null,
       el("span", { class: "spacer" }),
       el("span", { class: "expiry", title: expires.toISOString(),
@@ -730,8 +944,14 @@ class App {
     if (this.cineButton) this.cineButton.setAttribute("aria-pressed", String(Boolean(this.active && this.active.cine)));
   }
 
+  toggleFullscreen() {
+    if (document.fullscreenElement) document.exitFullscreen();
+    else if (this.viewportArea.requestFullscreen) this.viewportArea.requestFullscreen();
+  }
+
   setLayout(n) {
     this.layout = n;
+    this.syncButton.hidden = n !== 2;
     this.viewportArea.className = `viewports layout-${n}`;
     this.viewportArea.replaceChildren(...this.viewports.slice(0, n).map((v) => v.node));
     this.layoutButtons.forEach((b) => b.setAttribute("aria-pressed", String(Number(b.dataset.layout) === n)));
