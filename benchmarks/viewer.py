@@ -50,15 +50,22 @@ FETCH_ALL = """async ([urls, accept, concurrency]) => {
 LINK = {"offline": False, "latency": 40, "downloadThroughput": 20_000_000 / 8,
         "uploadThroughput": 20_000_000 / 8}
 STEP_MS = 33
-# OHIF: when each ↓ was pressed, and when its overlay showed which image (k/N) was painted.
+# OHIF: when each ↓ was pressed, and each time cornerstone3D rendered which image of the
+# stack (its IMAGE_RENDERED event on the viewport's element: the image is on screen).
 OHIF_PROBE = """(() => {
   window.__asked = []; window.__painted = [];
   document.addEventListener('keydown', (e) => { if (e.key === 'ArrowDown') window.__asked.push(performance.now()); }, true);
-  let last = null;
-  new MutationObserver(() => {
-    const match = /\\((\\d+)\\s*\\/\\s*\\d+\\)/.exec(document.body ? document.body.innerText : '');
-    if (match && match[1] !== last) { last = match[1]; window.__painted.push([Number(match[1]) - 1, performance.now()]); }
-  }).observe(document, {subtree: true, childList: true, characterData: true});
+  const watched = new WeakSet();
+  setInterval(() => {
+    const cs = window.cornerstone;
+    if (!cs || !cs.getRenderingEngines) return;
+    for (const engine of cs.getRenderingEngines()) for (const viewport of engine.getViewports()) {
+      if (watched.has(viewport.element) || !viewport.getCurrentImageIdIndex) continue;
+      watched.add(viewport.element);
+      viewport.element.addEventListener(cs.Enums.Events.IMAGE_RENDERED, () =>
+        window.__painted.push([viewport.getCurrentImageIdIndex(), performance.now()]));
+    }
+  }, 20);
 })();"""
 
 

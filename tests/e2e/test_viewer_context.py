@@ -22,7 +22,7 @@ from storage import StudyQuery
 from tests.e2e.test_viewer import ADMIN, ARTIFACTS, CHROMIUM, _first_image, browser
 from tests.support.dicomweb_server import DicomwebServer
 from tests.support.services import wait_for
-from tests.support.writeback import basic_text_sr, stow
+from tests.support.writeback import basic_text_sr, segmentation, stow
 from web_viewer_api.sealed_context import seal, unseal
 from worker import Spool
 
@@ -161,14 +161,19 @@ def test_patients_are_grouped_and_never_mixed_and_shifted_dates_are_said(
     assert page.problems == []
 
 
-def _report_on(server: DicomwebServer, study: str) -> tuple[Dataset, str]:
-    """A Basic Text SR written back into `study`, citing its third CT image."""
+def _stored_ct(server: DicomwebServer, study: str) -> list[Dataset]:
+    """The study's CT instances as stored, in instance order."""
     headers = {**ADMIN, "Accept": "application/dicom"}
     listed = httpx.get(f"{server.url}/studies/{study}/instances", headers=ADMIN).json()
     stored = [pydicom.dcmread(BytesIO(httpx.get(
         f"{server.url}/studies/{study}/series/{i['0020000E']['Value'][0]}/instances/"
         f"{i['00080018']['Value'][0]}", headers=headers).content)) for i in listed]
-    ct = sorted((d for d in stored if d.Modality == "CT"), key=lambda d: int(d.InstanceNumber))
+    return sorted((d for d in stored if d.Modality == "CT"), key=lambda d: int(d.InstanceNumber))
+
+
+def _report_on(server: DicomwebServer, study: str) -> tuple[Dataset, str]:
+    """A Basic Text SR written back into `study`, citing its third CT image."""
+    ct = _stored_ct(server, study)
     report = basic_text_sr(ct, "Nodule de 6 mm du lobe supérieur droit, stable.")
     cited = ct[2]
     image = Dataset()
@@ -211,4 +216,35 @@ def test_a_report_reads_as_a_report_and_opens_the_image_it_cites(
         "(sop) => { const v = window.dgwViewer.app.viewports[0];"
         " return v.current && v.current.entry.sop === sop; }", arg=cited)
     assert page.locator(".series-tile.active strong").inner_text().startswith("CT")
+    assert page.problems == []
+
+
+def test_a_segmentation_is_drawn_over_the_images_it_segments(
+        server: DicomwebServer, context: Any) -> None:
+    study = _studies(server)[-1]
+    ct = _stored_ct(server, study)
+    answer = stow(f"{server.url}/studies/{study}", ADMIN, [segmentation(ct)])  # an AI's SEG
+    assert answer.status_code in (200, 202), answer.text
+    wait_for(lambda: any(s["00080060"]["Value"][0] == "SEG" for s in httpx.get(
+        f"{server.url}/studies/{study}/series", headers=ADMIN).json()), timeout=60,
+        what="the segmentation to be indexed")
+    page = _watched(context.new_page())
+    page.goto(_share(server, [study])["url"])
+    page.wait_for_function("() => window.dgwViewer.seriesLoaded >= 1", timeout=15_000)
+    tiles = page.locator(".series-tile")
+    next(tiles.nth(n) for n in range(tiles.count())
+         if tiles.nth(n).locator("strong").inner_text().startswith("CT")).click()
+    page.wait_for_function("() => (window.dgwViewer.app.viewports[0].segmentLegend || []).length > 0",
+                           timeout=15_000)
+    assert "SEG: lesion" in page.locator(".overlay.br").first.inner_text()
+    # The mask covers columns and rows 4 to 11 (tests/support/writeback.segmentation).
+    colour = """([x, y]) => { const v = window.dgwViewer.app.viewports[0];
+      const ratio = window.devicePixelRatio || 1, rect = v.canvas.getBoundingClientRect();
+      const [px, py] = v.toPage(x, y);
+      return Array.from(v.canvas.getContext('2d').getImageData(
+        Math.round((px - rect.left) * ratio), Math.round((py - rect.top) * ratio), 1, 1).data).slice(0, 3); }"""
+    page.wait_for_function(f"() => {{ const [r, g, b] = ({colour})([8, 8]); return r !== g || g !== b; }}",
+                           timeout=10_000)
+    inside, outside = page.evaluate(colour, [8, 8]), page.evaluate(colour, [40, 40])
+    assert len(set(inside)) > 1 and len(set(outside)) == 1, (inside, outside)  # tinted / grey
     assert page.problems == []

@@ -148,6 +148,8 @@ export function imageInfo(item, availableSyntax) {
     sliceThickness: value(item, "00180050"),
     pixelSpacing: values(item, "00280030").map(Number),
     palette: photometric === "PALETTE COLOR" ? paletteOf(item) : null,
+    frameRate: Number(value(item, "00082144") || value(item, "00180040") || 0),
+    frameTime: Number(value(item, "00181063") || 0),
   };
 }
 

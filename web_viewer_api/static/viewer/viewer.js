@@ -20,6 +20,7 @@ const TEXT = {
       ["R", "réinitialiser"], ["Espace", "ciné"], ["Tab", "vue suivante (2 vues)"], ["?", "cette aide"]],
     touches: [["1 doigt", "outil actif (défilement par défaut)"], ["2 doigts : pincer", "zoom"],
       ["2 doigts : glisser", "déplacer"], ["double toucher", "taille d'origine"]],
+    fps: "Vitesse du ciné", fpsAuto: "i/s : examen",
     toolScroll: "Défiler", toolLength: "Longueur", toolAngle: "Angle", toolRoi: "ROI (ellipse)", toolProbe: "Valeur du pixel",
     rotate: "Pivoter 90°", flipH: "Miroir ↔", flipV: "Miroir ↕", fullscreen: "Plein écran", exportPng: "Exporter (PNG)",
     clear: "Effacer les mesures", sync: "Synchroniser", mean: "moy.", sd: "é-t", area: "aire",
@@ -53,6 +54,7 @@ const TEXT = {
       ["R", "reset"], ["Space", "cine"], ["Tab", "next view (2 views)"], ["?", "this help"]],
     touches: [["1 finger", "active tool (scrolling by default)"], ["2 fingers: pinch", "zoom"],
       ["2 fingers: drag", "pan"], ["double tap", "original size"]],
+    fps: "Cine rate", fpsAuto: "fps: data set",
     toolScroll: "Scroll", toolLength: "Length", toolAngle: "Angle", toolRoi: "ROI (ellipse)", toolProbe: "Pixel value",
     rotate: "Rotate 90°", flipH: "Flip ↔", flipV: "Flip ↕", fullscreen: "Full screen", exportPng: "Export (PNG)",
     clear: "Clear measurements", sync: "Synchronise", mean: "mean", sd: "SD", area: "area",
@@ -117,6 +119,16 @@ function nonImageKind(sopClass, metadata) {
   if (uid.startsWith("1.2.840.10008.5.1.4.1.1.104.")) return "DOC";
   if (!value(metadata, "00280010")) return "OT";
   return null;
+}
+
+/** A SEG frame's bytes as one byte per pixel (1: in the segment): binary frames are packed
+ * 8 pixels a byte, least significant bit first (PS3.5 8.1.1). */
+function maskOf(bytes, segmentation) {
+  const size = segmentation.rows * segmentation.columns;
+  const mask = new Uint8Array(size);
+  if (segmentation.bitsAllocated === 1) for (let p = 0; p < size; p++) mask[p] = (bytes[p >> 3] >> (p & 7)) & 1;
+  else for (let p = 0; p < size; p++) mask[p] = bytes[p] ? 1 : 0;
+  return mask;
 }
 
 function countOf(t, n) { return `${n} ${n === 1 ? t.image : t.images}`; }
@@ -282,6 +294,44 @@ function sliceNormal(orientation) {
 }
 function dot(p, n) { return p[0] * n[0] + p[1] * n[1] + p[2] * n[2]; }
 
+const SEGMENT_COLOURS = [[255, 80, 80], [80, 200, 255], [120, 255, 120], [255, 200, 60], [220, 120, 255], [255, 140, 200]];
+
+/** CIELab (DICOM's 16-bit scaled values) to sRGB 0-255. */
+function labToRgb([l16, a16, b16]) {
+  const l = (l16 / 65535) * 100, a = (a16 / 65535) * 255 - 128, b = (b16 / 65535) * 255 - 128;
+  const fy = (l + 16) / 116, fx = fy + a / 500, fz = fy - b / 200;
+  const f = (t) => (t ** 3 > 0.008856 ? t ** 3 : (t - 16 / 116) / 7.787);
+  const [x, y, z] = [0.95047 * f(fx), f(fy), 1.08883 * f(fz)];
+  const linear = [3.2406 * x - 1.5372 * y - 0.4986 * z, -0.9689 * x + 1.8758 * y + 0.0415 * z, 0.0557 * x - 0.204 * y + 1.057 * z];
+  return linear.map((c) => Math.round(255 * Math.min(1, Math.max(0, c > 0.0031308 ? 1.055 * c ** (1 / 2.4) - 0.055 : 12.92 * c))));
+}
+
+/** A SEG instance (PS3.3 A.51) as what the viewport draws: its segments and, by source
+ * instance, the SEG frames (with their segment) that lie over it. */
+function segmentationOf(metadata, study, series, sop, syntax) {
+  const segments = new Map(values(metadata, "00620002").map((segment, k) => {
+    const lab = values(segment, "0062000D").map(Number);
+    return [Number(value(segment, "00620004")), { label: value(segment, "00620005") || `#${k + 1}`,
+      rgb: lab.length === 3 ? labToRgb(lab) : SEGMENT_COLOURS[k % SEGMENT_COLOURS.length] }];
+  }));
+  const shared = values(metadata, "52009229")[0];
+  const bySource = new Map();
+  values(metadata, "52009230").forEach((frame, k) => {
+    const group = (tag) => values(frame, tag)[0] || values(shared, tag)[0];
+    const segment = Number(value(group("0062000A"), "0062000B") || 1);
+    for (const derivation of values(frame, "00089124")) {
+      for (const source of values(derivation, "00082112")) {
+        const uid = value(source, "00081155");
+        if (!bySource.has(uid)) bySource.set(uid, []);
+        bySource.get(uid).push({ frame: k + 1, segment });
+      }
+    }
+  });
+  return { study, series, sop, syntax, segments, bySource, masks: new Map(),
+    rows: Number(value(metadata, "00280010")), columns: Number(value(metadata, "00280011")),
+    bitsAllocated: Number(value(metadata, "00280100") || 8) };
+}
+
 /** An SR content tree (PS3.3 C.17.3) as nested lists: concept name, then its value. */
 function reportTree(items, t, cite) {
   return el("ul", { class: "report" }, ...items.map((item) => {
@@ -370,6 +420,44 @@ class Viewport {
       performance.mark("dgw-first-image");
     }
     stack.prefetch();
+    this.segmentations = [];
+    this.app.segmentationsFor(studyUid, seriesUid).then((found) => {
+      if (this.stack === stack) { this.segmentations = found; this.draw(); }
+    });
+  }
+
+  /** The masks of the segmentations over the image on screen (fetched once each). */
+  drawSegmentations(context) {
+    const sop = this.current.entry.sop;
+    const legend = [];
+    for (const segmentation of this.segmentations || []) {
+      for (const { frame, segment } of segmentation.bySource.get(sop) || []) {
+        const drawn = segmentation.segments.get(segment);
+        if (drawn && !legend.includes(drawn.label)) legend.push(drawn.label);
+        const mask = segmentation.masks.get(frame);
+        if (mask === undefined) {
+          segmentation.masks.set(frame, null);  // asked for
+          this.app.api.frame(segmentation.study, segmentation.series, segmentation.sop, frame, segmentation.syntax, false)
+            .then((bytes) => { segmentation.masks.set(frame, maskOf(bytes, segmentation)); this.draw(); },
+              (error) => window.dgwViewer.errors.push(String(error)));
+          continue;
+        }
+        if (!mask || !drawn) continue;
+        const layer = document.createElement("canvas");
+        layer.width = segmentation.columns; layer.height = segmentation.rows;
+        const pixels = layer.getContext("2d").createImageData(layer.width, layer.height);
+        const [r, g, b] = drawn.rgb;
+        for (let p = 0; p < mask.length; p++) {
+          if (!mask[p]) continue;
+          pixels.data[4 * p] = r; pixels.data[4 * p + 1] = g; pixels.data[4 * p + 2] = b; pixels.data[4 * p + 3] = 110;
+        }
+        layer.getContext("2d").putImageData(pixels, 0, 0);
+        context.setTransform(this.matrix);
+        context.drawImage(layer, 0, 0);
+        context.setTransform(1, 0, 0, 1, 0, 0);
+      }
+    }
+    this.segmentLegend = legend;
   }
 
   /** A non-image series: an SR or a key object selection as a readable report (its cited
@@ -444,6 +532,7 @@ class Viewport {
     context.imageSmoothingEnabled = this.scale * ratio < 1;
     context.drawImage(this.offscreen, 0, 0);
     context.setTransform(1, 0, 0, 1, 0, 0);
+    this.drawSegmentations(context);
     this.drawAnnotations(context, ratio);
     this.drawScaleBar(context, ratio, info);
     this.updateOverlay();
@@ -643,7 +732,8 @@ class Viewport {
     this.overlays[2].textContent = `W ${Math.round(width)}  L ${Math.round(center)}${this.invert ? "  ⇆" : ""}\n${t.zoom} ${(this.scale || 1).toFixed(2)}×`;
     const location = info.sliceLocation !== undefined ? `Loc ${Number(info.sliceLocation).toFixed(1)} mm` :
       info.position.length === 3 ? `Pos ${info.position.map((v) => v.toFixed(1)).join(", ")}` : "";
-    this.overlays[3].textContent = [location, info.sliceThickness ? `Th ${Number(info.sliceThickness).toFixed(1)} mm` : ""].filter(Boolean).join("\n");
+    this.overlays[3].textContent = [(this.segmentLegend || []).length ? `SEG: ${this.segmentLegend.join(", ")}` : "",
+      location, info.sliceThickness ? `Th ${Number(info.sliceThickness).toFixed(1)} mm` : ""].filter(Boolean).join("\n");
     const inverse = this.matrix.inverse();
     const markers = orientationMarkers(info.orientation, [inverse.a, inverse.b], [inverse.c, inverse.d]) || {};
     for (const [edge, node] of Object.entries(this.markers)) node.textContent = markers[edge] || "";
@@ -665,14 +755,25 @@ class Viewport {
   reset() { this.zoom = 1; this.pan = [0, 0]; this.invert = false; this.rotation = 0; this.flipH = this.flipV = false; this.datasetWindow(); }
   toggleInvert() { this.invert = !this.invert; this.render(); }
 
+  /** Frames per second: the chosen rate, else the data set's own (Recommended Display Frame
+   * Rate, Cine Rate, Frame Time), else 15. */
+  cineRate() {
+    if (this.app.fps) return this.app.fps;
+    const info = this.current && this.current.info;
+    const own = info && (info.frameRate || (info.frameTime ? 1000 / info.frameTime : 0));
+    return own > 0 && own <= 120 ? own : 15;
+  }
+
   toggleCine() {
     if (this.cine) { this.stopCine(); return; }
     if (!this.stack) return;
+    const rate = this.cineRate();
     this.cine = setInterval(() => {
       if (!this.stack) return;
       this.index = (this.index + 1) % this.stack.frames.length;
       this.render();
-    }, 1000 / 15);
+    }, 1000 / rate);
+    this.cineFps = rate;
     this.app.updateToolbar();
   }
   stopCine() { if (this.cine) { clearInterval(this.cine); this.cine = null; this.app.updateToolbar(); } }
@@ -759,6 +860,7 @@ class App {
     this.touch = window.matchMedia("(pointer: coarse)").matches;
     this.tool = this.touch ? "scroll" : "wl";
     this.sync = false;
+    this.fps = 0;  // the cine's rate; 0: the data set's own
     this.layout = 1;
   }
 
@@ -775,6 +877,7 @@ class App {
     }
     this.studies.sort((a, b) => String(value(b, "00080020") || "").localeCompare(String(value(a, "00080020") || "")));
     const listed = await Promise.all(this.studies.map((study) => this.api.json(`/studies/${value(study, "0020000D")}/series`)));
+    this.seriesOf = new Map(this.studies.map((study, position) => [value(study, "0020000D"), listed[position]]));
     // One section per patient (pseudonym), never mixed: a share of several patients says so.
     const patients = new Map();
     this.studies.forEach((study, position) => {
@@ -850,6 +953,27 @@ class App {
     }
   }
 
+  /** The segmentations (SEG series) of a study that reference series `seriesUid`: for each,
+   * its segments (number -> label, colour) and, per source instance, the SEG frames drawn
+   * over it. */
+  async segmentationsFor(studyUid, seriesUid) {
+    const found = [];
+    for (const item of (this.seriesOf && this.seriesOf.get(studyUid)) || []) {
+      if (value(item, "00080060") !== "SEG") continue;
+      const segSeries = value(item, "0020000E");
+      try {
+        const [instance] = await this.api.json(`/studies/${studyUid}/series/${segSeries}/instances?limit=1`);
+        const sop = value(instance, "00080018");
+        const [metadata] = await this.api.json(`/studies/${studyUid}/series/${segSeries}/instances/${sop}/metadata`);
+        if (!values(metadata, "00081115").some((r) => value(r, "0020000E") === seriesUid)) continue;
+        found.push(segmentationOf(metadata, studyUid, segSeries, sop, value(instance, "00083002")));
+      } catch (error) {
+        window.dgwViewer.errors.push(String(error));
+      }
+    }
+    return found;
+  }
+
   /** Open the series holding instance `sop` of a study (an image a report cites) at it. */
   async openInstance(viewport, studyUid, sop) {
     const [found] = await this.api.json(`/studies/${studyUid}/instances?00080018=${encodeURIComponent(sop)}&limit=1`);
@@ -879,6 +1003,10 @@ class App {
       ...PRESETS.map(([name], i) => el("option", { value: name, text: `${i + 1} · ${t[name]}` })));
     this.layoutButtons = [1, 2].map((n) => button(t[`layout${n}`], { "aria-pressed": String(n === 1), "data-layout": n }, () => this.setLayout(n)));
     this.cineButton = button(t.play, { "aria-pressed": "false", "aria-keyshortcuts": "Space" }, () => this.active.toggleCine());
+    this.fpsSelect = el("select", { "aria-label": t.fps, onchange: (e) => {
+      this.fps = Number(e.target.value) || 0;
+      if (this.active.cine) { this.active.stopCine(); this.active.toggleCine(); }  // the new rate now
+    } }, el("option", { value: "", text: t.fpsAuto }), ...[5, 10, 15, 20, 25, 30, 60].map((n) => el("option", { value: n, text: `${n} i/s` })));
     this.syncButton = button(t.sync, { "aria-pressed": "false", hidden: true }, () => {
       this.sync = !this.sync;
       this.syncButton.setAttribute("aria-pressed", String(this.sync));
@@ -896,7 +1024,7 @@ class App {
       this.toolSelect, this.presetSelect,
       button(t.invert, { "aria-keyshortcuts": "I" }, () => this.active.toggleInvert()),
       button(t.reset, { "aria-keyshortcuts": "R" }, () => this.active.reset()),
-      this.cineButton, ...this.layoutButtons, this.syncButton,
+      this.cineButton, this.fpsSelect, ...this.layoutButtons, this.syncButton,
       button("⟳", { "aria-label": t.rotate, title: t.rotate }, () => this.active.rotate()),
       button("↔", { "aria-label": t.flipH, title: t.flipH }, () => this.active.flip(true)),
       button("↕", { "aria-label": t.flipV, title: t.flipV }, () => this.active.flip(false)),
