@@ -161,6 +161,7 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     options: dict[str, Any] = {"host": settings.host, "port": settings.http.port,
                                "log_level": settings.log_level.lower(), "access_log": False,
                                "proxy_headers": False}
+    components.record_api_url(settings)  # the share links the CLI prints point here
     if settings.http.workers == 1:
         components.freeze_loaded_objects()
         uvicorn.run(application, **options)
@@ -423,7 +424,7 @@ def share_create(
             study_uids=tuple(study_uids), expires_in=lifetime, created_by=_actor(), pin=chosen_pin,
             max_uses=max_uses, allow_download=download, recipient=recipient,
             recipient_email=email, note=note, sealed_context=sealed),
-            settings.effective_public_url)
+            components.share_base_url(settings))
     except (ApiError, SettingsError) as exc:
         raise _fail(exc) from exc
     share = created.share

@@ -358,6 +358,25 @@ def mark_ready(settings: Settings, component: str) -> None:
     ready_file(settings, component).write_text(str(os.getpid()))
 
 
+def record_api_url(settings: Settings) -> None:
+    """Write where this data folder's API answers (its port as started, `--http-port`
+    included), for the CLI's share links."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    (settings.run_dir / "api.url").write_text(settings.effective_public_url)
+
+
+def share_base_url(settings: Settings) -> str:
+    """The base of share links: `HTTP__PUBLIC_URL`, else the URL the API of this data
+    folder recorded when it started, else the settings' own address and port."""
+    if settings.http.public_url:
+        return settings.effective_public_url
+    try:
+        recorded = (settings.run_dir / "api.url").read_text().strip()
+    except OSError:
+        recorded = ""
+    return recorded or settings.effective_public_url
+
+
 def clear_ready(settings: Settings, component: str) -> None:
     ready_file(settings, component).unlink(missing_ok=True)
 

@@ -772,3 +772,24 @@ def test_cli_seals_a_context_at_the_site_and_prints_its_key_only_in_the_link(
     (tmp_path / "bad.json").write_text('["not", "an object"]', encoding="utf-8")
     refused = runner.invoke(app, ["share", "create", study, "--context", str(tmp_path / "bad.json")])
     assert refused.exit_code != 0 and "--context" in refused.output
+
+
+def test_cli_share_links_point_at_the_api_of_the_data_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API started with `--http-port` records where it answers; `share create` on the
+    same data folder prints links there (not the default port), and they open."""
+    from gateway.cli import app
+    from tests.support.services import GatewayProcess, free_port, gateway_command, gateway_env, wait_for
+
+    runner, _engine, study = _site_with_a_study(tmp_path, monkeypatch)
+    port = free_port()
+    env = gateway_env(tmp_path, PSEUDONYM_SECRET="cli-test-secret-0123456789abcdef",
+                      ADMIN_TOKEN="cli-test-admin-0123456789abcdef")
+    with GatewayProcess(gateway_command("api", "--http-port", str(port)), env, tmp_path / "api.log"):
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/livez", timeout=2).status_code == 200,
+                 timeout=60, what="the API to answer")
+        created = runner.invoke(app, ["share", "create", study])
+        assert created.exit_code == 0, created.output
+        url = created.stdout.strip().splitlines()[-1]
+        assert url.startswith(f"http://127.0.0.1:{port}/s/"), url
+        assert httpx.get(url, timeout=10).status_code == 200
