@@ -178,3 +178,13 @@ def test_two_views_follow_each_other_by_slice_position(server: tuple[DicomwebSer
         assert positions[0] == positions[1]
     finally:
         context.close()
+
+
+def test_the_cine_rate_is_the_data_sets_or_the_chosen_one(page: Any) -> None:
+    page.locator(".viewport canvas").first.focus()
+    page.keyboard.press(" ")
+    assert page.evaluate("() => window.dgwViewer.app.viewports[0].cineFps") == 15  # CT_small has none
+    page.select_option("select[aria-label='Vitesse du ciné']", "30")  # taken at once
+    assert page.evaluate("() => window.dgwViewer.app.viewports[0].cineFps") == 30
+    page.keyboard.press(" ")
+    assert page.evaluate("() => window.dgwViewer.app.viewports[0].cine") is None

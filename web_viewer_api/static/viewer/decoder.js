@@ -10,6 +10,7 @@ const CODECS = {
 const codec = CODECS[new URL(self.location.href).searchParams.get("codec")];
 importScripts(`vendor/${codec.folder}/${codec.script}`);
 const ready = codec.factory()({ locateFile: (name) => new URL(`vendor/${codec.folder}/${name}`, self.location.href).href });
+ready.then(() => self.postMessage({ ready: true }));  // the page sends frames as stored from now on
 
 self.onmessage = async ({ data: { id, bytes, warm } }) => {
   if (warm) return;  // started early: the WebAssembly is compiling already

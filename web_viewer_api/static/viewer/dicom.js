@@ -27,7 +27,11 @@ const BROWSER_DECODED = new Map([
 
 /** One decoding worker per codec, started at its first frame. */
 class Decoders {
-  constructor(base) { this.base = base; this.workers = new Map(); this.waiting = new Map(); this.next = 0; }
+  constructor(base) { this.base = base; this.workers = new Map(); this.waiting = new Map(); this.next = 0; this.ready = new Set(); this.decoded = 0; }
+
+  /** The codec's WebAssembly is compiled: frames may come as stored. Until then (the first
+   * image, on a fast link) they come decoded by the server rather than wait for it. */
+  isReady(codec) { this.worker(codec); return this.ready.has(codec); }
 
   /** Start a codec's worker now (it compiles its WebAssembly while the page asks for the
    * study list and the first metadata, instead of after the first frame arrived). */
@@ -47,9 +51,13 @@ class Decoders {
     if (!worker) {
       worker = new Worker(new URL(`decoder.js?codec=${codec}`, this.base));
       worker.onmessage = ({ data }) => {
+        if (data.ready) { this.ready.add(codec); return; }
         const pending = this.waiting.get(data.id);
         this.waiting.delete(data.id);
-        if (pending) data.error ? pending.reject(new Error(`${codec}: ${data.error}`)) : pending.resolve(data.bytes);
+        if (!pending) return;
+        if (data.error) { pending.reject(new Error(`${codec}: ${data.error}`)); return; }
+        this.decoded += 1;
+        pending.resolve(data.bytes);
       };
       this.workers.set(codec, worker);
     }
@@ -79,7 +87,8 @@ export class DicomWeb {
    * server will not send as stored, is decoded by the server. */
   async frame(study, series, sop, number, syntax, grayscale) {
     const path = `/studies/${study}/series/${series}/instances/${sop}/frames/${number}`;
-    const stored = grayscale && typeof Worker !== "undefined" ? BROWSER_DECODED.get(syntax) : undefined;
+    let stored = grayscale && typeof Worker !== "undefined" ? BROWSER_DECODED.get(syntax) : undefined;
+    if (stored && !this.decoders.isReady(stored[0])) stored = undefined;
     if (stored) {
       const response = await this.fetchFrame(path, `multipart/related; type="${stored[1]}"`);
       if (response.ok) return this.decoders.decode(stored[0], await this.body(response));
