@@ -88,7 +88,7 @@ export class DicomWeb {
   async frame(study, series, sop, number, syntax, grayscale) {
     const path = `/studies/${study}/series/${series}/instances/${sop}/frames/${number}`;
     let stored = grayscale && typeof Worker !== "undefined" ? BROWSER_DECODED.get(syntax) : undefined;
-    if (stored && !this.decoders.isReady(stored[0])) stored = undefined;
+    if (stored && !this.decoders.ready.has(stored[0])) stored = undefined;
     if (stored) {
       const response = await this.fetchFrame(path, `multipart/related; type="${stored[1]}"`);
       if (response.ok) return this.decoders.decode(stored[0], await this.body(response));
@@ -97,6 +97,12 @@ export class DicomWeb {
     const response = await this.fetchFrame(path, 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1');
     if (!response.ok) throw this.failed(response, `frame ${number}`);
     return this.body(response);
+  }
+
+  /** Start the browser's decoder of frames stored with `syntax`, if it has one. */
+  warmDecoder(syntax) {
+    const stored = BROWSER_DECODED.get(syntax);
+    if (stored && typeof Worker !== "undefined") this.decoders.warm(stored[0]);
   }
 
   fetchFrame(path, accept) {

@@ -419,6 +419,7 @@ class Viewport {
       timings.firstImageSinceNavigation = performance.now();  // performance.now() counts from navigation
       performance.mark("dgw-first-image");
     }
+    this.app.api.warmDecoder(stack.syntaxes.get(stack.frames[0].sop));  // another codec's
     stack.prefetch();
     this.segmentations = [];
     this.app.segmentationsFor(studyUid, seriesUid).then((found) => {
@@ -868,7 +869,10 @@ class App {
 
   async start() {
     this.build();
-    if (typeof Worker !== "undefined") this.api.decoders.warm("htj2k");  // the default storage codec
+    // The browser's decoder of the default storage codec starts with the page: on a slow
+    // link its WebAssembly arrives and compiles while the study list and the first image
+    // load (which comes decoded by the server if the decoder is not ready yet).
+    this.api.warmDecoder("1.2.840.10008.1.2.4.201");
     try {
       this.studies = await this.api.json("/studies?includefield=00081030,00280303,00101010&limit=100");
     } catch (error) {
