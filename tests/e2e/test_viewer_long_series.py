@@ -40,7 +40,7 @@ def test_a_series_of_1001_images_is_shown_whole(long_series: tuple[DicomwebServe
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     try:
         page.goto(created["url"])
-        page.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=30_000)
+        page.wait_for_function("() => window.dgwViewer && window.dgwViewer.timings.firstImage !== undefined", timeout=30_000)
         assert f"/ {SLICES}" in page.locator(".overlay.tr").first.inner_text()
         page.locator(".viewport canvas").first.focus()
         page.keyboard.press("End")

@@ -5,8 +5,6 @@ markers; the viewport exports as a PNG; two views follow each other by slice pos
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +15,8 @@ import pydicom
 import pytest
 from PIL import Image, ImageStat
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
-from storage import InstanceRecord, StudyQuery, instance_key
+from storage import StudyQuery
 from tests.e2e.test_viewer import ADMIN, ARTIFACTS, CHROMIUM, browser
 from tests.support.dicomweb_server import DicomwebServer
 
@@ -31,18 +28,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DicomwebS
     """pydicom's CT_small as stored (signed, rescaled, 0.66 mm pixels), alone in its study;
     and the fixture's own sample study for the two views."""
     with DicomwebServer(tmp_path_factory.mktemp("measure")) as running:
-        dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
-        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        buffer = io.BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        body = buffer.getvalue()
-        key = instance_key(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
-        running.store.put(key, body)
-        running.index.upsert_instance(InstanceRecord.from_dataset(
-            dataset, object_key=key, size_bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
-            transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1"))
-        yield running, str(dataset.StudyInstanceUID)
+        yield running, running.archive(pydicom.dcmread(get_testdata_file("CT_small.dcm")))
 
 
 @pytest.fixture
@@ -56,7 +42,7 @@ def page(server: tuple[DicomwebServer, str], browser: Any) -> Iterator[Any]:
     problems: list[str] = []
     opened.on("pageerror", lambda e: problems.append(str(e)))
     opened.goto(created["url"])
-    opened.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
+    opened.wait_for_function("() => window.dgwViewer && window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
     yield opened
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     opened.screenshot(path=str(ARTIFACTS / "measurements.png"))

@@ -49,7 +49,7 @@ def test_a_remote_reader_sees_the_first_image_and_every_step_in_time(
     cdp.send("Network.emulateNetworkConditions", LINK)
     try:
         page.goto(created["url"])
-        page.wait_for_function("() => window.dgwViewer.timings.firstImageSinceNavigation !== undefined",
+        page.wait_for_function("() => window.dgwViewer && window.dgwViewer.timings.firstImageSinceNavigation !== undefined",
                                timeout=20_000)
         first = page.evaluate("() => window.dgwViewer.timings.firstImageSinceNavigation")
         assert first < 1500, f"first image after {first:.0f} ms"

@@ -6,8 +6,6 @@ presentation), or pydicom's own colour decoding."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,9 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
-from storage import InstanceRecord, instance_key
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from worker import Codec, TranscodeStatus, transcode_lossless
 
@@ -120,19 +116,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DicomwebS
     with DicomwebServer(tmp_path_factory.mktemp("pixels")) as running:
         studies = {}
         for name, load in CASES.items():
-            dataset = load()
-            dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
-            dataset.SOPInstanceUID = generate_uid()
-            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-            buffer = io.BytesIO()
-            dataset.save_as(buffer, enforce_file_format=True)
-            body = buffer.getvalue()
-            key = instance_key(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
-            running.store.put(key, body)
-            running.index.upsert_instance(InstanceRecord.from_dataset(
-                dataset, object_key=key, size_bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
-                transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1"))
-            studies[name] = str(dataset.StudyInstanceUID)
+            studies[name] = running.archive(load())
         yield running, studies
 
 
@@ -154,7 +138,7 @@ def test_rendering_matches_the_standard_pipeline(server: tuple[DicomwebServer, d
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(created["url"])
-    page.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=20_000)
+    page.wait_for_function("() => window.dgwViewer && window.dgwViewer.timings.firstImage !== undefined", timeout=20_000)
     if name.endswith("-htj2k") or name.endswith("-jpegls") and not name.startswith("8bit"):
         # The first image may come decoded by the server while the browser's decoder starts:
         # once it has, the frame is fetched again as stored and decoded here.

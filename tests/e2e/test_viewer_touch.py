@@ -54,7 +54,7 @@ def test_one_finger_scrolls_two_fingers_zoom_and_pan_and_touch_obeys_the_tool(
     page.on("pageerror", lambda e: problems.append(str(e)))
     try:
         page.goto(created["url"])
-        page.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
+        page.wait_for_function("() => window.dgwViewer && window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
         page.wait_for_function("() => window.dgwViewer.seriesLoaded >= 1", timeout=15_000)
         note = page.locator(".sidebar .note")
         assert note.is_visible() and "comparer avec le scanner" in note.inner_text()

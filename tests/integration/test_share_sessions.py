@@ -102,7 +102,7 @@ def test_the_viewer_asks_to_reopen_an_ended_session(server: DicomwebServer, brow
         page.goto(created["url"])
         page.fill("input[name=pin]", "864200")
         page.click("button[type=submit]")
-        page.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
+        page.wait_for_function("() => window.dgwViewer && window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
         [cookie] = [c["value"] for c in context.cookies() if c["name"] == "dgw_share_session"]
         _ended(server, cookie)  # the reader leaves
         tiles = page.locator(".series-tile")
@@ -114,7 +114,7 @@ def test_the_viewer_asks_to_reopen_an_ended_session(server: DicomwebServer, brow
         page.locator("input[name=pin]").wait_for()
         page.fill("input[name=pin]", "864200")
         page.click("button[type=submit]")
-        page.wait_for_function("() => window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
+        page.wait_for_function("() => window.dgwViewer && window.dgwViewer.timings.firstImage !== undefined", timeout=15_000)
     finally:
         context.close()
     assert _uses(server, created["id"]) == 1

@@ -3,11 +3,15 @@ holding one imported sample study (4 CT + 2 MR)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import threading
 from pathlib import Path
 from typing import Any, Self
 
 import uvicorn
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from anonymize import (
     DeidentificationPolicy,
@@ -22,8 +26,10 @@ from storage import (
     AccessScope,
     FilesystemObjectStore,
     IndexRepository,
+    InstanceRecord,
     StudyQuery,
     create_index_engine,
+    instance_key,
     migrate,
 )
 from tests.support.services import free_port, wait_for
@@ -108,6 +114,21 @@ class DicomwebServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", proxy_headers=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def archive(self, dataset: Dataset) -> str:
+        """Put `dataset` straight into the archive under new UIDs, as the pipeline would
+        after de-identification (no transcoding: it is stored as it is); its study's UID."""
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        body = buffer.getvalue()
+        key = instance_key(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+        self.store.put(key, body)
+        self.index.upsert_instance(InstanceRecord.from_dataset(
+            dataset, object_key=key, size_bytes=len(body), sha256=hashlib.sha256(body).hexdigest(),
+            transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1"))
+        return str(dataset.StudyInstanceUID)
 
     @property
     def url(self) -> str:

@@ -15,11 +15,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('shares') as batch:
-        batch.add_column(sa.Column('sealed_context', sa.Text(), nullable=False,
-                                   server_default=''))
+    # A plain ADD COLUMN on both databases: on SQLite, a batch rebuild of `shares` would drop
+    # the old table and cascade to every share's items and sessions (see 0004).
+    op.add_column('shares', sa.Column('sealed_context', sa.Text(), nullable=False,
+                                      server_default=''))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('shares') as batch:
-        batch.drop_column('sealed_context')
+    # SQLite 3.35+ drops a column in place (no rebuild, no cascade).
+    op.drop_column('shares', 'sealed_context')
