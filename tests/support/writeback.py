@@ -107,6 +107,31 @@ def basic_text_sr(evidence: list[Dataset], text: str, *, author: str = "") -> Da
     return report
 
 
+def encapsulated_pdf(evidence: Dataset, pdf: bytes, title: str) -> Dataset:
+    """An Encapsulated PDF (a scanned request, an outside report) for the study of a stored
+    instance `evidence`, in its own new series."""
+    document = Dataset()
+    for keyword in _PATIENT_AND_STUDY:
+        if keyword in evidence:
+            setattr(document, keyword, evidence.data_element(keyword).value)
+    document.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    document.SOPInstanceUID, document.SeriesInstanceUID = generate_uid(), generate_uid()
+    document.Modality, document.SeriesNumber, document.InstanceNumber = "DOC", 950, 1
+    document.Manufacturer = "Scanner"
+    document.ContentDate, document.ContentTime = evidence.get("StudyDate", ""), "120000"
+    document.BurnedInAnnotation = "YES"
+    document.DocumentTitle = title
+    document.ConceptNameCodeSequence = Sequence()
+    document.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    document.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+    document.EncapsulatedDocumentLength = len(pdf)
+    document.file_meta = FileMetaDataset()
+    document.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    document.file_meta.MediaStorageSOPClassUID = document.SOPClassUID
+    document.file_meta.MediaStorageSOPInstanceUID = document.SOPInstanceUID
+    return document
+
+
 def segmentation(source_images: list[Dataset]) -> Dataset:
     """A binary segmentation of `source_images` (one series), as an AI tool writes it."""
     mask = np.zeros((len(source_images), source_images[0].Rows, source_images[0].Columns),

@@ -99,6 +99,16 @@ export class DicomWeb {
     return this.body(response);
   }
 
+  /** The bytes of a bulk data element of the metadata (its BulkDataURI, or inline). */
+  async bulk(element) {
+    if (element.InlineBinary) return Uint8Array.from(atob(element.InlineBinary), (c) => c.charCodeAt(0));
+    const uri = String(element.BulkDataURI || "");
+    const response = await fetch(/^https?:/.test(uri) ? uri : `${this.root}/${uri.replace(/^\/+/, "")}`, {
+      headers: { Accept: "multipart/related; type=\"application/octet-stream\"" }, credentials: "same-origin" });
+    if (!response.ok) throw this.failed(response, "bulk data");
+    return this.body(response);
+  }
+
   /** Start the browser's decoder of frames stored with `syntax`, if it has one. */
   warmDecoder(syntax) {
     const stored = BROWSER_DECODED.get(syntax);

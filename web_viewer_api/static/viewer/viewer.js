@@ -35,7 +35,7 @@ const TEXT = {
     contextBad: "Le contexte chiffré n'a pas pu être lu (clé absente ou erronée).",
     contextInsecure: "Le contexte chiffré ne se lit qu'en HTTPS.",
     fields: { patient_name: "Nom", patient_birth_date: "Date de naissance", patient_id: "Identifiant", exam_date: "Date réelle de l'examen", clinical_question: "Question clinique", comment: "Commentaire" },
-    report: "Compte rendu", cited: "image citée", keyImages: "Images clés", segments: "Segments",
+    openDocument: "Enregistrer le document", report: "Compte rendu", cited: "image citée", keyImages: "Images clés", segments: "Segments",
     notImage: (what) => `Cette série contient ${what}, sans image à afficher.`,
     kinds: { SR: "un compte rendu structuré", KO: "une sélection d'images clés", PR: "un état de présentation", SEG: "une segmentation", DOC: "un document", OT: "un objet non image" },
   },
@@ -69,7 +69,7 @@ const TEXT = {
     contextBad: "The sealed context could not be read (missing or wrong key).",
     contextInsecure: "The sealed context can only be read over HTTPS.",
     fields: { patient_name: "Name", patient_birth_date: "Birth date", patient_id: "Identifier", exam_date: "Real exam date", clinical_question: "Clinical question", comment: "Comment" },
-    report: "Report", cited: "cited image", keyImages: "Key images", segments: "Segments",
+    openDocument: "Save the document", report: "Report", cited: "cited image", keyImages: "Key images", segments: "Segments",
     notImage: (what) => `This series holds ${what}, with no image to show.`,
     kinds: { SR: "a structured report", KO: "a key object selection", PR: "a presentation state", SEG: "a segmentation", DOC: "a document", OT: "a non-image object" },
   },
@@ -474,6 +474,17 @@ class Viewport {
       body.push(el("p", { text: t.notImage(t.kinds.SEG) }), el("h4", { text: t.segments }),
         el("ul", {}, ...values(metadata, "00620002").map((segment) =>
           el("li", { text: `${value(segment, "00620004") ?? ""} ${value(segment, "00620005") || ""}`.trim() }))));
+    } else if (kind === "DOC" && metadata["00420011"]) {
+      // An encapsulated document (PDF, CDA...): its bytes, saved under its own type.
+      const type = String(value(metadata, "00420012") || "application/pdf");
+      const title = String(value(metadata, "00420010") || "document").replace(/[^\w .-]+/g, "_");
+      const save = el("button", { type: "button", class: "document-open", text: t.openDocument,
+        onclick: () => this.app.api.bulk(metadata["00420011"]).then((bytes) => {
+          const link = el("a", { href: URL.createObjectURL(new Blob([bytes], { type })),
+            download: `${title}.${type === "application/pdf" ? "pdf" : type === "text/xml" ? "xml" : "bin"}` });
+          document.body.append(link); link.click(); link.remove();
+        }, (error) => window.dgwViewer.errors.push(String(error))) });
+      body.push(el("p", { text: `${t.notImage(t.kinds.DOC)} (${type})` }), save);
     } else {
       body.push(el("p", { text: t.notImage(t.kinds[kind]) }));
     }
