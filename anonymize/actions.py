@@ -28,6 +28,7 @@ from typing import Any
 
 from cryptography import x509
 from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -59,7 +60,16 @@ DEFAULT_INS_ISSUER_OIDS = frozenset(
 #: by: PID-3 `<INS>^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS`. Test and demonstration
 #: INS keep the NIR namespace; only their OID differs (.10, .11).
 DEFAULT_INS_NAMESPACES = frozenset({"ASIP-SANTE-INS-NIR", "ASIP-SANTE-INS-NIA"})
-DEFAULT_OPTIONS = frozenset({ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES})
+DEFAULT_OPTIONS = frozenset({ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES,
+                             ProfileOption.CLEAN_DESCRIPTORS})
+#: The descriptors the Clean Descriptors option keeps (cleaned) by default: what a reading
+#: doctor needs to recognise the examination and its series. The option's other descriptors
+#: (comments, history, occupation, allergies...) are free text about the person and keep
+#: the Basic Profile action; `None` in `DeidentificationPolicy.cleaned_descriptors` keeps
+#: the option's whole column.
+READING_DESCRIPTORS = frozenset({
+    "StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription", "ContrastBolusAgent"})
 
 _TAG_PATIENT_NAME = 0x00100010
 _TAG_PATIENT_ID = 0x00100020
@@ -154,6 +164,10 @@ class DeidentificationPolicy:
     pixel_policy: PixelPolicy = field(default_factory=PixelPolicy)
     recipient_certificate: x509.Certificate | None = None
     profile: ConfidentialityProfile = field(default_factory=load_profile)
+    #: Keywords of the descriptors Clean Descriptors keeps, cleaned (the others keep the
+    #: Basic Profile action); None for the option's whole column.
+    cleaned_descriptors: frozenset[str] | None = READING_DESCRIPTORS
+    _descriptor_tags: frozenset[int] | None = field(init=False, compare=False, repr=False)
     #: Whether any action cleans text (see `__post_init__`): only then does a pass build a
     #: cleaner from the instance's identifying values.
     cleans_text: bool = field(init=False, compare=False, repr=False)
@@ -163,24 +177,41 @@ class DeidentificationPolicy:
                 ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
         if both <= self.options:
             raise ValueError("the Full Dates and Modified Dates options exclude each other")
+        object.__setattr__(self, "_descriptor_tags", self._descriptor_tags_of())
         # Text is cleaned by a C action of an option (Retain Longitudinal Modified Dates'
         # C shifts dates instead), inside a sequence such an action cleans, and in private
         # attributes kept by Retain Safe Private.
-        cleaning = self.options - {ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
         rows = [*self.profile.rows.values(), *(row for _, _, row in self.profile.masked_rows)]
         object.__setattr__(self, "cleans_text", ProfileOption.RETAIN_SAFE_PRIVATE in self.options
-                           or any(row.options.get(option.value) == "C"
-                                  for row in rows for option in cleaning))
+                           or any(self.action_for(row)[0] == "C"
+                                  and self.action_for(row)[1]
+                                  is not ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES
+                                  for row in rows))
+
+    def _descriptor_tags_of(self) -> frozenset[int] | None:
+        if self.cleaned_descriptors is None:
+            return None
+        column = ProfileOption.CLEAN_DESCRIPTORS.value
+        by_keyword = {keyword_for_tag(tag): tag for tag, row in self.profile.rows.items()
+                      if row.options.get(column) == "C"}
+        unknown = sorted(set(self.cleaned_descriptors) - set(by_keyword))
+        if unknown:
+            raise ValueError(f"not descriptors of the Clean Descriptors option: {', '.join(unknown)}")
+        return frozenset(by_keyword[k] for k in self.cleaned_descriptors)
 
     def action_for(self, row: ProfileRow) -> tuple[str, ProfileOption | None]:
         """The action this policy applies to `row`, and the option that chose it (if any).
 
         An enabled option that retains (K) wins over one that cleans (C), which wins over
-        the Basic Profile action.
+        the Basic Profile action. Clean Descriptors acts only on `cleaned_descriptors`.
         """
         clean: ProfileOption | None = None
         for option in self.options:
             code = row.options.get(option.value)
+            if (option is ProfileOption.CLEAN_DESCRIPTORS and self._descriptor_tags is not None
+                    and (row.tag == "private" or "x" in row.tag
+                         or int(row.tag, 16) not in self._descriptor_tags)):
+                continue
             if code == "K":
                 return "K", option
             if code == "C" and clean is None:
@@ -816,7 +847,8 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy, *,
     """
     _check_identifiers(dataset)
     if domain is not None:  # its originals are pseudonyms: nothing to encrypt for re-identification
-        policy = replace(policy, options=policy.options | DOMAIN_OPTIONS, recipient_certificate=None)
+        policy = replace(policy, options=policy.options | DOMAIN_OPTIONS, recipient_certificate=None,
+                         cleaned_descriptors=None)
     _check_kept_uids(dataset, policy)
     masked = False
     risk = policy.pixel_policy.risk(dataset)

@@ -202,6 +202,8 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
             site_id=settings.site_id,
             ins_issuers=ins_issuers(settings),
             options=frozenset(ProfileOption.from_name(n) for n in deid.options),
+            cleaned_descriptors=(None if [d.lower() for d in deid.cleaned_descriptors] == ["all"]
+                                 else frozenset(deid.cleaned_descriptors)),
             safe_private=safe_private,
             pixel_policy=PixelPolicy(masks=masks),
             recipient_certificate=certificate,

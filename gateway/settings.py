@@ -242,10 +242,20 @@ class PixelMaskSettings(BaseModel):
     manufacturer: str | None = None
 
 
+def _default_cleaned_descriptors() -> list[str]:
+    from anonymize import READING_DESCRIPTORS
+
+    return sorted(READING_DESCRIPTORS)
+
+
 class DeidSettings(BaseModel):
     """The site's de-identification profile (PS3.15 options, pixel masks, reversibility)."""
 
-    options: list[str] = Field(default_factory=lambda: ["retain_longitudinal_modified_dates"])
+    options: list[str] = Field(default_factory=lambda: ["retain_longitudinal_modified_dates",
+                                                         "clean_descriptors"])
+    #: The descriptors `clean_descriptors` keeps, cleaned (DICOM keywords); ["all"] for the
+    #: option's whole column (comments, history, occupation... too).
+    cleaned_descriptors: list[str] = Field(default_factory=_default_cleaned_descriptors)
     pixel_masks: list[PixelMaskSettings] = Field(default_factory=list)
     retain_private_bulk: bool = False
     recipient_certificate: Path | None = None

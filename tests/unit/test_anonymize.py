@@ -80,7 +80,45 @@ def test_no_planted_identifier_survives_in_the_encoded_instance() -> None:
         assert not any(element.tag.is_private for element in dataset)
         assert not dataset.get("PatientBirthDate")
         codes = [item.CodeValue for item in dataset.DeidentificationMethodCodeSequence]
-        assert codes == ["113100", "113107"]
+        assert codes == ["113100", "113105", "113107"]
+
+
+def _described() -> Dataset:
+    dataset = _sample()[0]
+    dataset.PatientName = "DUPONT^MARIE"
+    dataset.PatientBirthDate = "19840722"
+    dataset.StudyDescription = "TDM THORAX DUPONT 22/07/1984"
+    dataset.SeriesDescription = "AX MEDIASTIN Marie"
+    dataset.ProtocolName = "THORAX INJ 1.25"
+    dataset.ContrastBolusAgent = "IOMERON 350"
+    dataset.ImageComments = "mayor of the town"
+    dataset.Occupation = "mayor"
+    dataset.AdditionalPatientHistory = "follow-up after fall"
+    return dataset
+
+
+def test_reading_descriptors_are_kept_cleaned_by_default_and_the_rest_removed() -> None:
+    dataset = _described()
+    deidentify(dataset, _policy())
+    assert dataset.StudyDescription.startswith("TDM THORAX ")
+    assert "DUPONT" not in dataset.StudyDescription and "1984" not in dataset.StudyDescription
+    assert dataset.SeriesDescription.startswith("AX MEDIASTIN ")
+    assert "Marie" not in dataset.SeriesDescription
+    assert dataset.ProtocolName == "THORAX INJ 1.25"
+    assert dataset.ContrastBolusAgent == "IOMERON 350"
+    for keyword in ("ImageComments", "Occupation", "AdditionalPatientHistory"):
+        assert keyword not in dataset, keyword
+
+
+def test_the_whole_clean_descriptors_column_on_demand_and_only_descriptors_named() -> None:
+    dataset = _described()
+    deidentify(dataset, DeidentificationPolicy(keys=PseudonymKeys(SECRET), site_id="site-a",
+                                               cleaned_descriptors=None))
+    assert dataset.ImageComments == "mayor of the town"
+    assert dataset.AdditionalPatientHistory == "follow-up after fall"
+    with pytest.raises(ValueError, match="PatientName"):
+        DeidentificationPolicy(keys=PseudonymKeys(SECRET), site_id="site-a",
+                               cleaned_descriptors=frozenset({"SeriesDescription", "PatientName"}))
 
 
 def test_dates_shift_by_one_patient_offset_and_keep_intervals() -> None:

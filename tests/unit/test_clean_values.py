@@ -104,7 +104,8 @@ def _instance(tag: int, vr: str, value: object) -> Dataset:
 
 def _deidentified(dataset: Dataset, option: ProfileOption) -> tuple[Dataset, int]:
     """The dataset de-identified with `option` alone, and the days its dates move back."""
-    policy = DeidentificationPolicy(PseudonymKeys(SECRET), SITE, options=frozenset({option}))
+    policy = DeidentificationPolicy(PseudonymKeys(SECRET), SITE, options=frozenset({option}),
+                                    cleaned_descriptors=None)
     shift_days = PseudonymKeys(SECRET).date_shift_days(
         patient_key(dataset, SITE, InsIssuers()))
     deidentify(dataset, policy)

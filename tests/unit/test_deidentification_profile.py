@@ -135,7 +135,9 @@ def _corpus() -> tuple[Dataset, dict[int, str]]:
 
 
 def _policy(*options: ProfileOption) -> DeidentificationPolicy:
-    return DeidentificationPolicy(PseudonymKeys(SECRET), "site-a", options=frozenset(options))
+    """The options as the standard writes them (Clean Descriptors on its whole column)."""
+    return DeidentificationPolicy(PseudonymKeys(SECRET), "site-a", options=frozenset(options),
+                                  cleaned_descriptors=None)
 
 
 def _deidentified(*options: ProfileOption) -> tuple[Dataset, bytes, dict[int, str], Dataset]:

@@ -239,3 +239,19 @@ def test_the_former_ins_issuer_setting_still_works_split_by_what_it_held(
     monkeypatch.setenv("DICOM_GATEWAY_INS__OIDS", '["1.2.250.1.213.1.4.9"]')
     with pytest.raises(ValueError, match="deprecated"):  # both: which one meant?
         Settings()
+
+
+def test_cleaned_descriptors_setting_reaches_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anonymize import READING_DESCRIPTORS, ProfileOption
+    from gateway.components import build_policy
+
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("DICOM_GATEWAY_PSEUDONYM_SECRET", "s" * 40)
+    policy = build_policy(Settings())
+    assert ProfileOption.CLEAN_DESCRIPTORS in policy.options
+    assert policy.cleaned_descriptors == READING_DESCRIPTORS
+    monkeypatch.setenv("DICOM_GATEWAY_DEID__CLEANED_DESCRIPTORS", '["all"]')
+    assert build_policy(Settings()).cleaned_descriptors is None
+    monkeypatch.setenv("DICOM_GATEWAY_DEID__CLEANED_DESCRIPTORS", '["StudyDescription", "PatientName"]')
+    with pytest.raises(SettingsError, match="PatientName"):
+        build_policy(Settings())
