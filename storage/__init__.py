@@ -16,6 +16,7 @@ from storage.audit import DIMSE_ACTIONS, WORKER_ACTIONS, AuditWriter, dimse_entr
 from storage.filesystem import FilesystemObjectStore
 from storage.index import (
     MAX_FUZZY_WORDS,
+    WITHHELD_REASONS,
     AccessScope,
     BoundedReads,
     DateRange,
@@ -29,6 +30,8 @@ from storage.index import (
     StudyQuery,
     StudySummary,
     TimeRange,
+    WithheldRecord,
+    WithheldSummary,
     create_index_engine,
     fuzzy_name_words,
     migrate,
@@ -63,6 +66,7 @@ __all__ = [
     "DIMSE_ACTIONS",
     "EVERY_SITE",
     "MAX_FUZZY_WORDS",
+    "WITHHELD_REASONS",
     "WORKER_ACTIONS",
     "AccessRepository",
     "AccessScope",
@@ -97,6 +101,8 @@ __all__ = [
     "StudySummary",
     "TimeRange",
     "TransientStorageError",
+    "WithheldRecord",
+    "WithheldSummary",
     "create_index_engine",
     "dimse_entry",
     "fuzzy_name_words",

@@ -49,6 +49,7 @@ from storage import (
     ObjectStore,
     Ownership,
     StorageError,
+    WithheldRecord,
     instance_key,
     join_key,
 )
@@ -346,12 +347,24 @@ def _failure_of(exc: Exception) -> tuple[int, str]:
 _UNREADABLE_FILE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)
 
 
-def _sop_class_of(path: Path) -> str:
+def _header_of(path: Path) -> Dataset:
     try:  # bounded: the instance may be quarantined for inflating past its declared size
-        header = read_bounded(path, stop_before_pixels=True, check=False)
-        return str(header.get("SOPClassUID", "") or "")
+        return read_bounded(path, stop_before_pixels=True, check=False)
     except _UNREADABLE_FILE:  # DecodeLimitExceeded too: a ValueError
-        return ""
+        return Dataset()
+
+
+def _withheld_reason(exc: Exception) -> str | None:
+    """What a study's recipients are told of a quarantined instance; None when nothing is
+    missing from any study (a conflict: the stored instance stays; the region refusing an
+    object that is of no study of the domain)."""
+    if isinstance(exc, InstanceConflict | NotOfTheDomain):
+        return None
+    if isinstance(exc, BurnedInAnnotationRisk):
+        return "pixels_may_identify"
+    if isinstance(exc, DecodeLimitExceeded):
+        return "too_large"
+    return "not_deidentifiable"
 
 
 def _stored_outcome(dataset: Dataset, coerced: bool) -> InstanceOutcome:
@@ -672,7 +685,9 @@ class IngestPipeline:
         target_dir = private_directory(self.quarantine_root / site_id / batch_id)
         target = target_dir / path.name
         failure_reason, explanation = _failure_of(exc)
-        outcome = InstanceOutcome(stored=False, sop_class_uid=_sop_class_of(path),
+        header = _header_of(path)
+        outcome = InstanceOutcome(stored=False,
+                                  sop_class_uid=str(header.get("SOPClassUID", "") or ""),
                                   failure_reason=failure_reason, reason=explanation)
         reason = {
             "reason": type(exc).__name__,
@@ -687,6 +702,7 @@ class IngestPipeline:
         reason_path = target.with_name(target.name + ".reason.json")
         with open_private(reason_path, exclusive=False) as handle:
             handle.write(json.dumps(reason, indent=2).encode())
+        self._record_withheld(header, site_id, exc)  # before the move: a failure retries
         try:
             os.replace(path, target)
         except FileNotFoundError:
@@ -696,6 +712,30 @@ class IngestPipeline:
             os.chmod(target, PRIVATE_FILE_MODE)
         log.warning("batch %s/%s: one instance quarantined (%s)", site_id, batch_id, type(exc).__name__)
         return outcome
+
+    def _record_withheld(self, header: Dataset, site_id: str, exc: Exception) -> None:
+        """Tell the study's recipients that one of its instances is missing, and why: under
+        its de-identified UIDs (those the domain knows it by), never an original. An
+        instance whose header cannot be read names no study: nothing is recorded."""
+        reason = _withheld_reason(exc)
+        uids = [str(header.get(k, "") or "").strip()
+                for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        if reason is None or not all(uids):
+            return
+        try:
+            if self.index.ownership(uids[0], "", "").study_site_id is None:
+                # not a stored study's UID (those are the domain's already): an original
+                keys = self.policy.keys
+                if ProfileOption.RETAIN_UIDS not in self.policy.options:
+                    if keys is None:
+                        return  # the region holds no secret: it cannot name the study
+                    uids = [keys.uid(uid) for uid in uids]
+            study, series, sop = uids
+            self.index.record_withheld(WithheldRecord(
+                study, series, sop, modality=str(header.get("Modality", "") or ""),
+                reason=reason, site_id=site_id))
+        except SQLAlchemyError as exc_db:
+            raise TransientPipelineError(f"index unavailable: {type(exc_db).__name__}") from exc_db
 
     @staticmethod
     def _remove_if_empty(directory: Path) -> None:

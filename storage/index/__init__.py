@@ -4,6 +4,7 @@ from storage.index.bounded import BoundedReads
 from storage.index.engine import create_index_engine, downgrade, migrate
 from storage.index.repository import (
     MAX_FUZZY_WORDS,
+    WITHHELD_REASONS,
     AccessScope,
     DateRange,
     IndexRepository,
@@ -16,11 +17,14 @@ from storage.index.repository import (
     StudyQuery,
     StudySummary,
     TimeRange,
+    WithheldRecord,
+    WithheldSummary,
     fuzzy_name_words,
 )
 
 __all__ = [
     "MAX_FUZZY_WORDS",
+    "WITHHELD_REASONS",
     "AccessScope",
     "BoundedReads",
     "DateRange",
@@ -34,6 +38,8 @@ __all__ = [
     "StudyQuery",
     "StudySummary",
     "TimeRange",
+    "WithheldRecord",
+    "WithheldSummary",
     "create_index_engine",
     "downgrade",
     "fuzzy_name_words",

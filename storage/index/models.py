@@ -124,6 +124,24 @@ class Instance(_Timestamps, Base):
     site_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
+class WithheldInstance(Base):
+    """An instance of a study that its site received and kept in quarantine (its pixels may
+    show identity, it is too large, it could not be de-identified): the study's recipients
+    are told that part of it is missing, and why. De-identified UIDs and a reason category
+    only. Not index data: no stored object holds it, so `reindex` keeps it."""
+
+    __tablename__ = "withheld_instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    #: pixels_may_identify, too_large, not_deidentifiable (see `WITHHELD_REASONS`).
+    reason: Mapped[str] = mapped_column(String(32))
+    site_id: Mapped[str] = mapped_column(String(64), default="")
+    withheld_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
 # Access control and audit: not index data — `reindex` never touches these tables. ----------
 class ApiKey(Base):
     """An API key: only the SHA-256 of its secret is kept."""

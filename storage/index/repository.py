@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from storage.index.models import Base, Instance, Patient, Series, Study
+from storage.index.models import Base, Instance, Patient, Series, Study, WithheldInstance
 
 
 def _text(dataset: Dataset, keyword: str, limit: int) -> str:
@@ -592,6 +592,32 @@ def _study_search_statement(shape: _StudyShape) -> Select[Any]:
             .limit(bindparam("limit")).offset(bindparam("offset")))
 
 
+#: Why a site withheld an instance, as its recipients are told (never a value of it).
+WITHHELD_REASONS = ("pixels_may_identify", "too_large", "not_deidentifiable")
+
+
+@dataclass(frozen=True)
+class WithheldRecord:
+    """An instance kept in quarantine at its site, by its de-identified UIDs."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    modality: str
+    reason: str
+    site_id: str
+
+
+@dataclass(frozen=True)
+class WithheldSummary:
+    """How many instances of a study (of one modality) were withheld, and why."""
+
+    study_instance_uid: str
+    modality: str
+    reason: str
+    count: int
+
+
 class IndexRepository:
     """Index reads and writes; one short transaction per call."""
 
@@ -667,6 +693,47 @@ class IndexRepository:
                         index_elements=["sop_instance_uid"], set_=updates,
                         where=Instance.object_key == statement.excluded.object_key),
                     [record.instance for record in records])
+
+    def record_withheld(self, record: WithheldRecord) -> None:
+        """Say that an instance of a study was withheld at its site (idempotent: a retried
+        batch records it once, with its latest reason)."""
+        if record.reason not in WITHHELD_REASONS:
+            raise ValueError(f"unknown withheld reason {record.reason!r}")
+        values = {"sop_instance_uid": record.sop_instance_uid,
+                  "study_instance_uid": record.study_instance_uid,
+                  "series_instance_uid": record.series_instance_uid,
+                  "modality": record.modality[:16], "reason": record.reason,
+                  "site_id": record.site_id, "withheld_at": dt.datetime.now(dt.UTC)}
+        statement = self._insert(WithheldInstance).values(**values)
+        with Session(self.engine) as session, session.begin():
+            session.execute(statement.on_conflict_do_update(
+                index_elements=["sop_instance_uid"],
+                set_={k: statement.excluded[k] for k in ("reason", "modality", "withheld_at")},
+                # another study's instance under this UID: not ours to describe
+                where=WithheldInstance.study_instance_uid == record.study_instance_uid))
+
+    def withheld(self, scope: AccessScope | None = None) -> list[WithheldSummary]:
+        """The withheld instances of the indexed studies in `scope`, counted by study,
+        modality and reason; an instance stored since (sent again once its site could
+        clean it) no longer counts."""
+        stored = select(Instance.sop_instance_uid).where(
+            Instance.sop_instance_uid == WithheldInstance.sop_instance_uid)
+        conditions: list[Any] = [~stored.exists()]
+        if scope is not None:
+            conditions += scope.conditions(WithheldInstance.study_instance_uid,
+                                           WithheldInstance.series_instance_uid)
+        statement = (
+            select(WithheldInstance.study_instance_uid, WithheldInstance.modality,
+                   WithheldInstance.reason, func.count())
+            .join(Study, Study.study_instance_uid == WithheldInstance.study_instance_uid)
+            .where(*conditions)
+            .group_by(WithheldInstance.study_instance_uid, WithheldInstance.modality,
+                      WithheldInstance.reason)
+            .order_by(WithheldInstance.study_instance_uid, WithheldInstance.modality,
+                      WithheldInstance.reason))
+        with self.engine.connect() as connection:
+            return [WithheldSummary(str(study), str(modality), str(reason), int(count))
+                    for study, modality, reason, count in connection.execute(statement)]
 
     def ownership(self, study_instance_uid: str, series_instance_uid: str,
                   sop_instance_uid: str) -> Ownership:

@@ -270,3 +270,42 @@ def test_an_encapsulated_pdf_is_saved_as_the_pdf_it_holds(
     assert download.value.suggested_filename.endswith(".pdf")
     assert Path(download.value.path()).read_bytes()[:len(PDF)] == PDF
     assert page.problems == []
+
+
+def _share_path(url: str) -> str:
+    """The share link without its query and fragment."""
+    return url.split("#")[0].split("?")[0]
+
+
+def test_the_recipient_is_told_what_the_site_withheld_and_why(
+        server: DicomwebServer, context: Any, tmp_path: Path) -> None:
+    """A study one of whose images the site kept back (its pixels may show identity): the
+    share's viewer says so under the study, with the count, modality and reason, and no
+    value of the withheld image; the /withheld answer is scoped to the share."""
+    source = write_sample_study(tmp_path / "partly", SampleStudySpec(
+        ct_slices=3, mr_slices=0, ct_size=64, seed=91, identity=PlantedIdentity(
+            patient_name="MARTIN^JEAN", patient_id="IPP-9000", ins="285057512345623",
+            accession_number="ACC-PARTLY-1", study_date="20260402")))
+    burned = pydicom.dcmread(source[0])
+    burned.BurnedInAnnotation = "YES"
+    burned.save_as(source[0])
+    known = set(_studies(server))
+    summary = run_import(source, server.pipeline, Spool(server.pipeline.spool_root, "site1"))
+    assert sum(summary.quarantined.values()) == 1
+    [study] = set(_studies(server)) - known
+    created = _share(server, [study])
+    page = _watched(context.new_page())
+    page.goto(created["url"])
+    _first_image(page)
+    notice = page.locator(".sidebar .study .withheld")
+    assert notice.count() == 1
+    told = notice.inner_text()
+    assert "1 image CT" in told and "texte incrusté" in told and "site producteur" in told
+    assert str(burned.SOPInstanceUID) not in page.content()
+    answer = context.request.get(_share_path(created["url"]) + "/withheld")
+    assert answer.json() == {"studies": {study: [
+        {"modality": "CT", "reason": "pixels_may_identify", "count": 1}]}}
+    others = _share(server, sorted(known))  # another share sees none of it
+    other = context.request.get(_share_path(others["url"]) + "/withheld")
+    assert other.status == 200 and other.json() == {"studies": {}}
+    assert page.problems == []

@@ -14,15 +14,18 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
+from sqlalchemy import text
 
 from anonymize import DeidentificationPolicy, ProfileOption, PseudonymKeys
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import (
     AccessRepository,
+    AccessScope,
     AuditQuery,
     IndexRepository,
     InstanceQuery,
     StudyQuery,
+    WithheldSummary,
 )
 from tests.support.columns import COLUMNS, index_engine_and_store
 from worker import IngestPipeline, TransientPipelineError, read_provenance
@@ -334,3 +337,53 @@ def test_an_instance_another_site_adds_to_a_series_leaves_the_series_as_it_was(
     _spool(tmp_path, "siteB", "b1", SMALL, relabelled)
     assert site_b.ingest_batch("siteB", "b1").stored == 3
     assert {r["series_instance_uid"]: r for r in site_a.index.dump()["series"]} == before
+
+
+def test_a_withheld_instance_is_told_under_its_study_domain_uid_until_it_is_stored(
+        pipelines: Pipelines, tmp_path: Path) -> None:
+    """An instance kept in quarantine because its pixels may show identity is told to the
+    study's readers (study, modality, reason) by de-identified UIDs only; a retried batch
+    counts it once; stored later (sent again, cleaned), it no longer counts. A conflict
+    withholds nothing: the stored instance stays."""
+    site_a = pipelines("siteA")
+    originals: list[str] = []
+    marked: list[str] = []
+
+    def burned_in_once(dataset: pydicom.Dataset) -> None:
+        originals.extend(str(dataset[k].value) for k in
+                         ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        if not marked and dataset.Modality == "CT":
+            dataset.BurnedInAnnotation = "YES"
+            marked.append(str(dataset.SOPInstanceUID))
+
+    _spool(tmp_path, "siteA", "a1", SMALL, burned_in_once)
+    report = site_a.ingest_batch("siteA", "a1")
+    assert (report.stored, report.quarantined) == (2, 1)
+    [study] = site_a.index.search_studies(StudyQuery())
+    expected = [WithheldSummary(study.study_instance_uid, "CT", "pixels_may_identify", 1)]
+    assert site_a.index.withheld() == expected
+    assert site_a.index.withheld(AccessScope(study_instance_uids=frozenset({study.study_instance_uid}))) == expected
+    assert site_a.index.withheld(AccessScope(study_instance_uids=frozenset({"2.25.1"}))) == []
+    assert site_a.index.withheld(AccessScope(site_ids=frozenset({"siteB"}))) == []
+    with site_a.index.engine.connect() as connection:
+        rows = [tuple(map(str, r)) for r in connection.execute(text("SELECT * FROM withheld_instances"))]
+    assert len(rows) == 1 and not set(originals) & set(rows[0])
+
+    # The same file delivered again (a retried batch): one withheld instance still.
+    _spool(tmp_path, "siteA", "a2", SMALL, lambda d: setattr(d, "BurnedInAnnotation", "YES")
+           if str(d.SOPInstanceUID) == marked[0] else None)
+    assert site_a.ingest_batch("siteA", "a2").quarantined == 1
+    assert site_a.index.withheld() == expected
+    # Cleaned at the modality and sent again: stored, no longer withheld.
+    _spool(tmp_path, "siteA", "a3", SMALL)
+    assert site_a.ingest_batch("siteA", "a3").quarantined == 0
+    assert site_a.index.withheld() == []
+    # A conflicting copy from another site is quarantined but withholds nothing.
+    def white_square(dataset: pydicom.Dataset) -> None:
+        pixels = dataset.pixel_array.copy()
+        pixels[:8, :8] = pixels.max()
+        dataset.PixelData = pixels.tobytes()
+
+    _spool(tmp_path, "siteB", "b1", SMALL, white_square)
+    assert pipelines("siteB").ingest_batch("siteB", "b1").quarantined == 3
+    assert site_a.index.withheld() == []

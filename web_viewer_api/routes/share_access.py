@@ -123,6 +123,9 @@ def _study_list(request: Request, share_token: str, share: ShareRecord,
     root = f"/s/{html.escape(share_token)}"
     parts = []
     service = QueryRetrieve(index)
+    withheld: dict[str, int] = {}
+    for row in index.withheld(scope):
+        withheld[row.study_instance_uid] = withheld.get(row.study_instance_uid, 0) + row.count
     for study in service.search_for_studies(scope, StudyQuery(limit=100)):
         series = service.search_for_series(scope, SeriesQuery(
             study_instance_uid=study.study_instance_uid, limit=1000))
@@ -136,10 +139,47 @@ def _study_list(request: Request, share_token: str, share: ShareRecord,
         parts.append(f'<div class="study"><strong>{html.escape(shown)} '
                      f"{html.escape(study.study_description)}</strong> "
                      f"({', '.join(map(html.escape, study.modalities_in_study))}, "
-                     f"{study.number_of_instances} images)<div>{tiles}</div></div>")
+                     f"{study.number_of_instances} images)"
+                     + (f'<p class="withheld">{_WITHHELD_TEXT[language(request)](missing)}</p>'
+                        if (missing := withheld.get(study.study_instance_uid)) else "")
+                     + f"<div>{tiles}</div></div>")
     if share.allow_download:
         parts.append(f'<p><a class="button" href="{root}/download">ZIP (DICOM)</a></p>')
     return "".join(parts)
+
+
+_WITHHELD_TEXT = {
+    "fr": lambda n: f"{n} image(s) non transmise(s) par le site producteur (voir le visualiseur).",
+    "en": lambda n: f"{n} image(s) not sent by the producing site (see the viewer).",
+}
+
+
+class WithheldPart(BaseModel):
+    modality: str
+    reason: str = Field(description="pixels_may_identify, too_large or not_deidentifiable")
+    count: int
+
+
+class Withheld(BaseModel):
+    #: Study Instance UID -> what of it its site withheld (no value of the instances).
+    studies: dict[str, list[WithheldPart]]
+
+
+@router.get("/withheld", summary="What the producing sites withheld of the shared studies",
+            response_model=Withheld, include_in_schema=False)
+async def withheld(share_token: str, request: Request) -> Response:
+    """Instances of the shared studies that their site kept in quarantine, counted by
+    modality and reason category: the viewer tells the recipient that part of a study is
+    missing, and why, without anything that identifies."""
+    await _find(request, share_token)  # errors: the registered JSON handlers
+    principal = await current_principal(request)
+    rows = await anyio.to_thread.run_sync(request.app.state.index.withheld, principal.scope)
+    studies: dict[str, list[WithheldPart]] = {}
+    for row in rows:
+        studies.setdefault(row.study_instance_uid, []).append(
+            WithheldPart(modality=row.modality, reason=row.reason, count=row.count))
+    return JSONResponse(Withheld(studies=studies).model_dump(),
+                        headers={"Cache-Control": "no-store"})
 
 
 class SessionOpened(BaseModel):

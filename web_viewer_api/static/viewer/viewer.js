@@ -38,6 +38,9 @@ const TEXT = {
     openDocument: "Enregistrer le document", report: "Compte rendu", cited: "image citée", keyImages: "Images clés", segments: "Segments",
     notImage: (what) => `Cette série contient ${what}, sans image à afficher.`,
     kinds: { SR: "un compte rendu structuré", KO: "une sélection d'images clés", PR: "un état de présentation", SEG: "une segmentation", DOC: "un document", OT: "un objet non image" },
+    withheld: "Une partie de cet examen n'a pas été transmise par le site producteur :",
+    withheldWhy: { pixels_may_identify: "leurs pixels peuvent montrer l'identité du patient (texte incrusté)", too_large: "taille au-delà de la limite de la passerelle", not_deidentifiable: "illisibles ou impossibles à désidentifier sans risque" },
+    askSite: "Demandez-les au site producteur.",
   },
   en: {
     studies: "Studies", series: "series", images: "images", download: "Download (ZIP)",
@@ -72,6 +75,9 @@ const TEXT = {
     openDocument: "Save the document", report: "Report", cited: "cited image", keyImages: "Key images", segments: "Segments",
     notImage: (what) => `This series holds ${what}, with no image to show.`,
     kinds: { SR: "a structured report", KO: "a key object selection", PR: "a presentation state", SEG: "a segmentation", DOC: "a document", OT: "a non-image object" },
+    withheld: "Part of this study was not sent by the producing site:",
+    withheldWhy: { pixels_may_identify: "their pixels may show the patient's identity (burned-in text)", too_large: "larger than the gateway accepts", not_deidentifiable: "unreadable, or not safely de-identifiable" },
+    askSite: "Ask the producing site for them.",
   },
 };
 const PRESETS = [["lung", -600, 1500], ["mediastinum", 50, 350], ["bone", 400, 1800], ["brain", 40, 80], ["abdomen", 50, 400]];
@@ -891,7 +897,9 @@ class App {
       throw error;
     }
     this.studies.sort((a, b) => String(value(b, "00080020") || "").localeCompare(String(value(a, "00080020") || "")));
+    const withheld = this.withheld();
     const listed = await Promise.all(this.studies.map((study) => this.api.json(`/studies/${value(study, "0020000D")}/series`)));
+    const missing = await withheld;
     this.seriesOf = new Map(this.studies.map((study, position) => [value(study, "0020000D"), listed[position]]));
     // One section per patient (pseudonym), never mixed: a share of several patients says so.
     const patients = new Map();
@@ -936,8 +944,12 @@ class App {
         const heading = value(study, "00081030") || [modalities, formatDate(value(study, "00080020"))].filter(Boolean).join(" · ");
         const total = Number(value(study, "00201208") ?? NaN);
         const meta = `${formatDate(value(study, "00080020"))}${shifted} · ${modalities} · ${Number.isNaN(total) ? "?" : countOf(t, total)}`;
+        const parts = missing[studyUid] || [];
         section.append(el("section", { class: "study", "aria-label": heading },
           el("h3", { text: heading }), el("div", { class: "study-meta", text: meta }),
+          parts.length ? el("div", { class: "withheld", role: "note" }, el("span", { text: t.withheld }),
+            el("ul", {}, ...parts.map((part) => el("li", { text: `${countOf(t, part.count)} ${part.modality}${t.colon}${t.withheldWhy[part.reason] || part.reason}` }))),
+            el("span", { text: t.askSite })) : null,
           el("div", { class: "study-series" }, ...tiles)));
       }
       this.sidebar.append(section);
@@ -948,6 +960,19 @@ class App {
       return;
     }
     await this.open(this.viewports[0], first.studyUid, first.seriesUid, first.item, first.tile);
+  }
+
+  /** What the producing sites withheld of the shared studies (uid -> parts); the viewer
+   * works without it. */
+  async withheld() {
+    try {
+      const response = await fetch(this.rootNode.dataset.root + "/withheld", { credentials: "same-origin" });
+      if (!response.ok) throw new Error(`withheld: ${response.status}`);
+      return (await response.json()).studies || {};
+    } catch (error) {
+      window.dgwViewer.errors.push(String(error));
+      return {};
+    }
   }
 
   /** The site's sealed context, decrypted here with the key of the link's fragment. */
