@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
+import subprocess
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,8 +277,8 @@ def test_max_uses_counts_viewer_sessions_not_image_requests(server: DicomwebServ
     assert detail["uses"] == 2 and detail["status"] == "used_up"
 
 
-def test_download_only_when_allowed_and_streams_a_zip_of_the_study(server: DicomwebServer,
-                                                                   studies: list[str]) -> None:
+def test_download_only_when_allowed_and_streams_a_zip_of_the_study(
+        server: DicomwebServer, studies: list[str], tmp_path: Path) -> None:
     study = studies[0]
     view_only = _create(server, study_uids=[study])["token"]
     assert httpx.get(f"{server.root}/s/{view_only}/download").status_code == 403
@@ -292,8 +294,11 @@ def test_download_only_when_allowed_and_streams_a_zip_of_the_study(server: Dicom
     expected = {i.sop_instance_uid for i in server.index.search_instances(
         InstanceQuery(study_instance_uid=study, limit=1000))}
     found = {pydicom.dcmread(io.BytesIO(archive.read(name))).SOPInstanceUID
-             for name in archive.namelist()}
+             for name in archive.namelist() if name != "DICOMDIR"}
     assert found == expected
+    unpacked = tmp_path / "unpacked"
+    archive.extractall(unpacked)
+    _check_file_set(unpacked, expected)
     assert httpx.get(f"{server.root}/s/{allowed}/dicom-web/studies/{study}",
                      headers={"Accept": 'multipart/related; type="application/dicom"'}).status_code == 200
 
@@ -408,55 +413,65 @@ def test_share_tables_survive_a_reindex(server: DicomwebServer, studies: list[st
 
 
 def test_zip_entry_names_cannot_leave_their_folder(server: DicomwebServer, tmp_path: Path) -> None:
-    """An instance whose attribute values feed the entry names with '../../etc/passwd',
-    backslashes, a drive letter, control characters and a leading slash: every name in the
-    ZIP is relative, of whitelisted characters, and unpacks inside its folder."""
+    """Instances whose attribute values are '../../etc/passwd', backslashes, a drive
+    letter, control characters and a leading slash (a write-back may bring any text): the
+    ZIP's names are PS3.10 File IDs the File-set makes (uppercase components of at most 8
+    characters) and the DICOMDIR, whatever the values, and unpack inside their folder."""
     import dataclasses
-    import shutil
 
     from gateway.sample_study import SampleStudySpec, write_sample_study
     from storage import InstanceRecord
 
     [source] = write_sample_study(tmp_path / "hostile", SampleStudySpec(ct_slices=1, mr_slices=0,
                                                                        seed=4711, ct_size=32))
-    dataset = pydicom.dcmread(source)
-    with pytest.warns(UserWarning, match="Invalid value for VR CS"):
-        dataset.Modality = "../../etc/passwd"
-    record = InstanceRecord.from_dataset(
-        dataset, object_key="hostile/0.dcm", size_bytes=source.stat().st_size, sha256="0" * 64,
-        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID), site_id="site1")
-    assert record.series["modality"] == "../../etc/passwd"
-    (server.store.root / "hostile").mkdir()
-    shutil.copy(source, server.store.root / "hostile" / "0.dcm")
-    # One series per hostile modality (a write-back may bring any text); the study date
-    # feeds the folder name too.
     hostile_values = ["../../etc/passwd", "..\\..\\win\\sys", "C:\\evil", "/abs/path",
                       "a\nb\x00c", ".."]
-    study = {**record.study, "study_date": "../../.."}
+    (server.store.root / "hostile").mkdir()
     records = []
     for n, value in enumerate(hostile_values):
-        series_uid = f"{record.series['series_instance_uid']}.{n}"
-        records.append(dataclasses.replace(
-            record, study=study, series={**record.series, "series_instance_uid": series_uid,
-                                         "modality": value},
-            instance={**record.instance, "series_instance_uid": series_uid,
-                      "sop_instance_uid": f"{record.instance['sop_instance_uid']}.{n}"}))
+        dataset = pydicom.dcmread(source)
+        with pytest.warns(UserWarning):
+            dataset.Modality = value
+            dataset.StudyDate = "../../.."
+        dataset.SeriesInstanceUID = pydicom.uid.generate_uid()
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = \
+            pydicom.uid.generate_uid()
+        path = server.store.root / "hostile" / f"{n}.dcm"
+        dataset.save_as(path)
+        record = InstanceRecord.from_dataset(
+            dataset, object_key=f"hostile/{n}.dcm", size_bytes=path.stat().st_size,
+            sha256="0" * 64, transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+            site_id="site1")
+        records.append(dataclasses.replace(record, series={**record.series, "modality": value}))
     server.index.upsert_instances(records)
-    token = _create(server, study_uids=[record.instance["study_instance_uid"]], allow_download=True)["token"]
+    token = _create(server, study_uids=[records[0].instance["study_instance_uid"]],
+                    allow_download=True)["token"]
     answer = httpx.get(f"{server.root}/s/{token}/download")
     assert answer.status_code == 200
     archive = zipfile.ZipFile(io.BytesIO(answer.content))
     names = archive.namelist()
-    assert len(names) == len(hostile_values)
-    for name in names:
-        parts = name.split("/")
-        assert len(parts) == 3 and all(parts) and not name.startswith("/"), name
-        assert all(part not in (".", "..") and not part.startswith(".") for part in parts), name
-        assert all(c.isalnum() and c.isascii() or c in "._-/" for c in name), name
+    assert len(names) == len(hostile_values) + 1 and names[-1] == "DICOMDIR"
+    file_id = re.compile(r"^[A-Z0-9_]{1,8}(/[A-Z0-9_]{1,8}){0,7}$")
+    assert all(file_id.match(name) for name in names), names
     target = tmp_path / "unpacked"
     archive.extractall(target)
     assert all(path.resolve().is_relative_to(target.resolve()) for path in target.rglob("*"))
-    assert any("etc_passwd" in name for name in names)
+    _check_file_set(target, {str(r.instance["sop_instance_uid"]) for r in records})
+
+
+def _check_file_set(root: Path, expected: set[str]) -> None:
+    """Read the DICOMDIR with dcmtk (an independent reader): each image record names a file
+    of the folder that holds the SOP instance it says, and together they are `expected`."""
+    def values(tag: str) -> list[str]:
+        dump = subprocess.run(["dcmdump", "+L", "+P", tag, str(root / "DICOMDIR")],
+                              capture_output=True, text=True, check=True).stdout
+        return re.findall(r"\[([^\]]*)\]", dump)
+
+    pairs = list(zip(values("0004,1500"), values("0004,1511"), strict=True))
+    assert {sop for _, sop in pairs} == expected
+    for referenced, sop in pairs:
+        path = root.joinpath(*referenced.split("\\"))
+        assert pydicom.dcmread(path).SOPInstanceUID == sop
 
 
 def _large_shared_series(server: DicomwebServer, tmp_path: Path, count: int) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import io
-import re
 import zipfile
 from collections.abc import Iterable, Iterator
 from typing import Annotated
@@ -43,6 +42,7 @@ from web_viewer_api.auth import (
 )
 from web_viewer_api.deps import SHARE_COOKIE, client_address, current_principal
 from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound
+from web_viewer_api.media import MediaFileSet
 from web_viewer_api.pages import error_page, language, open_form, viewer_shell
 from web_viewer_api.security import sha256_hex
 from web_viewer_api.shares import ShareService, WrongPin
@@ -249,19 +249,10 @@ async def download(share_token: str, request: Request) -> Response:
     service = QueryRetrieve(request.app.state.index)
     instances = await anyio.to_thread.run_sync(lambda: service.search_for_instances(
         principal.scope, InstanceQuery(limit=1_000_000)))
-    studies = {s.study_instance_uid: s for s in await anyio.to_thread.run_sync(
-        lambda: service.search_for_studies(principal.scope, StudyQuery(limit=1000)))}
-    names = []
-    for number, instance in enumerate(instances, start=1):
-        study = studies.get(instance.study_instance_uid)
-        folder = zip_name_part(f"{study.study_date if study else ''}_{instance.study_instance_uid}"
-                               .lstrip("_"))
-        series = zip_name_part(f"{instance.modality or 'OT'}_{instance.series_instance_uid}")
-        file = zip_name_part(f"{instance.instance_number or number:05d}_{instance.sop_instance_uid}")
-        names.append((f"{folder}/{series}/{file}.dcm", instance.object_key))
+    keys = [instance.object_key for instance in instances]
     gate, interval = _gate(request), request.app.state.config.share_liveness_seconds
     return StreamingResponse(
-        zip_stream(request.app.state.store, gate.while_live(share.share_id, names, interval)),
+        zip_stream(request.app.state.store, gate.while_live(share.share_id, keys, interval)),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="share-{share.share_id}.zip"',
                  "Cache-Control": "no-store"})
@@ -286,31 +277,32 @@ class _Sink(io.RawIOBase):
         return data
 
 
-#: What a ZIP entry's name may hold, whatever the attribute values it is built from.
-_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def zip_name_part(value: str) -> str:
-    """One folder or file name of a ZIP entry, from attribute values (modality, dates,
-    UIDs — a write-back may bring any text): letters, digits, '.', '_' and '-' only, at
-    most 100 characters, never starting with a dot (no '..', no hidden file); so no '/',
-    '\\', drive letter, control character or absolute path can make an unpacker write
-    outside its folder."""
-    return _UNSAFE_IN_NAME.sub("_", value)[:100].lstrip(".") or "_"
-
-
-def zip_stream(store: ObjectStore, entries: Iterable[tuple[str, str]]) -> Iterator[bytes]:
-    """A ZIP (stored, ZIP64) of the objects, one instance in memory at a time."""
+def zip_stream(store: ObjectStore, keys: Iterable[str]) -> Iterator[bytes]:
+    """A ZIP (stored, ZIP64) of the objects as a DICOM File-set with its DICOMDIR (see
+    `web_viewer_api.media`), one instance in memory at a time. Entry names are File IDs the
+    File-set makes (`PT000000/ST000000/SE000000/IM000000`), never attribute values, so no
+    name can make an unpacker write outside its folder."""
     sink = _Sink()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, key in entries:
-            try:
-                body = store.get(key)
-            except ObjectNotFound:
-                continue  # indexed but gone: reindex will tell
-            with archive.open(zipfile.ZipInfo(name, date_time=(2000, 1, 1, 0, 0, 0)), "w",
-                              force_zip64=True) as member:
-                member.write(body)
-            yield sink.drain()
-    yield sink.drain()
+    media = MediaFileSet()
+    try:
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key in keys:
+                try:
+                    body = store.get(key)
+                except ObjectNotFound:
+                    continue  # indexed but gone: reindex will tell
+                file_id = media.add(body)
+                if file_id is None:
+                    continue  # the same instance twice: once in the File-set
+                _member(archive, file_id, body)
+                yield sink.drain()
+            _member(archive, "DICOMDIR", media.dicomdir())
+        yield sink.drain()
+    finally:
+        media.close()
 
+
+def _member(archive: zipfile.ZipFile, name: str, body: bytes) -> None:
+    with archive.open(zipfile.ZipInfo(name, date_time=(2000, 1, 1, 0, 0, 0)), "w",
+                      force_zip64=True) as member:
+        member.write(body)
