@@ -125,9 +125,10 @@ def remove_older_than(paths: Iterable[Path], seconds: float) -> int:
 
 
 def incoming_dir(spool_root: Path) -> Path:
-    """Where receivers write an instance while it arrives (the node's C-STORE data sets,
-    STOW-RS parts): private, and on the spool's file system, so that an acknowledged
-    instance is moved into its batch rather than copied."""
+    """Where STOW-RS parts are written while they arrive: private, and on the spool's file
+    system, so that an accepted part is moved into its batch rather than copied. (The
+    node's C-STORE data sets arrive in pynetdicom's temporary files and are copied into
+    the spool; see `Spool.move_file`.)"""
     return spool_root / ".incoming"
 
 
