@@ -22,7 +22,13 @@ from storage import StudyQuery
 from tests.e2e.test_viewer import ADMIN, ARTIFACTS, CHROMIUM, _first_image, browser
 from tests.support.dicomweb_server import DicomwebServer
 from tests.support.services import wait_for
-from tests.support.writeback import basic_text_sr, encapsulated_pdf, segmentation, stow
+from tests.support.writeback import (
+    basic_text_sr,
+    encapsulated_pdf,
+    presentation_state,
+    segmentation,
+    stow,
+)
 from web_viewer_api.sealed_context import seal, unseal
 from worker import Spool
 
@@ -308,4 +314,40 @@ def test_the_recipient_is_told_what_the_site_withheld_and_why(
     others = _share(server, sorted(known))  # another share sees none of it
     other = context.request.get(_share_path(others["url"]) + "/withheld")
     assert other.status == 200 and other.json() == {"studies": {}}
+    assert page.problems == []
+
+
+def test_a_presentation_state_opens_its_images_as_it_presents_them(
+        server: DicomwebServer, context: Any) -> None:
+    """A GSPS saved by a workstation (window, rotation, flip, a polyline and a text): its
+    tile opens the series it references with that window, rotated and flipped, the
+    polyline drawn over the first image, and says which presentation state is applied."""
+    study, ct = next((s, ct) for s in _studies(server) if (ct := _stored_ct(server, s)))
+    state = presentation_state(ct, center=40, width=100, rotation=90, flip=True)
+    answer = stow(f"{server.url}/studies/{study}", ADMIN, [state])
+    assert answer.status_code in (200, 202), answer.text
+    wait_for(lambda: any(s["00080060"]["Value"][0] == "PR" for s in httpx.get(
+        f"{server.url}/studies/{study}/series", headers=ADMIN).json()), timeout=60,
+        what="the presentation state to be indexed")
+    page = _watched(context.new_page())
+    page.goto(_share(server, [study])["url"])
+    _first_image(page)
+    page.locator(".series-tile", has=page.locator("strong", has_text="PR")).click()
+    page.wait_for_function("() => { const v = window.dgwViewer.app.viewports[0];"
+                           " return v.presentation && v.window && v.current && v.current.entry.sop === "
+                           f"'{ct[0].SOPInstanceUID}'; }}", timeout=15_000)
+    shown = page.evaluate("() => { const v = window.dgwViewer.app.viewports[0];"
+                          " return [v.window, v.rotation, v.flipH, v.stack.series]; }")
+    assert shown == [[40, 100], 90, True, str(ct[0].SeriesInstanceUID)]
+    assert "PR: KEY_VIEW" in page.locator(".overlay.br").first.inner_text()
+    assert "W 100  L 40" in page.locator(".overlay.bl").first.inner_text()
+    # The polyline runs from (4, 4) to (28, 4): drawn on it, the image alone beside it.
+    colours = """() => { const v = window.dgwViewer.app.viewports[0];
+      const ratio = window.devicePixelRatio || 1, rect = v.canvas.getBoundingClientRect();
+      const at = ([x, y]) => { const [px, py] = v.toPage(x, y);
+        return Array.from(v.canvas.getContext('2d').getImageData(
+          Math.round((px - rect.left) * ratio), Math.round((py - rect.top) * ratio), 1, 1).data).slice(0, 3); };
+      return [at([16, 4]), at([16, 16])]; }"""
+    on_line, beside = page.evaluate(colours)
+    assert on_line[2] > on_line[0] + 60 and len(set(beside)) == 1, (on_line, beside)
     assert page.problems == []

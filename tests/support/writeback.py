@@ -178,3 +178,32 @@ def measurement_report(image: Dataset) -> Dataset:
 
 
 __all__ = ["BASIC_TEXT_SR", "basic_text_sr", "measurement_report", "segmentation", "to_bytes"]
+
+
+def presentation_state(images: list[Dataset], *, center: float, width: float,
+                       rotation: int = 0, flip: bool = False) -> Dataset:
+    """A Grayscale Softcopy Presentation State on `images` (one series), as a PACS
+    workstation saves one: a window, a polyline and a text on the first image (pixel
+    units: the polyline from (4, 4) to (28, 4) to (28, 28)), optionally rotated and
+    flipped."""
+    layer = hd.pr.GraphicLayer(layer_name="FINDINGS", order=1)
+    annotation = hd.pr.GraphicAnnotation(
+        referenced_images=images[:1], graphic_layer=layer,
+        graphic_objects=[hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.array([[4.0, 4.0], [28.0, 4.0], [28.0, 28.0]]),
+            units=hd.pr.AnnotationUnitsValues.PIXEL)],
+        text_objects=[hd.pr.TextObject(text_value="NODULE", units=hd.pr.AnnotationUnitsValues.PIXEL,
+                                       anchor_point=(28.0, 28.0))])
+    state = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=images, series_instance_uid=hd.UID(), series_number=950,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="PACS vendor",
+        manufacturer_model_name="workstation", software_versions="1.0", device_serial_number="1",
+        content_label="KEY_VIEW", graphic_annotations=[annotation], graphic_layers=[layer],
+        voi_lut_transformations=[hd.pr.SoftcopyVOILUTTransformation(
+            window_center=center, window_width=width)])
+    dataset = pydicom.dcmread(BytesIO(to_bytes(state)))
+    if rotation or flip:  # Spatial Transformation module (highdicom leaves it out)
+        dataset.ImageRotation = rotation
+        dataset.ImageHorizontalFlip = "Y" if flip else "N"
+    return dataset

@@ -2,6 +2,7 @@
 // Plain ES modules served as static files: no build step, nothing fetched from elsewhere.
 import { keepContextKey, openContext } from "./context.js";
 import { angle, ellipseStats, length, probe, scaleBarMm } from "./measure.js";
+import { drawPresentation, presentationOf } from "./presentation.js";
 import { DicomWeb, defaultWindow, frameInfo, imageInfo, orientationMarkers, paint, pixels, range, value, values } from "./dicom.js";
 
 const TEXT = {
@@ -387,7 +388,7 @@ class Viewport {
     new ResizeObserver(() => this.draw()).observe(this.node);
   }
 
-  async show(studyUid, seriesUid, seriesItem, focusSop) {
+  async show(studyUid, seriesUid, seriesItem, focusSop, presentation = null) {
     if (this.stack) this.stack.cancelled = true;
     this.stopCine();
     this.empty.textContent = this.app.t.loading + "…";
@@ -399,10 +400,19 @@ class Viewport {
     this.stack = stack; this.seriesItem = seriesItem;
     this.index = 0; this.window = null; this.invert = false; this.zoom = 1; this.pan = [0, 0];
     this.rotation = 0; this.flipH = this.flipV = false; this.pendingAngle = null;
+    this.presentation = presentation; this.windowChanged = false;
+    if (presentation) {
+      this.rotation = presentation.rotation; this.flipH = presentation.flipH; this.invert = presentation.inverse;
+    }
     try {
       await stack.open();
     } catch (error) {
       if (this.stack !== stack) return;
+      if (error.kind === "PR" && !presentation) {  // a presentation state: its images, as it presents them
+        const state = presentationOf(error.metadata);
+        const item = ((this.app.seriesOf && this.app.seriesOf.get(studyUid)) || []).find((s) => value(s, "0020000E") === state.series);
+        if (item) return this.show(studyUid, state.series, item, state.firstImage, state);
+      }
       if (error.kind) {  // a report, key images, a segmentation...: shown as what it is
         this.stack = null; this.current = null; this.draw();
         this.empty.hidden = true;
@@ -521,6 +531,10 @@ class Viewport {
     if (stack !== this.stack) return;
     if (index !== this.index) this.renderAgain = true;  // painted now, the newest next
     const info = entry.info;
+    if (!this.window && this.presentation) {
+      const window = this.presentation.windowFor(entry.sop);
+      if (window) { this.window = window; this.windowChanged = true; }
+    }
     if (!this.window) this.window = defaultWindow(info, loaded.stats);
     this.offscreen.width = info.columns; this.offscreen.height = info.rows;
     const context = this.offscreen.getContext("2d");
@@ -551,6 +565,10 @@ class Viewport {
     context.drawImage(this.offscreen, 0, 0);
     context.setTransform(1, 0, 0, 1, 0, 0);
     this.drawSegmentations(context);
+    if (this.presentation) {
+      const screen = ([x, y]) => { const p = this.matrix.transformPoint(new DOMPoint(x, y)); return [p.x, p.y]; };
+      drawPresentation(context, this.presentation, this.current.entry.sop, info, screen, ratio);
+    }
     this.drawAnnotations(context, ratio);
     this.drawScaleBar(context, ratio, info);
     this.updateOverlay();
@@ -750,7 +768,8 @@ class Viewport {
     this.overlays[2].textContent = `W ${Math.round(width)}  L ${Math.round(center)}${this.invert ? "  ⇆" : ""}\n${t.zoom} ${(this.scale || 1).toFixed(2)}×`;
     const location = info.sliceLocation !== undefined ? `Loc ${Number(info.sliceLocation).toFixed(1)} mm` :
       info.position.length === 3 ? `Pos ${info.position.map((v) => v.toFixed(1)).join(", ")}` : "";
-    this.overlays[3].textContent = [(this.segmentLegend || []).length ? `SEG: ${this.segmentLegend.join(", ")}` : "",
+    this.overlays[3].textContent = [this.presentation ? `PR: ${this.presentation.label || t.kinds.PR}` : "",
+      (this.segmentLegend || []).length ? `SEG: ${this.segmentLegend.join(", ")}` : "",
       location, info.sliceThickness ? `Th ${Number(info.sliceThickness).toFixed(1)} mm` : ""].filter(Boolean).join("\n");
     const inverse = this.matrix.inverse();
     const markers = orientationMarkers(info.orientation, [inverse.a, inverse.b], [inverse.c, inverse.d]) || {};
@@ -770,7 +789,12 @@ class Viewport {
 
   setWindow(center, width) { this.window = [center, Math.max(1, width)]; this.windowChanged = true; this.render(); }
   datasetWindow() { this.window = null; this.windowChanged = false; this.render(); }
-  reset() { this.zoom = 1; this.pan = [0, 0]; this.invert = false; this.rotation = 0; this.flipH = this.flipV = false; this.datasetWindow(); }
+  reset() {  // as the series came: with its presentation state's rotation, flip and window, if any
+    const state = this.presentation;
+    this.zoom = 1; this.pan = [0, 0]; this.invert = state ? state.inverse : false;
+    this.rotation = state ? state.rotation : 0; this.flipH = state ? state.flipH : false; this.flipV = false;
+    this.datasetWindow();
+  }
   toggleInvert() { this.invert = !this.invert; this.render(); }
 
   /** Frames per second: the chosen rate, else the data set's own (Recommended Display Frame
