@@ -174,6 +174,7 @@ def build_sample_study(spec: SampleStudySpec) -> list[Dataset]:
         for index in range(count):
             ds = _base(spec, sop_class, _uid(spec, "instance", modality, index))
             ds.Modality = modality
+            ds.BodyPartExamined = "CHEST" if modality == "CT" else "HEAD"
             ds.SeriesInstanceUID = series_uid
             ds.SeriesNumber = number
             ds.SeriesDescription = f"{modality} {spec.identity.patient_name.split('^')[0]} SERIES"

@@ -145,6 +145,7 @@ def test_patients_are_grouped_and_never_mixed_and_shifted_dates_are_said(
     assert "2 patients" in page.locator(".sidebar .warning").inner_text()
     sections = page.locator(".sidebar section.patient")
     assert sections.count() == 2
+    shown_parts: set[str] = set()
     assert sorted(sections.nth(n).locator(".pseudonym").inner_text() for n in range(2)) == pseudonyms
     for number in range(2):  # each patient's section holds that patient's studies only
         section = sections.nth(number)
@@ -156,8 +157,18 @@ def test_patients_are_grouped_and_never_mixed_and_shifted_dates_are_said(
             found = httpx.get(f"{server.url}/series", params={"SeriesInstanceUID": series},
                               headers=ADMIN).json()
             assert found[0]["0020000D"]["Value"][0] in owned
+        for tile in range(tiles.count()):  # body part and image count under each series
+            series = tiles.nth(tile).get_attribute("data-series")
+            [found] = httpx.get(f"{server.url}/series", params={"SeriesInstanceUID": series},
+                                headers=ADMIN).json()
+            part = found.get("00180015", {}).get("Value", [""])[0]
+            count = found["00201209"]["Value"][0]
+            told = tiles.nth(tile).locator(".count").inner_text()
+            shown_parts.add(part)
+            assert told.startswith(part) and told.endswith(f"{count} image" + ("s" if count > 1 else ""))
         headings = section.locator("h3").all_inner_texts()
         assert headings and all(h.strip() and h.strip() not in ("Examens", "Studies") for h in headings)
+    assert "CHEST" in shown_parts
     assert "Dates décalées" in page.locator(".shifted-notice").inner_text()
     overlay = page.locator(".overlay.tl").first.inner_text()
     assert overlay.startswith("Patient P") and "dates décalées" in overlay

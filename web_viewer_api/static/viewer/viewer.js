@@ -959,7 +959,8 @@ class App {
               : el("span", { class: "kind", "aria-hidden": "true", text: value(item, "00080060") }),
             el("span", { class: "desc" }, el("strong", { text: `${value(item, "00080060") || ""} ${value(item, "00200011") ?? ""}` }), el("br"),
               document.createTextNode(value(item, "0008103E") || ""), el("br"),
-              el("span", { class: "count", text: Number.isNaN(count) ? `? ${t.images}` : countOf(t, count) })));
+              el("span", { class: "count", text: [value(item, "00180015") || "",
+                Number.isNaN(count) ? `? ${t.images}` : countOf(t, count)].filter(Boolean).join(" · ") })));
           if (!first && image && count > 0) first = { studyUid, seriesUid, item, tile };
           return tile;
         });
