@@ -284,22 +284,19 @@ def zip_stream(store: ObjectStore, keys: Iterable[str]) -> Iterator[bytes]:
     name can make an unpacker write outside its folder."""
     sink = _Sink()
     media = MediaFileSet()
-    try:
-        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for key in keys:
-                try:
-                    body = store.get(key)
-                except ObjectNotFound:
-                    continue  # indexed but gone: reindex will tell
-                file_id = media.add(body)
-                if file_id is None:
-                    continue  # the same instance twice: once in the File-set
-                _member(archive, file_id, body)
-                yield sink.drain()
-            _member(archive, "DICOMDIR", media.dicomdir())
-        yield sink.drain()
-    finally:
-        media.close()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key in keys:
+            try:
+                body = store.get(key)
+            except ObjectNotFound:
+                continue  # indexed but gone: reindex will tell
+            file_id = media.add(body)
+            if file_id is None:
+                continue  # the same instance twice: once in the File-set
+            _member(archive, file_id, body)
+            yield sink.drain()
+        _member(archive, "DICOMDIR", media.dicomdir())
+    yield sink.drain()
 
 
 def _member(archive: zipfile.ZipFile, name: str, body: bytes) -> None:
