@@ -48,7 +48,9 @@ def main() -> None:
     encoded = [encode_dataset(d) for d in datasets]
     keys = PseudonymKeys(b"benchmark-secret-0123456789abcdef")
     profiles = {
-        "basic + modified dates": DeidentificationPolicy(keys, "site"),
+        "basic + modified dates": DeidentificationPolicy(keys, "site", options=frozenset({
+            ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES})),
+        "default (+ reading descriptors cleaned)": DeidentificationPolicy(keys, "site"),
         "all clean options + safe private": DeidentificationPolicy(keys, "site", options=frozenset({
             ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES, ProfileOption.CLEAN_DESCRIPTORS,
             ProfileOption.CLEAN_STRUCTURED_CONTENT, ProfileOption.CLEAN_GRAPHICS,
