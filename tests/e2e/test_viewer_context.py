@@ -315,6 +315,7 @@ def test_the_recipient_is_told_what_the_site_withheld_and_why(
     page.goto(created["url"])
     _first_image(page)
     notice = page.locator(".sidebar .study .withheld")
+    notice.wait_for()
     assert notice.count() == 1
     told = notice.inner_text()
     assert "1 image CT" in told and "texte incrusté" in told and "site producteur" in told

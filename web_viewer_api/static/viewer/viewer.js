@@ -921,9 +921,8 @@ class App {
       throw error;
     }
     this.studies.sort((a, b) => String(value(b, "00080020") || "").localeCompare(String(value(a, "00080020") || "")));
-    const withheld = this.withheld();
+    const withheld = this.withheld();  // told under each study when it comes: never before the first image
     const listed = await Promise.all(this.studies.map((study) => this.api.json(`/studies/${value(study, "0020000D")}/series`)));
-    const missing = await withheld;
     this.seriesOf = new Map(this.studies.map((study, position) => [value(study, "0020000D"), listed[position]]));
     // One section per patient (pseudonym), never mixed: a share of several patients says so.
     const patients = new Map();
@@ -969,13 +968,15 @@ class App {
         const heading = value(study, "00081030") || [modalities, formatDate(value(study, "00080020"))].filter(Boolean).join(" · ");
         const total = Number(value(study, "00201208") ?? NaN);
         const meta = `${formatDate(value(study, "00080020"))}${shifted} · ${modalities} · ${Number.isNaN(total) ? "?" : countOf(t, total)}`;
-        const parts = missing[studyUid] || [];
-        section.append(el("section", { class: "study", "aria-label": heading },
-          el("h3", { text: heading }), el("div", { class: "study-meta", text: meta }),
-          parts.length ? el("div", { class: "withheld", role: "note" }, el("span", { text: t.withheld }),
+        const studyMeta = el("div", { class: "study-meta", text: meta });
+        withheld.then((missing) => {
+          const parts = missing[studyUid] || [];
+          if (parts.length) studyMeta.after(el("div", { class: "withheld", role: "note" }, el("span", { text: t.withheld }),
             el("ul", {}, ...parts.map((part) => el("li", { text: `${countOf(t, part.count)} ${part.modality}${t.colon}${t.withheldWhy[part.reason] || part.reason}` }))),
-            el("span", { text: t.askSite })) : null,
-          el("div", { class: "study-series" }, ...tiles)));
+            el("span", { text: t.askSite })));
+        });
+        section.append(el("section", { class: "study", "aria-label": heading },
+          el("h3", { text: heading }), studyMeta, el("div", { class: "study-series" }, ...tiles)));
       }
       this.sidebar.append(section);
     }
