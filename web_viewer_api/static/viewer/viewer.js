@@ -921,7 +921,6 @@ class App {
       throw error;
     }
     this.studies.sort((a, b) => String(value(b, "00080020") || "").localeCompare(String(value(a, "00080020") || "")));
-    const withheld = this.withheld();  // told under each study when it comes: never before the first image
     const listed = await Promise.all(this.studies.map((study) => this.api.json(`/studies/${value(study, "0020000D")}/series`)));
     this.seriesOf = new Map(this.studies.map((study, position) => [value(study, "0020000D"), listed[position]]));
     // One section per patient (pseudonym), never mixed: a share of several patients says so.
@@ -936,6 +935,7 @@ class App {
     if (this.studies.some((study) => value(study, "00280303") === "MODIFIED"))
       this.sidebar.append(el("p", { class: "shifted-notice", text: `† ${t.datesShifted}` }));
     let first = null;
+    const studyMetas = new Map();  // where each study says what its site withheld
     for (const [id, patient] of patients) {
       const sex = value(patient.first, "00100040");
       const about = [sex ? t.sex[sex] || sex : "", value(patient.first, "00101010") || ""].filter(Boolean).join(" · ");
@@ -969,12 +969,7 @@ class App {
         const total = Number(value(study, "00201208") ?? NaN);
         const meta = `${formatDate(value(study, "00080020"))}${shifted} · ${modalities} · ${Number.isNaN(total) ? "?" : countOf(t, total)}`;
         const studyMeta = el("div", { class: "study-meta", text: meta });
-        withheld.then((missing) => {
-          const parts = missing[studyUid] || [];
-          if (parts.length) studyMeta.after(el("div", { class: "withheld", role: "note" }, el("span", { text: t.withheld }),
-            el("ul", {}, ...parts.map((part) => el("li", { text: `${countOf(t, part.count)} ${part.modality}${t.colon}${t.withheldWhy[part.reason] || part.reason}` }))),
-            el("span", { text: t.askSite })));
-        });
+        studyMetas.set(studyUid, studyMeta);
         section.append(el("section", { class: "study", "aria-label": heading },
           el("h3", { text: heading }), studyMeta, el("div", { class: "study-series" }, ...tiles)));
       }
@@ -983,9 +978,22 @@ class App {
     if (!first) {  // only reports or other non-image series: open the first of them
       const tile = this.sidebar.querySelector(".series-tile");
       if (tile) tile.click();
-      return;
+    } else {
+      await this.open(this.viewports[0], first.studyUid, first.seriesUid, first.item, first.tile);
     }
-    await this.open(this.viewports[0], first.studyUid, first.seriesUid, first.item, first.tile);
+    this.tellWithheld(studyMetas);  // after the first image: its request never delays it
+  }
+
+  /** Under each study, what its producing site withheld and why. */
+  async tellWithheld(studyMetas) {
+    const t = this.t;
+    const missing = await this.withheld();
+    for (const [studyUid, studyMeta] of studyMetas) {
+      const parts = missing[studyUid] || [];
+      if (parts.length) studyMeta.after(el("div", { class: "withheld", role: "note" }, el("span", { text: t.withheld }),
+        el("ul", {}, ...parts.map((part) => el("li", { text: `${countOf(t, part.count)} ${part.modality}${t.colon}${t.withheldWhy[part.reason] || part.reason}` }))),
+        el("span", { text: t.askSite })));
+    }
   }
 
   /** What the producing sites withheld of the shared studies (uid -> parts); the viewer
