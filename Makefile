@@ -32,10 +32,10 @@ test: install-test services
 
 lint: install-test
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
-	$(BIN)/ruff check anonymize storage worker dicom_node web_viewer_api gateway
+	$(BIN)/ruff check imaging spool anonymize storage worker dicom_node web_viewer_api gateway
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/bandit -q -r anonymize storage worker dicom_node web_viewer_api gateway
+	$(BIN)/bandit -q -r imaging spool anonymize storage worker dicom_node web_viewer_api gateway
 
 bench: install-test services
 	$(BIN)/python benchmarks/ingest.py --orthanc

@@ -29,7 +29,7 @@ from typing import Any
 from cryptography import x509
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -50,6 +50,7 @@ from anonymize.private import SafePrivateAttributes, load_safe_private
 from anonymize.profile import Action, ConfidentialityProfile, ProfileRow, load_profile
 from anonymize.reversible import encrypted_attributes_item
 from anonymize.values import CHARACTER_VRS, uid_problem, valid_value
+from imaging.dataset import TruncatedDataSetError, check_complete
 
 #: OIDs of the INS assigning authorities (ANS; FR Core, IHE PAM France): INS-NIR, INS-NIA,
 #: and the INS-NIR of fictitious test and demonstration patients.
@@ -754,22 +755,6 @@ def _code_item(code: tuple[str, str]) -> Dataset:
     return item
 
 
-class TruncatedDataSetError(DeidentificationError):
-    """An element declares more bytes than the data set holds."""
-
-
-def check_complete(dataset: Dataset) -> None:
-    """Refuse a truncated data set: pydicom silently shortens a value cut by end of file.
-
-    Raises TruncatedDataSetError (a ValueError) naming the first truncated element.
-    """
-    for tag in list(dataset.keys()):
-        raw = dataset.get_item(tag)
-        if (isinstance(raw, RawDataElement) and raw.value is not None
-                and raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length):
-            raise TruncatedDataSetError(f"data set is truncated at element {tag}")
-
-
 class InvalidUIDError(DeidentificationError):
     """A UID the output would carry as it is (the SOP Class UID; any UID under the Retain
     UIDs option) is not a valid UID. The message names the attribute and the fault, never
@@ -777,7 +762,10 @@ class InvalidUIDError(DeidentificationError):
 
 
 def _check_identifiers(dataset: Dataset) -> None:
-    check_complete(dataset)
+    try:
+        check_complete(dataset)
+    except TruncatedDataSetError as exc:  # an instance this profile cannot de-identify
+        raise DeidentificationError(str(exc)) from exc
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not str(dataset.get(keyword, "") or "").strip():
             raise DeidentificationError(f"dataset lacks {keyword}")

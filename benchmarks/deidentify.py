@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 from anonymize import DeidentificationPolicy, ProfileOption, PseudonymKeys, deidentify  # noqa: E402
 from gateway.sample_study import SampleStudySpec, build_sample_study  # noqa: E402
-from worker import encode_dataset  # noqa: E402
+from imaging import encode_dataset  # noqa: E402
 
 
 def _certificate() -> x509.Certificate:

@@ -172,7 +172,7 @@ def main() -> None:
         real = work / "real"
         write_sample_study(real, SampleStudySpec(ct_slices=50, mr_slices=0, seed=31))
         from gateway.importer import run_import
-        from worker import Spool
+        from spool import Spool
 
         run_import([real], server.pipeline, Spool(work / "gateway" / "spool", "site1"))
         target = next(s for s in server.index.search_studies(StudyQuery(limit=1000))
@@ -215,7 +215,7 @@ def _same_data(work: Path, requests: int, real: Path, studies: int = 200) -> Non
     from concurrent.futures import ThreadPoolExecutor
 
     from gateway.importer import run_import
-    from worker import Spool
+    from spool import Spool
 
     source = work / "same"
     for number in range(studies):

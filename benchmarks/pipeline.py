@@ -123,7 +123,7 @@ def real_ct_ratios(codec: str) -> None:
 
     from pydicom.data import get_testdata_file
 
-    from worker import Codec, transcode_lossless
+    from imaging import Codec, transcode_lossless
 
     if codec == "none":
         return

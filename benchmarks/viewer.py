@@ -28,12 +28,12 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 from gateway.importer import run_import  # noqa: E402
 from gateway.sample_study import SampleStudySpec, write_sample_study  # noqa: E402
+from spool import Spool  # noqa: E402
 from storage import InstanceQuery, StudyQuery  # noqa: E402
 from tests.support.dicomweb_server import TOKEN, DicomwebServer  # noqa: E402
 from tests.support.ohif import ohif_dist, serving_ohif  # noqa: E402
 from tests.support.real_series import real_ct_series  # noqa: E402
 from tests.support.services import free_port  # noqa: E402
-from worker import Spool  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]

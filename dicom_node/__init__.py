@@ -15,7 +15,7 @@ from dicom_node.policy import (
 from dicom_node.query import MoveDestination
 from dicom_node.server import DicomNode, NodeConfig, TlsConfig
 from dicom_node.status import Status
-from worker import Spool, SpoolError, SpoolWriteError
+from spool import Spool, SpoolError, SpoolWriteError
 
 __all__ = [
     "ALL_RIGHTS",

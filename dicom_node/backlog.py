@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spool import SPOOL_SUFFIX
+
 __all__ = ["SpoolBacklog"]
 
 
@@ -60,7 +62,7 @@ class SpoolBacklog:
     root: Path
     #: Instances the spool may hold before answers wait for the worker (0: never wait).
     limit: int
-    suffix: str = ".dcm"
+    suffix: str = SPOOL_SUFFIX
     max_hold_seconds: float = 2.0
     interval: float = 0.25
     #: Instances in the spool at the last count.

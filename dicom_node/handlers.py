@@ -18,17 +18,15 @@ from dicom_node.backlog import SpoolBacklog
 from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy, Right
 from dicom_node.status import Status
-from worker import (
+from imaging import (
     DEFAULT_DECODE_LIMITS,
     UNREADABLE_DATASET_ERRORS,
     DecodeLimitExceeded,
     DecodeLimits,
-    Spool,
-    SpoolWriteError,
     check_complete,
-    new_association_tag,
     read_bounded,
 )
+from spool import SPOOL_SUFFIX, Spool, SpoolWriteError, new_association_tag
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ class SiteSpools:
         `site_ids` (None: at any site)."""
         if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
             return False
-        return any(next(spool.site_dir.glob(f"*/{sop_instance_uid}.dcm"), None) is not None
+        return any(next(spool.site_dir.glob(f"*/{sop_instance_uid}{SPOOL_SUFFIX}"), None) is not None
                    for spool in self.all() if site_ids is None or spool.site_id in site_ids)
 
 

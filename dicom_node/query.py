@@ -21,6 +21,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.audit import NodeAudit
 from dicom_node.policy import Caller, Right
 from dicom_node.status import Status
+from imaging import decompress_for_serving, read_bounded
 from storage import (
     AccessScope,
     DateRange,
@@ -35,7 +36,6 @@ from storage import (
     StudySummary,
     TimeRange,
 )
-from worker import decompress_for_serving, read_bounded
 
 log = logging.getLogger(__name__)
 

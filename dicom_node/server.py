@@ -47,8 +47,8 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
 from dicom_node.status import Status
+from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits
 from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore, QueryRetrieve
-from worker import DEFAULT_DECODE_LIMITS, DecodeLimits
 
 log = logging.getLogger(__name__)
 

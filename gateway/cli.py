@@ -232,7 +232,7 @@ def import_files(
     """Send every DICOM file under PATHS through the ingest pipeline, with progress."""
     from gateway import components
     from gateway.importer import run_import
-    from worker import Spool
+    from spool import Spool
 
     settings = _settings(data_dir=data_dir)
     components.configure_logging(settings, "import")
@@ -279,7 +279,7 @@ def reidentify(
     except (OSError, ValueError, ReidentificationError) as exc:
         raise _fail(exc) from exc
     target = out or file.with_name(file.stem + ".reidentified.dcm")
-    from worker import open_private
+    from spool import open_private
 
     try:
         with open_private(target, exclusive=False) as handle:  # original identifiers: 0600

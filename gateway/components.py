@@ -40,6 +40,8 @@ from dicom_node import (
 )
 from gateway.library_logs import withhold_library_values
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
+from imaging import Codec, DecodeLimits
+from spool import Spool, close_private_tree
 from storage import (
     AccessRepository,
     AccessScope,
@@ -66,15 +68,11 @@ from web_viewer_api import (
     parse_networks,
 )
 from worker import (
-    Codec,
-    DecodeLimits,
     IngestPipeline,
-    Spool,
     StudyCompletion,
     TransientPipelineError,
     Webhook,
     WorkerContext,
-    close_private_tree,
     create_celery_app,
     enqueue_completion,
     enqueue_ingest,

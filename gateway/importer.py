@@ -26,7 +26,9 @@ from rich.progress import (
 )
 
 from gateway.settings import SettingsError
-from worker import UNREADABLE_DATASET_ERRORS, IngestPipeline, Spool
+from imaging import UNREADABLE_DATASET_ERRORS
+from spool import Spool
+from worker import IngestPipeline
 
 #: Largest file an import reads (a zip member is read as it inflates and dropped past it: a
 #: member of a few kilobytes can inflate to gigabytes). The STOW-RS default request limit.

@@ -36,6 +36,17 @@ from storage.index import (
     fuzzy_name_words,
     migrate,
 )
+from storage.keys import (
+    STUDIES_PREFIX,
+    instance_key,
+    instance_metadata_key,
+    is_instance_key,
+    manifest_key,
+    series_key,
+    series_metadata_key,
+    series_thumbnail_key,
+    study_owner_key,
+)
 from storage.objects import (
     AlreadyExists,
     IntegrityError,
@@ -53,19 +64,11 @@ from storage.objects import (
 from storage.query_retrieve import EVERY_SITE, QueryRetrieve
 from storage.s3 import S3ObjectStore
 
-
-def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:
-    """The object key of one de-identified instance."""
-    return join_key(
-        "studies", study_instance_uid, "series", series_instance_uid,
-        "instances", f"{sop_instance_uid}.dcm",
-    )
-
-
 __all__ = [
     "DIMSE_ACTIONS",
     "EVERY_SITE",
     "MAX_FUZZY_WORDS",
+    "STUDIES_PREFIX",
     "WITHHELD_REASONS",
     "WORKER_ACTIONS",
     "AccessRepository",
@@ -107,7 +110,14 @@ __all__ = [
     "dimse_entry",
     "fuzzy_name_words",
     "instance_key",
+    "instance_metadata_key",
+    "is_instance_key",
     "join_key",
+    "manifest_key",
     "migrate",
+    "series_key",
+    "series_metadata_key",
+    "series_thumbnail_key",
+    "study_owner_key",
     "validate_key",
 ]

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits
 from storage import AccessRepository, BoundedReads, IndexRepository, ObjectStore
 from web_viewer_api.asgi import StatusRecorder
 from web_viewer_api.audit import (
@@ -47,7 +48,6 @@ from web_viewer_api.proxies import TrustedProxies
 from web_viewer_api.request_limits import RequestLimits, RequestLimitsMiddleware
 from web_viewer_api.routes import audit, dicomweb, health, share_access, shares, site
 from web_viewer_api.shares import SharePolicy, ShareService
-from worker import DEFAULT_DECODE_LIMITS, DecodeLimits
 
 log = logging.getLogger(__name__)
 

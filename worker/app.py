@@ -8,8 +8,8 @@ from typing import Any
 
 from celery import Celery
 
+from spool.batches import private_directory
 from worker.broker import TRANSPORT as ATOMIC_FILESYSTEM_TRANSPORT
-from worker.spool import private_directory
 from worker.tasks import (
     COMPLETE_STUDY_TASK,
     INGEST_TASK,

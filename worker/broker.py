@@ -40,7 +40,7 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
-from worker.spool import PRIVATE_FILE_MODE, fsync_directory, open_private
+from spool.batches import PRIVATE_FILE_MODE, fsync_directory, open_private
 
 log = logging.getLogger(__name__)
 

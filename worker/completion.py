@@ -21,13 +21,17 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from storage import IndexRepository, ObjectNotFound, ObjectStore, join_key
-from worker.derived import (
-    DerivedObjectError,
-    build_kos_manifest,
-    choose_series_thumbnail_instance,
-    render_thumbnail,
+from imaging import RenderError, render_thumbnail
+from storage import (
+    IndexRepository,
+    ObjectNotFound,
+    ObjectStore,
+    instance_metadata_key,
+    manifest_key,
+    series_metadata_key,
+    series_thumbnail_key,
 )
+from worker.derived import DerivedObjectError, build_kos_manifest, choose_series_thumbnail_instance
 from worker.events import Webhook, encode_event
 
 log = logging.getLogger(__name__)
@@ -40,18 +44,6 @@ def derived_uid(purpose: str, study_instance_uid: str) -> str:
     """A deterministic `2.25.` UID for an object derived from a (pseudonymous) study."""
     digest = hashlib.sha256(f"dicom-gateway/{purpose}/{study_instance_uid}".encode()).digest()
     return "2.25." + str(int.from_bytes(digest[:16], "big"))
-
-
-def series_key(study_instance_uid: str, series_instance_uid: str, name: str) -> str:
-    return join_key("studies", study_instance_uid, "series", series_instance_uid, name)
-
-
-def instance_metadata_key(study: str, series: str, sop: str) -> str:
-    return join_key("studies", study, "series", series, "instances", f"{sop}.json")
-
-
-def manifest_key(study_instance_uid: str) -> str:
-    return join_key("studies", study_instance_uid, "manifest-kos.dcm")
 
 
 def _bulk_data_not_read(_tag: str, _vr: str, _uri: str) -> bytes:
@@ -98,7 +90,7 @@ class StudyCompletion:
                 json.loads(self.store.get(instance_metadata_key(study_uid, series_uid, sop)))
                 for sop, _cls, _key in members
             ]
-            self.store.put(series_key(study_uid, series_uid, "metadata.json"),
+            self.store.put(series_metadata_key(study_uid, series_uid),
                            json.dumps(documents).encode(), content_type="application/dicom+json")
             # Headers: bulk data (pixels) stays in the objects; an empty value marks it present.
             series_headers = [Dataset.from_json(d, bulk_data_uri_handler=_bulk_data_not_read)
@@ -131,10 +123,10 @@ class StudyCompletion:
         dataset = pydicom.dcmread(BytesIO(self.store.get(key)))
         try:
             png = render_thumbnail(dataset)
-        except (DerivedObjectError, ValueError, RuntimeError, NotImplementedError) as exc:
+        except (RenderError, ValueError, RuntimeError, NotImplementedError) as exc:
             log.warning("thumbnail not rendered (%s)", type(exc).__name__)
             return
-        self.store.put(series_key(study_uid, series_uid, "thumbnail.png"), png,
+        self.store.put(series_thumbnail_key(study_uid, series_uid), png,
                        content_type="image/png")
 
     def _emit(self, study_uid: str, count: int, series: int, modalities: list[str],

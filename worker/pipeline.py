@@ -39,6 +39,27 @@ from anonymize import (
     PseudonymKeys,
     deidentify,
 )
+from imaging import (
+    DEFAULT_DECODE_LIMITS,
+    UNREADABLE_DATASET_ERRORS,
+    Codec,
+    DecodeLimitExceeded,
+    DecodeLimits,
+    TranscodeStatus,
+    encode_dataset,
+    read_bounded,
+    transcode_lossless,
+)
+from spool import (
+    PRIVATE_FILE_MODE,
+    SPOOL_SUFFIX,
+    BatchReply,
+    InstanceOutcome,
+    open_private,
+    private_directory,
+    reply_requested,
+    write_reply,
+)
 from storage import (
     WORKER_ACTIONS,
     AlreadyExists,
@@ -51,19 +72,13 @@ from storage import (
     StorageError,
     WithheldRecord,
     instance_key,
-    join_key,
+    instance_metadata_key,
+    study_owner_key,
 )
-from worker.completion import instance_metadata_key
-from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
-from worker.limits import DEFAULT_DECODE_LIMITS, DecodeLimitExceeded, DecodeLimits, read_bounded
-from worker.replies import BatchReply, InstanceOutcome, reply_requested, write_reply
-from worker.spool import PRIVATE_FILE_MODE, open_private, private_directory
-from worker.transcode import Codec, TranscodeStatus, transcode_lossless
 
 log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._\-]+$")
-SPOOL_SUFFIX = ".dcm"
 #: Our own private block in stored objects: what reindex needs and the object cannot say.
 PRIVATE_GROUP = 0x0077
 PRIVATE_CREATOR = "DICOM-GATEWAY 1"
@@ -177,13 +192,6 @@ def instance_json(dataset: Dataset, study: str, series: str, sop: str) -> bytes:
     return json.dumps(document).encode()
 
 
-def encode_dataset(dataset: Dataset) -> bytes:
-    """Serialise a dataset as a DICOM Part 10 file."""
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def record_for(dataset: Dataset, key: str, body: bytes, *, site_id: str | None = None,
                study_site_id: str | None = None) -> InstanceRecord:
     """The index record of a stored object (used at ingest and by reindex): stored by
@@ -229,10 +237,6 @@ class StudyOwner:
     def from_bytes(cls, body: bytes) -> StudyOwner:
         document = json.loads(body)
         return cls(str(document["site_id"]), str(document["patient_id"]))
-
-
-def study_owner_key(study_instance_uid: str) -> str:
-    return join_key("studies", study_instance_uid, "owner.json")
 
 
 def read_study_owner(store: ObjectStore, study_instance_uid: str) -> StudyOwner | None:

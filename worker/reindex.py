@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 
 import pydicom
 
-from storage import IndexRepository, InstanceRecord, ObjectStore
-from worker.dataset_errors import UNREADABLE_DATASET_ERRORS
+from imaging.dataset import UNREADABLE_DATASET_ERRORS
+from storage import STUDIES_PREFIX, IndexRepository, InstanceRecord, ObjectStore, is_instance_key
 from worker.pipeline import StudyOwner, read_provenance, read_study_owner, record_for
 
 log = logging.getLogger(__name__)
 
-_INSTANCE_KEY = re.compile(r"^studies/[^/]+/series/[^/]+/instances/[^/]+\.dcm$")
 _BATCH = 200
 
 
@@ -49,13 +47,13 @@ def reindex(store: ObjectStore, index: IndexRepository,
     report = ReindexReport()
     # The listing starts before the index is emptied: a store that cannot be listed
     # (unreachable, a broken link) fails here and leaves the index as it was.
-    listing = iter(store.list("studies/"))
+    listing = iter(store.list(STUDIES_PREFIX))
     first = next(listing, None)
     index.clear()
     pending: list[InstanceRecord] = []
     owners: dict[str, StudyOwner | None] = {}
     for info in itertools.chain([first] if first is not None else [], listing):
-        if not _INSTANCE_KEY.match(info.key):
+        if not is_instance_key(info.key):
             continue  # metadata, thumbnails, manifests
         body = store.get(info.key)
         try:

@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from gateway.importer import run_import
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+from spool import Spool
 from storage import StudyQuery
 from tests.e2e.test_viewer import ADMIN, ARTIFACTS, CHROMIUM, _first_image, browser
 from tests.support.dicomweb_server import DicomwebServer
@@ -30,7 +31,6 @@ from tests.support.writeback import (
     stow,
 )
 from web_viewer_api.sealed_context import seal, unseal
-from worker import Spool
 
 __all__ = ["browser"]  # the viewer tests' fixture, used here
 CONTEXT = {"patient_name": "DUPONT^Marie", "patient_birth_date": "1961-04-02",

@@ -11,9 +11,9 @@ import pytest
 
 from gateway.importer import run_import
 from gateway.sample_study import SampleStudySpec, write_sample_study
+from spool import Spool
 from tests.e2e.test_viewer import ADMIN, CHROMIUM, browser
 from tests.support.dicomweb_server import DicomwebServer
-from worker import Spool
 
 __all__ = ["browser"]  # the viewer tests' fixture, used here
 SLICES = 1001

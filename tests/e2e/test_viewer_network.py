@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from gateway.importer import run_import
+from spool import Spool
 from tests.e2e.test_viewer import ADMIN, ARTIFACTS, CHROMIUM, browser
 from tests.support.dicomweb_server import DicomwebServer
 from tests.support.real_series import real_ct_series
-from worker import Spool
 
 __all__ = ["browser"]  # the viewer tests' fixture, used here
 SLICES = 80

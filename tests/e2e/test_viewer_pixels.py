@@ -16,8 +16,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from imaging import Codec, TranscodeStatus, transcode_lossless
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
-from worker import Codec, TranscodeStatus, transcode_lossless
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

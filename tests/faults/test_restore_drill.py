@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from anonymize import DeidentificationPolicy, PseudonymKeys
 from gateway.importer import run_import
 from gateway.sample_study import SampleStudySpec, write_sample_study
+from spool import Spool
 from storage import (
     AccessRepository,
     AuditQuery,
@@ -26,7 +27,7 @@ from storage import (
     migrate,
 )
 from web_viewer_api import audit_entry, sha256_hex
-from worker import IngestPipeline, Spool
+from worker import IngestPipeline
 from worker.reindex import reindex
 
 

@@ -29,9 +29,10 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
 from dicom_node import DicomNode, Status
+from spool import Spool
 from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
 from tests.fuzz.conftest import store_bytes_as_they_are
-from worker import IngestPipeline, Spool
+from worker import IngestPipeline
 
 EXAMPLES = int(os.environ.get("DGW_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

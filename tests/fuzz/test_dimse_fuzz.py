@@ -116,8 +116,9 @@ def test_struct_error_corruption_is_refused_by_the_node(node: DicomNode,
 
 def test_struct_error_corruption_is_quarantined_by_the_worker(tmp_path: Path) -> None:
     from anonymize import DeidentificationPolicy, PseudonymKeys
+    from spool import Spool
     from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
-    from worker import IngestPipeline, Spool
+    from worker import IngestPipeline
 
     engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     migrate(engine)

@@ -455,8 +455,8 @@ def test_a_key_of_site_b_cannot_read_site_a_at_any_dicomweb_level(regional_serve
     and nothing of A's — search at every level, metadata, frames, retrieve all say 404/empty."""
     server = regional_server
     from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+    from spool import Spool
     from storage import InstanceQuery
-    from worker import Spool
 
     folder = tmp_path / "site-b-study"
     write_sample_study(folder, SampleStudySpec(ct_slices=2, mr_slices=0, ct_size=32, seed=909,
@@ -490,7 +490,7 @@ def test_a_key_of_site_b_cannot_read_site_a_at_any_dicomweb_level(regional_serve
 def _ingest_site_study(server: DicomwebServer, tmp_path: Path, site: str, seed: int) -> str:
     """One more study, produced by `site`, through the pipeline; its de-identified UID."""
     from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
-    from worker import Spool
+    from spool import Spool
 
     folder = tmp_path / f"{site}-study"
     write_sample_study(folder, SampleStudySpec(ct_slices=1, mr_slices=0, ct_size=32, seed=seed,
@@ -779,7 +779,13 @@ def test_cli_share_links_point_at_the_api_of_the_data_folder(
     """The API started with `--http-port` records where it answers; `share create` on the
     same data folder prints links there (not the default port), and they open."""
     from gateway.cli import app
-    from tests.support.services import GatewayProcess, free_port, gateway_command, gateway_env, wait_for
+    from tests.support.services import (
+        GatewayProcess,
+        free_port,
+        gateway_command,
+        gateway_env,
+        wait_for,
+    )
 
     runner, _engine, study = _site_with_a_study(tmp_path, monkeypatch)
     port = free_port()

@@ -793,7 +793,7 @@ def test_an_object_stored_again_since_indexing_is_parsed_not_trusted(
     JPEG-LS (a new ingest whose index update is still to come): its size differs from the
     indexed one, so it is parsed, and the client asking for Explicit VR Little Endian gets
     that, not JPEG-LS bytes under the wrong label."""
-    from worker import Codec, encode_dataset, transcode_lossless
+    from imaging import Codec, encode_dataset, transcode_lossless
 
     study, series = _two_instance_series(server, tmp_path, "stale", 83, count=1)
     path = server.store.root / "stale" / "0.dcm"

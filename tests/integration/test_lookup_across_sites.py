@@ -18,10 +18,11 @@ from pydicom.sequence import Sequence
 
 from anonymize import PseudonymKeys, pseudonymize_patient_id
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+from spool import Spool
 from storage import ApiKeyRecord
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from web_viewer_api import new_api_key, sha256_hex
-from worker import Spool, read_local_patient_id
+from worker import read_local_patient_id
 from worker.reindex import reindex
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -12,11 +12,11 @@ import pydicom
 import pytest
 
 from dicom_node import CallerPolicy, DicomNode, MoveDestination, NodeConfig
+from imaging import Codec
 from storage import InstanceQuery, StudyQuery
 from tests.support.dicomweb_server import DicomwebServer
 from tests.support.services import free_port, wait_for
 from tests.support.storescp import running_storescp
-from worker import Codec
 
 
 @pytest.fixture(scope="module")

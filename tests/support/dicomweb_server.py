@@ -21,6 +21,8 @@ from anonymize import (
 )
 from gateway.importer import run_import
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+from imaging import Codec
+from spool import Spool
 from storage import (
     AccessRepository,
     AccessScope,
@@ -34,7 +36,7 @@ from storage import (
 )
 from tests.support.services import free_port, wait_for
 from web_viewer_api import ApiConfig, StowTarget, create_app
-from worker import Codec, IngestPipeline, Spool
+from worker import IngestPipeline
 
 TOKEN = "dicomweb-test-token-0123456789abcdef"
 

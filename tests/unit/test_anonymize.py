@@ -25,7 +25,7 @@ from anonymize import (
     pseudonymize_patient_id,
 )
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, build_sample_study
-from worker import encode_dataset
+from imaging import encode_dataset
 
 SECRET = b"unit-test-secret-0123456789abcdef"
 UID_PATTERN = re.compile(r"^2\.25\.(0|[1-9][0-9]*)$")

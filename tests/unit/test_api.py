@@ -6,12 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.support.services import free_port
 from fastapi.testclient import TestClient
 
 from gateway.sample_study import SampleStudySpec, build_sample_study
-from storage import FilesystemObjectStore, IndexRepository, InstanceRecord, create_index_engine, migrate
+from storage import (
+    FilesystemObjectStore,
+    IndexRepository,
+    InstanceRecord,
+    create_index_engine,
+    migrate,
+)
+from tests.support.services import free_port
 from web_viewer_api import ApiConfig, create_app
 
 TOKEN = "api-test-token-0123456789abcdef"
@@ -217,8 +222,8 @@ def test_startup_removes_old_parts_of_interrupted_uploads(tmp_path: Path) -> Non
     import os
     import time
 
+    from spool import Spool
     from web_viewer_api import StowTarget
-    from worker import Spool
 
     engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     migrate(engine)

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dicom_node.backlog import SpoolBacklog
+from spool import Spool, incoming_dir
 from tests.support.services import wait_for
-from worker import Spool, incoming_dir
 
 
 def _spool_files(root: Path, site: str, batch: str, count: int) -> list[Path]:

@@ -16,17 +16,17 @@ from pydicom.uid import JPEGLSLossless, RLELossless
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
-from tests.support.bombs import compressed_bomb, deflated_bomb, normal_deflated
-from worker import (
+from imaging import (
     DeclaredSize,
     DecodeLimitExceeded,
     DecodeLimits,
-    IngestPipeline,
     check_declared,
     decompress_for_serving,
     read_bounded,
 )
+from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
+from tests.support.bombs import compressed_bomb, deflated_bomb, normal_deflated
+from worker import IngestPipeline
 
 SMALL = DecodeLimits.from_mib(64, 64)
 

@@ -22,7 +22,7 @@ from anonymize import (
     TextCleaner,
     deidentify,
 )
-from worker import encode_dataset
+from imaging import encode_dataset
 
 SECRET = b"hardening-test-secret-0123456789abcdef"
 

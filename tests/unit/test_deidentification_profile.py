@@ -31,7 +31,7 @@ from anonymize import (
 )
 from anonymize.profile import ProfileRow
 from gateway.sample_study import SampleStudySpec, build_sample_study
-from worker import encode_dataset
+from imaging import encode_dataset
 
 SECRET = b"profile-test-secret-0123456789abcdef"
 OVERRIDDEN = {0x00100010, 0x00100020, 0x00080050}  # always keyed pseudonyms

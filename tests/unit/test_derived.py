@@ -20,12 +20,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, KeyObjectSelectionDocumentStorage
 
 from gateway.sample_study import SampleStudySpec, build_sample_study, write_sample_study
+from imaging import RenderError, render_thumbnail
 from worker.derived import (
     FALLBACK_CONTENT_DATETIME,
     DerivedObjectError,
     build_kos_manifest,
     choose_series_thumbnail_instance,
-    render_thumbnail,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -219,7 +219,7 @@ def test_size_argument() -> None:
 
 def test_no_pixel_data_raises() -> None:
     ds = pydicom.dcmread(_testfile("CT_small.dcm"), stop_before_pixels=True)
-    with pytest.raises(DerivedObjectError, match="no pixel data"):
+    with pytest.raises(RenderError, match="no pixel data"):
         render_thumbnail(ds)
 
 
@@ -256,7 +256,7 @@ def test_choose_from_dicom_json_headers(study: list[Dataset]) -> None:
     ]
     chosen = choose_series_thumbnail_instance(headers)
     assert chosen.SOPInstanceUID == ct[2].SOPInstanceUID
-    with pytest.raises(DerivedObjectError, match="no pixel data"):
+    with pytest.raises(RenderError, match="no pixel data"):
         render_thumbnail(chosen)
 
 

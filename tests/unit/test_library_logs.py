@@ -14,8 +14,9 @@ import pytest
 from anonymize import DeidentificationPolicy, PseudonymKeys
 from gateway.library_logs import withhold_library_values
 from gateway.sample_study import SampleStudySpec, write_sample_study
+from spool import Spool
 from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
-from worker import IngestPipeline, Spool
+from worker import IngestPipeline
 
 UID_MARKER = "1.2.999.424242"
 DATE_MARKER = "PLANTED-SECRET"

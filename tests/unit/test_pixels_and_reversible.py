@@ -28,7 +28,7 @@ from anonymize import (
     deidentify,
 )
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, build_sample_study
-from worker import encode_dataset
+from imaging import encode_dataset
 
 SECRET = b"pixels-test-secret-0123456789abcdef"
 US_DIR = Path(__import__("deid_data").__file__).parent / "data" / "ultrasounds"

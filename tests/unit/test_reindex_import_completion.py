@@ -17,13 +17,20 @@ import pytest
 from sqlalchemy import text
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
-from worker import Spool
 from gateway.importer import run_import
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
-from worker import IngestPipeline, StudyCompletion, Webhook, manifest_key, verify
-from worker.events import SIGNATURE_HEADER, deliver
+from spool import Spool
+from storage import (
+    FilesystemObjectStore,
+    IndexRepository,
+    StudyQuery,
+    create_index_engine,
+    manifest_key,
+    migrate,
+)
 from tests.support.webhook import Received, webhook_receiver
+from worker import IngestPipeline, StudyCompletion, Webhook, verify
+from worker.events import SIGNATURE_HEADER, deliver
 from worker.reindex import reindex
 
 SECRET = b"reindex-test-secret-0123456789abcdef"

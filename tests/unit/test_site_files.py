@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from spool import Spool, close_private_tree, incoming_dir
 from tests.support.files import file_mode
 from web_viewer_api.dicomweb.stow import receive_parts
-from worker import Spool, close_private_tree, incoming_dir
 from worker.broker import _write_message
 
 pytestmark = pytest.mark.usefixtures("umask_022")

@@ -1,4 +1,4 @@
-"""Verified lossless transcoding (worker.transcode): exact round trips through Part 10 bytes for
+"""Verified lossless transcoding (imaging.transcode): exact round trips through Part 10 bytes for
 every codec, on synthetic and real images, checked by pydicom, dcmdump and dcmtk's dcmdjpls."""
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pydicom.uid import (
 )
 
 from gateway.sample_study import SampleStudySpec, build_sample_study
-from worker import transcode
-from worker.transcode import (
+from imaging import transcode
+from imaging.transcode import (
     LOSSLESS_TRANSFER_SYNTAXES,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     Codec,

@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from anonymize import DeidentificationPolicy, ProfileOption, PseudonymKeys
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
+from spool.replies import take_reply
 from storage import (
     AccessRepository,
     AuditQuery,
@@ -28,7 +29,6 @@ from storage import (
 from tests.support.columns import COLUMNS, index_engine_and_store
 from tests.support.writeback import basic_text_sr, measurement_report, segmentation, to_bytes
 from worker import IngestPipeline
-from worker.replies import take_reply
 
 SECRET = b"write-back-test-secret-0123456789abcdef"
 Pipelines = Callable[..., IngestPipeline]

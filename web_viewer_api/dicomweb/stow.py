@@ -3,7 +3,7 @@
 The body is parsed as it arrives and each part is written to a temporary file in the spool
 (never the whole body in memory); each DICOM part is then spooled like a C-STORE, the
 batches are handed to the worker, and the answer waits for the worker's reply
-(`worker.replies`): it names the UIDs each instance is stored and searchable under, with
+(`spool.replies`): it names the UIDs each instance is stored and searchable under, with
 its RetrieveURL, a B000 warning where attributes were coerced, and the instances that will
 not be stored with their reason (read-your-writes, like a PACS that stores in-request).
 """
@@ -33,27 +33,29 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser
 
-from storage import AccessScope
-from web_viewer_api.dicomweb.multipart import parse_accept
-from worker import (
+from imaging import (
     DEFAULT_DECODE_LIMITS,
     UNREADABLE_DATASET_ERRORS,
     DecodeLimitExceeded,
     DecodeLimits,
+    check_declared,
+    read_bounded,
+)
+from spool import (
     InstanceOutcome,
     Spool,
     SpoolWriteError,
-    check_declared,
     incoming_dir,
     new_association_tag,
     open_private,
     private_directory,
-    read_bounded,
     remove_older_than,
     remove_stale_replies,
     request_reply,
     take_reply,
 )
+from storage import AccessScope
+from web_viewer_api.dicomweb.multipart import parse_accept
 
 log = logging.getLogger(__name__)
 _UNREADABLE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)

@@ -21,6 +21,20 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from imaging import (
+    DEFAULT_DECODE_LIMITS,
+    Codec,
+    DecodeLimitExceeded,
+    DecodeLimits,
+    RenderError,
+    TranscodeStatus,
+    check_declared,
+    decompress_for_serving,
+    encode_dataset,
+    read_bounded,
+    render_frame,
+    transcode_lossless,
+)
 from storage import (
     EVERY_SITE,
     AccessScope,
@@ -33,6 +47,8 @@ from storage import (
     OpenableStore,
     OpenedObject,
     QueryRetrieve,
+    instance_metadata_key,
+    series_metadata_key,
 )
 from web_viewer_api.dicomweb.multipart import (
     ANY_TRANSFER_SYNTAX,
@@ -43,20 +59,6 @@ from web_viewer_api.dicomweb.multipart import (
 )
 from web_viewer_api.dicomweb.parameters import check_quality, check_viewport, check_window
 from web_viewer_api.dicomweb.rendering import RenderedCache, RenderLimits
-from worker import (
-    DEFAULT_DECODE_LIMITS,
-    Codec,
-    DecodeLimitExceeded,
-    DecodeLimits,
-    TranscodeStatus,
-    check_declared,
-    decompress_for_serving,
-    encode_dataset,
-    instance_metadata_key,
-    read_bounded,
-    transcode_lossless,
-)
-from worker.derived import DerivedObjectError, render_frame
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 _LOSSLESS_TARGETS = {
@@ -277,7 +279,7 @@ class Wado:
         wanted = {m.sop_instance_uid for m in members}
         try:
             whole = json.loads(self.store.get(
-                f"studies/{study}/series/{series}/metadata.json"))
+                series_metadata_key(study, series)))
             present = {d.get("00080018", {}).get("Value", [""])[0] for d in whole}
             if wanted <= present:
                 return [_absolute_bulk_uris(d, base_url) for d in whole
@@ -520,7 +522,7 @@ def rendered(dataset: Dataset, parameters: RenderParameters, *, frame: int | Non
     try:
         image = render_frame(dataset, size=parameters.size,
                              frame_index=None if frame is None else frame - 1)
-    except DerivedObjectError as exc:
+    except RenderError as exc:
         raise NotFoundError(str(exc)) from exc
     out = BytesIO()
     if parameters.media_type == "image/png":

@@ -64,7 +64,7 @@ from pydicom.uid import (
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pydicom.valuerep import VR
 
-from worker.limits import DEFAULT_DECODE_LIMITS, DecodeLimits, check_declared
+from imaging.limits import DEFAULT_DECODE_LIMITS, DecodeLimits, check_declared
 
 __all__ = [
     "LOSSLESS_TRANSFER_SYNTAXES",

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from worker.spool import fsync_directory, open_private, private_directory, remove_older_than
+from spool.batches import fsync_directory, open_private, private_directory, remove_older_than
 
 #: In a batch folder: a writer waits for this batch's reply.
 REPLY_MARKER = ".reply"
