@@ -4,8 +4,6 @@ rendered from (`imaging.render` renders it) and the KOS manifest.
 Pure functions (no I/O): the pipeline reads the stored instances, calls these once a study
 has been quiet for a while, and stores what they return.
 
-* `render_frame` renders one frame of an image, fitted to a size; `render_thumbnail` as a
-  small PNG.
 * `choose_series_thumbnail_instance` picks the instance of a series to render.
 * `build_kos_manifest` builds the IHE XDS-I.b "manifest": a Key Object Selection Document
   (title (113030, DCM, "Manifest")) referencing every instance of the study.
@@ -13,6 +11,7 @@ has been quiet for a while, and stores what they return.
 Both the thumbnail and the manifest are deterministic functions of their inputs (the
 manifest's UIDs are given by the caller), so regenerating them overwrites, never duplicates.
 """
+
 from __future__ import annotations
 
 import copy
