@@ -14,7 +14,6 @@ from dicom_node.policy import (
 )
 from dicom_node.query import MoveDestination
 from dicom_node.server import DicomNode, NodeConfig, TlsConfig
-from dicom_node.status import Status
 from spool import Spool, SpoolError, SpoolWriteError
 
 __all__ = [
@@ -33,7 +32,6 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolWriteError",
-    "Status",
     "TlsConfig",
     "handle_echo",
     "handle_store",

@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from dicom_node.policy import Caller
-from dicom_node.status import Status
+from imaging import CommitmentStatus, QueryRetrieveStatus, StoreStatus
 from storage import AuditWriter, dimse_entry
 
 log = logging.getLogger(__name__)
@@ -26,18 +26,29 @@ log = logging.getLogger(__name__)
 #: counts the studies not named (the total is in every event's detail).
 MAX_STUDIES_LISTED = 500
 
-#: Statuses the caller caused (EventOutcomeIndicator 4, minor failure: refused).
-_REFUSALS = {Status.NOT_AUTHORIZED, Status.MOVE_DESTINATION_UNKNOWN, Status.MOVE_UNABLE_TO_PROCESS,
-             Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, Status.CANNOT_UNDERSTAND,
-             Status.NO_SUCH_ACTION_TYPE, Status.INVALID_ARGUMENT_VALUE}
+#: Statuses the caller caused, by audited action (EventOutcomeIndicator 4, minor failure:
+#: refused); the same code can be the node's failure in another service class (0xC000).
+_QUERY_REFUSALS = frozenset({
+    QueryRetrieveStatus.NOT_AUTHORIZED, QueryRetrieveStatus.MOVE_DESTINATION_UNKNOWN,
+    QueryRetrieveStatus.MOVE_UNABLE_TO_PROCESS,
+    QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS})
+_REFUSALS: Mapping[str, frozenset[int]] = {
+    "dimse.store": frozenset({StoreStatus.NOT_AUTHORIZED, StoreStatus.CANNOT_UNDERSTAND,
+                              StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS}),
+    "dimse.find": _QUERY_REFUSALS, "dimse.move": _QUERY_REFUSALS, "dimse.get": _QUERY_REFUSALS,
+    "dimse.commit": frozenset({CommitmentStatus.NOT_AUTHORIZED,
+                               CommitmentStatus.NO_SUCH_ACTION_TYPE,
+                               CommitmentStatus.INVALID_ARGUMENT_VALUE}),
+    "dimse.refused": frozenset({StoreStatus.NOT_AUTHORIZED}),
+}
 
 
-def outcome_of(status: int) -> int:
-    """EventOutcomeIndicator of a final DIMSE status: 0 success (or cancelled by the
-    caller), 4 refused, 8 the node failed."""
-    if status in (Status.SUCCESS, Status.CANCEL):
+def outcome_of(action: str, status: int) -> int:
+    """EventOutcomeIndicator of an action's final DIMSE status: 0 success (or cancelled by
+    the caller), 4 refused, 8 the node failed."""
+    if status in (0x0000, QueryRetrieveStatus.CANCEL):
         return 0
-    return 4 if status in _REFUSALS else 8
+    return 4 if status in _REFUSALS.get(action, frozenset()) else 8
 
 
 class NodeAudit:
@@ -62,7 +73,7 @@ class NodeAudit:
             named: list[str] = listed[:MAX_STUDIES_LISTED] or [""]
             if len(listed) > MAX_STUDIES_LISTED:
                 named.append("")  # the studies beyond: counted in the detail
-            code = outcome_of(status) if outcome is None else outcome
+            code = outcome_of(action, status) if outcome is None else outcome
             self.writer.submit([dimse_entry(action, caller.actor, caller.address, outcome=code,
                                             study_instance_uid=study, status_code=int(status),
                                             detail=text) for study in named])

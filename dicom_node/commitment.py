@@ -27,7 +27,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 from dicom_node.audit import NodeAudit
 from dicom_node.policy import Caller, Right
 from dicom_node.query import MoveDestination
-from dicom_node.status import Status
+from imaging import CommitmentStatus
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,15 @@ def handle_commitment(event: Any, is_stored: IsStored, ae_title: str,
     a caller without the commit right is refused (0x0124)."""
     caller = caller_of(event.assoc)
     if not caller.may(Right.COMMIT):
-        audit.record("dimse.commit", caller, Status.NOT_AUTHORIZED)
-        return Status.NOT_AUTHORIZED, None
+        audit.record("dimse.commit", caller, CommitmentStatus.NOT_AUTHORIZED)
+        return CommitmentStatus.NOT_AUTHORIZED, None
     if event.action_type != 1:
-        audit.record("dimse.commit", caller, Status.NO_SUCH_ACTION_TYPE)
-        return Status.NO_SUCH_ACTION_TYPE, None
+        audit.record("dimse.commit", caller, CommitmentStatus.NO_SUCH_ACTION_TYPE)
+        return CommitmentStatus.NO_SUCH_ACTION_TYPE, None
     request = event.action_information
     if "TransactionUID" not in request:
-        audit.record("dimse.commit", caller, Status.INVALID_ARGUMENT_VALUE)
-        return Status.INVALID_ARGUMENT_VALUE, None
+        audit.record("dimse.commit", caller, CommitmentStatus.INVALID_ARGUMENT_VALUE)
+        return CommitmentStatus.INVALID_ARGUMENT_VALUE, None
     own_site = frozenset({caller.filing_site})
     assoc = event.assoc
     calling = assoc.requestor.ae_title.strip()
@@ -123,7 +123,7 @@ def handle_commitment(event: Any, is_stored: IsStored, ae_title: str,
         # Counts only: the referenced UIDs are the modality's originals.
         committed = len(information.get("ReferencedSOPSequence", []))
         failed = len(information.get("FailedSOPSequence", []))
-        audit.record("dimse.commit", caller, Status.SUCCESS, outcome=4 if failed else 0,
+        audit.record("dimse.commit", caller, CommitmentStatus.SUCCESS, outcome=4 if failed else 0,
                      detail={"site": caller.filing_site, "committed": committed,
                              "failed": failed})
         sent.wait(timeout=30)  # the N-ACTION response first
@@ -150,7 +150,7 @@ def handle_commitment(event: Any, is_stored: IsStored, ae_title: str,
             log.warning("storage commitment: could not reach %s for the report", calling)
 
     threading.Thread(target=report, name="commitment-report", daemon=True).start()
-    return Status.SUCCESS, None
+    return CommitmentStatus.SUCCESS, None
 
 
 __all__ = ["COMMITMENT_INSTANCE", "IsStored", "ResponsesSent", "commitment_report",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -11,26 +10,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
-
 from dicom_node.audit import NodeAudit
 from dicom_node.backlog import SpoolBacklog
 from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy, Right
-from dicom_node.status import Status
 from imaging import (
     DEFAULT_DECODE_LIMITS,
     UNREADABLE_DATASET_ERRORS,
     DecodeLimitExceeded,
     DecodeLimits,
+    EchoStatus,
+    StoreStatus,
     check_complete,
+    is_uid_shaped,
     read_bounded,
+    text_of,
 )
 from spool import SPOOL_SUFFIX, Spool, SpoolWriteError, new_association_tag
 
 log = logging.getLogger(__name__)
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 Enqueue = Callable[[str, str], None]
@@ -76,7 +75,7 @@ class SiteSpools:
     def holds(self, sop_instance_uid: str, site_ids: frozenset[str] | None = None) -> bool:
         """True when an instance with this (original) UID is spooled, durably, at one of
         `site_ids` (None: at any site)."""
-        if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
+        if not is_uid_shaped(sop_instance_uid):
             return False
         return any(next(spool.site_dir.glob(f"*/{sop_instance_uid}{SPOOL_SUFFIX}"), None) is not None
                    for spool in self.all() if site_ids is None or spool.site_id in site_ids)
@@ -102,11 +101,7 @@ class AssociationBatches:
 
 def handle_echo(event: Any) -> int:
     """C-ECHO: the node is alive."""
-    return Status.SUCCESS
-
-
-def _text(dataset: pydicom.Dataset, keyword: str) -> str:
-    return str(dataset.get(keyword, "") or "").strip()
+    return EchoStatus.SUCCESS
 
 
 def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
@@ -139,18 +134,18 @@ def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBat
     state.site = spool.site_id
     if policy is not None and not caller_of(event.assoc, policy, spool.site_id).may(Right.STORE):
         state.failed += 1
-        status: int = Status.NOT_AUTHORIZED
+        status: int = StoreStatus.NOT_AUTHORIZED
     else:
         status = _store(event, spool, batches, enqueue, chunk_size, limits)
-    if status != Status.SUCCESS:
+    if status != StoreStatus.SUCCESS:
         state.last_failure = status
-    if status == Status.SUCCESS and backlog is not None:
+    if status == StoreStatus.SUCCESS and backlog is not None:
         backlog.added()
         held = backlog.hold()  # the instance is durable already: only the answer waits
         if held and batches.metrics is not None:
             batches.metrics.held.inc(held)
     if batches.metrics is not None:
-        if status == Status.SUCCESS:
+        if status == StoreStatus.SUCCESS:
             batches.metrics.instances.inc()
             batches.metrics.bytes.inc(batches.state(event.assoc).last_size)
         else:
@@ -178,41 +173,41 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
         dataset = read_bounded(path, limits, stop_before_pixels=size > FULL_CHECK_BYTES,
                                inflate_pixels=False)
         check_complete(dataset)  # pydicom silently shortens a truncated value
-        sop_class = _text(dataset, "SOPClassUID")
-        sop_instance = _text(dataset, "SOPInstanceUID")
-        study = _text(dataset, "StudyInstanceUID")
+        sop_class = text_of(dataset, "SOPClassUID")
+        sop_instance = text_of(dataset, "SOPInstanceUID")
+        study = text_of(dataset, "StudyInstanceUID")
     except DecodeLimitExceeded as exc:
         # PS3.4 B.2.3: Refused, Out of Resources — the instance may be valid, but decoding
         # it takes more than this gateway is configured to give; nothing is spooled.
         state.failed += 1
         log.warning("C-STORE refused: %s", exc)
-        return Status.OUT_OF_RESOURCES
+        return StoreStatus.OUT_OF_RESOURCES
     except UNREADABLE_DATASET_ERRORS as exc:
         state.failed += 1
         log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)
-        return Status.CANNOT_UNDERSTAND
+        return StoreStatus.CANNOT_UNDERSTAND
     request = event.request
     if (
         not sop_instance
         or not study
-        or not _text(dataset, "SeriesInstanceUID")
+        or not text_of(dataset, "SeriesInstanceUID")
         or sop_class != str(request.AffectedSOPClassUID)
         or sop_instance != str(request.AffectedSOPInstanceUID)
     ):
         state.failed += 1
         log.warning("C-STORE refused: data set does not match the request or lacks UIDs")
-        return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     chunk, count = state.chunks.get(study, (0, 0))
     batch_id = spool.batch_id(state.tag, study) + (f"-{chunk:04d}" if chunk_size else "")
     try:
         spool.write_file(batch_id, sop_instance, path)
     except ValueError:
         state.failed += 1
-        return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+        return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     except SpoolWriteError as exc:
         state.failed += 1
         log.error("C-STORE refused: spool write failed (%s)", exc)
-        return Status.OUT_OF_RESOURCES
+        return StoreStatus.OUT_OF_RESOURCES
     state.batches.add(batch_id)
     state.stored += 1
     state.bytes += size
@@ -223,7 +218,7 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
         _enqueue(enqueue, spool.site_id, batch_id)
         chunk, count = chunk + 1, 0
     state.chunks[study] = (chunk, count)
-    return Status.SUCCESS
+    return StoreStatus.SUCCESS
 
 
 def caller_of(assoc: Any, policy: CallerPolicy, filing_site: str) -> Caller:
@@ -264,7 +259,7 @@ def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatch
             studies = ({pseudonymize_uid(study) for study in state.chunks}
                        if pseudonymize_uid is not None else set())
             audit.record("dimse.store", caller_of(assoc, policy, site_id),
-                         state.last_failure if state.failed else Status.SUCCESS,
+                         state.last_failure if state.failed else StoreStatus.SUCCESS,
                          studies=studies,
                          # some stored, some refused: a minor failure, whatever the status
                          outcome=4 if state.failed and state.stored else None,

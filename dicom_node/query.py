@@ -20,8 +20,7 @@ from pynetdicom.presentation import build_context
 
 from dicom_node.audit import NodeAudit
 from dicom_node.policy import Caller, Right
-from dicom_node.status import Status
-from imaging import decompress_for_serving, read_bounded
+from imaging import QueryRetrieveStatus, decompress_for_serving, read_bounded, text_of
 from storage import (
     AccessScope,
     DateRange,
@@ -62,33 +61,24 @@ class QueryError(ValueError):
         self.status = status
 
 
-def _text(identifier: Dataset, keyword: str) -> str:
-    value = identifier.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
-
-
 def _uids(identifier: Dataset, keyword: str) -> tuple[str, ...]:
-    text = _text(identifier, keyword)
+    text = text_of(identifier, keyword)
     return tuple(u.strip() for u in text.split("\\") if u.strip()) if text else ()
 
 
 def _matching_value(identifier: Dataset, keyword: str) -> str | None:
     """A matching key's value, None for universal matching (empty or `*`)."""
-    text = _text(identifier, keyword)
+    text = text_of(identifier, keyword)
     return None if text in ("", "*") else text
 
 
 def _level(identifier: Dataset, model: str) -> str:
-    level = _text(identifier, "QueryRetrieveLevel").upper()
+    level = text_of(identifier, "QueryRetrieveLevel").upper()
     if level not in LEVELS:
-        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                          f"QueryRetrieveLevel {level!r}: PATIENT, STUDY, SERIES or IMAGE")
     if model == "STUDY" and level == "PATIENT":
-        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                          "the Study Root model has no PATIENT level")
     return level
 
@@ -99,14 +89,14 @@ def _range(identifier: Dataset, keyword: str, parse: Callable[[str], _Range]) ->
     try:
         return parse(text) if text else None
     except ValueError as exc:
-        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: {exc}") from exc
+        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: {exc}") from exc
 
 
 def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
     """The study-level matching keys of an identifier (PS3.4 C.6.1.1.3, C.6.2.1.2). The
     combined date-time extended negotiation is not offered: StudyDate and StudyTime match
     apart (PS3.4 C.2.2.2.5)."""
-    modalities = _text(identifier, "ModalitiesInStudy")
+    modalities = text_of(identifier, "ModalitiesInStudy")
     return StudyQuery(
         patient_id=_matching_value(identifier, "PatientID"),
         patient_name=_matching_value(identifier, "PatientName"),
@@ -156,7 +146,7 @@ def _number(identifier: Dataset, keyword: str) -> int | None:
     try:
         return int(text)
     except ValueError as exc:
-        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: not a number") from exc
+        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: not a number") from exc
 
 
 # Matching ------------------------------------------------------------------------------
@@ -280,19 +270,19 @@ def retrieve_instances(service: QueryRetrieve, identifier: Dataset, model: str,
     if level == "PATIENT":
         patient = _matching_value(identifier, "PatientID")
         if not patient:
-            raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID is required")
+            raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID is required")
         studies = [s.study_instance_uid for s in service.search_for_studies(
             scope, StudyQuery(patient_id=patient, limit=MAX_MATCHES))]
     else:
         studies = list(_uids(identifier, "StudyInstanceUID"))
         if not studies:
-            raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID is required")
+            raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID is required")
     series = _uids(identifier, "SeriesInstanceUID") if level in ("SERIES", "IMAGE") else ()
     if level in ("SERIES", "IMAGE") and not series:
-        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SeriesInstanceUID is required")
+        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SeriesInstanceUID is required")
     sops = _uids(identifier, "SOPInstanceUID") if level == "IMAGE" else ()
     if level == "IMAGE" and not sops:
-        raise QueryError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID is required")
+        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID is required")
     found: list[InstanceSummary] = []
     for series_uid in series or (None,):
         found += service.retrieve_instances(scope, studies, series_uid, sops,
@@ -314,21 +304,21 @@ def _send(store: ObjectStore, instances: list[InstanceSummary],
           ) -> Iterator[tuple[int, Dataset | None]]:
     for instance in instances:
         if cancelled():
-            yield Status.CANCEL, None
+            yield QueryRetrieveStatus.CANCEL, None
             return
         try:
-            yield Status.PENDING, _load(store, instance, accepted())
+            yield QueryRetrieveStatus.PENDING, _load(store, instance, accepted())
         except (ObjectNotFound, StorageError, OSError, ValueError, RuntimeError) as exc:
             log.error("retrieve: cannot read a stored instance (%s)", type(exc).__name__)
             failed = Dataset()
             failed.FailedSOPInstanceUIDList = [instance.sop_instance_uid]
-            yield Status.UNABLE_TO_PROCESS, failed
+            yield QueryRetrieveStatus.UNABLE_TO_PROCESS, failed
             return
 
 
 def _level_name(identifier: Dataset) -> str:
     """The request's level for the audit trail, only when it is one of the standard's."""
-    level = _text(identifier, "QueryRetrieveLevel").upper()
+    level = text_of(identifier, "QueryRetrieveLevel").upper()
     return level if level in LEVELS else ""
 
 
@@ -363,28 +353,28 @@ def handle_find(event: Any, service: QueryRetrieve, model: str, ae_title: str,
     try:
         if not caller.may(Right.FIND):
             log.info("C-FIND refused: %s has no find right", caller.ae_title)
-            yield done(Status.NOT_AUTHORIZED), None
+            yield done(QueryRetrieveStatus.NOT_AUTHORIZED), None
             return
         try:
             for study_uids, match in find_matches(service, event.identifier, model, ae_title,
                                                   caller.scope):
                 if event.is_cancelled:
-                    yield done(Status.CANCEL), None
+                    yield done(QueryRetrieveStatus.CANCEL), None
                     return
                 matches += 1
                 studies.update(study_uids)
-                yield Status.PENDING, match
+                yield QueryRetrieveStatus.PENDING, match
         except QueryError as exc:
             log.info("C-FIND refused: %s", exc)
             yield done(exc.status), None
             return
         except (StorageError, OSError, ValueError, AttributeError) as exc:
             log.error("C-FIND failed: %s", type(exc).__name__)
-            yield done(Status.UNABLE_TO_PROCESS), None
+            yield done(QueryRetrieveStatus.UNABLE_TO_PROCESS), None
             return
-        yield done(Status.SUCCESS), None
+        yield done(QueryRetrieveStatus.SUCCESS), None
     finally:
-        done(Status.CANCEL)  # the association went away mid-answer
+        done(QueryRetrieveStatus.CANCEL)  # the association went away mid-answer
 
 
 def _contexts(instances: list[InstanceSummary]) -> list[Any]:
@@ -419,7 +409,7 @@ def handle_move(event: Any, service: QueryRetrieve, store: ObjectStore, model: s
         if destination is None or not caller.may(Right.MOVE) or not caller.may_move_to(destination_ae):
             notes["reason"] = "unknown destination" if destination is None else "not authorized"
             log.info("C-MOVE refused: %s (caller %s)", notes["reason"], caller.ae_title)
-            done(Status.MOVE_DESTINATION_UNKNOWN)
+            done(QueryRetrieveStatus.MOVE_DESTINATION_UNKNOWN)
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
         try:
@@ -430,7 +420,7 @@ def handle_move(event: Any, service: QueryRetrieve, store: ObjectStore, model: s
         if "reason" in notes or len(instances) > MAX_SUBOPERATIONS:
             notes.setdefault("reason", "too many instances")
             instances = []
-            done(Status.MOVE_UNABLE_TO_PROCESS)
+            done(QueryRetrieveStatus.MOVE_UNABLE_TO_PROCESS)
             yield destination.host, destination.port
             yield None  # not a number: pynetdicom answers 0xC513 and sends nothing
             return
@@ -443,20 +433,20 @@ def handle_move(event: Any, service: QueryRetrieve, store: ObjectStore, model: s
                             for c in accept_event.assoc.accepted_contexts)
 
         if not instances:
-            done(Status.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
+            done(QueryRetrieveStatus.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
         yield destination.host, destination.port, {
             "contexts": _contexts(instances), "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
         yield len(instances)
         for result in _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled)):
-            if result[0] != Status.PENDING:
+            if result[0] != QueryRetrieveStatus.PENDING:
                 done(result[0])
             yield result
-        done(Status.SUCCESS)  # asked for once the last sub-operation is done
+        done(QueryRetrieveStatus.SUCCESS)  # asked for once the last sub-operation is done
     finally:
         if instances and not reached:  # pynetdicom could not associate: it answered 0xA801
             notes["reason"] = "destination unreachable"
-            done(Status.MOVE_DESTINATION_UNKNOWN)
-        done(Status.CANCEL)
+            done(QueryRetrieveStatus.MOVE_DESTINATION_UNKNOWN)
+        done(QueryRetrieveStatus.CANCEL)
 
 
 def handle_get(event: Any, service: QueryRetrieve, store: ObjectStore, model: str,
@@ -472,7 +462,7 @@ def handle_get(event: Any, service: QueryRetrieve, store: ObjectStore, model: st
         if not caller.may(Right.GET):
             log.info("C-GET refused: %s has no get right", caller.ae_title)
             yield 1  # pynetdicom answers a failure only once sub-operations are announced
-            yield done(Status.NOT_AUTHORIZED), None
+            yield done(QueryRetrieveStatus.NOT_AUTHORIZED), None
             return
         try:
             instances = retrieve_instances(service, event.identifier, model, caller.scope)
@@ -483,20 +473,20 @@ def handle_get(event: Any, service: QueryRetrieve, store: ObjectStore, model: st
         if len(instances) > MAX_SUBOPERATIONS:
             instances = []
             yield 1
-            yield done(Status.OUT_OF_RESOURCES_SUBOPERATIONS), None
+            yield done(QueryRetrieveStatus.OUT_OF_RESOURCES_SUBOPERATIONS), None
             return
         accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
                     for c in event.assoc.accepted_contexts}
         if not instances:
-            done(Status.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
+            done(QueryRetrieveStatus.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
         yield len(instances)
         for result in _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled)):
-            if result[0] != Status.PENDING:
+            if result[0] != QueryRetrieveStatus.PENDING:
                 done(result[0])
             yield result
-        done(Status.SUCCESS)
+        done(QueryRetrieveStatus.SUCCESS)
     finally:
-        done(Status.CANCEL)
+        done(QueryRetrieveStatus.CANCEL)
 
 
 __all__ = ["MoveDestination", "QueryError", "find_matches", "handle_find", "handle_get",

@@ -46,8 +46,7 @@ from dicom_node.handlers import (
 from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
-from dicom_node.status import Status
-from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits
+from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits, StoreStatus
 from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore, QueryRetrieve
 
 log = logging.getLogger(__name__)
@@ -334,7 +333,7 @@ class DicomNode:
         log.warning("association rejected: calling AE %s: %s", title, reason)
         caller = self.config.policy.caller(title, str(assoc.requestor.address),
                                            self.spools.site_for(title))
-        self.audit.record("dimse.refused", caller, Status.NOT_AUTHORIZED, detail={"reason": reason})
+        self.audit.record("dimse.refused", caller, StoreStatus.NOT_AUTHORIZED, detail={"reason": reason})
         # Rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4).
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         assoc.kill()  # as pynetdicom's own rejections: lets the reject go out, then closes

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import overload
 
 from celery import Celery
 
@@ -175,6 +176,21 @@ def ins_issuers(settings: Settings) -> InsIssuers:
                       namespaces=frozenset(settings.ins.namespaces))
 
 
+@overload
+def pseudonym_keys(settings: Settings) -> PseudonymKeys: ...
+@overload
+def pseudonym_keys(settings: Settings, *, required: bool) -> PseudonymKeys | None: ...
+def pseudonym_keys(settings: Settings, *, required: bool = True) -> PseudonymKeys | None:
+    """The keys of this deployment's pseudonymization secret; without the secret, None
+    (unless `required`: then the SettingsError says why)."""
+    try:
+        return PseudonymKeys(settings.pseudonym_secret_value().encode())
+    except SettingsError:
+        if required:
+            raise
+        return None
+
+
 def build_policy(settings: Settings) -> DeidentificationPolicy:
     """The site's de-identification policy from its settings (at the region, without keys:
     it holds no secret, and its worker takes only objects of the domain)."""
@@ -195,8 +211,7 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
         safe_private = dataclasses.replace(safe_private, retain_bulk=True)
     try:
         return DeidentificationPolicy(
-            keys=(None if settings.http.role == "region"
-                  else PseudonymKeys(settings.pseudonym_secret_value().encode())),
+            keys=None if settings.http.role == "region" else pseudonym_keys(settings),
             site_id=settings.site_id,
             ins_issuers=ins_issuers(settings),
             options=frozenset(ProfileOption.from_name(n) for n in deid.options),
@@ -312,11 +327,7 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
     # Storage Commitment by finding the pseudonymized UID of an instance in the index,
     # among the caller's site's studies only.
     index = build_index(settings, run_migrations=False)
-    try:
-        keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
-    except SettingsError:
-        keys = None
-
+    keys = pseudonym_keys(settings, required=False)
     archived = archived_as(index, keys) if keys is not None else None
     return DicomNode(config, enqueue, index, build_object_store(settings), archived,
                      pseudonymize_uid=keys.uid if keys is not None else None)
@@ -542,11 +553,8 @@ def smtp_config(settings: Settings) -> SmtpConfig | None:
 def build_lookup(settings: Settings, *, required: bool = False) -> PseudonymLookup | None:
     """Original identifiers -> pseudonyms, with this deployment's secret and INS issuers
     (None without the secret, unless `required`: then the SettingsError says why)."""
-    try:
-        keys = PseudonymKeys(settings.pseudonym_secret_value().encode())
-    except SettingsError:
-        if required:
-            raise
+    keys = pseudonym_keys(settings, required=required)
+    if keys is None:
         return None  # an API without the secret cannot look up (and says so: 503)
     issuers = ins_issuers(settings)
 

@@ -7,6 +7,8 @@ from imaging.dataset import (
     TruncatedDataSetError,
     check_complete,
     encode_dataset,
+    is_uid_shaped,
+    text_of,
 )
 from imaging.limits import (
     DEFAULT_DECODE_LIMITS,
@@ -17,16 +19,21 @@ from imaging.limits import (
     read_bounded,
 )
 from imaging.render import RenderError, has_pixel_data, render_frame, render_thumbnail
+from imaging.status import CommitmentStatus, EchoStatus, QueryRetrieveStatus, StoreStatus
 from imaging.transcode import Codec, TranscodeStatus, decompress_for_serving, transcode_lossless
 
 __all__ = [
     "DEFAULT_DECODE_LIMITS",
     "UNREADABLE_DATASET_ERRORS",
     "Codec",
+    "CommitmentStatus",
     "DeclaredSize",
     "DecodeLimitExceeded",
     "DecodeLimits",
+    "EchoStatus",
+    "QueryRetrieveStatus",
     "RenderError",
+    "StoreStatus",
     "TranscodeStatus",
     "TruncatedDataSetError",
     "check_complete",
@@ -34,8 +41,10 @@ __all__ = [
     "decompress_for_serving",
     "encode_dataset",
     "has_pixel_data",
+    "is_uid_shaped",
     "read_bounded",
     "render_frame",
     "render_thumbnail",
+    "text_of",
     "transcode_lossless",
 ]

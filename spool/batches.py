@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -29,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from imaging import is_uid_shaped
+
 log = logging.getLogger(__name__)
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SPOOL_SUFFIX = ".dcm"
 
 
@@ -210,7 +210,7 @@ class Spool:
         return target
 
     def _target(self, batch_id: str, sop_instance_uid: str) -> tuple[Path, Path]:
-        if not _UID.match(sop_instance_uid) or len(sop_instance_uid) > 64:
+        if not is_uid_shaped(sop_instance_uid):
             raise ValueError("SOP Instance UID is not a valid UID")
         directory = self.site_dir / batch_id
         return directory / f"{sop_instance_uid}{SPOOL_SUFFIX}", directory

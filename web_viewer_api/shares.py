@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 import secrets
 from dataclasses import dataclass
 
+from imaging import is_uid_shaped
 from storage import (
     AccessRepository,
     AccessScope,
@@ -22,8 +22,6 @@ from web_viewer_api.auth import Clock, check_usable, utc_now
 from web_viewer_api.errors import ApiError, BadRequest, Gone, NotFound, RateLimited
 from web_viewer_api.sealed_context import check_sealed
 from web_viewer_api.security import hash_pin, new_token, sha256_hex, verify_pin
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class ShareService:
         if not studies or len(studies) > 100:
             raise BadRequest("study_uids: one to 100 study instance UIDs")
         for uid in studies + tuple(s for pair in request.series for s in pair):
-            if len(uid) > 64 or not _UID.match(uid):
+            if not is_uid_shaped(uid):
                 raise BadRequest(f"not a UID: {uid[:70]!r}")
         if request.expires_in <= dt.timedelta(0):
             raise BadRequest("expires_in must be positive")

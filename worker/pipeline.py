@@ -45,6 +45,7 @@ from imaging import (
     Codec,
     DecodeLimitExceeded,
     DecodeLimits,
+    StoreStatus,
     TranscodeStatus,
     encode_dataset,
     read_bounded,
@@ -114,7 +115,7 @@ class InstanceConflict(PipelineError):
 
     def __init__(self, reason: str, *, study_instance_uid: str, sop_instance_uid: str,
                  received_sha256: str = "", stored_sha256: str = "",
-                 failure_reason: int = 0x0124) -> None:
+                 failure_reason: int = StoreStatus.NOT_AUTHORIZED) -> None:
         super().__init__(f"{reason} (SOP Instance {sop_instance_uid})")
         self.reason = reason
         #: For a waiting writer (PS3.4): 0124 refused, 0111 another instance under its UIDs.
@@ -329,8 +330,6 @@ def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = Fa
         return False
 
 
-#: PS3.4 / PS3.18 Table 10.5.3-2 failure reasons a waiting writer is given.
-_REFUSED, _CANNOT_UNDERSTAND, _OUT_OF_RESOURCES = 0x0124, 0xC000, 0xA700
 
 
 def _failure_of(exc: Exception) -> tuple[int, str]:
@@ -339,13 +338,13 @@ def _failure_of(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, InstanceConflict):
         return exc.failure_reason, exc.reason
     if isinstance(exc, BurnedInAnnotationRisk):
-        return _REFUSED, ("its pixels may show identity (burned-in annotation) and no pixel "
+        return StoreStatus.NOT_AUTHORIZED, ("its pixels may show identity (burned-in annotation) and no pixel "
                           "mask is configured for it: it cannot leave the site")
     if isinstance(exc, DecodeLimitExceeded):  # sizes only: no value of the instance
-        return _OUT_OF_RESOURCES, f"refused before decoding: {str(exc)[:300]}"
+        return StoreStatus.OUT_OF_RESOURCES, f"refused before decoding: {str(exc)[:300]}"
     if isinstance(exc, DeidentificationError):
-        return _REFUSED if isinstance(exc, NotOfTheDomain) else _CANNOT_UNDERSTAND, str(exc)[:300]
-    return _CANNOT_UNDERSTAND, f"the data set cannot be read ({type(exc).__name__})"
+        return StoreStatus.NOT_AUTHORIZED if isinstance(exc, NotOfTheDomain) else StoreStatus.CANNOT_UNDERSTAND, str(exc)[:300]
+    return StoreStatus.CANNOT_UNDERSTAND, f"the data set cannot be read ({type(exc).__name__})"
 
 
 _UNREADABLE_FILE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)
@@ -509,7 +508,7 @@ class IngestPipeline:
                     continue
                 reply.instances[name] = InstanceOutcome(
                     stored=False, sop_class_uid=str(reason.get("sop_class_uid", "")),
-                    failure_reason=int(reason.get("failure_reason", _CANNOT_UNDERSTAND)),
+                    failure_reason=int(reason.get("failure_reason", StoreStatus.CANNOT_UNDERSTAND)),
                     reason=str(reason.get("explanation", "")))
         try:
             write_reply(self.spool_root, site_id, batch_id, reply)
@@ -659,7 +658,7 @@ class IngestPipeline:
         raise InstanceConflict(
             "a different instance is stored under these UIDs",
             study_instance_uid=str(dataset.StudyInstanceUID),
-            sop_instance_uid=str(dataset.SOPInstanceUID), failure_reason=0x0111,
+            sop_instance_uid=str(dataset.SOPInstanceUID), failure_reason=StoreStatus.DUPLICATE_SOP_INSTANCE,
             received_sha256=hashlib.sha256(body).hexdigest(),
             stored_sha256=hashlib.sha256(stored).hexdigest())
 

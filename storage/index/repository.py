@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from sqlalchemy import (
     Engine,
     Select,
@@ -27,16 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from imaging import text_of
 from storage.index.models import Base, Instance, Patient, Series, Study, WithheldInstance
-
-
-def _text(dataset: Dataset, keyword: str, limit: int) -> str:
-    value = dataset.get(keyword, "")
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list | tuple):
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:limit]
 
 
 def _int(dataset: Dataset, keyword: str) -> int | None:
@@ -50,7 +41,7 @@ def _int(dataset: Dataset, keyword: str) -> int | None:
 def _request_values(dataset: Dataset, keyword: str) -> str:
     """The values of `keyword` in the items of RequestAttributesSequence, backslash-joined
     (a series may fulfil several requests)."""
-    found = [_text(item, keyword, 16) for item in dataset.get("RequestAttributesSequence") or ()]
+    found = [text_of(item, keyword, 16) for item in dataset.get("RequestAttributesSequence") or ()]
     return "\\".join(v for v in found if v)[:_REQUEST_VALUES_LENGTH]
 
 
@@ -85,51 +76,51 @@ class InstanceRecord:
         """Extract the indexed attributes of a de-identified dataset stored by `site_id`,
         in a study owned by `study_site_id` (default: the same site); `local_patient_id`:
         the pseudonym of the patient's local ID when PatientID is the INS's."""
-        study_uid = _text(dataset, "StudyInstanceUID", 64)
-        series_uid = _text(dataset, "SeriesInstanceUID", 64)
+        study_uid = text_of(dataset, "StudyInstanceUID", 64)
+        series_uid = text_of(dataset, "SeriesInstanceUID", 64)
         return cls(
             patient={
-                "patient_id": _text(dataset, "PatientID", 64),
-                "patient_name": _text(dataset, "PatientName", 324),
-                "patient_birth_date": _text(dataset, "PatientBirthDate", 8),
-                "patient_sex": _text(dataset, "PatientSex", 16),
+                "patient_id": text_of(dataset, "PatientID", 64),
+                "patient_name": text_of(dataset, "PatientName", 324),
+                "patient_birth_date": text_of(dataset, "PatientBirthDate", 8),
+                "patient_sex": text_of(dataset, "PatientSex", 16),
             },
             study={
                 "study_instance_uid": study_uid,
-                "patient_id": _text(dataset, "PatientID", 64),
-                "patient_name": _text(dataset, "PatientName", 324),
-                "patient_birth_date": _text(dataset, "PatientBirthDate", 8),
-                "patient_sex": _text(dataset, "PatientSex", 16),
-                "study_date": _text(dataset, "StudyDate", 8),
-                "study_time": _text(dataset, "StudyTime", 16),
-                "accession_number": _text(dataset, "AccessionNumber", 16),
-                "study_id": _text(dataset, "StudyID", 16),
-                "study_description": _text(dataset, "StudyDescription", 64),
-                "referring_physician_name": _text(dataset, "ReferringPhysicianName", 324),
-                "specific_character_set": _text(dataset, "SpecificCharacterSet", 128),
+                "patient_id": text_of(dataset, "PatientID", 64),
+                "patient_name": text_of(dataset, "PatientName", 324),
+                "patient_birth_date": text_of(dataset, "PatientBirthDate", 8),
+                "patient_sex": text_of(dataset, "PatientSex", 16),
+                "study_date": text_of(dataset, "StudyDate", 8),
+                "study_time": text_of(dataset, "StudyTime", 16),
+                "accession_number": text_of(dataset, "AccessionNumber", 16),
+                "study_id": text_of(dataset, "StudyID", 16),
+                "study_description": text_of(dataset, "StudyDescription", 64),
+                "referring_physician_name": text_of(dataset, "ReferringPhysicianName", 324),
+                "specific_character_set": text_of(dataset, "SpecificCharacterSet", 128),
                 "site_id": (site_id if study_site_id is None else study_site_id)[:64],
                 "local_patient_id": local_patient_id[:64],
             },
             series={
                 "series_instance_uid": series_uid,
                 "study_instance_uid": study_uid,
-                "modality": _text(dataset, "Modality", 16),
+                "modality": text_of(dataset, "Modality", 16),
                 "series_number": _int(dataset, "SeriesNumber"),
-                "series_description": _text(dataset, "SeriesDescription", 64),
-                "body_part_examined": _text(dataset, "BodyPartExamined", 16),
-                "performed_procedure_step_start_date": _text(
+                "series_description": text_of(dataset, "SeriesDescription", 64),
+                "body_part_examined": text_of(dataset, "BodyPartExamined", 16),
+                "performed_procedure_step_start_date": text_of(
                     dataset, "PerformedProcedureStepStartDate", 8),
-                "performed_procedure_step_start_time": _text(
+                "performed_procedure_step_start_time": text_of(
                     dataset, "PerformedProcedureStepStartTime", 16),
                 "scheduled_procedure_step_ids": _request_values(
                     dataset, "ScheduledProcedureStepID"),
                 "requested_procedure_ids": _request_values(dataset, "RequestedProcedureID"),
             },
             instance={
-                "sop_instance_uid": _text(dataset, "SOPInstanceUID", 64),
+                "sop_instance_uid": text_of(dataset, "SOPInstanceUID", 64),
                 "series_instance_uid": series_uid,
                 "study_instance_uid": study_uid,
-                "sop_class_uid": _text(dataset, "SOPClassUID", 64),
+                "sop_class_uid": text_of(dataset, "SOPClassUID", 64),
                 "instance_number": _int(dataset, "InstanceNumber"),
                 "transfer_syntax_uid": transfer_syntax_uid,
                 "rows": _int(dataset, "Rows"),

@@ -17,12 +17,13 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicom_node import DicomNode, Status
+from dicom_node import DicomNode
+from imaging import StoreStatus
 from tests.fuzz.conftest import store_bytes_as_they_are
 
 EXAMPLES = int(os.environ.get("DGW_FUZZ_EXAMPLES", "150"))
-ALLOWED = {Status.SUCCESS, Status.CANNOT_UNDERSTAND, Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-           Status.OUT_OF_RESOURCES}
+ALLOWED = {StoreStatus.SUCCESS, StoreStatus.CANNOT_UNDERSTAND, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+           StoreStatus.OUT_OF_RESOURCES}
 
 
 def _base() -> bytes:
@@ -111,7 +112,7 @@ def test_struct_error_corruption_is_refused_by_the_node(node: DicomNode,
                                                         tmp_path: Path) -> None:
     path = tmp_path / "struct-error.dcm"
     path.write_bytes(_mutate(BASE, STRUCT_ERROR_CASE))
-    assert int(store_bytes_as_they_are(node, path).Status) == Status.CANNOT_UNDERSTAND
+    assert int(store_bytes_as_they_are(node, path).Status) == StoreStatus.CANNOT_UNDERSTAND
 
 
 def test_struct_error_corruption_is_quarantined_by_the_worker(tmp_path: Path) -> None:

@@ -10,16 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
+import pynetdicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
-import pynetdicom
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
-from dicom_node import CallerCredential, CallerPolicy, DicomNode, NodeConfig, Right, Status
+from dicom_node import CallerCredential, CallerPolicy, DicomNode, NodeConfig, Right
 from gateway.sample_study import SampleStudySpec, write_sample_study
+from imaging import EchoStatus, StoreStatus
 from storage import (
     FilesystemObjectStore,
     IndexRepository,
@@ -27,8 +28,8 @@ from storage import (
     create_index_engine,
     migrate,
 )
-from worker import IngestPipeline
 from tests.support.services import free_port, wait_for
+from worker import IngestPipeline
 
 
 class _Recorder:
@@ -123,7 +124,7 @@ def test_unparseable_dataset_gets_a_failure_status_and_the_node_keeps_serving(
     dicom_node, _ = node
     # pynetdicom's own option to send a file's bytes as they are, without re-encoding them.
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
-    assert _send(dicom_node.port, _garbled_file(tmp_path)) == Status.CANNOT_UNDERSTAND
+    assert _send(dicom_node.port, _garbled_file(tmp_path)) == StoreStatus.CANNOT_UNDERSTAND
     assert _spooled(dicom_node) == []
     echo = subprocess.run([dcmtk["echoscu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
                            str(dicom_node.port)], capture_output=True, timeout=30)
@@ -136,7 +137,7 @@ def test_instance_uid_mismatch_is_refused(node: tuple[DicomNode, _Recorder],
     folder, _ = sample_study
     dataset = pydicom.dcmread(folder / "CT0001.dcm")
     del dataset.StudyInstanceUID
-    assert _send(dicom_node.port, dataset) == Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    assert _send(dicom_node.port, dataset) == StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     assert _spooled(dicom_node) == []
 
 
@@ -146,7 +147,7 @@ def test_disk_failure_answers_out_of_resources(node: tuple[DicomNode, _Recorder]
     dicom_node.spool.site_dir.parent.mkdir(parents=True, exist_ok=True)
     dicom_node.spool.site_dir.write_text("not a directory")  # the spool cannot be written
     folder, _ = sample_study
-    assert _send(dicom_node.port, pydicom.dcmread(folder / "CT0001.dcm")) == Status.OUT_OF_RESOURCES
+    assert _send(dicom_node.port, pydicom.dcmread(folder / "CT0001.dcm")) == StoreStatus.OUT_OF_RESOURCES
 
 
 def test_host_outside_the_allowed_networks_is_refused(tmp_path: Path) -> None:
@@ -261,8 +262,7 @@ def _large_file(tmp_path: Path, pixel_bytes: int, claimed: int | None = None) ->
     path = tmp_path / "large.dcm"
     with open(path, "wb") as handle:
         handle.write(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
-        for _ in range(pixel_bytes // (1 << 20)):
-            handle.write(b"\x01\x02" * (1 << 19))
+        handle.writelines(b"\x01\x02" * (1 << 19) for _ in range(pixel_bytes // (1 << 20)))
     return path
 
 
@@ -292,7 +292,7 @@ def test_a_truncated_large_element_is_refused(node: tuple[DicomNode, _Recorder],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     dicom_node, _ = node
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
-    assert _send(dicom_node.port, _large_file(tmp_path, 2 << 20, claimed=8 << 20)) == Status.CANNOT_UNDERSTAND
+    assert _send(dicom_node.port, _large_file(tmp_path, 2 << 20, claimed=8 << 20)) == StoreStatus.CANNOT_UNDERSTAND
     assert _spooled(dicom_node) == []
 
 
@@ -344,7 +344,13 @@ def test_calling_ae_mapped_to_a_site_files_its_studies_under_that_site(
     and queue, and its local patient IDs are qualified by that site when de-identified."""
     from anonymize import DeidentificationPolicy, PseudonymKeys, pseudonymize_patient_id
     from gateway.sample_study import PlantedIdentity, write_sample_study
-    from storage import FilesystemObjectStore, IndexRepository, StudyQuery, create_index_engine, migrate
+    from storage import (
+        FilesystemObjectStore,
+        IndexRepository,
+        StudyQuery,
+        create_index_engine,
+        migrate,
+    )
     from worker import IngestPipeline
 
     recorder = _Recorder()
@@ -436,7 +442,7 @@ def test_idle_connections_from_one_address_do_not_lock_out_the_others(tmp_path: 
         started = time.monotonic()
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMGATEWAY")
         assert assoc.is_established
-        assert assoc.send_c_echo().Status == Status.SUCCESS
+        assert assoc.send_c_echo().Status == EchoStatus.SUCCESS
         assoc.release()
         assert time.monotonic() - started < 2.0
 

@@ -38,6 +38,7 @@ from imaging import (
     UNREADABLE_DATASET_ERRORS,
     DecodeLimitExceeded,
     DecodeLimits,
+    StoreStatus,
     check_declared,
     read_bounded,
 )
@@ -60,11 +61,6 @@ from web_viewer_api.dicomweb.multipart import parse_accept
 log = logging.getLogger(__name__)
 _UNREADABLE: tuple[type[Exception], ...] = (*UNREADABLE_DATASET_ERRORS, OSError)
 
-#: PS3.18 Table 10.5.3-2 / PS3.4 failure reasons.
-PROCESSING_FAILURE = 0x0110
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 #: PS3.18 Table 10.5.3-2 warning: the stored instance differs from the one sent.
 COERCION_OF_DATA_ELEMENTS = 0xB000
 #: Refused by the regional API: not an object of the domain (identified, or outside every
@@ -156,11 +152,11 @@ def screen_part(head: bytes, complete: bool,
             study = str(header.get("StudyInstanceUID", ""))
             patient_id = str(header.get("PatientID", ""))
     except _UNREADABLE:
-        return ("", "", CANNOT_UNDERSTAND) if complete or len(head) >= SCREEN_BYTES else False
+        return ("", "", StoreStatus.CANNOT_UNDERSTAND) if complete or len(head) >= SCREEN_BYTES else False
     if not (seen_past or complete):
         return ("", "", NOT_OF_THE_DOMAIN) if len(head) >= SCREEN_BYTES else False
     if not (sop and study):
-        return ("", "", CANNOT_UNDERSTAND)
+        return ("", "", StoreStatus.CANNOT_UNDERSTAND)
     if not of_the_domain(patient_id, study, study_patient):
         return (sop_class, sop, NOT_OF_THE_DOMAIN)
     return None
@@ -268,7 +264,7 @@ class StowOutcome:
                 outcome.series_instance_uid, outcome.sop_instance_uid, outcome.coerced))
         else:
             self.refuse(outcome.sop_class_uid or sent[0], sent[1],
-                        outcome.failure_reason or PROCESSING_FAILURE, outcome.reason)
+                        outcome.failure_reason or StoreStatus.PROCESSING_FAILURE, outcome.reason)
 
 
 def _warning(text: str) -> str:
@@ -488,7 +484,7 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
         if study_patient is None:  # only a regional API screens parts
             return
         content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
-        verdict = (("", "", CANNOT_UNDERSTAND) if content_type.strip().lower() != "application/dicom"
+        verdict = (("", "", StoreStatus.CANNOT_UNDERSTAND) if content_type.strip().lower() != "application/dicom"
                    else screen_part(bytes(head), complete, study_patient))
         if verdict is False:
             return
@@ -598,7 +594,7 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 continue
             content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
             if content_type.strip().lower() != "application/dicom":
-                outcome.refuse("", "", CANNOT_UNDERSTAND, "a part is not application/dicom")
+                outcome.refuse("", "", StoreStatus.CANNOT_UNDERSTAND, "a part is not application/dicom")
                 continue
             try:
                 header = read_bounded(part.path, stop_before_pixels=True, check=False)
@@ -607,12 +603,12 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 study = str(header.StudyInstanceUID)
                 patient_id = str(header.get("PatientID", ""))
             except _UNREADABLE:
-                outcome.refuse("", "", CANNOT_UNDERSTAND, "a part is not a readable DICOM data set")
+                outcome.refuse("", "", StoreStatus.CANNOT_UNDERSTAND, "a part is not a readable DICOM data set")
                 continue
             try:
                 check_declared(header, target.decode_limits)
             except DecodeLimitExceeded as exc:
-                outcome.refuse(sop_class, sop, OUT_OF_RESOURCES, f"refused before decoding: {exc}")
+                outcome.refuse(sop_class, sop, StoreStatus.OUT_OF_RESOURCES, f"refused before decoding: {exc}")
                 continue
             # Screened from its head already; checked again on the whole part as spooled.
             if study_patient is not None and not of_the_domain(patient_id, study,
@@ -620,18 +616,18 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 outcome.refuse(sop_class, sop, NOT_OF_THE_DOMAIN)
                 continue
             if study_in_path is not None and study != study_in_path:
-                outcome.refuse(sop_class, sop, DOES_NOT_MATCH,
+                outcome.refuse(sop_class, sop, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
                                "its Study Instance UID is not the study of the request path")
                 continue
             batch = target.spool.batch_id(tag, study)
             try:
                 path = target.spool.move_file(batch, sop, part.path)
             except ValueError:
-                outcome.refuse(sop_class, sop, CANNOT_UNDERSTAND,
+                outcome.refuse(sop_class, sop, StoreStatus.CANNOT_UNDERSTAND,
                                "its SOP Instance UID is not a valid UID")
                 continue
             except SpoolWriteError:
-                outcome.refuse(sop_class, sop, OUT_OF_RESOURCES, "the spool could not take it")
+                outcome.refuse(sop_class, sop, StoreStatus.OUT_OF_RESOURCES, "the spool could not take it")
                 continue
             batches.add(batch)
             outcome.awaited[(target.spool.site_id, batch, path.name)] = (sop_class, sop)

@@ -9,7 +9,6 @@ syntax transcodes with the worker's verified encoder; anything else is 406.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -31,6 +30,7 @@ from imaging import (
     check_declared,
     decompress_for_serving,
     encode_dataset,
+    is_uid_shaped,
     read_bounded,
     render_frame,
     transcode_lossless,
@@ -75,7 +75,6 @@ FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_LIMIT = 100_000
 
 
@@ -104,7 +103,7 @@ class NotDecodedError(NotAcceptableError):
 
 
 def check_uid(value: str, what: str) -> str:
-    if not _UID.match(value) or len(value) > 64:
+    if not is_uid_shaped(value):
         raise BadRequestError(f"{what} is not a valid UID")
     return value
 

@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
+from imaging import StoreStatus
 from storage import (
     EVERY_SITE,
     AccessScope,
@@ -731,7 +732,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
         parts, unbuilt = json_parts_to_instances(parts, target.incoming)
     outcome = await run_in_threadpool(spool_parts, parts, target, study, study_patient)
     for _ in range(unbuilt):
-        outcome.refuse("", "", 0xC000, "a DICOM JSON data set could not be built")
+        outcome.refuse("", "", StoreStatus.CANNOT_UNDERSTAND, "a DICOM JSON data set could not be built")
     await outcome.await_replies(target.spool.root, target.reply_seconds)
     return Response(json.dumps(response_dataset(outcome, _base(request))),
                     status_code=outcome.status_code, media_type=DICOM_JSON,
