@@ -241,6 +241,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     app.state.quick_reads = quick_reads
     app.state.store = store
     install_error_handlers(app)
+    dicomweb.install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(dicomweb.router)
     app.include_router(shares.router)

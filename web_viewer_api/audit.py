@@ -8,8 +8,9 @@ import datetime as dt
 import json
 import logging
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
 from pydicom.datadict import tag_for_keyword
@@ -31,37 +32,80 @@ EVENT_NAMES = {
     "110114": "User Authentication",
     "110136": "Security Roles Changed",
 }
+class AuditAction(StrEnum):
+    """What the API audits; each route says which of these it does (`audited`), a route
+    may refine it (`request.state.audit`), and the middleware names only what it sees
+    itself: a refused credential (401, 403, 429)."""
+
+    DICOMWEB_SEARCH = "dicomweb.search"
+    DICOMWEB_RETRIEVE = "dicomweb.retrieve"
+    DICOMWEB_STORE = "dicomweb.store"
+    SHARE_CREATE = "share.create"
+    SHARE_LIST = "share.list"
+    SHARE_INSPECT = "share.inspect"
+    SHARE_REVOKE = "share.revoke"
+    SHARE_VIEW = "share.view"
+    SHARE_SESSION = "share.session"
+    SHARE_PIN_FAILURE = "share.pin_failure"
+    SHARE_LOCKED = "share.locked"
+    SHARE_UNKNOWN_TOKEN = "share.unknown_token"
+    SHARE_DOWNLOAD = "share.download"
+    SHARE_NOTIFY = "share.notify"
+    STUDY_LOOKUP = "study.lookup"
+    AUDIT_READ = "audit.read"
+    AUTH_FAILURE = "auth.failure"
+    AUTH_INVALID_TOKEN = "auth.invalid_token"
+    AUTH_KEY_FAILURE = "auth.key_failure"
+    AUTH_RATE_LIMITED = "auth.rate_limited"
+    AUTH_FORBIDDEN = "auth.forbidden"
+    APIKEY_CREATE = "apikey.create"
+    APIKEY_REVOKE = "apikey.revoke"
+    API_REQUEST = "api.request"
+
+
 #: Our action -> (EventID code, EventActionCode C/R/U/D/E).
 ACTIONS: Mapping[str, tuple[str, str]] = {
-    "dicomweb.search": ("110112", "E"),
-    "dicomweb.retrieve": ("110103", "R"),
-    "dicomweb.store": ("110107", "C"),
-    "share.create": ("110106", "C"),
-    "share.list": ("110112", "E"),
-    "share.inspect": ("110112", "E"),
-    "share.revoke": ("110106", "D"),
-    "share.view": ("110103", "R"),
-    "share.session": ("110114", "E"),
-    "share.pin_failure": ("110114", "E"),
-    "share.locked": ("110113", "E"),
-    "share.unknown_token": ("110113", "E"),
-    "share.download": ("110106", "R"),
-    "share.notify": ("110106", "E"),
-    "study.lookup": ("110112", "E"),
-    "audit.read": ("110112", "E"),
-    "auth.failure": ("110114", "E"),
-    "auth.invalid_token": ("110114", "E"),
-    "auth.key_failure": ("110114", "E"),
-    "auth.rate_limited": ("110113", "E"),
-    "auth.forbidden": ("110113", "E"),
-    "apikey.create": ("110136", "C"),
-    "apikey.revoke": ("110136", "D"),
-    "api.request": ("110112", "E"),
+    AuditAction.DICOMWEB_SEARCH: ("110112", "E"),
+    AuditAction.DICOMWEB_RETRIEVE: ("110103", "R"),
+    AuditAction.DICOMWEB_STORE: ("110107", "C"),
+    AuditAction.SHARE_CREATE: ("110106", "C"),
+    AuditAction.SHARE_LIST: ("110112", "E"),
+    AuditAction.SHARE_INSPECT: ("110112", "E"),
+    AuditAction.SHARE_REVOKE: ("110106", "D"),
+    AuditAction.SHARE_VIEW: ("110103", "R"),
+    AuditAction.SHARE_SESSION: ("110114", "E"),
+    AuditAction.SHARE_PIN_FAILURE: ("110114", "E"),
+    AuditAction.SHARE_LOCKED: ("110113", "E"),
+    AuditAction.SHARE_UNKNOWN_TOKEN: ("110113", "E"),
+    AuditAction.SHARE_DOWNLOAD: ("110106", "R"),
+    AuditAction.SHARE_NOTIFY: ("110106", "E"),
+    AuditAction.STUDY_LOOKUP: ("110112", "E"),
+    AuditAction.AUDIT_READ: ("110112", "E"),
+    AuditAction.AUTH_FAILURE: ("110114", "E"),
+    AuditAction.AUTH_INVALID_TOKEN: ("110114", "E"),
+    AuditAction.AUTH_KEY_FAILURE: ("110114", "E"),
+    AuditAction.AUTH_RATE_LIMITED: ("110113", "E"),
+    AuditAction.AUTH_FORBIDDEN: ("110113", "E"),
+    AuditAction.APIKEY_CREATE: ("110136", "C"),
+    AuditAction.APIKEY_REVOKE: ("110136", "D"),
+    AuditAction.API_REQUEST: ("110112", "E"),
     # C-STORE, C-FIND, C-MOVE, C-GET, Storage Commitment: written by the node.
     **DIMSE_ACTIONS,
     # Written by the worker: a different instance under stored UIDs (the original stays).
     **WORKER_ACTIONS,
 }
+
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+
+
+def audited(action: AuditAction) -> Callable[[_Endpoint], _Endpoint]:
+    """Declare the action a route does: the event its requests are audited as."""
+    def mark(endpoint: _Endpoint) -> _Endpoint:
+        endpoint.audit_action = action  # type: ignore[attr-defined]
+        return endpoint
+    return mark
+
+
 #: Failures the limiters count (docs/trust-model/lockout.md). Against the client address:
 #: bearer tokens that open nothing (not a missing one: that guesses nothing), unknown share
 #: tokens. Against the API key id (the event's actor, `key:<id>`): wrong secrets of a key.
@@ -154,22 +198,18 @@ def to_dict(event: AuditEntry) -> dict[str, Any]:
     }
 
 
-def _action_for(route_path: str, method: str, status: int) -> str:
-    if status == 401:
-        return "auth.failure"
-    if status == 429:
-        return "auth.rate_limited"
-    if status == 403:
-        return "auth.forbidden"
-    if "/dicom-web" in route_path:
-        if method == "POST":
-            return "dicomweb.store"
-        if route_path.endswith(("/studies", "/series", "/instances")):
-            return "dicomweb.search"
-        return "dicomweb.retrieve"
-    if route_path.startswith("/s/"):
-        return "share.view"
-    return "api.request"
+_REFUSED_CREDENTIALS = {401: AuditAction.AUTH_FAILURE, 429: AuditAction.AUTH_RATE_LIMITED,
+                        403: AuditAction.AUTH_FORBIDDEN}
+
+
+def _action_for(endpoint: Any, status: int, path: str) -> str:
+    """A refused credential as such; otherwise what the route declares it does (a request
+    no route took: a look at a share, or a request to the API)."""
+    refused = _REFUSED_CREDENTIALS.get(status)
+    if refused is not None:
+        return refused
+    fallback = AuditAction.SHARE_VIEW if path.startswith("/s/") else AuditAction.API_REQUEST
+    return str(getattr(endpoint, "audit_action", fallback))
 
 
 class AuditMiddleware:
@@ -213,7 +253,7 @@ class AuditMiddleware:
         headers = dict(scope.get("headers") or [])
         action = notes.pop("action", None)
         if action is None or status in (401, 429) and not action.startswith(("share.", "auth.")):
-            action = _action_for(route, scope.get("method", ""), status)
+            action = _action_for(getattr(scope.get("route"), "endpoint", None), status, route or path)
         client = scope.get("client")
         detail = notes.pop("detail", None)
         study = notes.pop("study", None) or (

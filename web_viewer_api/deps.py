@@ -9,6 +9,7 @@ import anyio
 from fastapi import Depends, Request
 
 from storage import AccessRepository, BoundedReads, IndexRepository
+from web_viewer_api.audit import AuditAction
 from web_viewer_api.auth import (
     Authenticator,
     CredentialBlocked,
@@ -72,7 +73,7 @@ async def current_principal(request: Request) -> Principal:
             principal = await anyio.to_thread.run_sync(
                 gate.principal, share_token, cookie, client_address(request))
         except UnknownShareToken:
-            request.state.audit = {"action": "share.unknown_token"}
+            request.state.audit = {"action": AuditAction.SHARE_UNKNOWN_TOKEN}
             raise
     else:
         token = _bearer_token(request)
@@ -86,8 +87,8 @@ async def current_principal(request: Request) -> Principal:
                     authenticator.authenticate, token, client_address(request))
             except (CredentialRefused, CredentialBlocked) as exc:
                 # What the failure counts against, for the limiters of other processes.
-                request.state.audit = ({"action": "auth.key_failure", "actor": f"key:{exc.key_id}"}
-                                       if exc.key_id is not None else {"action": "auth.invalid_token"})
+                request.state.audit = ({"action": AuditAction.AUTH_KEY_FAILURE, "actor": f"key:{exc.key_id}"}
+                                       if exc.key_id is not None else {"action": AuditAction.AUTH_INVALID_TOKEN})
                 raise
         principal = found
     request.state.principal = principal

@@ -90,12 +90,15 @@ _NOT_TRANSIENT = ("no such table", "no such column", "has no column", "readonly 
                   "syntax error")
 
 
+async def api_error_response(_request: Request, exc: ApiError) -> JSONResponse:
+    """An ApiError as its status and JSON body."""
+    return JSONResponse(error_body(exc.code, exc.message), exc.status_code, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as `{"error": {"code", "message"}}` with its status."""
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message), exc.status_code, headers=exc.headers)
+    app.add_exception_handler(ApiError, api_error_response)  # type: ignore[arg-type]
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

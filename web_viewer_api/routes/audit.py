@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from storage import AccessRepository, AuditQuery
-from web_viewer_api.audit import ACTIONS, to_dict
+from web_viewer_api.audit import ACTIONS, AuditAction, to_dict
 from web_viewer_api.deps import AdminPrincipal
 from web_viewer_api.errors import BadRequest
 
@@ -44,7 +44,7 @@ def read_audit(
                        failures_only=failures, limit=limit, offset=offset,
                        # a site-limited admin reads its sites' events and its own only
                        site_ids=principal.site_ids, caller=principal.subject)
-    request.state.audit = {"action": "audit.read"}
+    request.state.audit = {"action": AuditAction.AUDIT_READ}
     access: AccessRepository = request.app.state.access
     request.app.state.audit_writer.flush()  # what this process queued is part of the answer
     if format == "jsonl":

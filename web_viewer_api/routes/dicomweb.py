@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
@@ -32,6 +32,7 @@ from storage import (
     StudyQuery,
     StudySummary,
 )
+from web_viewer_api.audit import AuditAction, audited
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal, WritePrincipal, read_inline
 from web_viewer_api.dicomweb.multipart import (
@@ -95,6 +96,7 @@ from web_viewer_api.errors import (
     NotFound,
     TooLargeToRender,
     Unavailable,
+    api_error_response,
     error_body,
 )
 
@@ -129,16 +131,6 @@ def _require_json(request: Request) -> None:
             return
     raise NotAcceptable("this resource is application/dicom+json or "
                         'multipart/related; type="application/dicom+xml"')
-
-
-def _api_error(exc: WadoError) -> ApiError:
-    if isinstance(exc, NotFoundError):
-        return NotFound("not found")
-    if isinstance(exc, NotAcceptableError):
-        return NotAcceptable(str(exc))
-    if isinstance(exc, TooLargeToRenderError):
-        return TooLargeToRender(str(exc))
-    return BadRequest(str(exc))
 
 
 def _scope(request: Request) -> AccessScope:
@@ -232,15 +224,6 @@ def _warnings(parsed: Any, returned: int) -> dict[str, str]:
     return {"Warning": ", ".join(warnings)} if warnings else {}
 
 
-def _guard(call: Callable[[], Response]) -> Response:
-    try:
-        return call()
-    except WadoError as exc:
-        raise _api_error(exc) from exc
-    except QueryParameterError as exc:
-        raise BadRequest(str(exc)) from exc
-
-
 # QIDO-RS ---------------------------------------------------------------------------------
 #: Searches answered on the event loop when the index allows it (storage.index.bounded):
 #: pages up to this size, without includefield (which reads stored objects), in JSON (the
@@ -281,22 +264,20 @@ async def _search(request: Request, index: IndexRepository, include: frozenset[s
         found = quick.run(search, _form(query, scope))  # a form that overran goes to the thread
         if found is not None:
             if len(found) <= INLINE_ANSWER:
-                return _guard(lambda: answer(found))
-            return await run_in_threadpool(lambda: _guard(lambda: answer(found)))
-    return await run_in_threadpool(lambda: _guard(lambda: answer(search(index))))
+                return answer(found)
+            return await run_in_threadpool(lambda: answer(found))
+    return await run_in_threadpool(lambda: answer(search(index)))
 
 
 @router.get("/studies", summary="QIDO-RS: search for studies")
+@audited(AuditAction.DICOMWEB_SEARCH)
 async def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
     """Match studies on the required keys of PS3.18 Table 10.6.1-5: StudyDate and
     StudyTime (ranges), AccessionNumber, StudyID, PatientID (wildcards), PatientName and
     ReferringPhysicianName (fuzzy with `fuzzymatching=true`), StudyInstanceUID (list),
     ModalitiesInStudy; `limit`/`offset` page the results. No match is `200 []` (CP-2473)."""
     _require_json(request)
-    try:
-        parsed = parse_study_query(request.query_params.multi_items())
-    except QueryParameterError as exc:
-        raise BadRequest(str(exc)) from exc
+    parsed = parse_study_query(request.query_params.multi_items())
     query = parsed.query
 
     def answer(studies: list[StudySummary]) -> Response:
@@ -314,13 +295,10 @@ async def search_for_studies(request: Request, _principal: ReadPrincipal, index:
 
 async def _series(request: Request, index: IndexRepository, study: str | None) -> Response:
     _require_json(request)
-    try:
-        parsed = parse_query(request.query_params.multi_items(), SERIES_MATCHING_KEYS)
-        study = study or parsed.values.get("StudyInstanceUID")
-        if study:
-            check_uid(study, "StudyInstanceUID")
-    except (QueryParameterError, WadoError) as exc:
-        raise BadRequest(str(exc)) from exc
+    parsed = parse_query(request.query_params.multi_items(), SERIES_MATCHING_KEYS)
+    study = study or parsed.values.get("StudyInstanceUID")
+    if study:
+        check_uid(study, "StudyInstanceUID")
     query = series_query(parsed, study)
 
     def answer(series: list[SeriesSummary]) -> Response:
@@ -337,11 +315,13 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
 
 
 @router.get("/series", summary="QIDO-RS: search for series")
+@audited(AuditAction.DICOMWEB_SEARCH)
 async def search_for_all_series(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
     return await _series(request, index, None)
 
 
 @router.get("/studies/{study}/series", summary="QIDO-RS: search for a study's series")
+@audited(AuditAction.DICOMWEB_SEARCH)
 async def search_for_series(study: str, request: Request, _principal: ReadPrincipal,
                             index: IndexDep) -> Response:
     return await _series(request, index, study)
@@ -350,15 +330,12 @@ async def search_for_series(study: str, request: Request, _principal: ReadPrinci
 async def _instances(request: Request, index: IndexRepository, study: str | None,
                      series: str | None) -> Response:
     _require_json(request)
-    try:
-        parsed = parse_query(request.query_params.multi_items(), INSTANCE_MATCHING_KEYS)
-        study = study or parsed.values.get("StudyInstanceUID")
-        series = series or parsed.values.get("SeriesInstanceUID")
-        for value, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID")):
-            if value:
-                check_uid(value, what)
-    except (QueryParameterError, WadoError) as exc:
-        raise BadRequest(str(exc)) from exc
+    parsed = parse_query(request.query_params.multi_items(), INSTANCE_MATCHING_KEYS)
+    study = study or parsed.values.get("StudyInstanceUID")
+    series = series or parsed.values.get("SeriesInstanceUID")
+    for value, what in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID")):
+        if value:
+            check_uid(value, what)
     query = instance_query(parsed, study, series)
 
     def answer(found: list[InstanceSummary]) -> Response:
@@ -373,18 +350,21 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
 
 
 @router.get("/instances", summary="QIDO-RS: search for instances")
+@audited(AuditAction.DICOMWEB_SEARCH)
 async def search_for_all_instances(request: Request, _principal: ReadPrincipal,
                                    index: IndexDep) -> Response:
     return await _instances(request, index, None, None)
 
 
 @router.get("/studies/{study}/instances", summary="QIDO-RS: search for a study's instances")
+@audited(AuditAction.DICOMWEB_SEARCH)
 async def search_for_study_instances(study: str, request: Request, _principal: ReadPrincipal,
                                      index: IndexDep) -> Response:
     return await _instances(request, index, study, None)
 
 
 @router.get("/studies/{study}/series/{series}/instances", summary="QIDO-RS: search for a series' instances")
+@audited(AuditAction.DICOMWEB_SEARCH)
 async def search_for_instances(study: str, series: str, request: Request, _principal: ReadPrincipal,
                                index: IndexDep) -> Response:
     return await _instances(request, index, study, series)
@@ -428,20 +408,23 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_study(study: str, request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _retrieve(request, index, study))
+    return _retrieve(request, index, study)
 
 
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_series(study: str, series: str, request: Request, _principal: ReadPrincipal,
                     index: IndexDep) -> Response:
-    return _guard(lambda: _retrieve(request, index, study, series))
+    return _retrieve(request, index, study, series)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}", summary="WADO-RS: retrieve an instance")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_instance(study: str, series: str, sop: str, request: Request,
                       _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _retrieve(request, index, study, series, sop))
+    return _retrieve(request, index, study, series, sop)
 
 
 def _metadata(request: Request, index: IndexDep, study: str, series: str | None = None,
@@ -460,22 +443,25 @@ def _metadata(request: Request, index: IndexDep, study: str, series: str | None 
 
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_study_metadata(study: str, request: Request, _principal: ReadPrincipal,
                             index: IndexDep) -> Response:
-    return _guard(lambda: _metadata(request, index, study))
+    return _metadata(request, index, study)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_series_metadata(study: str, series: str, request: Request, _principal: ReadPrincipal,
                              index: IndexDep) -> Response:
-    return _guard(lambda: _metadata(request, index, study, series))
+    return _metadata(request, index, study, series)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata",
             summary="WADO-RS: instance metadata")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_instance_metadata(study: str, series: str, sop: str, request: Request,
                                _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _metadata(request, index, study, series, sop))
+    return _metadata(request, index, study, series, sop)
 
 
 def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str,
@@ -511,9 +497,10 @@ def _multipart_response(part_type: str, parts: Iterable[StreamedPart],
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
             summary="WADO-RS: retrieve frames")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request,
                     _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _frames(request, index, study, series, sop, frames))
+    return _frames(request, index, study, series, sop, frames)
 
 
 def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: str,
@@ -543,9 +530,10 @@ def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: s
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
             summary="WADO-RS: bulk data of an instance (the BulkDataURIs of its metadata)")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Request,
                       _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _bulkdata(request, index, study, series, sop, tag))
+    return _bulkdata(request, index, study, series, sop, tag)
 
 
 def _render_setup(request: Request, accept: str | None,
@@ -574,13 +562,15 @@ def _rendered(request: Request, index: IndexDep, study: str, series: str, sop: s
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/rendered",
             summary="WADO-RS: rendered instance")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_rendered_instance(study: str, series: str, sop: str, request: Request,
                                _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _rendered(request, index, study, series, sop, None))
+    return _rendered(request, index, study, series, sop, None)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered",
             summary="WADO-RS: rendered frame")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_rendered_frame(study: str, series: str, sop: str, frame: str, request: Request,
                             _principal: ReadPrincipal, index: IndexDep) -> Response:
     def call() -> Response:
@@ -588,11 +578,12 @@ def retrieve_rendered_frame(study: str, series: str, sop: str, frame: str, reque
         if len(numbers) != 1:
             raise BadRequestError("one frame per rendered request")
         return _rendered(request, index, study, series, sop, numbers)
-    return _guard(call)
+    return call()
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}/thumbnail",
             summary="WADO-RS: frame thumbnail")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_frame_thumbnail(study: str, series: str, sop: str, frames: str, request: Request,
                              _principal: ReadPrincipal, index: IndexDep) -> Response:
     """A thumbnail representative of the listed frames (PS3.18 §10.4, Sup 203): the
@@ -600,14 +591,15 @@ def retrieve_frame_thumbnail(study: str, series: str, sop: str, frames: str, req
     def call() -> Response:
         return _rendered(request, index, study, series, sop, parse_frame_list(frames),
                          thumbnail=True)
-    return _guard(call)
+    return call()
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail",
             summary="WADO-RS: instance thumbnail")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_instance_thumbnail(study: str, series: str, sop: str, request: Request,
                                 _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _rendered(request, index, study, series, sop, None, thumbnail=True))
+    return _rendered(request, index, study, series, sop, None, thumbnail=True)
 
 
 def _rendered_part_type(accept: str | None) -> str:
@@ -656,15 +648,17 @@ def _rendered_many(request: Request, index: IndexDep, study: str, series: str | 
 
 
 @router.get("/studies/{study}/series/{series}/rendered", summary="WADO-RS: rendered series")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_rendered_series(study: str, series: str, request: Request,
                              _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _rendered_many(request, index, study, series))
+    return _rendered_many(request, index, study, series)
 
 
 @router.get("/studies/{study}/rendered", summary="WADO-RS: rendered study")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_rendered_study(study: str, request: Request, _principal: ReadPrincipal,
                             index: IndexDep) -> Response:
-    return _guard(lambda: _rendered_many(request, index, study, None))
+    return _rendered_many(request, index, study, None)
 
 
 def _images(wado: Wado, study: str, series: str | None) -> list[InstanceSummary]:
@@ -683,15 +677,17 @@ def _series_thumbnail(request: Request, index: IndexDep, study: str, series: str
 
 
 @router.get("/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_series_thumbnail(study: str, series: str, request: Request,
                               _principal: ReadPrincipal, index: IndexDep) -> Response:
-    return _guard(lambda: _series_thumbnail(request, index, study, series))
+    return _series_thumbnail(request, index, study, series)
 
 
 @router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail")
+@audited(AuditAction.DICOMWEB_RETRIEVE)
 def retrieve_study_thumbnail(study: str, request: Request, _principal: ReadPrincipal,
                              index: IndexDep) -> Response:
-    return _guard(lambda: _series_thumbnail(request, index, study, None))
+    return _series_thumbnail(request, index, study, None)
 
 
 # STOW-RS ---------------------------------------------------------------------------------
@@ -740,21 +736,37 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
+@audited(AuditAction.DICOMWEB_STORE)
 async def store_instances(request: Request, principal: WritePrincipal) -> Response:
     """Instances go through the site's spool and pipeline, like C-STORE; the response lists
     referenced and failed instances (200 all stored, 202 some failed, 409 none stored)."""
-    try:
-        return await _store(request, principal, None)
-    except WadoError as exc:
-        raise _api_error(exc) from exc
+    return await _store(request, principal, None)
 
 
 @router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
+@audited(AuditAction.DICOMWEB_STORE)
 async def store_study_instances(study: str, request: Request, principal: WritePrincipal) -> Response:
-    try:
-        return await _store(request, principal, study)
-    except WadoError as exc:
-        raise _api_error(exc) from exc
+    return await _store(request, principal, study)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """DICOMweb's own errors, mapped once to the JSON error body: a bad query parameter or
+    UID 400, not found 404, no acceptable representation 406, too large to render 422."""
+
+    @app.exception_handler(QueryParameterError)
+    async def _query_error(request: Request, exc: QueryParameterError) -> JSONResponse:
+        return await api_error_response(request, BadRequest(str(exc)))
+
+    @app.exception_handler(WadoError)
+    async def _wado_error(request: Request, exc: WadoError) -> JSONResponse:
+        answer: ApiError = BadRequest(str(exc))
+        if isinstance(exc, NotFoundError):
+            answer = NotFound("not found")
+        elif isinstance(exc, NotAcceptableError):
+            answer = NotAcceptable(str(exc))
+        elif isinstance(exc, TooLargeToRenderError):
+            answer = TooLargeToRender(str(exc))
+        return await api_error_response(request, answer)
 
 
 def share_router() -> APIRouter:

@@ -32,6 +32,7 @@ from storage import (
     ShareRecord,
     StudyQuery,
 )
+from web_viewer_api.audit import AuditAction
 from web_viewer_api.auth import (
     Principal,
     ShareGate,
@@ -68,9 +69,9 @@ async def _find(request: Request, share_token: str) -> ShareRecord:
         share = await anyio.to_thread.run_sync(_gate(request).find, share_token,
                                                client_address(request))
     except UnknownShareToken:
-        request.state.audit = {"action": "share.unknown_token"}
+        request.state.audit = {"action": AuditAction.SHARE_UNKNOWN_TOKEN}
         raise
-    request.state.audit = {"action": "share.view", "share_id": share.share_id}
+    request.state.audit = {"action": AuditAction.SHARE_VIEW, "share_id": share.share_id}
     return share
 
 
@@ -201,19 +202,19 @@ async def open_session(share_token: str, request: Request,
                                 status_code=400)
     try:
         share = await _find(request, share_token)
-        request.state.audit = {"action": "share.session", "share_id": share.share_id}
+        request.state.audit = {"action": AuditAction.SHARE_SESSION, "share_id": share.share_id}
         service = _service(request)
         session, expires = await anyio.to_thread.run_sync(
             service.open_session, share, pin, request.cookies.get(SHARE_COOKIE))
     except WrongPin as exc:
-        request.state.audit = {"action": "share.pin_failure", "share_id": share.share_id}
+        request.state.audit = {"action": AuditAction.SHARE_PIN_FAILURE, "share_id": share.share_id}
         if wants_json:
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=401)
         return open_form(request, share_token, share, exc.message, status=401)
     except ApiError as exc:
         if exc.status_code == 403 and "locked" in exc.message:
             request.state.audit = {**(getattr(request.state, "audit", None) or {}),
-                                   "action": "share.locked"}
+                                   "action": AuditAction.SHARE_LOCKED}
         if wants_json:
             return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
                                 status_code=exc.status_code, headers=exc.headers)
@@ -245,7 +246,7 @@ async def download(share_token: str, request: Request) -> Response:
             raise Forbidden("this share allows viewing, not downloading")
     except ApiError as exc:
         return error_page(request, exc)
-    request.state.audit = {"action": "share.download", "share_id": share.share_id}
+    request.state.audit = {"action": AuditAction.SHARE_DOWNLOAD, "share_id": share.share_id}
     service = QueryRetrieve(request.app.state.index)
     instances = await anyio.to_thread.run_sync(lambda: service.search_for_instances(
         principal.scope, InstanceQuery(limit=1_000_000)))

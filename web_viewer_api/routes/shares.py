@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import AuditQuery, ShareRecord
-from web_viewer_api.audit import entry
+from web_viewer_api.audit import AuditAction, entry
 from web_viewer_api.deps import SharePrincipal
 from web_viewer_api.errors import BadRequest, NotFound, Unavailable
 from web_viewer_api.lookup import COMPUTED_AT_THE_SITE
@@ -154,7 +154,7 @@ def create_share(body: ShareCreate, request: Request, principal: SharePrincipal)
         note=body.note or "", site_ids=principal.site_ids,
         sealed_context=body.sealed_context or ""), _base_url(request))
     share = created.share
-    _audit(request, "share.create", share_id=share.share_id,
+    _audit(request, AuditAction.SHARE_CREATE, share_id=share.share_id,
            study=share.items[0].study_instance_uid,
            detail={"studies": sorted({i.study_instance_uid for i in share.items}),
                    "expires_at": share.expires_at.isoformat(), "pin": share.pin_hash is not None,
@@ -169,10 +169,10 @@ def create_share(body: ShareCreate, request: Request, principal: SharePrincipal)
                                      sender_note=share.note))
         except NotificationError as exc:
             notified = False
-            request.state.audit_extra = [entry("share.notify", principal.subject, outcome=8,
+            request.state.audit_extra = [entry(AuditAction.SHARE_NOTIFY, principal.subject, outcome=8,
                                                share_id=share.share_id, detail=str(exc))]
         else:
-            request.state.audit_extra = [entry("share.notify", principal.subject,
+            request.state.audit_extra = [entry(AuditAction.SHARE_NOTIFY, principal.subject,
                                                share_id=share.share_id)]
     result = ShareCreated(id=share.share_id, token=created.token, url=created.url,
                           expires_at=share.expires_at, notified=notified)
@@ -187,7 +187,7 @@ def list_shares(request: Request, principal: SharePrincipal,
                 offset: int = Query(0, ge=0, le=1_000_000)) -> list[SharePublic]:
     service = _service(request)
     now = service.clock()
-    _audit(request, "share.list")
+    _audit(request, AuditAction.SHARE_LIST)
     return [public(s, now) for s in service.access.list_shares(
         active_at=now if active else None, site_ids=principal.site_ids, limit=limit, offset=offset)]
 
@@ -205,7 +205,7 @@ def _access_log(service: ShareService, share_id: str) -> list[AccessLogEntry]:
 def get_share(share_id: str, request: Request, principal: SharePrincipal) -> SharePublic:
     service = _service(request)
     share = service.get(share_id, principal.site_ids)
-    _audit(request, "share.inspect", share_id=share.share_id)
+    _audit(request, AuditAction.SHARE_INSPECT, share_id=share.share_id)
     request.app.state.audit_writer.flush()  # the access log includes the latest reads
     return public(share, service.clock(), _access_log(service, share.share_id))
 
@@ -214,7 +214,7 @@ def get_share(share_id: str, request: Request, principal: SharePrincipal) -> Sha
 def revoke_share(share_id: str, request: Request, principal: SharePrincipal) -> SharePublic:
     service = _service(request)
     share = service.revoke(share_id, principal.site_ids)
-    _audit(request, "share.revoke", share_id=share.share_id)
+    _audit(request, AuditAction.SHARE_REVOKE, share_id=share.share_id)
     return public(share, service.clock())
 
 

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from storage import AccessScope
+from web_viewer_api.audit import AuditAction
 from web_viewer_api.deps import SharePrincipal
 from web_viewer_api.dicomweb.qido import study_to_dicom_json
 from web_viewer_api.errors import BadRequest, Forbidden, NotFound, Unavailable
@@ -75,7 +76,7 @@ async def lookup(body: LookupRequest, request: Request, principal: SharePrincipa
         return sites, find_studies(config.lookup, index, identifiers, sites, scope)
 
     sites, answer = await anyio.to_thread.run_sync(search)
-    request.state.audit = {"action": "study.lookup",
+    request.state.audit = {"action": AuditAction.STUDY_LOOKUP,
                            "detail": {"matches": len(answer.studies), "sites": sites}}
     base = (config.public_url or str(request.base_url)).rstrip("/") + "/dicom-web"
     result = LookupAnswerPublic(
