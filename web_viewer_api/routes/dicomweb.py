@@ -122,13 +122,9 @@ def _wants_xml(request: Request) -> bool:
 
 
 def _require_json(request: Request) -> None:
-    accept = request.headers.get("accept", "")
-    if not accept or _wants_xml(request):
+    if _wants_xml(request) or any(media.media_type in _ACCEPTABLE_JSON
+                                  for media in parse_accept(request.headers.get("accept"))):
         return
-    for part in accept.split(","):
-        media_type = part.split(";")[0].strip().lower()
-        if media_type in _ACCEPTABLE_JSON:
-            return
     raise NotAcceptable("this resource is application/dicom+json or "
                         'multipart/related; type="application/dicom+xml"')
 
