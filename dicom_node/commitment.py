@@ -22,6 +22,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, build_role
+from pynetdicom.events import Event
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from dicom_node.audit import NodeAudit
@@ -83,17 +84,17 @@ class ResponsesSent:
         with self._lock:
             return self._events.setdefault(id(assoc), threading.Event())
 
-    def on_sent(self, event: Any) -> None:
+    def on_sent(self, event: Event) -> None:
         if type(event.message).__name__ == "N_ACTION_RSP":
             self.event(event.assoc).set()
 
-    def forget(self, event: Any) -> None:
+    def forget(self, event: Event) -> None:
         """EVT_CONN_CLOSE: the association's signal is no longer needed."""
         with self._lock:
             self._events.pop(id(event.assoc), None)
 
 
-def handle_commitment(event: Any, is_stored: IsStored, ae_title: str,
+def handle_commitment(event: Event, is_stored: IsStored, ae_title: str,
                       destinations: Mapping[str, MoveDestination],
                       responses: ResponsesSent, caller_of: Callable[[Any], Caller],
                       audit: NodeAudit) -> tuple[int, Dataset | None]:

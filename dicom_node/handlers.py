@@ -8,7 +8,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
 
 from dicom_node.audit import NodeAudit
 from dicom_node.backlog import SpoolBacklog
@@ -99,7 +102,7 @@ class AssociationBatches:
             return self._states.pop(id(association), None)
 
 
-def handle_echo(event: Any) -> int:
+def handle_echo(event: Event) -> int:
     """C-ECHO: the node is alive."""
     return EchoStatus.SUCCESS
 
@@ -118,7 +121,7 @@ def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
 FULL_CHECK_BYTES = 64 * 1024 * 1024
 
 
-def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBatches,
+def handle_store(event: Event, spools: SiteSpools | Spool, batches: AssociationBatches,
                  enqueue: Enqueue | None = None, chunk_size: int = 0,
                  policy: CallerPolicy | None = None,
                  limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
@@ -153,7 +156,7 @@ def handle_store(event: Any, spools: SiteSpools | Spool, batches: AssociationBat
     return status
 
 
-def _store(event: Any, spool: Spool, batches: AssociationBatches,
+def _store(event: Event, spool: Spool, batches: AssociationBatches,
            enqueue: Enqueue | None = None, chunk_size: int = 0,
            limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> int:
     """C-STORE: check the data set parses and matches the request, spool it, then answer.
@@ -186,7 +189,7 @@ def _store(event: Any, spool: Spool, batches: AssociationBatches,
         state.failed += 1
         log.warning("C-STORE refused: data set cannot be parsed (%s)", type(exc).__name__)
         return StoreStatus.CANNOT_UNDERSTAND
-    request = event.request
+    request = cast(C_STORE, event.request)
     if (
         not sop_instance
         or not study
@@ -227,7 +230,7 @@ def caller_of(assoc: Any, policy: CallerPolicy, filing_site: str) -> Caller:
     return policy.caller(requestor.ae_title, str(requestor.address), filing_site)
 
 
-def handle_connection_closed(event: Any, site_id: str, batches: AssociationBatches,
+def handle_connection_closed(event: Event, site_id: str, batches: AssociationBatches,
                              enqueue: Enqueue, policy: CallerPolicy | None = None,
                              audit: NodeAudit | None = None,
                              pseudonymize_uid: Callable[[str], str] | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
+from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 
 from dicom_node.audit import NodeAudit
@@ -341,7 +342,7 @@ class _AuditOnce:
         return status
 
 
-def handle_find(event: Any, service: QueryRetrieve, model: str, ae_title: str,
+def handle_find(event: Event, service: QueryRetrieve, model: str, ae_title: str,
                 caller: Caller, audit: NodeAudit) -> Iterator[tuple[int, Dataset | None]]:
     """C-FIND within the caller's sites: one Pending per match; Failure for an identifier
     we cannot answer; 0x0124 for a caller without the find right. Audited."""
@@ -390,7 +391,7 @@ def _contexts(instances: list[InstanceSummary]) -> list[Any]:
     return contexts[:128]
 
 
-def handle_move(event: Any, service: QueryRetrieve, store: ObjectStore, model: str,
+def handle_move(event: Event, service: QueryRetrieve, store: ObjectStore, model: str,
                 destinations: Mapping[str, MoveDestination], caller: Caller,
                 audit: NodeAudit) -> Iterator[Any]:
     """C-MOVE within the caller's sites: resolve the destination AE, then send the
@@ -427,7 +428,7 @@ def handle_move(event: Any, service: QueryRetrieve, store: ObjectStore, model: s
         accepted: set[tuple[str, str]] = set()
         reached: list[bool] = []
 
-        def on_accepted(accept_event: Any) -> None:
+        def on_accepted(accept_event: Event) -> None:
             reached.append(True)
             accepted.update((str(c.abstract_syntax), str(c.transfer_syntax[0]))
                             for c in accept_event.assoc.accepted_contexts)
@@ -449,7 +450,7 @@ def handle_move(event: Any, service: QueryRetrieve, store: ObjectStore, model: s
         done(QueryRetrieveStatus.CANCEL)
 
 
-def handle_get(event: Any, service: QueryRetrieve, store: ObjectStore, model: str,
+def handle_get(event: Event, service: QueryRetrieve, store: ObjectStore, model: str,
                caller: Caller, audit: NodeAudit) -> Iterator[Any]:
     """C-GET within the caller's sites: the instances go back on the requestor's own
     association (role selection). Same rule as C-MOVE: the caller needs the get right

@@ -18,6 +18,7 @@ from cryptography import x509
 from prometheus_client import start_http_server
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -212,7 +213,7 @@ QUERY_RETRIEVE_MODELS: dict[str, str] = {
 }
 
 
-def _model(event: Any) -> str:
+def _model(event: Event) -> str:
     return QUERY_RETRIEVE_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
 
 
@@ -227,13 +228,13 @@ def peer_certificate_subject(assoc: Any) -> str | None:
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
-def _find(event: Any, service: QueryRetrieve, ae_title: str, metrics: NodeMetrics,
+def _find(event: Event, service: QueryRetrieve, ae_title: str, metrics: NodeMetrics,
           callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-FIND")
     return handle_find(event, service, _model(event), ae_title, callers(event.assoc), audit)
 
 
-def _move(event: Any, service: QueryRetrieve, store: ObjectStore,
+def _move(event: Event, service: QueryRetrieve, store: ObjectStore,
           destinations: Mapping[str, MoveDestination], metrics: NodeMetrics,
           callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-MOVE")
@@ -241,7 +242,7 @@ def _move(event: Any, service: QueryRetrieve, store: ObjectStore,
                        audit)
 
 
-def _get(event: Any, service: QueryRetrieve, store: ObjectStore, metrics: NodeMetrics,
+def _get(event: Event, service: QueryRetrieve, store: ObjectStore, metrics: NodeMetrics,
          callers: Any, audit: NodeAudit) -> Any:
     metrics.query("C-GET")
     return handle_get(event, service, store, _model(event), callers(event.assoc), audit)
@@ -313,7 +314,7 @@ class DicomNode:
         """The credentials of an association's calling AE."""
         return caller_of(assoc, self.config.policy, self.spools.site_for(assoc.requestor.ae_title))
 
-    def _on_requested(self, event: Any) -> None:
+    def _on_requested(self, event: Event) -> None:
         """A-ASSOCIATE-RQ: a calling AE title outside `DICOM__ALLOWED_CALLING_AE_TITLES`,
         or bound to a client certificate subject the peer did not show, is rejected (calling
         AE title not recognised) and the attempt audited. Fails closed: an error rejects."""
@@ -321,7 +322,8 @@ class DicomNode:
         title = ""
         try:
             # pynetdicom fills requestor.ae_title only after this event: read the request
-            title = str(assoc.requestor.primitive.calling_ae_title).strip()
+            primitive = assoc.requestor.primitive
+            title = str(primitive.calling_ae_title).strip() if primitive is not None else ""
             if not self.config.policy.ae_title_allowed(title):
                 reason = "calling AE title not allowed"
             elif self.config.policy.certificate_matches(title, peer_certificate_subject(assoc)):
