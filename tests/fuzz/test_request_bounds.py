@@ -21,7 +21,7 @@ from web_viewer_api.dicomweb import stow
 from web_viewer_api.dicomweb.qido import MAX_OFFSET
 from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.request_limits import RequestLimits
-from web_viewer_api.routes.dicomweb import json_bytes
+from web_viewer_api.routes.dicomweb.common import json_bytes
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMITS = RequestLimits()
