@@ -28,8 +28,8 @@ from web_viewer_api.routes.dicomweb.common import json_bytes
 
 _TRANSACTIONS = (qido, wado, rendered, stow)
 router = APIRouter()
-for _transaction in _TRANSACTIONS:
-    router.include_router(_transaction.router)
+for _transaction in _TRANSACTIONS:  # their routes as they are (each names its full path)
+    router.routes.extend(_transaction.router.routes)
 
 
 def install_error_handlers(app: FastAPI) -> None:
