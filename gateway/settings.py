@@ -215,7 +215,7 @@ class WebhookSettings(BaseModel):
 class WorkerSettings(BaseModel):
     concurrency: int | None = Field(None, ge=1)
     pool: Literal["prefork", "threads", "solo"] = "prefork"
-    #: Lossless syntax stored: HTJ2K by default (fastest verified; README "Compression"); never lossy.
+    #: Lossless syntax stored: HTJ2K by default (fastest verified; docs/admin/storage.md); never lossy.
     compression: Literal["jpeg-ls", "jpeg-2000", "htj2k", "none"] = "htj2k"
     #: A study unchanged this long is complete: metadata, thumbnails, KOS, webhook.
     study_quiet_seconds: float = Field(60.0, ge=0)

@@ -1,4 +1,4 @@
-"""Restore drill on PostgreSQL, as README "Backup and restore" describes it: the index is
+"""Restore drill on PostgreSQL, as docs/admin/backup.md describes it: the index is
 rebuilt from the object store alone (`reindex`) into an empty database, and what cannot be
 rebuilt — shares, API keys, the audit trail — comes back from a pg_dump."""
 

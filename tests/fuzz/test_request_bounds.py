@@ -93,7 +93,7 @@ def test_url_over_the_limit_is_414_on_every_route(server: DicomwebServer, prefix
     _error(_raw_get(server, target, [("Host", "127.0.0.1"), *AUTH.items()]), 414, "uri_too_long")
     _error(_raw_get(server, target + "A" * 50_000, [("Host", "127.0.0.1")]), 414, "uri_too_long")
     # Past 64 KiB, uvicorn's parser (httptools) refuses the request line itself, before the
-    # application: its plain-text 400, never an answer to the request (README, Robustness).
+    # application: its plain-text 400, never an answer to the request (docs/development/robustness.md).
     assert _raw_get(server, target + "A" * 120_000, [("Host", "127.0.0.1")])[0] == 400
 
 
