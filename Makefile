@@ -32,10 +32,7 @@ test: install-test services
 
 lint: install-test
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
-	$(BIN)/ruff check imaging spool anonymize storage worker dicom_node web_viewer_api gateway
-	$(BIN)/mypy
-	$(BIN)/lint-imports
-	$(BIN)/bandit -q -r imaging spool anonymize storage worker dicom_node web_viewer_api gateway
+	$(BIN)/pre-commit run --all-files --show-diff-on-failure
 
 bench: install-test services
 	$(BIN)/python benchmarks/ingest.py --orthanc

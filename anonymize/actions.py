@@ -61,16 +61,24 @@ DEFAULT_INS_ISSUER_OIDS = frozenset(
 #: by: PID-3 `<INS>^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS`. Test and demonstration
 #: INS keep the NIR namespace; only their OID differs (.10, .11).
 DEFAULT_INS_NAMESPACES = frozenset({"ASIP-SANTE-INS-NIR", "ASIP-SANTE-INS-NIA"})
-DEFAULT_OPTIONS = frozenset({ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES,
-                             ProfileOption.CLEAN_DESCRIPTORS})
+DEFAULT_OPTIONS = frozenset(
+    {ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES, ProfileOption.CLEAN_DESCRIPTORS}
+)
 #: The descriptors the Clean Descriptors option keeps (cleaned) by default: what a reading
 #: doctor needs to recognise the examination and its series. The option's other descriptors
 #: (comments, history, occupation, allergies...) are free text about the person and keep
 #: the Basic Profile action; `None` in `DeidentificationPolicy.cleaned_descriptors` keeps
 #: the option's whole column.
-READING_DESCRIPTORS = frozenset({
-    "StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription",
-    "PerformedProcedureStepDescription", "ContrastBolusAgent"})
+READING_DESCRIPTORS = frozenset(
+    {
+        "StudyDescription",
+        "SeriesDescription",
+        "ProtocolName",
+        "RequestedProcedureDescription",
+        "PerformedProcedureStepDescription",
+        "ContrastBolusAgent",
+    }
+)
 
 _TAG_PATIENT_NAME = 0x00100010
 _TAG_PATIENT_ID = 0x00100020
@@ -79,11 +87,29 @@ _DATE_FORMAT = "%Y%m%d"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY_BY_VR: dict[str, object] = {
-    "PN": "ANONYMOUS", "LO": _DUMMY_TEXT, "SH": _DUMMY_TEXT, "LT": _DUMMY_TEXT,
-    "ST": _DUMMY_TEXT, "UT": _DUMMY_TEXT, "UC": _DUMMY_TEXT, "CS": _DUMMY_TEXT,
-    "AE": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000",
-    "AS": "000D", "IS": "0", "DS": "0", "US": 0, "SS": 0, "UL": 0, "SL": 0,
-    "FL": 0.0, "FD": 0.0, "UV": 0, "SV": 0,
+    "PN": "ANONYMOUS",
+    "LO": _DUMMY_TEXT,
+    "SH": _DUMMY_TEXT,
+    "LT": _DUMMY_TEXT,
+    "ST": _DUMMY_TEXT,
+    "UT": _DUMMY_TEXT,
+    "UC": _DUMMY_TEXT,
+    "CS": _DUMMY_TEXT,
+    "AE": "ANONYMOUS",
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "AS": "000D",
+    "IS": "0",
+    "DS": "0",
+    "US": 0,
+    "SS": 0,
+    "UL": 0,
+    "SL": 0,
+    "FL": 0.0,
+    "FD": 0.0,
+    "UV": 0,
+    "SV": 0,
 }
 #: Dummies of attributes whose meaning narrows their VR (the VR's dummy would be invalid).
 _DUMMY_BY_KEYWORD: dict[str, object] = {"TimezoneOffsetFromUTC": "+0000"}
@@ -93,11 +119,19 @@ _DUMMY_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "UR"})
 _BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
 _WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 #: UI attributes that name a class, syntax or scheme, never an instance: never remapped.
-_CLASS_UID_KEYWORDS = frozenset({
-    "SOPClassesInStudy", "CodingSchemeUID", "ContextUID", "MappingResourceUID",
-    "ContextGroupExtensionCreatorUID", "PrivateInformationCreatorUID",
-    "ImplementationClassUID", "TransferSyntaxUID", "SOPClassUID",
-})
+_CLASS_UID_KEYWORDS = frozenset(
+    {
+        "SOPClassesInStudy",
+        "CodingSchemeUID",
+        "ContextUID",
+        "MappingResourceUID",
+        "ContextGroupExtensionCreatorUID",
+        "PrivateInformationCreatorUID",
+        "ImplementationClassUID",
+        "TransferSyntaxUID",
+        "SOPClassUID",
+    }
+)
 
 
 def _is_class_uid_attribute(keyword: str) -> bool:
@@ -119,8 +153,20 @@ _SUPPLEMENTARY_ROWS: dict[int, ProfileRow] = {
     )
 }
 #: File meta attributes that name the sending/receiving systems.
-_META_TAGS_TO_REMOVE = frozenset({0x00020012, 0x00020013, 0x00020016, 0x00020017, 0x00020018,
-                                  0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102})
+_META_TAGS_TO_REMOVE = frozenset(
+    {
+        0x00020012,
+        0x00020013,
+        0x00020016,
+        0x00020017,
+        0x00020018,
+        0x00020026,
+        0x00020027,
+        0x00020028,
+        0x00020100,
+        0x00020102,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -174,8 +220,10 @@ class DeidentificationPolicy:
     cleans_text: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        both = {ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES,
-                ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES}
+        both = {
+            ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES,
+            ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES,
+        }
         if both <= self.options:
             raise ValueError("the Full Dates and Modified Dates options exclude each other")
         object.__setattr__(self, "_descriptor_tags", self._descriptor_tags_of())
@@ -183,21 +231,31 @@ class DeidentificationPolicy:
         # C shifts dates instead), inside a sequence such an action cleans, and in private
         # attributes kept by Retain Safe Private.
         rows = [*self.profile.rows.values(), *(row for _, _, row in self.profile.masked_rows)]
-        object.__setattr__(self, "cleans_text", ProfileOption.RETAIN_SAFE_PRIVATE in self.options
-                           or any(self.action_for(row)[0] == "C"
-                                  and self.action_for(row)[1]
-                                  is not ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES
-                                  for row in rows))
+        object.__setattr__(
+            self,
+            "cleans_text",
+            ProfileOption.RETAIN_SAFE_PRIVATE in self.options
+            or any(
+                self.action_for(row)[0] == "C"
+                and self.action_for(row)[1] is not ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES
+                for row in rows
+            ),
+        )
 
     def _descriptor_tags_of(self) -> frozenset[int] | None:
         if self.cleaned_descriptors is None:
             return None
         column = ProfileOption.CLEAN_DESCRIPTORS.value
-        by_keyword = {keyword_for_tag(tag): tag for tag, row in self.profile.rows.items()
-                      if row.options.get(column) == "C"}
+        by_keyword = {
+            keyword_for_tag(tag): tag
+            for tag, row in self.profile.rows.items()
+            if row.options.get(column) == "C"
+        }
         unknown = sorted(set(self.cleaned_descriptors) - set(by_keyword))
         if unknown:
-            raise ValueError(f"not descriptors of the Clean Descriptors option: {', '.join(unknown)}")
+            raise ValueError(
+                f"not descriptors of the Clean Descriptors option: {', '.join(unknown)}"
+            )
         return frozenset(by_keyword[k] for k in self.cleaned_descriptors)
 
     def action_for(self, row: ProfileRow) -> tuple[str, ProfileOption | None]:
@@ -209,9 +267,15 @@ class DeidentificationPolicy:
         clean: ProfileOption | None = None
         for option in self.options:
             code = row.options.get(option.value)
-            if (option is ProfileOption.CLEAN_DESCRIPTORS and self._descriptor_tags is not None
-                    and (row.tag == "private" or "x" in row.tag
-                         or int(row.tag, 16) not in self._descriptor_tags)):
+            if (
+                option is ProfileOption.CLEAN_DESCRIPTORS
+                and self._descriptor_tags is not None
+                and (
+                    row.tag == "private"
+                    or "x" in row.tag
+                    or int(row.tag, 16) not in self._descriptor_tags
+                )
+            ):
                 continue
             if code == "K":
                 return "K", option
@@ -242,8 +306,13 @@ class DomainIdentity:
 
 #: What a write-back keeps that an identified upload loses: its UIDs (the domain's), its
 #: structured content and descriptions (made on de-identified data), cleaned of identity.
-DOMAIN_OPTIONS = frozenset({ProfileOption.RETAIN_UIDS, ProfileOption.CLEAN_STRUCTURED_CONTENT,
-                            ProfileOption.CLEAN_DESCRIPTORS})
+DOMAIN_OPTIONS = frozenset(
+    {
+        ProfileOption.RETAIN_UIDS,
+        ProfileOption.CLEAN_STRUCTURED_CONTENT,
+        ProfileOption.CLEAN_DESCRIPTORS,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -293,8 +362,10 @@ def _claims_ins(item: Dataset, issuers: InsIssuers) -> bool:
     IdentifierTypeCode `INS` never decides: any local system can write it."""
     issuer = str(item.get("IssuerOfPatientID", "") or "").strip()
     oids = [issuer] if issuer and is_oid(issuer) else []
-    oids += [str(q.get("UniversalEntityID", "") or "").strip()
-             for q in item.get("IssuerOfPatientIDQualifiersSequence", []) or []]
+    oids += [
+        str(q.get("UniversalEntityID", "") or "").strip()
+        for q in item.get("IssuerOfPatientIDQualifiersSequence", []) or []
+    ]
     oids = [oid for oid in oids if oid]
     if oids:
         return all(oid in issuers.oids for oid in oids)
@@ -313,8 +384,10 @@ def _local_key(item: Dataset, site_id: str, issuers: InsIssuers) -> str:
     OID) is the site's mistake: qualified by the site, never by a national name that
     would link strangers at two sites."""
     named = [str(item.get("IssuerOfPatientID", "") or "").strip()]
-    named += [str(q.get("UniversalEntityID", "") or "").strip()
-              for q in item.get("IssuerOfPatientIDQualifiersSequence", []) or []]
+    named += [
+        str(q.get("UniversalEntityID", "") or "").strip()
+        for q in item.get("IssuerOfPatientIDQualifiersSequence", []) or []
+    ]
     issuer = "" if any(issuers.named_by(n) for n in named if n) else _issuer_of(item)
     return local_patient_key(str(item.get("PatientID", "") or ""), issuer, site_id)
 
@@ -341,8 +414,9 @@ def patient_key(dataset: Dataset, site_id: str, ins_issuers: InsIssuers) -> str:
     return _local_key(dataset, site_id, ins_issuers)
 
 
-def local_patient_key_beside_ins(dataset: Dataset, site_id: str,
-                                 ins_issuers: InsIssuers) -> str | None:
+def local_patient_key_beside_ins(
+    dataset: Dataset, site_id: str, ins_issuers: InsIssuers
+) -> str | None:
     """When the patient key is the INS: the key of the patient's local ID (PatientID when it
     is not the INS, else the first other ID that is not), or None."""
     if not patient_key(dataset, site_id, ins_issuers).startswith("ins:"):
@@ -368,9 +442,15 @@ def accession_qualifier(dataset: Dataset, site_id: str) -> str:
     return f"site:{site_id}"
 
 
-def pseudonymize_patient_id(keys: PseudonymKeys, patient_id: str, *, site_id: str,
-                            issuer: str = "", is_ins: bool = False,
-                            ins_issuers: InsIssuers | None = None) -> str:
+def pseudonymize_patient_id(
+    keys: PseudonymKeys,
+    patient_id: str,
+    *,
+    site_id: str,
+    issuer: str = "",
+    is_ins: bool = False,
+    ins_issuers: InsIssuers | None = None,
+) -> str:
     """The pseudonym an original patient ID becomes, keyed as de-identification keys it;
     for lookups from the API. The INS when `is_ins` or when `issuer` (an OID or a
     namespace) names an INS authority of `ins_issuers` (default: the ANS's) and the value
@@ -384,8 +464,9 @@ def pseudonymize_patient_id(keys: PseudonymKeys, patient_id: str, *, site_id: st
     return keys.patient_id(key)
 
 
-def pseudonymize_accession_number(keys: PseudonymKeys, accession_number: str, *,
-                                  site_id: str, issuer: str = "") -> str:
+def pseudonymize_accession_number(
+    keys: PseudonymKeys, accession_number: str, *, site_id: str, issuer: str = ""
+) -> str:
     """The pseudonym an original accession number becomes; for lookups from the API."""
     return keys.accession_number(accession_number, issuer or f"site:{site_id}")
 
@@ -408,8 +489,9 @@ def _values(element: DataElement) -> list[Any]:
 class _Deidentifier:
     """One pass over one dataset; holds what the pass derives from the original identity."""
 
-    def __init__(self, policy: DeidentificationPolicy, dataset: Dataset,
-                 domain: DomainIdentity | None = None) -> None:
+    def __init__(
+        self, policy: DeidentificationPolicy, dataset: Dataset, domain: DomainIdentity | None = None
+    ) -> None:
         self.policy = policy
         self.domain = domain
         self.options = policy.options
@@ -417,11 +499,14 @@ class _Deidentifier:
         self.local_key: str | None = None
         if domain is None:
             self.patient_key = patient_key(dataset, policy.site_id, policy.ins_issuers)
-            self.local_key = local_patient_key_beside_ins(dataset, policy.site_id,
-                                                          policy.ins_issuers)
+            self.local_key = local_patient_key_beside_ins(
+                dataset, policy.site_id, policy.ins_issuers
+            )
             self.shift_days = self.keys.date_shift_days(self.patient_key)
-            patient_name, patient_id = (self.keys.patient_name(self.patient_key),
-                                        self.keys.patient_id(self.patient_key))
+            patient_name, patient_id = (
+                self.keys.patient_name(self.patient_key),
+                self.keys.patient_id(self.patient_key),
+            )
         else:  # the study's identity, nothing derived (no key is needed)
             self.patient_key, self.shift_days = "", 0
             patient_name, patient_id = domain.patient_name, domain.patient_id
@@ -445,8 +530,10 @@ class _Deidentifier:
     @property
     def keys(self) -> PseudonymKeys:
         if self.policy.keys is None:
-            raise DeidentificationError("no pseudonymization secret here: only objects of the "
-                                        "domain (written back into a stored study) are taken")
+            raise DeidentificationError(
+                "no pseudonymization secret here: only objects of the "
+                "domain (written back into a stored study) are taken"
+            )
         return self.policy.keys
 
     @property
@@ -474,6 +561,7 @@ class _Deidentifier:
     def _set(value: str) -> Callable[[DataElement], None]:
         def apply(element: DataElement) -> None:
             element.value = value
+
         return apply
 
     def _accession(self, element: DataElement) -> None:
@@ -506,8 +594,14 @@ class _Deidentifier:
             self._apply(dataset, element, row, path, mode)
         self._drop_orphan_creators(dataset)
 
-    def _unlisted(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
-                  mode: _Mode, in_code_item: bool) -> None:
+    def _unlisted(
+        self,
+        dataset: Dataset,
+        element: DataElement,
+        path: tuple[str, ...],
+        mode: _Mode,
+        in_code_item: bool,
+    ) -> None:
         """Attributes the table does not list: kept, except what can still identify."""
         vr = element.VR
         if vr == "SQ":
@@ -537,8 +631,14 @@ class _Deidentifier:
         for item in element.value or []:
             self.walk(item, inner, mode)
 
-    def _private(self, dataset: Dataset, tag: BaseTag, element: DataElement,
-                 path: tuple[str, ...], mode: _Mode) -> None:
+    def _private(
+        self,
+        dataset: Dataset,
+        tag: BaseTag,
+        element: DataElement,
+        path: tuple[str, ...],
+        mode: _Mode,
+    ) -> None:
         """Remove a private attribute unless Retain Safe Private keeps it.
 
         Kept only when its creator and element are on the safe-private list with the VR the
@@ -557,8 +657,9 @@ class _Deidentifier:
         if creator is not None and isinstance(creator.value, str | bytes):
             value = creator.value
             creator_name = value.decode("latin-1") if isinstance(value, bytes) else value
-        listed = self.policy.safe_private.vr_of(tag.group, creator_name.strip("\x00 "),
-                                                tag.element & 0xFF)
+        listed = self.policy.safe_private.vr_of(
+            tag.group, creator_name.strip("\x00 "), tag.element & 0xFF
+        )
         vr = element.VR
         if listed is None or (vr not in ("UN", listed) and listed):
             del dataset[tag]
@@ -590,14 +691,23 @@ class _Deidentifier:
 
     @staticmethod
     def _drop_orphan_creators(dataset: Dataset) -> None:
-        used = {(t.group, t.element >> 8) for t in dataset.keys()
-                if t.is_private and t.element >= 0x1000}
+        used = {
+            (t.group, t.element >> 8)
+            for t in dataset.keys()
+            if t.is_private and t.element >= 0x1000
+        }
         for tag in [t for t in dataset.keys() if t.is_private and 0x0010 <= t.element <= 0x00FF]:
             if (tag.group, tag.element) not in used:
                 del dataset[tag]
 
-    def _apply(self, dataset: Dataset, element: DataElement, row: ProfileRow,
-               path: tuple[str, ...], mode: _Mode) -> None:
+    def _apply(
+        self,
+        dataset: Dataset,
+        element: DataElement,
+        row: ProfileRow,
+        path: tuple[str, ...],
+        mode: _Mode,
+    ) -> None:
         action, option = self.policy.action_for(row)
         if action == "C":
             self._clean(dataset, element, row, path, mode, option)
@@ -617,8 +727,14 @@ class _Deidentifier:
             return "Z" if "Z" in action or action == "X/D" else "D"
         return "X" if action.startswith("X") else "Z"
 
-    def _basic(self, dataset: Dataset, element: DataElement, action: str,
-               path: tuple[str, ...], mode: _Mode) -> None:
+    def _basic(
+        self,
+        dataset: Dataset,
+        element: DataElement,
+        action: str,
+        path: tuple[str, ...],
+        mode: _Mode,
+    ) -> None:
         if action == "X":
             del dataset[element.tag]
         elif action == "K":
@@ -636,8 +752,15 @@ class _Deidentifier:
         else:  # D
             self._dummy(element, path, mode)
 
-    def _clean(self, dataset: Dataset, element: DataElement, row: ProfileRow,
-               path: tuple[str, ...], mode: _Mode, option: ProfileOption | None) -> None:
+    def _clean(
+        self,
+        dataset: Dataset,
+        element: DataElement,
+        row: ProfileRow,
+        path: tuple[str, ...],
+        mode: _Mode,
+        option: ProfileOption | None,
+    ) -> None:
         vr = element.VR
         if option is ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES:
             if vr in ("DA", "DT"):
@@ -657,7 +780,9 @@ class _Deidentifier:
         elif vr in _FREE_TEXT_VRS:
             self._clean_text(element)
             self._keep_if_valid(dataset, element, path, mode)
-        elif vr in ("DA", "DT") and ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options:
+        elif (
+            vr in ("DA", "DT") and ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options
+        ):
             self._shift(dataset, element, path, mode)
         elif option is ProfileOption.CLEAN_GRAPHICS and int(element.tag) >> 24 == 0x60:
             # overlay bitmaps under Clean Graphics: kept as they are (documented), if valid
@@ -669,7 +794,9 @@ class _Deidentifier:
 
     def _resolve_basic(self, row: ProfileRow, path: tuple[str, ...], element: DataElement) -> str:
         action = row.basic.value
-        return self._resolve(action, path, element) if "/" in action and action != "X/Z/U*" else action
+        return (
+            self._resolve(action, path, element) if "/" in action and action != "X/Z/U*" else action
+        )
 
     def _clean_text(self, element: DataElement) -> None:
         if element.value in (None, ""):
@@ -680,20 +807,23 @@ class _Deidentifier:
         cleaned = [self.cleaner.clean(str(v)) for v in _values(element)]
         element.value = cleaned if len(cleaned) > 1 else cleaned[0]
 
-    def _keep_if_valid(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
-                       mode: _Mode) -> None:
+    def _keep_if_valid(
+        self, dataset: Dataset, element: DataElement, path: tuple[str, ...], mode: _Mode
+    ) -> None:
         """Keep the value only if it is valid for the attribute (VR and meaning)."""
         if not valid_value(element.VR, element.value, element.keyword or ""):
             self._not_kept(dataset, element, path, mode)
 
-    def _not_kept(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
-                  mode: _Mode) -> None:
+    def _not_kept(
+        self, dataset: Dataset, element: DataElement, path: tuple[str, ...], mode: _Mode
+    ) -> None:
         """A value a clean action cannot keep: removed, or emptied or dummied where the IOD
         requires the attribute (resolved as X/Z/D)."""
         self._basic(dataset, element, self._resolve("X/Z/D", path, element), path, mode)
 
-    def _shift(self, dataset: Dataset, element: DataElement, path: tuple[str, ...],
-               mode: _Mode) -> None:
+    def _shift(
+        self, dataset: Dataset, element: DataElement, path: tuple[str, ...], mode: _Mode
+    ) -> None:
         if element.value in (None, ""):
             return
         if self.domain is not None:  # dated like the study: no real date beside shifted ones
@@ -721,8 +851,11 @@ class _Deidentifier:
             encoded = joined.encode("ascii")
             element.value = encoded + (b"\x00" if len(encoded) % 2 else b"")
             return
-        mapped = [str(v) if str(v).startswith(_WELL_KNOWN_UID_ROOT) else self.keys.uid(str(v))
-                  for v in _values(element) if str(v)]
+        mapped = [
+            str(v) if str(v).startswith(_WELL_KNOWN_UID_ROOT) else self.keys.uid(str(v))
+            for v in _values(element)
+            if str(v)
+        ]
         element.value = mapped if len(mapped) > 1 else (mapped[0] if mapped else "")
 
     @staticmethod
@@ -785,13 +918,15 @@ def _check_kept_uids(dataset: Dataset, policy: DeidentificationPolicy) -> None:
         if row is None or row.options.get(ProfileOption.RETAIN_UIDS.value) != "K":
             continue
         for value in _values(element):
-            text = (value.decode("ascii", "replace") if isinstance(value, bytes)
-                    else str(value or "")).strip("\x00 ")
+            text = (
+                value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+            ).strip("\x00 ")
             problem = uid_problem(text) if text else None
             if problem is not None:
                 raise InvalidUIDError(
                     f"{element.keyword or 'a UID attribute'} is not a valid UID and the Retain "
-                    f"UIDs option keeps it as it is: {problem}")
+                    f"UIDs option keeps it as it is: {problem}"
+                )
 
 
 def _record_method(dataset: Dataset, options: frozenset[ProfileOption], masked: bool) -> None:
@@ -801,7 +936,9 @@ def _record_method(dataset: Dataset, options: frozenset[ProfileOption], masked: 
     codes += [OPTION_CODES[o] for o in sorted(options, key=lambda o: OPTION_CODES[o][0])]
     dataset.PatientIdentityRemoved = "YES"
     # LO, VM 1-n: one value per profile/option meaning (each fits in 64 characters).
-    dataset.DeidentificationMethod = MultiValue(str, ["dicom-gateway PS3.15 E.1-1", *(c[1] for c in codes)])
+    dataset.DeidentificationMethod = MultiValue(
+        str, ["dicom-gateway PS3.15 E.1-1", *(c[1] for c in codes)]
+    )
     dataset.DeidentificationMethodCodeSequence = Sequence([_code_item(c) for c in codes])
     if ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES in options:
         dataset.LongitudinalTemporalInformationModified = "MODIFIED"
@@ -819,8 +956,9 @@ def _originals(before: dict[BaseTag, DataElement], after: Dataset) -> Dataset:
     return originals
 
 
-def deidentify(dataset: Dataset, policy: DeidentificationPolicy, *,
-               domain: DomainIdentity | None = None) -> DeidentificationResult:
+def deidentify(
+    dataset: Dataset, policy: DeidentificationPolicy, *, domain: DomainIdentity | None = None
+) -> DeidentificationResult:
     """De-identify `dataset` in place and return its new identifiers.
 
     With `domain`, the dataset is an object written back into a stored study of this
@@ -835,8 +973,12 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy, *,
     """
     _check_identifiers(dataset)
     if domain is not None:  # its originals are pseudonyms: nothing to encrypt for re-identification
-        policy = replace(policy, options=policy.options | DOMAIN_OPTIONS, recipient_certificate=None,
-                         cleaned_descriptors=None)
+        policy = replace(
+            policy,
+            options=policy.options | DOMAIN_OPTIONS,
+            recipient_certificate=None,
+            cleaned_descriptors=None,
+        )
     _check_kept_uids(dataset, policy)
     masked = False
     risk = policy.pixel_policy.risk(dataset)
@@ -853,16 +995,22 @@ def deidentify(dataset: Dataset, policy: DeidentificationPolicy, *,
     worker = _Deidentifier(policy, dataset, domain)
     worker.walk(dataset, (), _Mode.NORMAL)
     if "PatientID" not in dataset:  # Type 2: present, and a pseudonym like any other
-        dataset.PatientID = (domain.patient_id if domain is not None
-                             else worker.keys.patient_id(worker.patient_key))
+        dataset.PatientID = (
+            domain.patient_id if domain is not None else worker.keys.patient_id(worker.patient_key)
+        )
     if "PatientName" not in dataset:
-        dataset.PatientName = (domain.patient_name if domain is not None
-                               else worker.keys.patient_name(worker.patient_key))
+        dataset.PatientName = (
+            domain.patient_name
+            if domain is not None
+            else worker.keys.patient_name(worker.patient_key)
+        )
     if domain is not None and "AccessionNumber" not in dataset:
         dataset.AccessionNumber = domain.accession_number
     _record_method(dataset, worker.options, masked)
     if snapshot is not None and policy.recipient_certificate is not None:
-        item = encrypted_attributes_item(_originals(snapshot, dataset), policy.recipient_certificate)
+        item = encrypted_attributes_item(
+            _originals(snapshot, dataset), policy.recipient_certificate
+        )
         dataset.EncryptedAttributesSequence = Sequence([item])
     dataset.preamble = b"\x00" * 128  # a vendor or TIFF preamble can carry anything
     file_meta = getattr(dataset, "file_meta", None)

@@ -19,12 +19,29 @@ _UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]"
 
 #: Attributes whose values are identifying wherever they reappear in free text.
 _IDENTIFYING_KEYWORDS = (
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
-    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "ReferringPhysicianName", "PerformingPhysicianName", "NameOfPhysiciansReadingStudy",
-    "PhysiciansOfRecord", "OperatorsName", "RequestingPhysician", "StationName",
-    "DeviceSerialNumber", "MedicalRecordLocator", "IssuerOfPatientID", "StudyID",
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord",
+    "OperatorsName",
+    "RequestingPhysician",
+    "StationName",
+    "DeviceSerialNumber",
+    "MedicalRecordLocator",
+    "IssuerOfPatientID",
+    "StudyID",
 )
 _MONTHS = (
     "january|february|march|april|may|june|july|august|september|october|november|december|"
@@ -33,7 +50,9 @@ _MONTHS = (
     "novembre|décembre|decembre|janv|févr|fevr|avr|juil|déc"
 )
 _GENERIC_PATTERNS = (
-    re.compile(rf"\b\d{{1,2}}(?:st|nd|rd|th|er)?\.?\s+(?:{_MONTHS})\.?,?\s+\d{{2,4}}\b", re.IGNORECASE),
+    re.compile(
+        rf"\b\d{{1,2}}(?:st|nd|rd|th|er)?\.?\s+(?:{_MONTHS})\.?,?\s+\d{{2,4}}\b", re.IGNORECASE
+    ),
     re.compile(rf"\b(?:{_MONTHS})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{2,4}}\b", re.IGNORECASE),
     re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"),  # e-mail
     re.compile(r"\b\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}\b"),  # 12/03/1984
@@ -62,8 +81,14 @@ def _date_spellings(date: str) -> list[str]:
     if len(date) != 8 or not date.isdigit():
         return [date] if date else []
     year, month, day = date[:4], date[4:6], date[6:8]
-    return [date, f"{year}-{month}-{day}", f"{day}/{month}/{year}", f"{day}.{month}.{year}",
-            f"{day}-{month}-{year}", f"{month}/{day}/{year}"]
+    return [
+        date,
+        f"{year}-{month}-{day}",
+        f"{day}/{month}/{year}",
+        f"{day}.{month}.{year}",
+        f"{day}-{month}-{year}",
+        f"{month}/{day}/{year}",
+    ]
 
 
 class TextCleaner:
@@ -79,7 +104,9 @@ class TextCleaner:
                     tokens.update(_name_parts(value))
         for element in dataset.iterall():  # names and identifiers at any depth
             keyword = element.keyword or ""
-            if element.VR == "PN" or (element.VR in ("LO", "SH") and keyword.endswith(_ID_SUFFIXES)):
+            if element.VR == "PN" or (
+                element.VR in ("LO", "SH") and keyword.endswith(_ID_SUFFIXES)
+            ):
                 for value in _values(element.value):
                     value = value.strip()
                     if len(value) >= _MIN_TOKEN and value.upper() not in _NOT_IDENTIFYING:

@@ -36,9 +36,14 @@ def _load(name: str) -> Any:
 
 
 @lru_cache(maxsize=1)
-def _tables() -> tuple[dict[str, str], dict[str, list[dict[str, str]]], dict[str, list[dict[str, Any]]]]:
-    return (_load("sop_class_iod_map.json"), _load("iod_module_map.json"),
-            _load("module_attribute_map.json"))
+def _tables() -> tuple[
+    dict[str, str], dict[str, list[dict[str, str]]], dict[str, list[dict[str, Any]]]
+]:
+    return (
+        _load("sop_class_iod_map.json"),
+        _load("iod_module_map.json"),
+        _load("module_attribute_map.json"),
+    )
 
 
 class IodTypes:

@@ -29,8 +29,10 @@ class ProfileOption(StrEnum):
         for option in cls:
             if normalized.upper() == option.name or normalized == option.value:
                 return option
-        raise ValueError(f"unknown de-identification option {name!r}; known: "
-                         + ", ".join(o.name.lower() for o in cls))
+        raise ValueError(
+            f"unknown de-identification option {name!r}; known: "
+            + ", ".join(o.name.lower() for o in cls)
+        )
 
 
 #: CID 7050 "De-identification Method" codes (DCM), PS3.16.
@@ -41,10 +43,17 @@ OPTION_CODES: dict[ProfileOption, tuple[str, str]] = {
     ProfileOption.CLEAN_STRUCTURED_CONTENT: ("113104", "Clean Structured Content Option"),
     ProfileOption.CLEAN_DESCRIPTORS: ("113105", "Clean Descriptors Option"),
     ProfileOption.RETAIN_LONGITUDINAL_FULL_DATES: (
-        "113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
     ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES: (
-        "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
-    ProfileOption.RETAIN_PATIENT_CHARACTERISTICS: ("113108", "Retain Patient Characteristics Option"),
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    ProfileOption.RETAIN_PATIENT_CHARACTERISTICS: (
+        "113108",
+        "Retain Patient Characteristics Option",
+    ),
     ProfileOption.RETAIN_DEVICE_IDENTITY: ("113109", "Retain Device Identity Option"),
     ProfileOption.RETAIN_UIDS: ("113110", "Retain UIDs Option"),
     ProfileOption.RETAIN_SAFE_PRIVATE: ("113111", "Retain Safe Private Option"),

@@ -72,13 +72,18 @@ class PixelPolicy:
         if str(dataset.get("RecognizableVisualFeatures", "") or "").strip().upper() == "YES":
             return "RecognizableVisualFeatures is YES"
         image_type = {str(v).upper() for v in (dataset.get("ImageType") or [])}
-        if str(dataset.get("SOPClassUID", "")) == WSI_SOP_CLASS and image_type & {"LABEL", "OVERVIEW"}:
+        if str(dataset.get("SOPClassUID", "")) == WSI_SOP_CLASS and image_type & {
+            "LABEL",
+            "OVERVIEW",
+        }:
             return "whole-slide LABEL/OVERVIEW image shows the slide label"
         modality = str(dataset.get("Modality", "") or "").strip().upper()
         if modality in self.risky_modalities:
             return f"modality {modality} routinely carries burned-in text"
         sop_class = str(dataset.get("SOPClassUID", "") or "")
-        if any(sop_class == p or sop_class.startswith(p + ".") for p in self.risky_sop_class_prefixes):
+        if any(
+            sop_class == p or sop_class.startswith(p + ".") for p in self.risky_sop_class_prefixes
+        ):
             return f"SOP class {sop_class} routinely carries burned-in text or documents"
         return None
 
@@ -104,6 +109,10 @@ def apply_mask(dataset: Dataset, mask: PixelMask) -> None:
     if samples == 3 and photometric.startswith("YBR"):
         photometric = "RGB"  # pydicom's decoder returns RGB for YCbCr-coded JPEG
     # pydicom would otherwise give the instance a new random SOP Instance UID at each call
-    dataset.set_pixel_data(pixels, photometric_interpretation=photometric,
-                           bits_stored=int(dataset.BitsStored), generate_instance_uid=False)
+    dataset.set_pixel_data(
+        pixels,
+        photometric_interpretation=photometric,
+        bits_stored=int(dataset.BitsStored),
+        generate_instance_uid=False,
+    )
     dataset.BurnedInAnnotation = "NO"

@@ -69,10 +69,15 @@ class ConfidentialityProfile:
 
 @lru_cache(maxsize=4)
 def _compound_keywords(profile: ConfidentialityProfile) -> frozenset[str]:
-    compound = {Action.REMOVE_OR_ZERO, Action.REMOVE_OR_DUMMY, Action.ZERO_OR_DUMMY,
-                Action.REMOVE_ZERO_OR_DUMMY}
+    compound = {
+        Action.REMOVE_OR_ZERO,
+        Action.REMOVE_OR_DUMMY,
+        Action.ZERO_OR_DUMMY,
+        Action.REMOVE_ZERO_OR_DUMMY,
+    }
     return frozenset(
-        keyword_for_tag(tag) for tag, row in profile.rows.items()
+        keyword_for_tag(tag)
+        for tag, row in profile.rows.items()
         if row.basic in compound and keyword_for_tag(tag)
     )
 

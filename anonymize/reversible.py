@@ -48,7 +48,9 @@ def encrypted_attributes_item(originals: Dataset, certificate: x509.Certificate)
         pkcs7.PKCS7EnvelopeBuilder()
         .set_data(_encode(modified))
         .add_recipient(certificate)
-        .encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])  # no MIME line-ending rewrite
+        .encrypt(
+            serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary]
+        )  # no MIME line-ending rewrite
     )
     item = Dataset()
     item.EncryptedContentTransferSyntaxUID = ExplicitVRLittleEndian
@@ -67,8 +69,9 @@ def _der_exact(blob: bytes) -> bytes:
     return blob[: 2 + size_bytes + length]
 
 
-def decrypt_original_attributes(dataset: Dataset, certificate_pem: bytes,
-                                private_key_pem: bytes) -> Dataset:
+def decrypt_original_attributes(
+    dataset: Dataset, certificate_pem: bytes, private_key_pem: bytes
+) -> Dataset:
     """The original attributes stored in `dataset`, decrypted with the recipient's key."""
     items = dataset.get("EncryptedAttributesSequence") or []
     if not items:
@@ -91,7 +94,9 @@ def decrypt_original_attributes(dataset: Dataset, certificate_pem: bytes,
             raise ReidentificationError("encrypted content lacks one Modified Attributes item")
         originals: Dataset = sequence[0]
         return originals
-    raise ReidentificationError(f"no encrypted item could be decrypted with this key ({last_error})")
+    raise ReidentificationError(
+        f"no encrypted item could be decrypted with this key ({last_error})"
+    )
 
 
 def restore_identity(dataset: Dataset, certificate_pem: bytes, private_key_pem: bytes) -> Dataset:
@@ -101,8 +106,11 @@ def restore_identity(dataset: Dataset, certificate_pem: bytes, private_key_pem: 
         dataset[element.tag] = element
     del dataset.EncryptedAttributesSequence
     dataset.PatientIdentityRemoved = "NO"
-    for keyword in ("DeidentificationMethod", "DeidentificationMethodCodeSequence",
-                    "LongitudinalTemporalInformationModified"):
+    for keyword in (
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",
+        "LongitudinalTemporalInformationModified",
+    ):
         if keyword in dataset and keyword not in originals:
             delattr(dataset, keyword)
     file_meta = getattr(dataset, "file_meta", None)

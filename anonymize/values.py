@@ -36,8 +36,27 @@ _SHORT_TEXT_VRS = frozenset({"SH", "LO", "UC", "PN"})
 _UID_MAX_LENGTH = 64
 _BINARY_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4}
 #: VRs whose values are written as characters (PS3.5 6.2).
-CHARACTER_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
-                           "TM", "UC", "UI", "UR", "UT"})
+CHARACTER_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
 
 
 def _offset_minutes(text: str) -> int | None:

@@ -28,17 +28,32 @@ MAX_STUDIES_LISTED = 500
 
 #: Statuses the caller caused, by audited action (EventOutcomeIndicator 4, minor failure:
 #: refused); the same code can be the node's failure in another service class (0xC000).
-_QUERY_REFUSALS = frozenset({
-    QueryRetrieveStatus.NOT_AUTHORIZED, QueryRetrieveStatus.MOVE_DESTINATION_UNKNOWN,
-    QueryRetrieveStatus.MOVE_UNABLE_TO_PROCESS,
-    QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS})
+_QUERY_REFUSALS = frozenset(
+    {
+        QueryRetrieveStatus.NOT_AUTHORIZED,
+        QueryRetrieveStatus.MOVE_DESTINATION_UNKNOWN,
+        QueryRetrieveStatus.MOVE_UNABLE_TO_PROCESS,
+        QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    }
+)
 _REFUSALS: Mapping[str, frozenset[int]] = {
-    "dimse.store": frozenset({StoreStatus.NOT_AUTHORIZED, StoreStatus.CANNOT_UNDERSTAND,
-                              StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS}),
-    "dimse.find": _QUERY_REFUSALS, "dimse.move": _QUERY_REFUSALS, "dimse.get": _QUERY_REFUSALS,
-    "dimse.commit": frozenset({CommitmentStatus.NOT_AUTHORIZED,
-                               CommitmentStatus.NO_SUCH_ACTION_TYPE,
-                               CommitmentStatus.INVALID_ARGUMENT_VALUE}),
+    "dimse.store": frozenset(
+        {
+            StoreStatus.NOT_AUTHORIZED,
+            StoreStatus.CANNOT_UNDERSTAND,
+            StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        }
+    ),
+    "dimse.find": _QUERY_REFUSALS,
+    "dimse.move": _QUERY_REFUSALS,
+    "dimse.get": _QUERY_REFUSALS,
+    "dimse.commit": frozenset(
+        {
+            CommitmentStatus.NOT_AUTHORIZED,
+            CommitmentStatus.NO_SUCH_ACTION_TYPE,
+            CommitmentStatus.INVALID_ARGUMENT_VALUE,
+        }
+    ),
     "dimse.refused": frozenset({StoreStatus.NOT_AUTHORIZED}),
 }
 
@@ -58,25 +73,46 @@ class NodeAudit:
     def __init__(self, writer: AuditWriter | None = None) -> None:
         self.writer = writer
 
-    def record(self, action: str, caller: Caller, status: int, *,
-               studies: Collection[str] = (), outcome: int | None = None,
-               detail: Mapping[str, Any] | None = None) -> None:
+    def record(
+        self,
+        action: str,
+        caller: Caller,
+        status: int,
+        *,
+        studies: Collection[str] = (),
+        outcome: int | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
         if self.writer is None:
             return
         try:
             listed = sorted(studies)
-            notes: dict[str, Any] = {"calling_ae": caller.ae_title, "status": f"0x{status:04X}",
-                                     "caller_sites": sorted(caller.site_ids)
-                                     if caller.site_ids is not None else "*",
-                                     "studies_total": len(listed), **(detail or {})}
+            notes: dict[str, Any] = {
+                "calling_ae": caller.ae_title,
+                "status": f"0x{status:04X}",
+                "caller_sites": sorted(caller.site_ids) if caller.site_ids is not None else "*",
+                "studies_total": len(listed),
+                **(detail or {}),
+            }
             text = json.dumps(notes)
             named: list[str] = listed[:MAX_STUDIES_LISTED] or [""]
             if len(listed) > MAX_STUDIES_LISTED:
                 named.append("")  # the studies beyond: counted in the detail
             code = outcome_of(action, status) if outcome is None else outcome
-            self.writer.submit([dimse_entry(action, caller.actor, caller.address, outcome=code,
-                                            study_instance_uid=study, status_code=int(status),
-                                            detail=text) for study in named])
+            self.writer.submit(
+                [
+                    dimse_entry(
+                        action,
+                        caller.actor,
+                        caller.address,
+                        outcome=code,
+                        study_instance_uid=study,
+                        status_code=int(status),
+                        detail=text,
+                    )
+                    for study in named
+                ]
+            )
         except Exception as exc:  # noqa: BLE001 - the audit never fails a DIMSE operation
             log.error("audit event %s not recorded (%s)", action, type(exc).__name__)
 

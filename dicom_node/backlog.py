@@ -36,20 +36,27 @@ def _count_instances(root: Path, suffix: str) -> int:
     replies, are not the worker's backlog)."""
     count = 0
     try:
-        sites = [entry for entry in os.scandir(root)
-                 if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")]
+        sites = [
+            entry
+            for entry in os.scandir(root)
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+        ]
     except OSError:
         return 0
     for site in sites:
         try:
-            batches = [entry for entry in os.scandir(site.path)
-                       if entry.is_dir(follow_symlinks=False)]
+            batches = [
+                entry for entry in os.scandir(site.path) if entry.is_dir(follow_symlinks=False)
+            ]
         except OSError:
             continue
         for batch in batches:
             try:
-                count += sum(1 for entry in os.scandir(batch.path)
-                             if entry.name.endswith(suffix) and not entry.name.startswith("."))
+                count += sum(
+                    1
+                    for entry in os.scandir(batch.path)
+                    if entry.name.endswith(suffix) and not entry.name.startswith(".")
+                )
             except OSError:
                 continue  # processed and removed while we counted
     return count

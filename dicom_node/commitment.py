@@ -94,10 +94,15 @@ class ResponsesSent:
             self._events.pop(id(event.assoc), None)
 
 
-def handle_commitment(event: Event, is_stored: IsStored, ae_title: str,
-                      destinations: Mapping[str, MoveDestination],
-                      responses: ResponsesSent, caller_of: Callable[[Any], Caller],
-                      audit: NodeAudit) -> tuple[int, Dataset | None]:
+def handle_commitment(
+    event: Event,
+    is_stored: IsStored,
+    ae_title: str,
+    destinations: Mapping[str, MoveDestination],
+    responses: ResponsesSent,
+    caller_of: Callable[[Any], Caller],
+    audit: NodeAudit,
+) -> tuple[int, Dataset | None]:
     """N-ACTION (Request Storage Commitment): accept, then report from a thread once the
     N-ACTION response has gone out. Only the caller's own site's instances are committed;
     a caller without the commit right is refused (0x0124)."""
@@ -120,17 +125,23 @@ def handle_commitment(event: Event, is_stored: IsStored, ae_title: str,
 
     def report() -> None:
         event_type, information = commitment_report(
-            request, lambda sop_instance_uid: is_stored(sop_instance_uid, own_site))
+            request, lambda sop_instance_uid: is_stored(sop_instance_uid, own_site)
+        )
         # Counts only: the referenced UIDs are the modality's originals.
         committed = len(information.get("ReferencedSOPSequence", []))
         failed = len(information.get("FailedSOPSequence", []))
-        audit.record("dimse.commit", caller, CommitmentStatus.SUCCESS, outcome=4 if failed else 0,
-                     detail={"site": caller.filing_site, "committed": committed,
-                             "failed": failed})
+        audit.record(
+            "dimse.commit",
+            caller,
+            CommitmentStatus.SUCCESS,
+            outcome=4 if failed else 0,
+            detail={"site": caller.filing_site, "committed": committed, "failed": failed},
+        )
         sent.wait(timeout=30)  # the N-ACTION response first
         if assoc.is_established:
-            status = assoc.send_n_event_report(information, event_type, StorageCommitmentPushModel,
-                                               COMMITMENT_INSTANCE)
+            status = assoc.send_n_event_report(
+                information, event_type, StorageCommitmentPushModel, COMMITMENT_INSTANCE
+            )
             if status and int(getattr(status, "Status", 0xFFFF)) == 0:
                 return
         destination = destinations.get(calling)
@@ -141,11 +152,16 @@ def handle_commitment(event: Event, is_stored: IsStored, ae_title: str,
         sender.add_requested_context(StorageCommitmentPushModel)
         # On a new association the report still comes from the Storage Commitment SCP:
         # ask for that role (SCP/SCU role selection).
-        other = sender.associate(destination.host, destination.port, ae_title=calling,
-                                 ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+        other = sender.associate(
+            destination.host,
+            destination.port,
+            ae_title=calling,
+            ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+        )
         if other.is_established:
-            other.send_n_event_report(information, event_type, StorageCommitmentPushModel,
-                                      COMMITMENT_INSTANCE)
+            other.send_n_event_report(
+                information, event_type, StorageCommitmentPushModel, COMMITMENT_INSTANCE
+            )
             other.release()
         else:
             log.warning("storage commitment: could not reach %s for the report", calling)
@@ -154,5 +170,10 @@ def handle_commitment(event: Event, is_stored: IsStored, ae_title: str,
     return CommitmentStatus.SUCCESS, None
 
 
-__all__ = ["COMMITMENT_INSTANCE", "IsStored", "ResponsesSent", "commitment_report",
-           "handle_commitment"]
+__all__ = [
+    "COMMITMENT_INSTANCE",
+    "IsStored",
+    "ResponsesSent",
+    "commitment_report",
+    "handle_commitment",
+]

@@ -34,7 +34,6 @@ from spool import SPOOL_SUFFIX, Spool, SpoolWriteError, new_association_tag
 log = logging.getLogger(__name__)
 
 
-
 Enqueue = Callable[[str, str], None]
 
 
@@ -80,8 +79,11 @@ class SiteSpools:
         `site_ids` (None: at any site)."""
         if not is_uid_shaped(sop_instance_uid):
             return False
-        return any(next(spool.site_dir.glob(f"*/{sop_instance_uid}{SPOOL_SUFFIX}"), None) is not None
-                   for spool in self.all() if site_ids is None or spool.site_id in site_ids)
+        return any(
+            next(spool.site_dir.glob(f"*/{sop_instance_uid}{SPOOL_SUFFIX}"), None) is not None
+            for spool in self.all()
+            if site_ids is None or spool.site_id in site_ids
+        )
 
 
 class AssociationBatches:
@@ -111,8 +113,9 @@ def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
     try:
         enqueue(site_id, batch_id)
     except Exception as exc:  # noqa: BLE001 - broker down: the sweeper re-enqueues the batch
-        log.error("enqueue of batch %s failed (%s); the sweeper will retry",
-                  batch_id, type(exc).__name__)
+        log.error(
+            "enqueue of batch %s failed (%s); the sweeper will retry", batch_id, type(exc).__name__
+        )
 
 
 #: Instances up to this size are parsed whole at the node (a truncated value is refused
@@ -121,18 +124,26 @@ def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
 FULL_CHECK_BYTES = 64 * 1024 * 1024
 
 
-def handle_store(event: Event, spools: SiteSpools | Spool, batches: AssociationBatches,
-                 enqueue: Enqueue | None = None, chunk_size: int = 0,
-                 policy: CallerPolicy | None = None,
-                 limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
-                 backlog: SpoolBacklog | None = None) -> int:
+def handle_store(
+    event: Event,
+    spools: SiteSpools | Spool,
+    batches: AssociationBatches,
+    enqueue: Enqueue | None = None,
+    chunk_size: int = 0,
+    policy: CallerPolicy | None = None,
+    limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
+    backlog: SpoolBacklog | None = None,
+) -> int:
     """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics;
     with `policy`, a caller without the store right is refused (0x0124); an instance
     declaring more decoded pixels than `limits` is refused (0xA700). With `backlog`, a
     Success waits while the spool holds more than its limit and the worker drains it
     (see `dicom_node.backlog`)."""
-    spool = (spools.for_caller(event.assoc.requestor.ae_title) if isinstance(spools, SiteSpools)
-             else spools)
+    spool = (
+        spools.for_caller(event.assoc.requestor.ae_title)
+        if isinstance(spools, SiteSpools)
+        else spools
+    )
     state = batches.state(event.assoc)
     state.site = spool.site_id
     if policy is not None and not caller_of(event.assoc, policy, spool.site_id).may(Right.STORE):
@@ -156,9 +167,14 @@ def handle_store(event: Event, spools: SiteSpools | Spool, batches: AssociationB
     return status
 
 
-def _store(event: Event, spool: Spool, batches: AssociationBatches,
-           enqueue: Enqueue | None = None, chunk_size: int = 0,
-           limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> int:
+def _store(
+    event: Event,
+    spool: Spool,
+    batches: AssociationBatches,
+    enqueue: Enqueue | None = None,
+    chunk_size: int = 0,
+    limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
+) -> int:
     """C-STORE: check the data set parses and matches the request, spool it, then answer.
 
     Success only after the bytes are durable on disk; a spool failure answers 0xA700.
@@ -173,8 +189,9 @@ def _store(event: Event, spool: Spool, batches: AssociationBatches,
     try:
         # A deflated data set is inflated only up to its pixel data, whose declared size is
         # checked: the node needs the header, and a small deflated file may hold gigabytes.
-        dataset = read_bounded(path, limits, stop_before_pixels=size > FULL_CHECK_BYTES,
-                               inflate_pixels=False)
+        dataset = read_bounded(
+            path, limits, stop_before_pixels=size > FULL_CHECK_BYTES, inflate_pixels=False
+        )
         check_complete(dataset)  # pydicom silently shortens a truncated value
         sop_class = text_of(dataset, "SOPClassUID")
         sop_instance = text_of(dataset, "SOPInstanceUID")
@@ -230,10 +247,15 @@ def caller_of(assoc: Any, policy: CallerPolicy, filing_site: str) -> Caller:
     return policy.caller(requestor.ae_title, str(requestor.address), filing_site)
 
 
-def handle_connection_closed(event: Event, site_id: str, batches: AssociationBatches,
-                             enqueue: Enqueue, policy: CallerPolicy | None = None,
-                             audit: NodeAudit | None = None,
-                             pseudonymize_uid: Callable[[str], str] | None = None) -> None:
+def handle_connection_closed(
+    event: Event,
+    site_id: str,
+    batches: AssociationBatches,
+    enqueue: Enqueue,
+    policy: CallerPolicy | None = None,
+    audit: NodeAudit | None = None,
+    pseudonymize_uid: Callable[[str], str] | None = None,
+) -> None:
     """After release, abort or a dropped connection: enqueue one task per written batch,
     and write the association's audit events: counts, and the studies under their keyed
     pseudonym (`pseudonymize_uid`; without it, none named) — never an original UID.
@@ -247,27 +269,51 @@ def handle_connection_closed(event: Event, site_id: str, batches: AssociationBat
     for batch_id in sorted(state.batches):
         _enqueue(enqueue, site_id, batch_id)
     assoc = event.assoc
-    outcome = "aborted" if getattr(assoc, "is_aborted", False) else (
-        "released" if getattr(assoc, "is_released", False) else "dropped")
+    outcome = (
+        "aborted"
+        if getattr(assoc, "is_aborted", False)
+        else ("released" if getattr(assoc, "is_released", False) else "dropped")
+    )
     seconds = time.monotonic() - state.started
     if batches.metrics is not None:
         batches.metrics.association(outcome, seconds)
     if state.stored or state.failed:
         # One structured line per association: no PHI (AE titles and counts only).
-        log.info("association closed calling_ae=%s address=%s site=%s stored=%d refused=%d "
-                 "bytes=%d batches=%d duration_s=%.2f outcome=%s",
-                 assoc.requestor.ae_title.strip(), assoc.requestor.address, site_id, state.stored,
-                 state.failed, state.bytes, len(state.batches), seconds, outcome)
+        log.info(
+            "association closed calling_ae=%s address=%s site=%s stored=%d refused=%d "
+            "bytes=%d batches=%d duration_s=%.2f outcome=%s",
+            assoc.requestor.ae_title.strip(),
+            assoc.requestor.address,
+            site_id,
+            state.stored,
+            state.failed,
+            state.bytes,
+            len(state.batches),
+            seconds,
+            outcome,
+        )
         if audit is not None and policy is not None:
-            studies = ({pseudonymize_uid(study) for study in state.chunks}
-                       if pseudonymize_uid is not None else set())
-            audit.record("dimse.store", caller_of(assoc, policy, site_id),
-                         state.last_failure if state.failed else StoreStatus.SUCCESS,
-                         studies=studies,
-                         # some stored, some refused: a minor failure, whatever the status
-                         outcome=4 if state.failed and state.stored else None,
-                         # counts of the whole association, repeated in each study's event
-                         detail={"site": site_id, "association": {
-                             "instances": state.stored, "refused": state.failed,
-                             "studies": len(state.chunks), "bytes": state.bytes,
-                             "outcome": outcome}})
+            studies = (
+                {pseudonymize_uid(study) for study in state.chunks}
+                if pseudonymize_uid is not None
+                else set()
+            )
+            audit.record(
+                "dimse.store",
+                caller_of(assoc, policy, site_id),
+                state.last_failure if state.failed else StoreStatus.SUCCESS,
+                studies=studies,
+                # some stored, some refused: a minor failure, whatever the status
+                outcome=4 if state.failed and state.stored else None,
+                # counts of the whole association, repeated in each study's event
+                detail={
+                    "site": site_id,
+                    "association": {
+                        "instances": state.stored,
+                        "refused": state.failed,
+                        "studies": len(state.chunks),
+                        "bytes": state.bytes,
+                        "outcome": outcome,
+                    },
+                },
+            )

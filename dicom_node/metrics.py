@@ -12,32 +12,56 @@ class NodeMetrics:
     def __init__(self, site_id: str) -> None:
         self.registry = CollectorRegistry()
         labels = {"site": site_id}
-        self.instances = Counter("dicom_gateway_dimse_instances_received_total",
-                                 "Instances acknowledged with Success", ["site"],
-                                 registry=self.registry).labels(**labels)
-        self.bytes = Counter("dicom_gateway_dimse_bytes_received_total",
-                             "Bytes of acknowledged instances", ["site"],
-                             registry=self.registry).labels(**labels)
-        self._failures = Counter("dicom_gateway_dimse_store_failures_total",
-                                 "C-STORE requests refused, by status", ["site", "status"],
-                                 registry=self.registry)
-        self._associations = Counter("dicom_gateway_dimse_associations_total",
-                                     "Associations closed, by outcome", ["site", "outcome"],
-                                     registry=self.registry)
-        self.duration = Histogram("dicom_gateway_dimse_association_seconds",
-                                  "Association duration", ["site"], registry=self.registry,
-                                  buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800)).labels(**labels)
-        self._queries = Counter("dicom_gateway_dimse_queries_total",
-                                "Query/Retrieve requests, by service", ["site", "service"],
-                                registry=self.registry)
-        self.held = Counter("dicom_gateway_dimse_store_held_seconds_total",
-                            "Seconds C-STORE answers waited for the worker to drain the spool "
-                            "backlog (flow control)", ["site"], registry=self.registry
-                            ).labels(**labels)
+        self.instances = Counter(
+            "dicom_gateway_dimse_instances_received_total",
+            "Instances acknowledged with Success",
+            ["site"],
+            registry=self.registry,
+        ).labels(**labels)
+        self.bytes = Counter(
+            "dicom_gateway_dimse_bytes_received_total",
+            "Bytes of acknowledged instances",
+            ["site"],
+            registry=self.registry,
+        ).labels(**labels)
+        self._failures = Counter(
+            "dicom_gateway_dimse_store_failures_total",
+            "C-STORE requests refused, by status",
+            ["site", "status"],
+            registry=self.registry,
+        )
+        self._associations = Counter(
+            "dicom_gateway_dimse_associations_total",
+            "Associations closed, by outcome",
+            ["site", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "dicom_gateway_dimse_association_seconds",
+            "Association duration",
+            ["site"],
+            registry=self.registry,
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800),
+        ).labels(**labels)
+        self._queries = Counter(
+            "dicom_gateway_dimse_queries_total",
+            "Query/Retrieve requests, by service",
+            ["site", "service"],
+            registry=self.registry,
+        )
+        self.held = Counter(
+            "dicom_gateway_dimse_store_held_seconds_total",
+            "Seconds C-STORE answers waited for the worker to drain the spool "
+            "backlog (flow control)",
+            ["site"],
+            registry=self.registry,
+        ).labels(**labels)
         #: Instances spooled and not yet stored by the worker (all sites of this spool).
-        self.backlog = Gauge("dicom_gateway_spool_backlog_instances",
-                             "Instances in the spool, waiting for the worker",
-                             registry=self.registry)
+        self.backlog = Gauge(
+            "dicom_gateway_spool_backlog_instances",
+            "Instances in the spool, waiting for the worker",
+            registry=self.registry,
+        )
         self.site_id = site_id
 
     def failure(self, status: int) -> None:

@@ -18,10 +18,10 @@ LOOPBACK_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 class Right(StrEnum):
     """What a DIMSE caller may ask of the node."""
 
-    STORE = "store"    # C-STORE (into the site its C-STOREs are filed under)
-    FIND = "find"      # C-FIND
-    MOVE = "move"      # C-MOVE (to a configured destination)
-    GET = "get"        # C-GET (back to the caller, on its own association)
+    STORE = "store"  # C-STORE (into the site its C-STOREs are filed under)
+    FIND = "find"  # C-FIND
+    MOVE = "move"  # C-MOVE (to a configured destination)
+    GET = "get"  # C-GET (back to the caller, on its own association)
     COMMIT = "commit"  # Storage Commitment (N-ACTION)
 
 
@@ -86,9 +86,13 @@ class CallerPolicy:
     unlisted_rights: frozenset[Right] = ALL_RIGHTS
 
     @classmethod
-    def build(cls, networks: Iterable[str], calling_ae_titles: Iterable[str] = (),
-              callers: Mapping[str, CallerCredential] | None = None,
-              unlisted_rights: Iterable[Right | str] = ALL_RIGHTS) -> CallerPolicy:
+    def build(
+        cls,
+        networks: Iterable[str],
+        calling_ae_titles: Iterable[str] = (),
+        callers: Mapping[str, CallerCredential] | None = None,
+        unlisted_rights: Iterable[Right | str] = ALL_RIGHTS,
+    ) -> CallerPolicy:
         return cls(
             tuple(ipaddress.ip_network(n, strict=False) for n in networks),
             frozenset(t.strip() for t in calling_ae_titles if t.strip()),
@@ -127,11 +131,31 @@ class CallerPolicy:
         title = calling_ae_title.strip()
         credential = self.callers.get(title)
         if credential is None:
-            return Caller(title, address, filing_site, frozenset({filing_site}),
-                          self.unlisted_rights, listed=False)
-        return Caller(title, address, filing_site, credential.site_ids, credential.rights,
-                      listed=True, move_destinations=credential.move_destinations)
+            return Caller(
+                title,
+                address,
+                filing_site,
+                frozenset({filing_site}),
+                self.unlisted_rights,
+                listed=False,
+            )
+        return Caller(
+            title,
+            address,
+            filing_site,
+            credential.site_ids,
+            credential.rights,
+            listed=True,
+            move_destinations=credential.move_destinations,
+        )
 
 
-__all__ = ["ALL_RIGHTS", "LOOPBACK_NETWORKS", "Caller", "CallerCredential", "CallerPolicy",
-           "IPNetwork", "Right"]
+__all__ = [
+    "ALL_RIGHTS",
+    "LOOPBACK_NETWORKS",
+    "Caller",
+    "CallerCredential",
+    "CallerPolicy",
+    "IPNetwork",
+    "Right",
+]

@@ -76,11 +76,15 @@ def _matching_value(identifier: Dataset, keyword: str) -> str | None:
 def _level(identifier: Dataset, model: str) -> str:
     level = text_of(identifier, "QueryRetrieveLevel").upper()
     if level not in LEVELS:
-        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                         f"QueryRetrieveLevel {level!r}: PATIENT, STUDY, SERIES or IMAGE")
+        raise QueryError(
+            QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            f"QueryRetrieveLevel {level!r}: PATIENT, STUDY, SERIES or IMAGE",
+        )
     if model == "STUDY" and level == "PATIENT":
-        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                         "the Study Root model has no PATIENT level")
+        raise QueryError(
+            QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            "the Study Root model has no PATIENT level",
+        )
     return level
 
 
@@ -90,7 +94,9 @@ def _range(identifier: Dataset, keyword: str, parse: Callable[[str], _Range]) ->
     try:
         return parse(text) if text else None
     except ValueError as exc:
-        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: {exc}") from exc
+        raise QueryError(
+            QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: {exc}"
+        ) from exc
 
 
 def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
@@ -108,7 +114,8 @@ def _study_query(identifier: Dataset, limit: int) -> StudyQuery:
         referring_physician_name=_matching_value(identifier, "ReferringPhysicianName"),
         study_instance_uids=_uids(identifier, "StudyInstanceUID"),
         modalities=tuple(m for m in modalities.split("\\") if m and m != "*"),
-        limit=limit)
+        limit=limit,
+    )
 
 
 def _request_matching_value(identifier: Dataset, keyword: str) -> str | None:
@@ -119,20 +126,25 @@ def _request_matching_value(identifier: Dataset, keyword: str) -> str | None:
 
 def _series_query(identifier: Dataset, study_uid: str | None) -> SeriesQuery:
     return SeriesQuery(
-        study_instance_uid=study_uid, series_instance_uids=_series_uids_filter(identifier),
+        study_instance_uid=study_uid,
+        series_instance_uids=_series_uids_filter(identifier),
         modality=_matching_value(identifier, "Modality"),
         series_number=_number(identifier, "SeriesNumber"),
         performed_procedure_step_start_date=_range(
-            identifier, "PerformedProcedureStepStartDate", DateRange.parse),
+            identifier, "PerformedProcedureStepStartDate", DateRange.parse
+        ),
         performed_procedure_step_start_time=_range(
-            identifier, "PerformedProcedureStepStartTime", TimeRange.parse),
+            identifier, "PerformedProcedureStepStartTime", TimeRange.parse
+        ),
         scheduled_procedure_step_id=_request_matching_value(identifier, "ScheduledProcedureStepID"),
         requested_procedure_id=_request_matching_value(identifier, "RequestedProcedureID"),
-        limit=MAX_MATCHES)
+        limit=MAX_MATCHES,
+    )
 
 
-def _studies(service: QueryRetrieve, identifier: Dataset, scope: AccessScope,
-             limit: int = MAX_MATCHES) -> list[StudySummary]:
+def _studies(
+    service: QueryRetrieve, identifier: Dataset, scope: AccessScope, limit: int = MAX_MATCHES
+) -> list[StudySummary]:
     return service.search_for_studies(scope, _study_query(identifier, limit))
 
 
@@ -147,12 +159,15 @@ def _number(identifier: Dataset, keyword: str) -> int | None:
     try:
         return int(text)
     except ValueError as exc:
-        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: not a number") from exc
+        raise QueryError(
+            QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: not a number"
+        ) from exc
 
 
 # Matching ------------------------------------------------------------------------------
-def find_matches(service: QueryRetrieve, identifier: Dataset, model: str, ae_title: str,
-                 scope: AccessScope) -> Iterator[tuple[frozenset[str], Dataset]]:
+def find_matches(
+    service: QueryRetrieve, identifier: Dataset, model: str, ae_title: str, scope: AccessScope
+) -> Iterator[tuple[frozenset[str], Dataset]]:
     """The response identifiers of a C-FIND request, one per match, each with the
     (de-identified) studies it is about, within `scope`."""
     level = _level(identifier, model)
@@ -163,57 +178,86 @@ def find_matches(service: QueryRetrieve, identifier: Dataset, model: str, ae_tit
             patients.setdefault(study.patient_id, []).append(study)
         for studies in patients.values():
             first = studies[0]
-            values = {**_patient_values(first),
-                      "NumberOfPatientRelatedStudies": len(studies),
-                      "NumberOfPatientRelatedSeries": sum(s.number_of_series for s in studies),
-                      "NumberOfPatientRelatedInstances": sum(s.number_of_instances for s in studies)}
-            yield (frozenset(s.study_instance_uid for s in studies),
-                   _response(requested, values, level, ae_title))
+            values = {
+                **_patient_values(first),
+                "NumberOfPatientRelatedStudies": len(studies),
+                "NumberOfPatientRelatedSeries": sum(s.number_of_series for s in studies),
+                "NumberOfPatientRelatedInstances": sum(s.number_of_instances for s in studies),
+            }
+            yield (
+                frozenset(s.study_instance_uid for s in studies),
+                _response(requested, values, level, ae_title),
+            )
         return
     if level == "STUDY":
         for study in _studies(service, identifier, scope):
-            yield (frozenset({study.study_instance_uid}),
-                   _response(requested, _study_values(study), level, ae_title))
+            yield (
+                frozenset({study.study_instance_uid}),
+                _response(requested, _study_values(study), level, ae_title),
+            )
         return
     filtered = _studies(service, identifier, scope) if _needs_study_filter(identifier) else None
     allowed = {s.study_instance_uid: s for s in filtered} if filtered is not None else None
     if level == "SERIES":
         for study_uid in _study_scope(identifier, allowed):
             for series in service.search_for_series(scope, _series_query(identifier, study_uid)):
-                values = {"StudyInstanceUID": series.study_instance_uid,
-                          "SeriesInstanceUID": series.series_instance_uid,
-                          "Modality": series.modality, "SeriesNumber": series.series_number,
-                          "SeriesDescription": series.series_description,
-                          "BodyPartExamined": series.body_part_examined,
-                          "PerformedProcedureStepStartDate":
-                              series.performed_procedure_step_start_date,
-                          "PerformedProcedureStepStartTime":
-                              series.performed_procedure_step_start_time,
-                          "NumberOfSeriesRelatedInstances": series.number_of_instances}
+                values = {
+                    "StudyInstanceUID": series.study_instance_uid,
+                    "SeriesInstanceUID": series.series_instance_uid,
+                    "Modality": series.modality,
+                    "SeriesNumber": series.series_number,
+                    "SeriesDescription": series.series_description,
+                    "BodyPartExamined": series.body_part_examined,
+                    "PerformedProcedureStepStartDate": series.performed_procedure_step_start_date,
+                    "PerformedProcedureStepStartTime": series.performed_procedure_step_start_time,
+                    "NumberOfSeriesRelatedInstances": series.number_of_instances,
+                }
                 if allowed and series.study_instance_uid in allowed:
                     values = {**_study_values(allowed[series.study_instance_uid]), **values}
-                yield (frozenset({series.study_instance_uid}),
-                       _response(requested, values, level, ae_title))
+                yield (
+                    frozenset({series.study_instance_uid}),
+                    _response(requested, values, level, ae_title),
+                )
         return
     series_uids = _series_uids_filter(identifier) or (None,)
     for study_uid in _study_scope(identifier, allowed):
         for series_uid in series_uids:
-            for instance in service.search_for_instances(scope, InstanceQuery(
-                    study_instance_uid=study_uid, series_instance_uid=series_uid,
+            for instance in service.search_for_instances(
+                scope,
+                InstanceQuery(
+                    study_instance_uid=study_uid,
+                    series_instance_uid=series_uid,
                     sop_instance_uids=_uids(identifier, "SOPInstanceUID"),
                     sop_class_uids=_uids(identifier, "SOPClassUID"),
-                    instance_number=_number(identifier, "InstanceNumber"), limit=MAX_MATCHES)):
-                yield (frozenset({instance.study_instance_uid}),
-                       _response(requested, _instance_values(instance), level, ae_title))
+                    instance_number=_number(identifier, "InstanceNumber"),
+                    limit=MAX_MATCHES,
+                ),
+            ):
+                yield (
+                    frozenset({instance.study_instance_uid}),
+                    _response(requested, _instance_values(instance), level, ae_title),
+                )
 
 
 def _needs_study_filter(identifier: Dataset) -> bool:
-    return any(_matching_value(identifier, k) for k in
-               ("PatientID", "PatientName", "AccessionNumber", "StudyDate", "StudyTime", "StudyID",
-                "ReferringPhysicianName", "ModalitiesInStudy"))
+    return any(
+        _matching_value(identifier, k)
+        for k in (
+            "PatientID",
+            "PatientName",
+            "AccessionNumber",
+            "StudyDate",
+            "StudyTime",
+            "StudyID",
+            "ReferringPhysicianName",
+            "ModalitiesInStudy",
+        )
+    )
 
 
-def _study_scope(identifier: Dataset, allowed: Mapping[str, StudySummary] | None) -> list[str | None]:
+def _study_scope(
+    identifier: Dataset, allowed: Mapping[str, StudySummary] | None
+) -> list[str | None]:
     """The studies a SERIES/IMAGE query runs in: the UIDs given (hierarchical), narrowed by
     the study-level keys when there are any."""
     given = list(_uids(identifier, "StudyInstanceUID"))
@@ -223,32 +267,48 @@ def _study_scope(identifier: Dataset, allowed: Mapping[str, StudySummary] | None
 
 
 def _patient_values(study: StudySummary) -> dict[str, Any]:
-    return {"PatientID": study.patient_id, "PatientName": study.patient_name,
-            "PatientBirthDate": study.patient_birth_date, "PatientSex": study.patient_sex}
+    return {
+        "PatientID": study.patient_id,
+        "PatientName": study.patient_name,
+        "PatientBirthDate": study.patient_birth_date,
+        "PatientSex": study.patient_sex,
+    }
 
 
 def _study_values(study: StudySummary) -> dict[str, Any]:
-    return {**_patient_values(study), "StudyInstanceUID": study.study_instance_uid,
-            "StudyDate": study.study_date, "StudyTime": study.study_time,
-            "AccessionNumber": study.accession_number, "StudyID": study.study_id,
-            "StudyDescription": study.study_description,
-            "ReferringPhysicianName": study.referring_physician_name,
-            "ModalitiesInStudy": list(study.modalities_in_study),
-            "NumberOfStudyRelatedSeries": study.number_of_series,
-            "NumberOfStudyRelatedInstances": study.number_of_instances}
+    return {
+        **_patient_values(study),
+        "StudyInstanceUID": study.study_instance_uid,
+        "StudyDate": study.study_date,
+        "StudyTime": study.study_time,
+        "AccessionNumber": study.accession_number,
+        "StudyID": study.study_id,
+        "StudyDescription": study.study_description,
+        "ReferringPhysicianName": study.referring_physician_name,
+        "ModalitiesInStudy": list(study.modalities_in_study),
+        "NumberOfStudyRelatedSeries": study.number_of_series,
+        "NumberOfStudyRelatedInstances": study.number_of_instances,
+    }
 
 
 def _instance_values(instance: InstanceSummary) -> dict[str, Any]:
-    return {"StudyInstanceUID": instance.study_instance_uid,
-            "SeriesInstanceUID": instance.series_instance_uid,
-            "SOPInstanceUID": instance.sop_instance_uid, "SOPClassUID": instance.sop_class_uid,
-            "InstanceNumber": instance.instance_number, "Rows": instance.rows,
-            "Columns": instance.columns, "NumberOfFrames": instance.number_of_frames,
-            "Modality": instance.modality,
-            "AvailableTransferSyntaxUID": instance.transfer_syntax_uid}
+    return {
+        "StudyInstanceUID": instance.study_instance_uid,
+        "SeriesInstanceUID": instance.series_instance_uid,
+        "SOPInstanceUID": instance.sop_instance_uid,
+        "SOPClassUID": instance.sop_class_uid,
+        "InstanceNumber": instance.instance_number,
+        "Rows": instance.rows,
+        "Columns": instance.columns,
+        "NumberOfFrames": instance.number_of_frames,
+        "Modality": instance.modality,
+        "AvailableTransferSyntaxUID": instance.transfer_syntax_uid,
+    }
 
 
-def _response(requested: list[str], values: Mapping[str, Any], level: str, ae_title: str) -> Dataset:
+def _response(
+    requested: list[str], values: Mapping[str, Any], level: str, ae_title: str
+) -> Dataset:
     """Every requested key, filled when known, zero-length otherwise (PS3.4 C.4.1.1.3.2)."""
     response = Dataset()
     response.SpecificCharacterSet = "ISO_IR 192"
@@ -263,31 +323,46 @@ def _response(requested: list[str], values: Mapping[str, Any], level: str, ae_ti
 
 
 # Retrieval -----------------------------------------------------------------------------
-def retrieve_instances(service: QueryRetrieve, identifier: Dataset, model: str,
-                       scope: AccessScope) -> list[InstanceSummary]:
+def retrieve_instances(
+    service: QueryRetrieve, identifier: Dataset, model: str, scope: AccessScope
+) -> list[InstanceSummary]:
     """The instances a C-MOVE/C-GET identifier names (unique keys at and above its level),
     within `scope`."""
     level = _level(identifier, model)
     if level == "PATIENT":
         patient = _matching_value(identifier, "PatientID")
         if not patient:
-            raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID is required")
-        studies = [s.study_instance_uid for s in service.search_for_studies(
-            scope, StudyQuery(patient_id=patient, limit=MAX_MATCHES))]
+            raise QueryError(
+                QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "PatientID is required"
+            )
+        studies = [
+            s.study_instance_uid
+            for s in service.search_for_studies(
+                scope, StudyQuery(patient_id=patient, limit=MAX_MATCHES)
+            )
+        ]
     else:
         studies = list(_uids(identifier, "StudyInstanceUID"))
         if not studies:
-            raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID is required")
+            raise QueryError(
+                QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                "StudyInstanceUID is required",
+            )
     series = _uids(identifier, "SeriesInstanceUID") if level in ("SERIES", "IMAGE") else ()
     if level in ("SERIES", "IMAGE") and not series:
-        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SeriesInstanceUID is required")
+        raise QueryError(
+            QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SeriesInstanceUID is required"
+        )
     sops = _uids(identifier, "SOPInstanceUID") if level == "IMAGE" else ()
     if level == "IMAGE" and not sops:
-        raise QueryError(QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID is required")
+        raise QueryError(
+            QueryRetrieveStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "SOPInstanceUID is required"
+        )
     found: list[InstanceSummary] = []
     for series_uid in series or (None,):
-        found += service.retrieve_instances(scope, studies, series_uid, sops,
-                                            limit=MAX_SUBOPERATIONS + 1)
+        found += service.retrieve_instances(
+            scope, studies, series_uid, sops, limit=MAX_SUBOPERATIONS + 1
+        )
     return found
 
 
@@ -296,13 +371,18 @@ def _load(store: ObjectStore, instance: InstanceSummary, accepted: set[tuple[str
     dataset = read_bounded(store.get(instance.object_key), check=False)  # bounded inflate
     syntax = str(dataset.file_meta.TransferSyntaxUID)
     if (instance.sop_class_uid, syntax) not in accepted and UID(syntax).is_compressed:
-        decompress_for_serving(dataset)  # refuses an over-limit declaration, undecoded  # lossless: the same SOP Instance UID
+        decompress_for_serving(
+            dataset
+        )  # refuses an over-limit declaration, undecoded  # lossless: the same SOP Instance UID
     return dataset
 
 
-def _send(store: ObjectStore, instances: list[InstanceSummary],
-          accepted: Callable[[], set[tuple[str, str]]], cancelled: Callable[[], bool]
-          ) -> Iterator[tuple[int, Dataset | None]]:
+def _send(
+    store: ObjectStore,
+    instances: list[InstanceSummary],
+    accepted: Callable[[], set[tuple[str, str]]],
+    cancelled: Callable[[], bool],
+) -> Iterator[tuple[int, Dataset | None]]:
     for instance in instances:
         if cancelled():
             yield QueryRetrieveStatus.CANCEL, None
@@ -327,9 +407,14 @@ class _AuditOnce:
     """Records an operation's audit event once, before its final response goes out (a
     generator's `finally` would run only when pynetdicom drops it, at garbage collection)."""
 
-    def __init__(self, audit: NodeAudit, action: str, caller: Caller,
-                 detail: Callable[[], dict[str, Any]],
-                 studies: Callable[[], set[str]]) -> None:
+    def __init__(
+        self,
+        audit: NodeAudit,
+        action: str,
+        caller: Caller,
+        detail: Callable[[], dict[str, Any]],
+        studies: Callable[[], set[str]],
+    ) -> None:
         self.audit, self.action, self.caller = audit, action, caller
         self.detail, self.studies = detail, studies
         self.recorded = False
@@ -337,28 +422,40 @@ class _AuditOnce:
     def __call__(self, status: int) -> int:
         if not self.recorded:
             self.recorded = True
-            self.audit.record(self.action, self.caller, status, studies=self.studies(),
-                              detail=self.detail())
+            self.audit.record(
+                self.action, self.caller, status, studies=self.studies(), detail=self.detail()
+            )
         return status
 
 
-def handle_find(event: Event, service: QueryRetrieve, model: str, ae_title: str,
-                caller: Caller, audit: NodeAudit) -> Iterator[tuple[int, Dataset | None]]:
+def handle_find(
+    event: Event,
+    service: QueryRetrieve,
+    model: str,
+    ae_title: str,
+    caller: Caller,
+    audit: NodeAudit,
+) -> Iterator[tuple[int, Dataset | None]]:
     """C-FIND within the caller's sites: one Pending per match; Failure for an identifier
     we cannot answer; 0x0124 for a caller without the find right. Audited."""
     studies: set[str] = set()
     matches = 0
-    done = _AuditOnce(audit, "dimse.find", caller, lambda: {
-        "model": model, "level": _level_name(event.identifier), "matches": matches},
-        lambda: studies)
+    done = _AuditOnce(
+        audit,
+        "dimse.find",
+        caller,
+        lambda: {"model": model, "level": _level_name(event.identifier), "matches": matches},
+        lambda: studies,
+    )
     try:
         if not caller.may(Right.FIND):
             log.info("C-FIND refused: %s has no find right", caller.ae_title)
             yield done(QueryRetrieveStatus.NOT_AUTHORIZED), None
             return
         try:
-            for study_uids, match in find_matches(service, event.identifier, model, ae_title,
-                                                  caller.scope):
+            for study_uids, match in find_matches(
+                service, event.identifier, model, ae_title, caller.scope
+            ):
                 if event.is_cancelled:
                     yield done(QueryRetrieveStatus.CANCEL), None
                     return
@@ -391,9 +488,15 @@ def _contexts(instances: list[InstanceSummary]) -> list[Any]:
     return contexts[:128]
 
 
-def handle_move(event: Event, service: QueryRetrieve, store: ObjectStore, model: str,
-                destinations: Mapping[str, MoveDestination], caller: Caller,
-                audit: NodeAudit) -> Iterator[Any]:
+def handle_move(
+    event: Event,
+    service: QueryRetrieve,
+    store: ObjectStore,
+    model: str,
+    destinations: Mapping[str, MoveDestination],
+    caller: Caller,
+    audit: NodeAudit,
+) -> Iterator[Any]:
     """C-MOVE within the caller's sites: resolve the destination AE, then send the
     instances on a new association proposing the stored syntax and uncompressed for each
     SOP class. A caller without the move right, or naming a destination it may not use,
@@ -401,13 +504,26 @@ def handle_move(event: Event, service: QueryRetrieve, store: ObjectStore, model:
     destination_ae = str(event.move_destination).strip()
     instances: list[InstanceSummary] = []
     notes: dict[str, Any] = {}
-    done = _AuditOnce(audit, "dimse.move", caller, lambda: {
-        "model": model, "level": _level_name(event.identifier), "destination_ae": destination_ae,
-        "instances": len(instances), **notes},
-        lambda: {i.study_instance_uid for i in instances})
+    done = _AuditOnce(
+        audit,
+        "dimse.move",
+        caller,
+        lambda: {
+            "model": model,
+            "level": _level_name(event.identifier),
+            "destination_ae": destination_ae,
+            "instances": len(instances),
+            **notes,
+        },
+        lambda: {i.study_instance_uid for i in instances},
+    )
     try:
         destination = destinations.get(destination_ae)
-        if destination is None or not caller.may(Right.MOVE) or not caller.may_move_to(destination_ae):
+        if (
+            destination is None
+            or not caller.may(Right.MOVE)
+            or not caller.may_move_to(destination_ae)
+        ):
             notes["reason"] = "unknown destination" if destination is None else "not authorized"
             log.info("C-MOVE refused: %s (caller %s)", notes["reason"], caller.ae_title)
             done(QueryRetrieveStatus.MOVE_DESTINATION_UNKNOWN)
@@ -430,13 +546,18 @@ def handle_move(event: Event, service: QueryRetrieve, store: ObjectStore, model:
 
         def on_accepted(accept_event: Event) -> None:
             reached.append(True)
-            accepted.update((str(c.abstract_syntax), str(c.transfer_syntax[0]))
-                            for c in accept_event.assoc.accepted_contexts)
+            accepted.update(
+                (str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                for c in accept_event.assoc.accepted_contexts
+            )
 
         if not instances:
             done(QueryRetrieveStatus.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
-        yield destination.host, destination.port, {
-            "contexts": _contexts(instances), "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]}
+        yield (
+            destination.host,
+            destination.port,
+            {"contexts": _contexts(instances), "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)]},
+        )
         yield len(instances)
         for result in _send(store, instances, lambda: accepted, lambda: bool(event.is_cancelled)):
             if result[0] != QueryRetrieveStatus.PENDING:
@@ -450,15 +571,29 @@ def handle_move(event: Event, service: QueryRetrieve, store: ObjectStore, model:
         done(QueryRetrieveStatus.CANCEL)
 
 
-def handle_get(event: Event, service: QueryRetrieve, store: ObjectStore, model: str,
-               caller: Caller, audit: NodeAudit) -> Iterator[Any]:
+def handle_get(
+    event: Event,
+    service: QueryRetrieve,
+    store: ObjectStore,
+    model: str,
+    caller: Caller,
+    audit: NodeAudit,
+) -> Iterator[Any]:
     """C-GET within the caller's sites: the instances go back on the requestor's own
     association (role selection). Same rule as C-MOVE: the caller needs the get right
     (0x0124 otherwise) and retrieves only its sites' studies. Audited."""
     instances: list[InstanceSummary] = []
-    done = _AuditOnce(audit, "dimse.get", caller, lambda: {
-        "model": model, "level": _level_name(event.identifier), "instances": len(instances)},
-        lambda: {i.study_instance_uid for i in instances})
+    done = _AuditOnce(
+        audit,
+        "dimse.get",
+        caller,
+        lambda: {
+            "model": model,
+            "level": _level_name(event.identifier),
+            "instances": len(instances),
+        },
+        lambda: {i.study_instance_uid for i in instances},
+    )
     try:
         if not caller.may(Right.GET):
             log.info("C-GET refused: %s has no get right", caller.ae_title)
@@ -476,8 +611,10 @@ def handle_get(event: Event, service: QueryRetrieve, store: ObjectStore, model: 
             yield 1
             yield done(QueryRetrieveStatus.OUT_OF_RESOURCES_SUBOPERATIONS), None
             return
-        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
-                    for c in event.assoc.accepted_contexts}
+        accepted = {
+            (str(c.abstract_syntax), str(c.transfer_syntax[0]))
+            for c in event.assoc.accepted_contexts
+        }
         if not instances:
             done(QueryRetrieveStatus.SUCCESS)  # pynetdicom answers Success, 0 sub-operations
         yield len(instances)
@@ -490,5 +627,12 @@ def handle_get(event: Event, service: QueryRetrieve, store: ObjectStore, model: 
         done(QueryRetrieveStatus.CANCEL)
 
 
-__all__ = ["MoveDestination", "QueryError", "find_matches", "handle_find", "handle_get",
-           "handle_move", "retrieve_instances"]
+__all__ = [
+    "MoveDestination",
+    "QueryError",
+    "find_matches",
+    "handle_find",
+    "handle_get",
+    "handle_move",
+    "retrieve_instances",
+]

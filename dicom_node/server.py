@@ -72,9 +72,13 @@ class TlsConfig:
             context.load_verify_locations(cafile=str(self.ca_certificates))
         # With CA certificates, a certificate the caller offers is verified (its subject can
         # then bind an AE title, see CallerCredential) even when none is required.
-        context.verify_mode = (ssl.CERT_REQUIRED if self.require_client_certificate
-                               else ssl.CERT_OPTIONAL if self.ca_certificates is not None
-                               else ssl.CERT_NONE)
+        context.verify_mode = (
+            ssl.CERT_REQUIRED
+            if self.require_client_certificate
+            else ssl.CERT_OPTIONAL
+            if self.ca_certificates is not None
+            else ssl.CERT_NONE
+        )
         return context
 
 
@@ -156,7 +160,8 @@ class _GatewayAssociationServer(ThreadedAssociationServer):
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client_socket = self.ssl_context.wrap_socket(
-                client_socket, server_side=True, do_handshake_on_connect=False)
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
         return client_socket, address
 
     def _open_from(self, host: str) -> int:
@@ -174,8 +179,11 @@ class _GatewayAssociationServer(ThreadedAssociationServer):
             return False
         with self._pending_lock:
             if self._open_from(host) >= self.max_per_address:
-                log.warning("connection refused: %s already holds %d connections",
-                            host, self.max_per_address)
+                log.warning(
+                    "connection refused: %s already holds %d connections",
+                    host,
+                    self.max_per_address,
+                )
                 return False
             self._pending[host] = self._pending.get(host, 0) + 1
         return True
@@ -228,22 +236,41 @@ def peer_certificate_subject(assoc: Any) -> str | None:
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
-def _find(event: Event, service: QueryRetrieve, ae_title: str, metrics: NodeMetrics,
-          callers: Any, audit: NodeAudit) -> Any:
+def _find(
+    event: Event,
+    service: QueryRetrieve,
+    ae_title: str,
+    metrics: NodeMetrics,
+    callers: Any,
+    audit: NodeAudit,
+) -> Any:
     metrics.query("C-FIND")
     return handle_find(event, service, _model(event), ae_title, callers(event.assoc), audit)
 
 
-def _move(event: Event, service: QueryRetrieve, store: ObjectStore,
-          destinations: Mapping[str, MoveDestination], metrics: NodeMetrics,
-          callers: Any, audit: NodeAudit) -> Any:
+def _move(
+    event: Event,
+    service: QueryRetrieve,
+    store: ObjectStore,
+    destinations: Mapping[str, MoveDestination],
+    metrics: NodeMetrics,
+    callers: Any,
+    audit: NodeAudit,
+) -> Any:
     metrics.query("C-MOVE")
-    return handle_move(event, service, store, _model(event), destinations, callers(event.assoc),
-                       audit)
+    return handle_move(
+        event, service, store, _model(event), destinations, callers(event.assoc), audit
+    )
 
 
-def _get(event: Event, service: QueryRetrieve, store: ObjectStore, metrics: NodeMetrics,
-         callers: Any, audit: NodeAudit) -> Any:
+def _get(
+    event: Event,
+    service: QueryRetrieve,
+    store: ObjectStore,
+    metrics: NodeMetrics,
+    callers: Any,
+    audit: NodeAudit,
+) -> Any:
     metrics.query("C-GET")
     return handle_get(event, service, store, _model(event), callers(event.assoc), audit)
 
@@ -251,10 +278,16 @@ def _get(event: Event, service: QueryRetrieve, store: ObjectStore, metrics: Node
 class DicomNode:
     """The running SCP. `start()` binds and returns; `stop()` closes associations and the port."""
 
-    def __init__(self, config: NodeConfig, enqueue: Enqueue,
-                 index: IndexRepository | None = None, store: ObjectStore | None = None,
-                 archived: IsStored | None = None, audit: AuditWriter | None = None,
-                 pseudonymize_uid: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        enqueue: Enqueue,
+        index: IndexRepository | None = None,
+        store: ObjectStore | None = None,
+        archived: IsStored | None = None,
+        audit: AuditWriter | None = None,
+        pseudonymize_uid: Callable[[str], str] | None = None,
+    ) -> None:
         """`index` and `store` (the de-identified archive) enable C-FIND, C-MOVE and C-GET;
         `archived` ((original SOP Instance UID, sites) -> archived as one of these sites'?)
         enables Storage Commitment: an instance is committed when it is in the caller's
@@ -295,8 +328,9 @@ class DicomNode:
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax is not None:
                 # Roles: a C-GET requestor asks to be the Storage SCP on its own association.
-                ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes),
-                                         scu_role=True, scp_role=True)
+                ae.add_supported_context(
+                    context.abstract_syntax, list(AllTransferSyntaxes), scu_role=True, scp_role=True
+                )
         if self.index is not None:
             for sop_class in QUERY_RETRIEVE_MODELS:
                 ae.add_supported_context(sop_class)
@@ -308,7 +342,8 @@ class DicomNode:
         """Storage Commitment: durably spooled here for one of `site_ids`, or already in the
         archive as one of theirs."""
         return self.spools.holds(sop_instance_uid, site_ids) or bool(
-            self.archived is not None and self.archived(sop_instance_uid, site_ids))
+            self.archived is not None and self.archived(sop_instance_uid, site_ids)
+        )
 
     def caller(self, assoc: Any) -> Caller:
         """The credentials of an association's calling AE."""
@@ -333,9 +368,12 @@ class DicomNode:
         except Exception as exc:  # noqa: BLE001 - pynetdicom would log it and go on: refuse
             reason = f"certificate check failed ({type(exc).__name__})"
         log.warning("association rejected: calling AE %s: %s", title, reason)
-        caller = self.config.policy.caller(title, str(assoc.requestor.address),
-                                           self.spools.site_for(title))
-        self.audit.record("dimse.refused", caller, StoreStatus.NOT_AUTHORIZED, detail={"reason": reason})
+        caller = self.config.policy.caller(
+            title, str(assoc.requestor.address), self.spools.site_for(title)
+        )
+        self.audit.record(
+            "dimse.refused", caller, StoreStatus.NOT_AUTHORIZED, detail={"reason": reason}
+        )
         # Rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4).
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         assoc.kill()  # as pynetdicom's own rejections: lets the reject go out, then closes
@@ -357,37 +395,80 @@ class DicomNode:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store,
-             [self.spools, self.batches, self.enqueue, self.config.batch_size, policy,
-              self.config.decode_limits, self.backlog]),
-            (evt.EVT_CONN_CLOSE, handle_connection_closed,
-             [self.config.site_id, self.batches, self.enqueue, policy, self.audit,
-              self.pseudonymize_uid]),
+            (
+                evt.EVT_C_STORE,
+                handle_store,
+                [
+                    self.spools,
+                    self.batches,
+                    self.enqueue,
+                    self.config.batch_size,
+                    policy,
+                    self.config.decode_limits,
+                    self.backlog,
+                ],
+            ),
+            (
+                evt.EVT_CONN_CLOSE,
+                handle_connection_closed,
+                [
+                    self.config.site_id,
+                    self.batches,
+                    self.enqueue,
+                    policy,
+                    self.audit,
+                    self.pseudonymize_uid,
+                ],
+            ),
         ]
         if self.archived is not None:
             handlers += [
-                (evt.EVT_N_ACTION, handle_commitment,
-                 [self.is_stored, self.config.ae_title, self.config.move_destinations,
-                  self._responses, self.caller, self.audit]),
+                (
+                    evt.EVT_N_ACTION,
+                    handle_commitment,
+                    [
+                        self.is_stored,
+                        self.config.ae_title,
+                        self.config.move_destinations,
+                        self._responses,
+                        self.caller,
+                        self.audit,
+                    ],
+                ),
                 (evt.EVT_DIMSE_SENT, self._responses.on_sent),
                 (evt.EVT_CONN_CLOSE, self._responses.forget),
             ]
         if self.index is not None and self.store is not None:
             service = QueryRetrieve(self.index)
             handlers += [
-                (evt.EVT_C_FIND, _find, [service, self.config.ae_title, self.metrics,
-                                         self.caller, self.audit]),
-                (evt.EVT_C_MOVE, _move, [service, self.store, self.config.move_destinations,
-                                         self.metrics, self.caller, self.audit]),
-                (evt.EVT_C_GET, _get, [service, self.store, self.metrics, self.caller,
-                                       self.audit]),
+                (
+                    evt.EVT_C_FIND,
+                    _find,
+                    [service, self.config.ae_title, self.metrics, self.caller, self.audit],
+                ),
+                (
+                    evt.EVT_C_MOVE,
+                    _move,
+                    [
+                        service,
+                        self.store,
+                        self.config.move_destinations,
+                        self.metrics,
+                        self.caller,
+                        self.audit,
+                    ],
+                ),
+                (evt.EVT_C_GET, _get, [service, self.store, self.metrics, self.caller, self.audit]),
             ]
-        server = cast(_GatewayAssociationServer, ae.make_server(
-            (self.config.host, self.config.port),
-            ssl_context=self.config.tls.context() if self.config.tls else None,
-            evt_handlers=handlers,
-            server_class=_GatewayAssociationServer,
-        ))
+        server = cast(
+            _GatewayAssociationServer,
+            ae.make_server(
+                (self.config.host, self.config.port),
+                ssl_context=self.config.tls.context() if self.config.tls else None,
+                evt_handlers=handlers,
+                server_class=_GatewayAssociationServer,
+            ),
+        )
         server.policy = self.config.policy
         server.max_per_address = self.config.max_associations_per_address
         server.handshake_timeout = self.config.association_request_timeout
@@ -398,19 +479,28 @@ class DicomNode:
         serve.start()
         sweeper = threading.Thread(target=self._sweep_loop, name="spool-sweeper", daemon=True)
         sweeper.start()
-        counter = threading.Thread(target=self.backlog.run, args=(self._stopping,),
-                                   name="spool-backlog", daemon=True)
+        counter = threading.Thread(
+            target=self.backlog.run, args=(self._stopping,), name="spool-backlog", daemon=True
+        )
         counter.start()
         self._threads = [serve, sweeper, counter]
         if self.config.metrics_port is not None:
             self._metrics_server, _ = start_http_server(
-                self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
-        log.info("DICOM node %s listening on %s:%d%s", self.config.ae_title, self.config.host,
-                 self.port, " (TLS)" if self.config.tls else "")
+                self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
+            )
+        log.info(
+            "DICOM node %s listening on %s:%d%s",
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            " (TLS)" if self.config.tls else "",
+        )
 
     def sweep_once(self, older_than_seconds: float | None = None) -> int:
         """Enqueue spool batches left behind (crash before enqueue, lost task); return count."""
-        threshold = self.config.sweep_after_seconds if older_than_seconds is None else older_than_seconds
+        threshold = (
+            self.config.sweep_after_seconds if older_than_seconds is None else older_than_seconds
+        )
         swept = 0
         for spool in self.spools.all():
             stale = spool.stale_batches(threshold)
@@ -437,7 +527,9 @@ class DicomNode:
             server = self._server
             server.shutdown()  # stops accepting; running associations go on
             deadline = time.monotonic() + drain_seconds
-            while time.monotonic() < deadline and any(a.is_alive() for a in server.active_associations):
+            while time.monotonic() < deadline and any(
+                a.is_alive() for a in server.active_associations
+            ):
                 time.sleep(0.05)
             for association in server.active_associations:
                 if association.is_alive():

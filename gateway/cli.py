@@ -20,8 +20,11 @@ from rich.console import Console
 
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, Settings, SettingsError
 
-app = typer.Typer(help="dicom-gateway: DICOM in, de-identified, stored, shared over DICOMweb.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="dicom-gateway: DICOM in, de-identified, stored, shared over DICOMweb.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console(stderr=True)
 log = logging.getLogger("gateway")
 
@@ -65,13 +68,23 @@ AeTitle = Annotated[str | None, typer.Option("--ae-title", help="AE title (defau
 
 
 @app.command()
-def serve(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = None,
-          http_port: HttpPort = None, ae_title: AeTitle = None) -> None:
+def serve(
+    data_dir: DataDir = None,
+    host: Host = None,
+    dicom_port: DicomPort = None,
+    http_port: HttpPort = None,
+    ae_title: AeTitle = None,
+) -> None:
     """Node + worker + API in one supervisor, on embedded defaults (SQLite, files, filesystem broker)."""
     from gateway.supervisor import Supervisor
 
-    settings = _settings(data_dir=data_dir, host=host, dicom__port=dicom_port,
-                         http__port=http_port, dicom__ae_title=ae_title)
+    settings = _settings(
+        data_dir=data_dir,
+        host=host,
+        dicom__port=dicom_port,
+        http__port=http_port,
+        dicom__ae_title=ae_title,
+    )
     settings.ensure_generated_secrets()
     try:
         code = Supervisor(settings).run()
@@ -81,13 +94,18 @@ def serve(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = N
 
 
 @app.command()
-def node(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = None,
-         ae_title: AeTitle = None) -> None:
+def node(
+    data_dir: DataDir = None,
+    host: Host = None,
+    dicom_port: DicomPort = None,
+    ae_title: AeTitle = None,
+) -> None:
     """Run the DICOM node (C-ECHO, C-STORE into the spool) alone."""
     from gateway import components
 
-    settings = _settings(data_dir=data_dir, host=host, dicom__port=dicom_port,
-                         dicom__ae_title=ae_title)
+    settings = _settings(
+        data_dir=data_dir, host=host, dicom__port=dicom_port, dicom__ae_title=ae_title
+    )
     components.configure_logging(settings, "node")
     components.close_site_files(settings)
     celery_app = components.build_celery(settings, with_pipeline=False)
@@ -106,8 +124,10 @@ def node(data_dir: DataDir = None, host: Host = None, dicom_port: DicomPort = No
 
 
 @app.command()
-def worker(data_dir: DataDir = None,
-           concurrency: Annotated[int | None, typer.Option(help="worker processes")] = None) -> None:
+def worker(
+    data_dir: DataDir = None,
+    concurrency: Annotated[int | None, typer.Option(help="worker processes")] = None,
+) -> None:
     """Run a Celery worker for the ingest pipeline alone."""
     from celery.signals import worker_ready, worker_shutdown
 
@@ -125,16 +145,23 @@ def worker(data_dir: DataDir = None,
     except SettingsError as exc:
         raise _fail(exc) from exc
     celery_app = components.build_celery(settings, with_pipeline=True)
+
     def ready(**_: object) -> None:
         components.mark_ready(settings, "worker")
         enqueue_completion(celery_app, settings.site_id)  # studies left due by a restart
 
     worker_ready.connect(ready, weak=False)
     worker_shutdown.connect(lambda **_: components.clear_ready(settings, "worker"), weak=False)
-    argv = ["worker", f"--loglevel={settings.log_level}", f"--pool={settings.worker.pool}",
-            f"--queues={','.join(ingest_queue(site) for site in settings.sites)}",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            f"--hostname=ingest-{settings.site_id}-{os.getpid()}@%h"]
+    argv = [
+        "worker",
+        f"--loglevel={settings.log_level}",
+        f"--pool={settings.worker.pool}",
+        f"--queues={','.join(ingest_queue(site) for site in settings.sites)}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        f"--hostname=ingest-{settings.site_id}-{os.getpid()}@%h",
+    ]
     if settings.worker.concurrency:
         argv.append(f"--concurrency={settings.worker.concurrency}")
     components.freeze_loaded_objects(worker=True)  # before the pool forks
@@ -158,9 +185,13 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     # No access log: request paths will carry share tokens; our own logs never do.
     # No proxy headers: uvicorn would take X-Forwarded-For from loopback peers on its own;
     # the app believes it only from HTTP__TRUSTED_PROXIES (web_viewer_api.proxies).
-    options: dict[str, Any] = {"host": settings.host, "port": settings.http.port,
-                               "log_level": settings.log_level.lower(), "access_log": False,
-                               "proxy_headers": False}
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.http.port,
+        "log_level": settings.log_level.lower(),
+        "access_log": False,
+        "proxy_headers": False,
+    }
     components.record_api_url(settings)  # the share links the CLI prints point here
     if settings.http.workers == 1:
         components.freeze_loaded_objects()
@@ -177,8 +208,12 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     shutil.rmtree(metrics, ignore_errors=True)
     metrics.mkdir(parents=True)
     os.environ[METRICS_MULTIPROCESS_VARIABLE] = str(metrics)
-    uvicorn.run("gateway.components:api_from_environment", factory=True,
-                workers=settings.http.workers, **options)
+    uvicorn.run(
+        "gateway.components:api_from_environment",
+        factory=True,
+        workers=settings.http.workers,
+        **options,
+    )
 
 
 @app.command()
@@ -199,8 +234,9 @@ def sample_data(
     """Write a synthetic CT + MR study with realistic pixels and planted identifying values."""
     from gateway.sample_study import SampleStudySpec, write_sample_study
 
-    paths = write_sample_study(out, SampleStudySpec(ct_slices=ct_slices, mr_slices=mr_slices,
-                                                     ct_size=size, seed=seed))
+    paths = write_sample_study(
+        out, SampleStudySpec(ct_slices=ct_slices, mr_slices=mr_slices, ct_size=size, seed=seed)
+    )
     console.print(f"wrote {len(paths)} instances to {out}")
 
 
@@ -219,7 +255,9 @@ def reindex(data_dir: DataDir = None) -> None:
     with Progress(console=console) as progress:
         task = progress.add_task("reindexing objects", total=None)
         report = rebuild(store, index, lambda n: progress.advance(task, n))
-    console.print(f"indexed {report.indexed} instances; {len(report.unreadable)} unreadable objects")
+    console.print(
+        f"indexed {report.indexed} instances; {len(report.unreadable)} unreadable objects"
+    )
     if report.unreadable:
         raise typer.Exit(1)
 
@@ -254,19 +292,31 @@ def import_files(
     )
     for reason, count in summary.quarantined.most_common():
         console.print(f"  quarantined: {count} x {reason}")
-    sys.stdout.write(json.dumps({"files": summary.files, "stored": summary.stored,
-                                 "duplicates": summary.duplicates,
-                                 "not_dicom": summary.not_dicom,
-                                 "too_large": summary.too_large,
-                                 "quarantined": dict(summary.quarantined)}) + "\n")
+    sys.stdout.write(
+        json.dumps(
+            {
+                "files": summary.files,
+                "stored": summary.stored,
+                "duplicates": summary.duplicates,
+                "not_dicom": summary.not_dicom,
+                "too_large": summary.too_large,
+                "quarantined": dict(summary.quarantined),
+            }
+        )
+        + "\n"
+    )
 
 
 @app.command()
 def reidentify(
-    file: Annotated[Path, typer.Argument(help="a de-identified instance carrying encrypted attributes")],
+    file: Annotated[
+        Path, typer.Argument(help="a de-identified instance carrying encrypted attributes")
+    ],
     key: Annotated[Path, typer.Option(help="recipient private key (PEM)")],
     cert: Annotated[Path, typer.Option(help="recipient certificate (PEM or DER)")],
-    out: Annotated[Path | None, typer.Option(help="output file (default: FILE.reidentified.dcm)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output file (default: FILE.reidentified.dcm)")
+    ] = None,
 ) -> None:
     """Restore the original attributes of an instance de-identified reversibly."""
     import pydicom
@@ -291,18 +341,31 @@ def reidentify(
 
 @app.command()
 def lookup(
-    accession_number: Annotated[str | None, typer.Option(
-        "--accession-number", help="the RIS accession number (original)")] = None,
-    issuer: Annotated[str, typer.Option(
-        "--issuer", help="issuer of the accession number, as the studies carry it")] = "",
-    patient_id: Annotated[str | None, typer.Option(
-        "--patient-id", help="the original patient ID (local ID, or the INS)")] = None,
-    patient_id_issuer: Annotated[str, typer.Option(
-        "--patient-id-issuer",
-        help="its issuer (an INS authority's OID or namespace makes it the INS)")] = "",
-    site: Annotated[list[str] | None, typer.Option(
-        help="producing site(s) the accession number belongs to (default: every site the "
-             "index holds studies of)")] = None,
+    accession_number: Annotated[
+        str | None, typer.Option("--accession-number", help="the RIS accession number (original)")
+    ] = None,
+    issuer: Annotated[
+        str,
+        typer.Option("--issuer", help="issuer of the accession number, as the studies carry it"),
+    ] = "",
+    patient_id: Annotated[
+        str | None,
+        typer.Option("--patient-id", help="the original patient ID (local ID, or the INS)"),
+    ] = None,
+    patient_id_issuer: Annotated[
+        str,
+        typer.Option(
+            "--patient-id-issuer",
+            help="its issuer (an INS authority's OID or namespace makes it the INS)",
+        ),
+    ] = "",
+    site: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="producing site(s) the accession number belongs to (default: every site the "
+            "index holds studies of)"
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """At a producing site: print the pseudonyms of original identifiers and the stored
@@ -314,8 +377,12 @@ def lookup(
 
     settings = _settings(data_dir=data_dir)
     if settings.http.role == "region":
-        raise _fail(ValueError("lookups are computed at a producing site (HTTP__ROLE=site, "
-                               "with the pseudonymization secret), never at the region"))
+        raise _fail(
+            ValueError(
+                "lookups are computed at a producing site (HTTP__ROLE=site, "
+                "with the pseudonymization secret), never at the region"
+            )
+        )
     if not (accession_number or patient_id):
         raise _fail(ValueError("give --accession-number and/or --patient-id"))
     bad = [s for s in site or () if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s)]
@@ -329,15 +396,35 @@ def lookup(
     if pseudonyms is None:  # required=True raises instead; never answer without the secret
         raise _fail(SettingsError("the lookup needs the pseudonymization secret"))
     sites = sorted(set(site)) if site else lookup_sites(index, EVERY_SITE)
-    answer = find_studies(pseudonyms, index, OriginalIdentifiers(
-        accession_number, issuer, patient_id, patient_id_issuer), sites, EVERY_SITE)
-    _audit(settings, "study.lookup", detail=json.dumps(
-        {"matches": len(answer.studies), "sites": sites}))
-    sys.stdout.write(json.dumps({
-        "pseudonyms": [{"site": p.site_id, "accession_number": p.accession_number,
-                        "patient_id": p.patient_id} for p in answer.pseudonyms],
-        "study_uids": [s.study_instance_uid for s in answer.studies],
-    }, indent=2) + "\n")
+    answer = find_studies(
+        pseudonyms,
+        index,
+        OriginalIdentifiers(accession_number, issuer, patient_id, patient_id_issuer),
+        sites,
+        EVERY_SITE,
+    )
+    _audit(
+        settings,
+        "study.lookup",
+        detail=json.dumps({"matches": len(answer.studies), "sites": sites}),
+    )
+    sys.stdout.write(
+        json.dumps(
+            {
+                "pseudonyms": [
+                    {
+                        "site": p.site_id,
+                        "accession_number": p.accession_number,
+                        "patient_id": p.patient_id,
+                    }
+                    for p in answer.pseudonyms
+                ],
+                "study_uids": [s.study_instance_uid for s in answer.studies],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 share_app = typer.Typer(help="Share links: create, list, inspect, revoke.", no_args_is_help=True)
@@ -388,17 +475,27 @@ def _audit(settings: Settings, action: str, **fields: Any) -> None:
 def share_create(
     study_uids: Annotated[list[str], typer.Argument(help="de-identified Study Instance UID(s)")],
     expires: Annotated[str, typer.Option(help="lifetime: 30m, 12h, 7d, 2w")] = "7d",
-    pin: Annotated[bool, typer.Option("--pin", help="protect with a random 6-digit PIN (printed once)")] = False,
+    pin: Annotated[
+        bool, typer.Option("--pin", help="protect with a random 6-digit PIN (printed once)")
+    ] = False,
     max_uses: Annotated[int | None, typer.Option(min=1, help="viewer sessions allowed")] = None,
-    download: Annotated[bool, typer.Option("--download", help="allow ZIP/whole-instance download")] = False,
+    download: Annotated[
+        bool, typer.Option("--download", help="allow ZIP/whole-instance download")
+    ] = False,
     recipient: Annotated[str, typer.Option(help="recipient's name or label")] = "",
     email: Annotated[str, typer.Option(help="recipient's e-mail (recorded; see --notify)")] = "",
     note: Annotated[str, typer.Option(help="free note kept with the share")] = "",
-    notify: Annotated[bool, typer.Option("--notify", help="e-mail the link (never the PIN) to --email")] = False,
-    context: Annotated[Path | None, typer.Option(
-        help="JSON object of texts (patient_name, patient_birth_date, exam_date, "
-             "clinical_question, ...) sealed here for the recipient only: the key is "
-             "printed in the link's fragment (#k=...), never stored or sent to a server")] = None,
+    notify: Annotated[
+        bool, typer.Option("--notify", help="e-mail the link (never the PIN) to --email")
+    ] = False,
+    context: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON object of texts (patient_name, patient_birth_date, exam_date, "
+            "clinical_question, ...) sealed here for the recipient only: the key is "
+            "printed in the link's fragment (#k=...), never stored or sent to a server"
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create a share link and print its URL (shown once: only its hash is kept)."""
@@ -420,19 +517,39 @@ def share_create(
     chosen_pin = new_pin() if pin else None
     try:
         service = components.build_share_service(settings)
-        created = service.create(ShareRequest(
-            study_uids=tuple(study_uids), expires_in=lifetime, created_by=_actor(), pin=chosen_pin,
-            max_uses=max_uses, allow_download=download, recipient=recipient,
-            recipient_email=email, note=note, sealed_context=sealed),
-            components.share_base_url(settings))
+        created = service.create(
+            ShareRequest(
+                study_uids=tuple(study_uids),
+                expires_in=lifetime,
+                created_by=_actor(),
+                pin=chosen_pin,
+                max_uses=max_uses,
+                allow_download=download,
+                recipient=recipient,
+                recipient_email=email,
+                note=note,
+                sealed_context=sealed,
+            ),
+            components.share_base_url(settings),
+        )
     except (ApiError, SettingsError) as exc:
         raise _fail(exc) from exc
     share = created.share
-    _audit(settings, "share.create", share_id=share.share_id,
-           study_instance_uid=share.items[0].study_instance_uid,
-           detail=json.dumps({"expires_at": share.expires_at.isoformat(), "pin": pin,
-                              "max_uses": max_uses, "allow_download": download,
-                              "sealed_context": bool(sealed)}))
+    _audit(
+        settings,
+        "share.create",
+        share_id=share.share_id,
+        study_instance_uid=share.items[0].study_instance_uid,
+        detail=json.dumps(
+            {
+                "expires_at": share.expires_at.isoformat(),
+                "pin": pin,
+                "max_uses": max_uses,
+                "allow_download": download,
+                "sealed_context": bool(sealed),
+            }
+        ),
+    )
     # The key is only in the link this command prints (and e-mails, from this site).
     link = f"{created.url}#k={key}" if key else created.url
     if notify:
@@ -440,8 +557,10 @@ def share_create(
         if smtp is None:  # checked above; kept explicit for type checkers
             raise _fail(ValueError("DICOM_GATEWAY_SMTP__HOST is not set"))
         try:
-            send(smtp, share_message(smtp, email, link, share.expires_at, has_pin=pin,
-                                     sender_note=note))
+            send(
+                smtp,
+                share_message(smtp, email, link, share.expires_at, has_pin=pin, sender_note=note),
+            )
         except NotificationError as exc:
             console.print(f"[red]e-mail not sent: {exc}[/red]")
         else:
@@ -453,8 +572,10 @@ def share_create(
 
 
 @share_app.command("list")
-def share_list(active: Annotated[bool, typer.Option("--active", help="only usable shares")] = False,
-               data_dir: DataDir = None) -> None:
+def share_list(
+    active: Annotated[bool, typer.Option("--active", help="only usable shares")] = False,
+    data_dir: DataDir = None,
+) -> None:
     """List share links, newest first (JSON lines)."""
     from gateway import components
     from web_viewer_api.routes.shares import public
@@ -467,8 +588,9 @@ def share_list(active: Annotated[bool, typer.Option("--active", help="only usabl
 
 
 @share_app.command("revoke")
-def share_revoke(share_id: Annotated[str, typer.Argument(help="the share's id")],
-                 data_dir: DataDir = None) -> None:
+def share_revoke(
+    share_id: Annotated[str, typer.Argument(help="the share's id")], data_dir: DataDir = None
+) -> None:
     """Revoke a share link at once (its open viewer sessions end too)."""
     from gateway import components
     from web_viewer_api import ApiError
@@ -486,8 +608,10 @@ def share_revoke(share_id: Annotated[str, typer.Argument(help="the share's id")]
 def apikey_create(
     name: Annotated[str, typer.Option(help="what the key is for (e.g. 'CHU Nord PACS')")],
     scope: Annotated[list[str], typer.Option(help="read, write, share, admin (repeat)")],
-    site: Annotated[list[str] | None, typer.Option(
-        help="limit to this site's studies (repeat for several sites)")] = None,
+    site: Annotated[
+        list[str] | None,
+        typer.Option(help="limit to this site's studies (repeat for several sites)"),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key and print it (once: only its hash is kept). `--scope share` alone
@@ -506,14 +630,26 @@ def apikey_create(
     settings = _settings(data_dir=data_dir)
     key_id, key = new_api_key()
     index = components.build_index(settings)
-    AccessRepository(index.engine).add_api_key(ApiKeyRecord(
-        key_id=key_id, name=name, scopes=frozenset(scope),
-        site_ids=frozenset(sites) if sites else None, created_at=utc_now(),
-        revoked_at=None, secret_sha256=sha256_hex(key)))
-    _audit(settings, "apikey.create", detail=json.dumps(
-        {"key_id": key_id, "scopes": sorted(scope), "sites": sites}))
-    console.print(f"API key {key_id} ({', '.join(sorted(scope))}"
-                  f"{', sites ' + ' '.join(sites) if sites else ''}): shown once, keep it safe")
+    AccessRepository(index.engine).add_api_key(
+        ApiKeyRecord(
+            key_id=key_id,
+            name=name,
+            scopes=frozenset(scope),
+            site_ids=frozenset(sites) if sites else None,
+            created_at=utc_now(),
+            revoked_at=None,
+            secret_sha256=sha256_hex(key),
+        )
+    )
+    _audit(
+        settings,
+        "apikey.create",
+        detail=json.dumps({"key_id": key_id, "scopes": sorted(scope), "sites": sites}),
+    )
+    console.print(
+        f"API key {key_id} ({', '.join(sorted(scope))}"
+        f"{', sites ' + ' '.join(sites) if sites else ''}): shown once, keep it safe"
+    )
     sys.stdout.write(key + "\n")
 
 
@@ -525,23 +661,34 @@ def apikey_list(data_dir: DataDir = None) -> None:
 
     settings = _settings(data_dir=data_dir)
     for key in AccessRepository(components.build_index(settings).engine).list_api_keys():
-        sys.stdout.write(json.dumps({
-            "id": key.key_id, "name": key.name, "scopes": sorted(key.scopes),
-            "sites": sorted(key.site_ids) if key.site_ids is not None else None,
-            "created_at": key.created_at.isoformat(),
-            "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "id": key.key_id,
+                    "name": key.name,
+                    "scopes": sorted(key.scopes),
+                    "sites": sorted(key.site_ids) if key.site_ids is not None else None,
+                    "created_at": key.created_at.isoformat(),
+                    "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+                }
+            )
+            + "\n"
+        )
 
 
 @apikey_app.command("revoke")
-def apikey_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")],
-                  data_dir: DataDir = None) -> None:
+def apikey_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id")], data_dir: DataDir = None
+) -> None:
     """Revoke an API key at once."""
     from gateway import components
     from storage import AccessRepository
     from web_viewer_api import utc_now
 
     settings = _settings(data_dir=data_dir)
-    if not AccessRepository(components.build_index(settings).engine).revoke_api_key(key_id, utc_now()):
+    if not AccessRepository(components.build_index(settings).engine).revoke_api_key(
+        key_id, utc_now()
+    ):
         raise _fail(LookupError(f"no active API key {key_id}"))
     _audit(settings, "apikey.revoke", detail=json.dumps({"key_id": key_id}))
     console.print(f"API key {key_id} revoked")

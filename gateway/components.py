@@ -162,18 +162,27 @@ def build_worker_context(settings: Settings) -> WorkerContext:
     pipeline = build_pipeline(settings)
     webhooks = tuple(Webhook(w.url, w.secret.get_secret_value()) for w in settings.worker.webhooks)
     completion = StudyCompletion(
-        store=pipeline.store, index=pipeline.index, site_id=settings.site_id,
-        webhooks=webhooks, retrieve_url_base=settings.effective_public_url + "/dicom-web",
+        store=pipeline.store,
+        index=pipeline.index,
+        site_id=settings.site_id,
+        webhooks=webhooks,
+        retrieve_url_base=settings.effective_public_url + "/dicom-web",
         site_ids=tuple(settings.sites),
     )
-    return WorkerContext(pipeline=pipeline, completion=completion, site_id=settings.site_id,
-                         quiet_seconds=settings.worker.study_quiet_seconds, webhooks=webhooks)
+    return WorkerContext(
+        pipeline=pipeline,
+        completion=completion,
+        site_id=settings.site_id,
+        quiet_seconds=settings.worker.study_quiet_seconds,
+        webhooks=webhooks,
+    )
 
 
 def ins_issuers(settings: Settings) -> InsIssuers:
     """The INS assigning authorities this deployment recognises (settings INS__*)."""
-    return InsIssuers(oids=frozenset(settings.ins.oids),
-                      namespaces=frozenset(settings.ins.namespaces))
+    return InsIssuers(
+        oids=frozenset(settings.ins.oids), namespaces=frozenset(settings.ins.namespaces)
+    )
 
 
 @overload
@@ -202,8 +211,13 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
         except (OSError, ValueError) as exc:
             raise SettingsError(f"recipient certificate unusable: {exc}") from exc
     masks = tuple(
-        PixelMask(modality=m.modality, rows=m.rows, columns=m.columns,
-                  rectangles=tuple(m.rectangles), manufacturer=m.manufacturer)
+        PixelMask(
+            modality=m.modality,
+            rows=m.rows,
+            columns=m.columns,
+            rectangles=tuple(m.rectangles),
+            manufacturer=m.manufacturer,
+        )
         for m in deid.pixel_masks
     )
     safe_private = load_safe_private()
@@ -215,8 +229,11 @@ def build_policy(settings: Settings) -> DeidentificationPolicy:
             site_id=settings.site_id,
             ins_issuers=ins_issuers(settings),
             options=frozenset(ProfileOption.from_name(n) for n in deid.options),
-            cleaned_descriptors=(None if [d.lower() for d in deid.cleaned_descriptors] == ["all"]
-                                 else frozenset(deid.cleaned_descriptors)),
+            cleaned_descriptors=(
+                None
+                if [d.lower() for d in deid.cleaned_descriptors] == ["all"]
+                else frozenset(deid.cleaned_descriptors)
+            ),
             safe_private=safe_private,
             pixel_policy=PixelPolicy(masks=masks),
             recipient_certificate=certificate,
@@ -237,8 +254,9 @@ def check_write_once(settings: Settings) -> None:
 
 def decode_limits(settings: Settings) -> DecodeLimits:
     """LIMITS__*: the largest decoded pixel data an instance may declare."""
-    return DecodeLimits.from_mib(settings.limits.max_decoded_instance_mb,
-                                 settings.limits.max_decoded_frame_mb)
+    return DecodeLimits.from_mib(
+        settings.limits.max_decoded_instance_mb, settings.limits.max_decoded_frame_mb
+    )
 
 
 def build_pipeline(settings: Settings, index: IndexRepository | None = None) -> IngestPipeline:
@@ -262,37 +280,63 @@ def _tls(settings: Settings) -> TlsConfig | None:
     if dicom.tls_certificate is None and dicom.tls_private_key is None:
         return None
     if dicom.tls_certificate is None or dicom.tls_private_key is None:
-        raise SettingsError("DICOM TLS needs both DICOM__TLS_CERTIFICATE and DICOM__TLS_PRIVATE_KEY")
+        raise SettingsError(
+            "DICOM TLS needs both DICOM__TLS_CERTIFICATE and DICOM__TLS_PRIVATE_KEY"
+        )
     if dicom.tls_require_client_certificate and dicom.tls_ca_certificates is None:
-        raise SettingsError("DICOM__TLS_REQUIRE_CLIENT_CERTIFICATE needs DICOM__TLS_CA_CERTIFICATES")
-    return TlsConfig(dicom.tls_certificate, dicom.tls_private_key, dicom.tls_ca_certificates,
-                     dicom.tls_require_client_certificate)
+        raise SettingsError(
+            "DICOM__TLS_REQUIRE_CLIENT_CERTIFICATE needs DICOM__TLS_CA_CERTIFICATES"
+        )
+    return TlsConfig(
+        dicom.tls_certificate,
+        dicom.tls_private_key,
+        dicom.tls_ca_certificates,
+        dicom.tls_require_client_certificate,
+    )
 
 
 def caller_policy(settings: Settings) -> CallerPolicy:
     """Who may associate with the node, and each caller's sites and rights."""
     dicom = settings.dicom
-    missing = [name for name, value in (("DICOM__TLS_CERTIFICATE", dicom.tls_certificate),
-                                        ("DICOM__TLS_CA_CERTIFICATES", dicom.tls_ca_certificates))
-               if value is None]
+    missing = [
+        name
+        for name, value in (
+            ("DICOM__TLS_CERTIFICATE", dicom.tls_certificate),
+            ("DICOM__TLS_CA_CERTIFICATES", dicom.tls_ca_certificates),
+        )
+        if value is None
+    ]
     if missing and any(c.certificate_subject for c in dicom.callers.values()):
-        raise SettingsError(f"DICOM__CALLERS: a certificate_subject needs DICOM over TLS with "
-                            f"client certificates verified: set {' and '.join(missing)}")
+        raise SettingsError(
+            f"DICOM__CALLERS: a certificate_subject needs DICOM over TLS with "
+            f"client certificates verified: set {' and '.join(missing)}"
+        )
     for title, caller in dicom.callers.items():
         unknown = set(caller.move_destinations or ()) - set(dicom.move_destinations)
         if unknown:
-            raise SettingsError(f"DICOM__CALLERS__{title}: move destinations not in "
-                                f"DICOM__MOVE_DESTINATIONS: {', '.join(sorted(unknown))}")
+            raise SettingsError(
+                f"DICOM__CALLERS__{title}: move destinations not in "
+                f"DICOM__MOVE_DESTINATIONS: {', '.join(sorted(unknown))}"
+            )
     callers = {
         title: CallerCredential(
             site_ids=None if caller.sites == ["*"] else frozenset(caller.sites),
             rights=frozenset(Right(r) for r in caller.rights),
             certificate_subject=caller.certificate_subject,
-            move_destinations=(frozenset(d.strip() for d in caller.move_destinations)
-                               if caller.move_destinations is not None else None))
-        for title, caller in dicom.callers.items()}
-    return CallerPolicy.build(dicom.allowed_networks, dicom.allowed_calling_ae_titles,
-                              callers, dicom.unlisted_caller.rights)
+            move_destinations=(
+                frozenset(d.strip() for d in caller.move_destinations)
+                if caller.move_destinations is not None
+                else None
+            ),
+        )
+        for title, caller in dicom.callers.items()
+    }
+    return CallerPolicy.build(
+        dicom.allowed_networks,
+        dicom.allowed_calling_ae_titles,
+        callers,
+        dicom.unlisted_caller.rights,
+    )
 
 
 def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
@@ -312,8 +356,10 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         sweep_after_seconds=settings.dicom.sweep_after_seconds,
         batch_size=settings.dicom.batch_size,
         backlog_limit=settings.dicom.backlog_limit,
-        move_destinations={ae.strip(): MoveDestination(ae.strip(), d.host, d.port)
-                           for ae, d in settings.dicom.move_destinations.items()},
+        move_destinations={
+            ae.strip(): MoveDestination(ae.strip(), d.host, d.port)
+            for ae, d in settings.dicom.move_destinations.items()
+        },
         tls=_tls(settings),
         metrics_port=settings.dicom.metrics_port,
         calling_ae_sites=settings.dicom.calling_ae_sites,
@@ -329,8 +375,14 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
     index = build_index(settings, run_migrations=False)
     keys = pseudonym_keys(settings, required=False)
     archived = archived_as(index, keys) if keys is not None else None
-    return DicomNode(config, enqueue, index, build_object_store(settings), archived,
-                     pseudonymize_uid=keys.uid if keys is not None else None)
+    return DicomNode(
+        config,
+        enqueue,
+        index,
+        build_object_store(settings),
+        archived,
+        pseudonymize_uid=keys.uid if keys is not None else None,
+    )
 
 
 def archived_as(index: IndexRepository, keys: PseudonymKeys) -> IsStored:
@@ -342,8 +394,9 @@ def archived_as(index: IndexRepository, keys: PseudonymKeys) -> IsStored:
     def archived(original_uid: str, site_ids: frozenset[str]) -> bool:
         # Under its keyed pseudonym (an identified instance), or as sent: an object of the
         # domain written back keeps its UIDs (so does Retain UIDs).
-        return any(index.instance_site(uid) in site_ids
-                   for uid in (keys.uid(original_uid), original_uid))
+        return any(
+            index.instance_site(uid) in site_ids for uid in (keys.uid(original_uid), original_uid)
+        )
 
     return archived
 
@@ -416,8 +469,10 @@ def api_from_environment():  # type: ignore[no-untyped-def]
     return build_api(settings, metrics_multiprocess_dir=Path(folder) if folder else None)
 
 
-def build_api(settings: Settings,  # type: ignore[no-untyped-def]
-              metrics_multiprocess_dir: Path | None = None):
+def build_api(  # type: ignore[no-untyped-def]
+    settings: Settings,
+    metrics_multiprocess_dir: Path | None = None,
+):
     admin_token = settings.admin_token_value()
     settings.check_role()  # the secret at a site's API, never at the regional one
     region = settings.http.role == "region"
@@ -439,46 +494,60 @@ def build_api(settings: Settings,  # type: ignore[no-untyped-def]
     enqueue = regional_write_back(settings, index, sender) if region else to_the_worker
 
     def study_patient(study_instance_uid: str, scope: AccessScope) -> str | None:
-        found = index.search_studies(StudyQuery(study_instance_uids=(study_instance_uid,),
-                                                limit=1, scope=scope))
+        found = index.search_studies(
+            StudyQuery(study_instance_uids=(study_instance_uid,), limit=1, scope=scope)
+        )
         return found[0].patient_id if found else None
 
     limits = decode_limits(settings)
-    stow = StowTarget(Spool(settings.spool_dir, settings.site_id), enqueue,
-                      settings.http.max_stow_mb * 1024 * 1024,
-                      study_patient=study_patient if region else None,
-                      reply_seconds=settings.http.stow_reply_seconds,
-                      decode_limits=limits, max_parts=settings.http.max_stow_parts)
+    stow = StowTarget(
+        Spool(settings.spool_dir, settings.site_id),
+        enqueue,
+        settings.http.max_stow_mb * 1024 * 1024,
+        study_patient=study_patient if region else None,
+        reply_seconds=settings.http.stow_reply_seconds,
+        decode_limits=limits,
+        max_parts=settings.http.max_stow_parts,
+    )
     return create_app(
-        ApiConfig(admin_token=admin_token, readiness_probes=probes,
-                  quarantine_dir=settings.quarantine_dir,
-                  public_url=settings.effective_public_url, stow=stow,
-                  cors_origins=tuple(settings.http.cors_origins),
-                  shares=share_policy(settings), oidc=oidc_config(settings),
-                  smtp=smtp_config(settings),
-                  lookup=None if region else build_lookup(settings),
-                  role=settings.http.role, default_site=settings.site_id,
-                  auth_failure_limit=settings.auth.failure_limit,
-                  trusted_proxies=parse_networks(settings.http.trusted_proxies),
-                  failure_window_seconds=settings.auth.failure_window_seconds,
-                  metrics_multiprocess_dir=metrics_multiprocess_dir,
-                  inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000,
-                  decode_limits=limits,
-                  request_limits=RequestLimits(
-                      max_url_bytes=settings.http.max_url_bytes,
-                      max_header_bytes=settings.http.max_header_bytes,
-                      max_single_header_bytes=settings.http.max_header_bytes // 2),
-                  rendering=RenderLimits(
-                      max_frame_megapixels=settings.http.render_max_megapixels,
-                      max_frame_bytes=settings.http.render_max_frame_mb * 1024 * 1024,
-                      cache_bytes=settings.http.render_cache_mb * 1024 * 1024)),
+        ApiConfig(
+            admin_token=admin_token,
+            readiness_probes=probes,
+            quarantine_dir=settings.quarantine_dir,
+            public_url=settings.effective_public_url,
+            stow=stow,
+            cors_origins=tuple(settings.http.cors_origins),
+            shares=share_policy(settings),
+            oidc=oidc_config(settings),
+            smtp=smtp_config(settings),
+            lookup=None if region else build_lookup(settings),
+            role=settings.http.role,
+            default_site=settings.site_id,
+            auth_failure_limit=settings.auth.failure_limit,
+            trusted_proxies=parse_networks(settings.http.trusted_proxies),
+            failure_window_seconds=settings.auth.failure_window_seconds,
+            metrics_multiprocess_dir=metrics_multiprocess_dir,
+            inline_read_budget_seconds=settings.http.inline_read_budget_ms / 1000,
+            decode_limits=limits,
+            request_limits=RequestLimits(
+                max_url_bytes=settings.http.max_url_bytes,
+                max_header_bytes=settings.http.max_header_bytes,
+                max_single_header_bytes=settings.http.max_header_bytes // 2,
+            ),
+            rendering=RenderLimits(
+                max_frame_megapixels=settings.http.render_max_megapixels,
+                max_frame_bytes=settings.http.render_max_frame_mb * 1024 * 1024,
+                cache_bytes=settings.http.render_cache_mb * 1024 * 1024,
+            ),
+        ),
         index,
         build_object_store(settings),
     )
 
 
-def regional_write_back(settings: Settings, index: IndexRepository,
-                        sender: Celery) -> Callable[[str, str], None]:
+def regional_write_back(
+    settings: Settings, index: IndexRepository, sender: Celery
+) -> Callable[[str, str], None]:
     """How the regional API processes the write-backs it spooled: in its own process (the
     region runs no worker, and each regional host has its own spool), with the region's
     pipeline — no secret, objects of the domain only; then the owning site's worker
@@ -509,8 +578,9 @@ def regional_write_back(settings: Settings, index: IndexRepository,
             try:
                 enqueue_completion(sender, owner, settings.worker.study_quiet_seconds + 1)
             except Exception as exc:  # noqa: BLE001 - the site worker completes due studies at its start
-                log.warning("completion of a written-back study not requested (%s)",
-                            type(exc).__name__)
+                log.warning(
+                    "completion of a written-back study not requested (%s)", type(exc).__name__
+                )
 
     def enqueue(site_id: str, batch_id: str) -> None:
         executor.submit(process, site_id, batch_id)
@@ -523,31 +593,45 @@ def regional_write_back(settings: Settings, index: IndexRepository,
 
 
 def share_policy(settings: Settings) -> SharePolicy:
-    return SharePolicy(max_expiry=dt.timedelta(days=settings.shares.max_expiry_days),
-                       session_lifetime=dt.timedelta(minutes=settings.shares.session_minutes),
-                       pin_lock_after=settings.shares.pin_lock_after,
-                       min_pin_length=settings.shares.min_pin_length)
+    return SharePolicy(
+        max_expiry=dt.timedelta(days=settings.shares.max_expiry_days),
+        session_lifetime=dt.timedelta(minutes=settings.shares.session_minutes),
+        pin_lock_after=settings.shares.pin_lock_after,
+        min_pin_length=settings.shares.min_pin_length,
+    )
 
 
 def oidc_config(settings: Settings) -> OidcConfig | None:
     oidc = settings.auth.oidc
     if oidc is None:
         return None
-    return OidcConfig(issuer=oidc.issuer, audience=oidc.audience, jwks_url=oidc.jwks_url,
-                      algorithms=tuple(oidc.algorithms), scope_claim=oidc.scope_claim,
-                      scope_map={k: tuple(v) for k, v in oidc.scope_map.items()},
-                      subject_claim=oidc.subject_claim, site_claim=oidc.site_claim,
-                      leeway_seconds=oidc.leeway_seconds)
+    return OidcConfig(
+        issuer=oidc.issuer,
+        audience=oidc.audience,
+        jwks_url=oidc.jwks_url,
+        algorithms=tuple(oidc.algorithms),
+        scope_claim=oidc.scope_claim,
+        scope_map={k: tuple(v) for k, v in oidc.scope_map.items()},
+        subject_claim=oidc.subject_claim,
+        site_claim=oidc.site_claim,
+        leeway_seconds=oidc.leeway_seconds,
+    )
 
 
 def smtp_config(settings: Settings) -> SmtpConfig | None:
     smtp = settings.smtp
     if smtp is None:
         return None
-    return SmtpConfig(host=smtp.host, port=smtp.port, sender=smtp.sender, starttls=smtp.starttls,
-                      use_ssl=smtp.use_ssl, username=smtp.username,
-                      password=smtp.password.get_secret_value() if smtp.password else None,
-                      timeout_seconds=smtp.timeout_seconds)
+    return SmtpConfig(
+        host=smtp.host,
+        port=smtp.port,
+        sender=smtp.sender,
+        starttls=smtp.starttls,
+        use_ssl=smtp.use_ssl,
+        username=smtp.username,
+        password=smtp.password.get_secret_value() if smtp.password else None,
+        timeout_seconds=smtp.timeout_seconds,
+    )
 
 
 def build_lookup(settings: Settings, *, required: bool = False) -> PseudonymLookup | None:
@@ -558,13 +642,22 @@ def build_lookup(settings: Settings, *, required: bool = False) -> PseudonymLook
         return None  # an API without the secret cannot look up (and says so: 503)
     issuers = ins_issuers(settings)
 
-    def lookup(accession: str | None, patient_id: str | None, accession_issuer: str,
-               patient_issuer: str, site_id: str) -> tuple[str | None, str | None]:
+    def lookup(
+        accession: str | None,
+        patient_id: str | None,
+        accession_issuer: str,
+        patient_issuer: str,
+        site_id: str,
+    ) -> tuple[str | None, str | None]:
         return (
-            pseudonymize_accession_number(keys, accession, site_id=site_id,
-                                          issuer=accession_issuer) if accession else None,
-            pseudonymize_patient_id(keys, patient_id, site_id=site_id, issuer=patient_issuer,
-                                    ins_issuers=issuers) if patient_id else None,
+            pseudonymize_accession_number(keys, accession, site_id=site_id, issuer=accession_issuer)
+            if accession
+            else None,
+            pseudonymize_patient_id(
+                keys, patient_id, site_id=site_id, issuer=patient_issuer, ins_issuers=issuers
+            )
+            if patient_id
+            else None,
         )
 
     return lookup

@@ -83,8 +83,9 @@ def _walk(paths: list[Path]) -> Iterator[_Source]:
                 with zipfile.ZipFile(path) as archive:
                     for info in archive.infolist():
                         if not info.is_dir():
-                            yield _Source(f"{path}:{info.filename}", info.file_size, path,
-                                          info.filename)
+                            yield _Source(
+                                f"{path}:{info.filename}", info.file_size, path, info.filename
+                            )
             else:
                 yield _Source(str(path), path.stat().st_size, path)
 
@@ -93,17 +94,27 @@ def _is_dicom(body: bytes) -> bool:
     return len(body) > 132 and body[128:132] == b"DICM"
 
 
-def run_import(paths: list[Path], pipeline: IngestPipeline, spool: Spool,
-               console: Console | None = None,
-               max_file_bytes: int = MAX_FILE_BYTES) -> ImportSummary:
+def run_import(
+    paths: list[Path],
+    pipeline: IngestPipeline,
+    spool: Spool,
+    console: Console | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> ImportSummary:
     """Spool every DICOM file per study, run the pipeline on each batch, return counts.
     Files and zip members above `max_file_bytes` are counted as too large and skipped."""
     sources = list(_walk(paths))
     summary = ImportSummary()
     run_tag = f"import-{uuid.uuid4().hex[:12]}"
     batches: set[str] = set()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         reading = progress.add_task("reading", total=sum(s.size for s in sources))
         for source in sources:
@@ -126,8 +137,9 @@ def run_import(paths: list[Path], pipeline: IngestPipeline, spool: Spool,
                 sop = hashlib.sha256(body).hexdigest()[:20]  # the pipeline quarantines it
                 study = "unreadable"
             if pipeline.policy.keys is None:  # the region's pipeline: no identified imports
-                raise SettingsError("the import de-identifies: it runs at a site, with the "
-                                    "pseudonymization secret")
+                raise SettingsError(
+                    "the import de-identifies: it runs at a site, with the pseudonymization secret"
+                )
             deidentified = pipeline.policy.keys.uid(sop)
             if pipeline.index.find_instance(deidentified) is not None:
                 summary.duplicates += 1

@@ -31,13 +31,19 @@ def _value_free(record: logging.LogRecord) -> None:
         text = record.getMessage()
         found = _CAPTURED_WARNING.match(text)
         record.msg = "%s raised at %s:%s (text withheld: it may quote data element values)"
-        record.args = ((found["category"], "/".join(found["file"].split("/")[-2:]), found["line"])
-                       if found else ("a warning", "?", "?"))
+        record.args = (
+            (found["category"], "/".join(found["file"].split("/")[-2:]), found["line"])
+            if found
+            else ("a warning", "?", "?")
+        )
     else:
         record.msg = "%s %s (text withheld: it may quote data element values)%s"
         exception = record.exc_info[1] if record.exc_info else None
-        record.args = (record.name, record.levelname.lower(),
-                       f"; {type(exception).__name__}" if exception is not None else "")
+        record.args = (
+            record.name,
+            record.levelname.lower(),
+            f"; {type(exception).__name__}" if exception is not None else "",
+        )
     record.exc_info, record.exc_text, record.stack_info = None, None, None
 
 

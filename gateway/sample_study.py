@@ -47,10 +47,19 @@ class PlantedIdentity:
     def strings(self) -> list[str]:
         """Every planted string, as it could appear in bytes of an output file."""
         return [
-            self.patient_name, self.patient_name.split("^")[0], self.patient_id, self.ins,
-            self.birth_date, self.accession_number, self.address, self.phone,
-            self.institution, self.referring_physician.split("^")[0],
-            self.operator.split("^")[0], self.station, self.device_serial,
+            self.patient_name,
+            self.patient_name.split("^")[0],
+            self.patient_id,
+            self.ins,
+            self.birth_date,
+            self.accession_number,
+            self.address,
+            self.phone,
+            self.institution,
+            self.referring_physician.split("^")[0],
+            self.operator.split("^")[0],
+            self.station,
+            self.device_serial,
             self.issuer_of_patient_id,
         ]
 
@@ -70,7 +79,9 @@ def _uid(spec: SampleStudySpec, *parts: object) -> str:
     return generate_uid(prefix=UID_ROOT, entropy_srcs=[str(spec.seed), *map(str, parts)])
 
 
-def _ellipse(shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
+def _ellipse(
+    shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float]
+) -> np.ndarray:
     yy, xx = np.ogrid[: shape[0], : shape[1]]
     return ((yy - center[0]) / radii[0]) ** 2 + ((xx - center[1]) / radii[1]) ** 2 <= 1.0
 

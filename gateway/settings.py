@@ -122,7 +122,9 @@ class DicomSettings(BaseModel):
     def _calling_ae_sites(cls, value: dict[str, str]) -> dict[str, str]:
         for site in value.values():
             if not _SAFE_NAME.match(site):
-                raise ValueError(f"calling_ae_sites: {site!r} is not a site id (letters, digits, '-', '_')")
+                raise ValueError(
+                    f"calling_ae_sites: {site!r} is not a site id (letters, digits, '-', '_')"
+                )
         return value
 
     @field_validator("ae_title")
@@ -184,7 +186,9 @@ class HttpSettings(BaseModel):
             try:
                 ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
-                raise ValueError(f"trusted_proxies: not an address or network: {entry[:60]!r}") from None
+                raise ValueError(
+                    f"trusted_proxies: not an address or network: {entry[:60]!r}"
+                ) from None
         return value
 
 
@@ -251,8 +255,9 @@ def _default_cleaned_descriptors() -> list[str]:
 class DeidSettings(BaseModel):
     """The site's de-identification profile (PS3.15 options, pixel masks, reversibility)."""
 
-    options: list[str] = Field(default_factory=lambda: ["retain_longitudinal_modified_dates",
-                                                         "clean_descriptors"])
+    options: list[str] = Field(
+        default_factory=lambda: ["retain_longitudinal_modified_dates", "clean_descriptors"]
+    )
     #: The descriptors `clean_descriptors` keeps, cleaned (DICOM keywords); ["all"] for the
     #: option's whole column (comments, history, occupation... too).
     cleaned_descriptors: list[str] = Field(default_factory=_default_cleaned_descriptors)
@@ -299,8 +304,10 @@ class InsSettings(BaseModel):
 
         for oid in value:
             if not is_oid(oid):
-                raise ValueError(f"INS__OIDS: {oid!r} is not an OID (a namespace such as "
-                                 "ASIP-SANTE-INS-NIR goes in INS__NAMESPACES)")
+                raise ValueError(
+                    f"INS__OIDS: {oid!r} is not an OID (a namespace such as "
+                    "ASIP-SANTE-INS-NIR goes in INS__NAMESPACES)"
+                )
         return value
 
     @field_validator("namespaces")
@@ -308,8 +315,9 @@ class InsSettings(BaseModel):
     def _namespaces(cls, value: list[str]) -> list[str]:
         for namespace in value:
             if not namespace.strip() or len(namespace) > 64:
-                raise ValueError(f"INS__NAMESPACES: {namespace!r} is not an IssuerOfPatientID "
-                                 "(1-64 characters)")
+                raise ValueError(
+                    f"INS__NAMESPACES: {namespace!r} is not an IssuerOfPatientID (1-64 characters)"
+                )
         return value
 
 
@@ -405,15 +413,21 @@ class Settings(BaseSettings):
         if old is None:
             return self
         if "ins" in self.model_fields_set:
-            raise ValueError("INS_ISSUER_OIDS is deprecated and INS__* replaces it: set only "
-                             "DICOM_GATEWAY_INS__OIDS and DICOM_GATEWAY_INS__NAMESPACES")
-        warnings.warn("DICOM_GATEWAY_INS_ISSUER_OIDS is deprecated: use "
-                      "DICOM_GATEWAY_INS__OIDS and DICOM_GATEWAY_INS__NAMESPACES",
-                      DeprecationWarning, stacklevel=2)
+            raise ValueError(
+                "INS_ISSUER_OIDS is deprecated and INS__* replaces it: set only "
+                "DICOM_GATEWAY_INS__OIDS and DICOM_GATEWAY_INS__NAMESPACES"
+            )
+        warnings.warn(
+            "DICOM_GATEWAY_INS_ISSUER_OIDS is deprecated: use "
+            "DICOM_GATEWAY_INS__OIDS and DICOM_GATEWAY_INS__NAMESPACES",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         from anonymize import is_oid
 
-        self.ins = InsSettings(oids=[v for v in old if is_oid(v)],
-                               namespaces=[v for v in old if not is_oid(v)])
+        self.ins = InsSettings(
+            oids=[v for v in old if is_oid(v)], namespaces=[v for v in old if not is_oid(v)]
+        )
         self.ins_issuer_oids = None
         return self
 
@@ -495,8 +509,10 @@ class Settings(BaseSettings):
         if value.lower() in _WEAK_SECRETS or len(value) < 16:
             raise SettingsError(f"{env_name} is too weak: use at least 16 random characters")
         if _PLACEHOLDER.search(value):
-            raise SettingsError(f"{env_name} is still the example's placeholder: "
-                                "generate one (e.g. `openssl rand -base64 33`)")
+            raise SettingsError(
+                f"{env_name} is still the example's placeholder: "
+                "generate one (e.g. `openssl rand -base64 33`)"
+            )
         return value
 
     def pseudonym_secret_value(self) -> str:
@@ -506,7 +522,8 @@ class Settings(BaseSettings):
         """Whether a pseudonymization secret is configured or stored in the data directory
         (whatever its quality: a regional API must hold none at all)."""
         return bool(self.pseudonym_secret and self.pseudonym_secret.get_secret_value()) or bool(
-            self._stored_secrets().get("pseudonym_secret"))
+            self._stored_secrets().get("pseudonym_secret")
+        )
 
     def check_role(self) -> None:
         """Refuse a regional API that holds the pseudonymization secret: with it, whoever
@@ -520,15 +537,20 @@ class Settings(BaseSettings):
                 raise SettingsError(
                     f"HTTP__ROLE=site (the default): a site's API holds the pseudonymization "
                     f"secret — {exc}. The regional API runs without it: set "
-                    "DICOM_GATEWAY_HTTP__ROLE=region") from exc
+                    "DICOM_GATEWAY_HTTP__ROLE=region"
+                ) from exc
             return
         if self.has_pseudonym_secret():
-            where = ("DICOM_GATEWAY_PSEUDONYM_SECRET is set" if self.pseudonym_secret
-                     else f"{self.data_dir / SECRETS_FILE} holds a pseudonym_secret")
+            where = (
+                "DICOM_GATEWAY_PSEUDONYM_SECRET is set"
+                if self.pseudonym_secret
+                else f"{self.data_dir / SECRETS_FILE} holds a pseudonym_secret"
+            )
             raise SettingsError(
                 f"HTTP__ROLE=region: {where}, but the regional API must run without the "
                 "pseudonymization secret (lookups by original identifiers are computed at the "
-                "producing site: `dicom-gateway lookup`, or POST /api/site/lookup on a site's API)")
+                "producing site: `dicom-gateway lookup`, or POST /api/site/lookup on a site's API)"
+            )
 
     def admin_token_value(self) -> str:
         return self._secret("admin_token", "DICOM_GATEWAY_ADMIN_TOKEN")

@@ -44,13 +44,15 @@ class Supervisor:
     def _environment(self, name: str) -> dict[str, str]:
         env = dict(os.environ)
         settings = self.settings
-        env.update({
-            "DICOM_GATEWAY_DATA_DIR": str(settings.data_dir.resolve()),
-            "DICOM_GATEWAY_HOST": settings.host,
-            "DICOM_GATEWAY_DICOM__PORT": str(settings.dicom.port),
-            "DICOM_GATEWAY_DICOM__AE_TITLE": settings.dicom.ae_title,
-            "DICOM_GATEWAY_HTTP__PORT": str(settings.http.port),
-        })
+        env.update(
+            {
+                "DICOM_GATEWAY_DATA_DIR": str(settings.data_dir.resolve()),
+                "DICOM_GATEWAY_HOST": settings.host,
+                "DICOM_GATEWAY_DICOM__PORT": str(settings.dicom.port),
+                "DICOM_GATEWAY_DICOM__AE_TITLE": settings.dicom.ae_title,
+                "DICOM_GATEWAY_HTTP__PORT": str(settings.http.port),
+            }
+        )
         if name == "api":
             env["DICOM_GATEWAY_SUPERVISED_COMPONENTS"] = json.dumps(["node", "worker"])
             env["DICOM_GATEWAY_HTTP__ROLE"] = "site"  # one machine is a site: it holds the secret
@@ -118,7 +120,8 @@ class Supervisor:
             f"  Web address   : http://{web_host}:{s.http.port}/",
             f"  DICOMweb root : http://{web_host}:{s.http.port}/dicom-web",
             # A token the operator set is theirs: never echoed (it would reach logs).
-            "  Admin token   : (DICOM_GATEWAY_ADMIN_TOKEN)" if s.admin_token is not None
+            "  Admin token   : (DICOM_GATEWAY_ADMIN_TOKEN)"
+            if s.admin_token is not None
             else f"  Admin token   : {admin_token}",
             f"  Data directory: {s.data_dir.resolve()}",
             "Press Ctrl-C to stop.",

@@ -18,8 +18,17 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 UNREADABLE_DATASET_ERRORS: tuple[type[Exception], ...] = (
-    InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError,
-    AttributeError, NotImplementedError, IndexError, struct.error, RecursionError,
+    InvalidDicomError,
+    ValueError,
+    TypeError,
+    KeyError,
+    EOFError,
+    OverflowError,
+    AttributeError,
+    NotImplementedError,
+    IndexError,
+    struct.error,
+    RecursionError,
 )
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -35,8 +44,12 @@ def check_complete(dataset: Dataset) -> None:
     """
     for tag in list(dataset.keys()):
         raw = dataset.get_item(tag)
-        if (isinstance(raw, RawDataElement) and raw.value is not None
-                and raw.length != _UNDEFINED_LENGTH and len(raw.value) != raw.length):
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.value is not None
+            and raw.length != _UNDEFINED_LENGTH
+            and len(raw.value) != raw.length
+        ):
             raise TruncatedDataSetError(f"data set is truncated at element {tag}")
 
 

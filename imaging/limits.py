@@ -91,16 +91,26 @@ class DeclaredSize:
 
     @property
     def frame_bytes(self) -> int:
-        return math.ceil(self.rows * self.columns * self.samples_per_pixel * self.bits_allocated / 8)
+        return math.ceil(
+            self.rows * self.columns * self.samples_per_pixel * self.bits_allocated / 8
+        )
 
     @property
     def instance_bytes(self) -> int:
-        return math.ceil(self.rows * self.columns * self.samples_per_pixel * self.bits_allocated
-                         * self.frames / 8)
+        return math.ceil(
+            self.rows
+            * self.columns
+            * self.samples_per_pixel
+            * self.bits_allocated
+            * self.frames
+            / 8
+        )
 
     def describe(self) -> str:
-        return (f"{self.rows}x{self.columns} pixels x {self.frames} frames x "
-                f"{self.samples_per_pixel} samples x {self.bits_allocated} bits")
+        return (
+            f"{self.rows}x{self.columns} pixels x {self.frames} frames x "
+            f"{self.samples_per_pixel} samples x {self.bits_allocated} bits"
+        )
 
 
 def _declared_int(dataset: Dataset, keyword: str, default: int) -> int:
@@ -125,17 +135,21 @@ def check_declared(dataset: Dataset, limits: DecodeLimits = DEFAULT_DECODE_LIMIT
     declared. Raises DecodeLimitExceeded."""
     declared = DeclaredSize.from_dataset(dataset)
     if declared.rows > 0xFFFF or declared.columns > 0xFFFF:
-        raise DecodeLimitExceeded(f"the instance declares {declared.rows}x{declared.columns} "
-                                  "pixels: Rows and Columns are at most 65535")
+        raise DecodeLimitExceeded(
+            f"the instance declares {declared.rows}x{declared.columns} "
+            "pixels: Rows and Columns are at most 65535"
+        )
     if declared.frame_bytes > limits.max_frame_bytes:
         raise DecodeLimitExceeded(
             f"a frame declares {_mib(declared.frame_bytes)} decoded ({declared.describe()}), "
-            f"above the limit of {_mib(limits.max_frame_bytes)} per frame")
+            f"above the limit of {_mib(limits.max_frame_bytes)} per frame"
+        )
     if declared.instance_bytes > limits.max_instance_bytes:
         raise DecodeLimitExceeded(
             f"the instance declares {_mib(declared.instance_bytes)} decoded "
             f"({declared.describe()}), above the limit of {_mib(limits.max_instance_bytes)} "
-            "per instance")
+            "per instance"
+        )
     _check_encapsulated(dataset, declared)
     return declared
 
@@ -155,8 +169,11 @@ def _check_encapsulated(dataset: Dataset, declared: DeclaredSize) -> None:
     if 0x7FE00010 not in dataset:
         return
     element = dataset.get_item(0x7FE00010)
-    undefined = (element.length == 0xFFFFFFFF if isinstance(element, RawDataElement)
-                 else bool(element.is_undefined_length))
+    undefined = (
+        element.length == 0xFFFFFFFF
+        if isinstance(element, RawDataElement)
+        else bool(element.is_undefined_length)
+    )
     pixel_data = _loaded_value(dataset, 0x7FE00010)
     if not undefined or pixel_data is None:
         return
@@ -165,13 +182,17 @@ def _check_encapsulated(dataset: Dataset, declared: DeclaredSize) -> None:
     except (ValueError, struct.error):
         return  # a malformed table: the decoder reports it
     if len(offsets) > declared.frames:
-        raise DecodeLimitExceeded(f"the encapsulated pixel data lists {len(offsets)} frames, "
-                                  f"the instance declares {declared.frames}")
+        raise DecodeLimitExceeded(
+            f"the encapsulated pixel data lists {len(offsets)} frames, "
+            f"the instance declares {declared.frames}"
+        )
     extended = _loaded_value(dataset, _EXTENDED_OFFSET_TABLE)
     if extended is not None and len(extended) // 8 > declared.frames:
-        raise DecodeLimitExceeded(f"the extended offset table lists {len(extended) // 8} "
-                                  f"frames, the instance declares {declared.frames}")
-    fragments = generate_fragments(pixel_data[8 + 4 * len(offsets):])
+        raise DecodeLimitExceeded(
+            f"the extended offset table lists {len(extended) // 8} "
+            f"frames, the instance declares {declared.frames}"
+        )
+    fragments = generate_fragments(pixel_data[8 + 4 * len(offsets) :])
     while True:
         try:
             fragment = next(fragments)
@@ -193,7 +214,8 @@ def _check_codestream_header(fragment: bytes, declared: DeclaredSize) -> None:
     if height > declared.rows or width > declared.columns:
         raise DecodeLimitExceeded(
             f"a frame's codestream declares {height}x{width} pixels, the instance "
-            f"{declared.rows}x{declared.columns}")
+            f"{declared.rows}x{declared.columns}"
+        )
 
 
 # Reading ------------------------------------------------------------------------------
@@ -205,9 +227,14 @@ def _at_pixel_data(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag in _PIXEL_TAGS
 
 
-def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECODE_LIMITS, *,
-                 stop_before_pixels: bool = False, check: bool = True,
-                 inflate_pixels: bool = True) -> FileDataset:
+def read_bounded(
+    source: Path | str | bytes,
+    limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
+    *,
+    stop_before_pixels: bool = False,
+    check: bool = True,
+    inflate_pixels: bool = True,
+) -> FileDataset:
     """A Part 10 file (path or bytes) read as `pydicom.dcmread` reads it, its declared size
     checked (`check_declared`). A Deflated Explicit VR Little Endian data set is inflated
     step by step: up to its pixel data first, whose declaration is then checked, then up to
@@ -216,24 +243,32 @@ def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECO
     over-limit declaration is read, not refused: inflating still stops at the pixel data.
     With `inflate_pixels` False, a deflated data set is read up to its pixel data only (a
     plain one as `stop_before_pixels` says): a small deflated file may hold gigabytes."""
-    with (open(source, "rb") if isinstance(source, Path | str)
-          else io.BytesIO(source)) as handle:
+    with open(source, "rb") if isinstance(source, Path | str) else io.BytesIO(source) as handle:
         preamble = read_preamble(handle, force=False)
-        file_meta = FileMetaDataset(read_dataset(handle, is_implicit_VR=False,
-                                                 is_little_endian=True, stop_when=_not_file_meta))
+        file_meta = FileMetaDataset(
+            read_dataset(
+                handle, is_implicit_VR=False, is_little_endian=True, stop_when=_not_file_meta
+            )
+        )
         if str(file_meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
             handle.seek(0)
             return _read_plain(handle, limits, stop_before_pixels, check)
         stop_before_pixels = stop_before_pixels or not inflate_pixels
-        inflated = _inflate_bounded(handle.read(), limits, stop_before_pixels=stop_before_pixels,
-                                    check=check)
+        inflated = _inflate_bounded(
+            handle.read(), limits, stop_before_pixels=stop_before_pixels, check=check
+        )
     name = str(source) if isinstance(source, Path | str) else "<bytes>"
     buffer = DicomBytesIO(inflated)
     buffer.name = name
-    dataset = read_dataset(cast(BinaryIO, buffer), False, True,
-                           stop_when=_at_pixel_data if stop_before_pixels else None)
-    file_meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True,
-                                    character_encoding="iso8859")
+    dataset = read_dataset(
+        cast(BinaryIO, buffer),
+        False,
+        True,
+        stop_when=_at_pixel_data if stop_before_pixels else None,
+    )
+    file_meta.set_original_encoding(
+        is_implicit_vr=False, is_little_endian=True, character_encoding="iso8859"
+    )
     # Named, not given the buffer: a FileDataset keeps its buffer, and this one holds the
     # whole inflated data set again beside the values read from it.
     result = FileDataset(name, dataset, preamble, file_meta, False, True)
@@ -244,16 +279,18 @@ def read_bounded(source: Path | str | bytes, limits: DecodeLimits = DEFAULT_DECO
     return result
 
 
-def _read_plain(handle: BinaryIO, limits: DecodeLimits, stop_before_pixels: bool,
-                check: bool) -> FileDataset:
+def _read_plain(
+    handle: BinaryIO, limits: DecodeLimits, stop_before_pixels: bool, check: bool
+) -> FileDataset:
     dataset = dcmread(handle, stop_before_pixels=stop_before_pixels)
     if check:
         check_declared(dataset, limits)
     return dataset
 
 
-def _inflate_bounded(deflated: bytes, limits: DecodeLimits, *, stop_before_pixels: bool,
-                     check: bool = True) -> bytes:
+def _inflate_bounded(
+    deflated: bytes, limits: DecodeLimits, *, stop_before_pixels: bool, check: bool = True
+) -> bytes:
     """The raw-deflate stream inflated up to its pixel data, its declaration checked, then up
     to the end of the declared pixels plus what elements beside them may take (with
     `stop_before_pixels`: only up to its pixel data)."""
@@ -271,8 +308,9 @@ def _inflate_bounded(deflated: bytes, limits: DecodeLimits, *, stop_before_pixel
         if cap is None:
             pixel_offset = _pixel_data_offset(inflated)
             if pixel_offset is not None:
-                header = read_dataset(cast(BinaryIO, DicomBytesIO(bytes(inflated[:pixel_offset]))),
-                                      False, True)
+                header = read_dataset(
+                    cast(BinaryIO, DicomBytesIO(bytes(inflated[:pixel_offset]))), False, True
+                )
                 if stop_before_pixels and not check:
                     return bytes(inflated[:pixel_offset])
                 declared = check_declared(header, limits)
@@ -284,7 +322,8 @@ def _inflate_bounded(deflated: bytes, limits: DecodeLimits, *, stop_before_pixel
         if cap is not None and len(inflated) > cap:
             raise DecodeLimitExceeded(
                 f"the deflated data set inflates past {_mib(cap)}, more than its declared "
-                f"size allows (limit {_mib(limits.max_instance_bytes)} per instance)")
+                f"size allows (limit {_mib(limits.max_instance_bytes)} per instance)"
+            )
         if finished:
             return bytes(inflated)
 
@@ -299,7 +338,7 @@ def _pixel_data_offset(inflated: bytearray) -> int | None:
         return None
     position = buffer.tell()
     if position + 4 <= len(inflated) and struct.unpack(
-            "<HH", inflated[position:position + 4]) in ((0x7FE0, 0x0008), (0x7FE0, 0x0009),
-                                                        (0x7FE0, 0x0010)):
+        "<HH", inflated[position : position + 4]
+    ) in ((0x7FE0, 0x0008), (0x7FE0, 0x0009), (0x7FE0, 0x0010)):
         return position
     return None

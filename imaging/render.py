@@ -106,9 +106,7 @@ def _greyscale(frame: npt.NDArray[np.generic], view: Dataset) -> npt.NDArray[np.
             # The windowing output range (PS3.3 C.11.2.1.2) depends on Bits Stored, Pixel
             # Representation and the rescale: let pydicom map two extreme inputs onto it.
             with np.errstate(over="ignore", invalid="ignore"):
-                bounds = apply_voi_lut(
-                    np.array([-1e300, 1e300]), view, index=0, prefer_lut=False
-                )
+                bounds = apply_voi_lut(np.array([-1e300, 1e300]), view, index=0, prefer_lut=False)
             out = _to_uint8(np.asarray(windowed, np.float64), float(bounds[0]), float(bounds[1]))
         except (ValueError, IndexError, TypeError):
             out = None  # unusable window (e.g. width < 1): fall back to min-max
@@ -153,7 +151,8 @@ def _reduce_early(frame: npt.NDArray[Any], size: int, *, palette: bool) -> npt.N
         return np.ascontiguousarray(frame[::factor, ::factor])
     rows, columns = frame.shape[0] // factor, frame.shape[1] // factor
     blocks = frame[: rows * factor, : columns * factor].reshape(
-        rows, factor, columns, factor, *frame.shape[2:])
+        rows, factor, columns, factor, *frame.shape[2:]
+    )
     means: npt.NDArray[np.float64] = np.asarray(blocks.mean(axis=(1, 3), dtype=np.float64))
     if np.issubdtype(frame.dtype, np.integer):
         means = np.rint(means)
@@ -219,5 +218,3 @@ def render_thumbnail(dataset: Dataset, size: int = 128, frame_index: int | None 
     out = BytesIO()
     render_frame(dataset, size, frame_index).save(out, format="PNG", optimize=False)
     return out.getvalue()
-
-

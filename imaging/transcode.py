@@ -208,8 +208,9 @@ class _VerificationError(Exception):
     """Encoding or verification did not produce a proven-lossless result."""
 
 
-def transcode_lossless(dataset: Dataset, codec: Codec = Codec.HTJ2K,
-                       limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> TranscodeOutcome:
+def transcode_lossless(
+    dataset: Dataset, codec: Codec = Codec.HTJ2K, limits: DecodeLimits = DEFAULT_DECODE_LIMITS
+) -> TranscodeOutcome:
     """Compress the uncompressed *Pixel Data* of `dataset` losslessly, in place, if proven exact.
 
     Every frame is encoded with `codec`, decoded by another library and compared with the
@@ -247,9 +248,7 @@ def transcode_lossless(dataset: Dataset, codec: Codec = Codec.HTJ2K,
     if source_ts not in UNCOMPRESSED_TRANSFER_SYNTAXES:
         if _is_encapsulated_syntax(source_ts) or _pixel_data_undefined_length(dataset):
             return outcome(TranscodeStatus.ALREADY_COMPRESSED)
-        return outcome(
-            TranscodeStatus.NOT_APPLICABLE, f"unsupported transfer syntax {source_ts}"
-        )
+        return outcome(TranscodeStatus.NOT_APPLICABLE, f"unsupported transfer syntax {source_ts}")
     try:
         codec = Codec(codec)  # also accepts the plain string values
     except ValueError:
@@ -401,8 +400,7 @@ def _check_pixel_module(dataset: Dataset) -> _PixelModule:
 # The original frames: views of the received Pixel Data, as values (PS3.5 8.1.1).
 
 
-def _source_frames(dataset: Dataset, module: _PixelModule, *, big_endian: bool
-                   ) -> Iterator[Frame]:
+def _source_frames(dataset: Dataset, module: _PixelModule, *, big_endian: bool) -> Iterator[Frame]:
     """Each frame's pixel values, (rows, columns[, samples]) sample-interleaved, in native
     byte order: bits above High Bit cleared (unsigned) or the sign extended from it
     (signed). A frame is a view of the Pixel Data when no conversion is needed, else one
@@ -422,10 +420,11 @@ def _source_frames(dataset: Dataset, module: _PixelModule, *, big_endian: bool
     planar = module.samples_per_pixel > 1 and int(dataset.get("PlanarConfiguration", 0)) == 1
     spare = 8 * itemsize - module.bits_stored
     for index in range(module.number_of_frames):
-        frame = values[index * samples:(index + 1) * samples]
+        frame = values[index * samples : (index + 1) * samples]
         if planar:  # colour-by-plane: (samples, rows, columns) to (rows, columns, samples)
-            frame = frame.reshape(module.samples_per_pixel, module.rows,
-                                  module.columns).transpose(1, 2, 0)
+            frame = frame.reshape(module.samples_per_pixel, module.rows, module.columns).transpose(
+                1, 2, 0
+            )
         else:
             frame = frame.reshape(module.frame_shape)
         if not frame.dtype.isnative:
@@ -456,8 +455,9 @@ _VERIFIERS: dict[Codec, Callable[[bytes], Frame]] = {
 }
 
 
-def _verify_frame(codec: Codec, codestream: bytes, frame: Frame, module: _PixelModule,
-                  index: int) -> str | None:
+def _verify_frame(
+    codec: Codec, codestream: bytes, frame: Frame, module: _PixelModule, index: int
+) -> str | None:
     """Decode `codestream` with the verifying library and compare with `frame`, value for
     value. None when identical, else the reason."""
     try:
@@ -470,13 +470,17 @@ def _verify_frame(codec: Codec, codestream: bytes, frame: Frame, module: _PixelM
         # JPEG-LS carries the two's-complement pattern in Bits Stored bits: sign-extend it.
         decoded = _sign_extended(decoded.astype(frame.dtype), module.bits_stored)
     elif decoded.dtype.kind != frame.dtype.kind and decoded.dtype.kind in "iu":
-        return (f"frame {index}: decoded {'signed' if decoded.dtype.kind == 'i' else 'unsigned'}"
-                f" samples, expected {'signed' if frame.dtype.kind == 'i' else 'unsigned'}")
+        return (
+            f"frame {index}: decoded {'signed' if decoded.dtype.kind == 'i' else 'unsigned'}"
+            f" samples, expected {'signed' if frame.dtype.kind == 'i' else 'unsigned'}"
+        )
     # Compared a band of rows at a time: a whole-frame comparison allocates a frame's worth
     # of booleans.
     band = max(1, _COMPARE_SAMPLES // max(1, frame[0].size))
-    differing = sum(int(np.count_nonzero(decoded[row:row + band] != frame[row:row + band]))
-                    for row in range(0, frame.shape[0], band))
+    differing = sum(
+        int(np.count_nonzero(decoded[row : row + band] != frame[row : row + band]))
+        for row in range(0, frame.shape[0], band)
+    )
     if differing:
         return f"frame {index}: {differing} decoded samples differ from the original"
     return None
@@ -611,9 +615,7 @@ def _encapsulated_elements(frames: list[bytes]) -> dict[BaseTag, DataElement]:
         elements[_EXTENDED_OFFSET_TABLE_LENGTHS] = DataElement(
             _EXTENDED_OFFSET_TABLE_LENGTHS, VR.OV, lengths
         )
-    elements[_PIXEL_DATA] = DataElement(
-        _PIXEL_DATA, VR.OB, pixel_data, is_undefined_length=True
-    )
+    elements[_PIXEL_DATA] = DataElement(_PIXEL_DATA, VR.OB, pixel_data, is_undefined_length=True)
     return elements
 
 
@@ -733,23 +735,30 @@ def _apply(
         dataset.set_original_encoding(False, True)
 
 
-def _verify_encapsulation(dataset: Dataset, module: _PixelModule,
-                          codestreams: list[bytes]) -> None:
+def _verify_encapsulation(dataset: Dataset, module: _PixelModule, codestreams: list[bytes]) -> None:
     """Read the frames back from `dataset`'s Pixel Data as a reader would (offset tables,
     fragments) and check each is its verified codestream (plus at most the pad byte)."""
     extended = None
     if _EXTENDED_OFFSET_TABLE in dataset:
-        extended = (dataset[_EXTENDED_OFFSET_TABLE].value,
-                    dataset[_EXTENDED_OFFSET_TABLE_LENGTHS].value)
+        extended = (
+            dataset[_EXTENDED_OFFSET_TABLE].value,
+            dataset[_EXTENDED_OFFSET_TABLE_LENGTHS].value,
+        )
     count = 0
-    for index, stored in enumerate(generate_frames(
-            dataset[_PIXEL_DATA].value, number_of_frames=module.number_of_frames,
-            extended_offsets=extended)):
+    for index, stored in enumerate(
+        generate_frames(
+            dataset[_PIXEL_DATA].value,
+            number_of_frames=module.number_of_frames,
+            extended_offsets=extended,
+        )
+    ):
         if index >= len(codestreams):
             raise _VerificationError(f"the pixel data holds more than {len(codestreams)} frames")
         expected = codestreams[index]
-        if stored[:len(expected)] != expected or len(stored) - len(expected) not in (0, 1):
-            raise _VerificationError(f"frame {index}: the stored codestream is not the verified one")
+        if stored[: len(expected)] != expected or len(stored) - len(expected) not in (0, 1):
+            raise _VerificationError(
+                f"frame {index}: the stored codestream is not the verified one"
+            )
         count += 1
     if count != len(codestreams):
         raise _VerificationError(f"the pixel data holds {count} of {len(codestreams)} frames")
@@ -758,8 +767,7 @@ def _verify_encapsulation(dataset: Dataset, module: _PixelModule,
 _JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 
 
-def decompress_for_serving(dataset: Dataset,
-                           limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> None:
+def decompress_for_serving(dataset: Dataset, limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> None:
     """Decode in place to native pixels for a client, keeping the SOP Instance UID (the
     conversion is lossless: the same instance). CharLS (pyjpegls) for JPEG-LS — 4x faster
     than libjpeg here (4.6 vs 19 ms for a 512x512 CT frame) — pylibjpeg for JPEG and JPEG

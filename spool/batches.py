@@ -104,8 +104,11 @@ def close_private_tree(root: str | Path) -> int:
         except PermissionError:
             not_ours += 1  # another user's file: reported, not fatal
     if not_ours:
-        log.warning("%d files or folders under %s are readable by other users and not ours "
-                    "to close", not_ours, root)
+        log.warning(
+            "%d files or folders under %s are readable by other users and not ours to close",
+            not_ours,
+            root,
+        )
     return changed
 
 
@@ -154,8 +157,9 @@ class Spool:
     root: Path
     site_id: str
     #: Keys the study part of batch ids; random, kept in this process's memory only.
-    batch_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False,
-                             compare=False)
+    batch_key: bytes = field(
+        default_factory=lambda: secrets.token_bytes(32), repr=False, compare=False
+    )
 
     @property
     def site_dir(self) -> Path:
@@ -168,8 +172,9 @@ class Spool:
         leaves this process (an unkeyed hash would let whoever reads the broker confirm a
         candidate original Study Instance UID), over the association too (two associations'
         batches of one study cannot be linked)."""
-        digest = hmac.new(self.batch_key, f"{association_tag}\0{study_instance_uid}".encode(),
-                          hashlib.sha256).hexdigest()[:16]
+        digest = hmac.new(
+            self.batch_key, f"{association_tag}\0{study_instance_uid}".encode(), hashlib.sha256
+        ).hexdigest()[:16]
         return f"{association_tag}-{digest}"
 
     def write(self, batch_id: str, sop_instance_uid: str, encoded: bytes) -> Path:
@@ -215,8 +220,9 @@ class Spool:
         directory = self.site_dir / batch_id
         return directory / f"{sop_instance_uid}{SPOOL_SUFFIX}", directory
 
-    def _durable(self, batch_id: str, sop_instance_uid: str,
-                 fill: Callable[[BinaryIO], object]) -> Path:
+    def _durable(
+        self, batch_id: str, sop_instance_uid: str, fill: Callable[[BinaryIO], object]
+    ) -> Path:
         """Temp file, fsync, rename, fsync the directory: on disk before we return."""
         target, directory = self._target(batch_id, sop_instance_uid)
         temp = directory / f".{sop_instance_uid}.{uuid.uuid4().hex[:8]}.part"
@@ -252,9 +258,10 @@ class Spool:
                 continue
             try:
                 files = list(batch.iterdir())
-                if any(f.suffix == SPOOL_SUFFIX for f in files) and max(
-                    f.stat().st_mtime for f in files
-                ) < cutoff:
+                if (
+                    any(f.suffix == SPOOL_SUFFIX for f in files)
+                    and max(f.stat().st_mtime for f in files) < cutoff
+                ):
                     stale.append(batch.name)
             except (OSError, ValueError):
                 continue  # the worker removed it while we looked

@@ -97,5 +97,14 @@ def remove_stale_replies(spool_root: Path, older_than_seconds: float = 86400.0) 
     return remove_older_than((spool_root / _REPLIES).glob("*/*.json"), older_than_seconds)
 
 
-__all__ = ["REPLY_MARKER", "BatchReply", "InstanceOutcome", "remove_stale_replies",
-           "reply_path", "reply_requested", "request_reply", "take_reply", "write_reply"]
+__all__ = [
+    "REPLY_MARKER",
+    "BatchReply",
+    "InstanceOutcome",
+    "remove_stale_replies",
+    "reply_path",
+    "reply_requested",
+    "request_reply",
+    "take_reply",
+    "write_reply",
+]

@@ -17,12 +17,12 @@ log = logging.getLogger(__name__)
 
 #: DIMSE actions -> (DCM EventID code, EventActionCode C/R/U/D/E).
 DIMSE_ACTIONS: Mapping[str, tuple[str, str]] = {
-    "dimse.store": ("110107", "C"),      # Import: one event per association that stored
-    "dimse.find": ("110112", "E"),       # Query
-    "dimse.move": ("110104", "R"),       # DICOM Instances Transferred (to a destination AE)
-    "dimse.get": ("110104", "R"),        # DICOM Instances Transferred (back to the caller)
-    "dimse.commit": ("110112", "E"),     # Query: "do you hold what I sent?"
-    "dimse.refused": ("110114", "E"),    # User Authentication: association rejected
+    "dimse.store": ("110107", "C"),  # Import: one event per association that stored
+    "dimse.find": ("110112", "E"),  # Query
+    "dimse.move": ("110104", "R"),  # DICOM Instances Transferred (to a destination AE)
+    "dimse.get": ("110104", "R"),  # DICOM Instances Transferred (back to the caller)
+    "dimse.commit": ("110112", "E"),  # Query: "do you hold what I sent?"
+    "dimse.refused": ("110114", "E"),  # User Authentication: association rejected
 }
 
 
@@ -33,16 +33,34 @@ WORKER_ACTIONS: Mapping[str, tuple[str, str]] = {
 }
 
 
-def dimse_entry(action: str, actor: str, address: str, *, outcome: int = 0,
-                study_instance_uid: str = "", status_code: int | None = None,
-                detail: str = "", at: dt.datetime | None = None, **fields: Any) -> AuditEntry:
+def dimse_entry(
+    action: str,
+    actor: str,
+    address: str,
+    *,
+    outcome: int = 0,
+    study_instance_uid: str = "",
+    status_code: int | None = None,
+    detail: str = "",
+    at: dt.datetime | None = None,
+    **fields: Any,
+) -> AuditEntry:
     """An audit event of the node (actor and address come from the network: bounded and
     stripped of control characters where every row is written, `append_audit`)."""
     code, verb = DIMSE_ACTIONS[action]
-    return AuditEntry(at=at or dt.datetime.now(dt.UTC), action=action, event_code=code,
-                      event_action=verb, outcome=outcome, actor=actor, address=address,
-                      study_instance_uid=study_instance_uid, status_code=status_code,
-                      detail=detail, **fields)
+    return AuditEntry(
+        at=at or dt.datetime.now(dt.UTC),
+        action=action,
+        event_code=code,
+        event_action=verb,
+        outcome=outcome,
+        actor=actor,
+        address=address,
+        study_instance_uid=study_instance_uid,
+        status_code=status_code,
+        detail=detail,
+        **fields,
+    )
 
 
 class AuditWriter:
@@ -52,8 +70,9 @@ class AuditWriter:
     failed write keeps the events queued and is retried; only a crash of the process can
     lose the events of the last interval."""
 
-    def __init__(self, access: AccessRepository, interval: float = 0.05,
-                 max_pending: int = 200_000) -> None:
+    def __init__(
+        self, access: AccessRepository, interval: float = 0.05, max_pending: int = 200_000
+    ) -> None:
         self.access, self.interval, self.max_pending = access, interval, max_pending
         self._pending: list[AuditEntry] = []
         self._lock = threading.Lock()

@@ -63,7 +63,9 @@ class OpenedFile:
         self.is_directory = stat.S_ISDIR(info.st_mode)
         # Only a non-empty regular file's size is surely its length: a device says 0, and
         # so does a /proc file, regular or not.
-        self.size: int | None = info.st_size if stat.S_ISREG(info.st_mode) and info.st_size else None
+        self.size: int | None = (
+            info.st_size if stat.S_ISREG(info.st_mode) and info.st_size else None
+        )
         self._fd = fd
         self._descriptors = descriptors
         self._closer = weakref.finalize(self, descriptors.close, fd)
@@ -91,7 +93,9 @@ class OpenedFile:
         with _read_errors(self.key):
             # A regular file in one read of its size; anything else to its end.
             while self.size is None or offset < self.size:
-                chunk = os.pread(self._fd, 1 << 20 if self.size is None else self.size - offset, offset)
+                chunk = os.pread(
+                    self._fd, 1 << 20 if self.size is None else self.size - offset, offset
+                )
                 if not chunk:
                     break
                 chunks.append(chunk)
@@ -133,7 +137,9 @@ class FilesystemObjectStore:
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 16
         # A quarter of the process's descriptors at most (256 under systemd's default 1,024).
-        self._descriptors = _Descriptors(max(8, min(1024, soft // 4)) if max_opened is None else max_opened)
+        self._descriptors = _Descriptors(
+            max(8, min(1024, soft // 4)) if max_opened is None else max_opened
+        )
 
     def _path(self, key: str) -> Path:
         # A valid key has no empty, '.' or '..' segment and no leading '/': joined to the

@@ -45,15 +45,28 @@ def series_thumbnail_key(study_instance_uid: str, series_instance_uid: str) -> s
 
 def instance_key(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:
     """The object key of one de-identified instance."""
-    return join_key("studies", study_instance_uid, "series", series_instance_uid,
-                    "instances", f"{sop_instance_uid}.dcm")
+    return join_key(
+        "studies",
+        study_instance_uid,
+        "series",
+        series_instance_uid,
+        "instances",
+        f"{sop_instance_uid}.dcm",
+    )
 
 
-def instance_metadata_key(study_instance_uid: str, series_instance_uid: str,
-                          sop_instance_uid: str) -> str:
+def instance_metadata_key(
+    study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+) -> str:
     """The instance's DICOM JSON, written at ingest beside it."""
-    return join_key("studies", study_instance_uid, "series", series_instance_uid,
-                    "instances", f"{sop_instance_uid}.json")
+    return join_key(
+        "studies",
+        study_instance_uid,
+        "series",
+        series_instance_uid,
+        "instances",
+        f"{sop_instance_uid}.json",
+    )
 
 
 def is_instance_key(key: str) -> bool:

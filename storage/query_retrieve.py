@@ -43,13 +43,20 @@ class QueryRetrieve:
     def search_for_series(self, scope: AccessScope, query: SeriesQuery) -> list[SeriesSummary]:
         return self.index.search_series(dataclasses.replace(query, scope=scope))
 
-    def search_for_instances(self, scope: AccessScope, query: InstanceQuery) -> list[InstanceSummary]:
+    def search_for_instances(
+        self, scope: AccessScope, query: InstanceQuery
+    ) -> list[InstanceSummary]:
         return self.index.search_instances(dataclasses.replace(query, scope=scope))
 
-    def retrieve_instances(self, scope: AccessScope, study_instance_uids: Sequence[str],
-                           series_instance_uid: str | None = None,
-                           sop_instance_uids: Sequence[str] = (), *,
-                           limit: int) -> list[InstanceSummary]:
+    def retrieve_instances(
+        self,
+        scope: AccessScope,
+        study_instance_uids: Sequence[str],
+        series_instance_uid: str | None = None,
+        sop_instance_uids: Sequence[str] = (),
+        *,
+        limit: int,
+    ) -> list[InstanceSummary]:
         """The instances a retrieval names by its unique keys (studies, optionally one
         series of them, optionally some instances), those of the scope only, at most
         `limit` per study."""
@@ -57,9 +64,15 @@ class QueryRetrieve:
         for study in study_instance_uids:
             if not scope.allows(study, series_instance_uid):
                 continue  # a share's other studies or series: not even asked
-            found += self.search_for_instances(scope, InstanceQuery(
-                study_instance_uid=study, series_instance_uid=series_instance_uid,
-                sop_instance_uids=tuple(sop_instance_uids), limit=limit))
+            found += self.search_for_instances(
+                scope,
+                InstanceQuery(
+                    study_instance_uid=study,
+                    series_instance_uid=series_instance_uid,
+                    sop_instance_uids=tuple(sop_instance_uids),
+                    limit=limit,
+                ),
+            )
         return found
 
 

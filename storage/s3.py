@@ -41,8 +41,11 @@ def _translate(exc: Exception, key: str) -> StorageError:
         if code in _BAD_DIGEST:
             return IntegrityError(f"checksum mismatch storing {key!r}")
         # 409 ConditionalRequestConflict: a racing conditional write; the retry gets 412.
-        if status >= 500 or status == 409 or code in ("SlowDown", "RequestTimeout",
-                                                       "ServiceUnavailable"):
+        if (
+            status >= 500
+            or status == 409
+            or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable")
+        ):
             return TransientStorageError(f"S3 error {code} on {key!r}")
         return StorageError(f"S3 error {code} on {key!r}")
     if isinstance(exc, BotoConnectionError | BotoCoreError):
@@ -82,8 +85,10 @@ class S3ObjectStore:
             self.encryption["ServerSideEncryption"] = server_side_encryption
             if kms_key_id:
                 self.encryption["SSEKMSKeyId"] = kms_key_id
-        self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
-                                       multipart_chunksize=max(multipart_threshold // 2, 5 * 1024 * 1024))
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=max(multipart_threshold // 2, 5 * 1024 * 1024),
+        )
         self.prefix = validate_key(prefix.strip("/")) + "/" if prefix.strip("/") else ""
         self.client = client or boto3.client(
             "s3",
@@ -110,9 +115,15 @@ class S3ObjectStore:
         try:
             if len(body) >= self.transfer.multipart_threshold:
                 self.client.upload_fileobj(
-                    BytesIO(body), self.bucket, full_key, Config=self.transfer,
-                    ExtraArgs={"ContentType": content_type, "ChecksumAlgorithm": "SHA256",
-                               **self.encryption},
+                    BytesIO(body),
+                    self.bucket,
+                    full_key,
+                    Config=self.transfer,
+                    ExtraArgs={
+                        "ContentType": content_type,
+                        "ChecksumAlgorithm": "SHA256",
+                        **self.encryption,
+                    },
                 )
                 return
             self.client.put_object(**self._single_put(full_key, body, content_type))
@@ -125,7 +136,9 @@ class S3ObjectStore:
         writers exactly one wins. One request whatever the size (S3 allows 5 GB)."""
         full_key = self._full(key)
         try:
-            self.client.put_object(IfNoneMatch="*", **self._single_put(full_key, body, content_type))
+            self.client.put_object(
+                IfNoneMatch="*", **self._single_put(full_key, body, content_type)
+            )
         except Exception as exc:
             raise _translate(exc, key) from exc
 
@@ -140,14 +153,23 @@ class S3ObjectStore:
             return
         finally:
             self.delete(probe)
-        raise StorageError("the S3 server ignores conditional writes (If-None-Match: *): stored "
-                           "instances could be replaced; use a server that supports them")
+        raise StorageError(
+            "the S3 server ignores conditional writes (If-None-Match: *): stored "
+            "instances could be replaced; use a server that supports them"
+        )
 
     def _single_put(self, full_key: str, body: bytes, content_type: str) -> dict[str, Any]:
         md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
         sha256 = base64.b64encode(hashlib.sha256(body).digest()).decode()
-        return {"Bucket": self.bucket, "Key": full_key, "Body": body, "ContentType": content_type,
-                "ContentMD5": md5, "ChecksumSHA256": sha256, **self.encryption}
+        return {
+            "Bucket": self.bucket,
+            "Key": full_key,
+            "Body": body,
+            "ContentType": content_type,
+            "ContentMD5": md5,
+            "ChecksumSHA256": sha256,
+            **self.encryption,
+        }
 
     def get(self, key: str) -> bytes:
         full_key = self._full(key)
@@ -177,7 +199,7 @@ class S3ObjectStore:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]))
+                    yield ObjectInfo(item["Key"][len(self.prefix) :], int(item["Size"]))
         except Exception as exc:
             raise _translate(exc, prefix) from exc
 

@@ -116,8 +116,11 @@ class _QuarantineCollector(Collector):
         self.folder = folder
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        gauge = GaugeMetricFamily("dicom_gateway_quarantined_instances",
-                                  "Instances the worker refused, by reason", labels=["reason"])
+        gauge = GaugeMetricFamily(
+            "dicom_gateway_quarantined_instances",
+            "Instances the worker refused, by reason",
+            labels=["reason"],
+        )
         counts: Counter[str] = Counter()
         for path in self.folder.glob("*/*/*.reason.json"):
             try:
@@ -165,9 +168,15 @@ class _ShareResponsesNotStored:
 
         async def not_stored(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(name, value) for name, value in message.get("headers", [])
-                           if name.lower() != b"cache-control"]
-                message = {**message, "headers": [*headers, (b"cache-control", b"private, no-store")]}
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if name.lower() != b"cache-control"
+                ]
+                message = {
+                    **message,
+                    "headers": [*headers, (b"cache-control", b"private, no-store")],
+                }
             await send(message)
 
         await self.app(scope, receive, not_stored)
@@ -213,6 +222,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
 
     def recorded(actions: tuple[str, ...], by: str) -> Callable[[str, dt.datetime], int]:
         """Failures of one key written by every API process: by address, or by actor."""
+
         def count(key: str, since: dt.datetime) -> int:
             writer.flush()  # raises if the database is down: the request fails closed
             if by == "actor":
@@ -223,20 +233,28 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
 
     window, limit = config.failure_window_seconds, config.auth_failure_limit
     app.state.authenticator = Authenticator(
-        config.admin_token, access, OidcVerifier(config.oidc) if config.oidc else None,
+        config.admin_token,
+        access,
+        OidcVerifier(config.oidc) if config.oidc else None,
         FailureLimiter(limit, window, recorded(INVALID_TOKENS, "address")),
-        FailureLimiter(limit, window, recorded(KEY_FAILURES, "actor"),
-                       subject="with this API key"))
+        FailureLimiter(limit, window, recorded(KEY_FAILURES, "actor"), subject="with this API key"),
+    )
     app.state.share_gate = ShareGate(
-        access, FailureLimiter(limit, window, recorded(SHARE_FAILURES, "address")),
-        session_lifetime=config.shares.session_lifetime)
+        access,
+        FailureLimiter(limit, window, recorded(SHARE_FAILURES, "address")),
+        session_lifetime=config.shares.session_lifetime,
+    )
     app.state.share_service = ShareService(access, index, config.shares)
     if config.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_credentials=False,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Accept", "Content-Type", "If-None-Match"],
-            expose_headers=["Warning", "ETag", "Content-Type", "Content-Encoding"], max_age=600)
+            expose_headers=["Warning", "ETag", "Content-Type", "Content-Encoding"],
+            max_age=600,
+        )
     app.state.index = index
     app.state.quick_reads = quick_reads
     app.state.store = store
@@ -262,7 +280,9 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     if config.quarantine_dir is not None:
         scraped.register(_QuarantineCollector(config.quarantine_dir))
     requests = PromCounter(
-        "dicom_gateway_http_requests_total", "HTTP requests", ["method", "route", "status"],
+        "dicom_gateway_http_requests_total",
+        "HTTP requests",
+        ["method", "route", "status"],
         registry=registry,
     )
     latency = Histogram(
@@ -271,12 +291,16 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
     render_lookups = PromCounter(
         "dicom_gateway_rendered_cache_lookups_total",
         "Rendered and thumbnail requests by cache outcome (hit: served without decoding)",
-        ["outcome"], registry=registry,
+        ["outcome"],
+        registry=registry,
     )
     app.state.rendered_cache = (
-        RenderedCache(config.rendering.cache_bytes,
-                      lambda outcome: render_lookups.labels(outcome).inc())
-        if config.rendering.cache_bytes > 0 else None)
+        RenderedCache(
+            config.rendering.cache_bytes, lambda outcome: render_lookups.labels(outcome).inc()
+        )
+        if config.rendering.cache_bytes > 0
+        else None
+    )
 
     app.add_middleware(_ShareResponsesNotStored)
     app.add_middleware(AuditMiddleware, writer=writer)

@@ -32,6 +32,8 @@ EVENT_NAMES = {
     "110114": "User Authentication",
     "110136": "Security Roles Changed",
 }
+
+
 class AuditAction(StrEnum):
     """What the API audits; each route says which of these it does (`audited`), a route
     may refine it (`request.state.audit`), and the middleware names only what it sees
@@ -48,13 +50,13 @@ class AuditAction(StrEnum):
     SHARE_SESSION = "share.session"
     SHARE_PIN_FAILURE = "share.pin_failure"
     SHARE_LOCKED = "share.locked"
-    SHARE_UNKNOWN_TOKEN = "share.unknown_token"
+    SHARE_UNKNOWN_TOKEN = "share.unknown_token"  # nosec B105 - an audit action name, not a secret
     SHARE_DOWNLOAD = "share.download"
     SHARE_NOTIFY = "share.notify"
     STUDY_LOOKUP = "study.lookup"
     AUDIT_READ = "audit.read"
     AUTH_FAILURE = "auth.failure"
-    AUTH_INVALID_TOKEN = "auth.invalid_token"
+    AUTH_INVALID_TOKEN = "auth.invalid_token"  # nosec B105 - an audit action name, not a secret
     AUTH_KEY_FAILURE = "auth.key_failure"
     AUTH_RATE_LIMITED = "auth.rate_limited"
     AUTH_FORBIDDEN = "auth.forbidden"
@@ -100,9 +102,11 @@ _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 
 def audited(action: AuditAction) -> Callable[[_Endpoint], _Endpoint]:
     """Declare the action a route does: the event its requests are audited as."""
+
     def mark(endpoint: _Endpoint) -> _Endpoint:
         endpoint.audit_action = action  # type: ignore[attr-defined]
         return endpoint
+
     return mark
 
 
@@ -119,11 +123,13 @@ _SHARE_PATH = re.compile(r"^/s/[^/]+")
 #: paging and output form. Every other value is withheld from the trail: a matching key
 #: (PatientID, AccessionNumber, a UID...) holds whatever the caller typed, an original
 #: identifier as easily as a pseudonym.
-_PLAIN_PARAMETERS = frozenset({"limit", "offset", "includefield", "fuzzymatching", "format",
-                               "active", "charset"})
+_PLAIN_PARAMETERS = frozenset(
+    {"limit", "offset", "includefield", "fuzzymatching", "format", "active", "charset"}
+)
 #: Our own parameter names (the audit and share listings); DICOM keywords and tags are known too.
-_API_PARAMETERS = frozenset({"action", "actor", "share_id", "study_uid", "address", "since",
-                             "until", "site", "accept"})
+_API_PARAMETERS = frozenset(
+    {"action", "actor", "share_id", "study_uid", "address", "since", "until", "site", "accept"}
+)
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 WITHHELD = "(withheld)"
 
@@ -134,8 +140,13 @@ def _dicom_attribute(name: str) -> bool:
 
 
 def _harmless(value: str) -> bool:
-    return all(item.isdigit() or item.lower() in ("true", "false", "json", "jsonl", "all")
-               or _dicom_attribute(item) for item in value.split(",") if item)
+    return all(
+        item.isdigit()
+        or item.lower() in ("true", "false", "json", "jsonl", "all")
+        or _dicom_attribute(item)
+        for item in value.split(",")
+        if item
+    )
 
 
 def _withheld_query(query: str) -> str:
@@ -147,8 +158,9 @@ def _withheld_query(query: str) -> str:
         if not name:
             continue
         if name.lower() in _PLAIN_PARAMETERS:
-            kept.append(f"{raw_name}={raw_value if _harmless(value) else WITHHELD}" if sep
-                        else raw_name)
+            kept.append(
+                f"{raw_name}={raw_value if _harmless(value) else WITHHELD}" if sep else raw_name
+            )
         elif name in _API_PARAMETERS or _dicom_attribute(name):
             kept.append(f"{raw_name}={WITHHELD}" if sep else raw_name)
         else:
@@ -176,30 +188,50 @@ def outcome_of(status: int) -> int:
     return 4 if status < 500 else 8
 
 
-def entry(action: str, actor: str, *, outcome: int = 0, at: dt.datetime | None = None,
-          **fields: Any) -> AuditEntry:
+def entry(
+    action: str, actor: str, *, outcome: int = 0, at: dt.datetime | None = None, **fields: Any
+) -> AuditEntry:
     code, verb = ACTIONS[action]
-    return AuditEntry(at=at or dt.datetime.now(dt.UTC), action=action, event_code=code,
-                      event_action=verb, outcome=outcome, actor=actor[:300], **fields)
+    return AuditEntry(
+        at=at or dt.datetime.now(dt.UTC),
+        action=action,
+        event_code=code,
+        event_action=verb,
+        outcome=outcome,
+        actor=actor[:300],
+        **fields,
+    )
 
 
 def to_dict(event: AuditEntry) -> dict[str, Any]:
     """An event as JSON, with the DICOM audit message names beside ours."""
     return {
-        "id": event.event_id, "time": event.at.isoformat(), "action": event.action,
-        "event_id": {"code": event.event_code, "scheme": "DCM",
-                     "meaning": EVENT_NAMES.get(event.event_code, "")},
-        "event_action_code": event.event_action, "event_outcome_indicator": event.outcome,
-        "user_id": event.actor, "network_access_point_id": event.address,
-        "user_agent": event.user_agent, "resource": event.resource,
+        "id": event.event_id,
+        "time": event.at.isoformat(),
+        "action": event.action,
+        "event_id": {
+            "code": event.event_code,
+            "scheme": "DCM",
+            "meaning": EVENT_NAMES.get(event.event_code, ""),
+        },
+        "event_action_code": event.event_action,
+        "event_outcome_indicator": event.outcome,
+        "user_id": event.actor,
+        "network_access_point_id": event.address,
+        "user_agent": event.user_agent,
+        "resource": event.resource,
         "study_instance_uid": event.study_instance_uid or None,
-        "share_id": event.share_id or None, "status_code": event.status_code,
+        "share_id": event.share_id or None,
+        "status_code": event.status_code,
         "detail": json.loads(event.detail) if event.detail else None,
     }
 
 
-_REFUSED_CREDENTIALS = {401: AuditAction.AUTH_FAILURE, 429: AuditAction.AUTH_RATE_LIMITED,
-                        403: AuditAction.AUTH_FORBIDDEN}
+_REFUSED_CREDENTIALS = {
+    401: AuditAction.AUTH_FAILURE,
+    429: AuditAction.AUTH_RATE_LIMITED,
+    403: AuditAction.AUTH_FORBIDDEN,
+}
 
 
 def _action_for(endpoint: Any, status: int, path: str) -> str:
@@ -241,7 +273,8 @@ class AuditMiddleware:
         principal = state.get("principal")
         notes: dict[str, Any] = dict(state.get("audit") or {})
         share_id = notes.pop("share_id", None) or (
-            principal.share.share_id if principal is not None and principal.share else "")
+            principal.share.share_id if principal is not None and principal.share else ""
+        )
         route = getattr(scope.get("route"), "path", "")
         trusted = _trusted_path(scope.get("method", ""), route, status)
         if not trusted:
@@ -253,11 +286,14 @@ class AuditMiddleware:
         headers = dict(scope.get("headers") or [])
         action = notes.pop("action", None)
         if action is None or status in (401, 429) and not action.startswith(("share.", "auth.")):
-            action = _action_for(getattr(scope.get("route"), "endpoint", None), status, route or path)
+            action = _action_for(
+                getattr(scope.get("route"), "endpoint", None), status, route or path
+            )
         client = scope.get("client")
         detail = notes.pop("detail", None)
         study = notes.pop("study", None) or (
-            (scope.get("path_params") or {}).get("study", "") if trusted else "")
+            (scope.get("path_params") or {}).get("study", "") if trusted else ""
+        )
         common = {
             "address": client[0] if client else "",
             "user_agent": headers.get(b"user-agent", b"").decode("latin-1")[:512],
@@ -265,12 +301,20 @@ class AuditMiddleware:
         # A refused attempt names what it tried (`key:<id>` of an existing key), else anonymous.
         actor = principal.subject if principal is not None else notes.pop("actor", "anonymous")
         first = entry(
-            action, actor,
-            outcome=outcome_of(status), resource=resource, status_code=status,
+            action,
+            actor,
+            outcome=outcome_of(status),
+            resource=resource,
+            status_code=status,
             study_instance_uid=str(study)[:64],
-            share_id=share_id, detail=json.dumps(detail) if detail else "", **common)
-        extra = [AuditEntry(**{**e.__dict__, **common, "share_id": e.share_id or share_id})
-                 for e in state.get("audit_extra", [])]
+            share_id=share_id,
+            detail=json.dumps(detail) if detail else "",
+            **common,
+        )
+        extra = [
+            AuditEntry(**{**e.__dict__, **common, "share_id": e.share_id or share_id})
+            for e in state.get("audit_extra", [])
+        ]
         return [first, *extra]
 
 

@@ -62,8 +62,11 @@ def share_scope(share: ShareRecord) -> AccessScope:
     for item in share.items:
         if item.series_instance_uid is not None and item.study_instance_uid not in whole:
             limits.setdefault(item.study_instance_uid, set()).add(item.series_instance_uid)
-    return AccessScope(site_ids=None, study_instance_uids=studies,
-                       series_limits={k: frozenset(v) for k, v in limits.items()})
+    return AccessScope(
+        site_ids=None,
+        study_instance_uids=studies,
+        series_limits={k: frozenset(v) for k, v in limits.items()},
+    )
 
 
 @dataclass
@@ -112,7 +115,11 @@ class FailureLimiter:
                 recent.popleft()
             earlier = len(recent) - 1
             if len(self._recent) > 100_000:  # bounded memory under a spray of keys
-                self._recent = {a: d for a, d in self._recent.items() if d and d[-1] >= now - self.window_seconds}
+                self._recent = {
+                    a: d
+                    for a, d in self._recent.items()
+                    if d and d[-1] >= now - self.window_seconds
+                }
                 self._blocked_until = {a: u for a, u in self._blocked_until.items() if u > now}
         if self.count_recorded is not None and earlier < self.limit:
             # Other API processes' failures of this key (this one not yet written): a key
@@ -184,8 +191,11 @@ class Authenticator:
         the key is unknown, revoked or its secret differs."""
         # Hash even when the key is unknown: the answer takes as long either way.
         presented = sha256_hex(token)
-        if (record is not None and record.revoked_at is None
-                and same_secret(presented, record.secret_sha256)):
+        if (
+            record is not None
+            and record.revoked_at is None
+            and same_secret(presented, record.secret_sha256)
+        ):
             return Principal(f"key:{key_id}", record.scopes, record.site_ids)
         return None
 
@@ -195,8 +205,9 @@ class Authenticator:
             record = self.access.api_key(key_id)
             principal = self.key_principal(token, key_id, record)
             if principal is None:
-                raise CredentialRefused("invalid or revoked API key",
-                                        key_id if record is not None else None)
+                raise CredentialRefused(
+                    "invalid or revoked API key", key_id if record is not None else None
+                )
             return principal
         if self.oidc is not None and token.count(".") == 2:
             try:
@@ -226,8 +237,11 @@ class ShareGate:
         share = self.access.share_by_token(sha256_hex(share_token))
         if share is None:
             blocked = self.limiter.failed(address)
-            raise UnknownShareToken(RateLimited(self.limiter.message, max(1, int(blocked)))
-                                    if blocked else NotFound("not found"))
+            raise UnknownShareToken(
+                RateLimited(self.limiter.message, max(1, int(blocked)))
+                if blocked
+                else NotFound("not found")
+            )
         check_usable(share, self.clock())
         return share
 
@@ -243,8 +257,11 @@ class ShareGate:
             renewed = min(now + self.session_lifetime, share.expires_at)
             if renewed - session[1] >= min(_RENEW_STEP, self.session_lifetime / 10):
                 self.access.renew_session(digest, renewed)
-        return Principal(f"share:{share.share_id}", frozenset({"read"}),
-                         share=ShareAccess(share.share_id, share.allow_download, share_scope(share)))
+        return Principal(
+            f"share:{share.share_id}",
+            frozenset({"read"}),
+            share=ShareAccess(share.share_id, share.allow_download, share_scope(share)),
+        )
 
     def live(self, share_id: str) -> None:
         """Raises (410, 403) when the share was revoked, has expired or was locked since it
@@ -254,8 +271,9 @@ class ShareGate:
             raise Gone("this share link was revoked")
         check_usable(share, self.clock())
 
-    def while_live(self, share_id: str, items: Iterable[_Item],
-                   interval_seconds: float) -> Iterator[_Item]:
+    def while_live(
+        self, share_id: str, items: Iterable[_Item], interval_seconds: float
+    ) -> Iterator[_Item]:
         """`items` one by one while the share stays live: before each, at most once per
         `interval_seconds` (one indexed read), `live` is checked, and a share revoked,
         expired or locked since ends the iteration with its error — a running download
@@ -283,8 +301,10 @@ class ShareSessionRequired(ApiError):
     status_code, code = 401, "share_session_required"
 
     def __init__(self) -> None:
-        super().__init__("open the share link in a browser first (PIN or use-limited share)",
-                         headers={"WWW-Authenticate": 'Cookie realm="dicom-gateway-share"'})
+        super().__init__(
+            "open the share link in a browser first (PIN or use-limited share)",
+            headers={"WWW-Authenticate": 'Cookie realm="dicom-gateway-share"'},
+        )
 
 
 def needs_session(share: ShareRecord) -> bool:
@@ -298,7 +318,9 @@ def check_usable(share: ShareRecord, now: dt.datetime) -> None:
     if share.expires_at <= now:
         raise Gone("this share link has expired")
     if share.locked_at is not None:
-        raise Forbidden("this share link is locked after too many wrong PINs; ask the sender for a new one")
+        raise Forbidden(
+            "this share link is locked after too many wrong PINs; ask the sender for a new one"
+        )
 
 
 __all__ = [

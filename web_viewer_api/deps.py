@@ -71,7 +71,8 @@ async def current_principal(request: Request) -> Principal:
         cookie = request.cookies.get(SHARE_COOKIE)
         try:
             principal = await anyio.to_thread.run_sync(
-                gate.principal, share_token, cookie, client_address(request))
+                gate.principal, share_token, cookie, client_address(request)
+            )
         except UnknownShareToken:
             request.state.audit = {"action": AuditAction.SHARE_UNKNOWN_TOKEN}
             raise
@@ -84,11 +85,15 @@ async def current_principal(request: Request) -> Principal:
         if found is None:  # OIDC, a key the index could not answer at once, a failure
             try:
                 found = await anyio.to_thread.run_sync(
-                    authenticator.authenticate, token, client_address(request))
+                    authenticator.authenticate, token, client_address(request)
+                )
             except (CredentialRefused, CredentialBlocked) as exc:
                 # What the failure counts against, for the limiters of other processes.
-                request.state.audit = ({"action": AuditAction.AUTH_KEY_FAILURE, "actor": f"key:{exc.key_id}"}
-                                       if exc.key_id is not None else {"action": AuditAction.AUTH_INVALID_TOKEN})
+                request.state.audit = (
+                    {"action": AuditAction.AUTH_KEY_FAILURE, "actor": f"key:{exc.key_id}"}
+                    if exc.key_id is not None
+                    else {"action": AuditAction.AUTH_INVALID_TOKEN}
+                )
                 raise
         principal = found
     request.state.principal = principal

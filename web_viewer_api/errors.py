@@ -15,9 +15,19 @@ from storage import IntegrityError, InvalidKey, ObjectNotFound, StorageError
 log = logging.getLogger(__name__)
 
 _CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 410: "gone", 413: "too_large",
-    414: "uri_too_long", 415: "unsupported_media_type", 431: "headers_too_large", 429: "rate_limited", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    410: "gone",
+    413: "too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    431: "headers_too_large",
+    429: "rate_limited",
+    503: "unavailable",
 }
 
 
@@ -40,10 +50,13 @@ class BadRequest(ApiError):
 class Unauthorized(ApiError):
     status_code, code = 401, "unauthorized"
 
-    def __init__(self, message: str = "missing or invalid bearer token", *,
-                 presented: bool = False) -> None:
+    def __init__(
+        self, message: str = "missing or invalid bearer token", *, presented: bool = False
+    ) -> None:
         # RFC 6750 §3: error="invalid_token" only when a token was presented.
-        challenge = 'Bearer realm="dicom-gateway"' + (', error="invalid_token"' if presented else "")
+        challenge = 'Bearer realm="dicom-gateway"' + (
+            ', error="invalid_token"' if presented else ""
+        )
         super().__init__(message, headers={"WWW-Authenticate": challenge})
 
 
@@ -86,8 +99,13 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 
 #: SQLite reports these as OperationalError too, but no retry clears them (a schema not
 #: migrated, a read-only file): they are ours to fix, a 500, not the client's 503.
-_NOT_TRANSIENT = ("no such table", "no such column", "has no column", "readonly database",
-                  "syntax error")
+_NOT_TRANSIENT = (
+    "no such table",
+    "no such column",
+    "has no column",
+    "readonly database",
+    "syntax error",
+)
 
 
 async def api_error_response(_request: Request, exc: ApiError) -> JSONResponse:
@@ -125,20 +143,31 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("object store refused a request: %s", type(exc).__name__)
             return JSONResponse(error_body("internal_error", "internal server error"), 500)
         log.warning("object store unavailable (%s)", type(exc).__name__)
-        return JSONResponse(error_body("unavailable", "the object store is unavailable; retry later"),
-                            503, headers=retry)
+        return JSONResponse(
+            error_body("unavailable", "the object store is unavailable; retry later"),
+            503,
+            headers=retry,
+        )
 
     async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, sql_errors.OperationalError) and any(
-                sign in str(exc.orig).lower() for sign in _NOT_TRANSIENT):
+            sign in str(exc.orig).lower() for sign in _NOT_TRANSIENT
+        ):
             log.error("index database error that retrying will not clear (%s)", type(exc).__name__)
             return JSONResponse(error_body("internal_error", "internal server error"), 500)
         log.warning("index database unavailable (%s)", type(exc).__name__)
-        return JSONResponse(error_body("unavailable", "the index database is unavailable; retry later"),
-                            503, headers=retry)
+        return JSONResponse(
+            error_body("unavailable", "the index database is unavailable; retry later"),
+            503,
+            headers=retry,
+        )
 
-    for error in (sql_errors.OperationalError, sql_errors.InterfaceError, sql_errors.TimeoutError,
-                  sql_errors.DisconnectionError):
+    for error in (
+        sql_errors.OperationalError,
+        sql_errors.InterfaceError,
+        sql_errors.TimeoutError,
+        sql_errors.DisconnectionError,
+    ):
         app.add_exception_handler(error, _database_down)
 
     @app.exception_handler(Exception)

@@ -23,7 +23,8 @@ _LIMIT = 1000
 COMPUTED_AT_THE_SITE = (
     "lookups by original identifiers are computed at the producing site, which holds the "
     "pseudonymization secret: POST /api/site/lookup on the site's API (identifiers in the "
-    "body), or `dicom-gateway lookup` at the site; only pseudonyms reach the regional API")
+    "body), or `dicom-gateway lookup` at the site; only pseudonyms reach the regional API"
+)
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,13 @@ def lookup_sites(index: IndexRepository, scope: AccessScope) -> list[str]:
     return index.study_site_ids()
 
 
-def find_studies(lookup: PseudonymLookup, index: IndexRepository,
-                 identifiers: OriginalIdentifiers, site_ids: Sequence[str],
-                 scope: AccessScope) -> LookupAnswer:
+def find_studies(
+    lookup: PseudonymLookup,
+    index: IndexRepository,
+    identifiers: OriginalIdentifiers,
+    site_ids: Sequence[str],
+    scope: AccessScope,
+) -> LookupAnswer:
     """The identifiers' pseudonyms at each of `site_ids`, and the indexed studies matching
     them (within `scope`). A patient ID matches a study's patient pseudonym, or the
     pseudonym of the local ID its patient had beside the INS. Raises ValueError when
@@ -76,10 +81,13 @@ def find_studies(lookup: PseudonymLookup, index: IndexRepository,
     searched: set[tuple[str | None, str | None]] = set()
     search = QueryRetrieve(index)
     for site_id in site_ids:
-        accession, patient = lookup(identifiers.accession_number or None,
-                                    identifiers.patient_id or None,
-                                    identifiers.issuer_of_accession_number,
-                                    identifiers.issuer_of_patient_id, site_id)
+        accession, patient = lookup(
+            identifiers.accession_number or None,
+            identifiers.patient_id or None,
+            identifiers.issuer_of_accession_number,
+            identifiers.issuer_of_patient_id,
+            site_id,
+        )
         pseudonyms.append(SitePseudonyms(site_id, accession, patient))
         if (accession, patient) in searched:  # an INS, or an issuer: one pseudonym everywhere
             continue
@@ -89,13 +97,25 @@ def find_studies(lookup: PseudonymLookup, index: IndexRepository,
         if patient:
             beside_ins = index.studies_of_local_patient(patient, limit=_LIMIT)
             if beside_ins:
-                queries.append(StudyQuery(accession_number=accession, limit=_LIMIT,
-                                          study_instance_uids=tuple(beside_ins)))
+                queries.append(
+                    StudyQuery(
+                        accession_number=accession,
+                        limit=_LIMIT,
+                        study_instance_uids=tuple(beside_ins),
+                    )
+                )
         for query in queries:
             for study in search.search_for_studies(scope, query):
                 studies.setdefault(study.study_instance_uid, study)
     return LookupAnswer(pseudonyms, list(studies.values()))
 
 
-__all__ = ["COMPUTED_AT_THE_SITE", "LookupAnswer", "OriginalIdentifiers", "PseudonymLookup",
-           "SitePseudonyms", "find_studies", "lookup_sites"]
+__all__ = [
+    "COMPUTED_AT_THE_SITE",
+    "LookupAnswer",
+    "OriginalIdentifiers",
+    "PseudonymLookup",
+    "SitePseudonyms",
+    "find_studies",
+    "lookup_sites",
+]

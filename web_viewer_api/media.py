@@ -48,8 +48,11 @@ _TEXT_DEFAULTS: dict[str, Callable[[Dataset], str]] = {
     "CompletionFlag": lambda ds: "PARTIAL",
     "VerificationFlag": lambda ds: "UNVERIFIED",
 }
-_LEVELS = (("PATIENT", "PT", "PatientID"), ("STUDY", "ST", "StudyInstanceUID"),
-           ("SERIES", "SE", "SeriesInstanceUID"))
+_LEVELS = (
+    ("PATIENT", "PT", "PatientID"),
+    ("STUDY", "ST", "StudyInstanceUID"),
+    ("SERIES", "SE", "SeriesInstanceUID"),
+)
 _ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 #: (0004,1220) Directory Record Sequence, explicit VR little endian, undefined length.
 _RECORD_SEQUENCE = b"\x04\x00\x20\x12SQ\x00\x00\xff\xff\xff\xff"
@@ -150,8 +153,9 @@ class MediaFileSet:
             key = str(completed.get(keyword, ""))
             node = parent.by_key.get(key)
             if node is None:
-                node = parent.by_key[key] = _Node(self._record(record_type, completed),
-                                                  len(parent.children))
+                node = parent.by_key[key] = _Node(
+                    self._record(record_type, completed), len(parent.children)
+                )
                 parent.children.append(node)
             components.append(f"{prefix}{node.number:06d}")
             parent = node
@@ -187,8 +191,12 @@ class MediaFileSet:
             if node is not self._root and node.children:
                 node.record.OffsetOfReferencedLowerLevelDirectoryEntity = node.children[0].offset
         if self._root.children:
-            top.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = self._root.children[0].offset
-            top.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = self._root.children[-1].offset
+            top.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = self._root.children[
+                0
+            ].offset
+            top.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = self._root.children[
+                -1
+            ].offset
         items = []
         for node in nodes:
             encoded = _encoded(node.record)

@@ -29,8 +29,15 @@ class NotificationError(Exception):
     """The message could not be handed to the SMTP server."""
 
 
-def share_message(config: SmtpConfig, recipient: str, url: str, expires_at: dt.datetime, *,
-                  has_pin: bool, sender_note: str = "") -> EmailMessage:
+def share_message(
+    config: SmtpConfig,
+    recipient: str,
+    url: str,
+    expires_at: dt.datetime,
+    *,
+    has_pin: bool,
+    sender_note: str = "",
+) -> EmailMessage:
     message = EmailMessage()
     message["From"] = config.sender
     message["To"] = recipient
@@ -38,14 +45,19 @@ def share_message(config: SmtpConfig, recipient: str, url: str, expires_at: dt.d
     message["Date"] = formatdate(localtime=False)
     message["Message-ID"] = make_msgid(domain=config.sender.rpartition("@")[2] or None)
     expiry = expires_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    pin_line = ("Un code PIN vous sera communiqué séparément par l'expéditeur. / "
-                "The sender will give you a PIN separately.\n" if has_pin else "")
+    pin_line = (
+        "Un code PIN vous sera communiqué séparément par l'expéditeur. / "
+        "The sender will give you a PIN separately.\n"
+        if has_pin
+        else ""
+    )
     note = f"\nMessage de l'expéditeur / Sender's note:\n{sender_note}\n" if sender_note else ""
     message.set_content(
         "Des images médicales ont été partagées avec vous. / Medical images were shared with you.\n\n"
         f"{url}\n\n"
         f"Lien valable jusqu'au / Link valid until: {expiry}\n{pin_line}{note}\n"
-        "Ne transférez pas ce message. / Do not forward this message.\n")
+        "Ne transférez pas ce message. / Do not forward this message.\n"
+    )
     return message
 
 
@@ -55,8 +67,9 @@ def send(config: SmtpConfig, message: EmailMessage) -> None:
     try:
         client: smtplib.SMTP
         if config.use_ssl:
-            client = smtplib.SMTP_SSL(config.host, config.port, timeout=config.timeout_seconds,
-                                      context=context)
+            client = smtplib.SMTP_SSL(
+                config.host, config.port, timeout=config.timeout_seconds, context=context
+            )
         else:
             client = smtplib.SMTP(config.host, config.port, timeout=config.timeout_seconds)
         with client:

@@ -76,11 +76,15 @@ class OidcVerifier:
         if self._jwks is None:
             url = self.config.jwks_url
             if url is None:
-                discovery = _http_url(self.config.issuer.rstrip("/") + "/.well-known/openid-configuration")
+                discovery = _http_url(
+                    self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                )
                 with urllib.request.urlopen(discovery, timeout=self.timeout) as answer:  # nosec B310
                     url = str(json.load(answer)["jwks_uri"])
             url = _http_url(url)
-            self._jwks = jwt.PyJWKClient(url, cache_keys=True, lifespan=3600, timeout=int(self.timeout))
+            self._jwks = jwt.PyJWKClient(
+                url, cache_keys=True, lifespan=3600, timeout=int(self.timeout)
+            )
         return self._jwks
 
     def verify(self, token: str) -> OidcIdentity:
@@ -89,9 +93,14 @@ class OidcVerifier:
         try:
             key = self._client().get_signing_key_from_jwt(token)
             claims = jwt.decode(
-                token, key.key, algorithms=list(config.algorithms), audience=config.audience,
-                issuer=config.issuer, leeway=config.leeway_seconds,
-                options={"require": ["exp", "iat", "iss", "aud"]})
+                token,
+                key.key,
+                algorithms=list(config.algorithms),
+                audience=config.audience,
+                issuer=config.issuer,
+                leeway=config.leeway_seconds,
+                options={"require": ["exp", "iat", "iss", "aud"]},
+            )
         except (jwt.PyJWTError, OSError, ValueError, KeyError) as exc:
             raise Unauthorized("invalid bearer token") from exc
         subject = _claim(claims, config.subject_claim)
@@ -108,8 +117,11 @@ class OidcVerifier:
         site_ids: frozenset[str] | None = None
         if config.site_claim:
             site = _claim(claims, config.site_claim)
-            names = site.split() if isinstance(site, str) else (
-                [v for v in site if isinstance(v, str)] if isinstance(site, list) else [])
+            names = (
+                site.split()
+                if isinstance(site, str)
+                else ([v for v in site if isinstance(v, str)] if isinstance(site, list) else [])
+            )
             # Only well-formed site ids: "" would open studies indexed without a site.
             if not names or not all(_SITE_ID.fullmatch(n) for n in names):
                 raise Unauthorized("the bearer token names no valid site")

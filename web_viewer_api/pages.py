@@ -16,11 +16,17 @@ from web_viewer_api.errors import ApiError
 
 LANGUAGES = ("fr", "en")
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-PAGE_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store",
-                "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
-                "X-Frame-Options": "DENY"}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
 
 TEXT: dict[str, dict[str, str]] = {
     "fr": {
@@ -90,17 +96,33 @@ def language(request: Request) -> str:
     return best
 
 
-def page(lang: str, title: str, body: str, status: int = 200, *, path: str = "",
-         head: str = "", body_class: str = "page") -> HTMLResponse:
+def page(
+    lang: str,
+    title: str,
+    body: str,
+    status: int = 200,
+    *,
+    path: str = "",
+    head: str = "",
+    body_class: str = "page",
+) -> HTMLResponse:
     other = "en" if lang == "fr" else "fr"
-    switch = (f'<a class="lang" href="{html.escape(path)}?lang={other}" hreflang="{other}">'
-              f"{TEXT[lang]['switch']}</a>") if path else ""
-    document = (f'<!doctype html><html lang="{lang}"><head><meta charset="utf-8">'
-                '<meta name="viewport" content="width=device-width,initial-scale=1">'
-                '<meta name="robots" content="noindex,nofollow"><link rel="icon" href="data:,">'
-                '<link rel="stylesheet" href="/static/viewer/viewer.css">'
-                f"<title>{html.escape(title)}</title>{head}</head>"
-                f'<body class="{body_class}">{switch}{body}</body></html>')
+    switch = (
+        (
+            f'<a class="lang" href="{html.escape(path)}?lang={other}" hreflang="{other}">'
+            f"{TEXT[lang]['switch']}</a>"
+        )
+        if path
+        else ""
+    )
+    document = (
+        f'<!doctype html><html lang="{lang}"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        '<meta name="robots" content="noindex,nofollow"><link rel="icon" href="data:,">'
+        '<link rel="stylesheet" href="/static/viewer/viewer.css">'
+        f"<title>{html.escape(title)}</title>{head}</head>"
+        f'<body class="{body_class}">{switch}{body}</body></html>'
+    )
     return HTMLResponse(document, status_code=status, headers=PAGE_HEADERS)
 
 
@@ -120,9 +142,11 @@ def error_page(request: Request, exc: ApiError) -> HTMLResponse:
     text = TEXT[lang]
     reason = _reason(exc)
     title = text["not_found"] if reason == "not_found" else text[reason]
-    body = (f'<main><h1>{html.escape(title)}</h1>'
-            + (f"<p>{text['not_found_body']}</p>" if reason == "not_found" else "")
-            + f"<p>{text['contact']}</p></main>")
+    body = (
+        f"<main><h1>{html.escape(title)}</h1>"
+        + (f"<p>{text['not_found_body']}</p>" if reason == "not_found" else "")
+        + f"<p>{text['contact']}</p></main>"
+    )
     response = page(lang, title, body, exc.status_code, path=request.url.path)
     response.headers.update(exc.headers)
     return response
@@ -135,12 +159,15 @@ def _when(moment: dt.datetime) -> str:
 def _note(lang: str, share: ShareRecord) -> str:
     if not share.note:
         return ""
-    return (f'<aside class="note"><strong>{TEXT[lang]["note"]}</strong>'
-            f"<p>{html.escape(share.note)}</p></aside>")
+    return (
+        f'<aside class="note"><strong>{TEXT[lang]["note"]}</strong>'
+        f"<p>{html.escape(share.note)}</p></aside>"
+    )
 
 
-def open_form(request: Request, share_token: str, share: ShareRecord, error: str = "",
-              status: int = 200) -> HTMLResponse:
+def open_form(
+    request: Request, share_token: str, share: ShareRecord, error: str = "", status: int = 200
+) -> HTMLResponse:
     """The PIN prompt, or the button that opens a use-limited share: nothing of the share
     but its expiry (no note, no recipient, no study)."""
     lang = language(request)
@@ -149,28 +176,38 @@ def open_form(request: Request, share_token: str, share: ShareRecord, error: str
     message = ""
     if error:
         left = re.search(r"\((\d+) attempt", error)
-        message = (f'<p class="error" role="alert">{text["wrong_pin"]}'
-                   + (f" — {left.group(1)} {text['attempts_left']}" if left else "") + "</p>")
+        message = (
+            f'<p class="error" role="alert">{text["wrong_pin"]}'
+            + (f" — {left.group(1)} {text['attempts_left']}" if left else "")
+            + "</p>"
+        )
     if share.pin_hash is not None:
-        form = (f'<form method="post" action="{action}"><label for="pin">{text["pin"]}</label> '
-                '<input id="pin" name="pin" type="password" inputmode="numeric" '
-                'autocomplete="off" required autofocus maxlength="128"> '
-                f'<button type="submit">{text["open"]}</button></form>')
+        form = (
+            f'<form method="post" action="{action}"><label for="pin">{text["pin"]}</label> '
+            '<input id="pin" name="pin" type="password" inputmode="numeric" '
+            'autocomplete="off" required autofocus maxlength="128"> '
+            f'<button type="submit">{text["open"]}</button></form>'
+        )
     else:
-        form = (f'<form method="post" action="{action}">'
-                f'<button type="submit">{text["open"]}</button></form>')
+        form = (
+            f'<form method="post" action="{action}">'
+            f'<button type="submit">{text["open"]}</button></form>'
+        )
     # The sender's note is for the recipient: shown once the PIN (or the button of a
     # use-limited share) has opened a session, never to whoever merely holds the link.
-    body = (f"<main><h1>{text['title']}</h1>{message}"
-            f"<p>{text['valid_until']} {_when(share.expires_at)}</p>{form}</main>")
+    body = (
+        f"<main><h1>{text['title']}</h1>{message}"
+        f"<p>{text['valid_until']} {_when(share.expires_at)}</p>{form}</main>"
+    )
     # The link's fragment (a sealed context's key) is kept in this tab for the viewer:
     # the form's answer is a redirect, and a redirect does not carry it.
     head = '<script type="module" src="/static/viewer/keep-key.js"></script>'
     return page(lang, text["title"], body, status, path=request.url.path, head=head)
 
 
-def viewer_shell(request: Request, share_token: str, share: ShareRecord,
-                 fallback: str) -> HTMLResponse:
+def viewer_shell(
+    request: Request, share_token: str, share: ShareRecord, fallback: str
+) -> HTMLResponse:
     """The viewer (only once the share's session is open, when it needs one): static script
     and style, the share's facts (the sender's note among them) as data attributes, and the
     server-rendered study list for browsers without JavaScript."""
@@ -178,17 +215,31 @@ def viewer_shell(request: Request, share_token: str, share: ShareRecord,
     text = TEXT[lang]
     root = f"/s/{share_token}"
     attributes = {
-        "data-root": root, "data-lang": lang, "data-expires": share.expires_at.isoformat(),
-        "data-note": share.note, "data-download": "1" if share.allow_download else "",
+        "data-root": root,
+        "data-lang": lang,
+        "data-expires": share.expires_at.isoformat(),
+        "data-note": share.note,
+        "data-download": "1" if share.allow_download else "",
         # Ciphertext: the key is in the link's fragment, read by the viewer, never sent here.
         "data-context": share.sealed_context,
         "data-uses": "" if share.max_uses is None else f"{share.uses}/{share.max_uses}",
     }
     data = " ".join(f'{name}="{html.escape(value)}"' for name, value in attributes.items())
-    body = (f'<div id="viewer" {data}><p class="loading">{text["loading"]}</p></div>'
-            f'<noscript><main>{_note(lang, share)}<p>{text["noscript"]}</p>{fallback}</main></noscript>')
+    body = (
+        f'<div id="viewer" {data}><p class="loading">{text["loading"]}</p></div>'
+        f"<noscript><main>{_note(lang, share)}<p>{text['noscript']}</p>{fallback}</main></noscript>"
+    )
     head = '<script type="module" src="/static/viewer/viewer.js"></script>'
     return page(lang, text["title"], body, path="", head=head, body_class="viewer-page")
 
 
-__all__ = ["CSP", "LANGUAGES", "TEXT", "error_page", "language", "open_form", "page", "viewer_shell"]
+__all__ = [
+    "CSP",
+    "LANGUAGES",
+    "TEXT",
+    "error_page",
+    "language",
+    "open_form",
+    "page",
+    "viewer_shell",
+]

@@ -74,8 +74,9 @@ class TrustedProxies:
             headers = scope.get("headers") or []
             forwarded = ",".join(v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for")
             scope = {**scope, "client": (forwarded_client(client[0], forwarded, self.trusted), 0)}
-            proto = [v.decode("latin-1").strip().lower() for k, v in headers
-                     if k == b"x-forwarded-proto"]
+            proto = [
+                v.decode("latin-1").strip().lower() for k, v in headers if k == b"x-forwarded-proto"
+            ]
             if proto and proto[-1] in ("http", "https"):
                 scope["scheme"] = proto[-1]
         await self.app(scope, receive, send)

@@ -30,8 +30,15 @@ class RequestLimits:
     max_header_count: int = 100
 
     def __post_init__(self) -> None:
-        if min(self.max_url_bytes, self.max_header_bytes, self.max_single_header_bytes,
-               self.max_header_count) < 1:
+        if (
+            min(
+                self.max_url_bytes,
+                self.max_header_bytes,
+                self.max_single_header_bytes,
+                self.max_header_count,
+            )
+            < 1
+        ):
             raise ValueError("request limits must be positive")
 
     def refusal(self, scope: Scope) -> tuple[int, str, str] | None:
@@ -42,18 +49,23 @@ class RequestLimits:
             return 414, "uri_too_long", f"the URL is longer than {self.max_url_bytes} bytes"
         headers = scope.get("headers", [])
         if len(headers) > self.max_header_count:
-            return (431, "headers_too_large",
-                    f"more than {self.max_header_count} header fields")
+            return (431, "headers_too_large", f"more than {self.max_header_count} header fields")
         total = 0
         for name, value in headers:
             size = len(name) + len(value)
             if size > self.max_single_header_bytes:
-                return (431, "headers_too_large",
-                        f"a header field is longer than {self.max_single_header_bytes} bytes")
+                return (
+                    431,
+                    "headers_too_large",
+                    f"a header field is longer than {self.max_single_header_bytes} bytes",
+                )
             total += size
         if total > self.max_header_bytes:
-            return (431, "headers_too_large",
-                    f"the header fields are longer than {self.max_header_bytes} bytes together")
+            return (
+                431,
+                "headers_too_large",
+                f"the header fields are longer than {self.max_header_bytes} bytes together",
+            )
         return None
 
 
@@ -70,8 +82,9 @@ class RequestLimitsMiddleware:
             if refused is not None:
                 status, code, message = refused
                 # Not stored: the same URL may be fine once the limits change.
-                response = JSONResponse(error_body(code, message), status,
-                                        headers={"Cache-Control": "no-store"})
+                response = JSONResponse(
+                    error_body(code, message), status, headers={"Cache-Control": "no-store"}
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

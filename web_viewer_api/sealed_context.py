@@ -27,8 +27,14 @@ __all__ = ["AAD", "FIELDS", "MAX_SEALED_LENGTH", "check_sealed", "seal", "unseal
 
 AAD = b"dicom-gateway share context v1"
 #: What the viewer shows first, in this order (other keys follow, as given).
-FIELDS = ("patient_name", "patient_birth_date", "patient_id", "exam_date", "clinical_question",
-          "comment")
+FIELDS = (
+    "patient_name",
+    "patient_birth_date",
+    "patient_id",
+    "exam_date",
+    "clinical_question",
+    "comment",
+)
 #: Largest sealed context accepted (about 12 KB of text once encrypted).
 MAX_SEALED_LENGTH = 16_384
 _SEALED = re.compile(r"^v1\.[A-Za-z0-9_-]{16}\.[A-Za-z0-9_-]{22,}$")
@@ -44,8 +50,9 @@ def _unb64(text: str) -> bytes:
 
 def seal(context: Mapping[str, str]) -> tuple[str, str]:
     """(sealed context, key) for a context of strings; done at the producing site."""
-    if not context or not all(isinstance(k, str) and isinstance(v, str)
-                              for k, v in context.items()):
+    if not context or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in context.items()
+    ):
         raise ValueError("the context is a non-empty object of text values")
     key = AESGCM.generate_key(bit_length=256)
     iv = secrets.token_bytes(12)
@@ -66,6 +73,8 @@ def unseal(sealed: str, key: str) -> dict[str, str]:
 def check_sealed(sealed: str) -> str:
     """`sealed` if it has the sealed form (a server can check no more: it has no key)."""
     if len(sealed) > MAX_SEALED_LENGTH or not _SEALED.match(sealed):
-        raise ValueError("sealed_context: expected v1.<iv>.<ciphertext> (base64url), "
-                         f"at most {MAX_SEALED_LENGTH} characters")
+        raise ValueError(
+            "sealed_context: expected v1.<iv>.<ciphertext> (base64url), "
+            f"at most {MAX_SEALED_LENGTH} characters"
+        )
     return sealed

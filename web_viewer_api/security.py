@@ -50,11 +50,14 @@ def split_api_key(presented: str) -> str | None:
 def hash_pin(pin: str) -> str:
     """`scrypt$N$r$p$salt$hash` of a PIN or password, with a fresh 16-byte salt."""
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(pin.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P,
-                            dklen=32)
+    digest = hashlib.scrypt(
+        pin.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32
+    )
     encode = base64.urlsafe_b64encode
-    return (f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}$"
-            f"{encode(salt).decode()}${encode(digest).decode()}")
+    return (
+        f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}$"
+        f"{encode(salt).decode()}${encode(digest).decode()}"
+    )
 
 
 def verify_pin(pin: str, stored: str) -> bool:
@@ -63,8 +66,14 @@ def verify_pin(pin: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        computed = hashlib.scrypt(pin.encode(), salt=base64.urlsafe_b64decode(salt), n=int(n),
-                                  r=int(r), p=int(p), dklen=32)
+        computed = hashlib.scrypt(
+            pin.encode(),
+            salt=base64.urlsafe_b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=32,
+        )
     except ValueError:
         return False
     return hmac.compare_digest(computed, base64.urlsafe_b64decode(digest))

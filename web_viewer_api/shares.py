@@ -65,8 +65,13 @@ class WrongPin(ApiError):
 
 
 class ShareService:
-    def __init__(self, access: AccessRepository, index: IndexRepository, policy: SharePolicy,
-                 clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        access: AccessRepository,
+        index: IndexRepository,
+        policy: SharePolicy,
+        clock: Clock = utc_now,
+    ) -> None:
         self.access, self.index, self.policy = access, index, policy
         self.clock = clock
 
@@ -80,10 +85,13 @@ class ShareService:
         if request.expires_in <= dt.timedelta(0):
             raise BadRequest("expires_in must be positive")
         if request.expires_in > self.policy.max_expiry:
-            raise BadRequest(f"expires_in is longer than the maximum of "
-                             f"{int(self.policy.max_expiry.total_seconds())} s")
-        if request.pin is not None and (len(request.pin) < self.policy.min_pin_length
-                                        or len(request.pin) > 128):
+            raise BadRequest(
+                f"expires_in is longer than the maximum of "
+                f"{int(self.policy.max_expiry.total_seconds())} s"
+            )
+        if request.pin is not None and (
+            len(request.pin) < self.policy.min_pin_length or len(request.pin) > 128
+        ):
             raise BadRequest(f"pin: {self.policy.min_pin_length} to 128 characters")
         if request.max_uses is not None and request.max_uses < 1:
             raise BadRequest("max_uses must be at least 1")
@@ -93,29 +101,47 @@ class ShareService:
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
         scope = AccessScope(site_ids=request.site_ids)
-        found = {s.study_instance_uid for s in QueryRetrieve(self.index).search_for_studies(
-            scope, StudyQuery(study_instance_uids=studies, limit=len(studies)))}
+        found = {
+            s.study_instance_uid
+            for s in QueryRetrieve(self.index).search_for_studies(
+                scope, StudyQuery(study_instance_uids=studies, limit=len(studies))
+            )
+        }
         missing = [uid for uid in studies if uid not in found]
         if missing:
             raise NotFound(f"no such study: {missing[0]}")
-        items = [ShareItemRecord(uid) for uid in studies
-                 if not any(study == uid for study, _ in request.series)]
+        items = [
+            ShareItemRecord(uid)
+            for uid in studies
+            if not any(study == uid for study, _ in request.series)
+        ]
         for study, series in dict.fromkeys(request.series):
-            if study not in found or not self.index.search_instances(InstanceQuery(
-                    study_instance_uid=study, series_instance_uid=series, limit=1)):
+            if study not in found or not self.index.search_instances(
+                InstanceQuery(study_instance_uid=study, series_instance_uid=series, limit=1)
+            ):
                 raise NotFound(f"no such series in the shared studies: {series}")
             items.append(ShareItemRecord(study, series))
         now = self.clock()
         token = new_token()
         share = ShareRecord(
-            share_id=secrets.token_hex(8), created_at=now, created_by=request.created_by,
-            expires_at=now + request.expires_in, revoked_at=None,
-            pin_hash=hash_pin(request.pin) if request.pin else None, pin_failures=0,
-            locked_at=None, max_uses=request.max_uses, uses=0,
-            allow_download=request.allow_download, recipient=request.recipient[:256],
-            recipient_email=request.recipient_email[:256], note=request.note[:4000],
-            site_ids=request.site_ids, items=tuple(items),
-            sealed_context=request.sealed_context)
+            share_id=secrets.token_hex(8),
+            created_at=now,
+            created_by=request.created_by,
+            expires_at=now + request.expires_in,
+            revoked_at=None,
+            pin_hash=hash_pin(request.pin) if request.pin else None,
+            pin_failures=0,
+            locked_at=None,
+            max_uses=request.max_uses,
+            uses=0,
+            allow_download=request.allow_download,
+            recipient=request.recipient[:256],
+            recipient_email=request.recipient_email[:256],
+            note=request.note[:4000],
+            site_ids=request.site_ids,
+            items=tuple(items),
+            sealed_context=request.sealed_context,
+        )
         self.access.add_share(share, sha256_hex(token))
         return CreatedShare(share, token, f"{base_url.rstrip('/')}/s/{token}")
 
@@ -132,8 +158,9 @@ class ShareService:
         self.access.revoke_share(share_id, self.clock())
         return self.get(share_id)
 
-    def open_session(self, share: ShareRecord, pin: str | None,
-                     previous: str | None = None) -> tuple[str, dt.datetime]:
+    def open_session(
+        self, share: ShareRecord, pin: str | None, previous: str | None = None
+    ) -> tuple[str, dt.datetime]:
         """Check the PIN (when the share has one), count one use, and return a new viewer
         session id (for the cookie) with its expiry. A browser whose session of this share
         ended (`previous`: its cookie) reopens it after the PIN without counting a use.
@@ -150,8 +177,9 @@ class ShareService:
             # the lock allows.
             if not self.access.reserve_pin_attempt(share.share_id, lock_after):
                 check_usable(self.get(share.share_id), now)  # raises: locked
-                raise RateLimited("other PIN attempts on this share are being checked; try again",
-                                  retry_after=1)
+                raise RateLimited(
+                    "other PIN attempts on this share are being checked; try again", retry_after=1
+                )
             if not pin or not verify_pin(pin, share.pin_hash):
                 failures = self.access.pin_attempt_failed(share.share_id, lock_after, now)
                 left = lock_after - failures
@@ -161,8 +189,13 @@ class ShareService:
             self.access.pin_attempt_succeeded(share.share_id)
         session = new_token()
         expires = min(now + self.policy.session_lifetime, share.expires_at)
-        if not self.access.open_session(share.share_id, sha256_hex(session), now, expires,
-                                        sha256_hex(previous) if previous else None):
+        if not self.access.open_session(
+            share.share_id,
+            sha256_hex(session),
+            now,
+            expires,
+            sha256_hex(previous) if previous else None,
+        ):
             current = self.get(share.share_id)
             check_usable(current, now)
             raise Gone("this share link has been used the maximum number of times")

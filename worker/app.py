@@ -60,15 +60,17 @@ def create_celery_app(
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
         task_default_queue=queue,
-        task_routes={name: {"queue": queue}
-                     for name in (INGEST_TASK, COMPLETE_STUDY_TASK, WEBHOOK_TASK)},
+        task_routes={
+            name: {"queue": queue} for name in (INGEST_TASK, COMPLETE_STUDY_TASK, WEBHOOK_TASK)
+        },
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options or {},
         # kombu's own filesystem transport can lose a message to a polling consumer.
-        broker_transport=(ATOMIC_FILESYSTEM_TRANSPORT
-                          if broker_url.startswith("filesystem:") else None),
+        broker_transport=(
+            ATOMIC_FILESYSTEM_TRANSPORT if broker_url.startswith("filesystem:") else None
+        ),
         task_serializer="json",
         accept_content=["json"],
         enable_utc=True,

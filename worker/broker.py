@@ -159,8 +159,11 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
                 for name in names:
                     recovered += self._requeue(os.path.join(folder, name), name.split(".", 2)[2])
         if recovered:
-            log.warning("broker: %d message(s) taken by a process that died unacknowledged "
-                        "are queued again", recovered)
+            log.warning(
+                "broker: %d message(s) taken by a process that died unacknowledged "
+                "are queued again",
+                recovered,
+            )
 
     def _requeue(self, claimed: str, original: str) -> int:
         try:
@@ -236,8 +239,11 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         """The message files of exactly this queue, oldest first (`<ms>_<uuid>.<queue>.msg`;
         kombu's substring test would also take queue `b.a`'s for queue `a`)."""
         wanted = f"{queue}.msg"
-        return [name for name in sorted(os.listdir(self.data_folder_in))
-                if name.partition(".")[2] == wanted]
+        return [
+            name
+            for name in sorted(os.listdir(self.data_folder_in))
+            if name.partition(".")[2] == wanted
+        ]
 
     def _get(self, queue: str) -> Any:
         for name in self._messages(queue):
@@ -254,7 +260,9 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
                 os.rename(source, claimed)
             except FileNotFoundError:
                 if os.path.exists(source):  # the processed folder is gone: say so, loudly
-                    raise ChannelError(f"broker folder {self.processed_folder!r} is missing") from None
+                    raise ChannelError(
+                        f"broker folder {self.processed_folder!r} is missing"
+                    ) from None
                 continue  # another consumer took it
             except OSError as exc:
                 raise ChannelError(f"cannot claim message {name!r}") from exc

@@ -90,16 +90,23 @@ class StudyCompletion:
                 json.loads(self.store.get(instance_metadata_key(study_uid, series_uid, sop)))
                 for sop, _cls, _key in members
             ]
-            self.store.put(series_metadata_key(study_uid, series_uid),
-                           json.dumps(documents).encode(), content_type="application/dicom+json")
+            self.store.put(
+                series_metadata_key(study_uid, series_uid),
+                json.dumps(documents).encode(),
+                content_type="application/dicom+json",
+            )
             # Headers: bulk data (pixels) stays in the objects; an empty value marks it present.
-            series_headers = [Dataset.from_json(d, bulk_data_uri_handler=_bulk_data_not_read)
-                              for d in documents]
+            series_headers = [
+                Dataset.from_json(d, bulk_data_uri_handler=_bulk_data_not_read) for d in documents
+            ]
             headers.extend(series_headers)
             modalities |= {str(h.get("Modality", "")) for h in series_headers if h.get("Modality")}
             self._thumbnail(study_uid, series_uid, series_headers, members)
-        retrieve_url = (f"{self.retrieve_url_base.rstrip('/')}/studies/{study_uid}"
-                        if self.retrieve_url_base else None)
+        retrieve_url = (
+            f"{self.retrieve_url_base.rstrip('/')}/studies/{study_uid}"
+            if self.retrieve_url_base
+            else None
+        )
         manifest = build_kos_manifest(
             headers,
             manifest_series_instance_uid=derived_uid("kos-series", study_uid),
@@ -113,8 +120,13 @@ class StudyCompletion:
         self.index.mark_completed(study_uid, instance_count)
         log.info("study completed: %d instances, %d series", instance_count, len(by_series))
 
-    def _thumbnail(self, study_uid: str, series_uid: str, headers: list[Dataset],
-                   members: list[tuple[str, str, str]]) -> None:
+    def _thumbnail(
+        self,
+        study_uid: str,
+        series_uid: str,
+        headers: list[Dataset],
+        members: list[tuple[str, str, str]],
+    ) -> None:
         try:
             chosen = choose_series_thumbnail_instance(headers)
         except DerivedObjectError:
@@ -126,11 +138,11 @@ class StudyCompletion:
         except (RenderError, ValueError, RuntimeError, NotImplementedError) as exc:
             log.warning("thumbnail not rendered (%s)", type(exc).__name__)
             return
-        self.store.put(series_thumbnail_key(study_uid, series_uid), png,
-                       content_type="image/png")
+        self.store.put(series_thumbnail_key(study_uid, series_uid), png, content_type="image/png")
 
-    def _emit(self, study_uid: str, count: int, series: int, modalities: list[str],
-              header: Dataset) -> None:
+    def _emit(
+        self, study_uid: str, count: int, series: int, modalities: list[str], header: Dataset
+    ) -> None:
         if not self.webhooks or self.deliver is None:
             return
         event: dict[str, Any] = {

@@ -156,7 +156,10 @@ def _latest_evidence_datetime(evidence: Iterable[Dataset]) -> dt.datetime:
     moments = [
         moment
         for ds in evidence
-        for date_keyword, time_keyword in (("ContentDate", "ContentTime"), ("StudyDate", "StudyTime"))
+        for date_keyword, time_keyword in (
+            ("ContentDate", "ContentTime"),
+            ("StudyDate", "StudyTime"),
+        )
         if (moment := _parse_datetime(ds.get(date_keyword), ds.get(time_keyword))) is not None
     ]
     return max(moments, default=FALLBACK_CONTENT_DATETIME)
@@ -190,7 +193,10 @@ def _select_instances(
         if missing:
             raise DerivedObjectError(f"instance #{position} lacks {', '.join(missing)}")
         sop_uid = str(ds.SOPInstanceUID)
-        if sop_uid == manifest_sop_instance_uid or ds.SeriesInstanceUID == manifest_series_instance_uid:
+        if (
+            sop_uid == manifest_sop_instance_uid
+            or ds.SeriesInstanceUID == manifest_series_instance_uid
+        ):
             continue  # an earlier version of this very manifest: never reference it
         previous = by_uid.get(sop_uid)
         if previous is not None:
@@ -275,9 +281,7 @@ def build_kos_manifest(
     Raises `DerivedObjectError` for an empty list, instances of more than one study,
     instances lacking the UIDs above, or a UID conflict.
     """
-    instances = _select_instances(
-        datasets, manifest_series_instance_uid, manifest_sop_instance_uid
-    )
+    instances = _select_instances(datasets, manifest_series_instance_uid, manifest_sop_instance_uid)
     if retrieve_ae_title is not None and not 0 < len(retrieve_ae_title.strip()) <= 16:
         raise DerivedObjectError(f"invalid Retrieve AE Title {retrieve_ae_title!r}")
     evidence = [_evidence_item(ds) for ds in instances]

@@ -49,10 +49,16 @@ def encode_event(event: dict[str, Any]) -> bytes:
 def deliver(webhook: Webhook, event_type: str, delivery_id: str, body: bytes) -> int:
     """POST one event; return the HTTP status, raise WebhookDeliveryError to be retried."""
     request = urllib.request.Request(
-        webhook.url, data=body, method="POST",
-        headers={"Content-Type": "application/json", EVENT_HEADER: event_type,
-                 DELIVERY_HEADER: delivery_id, SIGNATURE_HEADER: sign(webhook.secret, body),
-                 "User-Agent": "dicom-gateway"},
+        webhook.url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            EVENT_HEADER: event_type,
+            DELIVERY_HEADER: delivery_id,
+            SIGNATURE_HEADER: sign(webhook.secret, body),
+            "User-Agent": "dicom-gateway",
+        },
     )
     try:
         # the URL's scheme is checked when the webhook is built (http/https only)

@@ -113,9 +113,16 @@ class InstanceConflict(PipelineError):
     instance is quarantined and a Security Alert audited. Its message names de-identified
     UIDs only."""
 
-    def __init__(self, reason: str, *, study_instance_uid: str, sop_instance_uid: str,
-                 received_sha256: str = "", stored_sha256: str = "",
-                 failure_reason: int = StoreStatus.NOT_AUTHORIZED) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        study_instance_uid: str,
+        sop_instance_uid: str,
+        received_sha256: str = "",
+        stored_sha256: str = "",
+        failure_reason: int = StoreStatus.NOT_AUTHORIZED,
+    ) -> None:
         super().__init__(f"{reason} (SOP Instance {sop_instance_uid})")
         self.reason = reason
         #: For a waiting writer (PS3.4): 0124 refused, 0111 another instance under its UIDs.
@@ -147,8 +154,9 @@ def _checked_name(value: str, what: str) -> str:
     return value
 
 
-def stamp_provenance(dataset: Dataset, site_id: str, source_syntax: str, compression: str,
-                     local_patient_id: str = "") -> None:
+def stamp_provenance(
+    dataset: Dataset, site_id: str, source_syntax: str, compression: str, local_patient_id: str = ""
+) -> None:
     """Record the producing site (when given), the received transfer syntax, the
     compression outcome and the local-ID pseudonym beside the INS (when there is one)."""
     block = dataset.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
@@ -188,13 +196,20 @@ def instance_json(dataset: Dataset, study: str, series: str, sop: str) -> bytes:
     def bulk_uri(element: DataElement) -> str:
         return f"{base}/{int(element.tag):08X}"
 
-    document = dataset.to_json_dict(bulk_data_threshold=_BULK_THRESHOLD,
-                                    bulk_data_element_handler=bulk_uri)
+    document = dataset.to_json_dict(
+        bulk_data_threshold=_BULK_THRESHOLD, bulk_data_element_handler=bulk_uri
+    )
     return json.dumps(document).encode()
 
 
-def record_for(dataset: Dataset, key: str, body: bytes, *, site_id: str | None = None,
-               study_site_id: str | None = None) -> InstanceRecord:
+def record_for(
+    dataset: Dataset,
+    key: str,
+    body: bytes,
+    *,
+    site_id: str | None = None,
+    study_site_id: str | None = None,
+) -> InstanceRecord:
     """The index record of a stored object (used at ingest and by reindex): stored by
     `site_id` (default: the site its provenance names) in a study owned by `study_site_id`
     (default: the same)."""
@@ -214,8 +229,12 @@ def record_for(dataset: Dataset, key: str, body: bytes, *, site_id: str | None =
 
 
 #: What sends an instance to quarantine instead of the archive (never a retried poison task).
-_QUARANTINE: tuple[type[Exception], ...] = (DeidentificationError, InstanceConflict,
-                                            DecodeLimitExceeded, *UNREADABLE_DATASET_ERRORS)
+_QUARANTINE: tuple[type[Exception], ...] = (
+    DeidentificationError,
+    InstanceConflict,
+    DecodeLimitExceeded,
+    *UNREADABLE_DATASET_ERRORS,
+)
 #: What `ingest_batch` settles per instance: a retry of the batch, or a quarantine.
 _SETTLED: tuple[type[Exception], ...] = (StorageError, SQLAlchemyError, *_QUARANTINE)
 #: Encrypted Attributes Sequence: a new random key at each encryption.
@@ -251,8 +270,9 @@ def read_study_owner(store: ObjectStore, study_instance_uid: str) -> StudyOwner 
 def claim_study(store: ObjectStore, study_instance_uid: str, claim: StudyOwner) -> StudyOwner:
     """The study's owner: `claim` if no site owned it yet, else the recorded one."""
     try:
-        store.create(study_owner_key(study_instance_uid), claim.to_bytes(),
-                     content_type="application/json")
+        store.create(
+            study_owner_key(study_instance_uid), claim.to_bytes(), content_type="application/json"
+        )
         return claim
     except AlreadyExists:
         owner = read_study_owner(store, study_instance_uid)
@@ -263,8 +283,9 @@ def claim_study(store: ObjectStore, study_instance_uid: str, claim: StudyOwner) 
 
 #: What de-identification derives from keys another site qualifies differently when the
 #: patient or the accession has no issuer: the pseudonyms, and the dates it shifts.
-_SITE_QUALIFIED = frozenset({0x00100010, 0x00100020, 0x00100021, 0x00101002, 0x00080050,
-                             0x00080051})
+_SITE_QUALIFIED = frozenset(
+    {0x00100010, 0x00100020, 0x00100021, 0x00101002, 0x00080050, 0x00080051}
+)
 _SHIFTED_VRS = frozenset({"DA", "DT", "TM"})
 
 
@@ -273,23 +294,34 @@ def _content_digest(dataset: Dataset, *, across_sites: bool, ignore_private: boo
     differ in (our provenance block, encrypted attributes; `across_sites`: the pseudonyms
     and shifted dates of `_SITE_QUALIFIED`; `ignore_private`: every private attribute, which
     a PACS sending a stored instance back may add); bulk values by their hash."""
+
     def kept(tag: BaseTag) -> bool:
         if tag.group == PRIVATE_GROUP or tag in (_ENCRYPTED_ATTRIBUTES, _PIXEL_DATA):
             return False
         if ignore_private and tag.is_private:
             return False
-        return not across_sites or (tag not in _SITE_QUALIFIED
-                                    and dataset[tag].VR not in _SHIFTED_VRS)
+        return not across_sites or (
+            tag not in _SITE_QUALIFIED and dataset[tag].VR not in _SHIFTED_VRS
+        )
 
-    document = Dataset({tag: element for tag, element in dataset.items() if kept(tag)}
-                       ).to_json_dict(bulk_data_threshold=1024,
-                                      bulk_data_element_handler=lambda element: hashlib.sha256(
-                                          element.value).hexdigest())
+    document = Dataset(
+        {tag: element for tag, element in dataset.items() if kept(tag)}
+    ).to_json_dict(
+        bulk_data_threshold=1024,
+        bulk_data_element_handler=lambda element: hashlib.sha256(element.value).hexdigest(),
+    )
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
-def _check_ownership(known: Ownership, owner: StudyOwner | None, key: str, patient_id: str, *,
-                     study_instance_uid: str, sop_instance_uid: str) -> None:
+def _check_ownership(
+    known: Ownership,
+    owner: StudyOwner | None,
+    key: str,
+    patient_id: str,
+    *,
+    study_instance_uid: str,
+    sop_instance_uid: str,
+) -> None:
     """InstanceConflict when storing this instance under `key` would change what the domain
     holds: an instance stored under another key, a new instance in a study of another
     patient pseudonym, a series of another study. A stored instance sent again passes:
@@ -304,20 +336,22 @@ def _check_ownership(known: Ownership, owner: StudyOwner | None, key: str, patie
     elif known.series_study_instance_uid not in (None, study_instance_uid):
         conflict = "the series is stored in another study"
     if conflict is not None:
-        raise InstanceConflict(conflict, study_instance_uid=study_instance_uid,
-                               sop_instance_uid=sop_instance_uid)
+        raise InstanceConflict(
+            conflict, study_instance_uid=study_instance_uid, sop_instance_uid=sop_instance_uid
+        )
 
 
-def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = False,
-                  ignore_private: bool = False) -> bool:
+def same_instance(
+    stored: Dataset, received: Dataset, *, across_sites: bool = False, ignore_private: bool = False
+) -> bool:
     """Whether two stores of an instance hold the same thing: equal attributes, and pixel
     data equal as bytes or, when encoded differently (say, a re-send in another transfer
     syntax that was kept as sent), as decoded pixels. `across_sites`: stored by another
     site, whose pseudonyms and date shift may be qualified by that site (no issuer).
     `ignore_private`: private attributes aside (a PACS sending a stored instance back)."""
-    if (_content_digest(stored, across_sites=across_sites, ignore_private=ignore_private)
-            != _content_digest(received, across_sites=across_sites,
-                               ignore_private=ignore_private)):
+    if _content_digest(
+        stored, across_sites=across_sites, ignore_private=ignore_private
+    ) != _content_digest(received, across_sites=across_sites, ignore_private=ignore_private):
         return False
     stored_pixels, received_pixels = stored.get("PixelData"), received.get("PixelData")
     if stored_pixels is None or received_pixels is None:
@@ -330,20 +364,22 @@ def same_instance(stored: Dataset, received: Dataset, *, across_sites: bool = Fa
         return False
 
 
-
-
 def _failure_of(exc: Exception) -> tuple[int, str]:
     """(failure reason, explanation) of a quarantined instance; the explanation names no
     value of the instance."""
     if isinstance(exc, InstanceConflict):
         return exc.failure_reason, exc.reason
     if isinstance(exc, BurnedInAnnotationRisk):
-        return StoreStatus.NOT_AUTHORIZED, ("its pixels may show identity (burned-in annotation) and no pixel "
-                          "mask is configured for it: it cannot leave the site")
+        return StoreStatus.NOT_AUTHORIZED, (
+            "its pixels may show identity (burned-in annotation) and no pixel "
+            "mask is configured for it: it cannot leave the site"
+        )
     if isinstance(exc, DecodeLimitExceeded):  # sizes only: no value of the instance
         return StoreStatus.OUT_OF_RESOURCES, f"refused before decoding: {str(exc)[:300]}"
     if isinstance(exc, DeidentificationError):
-        return StoreStatus.NOT_AUTHORIZED if isinstance(exc, NotOfTheDomain) else StoreStatus.CANNOT_UNDERSTAND, str(exc)[:300]
+        return StoreStatus.NOT_AUTHORIZED if isinstance(
+            exc, NotOfTheDomain
+        ) else StoreStatus.CANNOT_UNDERSTAND, str(exc)[:300]
     return StoreStatus.CANNOT_UNDERSTAND, f"the data set cannot be read ({type(exc).__name__})"
 
 
@@ -372,10 +408,13 @@ def _withheld_reason(exc: Exception) -> str | None:
 
 def _stored_outcome(dataset: Dataset, coerced: bool) -> InstanceOutcome:
     return InstanceOutcome(
-        stored=True, sop_class_uid=str(dataset.SOPClassUID),
+        stored=True,
+        sop_class_uid=str(dataset.SOPClassUID),
         study_instance_uid=str(dataset.StudyInstanceUID),
         series_instance_uid=str(dataset.SeriesInstanceUID),
-        sop_instance_uid=str(dataset.SOPInstanceUID), coerced=coerced)
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        coerced=coerced,
+    )
 
 
 @dataclass(frozen=True)
@@ -397,11 +436,13 @@ class _Prepared:
 def _raise(exc: BaseException) -> Callable[[], tuple[InstanceRecord, InstanceOutcome]]:
     def result() -> tuple[InstanceRecord, InstanceOutcome]:
         raise exc
+
     return result
 
 
-def _value(done: tuple[InstanceRecord, InstanceOutcome]
-           ) -> Callable[[], tuple[InstanceRecord, InstanceOutcome]]:
+def _value(
+    done: tuple[InstanceRecord, InstanceOutcome],
+) -> Callable[[], tuple[InstanceRecord, InstanceOutcome]]:
     return lambda: done
 
 
@@ -439,7 +480,9 @@ class IngestPipeline:
         done: list[Path] = []
         owners: dict[str, StudyOwner] = {}
 
-        def settle(path: Path, result: Callable[[], tuple[InstanceRecord, InstanceOutcome]]) -> None:
+        def settle(
+            path: Path, result: Callable[[], tuple[InstanceRecord, InstanceOutcome]]
+        ) -> None:
             try:
                 record, outcome = result()
             except (StorageError, SQLAlchemyError) as exc:
@@ -491,7 +534,11 @@ class IngestPipeline:
         report.seconds = time.perf_counter() - started
         log.info(
             "batch %s/%s: %d stored, %d quarantined in %.3fs",
-            site_id, batch_id, report.stored, report.quarantined, report.seconds,
+            site_id,
+            batch_id,
+            report.stored,
+            report.quarantined,
+            report.seconds,
         )
         return report
 
@@ -507,30 +554,38 @@ class IngestPipeline:
                 except (OSError, ValueError):
                     continue
                 reply.instances[name] = InstanceOutcome(
-                    stored=False, sop_class_uid=str(reason.get("sop_class_uid", "")),
+                    stored=False,
+                    sop_class_uid=str(reason.get("sop_class_uid", "")),
                     failure_reason=int(reason.get("failure_reason", StoreStatus.CANNOT_UNDERSTAND)),
-                    reason=str(reason.get("explanation", "")))
+                    reason=str(reason.get("explanation", "")),
+                )
         try:
             write_reply(self.spool_root, site_id, batch_id, reply)
         except OSError as exc:  # the writer then says the instances are still processed
             log.error("batch %s/%s: reply not written (%s)", site_id, batch_id, type(exc).__name__)
 
-    def _prepare_file(self, path: Path, site_id: str, owners: dict[str, StudyOwner]
-                      ) -> _Prepared | tuple[InstanceRecord, InstanceOutcome]:
+    def _prepare_file(
+        self, path: Path, site_id: str, owners: dict[str, StudyOwner]
+    ) -> _Prepared | tuple[InstanceRecord, InstanceOutcome]:
         """Everything before the writes: read, recognise, de-identify, check ownership,
         compress, encode, claim the study. A stored instance sent back is answered here."""
         dataset: Dataset = read_bounded(path, self.decode_limits)
         source_syntax = str(dataset.file_meta.TransferSyntaxUID)
         # The batch's site qualifies local identifiers: two hospitals' "12345" differ.
-        policy = (self.policy if site_id == self.policy.site_id
-                  else dataclasses.replace(self.policy, site_id=site_id))
+        policy = (
+            self.policy
+            if site_id == self.policy.site_id
+            else dataclasses.replace(self.policy, site_id=site_id)
+        )
         local_patient_id = ""  # the local ID's pseudonym beside the INS, for lookups
         written_back = self._domain_of(dataset, owners)
         known: Ownership | None = None
         if written_back is None:
             if self.region:
-                raise NotOfTheDomain("not an object of the domain: the region takes only "
-                                     "write-backs into the studies it stores")
+                raise NotOfTheDomain(
+                    "not an object of the domain: the region takes only "
+                    "write-backs into the studies it stores"
+                )
             local_patient_id = deidentify(dataset, policy).local_patient_id
             coerced = True
         else:
@@ -542,39 +597,51 @@ class IngestPipeline:
                 raise InstanceConflict(
                     "the study belongs to another site: write back through the regional API",
                     study_instance_uid=str(dataset.StudyInstanceUID),
-                    sop_instance_uid=str(dataset.SOPInstanceUID))
+                    sop_instance_uid=str(dataset.SOPInstanceUID),
+                )
             before = _content_digest(dataset, across_sites=False)
             deidentify(dataset, policy, domain=identity)
             coerced = _content_digest(dataset, across_sites=False) != before
-        study, series, sop = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
-                              str(dataset.SOPInstanceUID))
+        study, series, sop = (
+            str(dataset.StudyInstanceUID),
+            str(dataset.SeriesInstanceUID),
+            str(dataset.SOPInstanceUID),
+        )
         key = instance_key(study, series, sop)
         patient_id = str(dataset.get("PatientID", "") or "")
-        if known is None:  # de-identified under new UIDs (a write-back keeps those it was read under)
+        if (
+            known is None
+        ):  # de-identified under new UIDs (a write-back keeps those it was read under)
             known = self.index.ownership(study, series, sop)
         owner = self._known_owner(study, known, owners)
-        _check_ownership(known, owner, key, patient_id, study_instance_uid=study,
-                         sop_instance_uid=sop)
+        _check_ownership(
+            known, owner, key, patient_id, study_instance_uid=study, sop_instance_uid=sop
+        )
         compression = "none"
         if self.codec is not None:
             outcome = transcode_lossless(dataset, self.codec, self.decode_limits)
-            compression = (self.codec.value if outcome.status is TranscodeStatus.COMPRESSED
-                           else outcome.status.value)
+            compression = (
+                self.codec.value
+                if outcome.status is TranscodeStatus.COMPRESSED
+                else outcome.status.value
+            )
             if outcome.status is TranscodeStatus.VERIFICATION_FAILED:
-                log.error("lossless verification failed; original syntax stored (%s)",
-                          outcome.reason)
+                log.error(
+                    "lossless verification failed; original syntax stored (%s)", outcome.reason
+                )
         # The site is named in objects only when institution identity is retained.
         retains_site = ProfileOption.RETAIN_INSTITUTION_IDENTITY in policy.options
-        stamp_provenance(dataset, site_id if retains_site else "", source_syntax, compression,
-                         local_patient_id)
+        stamp_provenance(
+            dataset, site_id if retains_site else "", source_syntax, compression, local_patient_id
+        )
         body = encode_dataset(dataset)
         if owner is None:  # claimed only now: an instance refused above claims nothing
             owner = owners[study] = claim_study(self.store, study, StudyOwner(site_id, patient_id))
             # Another site claimed it since, for another patient: nothing of ours is written.
-            _check_ownership(known, owner, key, patient_id, study_instance_uid=study,
-                             sop_instance_uid=sop)
-        return _Prepared(key, dataset, body, study, series, sop, site_id, owner.site_id,
-                         coerced)
+            _check_ownership(
+                known, owner, key, patient_id, study_instance_uid=study, sop_instance_uid=sop
+            )
+        return _Prepared(key, dataset, body, study, series, sop, site_id, owner.site_id, coerced)
 
     def _write_instance(self, prepared: _Prepared) -> tuple[InstanceRecord, InstanceOutcome]:
         """The object and its DICOM JSON, each written once; the index record."""
@@ -583,20 +650,29 @@ class IngestPipeline:
             self.store.create(prepared.key, body)
         except AlreadyExists:
             dataset, body = self._stored_twin(
-                prepared.key, dataset, body, across_sites=prepared.study_site_id != prepared.site_id)
+                prepared.key, dataset, body, across_sites=prepared.study_site_id != prepared.site_id
+            )
         study, series, sop = prepared.study, prepared.series, prepared.sop
         try:  # written once too: a retry finds it, a conflict never reaches here
-            self.store.create(instance_metadata_key(study, series, sop),
-                              instance_json(dataset, study, series, sop),
-                              content_type="application/dicom+json")
+            self.store.create(
+                instance_metadata_key(study, series, sop),
+                instance_json(dataset, study, series, sop),
+                content_type="application/dicom+json",
+            )
         except AlreadyExists:
             pass
-        record = record_for(dataset, prepared.key, body, site_id=prepared.site_id,
-                            study_site_id=prepared.study_site_id)
+        record = record_for(
+            dataset,
+            prepared.key,
+            body,
+            site_id=prepared.site_id,
+            study_site_id=prepared.study_site_id,
+        )
         return record, _stored_outcome(dataset, prepared.coerced)
 
-    def _domain_of(self, dataset: Dataset, owners: dict[str, StudyOwner]
-                   ) -> tuple[DomainIdentity, StudyOwner, Ownership] | None:
+    def _domain_of(
+        self, dataset: Dataset, owners: dict[str, StudyOwner]
+    ) -> tuple[DomainIdentity, StudyOwner, Ownership] | None:
         """The stored study an object belongs to, when it is of this pseudonymization domain
         already: its Study Instance UID is a stored study's (the domain's keyed UIDs are
         never an original's) and its Patient ID that study's patient pseudonym, as the
@@ -606,18 +682,25 @@ class IngestPipeline:
         patient_id = str(dataset.get("PatientID", "") or "").strip()
         if not (study and PseudonymKeys.is_patient_pseudonym(patient_id)):
             return None  # not a pseudonym: no stored study is this object's (no index query)
-        known = self.index.ownership(study, str(dataset.get("SeriesInstanceUID", "") or ""),
-                                     str(dataset.get("SOPInstanceUID", "") or ""))
+        known = self.index.ownership(
+            study,
+            str(dataset.get("SeriesInstanceUID", "") or ""),
+            str(dataset.get("SOPInstanceUID", "") or ""),
+        )
         if known.study_site_id is None:
             return None
         owner = self._known_owner(study, known, owners)
         if owner is None or owner.patient_id != patient_id:
             return None
-        return (DomainIdentity(patient_id, known.study_accession_number, known.study_date),
-                owner, known)
+        return (
+            DomainIdentity(patient_id, known.study_accession_number, known.study_date),
+            owner,
+            known,
+        )
 
-    def _returned_instance(self, dataset: Dataset, site_id: str, owner: StudyOwner,
-                           known: Ownership) -> tuple[InstanceRecord, InstanceOutcome] | None:
+    def _returned_instance(
+        self, dataset: Dataset, site_id: str, owner: StudyOwner, known: Ownership
+    ) -> tuple[InstanceRecord, InstanceOutcome] | None:
         """A stored instance sent back as it was retrieved (a PACS re-sending, a viewer
         storing what it loaded): an idempotent success, nothing added; None otherwise.
         `known`: what the index holds of its UIDs."""
@@ -627,25 +710,29 @@ class IngestPipeline:
         stored = pydicom.dcmread(BytesIO(body))
         if not same_instance(stored, dataset, ignore_private=True):
             return None  # cleaned, then compared again (a retried write-back) or a conflict
-        record = record_for(stored, known.instance_object_key, body, site_id=site_id,
-                            study_site_id=owner.site_id)
+        record = record_for(
+            stored, known.instance_object_key, body, site_id=site_id, study_site_id=owner.site_id
+        )
         return record, _stored_outcome(stored, coerced=False)
 
-    def _known_owner(self, study: str, known: Ownership,
-                     owners: dict[str, StudyOwner]) -> StudyOwner | None:
+    def _known_owner(
+        self, study: str, known: Ownership, owners: dict[str, StudyOwner]
+    ) -> StudyOwner | None:
         """The study's owner if it has one yet (read, never written here): from this
         batch, its owner record, or — a study indexed before owners were recorded — the
         index, whose owner is then recorded."""
         owner = owners.get(study) or read_study_owner(self.store, study)
         if owner is None and known.study_site_id is not None:
-            owner = claim_study(self.store, study, StudyOwner(known.study_site_id,
-                                                              known.study_patient_id or ""))
+            owner = claim_study(
+                self.store, study, StudyOwner(known.study_site_id, known.study_patient_id or "")
+            )
         if owner is not None:
             owners[study] = owner
         return owner
 
-    def _stored_twin(self, key: str, dataset: Dataset, body: bytes, *,
-                     across_sites: bool) -> tuple[Dataset, bytes]:
+    def _stored_twin(
+        self, key: str, dataset: Dataset, body: bytes, *, across_sites: bool
+    ) -> tuple[Dataset, bytes]:
         """The stored object under `key` when it holds the same instance as `dataset` (a
         re-send, a retried batch, the study imported at another site): indexed as stored,
         nothing changed. InstanceConflict otherwise."""
@@ -658,9 +745,11 @@ class IngestPipeline:
         raise InstanceConflict(
             "a different instance is stored under these UIDs",
             study_instance_uid=str(dataset.StudyInstanceUID),
-            sop_instance_uid=str(dataset.SOPInstanceUID), failure_reason=StoreStatus.DUPLICATE_SOP_INSTANCE,
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            failure_reason=StoreStatus.DUPLICATE_SOP_INSTANCE,
             received_sha256=hashlib.sha256(body).hexdigest(),
-            stored_sha256=hashlib.sha256(stored).hexdigest())
+            stored_sha256=hashlib.sha256(stored).hexdigest(),
+        )
 
     def _alert(self, site_id: str, conflict: InstanceConflict) -> None:
         """A Security Alert (PS3.15 A.5.3, EventID 110113) in the audit trail."""
@@ -669,29 +758,40 @@ class IngestPipeline:
             return
         detail = {"reason": conflict.reason, "sop_instance_uid": conflict.sop_instance_uid}
         if conflict.stored_sha256:
-            detail.update(stored_sha256=conflict.stored_sha256,
-                          received_sha256=conflict.received_sha256)
+            detail.update(
+                stored_sha256=conflict.stored_sha256, received_sha256=conflict.received_sha256
+            )
         code, verb = WORKER_ACTIONS["instance.conflict"]
         alert = AuditEntry(
-            at=dt.datetime.now(dt.UTC), action="instance.conflict", event_code=code,
-            event_action=verb, outcome=4, actor=f"site:{site_id}",
-            resource=conflict.sop_instance_uid, study_instance_uid=conflict.study_instance_uid,
-            detail=json.dumps(detail))
+            at=dt.datetime.now(dt.UTC),
+            action="instance.conflict",
+            event_code=code,
+            event_action=verb,
+            outcome=4,
+            actor=f"site:{site_id}",
+            resource=conflict.sop_instance_uid,
+            study_instance_uid=conflict.study_instance_uid,
+            detail=json.dumps(detail),
+        )
         try:
             self.audit([alert])
         except (SQLAlchemyError, OSError) as exc:  # the quarantine keeps the evidence
             log.error("security alert not written to the audit trail: %s", type(exc).__name__)
 
-    def _quarantine(self, path: Path, site_id: str, batch_id: str,
-                    exc: Exception) -> InstanceOutcome:
+    def _quarantine(
+        self, path: Path, site_id: str, batch_id: str, exc: Exception
+    ) -> InstanceOutcome:
         # Identified data, like the spool it comes from: folders 0700, files 0600.
         target_dir = private_directory(self.quarantine_root / site_id / batch_id)
         target = target_dir / path.name
         failure_reason, explanation = _failure_of(exc)
         header = _header_of(path)
-        outcome = InstanceOutcome(stored=False,
-                                  sop_class_uid=str(header.get("SOPClassUID", "") or ""),
-                                  failure_reason=failure_reason, reason=explanation)
+        outcome = InstanceOutcome(
+            stored=False,
+            sop_class_uid=str(header.get("SOPClassUID", "") or ""),
+            failure_reason=failure_reason,
+            reason=explanation,
+        )
         reason = {
             "reason": type(exc).__name__,
             "detail": str(exc)[:2000],
@@ -713,7 +813,9 @@ class IngestPipeline:
         except OSError:
             shutil.move(str(path), str(target))  # another file system: copied with its mode
             os.chmod(target, PRIVATE_FILE_MODE)
-        log.warning("batch %s/%s: one instance quarantined (%s)", site_id, batch_id, type(exc).__name__)
+        log.warning(
+            "batch %s/%s: one instance quarantined (%s)", site_id, batch_id, type(exc).__name__
+        )
         return outcome
 
     def _record_withheld(self, header: Dataset, site_id: str, exc: Exception) -> None:
@@ -721,8 +823,10 @@ class IngestPipeline:
         its de-identified UIDs (those the domain knows it by), never an original. An
         instance whose header cannot be read names no study: nothing is recorded."""
         reason = _withheld_reason(exc)
-        uids = [str(header.get(k, "") or "").strip()
-                for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        uids = [
+            str(header.get(k, "") or "").strip()
+            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        ]
         if reason is None or not all(uids):
             return
         try:
@@ -734,9 +838,16 @@ class IngestPipeline:
                         return  # the region holds no secret: it cannot name the study
                     uids = [keys.uid(uid) for uid in uids]
             study, series, sop = uids
-            self.index.record_withheld(WithheldRecord(
-                study, series, sop, modality=str(header.get("Modality", "") or ""),
-                reason=reason, site_id=site_id))
+            self.index.record_withheld(
+                WithheldRecord(
+                    study,
+                    series,
+                    sop,
+                    modality=str(header.get("Modality", "") or ""),
+                    reason=reason,
+                    site_id=site_id,
+                )
+            )
         except SQLAlchemyError as exc_db:
             raise TransientPipelineError(f"index unavailable: {type(exc_db).__name__}") from exc_db
 

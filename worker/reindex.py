@@ -25,8 +25,13 @@ class ReindexReport:
     unreadable: list[str] = field(default_factory=list)
 
 
-def _record(store: ObjectStore, dataset: pydicom.Dataset, key: str, body: bytes,
-            owners: dict[str, StudyOwner | None]) -> InstanceRecord:
+def _record(
+    store: ObjectStore,
+    dataset: pydicom.Dataset,
+    key: str,
+    body: bytes,
+    owners: dict[str, StudyOwner | None],
+) -> InstanceRecord:
     """The record of a stored instance: its study's owner from `owner.json`; the site that
     stored it from the object when it names one (institution identity retained), else the
     study's owner (objects do not say which site wrote them)."""
@@ -37,12 +42,14 @@ def _record(store: ObjectStore, dataset: pydicom.Dataset, key: str, body: bytes,
     stamped_site = read_provenance(dataset)[0]
     if owner is None:  # stored before owners were recorded: the object's site owns it
         return record_for(dataset, key, body)
-    return record_for(dataset, key, body, site_id=stamped_site or owner.site_id,
-                      study_site_id=owner.site_id)
+    return record_for(
+        dataset, key, body, site_id=stamped_site or owner.site_id, study_site_id=owner.site_id
+    )
 
 
-def reindex(store: ObjectStore, index: IndexRepository,
-            progress: Callable[[int], None] | None = None) -> ReindexReport:
+def reindex(
+    store: ObjectStore, index: IndexRepository, progress: Callable[[int], None] | None = None
+) -> ReindexReport:
     """Empty the index, then upsert one row set per stored instance object."""
     report = ReindexReport()
     # The listing starts before the index is emptied: a store that cannot be listed

@@ -61,33 +61,54 @@ def register_tasks(app: Celery, context_factory: Callable[[], WorkerContext] | N
     worker_process_init.connect(holder.reset, weak=False)
 
     def schedule_completion(context: WorkerContext) -> None:
-        app.send_task(COMPLETE_STUDY_TASK, queue=ingest_queue(context.site_id),
-                      countdown=context.quiet_seconds + 1)
+        app.send_task(
+            COMPLETE_STUDY_TASK,
+            queue=ingest_queue(context.site_id),
+            countdown=context.quiet_seconds + 1,
+        )
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=INGEST_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
-        autoretry_for=(TransientPipelineError,), retry_backoff=2, retry_backoff_max=300,
-        retry_jitter=True, max_retries=20,
+        name=INGEST_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        autoretry_for=(TransientPipelineError,),
+        retry_backoff=2,
+        retry_backoff_max=300,
+        retry_jitter=True,
+        max_retries=20,
     )
     def ingest_spool_batch(self: Task, site_id: str, batch_id: str) -> dict[str, Any]:
         context = holder.get()
         report = context.pipeline.ingest_batch(site_id, batch_id)
         if report.stored:
             schedule_completion(context)
-        return {"stored": report.stored, "quarantined": report.quarantined,
-                "missing": report.missing}
+        return {
+            "stored": report.stored,
+            "quarantined": report.quarantined,
+            "missing": report.missing,
+        }
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=COMPLETE_STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
-        autoretry_for=(TransientPipelineError,), retry_backoff=5, retry_backoff_max=600,
-        retry_jitter=True, max_retries=20,
+        name=COMPLETE_STUDY_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        autoretry_for=(TransientPipelineError,),
+        retry_backoff=5,
+        retry_backoff_max=600,
+        retry_jitter=True,
+        max_retries=20,
     )
     def complete_studies(self: Task) -> list[str]:
         context = holder.get()
 
         def send(number: int, event_type: str, delivery_id: str, body: bytes) -> None:
-            app.send_task(WEBHOOK_TASK, args=[number, event_type, delivery_id, body.decode()],
-                          queue=ingest_queue(context.site_id))
+            app.send_task(
+                WEBHOOK_TASK,
+                args=[number, event_type, delivery_id, body.decode()],
+                queue=ingest_queue(context.site_id),
+            )
 
         context.completion.deliver = send
         try:
@@ -102,12 +123,19 @@ def register_tasks(app: Celery, context_factory: Callable[[], WorkerContext] | N
             raise
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=WEBHOOK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
-        autoretry_for=(WebhookDeliveryError,), retry_backoff=2, retry_backoff_max=600,
-        retry_jitter=True, max_retries=12,
+        name=WEBHOOK_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        autoretry_for=(WebhookDeliveryError,),
+        retry_backoff=2,
+        retry_backoff_max=600,
+        retry_jitter=True,
+        max_retries=12,
     )
-    def deliver_webhook(self: Task, number: int, event_type: str, delivery_id: str,
-                        body: str) -> int:
+    def deliver_webhook(
+        self: Task, number: int, event_type: str, delivery_id: str, body: str
+    ) -> int:
         context = holder.get()
         return deliver(context.webhooks[number], event_type, delivery_id, body.encode())
 

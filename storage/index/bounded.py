@@ -57,8 +57,12 @@ _MAX_COMPILED = 256
 
 def _on_disk(engine: Engine) -> bool:
     database = engine.url.database or ""
-    return (engine.dialect.name == "sqlite" and database not in ("", ":memory:")
-            and "mode=memory" not in database and not database.startswith("file::memory:"))
+    return (
+        engine.dialect.name == "sqlite"
+        and database not in ("", ":memory:")
+        and "mode=memory" not in database
+        and not database.startswith("file::memory:")
+    )
 
 
 class BoundedReads:
@@ -165,9 +169,13 @@ class _DirectRepository(IndexRepository):
     """The index repository of one thread's bounded connection: study searches run on the
     sqlite3 connection itself, other reads through SQLAlchemy on the same connection."""
 
-    def __init__(self, engine: Engine, connection: sqlite3.Connection,
-                 start_clock: Callable[[], None],
-                 compiled: dict[Any, tuple[SQLCompiler, _MakeRow]]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        connection: sqlite3.Connection,
+        start_clock: Callable[[], None],
+        compiled: dict[Any, tuple[SQLCompiler, _MakeRow]],
+    ) -> None:
         super().__init__(engine)
         self._connection, self._start_clock, self._compiled = connection, start_clock, compiled
 
@@ -178,8 +186,10 @@ class _DirectRepository(IndexRepository):
         if found is None:
             statement = _study_search_statement(shape)
             names = [column.name for column in statement.selected_columns]
-            found = (statement.compile(dialect=self.engine.dialect),
-                     namedtuple("StudyRow", names)._make)  # type: ignore[attr-defined]
+            found = (
+                statement.compile(dialect=self.engine.dialect),
+                namedtuple("StudyRow", names)._make,  # type: ignore[attr-defined]
+            )
             if len(self._compiled) >= _MAX_COMPILED:
                 self._compiled.clear()
             self._compiled[shape] = found

@@ -25,7 +25,12 @@ def _close_sqlite_file(database_url: str) -> None:
     The index holds shares, API key hashes and the audit trail: its owner only."""
     url = make_url(database_url)
     database = url.database
-    if not database or database == ":memory:" or database.startswith("file:") or url.query.get("uri"):
+    if (
+        not database
+        or database == ":memory:"
+        or database.startswith("file:")
+        or url.query.get("uri")
+    ):
         return
     path = Path(database)
     try:
@@ -42,8 +47,9 @@ def _close_sqlite_file(database_url: str) -> None:
         except FileNotFoundError:
             continue
         except PermissionError:  # another user's file: we cannot close it, say so
-            log.warning("index file %s is readable by other users and not ours to chmod",
-                        companion.name)
+            log.warning(
+                "index file %s is readable by other users and not ours to chmod", companion.name
+            )
 
 
 def create_index_engine(database_url: str, *, echo: bool = False) -> Engine:

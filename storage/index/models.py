@@ -70,8 +70,9 @@ class Study(_Timestamps, Base):
     site_id: Mapped[str] = mapped_column(String(64), default="")
     #: When patient_id is the INS's pseudonym: the pseudonym of the patient's local ID at
     #: the producing site (keyed like any, never the original), for lookups by that ID.
-    local_patient_id: Mapped[str] = mapped_column(String(64), index=True, default="",
-                                                  server_default="")
+    local_patient_id: Mapped[str] = mapped_column(
+        String(64), index=True, default="", server_default=""
+    )
     #: When the completion step (thumbnails, KOS manifest, webhook) last ran, and for how
     #: many instances: a later arrival makes the study due again.
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -91,13 +92,16 @@ class Series(_Timestamps, Base):
     body_part_examined: Mapped[str] = mapped_column(String(16), default="")
     #: QIDO-RS required matching keys of the series (PS3.18 Table 10.6.1-5), as stored.
     performed_procedure_step_start_date: Mapped[str] = mapped_column(
-        String(8), default="", server_default="")
+        String(8), default="", server_default=""
+    )
     performed_procedure_step_start_time: Mapped[str] = mapped_column(
-        String(16), default="", server_default="")
+        String(16), default="", server_default=""
+    )
     #: ScheduledProcedureStepID and RequestedProcedureID of its RequestAttributesSequence
     #: items, backslash-joined.
     scheduled_procedure_step_ids: Mapped[str] = mapped_column(
-        String(256), default="", server_default="")
+        String(256), default="", server_default=""
+    )
     requested_procedure_ids: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
 
@@ -195,7 +199,8 @@ class ShareItem(Base):
     __tablename__ = "share_items"
 
     share_id: Mapped[str] = mapped_column(
-        String(32), ForeignKey("shares.share_id", ondelete="CASCADE"), primary_key=True)
+        String(32), ForeignKey("shares.share_id", ondelete="CASCADE"), primary_key=True
+    )
     study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
     #: "" for the whole study.
     series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True, default="")
@@ -208,7 +213,8 @@ class ShareSession(Base):
 
     session_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     share_id: Mapped[str] = mapped_column(
-        String(32), ForeignKey("shares.share_id", ondelete="CASCADE"), index=True)
+        String(32), ForeignKey("shares.share_id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
@@ -222,8 +228,9 @@ class AuditEvent(Base):
         Index("ix_audit_events_share_id_at", "share_id", "at"),
     )
 
-    event_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
-                                          primary_key=True, autoincrement=True)
+    event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     #: Our name for the event (share.create, dicomweb.retrieve, auth.failure, ...).
     action: Mapped[str] = mapped_column(String(64), index=True)

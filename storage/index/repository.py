@@ -109,11 +109,14 @@ class InstanceRecord:
                 "series_description": text_of(dataset, "SeriesDescription", 64),
                 "body_part_examined": text_of(dataset, "BodyPartExamined", 16),
                 "performed_procedure_step_start_date": text_of(
-                    dataset, "PerformedProcedureStepStartDate", 8),
+                    dataset, "PerformedProcedureStepStartDate", 8
+                ),
                 "performed_procedure_step_start_time": text_of(
-                    dataset, "PerformedProcedureStepStartTime", 16),
+                    dataset, "PerformedProcedureStepStartTime", 16
+                ),
                 "scheduled_procedure_step_ids": _request_values(
-                    dataset, "ScheduledProcedureStepID"),
+                    dataset, "ScheduledProcedureStepID"
+                ),
                 "requested_procedure_ids": _request_values(dataset, "RequestedProcedureID"),
             },
             instance={
@@ -141,19 +144,23 @@ _STUDY_OWNED = ("site_id", "patient_id", "patient_name", "patient_birth_date", "
 
 
 def _study_column(column: Any) -> Any:
-    return (select(column).where(Study.study_instance_uid == bindparam("study"))
-            .scalar_subquery())
+    return select(column).where(Study.study_instance_uid == bindparam("study")).scalar_subquery()
 
 
 # What the index says of a study, a series and an instance, in one round trip (a writer
 # checks it before storing each instance): built once, the compiled form is reused.
 _OWNERSHIP = select(
-    _study_column(Study.site_id), _study_column(Study.patient_id),
-    select(Series.study_instance_uid).where(Series.series_instance_uid == bindparam("series"))
+    _study_column(Study.site_id),
+    _study_column(Study.patient_id),
+    select(Series.study_instance_uid)
+    .where(Series.series_instance_uid == bindparam("series"))
     .scalar_subquery(),
-    select(Instance.object_key).where(Instance.sop_instance_uid == bindparam("sop"))
+    select(Instance.object_key)
+    .where(Instance.sop_instance_uid == bindparam("sop"))
     .scalar_subquery(),
-    _study_column(Study.accession_number), _study_column(Study.study_date))
+    _study_column(Study.accession_number),
+    _study_column(Study.study_date),
+)
 
 
 @dataclass(frozen=True)
@@ -207,8 +214,7 @@ def _time_key(value: str, *, upper: bool) -> str:
     if int(hours) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
         raise ValueError(f"{value!r} is not a time of day")
     fill = ("59", "59", "9") if upper else ("00", "00", "0")
-    return (f"{hours}{minutes or fill[0]}{seconds or fill[1]}."
-            f"{(fraction or '').ljust(6, fill[2])}")
+    return f"{hours}{minutes or fill[0]}{seconds or fill[1]}.{(fraction or '').ljust(6, fill[2])}"
 
 
 @dataclass(frozen=True)
@@ -228,8 +234,10 @@ class TimeRange:
         start, _, end = value.partition("-") if "-" in value else (value, "", value)
         if not start and not end:
             raise ValueError("empty time range")
-        found = cls(_time_key(start, upper=False) if start else None,
-                    _time_key(end, upper=True) if end else None)
+        found = cls(
+            _time_key(start, upper=False) if start else None,
+            _time_key(end, upper=True) if end else None,
+        )
         if found.start and found.end and found.start > found.end:
             raise ValueError("a time range cannot cross midnight (PS3.4 C.2.2.2.5)")
         return found
@@ -240,8 +248,9 @@ def stored_time_key(column: Any) -> Any:
     colons dropped) that `TimeRange` bounds compare with as strings."""
     digits = func.replace(column, ":", "", type_=String)
     whole = func.substr(digits.concat("000000"), 1, 6, type_=String)
-    fraction = func.substr(func.substr(digits, 8, type_=String).concat("000000"), 1, 6,
-                           type_=String)
+    fraction = func.substr(
+        func.substr(digits, 8, type_=String).concat("000000"), 1, 6, type_=String
+    )
     return whole.concat(".").concat(fraction)
 
 
@@ -249,15 +258,21 @@ def _in_time_range(column: Any, start: Any, end: Any) -> list[Any]:
     """Conditions for a stored TM column within bounds (values or bind parameters; None for
     an open end): an empty value matches no range."""
     key = stored_time_key(column)
-    return [column != "", *([key >= start] if start is not None else []),
-            *([key <= end] if end is not None else [])]
+    return [
+        column != "",
+        *([key >= start] if start is not None else []),
+        *([key <= end] if end is not None else []),
+    ]
 
 
 def _in_date_range(column: Any, start: Any, end: Any) -> list[Any]:
     """Conditions for a stored DA column within bounds (values or bind parameters; None for
     an open end): an empty value matches no range."""
-    return [column != "", *([column >= start] if start is not None else []),
-            *([column <= end] if end is not None else [])]
+    return [
+        column != "",
+        *([column >= start] if start is not None else []),
+        *([column <= end] if end is not None else []),
+    ]
 
 
 def _multi_valued_matching(column: Any, pattern: str) -> Any:
@@ -265,8 +280,13 @@ def _multi_valued_matching(column: Any, pattern: str) -> Any:
     like, value = _wildcard_value(pattern)
     if not like:  # an exact value, as one of the joined values
         value = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return or_(*(column.like(f"{before}{value}{after}", escape="\\")
-                 for before in ("", "%\\\\") for after in ("", "\\\\%")))
+    return or_(
+        *(
+            column.like(f"{before}{value}{after}", escape="\\")
+            for before in ("", "%\\\\")
+            for after in ("", "\\\\%")
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -283,7 +303,10 @@ class AccessScope:
 
     def allows(self, study_instance_uid: str, series_instance_uid: str | None = None) -> bool:
         """The study/series is inside the scope (the site is checked by the queries)."""
-        if self.study_instance_uids is not None and study_instance_uid not in self.study_instance_uids:
+        if (
+            self.study_instance_uids is not None
+            and study_instance_uid not in self.study_instance_uids
+        ):
             return False
         limits = self.series_limits.get(study_instance_uid)
         return series_instance_uid is None or limits is None or series_instance_uid in limits
@@ -292,23 +315,31 @@ class AccessScope:
     def shape(self) -> tuple[bool, bool, bool]:
         """Which restrictions apply (site, studies, series of some studies): the form of
         the SQL, whose values are `parameters()`."""
-        return (self.site_ids is not None, self.study_instance_uids is not None,
-                bool(self.series_limits))
+        return (
+            self.site_ids is not None,
+            self.study_instance_uids is not None,
+            bool(self.series_limits),
+        )
 
     def parameters(self) -> dict[str, Any]:
-        return {"scope_sites": sorted(self.site_ids or ()),
-                "scope_studies": sorted(self.study_instance_uids or ()),
-                "scope_limited_studies": sorted(self.series_limits),
-                "scope_limited_series": sorted(set().union(*self.series_limits.values()))}
+        return {
+            "scope_sites": sorted(self.site_ids or ()),
+            "scope_studies": sorted(self.study_instance_uids or ()),
+            "scope_limited_studies": sorted(self.series_limits),
+            "scope_limited_series": sorted(set().union(*self.series_limits.values())),
+        }
 
     def conditions(self, study_column: Any, series_column: Any | None = None) -> list[Any]:
         """The scope as SQL conditions with its values bound."""
         return scope_conditions(self.shape, study_column, series_column, self.parameters())
 
 
-def scope_conditions(shape: tuple[bool, bool, bool], study_column: Any,
-                     series_column: Any | None = None,
-                     values: Mapping[str, Any] | None = None) -> list[Any]:
+def scope_conditions(
+    shape: tuple[bool, bool, bool],
+    study_column: Any,
+    series_column: Any | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> list[Any]:
     """An AccessScope of this `shape` as SQL conditions; without `values`, the statement
     takes them as parameters at execution (so it can be built once and reused)."""
 
@@ -320,13 +351,22 @@ def scope_conditions(shape: tuple[bool, bool, bool], study_column: Any,
     has_site, has_studies, has_limits = shape
     found: list[Any] = []
     if has_site:
-        found.append(study_column.in_(select(Study.study_instance_uid)
-                                      .where(Study.site_id.in_(bind("scope_sites", expanding=True)))))
+        found.append(
+            study_column.in_(
+                select(Study.study_instance_uid).where(
+                    Study.site_id.in_(bind("scope_sites", expanding=True))
+                )
+            )
+        )
     if has_studies:
         found.append(study_column.in_(bind("scope_studies", expanding=True)))
     if series_column is not None and has_limits:
-        found.append(or_(study_column.not_in(bind("scope_limited_studies", expanding=True)),
-                         series_column.in_(bind("scope_limited_series", expanding=True))))
+        found.append(
+            or_(
+                study_column.not_in(bind("scope_limited_studies", expanding=True)),
+                series_column.in_(bind("scope_limited_series", expanding=True)),
+            )
+        )
     return found
 
 
@@ -463,18 +503,29 @@ def _wildcard(column: Any, pattern: str, *, case_insensitive: bool = False) -> A
 #: The form of a study search: per text key None / exact / LIKE, which date and time
 #: bounds, UID list, modalities, how many words each fuzzy person name has, the caller's
 #: scope shape.
-_StudyShape = tuple[tuple[bool | None, ...], tuple[bool, bool, bool], tuple[bool, bool, bool],
-                    bool, bool, tuple[int, int], tuple[bool, bool, bool]]
+_StudyShape = tuple[
+    tuple[bool | None, ...],
+    tuple[bool, bool, bool],
+    tuple[bool, bool, bool],
+    bool,
+    bool,
+    tuple[int, int],
+    tuple[bool, bool, bool],
+]
 
 #: The text keys of a study search: (field, column, case-insensitive: the PN ones).
-_STUDY_TEXT_KEYS = (("patient_id", Study.patient_id, False),
-                    ("patient_name", Study.patient_name, True),
-                    ("accession_number", Study.accession_number, False),
-                    ("study_id", Study.study_id, False),
-                    ("referring_physician_name", Study.referring_physician_name, True))
+_STUDY_TEXT_KEYS = (
+    ("patient_id", Study.patient_id, False),
+    ("patient_name", Study.patient_name, True),
+    ("accession_number", Study.accession_number, False),
+    ("study_id", Study.study_id, False),
+    ("referring_physician_name", Study.referring_physician_name, True),
+)
 #: The person names fuzzy matching applies to, with the prefix of their words' parameters.
-_FUZZY_NAMES = (("patient_name", Study.patient_name, "name_word"),
-                ("referring_physician_name", Study.referring_physician_name, "referring_word"))
+_FUZZY_NAMES = (
+    ("patient_name", Study.patient_name, "name_word"),
+    ("referring_physician_name", Study.referring_physician_name, "referring_word"),
+)
 
 #: What separates the words of a person name (components, groups, spaces).
 _NAME_SEPARATORS = re.compile(r"[\s^=,]+")
@@ -499,8 +550,11 @@ def _study_plan(query: StudyQuery) -> tuple[_StudyShape, dict[str, Any]]:
     fuzzy_fields: set[str] = set()
     for name, _column, prefix in _FUZZY_NAMES:
         pattern = getattr(query, name)
-        words = (fuzzy_name_words(pattern)[:MAX_FUZZY_WORDS]
-                 if query.fuzzy_person_names and pattern else [])
+        words = (
+            fuzzy_name_words(pattern)[:MAX_FUZZY_WORDS]
+            if query.fuzzy_person_names and pattern
+            else []
+        )
         for number, word in enumerate(words):
             values[f"{prefix}_{number}"] = word
         if words:
@@ -515,25 +569,40 @@ def _study_plan(query: StudyQuery) -> tuple[_StudyShape, dict[str, Any]]:
         like, values[name] = _wildcard_value(pattern, case_insensitive=insensitive)
         kinds.append(like)
     dates, times = query.study_date, query.study_time
-    values.update(date_start=dates.start if dates else None, date_end=dates.end if dates else None,
-                  time_start=times.start if times else None, time_end=times.end if times else None,
-                  uids=list(query.study_instance_uids), modalities=list(query.modalities))
+    values.update(
+        date_start=dates.start if dates else None,
+        date_end=dates.end if dates else None,
+        time_start=times.start if times else None,
+        time_end=times.end if times else None,
+        uids=list(query.study_instance_uids),
+        modalities=list(query.modalities),
+    )
     scope = query.scope or AccessScope()
     values.update(scope.parameters())
-    shape: _StudyShape = (tuple(kinds),
-                          (dates is not None, bool(dates and dates.start), bool(dates and dates.end)),
-                          (times is not None, bool(times and times.start), bool(times and times.end)),
-                          bool(query.study_instance_uids), bool(query.modalities),
-                          (fuzzy_counts[0], fuzzy_counts[1]), scope.shape)
+    shape: _StudyShape = (
+        tuple(kinds),
+        (dates is not None, bool(dates and dates.start), bool(dates and dates.end)),
+        (times is not None, bool(times and times.start), bool(times and times.end)),
+        bool(query.study_instance_uids),
+        bool(query.modalities),
+        (fuzzy_counts[0], fuzzy_counts[1]),
+        scope.shape,
+    )
     return shape, values
 
 
 def _fuzzy_name_conditions(column: Any, prefix: str, words: int) -> list[Any]:
     """Each word begins the name, a component or a space-separated part."""
     person = func.upper(column)
-    return [or_(*(person.like(start + bindparam(f"{prefix}_{number}"), escape="\\")
-                  for start in ("", "%^", "% ", "%=")))
-            for number in range(words)]
+    return [
+        or_(
+            *(
+                person.like(start + bindparam(f"{prefix}_{number}"), escape="\\")
+                for start in ("", "%^", "% ", "%=")
+            )
+        )
+        for number in range(words)
+    ]
 
 
 def _study_conditions(shape: _StudyShape) -> list[Any]:
@@ -543,19 +612,30 @@ def _study_conditions(shape: _StudyShape) -> list[Any]:
         conditions += _fuzzy_name_conditions(column, prefix, words)
     for like, (name, column, insensitive) in zip(kinds, _STUDY_TEXT_KEYS, strict=True):
         if like is not None:
-            conditions.append(_matching(column, like, bindparam(name), case_insensitive=insensitive))
+            conditions.append(
+                _matching(column, like, bindparam(name), case_insensitive=insensitive)
+            )
     if dated:
-        conditions += _in_date_range(Study.study_date, bindparam("date_start") if start else None,
-                                     bindparam("date_end") if end else None)
+        conditions += _in_date_range(
+            Study.study_date,
+            bindparam("date_start") if start else None,
+            bindparam("date_end") if end else None,
+        )
     if timed:
-        conditions += _in_time_range(Study.study_time, bindparam("time_start") if after else None,
-                                     bindparam("time_end") if before else None)
+        conditions += _in_time_range(
+            Study.study_time,
+            bindparam("time_start") if after else None,
+            bindparam("time_end") if before else None,
+        )
     if uids:
         conditions.append(Study.study_instance_uid.in_(bindparam("uids", expanding=True)))
     if modalities:
-        conditions.append(exists().where(
-            Series.study_instance_uid == Study.study_instance_uid,
-            Series.modality.in_(bindparam("modalities", expanding=True))))
+        conditions.append(
+            exists().where(
+                Series.study_instance_uid == Study.study_instance_uid,
+                Series.modality.in_(bindparam("modalities", expanding=True)),
+            )
+        )
     return conditions + scope_conditions(scope, Study.study_instance_uid)
 
 
@@ -565,22 +645,39 @@ def _study_search_statement(shape: _StudyShape) -> Select[Any]:
     # A share of some series of a study counts (and lists modalities of) those only.
     limited = (False, False, shape[-1][2])
     series_limit = scope_conditions(limited, Series.study_instance_uid, Series.series_instance_uid)
-    instance_limit = scope_conditions(limited, Instance.study_instance_uid,
-                                      Instance.series_instance_uid)
-    series_count = (select(func.count())
-                    .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
-                    .correlate(Study).scalar_subquery())
-    instance_count = (select(func.count())
-                      .where(Instance.study_instance_uid == Study.study_instance_uid, *instance_limit)
-                      .correlate(Study).scalar_subquery())
-    modalities = (select(func.aggregate_strings(Series.modality, "\\"))
-                  .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
-                  .correlate(Study).scalar_subquery())
-    return (select(Study.__table__).where(*_study_conditions(shape))
-            .add_columns(series_count.label("n_series"), instance_count.label("n_instances"),
-                         modalities.label("modalities"))
-            .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.study_instance_uid)
-            .limit(bindparam("limit")).offset(bindparam("offset")))
+    instance_limit = scope_conditions(
+        limited, Instance.study_instance_uid, Instance.series_instance_uid
+    )
+    series_count = (
+        select(func.count())
+        .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+    instance_count = (
+        select(func.count())
+        .where(Instance.study_instance_uid == Study.study_instance_uid, *instance_limit)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+    modalities = (
+        select(func.aggregate_strings(Series.modality, "\\"))
+        .where(Series.study_instance_uid == Study.study_instance_uid, *series_limit)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+    return (
+        select(Study.__table__)
+        .where(*_study_conditions(shape))
+        .add_columns(
+            series_count.label("n_series"),
+            instance_count.label("n_instances"),
+            modalities.label("modalities"),
+        )
+        .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.study_instance_uid)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
 
 
 #: Why a site withheld an instance, as its recipients are told (never a value of it).
@@ -623,20 +720,33 @@ class IndexRepository:
             return sqlite.insert(model)
         raise NotImplementedError(f"index dialect {dialect!r} is not supported")
 
-    def _upsert(self, session: Session, model: Any, values: dict[str, Any], key: str, *,
-                keep: Sequence[str] = (), fill: Sequence[str] = (), where: Any = None) -> None:
+    def _upsert(
+        self,
+        session: Session,
+        model: Any,
+        values: dict[str, Any],
+        key: str,
+        *,
+        keep: Sequence[str] = (),
+        fill: Sequence[str] = (),
+        where: Any = None,
+    ) -> None:
         """Insert, or update every column but `key` and `keep` (and `fill`, set only while
         empty: the first value stays, whatever order the rows come in), where `where`
         holds."""
         statement = self._insert(model).values(**values)
-        updates: dict[str, Any] = {name: statement.excluded[name] for name in values
-                                   if name != key and name not in keep and name not in fill}
+        updates: dict[str, Any] = {
+            name: statement.excluded[name]
+            for name in values
+            if name != key and name not in keep and name not in fill
+        }
         for name in fill:
             column = getattr(model, name)
             updates[name] = case((column == "", statement.excluded[name]), else_=column)
         updates["updated_at"] = func.now()
-        session.execute(statement.on_conflict_do_update(index_elements=[key], set_=updates,
-                                                        where=where))
+        session.execute(
+            statement.on_conflict_do_update(index_elements=[key], set_=updates, where=where)
+        )
 
     def _insert_absent(self, session: Session, model: Any, values: dict[str, Any]) -> None:
         session.execute(self._insert(model).values(**values).on_conflict_do_nothing())
@@ -655,89 +765,140 @@ class IndexRepository:
         # One statement per distinct parent row (a batch is mostly one study and series).
         patients = {r.patient["patient_id"]: r.patient for r in records}
         studies = {r.study["study_instance_uid"]: r.study for r in records}
-        owned = {r.study["study_instance_uid"] for r in records
-                 if r.instance["site_id"] == r.study["site_id"]}
+        owned = {
+            r.study["study_instance_uid"]
+            for r in records
+            if r.instance["site_id"] == r.study["site_id"]
+        }
         series = {r.series["series_instance_uid"]: r.series for r in records}
         with Session(self.engine) as session, session.begin():
             for values in patients.values():
                 self._insert_absent(session, Patient, values)
             for uid, values in studies.items():
                 if uid in owned:
-                    self._upsert(session, Study, values, "study_instance_uid", keep=_STUDY_OWNED,
-                                 fill=("local_patient_id",))
+                    self._upsert(
+                        session,
+                        Study,
+                        values,
+                        "study_instance_uid",
+                        keep=_STUDY_OWNED,
+                        fill=("local_patient_id",),
+                    )
                 else:
                     self._insert_absent(session, Study, values)
             for values in series.values():
                 if values["study_instance_uid"] in owned:
-                    self._upsert(session, Series, values, "series_instance_uid",
-                                 where=Series.study_instance_uid == values["study_instance_uid"])
+                    self._upsert(
+                        session,
+                        Series,
+                        values,
+                        "series_instance_uid",
+                        where=Series.study_instance_uid == values["study_instance_uid"],
+                    )
                 else:  # another site's series keep their attributes
                     self._insert_absent(session, Series, values)
             if records:  # one statement for the batch's instances, executed for each row
                 statement = self._insert(Instance)
-                updates: dict[str, Any] = {name: statement.excluded[name]
-                                           for name in records[0].instance
-                                           if name not in ("sop_instance_uid", "site_id")}
+                updates: dict[str, Any] = {
+                    name: statement.excluded[name]
+                    for name in records[0].instance
+                    if name not in ("sop_instance_uid", "site_id")
+                }
                 updates["updated_at"] = func.now()
                 session.connection().execute(
                     statement.on_conflict_do_update(
-                        index_elements=["sop_instance_uid"], set_=updates,
-                        where=Instance.object_key == statement.excluded.object_key),
-                    [record.instance for record in records])
+                        index_elements=["sop_instance_uid"],
+                        set_=updates,
+                        where=Instance.object_key == statement.excluded.object_key,
+                    ),
+                    [record.instance for record in records],
+                )
 
     def record_withheld(self, record: WithheldRecord) -> None:
         """Say that an instance of a study was withheld at its site (idempotent: a retried
         batch records it once, with its latest reason)."""
         if record.reason not in WITHHELD_REASONS:
             raise ValueError(f"unknown withheld reason {record.reason!r}")
-        values = {"sop_instance_uid": record.sop_instance_uid,
-                  "study_instance_uid": record.study_instance_uid,
-                  "series_instance_uid": record.series_instance_uid,
-                  "modality": record.modality[:16], "reason": record.reason,
-                  "site_id": record.site_id, "withheld_at": dt.datetime.now(dt.UTC)}
+        values = {
+            "sop_instance_uid": record.sop_instance_uid,
+            "study_instance_uid": record.study_instance_uid,
+            "series_instance_uid": record.series_instance_uid,
+            "modality": record.modality[:16],
+            "reason": record.reason,
+            "site_id": record.site_id,
+            "withheld_at": dt.datetime.now(dt.UTC),
+        }
         statement = self._insert(WithheldInstance).values(**values)
         with Session(self.engine) as session, session.begin():
-            session.execute(statement.on_conflict_do_update(
-                index_elements=["sop_instance_uid"],
-                set_={k: statement.excluded[k] for k in ("reason", "modality", "withheld_at")},
-                # another study's instance under this UID: not ours to describe
-                where=WithheldInstance.study_instance_uid == record.study_instance_uid))
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["sop_instance_uid"],
+                    set_={k: statement.excluded[k] for k in ("reason", "modality", "withheld_at")},
+                    # another study's instance under this UID: not ours to describe
+                    where=WithheldInstance.study_instance_uid == record.study_instance_uid,
+                )
+            )
 
     def withheld(self, scope: AccessScope | None = None) -> list[WithheldSummary]:
         """The withheld instances of the indexed studies in `scope`, counted by study,
         modality and reason; an instance stored since (sent again once its site could
         clean it) no longer counts."""
         stored = select(Instance.sop_instance_uid).where(
-            Instance.sop_instance_uid == WithheldInstance.sop_instance_uid)
+            Instance.sop_instance_uid == WithheldInstance.sop_instance_uid
+        )
         conditions: list[Any] = [~stored.exists()]
         if scope is not None:
-            conditions += scope.conditions(WithheldInstance.study_instance_uid,
-                                           WithheldInstance.series_instance_uid)
+            conditions += scope.conditions(
+                WithheldInstance.study_instance_uid, WithheldInstance.series_instance_uid
+            )
         statement = (
-            select(WithheldInstance.study_instance_uid, WithheldInstance.modality,
-                   WithheldInstance.reason, func.count())
+            select(
+                WithheldInstance.study_instance_uid,
+                WithheldInstance.modality,
+                WithheldInstance.reason,
+                func.count(),
+            )
             .join(Study, Study.study_instance_uid == WithheldInstance.study_instance_uid)
             .where(*conditions)
-            .group_by(WithheldInstance.study_instance_uid, WithheldInstance.modality,
-                      WithheldInstance.reason)
-            .order_by(WithheldInstance.study_instance_uid, WithheldInstance.modality,
-                      WithheldInstance.reason))
+            .group_by(
+                WithheldInstance.study_instance_uid,
+                WithheldInstance.modality,
+                WithheldInstance.reason,
+            )
+            .order_by(
+                WithheldInstance.study_instance_uid,
+                WithheldInstance.modality,
+                WithheldInstance.reason,
+            )
+        )
         with self.engine.connect() as connection:
-            return [WithheldSummary(str(study), str(modality), str(reason), int(count))
-                    for study, modality, reason, count in connection.execute(statement)]
+            return [
+                WithheldSummary(str(study), str(modality), str(reason), int(count))
+                for study, modality, reason, count in connection.execute(statement)
+            ]
 
-    def ownership(self, study_instance_uid: str, series_instance_uid: str,
-                  sop_instance_uid: str) -> Ownership:
+    def ownership(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+    ) -> Ownership:
         """What the index already says of a study, a series and an instance (a writer
         checks it before storing: see the trust model)."""
         with self.engine.connect() as connection:
-            (site, patient, series_study, instance_key, accession,
-             study_date) = connection.execute(_OWNERSHIP, {
-                 "study": study_instance_uid, "series": series_instance_uid,
-                 "sop": sop_instance_uid}).one()
-        return Ownership(study_site_id=site, study_patient_id=patient,
-                         series_study_instance_uid=series_study, instance_object_key=instance_key,
-                         study_accession_number=accession or "", study_date=study_date or "")
+            (site, patient, series_study, instance_key, accession, study_date) = connection.execute(
+                _OWNERSHIP,
+                {
+                    "study": study_instance_uid,
+                    "series": series_instance_uid,
+                    "sop": sop_instance_uid,
+                },
+            ).one()
+        return Ownership(
+            study_site_id=site,
+            study_patient_id=patient,
+            series_study_instance_uid=series_study,
+            instance_object_key=instance_key,
+            study_accession_number=accession or "",
+            study_date=study_date or "",
+        )
 
     def studies_of_local_patient(self, local_patient_id: str, limit: int = 1000) -> list[str]:
         """The UIDs of the studies whose patient, known by the INS, has this local-ID
@@ -745,17 +906,26 @@ class IndexRepository:
         if not local_patient_id:
             return []
         with self.engine.connect() as connection:
-            return list(connection.scalars(
-                select(Study.study_instance_uid)
-                .where(Study.local_patient_id == local_patient_id)
-                .order_by(Study.study_instance_uid).limit(limit)))
+            return list(
+                connection.scalars(
+                    select(Study.study_instance_uid)
+                    .where(Study.local_patient_id == local_patient_id)
+                    .order_by(Study.study_instance_uid)
+                    .limit(limit)
+                )
+            )
 
     def study_site_ids(self) -> list[str]:
         """The sites that own the indexed studies."""
         with self.engine.connect() as connection:
-            return list(connection.scalars(
-                select(Study.site_id).where(Study.site_id != "").distinct()
-                .order_by(Study.site_id)))
+            return list(
+                connection.scalars(
+                    select(Study.site_id)
+                    .where(Study.site_id != "")
+                    .distinct()
+                    .order_by(Study.site_id)
+                )
+            )
 
     def search_studies(self, query: StudyQuery) -> list[StudySummary]:
         """Matching studies, newest first, with their series/instance counts and modalities."""
@@ -779,7 +949,9 @@ class IndexRepository:
                 specific_character_set=s.specific_character_set,
                 number_of_series=int(s.n_series or 0),
                 number_of_instances=int(s.n_instances or 0),
-                modalities_in_study=tuple(sorted({m for m in (s.modalities or "").split("\\") if m})),
+                modalities_in_study=tuple(
+                    sorted({m for m in (s.modalities or "").split("\\") if m})
+                ),
             )
             for s in studies
         ]
@@ -793,7 +965,8 @@ class IndexRepository:
         """How many studies match, ignoring limit and offset."""
         shape, values = _study_plan(query)
         statement = select(func.count()).select_from(
-            select(Study.study_instance_uid).where(*_study_conditions(shape)).subquery())
+            select(Study.study_instance_uid).where(*_study_conditions(shape)).subquery()
+        )
         with self.engine.connect() as connection:
             return int(connection.scalar(statement, values) or 0)
 
@@ -810,35 +983,54 @@ class IndexRepository:
             conditions.append(Series.series_number == query.series_number)
         dates = query.performed_procedure_step_start_date
         if dates is not None:
-            conditions += _in_date_range(Series.performed_procedure_step_start_date,
-                                         dates.start, dates.end)
+            conditions += _in_date_range(
+                Series.performed_procedure_step_start_date, dates.start, dates.end
+            )
         times = query.performed_procedure_step_start_time
         if times is not None:
-            conditions += _in_time_range(Series.performed_procedure_step_start_time,
-                                         times.start, times.end)
+            conditions += _in_time_range(
+                Series.performed_procedure_step_start_time, times.start, times.end
+            )
         if query.scheduled_procedure_step_id:
-            conditions.append(_multi_valued_matching(Series.scheduled_procedure_step_ids,
-                                                     query.scheduled_procedure_step_id))
+            conditions.append(
+                _multi_valued_matching(
+                    Series.scheduled_procedure_step_ids, query.scheduled_procedure_step_id
+                )
+            )
         if query.requested_procedure_id:
-            conditions.append(_multi_valued_matching(Series.requested_procedure_ids,
-                                                     query.requested_procedure_id))
+            conditions.append(
+                _multi_valued_matching(Series.requested_procedure_ids, query.requested_procedure_id)
+            )
         if query.scope is not None:
-            conditions += query.scope.conditions(Series.study_instance_uid, Series.series_instance_uid)
-        counts = (select(Instance.series_instance_uid.label("uid"), func.count().label("n"))
-                  .group_by(Instance.series_instance_uid).subquery())
+            conditions += query.scope.conditions(
+                Series.study_instance_uid, Series.series_instance_uid
+            )
+        counts = (
+            select(Instance.series_instance_uid.label("uid"), func.count().label("n"))
+            .group_by(Instance.series_instance_uid)
+            .subquery()
+        )
         statement = (
             select(Series, func.coalesce(counts.c.n, 0))
             .outerjoin(counts, counts.c.uid == Series.series_instance_uid)
             .where(*conditions)
             .order_by(Series.study_instance_uid, Series.series_number, Series.series_instance_uid)
-            .limit(query.limit).offset(query.offset)
+            .limit(query.limit)
+            .offset(query.offset)
         )
         with Session(self.engine) as session:
             return [
-                SeriesSummary(s.study_instance_uid, s.series_instance_uid, s.modality,
-                              s.series_number, s.series_description, s.body_part_examined, int(n),
-                              s.performed_procedure_step_start_date,
-                              s.performed_procedure_step_start_time)
+                SeriesSummary(
+                    s.study_instance_uid,
+                    s.series_instance_uid,
+                    s.modality,
+                    s.series_number,
+                    s.series_description,
+                    s.body_part_examined,
+                    int(n),
+                    s.performed_procedure_step_start_date,
+                    s.performed_procedure_step_start_time,
+                )
                 for s, n in session.execute(statement)
             ]
 
@@ -856,20 +1048,34 @@ class IndexRepository:
         if query.instance_number is not None:
             conditions.append(Instance.instance_number == query.instance_number)
         if query.scope is not None:
-            conditions += query.scope.conditions(Instance.study_instance_uid,
-                                                 Instance.series_instance_uid)
+            conditions += query.scope.conditions(
+                Instance.study_instance_uid, Instance.series_instance_uid
+            )
         columns = Instance.__table__.c
         statement = (
-            select(columns.study_instance_uid, columns.series_instance_uid,
-                   columns.sop_instance_uid, columns.sop_class_uid, columns.instance_number,
-                   columns.rows, columns.columns, columns.number_of_frames,
-                   columns.transfer_syntax_uid, columns.object_key, columns.size_bytes,
-                   columns.sha256, func.coalesce(Series.modality, "").label("modality"), columns.updated_at)
+            select(
+                columns.study_instance_uid,
+                columns.series_instance_uid,
+                columns.sop_instance_uid,
+                columns.sop_class_uid,
+                columns.instance_number,
+                columns.rows,
+                columns.columns,
+                columns.number_of_frames,
+                columns.transfer_syntax_uid,
+                columns.object_key,
+                columns.size_bytes,
+                columns.sha256,
+                func.coalesce(Series.modality, "").label("modality"),
+                columns.updated_at,
+            )
             .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
             .where(*conditions)
-            .order_by(Instance.series_instance_uid, Instance.instance_number,
-                      Instance.sop_instance_uid)
-            .limit(query.limit).offset(query.offset)
+            .order_by(
+                Instance.series_instance_uid, Instance.instance_number, Instance.sop_instance_uid
+            )
+            .limit(query.limit)
+            .offset(query.offset)
         )
         # Plain rows on a connection: a study's worth of ORM objects costs milliseconds.
         with self.engine.connect() as connection:
@@ -893,23 +1099,31 @@ class IndexRepository:
                 select(Instance.sop_instance_uid, Instance.object_key, Instance.size_bytes)
             ).tuples()
 
-    def studies_due_for_completion(self, quiet_seconds: float,
-                                   site_ids: Sequence[str] | None = None) -> list[tuple[str, int]]:
+    def studies_due_for_completion(
+        self, quiet_seconds: float, site_ids: Sequence[str] | None = None
+    ) -> list[tuple[str, int]]:
         """(study UID, instance count) of studies unchanged for `quiet_seconds` whose
         completion step has not run for their current content; of `site_ids` only (a
         site's worker completes its own studies: webhooks go to that site's receivers)."""
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=quiet_seconds)
         counts = (
-            select(Instance.study_instance_uid.label("uid"), func.count().label("n"),
-                   func.max(Instance.updated_at).label("last"))
+            select(
+                Instance.study_instance_uid.label("uid"),
+                func.count().label("n"),
+                func.max(Instance.updated_at).label("last"),
+            )
             .group_by(Instance.study_instance_uid)
             .subquery()
         )
         statement = (
             select(Study.study_instance_uid, counts.c.n, counts.c.last)
             .join(counts, counts.c.uid == Study.study_instance_uid)
-            .where(or_(Study.completed_instance_count.is_(None),
-                       Study.completed_instance_count != counts.c.n))
+            .where(
+                or_(
+                    Study.completed_instance_count.is_(None),
+                    Study.completed_instance_count != counts.c.n,
+                )
+            )
         )
         if site_ids is not None:
             statement = statement.where(Study.site_id.in_(list(site_ids)))
@@ -934,26 +1148,35 @@ class IndexRepository:
         """(series UID, SOP instance UID, SOP class UID, object key) of a study's instances."""
         with Session(self.engine) as session:
             rows = session.execute(
-                select(Instance.series_instance_uid, Instance.sop_instance_uid,
-                       Instance.sop_class_uid, Instance.object_key)
+                select(
+                    Instance.series_instance_uid,
+                    Instance.sop_instance_uid,
+                    Instance.sop_class_uid,
+                    Instance.object_key,
+                )
                 .where(Instance.study_instance_uid == study_instance_uid)
-                .order_by(Instance.series_instance_uid, Instance.instance_number,
-                          Instance.sop_instance_uid)
+                .order_by(
+                    Instance.series_instance_uid,
+                    Instance.instance_number,
+                    Instance.sop_instance_uid,
+                )
             )
             return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
     def instance_site(self, sop_instance_uid: str) -> str | None:
         """The site that stored an indexed instance (its owner), or None."""
         with self.engine.connect() as connection:
-            return connection.execute(select(Instance.site_id).where(
-                Instance.sop_instance_uid == sop_instance_uid)).scalar_one_or_none()
+            return connection.execute(
+                select(Instance.site_id).where(Instance.sop_instance_uid == sop_instance_uid)
+            ).scalar_one_or_none()
 
     def find_instance(self, sop_instance_uid: str) -> tuple[str, str] | None:
         """(object key, sha256) of an indexed instance, or None."""
         with Session(self.engine) as session:
             row = session.execute(
-                select(Instance.object_key, Instance.sha256)
-                .where(Instance.sop_instance_uid == sop_instance_uid)
+                select(Instance.object_key, Instance.sha256).where(
+                    Instance.sop_instance_uid == sop_instance_uid
+                )
             ).first()
             return (str(row[0]), str(row[1])) if row else None
 

@@ -94,8 +94,13 @@ def _pieces(parts: Iterable[StreamedPart], boundary: str) -> Iterator[bytes | Op
     body untouched (content type, body, extra headers per part)."""
     delimiter = ""
     for content_type, body, headers in parts:
-        lines = [f"{delimiter}--{boundary}", f"Content-Type: {content_type}",
-                 *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+        lines = [
+            f"{delimiter}--{boundary}",
+            f"Content-Type: {content_type}",
+            *(f"{name}: {value}" for name, value in headers.items()),
+            "",
+            "",
+        ]
         yield "\r\n".join(lines).encode()
         yield body
         delimiter = "\r\n"
@@ -113,7 +118,9 @@ def as_bytes(body: bytes | OpenedObject) -> bytes:
         body.close()
 
 
-def multipart_stream(parts: Iterable[StreamedPart], boundary: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+def multipart_stream(
+    parts: Iterable[StreamedPart], boundary: str, chunk_bytes: int = 1 << 20
+) -> Iterator[bytes]:
     """A multipart/related body in chunks of about `chunk_bytes`; memory stays bounded by
     one part plus one chunk."""
     pending: list[bytes] = []
@@ -128,8 +135,9 @@ def multipart_stream(parts: Iterable[StreamedPart], boundary: str, chunk_bytes: 
         yield b"".join(pending)
 
 
-async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
-                         batch_bytes: int = 1 << 20) -> AsyncIterator[bytes | memoryview]:
+async def multipart_body(
+    parts: Iterable[StreamedPart], boundary: str, batch_bytes: int = 1 << 20
+) -> AsyncIterator[bytes | memoryview]:
     """A multipart/related body for a streamed answer. The parts are produced (objects
     opened or read, converted) in a worker thread, a batch of about `batch_bytes` read, or
     `OPEN_AHEAD` objects opened, at a time. An opened object's bytes are taken on the event
@@ -207,7 +215,9 @@ async def multipart_body(parts: Iterable[StreamedPart], boundary: str,
                 piece.close()
 
 
-def multipart_content_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
+def multipart_content_type(
+    part_type: str, boundary: str, transfer_syntax: str | None = None
+) -> str:
     value = f'multipart/related; type="{part_type}"; boundary={boundary}'
     if transfer_syntax:
         value += f"; transfer-syntax={transfer_syntax}"

@@ -54,7 +54,9 @@ def check_viewport(raw: str) -> None:
         try:
             size = int(value)
         except ValueError:
-            raise BadRequest(f"viewport {name} must be an integer from 1 to {MAX_VIEWPORT}") from None
+            raise BadRequest(
+                f"viewport {name} must be an integer from 1 to {MAX_VIEWPORT}"
+            ) from None
         if not 1 <= size <= MAX_VIEWPORT:
             raise BadRequest(f"viewport {name} must be an integer from 1 to {MAX_VIEWPORT}")
     for name, value in zip(("sx", "sy", "sw", "sh"), values[2:], strict=False):

@@ -29,15 +29,32 @@ MAX_OFFSET = 1_000_000_000
 #: The required matching keys of PS3.18 Table 10.6.1-5 at each level, by keyword (a
 #: sequence item's attribute by its path). Any other attribute is ignored, with a Warning.
 STUDY_MATCHING_KEYS = frozenset(
-    {"StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
-     "PatientName", "PatientID", "StudyInstanceUID", "StudyID"}
+    {
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "PatientName",
+        "PatientID",
+        "StudyInstanceUID",
+        "StudyID",
+    }
 )
 #: Study-level attributes returned for every match (PS3.18 Table 10.6.3-3) plus counts.
 STUDY_RETURN_KEYS = frozenset(
     STUDY_MATCHING_KEYS
-    | {"PatientBirthDate", "PatientSex", "StudyDescription", "NumberOfStudyRelatedSeries",
-       "NumberOfStudyRelatedInstances", "SpecificCharacterSet", "RetrieveURL"}
+    | {
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDescription",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "SpecificCharacterSet",
+        "RetrieveURL",
+    }
 )
+
 
 class QueryParameterError(ValueError):
     """A QIDO-RS query parameter that cannot be honoured (400)."""
@@ -90,12 +107,21 @@ def _parse_int(raw: str, name: str, minimum: int, maximum: int | None = None) ->
     return value
 
 
-SERIES_MATCHING_KEYS = frozenset({
-    "Modality", "SeriesInstanceUID", "SeriesNumber", "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime", "RequestAttributesSequence.ScheduledProcedureStepID",
-    "RequestAttributesSequence.RequestedProcedureID", "StudyInstanceUID"})
-INSTANCE_MATCHING_KEYS = frozenset({"SOPInstanceUID", "SOPClassUID", "InstanceNumber",
-                                    "SeriesInstanceUID", "StudyInstanceUID"})
+SERIES_MATCHING_KEYS = frozenset(
+    {
+        "Modality",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+        "RequestAttributesSequence.ScheduledProcedureStepID",
+        "RequestAttributesSequence.RequestedProcedureID",
+        "StudyInstanceUID",
+    }
+)
+INSTANCE_MATCHING_KEYS = frozenset(
+    {"SOPInstanceUID", "SOPClassUID", "InstanceNumber", "SeriesInstanceUID", "StudyInstanceUID"}
+)
 
 
 def _check_value(keyword: str, raw: str) -> None:
@@ -107,14 +133,16 @@ def _check_value(keyword: str, raw: str) -> None:
             DateRange.parse(raw)
         except ValueError as exc:
             raise QueryParameterError(
-                f"{keyword} must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD, -YYYYMMDD, "
-                "YYYYMMDD-") from exc
+                f"{keyword} must be YYYYMMDD or a range YYYYMMDD-YYYYMMDD, -YYYYMMDD, YYYYMMDD-"
+            ) from exc
     elif vr == "TM":
         try:
             TimeRange.parse(raw)
         except ValueError as exc:
-            raise QueryParameterError(f"{keyword}: {exc}; a time is HH[MM[SS[.FFFFFF]]], "
-                                      "a range time1-time2, -time or time-") from exc
+            raise QueryParameterError(
+                f"{keyword}: {exc}; a time is HH[MM[SS[.FFFFFF]]], "
+                "a range time1-time2, -time or time-"
+            ) from exc
     elif vr == "UI":
         for uid in _values(raw):
             if not uid.replace(".", "").isdigit():
@@ -186,11 +214,15 @@ def parse_study_query(params: Iterable[tuple[str, str]]) -> ParsedStudyQuery:
     parsed = parse_query(params, STUDY_MATCHING_KEYS)
     values = parsed.values
     if parsed.fuzzy_requested and any(
-            len(fuzzy_name_words(values.get(k, ""))) > MAX_FUZZY_WORDS
-            for k in ("PatientName", "ReferringPhysicianName")):
-        raise QueryParameterError(f"fuzzy person name matching takes at most {MAX_FUZZY_WORDS} words")
+        len(fuzzy_name_words(values.get(k, ""))) > MAX_FUZZY_WORDS
+        for k in ("PatientName", "ReferringPhysicianName")
+    ):
+        raise QueryParameterError(
+            f"fuzzy person name matching takes at most {MAX_FUZZY_WORDS} words"
+        )
     query = StudyQuery(
-        patient_id=values.get("PatientID"), patient_name=values.get("PatientName"),
+        patient_id=values.get("PatientID"),
+        patient_name=values.get("PatientName"),
         accession_number=values.get("AccessionNumber"),
         study_date=_date_range(values.get("StudyDate")),
         study_time=_time_range(values.get("StudyTime")),
@@ -198,7 +230,10 @@ def parse_study_query(params: Iterable[tuple[str, str]]) -> ParsedStudyQuery:
         modalities=_values(values.get("ModalitiesInStudy", "")),
         study_id=values.get("StudyID"),
         referring_physician_name=values.get("ReferringPhysicianName"),
-        limit=parsed.limit, offset=parsed.offset, fuzzy_person_names=parsed.fuzzy_requested)
+        limit=parsed.limit,
+        offset=parsed.offset,
+        fuzzy_person_names=parsed.fuzzy_requested,
+    )
     # Fuzzy matching applies to the person names of the study level: supported, no warning.
     return ParsedStudyQuery(query, parsed.ignored, False, parsed.include)
 
@@ -213,12 +248,18 @@ def series_query(parsed: ParsedQuery, study: str | None) -> SeriesQuery:
         modality=values.get("Modality"),
         series_number=int(number) if number else None,
         performed_procedure_step_start_date=_date_range(
-            values.get("PerformedProcedureStepStartDate")),
+            values.get("PerformedProcedureStepStartDate")
+        ),
         performed_procedure_step_start_time=_time_range(
-            values.get("PerformedProcedureStepStartTime")),
-        scheduled_procedure_step_id=values.get("RequestAttributesSequence.ScheduledProcedureStepID"),
+            values.get("PerformedProcedureStepStartTime")
+        ),
+        scheduled_procedure_step_id=values.get(
+            "RequestAttributesSequence.ScheduledProcedureStepID"
+        ),
         requested_procedure_id=values.get("RequestAttributesSequence.RequestedProcedureID"),
-        limit=parsed.limit, offset=parsed.offset)
+        limit=parsed.limit,
+        offset=parsed.offset,
+    )
 
 
 def instance_query(parsed: ParsedQuery, study: str | None, series: str | None) -> InstanceQuery:
@@ -226,28 +267,68 @@ def instance_query(parsed: ParsedQuery, study: str | None, series: str | None) -
     values = parsed.values
     number = values.get("InstanceNumber")
     return InstanceQuery(
-        study_instance_uid=study, series_instance_uid=series,
+        study_instance_uid=study,
+        series_instance_uid=series,
         sop_instance_uids=_values(values.get("SOPInstanceUID", "")),
         sop_class_uids=_values(values.get("SOPClassUID", "")),
         instance_number=int(number) if number else None,
-        limit=parsed.limit, offset=parsed.offset)
+        limit=parsed.limit,
+        offset=parsed.offset,
+    )
 
 
 #: What `includefield=all` adds at each level, from a representative instance's JSON:
 #: the Patient and General Study modules, then the General Series module.
-STUDY_LEVEL_TAGS = frozenset({
-    "00080020", "00080030", "00080050", "00080090", "00081030", "00081032", "00081060",
-    "00100010", "00100020", "00100030", "00100040", "00101010", "00101020", "00101030",
-    "00200010", "0020000D", "00120062", "00120063", "00120064", "00280303",
-})
-SERIES_LEVEL_TAGS = frozenset({
-    "00080021", "00080031", "00080060", "00080070", "0008103E", "00081090", "00180015",
-    "00181030", "00185100", "0020000E", "00200011", "00200060", "00400244", "00400245",
-})
+STUDY_LEVEL_TAGS = frozenset(
+    {
+        "00080020",
+        "00080030",
+        "00080050",
+        "00080090",
+        "00081030",
+        "00081032",
+        "00081060",
+        "00100010",
+        "00100020",
+        "00100030",
+        "00100040",
+        "00101010",
+        "00101020",
+        "00101030",
+        "00200010",
+        "0020000D",
+        "00120062",
+        "00120063",
+        "00120064",
+        "00280303",
+    }
+)
+SERIES_LEVEL_TAGS = frozenset(
+    {
+        "00080021",
+        "00080031",
+        "00080060",
+        "00080070",
+        "0008103E",
+        "00081090",
+        "00180015",
+        "00181030",
+        "00185100",
+        "0020000E",
+        "00200011",
+        "00200060",
+        "00400244",
+        "00400245",
+    }
+)
 
 
-def include_fields(result: dict[str, object], source: dict[str, object] | None,
-                   include: frozenset[str], level_tags: frozenset[str] | None) -> dict[str, object]:
+def include_fields(
+    result: dict[str, object],
+    source: dict[str, object] | None,
+    include: frozenset[str],
+    level_tags: frozenset[str] | None,
+) -> dict[str, object]:
     """Add the attributes asked for with includefield, taken from `source` (DICOM JSON of a
     representative instance); `level_tags` bounds `all` (None: every attribute)."""
     if not include or source is None:
@@ -285,8 +366,9 @@ def _to_json(elements: Iterable[tuple[str, object]]) -> dict[str, object]:
         if value is None or value == "" or value == ():
             pass
         elif vr == "PN":
-            pairs = list(zip(("Alphabetic", "Ideographic", "Phonetic"), str(value).split("="),
-                             strict=False))
+            pairs = list(
+                zip(("Alphabetic", "Ideographic", "Phonetic"), str(value).split("="), strict=False)
+            )
             while pairs and not pairs[-1][1]:
                 pairs.pop()  # trailing empty groups are left out, leading ones kept
             element["Value"] = [dict(pairs)]
@@ -301,19 +383,26 @@ def _to_json(elements: Iterable[tuple[str, object]]) -> dict[str, object]:
 
 
 def series_to_dicom_json(series: SeriesSummary, retrieve_base_url: str) -> dict[str, object]:
-    return _to_json((
-        ("Modality", series.modality),
-        ("SeriesInstanceUID", series.series_instance_uid),
-        ("SeriesNumber", series.series_number),
-        ("SeriesDescription", series.series_description),
-        ("BodyPartExamined", series.body_part_examined),
-        ("NumberOfSeriesRelatedInstances", series.number_of_instances),
-        ("PerformedProcedureStepStartDate", series.performed_procedure_step_start_date),
-        ("PerformedProcedureStepStartTime", series.performed_procedure_step_start_time),
-        ("StudyInstanceUID", series.study_instance_uid),
-        ("RetrieveURL", (f"{retrieve_base_url}/studies/{series.study_instance_uid}"
-                        f"/series/{series.series_instance_uid}")),
-    ))
+    return _to_json(
+        (
+            ("Modality", series.modality),
+            ("SeriesInstanceUID", series.series_instance_uid),
+            ("SeriesNumber", series.series_number),
+            ("SeriesDescription", series.series_description),
+            ("BodyPartExamined", series.body_part_examined),
+            ("NumberOfSeriesRelatedInstances", series.number_of_instances),
+            ("PerformedProcedureStepStartDate", series.performed_procedure_step_start_date),
+            ("PerformedProcedureStepStartTime", series.performed_procedure_step_start_time),
+            ("StudyInstanceUID", series.study_instance_uid),
+            (
+                "RetrieveURL",
+                (
+                    f"{retrieve_base_url}/studies/{series.study_instance_uid}"
+                    f"/series/{series.series_instance_uid}"
+                ),
+            ),
+        )
+    )
 
 
 def instance_to_dicom_json(instance: InstanceSummary, retrieve_base_url: str) -> dict[str, object]:
@@ -325,8 +414,13 @@ def instance_to_dicom_json(instance: InstanceSummary, retrieve_base_url: str) ->
         ("StudyInstanceUID", instance.study_instance_uid),
         ("SeriesInstanceUID", instance.series_instance_uid),
         ("InstanceNumber", instance.instance_number),
-        ("RetrieveURL", (f"{retrieve_base_url}/studies/{instance.study_instance_uid}/series/"
-                        f"{instance.series_instance_uid}/instances/{instance.sop_instance_uid}")),
+        (
+            "RetrieveURL",
+            (
+                f"{retrieve_base_url}/studies/{instance.study_instance_uid}/series/"
+                f"{instance.series_instance_uid}/instances/{instance.sop_instance_uid}"
+            ),
+        ),
     ]
     if instance.rows:
         elements += [("Rows", instance.rows), ("Columns", instance.columns)]

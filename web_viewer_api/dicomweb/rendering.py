@@ -29,17 +29,22 @@ class RenderLimits:
     #: Byte budget of the rendered-image cache (0: no cache).
     cache_bytes: int = 64 * 1024 * 1024
 
-    def refusal(self, rows: int, columns: int, samples: int = 1,
-                bits_allocated: int = 8) -> str | None:
+    def refusal(
+        self, rows: int, columns: int, samples: int = 1, bits_allocated: int = 8
+    ) -> str | None:
         """Why a frame of this declared matrix is not rendered (None: it may be)."""
         pixels = rows * columns
         if pixels > self.max_frame_megapixels * 1_000_000:
-            return (f"the frame is {columns} x {rows} pixels ({pixels / 1e6:.1f} megapixels); "
-                    f"images are rendered up to {self.max_frame_megapixels:g} megapixels a frame")
+            return (
+                f"the frame is {columns} x {rows} pixels ({pixels / 1e6:.1f} megapixels); "
+                f"images are rendered up to {self.max_frame_megapixels:g} megapixels a frame"
+            )
         decoded = pixels * max(samples, 1) * max((bits_allocated + 7) // 8, 1)
         if decoded > self.max_frame_bytes:
-            return (f"the frame decodes to {decoded // (1024 * 1024)} MiB; images are rendered "
-                    f"up to {self.max_frame_bytes // (1024 * 1024)} MiB a frame")
+            return (
+                f"the frame decodes to {decoded // (1024 * 1024)} MiB; images are rendered "
+                f"up to {self.max_frame_bytes // (1024 * 1024)} MiB a frame"
+            )
         return None
 
 
@@ -50,8 +55,7 @@ class RenderedCache:
     budget is not kept; a budget of 0 keeps nothing. `on_lookup("hit" | "miss")` is called
     on each lookup (a metric)."""
 
-    def __init__(self, budget_bytes: int,
-                 on_lookup: Callable[[str], None] | None = None) -> None:
+    def __init__(self, budget_bytes: int, on_lookup: Callable[[str], None] | None = None) -> None:
         self.budget_bytes = budget_bytes
         self._on_lookup = on_lookup
         self._images: OrderedDict[Hashable, bytes] = OrderedDict()

@@ -68,10 +68,11 @@ COERCION_OF_DATA_ELEMENTS = 0xB000
 NOT_OF_THE_DOMAIN = 0xC001
 NOT_OF_THE_DOMAIN_WARNING = (
     '299 dicom-gateway "refused {count} instance(s) not of the pseudonymization domain '
-    '(FailureReason C001): the regional API holds no pseudonymization secret and takes '
+    "(FailureReason C001): the regional API holds no pseudonymization secret and takes "
     "only objects written back into studies it stores and this credential may read, under "
     "the study's patient pseudonym (its PatientID); send identified studies to the "
-    'producing site (its DICOM node or its API)"')
+    'producing site (its DICOM node or its API)"'
+)
 
 
 class StowRequestError(Exception):
@@ -132,8 +133,9 @@ SCREEN_BYTES = 1024 * 1024
 _LAST_SCREENED_TAG = 0x0020000D  # StudyInstanceUID
 
 
-def screen_part(head: bytes, complete: bool,
-                study_patient: Callable[[str], str | None]) -> tuple[str, str, int] | None | bool:
+def screen_part(
+    head: bytes, complete: bool, study_patient: Callable[[str], str | None]
+) -> tuple[str, str, int] | None | bool:
     """The regional API's verdict on a part from its first bytes: None to take it, the
     refusal (SOP class, SOP instance, reason), or False when more bytes are needed."""
     seen_past = False
@@ -152,7 +154,11 @@ def screen_part(head: bytes, complete: bool,
             study = str(header.get("StudyInstanceUID", ""))
             patient_id = str(header.get("PatientID", ""))
     except _UNREADABLE:
-        return ("", "", StoreStatus.CANNOT_UNDERSTAND) if complete or len(head) >= SCREEN_BYTES else False
+        return (
+            ("", "", StoreStatus.CANNOT_UNDERSTAND)
+            if complete or len(head) >= SCREEN_BYTES
+            else False
+        )
     if not (seen_past or complete):
         return ("", "", NOT_OF_THE_DOMAIN) if len(head) >= SCREEN_BYTES else False
     if not (sop and study):
@@ -213,14 +219,20 @@ class StowOutcome:
             warnings_.append(_warning(f"{count} instance(s) not stored: {explanation}"))
         coerced = sum(1 for item in self.referenced if item.coerced)
         if coerced:
-            warnings_.append(_warning(
-                f"{coerced} instance(s) stored with attributes coerced (WarningReason B000): "
-                "de-identified, or a write-back cleaned; ReferencedSOPSequence names the UIDs "
-                "they are stored and retrievable under"))
+            warnings_.append(
+                _warning(
+                    f"{coerced} instance(s) stored with attributes coerced (WarningReason B000): "
+                    "de-identified, or a write-back cleaned; ReferencedSOPSequence names the UIDs "
+                    "they are stored and retrievable under"
+                )
+            )
         if self.pending:
-            warnings_.append(_warning(
-                f"{len(self.pending)} instance(s) accepted and durable but not yet processed "
-                f"after {self.waited_seconds:.0f} s: searchable once the worker has run"))
+            warnings_.append(
+                _warning(
+                    f"{len(self.pending)} instance(s) accepted and durable but not yet processed "
+                    f"after {self.waited_seconds:.0f} s: searchable once the worker has run"
+                )
+            )
         return {"Warning": ", ".join(warnings_)} if warnings_ else {}
 
     @property
@@ -259,12 +271,22 @@ class StowOutcome:
 
     def _settle(self, sent: tuple[str, str], outcome: InstanceOutcome) -> None:
         if outcome.stored:
-            self.referenced.append(StoredInstance(
-                outcome.sop_class_uid or sent[0], outcome.study_instance_uid,
-                outcome.series_instance_uid, outcome.sop_instance_uid, outcome.coerced))
+            self.referenced.append(
+                StoredInstance(
+                    outcome.sop_class_uid or sent[0],
+                    outcome.study_instance_uid,
+                    outcome.series_instance_uid,
+                    outcome.sop_instance_uid,
+                    outcome.coerced,
+                )
+            )
         else:
-            self.refuse(outcome.sop_class_uid or sent[0], sent[1],
-                        outcome.failure_reason or StoreStatus.PROCESSING_FAILURE, outcome.reason)
+            self.refuse(
+                outcome.sop_class_uid or sent[0],
+                sent[1],
+                outcome.failure_reason or StoreStatus.PROCESSING_FAILURE,
+                outcome.reason,
+            )
 
 
 def _warning(text: str) -> str:
@@ -285,15 +307,19 @@ def boundary_of(content_type: str | None) -> tuple[bytes, str]:
     media = ranges[0]
     part_type = media.params.get("type", "application/dicom").lower()
     if part_type not in ("application/dicom", DICOM_JSON):
-        raise StowRequestError(415, "parts must be application/dicom, or application/dicom+json "
-                                    "with bulk data")
+        raise StowRequestError(
+            415, "parts must be application/dicom, or application/dicom+json with bulk data"
+        )
     boundary = media.params.get("boundary")
     if not boundary:
         raise StowRequestError(400, "multipart body without a boundary")
     if not _BOUNDARY.fullmatch(boundary):
-        raise StowRequestError(400, "the multipart boundary must be 1 to 70 characters: letters, "
-                                    "digits, '()+_,-./:=? and spaces, not ending in a space "
-                                    "(RFC 2046 §5.1.1)")
+        raise StowRequestError(
+            400,
+            "the multipart boundary must be 1 to 70 characters: letters, "
+            "digits, '()+_,-./:=? and spaces, not ending in a space "
+            "(RFC 2046 §5.1.1)",
+        )
     return boundary.encode(), part_type
 
 
@@ -310,11 +336,11 @@ MAX_JSON_DEPTH = 128
 
 #: Compressed pixel data media types (PS3.18 §8.7.3.3.2) and their default transfer syntax.
 COMPRESSED_MEDIA_TYPES = {
-    "image/jls": "1.2.840.10008.1.2.4.80",      # JPEG-LS lossless
-    "image/jp2": "1.2.840.10008.1.2.4.90",      # JPEG 2000 lossless
-    "image/jphc": "1.2.840.10008.1.2.4.201",    # HTJ2K lossless
-    "image/jpeg": "1.2.840.10008.1.2.4.70",     # JPEG lossless, first-order prediction
-    "image/dicom-rle": "1.2.840.10008.1.2.5",   # RLE lossless
+    "image/jls": "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "image/jp2": "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "image/jphc": "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "image/jpeg": "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction
+    "image/dicom-rle": "1.2.840.10008.1.2.5",  # RLE lossless
 }
 _PIXEL_DATA = "7FE00010"
 
@@ -377,7 +403,13 @@ def _json_depth(document: Any) -> int:
     deepest, pending = 0, [(document, 1)]
     while pending:
         value, depth = pending.pop()
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        children = (
+            value.values()
+            if isinstance(value, dict)
+            else value
+            if isinstance(value, list)
+            else None
+        )
         if children is None:
             continue
         deepest = max(deepest, depth)
@@ -402,8 +434,9 @@ def _load_json_part(part: _Part) -> Any | None:
     return loaded
 
 
-def _build_instances(parts: list[_Part], folder: Path,
-                     instances: list[_Part]) -> tuple[list[_Part], int]:
+def _build_instances(
+    parts: list[_Part], folder: Path, instances: list[_Part]
+) -> tuple[list[_Part], int]:
     by_location: dict[str, list[_Part]] = {}
     for part in parts:
         location = part.headers.get("content-location")
@@ -443,14 +476,22 @@ def _build_instances(parts: list[_Part], folder: Path,
             dataset.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
             if compressed:
                 pixel_array(dataset, index=0)  # a stream that does not decode fails here
-            written = _Part(folder / f".stow-{uuid.uuid4().hex}.part",
-                           {"content-type": "application/dicom"})
+            written = _Part(
+                folder / f".stow-{uuid.uuid4().hex}.part", {"content-type": "application/dicom"}
+            )
             instances.append(written)  # from here on, removed whatever happens next
             with open_private(written.path) as handle:  # identified until the worker ran: 0600
                 dataset.save_as(handle, enforce_file_format=True)
             written.size = written.path.stat().st_size
-        except (KeyError, ValueError, TypeError, AttributeError, OSError, RuntimeError,
-                NotImplementedError) as exc:  # RecursionError is a RuntimeError
+        except (
+            KeyError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            OSError,
+            RuntimeError,
+            NotImplementedError,
+        ) as exc:  # RecursionError is a RuntimeError
             log.info("STOW-RS: a DICOM JSON data set could not be built: %s", type(exc).__name__)
             if written is not None:
                 instances.remove(written)
@@ -460,10 +501,15 @@ def _build_instances(parts: list[_Part], folder: Path,
     return instances, failed
 
 
-async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Path,
-                        max_bytes: int,
-                        study_patient: Callable[[str], str | None] | None = None, *,
-                        max_parts: int = 10_000) -> list[_Part]:
+async def receive_parts(
+    body: AsyncIterator[bytes],
+    boundary: bytes,
+    folder: Path,
+    max_bytes: int,
+    study_patient: Callable[[str], str | None] | None = None,
+    *,
+    max_parts: int = 10_000,
+) -> list[_Part]:
     """Stream the body into one temporary file per part. With `study_patient` (the regional
     API), each part is screened from its first bytes, in memory: a part not of the domain
     is refused (`_Part.refused`) and never written. StowRequestError: 413 beyond
@@ -471,8 +517,13 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
     MAX_PART_HEADER_BYTES / MAX_PART_HEADER_FIELDS; then no file of the request remains."""
     private_directory(folder)  # identified uploads: folder 0700, parts 0600
     parts: list[_Part] = []
-    current: dict[str, Any] = {"field": b"", "value": b"", "handle": None, "head": None,
-                              "header_bytes": 0}
+    current: dict[str, Any] = {
+        "field": b"",
+        "value": b"",
+        "handle": None,
+        "head": None,
+        "header_bytes": 0,
+    }
     if study_patient is not None:  # one index query per study of the request, not per part
         study_patient = functools.cache(study_patient)
 
@@ -484,8 +535,11 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
         if study_patient is None:  # only a regional API screens parts
             return
         content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
-        verdict = (("", "", StoreStatus.CANNOT_UNDERSTAND) if content_type.strip().lower() != "application/dicom"
-                   else screen_part(bytes(head), complete, study_patient))
+        verdict = (
+            ("", "", StoreStatus.CANNOT_UNDERSTAND)
+            if content_type.strip().lower() != "application/dicom"
+            else screen_part(bytes(head), complete, study_patient)
+        )
         if verdict is False:
             return
         current["head"] = None
@@ -509,8 +563,9 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
     def header_bytes(count: int) -> None:
         current["header_bytes"] += count
         if current["header_bytes"] > MAX_PART_HEADER_BYTES:
-            raise StowRequestError(400, f"a part's headers are longer than "
-                                        f"{MAX_PART_HEADER_BYTES} bytes")
+            raise StowRequestError(
+                400, f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes"
+            )
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         header_bytes(end - start)
@@ -522,8 +577,9 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
 
     def on_header_end() -> None:
         if len(parts[-1].headers) >= MAX_PART_HEADER_FIELDS:
-            raise StowRequestError(400, f"a part has more than {MAX_PART_HEADER_FIELDS} "
-                                        "header fields")
+            raise StowRequestError(
+                400, f"a part has more than {MAX_PART_HEADER_FIELDS} header fields"
+            )
         name = current["field"].decode("latin-1").strip().lower()
         parts[-1].headers[name] = current["value"].decode("latin-1").strip()
         current["field"], current["value"] = b"", b""
@@ -543,11 +599,17 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
             current["handle"].close()
             current["handle"] = None
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_part_data": on_part_data, "on_part_end": on_part_end,
-    })
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     received = 0
     try:
         async for chunk in body:
@@ -567,8 +629,9 @@ async def receive_parts(body: AsyncIterator[bytes], boundary: bytes, folder: Pat
         raise
     if current["handle"] is not None or current["head"] is not None or not parts:
         _discard(parts, current)
-        raise StowRequestError(400, "malformed multipart body: no complete part "
-                                    "(wrong boundary or truncated body)")
+        raise StowRequestError(
+            400, "malformed multipart body: no complete part (wrong boundary or truncated body)"
+        )
     return parts
 
 
@@ -579,8 +642,12 @@ def _discard(parts: list[_Part], current: dict[str, Any]) -> None:
         part.path.unlink(missing_ok=True)
 
 
-def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | None,
-                study_patient: Callable[[str], str | None] | None = None) -> StowOutcome:
+def spool_parts(
+    parts: list[_Part],
+    target: StowTarget,
+    study_in_path: str | None,
+    study_patient: Callable[[str], str | None] | None = None,
+) -> StowOutcome:
     """Check each part, spool the good ones per study, mark each batch as awaited and
     enqueue it (`StowOutcome.await_replies` then waits for the worker). `study_patient`:
     the regional API's check, bound to the writer's scope."""
@@ -594,7 +661,9 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 continue
             content_type = part.headers.get("content-type", "application/dicom").split(";")[0]
             if content_type.strip().lower() != "application/dicom":
-                outcome.refuse("", "", StoreStatus.CANNOT_UNDERSTAND, "a part is not application/dicom")
+                outcome.refuse(
+                    "", "", StoreStatus.CANNOT_UNDERSTAND, "a part is not application/dicom"
+                )
                 continue
             try:
                 header = read_bounded(part.path, stop_before_pixels=True, check=False)
@@ -603,31 +672,44 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
                 study = str(header.StudyInstanceUID)
                 patient_id = str(header.get("PatientID", ""))
             except _UNREADABLE:
-                outcome.refuse("", "", StoreStatus.CANNOT_UNDERSTAND, "a part is not a readable DICOM data set")
+                outcome.refuse(
+                    "", "", StoreStatus.CANNOT_UNDERSTAND, "a part is not a readable DICOM data set"
+                )
                 continue
             try:
                 check_declared(header, target.decode_limits)
             except DecodeLimitExceeded as exc:
-                outcome.refuse(sop_class, sop, StoreStatus.OUT_OF_RESOURCES, f"refused before decoding: {exc}")
+                outcome.refuse(
+                    sop_class, sop, StoreStatus.OUT_OF_RESOURCES, f"refused before decoding: {exc}"
+                )
                 continue
             # Screened from its head already; checked again on the whole part as spooled.
-            if study_patient is not None and not of_the_domain(patient_id, study,
-                                                               study_patient):
+            if study_patient is not None and not of_the_domain(patient_id, study, study_patient):
                 outcome.refuse(sop_class, sop, NOT_OF_THE_DOMAIN)
                 continue
             if study_in_path is not None and study != study_in_path:
-                outcome.refuse(sop_class, sop, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                               "its Study Instance UID is not the study of the request path")
+                outcome.refuse(
+                    sop_class,
+                    sop,
+                    StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                    "its Study Instance UID is not the study of the request path",
+                )
                 continue
             batch = target.spool.batch_id(tag, study)
             try:
                 path = target.spool.move_file(batch, sop, part.path)
             except ValueError:
-                outcome.refuse(sop_class, sop, StoreStatus.CANNOT_UNDERSTAND,
-                               "its SOP Instance UID is not a valid UID")
+                outcome.refuse(
+                    sop_class,
+                    sop,
+                    StoreStatus.CANNOT_UNDERSTAND,
+                    "its SOP Instance UID is not a valid UID",
+                )
                 continue
             except SpoolWriteError:
-                outcome.refuse(sop_class, sop, StoreStatus.OUT_OF_RESOURCES, "the spool could not take it")
+                outcome.refuse(
+                    sop_class, sop, StoreStatus.OUT_OF_RESOURCES, "the spool could not take it"
+                )
                 continue
             batches.add(batch)
             outcome.awaited[(target.spool.site_id, batch, path.name)] = (sop_class, sop)
@@ -642,7 +724,9 @@ def spool_parts(parts: list[_Part], target: StowTarget, study_in_path: str | Non
         try:
             target.enqueue(target.spool.site_id, batch)
         except Exception as exc:  # noqa: BLE001 - broker down: the node's sweeper re-enqueues it
-            log.error("STOW batch %s not enqueued (%s); the sweeper will", batch, type(exc).__name__)
+            log.error(
+                "STOW batch %s not enqueued (%s); the sweeper will", batch, type(exc).__name__
+            )
     return outcome
 
 
@@ -656,8 +740,10 @@ def response_dataset(outcome: StowOutcome, base_url: str) -> dict[str, Any]:
         item = Dataset()
         item.ReferencedSOPClassUID = stored.sop_class_uid
         item.ReferencedSOPInstanceUID = stored.sop_instance_uid
-        item.RetrieveURL = (f"{base_url}/studies/{stored.study_instance_uid}/series/"
-                            f"{stored.series_instance_uid}/instances/{stored.sop_instance_uid}")
+        item.RetrieveURL = (
+            f"{base_url}/studies/{stored.study_instance_uid}/series/"
+            f"{stored.series_instance_uid}/instances/{stored.sop_instance_uid}"
+        )
         if stored.coerced:
             item.WarningReason = COERCION_OF_DATA_ELEMENTS
         referenced.append(item)
@@ -683,5 +769,17 @@ def response_dataset(outcome: StowOutcome, base_url: str) -> dict[str, Any]:
     return result
 
 
-__all__ = ["NOT_OF_THE_DOMAIN", "SCREEN_BYTES", "StoredInstance", "StowOutcome", "StowRequestError", "StowTarget", "boundary_of", "json_parts_to_instances",
-           "receive_parts", "response_dataset", "screen_part", "spool_parts"]
+__all__ = [
+    "NOT_OF_THE_DOMAIN",
+    "SCREEN_BYTES",
+    "StoredInstance",
+    "StowOutcome",
+    "StowRequestError",
+    "StowTarget",
+    "boundary_of",
+    "json_parts_to_instances",
+    "receive_parts",
+    "response_dataset",
+    "screen_part",
+    "spool_parts",
+]

@@ -68,12 +68,18 @@ _LOSSLESS_TARGETS = {
 }
 #: PS3.18 Table 8.7.3-5: media types of compressed frames.
 FRAME_MEDIA_TYPES = {
-    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
-    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
-    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
-    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
-    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
-    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
 MAX_LIMIT = 100_000
 
@@ -122,13 +128,17 @@ def _acceptable_syntax(media: MediaRange) -> str | None:
     """The transfer syntax a media range asks for, if this server can produce it."""
     syntax = str(media.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN))
     if syntax == ANY_TRANSFER_SYNTAX or syntax in (
-            EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, *_LOSSLESS_TARGETS):
+        EXPLICIT_VR_LITTLE_ENDIAN,
+        IMPLICIT_VR_LITTLE_ENDIAN,
+        *_LOSSLESS_TARGETS,
+    ):
         return syntax
     return None
 
 
-def negotiate_instance_representation(accept: str | None, *,
-                                      instance_resource: bool) -> InstanceRepresentation:
+def negotiate_instance_representation(
+    accept: str | None, *, instance_resource: bool
+) -> InstanceRepresentation:
     """The representation of a DICOM retrieval (PS3.18 §8.7.3, §10.4.4), from the media
     ranges of `accept`, best first: `application/dicom` names a single part, allowed for an
     Instance Resource only (for a study or series it is ignored, as the standard says);
@@ -145,7 +155,10 @@ def negotiate_instance_representation(accept: str | None, *,
                 return InstanceRepresentation(syntax)
         elif media.media_type == "multipart/related":
             if media.params.get("type", "application/dicom") not in (
-                    "application/dicom", "application/*", "*/*"):
+                "application/dicom",
+                "application/*",
+                "*/*",
+            ):
                 continue
             syntax = _acceptable_syntax(media)
             if syntax is not None:
@@ -153,12 +166,17 @@ def negotiate_instance_representation(accept: str | None, *,
     raise NotAcceptableError(
         'no acceptable representation: use multipart/related; type="application/dicom" with '
         "transfer-syntax=* or a lossless one"
-        + (", or application/dicom for this instance" if instance_resource
-           else " (application/dicom names a single instance only)"))
+        + (
+            ", or application/dicom for this instance"
+            if instance_resource
+            else " (application/dicom names a single instance only)"
+        )
+    )
 
 
-def convert_instance(body: bytes, target: str,
-                     limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> tuple[bytes, str]:
+def convert_instance(
+    body: bytes, target: str, limits: DecodeLimits = DEFAULT_DECODE_LIMITS
+) -> tuple[bytes, str]:
     """The stored instance in the target syntax (stored bytes when they already are);
     NotDecodedError when that means decoding more than `limits` allow."""
     if target == ANY_TRANSFER_SYNTAX:
@@ -222,20 +240,24 @@ class Wado:
     #: Largest decoded pixel data an instance may declare to be decoded for a client.
     limits: DecodeLimits = DEFAULT_DECODE_LIMITS
 
-    def instances(self, study: str, series: str | None = None,
-                  sop: str | None = None) -> list[InstanceSummary]:
+    def instances(
+        self, study: str, series: str | None = None, sop: str | None = None
+    ) -> list[InstanceSummary]:
         check_uid(study, "StudyInstanceUID")
         if series:
             check_uid(series, "SeriesInstanceUID")
         if sop:
             check_uid(sop, "SOPInstanceUID")
         found = QueryRetrieve(self.index).retrieve_instances(
-            self.scope, [study], series, (sop,) if sop else (), limit=MAX_LIMIT)
+            self.scope, [study], series, (sop,) if sop else (), limit=MAX_LIMIT
+        )
         if not found:
             raise NotFoundError("not found")
         return found
 
-    def instance_parts(self, instances: list[InstanceSummary], target: str) -> Iterator[StreamedPart]:
+    def instance_parts(
+        self, instances: list[InstanceSummary], target: str
+    ) -> Iterator[StreamedPart]:
         """The instances as parts of a WADO-RS answer, in `target` syntax. One already in
         it (or any syntax asked) goes out as stored; from a store of local files it is only
         opened here, and read as it is sent (`multipart_body`)."""
@@ -247,7 +269,9 @@ class Wado:
             # parsed after all.
             as_stored = target in (ANY_TRANSFER_SYNTAX, instance.transfer_syntax_uid)
             try:
-                opened = _open_indexed(opener, instance) if as_stored and opener is not None else None
+                opened = (
+                    _open_indexed(opener, instance) if as_stored and opener is not None else None
+                )
                 body = opened if opened is not None else self.store.get(instance.object_key)
             except ObjectNotFound:
                 continue  # indexed but gone: reindex will tell; never a broken part
@@ -255,10 +279,16 @@ class Wado:
                 try:
                     body, syntax = convert_instance(body, target, self.limits)
                 except (InvalidDicomError, EOFError) as exc:  # a damaged object: the store's fault
-                    raise IntegrityError(f"stored object {instance.object_key!r} is not DICOM") from exc
+                    raise IntegrityError(
+                        f"stored object {instance.object_key!r} is not DICOM"
+                    ) from exc
                 yield (f"application/dicom; transfer-syntax={syntax}", body, {})
             else:
-                yield (f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}", body, {})
+                yield (
+                    f"application/dicom; transfer-syntax={instance.transfer_syntax_uid}",
+                    body,
+                    {},
+                )
 
     def metadata(self, instances: list[InstanceSummary], base_url: str) -> list[dict[str, Any]]:
         """DICOM JSON of the instances: one object read per series when the series'
@@ -267,41 +297,48 @@ class Wado:
         documents: list[dict[str, Any]] = []
         by_series: dict[tuple[str, str], list[InstanceSummary]] = {}
         for instance in instances:
-            by_series.setdefault((instance.study_instance_uid, instance.series_instance_uid),
-                                 []).append(instance)
+            by_series.setdefault(
+                (instance.study_instance_uid, instance.series_instance_uid), []
+            ).append(instance)
         for (study, series), members in by_series.items():
             documents.extend(self._series_metadata(study, series, members, base_url))
         return documents
 
-    def _series_metadata(self, study: str, series: str, members: list[InstanceSummary],
-                         base_url: str) -> list[dict[str, Any]]:
+    def _series_metadata(
+        self, study: str, series: str, members: list[InstanceSummary], base_url: str
+    ) -> list[dict[str, Any]]:
         wanted = {m.sop_instance_uid for m in members}
         try:
-            whole = json.loads(self.store.get(
-                series_metadata_key(study, series)))
+            whole = json.loads(self.store.get(series_metadata_key(study, series)))
             present = {d.get("00080018", {}).get("Value", [""])[0] for d in whole}
             if wanted <= present:
-                return [_absolute_bulk_uris(d, base_url) for d in whole
-                        if d.get("00080018", {}).get("Value", [""])[0] in wanted]
+                return [
+                    _absolute_bulk_uris(d, base_url)
+                    for d in whole
+                    if d.get("00080018", {}).get("Value", [""])[0] in wanted
+                ]
         except (ObjectNotFound, ValueError):
             pass
         documents = []
         for instance in members:
-            key = instance_metadata_key(instance.study_instance_uid,
-                                        instance.series_instance_uid, instance.sop_instance_uid)
+            key = instance_metadata_key(
+                instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+            )
             try:
                 document = json.loads(self.store.get(key))
             except ObjectNotFound:
-                header = pydicom.dcmread(BytesIO(self.store.get(instance.object_key)),
-                                         stop_before_pixels=True)
+                header = pydicom.dcmread(
+                    BytesIO(self.store.get(instance.object_key)), stop_before_pixels=True
+                )
                 document = header.to_json_dict()
             documents.append(_absolute_bulk_uris(document, base_url))
         return documents
 
     def instance_json(self, instance: InstanceSummary) -> dict[str, Any] | None:
         """The stored DICOM JSON of one instance (None when it is missing)."""
-        key = instance_metadata_key(instance.study_instance_uid, instance.series_instance_uid,
-                                    instance.sop_instance_uid)
+        key = instance_metadata_key(
+            instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+        )
         try:
             document: dict[str, Any] = json.loads(self.store.get(key))
             return document
@@ -310,8 +347,9 @@ class Wado:
 
     def representative(self, study: str, series: str | None = None) -> dict[str, Any] | None:
         """DICOM JSON of the first instance of a study or series (for includefield)."""
-        found = QueryRetrieve(self.index).search_for_instances(self.scope, InstanceQuery(
-            study_instance_uid=study, series_instance_uid=series, limit=1))
+        found = QueryRetrieve(self.index).search_for_instances(
+            self.scope, InstanceQuery(study_instance_uid=study, series_instance_uid=series, limit=1)
+        )
         return self.instance_json(found[0]) if found else None
 
     def dataset(self, instance: InstanceSummary, *, decoded: bool = True) -> Dataset:
@@ -351,13 +389,19 @@ def parse_frame_list(text: str) -> list[int]:
     if not numbers or any(n < 1 for n in numbers):
         raise BadRequestError("frame numbers start at 1")
     if len(set(numbers)) != len(numbers):
-        raise BadRequestError("the frame list names a frame more than once (PS3.18: a list of "
-                              "non-duplicate frame numbers)")
+        raise BadRequestError(
+            "the frame list names a frame more than once (PS3.18: a list of "
+            "non-duplicate frame numbers)"
+        )
     return numbers
 
 
-def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None,
-                limits: DecodeLimits = DEFAULT_DECODE_LIMITS) -> tuple[str, list[tuple[str, bytes, dict[str, str]]]]:
+def frame_parts(
+    dataset: Dataset,
+    numbers: list[int],
+    accept: str | None,
+    limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
+) -> tuple[str, list[tuple[str, bytes, dict[str, str]]]]:
     """(part media type, parts) for the requested frames: uncompressed octet-stream by
     default (NotDecodedError above `limits`), the stored compressed bitstream when the
     Accept header allows it."""
@@ -367,23 +411,41 @@ def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None,
     stored = str(dataset.file_meta.TransferSyntaxUID)
     compressed_type = FRAME_MEDIA_TYPES.get(stored)
     for media in parse_accept(accept):
-        part = media.params.get("type", media.media_type if media.media_type != "multipart/related" else "application/octet-stream")
+        part = media.params.get(
+            "type",
+            media.media_type
+            if media.media_type != "multipart/related"
+            else "application/octet-stream",
+        )
         syntax = media.params.get("transfer-syntax")
-        if compressed_type and (part == compressed_type or (part in ("*/*", "*") and syntax == "*")
-                                or syntax == stored):
+        if compressed_type and (
+            part == compressed_type or (part in ("*/*", "*") and syntax == "*") or syntax == stored
+        ):
             frames = list(generate_frames(dataset.PixelData, number_of_frames=count))
-            return compressed_type, [(f"{compressed_type}; transfer-syntax={stored}", frames[n - 1], {})
-                                     for n in numbers]
-        if part in ("application/octet-stream", "*/*", "*") and syntax in (None, EXPLICIT_VR_LITTLE_ENDIAN, "*"):
-            return "application/octet-stream", [("application/octet-stream", f, {})
-                                                for f in _native_frames(dataset, numbers, limits)]
+            return compressed_type, [
+                (f"{compressed_type}; transfer-syntax={stored}", frames[n - 1], {}) for n in numbers
+            ]
+        if part in ("application/octet-stream", "*/*", "*") and syntax in (
+            None,
+            EXPLICIT_VR_LITTLE_ENDIAN,
+            "*",
+        ):
+            return "application/octet-stream", [
+                ("application/octet-stream", f, {})
+                for f in _native_frames(dataset, numbers, limits)
+            ]
         target = _LOSSLESS_FRAME_TARGETS.get(part)
         if target is not None and syntax in (None, target):
-            return part, [(f"{part}; transfer-syntax={target}", f, {})
-                          for f in _transcoded_frames(dataset, numbers, target, limits)]
-    raise NotAcceptableError("frames are available as application/octet-stream"
-                             + (f", {compressed_type}" if compressed_type else "")
-                             + " or, re-encoded losslessly, " + ", ".join(_LOSSLESS_FRAME_TARGETS))
+            return part, [
+                (f"{part}; transfer-syntax={target}", f, {})
+                for f in _transcoded_frames(dataset, numbers, target, limits)
+            ]
+    raise NotAcceptableError(
+        "frames are available as application/octet-stream"
+        + (f", {compressed_type}" if compressed_type else "")
+        + " or, re-encoded losslessly, "
+        + ", ".join(_LOSSLESS_FRAME_TARGETS)
+    )
 
 
 #: Frame media types served in another lossless syntax than the stored one, re-encoded (and
@@ -391,8 +453,9 @@ def frame_parts(dataset: Dataset, numbers: list[int], accept: str | None,
 _LOSSLESS_FRAME_TARGETS = {FRAME_MEDIA_TYPES[uid]: uid for uid in _LOSSLESS_TARGETS}
 
 
-def _transcoded_frames(dataset: Dataset, numbers: list[int], target: str,
-                       limits: DecodeLimits) -> list[bytes]:
+def _transcoded_frames(
+    dataset: Dataset, numbers: list[int], target: str, limits: DecodeLimits
+) -> list[bytes]:
     """The frames re-encoded in the lossless `target` syntax (the whole instance is; the
     decode limits bound it)."""
     count = int(dataset.get("NumberOfFrames", 1) or 1)
@@ -448,9 +511,14 @@ class RenderParameters:
     quality: int
 
 
-def parse_render_parameters(accept: str | None, *, viewport: str | None, window: str | None,
-                            quality: str | None,
-                            default_size: int = DEFAULT_RENDERED_SIZE) -> RenderParameters:
+def parse_render_parameters(
+    accept: str | None,
+    *,
+    viewport: str | None,
+    window: str | None,
+    quality: str | None,
+    default_size: int = DEFAULT_RENDERED_SIZE,
+) -> RenderParameters:
     """The media type from `accept` (JPEG by default, or PNG; else NotAcceptableError) and
     the query parameters of PS3.18 §8.3.5 (their rules: `parameters.py`): `viewport=vw,vh` (the
     image is fitted into the larger), `window=center,width[,function]` (finite, width > 0),
@@ -482,8 +550,13 @@ def parse_render_parameters(accept: str | None, *, viewport: str | None, window:
     return RenderParameters(media_type, size, window_values, level)
 
 
-def check_declared_frame(limits: RenderLimits, rows: int | None, columns: int | None,
-                         samples: int = 1, bits_allocated: int = 8) -> None:
+def check_declared_frame(
+    limits: RenderLimits,
+    rows: int | None,
+    columns: int | None,
+    samples: int = 1,
+    bits_allocated: int = 8,
+) -> None:
     """TooLargeToRenderError when a frame of the declared matrix is over `limits` (unknown
     dimensions pass: the header is checked again before decoding)."""
     if rows and columns:
@@ -499,8 +572,14 @@ def _declared(dataset: Dataset, keyword: str, default: int) -> int:
         return default
 
 
-def rendered(dataset: Dataset, parameters: RenderParameters, *, frame: int | None = None,
-             highest_frame: int | None = None, limits: RenderLimits | None = None) -> bytes:
+def rendered(
+    dataset: Dataset,
+    parameters: RenderParameters,
+    *,
+    frame: int | None = None,
+    highest_frame: int | None = None,
+    limits: RenderLimits | None = None,
+) -> bytes:
     """An image of one frame (1-based; None: the middle one) in `parameters.media_type`,
     windowed and fitted to the viewport. Only that frame is decoded, and not at all when the
     header declares a frame over `limits` (TooLargeToRenderError). NotFoundError for a
@@ -510,17 +589,21 @@ def rendered(dataset: Dataset, parameters: RenderParameters, *, frame: int | Non
     highest = max(frame or 0, highest_frame or 0)
     if highest > count:
         raise NotFoundError(f"no frame {highest}: the instance has {count}")
-    check_declared_frame(limits or RenderLimits(), _declared(dataset, "Rows", 0),
-                         _declared(dataset, "Columns", 0),
-                         _declared(dataset, "SamplesPerPixel", 1),
-                         _declared(dataset, "BitsAllocated", 8))
+    check_declared_frame(
+        limits or RenderLimits(),
+        _declared(dataset, "Rows", 0),
+        _declared(dataset, "Columns", 0),
+        _declared(dataset, "SamplesPerPixel", 1),
+        _declared(dataset, "BitsAllocated", 8),
+    )
     if parameters.window is not None:
         dataset.WindowCenter, dataset.WindowWidth = parameters.window
         if "VOILUTSequence" in dataset:
             del dataset.VOILUTSequence
     try:
-        image = render_frame(dataset, size=parameters.size,
-                             frame_index=None if frame is None else frame - 1)
+        image = render_frame(
+            dataset, size=parameters.size, frame_index=None if frame is None else frame - 1
+        )
     except RenderError as exc:
         raise NotFoundError(str(exc)) from exc
     out = BytesIO()
@@ -528,13 +611,20 @@ def rendered(dataset: Dataset, parameters: RenderParameters, *, frame: int | Non
         image.save(out, "PNG", optimize=False)
     else:
         image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
-            out, "JPEG", quality=parameters.quality)
+            out, "JPEG", quality=parameters.quality
+        )
     return out.getvalue()
 
 
-def render_instance(wado: Wado, instance: InstanceSummary, parameters: RenderParameters, *,
-                    frames: list[int] | None = None, limits: RenderLimits,
-                    cache: RenderedCache | None) -> bytes:
+def render_instance(
+    wado: Wado,
+    instance: InstanceSummary,
+    parameters: RenderParameters,
+    *,
+    frames: list[int] | None = None,
+    limits: RenderLimits,
+    cache: RenderedCache | None,
+) -> bytes:
     """The rendered image of an instance found in scope, of the middle one of `frames` (each
     of which must exist; none: the instance's middle frame). Refused from its index row
     when it declares a frame over `limits` (nothing read); from `cache` when this image was

@@ -55,7 +55,8 @@ def _attribute(parent: ET.Element, tag: str, attribute: dict[str, Any]) -> None:
             _person_name(element, number, value)
         else:
             ET.SubElement(element, "Value", number=str(number)).text = (
-                "" if value is None else xml_text(value))
+                "" if value is None else xml_text(value)
+            )
 
 
 def _dataset(parent: ET.Element, document: dict[str, Any]) -> None:

@@ -50,6 +50,7 @@ from web_viewer_api.shares import ShareService, WrongPin
 
 router = APIRouter(prefix="/s/{share_token}", tags=["Share links"])
 
+
 def _gate(request: Request) -> ShareGate:
     gate: ShareGate | None = request.app.state.share_gate
     if gate is None:
@@ -66,8 +67,9 @@ def _service(request: Request) -> ShareService:
 
 async def _find(request: Request, share_token: str) -> ShareRecord:
     try:
-        share = await anyio.to_thread.run_sync(_gate(request).find, share_token,
-                                               client_address(request))
+        share = await anyio.to_thread.run_sync(
+            _gate(request).find, share_token, client_address(request)
+        )
     except UnknownShareToken:
         request.state.audit = {"action": AuditAction.SHARE_UNKNOWN_TOKEN}
         raise
@@ -80,14 +82,26 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https" or public.startswith("https://")
 
 
-def _session_cookie(response: Response, request: Request, share_token: str, session: str,
-                    max_age: int) -> None:
-    response.set_cookie(SHARE_COOKIE, session, max_age=max_age, path=f"/s/{share_token}",
-                        httponly=True, samesite="strict", secure=_secure(request))
+def _session_cookie(
+    response: Response, request: Request, share_token: str, session: str, max_age: int
+) -> None:
+    response.set_cookie(
+        SHARE_COOKIE,
+        session,
+        max_age=max_age,
+        path=f"/s/{share_token}",
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+    )
 
 
-@router.get("", response_class=HTMLResponse, summary="The share's page: PIN prompt or viewer",
-            include_in_schema=False)
+@router.get(
+    "",
+    response_class=HTMLResponse,
+    summary="The share's page: PIN prompt or viewer",
+    include_in_schema=False,
+)
 async def share_page(share_token: str, request: Request) -> Response:
     try:
         share = await _find(request, share_token)
@@ -95,13 +109,20 @@ async def share_page(share_token: str, request: Request) -> Response:
             try:
                 principal = await current_principal(request)
             except ShareSessionRequired:
-                if (share.max_uses is not None and share.uses >= share.max_uses
-                        and not await anyio.to_thread.run_sync(_may_reopen, request, share)):
-                    raise Gone("this share link has been used the maximum number of times") from None
+                if (
+                    share.max_uses is not None
+                    and share.uses >= share.max_uses
+                    and not await anyio.to_thread.run_sync(_may_reopen, request, share)
+                ):
+                    raise Gone(
+                        "this share link has been used the maximum number of times"
+                    ) from None
                 return open_form(request, share_token, share)
         else:
             principal = await current_principal(request)
-        fallback = await anyio.to_thread.run_sync(_study_list, request, share_token, share, principal)
+        fallback = await anyio.to_thread.run_sync(
+            _study_list, request, share_token, share, principal
+        )
         return viewer_shell(request, share_token, share, fallback)
     except ApiError as exc:
         return error_page(request, exc)
@@ -112,12 +133,14 @@ def _may_reopen(request: Request, share: ShareRecord) -> bool:
     (with the PIN, when there is one) without spending a use."""
     cookie = request.cookies.get(SHARE_COOKIE)
     service = _service(request)
-    return cookie is not None and service.access.may_reopen(sha256_hex(cookie), share.share_id,
-                                                            service.clock())
+    return cookie is not None and service.access.may_reopen(
+        sha256_hex(cookie), share.share_id, service.clock()
+    )
 
 
-def _study_list(request: Request, share_token: str, share: ShareRecord,
-                principal: Principal) -> str:
+def _study_list(
+    request: Request, share_token: str, share: ShareRecord, principal: Principal
+) -> str:
     """The studies as plain HTML (for browsers without JavaScript)."""
     index = request.app.state.index
     scope = share_scope(share)
@@ -128,22 +151,30 @@ def _study_list(request: Request, share_token: str, share: ShareRecord,
     for row in index.withheld(scope):
         withheld[row.study_instance_uid] = withheld.get(row.study_instance_uid, 0) + row.count
     for study in service.search_for_studies(scope, StudyQuery(limit=100)):
-        series = service.search_for_series(scope, SeriesQuery(
-            study_instance_uid=study.study_instance_uid, limit=1000))
+        series = service.search_for_series(
+            scope, SeriesQuery(study_instance_uid=study.study_instance_uid, limit=1000)
+        )
         tiles = "".join(
             f'<span class="series"><img alt="" loading="lazy" src="{root}/dicom-web/studies/'
             f'{s.study_instance_uid}/series/{s.series_instance_uid}/thumbnail">'
             f"{html.escape(s.modality)} {s.series_number or ''} · {s.number_of_instances} im.<br>"
-            f"{html.escape(s.series_description)}</span>" for s in series)
+            f"{html.escape(s.series_description)}</span>"
+            for s in series
+        )
         date = study.study_date
         shown = f"{date[:4]}-{date[4:6]}-{date[6:]}" if len(date) == 8 else ""
-        parts.append(f'<div class="study"><strong>{html.escape(shown)} '
-                     f"{html.escape(study.study_description)}</strong> "
-                     f"({', '.join(map(html.escape, study.modalities_in_study))}, "
-                     f"{study.number_of_instances} images)"
-                     + (f'<p class="withheld">{_WITHHELD_TEXT[language(request)](missing)}</p>'
-                        if (missing := withheld.get(study.study_instance_uid)) else "")
-                     + f"<div>{tiles}</div></div>")
+        parts.append(
+            f'<div class="study"><strong>{html.escape(shown)} '
+            f"{html.escape(study.study_description)}</strong> "
+            f"({', '.join(map(html.escape, study.modalities_in_study))}, "
+            f"{study.number_of_instances} images)"
+            + (
+                f'<p class="withheld">{_WITHHELD_TEXT[language(request)](missing)}</p>'
+                if (missing := withheld.get(study.study_instance_uid))
+                else ""
+            )
+            + f"<div>{tiles}</div></div>"
+        )
     if share.allow_download:
         parts.append(f'<p><a class="button" href="{root}/download">ZIP (DICOM)</a></p>')
     return "".join(parts)
@@ -166,8 +197,12 @@ class Withheld(BaseModel):
     studies: dict[str, list[WithheldPart]]
 
 
-@router.get("/withheld", summary="What the producing sites withheld of the shared studies",
-            response_model=Withheld, include_in_schema=False)
+@router.get(
+    "/withheld",
+    summary="What the producing sites withheld of the shared studies",
+    response_model=Withheld,
+    include_in_schema=False,
+)
 async def withheld(share_token: str, request: Request) -> Response:
     """Instances of the shared studies that their site kept in quarantine, counted by
     modality and reason category: the viewer tells the recipient that part of a study is
@@ -178,19 +213,26 @@ async def withheld(share_token: str, request: Request) -> Response:
     studies: dict[str, list[WithheldPart]] = {}
     for row in rows:
         studies.setdefault(row.study_instance_uid, []).append(
-            WithheldPart(modality=row.modality, reason=row.reason, count=row.count))
-    return JSONResponse(Withheld(studies=studies).model_dump(),
-                        headers={"Cache-Control": "no-store"})
+            WithheldPart(modality=row.modality, reason=row.reason, count=row.count)
+        )
+    return JSONResponse(
+        Withheld(studies=studies).model_dump(), headers={"Cache-Control": "no-store"}
+    )
 
 
 class SessionOpened(BaseModel):
     expires_at: str
 
 
-@router.post("/session", summary="Open a viewer session on a share (PIN when it has one)",
-             responses={201: {"model": SessionOpened}}, include_in_schema=False)
-async def open_session(share_token: str, request: Request,
-                       pin: Annotated[str | None, Form(max_length=128)] = None) -> Response:
+@router.post(
+    "/session",
+    summary="Open a viewer session on a share (PIN when it has one)",
+    responses={201: {"model": SessionOpened}},
+    include_in_schema=False,
+)
+async def open_session(
+    share_token: str, request: Request, pin: Annotated[str | None, Form(max_length=128)] = None
+) -> Response:
     """Form posts (the share page) get a redirect to the page; JSON callers get 201.
     The session cookie is HttpOnly, SameSite=Strict, limited to this share's path."""
     wants_json = "application/json" in request.headers.get("content-type", "")
@@ -198,34 +240,47 @@ async def open_session(share_token: str, request: Request,
         try:
             pin = PinBody.model_validate_json(await request.body()).pin
         except ValueError:
-            return JSONResponse({"error": {"code": "bad_request", "message": "body: {\"pin\": \"...\"}"}},
-                                status_code=400)
+            return JSONResponse(
+                {"error": {"code": "bad_request", "message": 'body: {"pin": "..."}'}},
+                status_code=400,
+            )
     try:
         share = await _find(request, share_token)
         request.state.audit = {"action": AuditAction.SHARE_SESSION, "share_id": share.share_id}
         service = _service(request)
         session, expires = await anyio.to_thread.run_sync(
-            service.open_session, share, pin, request.cookies.get(SHARE_COOKIE))
+            service.open_session, share, pin, request.cookies.get(SHARE_COOKIE)
+        )
     except WrongPin as exc:
         request.state.audit = {"action": AuditAction.SHARE_PIN_FAILURE, "share_id": share.share_id}
         if wants_json:
-            return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=401)
+            return JSONResponse(
+                {"error": {"code": exc.code, "message": exc.message}}, status_code=401
+            )
         return open_form(request, share_token, share, exc.message, status=401)
     except ApiError as exc:
         if exc.status_code == 403 and "locked" in exc.message:
-            request.state.audit = {**(getattr(request.state, "audit", None) or {}),
-                                   "action": AuditAction.SHARE_LOCKED}
+            request.state.audit = {
+                **(getattr(request.state, "audit", None) or {}),
+                "action": AuditAction.SHARE_LOCKED,
+            }
         if wants_json:
-            return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
-                                status_code=exc.status_code, headers=exc.headers)
+            return JSONResponse(
+                {"error": {"code": exc.code, "message": exc.message}},
+                status_code=exc.status_code,
+                headers=exc.headers,
+            )
         return error_page(request, exc)
     # The cookie lives as long as the share: the server ends the session (idle time), and a
     # browser that still holds it may reopen it later without spending a use.
     max_age = max(1, int((share.expires_at - service.clock()).total_seconds()))
     response: Response
     if wants_json:
-        response = JSONResponse({"expires_at": expires.isoformat()}, status_code=201,
-                                headers={"Cache-Control": "no-store"})
+        response = JSONResponse(
+            {"expires_at": expires.isoformat()},
+            status_code=201,
+            headers={"Cache-Control": "no-store"},
+        )
     else:
         response = RedirectResponse(f"/s/{share_token}?lang={language(request)}", status_code=303)
     _session_cookie(response, request, share_token, session, max_age)
@@ -236,8 +291,9 @@ class PinBody(BaseModel):
     pin: str | None = Field(None, max_length=128)
 
 
-@router.get("/download", summary="The shared studies as a ZIP of DICOM files",
-            include_in_schema=False)
+@router.get(
+    "/download", summary="The shared studies as a ZIP of DICOM files", include_in_schema=False
+)
 async def download(share_token: str, request: Request) -> Response:
     try:
         share = await _find(request, share_token)
@@ -248,15 +304,19 @@ async def download(share_token: str, request: Request) -> Response:
         return error_page(request, exc)
     request.state.audit = {"action": AuditAction.SHARE_DOWNLOAD, "share_id": share.share_id}
     service = QueryRetrieve(request.app.state.index)
-    instances = await anyio.to_thread.run_sync(lambda: service.search_for_instances(
-        principal.scope, InstanceQuery(limit=1_000_000)))
+    instances = await anyio.to_thread.run_sync(
+        lambda: service.search_for_instances(principal.scope, InstanceQuery(limit=1_000_000))
+    )
     keys = [instance.object_key for instance in instances]
     gate, interval = _gate(request), request.app.state.config.share_liveness_seconds
     return StreamingResponse(
         zip_stream(request.app.state.store, gate.while_live(share.share_id, keys, interval)),
         media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="share-{share.share_id}.zip"',
-                 "Cache-Control": "no-store"})
+        headers={
+            "Content-Disposition": f'attachment; filename="share-{share.share_id}.zip"',
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 class _Sink(io.RawIOBase):
@@ -301,6 +361,7 @@ def zip_stream(store: ObjectStore, keys: Iterable[str]) -> Iterator[bytes]:
 
 
 def _member(archive: zipfile.ZipFile, name: str, body: bytes) -> None:
-    with archive.open(zipfile.ZipInfo(name, date_time=(2000, 1, 1, 0, 0, 0)), "w",
-                      force_zip64=True) as member:
+    with archive.open(
+        zipfile.ZipInfo(name, date_time=(2000, 1, 1, 0, 0, 0)), "w", force_zip64=True
+    ) as member:
         member.write(body)

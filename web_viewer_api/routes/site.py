@@ -51,8 +51,11 @@ class LookupAnswerPublic(BaseModel):
     studies: list[dict[str, Any]]
 
 
-@router.post("/lookup", response_model=LookupAnswerPublic,
-             summary="Original accession number / patient ID -> de-identified studies (site API)")
+@router.post(
+    "/lookup",
+    response_model=LookupAnswerPublic,
+    summary="Original accession number / patient ID -> de-identified studies (site API)",
+)
 async def lookup(body: LookupRequest, request: Request, principal: SharePrincipal) -> JSONResponse:
     """Recomputes the keyed pseudonyms of the identifiers with this site's secret and returns
     the matching de-identified studies within the caller's sites (never the pseudonyms).
@@ -65,10 +68,18 @@ async def lookup(body: LookupRequest, request: Request, principal: SharePrincipa
         raise Unavailable("lookup needs the pseudonymization secret on this site's API")
     if not (body.accession_number or body.patient_id):
         raise BadRequest("give accession_number and/or patient_id")
-    if principal.site_ids is not None and body.site is not None and body.site not in principal.site_ids:
+    if (
+        principal.site_ids is not None
+        and body.site is not None
+        and body.site not in principal.site_ids
+    ):
         raise Forbidden("these credentials are limited to other sites")
-    identifiers = OriginalIdentifiers(body.accession_number, body.issuer_of_accession_number,
-                                      body.patient_id, body.issuer_of_patient_id)
+    identifiers = OriginalIdentifiers(
+        body.accession_number,
+        body.issuer_of_accession_number,
+        body.patient_id,
+        body.issuer_of_patient_id,
+    )
     index, scope = request.app.state.index, AccessScope(site_ids=principal.site_ids)
 
     def search() -> tuple[list[str], LookupAnswer]:
@@ -76,10 +87,13 @@ async def lookup(body: LookupRequest, request: Request, principal: SharePrincipa
         return sites, find_studies(config.lookup, index, identifiers, sites, scope)
 
     sites, answer = await anyio.to_thread.run_sync(search)
-    request.state.audit = {"action": AuditAction.STUDY_LOOKUP,
-                           "detail": {"matches": len(answer.studies), "sites": sites}}
+    request.state.audit = {
+        "action": AuditAction.STUDY_LOOKUP,
+        "detail": {"matches": len(answer.studies), "sites": sites},
+    }
     base = (config.public_url or str(request.base_url)).rstrip("/") + "/dicom-web"
     result = LookupAnswerPublic(
         study_uids=[s.study_instance_uid for s in answer.studies],
-        studies=[study_to_dicom_json(s, base) for s in answer.studies])
+        studies=[study_to_dicom_json(s, base) for s in answer.studies],
+    )
     return JSONResponse(result.model_dump(mode="json"), headers={"Cache-Control": "no-store"})

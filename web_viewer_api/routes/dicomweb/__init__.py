@@ -58,9 +58,13 @@ def share_router() -> APIRouter:
     scoped = APIRouter(prefix="/s/{share_token}/dicom-web", tags=["Shares"])
     for route in (r for transaction in _TRANSACTIONS for r in transaction.router.routes):
         if isinstance(route, APIRoute) and route.methods == {"GET"}:
-            scoped.add_api_route(route.path.removeprefix("/dicom-web"), route.endpoint,
-                                 methods=["GET"], name=f"share_{route.name}",
-                                 include_in_schema=False)
+            scoped.add_api_route(
+                route.path.removeprefix("/dicom-web"),
+                route.endpoint,
+                methods=["GET"],
+                name=f"share_{route.name}",
+                include_in_schema=False,
+            )
     return scoped
 
 

@@ -59,18 +59,22 @@ def wants_xml(request: Request) -> bool:
     for media in parse_accept(request.headers.get("accept")):
         if media.media_type in ACCEPTABLE_JSON:
             return False
-        if (media.media_type == "multipart/related"
-                and media.params.get("type", "").lower() == "application/dicom+xml"):
+        if (
+            media.media_type == "multipart/related"
+            and media.params.get("type", "").lower() == "application/dicom+xml"
+        ):
             return True
     return False
 
 
 def require_json(request: Request) -> None:
-    if wants_xml(request) or any(media.media_type in ACCEPTABLE_JSON
-                                  for media in parse_accept(request.headers.get("accept"))):
+    if wants_xml(request) or any(
+        media.media_type in ACCEPTABLE_JSON for media in parse_accept(request.headers.get("accept"))
+    ):
         return
-    raise NotAcceptable("this resource is application/dicom+json or "
-                        'multipart/related; type="application/dicom+xml"')
+    raise NotAcceptable(
+        'this resource is application/dicom+json or multipart/related; type="application/dicom+xml"'
+    )
 
 
 def scope_of(request: Request) -> AccessScope:
@@ -79,8 +83,9 @@ def scope_of(request: Request) -> AccessScope:
 
 
 def wado_for(request: Request, index: IndexDep) -> Wado:
-    return Wado(index, request.app.state.store, scope_of(request),
-                request.app.state.config.decode_limits)
+    return Wado(
+        index, request.app.state.store, scope_of(request), request.app.state.config.decode_limits
+    )
 
 
 def dicomweb_base(request: Request) -> str:
@@ -91,22 +96,29 @@ def dicomweb_base(request: Request) -> str:
     return root + (f"/s/{share_token}" if share_token else "") + "/dicom-web"
 
 
-def json_answer(body: Any, headers: dict[str, str] | None = None,
-          request: Request | None = None) -> Response:
+def json_answer(
+    body: Any, headers: dict[str, str] | None = None, request: Request | None = None
+) -> Response:
     """DICOM JSON (or Native DICOM Model XML parts when the client prefers them); JSON is
     gzip-compressed when the client accepts it and it is worth it."""
     if request is not None and wants_xml(request):
         boundary = new_boundary()
         parts: list[tuple[str, bytes, dict[str, str]]] = [
-            ("application/dicom+xml", to_native_xml(document), {}) for document in body]
-        return Response(b"".join(multipart_stream(parts, boundary)),
-                        headers={**(headers or {}), "Vary": "Accept, Accept-Encoding"},
-                        media_type=multipart_content_type("application/dicom+xml", boundary))
+            ("application/dicom+xml", to_native_xml(document), {}) for document in body
+        ]
+        return Response(
+            b"".join(multipart_stream(parts, boundary)),
+            headers={**(headers or {}), "Vary": "Accept, Accept-Encoding"},
+            media_type=multipart_content_type("application/dicom+xml", boundary),
+        )
     payload = json_bytes(body)
     # JSON or XML, gzip or not: both depend on the request's headers.
     extra = {**(headers or {}), "Vary": "Accept, Accept-Encoding"}
-    if (request is not None and len(payload) > 1024
-            and "gzip" in request.headers.get("accept-encoding", "").lower()):
+    if (
+        request is not None
+        and len(payload) > 1024
+        and "gzip" in request.headers.get("accept-encoding", "").lower()
+    ):
         payload = gzip.compress(payload, compresslevel=5)
         extra["Content-Encoding"] = "gzip"
     return Response(payload, media_type=DICOM_JSON, headers=extra)
@@ -155,7 +167,9 @@ def warning_headers(parsed: Any, returned: int) -> dict[str, str]:
     """Warning header values (PS3.18 §8.6): ignored keys, no fuzzy matching, truncation."""
     warnings = []
     if parsed.ignored:
-        warnings.append(f'299 dicom-gateway "unsupported matching keys ignored: {", ".join(parsed.ignored)}"')
+        warnings.append(
+            f'299 dicom-gateway "unsupported matching keys ignored: {", ".join(parsed.ignored)}"'
+        )
     if parsed.fuzzy_requested:
         warnings.append('299 dicom-gateway "fuzzymatching is not supported"')
     limit = int(parsed.limit if isinstance(parsed, ParsedQuery) else parsed.query.limit)
@@ -171,13 +185,17 @@ def while_shared(request: Request, parts: Iterator[PartT]) -> Iterator[PartT]:
     if principal is None or principal.share is None:
         return parts
     return request.app.state.share_gate.while_live(  # type: ignore[no-any-return]
-        principal.share.share_id, parts, request.app.state.config.share_liveness_seconds)
+        principal.share.share_id, parts, request.app.state.config.share_liveness_seconds
+    )
 
 
-def multipart_response(part_type: str, parts: Iterable[StreamedPart],
-                        headers: dict[str, str] | None = None) -> StreamingResponse:
+def multipart_response(
+    part_type: str, parts: Iterable[StreamedPart], headers: dict[str, str] | None = None
+) -> StreamingResponse:
     """A streamed multipart/related answer of immutable content."""
     boundary = new_boundary()
-    return StreamingResponse(multipart_body(parts, boundary),
-                             media_type=multipart_content_type(part_type, boundary),
-                             headers={"Cache-Control": IMMUTABLE, "Vary": "Accept", **(headers or {})})
+    return StreamingResponse(
+        multipart_body(parts, boundary),
+        media_type=multipart_content_type(part_type, boundary),
+        headers={"Cache-Control": IMMUTABLE, "Vary": "Accept", **(headers or {})},
+    )

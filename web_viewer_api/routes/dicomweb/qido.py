@@ -77,9 +77,14 @@ def _form(query: StudyQuery | SeriesQuery | InstanceQuery, scope: AccessScope) -
     return (type(query).__name__, *used, wildcard, scope.shape)
 
 
-async def _search(request: Request, index: IndexRepository, include: frozenset[str],
-                  query: QueryT, verb: Callable[[QueryRetrieve, AccessScope, QueryT], list[FoundT]],
-                  answer: Callable[[list[FoundT]], Response]) -> Response:
+async def _search(
+    request: Request,
+    index: IndexRepository,
+    include: frozenset[str],
+    query: QueryT,
+    verb: Callable[[QueryRetrieve, AccessScope, QueryT], list[FoundT]],
+    answer: Callable[[list[FoundT]], Response],
+) -> Response:
     """`answer(verb(query))` in the caller's scope, on the event loop when the search fits
     the inline time budget, else in a worker thread: there a database that does not answer,
     or a pool with no free connection, stalls this request only."""
@@ -101,7 +106,9 @@ async def _search(request: Request, index: IndexRepository, include: frozenset[s
 
 @router.get("/studies", summary="QIDO-RS: search for studies")
 @audited(AuditAction.DICOMWEB_SEARCH)
-async def search_for_studies(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+async def search_for_studies(
+    request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     """Match studies on the required keys of PS3.18 Table 10.6.1-5: StudyDate and
     StudyTime (ranges), AccessionNumber, StudyID, PatientID (wildcards), PatientName and
     ReferringPhysicianName (fuzzy with `fuzzymatching=true`), StudyInstanceUID (list),
@@ -112,15 +119,26 @@ async def search_for_studies(request: Request, _principal: ReadPrincipal, index:
 
     def answer(studies: list[StudySummary]) -> Response:
         wado = wado_for(request, index)
-        body = [include_fields(study_to_dicom_json(s, dicomweb_base(request)),
-                               wado.representative(s.study_instance_uid) if parsed.include else None,
-                               parsed.include, STUDY_LEVEL_TAGS)
-                for s in studies]
-        return json_answer(body, warning_headers(parsed, len(body)) if parsed.ignored or parsed.fuzzy_requested
-                     or len(body) >= query.limit else {}, request)
+        body = [
+            include_fields(
+                study_to_dicom_json(s, dicomweb_base(request)),
+                wado.representative(s.study_instance_uid) if parsed.include else None,
+                parsed.include,
+                STUDY_LEVEL_TAGS,
+            )
+            for s in studies
+        ]
+        return json_answer(
+            body,
+            warning_headers(parsed, len(body))
+            if parsed.ignored or parsed.fuzzy_requested or len(body) >= query.limit
+            else {},
+            request,
+        )
 
-    return await _search(request, index, parsed.include, query,
-                         QueryRetrieve.search_for_studies, answer)
+    return await _search(
+        request, index, parsed.include, query, QueryRetrieve.search_for_studies, answer
+    )
 
 
 async def _series(request: Request, index: IndexRepository, study: str | None) -> Response:
@@ -133,32 +151,43 @@ async def _series(request: Request, index: IndexRepository, study: str | None) -
 
     def answer(series: list[SeriesSummary]) -> Response:
         wado = wado_for(request, index)
-        body = [include_fields(series_to_dicom_json(s, dicomweb_base(request)),
-                               wado.representative(s.study_instance_uid, s.series_instance_uid)
-                               if parsed.include else None,
-                               parsed.include, STUDY_LEVEL_TAGS | SERIES_LEVEL_TAGS)
-                for s in series]
+        body = [
+            include_fields(
+                series_to_dicom_json(s, dicomweb_base(request)),
+                wado.representative(s.study_instance_uid, s.series_instance_uid)
+                if parsed.include
+                else None,
+                parsed.include,
+                STUDY_LEVEL_TAGS | SERIES_LEVEL_TAGS,
+            )
+            for s in series
+        ]
         return json_answer(body, warning_headers(parsed, len(body)), request)
 
-    return await _search(request, index, parsed.include, query,
-                         QueryRetrieve.search_for_series, answer)
+    return await _search(
+        request, index, parsed.include, query, QueryRetrieve.search_for_series, answer
+    )
 
 
 @router.get("/series", summary="QIDO-RS: search for series")
 @audited(AuditAction.DICOMWEB_SEARCH)
-async def search_for_all_series(request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+async def search_for_all_series(
+    request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return await _series(request, index, None)
 
 
 @router.get("/studies/{study}/series", summary="QIDO-RS: search for a study's series")
 @audited(AuditAction.DICOMWEB_SEARCH)
-async def search_for_series(study: str, request: Request, _principal: ReadPrincipal,
-                            index: IndexDep) -> Response:
+async def search_for_series(
+    study: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return await _series(request, index, study)
 
 
-async def _instances(request: Request, index: IndexRepository, study: str | None,
-                     series: str | None) -> Response:
+async def _instances(
+    request: Request, index: IndexRepository, study: str | None, series: str | None
+) -> Response:
     require_json(request)
     parsed = parse_query(request.query_params.multi_items(), INSTANCE_MATCHING_KEYS)
     study = study or parsed.values.get("StudyInstanceUID")
@@ -170,31 +199,43 @@ async def _instances(request: Request, index: IndexRepository, study: str | None
 
     def answer(found: list[InstanceSummary]) -> Response:
         wado = wado_for(request, index)
-        body = [include_fields(instance_to_dicom_json(i, dicomweb_base(request)),
-                               wado.instance_json(i) if parsed.include else None, parsed.include, None)
-                for i in found]
+        body = [
+            include_fields(
+                instance_to_dicom_json(i, dicomweb_base(request)),
+                wado.instance_json(i) if parsed.include else None,
+                parsed.include,
+                None,
+            )
+            for i in found
+        ]
         return json_answer(body, warning_headers(parsed, len(body)), request)
 
-    return await _search(request, index, parsed.include, query,
-                         QueryRetrieve.search_for_instances, answer)
+    return await _search(
+        request, index, parsed.include, query, QueryRetrieve.search_for_instances, answer
+    )
 
 
 @router.get("/instances", summary="QIDO-RS: search for instances")
 @audited(AuditAction.DICOMWEB_SEARCH)
-async def search_for_all_instances(request: Request, _principal: ReadPrincipal,
-                                   index: IndexDep) -> Response:
+async def search_for_all_instances(
+    request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return await _instances(request, index, None, None)
 
 
 @router.get("/studies/{study}/instances", summary="QIDO-RS: search for a study's instances")
 @audited(AuditAction.DICOMWEB_SEARCH)
-async def search_for_study_instances(study: str, request: Request, _principal: ReadPrincipal,
-                                     index: IndexDep) -> Response:
+async def search_for_study_instances(
+    study: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return await _instances(request, index, study, None)
 
 
-@router.get("/studies/{study}/series/{series}/instances", summary="QIDO-RS: search for a series' instances")
+@router.get(
+    "/studies/{study}/series/{series}/instances", summary="QIDO-RS: search for a series' instances"
+)
 @audited(AuditAction.DICOMWEB_SEARCH)
-async def search_for_instances(study: str, series: str, request: Request, _principal: ReadPrincipal,
-                               index: IndexDep) -> Response:
+async def search_for_instances(
+    study: str, series: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return await _instances(request, index, study, series)

@@ -44,8 +44,10 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
     # Uploads are filed under this API's site (its spool, queue and ownership): a credential
     # limited to other sites cannot write as this one (the trust model).
     if principal.site_ids is not None and target.spool.site_id not in principal.site_ids:
-        raise Forbidden(f"this credential writes for sites {', '.join(sorted(principal.site_ids))} "
-                        f"only; this API files uploads under site {target.spool.site_id}")
+        raise Forbidden(
+            f"this credential writes for sites {', '.join(sorted(principal.site_ids))} "
+            f"only; this API files uploads under site {target.spool.site_id}"
+        )
     if study is not None:
         check_uid(study, "StudyInstanceUID")
     study_patient: Callable[[str], str | None] | None = None
@@ -55,30 +57,48 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
         def study_patient(study_instance_uid: str) -> str | None:
             pseudonym = check(study_instance_uid, scope)
             return None if pseudonym is None else str(pseudonym)
+
     declared = request.headers.get("content-length")
     try:
         boundary, part_type = boundary_of(request.headers.get("content-type"))
         if declared and declared.isdigit() and int(declared) > target.max_bytes:
             raise StowRequestError(413, f"request body larger than {target.max_bytes} bytes")
         if target.study_patient is not None and part_type != "application/dicom":
-            raise StowRequestError(415, 'the regional API takes objects of the domain as '
-                                        'multipart/related; type="application/dicom" only')
-        parts = await receive_parts(request.stream(), boundary, target.incoming, target.max_bytes,
-                                    study_patient, max_parts=target.max_parts)
+            raise StowRequestError(
+                415,
+                "the regional API takes objects of the domain as "
+                'multipart/related; type="application/dicom" only',
+            )
+        parts = await receive_parts(
+            request.stream(),
+            boundary,
+            target.incoming,
+            target.max_bytes,
+            study_patient,
+            max_parts=target.max_parts,
+        )
     except StowRequestError as exc:
         codes = {400: "bad_request", 413: "too_large", 415: "unsupported_media_type"}
-        return Response(json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
-                        status_code=exc.status, media_type="application/json")
+        return Response(
+            json.dumps(error_body(codes.get(exc.status, "bad_request"), str(exc))),
+            status_code=exc.status,
+            media_type="application/json",
+        )
     unbuilt = 0
     if part_type == "application/dicom+json":
         parts, unbuilt = json_parts_to_instances(parts, target.incoming)
     outcome = await run_in_threadpool(spool_parts, parts, target, study, study_patient)
     for _ in range(unbuilt):
-        outcome.refuse("", "", StoreStatus.CANNOT_UNDERSTAND, "a DICOM JSON data set could not be built")
+        outcome.refuse(
+            "", "", StoreStatus.CANNOT_UNDERSTAND, "a DICOM JSON data set could not be built"
+        )
     await outcome.await_replies(target.spool.root, target.reply_seconds)
-    return Response(json.dumps(response_dataset(outcome, dicomweb_base(request))),
-                    status_code=outcome.status_code, media_type=DICOM_JSON,
-                    headers=outcome.headers)
+    return Response(
+        json.dumps(response_dataset(outcome, dicomweb_base(request))),
+        status_code=outcome.status_code,
+        media_type=DICOM_JSON,
+        headers=outcome.headers,
+    )
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
@@ -91,5 +111,7 @@ async def store_instances(request: Request, principal: WritePrincipal) -> Respon
 
 @router.post("/studies/{study}", summary="STOW-RS: store instances of one study")
 @audited(AuditAction.DICOMWEB_STORE)
-async def store_study_instances(study: str, request: Request, principal: WritePrincipal) -> Response:
+async def store_study_instances(
+    study: str, request: Request, principal: WritePrincipal
+) -> Response:
     return await _store(request, principal, study)

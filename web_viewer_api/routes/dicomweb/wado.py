@@ -39,14 +39,16 @@ from web_viewer_api.routes.dicomweb.common import (
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 
 
-def _retrieve(request: Request, index: IndexDep, study: str, series: str | None = None,
-              sop: str | None = None) -> Response:
+def _retrieve(
+    request: Request, index: IndexDep, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
     principal: Principal | None = getattr(request.state, "principal", None)
     if principal is not None and principal.share is not None and not principal.share.allow_download:
         raise Forbidden("this share allows viewing, not downloading whole instances")
     wado = wado_for(request, index)
-    representation = negotiate_instance_representation(request.headers.get("accept"),
-                                                       instance_resource=sop is not None)
+    representation = negotiate_instance_representation(
+        request.headers.get("accept"), instance_resource=sop is not None
+    )
     syntax = representation.transfer_syntax
     instances = wado.instances(study, series, sop)
     # The study is indexed (a de-identified UID): the trail may name it even if the stream
@@ -69,38 +71,52 @@ def _retrieve(request: Request, index: IndexDep, study: str, series: str | None 
     content_type, body, extra = first
     first = (content_type, as_bytes(body), extra)
     if representation.single_part:  # one instance (PS3.18 §8.7.3): its Part 10 bytes alone
-        return Response(first[1], media_type=content_type,
-                        headers={"Cache-Control": IMMUTABLE, "Vary": "Accept", **headers})
-    return multipart_response("application/dicom",
-                               itertools.chain((first,), while_shared(request, parts)), headers)
+        return Response(
+            first[1],
+            media_type=content_type,
+            headers={"Cache-Control": IMMUTABLE, "Vary": "Accept", **headers},
+        )
+    return multipart_response(
+        "application/dicom", itertools.chain((first,), while_shared(request, parts)), headers
+    )
 
 
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_study(study: str, request: Request, _principal: ReadPrincipal, index: IndexDep) -> Response:
+def retrieve_study(
+    study: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return _retrieve(request, index, study)
 
 
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_series(study: str, series: str, request: Request, _principal: ReadPrincipal,
-                    index: IndexDep) -> Response:
+def retrieve_series(
+    study: str, series: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return _retrieve(request, index, study, series)
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}", summary="WADO-RS: retrieve an instance")
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}", summary="WADO-RS: retrieve an instance"
+)
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_instance(study: str, series: str, sop: str, request: Request,
-                      _principal: ReadPrincipal, index: IndexDep) -> Response:
+def retrieve_instance(
+    study: str, series: str, sop: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return _retrieve(request, index, study, series, sop)
 
 
-def _metadata(request: Request, index: IndexDep, study: str, series: str | None = None,
-              sop: str | None = None) -> Response:
+def _metadata(
+    request: Request, index: IndexDep, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
     require_json(request)
     wado = wado_for(request, index)
     instances = wado.instances(study, series, sop)
-    etag, modified = etag_of(instances, f"metadata:{dicomweb_base(request)}"), last_modified(instances)
+    etag, modified = (
+        etag_of(instances, f"metadata:{dicomweb_base(request)}"),
+        last_modified(instances),
+    )
     cached = not_modified(request, etag, modified)
     if cached is not None:
         return cached
@@ -112,28 +128,34 @@ def _metadata(request: Request, index: IndexDep, study: str, series: str | None 
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata")
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_study_metadata(study: str, request: Request, _principal: ReadPrincipal,
-                            index: IndexDep) -> Response:
+def retrieve_study_metadata(
+    study: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return _metadata(request, index, study)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata")
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_series_metadata(study: str, series: str, request: Request, _principal: ReadPrincipal,
-                             index: IndexDep) -> Response:
+def retrieve_series_metadata(
+    study: str, series: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return _metadata(request, index, study, series)
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/metadata",
-            summary="WADO-RS: instance metadata")
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/metadata",
+    summary="WADO-RS: instance metadata",
+)
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_instance_metadata(study: str, series: str, sop: str, request: Request,
-                               _principal: ReadPrincipal, index: IndexDep) -> Response:
+def retrieve_instance_metadata(
+    study: str, series: str, sop: str, request: Request, _principal: ReadPrincipal, index: IndexDep
+) -> Response:
     return _metadata(request, index, study, series, sop)
 
 
-def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str,
-            frames: str) -> Response:
+def _frames(
+    request: Request, index: IndexDep, study: str, series: str, sop: str, frames: str
+) -> Response:
     numbers = parse_frame_list(frames)
     wado = wado_for(request, index)
     [instance] = wado.instances(study, series, sop)
@@ -144,20 +166,26 @@ def _frames(request: Request, index: IndexDep, study: str, series: str, sop: str
     return multipart_response(part_type, parts)
 
 
-
-
-
-
-@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
-            summary="WADO-RS: retrieve frames")
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+    summary="WADO-RS: retrieve frames",
+)
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request,
-                    _principal: ReadPrincipal, index: IndexDep) -> Response:
+def retrieve_frames(
+    study: str,
+    series: str,
+    sop: str,
+    frames: str,
+    request: Request,
+    _principal: ReadPrincipal,
+    index: IndexDep,
+) -> Response:
     return _frames(request, index, study, series, sop, frames)
 
 
-def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: str,
-              tag: str) -> Response:
+def _bulkdata(
+    request: Request, index: IndexDep, study: str, series: str, sop: str, tag: str
+) -> Response:
     try:
         number = int(tag, 16) if len(tag) == 8 else -1
         if number < 0:
@@ -171,19 +199,28 @@ def _bulkdata(request: Request, index: IndexDep, study: str, series: str, sop: s
         raise NotFoundError("no such bulk data")
     if number == 0x7FE00010:
         numbers = list(range(1, int(dataset.get("NumberOfFrames", 1) or 1) + 1))
-        part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"),
-                                       wado.limits)
+        part_type, parts = frame_parts(dataset, numbers, request.headers.get("accept"), wado.limits)
         return multipart_response(part_type, parts)
     value = dataset[number].value
     if not isinstance(value, bytes | bytearray):
         raise NotFoundError("this attribute is not bulk data")
-    return multipart_response("application/octet-stream",
-                               [("application/octet-stream", bytes(value), {})])
+    return multipart_response(
+        "application/octet-stream", [("application/octet-stream", bytes(value), {})]
+    )
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
-            summary="WADO-RS: bulk data of an instance (the BulkDataURIs of its metadata)")
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
+    summary="WADO-RS: bulk data of an instance (the BulkDataURIs of its metadata)",
+)
 @audited(AuditAction.DICOMWEB_RETRIEVE)
-def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Request,
-                      _principal: ReadPrincipal, index: IndexDep) -> Response:
+def retrieve_bulkdata(
+    study: str,
+    series: str,
+    sop: str,
+    tag: str,
+    request: Request,
+    _principal: ReadPrincipal,
+    index: IndexDep,
+) -> Response:
     return _bulkdata(request, index, study, series, sop, tag)

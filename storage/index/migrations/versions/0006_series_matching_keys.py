@@ -15,26 +15,27 @@ Revises: 0005
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006'
-down_revision = '0005'
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
 _COLUMNS = (
-    ('performed_procedure_step_start_date', 8),
-    ('performed_procedure_step_start_time', 16),
-    ('scheduled_procedure_step_ids', 256),
-    ('requested_procedure_ids', 256),
+    ("performed_procedure_step_start_date", 8),
+    ("performed_procedure_step_start_time", 16),
+    ("scheduled_procedure_step_ids", 256),
+    ("requested_procedure_ids", 256),
 )
 
 
 def upgrade() -> None:
     for name, length in _COLUMNS:
-        op.add_column('series', sa.Column(name, sa.String(length=length), nullable=False,
-                                          server_default=''))
+        op.add_column(
+            "series", sa.Column(name, sa.String(length=length), nullable=False, server_default="")
+        )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('series') as batch:
+    with op.batch_alter_table("series") as batch:
         for name, _length in reversed(_COLUMNS):
             batch.drop_column(name)
