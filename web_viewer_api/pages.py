@@ -5,9 +5,11 @@ HTML under a strict Content-Security-Policy: no inline script, nothing from else
 from __future__ import annotations
 
 import datetime as dt
-import html
 import re
+from dataclasses import dataclass
+from typing import Any
 
+import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 
@@ -50,6 +52,7 @@ TEXT: dict[str, dict[str, str]] = {
         "switch": "English",
         "noscript": "Le visualiseur a besoin de JavaScript. Voici la liste des examens :",
         "loading": "Chargement…",
+        "withheld": "%d image(s) non transmise(s) par le site producteur (voir le visualiseur).",
     },
     "en": {
         "title": "Shared medical images",
@@ -72,6 +75,7 @@ TEXT: dict[str, dict[str, str]] = {
         "switch": "Français",
         "noscript": "The viewer needs JavaScript. The studies:",
         "loading": "Loading…",
+        "withheld": "%d image(s) not sent by the producing site (see the viewer).",
     },
 }
 
@@ -96,32 +100,34 @@ def language(request: Request) -> str:
     return best
 
 
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("web_viewer_api", "templates"),
+    autoescape=True,  # every value is escaped unless a template says otherwise (none does)
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+)
+
+
 def page(
-    lang: str,
-    title: str,
-    body: str,
-    status: int = 200,
+    request: Request,
+    template: str,
     *,
-    path: str = "",
-    head: str = "",
+    title: str,
+    status: int = 200,
+    switch: bool = True,
     body_class: str = "page",
+    **values: Any,
 ) -> HTMLResponse:
-    other = "en" if lang == "fr" else "fr"
-    switch = (
-        (
-            f'<a class="lang" href="{html.escape(path)}?lang={other}" hreflang="{other}">'
-            f"{TEXT[lang]['switch']}</a>"
-        )
-        if path
-        else ""
-    )
-    document = (
-        f'<!doctype html><html lang="{lang}"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        '<meta name="robots" content="noindex,nofollow"><link rel="icon" href="data:,">'
-        '<link rel="stylesheet" href="/static/viewer/viewer.css">'
-        f"<title>{html.escape(title)}</title>{head}</head>"
-        f'<body class="{body_class}">{switch}{body}</body></html>'
+    """A page from `templates/`, in the request's language, with the security headers."""
+    lang = language(request)
+    document = _TEMPLATES.get_template(template).render(
+        lang=lang,
+        other="en" if lang == "fr" else "fr",
+        text=TEXT[lang],
+        title=title,
+        path=request.url.path if switch else "",
+        body_class=body_class,
+        **values,
     )
     return HTMLResponse(document, status_code=status, headers=PAGE_HEADERS)
 
@@ -138,16 +144,14 @@ def _reason(exc: ApiError) -> str:
 
 def error_page(request: Request, exc: ApiError) -> HTMLResponse:
     """404 says nothing of why (unknown, never existed); a known link says what happened."""
-    lang = language(request)
-    text = TEXT[lang]
     reason = _reason(exc)
-    title = text["not_found"] if reason == "not_found" else text[reason]
-    body = (
-        f"<main><h1>{html.escape(title)}</h1>"
-        + (f"<p>{text['not_found_body']}</p>" if reason == "not_found" else "")
-        + f"<p>{text['contact']}</p></main>"
+    response = page(
+        request,
+        "error.html",
+        title=TEXT[language(request)][reason],
+        status=exc.status_code,
+        reason=reason,
     )
-    response = page(lang, title, body, exc.status_code, path=request.url.path)
     response.headers.update(exc.headers)
     return response
 
@@ -156,67 +160,59 @@ def _when(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _note(lang: str, share: ShareRecord) -> str:
-    if not share.note:
-        return ""
-    return (
-        f'<aside class="note"><strong>{TEXT[lang]["note"]}</strong>'
-        f"<p>{html.escape(share.note)}</p></aside>"
-    )
-
-
 def open_form(
     request: Request, share_token: str, share: ShareRecord, error: str = "", status: int = 200
 ) -> HTMLResponse:
     """The PIN prompt, or the button that opens a use-limited share: nothing of the share
-    but its expiry (no note, no recipient, no study)."""
-    lang = language(request)
-    text = TEXT[lang]
-    action = f"/s/{html.escape(share_token)}/session?lang={lang}"
-    message = ""
-    if error:
-        left = re.search(r"\((\d+) attempt", error)
-        message = (
-            f'<p class="error" role="alert">{text["wrong_pin"]}'
-            + (f" — {left.group(1)} {text['attempts_left']}" if left else "")
-            + "</p>"
-        )
-    if share.pin_hash is not None:
-        form = (
-            f'<form method="post" action="{action}"><label for="pin">{text["pin"]}</label> '
-            '<input id="pin" name="pin" type="password" inputmode="numeric" '
-            'autocomplete="off" required autofocus maxlength="128"> '
-            f'<button type="submit">{text["open"]}</button></form>'
-        )
-    else:
-        form = (
-            f'<form method="post" action="{action}">'
-            f'<button type="submit">{text["open"]}</button></form>'
-        )
-    # The sender's note is for the recipient: shown once the PIN (or the button of a
-    # use-limited share) has opened a session, never to whoever merely holds the link.
-    body = (
-        f"<main><h1>{text['title']}</h1>{message}"
-        f"<p>{text['valid_until']} {_when(share.expires_at)}</p>{form}</main>"
+    but its expiry (no note, no recipient, no study). The sender's note is shown only once
+    the PIN (or a use-limited share) has opened a session, never to whoever merely holds
+    the link."""
+    left = re.search(r"\((\d+) attempt", error) if error else None
+    return page(
+        request,
+        "open.html",
+        title=TEXT[language(request)]["title"],
+        status=status,
+        error=bool(error),
+        attempts_left=left.group(1) if left else "",
+        expires=_when(share.expires_at),
+        with_pin=share.pin_hash is not None,
+        action=f"/s/{share_token}/session?lang={language(request)}",
     )
-    # The link's fragment (a sealed context's key) is kept in this tab for the viewer:
-    # the form's answer is a redirect, and a redirect does not carry it.
-    head = '<script type="module" src="/static/viewer/keep-key.js"></script>'
-    return page(lang, text["title"], body, status, path=request.url.path, head=head)
+
+
+@dataclass(frozen=True)
+class SeriesEntry:
+    uid: str
+    modality: str
+    number: str
+    count: int
+    description: str
+
+
+@dataclass(frozen=True)
+class StudyEntry:
+    """A study of the no-JavaScript list."""
+
+    uid: str
+    date: str
+    description: str
+    modalities: tuple[str, ...]
+    count: int
+    withheld: int
+    series: tuple[SeriesEntry, ...]
 
 
 def viewer_shell(
-    request: Request, share_token: str, share: ShareRecord, fallback: str
+    request: Request, share_token: str, share: ShareRecord, studies: list[StudyEntry]
 ) -> HTMLResponse:
     """The viewer (only once the share's session is open, when it needs one): static script
     and style, the share's facts (the sender's note among them) as data attributes, and the
-    server-rendered study list for browsers without JavaScript."""
-    lang = language(request)
-    text = TEXT[lang]
+    study list for browsers without JavaScript."""
     root = f"/s/{share_token}"
     attributes = {
         "data-root": root,
-        "data-lang": lang,
+        "data-lang": language(request),
         "data-expires": share.expires_at.isoformat(),
         "data-note": share.note,
         "data-download": "1" if share.allow_download else "",
@@ -224,19 +220,26 @@ def viewer_shell(
         "data-context": share.sealed_context,
         "data-uses": "" if share.max_uses is None else f"{share.uses}/{share.max_uses}",
     }
-    data = " ".join(f'{name}="{html.escape(value)}"' for name, value in attributes.items())
-    body = (
-        f'<div id="viewer" {data}><p class="loading">{text["loading"]}</p></div>'
-        f"<noscript><main>{_note(lang, share)}<p>{text['noscript']}</p>{fallback}</main></noscript>"
+    return page(
+        request,
+        "viewer.html",
+        title=TEXT[language(request)]["title"],
+        switch=False,
+        body_class="viewer-page",
+        attributes=attributes,
+        note=share.note,
+        studies=studies,
+        root=root,
+        download=share.allow_download,
     )
-    head = '<script type="module" src="/static/viewer/viewer.js"></script>'
-    return page(lang, text["title"], body, path="", head=head, body_class="viewer-page")
 
 
 __all__ = [
     "CSP",
     "LANGUAGES",
     "TEXT",
+    "SeriesEntry",
+    "StudyEntry",
     "error_page",
     "language",
     "open_form",

@@ -6,7 +6,6 @@ see `web_viewer_api.pages`."""
 
 from __future__ import annotations
 
-import html
 import io
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -34,7 +33,6 @@ from storage import (
 )
 from web_viewer_api.audit import AuditAction
 from web_viewer_api.auth import (
-    Principal,
     ShareGate,
     ShareSessionRequired,
     UnknownShareToken,
@@ -44,7 +42,14 @@ from web_viewer_api.auth import (
 from web_viewer_api.deps import SHARE_COOKIE, client_address, current_principal
 from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound
 from web_viewer_api.media import MediaFileSet
-from web_viewer_api.pages import error_page, language, open_form, viewer_shell
+from web_viewer_api.pages import (
+    SeriesEntry,
+    StudyEntry,
+    error_page,
+    language,
+    open_form,
+    viewer_shell,
+)
 from web_viewer_api.security import sha256_hex
 from web_viewer_api.shares import ShareService, WrongPin
 
@@ -107,7 +112,7 @@ async def share_page(share_token: str, request: Request) -> Response:
         share = await _find(request, share_token)
         if needs_session(share):
             try:
-                principal = await current_principal(request)
+                await current_principal(request)  # the session, when the share needs one
             except ShareSessionRequired:
                 if (
                     share.max_uses is not None
@@ -119,11 +124,9 @@ async def share_page(share_token: str, request: Request) -> Response:
                     ) from None
                 return open_form(request, share_token, share)
         else:
-            principal = await current_principal(request)
-        fallback = await anyio.to_thread.run_sync(
-            _study_list, request, share_token, share, principal
-        )
-        return viewer_shell(request, share_token, share, fallback)
+            await current_principal(request)
+        studies = await anyio.to_thread.run_sync(_study_list, request, share)
+        return viewer_shell(request, share_token, share, studies)
     except ApiError as exc:
         return error_page(request, exc)
 
@@ -138,52 +141,41 @@ def _may_reopen(request: Request, share: ShareRecord) -> bool:
     )
 
 
-def _study_list(
-    request: Request, share_token: str, share: ShareRecord, principal: Principal
-) -> str:
-    """The studies as plain HTML (for browsers without JavaScript)."""
+def _study_list(request: Request, share: ShareRecord) -> list[StudyEntry]:
+    """The studies, for browsers without JavaScript."""
     index = request.app.state.index
     scope = share_scope(share)
-    root = f"/s/{html.escape(share_token)}"
-    parts = []
     service = QueryRetrieve(index)
     withheld: dict[str, int] = {}
     for row in index.withheld(scope):
         withheld[row.study_instance_uid] = withheld.get(row.study_instance_uid, 0) + row.count
+    studies = []
     for study in service.search_for_studies(scope, StudyQuery(limit=100)):
         series = service.search_for_series(
             scope, SeriesQuery(study_instance_uid=study.study_instance_uid, limit=1000)
         )
-        tiles = "".join(
-            f'<span class="series"><img alt="" loading="lazy" src="{root}/dicom-web/studies/'
-            f'{s.study_instance_uid}/series/{s.series_instance_uid}/thumbnail">'
-            f"{html.escape(s.modality)} {s.series_number or ''} · {s.number_of_instances} im.<br>"
-            f"{html.escape(s.series_description)}</span>"
-            for s in series
-        )
         date = study.study_date
-        shown = f"{date[:4]}-{date[4:6]}-{date[6:]}" if len(date) == 8 else ""
-        parts.append(
-            f'<div class="study"><strong>{html.escape(shown)} '
-            f"{html.escape(study.study_description)}</strong> "
-            f"({', '.join(map(html.escape, study.modalities_in_study))}, "
-            f"{study.number_of_instances} images)"
-            + (
-                f'<p class="withheld">{_WITHHELD_TEXT[language(request)](missing)}</p>'
-                if (missing := withheld.get(study.study_instance_uid))
-                else ""
+        studies.append(
+            StudyEntry(
+                uid=study.study_instance_uid,
+                date=f"{date[:4]}-{date[4:6]}-{date[6:]}" if len(date) == 8 else "",
+                description=study.study_description,
+                modalities=tuple(study.modalities_in_study),
+                count=study.number_of_instances,
+                withheld=withheld.get(study.study_instance_uid, 0),
+                series=tuple(
+                    SeriesEntry(
+                        s.series_instance_uid,
+                        s.modality,
+                        str(s.series_number or ""),
+                        s.number_of_instances,
+                        s.series_description,
+                    )
+                    for s in series
+                ),
             )
-            + f"<div>{tiles}</div></div>"
         )
-    if share.allow_download:
-        parts.append(f'<p><a class="button" href="{root}/download">ZIP (DICOM)</a></p>')
-    return "".join(parts)
-
-
-_WITHHELD_TEXT = {
-    "fr": lambda n: f"{n} image(s) non transmise(s) par le site producteur (voir le visualiseur).",
-    "en": lambda n: f"{n} image(s) not sent by the producing site (see the viewer).",
-}
+    return studies
 
 
 class WithheldPart(BaseModel):
