@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DATA   ?= ./data
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test services lint bench clean
+.PHONY: run test test-fast install install-test services lint bench clean
 
 # Debian ships venv separately: install python3-venv when it is missing and we are root.
 $(BIN)/python:
@@ -29,6 +29,9 @@ services:
 
 test: install-test services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install-test
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'

@@ -106,3 +106,18 @@ def umask_022() -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+#: Fixtures that reach a service or an outside program: a test using one is not "fast".
+_SERVICE_FIXTURES = frozenset({"create_postgres_database", "postgres_url", "redis_url",
+                               "seaweedfs", "s3_bucket", "dcmtk", "browser"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `fast` the unit tests that need no service, outside program or production column
+    (`make test-fast`: `pytest -m fast`, a first check in well under a minute)."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if ("unit" in path.parts and "[production" not in item.nodeid
+                and not _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.fast)

@@ -28,7 +28,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from anonymize import DeidentificationPolicy, PseudonymKeys
-from dicom_node import DicomNode, Status
+from dicom_node import DicomNode
+from imaging import StoreStatus
 from spool import Spool
 from storage import FilesystemObjectStore, IndexRepository, create_index_engine, migrate
 from tests.fuzz.conftest import store_bytes_as_they_are
@@ -38,8 +39,8 @@ EXAMPLES = int(os.environ.get("DGW_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize=not os.environ.get("DGW_FUZZ_RANDOM"),
                 suppress_health_check=list(HealthCheck))
-ALLOWED = {Status.SUCCESS, Status.CANNOT_UNDERSTAND, Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-           Status.OUT_OF_RESOURCES}
+ALLOWED = {StoreStatus.SUCCESS, StoreStatus.CANNOT_UNDERSTAND, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+           StoreStatus.OUT_OF_RESOURCES}
 MARKER = "ZQXPHI"  # planted in identifying attributes; must never reach the store
 
 #: Identifying attributes (PS3.15 E.1-1 actions D/Z/X) with a value carrying MARKER.
@@ -254,7 +255,7 @@ def test_nesting_beyond_the_recursion_limit_is_refused_by_the_node(node: DicomNo
     path = tmp_path / "deep.dcm"
     path.write_bytes(_nested_beyond_recursion())
     before = set(node.spool.site_dir.glob("*/*.dcm"))
-    assert int(store_bytes_as_they_are(node, path).Status) == Status.CANNOT_UNDERSTAND
+    assert int(store_bytes_as_they_are(node, path).Status) == StoreStatus.CANNOT_UNDERSTAND
     assert set(node.spool.site_dir.glob("*/*.dcm")) == before
 
 
