@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
@@ -68,6 +69,7 @@ def test_the_dicomdir_indexes_every_file_under_its_patient_study_and_series(tmp_
     assert {str(i.node.parent.parent._record.StudyID) for i in added} == {str(ct.StudyID)}
 
 
+@pytest.mark.slow
 def test_a_long_series_reads_back_whole(tmp_path: Path) -> None:
     """1,200 images of one series (pydicom's own FileSet compares each added instance with
     every other: 20 s for 3,000): File IDs in order within 8 characters a component, and

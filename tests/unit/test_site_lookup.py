@@ -16,6 +16,8 @@ from anonymize import PseudonymKeys, pseudonymize_accession_number
 from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_study
 from web_viewer_api.audit import _trusted_path, _withheld_query
 
+pytestmark = pytest.mark.slow  # most of its tests start the CLI in a process
+
 SECRET = "site-lookup-secret-0123456789"
 
 
