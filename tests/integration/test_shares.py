@@ -328,6 +328,8 @@ def test_access_log_records_reads_without_the_token(server: DicomwebServer, stud
     ({"study_uids": ["{study}"], "expires_in": 0}, 400),
     ({"study_uids": ["{study}"], "expires_in": 365 * 86400}, 400),
     ({"study_uids": ["{study}"], "pin": "12"}, 400),
+    ({"study_uids": ["{study}"], "pin": ""}, 400),
+    ({"study_uids": ["{study}"], "pin": "9" * 129}, 400),
     ({"study_uids": ["{study}"], "max_uses": 0}, 400),
     ({"study_uids": ["{study}"], "unknown": 1}, 400),
     ({"study_uids": ["{study}"], "notify": True}, 400),

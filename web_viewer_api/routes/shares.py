@@ -36,7 +36,9 @@ class ShareCreate(BaseModel):
     #: Share only these series (their studies need not be listed in study_uids).
     series: list[SeriesRef] = Field(default_factory=list, max_length=1000)
     expires_in: int = Field(gt=0, le=10 * 365 * 86400, description="seconds until the link expires")
-    pin: str | None = Field(None, min_length=1, max_length=128)
+    #: Its bounds (SharePolicy.min_pin_length to 128 characters) are the share service's:
+    #: checked there once, for the API and the CLI alike.
+    pin: str | None = Field(None, description="the PIN the recipient types (4 to 128 characters)")
     max_uses: int | None = Field(None, ge=1, le=1_000_000)
     allow_download: bool = False
     recipient: str | None = Field(
