@@ -500,7 +500,7 @@ def share_create(
 ) -> None:
     """Create a share link and print its URL (shown once: only its hash is kept)."""
     from gateway import components
-    from web_viewer_api import ApiError, ShareRequest, new_pin
+    from web_viewer_api import ShareError, ShareRequest, new_pin
     from web_viewer_api.notify import NotificationError, send, share_message
     from web_viewer_api.sealed_context import seal
 
@@ -532,7 +532,7 @@ def share_create(
             ),
             components.share_base_url(settings),
         )
-    except (ApiError, SettingsError) as exc:
+    except (ShareError, SettingsError) as exc:
         raise _fail(exc) from exc
     share = created.share
     _audit(
@@ -593,12 +593,12 @@ def share_revoke(
 ) -> None:
     """Revoke a share link at once (its open viewer sessions end too)."""
     from gateway import components
-    from web_viewer_api import ApiError
+    from web_viewer_api import ShareError
 
     settings = _settings(data_dir=data_dir)
     try:
         components.build_share_service(settings).revoke(share_id)
-    except ApiError as exc:
+    except ShareError as exc:
         raise _fail(exc) from exc
     _audit(settings, "share.revoke", share_id=share_id)
     console.print(f"share {share_id} revoked")

@@ -12,6 +12,7 @@ from web_viewer_api.oidc import OidcConfig
 from web_viewer_api.proxies import parse_networks
 from web_viewer_api.request_limits import RequestLimits
 from web_viewer_api.security import hash_pin, new_api_key, new_pin, sha256_hex
+from web_viewer_api.share_errors import ShareError
 from web_viewer_api.shares import CreatedShare, SharePolicy, ShareRequest, ShareService
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PseudonymLookup",
     "RenderLimits",
     "RequestLimits",
+    "ShareError",
     "SharePolicy",
     "ShareRequest",
     "ShareService",

@@ -13,9 +13,10 @@ from threading import Lock
 from typing import TypeVar
 
 from storage import EVERY_SITE, AccessRepository, AccessScope, ApiKeyRecord, ShareRecord
-from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound, RateLimited, Unauthorized
+from web_viewer_api.errors import ApiError, NotFound, RateLimited, Unauthorized
 from web_viewer_api.oidc import OidcVerifier
 from web_viewer_api.security import same_secret, sha256_hex, split_api_key
+from web_viewer_api.share_errors import ShareEnded, ShareLocked
 
 ALL_SCOPES = frozenset({"read", "write", "share", "admin"})
 Clock = Callable[[], dt.datetime]
@@ -268,7 +269,7 @@ class ShareGate:
         was opened: running downloads check it between objects."""
         share = self.access.share(share_id)
         if share is None:
-            raise Gone("this share link was revoked")
+            raise ShareEnded("this share link was revoked")
         check_usable(share, self.clock())
 
     def while_live(
@@ -314,11 +315,11 @@ def needs_session(share: ShareRecord) -> bool:
 
 def check_usable(share: ShareRecord, now: dt.datetime) -> None:
     if share.revoked_at is not None:
-        raise Gone("this share link was revoked")
+        raise ShareEnded("this share link was revoked")
     if share.expires_at <= now:
-        raise Gone("this share link has expired")
+        raise ShareEnded("this share link has expired")
     if share.locked_at is not None:
-        raise Forbidden(
+        raise ShareLocked(
             "this share link is locked after too many wrong PINs; ask the sender for a new one"
         )
 

@@ -11,6 +11,15 @@ from sqlalchemy import exc as sql_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import IntegrityError, InvalidKey, ObjectNotFound, StorageError
+from web_viewer_api.share_errors import (
+    InvalidShareRequest,
+    PinCheckBusy,
+    ShareEnded,
+    ShareError,
+    ShareLocked,
+    ShareNotFound,
+    WrongPin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +122,35 @@ async def api_error_response(_request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.code, exc.message), exc.status_code, headers=exc.headers)
 
 
+class WrongPinAnswer(ApiError):
+    status_code, code = 401, "wrong_pin"
+
+
+def as_api_error(exc: ShareError) -> ApiError:
+    """A share's refusal as the API answers it (status, code, message, headers)."""
+    if isinstance(exc, InvalidShareRequest):
+        return BadRequest(exc.message)
+    if isinstance(exc, ShareNotFound):
+        return NotFound(exc.message)
+    if isinstance(exc, ShareEnded):
+        return Gone(exc.message)
+    if isinstance(exc, ShareLocked):
+        return Forbidden(exc.message)
+    if isinstance(exc, WrongPin):
+        return WrongPinAnswer(exc.message)
+    if isinstance(exc, PinCheckBusy):
+        return RateLimited(exc.message, exc.retry_after or 1)
+    return BadRequest(exc.message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as `{"error": {"code", "message"}}` with its status."""
 
     app.add_exception_handler(ApiError, api_error_response)  # type: ignore[arg-type]
+
+    @app.exception_handler(ShareError)
+    async def _share_error(request: Request, exc: ShareError) -> JSONResponse:
+        return await api_error_response(request, as_api_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

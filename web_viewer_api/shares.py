@@ -19,9 +19,15 @@ from storage import (
     StudyQuery,
 )
 from web_viewer_api.auth import Clock, check_usable, utc_now
-from web_viewer_api.errors import ApiError, BadRequest, Gone, NotFound, RateLimited
 from web_viewer_api.sealed_context import check_sealed
 from web_viewer_api.security import hash_pin, new_token, sha256_hex, verify_pin
+from web_viewer_api.share_errors import (
+    InvalidShareRequest,
+    PinCheckBusy,
+    ShareEnded,
+    ShareNotFound,
+    WrongPin,
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,6 @@ class CreatedShare:
     url: str
 
 
-class WrongPin(ApiError):
-    status_code, code = 401, "wrong_pin"
-
-
 class ShareService:
     def __init__(
         self,
@@ -78,28 +80,28 @@ class ShareService:
     def create(self, request: ShareRequest, base_url: str) -> CreatedShare:
         studies = tuple(dict.fromkeys(request.study_uids))
         if not studies or len(studies) > 100:
-            raise BadRequest("study_uids: one to 100 study instance UIDs")
+            raise InvalidShareRequest("study_uids: one to 100 study instance UIDs")
         for uid in studies + tuple(s for pair in request.series for s in pair):
             if not is_uid_shaped(uid):
-                raise BadRequest(f"not a UID: {uid[:70]!r}")
+                raise InvalidShareRequest(f"not a UID: {uid[:70]!r}")
         if request.expires_in <= dt.timedelta(0):
-            raise BadRequest("expires_in must be positive")
+            raise InvalidShareRequest("expires_in must be positive")
         if request.expires_in > self.policy.max_expiry:
-            raise BadRequest(
+            raise InvalidShareRequest(
                 f"expires_in is longer than the maximum of "
                 f"{int(self.policy.max_expiry.total_seconds())} s"
             )
         if request.pin is not None and (
             len(request.pin) < self.policy.min_pin_length or len(request.pin) > 128
         ):
-            raise BadRequest(f"pin: {self.policy.min_pin_length} to 128 characters")
+            raise InvalidShareRequest(f"pin: {self.policy.min_pin_length} to 128 characters")
         if request.max_uses is not None and request.max_uses < 1:
-            raise BadRequest("max_uses must be at least 1")
+            raise InvalidShareRequest("max_uses must be at least 1")
         if request.sealed_context:
             try:
                 check_sealed(request.sealed_context)
             except ValueError as exc:
-                raise BadRequest(str(exc)) from None
+                raise InvalidShareRequest(str(exc)) from None
         scope = AccessScope(site_ids=request.site_ids)
         found = {
             s.study_instance_uid
@@ -109,7 +111,7 @@ class ShareService:
         }
         missing = [uid for uid in studies if uid not in found]
         if missing:
-            raise NotFound(f"no such study: {missing[0]}")
+            raise ShareNotFound(f"no such study: {missing[0]}")
         items = [
             ShareItemRecord(uid)
             for uid in studies
@@ -119,7 +121,7 @@ class ShareService:
             if study not in found or not self.index.search_instances(
                 InstanceQuery(study_instance_uid=study, series_instance_uid=series, limit=1)
             ):
-                raise NotFound(f"no such series in the shared studies: {series}")
+                raise ShareNotFound(f"no such series in the shared studies: {series}")
             items.append(ShareItemRecord(study, series))
         now = self.clock()
         token = new_token()
@@ -150,7 +152,7 @@ class ShareService:
         from those sites (any other answers as if it did not exist)."""
         share = self.access.share(share_id, site_ids)
         if share is None:
-            raise NotFound("no such share")
+            raise ShareNotFound("no such share")
         return share
 
     def revoke(self, share_id: str, site_ids: frozenset[str] | None = None) -> ShareRecord:
@@ -177,7 +179,7 @@ class ShareService:
             # the lock allows.
             if not self.access.reserve_pin_attempt(share.share_id, lock_after):
                 check_usable(self.get(share.share_id), now)  # raises: locked
-                raise RateLimited(
+                raise PinCheckBusy(
                     "other PIN attempts on this share are being checked; try again", retry_after=1
                 )
             if not pin or not verify_pin(pin, share.pin_hash):
@@ -198,7 +200,7 @@ class ShareService:
         ):
             current = self.get(share.share_id)
             check_usable(current, now)
-            raise Gone("this share link has been used the maximum number of times")
+            raise ShareEnded("this share link has been used the maximum number of times")
         return session, expires
 
 

@@ -40,7 +40,7 @@ from web_viewer_api.auth import (
     share_scope,
 )
 from web_viewer_api.deps import SHARE_COOKIE, client_address, current_principal
-from web_viewer_api.errors import ApiError, Forbidden, Gone, NotFound
+from web_viewer_api.errors import ApiError, Forbidden, NotFound, as_api_error
 from web_viewer_api.media import MediaFileSet
 from web_viewer_api.pages import (
     SeriesEntry,
@@ -51,7 +51,8 @@ from web_viewer_api.pages import (
     viewer_shell,
 )
 from web_viewer_api.security import sha256_hex
-from web_viewer_api.shares import ShareService, WrongPin
+from web_viewer_api.share_errors import ShareEnded, ShareError, ShareLocked, WrongPin
+from web_viewer_api.shares import ShareService
 
 router = APIRouter(prefix="/s/{share_token}", tags=["Share links"])
 
@@ -119,7 +120,7 @@ async def share_page(share_token: str, request: Request) -> Response:
                     and share.uses >= share.max_uses
                     and not await anyio.to_thread.run_sync(_may_reopen, request, share)
                 ):
-                    raise Gone(
+                    raise ShareEnded(
                         "this share link has been used the maximum number of times"
                     ) from None
                 return open_form(request, share_token, share)
@@ -127,6 +128,8 @@ async def share_page(share_token: str, request: Request) -> Response:
             await current_principal(request)
         studies = await anyio.to_thread.run_sync(_study_list, request, share)
         return viewer_shell(request, share_token, share, studies)
+    except ShareError as exc:
+        return error_page(request, as_api_error(exc))
     except ApiError as exc:
         return error_page(request, exc)
 
@@ -246,23 +249,25 @@ async def open_session(
     except WrongPin as exc:
         request.state.audit = {"action": AuditAction.SHARE_PIN_FAILURE, "share_id": share.share_id}
         if wants_json:
+            answer = as_api_error(exc)
             return JSONResponse(
-                {"error": {"code": exc.code, "message": exc.message}}, status_code=401
+                {"error": {"code": answer.code, "message": answer.message}}, status_code=401
             )
         return open_form(request, share_token, share, exc.message, status=401)
-    except ApiError as exc:
-        if exc.status_code == 403 and "locked" in exc.message:
+    except (ApiError, ShareError) as refused:
+        if isinstance(refused, ShareLocked):
             request.state.audit = {
                 **(getattr(request.state, "audit", None) or {}),
                 "action": AuditAction.SHARE_LOCKED,
             }
+        answer = as_api_error(refused) if isinstance(refused, ShareError) else refused
         if wants_json:
             return JSONResponse(
-                {"error": {"code": exc.code, "message": exc.message}},
-                status_code=exc.status_code,
-                headers=exc.headers,
+                {"error": {"code": answer.code, "message": answer.message}},
+                status_code=answer.status_code,
+                headers=answer.headers,
             )
-        return error_page(request, exc)
+        return error_page(request, answer)
     # The cookie lives as long as the share: the server ends the session (idle time), and a
     # browser that still holds it may reopen it later without spending a use.
     max_age = max(1, int((share.expires_at - service.clock()).total_seconds()))
@@ -292,6 +297,8 @@ async def download(share_token: str, request: Request) -> Response:
         principal = await current_principal(request)
         if not share.allow_download:
             raise Forbidden("this share allows viewing, not downloading")
+    except ShareError as exc:
+        return error_page(request, as_api_error(exc))
     except ApiError as exc:
         return error_page(request, exc)
     request.state.audit = {"action": AuditAction.SHARE_DOWNLOAD, "share_id": share.share_id}
