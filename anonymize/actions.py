@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -226,37 +227,11 @@ class DeidentificationPolicy:
         }
         if both <= self.options:
             raise ValueError("the Full Dates and Modified Dates options exclude each other")
-        object.__setattr__(self, "_descriptor_tags", self._descriptor_tags_of())
-        # Text is cleaned by a C action of an option (Retain Longitudinal Modified Dates'
-        # C shifts dates instead), inside a sequence such an action cleans, and in private
-        # attributes kept by Retain Safe Private.
-        rows = [*self.profile.rows.values(), *(row for _, _, row in self.profile.masked_rows)]
-        object.__setattr__(
-            self,
-            "cleans_text",
-            ProfileOption.RETAIN_SAFE_PRIVATE in self.options
-            or any(
-                self.action_for(row)[0] == "C"
-                and self.action_for(row)[1] is not ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES
-                for row in rows
-            ),
-        )
-
-    def _descriptor_tags_of(self) -> frozenset[int] | None:
-        if self.cleaned_descriptors is None:
-            return None
-        column = ProfileOption.CLEAN_DESCRIPTORS.value
-        by_keyword = {
-            keyword_for_tag(tag): tag
-            for tag, row in self.profile.rows.items()
-            if row.options.get(column) == "C"
-        }
-        unknown = sorted(set(self.cleaned_descriptors) - set(by_keyword))
-        if unknown:
-            raise ValueError(
-                f"not descriptors of the Clean Descriptors option: {', '.join(unknown)}"
-            )
-        return frozenset(by_keyword[k] for k in self.cleaned_descriptors)
+        # Derived from the options alone (not the site): computed once per option set, so
+        # a policy copied for another site or a write-back costs nothing here.
+        tags = _descriptor_tags(self.profile, self.cleaned_descriptors)
+        object.__setattr__(self, "_descriptor_tags", tags)
+        object.__setattr__(self, "cleans_text", _cleans_text(self.profile, self.options, tags))
 
     def action_for(self, row: ProfileRow) -> tuple[str, ProfileOption | None]:
         """The action this policy applies to `row`, and the option that chose it (if any).
@@ -264,26 +239,72 @@ class DeidentificationPolicy:
         An enabled option that retains (K) wins over one that cleans (C), which wins over
         the Basic Profile action. Clean Descriptors acts only on `cleaned_descriptors`.
         """
-        clean: ProfileOption | None = None
-        for option in self.options:
-            code = row.options.get(option.value)
-            if (
+        return _action(row, self.options, self._descriptor_tags)
+
+
+def _action(
+    row: ProfileRow, options: frozenset[ProfileOption], descriptor_tags: frozenset[int] | None
+) -> tuple[str, ProfileOption | None]:
+    clean: ProfileOption | None = None
+    for option in options:
+        code = row.options.get(option.value)
+        if code == "K":
+            return "K", option
+        if (
+            code == "C"
+            and clean is None
+            and not (
                 option is ProfileOption.CLEAN_DESCRIPTORS
-                and self._descriptor_tags is not None
+                and descriptor_tags is not None
                 and (
-                    row.tag == "private"
-                    or "x" in row.tag
-                    or int(row.tag, 16) not in self._descriptor_tags
+                    "x" in row.tag
+                    or row.tag == "private"
+                    or int(row.tag, 16) not in descriptor_tags
                 )
-            ):
-                continue
-            if code == "K":
-                return "K", option
-            if code == "C" and clean is None:
-                clean = option
-        if clean is not None:
-            return "C", clean
-        return row.basic.value, None
+            )
+        ):
+            clean = option
+    if clean is not None:
+        return "C", clean
+    return row.basic.value, None
+
+
+@functools.lru_cache(maxsize=16)
+def _descriptor_tags(
+    profile: ConfidentialityProfile, cleaned_descriptors: frozenset[str] | None
+) -> frozenset[int] | None:
+    """The tags of `cleaned_descriptors` (keywords), each a C row of Clean Descriptors."""
+    if cleaned_descriptors is None:
+        return None
+    column = ProfileOption.CLEAN_DESCRIPTORS.value
+    by_keyword = {
+        keyword_for_tag(tag): tag
+        for tag, row in profile.rows.items()
+        if row.options.get(column) == "C"
+    }
+    unknown = sorted(set(cleaned_descriptors) - set(by_keyword))
+    if unknown:
+        raise ValueError(f"not descriptors of the Clean Descriptors option: {', '.join(unknown)}")
+    return frozenset(by_keyword[k] for k in cleaned_descriptors)
+
+
+@functools.lru_cache(maxsize=16)
+def _cleans_text(
+    profile: ConfidentialityProfile,
+    options: frozenset[ProfileOption],
+    descriptor_tags: frozenset[int] | None,
+) -> bool:
+    """Whether any action cleans text: a C action of an option (Retain Longitudinal
+    Modified Dates' C shifts dates instead), inside a sequence such an action cleans, or
+    private attributes kept by Retain Safe Private."""
+    if ProfileOption.RETAIN_SAFE_PRIVATE in options:
+        return True
+    rows = [*profile.rows.values(), *(row for _, _, row in profile.masked_rows)]
+    for row in rows:
+        action, option = _action(row, options, descriptor_tags)
+        if action == "C" and option is not ProfileOption.RETAIN_LONGITUDINAL_MODIFIED_DATES:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
