@@ -90,19 +90,21 @@ class MediaFileSet:
     def __init__(self) -> None:
         self._root = _Node(Dataset())
         self._ids: set[str] = set()
-        self._numbers: dict[tuple[str, ...], int] = {}
+        #: Numbers given so far in each scope (studies; a study's series; a series' instances).
+        self._counts: dict[tuple[str, ...], int] = {}
+        #: The number invented for each study and series, the same for all its instances.
+        self._invented: dict[tuple[str, ...], int] = {}
 
     def _next(self, *scope: str) -> int:
-        self._numbers[scope] = self._numbers.get(scope, 0) + 1
-        return self._numbers[scope]
+        self._counts[scope] = self._counts.get(scope, 0) + 1
+        return self._counts[scope]
 
-    def _number_of(self, kind: str, *key: str) -> int:
-        """One invented number per study (per series of a study), the same for each of its
-        instances."""
-        known = self._numbers.get((kind, "=", *key))
-        if known is None:
-            known = self._numbers[(kind, "=", *key)] = self._next(kind, *key[:-1])
-        return known
+    def _number_of(self, *key: str) -> int:
+        """The invented number of a study (key: its UID) or of a series of a study (key:
+        both UIDs), numbered within its parent."""
+        if key not in self._invented:
+            self._invented[key] = self._next(*key[:-1])
+        return self._invented[key]
 
     def _completed(self, header: Dataset) -> Dataset:
         """The header with invented Type 1 values its directory records need."""
@@ -112,11 +114,11 @@ class MediaFileSet:
             if _empty(header, keyword):
                 setattr(header, keyword, default(header))
         if _empty(header, "StudyID"):
-            header.StudyID = str(self._number_of("study", study))
+            header.StudyID = str(self._number_of(study))
         if _empty(header, "SeriesNumber"):
-            header.SeriesNumber = self._number_of("series", study, series)
+            header.SeriesNumber = self._number_of(study, series)
         if _empty(header, "InstanceNumber"):
-            header.InstanceNumber = self._next("instance", series)
+            header.InstanceNumber = self._next(study, series)
         return header
 
     @staticmethod
