@@ -49,6 +49,7 @@ from imaging import (
     TranscodeStatus,
     encode_dataset,
     read_bounded,
+    text_of,
     transcode_lossless,
 )
 from spool import (
@@ -824,8 +825,7 @@ class IngestPipeline:
         instance whose header cannot be read names no study: nothing is recorded."""
         reason = _withheld_reason(exc)
         uids = [
-            str(header.get(k, "") or "").strip()
-            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            text_of(header, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
         ]
         if reason is None or not all(uids):
             return
@@ -843,7 +843,7 @@ class IngestPipeline:
                     study,
                     series,
                     sop,
-                    modality=str(header.get("Modality", "") or ""),
+                    modality=text_of(header, "Modality"),
                     reason=reason,
                     site_id=site_id,
                 )
