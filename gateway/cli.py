@@ -463,9 +463,9 @@ def _actor() -> str:
 
 
 def _audit(settings: Settings, action: str, **fields: Any) -> None:
+    from access import audit_entry
     from gateway import components
     from storage import AccessRepository
-    from web_viewer_api import audit_entry
 
     index = components.build_index(settings, run_migrations=False)
     AccessRepository(index.engine).append_audit([audit_entry(action, _actor(), **fields)])
@@ -479,8 +479,16 @@ def share_create(
         bool, typer.Option("--pin", help="protect with a random 6-digit PIN (printed once)")
     ] = False,
     max_uses: Annotated[int | None, typer.Option(min=1, help="viewer sessions allowed")] = None,
+    permission: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--permission",
+            help="what the share allows beyond viewing (repeat): download (ZIP and whole "
+            "instances)",
+        ),
+    ] = None,
     download: Annotated[
-        bool, typer.Option("--download", help="allow ZIP/whole-instance download")
+        bool, typer.Option("--download", help="the same as --permission download")
     ] = False,
     recipient: Annotated[str, typer.Option(help="recipient's name or label")] = "",
     email: Annotated[str, typer.Option(help="recipient's e-mail (recorded; see --notify)")] = "",
@@ -499,10 +507,12 @@ def share_create(
     data_dir: DataDir = None,
 ) -> None:
     """Create a share link and print its URL (shown once: only its hash is kept)."""
+    from pydantic import ValidationError
+
+    from access import AccessError, ShareCreate, new_pin, share_audit_detail
+    from access.sealed_context import seal
     from gateway import components
-    from web_viewer_api import ShareError, ShareRequest, new_pin
     from web_viewer_api.notify import NotificationError, send, share_message
-    from web_viewer_api.sealed_context import seal
 
     settings = _settings(data_dir=data_dir)
     lifetime = parse_duration(expires)
@@ -516,23 +526,28 @@ def share_create(
         raise _fail(ValueError("--notify needs --email and DICOM_GATEWAY_SMTP__HOST"))
     chosen_pin = new_pin() if pin else None
     try:
+        asked = ShareCreate(
+            study_uids=study_uids,
+            expires_in=int(lifetime.total_seconds()),
+            pin=chosen_pin,
+            max_uses=max_uses,
+            permissions=permission or [],
+            allow_download=download,
+            recipient=recipient or None,
+            recipient_email=email or None,
+            note=note or None,
+            sealed_context=sealed or None,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise _fail(ValueError(f"{where}: {first['msg']}")) from None
+    try:
         service = components.build_share_service(settings)
         created = service.create(
-            ShareRequest(
-                study_uids=tuple(study_uids),
-                expires_in=lifetime,
-                created_by=_actor(),
-                pin=chosen_pin,
-                max_uses=max_uses,
-                allow_download=download,
-                recipient=recipient,
-                recipient_email=email,
-                note=note,
-                sealed_context=sealed,
-            ),
-            components.share_base_url(settings),
+            asked.to_request(_actor(), None), components.share_base_url(settings)
         )
-    except (ShareError, SettingsError) as exc:
+    except (AccessError, SettingsError) as exc:
         raise _fail(exc) from exc
     share = created.share
     _audit(
@@ -540,15 +555,7 @@ def share_create(
         "share.create",
         share_id=share.share_id,
         study_instance_uid=share.items[0].study_instance_uid,
-        detail=json.dumps(
-            {
-                "expires_at": share.expires_at.isoformat(),
-                "pin": pin,
-                "max_uses": max_uses,
-                "allow_download": download,
-                "sealed_context": bool(sealed),
-            }
-        ),
+        detail=json.dumps(share_audit_detail(share)),
     )
     # The key is only in the link this command prints (and e-mails, from this site).
     link = f"{created.url}#k={key}" if key else created.url
@@ -577,14 +584,14 @@ def share_list(
     data_dir: DataDir = None,
 ) -> None:
     """List share links, newest first (JSON lines)."""
+    from access import SharePublic
     from gateway import components
-    from web_viewer_api.routes.shares import public
 
     settings = _settings(data_dir=data_dir)
     service = components.build_share_service(settings)
     now = service.clock()
     for share in service.access.list_shares(active_at=now if active else None, limit=10_000):
-        sys.stdout.write(public(share, now).model_dump_json() + "\n")
+        sys.stdout.write(SharePublic.of(share, now).model_dump_json() + "\n")
 
 
 @share_app.command("revoke")
@@ -592,13 +599,13 @@ def share_revoke(
     share_id: Annotated[str, typer.Argument(help="the share's id")], data_dir: DataDir = None
 ) -> None:
     """Revoke a share link at once (its open viewer sessions end too)."""
+    from access import AccessError
     from gateway import components
-    from web_viewer_api import ShareError
 
     settings = _settings(data_dir=data_dir)
     try:
         components.build_share_service(settings).revoke(share_id)
-    except ShareError as exc:
+    except AccessError as exc:
         raise _fail(exc) from exc
     _audit(settings, "share.revoke", share_id=share_id)
     console.print(f"share {share_id} revoked")
@@ -616,31 +623,18 @@ def apikey_create(
 ) -> None:
     """Create an API key and print it (once: only its hash is kept). `--scope share` alone
     makes a key that creates share links (of its sites' studies) but reads no images."""
+    from access import AccessError, ApiKeyService
     from gateway import components
-    from storage import AccessRepository, ApiKeyRecord
-    from web_viewer_api import new_api_key, sha256_hex, utc_now
+    from storage import AccessRepository
 
-    unknown = sorted(set(scope) - {"read", "write", "share", "admin"})
-    if unknown or not scope:
-        raise _fail(ValueError(f"unknown scope {unknown[0]!r}" if unknown else "give --scope"))
-    bad = [s for s in site or () if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", s)]
-    if bad:
-        raise _fail(ValueError(f"not a site id: {bad[0]!r}"))
-    sites = sorted(set(site)) if site else None
     settings = _settings(data_dir=data_dir)
-    key_id, key = new_api_key()
-    index = components.build_index(settings)
-    AccessRepository(index.engine).add_api_key(
-        ApiKeyRecord(
-            key_id=key_id,
-            name=name,
-            scopes=frozenset(scope),
-            site_ids=frozenset(sites) if sites else None,
-            created_at=utc_now(),
-            revoked_at=None,
-            secret_sha256=sha256_hex(key),
-        )
-    )
+    service = ApiKeyService(AccessRepository(components.build_index(settings).engine))
+    try:
+        created = service.create(name, scope, site)
+    except AccessError as exc:
+        raise _fail(exc) from exc
+    key_id, key = created.record.key_id, created.key
+    sites = sorted(created.record.site_ids) if created.record.site_ids else None
     _audit(
         settings,
         "apikey.create",
@@ -656,24 +650,14 @@ def apikey_create(
 @apikey_app.command("list")
 def apikey_list(data_dir: DataDir = None) -> None:
     """List API keys (ids, names, scopes; never the keys)."""
+    from access import ApiKeyService, api_key_public
     from gateway import components
     from storage import AccessRepository
 
     settings = _settings(data_dir=data_dir)
-    for key in AccessRepository(components.build_index(settings).engine).list_api_keys():
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "id": key.key_id,
-                    "name": key.name,
-                    "scopes": sorted(key.scopes),
-                    "sites": sorted(key.site_ids) if key.site_ids is not None else None,
-                    "created_at": key.created_at.isoformat(),
-                    "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
-                }
-            )
-            + "\n"
-        )
+    service = ApiKeyService(AccessRepository(components.build_index(settings).engine))
+    for key in service.list():
+        sys.stdout.write(json.dumps(api_key_public(key)) + "\n")
 
 
 @apikey_app.command("revoke")
@@ -681,15 +665,16 @@ def apikey_revoke(
     key_id: Annotated[str, typer.Argument(help="the key's id")], data_dir: DataDir = None
 ) -> None:
     """Revoke an API key at once."""
+    from access import AccessError, ApiKeyService
     from gateway import components
     from storage import AccessRepository
-    from web_viewer_api import utc_now
 
     settings = _settings(data_dir=data_dir)
-    if not AccessRepository(components.build_index(settings).engine).revoke_api_key(
-        key_id, utc_now()
-    ):
-        raise _fail(LookupError(f"no active API key {key_id}"))
+    service = ApiKeyService(AccessRepository(components.build_index(settings).engine))
+    try:
+        service.revoke(key_id)
+    except AccessError as exc:
+        raise _fail(exc) from exc
     _audit(settings, "apikey.revoke", detail=json.dumps({"key_id": key_id}))
     console.print(f"API key {key_id} revoked")
 

@@ -16,6 +16,7 @@ from typing import overload
 
 from celery import Celery
 
+from access import SharePolicy, ShareService
 from anonymize import (
     DeidentificationPolicy,
     InsIssuers,
@@ -61,8 +62,6 @@ from web_viewer_api import (
     PseudonymLookup,
     RenderLimits,
     RequestLimits,
-    SharePolicy,
-    ShareService,
     SmtpConfig,
     StowTarget,
     create_app,

@@ -122,7 +122,8 @@ class ShareRecord:
     locked_at: dt.datetime | None
     max_uses: int | None
     uses: int
-    allow_download: bool
+    #: What the share allows beyond viewing (`access.Permission` names, e.g. "download").
+    permissions: frozenset[str]
     recipient: str
     recipient_email: str
     note: str
@@ -229,8 +230,11 @@ class AccessRepository:
 
     # Shares ------------------------------------------------------------------------------
     def add_share(self, share: ShareRecord, token_sha256: str) -> None:
-        values = {k: v for k, v in share.__dict__.items() if k not in ("items", "site_ids")}
+        values = {
+            k: v for k, v in share.__dict__.items() if k not in ("items", "site_ids", "permissions")
+        }
         values["sites"] = _joined(share.site_ids)
+        values["permissions"] = " ".join(sorted(share.permissions))
         with self.engine.begin() as connection:
             connection.execute(insert(Share).values(token_sha256=token_sha256, **values))
             connection.execute(
@@ -275,7 +279,7 @@ class AccessRepository:
                 locked_at=_utc(r.locked_at),
                 max_uses=r.max_uses,
                 uses=r.uses,
-                allow_download=bool(r.allow_download),
+                permissions=frozenset((r.permissions or "").split()),
                 recipient=r.recipient,
                 recipient_email=r.recipient_email,
                 note=r.note,

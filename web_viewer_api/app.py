@@ -27,15 +27,15 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from access.shares import SharePolicy, ShareService
 from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits
-from storage import AccessRepository, BoundedReads, IndexRepository, ObjectStore
+from storage import AccessRepository, AuditWriter, BoundedReads, IndexRepository, ObjectStore
 from web_viewer_api.asgi import StatusRecorder
 from web_viewer_api.audit import (
     INVALID_TOKENS,
     KEY_FAILURES,
     SHARE_FAILURES,
     AuditMiddleware,
-    AuditWriter,
 )
 from web_viewer_api.auth import Authenticator, FailureLimiter, ShareGate
 from web_viewer_api.dicomweb.rendering import RenderedCache, RenderLimits
@@ -47,7 +47,6 @@ from web_viewer_api.oidc import OidcConfig, OidcVerifier
 from web_viewer_api.proxies import TrustedProxies
 from web_viewer_api.request_limits import RequestLimits, RequestLimitsMiddleware
 from web_viewer_api.routes import audit, dicomweb, health, share_access, shares, site
-from web_viewer_api.shares import SharePolicy, ShareService
 
 log = logging.getLogger(__name__)
 

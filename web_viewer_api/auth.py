@@ -12,19 +12,22 @@ from dataclasses import dataclass, field
 from threading import Lock
 from typing import TypeVar
 
+from access import (
+    ALL_SCOPES,
+    Clock,
+    Permission,
+    ShareEnded,
+    check_usable,
+    needs_session,
+    share_scope,
+    utc_now,
+)
+from access.tokens import same_secret, sha256_hex, split_api_key
 from storage import EVERY_SITE, AccessRepository, AccessScope, ApiKeyRecord, ShareRecord
 from web_viewer_api.errors import ApiError, NotFound, RateLimited, Unauthorized
 from web_viewer_api.oidc import OidcVerifier
-from web_viewer_api.security import same_secret, sha256_hex, split_api_key
-from web_viewer_api.share_errors import ShareEnded, ShareLocked
 
-ALL_SCOPES = frozenset({"read", "write", "share", "admin"})
-Clock = Callable[[], dt.datetime]
 _Item = TypeVar("_Item")
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ class ShareAccess:
     """What a share link opens."""
 
     share_id: str
-    allow_download: bool
+    #: What it allows beyond viewing.
+    permissions: frozenset[str]
     scope: AccessScope
 
 
@@ -46,6 +50,10 @@ class Principal:
     site_ids: frozenset[str] | None = None
     share: ShareAccess | None = None
 
+    def may(self, permission: Permission) -> bool:
+        """What a share allows beyond viewing; any other caller that reads may."""
+        return self.share is None or permission in self.share.permissions
+
     @property
     def scope(self) -> AccessScope:
         """The studies this caller may see (`EVERY_SITE`: all)."""
@@ -54,20 +62,6 @@ class Principal:
         if self.site_ids is not None:
             return AccessScope(site_ids=self.site_ids)
         return EVERY_SITE
-
-
-def share_scope(share: ShareRecord) -> AccessScope:
-    studies = frozenset(item.study_instance_uid for item in share.items)
-    whole = {i.study_instance_uid for i in share.items if i.series_instance_uid is None}
-    limits: dict[str, set[str]] = {}
-    for item in share.items:
-        if item.series_instance_uid is not None and item.study_instance_uid not in whole:
-            limits.setdefault(item.study_instance_uid, set()).add(item.series_instance_uid)
-    return AccessScope(
-        site_ids=None,
-        study_instance_uids=studies,
-        series_limits={k: frozenset(v) for k, v in limits.items()},
-    )
 
 
 @dataclass
@@ -261,7 +255,7 @@ class ShareGate:
         return Principal(
             f"share:{share.share_id}",
             frozenset({"read"}),
-            share=ShareAccess(share.share_id, share.allow_download, share_scope(share)),
+            share=ShareAccess(share.share_id, share.permissions, share_scope(share)),
         )
 
     def live(self, share_id: str) -> None:
@@ -308,24 +302,7 @@ class ShareSessionRequired(ApiError):
         )
 
 
-def needs_session(share: ShareRecord) -> bool:
-    """A PIN or a use limit: only a counted, PIN-checked viewer session reads the studies."""
-    return share.pin_hash is not None or share.max_uses is not None
-
-
-def check_usable(share: ShareRecord, now: dt.datetime) -> None:
-    if share.revoked_at is not None:
-        raise ShareEnded("this share link was revoked")
-    if share.expires_at <= now:
-        raise ShareEnded("this share link has expired")
-    if share.locked_at is not None:
-        raise ShareLocked(
-            "this share link is locked after too many wrong PINs; ask the sender for a new one"
-        )
-
-
 __all__ = [
-    "ALL_SCOPES",
     "Authenticator",
     "CredentialBlocked",
     "CredentialRefused",
@@ -335,8 +312,4 @@ __all__ = [
     "ShareGate",
     "ShareSessionRequired",
     "UnknownShareToken",
-    "check_usable",
-    "needs_session",
-    "share_scope",
-    "utc_now",
 ]

@@ -8,8 +8,9 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 
+from access import AuditAction
+from access.tokens import split_api_key
 from storage import AccessRepository, BoundedReads, IndexRepository
-from web_viewer_api.audit import AuditAction
 from web_viewer_api.auth import (
     Authenticator,
     CredentialBlocked,
@@ -19,7 +20,6 @@ from web_viewer_api.auth import (
     UnknownShareToken,
 )
 from web_viewer_api.errors import Forbidden, NotFound, Unauthorized
-from web_viewer_api.security import split_api_key
 
 #: The viewer session cookie of a share; its Path is the share's own /s/{token}.
 SHARE_COOKIE = "dgw_share_session"

@@ -10,8 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sql_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from storage import IntegrityError, InvalidKey, ObjectNotFound, StorageError
-from web_viewer_api.share_errors import (
+from access.errors import (
     InvalidShareRequest,
     PinCheckBusy,
     ShareEnded,
@@ -20,6 +19,7 @@ from web_viewer_api.share_errors import (
     ShareNotFound,
     WrongPin,
 )
+from storage import IntegrityError, InvalidKey, ObjectNotFound, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 
+from access import Permission
 from storage import ShareRecord
 from web_viewer_api.errors import ApiError
 
@@ -215,7 +216,8 @@ def viewer_shell(
         "data-lang": language(request),
         "data-expires": share.expires_at.isoformat(),
         "data-note": share.note,
-        "data-download": "1" if share.allow_download else "",
+        # What the share allows beyond viewing (access.Permission names, space-separated).
+        "data-permissions": " ".join(sorted(share.permissions)),
         # Ciphertext: the key is in the link's fragment, read by the viewer, never sent here.
         "data-context": share.sealed_context,
         "data-uses": "" if share.max_uses is None else f"{share.uses}/{share.max_uses}",
@@ -230,7 +232,7 @@ def viewer_shell(
         note=share.note,
         studies=studies,
         root=root,
-        download=share.allow_download,
+        download=Permission.DOWNLOAD in share.permissions,
     )
 
 

@@ -6,7 +6,6 @@ import datetime as dt
 
 from sqlalchemy import (
     BigInteger,
-    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -182,7 +181,8 @@ class Share(Base):
     locked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     max_uses: Mapped[int | None] = mapped_column(Integer, nullable=True)
     uses: Mapped[int] = mapped_column(Integer, default=0)
-    allow_download: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: What the share allows beyond viewing, space-separated (`access.Permission` names).
+    permissions: Mapped[str] = mapped_column(String(256), default="", server_default="")
     recipient: Mapped[str] = mapped_column(String(256), default="")
     recipient_email: Mapped[str] = mapped_column(String(256), default="")
     note: Mapped[str] = mapped_column(Text, default="")

@@ -13,7 +13,7 @@ import pytest
 
 from storage import ShareItemRecord, ShareRecord, StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
-from web_viewer_api import sha256_hex
+from access import sha256_hex
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -195,7 +195,7 @@ def test_expired_revoked_and_unknown_links_get_clear_pages(server: DicomwebServe
     server.access.add_share(ShareRecord(
         share_id="viewerexpired0001", created_at=now - dt.timedelta(days=1), created_by="test",
         expires_at=now - dt.timedelta(minutes=1), revoked_at=None, pin_hash=None, pin_failures=0,
-        locked_at=None, max_uses=None, uses=0, allow_download=False, recipient="",
+        locked_at=None, max_uses=None, uses=0, permissions=frozenset(), recipient="",
         recipient_email="", note="", site_ids=None, items=(ShareItemRecord(study),)), sha256_hex(token))
     answer = page.goto(f"{server.root}/s/{token}?lang=en")
     assert answer.status == 410 and "expired" in page.inner_text("h1")

@@ -30,7 +30,7 @@ from tests.support.writeback import (
     segmentation,
     stow,
 )
-from web_viewer_api.sealed_context import seal, unseal
+from access.sealed_context import seal, unseal
 
 __all__ = ["browser"]  # the viewer tests' fixture, used here
 CONTEXT = {"patient_name": "DUPONT^Marie", "patient_birth_date": "1961-04-02",

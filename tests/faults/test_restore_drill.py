@@ -26,7 +26,7 @@ from storage import (
     create_index_engine,
     migrate,
 )
-from web_viewer_api import audit_entry, sha256_hex
+from access import audit_entry, sha256_hex
 from worker import IngestPipeline
 from worker.reindex import reindex
 
@@ -55,7 +55,7 @@ def test_drop_the_database_then_reindex_and_restore_the_access_tables(
     access.add_share(ShareRecord(
         share_id="drill00000000001", created_at=now, created_by="admin", expires_at=now + dt.timedelta(days=1),
         revoked_at=None, pin_hash=None, pin_failures=0, locked_at=None, max_uses=None, uses=0,
-        allow_download=False, recipient="Dr Drill", recipient_email="", note="", site_ids=None,
+        permissions=frozenset(), recipient="Dr Drill", recipient_email="", note="", site_ids=None,
         items=(ShareItemRecord(study),)), sha256_hex("drill-token"))
     access.append_audit([audit_entry("share.create", "admin", share_id="drill00000000001")])
     index_before = pipeline.index.dump()

@@ -26,7 +26,8 @@ from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import ApiKeyRecord, BoundedReads, StudyQuery, create_index_engine, migrate
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port
-from web_viewer_api import OidcConfig, SmtpConfig, new_api_key, sha256_hex
+from access import new_api_key, sha256_hex
+from web_viewer_api import OidcConfig, SmtpConfig
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {"Accept": "application/dicom+json"}
@@ -431,10 +432,15 @@ def test_cli_creates_lists_and_revokes_shares_and_keys(tmp_path: Path,
     assert "/s/" in url and "PIN" in created.output
     listed = [json.loads(line) for line in runner.invoke(app, ["share", "list"]).stdout.splitlines()]
     assert len(listed) == 1 and listed[0]["has_pin"] and listed[0]["max_uses"] == 3
+    assert listed[0]["permissions"] == ["download"] and listed[0]["allow_download"]
     lifetime = dt.datetime.fromisoformat(listed[0]["expires_at"]) - dt.datetime.fromisoformat(listed[0]["created_at"])
     assert lifetime == dt.timedelta(days=2)
     assert runner.invoke(app, ["share", "create", study, "--expires", "90d"]).exit_code != 0
     assert runner.invoke(app, ["share", "create", "1.2.3.4"]).exit_code != 0
+    # The schema the API reads checks the CLI's options too: an unknown permission is named.
+    unknown = runner.invoke(app, ["share", "create", study, "--permission", "delete"])
+    assert unknown.exit_code != 0 and "permissions" in unknown.output and "download" in unknown.output
+    assert runner.invoke(app, ["apikey", "create", "--name", "x", "--scope", "root"]).exit_code != 0
     assert runner.invoke(app, ["share", "revoke", listed[0]["id"]]).exit_code == 0
     assert json.loads(runner.invoke(app, ["share", "list"]).stdout)["status"] == "revoked"
     key = runner.invoke(app, ["apikey", "create", "--name", "PACS", "--scope", "read", "--site", "site1"])
@@ -694,7 +700,7 @@ def test_audit_site_limits_on_postgresql(postgres_url: str) -> None:
         access.add_share(ShareRecord(
             share_id=f"{site}-{suffix}", created_at=now, created_by="admin",
             expires_at=now + dt.timedelta(hours=1), revoked_at=None, pin_hash=None,
-            pin_failures=0, locked_at=None, max_uses=None, uses=0, allow_download=False,
+            pin_failures=0, locked_at=None, max_uses=None, uses=0, permissions=frozenset(),
             recipient="", recipient_email="", note="", site_ids=None,
             items=(ShareItemRecord(study),)), f"{site}-{suffix}".ljust(64, "0"))
     caller = f"key:b-{suffix}"
@@ -754,7 +760,7 @@ def test_cli_seals_a_context_at_the_site_and_prints_its_key_only_in_the_link(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.cli import app
     from storage import AccessRepository
-    from web_viewer_api.sealed_context import unseal
+    from access.sealed_context import unseal
 
     runner, engine, study = _site_with_a_study(tmp_path, monkeypatch)
     context = {"patient_name": "DUPONT^Marie", "clinical_question": "Embolie ?"}

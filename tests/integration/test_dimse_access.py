@@ -384,7 +384,7 @@ def test_qido_and_c_find_answer_one_caller_the_same_studies(
     import datetime as dt
 
     from storage import ApiKeyRecord
-    from web_viewer_api import new_api_key, sha256_hex
+    from access import new_api_key, sha256_hex
 
     def qido(sites: frozenset[str] | None) -> set[str]:
         key_id, key = new_api_key()

@@ -21,7 +21,7 @@ from gateway.sample_study import PlantedIdentity, SampleStudySpec, write_sample_
 from spool import Spool
 from storage import ApiKeyRecord
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
-from web_viewer_api import new_api_key, sha256_hex
+from access import new_api_key, sha256_hex
 from worker import read_local_patient_id
 from worker.reindex import reindex
 

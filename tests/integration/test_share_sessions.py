@@ -17,7 +17,7 @@ from storage import StudyQuery
 from tests.e2e.test_viewer import CHROMIUM, browser
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import wait_for
-from web_viewer_api import SharePolicy, sha256_hex
+from access import SharePolicy, sha256_hex
 
 __all__ = ["browser"]  # the viewer tests' fixture, used here
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

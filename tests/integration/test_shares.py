@@ -18,7 +18,7 @@ import pytest
 
 from storage import InstanceQuery, SeriesQuery, ShareItemRecord, ShareRecord, StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
-from web_viewer_api import sha256_hex
+from access import sha256_hex
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {"Accept": "application/dicom+json"}
@@ -141,7 +141,7 @@ def test_expired_share_returns_410(server: DicomwebServer, studies: list[str]) -
     server.access.add_share(ShareRecord(
         share_id="expired0000000001", created_at=now - dt.timedelta(days=2), created_by="test",
         expires_at=now - dt.timedelta(seconds=1), revoked_at=None, pin_hash=None, pin_failures=0,
-        locked_at=None, max_uses=None, uses=0, allow_download=False, recipient="", recipient_email="",
+        locked_at=None, max_uses=None, uses=0, permissions=frozenset(), recipient="", recipient_email="",
         note="", site_ids=None, items=(ShareItemRecord(studies[0]),)), sha256_hex(token))
     page = httpx.get(f"{server.root}/s/{token}")
     assert page.status_code == 410
@@ -285,7 +285,7 @@ def test_download_only_when_allowed_and_streams_a_zip_of_the_study(
     retrieve = httpx.get(f"{server.root}/s/{view_only}/dicom-web/studies/{study}",
                          headers={"Accept": 'multipart/related; type="application/dicom"'})
     assert retrieve.status_code == 403
-    allowed = _create(server, study_uids=[study], allow_download=True)["token"]
+    allowed = _create(server, study_uids=[study], permissions=["download"])["token"]
     answer = httpx.get(f"{server.root}/s/{allowed}/download")
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
     assert "chunked" in answer.headers.get("transfer-encoding", "")
@@ -341,6 +341,24 @@ def test_bad_share_requests_are_json_4xx(server: DicomwebServer, studies: list[s
     answer = httpx.post(f"{server.root}/api/shares", headers=ADMIN, json=payload)
     assert answer.status_code == status, answer.text
     assert answer.json()["error"]["code"]
+
+
+def test_permissions_are_a_set_and_allow_download_is_one_of_them(
+        server: DicomwebServer, studies: list[str]) -> None:
+    """`permissions: ["download"]` and the older `allow_download: true` make the same share;
+    the share shows both; an unknown permission is refused by name."""
+    study = studies[0]
+    shown = []
+    for body in ({"permissions": ["download"]}, {"allow_download": True}, {}):
+        created = _create(server, study_uids=[study], **body)
+        public = httpx.get(f"{server.root}/api/shares/{created['id']}", headers=ADMIN).json()
+        shown.append((public["permissions"], public["allow_download"]))
+        answer = httpx.get(f"{server.root}/s/{created['token']}/download")
+        assert answer.status_code == (200 if body else 403)
+    assert shown == [(["download"], True), (["download"], True), ([], False)]
+    refused = httpx.post(f"{server.root}/api/shares", headers=ADMIN, json={
+        "study_uids": [study], "expires_in": 60, "permissions": ["delete"]})
+    assert refused.status_code == 400 and "download" in refused.text
 
 
 def test_unknown_share_token_is_404_page(server: DicomwebServer) -> None:

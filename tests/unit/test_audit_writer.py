@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from storage import AccessRepository, AuditEntry, AuditQuery, create_index_engine, migrate
-from web_viewer_api.audit import AuditWriter, entry
+from access import audit_entry
+from web_viewer_api.audit import AuditWriter
 
 
 def _repository(path: Path) -> AccessRepository:
@@ -20,9 +21,9 @@ def _repository(path: Path) -> AccessRepository:
 def test_queued_events_reach_the_database_in_order_at_close(tmp_path: Path) -> None:
     access = _repository(tmp_path)
     writer = AuditWriter(access, interval=3600)  # nothing flushes on its own during the test
-    writer.submit([entry("dicomweb.search", "admin", resource=f"/dicom-web/studies?n={n}")
+    writer.submit([audit_entry("dicomweb.search", "admin", resource=f"/dicom-web/studies?n={n}")
                    for n in range(500)])
-    writer.submit([entry("share.create", "key:abc")])
+    writer.submit([audit_entry("share.create", "key:abc")])
     assert access.search_audit(AuditQuery(limit=1000)) == []
     writer.close()
     stored = access.search_audit(AuditQuery(limit=1000, newest_first=False))
@@ -33,7 +34,7 @@ def test_queued_events_reach_the_database_in_order_at_close(tmp_path: Path) -> N
 def test_a_refused_write_keeps_the_events_for_the_next_flush(tmp_path: Path) -> None:
     access = _repository(tmp_path)
     writer = AuditWriter(access, interval=3600)
-    writer.submit([entry("auth.failure", "anonymous", outcome=4, address="10.0.0.9")])
+    writer.submit([audit_entry("auth.failure", "anonymous", outcome=4, address="10.0.0.9")])
     with access.engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE audit_events RENAME TO audit_events_away")
     with pytest.raises(OperationalError):

@@ -175,6 +175,40 @@ def test_migration_0004_keeps_shares_items_and_sessions(repository: IndexReposit
     migrate(repository.engine)
 
 
+def test_migration_0010_turns_allow_download_into_the_download_permission(
+        repository: IndexRepository) -> None:
+    """The boolean column becomes the permission set, in place (items and sessions stay),
+    and back again on downgrade."""
+    from storage import AccessRepository
+
+    downgrade(repository.engine, "0009")
+    now = dt.datetime.now(dt.UTC)
+    with repository.engine.begin() as connection:
+        for share_id, allowed in (("yes", True), ("no", False)):
+            connection.execute(text(
+                "INSERT INTO shares (share_id, token_sha256, created_at, created_by, expires_at, "
+                "pin_failures, uses, allow_download, recipient, recipient_email, note) "
+                "VALUES (:id, :token, :now, 'admin', :later, 0, 0, :allowed, '', '', '')"),
+                {"id": share_id, "token": share_id[0] * 64, "now": now,
+                 "later": now + dt.timedelta(days=1), "allowed": allowed})
+            connection.execute(text("INSERT INTO share_items VALUES (:id, '2.25.1', '')"),
+                               {"id": share_id})
+    migrate(repository.engine)
+    access = AccessRepository(repository.engine)
+    shares = {s.share_id: s for s in access.list_shares()}
+    assert shares["yes"].permissions == frozenset({"download"})
+    assert shares["no"].permissions == frozenset()
+    assert all(len(s.items) == 1 for s in shares.values())
+    downgrade(repository.engine, "0009")
+    with repository.engine.begin() as connection:
+        kept = dict(connection.execute(text("SELECT share_id, allow_download FROM shares")).all())
+        assert {k: bool(v) for k, v in kept.items()} == {"yes": True, "no": False}
+        assert connection.execute(text("SELECT count(*) FROM share_items")).scalar() == 2
+        for table in ("share_items", "shares"):
+            connection.execute(text(f"DELETE FROM {table}"))
+    migrate(repository.engine)
+
+
 def test_site_limited_callers_see_only_shares_of_their_sites_studies(repository: IndexRepository) -> None:
     """Every study of the share indexed as theirs; a study not indexed (a reindex under
     way, a study deleted) hides the share: fail closed."""
@@ -191,7 +225,7 @@ def test_site_limited_callers_see_only_shares_of_their_sites_studies(repository:
         access.add_share(ShareRecord(
             share_id=share_id, created_at=now, created_by="admin", expires_at=now + dt.timedelta(days=1),
             revoked_at=None, pin_hash=None, pin_failures=0, locked_at=None, max_uses=None, uses=0,
-            allow_download=False, recipient="", recipient_email="", note="", site_ids=None,
+            permissions=frozenset(), recipient="", recipient_email="", note="", site_ids=None,
             items=tuple(ShareItemRecord(s) for s in studies)), share_id * 8)
 
     def listed(*sites: str) -> set[str]:

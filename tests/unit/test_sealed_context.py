@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from web_viewer_api.sealed_context import MAX_SEALED_LENGTH, check_sealed, seal, unseal
+from access.sealed_context import MAX_SEALED_LENGTH, check_sealed, seal, unseal
 
 CONTEXT = {"patient_name": "DUPONT^Marie", "exam_date": "2026-03-01", "clinical_question": "Nodule ?"}
 

@@ -1,4 +1,4 @@
-"""A share's refusals are the domain's (web_viewer_api.share_errors), never HTTP errors:
+"""A share's refusals are the domain's (access.errors), never HTTP errors:
 the service raises them for the API and the CLI alike, and the API maps each kind once."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from storage import AccessRepository, IndexRepository, create_index_engine, migrate
 from web_viewer_api.errors import ApiError, as_api_error
-from web_viewer_api.share_errors import (
+from access.errors import (
     InvalidShareRequest,
     PinCheckBusy,
     ShareEnded,
@@ -19,7 +19,7 @@ from web_viewer_api.share_errors import (
     ShareNotFound,
     WrongPin,
 )
-from web_viewer_api.shares import SharePolicy, ShareRequest, ShareService
+from access.shares import SharePolicy, ShareRequest, ShareService
 
 
 @pytest.mark.parametrize(("error", "status", "code"), [

@@ -10,8 +10,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from access import ACTIONS, AuditAction
 from storage import AccessRepository, AuditQuery
-from web_viewer_api.audit import ACTIONS, AuditAction, to_dict
+from web_viewer_api.audit import to_dict
 from web_viewer_api.deps import AdminPrincipal
 from web_viewer_api.errors import BadRequest
 

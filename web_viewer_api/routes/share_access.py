@@ -22,6 +22,10 @@ from fastapi.responses import (
 )
 from pydantic import BaseModel, Field
 
+from access import AuditAction, Permission, needs_session, share_scope
+from access.errors import ShareEnded, ShareError, ShareLocked, WrongPin
+from access.shares import ShareService
+from access.tokens import sha256_hex
 from storage import (
     InstanceQuery,
     ObjectNotFound,
@@ -31,13 +35,10 @@ from storage import (
     ShareRecord,
     StudyQuery,
 )
-from web_viewer_api.audit import AuditAction
 from web_viewer_api.auth import (
     ShareGate,
     ShareSessionRequired,
     UnknownShareToken,
-    needs_session,
-    share_scope,
 )
 from web_viewer_api.deps import SHARE_COOKIE, client_address, current_principal
 from web_viewer_api.errors import ApiError, Forbidden, NotFound, as_api_error
@@ -50,9 +51,6 @@ from web_viewer_api.pages import (
     open_form,
     viewer_shell,
 )
-from web_viewer_api.security import sha256_hex
-from web_viewer_api.share_errors import ShareEnded, ShareError, ShareLocked, WrongPin
-from web_viewer_api.shares import ShareService
 
 router = APIRouter(prefix="/s/{share_token}", tags=["Share links"])
 
@@ -295,7 +293,7 @@ async def download(share_token: str, request: Request) -> Response:
     try:
         share = await _find(request, share_token)
         principal = await current_principal(request)
-        if not share.allow_download:
+        if Permission.DOWNLOAD not in share.permissions:
             raise Forbidden("this share allows viewing, not downloading")
     except ShareError as exc:
         return error_page(request, as_api_error(exc))

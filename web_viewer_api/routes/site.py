@@ -10,8 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from access import AuditAction
 from storage import AccessScope
-from web_viewer_api.audit import AuditAction
 from web_viewer_api.deps import SharePrincipal
 from web_viewer_api.dicomweb.qido import study_to_dicom_json
 from web_viewer_api.errors import BadRequest, Forbidden, NotFound, Unavailable

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from access import AuditAction
 from storage import (
     AccessScope,
     IndexRepository,
@@ -21,7 +22,7 @@ from storage import (
     StudyQuery,
     StudySummary,
 )
-from web_viewer_api.audit import AuditAction, audited
+from web_viewer_api.audit import audited
 from web_viewer_api.deps import IndexDep, ReadPrincipal, read_inline
 from web_viewer_api.dicomweb.qido import (
     INSTANCE_MATCHING_KEYS,

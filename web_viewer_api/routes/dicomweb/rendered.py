@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from access import AuditAction
 from storage import (
     InstanceSummary,
     ObjectNotFound,
 )
-from web_viewer_api.audit import AuditAction, audited
+from web_viewer_api.audit import audited
 from web_viewer_api.deps import IndexDep, ReadPrincipal
 from web_viewer_api.dicomweb.multipart import (
     Part,

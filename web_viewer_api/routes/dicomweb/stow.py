@@ -9,8 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from access import AuditAction
 from imaging import StoreStatus
-from web_viewer_api.audit import AuditAction, audited
+from web_viewer_api.audit import audited
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import WritePrincipal
 from web_viewer_api.dicomweb.stow import (

@@ -7,7 +7,8 @@ import itertools
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from web_viewer_api.audit import AuditAction, audited
+from access import AuditAction, Permission
+from web_viewer_api.audit import audited
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal
 from web_viewer_api.dicomweb.multipart import (
@@ -43,7 +44,7 @@ def _retrieve(
     request: Request, index: IndexDep, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     principal: Principal | None = getattr(request.state, "principal", None)
-    if principal is not None and principal.share is not None and not principal.share.allow_download:
+    if principal is not None and not principal.may(Permission.DOWNLOAD):
         raise Forbidden("this share allows viewing, not downloading whole instances")
     wado = wado_for(request, index)
     representation = negotiate_instance_representation(

@@ -138,6 +138,8 @@ function maskOf(bytes, segmentation) {
   return mask;
 }
 
+/** What the share allows beyond viewing (data-permissions: access.Permission names). */
+function permitted(data, permission) { return (data.permissions || "").split(" ").includes(permission); }
 function countOf(t, n) { return `${n} ${n === 1 ? t.image : t.images}`; }
 function codeMeaning(item, tag) { return value(values(item, tag)[0], "00080104") || ""; }
 
@@ -1105,7 +1107,7 @@ class App {
       button("✕", { "aria-label": t.clear, title: t.clear }, () => this.active.clearMeasurements()),
       button("⛶", { "aria-label": t.fullscreen, title: t.fullscreen }, () => this.toggleFullscreen()),
       button("PNG", { "aria-label": t.exportPng, title: t.exportPng }, () => this.active.exportPng()),
-      data.download ? el("a", { class: "button", href: `${data.root}/download`, download: "", text: t.download }) : null,
+      permitted(data, "download") ? el("a", { class: "button", href: `${data.root}/download`, download: "", text: t.download }) : null,
       el("span", { class: "spacer" }),
       el("span", { class: "expiry", title: expires.toISOString(),
         text: `${t.validUntil} ${expires.toLocaleString(this.lang === "fr" ? "fr-FR" : "en-GB", { dateStyle: "medium", timeStyle: "short" })}` }),

@@ -5,8 +5,20 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from access.errors import (
+    InvalidShareRequest,
+    PinCheckBusy,
+    ShareEnded,
+    ShareLocked,
+    ShareNotFound,
+    WrongPin,
+)
+from access.permissions import Permission
+from access.sealed_context import check_sealed
+from access.tokens import hash_pin, new_token, sha256_hex, verify_pin
 from imaging import is_uid_shaped
 from storage import (
     AccessRepository,
@@ -18,16 +30,12 @@ from storage import (
     ShareRecord,
     StudyQuery,
 )
-from web_viewer_api.auth import Clock, check_usable, utc_now
-from web_viewer_api.sealed_context import check_sealed
-from web_viewer_api.security import hash_pin, new_token, sha256_hex, verify_pin
-from web_viewer_api.share_errors import (
-    InvalidShareRequest,
-    PinCheckBusy,
-    ShareEnded,
-    ShareNotFound,
-    WrongPin,
-)
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,14 @@ class ShareRequest:
     series: tuple[tuple[str, str], ...] = ()
     pin: str | None = None
     max_uses: int | None = None
-    allow_download: bool = False
+    #: What it allows beyond viewing.
+    permissions: frozenset[Permission] = frozenset()
     recipient: str = ""
     recipient_email: str = ""
     note: str = ""
     #: The creator sees only these sites' studies (site-restricted key): so does the share.
     site_ids: frozenset[str] | None = None
-    #: The producing site's context, sealed at the site (`web_viewer_api.sealed_context`).
+    #: The producing site's context, sealed at the site (`access.sealed_context`).
     sealed_context: str = ""
 
 
@@ -136,7 +145,7 @@ class ShareService:
             locked_at=None,
             max_uses=request.max_uses,
             uses=0,
-            allow_download=request.allow_download,
+            permissions=frozenset(request.permissions),
             recipient=request.recipient[:256],
             recipient_email=request.recipient_email[:256],
             note=request.note[:4000],
@@ -204,4 +213,60 @@ class ShareService:
         return session, expires
 
 
-__all__ = ["CreatedShare", "SharePolicy", "ShareRequest", "ShareService", "WrongPin"]
+def share_scope(share: ShareRecord) -> AccessScope:
+    """The studies, and series of studies, a share opens."""
+    studies = frozenset(item.study_instance_uid for item in share.items)
+    whole = {i.study_instance_uid for i in share.items if i.series_instance_uid is None}
+    limits: dict[str, set[str]] = {}
+    for item in share.items:
+        if item.series_instance_uid is not None and item.study_instance_uid not in whole:
+            limits.setdefault(item.study_instance_uid, set()).add(item.series_instance_uid)
+    return AccessScope(
+        site_ids=None,
+        study_instance_uids=studies,
+        series_limits={k: frozenset(v) for k, v in limits.items()},
+    )
+
+
+def needs_session(share: ShareRecord) -> bool:
+    """A PIN or a use limit: only a counted, PIN-checked viewer session reads the studies."""
+    return share.pin_hash is not None or share.max_uses is not None
+
+
+def check_usable(share: ShareRecord, now: dt.datetime) -> None:
+    """Raises ShareEnded (revoked, expired) or ShareLocked (too many wrong PINs)."""
+    if share.revoked_at is not None:
+        raise ShareEnded("this share link was revoked")
+    if share.expires_at <= now:
+        raise ShareEnded("this share link has expired")
+    if share.locked_at is not None:
+        raise ShareLocked(
+            "this share link is locked after too many wrong PINs; ask the sender for a new one"
+        )
+
+
+def share_status(share: ShareRecord, now: dt.datetime) -> str:
+    """active, revoked, expired, locked or used_up (the first that applies, in this order)."""
+    if share.revoked_at is not None:
+        return "revoked"
+    if share.expires_at <= now:
+        return "expired"
+    if share.locked_at is not None:
+        return "locked"
+    if share.max_uses is not None and share.uses >= share.max_uses:
+        return "used_up"
+    return "active"
+
+
+__all__ = [
+    "Clock",
+    "CreatedShare",
+    "SharePolicy",
+    "ShareRequest",
+    "ShareService",
+    "check_usable",
+    "needs_session",
+    "share_scope",
+    "share_status",
+    "utc_now",
+]

@@ -1,18 +1,22 @@
-"""What a share operation refuses, in the domain's words: the share service and the share
-gate raise these, never an HTTP error; each edge maps them once — the API to its JSON or
-page answers (`web_viewer_api.errors.as_api_error`), the CLI to its message."""
+"""What a share or an API key operation refuses, in the domain's words: the services and the
+share gate raise these, never an HTTP error; each edge maps them once — the API to its JSON
+or page answers (`web_viewer_api.errors.as_api_error`), the CLI to its message."""
 
 from __future__ import annotations
 
 
-class ShareError(Exception):
-    """A share cannot do what was asked."""
+class AccessError(Exception):
+    """A share or an API key cannot do what was asked."""
 
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         #: Seconds after which asking again may succeed (a busy PIN check).
         self.retry_after = retry_after
+
+
+class ShareError(AccessError):
+    """A share cannot do what was asked."""
 
 
 class InvalidShareRequest(ShareError):
@@ -39,7 +43,23 @@ class PinCheckBusy(ShareError):
     """Other PIN attempts on this share are being checked: ask again shortly."""
 
 
+class ApiKeyError(AccessError):
+    """An API key cannot be made or changed as asked."""
+
+
+class InvalidApiKeyRequest(ApiKeyError):
+    """A name, scope or site that breaks a rule."""
+
+
+class ApiKeyNotFound(ApiKeyError):
+    """No such active key."""
+
+
 __all__ = [
+    "AccessError",
+    "ApiKeyError",
+    "ApiKeyNotFound",
+    "InvalidApiKeyRequest",
     "InvalidShareRequest",
     "PinCheckBusy",
     "ShareEnded",
