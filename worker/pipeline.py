@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from sqlalchemy.exc import SQLAlchemyError
@@ -52,6 +51,7 @@ from imaging import (
     text_of,
     transcode_lossless,
 )
+from imaging.dicom_model import dataset_document, instance_document, json_bytes
 from spool import (
     PRIVATE_FILE_MODE,
     SPOOL_SUFFIX,
@@ -88,7 +88,6 @@ _SITE_ELEMENT, _SOURCE_SYNTAX_ELEMENT, _COMPRESSION_ELEMENT = 0x10, 0x11, 0x12
 #: The pseudonym of the patient's local ID beside the INS (never the original): the index
 #: keeps it for lookups by that ID, reindex restores it from here.
 _LOCAL_PATIENT_ELEMENT = 0x13
-_BULK_THRESHOLD = 1024
 
 
 class PipelineError(Exception):
@@ -191,16 +190,8 @@ def read_provenance(dataset: Dataset) -> tuple[str, str, str]:
 
 
 def instance_json(dataset: Dataset, study: str, series: str, sop: str) -> bytes:
-    """DICOM JSON of an instance; bulk data replaced by BulkDataURIs relative to the root."""
-    base = f"studies/{study}/series/{series}/instances/{sop}/bulkdata"
-
-    def bulk_uri(element: DataElement) -> str:
-        return f"{base}/{int(element.tag):08X}"
-
-    document = dataset.to_json_dict(
-        bulk_data_threshold=_BULK_THRESHOLD, bulk_data_element_handler=bulk_uri
-    )
-    return json.dumps(document).encode()
+    """The stored DICOM JSON of an instance (`imaging.dicom_model.instance_document`)."""
+    return json_bytes(instance_document(dataset, study, series, sop))
 
 
 def record_for(
@@ -305,11 +296,9 @@ def _content_digest(dataset: Dataset, *, across_sites: bool, ignore_private: boo
             tag not in _SITE_QUALIFIED and dataset[tag].VR not in _SHIFTED_VRS
         )
 
-    document = Dataset(
-        {tag: element for tag, element in dataset.items() if kept(tag)}
-    ).to_json_dict(
-        bulk_data_threshold=1024,
-        bulk_data_element_handler=lambda element: hashlib.sha256(element.value).hexdigest(),
+    document = dataset_document(
+        Dataset({tag: element for tag, element in dataset.items() if kept(tag)}),
+        lambda element: hashlib.sha256(element.value).hexdigest(),
     )
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 

@@ -16,12 +16,11 @@ import httpx
 import pydicom
 import pytest
 
+from imaging.dicom_model import json_bytes, native_xml
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from web_viewer_api.dicomweb import stow
 from web_viewer_api.dicomweb.qido import MAX_OFFSET
-from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.request_limits import RequestLimits
-from web_viewer_api.routes.dicomweb.common import json_bytes
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMITS = RequestLimits()
@@ -276,7 +275,7 @@ def test_xml_answers_are_well_formed_whatever_the_values(server: DicomwebServer)
     document = {"00081030": {"vr": "LO", "Value": [hostile]},
                 "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe\x07^Jane\udfff"}]},
                 "7FE00010": {"vr": "OW", "BulkDataURI": "http://x/\x1b"}}
-    root = ET.fromstring(to_native_xml(document))  # raises if not well-formed
+    root = ET.fromstring(native_xml(document))  # raises if not well-formed
     values = [element.text for element in root.iter() if element.text]
     assert "A\ufffdB\ufffd\ufffd\ufffd\ufffd\ufffd\ufffd\ufffdZ\t\n" in values
     assert "Doe\ufffd" in values and "Jane\ufffd" in values

@@ -22,11 +22,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
+from access import new_api_key, sha256_hex
 from gateway.sample_study import SampleStudySpec, write_sample_study
 from storage import ApiKeyRecord, BoundedReads, StudyQuery, create_index_engine, migrate
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port
-from access import new_api_key, sha256_hex
 from web_viewer_api import OidcConfig, SmtpConfig
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -758,9 +758,9 @@ def test_a_write_key_of_another_site_cannot_store_as_this_api_s_site(server: Dic
 
 def test_cli_seals_a_context_at_the_site_and_prints_its_key_only_in_the_link(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from access.sealed_context import unseal
     from gateway.cli import app
     from storage import AccessRepository
-    from access.sealed_context import unseal
 
     runner, engine, study = _site_with_a_study(tmp_path, monkeypatch)
     context = {"patient_name": "DUPONT^Marie", "clinical_question": "Embolie ?"}

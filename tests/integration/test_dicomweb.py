@@ -389,6 +389,36 @@ def test_series_metadata_comes_from_metadata_json_once_the_study_is_complete(
     assert client.retrieve_series_metadata(study, series) == before
 
 
+def test_instance_metadata_read_from_the_instance_when_its_json_is_missing(
+    server: DicomwebServer,
+) -> None:
+    """Without its stored DICOM JSON, an instance's metadata is formatted from the stored
+    instance by the formatter ingest used (imaging.dicom_model.instance_document): the same
+    document (pixel data aside: the header is read without it), nothing inline."""
+    from storage import ObjectNotFound
+    from storage.keys import instance_metadata_key, series_metadata_key
+
+    study, series, sop = _uids(server)
+    url = f"{server.url}/studies/{study}/series/{series}/instances/{sop}/metadata"
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
+    [stored] = httpx.get(url, headers=headers).json()
+    kept = {}
+    for key in (instance_metadata_key(study, series, sop), series_metadata_key(study, series)):
+        try:
+            kept[key] = server.store.get(key)
+        except ObjectNotFound:  # the series' is written when its study is complete
+            continue
+        server.store.delete(key)
+    try:
+        [formatted] = httpx.get(url, headers=headers).json()
+    finally:
+        for key, body in kept.items():
+            server.store.put(key, body, content_type="application/json")
+    stored.pop("7FE00010")
+    assert formatted == stored
+    assert not any("InlineBinary" in element for element in formatted.values())
+
+
 def test_includefield_adds_attributes_from_the_stored_instances(server: DicomwebServer) -> None:
     study, series, sop = _uids(server)
     headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}

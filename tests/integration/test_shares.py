@@ -16,9 +16,9 @@ import httpx
 import pydicom
 import pytest
 
+from access import sha256_hex
 from storage import InstanceQuery, SeriesQuery, ShareItemRecord, ShareRecord, StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
-from access import sha256_hex
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {"Accept": "application/dicom+json"}

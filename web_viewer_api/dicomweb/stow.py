@@ -42,6 +42,7 @@ from imaging import (
     check_declared,
     read_bounded,
 )
+from imaging.dicom_model import dataset_document
 from spool import (
     InstanceOutcome,
     Spool,
@@ -765,8 +766,7 @@ def response_dataset(outcome: StowOutcome, base_url: str) -> dict[str, Any]:
         dataset.ReferencedSOPSequence = Sequence(referenced)
     if failed:
         dataset.FailedSOPSequence = Sequence(failed)
-    result: dict[str, Any] = dataset.to_json_dict()
-    return result
+    return dataset_document(dataset)
 
 
 __all__ = [

@@ -35,6 +35,7 @@ from imaging import (
     render_frame,
     transcode_lossless,
 )
+from imaging.dicom_model import instance_document
 from storage import (
     EVERY_SITE,
     AccessScope,
@@ -330,7 +331,12 @@ class Wado:
                 header = pydicom.dcmread(
                     BytesIO(self.store.get(instance.object_key)), stop_before_pixels=True
                 )
-                document = header.to_json_dict()
+                document = instance_document(
+                    header,
+                    instance.study_instance_uid,
+                    instance.series_instance_uid,
+                    instance.sop_instance_uid,
+                )
             documents.append(_absolute_bulk_uris(document, base_url))
         return documents
 

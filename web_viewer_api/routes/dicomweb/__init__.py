@@ -24,7 +24,6 @@ from web_viewer_api.errors import (
     api_error_response,
 )
 from web_viewer_api.routes.dicomweb import qido, rendered, stow, wado
-from web_viewer_api.routes.dicomweb.common import json_bytes
 
 _TRANSACTIONS = (qido, wado, rendered, stow)
 router = APIRouter()
@@ -68,4 +67,4 @@ def share_router() -> APIRouter:
     return scoped
 
 
-__all__ = ["install_error_handlers", "json_bytes", "router", "share_router"]
+__all__ = ["install_error_handlers", "router", "share_router"]

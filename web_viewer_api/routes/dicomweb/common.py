@@ -8,14 +8,13 @@ import datetime as dt
 import email.utils
 import gzip
 import hashlib
-import json
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from imaging.dicom_model import json_bytes, native_xml
 from storage import (
     EVERY_SITE,
     AccessScope,
@@ -40,7 +39,6 @@ from web_viewer_api.dicomweb.qido import (
 from web_viewer_api.dicomweb.wado import (
     Wado,
 )
-from web_viewer_api.dicomweb.xml import to_native_xml
 from web_viewer_api.errors import (
     NotAcceptable,
 )
@@ -104,7 +102,7 @@ def json_answer(
     if request is not None and wants_xml(request):
         boundary = new_boundary()
         parts: list[tuple[str, bytes, dict[str, str]]] = [
-            ("application/dicom+xml", to_native_xml(document), {}) for document in body
+            ("application/dicom+xml", native_xml(document), {}) for document in body
         ]
         return Response(
             b"".join(multipart_stream(parts, boundary)),
@@ -122,20 +120,6 @@ def json_answer(
         payload = gzip.compress(payload, compresslevel=5)
         extra["Content-Encoding"] = "gzip"
     return Response(payload, media_type=DICOM_JSON, headers=extra)
-
-
-#: A UTF-16 surrogate alone (from a value decoded with surrogateescape): not UTF-8 text.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def json_bytes(body: Any) -> bytes:
-    """`body` as UTF-8 JSON that any strict parser reads: a lone surrogate, which UTF-8
-    cannot carry, becomes U+FFFD."""
-    text = json.dumps(body, ensure_ascii=False)
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return _LONE_SURROGATE.sub("\ufffd", text).encode()
 
 
 def etag_of(instances: list[InstanceSummary], variant: str) -> str:
