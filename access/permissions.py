@@ -2,8 +2,10 @@
 
 A share always lets its recipient view what it scopes. Each permission here adds one thing;
 a share holds any set of them (`ShareRecord.permissions`, stored as their names). Adding a
-permission: a member here, the check where it applies (`Principal.may`, the routes that
-need it), and the viewer's control for it (`data-permissions` on the viewer page)."""
+permission: a member and its description here, the check where it applies
+(`Principal.may(Permission.X)` in the route that needs it), and the viewer's control for
+it (`permitted(data, "x")` in static/viewer/viewer.js). The API schema, the CLI and the
+stored share take any member as they are."""
 
 from __future__ import annotations
 
@@ -15,6 +17,17 @@ class Permission(StrEnum):
     #: Whole instances: the ZIP File-set and WADO-RS retrieve of instances (not only the
     #: rendered images and metadata the viewer shows).
     DOWNLOAD = "download"
+
+
+#: Each permission's meaning, for help texts and the API's schema.
+DESCRIPTIONS: dict[Permission, str] = {
+    Permission.DOWNLOAD: "the ZIP of DICOM files and whole-instance WADO-RS retrieve",
+}
+
+
+def described() -> str:
+    """The permissions and their meanings, in one line: "download (...)"."""
+    return "; ".join(f"{p.value} ({DESCRIPTIONS[p]})" for p in Permission)
 
 
 def permissions_of(names: Iterable[str]) -> frozenset[Permission]:
@@ -29,4 +42,4 @@ def permissions_of(names: Iterable[str]) -> frozenset[Permission]:
     return frozenset(found)
 
 
-__all__ = ["Permission", "permissions_of"]
+__all__ = ["DESCRIPTIONS", "Permission", "described", "permissions_of"]

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from access.permissions import Permission
+from access.permissions import Permission, described
 from access.sealed_context import MAX_SEALED_LENGTH
 from access.shares import ShareRequest, share_status
 from storage import ShareRecord
@@ -37,7 +37,7 @@ class ShareCreate(BaseModel):
     permissions: list[Permission] = Field(
         default_factory=list,
         max_length=len(Permission),
-        description="what the share allows beyond viewing: download (ZIP and whole instances)",
+        description=f"what the share allows beyond viewing: {described()}",
     )
     #: The same as "download" in permissions (kept for the clients written before them).
     allow_download: bool = False

@@ -483,8 +483,8 @@ def share_create(
         list[str] | None,
         typer.Option(
             "--permission",
-            help="what the share allows beyond viewing (repeat): download (ZIP and whole "
-            "instances)",
+            help="what the share allows beyond viewing (repeat), e.g. download; an unknown "
+            "name is refused with the list of known ones",
         ),
     ] = None,
     download: Annotated[
