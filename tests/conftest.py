@@ -113,13 +113,19 @@ _SERVICE_FIXTURES = frozenset({"create_postgres_database", "postgres_url", "redi
                                "seaweedfs", "s3_bucket", "dcmtk", "browser"})
 
 
+#: The suites that run the gateway whole (its processes, a browser, faults, fuzzing); the
+#: other folders mirror the packages (tests/imaging, tests/storage...) and hold their tests.
+_SYSTEM_SUITES = frozenset({"integration", "e2e", "faults", "fuzz"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `fast` the unit tests that need no service (the production column and S3
     included) and are not marked `slow` (they start the CLI, or take seconds):
     `make test-fast`, `pytest -m fast`, a first check in under a minute."""
     for item in items:
         path = Path(str(item.fspath))
-        if ("unit" in path.parts and "[production" not in item.nodeid and "[s3" not in item.nodeid
+        if (not _SYSTEM_SUITES & set(path.parts)
+                and "[production" not in item.nodeid and "[s3" not in item.nodeid
                 and item.get_closest_marker("slow") is None
                 and not _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.fast)

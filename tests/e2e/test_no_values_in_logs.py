@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.services import GatewayProcess, free_port, gateway_command, gateway_env, wait_for
-from tests.unit.test_library_logs import DATE_MARKER, UID_MARKER, planted_instance
+from tests.gateway.test_library_logs import DATE_MARKER, UID_MARKER, planted_instance
 
 TOKEN = "no-values-admin-token-0123456789abcdef"
 SECRET = "no-values-pseudonym-secret-0123456789"
