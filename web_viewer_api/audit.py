@@ -33,7 +33,7 @@ def audited(action: AuditAction) -> Callable[[_Endpoint], _Endpoint]:
     return mark
 
 
-#: Failures the limiters count (docs/trust-model/lockout.md). Against the client address:
+#: Failures the limiters count (docs/admin/security/lockout.md). Against the client address:
 #: bearer tokens that open nothing (not a missing one: that guesses nothing), unknown share
 #: tokens. Against the API key id (the event's actor, `key:<id>`): wrong secrets of a key.
 #: Wrong PINs are counted on their share itself (storage: pin_failures).

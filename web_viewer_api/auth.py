@@ -73,7 +73,7 @@ class FailureLimiter:
     Failures are remembered in this process and, for several API processes, counted in the
     audit trail they all write (`count_recorded(key, since)`). The limiter never stands
     between a valid credential and its answer: callers check the credential first and
-    consult the limiter only for a failure (see docs/trust-model/lockout.md).
+    consult the limiter only for a failure (see docs/admin/security/lockout.md).
     """
 
     limit: int

@@ -123,7 +123,7 @@ class Instance(_Timestamps, Base):
     object_key: Mapped[str] = mapped_column(String(512))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    #: The site that stored it first: its owner (see docs/trust-model.md).
+    #: The site that stored it first: its owner (see docs/admin/security/trust-model.md).
     site_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 

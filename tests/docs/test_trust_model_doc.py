@@ -1,5 +1,6 @@
-"""docs/trust-model.md and its detail pages name the test behind every rule: each named
-test must exist (a renamed or deleted test would leave a rule without its proof)."""
+"""docs/admin/security/trust-model.md and its detail pages beside it name the test behind
+every rule: each named test must exist (a renamed or deleted test would leave a rule without
+its proof)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "docs" / "trust-model.md", *sorted((ROOT / "docs" / "trust-model").glob("*.md"))]
+SECURITY = ROOT / "docs" / "admin" / "security"
+MAIN = SECURITY / "trust-model.md"
+DOCS = [MAIN, *sorted(p for p in SECURITY.glob("*.md") if p != MAIN)]
 #: `tests/…/file.py::name`, or `::name` after one (same file), or a bare test file.
 _REFERENCE = re.compile(r"`(tests/[\w/]+\.py)?(?:::(\w+))?[^`]*`")
 

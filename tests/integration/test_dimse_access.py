@@ -1,4 +1,4 @@
-"""DIMSE callers have credentials (docs/trust-model/dimse.md): each calling AE sees and
+"""DIMSE callers have credentials (docs/admin/security/dimse.md): each calling AE sees and
 retrieves only its sites' studies, needs a right per service, is answered about storage
 commitment only for its own site's instances, and leaves one audit event per operation —
 with de-identified study UIDs only. Driven by dcmtk (findscu, getscu, movescu, storescu,
