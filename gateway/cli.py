@@ -76,7 +76,7 @@ def serve(
     ae_title: AeTitle = None,
 ) -> None:
     """Node + worker + API in one supervisor, on embedded defaults (SQLite, files, filesystem broker)."""
-    from gateway.supervisor import Supervisor
+    from gateway.supervisor import AlreadyServing, Supervisor
 
     settings = _settings(
         data_dir=data_dir,
@@ -88,7 +88,7 @@ def serve(
     settings.ensure_generated_secrets()
     try:
         code = Supervisor(settings).run()
-    except SettingsError as exc:
+    except (SettingsError, AlreadyServing) as exc:
         raise _fail(exc) from exc
     raise typer.Exit(code)
 

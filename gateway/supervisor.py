@@ -1,7 +1,17 @@
-"""`serve`: run node, worker and API as supervised child processes; one Ctrl-C stops all."""
+"""`serve`: run node, worker and API as supervised child processes; one Ctrl-C stops all.
+
+The supervisor owns its children: each is started with the kernel's parent-death signal
+(`PR_SET_PDEATHSIG`: SIGTERM when the supervisor dies, even by SIGKILL), and one `serve`
+holds the data folder's lock (`run/serve.lock`, an exclusive `flock`) that its children
+inherit, so a second `serve` on the same folder refuses to start while the first or any of
+its components still runs, instead of failing to bind and removing their readiness files.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import fcntl
 import json
 import logging
 import os
@@ -12,7 +22,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 from gateway import components
 from gateway.settings import Settings
@@ -24,6 +37,97 @@ STOP_ORDER = ("node", "api", "worker")  # stop intake first, let the worker fini
 READY_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 30.0
 MAX_RESTARTS_PER_MINUTE = 5
+#: How long a new `serve` waits for the components of one that died to finish stopping.
+PREVIOUS_STOP_WAIT_SECONDS = STOP_TIMEOUT_SECONDS + 10
+_PR_SET_PDEATHSIG = 1
+
+
+class AlreadyServing(Exception):
+    """Another `serve` (or its components) runs on this data folder."""
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """In the child, before it runs our program: SIGTERM it when `parent` dies (Linux);
+    a parent already gone (it died between fork and here) ends the child at once."""
+    libc_name = ctypes.util.find_library("c")
+
+    def arrange() -> None:
+        if libc_name is not None:
+            libc = ctypes.CDLL(libc_name, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arrange
+
+
+class ServeLock:
+    """The data folder's `serve` lock: an exclusive flock on `run/serve.lock`, whose file
+    names the holder's pid. The children inherit the descriptor, so the lock is free only
+    once the supervisor and every component it started have exited."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "serve.lock"
+        self.handle: IO[str] | None = None
+
+    def acquire(self, wait_seconds: float = PREVIOUS_STOP_WAIT_SECONDS) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # held for the supervisor's life
+        deadline = time.monotonic() + wait_seconds
+        waiting_said = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = self._holder(handle)
+                if holder is not None and _alive(holder):
+                    handle.close()
+                    raise AlreadyServing(
+                        f"dicom-gateway serve (pid {holder}) is already running on this data "
+                        f"folder ({self.path.parent.parent}); stop it first"
+                    ) from None
+                if time.monotonic() > deadline:
+                    handle.close()
+                    raise AlreadyServing(
+                        "components of a dicom-gateway serve that ended still run on this data "
+                        f"folder (they hold {self.path}); stop them first"
+                    ) from None
+                if not waiting_said:
+                    log.warning("waiting for the components of the previous serve to stop")
+                    waiting_said = True
+                time.sleep(0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+
+    @staticmethod
+    def _holder(handle: IO[str]) -> int | None:
+        handle.seek(0)
+        text = handle.read().strip()
+        return int(text) if text.isdigit() else None
+
+    def fileno(self) -> int:
+        if self.handle is None:
+            raise RuntimeError("the serve lock is not held")
+        return self.handle.fileno()
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # the children have exited: the lock goes with the last one
+            self.handle = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 @dataclass
@@ -40,6 +144,7 @@ class Supervisor:
         self.settings = settings
         self.children: dict[str, _Child] = {}
         self._stop = threading.Event()
+        self.lock = ServeLock(settings.run_dir)
 
     def _environment(self, name: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -64,6 +169,8 @@ class Supervisor:
             [sys.executable, "-m", "gateway", name],
             env=self._environment(name),
             start_new_session=True,  # signals come from us, in order, not from the terminal
+            preexec_fn=_die_with(os.getpid()),  # the only thread: fork is safe here
+            pass_fds=(self.lock.fileno(),),  # the lock stays held while a child lives
         )
 
     def _health_url(self) -> str:
@@ -84,6 +191,13 @@ class Supervisor:
 
     def run(self) -> int:
         components.configure_logging(self.settings, "serve")
+        self.lock.acquire()  # before anything of a running gateway is touched
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> int:
         components.close_site_files(self.settings)
         components.build_policy(self.settings)  # a bad de-identification profile stops us here
         admin_token = self.settings.admin_token_value()
