@@ -17,6 +17,7 @@ from dicom_node.audit import NodeAudit
 from dicom_node.backlog import SpoolBacklog
 from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy, Right
+from dicom_node.receive import ReceiveFolder
 from imaging import (
     DEFAULT_DECODE_LIMITS,
     UNREADABLE_DATASET_ERRORS,
@@ -133,12 +134,15 @@ def handle_store(
     policy: CallerPolicy | None = None,
     limits: DecodeLimits = DEFAULT_DECODE_LIMITS,
     backlog: SpoolBacklog | None = None,
+    receive: ReceiveFolder | None = None,
 ) -> int:
     """C-STORE (see `_store`) into the calling AE's site spool, counted in the metrics;
     with `policy`, a caller without the store right is refused (0x0124); an instance
     declaring more decoded pixels than `limits` is refused (0xA700). With `backlog`, a
     Success waits while the spool holds more than its limit and the worker drains it
-    (see `dicom_node.backlog`)."""
+    (see `dicom_node.backlog`). With `receive` (the folder pynetdicom wrote the data set
+    in), a data set whose writing failed (disk full) is refused (0xA700)."""
+    cut_short = receive.write_failed(event.dataset_path) if receive is not None else None
     spool = (
         spools.for_caller(event.assoc.requestor.ae_title)
         if isinstance(spools, SiteSpools)
@@ -149,6 +153,10 @@ def handle_store(
     if policy is not None and not caller_of(event.assoc, policy, spool.site_id).may(Right.STORE):
         state.failed += 1
         status: int = StoreStatus.NOT_AUTHORIZED
+    elif cut_short is not None:
+        state.failed += 1
+        log.error("C-STORE refused: the data set could not be written (%s)", cut_short.strerror)
+        status = StoreStatus.OUT_OF_RESOURCES
     else:
         status = _store(event, spool, batches, enqueue, chunk_size, limits)
     if status != StoreStatus.SUCCESS:
@@ -183,7 +191,8 @@ def _store(
     """
     state = batches.state(event.assoc)
     # pynetdicom wrote the data set to a temporary Part 10 file as it arrived (chunked
-    # receive, see server.py); it is copied to the spool in 1 MiB blocks.
+    # receive, in the spool's receive folder: dicom_node.receive); it is renamed into its
+    # batch (copied, were it on another file system).
     path = Path(event.dataset_path)
     size = path.stat().st_size
     try:
@@ -220,7 +229,7 @@ def _store(
     chunk, count = state.chunks.get(study, (0, 0))
     batch_id = spool.batch_id(state.tag, study) + (f"-{chunk:04d}" if chunk_size else "")
     try:
-        spool.write_file(batch_id, sop_instance, path)
+        spool.move_file(batch_id, sop_instance, path)
     except ValueError:
         state.failed += 1
         return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS

@@ -47,6 +47,7 @@ from dicom_node.handlers import (
 from dicom_node.metrics import NodeMetrics
 from dicom_node.policy import Caller, CallerPolicy
 from dicom_node.query import MoveDestination, handle_find, handle_get, handle_move
+from dicom_node.receive import ReceiveFolder, remove_left_by_dead_nodes
 from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits, StoreStatus
 from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore, QueryRetrieve
 
@@ -309,6 +310,8 @@ class DicomNode:
         self.metrics = NodeMetrics(config.site_id)
         self.batches = AssociationBatches(self.metrics)
         self.backlog = SpoolBacklog(config.spool_root, config.backlog_limit)
+        #: Where pynetdicom writes the data sets being received (set at start).
+        self.receive: ReceiveFolder | None = None
         self.metrics.backlog.set_function(lambda: self.backlog.count)
         self._metrics_server: Any = None
         self._server: _GatewayAssociationServer | None = None
@@ -388,6 +391,10 @@ class DicomNode:
         # Received data sets go to a temporary file as they arrive, never whole in memory
         # (a process-wide pynetdicom setting: the node owns its process).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # ... in the spool's receive folder; what a killed node left there goes first.
+        remove_left_by_dead_nodes(self.config.spool_root)
+        self.receive = ReceiveFolder(self.config.spool_root)
+        self.receive.install()
         # Every batch on disk now predates this process: none is still being received.
         self.sweep_once(older_than_seconds=0)
         ae = self._build_ae()
@@ -406,6 +413,7 @@ class DicomNode:
                     policy,
                     self.config.decode_limits,
                     self.backlog,
+                    self.receive,
                 ],
             ),
             (
@@ -536,6 +544,8 @@ class DicomNode:
                     association.abort()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self.receive is not None:
+            self.receive.remove()
         self.audit.close()
         for thread in self._threads:
             thread.join(timeout=10)
