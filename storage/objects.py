@@ -59,35 +59,6 @@ class ObjectInfo:
 
 
 @runtime_checkable
-class OpenedObject(Protocol):
-    """A stored object opened for one read, its bytes not yet read: a server answering on an
-    event loop takes them from the page cache there when it can, else reads them in a
-    worker thread. Closed when done, or when garbage-collected."""
-
-    #: Its length in bytes, when the store knows it before reading (None otherwise).
-    size: int | None
-
-    def read_cached(self) -> memoryview | None:
-        """The whole object if the operating system can give it without waiting on a disk or
-        a network (already in the page cache); None otherwise, never blocking."""
-
-    def read(self) -> bytes:
-        """The whole object, waiting for the disk if need be; StorageError on failure."""
-
-    def close(self) -> None:
-        """Release the object (idempotent)."""
-
-
-@runtime_checkable
-class OpenableStore(Protocol):
-    """A store whose objects can be opened first and read later (local files)."""
-
-    def open(self, key: str) -> OpenedObject | None:
-        """The object under `key`, opened; ObjectNotFound when absent; None when the store
-        holds as many opened objects as it allows (read it with `get`)."""
-
-
-@runtime_checkable
 class ObjectStore(Protocol):
     """Blob storage under validated keys: write-once objects (`create`) and replaceable ones (`put`)."""
 

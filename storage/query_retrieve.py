@@ -34,7 +34,6 @@ EVERY_SITE = AccessScope()
 class QueryRetrieve:
     """Search and retrieve within a requester's scope (outside it a study is as if absent)."""
 
-    #: The index, or a bounded reader of it (`BoundedReads`, on an event loop).
     index: IndexRepository
 
     def search_for_studies(self, scope: AccessScope, query: StudyQuery) -> list[StudySummary]:

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from access.shares import SharePolicy, ShareService
 from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits
-from storage import AccessRepository, AuditWriter, BoundedReads, IndexRepository, ObjectStore
+from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore
 from web_viewer_api.asgi import StatusRecorder
 from web_viewer_api.audit import (
     INVALID_TOKENS,
@@ -42,6 +42,7 @@ from web_viewer_api.dicomweb.rendering import RenderedCache, RenderLimits
 from web_viewer_api.dicomweb.stow import StowTarget
 from web_viewer_api.errors import install_error_handlers
 from web_viewer_api.lookup import PseudonymLookup
+from web_viewer_api.loop_reads import InlineReads
 from web_viewer_api.notify import SmtpConfig
 from web_viewer_api.oidc import OidcConfig, OidcVerifier
 from web_viewer_api.proxies import TrustedProxies
@@ -97,7 +98,7 @@ class ApiConfig:
     #: answers, sums them all. None: one process, its own counters.
     metrics_multiprocess_dir: Path | None = None
     #: Time an index search may take on the event loop (SQLite only; see
-    #: storage.index.bounded): beyond it, the search runs in a worker thread. 0: always there.
+    #: web_viewer_api.loop_reads): beyond it, the search runs in a worker thread. 0: always there.
     inline_read_budget_seconds: float = 0.005
     #: Largest decoded pixel data an instance may declare to be decoded for a client.
     decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
@@ -189,7 +190,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         raise ValueError("a regional API computes no pseudonyms: it must not be given a lookup")
     access = AccessRepository(index.engine)
     writer = AuditWriter(access)
-    quick_reads = BoundedReads(index.engine, config.inline_read_budget_seconds)
+    inline_reads = InlineReads(index.engine, config.inline_read_budget_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -201,12 +202,12 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         gc.collect()
         gc.freeze()
         try:  # the event loop's own index connection, opened before any request waits on it
-            quick_reads.warm()
+            inline_reads.warm()
         except SQLAlchemyError as exc:  # the first search opens it (or goes to a thread)
             log.warning("index not readable at start-up: %s", type(exc).__name__)
         yield
         writer.close()  # the queued audit events reach the database before we exit
-        quick_reads.close()
+        inline_reads.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -255,7 +256,7 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
             max_age=600,
         )
     app.state.index = index
-    app.state.quick_reads = quick_reads
+    app.state.inline_reads = inline_reads
     app.state.store = store
     install_error_handlers(app)
     dicomweb.install_error_handlers(app)

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 
 from access import AuditAction
 from access.tokens import split_api_key
-from storage import AccessRepository, BoundedReads, IndexRepository
+from storage import AccessRepository, IndexRepository
 from web_viewer_api.auth import (
     Authenticator,
     CredentialBlocked,
@@ -20,6 +20,7 @@ from web_viewer_api.auth import (
     UnknownShareToken,
 )
 from web_viewer_api.errors import Forbidden, NotFound, Unauthorized
+from web_viewer_api.loop_reads import read_now
 
 #: The viewer session cookie of a share; its Path is the share's own /s/{token}.
 SHARE_COOKIE = "dgw_share_session"
@@ -39,24 +40,16 @@ def _bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def read_inline(request: Request) -> BoundedReads | None:
-    """The bounded index reads (storage.index.bounded), when a read may run on the event loop
-    now: not while a worker thread is busy (each step of the read would wait for the GIL)."""
-    quick: BoundedReads = request.app.state.quick_reads
-    if not quick.available or anyio.to_thread.current_default_thread_limiter().borrowed_tokens:
-        return None
-    return quick
-
-
 def _valid_api_key(request: Request, token: str) -> Principal | None:
     """The principal of a valid API key, read on the event loop when the index answers within
-    its inline budget (storage.index.bounded); None otherwise, and always for a key that
-    fails: failures are counted (against the key id or the address) in the worker thread."""
+    its inline budget (`web_viewer_api.loop_reads`); None otherwise, and always for a key
+    that fails: failures are counted (against the key id or the address) in the worker thread."""
     key_id = split_api_key(token)
-    quick = read_inline(request)
-    if key_id is None or quick is None:
+    if key_id is None:
         return None
-    record = quick.run(lambda reads: AccessRepository(reads.engine).api_key(key_id), "api_key")
+    record = read_now(
+        request, lambda index: AccessRepository(index.engine).api_key(key_id), "api_key"
+    )
     return Authenticator.key_principal(token, key_id, record)  # hashed even when unknown
 
 

@@ -1,6 +1,5 @@
 """The metadata index: SQLAlchemy models, Alembic migrations, and the repository."""
 
-from storage.index.bounded import BoundedReads
 from storage.index.engine import create_index_engine, downgrade, migrate
 from storage.index.repository import (
     MAX_FUZZY_WORDS,
@@ -20,13 +19,14 @@ from storage.index.repository import (
     WithheldRecord,
     WithheldSummary,
     fuzzy_name_words,
+    study_search,
+    study_summaries,
 )
 
 __all__ = [
     "MAX_FUZZY_WORDS",
     "WITHHELD_REASONS",
     "AccessScope",
-    "BoundedReads",
     "DateRange",
     "IndexRepository",
     "InstanceQuery",
@@ -44,4 +44,6 @@ __all__ = [
     "downgrade",
     "fuzzy_name_words",
     "migrate",
+    "study_search",
+    "study_summaries",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -680,6 +680,37 @@ def _study_search_statement(shape: _StudyShape) -> Select[Any]:
     )
 
 
+def study_search(query: StudyQuery) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement of a study search and the values it binds. Queries of one form (the
+    keys they match on, not the values) share one statement object, built once."""
+    shape, values = _study_plan(query)
+    return _study_search_statement(shape), values
+
+
+def study_summaries(rows: Iterable[Any]) -> list[StudySummary]:
+    """The rows of a `study_search` statement (attributes named as its columns) as studies."""
+    return [
+        StudySummary(
+            study_instance_uid=s.study_instance_uid,
+            patient_id=s.patient_id,
+            patient_name=s.patient_name,
+            patient_birth_date=s.patient_birth_date,
+            patient_sex=s.patient_sex,
+            study_date=s.study_date,
+            study_time=s.study_time,
+            accession_number=s.accession_number,
+            study_id=s.study_id,
+            study_description=s.study_description,
+            referring_physician_name=s.referring_physician_name,
+            specific_character_set=s.specific_character_set,
+            number_of_series=int(s.n_series or 0),
+            number_of_instances=int(s.n_instances or 0),
+            modalities_in_study=tuple(sorted({m for m in (s.modalities or "").split("\\") if m})),
+        )
+        for s in rows
+    ]
+
+
 #: Why a site withheld an instance, as its recipients are told (never a value of it).
 WITHHELD_REASONS = ("pixels_may_identify", "too_large", "not_deidentifiable")
 
@@ -931,35 +962,9 @@ class IndexRepository:
         """Matching studies, newest first, with their series/instance counts and modalities."""
         # One statement with correlated counts, on a plain connection, built once per form
         # of query: three round trips and the ORM's identity map cost more than the query.
-        shape, values = _study_plan(query)
-        studies = self._study_rows(shape, values)
-        return [
-            StudySummary(
-                study_instance_uid=s.study_instance_uid,
-                patient_id=s.patient_id,
-                patient_name=s.patient_name,
-                patient_birth_date=s.patient_birth_date,
-                patient_sex=s.patient_sex,
-                study_date=s.study_date,
-                study_time=s.study_time,
-                accession_number=s.accession_number,
-                study_id=s.study_id,
-                study_description=s.study_description,
-                referring_physician_name=s.referring_physician_name,
-                specific_character_set=s.specific_character_set,
-                number_of_series=int(s.n_series or 0),
-                number_of_instances=int(s.n_instances or 0),
-                modalities_in_study=tuple(
-                    sorted({m for m in (s.modalities or "").split("\\") if m})
-                ),
-            )
-            for s in studies
-        ]
-
-    def _study_rows(self, shape: _StudyShape, values: dict[str, Any]) -> Sequence[Any]:
-        """The rows of a study search (attributes named as the statement's columns)."""
+        statement, values = study_search(query)
         with self.engine.connect() as connection:
-            return connection.execute(_study_search_statement(shape), values).all()
+            return study_summaries(connection.execute(statement, values))
 
     def count_studies(self, query: StudyQuery) -> int:
         """How many studies match, ignoring limit and offset."""

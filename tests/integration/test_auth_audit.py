@@ -24,10 +24,11 @@ from typer.testing import CliRunner
 
 from access import new_api_key, sha256_hex
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import ApiKeyRecord, BoundedReads, StudyQuery, create_index_engine, migrate
+from storage import ApiKeyRecord, StudyQuery, create_index_engine, migrate
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.services import free_port
 from web_viewer_api import OidcConfig, SmtpConfig
+from web_viewer_api.loop_reads import InlineReads
 
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {"Accept": "application/dicom+json"}
@@ -153,14 +154,14 @@ def test_site_restricted_key_sees_only_its_site(server: DicomwebServer) -> None:
 def test_a_valid_key_is_checked_on_the_event_loop_and_keeps_its_limits(server: DicomwebServer) -> None:
     _, here = _key(server, {"read"}, site="site1")
     _, elsewhere = _key(server, {"read"}, site="another-site")
-    kept = server.app.state.quick_reads
-    server.app.state.quick_reads = quick = BoundedReads(server.index.engine, 10.0)
+    kept = server.app.state.inline_reads
+    server.app.state.inline_reads = quick = InlineReads(server.index.engine, 10.0)
     try:
         counts = [len(httpx.get(f"{server.url}/studies", headers={"Authorization": f"Bearer {key}", **JSON})
                       .json()) for key in (here, elsewhere)]
         assert quick.answered == 4  # each key's lookup and each search, with no thread hop
     finally:
-        server.app.state.quick_reads = kept
+        server.app.state.inline_reads = kept
         quick.close()
     assert counts == [2, 0]
 

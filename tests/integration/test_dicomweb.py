@@ -19,18 +19,12 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from gateway.sample_study import SampleStudySpec, write_sample_study
-from storage import (
-    BoundedReads,
-    FilesystemObjectStore,
-    InstanceQuery,
-    OpenedObject,
-    StorageError,
-    StudyQuery,
-)
+from storage import FilesystemObjectStore, InstanceQuery, StorageError, StudyQuery
 from tests.support.dicomweb_server import TOKEN, DicomwebServer
 from tests.support.page_cache import opened_under, page_cache_reads_work
 from tests.support.services import wait_for
-from web_viewer_api.dicomweb.multipart import StreamedPart
+from web_viewer_api import loop_reads
+from web_viewer_api.loop_reads import InlineReads, OpenedObject, StreamedPart, open_stored
 
 
 @pytest.fixture(scope="module")
@@ -704,19 +698,18 @@ def test_cached_objects_are_read_on_the_event_loop_and_evicted_ones_in_a_thread_
     blocking way, in a worker thread. The answer is the same, byte for byte."""
     import os
 
-    from storage.filesystem import OpenedFile
 
     if not page_cache_reads_work(server.store.root):
         pytest.skip("this file system refuses RWF_NOWAIT reads (tmpfs?)")
     study, series, stored = _copies_series(server, tmp_path, "cache", 81, 5)
     blocking_reads: list[str] = []
-    original = OpenedFile.read
+    original = OpenedObject.read
 
-    def counted(self: OpenedFile) -> bytes:
+    def counted(self: OpenedObject) -> bytes:
         blocking_reads.append(self.key)
         return original(self)
 
-    monkeypatch.setattr(OpenedFile, "read", counted)
+    monkeypatch.setattr(OpenedObject, "read", counted)
     headers = {"Authorization": f"Bearer {TOKEN}",
                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
     url = f"{server.url}/studies/{study}/series/{series}"
@@ -744,7 +737,7 @@ def _opened_parts(store: FilesystemObjectStore, count: int, size: int,
     for number in range(count):
         store.put(f"objects/{number}.dcm", os.urandom(size))
     for number in range(count):
-        body = store.open(f"objects/{number}.dcm")
+        body = open_stored(store, f"objects/{number}.dcm", size)
         assert body is not None
         opened.append(body)
         yield ("application/dicom", body, {})
@@ -755,7 +748,7 @@ def test_an_answer_abandoned_mid_stream_closes_the_objects_opened_ahead(tmp_path
     closed there and then, not when garbage is collected (the test keeps them all)."""
     import anyio
 
-    from web_viewer_api.dicomweb.multipart import OPEN_AHEAD, multipart_body
+    from web_viewer_api.loop_reads import OPEN_AHEAD, multipart_body
 
     store = FilesystemObjectStore(tmp_path / "store")
     opened: list[OpenedObject] = []
@@ -782,13 +775,12 @@ def test_reading_cached_objects_on_the_event_loop_lets_other_tasks_run(
     import anyio
     import anyio.lowlevel
 
-    from storage.filesystem import OpenedFile
-    from web_viewer_api.dicomweb.multipart import multipart_body
+    from web_viewer_api.loop_reads import multipart_body
 
-    def no_thread_read(self: OpenedFile) -> bytes:
+    def no_thread_read(self: OpenedObject) -> bytes:
         raise AssertionError(f"{self.key} read in a thread, not from the page cache")
 
-    monkeypatch.setattr(OpenedFile, "read", no_thread_read)
+    monkeypatch.setattr(OpenedObject, "read", no_thread_read)
 
     store = FilesystemObjectStore(tmp_path / "store")
     if not page_cache_reads_work(tmp_path):
@@ -871,21 +863,20 @@ def test_an_object_failing_in_a_thread_read_cuts_the_answer_and_leaves_none_open
     it are closed."""
     import os
 
-    from storage.filesystem import OpenedFile
 
     study, series, _stored = _copies_series(server, tmp_path, "coldfail", 84, 5)
     for number in range(5):
         with open(server.store.root / "coldfail" / f"{number}.dcm", "rb") as handle:
             os.fsync(handle.fileno())
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    original = OpenedFile.read
+    original = OpenedObject.read
 
-    def failing(self: OpenedFile) -> bytes:
+    def failing(self: OpenedObject) -> bytes:
         if self.key == "coldfail/2.dcm":
             raise StorageError("cannot read object: Input/output error")
         return original(self)
 
-    monkeypatch.setattr(OpenedFile, "read", failing)
+    monkeypatch.setattr(OpenedObject, "read", failing)
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(f"{server.url}/studies/{study}/series/{series}", headers={
             "Authorization": f"Bearer {TOKEN}",
@@ -894,14 +885,15 @@ def test_an_object_failing_in_a_thread_read_cuts_the_answer_and_leaves_none_open
              what="the opened objects closed")
 
 
-def test_past_its_cap_of_opened_objects_the_store_is_read_instead(server: DicomwebServer,
-                                                                  tmp_path: Path) -> None:
-    """A store allowed one opened object: the parts after it are read bytes, and the
-    answer is the same."""
+def test_past_its_cap_of_opened_objects_the_store_is_read_instead(
+        server: DicomwebServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One opened object allowed: the parts after it are read bytes, and the answer is the
+    same."""
     from web_viewer_api.dicomweb.wado import Wado
 
+    monkeypatch.setattr(loop_reads, "_DESCRIPTORS", loop_reads._Descriptors(1))
     study, series, stored = _copies_series(server, tmp_path, "capped", 85, 3)
-    wado = Wado(server.index, FilesystemObjectStore(server.store.root, max_opened=1))
+    wado = Wado(server.index, FilesystemObjectStore(server.store.root))
     parts = list(wado.instance_parts(wado.instances(study, series), "*"))
     bodies = [body for _type, body, _headers in parts]
     assert not isinstance(bodies[0], bytes) and bodies[1:] == [stored, stored]
@@ -977,18 +969,18 @@ def test_searches_answer_alike_on_the_event_loop_and_in_a_worker_thread(server: 
              "/series?Modality=CT", f"/studies/{study}/series/{series}/instances",
              f"/instances?SOPInstanceUID={sop}", f"/studies/{study}/instances?limit=2&offset=1"]
     headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
-    kept = server.app.state.quick_reads
+    kept = server.app.state.inline_reads
     answers = {}
     try:
         for budget in (10.0, 0.0):  # every search on the event loop, then none
-            server.app.state.quick_reads = reads = BoundedReads(server.index.engine, budget)
+            server.app.state.inline_reads = reads = InlineReads(server.index.engine, budget)
             try:
                 answers[budget] = [httpx.get(server.url + path, headers=headers) for path in paths]
                 assert reads.answered == (len(paths) if budget else 0)
             finally:
                 reads.close()
     finally:
-        server.app.state.quick_reads = kept
+        server.app.state.inline_reads = kept
     for inline, threaded in zip(answers[10.0], answers[0.0], strict=True):
         assert inline.status_code == threaded.status_code == 200, inline.text
         assert inline.json() == threaded.json() and inline.json()
@@ -999,8 +991,8 @@ def test_searches_answer_alike_on_the_event_loop_and_in_a_worker_thread(server: 
 def test_searches_that_read_objects_or_list_much_go_to_a_worker_thread(server: DicomwebServer) -> None:
     study, _series, _sop = _uids(server)
     headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"}
-    kept = server.app.state.quick_reads
-    server.app.state.quick_reads = reads = BoundedReads(server.index.engine, 10.0)
+    kept = server.app.state.inline_reads
+    server.app.state.inline_reads = reads = InlineReads(server.index.engine, 10.0)
     try:
         for path in (f"/studies?StudyInstanceUID={study}&includefield=all", "/studies?limit=101",
                      f"/studies/{study}/series?includefield=00080021",
@@ -1013,7 +1005,7 @@ def test_searches_that_read_objects_or_list_much_go_to_a_worker_thread(server: D
         assert httpx.get(f"{server.url}/studies?limit=100", headers=headers).status_code == 200
         assert reads.answered == 1
     finally:
-        server.app.state.quick_reads = kept
+        server.app.state.inline_reads = kept
         reads.close()
 
 
@@ -1021,9 +1013,9 @@ def test_a_locked_index_holds_searches_back_but_never_the_server(server: Dicomwe
     """A search the index cannot answer at once waits in a worker thread: the event loop
     goes on serving (here /livez) and the search completes once the lock is gone."""
     study, _series, _sop = _uids(server)
-    kept = server.app.state.quick_reads
+    kept = server.app.state.inline_reads
     kept.close()  # its connections would keep the exclusive lock from being taken
-    server.app.state.quick_reads = reads = BoundedReads(server.index.engine, 0.005)
+    server.app.state.inline_reads = reads = InlineReads(server.index.engine, 0.005)
     locker = sqlite3.connect(str(server.index.engine.url.database), isolation_level=None, timeout=0)
     locker.execute("PRAGMA locking_mode=EXCLUSIVE")
 
@@ -1053,7 +1045,7 @@ def test_a_locked_index_holds_searches_back_but_never_the_server(server: Dicomwe
     finally:
         locker.close()
         reads.close()
-        server.app.state.quick_reads = BoundedReads(server.index.engine, kept.budget)
+        server.app.state.inline_reads = InlineReads(server.index.engine, kept.budget)
     search.join(timeout=60)
     assert answer[0].status_code == 200
     assert [s["0020000D"]["Value"][0] for s in answer[0].json()] == [study]

@@ -20,7 +20,6 @@ from storage import (
     TransientStorageError,
     instance_key,
 )
-from tests.support.page_cache import opened_under, page_cache_reads_work
 from tests.support.seaweedfs import SeaweedFS
 from tests.support.services import free_port
 
@@ -142,109 +141,21 @@ def test_filesystem_listing_walks_a_link_cycle_once_and_refuses_broken_links(tmp
 
 
 
-def test_an_opened_object_reads_from_the_page_cache_without_waiting_and_else_from_disk(
-        tmp_path: Path) -> None:
-    """Cached: `read_cached` gives the bytes. Evicted from the page cache: it gives None at
-    once (a read would wait for the disk) and `read` gives the bytes."""
-    if not page_cache_reads_work(tmp_path):
-        pytest.skip("this file system refuses RWF_NOWAIT reads (tmpfs?)")
-    store = FilesystemObjectStore(tmp_path / "objects")
-    body = os.urandom(3 << 20)
-    store.put("studies/1.2/a.dcm", body)
-    opened = store.open("studies/1.2/a.dcm")
-    assert opened is not None
-    try:
-        assert opened.size == len(body)
-        cached = opened.read_cached()
-        assert cached is not None and bytes(cached) == body
-        with open(tmp_path / "objects" / "studies" / "1.2" / "a.dcm", "rb") as handle:
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # written and fsynced: clean pages
-        assert opened.read_cached() is None
-        assert opened.read() == body
-        assert opened.read() == body  # from the start again
-        assert bytes(opened.read_cached() or b"") == body  # read() brought it back
-    finally:
-        opened.close()
-
-
-def test_an_opened_object_that_is_not_a_plain_file_is_read_in_full_or_fails_loudly(tmp_path: Path) -> None:
-    """A /proc file says it is empty: it is not taken from the cache as an empty object;
-    reading it fails with a StorageError. A folder where an object should be is none."""
+def test_an_object_that_is_not_a_plain_file_is_read_in_full_or_fails_loudly(tmp_path: Path) -> None:
+    """A /proc file says it is empty: reading it fails with a StorageError, never an empty
+    object. A folder where an object should be is none, to `get` and to `open` alike."""
     store = FilesystemObjectStore(tmp_path / "objects")
     store.put("studies/1.2/a.dcm", b"DICM")
     os.symlink("/proc/self/mem", tmp_path / "objects" / "studies" / "1.2" / "mem.dcm")  # reading it: EIO
-    opened = store.open("studies/1.2/mem.dcm")
-    assert opened is not None
-    try:
-        assert opened.size is None and opened.read_cached() is None
-        with pytest.raises(StorageError, match="cannot read object"):
-            opened.read()
-    finally:
-        opened.close()
-    with pytest.raises(ObjectNotFound):
-        store.open("studies/1.2")
-    with pytest.raises(ObjectNotFound):
-        store.open("studies/1.2/missing.dcm")
-    assert opened_under(tmp_path) == 0
-
-
-def test_an_opened_object_releases_its_descriptor_when_closed_or_dropped(tmp_path: Path) -> None:
-    store = FilesystemObjectStore(tmp_path / "objects")
-    store.put("studies/1.2/a.dcm", b"DICM")
-    opened = store.open("studies/1.2/a.dcm")
-    assert opened is not None and opened_under(tmp_path) == 1
-    opened.close()
-    opened.close()  # idempotent
-    assert opened_under(tmp_path) == 0
-    with pytest.raises(StorageError, match="after close"):
-        opened.read()
-    assert opened.read_cached() is None
-    dropped = store.open("studies/1.2/a.dcm")
-    assert opened_under(tmp_path) == 1
-    del dropped  # a stream cut off early: the last reference goes
-    assert opened_under(tmp_path) == 0
-
-
-def test_a_file_system_refusing_page_cache_reads_is_not_asked_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """tmpfs, NFS or FUSE answer EOPNOTSUPP to RWF_NOWAIT: the store stops trying (each try
-    allocates a buffer on the event loop for nothing) and objects are read the usual way."""
-    import errno
-
-    store = FilesystemObjectStore(tmp_path / "objects")
-    store.put("studies/1.2/a.dcm", b"DICM" * 1000)
-    calls: list[int] = []
-
-    def refused(*_args: object) -> int:
-        calls.append(1)
-        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-
-    monkeypatch.setattr(os, "preadv", refused)
-    for _ in range(3):
-        opened = store.open("studies/1.2/a.dcm")
-        assert opened is not None
-        assert opened.read_cached() is None
-        assert opened.read() == b"DICM" * 1000
-        opened.close()
-    assert len(calls) == 1
-
-
-def test_a_store_keeps_at_most_its_cap_of_objects_open(tmp_path: Path) -> None:
-    """Past the cap `open` answers None (the caller reads the object instead); each object
-    closed, or dropped, makes room again. A refused or failed open takes no room."""
-    store = FilesystemObjectStore(tmp_path / "objects", max_opened=2)
-    store.put("studies/1.2/a.dcm", b"DICM")
-    with pytest.raises(ObjectNotFound):
-        store.open("studies/1.2/missing.dcm")
-    first, second = store.open("studies/1.2/a.dcm"), store.open("studies/1.2/a.dcm")
-    assert first is not None and second is not None
-    assert store.open("studies/1.2/a.dcm") is None
-    assert opened_under(tmp_path) == 2
-    first.close()
-    third = store.open("studies/1.2/a.dcm")
-    assert third is not None
-    del second
-    assert store.open("studies/1.2/a.dcm") is not None
+    with pytest.raises(StorageError, match="cannot read object"):
+        store.get("studies/1.2/mem.dcm")
+    for key in ("studies/1.2", "studies/1.2/missing.dcm"):
+        with pytest.raises(ObjectNotFound):
+            store.get(key)
+        with pytest.raises(ObjectNotFound):
+            store.open(key)
+    with store.open("studies/1.2/a.dcm") as opened:  # a plain file object, closed by its caller
+        assert opened.read() == b"DICM"
 
 
 def test_check_passes_on_a_usable_store(store: ObjectStore) -> None:

@@ -215,7 +215,7 @@ def test_the_inline_read_budget_setting_reaches_the_api(tmp_path: Path,
         with TestClient(app) as client:
             answer = client.get("/dicom-web/studies", headers={"Authorization": f"Bearer {TOKEN}"})
             assert answer.status_code == 200 and answer.json() == []
-            assert app.state.quick_reads.answered == inline
+            assert app.state.inline_reads.answered == inline
 
 
 def test_startup_removes_old_parts_of_interrupted_uploads(tmp_path: Path) -> None:

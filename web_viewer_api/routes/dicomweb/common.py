@@ -26,8 +26,6 @@ from storage import (
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep
 from web_viewer_api.dicomweb.multipart import (
-    StreamedPart,
-    multipart_body,
     multipart_content_type,
     multipart_stream,
     new_boundary,
@@ -42,6 +40,7 @@ from web_viewer_api.dicomweb.wado import (
 from web_viewer_api.errors import (
     NotAcceptable,
 )
+from web_viewer_api.loop_reads import StreamedPart, multipart_body
 
 FoundT = TypeVar("FoundT")
 QueryT = TypeVar("QueryT", StudyQuery, SeriesQuery, InstanceQuery)

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from access import AuditAction
 from storage import (
     AccessScope,
     IndexRepository,
-    InstanceQuery,
     InstanceSummary,
     QueryRetrieve,
-    SeriesQuery,
     SeriesSummary,
-    StudyQuery,
     StudySummary,
 )
 from web_viewer_api.audit import audited
-from web_viewer_api.deps import IndexDep, ReadPrincipal, read_inline
+from web_viewer_api.deps import IndexDep, ReadPrincipal
 from web_viewer_api.dicomweb.qido import (
     INSTANCE_MATCHING_KEYS,
     SERIES_LEVEL_TAGS,
@@ -41,6 +35,7 @@ from web_viewer_api.dicomweb.qido import (
 from web_viewer_api.dicomweb.wado import (
     check_uid,
 )
+from web_viewer_api.loop_reads import answer_search
 from web_viewer_api.routes.dicomweb.common import (
     FoundT,
     QueryT,
@@ -56,28 +51,6 @@ from web_viewer_api.routes.dicomweb.common import (
 router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 
 
-#: Searches answered on the event loop when the index allows it (storage.index.bounded):
-#: pages up to this size, without includefield (which reads stored objects), in JSON (the
-#: XML conversion costs 0.4 ms per result).
-INLINE_LIMIT = 100
-#: Results whose answer (DICOM JSON, gzip) is written on the event loop; more go to a thread.
-INLINE_ANSWER = 20
-
-
-def _form(query: StudyQuery | SeriesQuery | InstanceQuery, scope: AccessScope) -> tuple[Any, ...]:
-    """What a search matches on (not the values), whether with wildcards, and its scope's
-    restrictions: searches of one form usually cost about the same."""
-    used: list[str] = []
-    wildcard = False
-    for item in dataclasses.fields(query):
-        value = getattr(query, item.name)
-        if item.name in ("limit", "offset", "scope") or value in (None, "", (), False):
-            continue
-        used.append(item.name)
-        wildcard = wildcard or any(c in str(value) for c in "*?")
-    return (type(query).__name__, *used, wildcard, scope.shape)
-
-
 async def _search(
     request: Request,
     index: IndexRepository,
@@ -86,23 +59,21 @@ async def _search(
     verb: Callable[[QueryRetrieve, AccessScope, QueryT], list[FoundT]],
     answer: Callable[[list[FoundT]], Response],
 ) -> Response:
-    """`answer(verb(query))` in the caller's scope, on the event loop when the search fits
-    the inline time budget, else in a worker thread: there a database that does not answer,
-    or a pool with no free connection, stalls this request only."""
+    """`answer(verb(query))` in the caller's scope; where it runs is `loop_reads`' choice."""
     scope = scope_of(request)
 
     def search(repository: IndexRepository) -> list[FoundT]:
         return verb(QueryRetrieve(repository), scope, query)
 
-    inline = not include and query.limit <= INLINE_LIMIT and not wants_xml(request)
-    quick = read_inline(request) if inline else None
-    if quick is not None:
-        found = quick.run(search, _form(query, scope))  # a form that overran goes to the thread
-        if found is not None:
-            if len(found) <= INLINE_ANSWER:
-                return answer(found)
-            return await run_in_threadpool(lambda: answer(found))
-    return await run_in_threadpool(lambda: answer(search(index)))
+    return await answer_search(
+        request,
+        index,
+        query,
+        scope,
+        search,
+        answer,
+        index_only=not include and not wants_xml(request),
+    )
 
 
 @router.get("/studies", summary="QIDO-RS: search for studies")

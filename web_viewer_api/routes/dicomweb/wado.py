@@ -11,9 +11,6 @@ from access import AuditAction, Permission
 from web_viewer_api.audit import audited
 from web_viewer_api.auth import Principal
 from web_viewer_api.deps import IndexDep, ReadPrincipal
-from web_viewer_api.dicomweb.multipart import (
-    as_bytes,
-)
 from web_viewer_api.dicomweb.wado import (
     BadRequestError,
     NotFoundError,
@@ -24,6 +21,7 @@ from web_viewer_api.dicomweb.wado import (
 from web_viewer_api.errors import (
     Forbidden,
 )
+from web_viewer_api.loop_reads import as_bytes
 from web_viewer_api.routes.dicomweb.common import (
     IMMUTABLE,
     dicomweb_base,
