@@ -72,7 +72,7 @@ class ServeLock:
 
     def acquire(self, wait_seconds: float = PREVIOUS_STOP_WAIT_SECONDS) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # held for the supervisor's life
+        handle = open(self.path, "a+")  # noqa: SIM115 - held for the supervisor's life
         deadline = time.monotonic() + wait_seconds
         waiting_said = False
         while True:
@@ -169,7 +169,7 @@ class Supervisor:
             [sys.executable, "-m", "gateway", name],
             env=self._environment(name),
             start_new_session=True,  # signals come from us, in order, not from the terminal
-            preexec_fn=_die_with(os.getpid()),  # the only thread: fork is safe here
+            preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - one thread: fork is safe
             pass_fds=(self.lock.fileno(),),  # the lock stays held while a child lives
         )
 
