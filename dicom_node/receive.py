@@ -3,7 +3,7 @@
 pynetdicom writes each received data set to a temporary Part 10 file as it arrives (the
 chunked receive the node turns on), by default in the system's temporary folder, where a
 node killed mid-receive would leave identified data for good. Here they are written in the
-spool's own `.incoming/node-<pid>` folder (0700, files 0600), one folder per node process:
+spool's own `.receiving/node-<pid>` folder (0700, files 0600), one folder per node process:
 
 - an accepted instance is renamed into its batch (its bytes written once, on one file
   system), and what a killed process left is removed by the next node that starts
@@ -29,7 +29,7 @@ from typing import IO
 
 import pynetdicom.dimse_messages
 
-from spool import incoming_dir, private_directory
+from spool import private_directory, receiving_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ReceiveFolder:
     """This node process's folder for data sets being received."""
 
     def __init__(self, spool_root: Path) -> None:
-        self.path = private_directory(incoming_dir(spool_root) / f"{_PREFIX}{os.getpid()}")
+        self.path = private_directory(receiving_dir(spool_root) / f"{_PREFIX}{os.getpid()}")
         self._failures: dict[str, OSError] = {}
         self._lock = threading.Lock()
 
@@ -127,7 +127,7 @@ def remove_left_by_dead_nodes(spool_root: Path) -> int:
     """Remove the receive folders of node processes that no longer exist (a node killed
     mid-receive leaves its partial data sets there); how many files were removed."""
     removed = 0
-    for folder in incoming_dir(spool_root).glob(f"{_PREFIX}*"):
+    for folder in receiving_dir(spool_root).glob(f"{_PREFIX}*"):
         pid = folder.name.removeprefix(_PREFIX)
         if not pid.isdigit() or _alive(int(pid)) or not folder.is_dir():
             continue

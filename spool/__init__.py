@@ -15,6 +15,7 @@ from spool.batches import (
     new_association_tag,
     open_private,
     private_directory,
+    receiving_dir,
     remove_older_than,
 )
 from spool.replies import (
@@ -42,6 +43,7 @@ __all__ = [
     "new_association_tag",
     "open_private",
     "private_directory",
+    "receiving_dir",
     "remove_older_than",
     "remove_stale_replies",
     "reply_requested",

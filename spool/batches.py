@@ -130,9 +130,15 @@ def remove_older_than(paths: Iterable[Path], seconds: float) -> int:
 def incoming_dir(spool_root: Path) -> Path:
     """Where STOW-RS parts are written while they arrive: private, and on the spool's file
     system, so that an accepted part is moved into its batch rather than copied. (The
-    node's C-STORE data sets arrive in pynetdicom's temporary files and are copied into
-    the spool; see `Spool.move_file`.)"""
+    node's C-STORE data sets arrive in `receiving_dir`.)"""
     return spool_root / ".incoming"
+
+
+def receiving_dir(spool_root: Path) -> Path:
+    """Where the node's data sets are written while they arrive (`dicom_node.receive`): one
+    folder per node process under it; on the spool's file system, so that an accepted data
+    set is renamed into its batch."""
+    return spool_root / ".receiving"
 
 
 def fsync_directory(path: str | Path) -> None:

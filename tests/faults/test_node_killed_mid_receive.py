@@ -85,7 +85,7 @@ def test_killed_mid_receive_leaves_nothing_in_tmpdir_and_a_restart_removes_the_p
         sender = threading.Thread(target=lambda: _send(ae, link.port, _large_ct("RESIDUE^MARKER")),
                                   daemon=True)
         sender.start()
-        folder = data_dir / "spool" / ".incoming" / f"node-{node.process.pid}"  # type: ignore[union-attr]
+        folder = data_dir / "spool" / ".receiving" / f"node-{node.process.pid}"  # type: ignore[union-attr]
 
         def partial() -> list[Path]:
             return [p for p in folder.glob("*") if p.stat().st_size > 1 << 20]
