@@ -43,6 +43,9 @@ class ReceivedFile:
 
     def __init__(self, folder: ReceiveFolder, **options: object) -> None:
         options.pop("dir", None)
+        # Not ".dcm" (pynetdicom's choice): under the spool, a .dcm file is an acknowledged
+        # instance, and whoever counts them must not count one still arriving.
+        options["suffix"] = ".part"
         self._raw: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - pynetdicom closes it
             dir=folder.path,
             **options,  # type: ignore[call-overload]
