@@ -11,20 +11,14 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.services import GatewayProcess, free_port, gateway_command, gateway_env, wait_for
-
-
-def _children(parent: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                found.add(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+from tests.support.services import (
+    GatewayProcess,
+    child_pids,
+    free_port,
+    gateway_command,
+    gateway_env,
+    wait_for,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -75,7 +69,7 @@ def test_sigkill_of_the_supervisor_ends_its_components_and_a_new_serve_starts(
         wait_for(lambda: "dicom-gateway is ready" in first.log_text() or not first.alive(),
                  timeout=120, what="the first serve")
         supervisor = first.process.pid  # type: ignore[union-attr]
-        components = _children(supervisor)
+        components = child_pids(supervisor)
         assert len(components) == 3
         os.kill(supervisor, signal.SIGKILL)  # the supervisor alone: not its components' groups
         first.process.wait(timeout=10)  # type: ignore[union-attr]

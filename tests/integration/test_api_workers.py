@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 import signal
-import urllib.request
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 from tests.support.services import (
     GatewayProcess,
+    child_pids,
     free_port,
     gateway_command,
     gateway_env,
@@ -21,17 +22,6 @@ from tests.support.services import (
 
 TOKEN = "workers-test-token-0123456789abcdef"
 
-
-def _children(parent: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                    found.add(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
 
 
 def _index_with_one_study(data_dir: Path) -> str:
@@ -63,9 +53,9 @@ def test_two_api_processes_share_the_port_and_stop_together(tmp_path: Path) -> N
                  timeout=90, what="the API")
         assert api.alive(), api.log_text()
         assert api.process is not None
-        workers = wait_for(lambda: [pid for pid in _children(api.process.pid)
+        workers = wait_for(lambda: [pid for pid in child_pids(api.process.pid)
                                     if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
-                           if len(_children(api.process.pid)) >= 2 else None,
+                           if len(child_pids(api.process.pid)) >= 2 else None,
                            timeout=60, what="two worker processes")
         assert len(workers) == 2, workers
         for _ in range(20):  # whichever process answers, it reads the command line's index

@@ -54,6 +54,19 @@ def http_json(url: str, token: str | None = None, accept: str = "application/dic
         return exc.code, json.loads(body) if body else None, dict(exc.headers)
 
 
+def child_pids(parent: int) -> set[int]:
+    """The pids of `parent`'s direct children (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.add(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
 def gateway_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway", *args]
 
