@@ -30,7 +30,7 @@ from imaging import (
     read_bounded,
     text_of,
 )
-from spool import SPOOL_SUFFIX, Spool, SpoolWriteError, new_association_tag
+from spool import SPOOL_SUFFIX, BatchClaim, Spool, SpoolWriteError, hand_over, new_association_tag
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class _AssociationState:
     started: float = field(default_factory=time.monotonic)
     #: The last refusal's status (the association's audit event reports it).
     last_failure: int = 0
+    #: The batches being written, each held until it is handed to the worker
+    #: (`spool.claims`): a batch whose node died is seen at once by the recovery loop.
+    claims: dict[str, BatchClaim] = field(default_factory=dict)
 
 
 class SiteSpools:
@@ -110,13 +113,25 @@ def handle_echo(event: Event) -> int:
     return EchoStatus.SUCCESS
 
 
-def _enqueue(enqueue: Enqueue, site_id: str, batch_id: str) -> None:
+def _hand_over(
+    state: _AssociationState, enqueue: Enqueue | None, site_id: str, batch_id: str
+) -> None:
+    """Send a written batch to the worker, record it, and let go of it. A failed send (the
+    broker down) leaves it unrecorded: the workers' recovery loop sends it once it can."""
+    claim = state.claims.pop(batch_id, None)
+    if claim is None:
+        return
     try:
-        enqueue(site_id, batch_id)
-    except Exception as exc:  # noqa: BLE001 - broker down: the sweeper re-enqueues the batch
+        if enqueue is not None:
+            hand_over(claim.directory, lambda batch: enqueue(site_id, batch))
+    except Exception as exc:  # noqa: BLE001 - broker down: the recovery loop sends it
         log.error(
-            "enqueue of batch %s failed (%s); the sweeper will retry", batch_id, type(exc).__name__
+            "enqueue of batch %s failed (%s); the workers will send it again",
+            batch_id,
+            type(exc).__name__,
         )
+    finally:
+        claim.release()
 
 
 #: Instances up to this size are parsed whole at the node (a truncated value is refused
@@ -229,6 +244,8 @@ def _store(
     chunk, count = state.chunks.get(study, (0, 0))
     batch_id = spool.batch_id(state.tag, study) + (f"-{chunk:04d}" if chunk_size else "")
     try:
+        if batch_id not in state.claims:  # held from its first instance to its hand-over
+            state.claims[batch_id] = spool.claim(batch_id)
         spool.move_file(batch_id, sop_instance, path)
     except ValueError:
         state.failed += 1
@@ -244,7 +261,7 @@ def _store(
     count += 1
     if chunk_size and enqueue is not None and count >= chunk_size:
         state.batches.discard(batch_id)  # complete: handed over now, not at release
-        _enqueue(enqueue, spool.site_id, batch_id)
+        _hand_over(state, enqueue, spool.site_id, batch_id)
         chunk, count = chunk + 1, 0
     state.chunks[study] = (chunk, count)
     return StoreStatus.SUCCESS
@@ -276,7 +293,9 @@ def handle_connection_closed(
         return
     site_id = state.site or site_id
     for batch_id in sorted(state.batches):
-        _enqueue(enqueue, site_id, batch_id)
+        _hand_over(state, enqueue, site_id, batch_id)
+    for claim in state.claims.values():  # none left, unless a write failed after the claim
+        claim.release()
     assoc = event.assoc
     outcome = (
         "aborted"

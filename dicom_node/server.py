@@ -1,5 +1,6 @@
 """The DICOM node: a pynetdicom SCP answering C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET and
-Storage Commitment for the callers its policy admits, plus the spool sweeper."""
+Storage Commitment for the callers its policy admits. (Batches it could not hand to the
+worker are the workers' recovery loop's: `worker.recovery`.)"""
 
 from __future__ import annotations
 
@@ -102,8 +103,6 @@ class NodeConfig:
     #: handshake) within this many seconds is closed.
     association_request_timeout: float = 10.0
     network_timeout: float = 60.0
-    sweep_interval_seconds: float = 30.0
-    sweep_after_seconds: float = 300.0
     #: Hand a study's instances to the worker every this many (0: once, at release).
     batch_size: int = 10
     #: C-MOVE destinations by AE title (empty: C-MOVE answers "destination unknown").
@@ -395,8 +394,8 @@ class DicomNode:
         remove_left_by_dead_nodes(self.config.spool_root)
         self.receive = ReceiveFolder(self.config.spool_root)
         self.receive.install()
-        # Every batch on disk now predates this process: none is still being received.
-        self.sweep_once(older_than_seconds=0)
+        # Batches a previous node left (killed mid-association, or the broker down at the
+        # hand-over) are the workers' recovery loop's: unclaimed, unrecorded, sent again.
         ae = self._build_ae()
         policy = self.config.policy
         handlers: list[Any] = [
@@ -485,13 +484,11 @@ class DicomNode:
         self._server = server
         serve = threading.Thread(target=server.serve_forever, name="dicom-node", daemon=True)
         serve.start()
-        sweeper = threading.Thread(target=self._sweep_loop, name="spool-sweeper", daemon=True)
-        sweeper.start()
         counter = threading.Thread(
             target=self.backlog.run, args=(self._stopping,), name="spool-backlog", daemon=True
         )
         counter.start()
-        self._threads = [serve, sweeper, counter]
+        self._threads = [serve, counter]
         if self.config.metrics_port is not None:
             self._metrics_server, _ = start_http_server(
                 self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
@@ -503,29 +500,6 @@ class DicomNode:
             self.port,
             " (TLS)" if self.config.tls else "",
         )
-
-    def sweep_once(self, older_than_seconds: float | None = None) -> int:
-        """Enqueue spool batches left behind (crash before enqueue, lost task); return count."""
-        threshold = (
-            self.config.sweep_after_seconds if older_than_seconds is None else older_than_seconds
-        )
-        swept = 0
-        for spool in self.spools.all():
-            stale = spool.stale_batches(threshold)
-            for batch_id in stale:
-                try:
-                    self.enqueue(spool.site_id, batch_id)
-                except Exception as exc:  # noqa: BLE001 - broker down: try again next sweep
-                    log.error("sweeper could not enqueue (%s)", type(exc).__name__)
-                    return swept
-                swept += 1
-        if swept:
-            log.info("sweeper re-enqueued %d stale spool batches", swept)
-        return swept
-
-    def _sweep_loop(self) -> None:
-        while not self._stopping.wait(self.config.sweep_interval_seconds):
-            self.sweep_once()
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Graceful stop: no new association is accepted, the open ones may finish (up to

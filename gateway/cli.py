@@ -129,10 +129,11 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="worker processes")] = None,
 ) -> None:
     """Run a Celery worker for the ingest pipeline alone."""
-    from celery.signals import worker_ready, worker_shutdown
+    from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
 
     from gateway import components
-    from worker import enqueue_completion, ingest_queue
+    from spool import ProcessMark
+    from worker import WORKER_MARK, ingest_queue, record_reserved, task_directory
 
     settings = _settings(data_dir=data_dir, worker__concurrency=concurrency)
     components.configure_logging(settings, "worker")
@@ -145,13 +146,30 @@ def worker(
     except SettingsError as exc:
         raise _fail(exc) from exc
     celery_app = components.build_celery(settings, with_pipeline=True)
+    recovery = components.build_recovery(settings, celery_app)
+    # Held for this process's life: a task it takes from the broker is recorded under this
+    # mark, and seen lost when the mark is free (the process died before running it).
+    # STOW-RS also looks for a live worker mark before it accepts anything.
+    mark = ProcessMark(settings.spool_dir, WORKER_MARK)
+
+    def received(request: Any = None, **_: object) -> None:
+        directory = task_directory(settings.spool_dir, request.name, request.args or ())
+        if directory is not None:
+            record_reserved(directory, mark.name)
 
     def ready(**_: object) -> None:
         components.mark_ready(settings, "worker")
-        enqueue_completion(celery_app, settings.site_id)  # studies left due by a restart
+        recovery.start()  # at once: what a previous run or an outage left is sent again
 
+    def stopping(**_: object) -> None:
+        components.clear_ready(settings, "worker")
+        mark.close()
+
+    task_received.connect(received, weak=False)
+    # The pool's processes do not keep the mark: it must be free when this process dies.
+    worker_process_init.connect(lambda **_: mark.close_inherited(), weak=False)
     worker_ready.connect(ready, weak=False)
-    worker_shutdown.connect(lambda **_: components.clear_ready(settings, "worker"), weak=False)
+    worker_shutdown.connect(stopping, weak=False)
     argv = [
         "worker",
         f"--loglevel={settings.log_level}",

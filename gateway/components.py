@@ -43,7 +43,7 @@ from dicom_node import (
 from gateway.library_logs import withhold_library_values
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
 from imaging import Codec, DecodeLimits
-from spool import Spool, close_private_tree
+from spool import Facts, ProcessMark, Spool, close_private_tree, sweep
 from storage import (
     AccessRepository,
     AccessScope,
@@ -68,11 +68,16 @@ from web_viewer_api import (
     parse_networks,
 )
 from worker import (
+    WORKER_MARK,
+    BrokerEpochs,
     IngestPipeline,
+    RecoveryLoop,
     StudyCompletion,
     TransientPipelineError,
     Webhook,
     WorkerContext,
+    broker_epoch,
+    completion_job_dir,
     create_celery_app,
     enqueue_completion,
     enqueue_ingest,
@@ -154,6 +159,34 @@ def build_celery(settings: Settings, *, with_pipeline: bool) -> Celery:
         site_id=settings.site_id,
         transport_options=transport_options,
         context_factory=context_factory if with_pipeline else None,
+    )
+
+
+def build_recovery(settings: Settings, celery_app: Celery) -> RecoveryLoop:
+    """The worker's recovery loop (`worker.recovery`), for its main process: its own index
+    connections (none kept open: the pool's processes are forked from this one), the site
+    spools it processes, and the broker's identity."""
+    store = build_object_store(settings)
+    index = IndexRepository(create_index_engine(settings.effective_database_url, pooled=False))
+    sites = tuple(settings.sites)
+    quiet = settings.worker.study_quiet_seconds
+
+    def dependencies() -> None:
+        index.check()
+        store.check()
+
+    def send_batch(site_id: str, batch_id: str) -> None:
+        enqueue_ingest(celery_app, site_id, batch_id)
+
+    return RecoveryLoop(
+        spools=[Spool(settings.spool_dir, site) for site in sites],
+        send_batch=send_batch,
+        send_completion=lambda: enqueue_completion(celery_app, settings.site_id),
+        completion_due=lambda: index.completion_due(quiet, sites),
+        dependencies=dependencies,
+        broker=BrokerEpochs(settings.run_dir / "broker-epoch", lambda: broker_epoch(celery_app)),
+        completion_dir=completion_job_dir(settings.spool_dir, settings.site_id),
+        interval=settings.worker.recovery_interval_seconds,
     )
 
 
@@ -351,8 +384,6 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         max_associations_per_address=settings.dicom.max_associations_per_address,
         association_request_timeout=settings.dicom.association_request_timeout_seconds,
         network_timeout=settings.dicom.network_timeout_seconds,
-        sweep_interval_seconds=settings.dicom.sweep_interval_seconds,
-        sweep_after_seconds=settings.dicom.sweep_after_seconds,
         batch_size=settings.dicom.batch_size,
         backlog_limit=settings.dicom.backlog_limit,
         move_destinations={
@@ -490,7 +521,7 @@ def build_api(  # type: ignore[no-untyped-def]
         enqueue_ingest(sender, site_id, batch_id)
 
     # At the region, write-backs are processed by the API process that spooled them.
-    enqueue = regional_write_back(settings, index, sender) if region else to_the_worker
+    enqueue = regional_write_back(settings, index) if region else to_the_worker
 
     def study_patient(study_instance_uid: str, scope: AccessScope) -> str | None:
         found = index.search_studies(
@@ -507,6 +538,10 @@ def build_api(  # type: ignore[no-untyped-def]
         reply_seconds=settings.http.stow_reply_seconds,
         decode_limits=limits,
         max_parts=settings.http.max_stow_parts,
+        # At a site, a worker must be reading this spool (its mark on it): else 503.
+        processed=None
+        if region
+        else lambda: ProcessMark.any_alive(settings.spool_dir, WORKER_MARK),
     )
     return create_app(
         ApiConfig(
@@ -544,50 +579,65 @@ def build_api(  # type: ignore[no-untyped-def]
     )
 
 
-def regional_write_back(
-    settings: Settings, index: IndexRepository, sender: Celery
-) -> Callable[[str, str], None]:
+def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[[str, str], None]:
     """How the regional API processes the write-backs it spooled: in its own process (the
     region runs no worker, and each regional host has its own spool), with the region's
-    pipeline — no secret, objects of the domain only; then the owning site's worker
-    completes the study (series metadata, thumbnails, KOS, webhook) once it is quiet.
-    Batches a previous process left in the spool (it died before processing them) are
-    processed now."""
+    pipeline — no secret, objects of the domain only. Indexing a write-back makes its
+    study's completion pending (`completion_due_at`): the owning site's worker completes it
+    (series metadata, thumbnails, KOS, webhook) once it is quiet.
+
+    The spool is looked after as a worker's is (`spool.recovery`), every
+    `WORKER__RECOVERY_INTERVAL_SECONDS`: batches a previous process left (it died before
+    processing them), and those whose processing failed on the index or the object store
+    once these answer again."""
     pipeline = build_pipeline(settings, index)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="write-back")
     write_once_checked = threading.Event()  # at the first write-back: the API starts without S3
 
     def process(site_id: str, batch_id: str) -> None:
-        for delay in (1.0, 2.0, 4.0, 8.0, 16.0, 0.0):
-            try:
-                if not write_once_checked.is_set():
-                    check_write_once(settings)  # stored instances are never replaced
-                    write_once_checked.set()
-                report = pipeline.ingest_batch(site_id, batch_id)
-                complete(report.stored_study_uids)
-                return
-            except (TransientPipelineError, SettingsError) as exc:  # back soon, or not
-                log.warning("write-back batch %s: %s", batch_id, exc)
-                time.sleep(delay)
-        log.error("write-back batch %s left in the spool: processed at the next start", batch_id)
-
-    def complete(study_instance_uids: set[str]) -> None:
-        owners = {index.ownership(study, "", "").study_site_id for study in study_instance_uids}
-        for owner in sorted(o for o in owners if o):
-            try:
-                enqueue_completion(sender, owner, settings.worker.study_quiet_seconds + 1)
-            except Exception as exc:  # noqa: BLE001 - the site worker completes due studies at its start
-                log.warning(
-                    "completion of a written-back study not requested (%s)", type(exc).__name__
-                )
+        try:
+            if not write_once_checked.is_set():
+                check_write_once(settings)  # stored instances are never replaced
+                write_once_checked.set()
+            pipeline.ingest_batch(site_id, batch_id)
+        except TransientPipelineError as exc:  # recorded in the batch: the sweep retries it
+            log.warning("write-back batch %s waits for a retry (%s)", batch_id, exc.reason)
+        except SettingsError as exc:
+            log.error("write-back batch %s not processed: %s", batch_id, exc)
+        except Exception:
+            log.exception("write-back batch %s failed", batch_id)
 
     def enqueue(site_id: str, batch_id: str) -> None:
         executor.submit(process, site_id, batch_id)
 
     spool = Spool(settings.spool_dir, settings.site_id)
-    # Idle for a while: not one another API process of this host is still receiving.
-    for batch_id in spool.stale_batches(older_than_seconds=10):
-        enqueue(settings.site_id, batch_id)
+    started = time.time()  # what an earlier process had queued in memory is gone
+
+    def dependencies_up() -> bool:
+        try:
+            index.check()
+            pipeline.store.check()
+        except Exception:  # noqa: BLE001 - any failure: retries wait
+            return False
+        return True
+
+    def sweeping() -> None:
+        up_before = True
+        while True:
+            up = dependencies_up()
+            facts = Facts(
+                broker_restarted_at=started,
+                dependencies_up=up,
+                dependencies_returned=up and not up_before,
+            )
+            up_before = up
+            try:
+                sweep(spool, lambda batch: enqueue(settings.site_id, batch), facts)
+            except Exception:
+                log.exception("write-back sweep failed")
+            time.sleep(settings.worker.recovery_interval_seconds)
+
+    threading.Thread(target=sweeping, name="write-back-sweep", daemon=True).start()
     return enqueue
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 import zipfile
 import zlib
@@ -27,7 +28,8 @@ from rich.progress import (
 
 from gateway.settings import SettingsError
 from imaging import UNREADABLE_DATASET_ERRORS
-from spool import Spool
+from spool import PendingRecord, ProcessMark, Spool, private_directory
+from spool.claims import write_pending
 from worker import IngestPipeline
 
 #: Largest file an import reads (a zip member is read as it inflates and dropped past it: a
@@ -104,6 +106,23 @@ def run_import(
     """Spool every DICOM file per study, run the pipeline on each batch, return counts.
     Files and zip members above `max_file_bytes` are counted as too large and skipped."""
     sources = list(_walk(paths))
+    # While this process lives its batches are its own; were it to die, the workers'
+    # recovery loop would see its mark free and process them.
+    mark = ProcessMark(spool.root, "import")
+    try:
+        return _import(sources, pipeline, spool, console, max_file_bytes, mark)
+    finally:
+        mark.close()
+
+
+def _import(
+    sources: list[_Source],
+    pipeline: IngestPipeline,
+    spool: Spool,
+    console: Console | None,
+    max_file_bytes: int,
+    mark: ProcessMark,
+) -> ImportSummary:
     summary = ImportSummary()
     run_tag = f"import-{uuid.uuid4().hex[:12]}"
     batches: set[str] = set()
@@ -146,6 +165,11 @@ def run_import(
                 continue
             batch = spool.batch_id(run_tag, study)
             name = sop if sop.replace(".", "").isdigit() else "1." + str(int(sop, 16))
+            if batch not in batches:  # this process processes it: the workers leave it alone
+                write_pending(
+                    private_directory(spool.site_dir / batch),
+                    PendingRecord("reserved", time.time(), by=mark.name),
+                )
             spool.write(batch, name, body)
             batches.add(batch)
         storing = progress.add_task("storing", total=len(batches))

@@ -90,8 +90,6 @@ class DicomSettings(BaseModel):
     #: ARTIM: seconds a new connection has to send its A-ASSOCIATE-RQ (and finish TLS).
     association_request_timeout_seconds: float = Field(10.0, gt=0, le=300)
     network_timeout_seconds: float = Field(60.0, gt=0)
-    sweep_interval_seconds: float = Field(30.0, gt=0)
-    sweep_after_seconds: float = Field(300.0, ge=0)
     #: A study's instances are handed to the worker every N (small: the worker's processes
     #: share a long association's study at once, and the first instances are searchable sooner).
     batch_size: int = Field(10, ge=0)
@@ -223,6 +221,9 @@ class WorkerSettings(BaseModel):
     compression: Literal["jpeg-ls", "jpeg-2000", "htj2k", "none"] = "htj2k"
     #: A study unchanged this long is complete: metadata, thumbnails, KOS, webhook.
     study_quiet_seconds: float = Field(60.0, ge=0)
+    #: How often each worker looks for batches and completions whose task is gone (a
+    #: worker killed, a broker restarted, a retry due): the most a recovery waits.
+    recovery_interval_seconds: float = Field(2.0, gt=0, le=300)
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
 

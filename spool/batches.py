@@ -26,9 +26,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from imaging import is_uid_shaped
+
+if TYPE_CHECKING:
+    from spool.claims import BatchClaim
 
 log = logging.getLogger(__name__)
 
@@ -249,26 +252,17 @@ class Spool:
             raise SpoolWriteError(exc.strerror or type(exc).__name__) from exc
         return target
 
-    def stale_batches(self, older_than_seconds: float) -> list[str]:
-        """Batches with instances whose newest file is older than the threshold.
+    def claim(self, batch_id: str) -> BatchClaim:
+        """Hold a batch while writing it (`spool.claims`), its folder created if missing.
+        Raise SpoolWriteError if the folder cannot be made, ValueError for a bad name."""
+        if "/" in batch_id or batch_id.startswith(".") or not batch_id:
+            raise ValueError("not a batch name")
+        from spool.claims import BatchClaim  # (spool.claims builds on this module)
 
-        Used by the sweeper: a batch left behind by a crash between acknowledgement and
-        enqueue, or by a lost task, is enqueued again.
-        """
-        if not self.site_dir.is_dir():
-            return []
-        cutoff = time.time() - older_than_seconds
-        stale = []
-        for batch in sorted(self.site_dir.iterdir()):
-            if not batch.is_dir():
-                continue
-            try:
-                files = list(batch.iterdir())
-                if (
-                    any(f.suffix == SPOOL_SUFFIX for f in files)
-                    and max(f.stat().st_mtime for f in files) < cutoff
-                ):
-                    stale.append(batch.name)
-            except (OSError, ValueError):
-                continue  # the worker removed it while we looked
-        return stale
+        try:
+            claim = BatchClaim.acquire(self.site_dir / batch_id, wait=True, create=True)
+        except OSError as exc:
+            raise SpoolWriteError(exc.strerror or type(exc).__name__) from exc
+        if claim is None:  # pragma: no cover - the folder was just created
+            raise SpoolWriteError("the batch folder disappeared")
+        return claim

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from access.shares import SharePolicy, ShareService
 from imaging import DEFAULT_DECODE_LIMITS, DecodeLimits
+from spool import Spool, batch_states
 from storage import AccessRepository, AuditWriter, IndexRepository, ObjectStore
 from web_viewer_api.asgi import StatusRecorder
 from web_viewer_api.audit import (
@@ -130,6 +131,40 @@ class _QuarantineCollector(Collector):
         for reason, count in sorted(counts.items()):
             gauge.add_metric([reason], count)
         yield gauge
+
+
+class _RecoveryCollector(Collector):
+    """What is still to be done after a crash or an outage, read at scrape time: studies
+    whose completion is pending (and of those, failed at least once: retried with a growing
+    wait), and this API's site spool's batches by the state of their hand-over
+    (`spool.recovery`: `unsent` is one the workers' recovery loop sends at its next pass)."""
+
+    def __init__(self, index: IndexRepository, spool: Spool | None) -> None:
+        self.index, self.spool = index, spool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        completions = GaugeMetricFamily(
+            "dicom_gateway_study_completions",
+            "Studies whose completion (metadata, thumbnails, KOS, webhook) is pending",
+            labels=["state"],
+        )
+        try:
+            pending, failed = self.index.completion_counts()
+        except SQLAlchemyError:
+            pending = failed = -1  # the index does not answer: readiness says so too
+        completions.add_metric(["pending"], pending)
+        completions.add_metric(["failed"], failed)
+        yield completions
+        if self.spool is None:
+            return
+        batches = GaugeMetricFamily(
+            "dicom_gateway_spool_batches",
+            "Spool batches holding instances, by the state of their hand-over to a worker",
+            labels=["state"],
+        )
+        for state, count in sorted(batch_states(self.spool).items()):
+            batches.add_metric([state], count)
+        yield batches
 
 
 class _MetricsMiddleware:
@@ -279,6 +314,9 @@ def create_app(config: ApiConfig, index: IndexRepository, store: ObjectStore) ->
         MultiProcessCollector(scraped, path=folder)  # type: ignore[no-untyped-call]
     if config.quarantine_dir is not None:
         scraped.register(_QuarantineCollector(config.quarantine_dir))
+    scraped.register(
+        _RecoveryCollector(index, config.stow.spool if config.stow is not None else None)
+    )
     requests = PromCounter(
         "dicom_gateway_http_requests_total",
         "HTTP requests",

@@ -101,6 +101,10 @@ class TooLargeToRender(ApiError):
 class Unavailable(ApiError):
     status_code, code = 503, "unavailable"
 
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+        super().__init__(message, headers=headers)
+
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}

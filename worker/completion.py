@@ -20,12 +20,14 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from sqlalchemy.exc import SQLAlchemyError
 
 from imaging import RenderError, render_thumbnail
 from storage import (
+    DueStudy,
     IndexRepository,
-    ObjectNotFound,
     ObjectStore,
+    TransientStorageError,
     instance_metadata_key,
     manifest_key,
     series_metadata_key,
@@ -35,6 +37,9 @@ from worker.derived import DerivedObjectError, build_kos_manifest, choose_series
 from worker.events import Webhook, encode_event
 
 log = logging.getLogger(__name__)
+
+#: Waits before a study whose completion failed is tried again (then the last, each time).
+COMPLETION_RETRY_SECONDS = (60.0, 300.0, 1800.0, 3600.0)
 
 #: (webhook index, event type, delivery id, body): hands one delivery to the task queue.
 DeliverySink = Callable[[int, str, str, bytes], None]
@@ -66,19 +71,34 @@ class StudyCompletion:
 
     def run(self, quiet_seconds: float) -> list[str]:
         """Complete every study of this worker's sites quiet for `quiet_seconds`; return
-        their UIDs."""
+        their UIDs. A study whose completion fails (an object missing, a header that
+        cannot be read) is recorded as failed and due again later, with a growing wait;
+        the others go on. A failure of the index or object store themselves raises: the
+        whole run is retried."""
         done = []
         sites = self.site_ids or (self.site_id,)
-        for study_uid, count in self.index.studies_due_for_completion(quiet_seconds, sites):
+        for due in self.index.studies_due_for_completion(quiet_seconds, sites):
             try:
-                self.complete(study_uid, count)
-            except ObjectNotFound:
-                log.warning("study completion skipped: an object is missing (reindex?)")
+                self.complete(due)
+            except (TransientStorageError, SQLAlchemyError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - this study's own trouble: recorded, retried
+                wait = COMPLETION_RETRY_SECONDS[
+                    min(due.attempts, len(COMPLETION_RETRY_SECONDS) - 1)
+                ]
+                self.index.mark_completion_failed(due, type(exc).__name__, wait)
+                log.warning(
+                    "study completion failed (%s, attempt %d); retried in %.0f s",
+                    type(exc).__name__,
+                    due.attempts + 1,
+                    wait,
+                )
                 continue
-            done.append(study_uid)
+            done.append(due.study_instance_uid)
         return done
 
-    def complete(self, study_uid: str, instance_count: int) -> None:
+    def complete(self, due: DueStudy) -> None:
+        study_uid, instance_count = due.study_instance_uid, due.instance_count
         instances = self.index.study_instances(study_uid)
         by_series: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
         for series_uid, sop_uid, sop_class, key in instances:
@@ -117,7 +137,7 @@ class StudyCompletion:
         manifest.save_as(buffer, enforce_file_format=True)
         self.store.put(manifest_key(study_uid), buffer.getvalue())
         self._emit(study_uid, instance_count, len(by_series), sorted(modalities), headers[0])
-        self.index.mark_completed(study_uid, instance_count)
+        self.index.mark_completed(due)
         log.info("study completed: %d instances, %d series", instance_count, len(by_series))
 
     def _thumbnail(

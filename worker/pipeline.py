@@ -55,10 +55,13 @@ from imaging.dicom_model import dataset_document, instance_document, json_bytes
 from spool import (
     PRIVATE_FILE_MODE,
     SPOOL_SUFFIX,
+    BatchClaim,
     BatchReply,
     InstanceOutcome,
     open_private,
     private_directory,
+    record_retry,
+    record_started,
     reply_requested,
     write_reply,
 )
@@ -96,6 +99,12 @@ class PipelineError(Exception):
 
 class TransientPipelineError(PipelineError):
     """A dependency (object store, index) failed; the whole batch is retried later."""
+
+    @property
+    def reason(self) -> str:
+        """What failed, as a type name (the message may quote a key: not recorded)."""
+        cause = self.__cause__
+        return type(cause).__name__ if cause is not None else "TransientPipelineError"
 
 
 class InvalidBatchName(PipelineError, ValueError):
@@ -457,12 +466,40 @@ class IngestPipeline:
     def batch_dir(self, site_id: str, batch_id: str) -> Path:
         return self.spool_root / _checked_name(site_id, "site") / _checked_name(batch_id, "batch")
 
-    def ingest_batch(self, site_id: str, batch_id: str) -> IngestReport:
-        """Process every spooled instance of a batch; raise TransientPipelineError to retry."""
+    def ingest_batch(
+        self, site_id: str, batch_id: str, claim: BatchClaim | None = None
+    ) -> IngestReport:
+        """Process every spooled instance of a batch under its claim (`spool.claims`: taken
+        here, waiting for a writer or another worker to let go, unless the caller holds
+        it); raise TransientPipelineError to retry, having recorded when (`spool.recovery`)."""
+        directory = self.batch_dir(site_id, batch_id)
+        held = claim or BatchClaim.acquire(directory, wait=True)
+        if held is None:
+            report = IngestReport(site_id, batch_id)
+            report.missing = True  # already processed by an earlier delivery of this task
+            return report
+        try:
+            previous = record_started(directory)
+            try:
+                report = self._ingest_claimed(site_id, batch_id, directory)
+            except TransientPipelineError as exc:
+                record_retry(directory, previous, exc.reason)
+                raise
+            except Exception as exc:
+                record_retry(directory, previous, type(exc).__name__)
+                raise
+            if directory.is_dir() and any(directory.glob(f"*{SPOOL_SUFFIX}")):
+                record_retry(directory, previous, "instances left")
+            return report
+        finally:
+            if claim is None:
+                held.release()
+
+    def _ingest_claimed(self, site_id: str, batch_id: str, directory: Path) -> IngestReport:
         started = time.perf_counter()
         report = IngestReport(site_id, batch_id)
-        directory = self.batch_dir(site_id, batch_id)
-        if not directory.is_dir():
+        if not any(directory.glob(f"*{SPOOL_SUFFIX}")):
+            self._remove_if_empty(directory)
             report.missing = True  # already processed by an earlier delivery of this task
             return report
         wants_reply = reply_requested(directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,10 +10,17 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
+from sqlalchemy.exc import SQLAlchemyError
 
+from spool import BatchClaim, record_retry, record_started
+from spool.claims import clear_pending
+from storage import StorageError
 from worker.completion import StudyCompletion
 from worker.events import Webhook, WebhookDeliveryError, deliver
 from worker.pipeline import IngestPipeline, TransientPipelineError
+from worker.recovery import completion_job_dir
+
+log = logging.getLogger(__name__)
 
 INGEST_TASK = "dicom_gateway.ingest_spool_batch"
 COMPLETE_STUDY_TASK = "dicom_gateway.complete_studies"
@@ -60,29 +68,22 @@ def register_tasks(app: Celery, context_factory: Callable[[], WorkerContext] | N
     holder = _ContextHolder(context_factory)
     worker_process_init.connect(holder.reset, weak=False)
 
-    def schedule_completion(context: WorkerContext) -> None:
-        app.send_task(
-            COMPLETE_STUDY_TASK,
-            queue=ingest_queue(context.site_id),
-            countdown=context.quiet_seconds + 1,
-        )
-
     @app.task(  # type: ignore[untyped-decorator]
         name=INGEST_TASK,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
-        autoretry_for=(TransientPipelineError,),
-        retry_backoff=2,
-        retry_backoff_max=300,
-        retry_jitter=True,
-        max_retries=20,
     )
     def ingest_spool_batch(self: Task, site_id: str, batch_id: str) -> dict[str, Any]:
+        """Process one batch. A failure of the index or object store is recorded in the
+        batch (`spool.recovery`) and the task ends: the recovery loop sends it again once
+        they answer — no retry waits in a worker's memory or in the broker."""
         context = holder.get()
-        report = context.pipeline.ingest_batch(site_id, batch_id)
-        if report.stored:
-            schedule_completion(context)
+        try:
+            report = context.pipeline.ingest_batch(site_id, batch_id)
+        except TransientPipelineError as exc:
+            log.warning("batch %s/%s waits for a retry (%s)", site_id, batch_id, exc.reason)
+            return {"retry": exc.reason}
         return {
             "stored": report.stored,
             "quarantined": report.quarantined,
@@ -94,13 +95,11 @@ def register_tasks(app: Celery, context_factory: Callable[[], WorkerContext] | N
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
-        autoretry_for=(TransientPipelineError,),
-        retry_backoff=5,
-        retry_backoff_max=600,
-        retry_jitter=True,
-        max_retries=20,
     )
-    def complete_studies(self: Task) -> list[str]:
+    def complete_studies(self: Task, site_id: str = "") -> list[str]:
+        """Complete the due studies of this worker's sites, under the completion job's
+        claim (one run at a time across the site's workers); a failure of the index or
+        object store is recorded for the recovery loop, as for a batch."""
         context = holder.get()
 
         def send(number: int, event_type: str, delivery_id: str, body: bytes) -> None:
@@ -111,16 +110,23 @@ def register_tasks(app: Celery, context_factory: Callable[[], WorkerContext] | N
             )
 
         context.completion.deliver = send
-        try:
-            return context.completion.run(context.quiet_seconds)
-        except Exception as exc:  # store/index trouble: try again later
-            from sqlalchemy.exc import SQLAlchemyError
-
-            from storage import StorageError
-
-            if isinstance(exc, StorageError | SQLAlchemyError):
-                raise TransientPipelineError(type(exc).__name__) from exc
-            raise
+        directory = completion_job_dir(context.pipeline.spool_root, site_id or context.site_id)
+        claim = BatchClaim.acquire(directory, wait=True, create=True)
+        if claim is None:  # pragma: no cover - created above
+            return []
+        with claim:
+            previous = record_started(directory)
+            try:
+                done = context.completion.run(context.quiet_seconds)
+            except (StorageError, SQLAlchemyError) as exc:  # store/index trouble: retried
+                record_retry(directory, previous, type(exc).__name__)
+                log.warning("study completion waits for a retry (%s)", type(exc).__name__)
+                return []
+            except Exception as exc:
+                record_retry(directory, previous, type(exc).__name__)
+                raise
+            clear_pending(directory)
+            return done
 
     @app.task(  # type: ignore[untyped-decorator]
         name=WEBHOOK_TASK,
@@ -145,7 +151,7 @@ def enqueue_ingest(app: Celery, site_id: str, batch_id: str) -> None:
     app.send_task(INGEST_TASK, args=[site_id, batch_id], queue=ingest_queue(site_id))
 
 
-def enqueue_completion(app: Celery, site_id: str, countdown: float = 0.0) -> None:
-    """Ask a worker of the site to complete its studies that are due (at worker start; after
-    a write-back at the region, once the study has been quiet: `countdown`)."""
-    app.send_task(COMPLETE_STUDY_TASK, queue=ingest_queue(site_id), countdown=countdown or None)
+def enqueue_completion(app: Celery, site_id: str) -> None:
+    """Ask a worker of the site to complete its studies that are due (sent by the recovery
+    loop when the index has one, and no completion task of the site is outstanding)."""
+    app.send_task(COMPLETE_STUDY_TASK, args=[site_id], queue=ingest_queue(site_id))

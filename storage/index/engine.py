@@ -12,6 +12,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,13 @@ def _close_sqlite_file(database_url: str) -> None:
             )
 
 
-def create_index_engine(database_url: str, *, echo: bool = False) -> Engine:
+def create_index_engine(database_url: str, *, echo: bool = False, pooled: bool = True) -> Engine:
     """An engine tuned for the index: WAL and a busy timeout on SQLite, pre-ping everywhere.
-    A SQLite index file is created (or tightened to) mode 0600."""
+    A SQLite index file is created (or tightened to) mode 0600. Not `pooled`: each use
+    opens and closes its connection (a process that forks others keeps none open)."""
     kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+    if not pooled:
+        kwargs["poolclass"] = NullPool
     if database_url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         _close_sqlite_file(database_url)

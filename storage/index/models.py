@@ -76,6 +76,16 @@ class Study(_Timestamps, Base):
     #: many instances: a later arrival makes the study due again.
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     completed_instance_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: The completion step is pending: set when an instance of the study is indexed, due
+    #: once the study has been quiet from then on; cleared when it ran for that content
+    #: (a failed run sets it later: retried).
+    completion_due_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, index=True
+    )
+    #: Failed completion runs since the last one that succeeded, and the last failure's
+    #: exception type (never a value).
+    completion_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    completion_error: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class Series(_Timestamps, Base):

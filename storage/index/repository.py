@@ -14,6 +14,7 @@ from sqlalchemy import (
     Engine,
     Select,
     String,
+    and_,
     bindparam,
     case,
     delete,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -161,6 +163,17 @@ _OWNERSHIP = select(
     _study_column(Study.accession_number),
     _study_column(Study.study_date),
 )
+
+
+@dataclass(frozen=True)
+class DueStudy:
+    """A study whose completion step is due, as read: its content (`instance_count`) and
+    when it became pending (`due_at`, compared when marking it done)."""
+
+    study_instance_uid: str
+    instance_count: int
+    due_at: dt.datetime | None
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -844,6 +857,13 @@ class IndexRepository:
                     ),
                     [record.instance for record in records],
                 )
+                # Their studies' completion is pending, in the same transaction: a crash
+                # after the instances are searchable cannot lose it.
+                session.execute(
+                    update(Study)
+                    .where(Study.study_instance_uid.in_(list(studies)))
+                    .values(completion_due_at=dt.datetime.now(dt.UTC))
+                )
 
     def record_withheld(self, record: WithheldRecord) -> None:
         """Say that an instance of a study was withheld at its site (idempotent: a retried
@@ -1104,50 +1124,104 @@ class IndexRepository:
                 select(Instance.sop_instance_uid, Instance.object_key, Instance.size_bytes)
             ).tuples()
 
-    def studies_due_for_completion(
-        self, quiet_seconds: float, site_ids: Sequence[str] | None = None
-    ) -> list[tuple[str, int]]:
-        """(study UID, instance count) of studies unchanged for `quiet_seconds` whose
-        completion step has not run for their current content; of `site_ids` only (a
-        site's worker completes its own studies: webhooks go to that site's receivers)."""
+    def _due_condition(self, quiet_seconds: float, site_ids: Sequence[str] | None) -> Any:
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=quiet_seconds)
-        counts = (
-            select(
-                Instance.study_instance_uid.label("uid"),
-                func.count().label("n"),
-                func.max(Instance.updated_at).label("last"),
+        condition = and_(Study.completion_due_at.is_not(None), Study.completion_due_at <= cutoff)
+        if site_ids is not None:
+            condition = and_(condition, Study.site_id.in_(list(site_ids)))
+        return condition
+
+    def studies_due_for_completion(
+        self, quiet_seconds: float, site_ids: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[DueStudy]:
+        """Studies whose completion is pending and which have been quiet (no instance
+        indexed) for `quiet_seconds`, oldest first; of `site_ids` only (a site's worker
+        completes its own studies: webhooks go to that site's receivers)."""
+        with Session(self.engine) as session:
+            due = session.execute(
+                select(Study.study_instance_uid, Study.completion_due_at, Study.completion_attempts)
+                .where(self._due_condition(quiet_seconds, site_ids))
+                .order_by(Study.completion_due_at)
+                .limit(limit)
+            ).all()
+            if not due:
+                return []
+            counted = session.execute(
+                select(Instance.study_instance_uid, func.count())
+                .where(Instance.study_instance_uid.in_([row[0] for row in due]))
+                .group_by(Instance.study_instance_uid)
             )
-            .group_by(Instance.study_instance_uid)
-            .subquery()
-        )
-        statement = (
-            select(Study.study_instance_uid, counts.c.n, counts.c.last)
-            .join(counts, counts.c.uid == Study.study_instance_uid)
-            .where(
-                or_(
-                    Study.completed_instance_count.is_(None),
-                    Study.completed_instance_count != counts.c.n,
+            counts = {str(uid): int(n) for uid, n in counted}
+        return [
+            DueStudy(str(uid), int(counts.get(uid, 0)), due_at, int(attempts))
+            for uid, due_at, attempts in due
+        ]
+
+    def completion_due(self, quiet_seconds: float, site_ids: Sequence[str] | None = None) -> bool:
+        """Whether any study of `site_ids` is due for completion (one indexed lookup)."""
+        with self.engine.connect() as connection:
+            return (
+                connection.execute(
+                    select(Study.study_instance_uid)
+                    .where(self._due_condition(quiet_seconds, site_ids))
+                    .limit(1)
+                ).first()
+                is not None
+            )
+
+    def completion_counts(self, site_ids: Sequence[str] | None = None) -> tuple[int, int]:
+        """(studies whose completion is pending, of which failed at least once)."""
+        condition: Any = Study.completion_due_at.is_not(None)
+        if site_ids is not None:
+            condition = and_(condition, Study.site_id.in_(list(site_ids)))
+        with self.engine.connect() as connection:
+            pending, failed = connection.execute(
+                select(
+                    func.count(),
+                    func.coalesce(func.sum(case((Study.completion_attempts > 0, 1), else_=0)), 0),
+                ).where(condition)
+            ).one()
+        return int(pending), int(failed)
+
+    def mark_completed(self, study: DueStudy) -> None:
+        """Record that the completion step ran for `study`'s content: no longer pending,
+        unless an instance was indexed since it was read (then due again after its quiet
+        time)."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(
+                update(Study)
+                .where(Study.study_instance_uid == study.study_instance_uid)
+                .values(
+                    completed_at=dt.datetime.now(dt.UTC),
+                    completed_instance_count=study.instance_count,
+                    completion_attempts=0,
+                    completion_error="",
+                    completion_due_at=case(
+                        (Study.completion_due_at == study.due_at, None),
+                        else_=Study.completion_due_at,
+                    ),
                 )
             )
-        )
-        if site_ids is not None:
-            statement = statement.where(Study.site_id.in_(list(site_ids)))
-        due = []
-        with Session(self.engine) as session:
-            for uid, count, last in session.execute(statement):
-                if last is not None and last.tzinfo is None:
-                    last = last.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC
-                if last is None or last <= cutoff:
-                    due.append((str(uid), int(count)))
-        return due
 
-    def mark_completed(self, study_instance_uid: str, instance_count: int) -> None:
-        """Record that the completion step ran for `instance_count` instances."""
+    def mark_completion_failed(self, study: DueStudy, error: str, retry_in_seconds: float) -> None:
+        """Record a failed completion run (`error`: an exception type name): pending still,
+        due again in `retry_in_seconds` (counted from the end of the quiet time), unless
+        an instance was indexed since (then due after its quiet time, as any); the quiet
+        time is counted from then, as for any pending study."""
+        retry = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry_in_seconds)
         with Session(self.engine) as session, session.begin():
-            study = session.get(Study, study_instance_uid)
-            if study is not None:
-                study.completed_at = dt.datetime.now(dt.UTC)
-                study.completed_instance_count = instance_count
+            session.execute(
+                update(Study)
+                .where(Study.study_instance_uid == study.study_instance_uid)
+                .values(
+                    completion_attempts=Study.completion_attempts + 1,
+                    completion_error=error[:64],
+                    completion_due_at=case(
+                        (Study.completion_due_at == study.due_at, retry),
+                        else_=Study.completion_due_at,
+                    ),
+                )
+            )
 
     def study_instances(self, study_instance_uid: str) -> list[tuple[str, str, str, str]]:
         """(series UID, SOP instance UID, SOP class UID, object key) of a study's instances."""
@@ -1193,7 +1267,15 @@ class IndexRepository:
 
     def dump(self) -> dict[str, list[dict[str, Any]]]:
         """Every row of every table without timestamps (to compare two indexes)."""
-        skip = {"created_at", "updated_at", "completed_at", "completed_instance_count"}
+        skip = {
+            "created_at",
+            "updated_at",
+            "completed_at",
+            "completed_instance_count",
+            "completion_due_at",
+            "completion_attempts",
+            "completion_error",
+        }
         result: dict[str, list[dict[str, Any]]] = {}
         with Session(self.engine) as session:
             for model in (Patient, Study, Series, Instance):

@@ -44,9 +44,11 @@ from imaging import (
 )
 from imaging.dicom_model import dataset_document
 from spool import (
+    BatchClaim,
     InstanceOutcome,
     Spool,
     SpoolWriteError,
+    hand_over,
     incoming_dir,
     new_association_tag,
     open_private,
@@ -102,6 +104,10 @@ class StowTarget:
     decode_limits: DecodeLimits = DEFAULT_DECODE_LIMITS
     #: Most parts in one request (413 above): each costs a file and an entry in the answer.
     max_parts: int = 10_000
+    #: Whether something processes this spool now (a live worker's mark on it); a request
+    #: is refused (503) before anything is read when it says no. None: not checked (the
+    #: regional API processes its write-backs itself).
+    processed: Callable[[], bool] | None = None
 
     @property
     def incoming(self) -> Path:
@@ -643,18 +649,18 @@ def _discard(parts: list[_Part], current: dict[str, Any]) -> None:
         part.path.unlink(missing_ok=True)
 
 
-def spool_parts(
+def _spool_each(
     parts: list[_Part],
     target: StowTarget,
     study_in_path: str | None,
-    study_patient: Callable[[str], str | None] | None = None,
-) -> StowOutcome:
-    """Check each part, spool the good ones per study, mark each batch as awaited and
-    enqueue it (`StowOutcome.await_replies` then waits for the worker). `study_patient`:
-    the regional API's check, bound to the writer's scope."""
-    outcome = StowOutcome()
-    tag = new_association_tag()
-    batches: set[str] = set()
+    study_patient: Callable[[str], str | None] | None,
+    outcome: StowOutcome,
+    tag: str,
+    batches: set[str],
+    claims: dict[str, BatchClaim],
+) -> None:
+    """Check each part and move the good ones into their study's batch (claimed first);
+    every part's file is gone when this returns."""
     try:
         for part in parts:
             if part.refused is not None:
@@ -698,6 +704,8 @@ def spool_parts(
                 continue
             batch = target.spool.batch_id(tag, study)
             try:
+                if batch not in claims:
+                    claims[batch] = target.spool.claim(batch)
                 path = target.spool.move_file(batch, sop, part.path)
             except ValueError:
                 outcome.refuse(
@@ -717,17 +725,46 @@ def spool_parts(
     finally:
         for part in parts:
             part.path.unlink(missing_ok=True)
-    for batch in sorted(batches):
+
+
+def spool_parts(
+    parts: list[_Part],
+    target: StowTarget,
+    study_in_path: str | None,
+    study_patient: Callable[[str], str | None] | None = None,
+) -> StowOutcome:
+    """Check each part, spool the good ones per study, mark each batch as awaited and
+    enqueue it (`StowOutcome.await_replies` then waits for the worker). `study_patient`:
+    the regional API's check, bound to the writer's scope."""
+    outcome = StowOutcome()
+    tag = new_association_tag()
+    batches: set[str] = set()
+    # Each batch held from its first part to its hand-over (`spool.claims`): were this
+    # process to die in between, the workers' recovery loop sends the batch at once.
+    claims: dict[str, BatchClaim] = {}
+    try:
+        _spool_each(parts, target, study_in_path, study_patient, outcome, tag, batches, claims)
+    except BaseException:
+        for claim in claims.values():
+            claim.release()
+        raise
+    for batch, claim in sorted(claims.items()):
         try:
-            request_reply(target.spool.site_dir / batch)
+            if batch in batches:
+                request_reply(claim.directory)
         except OSError as exc:  # still processed; the answer says it is pending
             log.error("STOW batch %s: reply not requested (%s)", batch, type(exc).__name__)
         try:
-            target.enqueue(target.spool.site_id, batch)
-        except Exception as exc:  # noqa: BLE001 - broker down: the node's sweeper re-enqueues it
+            if batch in batches:
+                hand_over(claim.directory, lambda name: target.enqueue(target.spool.site_id, name))
+        except Exception as exc:  # noqa: BLE001 - broker down: the workers' recovery loop sends it
             log.error(
-                "STOW batch %s not enqueued (%s); the sweeper will", batch, type(exc).__name__
+                "STOW batch %s not enqueued (%s); the workers will send it",
+                batch,
+                type(exc).__name__,
             )
+        finally:
+            claim.release()
     return outcome
 
 

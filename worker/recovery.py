@@ -1,0 +1,186 @@
+"""The worker's recovery loop: every acknowledged instance processed, every due study
+completed, whatever died or restarted meanwhile.
+
+One loop runs in each worker's main process (any number of workers, on any host that
+reads the site's spool). Every `interval` seconds it looks at the facts — the broker's
+identity (a Redis run id changes when Redis restarts, and its queues may be gone), whether
+the index and the object store answer, which batches are claimed, which worker processes
+are alive — and sends again the batches and the completion step whose task is gone
+(`spool.recovery`). Nothing waits for an idle threshold: a batch whose worker was killed
+is sent again at the next pass, a batch refused while the broker was down at the first pass
+after it is back.
+
+The completion step is a job like a batch, in `<spool>/.completion/<site>/`: needed
+while the index has a study due (`completion_due_at`, set when an instance is indexed;
+cleared when the study is completed for that content), with the same claim and record.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spool import Facts, ProcessMark, Spool, SweepReport, sweep
+from spool.batches import private_directory
+from spool.claims import PendingRecord, read_pending, write_pending
+from spool.recovery import consider
+
+log = logging.getLogger(__name__)
+
+#: The kind of process mark a worker's main process holds (STOW-RS looks for one).
+WORKER_MARK = "worker"
+
+
+def completion_job_dir(spool_root: Path, site_id: str) -> Path:
+    """The folder of a site's completion job (claim and record)."""
+    return spool_root / ".completion" / site_id
+
+
+@dataclass
+class BrokerEpochs:
+    """Tells when the broker restarted: its identity (`epoch`), compared with the last one
+    seen, kept in `path` so that a restart while no worker ran is seen at the next start."""
+
+    path: Path
+    epoch: Callable[[], str]
+    restarted_at: float | None = None
+
+    def look(self) -> bool:
+        """Read the broker's identity; False when it does not answer."""
+        try:
+            current = self.epoch()
+        except Exception as exc:  # noqa: BLE001 - any failure means: not reachable now
+            log.debug("broker not reachable (%s)", type(exc).__name__)
+            return False
+        try:
+            known = self.path.read_text().strip()
+        except FileNotFoundError:
+            known = None
+        if known != current:
+            if known is not None and current:
+                self.restarted_at = time.time()
+                log.warning("the broker restarted: tasks handed to it before are sent again")
+            private_directory(self.path.parent)
+            temp = self.path.with_suffix(".tmp")
+            temp.write_text(current)
+            temp.replace(self.path)
+        return True
+
+
+@dataclass
+class RecoveryLoop:
+    """See the module docstring. `send_batch(site, batch)` and `send_completion()` hand a
+    task to the broker (raising when it is down); `dependencies()` raises while the index
+    or the object store does not answer; `completion_due()` says whether a study of this
+    worker's sites is due."""
+
+    spools: Sequence[Spool]
+    send_batch: Callable[[str, str], None]
+    send_completion: Callable[[], None]
+    completion_due: Callable[[], bool]
+    dependencies: Callable[[], None]
+    broker: BrokerEpochs
+    completion_dir: Path
+    interval: float = 2.0
+    #: The last pass's report per spool (for logs and tests).
+    reports: dict[str, SweepReport] = field(default_factory=dict)
+    _dependencies_up: bool = True
+
+    def tick(self) -> bool:
+        """One pass; False when the broker did not answer (nothing could be sent)."""
+        if not self.broker.look():
+            return False
+        try:
+            self.dependencies()
+            up = True
+        except Exception as exc:  # noqa: BLE001 - any failure: retries wait
+            log.debug("index or object store not answering (%s)", type(exc).__name__)
+            up = False
+        facts = Facts(
+            broker_restarted_at=self.broker.restarted_at,
+            dependencies_up=up,
+            dependencies_returned=up and not self._dependencies_up,
+        )
+        self._dependencies_up = up
+        for spool in self.spools:
+
+            def send(batch_id: str, site_id: str = spool.site_id) -> None:
+                self.send_batch(site_id, batch_id)
+
+            self.reports[spool.site_id] = sweep(spool, send, facts)
+        if up:
+            try:
+                due = self.completion_due()
+            except Exception as exc:  # noqa: BLE001 - the index went away meanwhile
+                log.debug("completion not looked at (%s)", type(exc).__name__)
+                return True
+            report = SweepReport()
+            root = self.spools[0].root if self.spools else self.completion_dir
+            consider(
+                self.completion_dir,
+                lambda _name: self.send_completion(),
+                facts,
+                report,
+                alive=lambda name: ProcessMark.alive(root, name),
+                needed=due,
+            )
+            self.reports[".completion"] = report
+        return True
+
+    def run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("recovery pass failed")
+            stopping.wait(self.interval)
+
+    def start(self) -> threading.Event:
+        """Run in a daemon thread; set the returned event to stop it."""
+        stopping = threading.Event()
+        threading.Thread(target=self.run, args=(stopping,), name="recovery", daemon=True).start()
+        return stopping
+
+
+def broker_epoch(app: Any) -> str:
+    """The broker's identity: Redis's run id (new at each start: what was queued in memory
+    may be gone); "" for brokers that keep their queues (RabbitMQ's durable queues, the
+    embedded file-system broker). Raises when the broker does not answer."""
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)
+        if connection.transport.driver_type != "redis":
+            return ""
+        info = connection.default_channel.client.info("server")
+        return str(info.get("run_id", ""))
+
+
+def record_reserved(directory: Path, mark: str) -> None:
+    """A worker process took the task of `directory` from the broker (before running it):
+    recorded, so that its death is seen even before the task starts."""
+    if not directory.is_dir():
+        return
+    previous = read_pending(directory) or PendingRecord("queued", time.time())
+    try:
+        write_pending(directory, previous.evolve("reserved", by=mark))
+    except OSError:
+        pass  # processed and removed meanwhile
+
+
+def task_directory(spool_root: Path, task_name: str, args: Sequence[Any]) -> Path | None:
+    """The job folder a gateway task works on, from its name and arguments."""
+    from worker.tasks import COMPLETE_STUDY_TASK, INGEST_TASK
+
+    if task_name == INGEST_TASK and len(args) >= 2:
+        site, batch = str(args[0]), str(args[1])
+        if "/" in site or "/" in batch or site.startswith(".") or batch.startswith("."):
+            return None
+        return spool_root / site / batch
+    if task_name == COMPLETE_STUDY_TASK and args:
+        site = str(args[0])
+        return None if "/" in site or site.startswith(".") else completion_job_dir(spool_root, site)
+    return None
