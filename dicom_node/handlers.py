@@ -35,7 +35,9 @@ from spool import SPOOL_SUFFIX, BatchClaim, Spool, SpoolWriteError, hand_over, n
 log = logging.getLogger(__name__)
 
 
-Enqueue = Callable[[str, str], None]
+#: (site, batch) -> hands the batch to the worker; returns the broker's identity (see
+#: `spool.claims.PendingRecord.epoch`) or None.
+Enqueue = Callable[[str, str], str | None]
 
 
 @dataclass

@@ -69,7 +69,7 @@ from web_viewer_api import (
 )
 from worker import (
     WORKER_MARK,
-    BrokerEpochs,
+    BrokerEpoch,
     IngestPipeline,
     RecoveryLoop,
     StudyCompletion,
@@ -184,7 +184,7 @@ def build_recovery(settings: Settings, celery_app: Celery) -> RecoveryLoop:
         send_completion=lambda: enqueue_completion(celery_app, settings.site_id),
         completion_due=lambda: index.completion_due(quiet, sites),
         dependencies=dependencies,
-        broker=BrokerEpochs(settings.run_dir / "broker-epoch", lambda: broker_epoch(celery_app)),
+        broker=lambda: broker_epoch(celery_app),
         completion_dir=completion_job_dir(settings.spool_dir, settings.site_id),
         interval=settings.worker.recovery_interval_seconds,
     )
@@ -396,8 +396,12 @@ def build_node(settings: Settings, celery_app: Celery) -> DicomNode:
         decode_limits=decode_limits(settings),
     )
 
-    def enqueue(site_id: str, batch_id: str) -> None:
+    epoch = BrokerEpoch(celery_app)
+
+    def enqueue(site_id: str, batch_id: str) -> str:
+        sent_to = epoch()  # before sending: recorded with the batch
         enqueue_ingest(celery_app, site_id, batch_id)
+        return sent_to
 
     # The node answers C-FIND/C-MOVE/C-GET from the same (de-identified) archive, and
     # Storage Commitment by finding the pseudonymized UID of an instance in the index,
@@ -517,8 +521,12 @@ def build_api(  # type: ignore[no-untyped-def]
 
     probes["broker"] = broker
 
-    def to_the_worker(site_id: str, batch_id: str) -> None:
+    epoch = BrokerEpoch(sender)
+
+    def to_the_worker(site_id: str, batch_id: str) -> str:
+        sent_to = epoch()  # before sending: recorded with the batch
         enqueue_ingest(sender, site_id, batch_id)
+        return sent_to
 
     # At the region, write-backs are processed by the API process that spooled them.
     enqueue = regional_write_back(settings, index) if region else to_the_worker
@@ -579,7 +587,9 @@ def build_api(  # type: ignore[no-untyped-def]
     )
 
 
-def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[[str, str], None]:
+def regional_write_back(
+    settings: Settings, index: IndexRepository
+) -> Callable[[str, str], str | None]:
     """How the regional API processes the write-backs it spooled: in its own process (the
     region runs no worker, and each regional host has its own spool), with the region's
     pipeline — no secret, objects of the domain only. Indexing a write-back makes its
@@ -607,11 +617,18 @@ def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[
         except Exception:
             log.exception("write-back batch %s failed", batch_id)
 
-    def enqueue(site_id: str, batch_id: str) -> None:
+    # This process's queue is its executor: what it was given is gone when it dies. Its
+    # mark says whether it lives (to the other API processes of this host too).
+    this_process = ProcessMark(settings.spool_dir, "write-back")
+
+    def enqueue(site_id: str, batch_id: str) -> str:
         executor.submit(process, site_id, batch_id)
+        return this_process.name
+
+    def queue_alive(name: str) -> bool:
+        return ProcessMark.alive(settings.spool_dir, name)
 
     spool = Spool(settings.spool_dir, settings.site_id)
-    started = time.time()  # what an earlier process had queued in memory is gone
 
     def dependencies_up() -> bool:
         try:
@@ -626,7 +643,7 @@ def regional_write_back(settings: Settings, index: IndexRepository) -> Callable[
         while True:
             up = dependencies_up()
             facts = Facts(
-                broker_restarted_at=started,
+                queue_alive=queue_alive,
                 dependencies_up=up,
                 dependencies_returned=up and not up_before,
             )

@@ -6,7 +6,7 @@ Recovery rests on facts the kernel and the file system keep, not on idle thresho
   batch (the node during its association, STOW-RS during its request) or processing it
   (a worker). The kernel releases it when that process dies, whatever kills it;
 - a **pending record**, `<batch>/.pending`, says what the last holder did with the batch:
-  handed to the broker (`queued`), taken from it by a worker process (`reserved`, naming
+  handed to the broker (`queued`, with the broker's identity then), taken from it by a worker process (`reserved`, naming
   that process's mark), being processed (`started`), or waiting to be tried again after
   a failure that is not the batch's fault (`retry`, with when and why);
 - a **process mark** is an `flock` a worker's main process holds for its lifetime on
@@ -101,6 +101,9 @@ class PendingRecord:
     attempts: int = 0
     #: `retry`: what failed, as an exception type name (never a value).
     reason: str = ""
+    #: `queued`, `reserved`: the identity of the broker the task was sent to (a Redis run
+    #: id, new at each start; "" for brokers that keep their queues).
+    epoch: str = ""
 
     def evolve(self, state: State, **changes: object) -> PendingRecord:
         values = {**asdict(self), "at": time.time(), **changes, "state": state}

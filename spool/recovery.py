@@ -8,8 +8,8 @@ cases, each decided from a fact rather than from how long it has been idle:
 | record | the task | sent again |
 |---|---|---|
 | none | never sent: its writer died, or the broker was down | now |
-| `queued` | in the broker | when the broker is seen to have restarted since (its queue may be gone) |
-| `reserved` | taken by a worker process | when that process's mark is free (it died) |
+| `queued` | in the broker | when the broker's identity changed since (a restarted Redis: its queue may be gone) |
+| `reserved` | taken by a worker process | when that process's mark is free (it died), or the broker's identity changed |
 | `started` | was being processed | now: the claim is free, so the process that started it died |
 | `retry` | failed on something else (index, object store) | once that is seen answering again, or at the retry time |
 
@@ -40,9 +40,6 @@ from spool.claims import (
 
 log = logging.getLogger(__name__)
 
-#: Hands one batch (by id) to whoever processes it; raises when it cannot (broker down).
-Send = Callable[[str], None]
-
 #: An empty batch folder (its instances processed, a marker left) is removed after this.
 EMPTY_FOLDER_SECONDS = 60.0
 
@@ -51,9 +48,10 @@ EMPTY_FOLDER_SECONDS = 60.0
 class Facts:
     """What the sweeper saw this time round."""
 
-    #: When the broker was seen to have restarted (a new Redis run id): `queued` and
-    #: `reserved` records older than this may name messages it no longer has.
-    broker_restarted_at: float | None = None
+    #: Whether the queue a record was sent to (its `PendingRecord.epoch`) still holds what
+    #: it was given: for Redis, the run id is the current one; for a process's own queue,
+    #: that process is alive. None: assumed (a broker that keeps its queues).
+    queue_alive: Callable[[str], bool] | None = None
     #: The index and object store answer now (a `retry` waits while they do not).
     dependencies_up: bool = True
     #: ... and did not at the previous look: every waiting `retry` goes now.
@@ -88,7 +86,7 @@ def lost_reason(
     exists, or it must wait)."""
     if record is None:
         return "never sent"
-    restarted = facts.broker_restarted_at is not None and record.at < facts.broker_restarted_at
+    restarted = facts.queue_alive is not None and not facts.queue_alive(record.epoch)
     if record.state == "queued":
         return "broker restarted" if restarted else None
     if record.state == "reserved":
@@ -104,12 +102,18 @@ def lost_reason(
     return None
 
 
+#: Hands one batch (by id) to whoever processes it and returns the broker's identity as
+#: read before sending; raises when it cannot (broker down).
+Send = Callable[[str], str | None]
+
+
 def hand_over(directory: Path, send: Send, previous: PendingRecord | None = None) -> None:
-    """Send the batch in `directory` (its claim held by the caller) and record it queued.
-    Raises what `send` raises; the record is then left as it was."""
-    send(directory.name)
+    """Send the job in `directory` (its claim held by the caller) and record it queued,
+    with the broker's identity `send` returns. Raises what `send` raises; the record is
+    then left as it was."""
+    epoch = send(directory.name) or ""
     base = previous or PendingRecord("queued", time.time())
-    write_pending(directory, base.evolve("queued", by="", retry_at=0.0, reason=""))
+    write_pending(directory, base.evolve("queued", by="", retry_at=0.0, reason="", epoch=epoch))
 
 
 def _holds_instances(directory: Path) -> tuple[bool, bool]:
@@ -216,11 +220,12 @@ def sweep(
 
 
 def record_started(directory: Path) -> PendingRecord | None:
-    """A worker took the batch's claim and starts: recorded, so that its death is seen.
-    Returns the record it replaced."""
+    """A worker took the batch's claim and starts: recorded, so that its death is seen
+    (`by` keeps the mark of the process that reserved it, for the logs). Returns the
+    record it replaced."""
     previous = read_pending(directory)
     base = previous or PendingRecord("started", time.time())
-    write_pending(directory, base.evolve("started", by="", retry_at=0.0))
+    write_pending(directory, base.evolve("started", retry_at=0.0))
     return previous
 
 

@@ -18,7 +18,7 @@ from worker.pipeline import (
 )
 from worker.recovery import (
     WORKER_MARK,
-    BrokerEpochs,
+    BrokerEpoch,
     RecoveryLoop,
     broker_epoch,
     completion_job_dir,
@@ -40,7 +40,7 @@ __all__ = [
     "INGEST_TASK",
     "WEBHOOK_TASK",
     "WORKER_MARK",
-    "BrokerEpochs",
+    "BrokerEpoch",
     "IngestPipeline",
     "IngestReport",
     "InvalidBatchName",

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from spool import Facts, ProcessMark, Spool, SweepReport, sweep
-from spool.batches import private_directory
 from spool.claims import PendingRecord, read_pending, write_pending
 from spool.recovery import consider
 
@@ -41,35 +40,24 @@ def completion_job_dir(spool_root: Path, site_id: str) -> Path:
     return spool_root / ".completion" / site_id
 
 
-@dataclass
-class BrokerEpochs:
-    """Tells when the broker restarted: its identity (`epoch`), compared with the last one
-    seen, kept in `path` so that a restart while no worker ran is seen at the next start."""
+class BrokerEpoch:
+    """The broker's identity (`broker_epoch`), read at most once per `ttl` seconds. A
+    sender reads it *before* sending and records it with the batch: read after, it could
+    name a restarted broker that never got the message."""
 
-    path: Path
-    epoch: Callable[[], str]
-    restarted_at: float | None = None
+    def __init__(self, app: Any, ttl: float = 1.0) -> None:
+        self.app, self.ttl = app, ttl
+        self._value: str | None = None
+        self._read_at = 0.0
+        self._lock = threading.Lock()
 
-    def look(self) -> bool:
-        """Read the broker's identity; False when it does not answer."""
-        try:
-            current = self.epoch()
-        except Exception as exc:  # noqa: BLE001 - any failure means: not reachable now
-            log.debug("broker not reachable (%s)", type(exc).__name__)
-            return False
-        try:
-            known = self.path.read_text().strip()
-        except FileNotFoundError:
-            known = None
-        if known != current:
-            if known is not None and current:
-                self.restarted_at = time.time()
-                log.warning("the broker restarted: tasks handed to it before are sent again")
-            private_directory(self.path.parent)
-            temp = self.path.with_suffix(".tmp")
-            temp.write_text(current)
-            temp.replace(self.path)
-        return True
+    def __call__(self) -> str:
+        with self._lock:
+            now = time.monotonic()
+            if self._value is None or now - self._read_at >= self.ttl:
+                self._value = broker_epoch(self.app)
+                self._read_at = now
+            return self._value
 
 
 @dataclass
@@ -84,7 +72,8 @@ class RecoveryLoop:
     send_completion: Callable[[], None]
     completion_due: Callable[[], bool]
     dependencies: Callable[[], None]
-    broker: BrokerEpochs
+    #: The broker's identity now (raises when the broker does not answer).
+    broker: Callable[[], str]
     completion_dir: Path
     interval: float = 2.0
     #: The last pass's report per spool (for logs and tests).
@@ -93,7 +82,10 @@ class RecoveryLoop:
 
     def tick(self) -> bool:
         """One pass; False when the broker did not answer (nothing could be sent)."""
-        if not self.broker.look():
+        try:
+            epoch = self.broker()
+        except Exception as exc:  # noqa: BLE001 - any failure means: not reachable now
+            log.debug("broker not reachable (%s)", type(exc).__name__)
             return False
         try:
             self.dependencies()
@@ -102,15 +94,16 @@ class RecoveryLoop:
             log.debug("index or object store not answering (%s)", type(exc).__name__)
             up = False
         facts = Facts(
-            broker_restarted_at=self.broker.restarted_at,
+            queue_alive=lambda sent_to: sent_to == epoch,
             dependencies_up=up,
             dependencies_returned=up and not self._dependencies_up,
         )
         self._dependencies_up = up
         for spool in self.spools:
 
-            def send(batch_id: str, site_id: str = spool.site_id) -> None:
+            def send(batch_id: str, site_id: str = spool.site_id) -> str:
                 self.send_batch(site_id, batch_id)
+                return epoch  # read before sending
 
             self.reports[spool.site_id] = sweep(spool, send, facts)
         if up:
@@ -121,9 +114,14 @@ class RecoveryLoop:
                 return True
             report = SweepReport()
             root = self.spools[0].root if self.spools else self.completion_dir
+
+            def send_completion(_name: str) -> str:
+                self.send_completion()
+                return epoch
+
             consider(
                 self.completion_dir,
-                lambda _name: self.send_completion(),
+                send_completion,
                 facts,
                 report,
                 alive=lambda name: ProcessMark.alive(root, name),

@@ -291,3 +291,53 @@ def _record_dataset(record: InstanceRecord) -> Dataset:
     dataset.PatientID = record.patient["patient_id"]
     dataset.Modality = record.series["modality"]
     return dataset
+
+
+def test_a_study_is_pending_completion_from_its_indexing_until_completed_for_that_content(
+        repository: IndexRepository) -> None:
+    """Durable completion: indexing makes the study pending in the same transaction;
+    marking it done for what was read clears it, unless an instance came meanwhile."""
+    repository.upsert_instances(study_records("2.25.500", "PDDD", count=2))
+    assert repository.completion_due(0.0) and not repository.completion_due(3600.0)
+    [due] = repository.studies_due_for_completion(0.0)
+    assert (due.study_instance_uid, due.instance_count, due.attempts) == ("2.25.500", 2, 0)
+    assert repository.completion_counts() == (1, 0)
+    assert repository.studies_due_for_completion(0.0, ["another-site"]) == []
+    # An instance indexed after the completion read the study: still pending.
+    repository.upsert_instances(study_records("2.25.500", "PDDD", count=3))
+    repository.mark_completed(due)
+    [again] = repository.studies_due_for_completion(0.0)
+    assert again.instance_count == 3 and again.due_at != due.due_at
+    repository.mark_completed(again)
+    assert repository.studies_due_for_completion(0.0) == [] and not repository.completion_due(0.0)
+    assert repository.completion_counts() == (0, 0)
+
+
+def test_a_failed_completion_is_counted_and_due_again_later(repository: IndexRepository) -> None:
+    repository.upsert_instances(study_records("2.25.600", "PEEE", count=1))
+    [due] = repository.studies_due_for_completion(0.0)
+    repository.mark_completion_failed(due, "ObjectNotFound", retry_in_seconds=600)
+    assert repository.completion_counts() == (1, 1)
+    assert repository.studies_due_for_completion(0.0) == []  # not before its retry time
+    assert repository.studies_due_for_completion(-601.0)[0].attempts == 1  # then due, counted
+    with repository.engine.connect() as connection:
+        error = connection.execute(text(
+            "SELECT completion_error FROM studies WHERE study_instance_uid = '2.25.600'")).scalar()
+    assert error == "ObjectNotFound"
+    [retried] = repository.studies_due_for_completion(-601.0)
+    repository.mark_completed(retried)
+    assert repository.completion_counts() == (0, 0)
+
+
+def test_migration_0011_makes_studies_never_completed_pending(repository: IndexRepository) -> None:
+    repository.upsert_instances(study_records("2.25.700", "PFFF", count=2))
+    repository.upsert_instances(study_records("2.25.800", "PGGG", count=1))
+    downgrade(repository.engine, "0010")
+    with repository.engine.begin() as connection:  # 2.25.800 was completed for its content
+        connection.execute(text("UPDATE studies SET completed_instance_count = 1 "
+                                "WHERE study_instance_uid = '2.25.800'"))
+    migrate(repository.engine)
+    assert [d.study_instance_uid for d in repository.studies_due_for_completion(0.0)] == [
+        "2.25.700"]
+    with repository.engine.connect() as connection:  # in place: no table copy cascaded
+        assert connection.execute(text("SELECT count(*) FROM instances")).scalar() == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pydicom
@@ -18,6 +19,7 @@ from anonymize import (
     PseudonymKeys,
 )
 from gateway.sample_study import SampleStudySpec, write_sample_study
+from spool import BatchClaim, read_pending
 from storage import (
     FilesystemObjectStore,
     IndexRepository,
@@ -138,6 +140,31 @@ def test_store_outage_keeps_the_spool_and_asks_for_a_retry(tmp_path: Path) -> No
         pipeline.ingest_batch("site1", "b1")
     assert len(list(batch.glob("*.dcm"))) == 2
     assert pipeline.index.search_studies(StudyQuery()) == []
+    # Recorded for the recovery loop: when, how often, what failed (a type, no value).
+    record = read_pending(batch)
+    assert record is not None and record.state == "retry" and record.attempts == 1
+    assert record.reason == "TransientStorageError" and record.retry_at > record.at
+    with pytest.raises(TransientPipelineError):
+        pipeline.ingest_batch("site1", "b1")
+    assert read_pending(batch).attempts == 2  # type: ignore[union-attr]
+
+
+def test_a_worker_waits_for_the_writer_of_a_batch_then_processes_it(tmp_path: Path) -> None:
+    """A task that arrives while the batch is still claimed (its writer handing it over)
+    waits for the claim; a later copy of the task finds the batch processed."""
+    pipeline = _pipeline(tmp_path)
+    batch = _spool_batch(tmp_path, ct=2, mr=0)
+    writer = BatchClaim.acquire(batch, wait=False)
+    assert writer is not None
+    done: list[int] = []
+    worker = threading.Thread(target=lambda: done.append(pipeline.ingest_batch("site1", "b1").stored))
+    worker.start()
+    worker.join(timeout=1.0)
+    assert worker.is_alive() and done == [] and len(list(batch.glob("*.dcm"))) == 2
+    writer.release()
+    worker.join(timeout=60)
+    assert done == [2] and not batch.exists()
+    assert pipeline.ingest_batch("site1", "b1").missing
 
 
 def test_batch_names_cannot_escape_the_spool(tmp_path: Path) -> None:

@@ -174,6 +174,39 @@ def test_completion_covers_the_workers_own_sites_only(tmp_path: Path) -> None:
         uid for uid, site in sites.items() if site == "site1"]
 
 
+def test_a_failed_completion_is_recorded_retried_later_and_shown_in_metrics(
+        tmp_path: Path) -> None:
+    """One study's completion fails (an instance's metadata object is gone): recorded with
+    its error type and due again later; the other study is completed; /metrics counts it."""
+    from fastapi.testclient import TestClient
+
+    from storage import instance_metadata_key
+    from web_viewer_api import ApiConfig, create_app
+
+    pipeline = _pipeline(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    run_import([_study(tmp_path / "one", ct=2, mr=0)], pipeline, Spool(tmp_path / "spool", "site1"))
+    run_import([_study(tmp_path / "two", ct=1, mr=0, seed=7)], pipeline,
+               Spool(tmp_path / "spool", "site1"))
+    due = pipeline.index.studies_due_for_completion(0.0)
+    assert len(due) == 2
+    broken = due[0].study_instance_uid
+    [(series, sop, _cls, _key)] = pipeline.index.study_instances(broken)[:1]
+    saved = pipeline.store.get(instance_metadata_key(broken, series, sop))
+    pipeline.store.delete(instance_metadata_key(broken, series, sop))
+    completion = StudyCompletion(pipeline.store, pipeline.index, "site1")
+    assert completion.run(quiet_seconds=0) == [due[1].study_instance_uid]
+    assert pipeline.index.completion_counts() == (1, 1)
+    assert completion.run(quiet_seconds=0) == []  # not before its retry time
+    app = create_app(ApiConfig("metrics-token-0123456789abcdef"), pipeline.index, pipeline.store)
+    with TestClient(app) as client:
+        metrics = client.get("/metrics").text
+    assert 'dicom_gateway_study_completions{state="failed"} 1.0' in metrics
+    assert 'dicom_gateway_study_completions{state="pending"} 1.0' in metrics
+    pipeline.store.put(instance_metadata_key(broken, series, sop), saved)
+    assert completion.run(quiet_seconds=-3600.0) == [broken]  # its retry time come
+    assert pipeline.index.completion_counts() == (0, 0)
+
+
 def test_import_never_inflates_a_zip_member_past_the_limit(tmp_path: Path) -> None:
     """A zip bomb: 64 MiB of zeros deflate to 64 KB. With an 8 MiB limit the member is
     counted too large without being inflated (memory stays far below it); a damaged member

@@ -91,7 +91,8 @@ class StowTarget:
     """Where STOW-RS puts instances: the site's spool, and how batches reach the worker."""
 
     spool: Spool
-    enqueue: Callable[[str, str], None]
+    #: (site, batch) -> hands the batch over; returns the broker's identity (or None).
+    enqueue: Callable[[str, str], str | None]
     max_bytes: int = 2 * 1024**3
     #: The regional API: (Study Instance UID, writer's scope) -> the patient pseudonym of
     #: that study if the index stores it within the scope, else None. When set, only

@@ -14,8 +14,13 @@ branch_labels = None
 depends_on = None
 
 
+# On SQLite, never the batch mode's table copy: dropping the old `studies` would cascade
+# (foreign keys are on) to every series and instance. Columns are added and dropped in
+# place (ALTER TABLE ... ADD/DROP COLUMN; SQLite 3.35 and later).
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("studies", schema=None) as batch_op:
+    with op.batch_alter_table("studies", recreate="never") as batch_op:
         batch_op.add_column(
             sa.Column("completion_due_at", sa.DateTime(timezone=True), nullable=True)
         )
@@ -25,9 +30,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("completion_error", sa.String(64), server_default="", nullable=False)
         )
-        batch_op.create_index(
-            batch_op.f("ix_studies_completion_due_at"), ["completion_due_at"], unique=False
-        )
+    op.create_index(op.f("ix_studies_completion_due_at"), "studies", ["completion_due_at"])
     # Studies whose completion has not run for their current content are due now.
     op.execute(
         sa.text(
@@ -40,8 +43,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("studies", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_studies_completion_due_at"))
+    op.drop_index(op.f("ix_studies_completion_due_at"), table_name="studies")
+    with op.batch_alter_table("studies", recreate="never") as batch_op:
         batch_op.drop_column("completion_error")
         batch_op.drop_column("completion_attempts")
         batch_op.drop_column("completion_due_at")
