@@ -19,13 +19,10 @@ from pathlib import Path
 
 import boto3
 import pydicom
-import pytest
 from botocore.config import Config
 
 from gateway.sample_study import SampleStudySpec
 from tests.support.seaweedfs import SeaweedFS
-from tests.support.webhook import webhook_receiver
-from worker import verify
 from tests.support.services import (
     GatewayProcess,
     free_port,
@@ -34,6 +31,8 @@ from tests.support.services import (
     http_json,
     wait_for,
 )
+from tests.support.webhook import webhook_receiver
+from worker import verify
 
 SECRET = "e2e-pseudonym-secret-0123456789abcdef"
 TOKEN = "e2e-admin-token-0123456789abcdef"

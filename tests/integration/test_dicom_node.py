@@ -165,18 +165,49 @@ def test_host_outside_the_allowed_networks_is_refused(tmp_path: Path) -> None:
         dicom_node.stop()
 
 
-def test_stale_spool_batches_are_swept_back_into_the_queue(tmp_path: Path) -> None:
+def test_a_batch_is_claimed_while_written_and_recorded_when_handed_over(
+    tmp_path: Path, dcmtk: dict[str, str], sample_study: tuple[Path, SampleStudySpec],
+) -> None:
+    """The node holds each batch's claim from its first instance until it has handed it
+    over and recorded it (with the broker identity the enqueue returns): a node that dies
+    in between leaves an unclaimed, unrecorded batch, which the workers' recovery loop
+    sends at once (tests/spool); a batch left by a crashed node is not the node's to sweep."""
+    from spool import BatchClaim, read_pending
+
     leftover = tmp_path / "spool" / "site1" / "20260101T000000-crashed"
     leftover.mkdir(parents=True)
     (leftover / "1.2.3.dcm").write_bytes(b"x")
-    recorder = _Recorder()
+    folder, _spec = sample_study
+    held_at_hand_over: list[bool] = []
+
+    def enqueue(site_id: str, batch_id: str) -> str:
+        claim = BatchClaim.acquire(tmp_path / "spool" / site_id / batch_id, wait=False)
+        held_at_hand_over.append(claim is None)
+        if claim is not None:
+            claim.release()
+        return "broker-identity-1"
+
     config = NodeConfig(ae_title="DICOMGATEWAY", host="127.0.0.1", port=free_port(),
                         site_id="site1", spool_root=tmp_path / "spool",
-                        policy=CallerPolicy.build(["127.0.0.0/8"]))
-    dicom_node = DicomNode(config, recorder)
-    dicom_node.start()  # a restart after a crash: everything on disk is enqueued
-    dicom_node.stop()
-    assert recorder.batches == [("site1", "20260101T000000-crashed")]
+                        policy=CallerPolicy.build(["127.0.0.0/8"]), batch_size=0)
+    dicom_node = DicomNode(config, enqueue)
+    dicom_node.start()
+    try:
+        result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
+                                 "127.0.0.1", str(dicom_node.port), str(folder)],
+                                capture_output=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: len(held_at_hand_over) == 1, timeout=30, what="the hand-over")
+    finally:
+        dicom_node.stop()
+    assert held_at_hand_over == [True]
+    [batch] = [p for p in (tmp_path / "spool" / "site1").iterdir() if p != leftover]
+    record = read_pending(batch)
+    assert record is not None and record.state == "queued" and record.epoch == "broker-identity-1"
+    released = BatchClaim.acquire(batch, wait=False)
+    assert released is not None
+    released.release()
+    assert read_pending(leftover) is None  # left for the workers' recovery loop
 
 
 def test_a_long_study_is_handed_over_in_chunks_during_the_association(
