@@ -108,6 +108,7 @@ def node(
     )
     components.configure_logging(settings, "node")
     components.close_site_files(settings)
+    components.raise_open_file_limit()
     celery_app = components.build_celery(settings, with_pipeline=False)
     dicom_node = components.build_node(settings, celery_app)
     try:
@@ -129,7 +130,7 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="worker processes")] = None,
 ) -> None:
     """Run a Celery worker for the ingest pipeline alone."""
-    from celery.signals import task_received, worker_process_init, worker_ready, worker_shutdown
+    from celery.signals import task_received, worker_ready, worker_shutdown
 
     from gateway import components
     from spool import ProcessMark
@@ -138,6 +139,7 @@ def worker(
     settings = _settings(data_dir=data_dir, worker__concurrency=concurrency)
     components.configure_logging(settings, "worker")
     components.close_site_files(settings)
+    components.raise_open_file_limit()
     try:
         settings.check_role()  # the region's worker runs without the secret, a site's with it
         components.build_policy(settings)  # refuse a bad profile before starting
@@ -165,9 +167,8 @@ def worker(
         components.clear_ready(settings, "worker")
         mark.close()
 
+    # (The pool's processes close their copy of the mark at the fork: `spool.claims`.)
     task_received.connect(received, weak=False)
-    # The pool's processes do not keep the mark: it must be free when this process dies.
-    worker_process_init.connect(lambda **_: mark.close_inherited(), weak=False)
     worker_ready.connect(ready, weak=False)
     worker_shutdown.connect(stopping, weak=False)
     argv = [
@@ -196,6 +197,7 @@ def api(data_dir: DataDir = None, host: Host = None, http_port: HttpPort = None)
     settings = _settings(data_dir=data_dir, host=host, http__port=http_port)
     components.configure_logging(settings, "api")
     components.close_site_files(settings)
+    components.raise_open_file_limit()
     try:
         application = components.build_api(settings)  # checks the settings before serving
     except SettingsError as exc:
@@ -293,6 +295,7 @@ def import_files(
     settings = _settings(data_dir=data_dir)
     components.configure_logging(settings, "import")
     components.close_site_files(settings)
+    components.raise_open_file_limit()
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise _fail(FileNotFoundError(f"no such path: {', '.join(map(str, missing))}"))

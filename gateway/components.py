@@ -7,6 +7,7 @@ import datetime as dt
 import gc
 import logging
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +44,16 @@ from dicom_node import (
 from gateway.library_logs import withhold_library_values
 from gateway.settings import METRICS_MULTIPROCESS_VARIABLE, SECRETS_FILE, Settings, SettingsError
 from imaging import Codec, DecodeLimits
-from spool import Facts, ProcessMark, Spool, close_private_tree, sweep
+from spool import (
+    BatchClaim,
+    Facts,
+    ProcessMark,
+    Spool,
+    close_private_tree,
+    read_pending,
+    record_retry,
+    sweep,
+)
 from storage import (
     AccessRepository,
     AccessScope,
@@ -119,6 +129,19 @@ def build_object_store(settings: Settings) -> ObjectStore:
             store.ensure_bucket()
         return store
     return FilesystemObjectStore(settings.objects_dir)
+
+
+def raise_open_file_limit() -> None:
+    """Let this process open as many files as the system allows it (the hard limit): the
+    node holds a claim (an open file) per study of each open association, STOW-RS one per
+    study of each request; a soft limit of 1024 would refuse a migration's thousands."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:  # a container's ceiling: keep what we have
+            log.warning("open file limit left at %d (%s)", soft, type(exc).__name__)
 
 
 def close_site_files(settings: Settings) -> None:
@@ -609,13 +632,19 @@ def regional_write_back(
             if not write_once_checked.is_set():
                 check_write_once(settings)  # stored instances are never replaced
                 write_once_checked.set()
+        except Exception as exc:  # noqa: BLE001 - S3 unreachable or unfit: recorded, retried
+            log.error("write-back batch %s not processed (%s)", batch_id, type(exc).__name__)
+            claim = BatchClaim.acquire(pipeline.batch_dir(site_id, batch_id), wait=True)
+            if claim is not None:
+                with claim:
+                    record_retry(claim.directory, read_pending(claim.directory), type(exc).__name__)
+            return
+        try:
             pipeline.ingest_batch(site_id, batch_id)
         except TransientPipelineError as exc:  # recorded in the batch: the sweep retries it
             log.warning("write-back batch %s waits for a retry (%s)", batch_id, exc.reason)
-        except SettingsError as exc:
-            log.error("write-back batch %s not processed: %s", batch_id, exc)
-        except Exception:
-            log.exception("write-back batch %s failed", batch_id)
+        except Exception as exc:  # noqa: BLE001 - recorded in the batch (retry); logged here
+            log.error("write-back batch %s failed (%s)", batch_id, type(exc).__name__)
 
     # This process's queue is its executor: what it was given is gone when it dies. Its
     # mark says whether it lives (to the other API processes of this host too).
@@ -650,8 +679,8 @@ def regional_write_back(
             up_before = up
             try:
                 sweep(spool, lambda batch: enqueue(settings.site_id, batch), facts)
-            except Exception:
-                log.exception("write-back sweep failed")
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                log.error("write-back sweep failed (%s)", type(exc).__name__)
             time.sleep(settings.worker.recovery_interval_seconds)
 
     threading.Thread(target=sweeping, name="write-back-sweep", daemon=True).start()

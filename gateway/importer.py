@@ -29,7 +29,7 @@ from rich.progress import (
 from gateway.settings import SettingsError
 from imaging import UNREADABLE_DATASET_ERRORS
 from spool import PendingRecord, ProcessMark, Spool, private_directory
-from spool.claims import write_pending
+from spool.claims import write_reserved
 from worker import IngestPipeline
 
 #: Largest file an import reads (a zip member is read as it inflates and dropped past it: a
@@ -166,7 +166,7 @@ def _import(
             batch = spool.batch_id(run_tag, study)
             name = sop if sop.replace(".", "").isdigit() else "1." + str(int(sop, 16))
             if batch not in batches:  # this process processes it: the workers leave it alone
-                write_pending(
+                write_reserved(
                     private_directory(spool.site_dir / batch),
                     PendingRecord("reserved", time.time(), by=mark.name),
                 )

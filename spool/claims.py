@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -35,9 +36,39 @@ from spool.batches import PRIVATE_FILE_MODE, open_private, private_directory
 
 CLAIM_FILE = ".claim"
 PENDING_FILE = ".pending"
+RESERVED_FILE = ".reserved"
 _PROCESSES = ".processes"
 
 State = Literal["queued", "reserved", "started", "retry"]
+
+
+#: Descriptors of the claims and marks this process holds. A process forked from it (a
+#: worker's pool replacing a child) closes its copies at once: the lock lasts while any
+#: copy is open, and a child must not hold its parent's batch for its own lifetime.
+_HELD: set[int] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _close_inherited() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+def _hold(fd: int) -> int:
+    with _HELD_LOCK:
+        _HELD.add(fd)
+    return fd
+
+
+def _let_go(fd: int) -> None:
+    with _HELD_LOCK:
+        _HELD.discard(fd)
+    os.close(fd)
 
 
 class BatchClaim:
@@ -47,29 +78,39 @@ class BatchClaim:
     def __init__(self, directory: Path, fd: int) -> None:
         self.directory = directory
         self._fd: int | None = fd
+        self._pid = os.getpid()
 
     @classmethod
     def acquire(cls, directory: Path, *, wait: bool, create: bool = False) -> BatchClaim | None:
         """Hold `directory`'s claim. `wait`: block until the holder lets go (a worker behind
         a writer or another worker); else None when someone holds it. `create`: make the
-        folder (0700) if missing; else None when it is missing (the batch was processed)."""
-        if create:
-            private_directory(directory)
-        try:
-            fd = os.open(
-                directory / CLAIM_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
-            )
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+        folder (0700) if missing; else None when it is missing (the batch was processed).
+
+        A claim file removed while we waited for it (its folder emptied by the worker that
+        held it) is no claim: we look again, and find the folder gone, or a new claim."""
+        path = directory / CLAIM_FILE
+        while True:
+            if create:
+                private_directory(directory)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+            except FileNotFoundError:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                held, current = os.fstat(fd), os.stat(path)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                return cls(directory, _hold(fd))
             os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(directory, fd)
 
     @property
     def held(self) -> bool:
@@ -78,7 +119,8 @@ class BatchClaim:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)  # closing the last descriptor drops the lock
+            if os.getpid() == self._pid:  # (a forked child closed its copy already)
+                _let_go(fd)  # closing the last descriptor drops the lock
 
     def __enter__(self) -> Self:
         return self
@@ -134,6 +176,28 @@ def clear_pending(directory: Path) -> None:
         (directory / PENDING_FILE).unlink()
 
 
+def read_reserved(directory: Path) -> PendingRecord | None:
+    """Who took the batch's task without its claim (a worker's main process when the
+    broker delivered it, or `import` for its own batches): `<batch>/.reserved`, apart from
+    the record the claim holders write, so that neither overwrites the other."""
+    try:
+        return PendingRecord(**json.loads((directory / RESERVED_FILE).read_bytes()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_reserved(directory: Path, record: PendingRecord) -> None:
+    temp = directory / f"{RESERVED_FILE}.{uuid.uuid4().hex[:8]}"
+    with open_private(temp) as handle:
+        handle.write(json.dumps(asdict(record)).encode())
+    os.replace(temp, directory / RESERVED_FILE)
+
+
+def clear_reserved(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (directory / RESERVED_FILE).unlink()
+
+
 def processes_dir(spool_root: Path) -> Path:
     return spool_root / _PROCESSES
 
@@ -147,25 +211,22 @@ class ProcessMark:
         self.spool_root = spool_root
         self.name = f"{kind}-{socket.gethostname()}-{os.getpid()}"
         folder = private_directory(processes_dir(spool_root))
-        self._fd: int | None = os.open(
-            folder / f"{self.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE
-        )
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        # Locked before it has its name: whoever finds the mark finds it held.
+        temp = folder / f".{self.name}.{uuid.uuid4().hex[:8]}"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(temp, folder / f"{self.name}.lock")
+        self._fd: int | None = _hold(fd)
+        self._pid = os.getpid()
 
     def close(self) -> None:
         """Let go (at a clean stop): the mark is removed."""
-        if self._fd is None:
-            return
+        fd, self._fd = self._fd, None
+        if fd is None or os.getpid() != self._pid:
+            return  # (a forked child closed its copy at the fork; the mark is its parent's)
         with contextlib.suppress(OSError):
             (processes_dir(self.spool_root) / f"{self.name}.lock").unlink()
-        self.close_inherited()
-
-    def close_inherited(self) -> None:
-        """In a child process: close the copy of the descriptor fork gave it (the lock lasts
-        while any copy is open), leaving the parent's mark in place."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        _let_go(fd)
 
     @staticmethod
     def alive(spool_root: Path, name: str) -> bool:

@@ -9,8 +9,8 @@ cases, each decided from a fact rather than from how long it has been idle:
 |---|---|---|
 | none | never sent: its writer died, or the broker was down | now |
 | `queued` | in the broker | when the broker's identity changed since (a restarted Redis: its queue may be gone) |
-| `reserved` | taken by a worker process | when that process's mark is free (it died), or the broker's identity changed |
-| `started` | was being processed | now: the claim is free, so the process that started it died |
+| `queued` + `.reserved` | taken by a worker process (or `import`'s own) | when that process's mark is free (it died), or the broker's identity changed |
+| `started` | was being processed | now, the first time: the claim is free, so the process that started it died; after a second death, with a growing wait (it may be what kills them) |
 | `retry` | failed on something else (index, object store) | once that is seen answering again, or at the retry time |
 
 Sending records `queued` again, so one batch has one live task whatever the length of an
@@ -34,7 +34,9 @@ from spool.claims import (
     BatchClaim,
     PendingRecord,
     ProcessMark,
+    clear_reserved,
     read_pending,
+    read_reserved,
     write_pending,
 )
 
@@ -81,18 +83,24 @@ def lost_reason(
     facts: Facts,
     alive: Callable[[str], bool],
     now: float,
+    reserved: PendingRecord | None = None,
 ) -> str | None:
     """Why an unclaimed batch holding instances must be sent again, or None (its task
-    exists, or it must wait)."""
-    if record is None:
-        return "never sent"
-    restarted = facts.queue_alive is not None and not facts.queue_alive(record.epoch)
-    if record.state == "queued":
-        return "broker restarted" if restarted else None
-    if record.state == "reserved":
-        if not alive(record.by):
-            return "worker died"
-        return "broker restarted" if restarted else None
+    exists, or it must wait). `reserved`: who took its task since it was last sent
+    (`.reserved`: a worker's main process, or `import` for its own batches)."""
+    if record is None or record.state == "queued":
+        if reserved is not None:
+            if not alive(reserved.by):
+                return "worker died"
+            # taken from a broker that restarted since: sent again (a copy is harmless)
+            if reserved.epoch and facts.queue_alive is not None:
+                return None if facts.queue_alive(reserved.epoch) else "broker restarted"
+            return None
+        if record is None:
+            return "never sent"
+        if facts.queue_alive is not None and not facts.queue_alive(record.epoch):
+            return "broker restarted"
+        return None
     if record.state == "started":
         return "worker died"
     if not facts.dependencies_up:
@@ -109,11 +117,16 @@ Send = Callable[[str], str | None]
 
 def hand_over(directory: Path, send: Send, previous: PendingRecord | None = None) -> None:
     """Send the job in `directory` (its claim held by the caller) and record it queued,
-    with the broker's identity `send` returns. Raises what `send` raises; the record is
-    then left as it was."""
+    with the broker's identity `send` returns. Raises what `send` raises (the record then
+    left as it was). A record that cannot be written (a full disk) is logged: the task is
+    sent, and may be sent again by a later pass (a copy is harmless)."""
+    clear_reserved(directory)  # whoever took an earlier task of it: this one is newer
     epoch = send(directory.name) or ""
     base = previous or PendingRecord("queued", time.time())
-    write_pending(directory, base.evolve("queued", by="", retry_at=0.0, reason="", epoch=epoch))
+    try:
+        write_pending(directory, base.evolve("queued", by="", retry_at=0.0, reason="", epoch=epoch))
+    except OSError as exc:
+        log.error("%s sent, its record not written (%s)", directory.name, type(exc).__name__)
 
 
 def _holds_instances(directory: Path) -> tuple[bool, bool]:
@@ -171,13 +184,26 @@ def consider(
         elif not needed:
             return True
         record = read_pending(directory)
-        reason = lost_reason(record, facts, alive, now)
+        reason = lost_reason(record, facts, alive, now, read_reserved(directory))
         if reason is None:
             if record is not None and record.state == "retry":
                 report.waiting += 1
             else:
                 report.outstanding += 1
             return True
+        if reason == "worker died" and record is not None and record.state == "started":
+            # A worker died processing it. Once: sent again now. Again: it may be what
+            # kills them (a poison batch), so each further attempt waits longer.
+            if record.attempts >= 1:
+                record_retry(directory, record, "worker died")
+                report.waiting += 1
+                log.error(
+                    "%s: a worker died processing it %d times; next attempt delayed",
+                    directory.name,
+                    record.attempts + 1,
+                )
+                return True
+            record = record.evolve("started", attempts=record.attempts + 1)
         try:
             hand_over(directory, send, record)
         except Exception as exc:  # noqa: BLE001 - the broker is down: the next pass tries
@@ -220,12 +246,17 @@ def sweep(
 
 
 def record_started(directory: Path) -> PendingRecord | None:
-    """A worker took the batch's claim and starts: recorded, so that its death is seen
-    (`by` keeps the mark of the process that reserved it, for the logs). Returns the
-    record it replaced."""
+    """A worker took the batch's claim and starts: recorded, so that its death is seen.
+    Returns the record it replaced. A record that cannot be written (a full disk) is
+    logged and the work goes on: were this worker to die, the batch would wait for its
+    broker's redelivery instead of the next pass."""
     previous = read_pending(directory)
     base = previous or PendingRecord("started", time.time())
-    write_pending(directory, base.evolve("started", retry_at=0.0))
+    try:
+        write_pending(directory, base.evolve("started", retry_at=0.0))
+        clear_reserved(directory)
+    except OSError as exc:
+        log.error("%s: start not recorded (%s)", directory.name, type(exc).__name__)
     return previous
 
 
@@ -263,5 +294,8 @@ def batch_states(spool: Spool) -> Counter[str]:
         except OSError:
             continue
         record = read_pending(directory)
-        counts[record.state if record is not None else "unsent"] += 1
+        if (record is None or record.state == "queued") and read_reserved(directory):
+            counts["reserved"] += 1
+        else:
+            counts[record.state if record is not None else "unsent"] += 1
     return counts

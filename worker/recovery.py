@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spool import Facts, ProcessMark, Spool, SweepReport, sweep
-from spool.claims import PendingRecord, read_pending, write_pending
+from spool.claims import PendingRecord, read_pending, write_reserved
 from spool.recovery import consider
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,8 @@ class RecoveryLoop:
         while not stopping.is_set():
             try:
                 self.tick()
-            except Exception:
-                log.exception("recovery pass failed")
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                log.error("recovery pass failed (%s)", type(exc).__name__)
             stopping.wait(self.interval)
 
     def start(self) -> threading.Event:
@@ -159,12 +159,16 @@ def broker_epoch(app: Any) -> str:
 
 def record_reserved(directory: Path, mark: str) -> None:
     """A worker process took the task of `directory` from the broker (before running it):
-    recorded, so that its death is seen even before the task starts."""
+    recorded apart (`.reserved`, written without the claim, which a writer may still
+    hold), so that its death is seen even before the task starts."""
     if not directory.is_dir():
         return
-    previous = read_pending(directory) or PendingRecord("queued", time.time())
+    sent = read_pending(directory)
     try:
-        write_pending(directory, previous.evolve("reserved", by=mark))
+        write_reserved(
+            directory,
+            PendingRecord("reserved", time.time(), by=mark, epoch=sent.epoch if sent else ""),
+        )
     except OSError:
         pass  # processed and removed meanwhile
 

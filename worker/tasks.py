@@ -72,7 +72,9 @@ def register_tasks(app: Celery, context_factory: Callable[[], WorkerContext] | N
         name=INGEST_TASK,
         bind=True,
         acks_late=True,
-        reject_on_worker_lost=True,
+        # A pool process lost mid-task: the message is not put back (one copy per crash
+        # of a poison batch); the recovery loop sends the batch again, counting deaths.
+        reject_on_worker_lost=False,
     )
     def ingest_spool_batch(self: Task, site_id: str, batch_id: str) -> dict[str, Any]:
         """Process one batch. A failure of the index or object store is recorded in the
@@ -94,7 +96,7 @@ def register_tasks(app: Celery, context_factory: Callable[[], WorkerContext] | N
         name=COMPLETE_STUDY_TASK,
         bind=True,
         acks_late=True,
-        reject_on_worker_lost=True,
+        reject_on_worker_lost=False,  # as for ingest: the recovery loop sends it again
     )
     def complete_studies(self: Task, site_id: str = "") -> list[str]:
         """Complete the due studies of this worker's sites, under the completion job's

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from spool import BatchClaim, Facts, PendingRecord, ProcessMark, Spool, batch_states, sweep
-from spool.claims import read_pending, write_pending
+from spool.claims import read_pending, write_pending, write_reserved
 from spool.recovery import EMPTY_FOLDER_SECONDS, hand_over, record_retry, record_started
+from tests.support.services import wait_for
 
 HOLDER = """
 import fcntl, os, sys, time
@@ -88,8 +89,8 @@ def test_each_record_state_is_sent_again_only_on_its_fact(spool: Spool) -> None:
             "never-sent": None,
             "queued-here": PendingRecord("queued", now, epoch="run-2"),
             "queued-before-restart": PendingRecord("queued", now, epoch="run-1"),
-            "reserved-by-live": PendingRecord("reserved", now, by=alive_mark.name, epoch="run-2"),
-            "reserved-by-dead": PendingRecord("reserved", now, by="worker-nohost-1", epoch="run-2"),
+            "reserved-by-live": PendingRecord("queued", now, epoch="run-2"),
+            "reserved-by-dead": PendingRecord("queued", now, epoch="run-2"),
             "started": PendingRecord("started", now),
             "retry-due": PendingRecord("retry", now, retry_at=now - 1, attempts=1),
             "retry-later": PendingRecord("retry", now, retry_at=now + 600, attempts=3),
@@ -98,6 +99,11 @@ def test_each_record_state_is_sent_again_only_on_its_fact(spool: Spool) -> None:
             directory = _batch(spool, name)
             if record is not None:
                 write_pending(directory, record)
+        # what a worker's main process writes when it takes a task from the broker
+        write_reserved(spool.site_dir / "reserved-by-live",
+                       PendingRecord("reserved", now, by=alive_mark.name, epoch="run-2"))
+        write_reserved(spool.site_dir / "reserved-by-dead",
+                       PendingRecord("reserved", now, by="worker-nohost-1", epoch="run-2"))
         report = sweep(spool, broker, broker.facts())
         assert sorted(broker.batches) == sorted([
             "never-sent", "queued-before-restart", "reserved-by-dead", "started", "retry-due"])
@@ -163,7 +169,8 @@ def test_a_reserving_process_that_dies_is_seen(spool: Spool, tmp_path: Path) -> 
     name = mark_process.stdout.readline().strip()
     assert ProcessMark.alive(spool.root, name) and ProcessMark.any_alive(spool.root, "worker")
     directory = _batch(spool, "b1")
-    write_pending(directory, PendingRecord("reserved", time.time(), by=name, epoch="redis-run-1"))
+    write_pending(directory, PendingRecord("queued", time.time(), epoch="redis-run-1"))
+    write_reserved(directory, PendingRecord("reserved", time.time(), by=name, epoch="redis-run-1"))
     broker = Sent()
     assert sweep(spool, broker, broker.facts()).outstanding == 1
     mark_process.send_signal(signal.SIGKILL)
@@ -198,3 +205,92 @@ def test_empty_folders_are_removed_after_a_while_and_states_are_counted(spool: S
     report = sweep(spool, Sent("x"), Sent("x").facts())
     assert report.removed == 1 and not empty.exists()
     assert batch_states(spool)["queued"] == 2  # the unsent one was sent and recorded
+
+
+def test_a_child_forked_while_a_claim_is_held_does_not_keep_it(spool: Spool) -> None:
+    """A worker's pool forks a replacement child while the recovery loop holds a claim:
+    the child closes its copy at the fork, so the claim ends when the parent lets go."""
+    directory = _batch(spool, "b1")
+    claim = BatchClaim.acquire(directory, wait=False)
+    assert claim is not None
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child says it runs, sleeps, leaves uncleaned
+        os.write(ready_write, b"x")  # (fork's handlers have run when fork returns here)
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(ready_read, 1) == b"x"
+        claim.release()
+        again = BatchClaim.acquire(directory, wait=False)  # while the child still lives
+        assert again is not None
+        again.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_a_claim_removed_while_waited_for_is_no_claim(spool: Spool) -> None:
+    """A late copy of a task waits for the worker that holds the batch; that worker empties
+    and removes the folder: the waiter gets nothing (the batch is processed), not a lock on
+    a deleted file."""
+    import threading
+
+    directory = _batch(spool, "b1")
+    holder = BatchClaim.acquire(directory, wait=False)
+    assert holder is not None
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(BatchClaim.acquire(directory, wait=True)))
+    waiter.start()
+    inode = (directory / ".claim").stat().st_ino
+
+    def waiting() -> bool:  # the kernel lists a blocked flock request with "->"
+        return any("->" in line and line.split()[-3].endswith(f":{inode}")
+                   for line in Path("/proc/locks").read_text().splitlines())
+
+    wait_for(waiting, timeout=10, interval=0.01, what="the waiter blocked on the claim")
+    for entry in directory.iterdir():
+        entry.unlink()
+    directory.rmdir()
+    holder.release()
+    waiter.join(timeout=10)
+    assert got == [None]
+
+
+def test_a_batch_that_keeps_killing_workers_waits_longer_each_time(spool: Spool) -> None:
+    broker = Sent()
+    directory = _batch(spool, "poison")
+    write_pending(directory, PendingRecord("started", time.time()))
+    assert sweep(spool, broker, broker.facts()).sent == {"worker died": 1}  # once: at once
+    assert read_pending(directory).attempts == 1  # type: ignore[union-attr]
+    record_started(directory)  # taken again; its worker dies again
+    report = sweep(spool, broker, broker.facts())
+    assert report.total_sent == 0 and report.waiting == 1
+    record = read_pending(directory)
+    assert record is not None and record.state == "retry" and record.attempts == 2
+    assert record.reason == "worker died" and record.retry_at > time.time()
+    assert broker.batches == ["poison"]
+
+
+def test_a_reservation_is_kept_apart_and_ends_with_its_process(spool: Spool) -> None:
+    """`import`'s own batches (and a worker's reserved tasks) are left alone while the
+    process that took them lives, whatever the broker; sent when it dies."""
+    from spool.claims import read_reserved, write_reserved
+
+    broker = Sent("redis-run-5")
+    directory = _batch(spool, "imported")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from spool import ProcessMark; "
+         "m = ProcessMark(Path(sys.argv[1]), 'import'); print(m.name, flush=True); time.sleep(600)",
+         str(spool.root)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    assert holder.stdout is not None
+    name = holder.stdout.readline().strip()
+    write_reserved(directory, PendingRecord("reserved", time.time(), by=name))
+    for _ in range(3):
+        assert sweep(spool, broker, broker.facts()).outstanding == 1
+    assert batch_states(spool)["reserved"] == 1
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert sweep(spool, broker, broker.facts()).sent == {"worker died": 1}
+    assert read_reserved(directory) is None  # the new hand-over clears it

@@ -341,3 +341,7 @@ def test_migration_0011_makes_studies_never_completed_pending(repository: IndexR
         "2.25.700"]
     with repository.engine.connect() as connection:  # in place: no table copy cascaded
         assert connection.execute(text("SELECT count(*) FROM instances")).scalar() == 3
+    # The time the migration wrote is the one read back and compared: completed, cleared.
+    [due] = repository.studies_due_for_completion(0.0)
+    repository.mark_completed(due)
+    assert not repository.completion_due(0.0) and repository.completion_counts() == (0, 0)

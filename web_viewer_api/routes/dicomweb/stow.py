@@ -55,12 +55,6 @@ async def _store(request: Request, principal: Principal, study: str | None) -> R
             "no worker processes this site's spool now: nothing was stored; try again later",
             retry_after=5,
         )
-    if target.processed is not None and not await run_in_threadpool(target.processed):
-        # Accepting now would acknowledge what nothing may ever store (read-your-writes).
-        raise Unavailable(
-            "no worker processes this site's spool now: nothing was stored; try again later",
-            retry_after=5,
-        )
     if study is not None:
         check_uid(study, "StudyInstanceUID")
     study_patient: Callable[[str], str | None] | None = None

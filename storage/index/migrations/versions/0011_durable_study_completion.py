@@ -5,6 +5,8 @@ Revision ID: 0011
 Revises: 0010
 """
 
+import datetime as dt
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -31,14 +33,31 @@ def upgrade() -> None:
             sa.Column("completion_error", sa.String(64), server_default="", nullable=False)
         )
     op.create_index(op.f("ix_studies_completion_due_at"), "studies", ["completion_due_at"])
-    # Studies whose completion has not run for their current content are due now.
+    # Studies whose completion has not run for their current content are due now. The time
+    # is bound through the column's type, as the application writes it: on SQLite a
+    # CURRENT_TIMESTAMP ("... 13:10:39") would never equal what is read back and compared
+    # ("... 13:10:39.000000"), and such a study would never stop being due.
+    studies = sa.table(
+        "studies",
+        sa.column("study_instance_uid", sa.String),
+        sa.column("completed_instance_count", sa.Integer),
+        sa.column("completion_due_at", sa.DateTime(timezone=True)),
+    )
+    instances = sa.table("instances", sa.column("study_instance_uid", sa.String))
+    count = (
+        sa.select(sa.func.count())
+        .where(instances.c.study_instance_uid == studies.c.study_instance_uid)
+        .scalar_subquery()
+    )
     op.execute(
-        sa.text(
-            "UPDATE studies SET completion_due_at = CURRENT_TIMESTAMP "
-            "WHERE completed_instance_count IS NULL OR completed_instance_count <> "
-            "(SELECT count(*) FROM instances "
-            "WHERE instances.study_instance_uid = studies.study_instance_uid)"
+        studies.update()
+        .where(
+            sa.or_(
+                studies.c.completed_instance_count.is_(None),
+                studies.c.completed_instance_count != count,
+            )
         )
+        .values(completion_due_at=dt.datetime.now(dt.UTC))
     )
 
 
