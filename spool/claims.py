@@ -152,50 +152,53 @@ class PendingRecord:
         return PendingRecord(**values)
 
 
-def read_pending(directory: Path) -> PendingRecord | None:
-    """The batch's record, or None (none written, or unreadable: treated as none)."""
+def _read(path: Path) -> PendingRecord | None:
     try:
-        document = json.loads((directory / PENDING_FILE).read_bytes())
-        return PendingRecord(**document)
+        return PendingRecord(**json.loads(path.read_bytes()))
     except (OSError, ValueError, TypeError):
-        return None
+        return None  # none written, or unreadable: treated as none
+
+
+def _write(path: Path, record: PendingRecord) -> None:
+    """Written aside and renamed: never seen half-written. Not fsynced: after a power cut,
+    a lost record only means the batch looks unsent, and is sent again."""
+    temp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}")
+    with open_private(temp) as handle:
+        handle.write(json.dumps(asdict(record)).encode())
+    os.replace(temp, path)
+
+
+def _clear(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def read_pending(directory: Path) -> PendingRecord | None:
+    """The batch's record, written by whoever holds its claim."""
+    return _read(directory / PENDING_FILE)
 
 
 def write_pending(directory: Path, record: PendingRecord) -> None:
-    """Replace the batch's record (written aside and renamed: never seen half-written).
-    Not fsynced: after a power cut, a lost record only means the batch looks unsent, and
-    is sent again."""
-    temp = directory / f"{PENDING_FILE}.{uuid.uuid4().hex[:8]}"
-    with open_private(temp) as handle:
-        handle.write(json.dumps(asdict(record)).encode())
-    os.replace(temp, directory / PENDING_FILE)
+    _write(directory / PENDING_FILE, record)
 
 
 def clear_pending(directory: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (directory / PENDING_FILE).unlink()
+    _clear(directory / PENDING_FILE)
 
 
 def read_reserved(directory: Path) -> PendingRecord | None:
     """Who took the batch's task without its claim (a worker's main process when the
     broker delivered it, or `import` for its own batches): `<batch>/.reserved`, apart from
     the record the claim holders write, so that neither overwrites the other."""
-    try:
-        return PendingRecord(**json.loads((directory / RESERVED_FILE).read_bytes()))
-    except (OSError, ValueError, TypeError):
-        return None
+    return _read(directory / RESERVED_FILE)
 
 
 def write_reserved(directory: Path, record: PendingRecord) -> None:
-    temp = directory / f"{RESERVED_FILE}.{uuid.uuid4().hex[:8]}"
-    with open_private(temp) as handle:
-        handle.write(json.dumps(asdict(record)).encode())
-    os.replace(temp, directory / RESERVED_FILE)
+    _write(directory / RESERVED_FILE, record)
 
 
 def clear_reserved(directory: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (directory / RESERVED_FILE).unlink()
+    _clear(directory / RESERVED_FILE)
 
 
 def processes_dir(spool_root: Path) -> Path:

@@ -44,6 +44,18 @@ def _holder(path: Path) -> subprocess.Popen[str]:
     return process
 
 
+def _mark_holder(spool: Spool, kind: str) -> tuple[subprocess.Popen[str], str]:
+    """Another process holding a `ProcessMark` of `kind` on the spool; and its name."""
+    process = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from spool import ProcessMark; "
+         "m = ProcessMark(Path(sys.argv[1]), sys.argv[2]); print(m.name, flush=True); "
+         "time.sleep(600)", str(spool.root), kind],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
 class Sent:
     """A broker: records what it is sent and answers with its identity (`epoch`)."""
 
@@ -160,13 +172,7 @@ def test_a_batch_whose_writer_died_mid_write_is_sent_at_once(spool: Spool) -> No
 
 
 def test_a_reserving_process_that_dies_is_seen(spool: Spool, tmp_path: Path) -> None:
-    mark_process = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from spool import ProcessMark; "
-         "m = ProcessMark(Path(sys.argv[1]), 'worker'); print(m.name, flush=True); time.sleep(600)",
-         str(spool.root)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
-    assert mark_process.stdout is not None
-    name = mark_process.stdout.readline().strip()
+    mark_process, name = _mark_holder(spool, "worker")
     assert ProcessMark.alive(spool.root, name) and ProcessMark.any_alive(spool.root, "worker")
     directory = _batch(spool, "b1")
     write_pending(directory, PendingRecord("queued", time.time(), epoch="redis-run-1"))
@@ -279,13 +285,7 @@ def test_a_reservation_is_kept_apart_and_ends_with_its_process(spool: Spool) -> 
 
     broker = Sent("redis-run-5")
     directory = _batch(spool, "imported")
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from spool import ProcessMark; "
-         "m = ProcessMark(Path(sys.argv[1]), 'import'); print(m.name, flush=True); time.sleep(600)",
-         str(spool.root)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
-    assert holder.stdout is not None
-    name = holder.stdout.readline().strip()
+    holder, name = _mark_holder(spool, "import")
     write_reserved(directory, PendingRecord("reserved", time.time(), by=name))
     for _ in range(3):
         assert sweep(spool, broker, broker.facts()).outstanding == 1
