@@ -312,6 +312,9 @@ def test_node_killed_mid_association_loses_no_acknowledged_instance(
         # the node's claim on the batch died with it: the worker's recovery loop sends it
         wait_for(lambda: indexed(acknowledged), timeout=180, interval=0.5,
                  what="every acknowledged instance indexed after the crash")
+        # (indexed before the node is back: the worker's loop did not wait for it)
+        wait_for(lambda: _echo(dcmtk, dicom_port), timeout=60,
+                 what="the supervisor to restart the node")
         retry = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "127.0.0.1",
                                 str(dicom_port), *map(str, files)], capture_output=True, timeout=300)
         assert retry.returncode == 0, retry.stderr
