@@ -246,14 +246,18 @@ def sweep(
 
 
 def record_started(directory: Path) -> PendingRecord | None:
-    """A worker took the batch's claim and starts: recorded, so that its death is seen.
-    Returns the record it replaced. A record that cannot be written (a full disk) is
+    """A worker took the batch's claim and starts: recorded (with the mark of the process
+    that took the task, for the logs), so that its death is seen. Returns the record it
+    replaced. A record that cannot be written (a full disk) is
     logged and the work goes on: were this worker to die, the batch would wait for its
     broker's redelivery instead of the next pass."""
     previous = read_pending(directory)
     base = previous or PendingRecord("started", time.time())
+    taken_by = read_reserved(directory)  # the worker process that took the task, if known
     try:
-        write_pending(directory, base.evolve("started", retry_at=0.0))
+        write_pending(
+            directory, base.evolve("started", retry_at=0.0, by=taken_by.by if taken_by else "")
+        )
         clear_reserved(directory)
     except OSError as exc:
         log.error("%s: start not recorded (%s)", directory.name, type(exc).__name__)
