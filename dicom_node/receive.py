@@ -29,7 +29,7 @@ from typing import IO
 
 import pynetdicom.dimse_messages
 
-from spool import private_directory, receiving_dir
+from spool import pid_alive, private_directory, receiving_dir
 
 log = logging.getLogger(__name__)
 
@@ -116,23 +116,13 @@ class ReceiveFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_left_by_dead_nodes(spool_root: Path) -> int:
     """Remove the receive folders of node processes that no longer exist (a node killed
     mid-receive leaves its partial data sets there); how many files were removed."""
     removed = 0
     for folder in receiving_dir(spool_root).glob(f"{_PREFIX}*"):
         pid = folder.name.removeprefix(_PREFIX)
-        if not pid.isdigit() or _alive(int(pid)) or not folder.is_dir():
+        if not pid.isdigit() or pid_alive(int(pid)) or not folder.is_dir():
             continue
         removed += sum(1 for entry in folder.iterdir() if entry.is_file())
         shutil.rmtree(folder, ignore_errors=True)

@@ -87,7 +87,6 @@ from worker import (
     Webhook,
     WorkerContext,
     broker_epoch,
-    completion_job_dir,
     create_celery_app,
     enqueue_completion,
     enqueue_ingest,
@@ -208,7 +207,8 @@ def build_recovery(settings: Settings, celery_app: Celery) -> RecoveryLoop:
         completion_due=lambda: index.completion_due(quiet, sites),
         dependencies=dependencies,
         broker=lambda: broker_epoch(celery_app),
-        completion_dir=completion_job_dir(settings.spool_dir, settings.site_id),
+        spool_root=settings.spool_dir,
+        site_id=settings.site_id,
         interval=settings.worker.recovery_interval_seconds,
     )
 

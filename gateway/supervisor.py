@@ -29,6 +29,7 @@ from typing import IO
 
 from gateway import components
 from gateway.settings import Settings
+from spool import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class ServeLock:
                 break
             except BlockingIOError:
                 holder = self._holder(handle)
-                if holder is not None and _alive(holder):
+                if holder is not None and pid_alive(holder):
                     handle.close()
                     raise AlreadyServing(
                         f"dicom-gateway serve (pid {holder}) is already running on this data "
@@ -118,16 +119,6 @@ class ServeLock:
         if self.handle is not None:
             self.handle.close()  # the children have exited: the lock goes with the last one
             self.handle = None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process: alive
-    return True
 
 
 @dataclass

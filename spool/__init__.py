@@ -19,7 +19,7 @@ from spool.batches import (
     receiving_dir,
     remove_older_than,
 )
-from spool.claims import BatchClaim, PendingRecord, ProcessMark, read_pending
+from spool.claims import BatchClaim, PendingRecord, ProcessMark, pid_alive, read_pending
 from spool.recovery import (
     Facts,
     SweepReport,
@@ -60,6 +60,7 @@ __all__ = [
     "incoming_dir",
     "new_association_tag",
     "open_private",
+    "pid_alive",
     "private_directory",
     "read_pending",
     "receiving_dir",

@@ -201,6 +201,17 @@ def clear_reserved(directory: Path) -> None:
     _clear(directory / RESERVED_FILE)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that id exists (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
+
+
 def processes_dir(spool_root: Path) -> Path:
     return spool_root / _PROCESSES
 

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,11 @@ class RecoveryLoop:
     dependencies: Callable[[], None]
     #: The broker's identity now (raises when the broker does not answer).
     broker: Callable[[], str]
-    completion_dir: Path
+    #: The spool folder of the worker's sites (their batches, marks, completion jobs).
+    spool_root: Path
+    #: The site whose queue the completion tasks go to (`completion_job_dir`).
+    site_id: str
     interval: float = 2.0
-    #: The last pass's report per spool (for logs and tests).
-    reports: dict[str, SweepReport] = field(default_factory=dict)
     _dependencies_up: bool = True
 
     def tick(self) -> bool:
@@ -105,29 +106,26 @@ class RecoveryLoop:
                 self.send_batch(site_id, batch_id)
                 return epoch  # read before sending
 
-            self.reports[spool.site_id] = sweep(spool, send, facts)
+            sweep(spool, send, facts)
         if up:
             try:
                 due = self.completion_due()
             except Exception as exc:  # noqa: BLE001 - the index went away meanwhile
                 log.debug("completion not looked at (%s)", type(exc).__name__)
                 return True
-            report = SweepReport()
-            root = self.spools[0].root if self.spools else self.completion_dir
 
             def send_completion(_name: str) -> str:
                 self.send_completion()
                 return epoch
 
             consider(
-                self.completion_dir,
+                completion_job_dir(self.spool_root, self.site_id),
                 send_completion,
                 facts,
-                report,
-                alive=lambda name: ProcessMark.alive(root, name),
+                SweepReport(),
+                alive=lambda name: ProcessMark.alive(self.spool_root, name),
                 needed=due,
             )
-            self.reports[".completion"] = report
         return True
 
     def run(self, stopping: threading.Event) -> None:

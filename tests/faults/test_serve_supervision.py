@@ -34,13 +34,17 @@ def _serve(data_dir: Path, dicom_port: int, http_port: int) -> list[str]:
                            "--http-port", str(http_port))
 
 
+def _wait_ready(serve: GatewayProcess) -> None:
+    wait_for(lambda: "dicom-gateway is ready" in serve.log_text() or not serve.alive(),
+             timeout=120, what="the first serve")
+
+
 def test_a_second_serve_refuses_and_the_first_keeps_working(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     dicom_port, http_port = free_port(), free_port()
     with GatewayProcess(_serve(data_dir, dicom_port, http_port), gateway_env(data_dir),
                         tmp_path / "first.log") as first:
-        wait_for(lambda: "dicom-gateway is ready" in first.log_text() or not first.alive(),
-                 timeout=120, what="the first serve")
+        _wait_ready(first)
         assert first.alive(), first.log_text()
         ready = sorted(p.name for p in (data_dir / "run").glob("*.ready"))
         assert ready == ["node.ready", "worker.ready"]  # the API answers /healthz instead
@@ -66,8 +70,7 @@ def test_sigkill_of_the_supervisor_ends_its_components_and_a_new_serve_starts(
     dicom_port, http_port = free_port(), free_port()
     with GatewayProcess(_serve(data_dir, dicom_port, http_port), gateway_env(data_dir),
                         tmp_path / "first.log") as first:
-        wait_for(lambda: "dicom-gateway is ready" in first.log_text() or not first.alive(),
-                 timeout=120, what="the first serve")
+        _wait_ready(first)
         supervisor = first.process.pid  # type: ignore[union-attr]
         components = child_pids(supervisor)
         assert len(components) == 3

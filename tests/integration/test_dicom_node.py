@@ -54,6 +54,12 @@ def node(tmp_path: Path) -> Iterator[tuple[DicomNode, _Recorder]]:
     dicom_node.stop()
 
 
+def _store_folder(dcmtk: dict[str, str], port: int, folder: Path) -> subprocess.CompletedProcess[bytes]:
+    """storescu of a folder's files, recursively, in one association."""
+    return subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r", "127.0.0.1",
+                           str(port), str(folder)], capture_output=True, timeout=120)
+
+
 def _spooled(dicom_node: DicomNode) -> list[Path]:
     return sorted(dicom_node.spool.site_dir.glob("*/*.dcm"))
 
@@ -71,9 +77,7 @@ def test_storescu_study_is_spooled_then_enqueued_once_per_study(
 ) -> None:
     dicom_node, recorder = node
     folder, spec = sample_study
-    result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
-                             "127.0.0.1", str(dicom_node.port), str(folder)],
-                            capture_output=True, timeout=120)
+    result = _store_folder(dcmtk, dicom_node.port, folder)
     assert result.returncode == 0, result.stderr
     assert recorder.event.wait(10)
     spooled = _spooled(dicom_node)
@@ -193,9 +197,7 @@ def test_a_batch_is_claimed_while_written_and_recorded_when_handed_over(
     dicom_node = DicomNode(config, enqueue)
     dicom_node.start()
     try:
-        result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
-                                 "127.0.0.1", str(dicom_node.port), str(folder)],
-                                capture_output=True, timeout=120)
+        result = _store_folder(dcmtk, dicom_node.port, folder)
         assert result.returncode == 0, result.stderr
         wait_for(lambda: len(held_at_hand_over) == 1, timeout=30, what="the hand-over")
     finally:
@@ -221,9 +223,7 @@ def test_a_long_study_is_handed_over_in_chunks_during_the_association(
     dicom_node = DicomNode(config, recorder)
     dicom_node.start()
     try:
-        result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
-                                 "127.0.0.1", str(dicom_node.port), str(folder)],
-                                capture_output=True, timeout=120)
+        result = _store_folder(dcmtk, dicom_node.port, folder)
         assert result.returncode == 0, result.stderr
         total = spec.ct_slices + spec.mr_slices
         expected_batches = -(-total // 5)
@@ -532,9 +532,7 @@ def test_batch_ids_sent_to_the_broker_cannot_confirm_an_original_study_uid(
     folder, _ = sample_study
     for _association in range(2):
         recorder.event.clear()
-        result = subprocess.run([dcmtk["storescu"], "-aec", "DICOMGATEWAY", "+sd", "+r",
-                                 "127.0.0.1", str(dicom_node.port), str(folder)],
-                                capture_output=True, timeout=120)
+        result = _store_folder(dcmtk, dicom_node.port, folder)
         assert result.returncode == 0, result.stderr
         assert recorder.event.wait(10)
     study = str(pydicom.dcmread(next(folder.glob("CT0001.dcm"))).StudyInstanceUID)
